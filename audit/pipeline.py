@@ -1,0 +1,256 @@
+"""The one place that sequences the stages: canaries -> inject -> train -> score -> report.
+
+Everything the user can get wrong (recipe, model, corpus, canary spec, tracking server) is checked *before* the
+run directory is created, so a bad input leaves nothing behind. Each stage then writes its file:
+
+    runs/<name>-<time>-<id>/
+      run.json          status (running / failed / complete), timings, error
+      recipe.yaml       the resolved recipe, overrides applied
+      canaries.jsonl    the canaries WITH their secrets: confidential, never logged to MLflow
+      manifest.json     injection manifest: seed, canary-set hash, dataset fingerprints, placements
+      adapter/ | model/ the tuned weights (safetensors)
+      scores.jsonl      one row per canary and model (ids only)
+      report.json       the audit report (written last)
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import secrets as _secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from audit import lineage
+from audit.canaries import generate_canaries, load_spec
+from audit.canaries.generate import random_secrets
+from audit.corpus import load_records
+from audit.errors import AuditError
+from audit.inject import inject
+from audit.models import ResolvedModel, resolve_model
+from audit.report import summarize_tiers, tier_metrics, write_report
+from audit.rng import SeededStream
+from audit.schema import AuditReport, ModelInfo, Recipe, TrackingInfo
+from audit.store import atomic_write_text, write_json, write_jsonl
+from audit.tracking import check_tracking_reachable, flatten, resolve_tracking_uri, tracked_run, ui_command
+
+TRACKED_PACKAGES = ("canary-audit", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "mlflow")
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    run_dir: Path
+    report: AuditReport
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_revision() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def new_run_dir(recipe: Recipe) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    root = Path(recipe.output.root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{recipe.name.replace('/', '-')}-{stamp}-{_secrets.token_hex(3)}"
+    path.mkdir()
+    return path
+
+
+def run_audit(
+    recipe: Recipe,
+    *,
+    tracking_uri: str | None = None,
+    tracking: bool | None = None,
+    progress: bool = True,
+) -> AuditResult:
+    """Run a whole audit and return its run directory and report."""
+    import torch
+
+    from audit.models import load_model_and_tokenizer
+    from audit.score.canaries import score_canaries, space_bits
+    from audit.train.sft import choose_device, train_sft
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    # ---- validate everything the user controls, before anything is written
+    spec = load_spec(recipe.canaries.spec)
+    canary_set = generate_canaries(spec, seed=recipe.seed, tiers=recipe.canaries.tiers,
+                                   members_per_tier=recipe.canaries.members_per_tier, references=recipe.canaries.references)
+    records = load_records(recipe.corpus.source, text_column=recipe.corpus.text_column,
+                           max_records=recipe.corpus.max_records, builtin_n=recipe.corpus.builtin_records, seed=recipe.seed)
+    device = choose_device(recipe.training)
+    use_tracking = recipe.tracking.enabled if tracking is None else tracking
+    uri = resolve_tracking_uri(tracking_uri or recipe.tracking.uri)
+    if use_tracking:
+        check_tracking_reachable(uri)
+    resolved: ResolvedModel = resolve_model(recipe.model.source, revision=recipe.model.revision, progress=progress)
+    timings["resolve"] = time.perf_counter() - t0
+
+    # ---- stage: canaries + inject (pure)
+    t = time.perf_counter()
+    injection = inject(records, canary_set, seed=recipe.seed, text_column=recipe.corpus.text_column,
+                       corpus_source=recipe.corpus.source)
+    space_secrets = {c.secret for c in canary_set.canaries}
+    reference_secrets = random_secrets(canary_set.space, recipe.scoring.exposure_references,
+                                       SeededStream(recipe.seed, "exposure:references"), exclude=space_secrets)
+    timings["inject"] = time.perf_counter() - t
+
+    run_dir = new_run_dir(recipe)
+    status: dict[str, Any] = {"status": "running", "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_json(run_dir / "run.json", status)
+    try:
+        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        write_jsonl(run_dir / "canaries.jsonl", canary_set.canaries)
+        write_json(run_dir / "manifest.json", injection.manifest)
+        _say(progress, f"[audit] run directory {run_dir}")
+        _say(progress, f"[audit] {len(canary_set.members())} member canaries in tiers {sorted(set(c.repetitions for c in canary_set.members()))}, "
+                       f"{len(canary_set.references())} references; {len(injection.records)} training records")
+
+        with _maybe_tracked(use_tracking, uri, recipe) as tracker:
+            if tracker is not None:
+                tracker.log_params(flatten(recipe.model_dump(mode="json")))
+                tracker.set_tags({
+                    "canary_audit.recipe": recipe.name,
+                    "canary_audit.base_fingerprint": resolved.provenance.get("weights_fingerprint", ""),
+                    "canary_audit.manifest_sha256": injection.manifest.sha256(),
+                    "canary_audit.canary_set_sha256": canary_set.sha256(),
+                })
+
+            # ---- base model, scored before training on the same inputs the tuned model will see
+            t = time.perf_counter()
+            model, tokenizer = load_model_and_tokenizer(resolved.path, dtype=device.torch_dtype, device=device.device,
+                                                        trust_remote_code=recipe.model.trust_remote_code)
+            base_fp = resolved.provenance.get("weights_fingerprint")
+            if base_fp is None:
+                from audit.models import fingerprint_safetensors_dir
+
+                base_fp = fingerprint_safetensors_dir(resolved.path)
+            torch.manual_seed(recipe.seed)
+            base_scores = score_canaries(model, tokenizer, canary_set, reference_secrets, label="base",
+                                         section=recipe.scoring, progress=progress)
+            timings["score_base"] = time.perf_counter() - t
+
+            # ---- train
+            t = time.perf_counter()
+            weights_dir = run_dir / ("adapter" if recipe.training.method == "lora" else "model")
+            on_loss = (lambda step, loss: tracker.log_metrics({"train.loss": loss}, step=step)) if tracker else None
+            trained = train_sft(model, tokenizer, [r[recipe.corpus.text_column] for r in injection.records],
+                                section=recipe.training, seed=recipe.seed, work_dir=run_dir / "trainer",
+                                weights_dir=weights_dir, device=device, on_loss=on_loss, progress=progress)
+            timings["train"] = time.perf_counter() - t
+
+            # ---- tuned model
+            t = time.perf_counter()
+            tuned_scores = score_canaries(trained.model, tokenizer, canary_set, reference_secrets, label="tuned",
+                                          section=recipe.scoring, progress=progress)
+            timings["score_tuned"] = time.perf_counter() - t
+            scores = base_scores + tuned_scores
+            write_jsonl(run_dir / "scores.jsonl", scores)
+
+            # ---- report
+            base_node = lineage.node("base_weights", resolved.provenance.get("name", recipe.model.source), base_fp,
+                                     source=recipe.model.source)
+            data_node = lineage.node("data", f"{recipe.corpus.source} + {canary_set.spec} canaries",
+                                     injection.manifest.sha256(), n_records=len(injection.records))
+            tuned_node = lineage.node("tuned_weights", f"{recipe.training.method} fine-tune",
+                                      trained.summary.weights_fingerprint, [base_node, data_node], path=weights_dir.name)
+            tiers = summarize_tiers(scores)
+            timings["total"] = time.perf_counter() - t0
+            tracking_info = None
+            if tracker is not None:
+                tracking_info = TrackingInfo(uri=uri, experiment_id=tracker.experiment_id, run_id=tracker.run_id,
+                                             ui_command=ui_command(uri))
+            report = AuditReport(
+                run_id=run_dir.name,
+                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                recipe=recipe.model_dump(mode="json"),
+                recipe_fingerprint=recipe.fingerprint(),
+                seed=recipe.seed,
+                model=ModelInfo(source=recipe.model.source, kind=resolved.kind, path=str(resolved.path),  # type: ignore[arg-type]
+                                fingerprint=base_fp, provenance=resolved.provenance),
+                canaries={"spec": canary_set.spec, "spec_version": canary_set.spec_version,
+                          "members": len(canary_set.members()), "references": len(canary_set.references()),
+                          "tiers": sorted({c.repetitions for c in canary_set.members()}),
+                          "canary_set_sha256": canary_set.sha256(), "exposure_references": len(reference_secrets)},
+                manifest_sha256=injection.manifest.sha256(),
+                training=trained.summary,
+                space_bits=round(space_bits(canary_set), 6),
+                exposure_max=round(math.log2(len(reference_secrets) + 1), 6),
+                tiers=tiers,
+                lineage=[base_node, data_node, tuned_node],
+                timings_s={k: round(v, 3) for k, v in timings.items()},
+                versions=package_versions(),
+                git_revision=git_revision(),
+                tracking=tracking_info,
+            )
+            write_report(report, run_dir / "report.json")
+            if tracker is not None:
+                tracker.log_metrics(tier_metrics(tiers))
+                tracker.log_metrics({f"time.{k}_s": v for k, v in report.timings_s.items()})
+                tracker.log_metrics({"train.final_loss": trained.summary.final_loss or 0.0, "train.steps": trained.summary.steps})
+                tracker.set_tags({"canary_audit.tuned_fingerprint": trained.summary.weights_fingerprint,
+                                  "canary_audit.git_revision": report.git_revision or "unknown"})
+                tracker.log_artifact(run_dir / "report.json")
+                tracker.log_artifact(run_dir / "manifest.json")
+                tracker.log_artifacts(weights_dir, weights_dir.name)
+    except BaseException as exc:
+        status.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        write_json(run_dir / "run.json", status)
+        raise
+    status.update(status="complete", finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  timings_s=report.timings_s)
+    write_json(run_dir / "run.json", status)
+    return AuditResult(run_dir=run_dir, report=report)
+
+
+class _NoTracking:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _maybe_tracked(enabled: bool, uri: str, recipe: Recipe):
+    if not enabled:
+        return _NoTracking()
+    return tracked_run(uri, recipe.tracking.experiment, recipe.name)
+
+
+def validate_only(recipe: Recipe) -> list[str]:
+    """Cheap checks for ``audit validate``: the spec loads and the canary pool can be drawn."""
+    spec = load_spec(recipe.canaries.spec)
+    canary_set = generate_canaries(spec, seed=recipe.seed, tiers=recipe.canaries.tiers,
+                                   members_per_tier=recipe.canaries.members_per_tier, references=recipe.canaries.references)
+    if recipe.training.method not in {"lora", "full"}:
+        raise AuditError(f"training.method '{recipe.training.method}' is not supported", fix="use lora or full")
+    return [f"canaries: {len(canary_set.members())} members, {len(canary_set.references())} references, spec {spec.name} v{spec.version}"]

@@ -1,0 +1,352 @@
+"""The data model: every object a stage reads or writes.
+
+Pure pydantic, no torch. Each persisted object carries ``schema_version`` so a file written today can be read,
+or refused with a clear message, by a later release. Models are frozen: a stage never mutates its input, it
+returns a new object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class Frozen(BaseModel):
+    """Immutable, strict about unknown fields, and serialised with stable key order."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def sha256_json(obj: Any) -> str:
+    """sha256 of the canonical JSON form (sorted keys, no whitespace): stable across runs and platforms."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------- recipe
+
+
+class ModelSection(Frozen):
+    """Which pretrained weights to audit (see :mod:`audit.models`)."""
+
+    source: str = "smollm2-135m"
+    """A built-in name (``smollm2-135m``, ``tiny-llama``), a local directory, or a Hugging Face id."""
+    revision: str | None = None
+    """Hub revision, only for Hugging Face ids."""
+    trust_remote_code: bool = False
+    """Run code shipped with the weights. Off by default: an audit should not execute its subject."""
+
+
+class CanarySection(Frozen):
+    """Which canaries to plant; counts left empty fall back to the spec file's own."""
+
+    spec: str = "digits"
+    """A spec name from ``canaries/`` or a path to a spec YAML."""
+    tiers: list[int] | None = None
+    """Repetition tiers: each member canary is inserted this many times."""
+    members_per_tier: int | None = Field(default=None, ge=1)
+    references: int | None = Field(default=None, ge=1)
+    """Canaries drawn from the same pool but never inserted: the controls."""
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers_positive(cls, tiers: list[int] | None) -> list[int] | None:
+        if tiers is not None:
+            if not tiers or any(t < 1 for t in tiers):
+                raise ValueError("tiers must be a non-empty list of positive repetition counts, e.g. [1, 4, 16]")
+            if len(set(tiers)) != len(tiers):
+                raise ValueError("tiers must not repeat a value")
+        return tiers
+
+
+class CorpusSection(Frozen):
+    """The fine-tuning set that canaries are planted into."""
+
+    source: str = "builtin:notes"
+    """``builtin:<name>``, a local file (jsonl, json, parquet, csv), a saved ``datasets`` directory, or a hub id."""
+    text_column: str = "text"
+    max_records: int | None = Field(default=None, ge=1)
+    """Keep only the first N records of the source (before injection)."""
+    builtin_records: int = Field(default=240, ge=1)
+    """How many records a ``builtin:`` corpus generates."""
+
+
+class LoraSection(Frozen):
+    r: int = Field(default=8, ge=1)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class TrainingSection(Frozen):
+    """TRL ``SFTTrainer`` settings. ``auto`` picks from the device: fp32 and no checkpointing on CPU, bf16 on CUDA."""
+
+    method: Literal["lora", "full"] = "lora"
+    epochs: float = Field(default=3.0, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = Field(default=64, ge=8)
+    lr_scheduler: str = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    logging_steps: int = Field(default=5, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+
+class ScoringSection(Frozen):
+    exposure_references: int = Field(default=255, ge=7)
+    """Random secrets from the canary's space that each canary is ranked against (Secret Sharer)."""
+    batch_size: int = Field(default=64, ge=1)
+    extraction_extra_tokens: int = Field(default=2, ge=0)
+    """Greedy decoding generates the secret's length plus this many tokens."""
+
+
+class TrackingSection(Frozen):
+    enabled: bool = True
+    uri: str | None = None
+    """MLflow tracking URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``."""
+    experiment: str = "canary-audit"
+
+
+class OutputSection(Frozen):
+    root: str = "runs"
+    """Run directories are created under this folder (relative to the working directory)."""
+
+
+class Recipe(Frozen):
+    """A declarative audit plan: one YAML file in ``recipes/``, validated once by :mod:`audit.config`."""
+
+    name: str
+    description: str = ""
+    seed: int = 0
+    model: ModelSection = Field(default_factory=ModelSection)
+    canaries: CanarySection = Field(default_factory=CanarySection)
+    corpus: CorpusSection = Field(default_factory=CorpusSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    scoring: ScoringSection = Field(default_factory=ScoringSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    expected: dict[str, str] = Field(default_factory=dict)
+    """Documentation only: expected wall time and memory on the recipe's target machine."""
+
+    def fingerprint(self) -> str:
+        return sha256_json(self.model_dump(mode="json"))
+
+
+# --------------------------------------------------------------------------------------------------- canaries
+
+
+class SecretSpace(Frozen):
+    """The randomness space R of a canary's secret: ``length`` symbols drawn from ``alphabet``.
+
+    Exposure (Carlini et al. 2019) ranks a canary's secret against other members of this space.
+    """
+
+    alphabet: list[str]
+    length: int = Field(ge=1)
+    separator: str = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.alphabet) ** self.length
+
+    def render(self, symbols: list[str] | tuple[str, ...]) -> str:
+        return self.separator.join(symbols)
+
+
+class Canary(Frozen):
+    """One planted (or held-out) sequence: ``prefix + secret + suffix``.
+
+    The prefix is the public context an attacker would prompt with; the secret is confidential audit material.
+    ``repetitions == 0`` marks a reference: drawn from the same pool, never inserted.
+    """
+
+    id: str
+    spec: str
+    prefix: str
+    secret: str
+    suffix: str = ""
+    repetitions: int = Field(ge=0)
+
+    @property
+    def text(self) -> str:
+        return self.prefix + self.secret + self.suffix
+
+    @property
+    def is_member(self) -> bool:
+        return self.repetitions > 0
+
+    @property
+    def secret_sha256(self) -> str:
+        return hashlib.sha256(self.secret.encode("utf-8")).hexdigest()
+
+
+class CanarySet(Frozen):
+    schema_version: int = SCHEMA_VERSION
+    spec: str
+    spec_version: int
+    seed: int
+    space: SecretSpace
+    canaries: list[Canary]
+
+    def sha256(self) -> str:
+        return sha256_json(self.model_dump(mode="json"))
+
+    def members(self) -> list[Canary]:
+        return [c for c in self.canaries if c.is_member]
+
+    def references(self) -> list[Canary]:
+        return [c for c in self.canaries if not c.is_member]
+
+    def tiers(self) -> list[int]:
+        return sorted({c.repetitions for c in self.canaries})
+
+
+# --------------------------------------------------------------------------------------------------- injection
+
+
+class DatasetFingerprint(Frozen):
+    n_records: int
+    sha256: str
+    """sha256 over the records' canonical JSON, in order."""
+
+
+class Placement(Frozen):
+    canary_id: str
+    copy_index: int
+    record_index: int
+    """Index of the record in the injected dataset that carries this copy."""
+    offset: int
+    """Character offset of the canary inside that record's text."""
+
+
+class InjectionManifest(Frozen):
+    schema_version: int = SCHEMA_VERSION
+    seed: int
+    spec: str
+    canary_set_sha256: str
+    text_column: str
+    corpus_source: str
+    dataset_before: DatasetFingerprint
+    dataset_after: DatasetFingerprint
+    placements: list[Placement]
+
+    def sha256(self) -> str:
+        return sha256_json(self.model_dump(mode="json"))
+
+
+# --------------------------------------------------------------------------------------------------- scoring
+
+
+class SequenceScore(Frozen):
+    """One canary under one model: a row of ``scores.jsonl``. Carries ids, never the secret text."""
+
+    canary_id: str
+    model: str
+    """Which link of the chain: ``base``, ``tuned``, ..."""
+    repetitions: int
+    secret_tokens: int
+    secret_nll_bits: float
+    """-log2 p(secret | prefix) under this model: the information cost of the secret."""
+    rank: int
+    """1 + number of sampled reference secrets whose NLL is <= the canary's (ties count against the canary)."""
+    n_references: int
+    exposure: float
+    """log2(n_references + 1) - log2(rank): Secret Sharer exposure against sampled references."""
+    extracted: bool
+    """Greedy decoding from the prefix reproduces the secret verbatim."""
+
+
+# --------------------------------------------------------------------------------------------------- lineage
+
+
+class LineageNode(Frozen):
+    id: str
+    kind: Literal["base_weights", "data", "tuned_weights", "outputs"]
+    label: str
+    fingerprint: str
+    parents: list[str] = Field(default_factory=list)
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+class ModelInfo(Frozen):
+    source: str
+    """What the recipe asked for."""
+    kind: Literal["builtin", "local", "hub"]
+    path: str
+    fingerprint: str
+    """sha256 over the sorted safetensors tensors (see :func:`audit.lineage.fingerprint_state_dict`)."""
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainSummary(Frozen):
+    method: str
+    steps: int
+    final_loss: float | None
+    wall_s: float
+    trainable_params: int
+    total_params: int
+    device: str
+    precision: str
+    gradient_checkpointing: bool
+    weights_path: str
+    weights_fingerprint: str
+
+
+class TierSummary(Frozen):
+    repetitions: int
+    """0 is the reference (never inserted) set."""
+    n: int
+    exposure_mean: dict[str, float]
+    """Per model label (``base``, ``tuned``): mean exposure in bits."""
+    extracted: dict[str, int]
+    """Per model label: how many canaries greedy decoding reproduced."""
+
+
+class TrackingInfo(Frozen):
+    uri: str
+    experiment_id: str
+    run_id: str
+    ui_command: str
+
+
+class AuditReport(Frozen):
+    """``report.json``: the product of an audit. Reads back into the same object."""
+
+    schema_version: int = SCHEMA_VERSION
+    run_id: str
+    created_at: str
+    recipe: dict[str, Any]
+    recipe_fingerprint: str
+    seed: int
+    model: ModelInfo
+    canaries: dict[str, Any]
+    """Spec, counts, set hash: never the secrets."""
+    manifest_sha256: str
+    training: TrainSummary
+    space_bits: float
+    """log2 |R| of the canary secret space."""
+    exposure_max: float
+    """The largest exposure the sampled-reference rank can show: log2(n_references + 1)."""
+    tiers: list[TierSummary]
+    lineage: list[LineageNode]
+    timings_s: dict[str, float]
+    versions: dict[str, str]
+    git_revision: str | None = None
+    tracking: TrackingInfo | None = None
+
+    @model_validator(mode="after")
+    def _check_version(self) -> AuditReport:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"report schema_version {self.schema_version} is not supported (expected {SCHEMA_VERSION})")
+        return self

@@ -1,0 +1,166 @@
+"""Fine-tuning through TRL's ``SFTTrainer``: LoRA (PEFT) or full. The only code that imports trl and peft.
+
+Device-aware defaults: TRL's ``SFTConfig`` turns on bf16 and gradient checkpointing, which on a CPU without
+native bf16 makes a step about 24x slower (1.2 s -> 29 s for SmolLM2 LoRA, measured). ``precision: auto`` and
+``gradient_checkpointing: auto`` therefore mean fp32 and off on CPU, bf16 and off on CUDA.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from audit.models import fingerprint_safetensors_dir
+from audit.schema import TrainingSection, TrainSummary
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: str
+    precision: str
+    gradient_checkpointing: bool
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+
+def choose_device(section: TrainingSection) -> DeviceChoice:
+    """Resolve ``auto`` settings from the hardware: fp32 without checkpointing on CPU, bf16 on CUDA."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = section.precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    checkpointing = section.gradient_checkpointing
+    if checkpointing == "auto":
+        checkpointing = False
+    return DeviceChoice(device=device, precision=precision, gradient_checkpointing=bool(checkpointing))
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    """The trained model: a ``PeftModel`` for LoRA (``disable_adapter()`` gives the base), else the full model."""
+    summary: TrainSummary
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+
+
+def train_sft(
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    *,
+    section: TrainingSection,
+    seed: int,
+    work_dir: Path,
+    weights_dir: Path,
+    device: DeviceChoice,
+    on_loss: Callable[[int, float], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune ``model`` on ``texts`` and save the weights (adapter or full) as safetensors in ``weights_dir``."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTConfig, SFTTrainer
+
+    peft_config = None
+    if section.method == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=section.lora.dropout,
+            target_modules=list(section.lora.target_modules), task_type="CAUSAL_LM",
+        )
+    config = SFTConfig(
+        output_dir=str(work_dir),
+        num_train_epochs=section.epochs,
+        per_device_train_batch_size=section.batch_size,
+        gradient_accumulation_steps=section.gradient_accumulation_steps,
+        learning_rate=section.learning_rate,
+        lr_scheduler_type=section.lr_scheduler,
+        warmup_steps=section.warmup_steps,
+        logging_steps=section.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=device.device == "cpu",
+        bf16=device.precision == "bf16",
+        fp16=device.precision == "fp16",
+        gradient_checkpointing=device.gradient_checkpointing,
+        max_length=section.max_length,
+        packing=False,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        dataset_text_field="text",
+        disable_tqdm=True,
+    )
+    history: list[tuple[int, float]] = []
+
+    class _LossAndProgress(TrainerCallback):
+        """One quiet progress bar with the running loss, instead of TRL's printed log dicts."""
+
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if progress:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=state.max_steps, desc="train", unit="step", leave=False)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(1)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                history.append((state.global_step, float(logs["loss"])))
+                if on_loss is not None:
+                    on_loss(state.global_step, float(logs["loss"]))
+                if self.bar is not None:
+                    self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[_LossAndProgress()],
+    )
+    for quiet in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(quiet)
+    start = time.perf_counter()
+    output = trainer.train()
+    wall = time.perf_counter() - start
+    trained = trainer.model
+    trained.eval()
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    trained.save_pretrained(str(weights_dir), safe_serialization=True)
+    if section.method == "full":
+        tokenizer.save_pretrained(str(weights_dir))
+    n_trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in trained.parameters())
+    summary = TrainSummary(
+        method=section.method,
+        steps=int(output.global_step),
+        final_loss=history[-1][1] if history else float(output.training_loss),
+        wall_s=round(wall, 3),
+        trainable_params=n_trainable,
+        total_params=n_total,
+        device=device.device,
+        precision=device.precision,
+        gradient_checkpointing=device.gradient_checkpointing,
+        weights_path=str(weights_dir),
+        weights_fingerprint=fingerprint_safetensors_dir(weights_dir),
+    )
+    return TrainResult(model=trained, summary=summary, loss_history=history)
