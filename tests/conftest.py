@@ -1,0 +1,51 @@
+"""Shared fixtures. Tests are offline, on CPU, with the tiny in-process model unless marked ``slow``."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    """The tiny-llama model directory (built once into the user cache, < 1 s)."""
+    from audit.models import resolve_model
+
+    return resolve_model("tiny-llama", progress=False).path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    """``(model, tokenizer)`` for tiny-llama in fp32 on CPU. Do not train it in place: load your own copy."""
+    import torch
+
+    from audit.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run the test from an empty working directory (runs/ and mlflow.db land there)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
