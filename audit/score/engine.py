@@ -110,3 +110,29 @@ def greedy_continuations(model, tokenizer, prefixes: list[list[int]], *, max_new
         for row, i in enumerate(idx):
             results[i] = generated[row, width:].tolist()
     return results
+
+
+@torch.inference_mode()
+def sequence_logprobs(model, tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int | None = None) -> list[list[float]]:
+    """Teacher-forced natural-log probabilities of tokens 2..n of each text (the first token has no context).
+
+    Texts are sorted longest first and right-padded per batch; results come back in input order.
+    """
+    device = _device_of(model)
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][: max_length or None] for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    results: list[list[float]] = [[] for _ in texts]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(idx), width), dtype=torch.long, device=device)
+        for row, i in enumerate(idx):
+            ids[row, : len(encoded[i])] = torch.tensor(encoded[i], device=device)
+            mask[row, : len(encoded[i])] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        for row, i in enumerate(idx):
+            results[i] = token_logp[row, : max(len(encoded[i]) - 1, 0)].tolist()
+    return results
