@@ -106,7 +106,13 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ls": cmd_ls}
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may follow options (`audit run tiny/lora_cpu --quiet seed=1`): argparse leaves them over.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return COMMANDS[args.command](args)
     except AuditError as exc:

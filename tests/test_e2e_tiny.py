@@ -1,0 +1,87 @@
+"""End to end on tiny-llama: `audit run tiny/lora_cpu` writes a complete run directory and an MLflow run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from audit.cli import main
+from audit.report import read_report
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    import os
+
+    work = tmp_path_factory.mktemp("e2e")
+    old = Path.cwd()
+    os.chdir(work)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        code = main(["run", "tiny/lora_cpu", "--quiet"])
+    finally:
+        os.chdir(old)
+    assert code == 0
+    runs = sorted((work / "runs").iterdir())
+    assert len(runs) == 1
+    return work, runs[0]
+
+
+def test_run_directory_has_every_stage_file(tiny_run):
+    _, run_dir = tiny_run
+    for name in ("run.json", "recipe.yaml", "canaries.jsonl", "manifest.json", "scores.jsonl", "report.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
+
+
+def test_report_reads_back_and_shows_memorization(tiny_run):
+    _, run_dir = tiny_run
+    report = read_report(run_dir / "report.json")
+    assert report.model_dump_json() == read_report(run_dir / "report.json").model_dump_json()
+    tiers = {t.repetitions: t for t in report.tiers}
+    assert set(tiers) == {0, 1, 4, 16}
+    # The 16-copy canaries are learned; the never-inserted references stay near the null.
+    assert tiers[16].exposure_mean["tuned"] > tiers[16].exposure_mean["base"] + 3
+    assert tiers[16].exposure_mean["tuned"] > tiers[0].exposure_mean["tuned"] + 3
+    assert report.model.kind == "builtin" and report.model.source == "tiny-llama"
+    assert [n.kind for n in report.lineage] == ["base_weights", "data", "tuned_weights"]
+    assert report.lineage[2].parents == [report.lineage[0].id, report.lineage[1].id]
+    assert report.training.device == "cpu" and report.training.precision == "fp32"
+    assert report.training.gradient_checkpointing is False
+
+
+def test_scores_cover_every_canary_under_both_models(tiny_run):
+    _, run_dir = tiny_run
+    canaries = [json.loads(line) for line in (run_dir / "canaries.jsonl").read_text().splitlines()]
+    scores = [json.loads(line) for line in (run_dir / "scores.jsonl").read_text().splitlines()]
+    assert {(s["canary_id"], s["model"]) for s in scores} == {(c["id"], m) for c in canaries for m in ("base", "tuned")}
+
+
+def test_mlflow_run_holds_params_metrics_and_artifacts(tiny_run):
+    from mlflow.tracking import MlflowClient
+
+    work, run_dir = tiny_run
+    report = read_report(run_dir / "report.json")
+    assert report.tracking is not None
+    assert report.tracking.uri == f"sqlite:///{(work / 'mlflow.db').resolve()}"
+    client = MlflowClient(tracking_uri=report.tracking.uri)
+    run = client.get_run(report.tracking.run_id)
+    assert run.data.params["training.method"] == "lora"
+    assert run.data.params["model.source"] == "tiny-llama"
+    assert any(key.startswith("exposure.mean/rep_16") for key in run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "train.loss")) > 1
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "report.json" in artifacts
+
+
+def test_same_recipe_and_seed_give_identical_canaries_and_manifest(tiny_run, tmp_path, monkeypatch):
+    """Determinism: a second run writes byte-identical canaries.jsonl and manifest.json."""
+    _, first = tiny_run
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "tiny/lora_cpu", "--quiet", "--no-tracking", "training.epochs=1"]) == 0
+    (second,) = (tmp_path / "runs").iterdir()
+    assert (second / "canaries.jsonl").read_bytes() == (first / "canaries.jsonl").read_bytes()
+    assert (second / "manifest.json").read_bytes() == (first / "manifest.json").read_bytes()

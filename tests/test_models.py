@@ -1,0 +1,65 @@
+"""The model resolver: built-ins, local directories, hub ids offline, and refusal of pickle checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from audit.errors import AuditError
+from audit.models import fingerprint_safetensors_dir, resolve_model
+
+
+def test_tiny_llama_is_cached_with_provenance(tiny_model_dir):
+    resolved = resolve_model("tiny-llama", progress=False)
+    assert resolved.kind == "builtin"
+    assert (resolved.path / "model.safetensors").is_file()
+    provenance = json.loads((resolved.path / "provenance.json").read_text())
+    assert provenance["weights_fingerprint"] == fingerprint_safetensors_dir(resolved.path)
+    assert provenance["params"] < 1_000_000
+
+
+def test_tiny_llama_build_is_reproducible(tmp_path, monkeypatch, tiny_model_dir):
+    """A fresh build in another cache gives bit-identical weights (same fingerprint)."""
+    monkeypatch.setenv("CANARY_AUDIT_CACHE", str(tmp_path / "cache"))
+    fresh = resolve_model("tiny-llama", progress=False)
+    assert fresh.path != tiny_model_dir
+    assert fresh.provenance["weights_fingerprint"] == json.loads((tiny_model_dir / "provenance.json").read_text())["weights_fingerprint"]
+
+
+def test_tiny_tokenizer_splits_digits(tiny_model):
+    _, tokenizer = tiny_model
+    ids = tokenizer("code 481927", add_special_tokens=False)["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert pieces[-6:] == list("481927")
+
+
+def test_local_directory_resolves(tiny_model_dir):
+    resolved = resolve_model(str(tiny_model_dir))
+    assert resolved.kind == "local"
+    assert resolved.path == tiny_model_dir.resolve()
+
+
+def test_local_directory_with_only_pickle_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(AuditError, match="pickle"):
+        resolve_model(str(tmp_path))
+
+
+def test_local_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(AuditError, match="config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_hub_id_offline_gives_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(AuditError) as info:
+        resolve_model("someorg/not-a-real-model")
+    assert "cannot be fetched" in str(info.value) and "HF_HUB_OFFLINE" in str(info.value)
+
+
+def test_unresolvable_name_lists_builtins():
+    with pytest.raises(AuditError, match="smollm2-135m, tiny-llama"):
+        resolve_model("no-such-model")
