@@ -14,8 +14,11 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from audit.errors import EXIT_USAGE, AuditError
+
+EXIT_GATE_FAILED = 1
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -41,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(val)
 
     sub.add_parser("ls", help="list shipped recipes and canary specs")
+
+    gate = sub.add_parser("gate", help="check a report against release gates; exit 1 if any fails")
+    gate.add_argument("report", metavar="REPORT_OR_RUN", help="a run directory or its report.json")
+    gate.add_argument("--gates", default=None, metavar="FILE", help="gates YAML (default: the gates in the run's recipe)")
+    gate.add_argument("--baseline", default=None, metavar="RUN", help="run directory or report.json to compare against")
+    gate.add_argument("--junit", default=None, metavar="FILE", help="also write the results as JUnit XML")
     return parser
 
 
@@ -66,6 +75,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\naudit {report.run_id}: {recipe.model.source}, {report.training.method} fine-tune, "
           f"{report.training.steps} steps in {report.training.wall_s:.0f} s, total {report.timings_s['total']:.0f} s")
     print(format_table(report))
+    if report.gates:
+        from audit.gates import format_gate_table
+
+        print("\ngates (check again with `audit gate RUN_DIR`; exit 1 when one fails):")
+        print(format_gate_table(report.gates))
     print(f"\nrun directory: {result.run_dir}")
     if report.tracking is not None:
         print(f"MLflow run {report.tracking.run_id}: {report.tracking.ui_command}")
@@ -101,7 +115,25 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ls": cmd_ls}
+def cmd_gate(args: argparse.Namespace) -> int:
+    from audit.gates import evaluate_gates, format_gate_table, junit_xml, load_gate_specs, recipe_gates, read_report_or_run, report_metrics
+    from audit.store import atomic_write_text
+
+    report = read_report_or_run(args.report)
+    specs = load_gate_specs(args.gates) if args.gates else recipe_gates(report)
+    if not specs:
+        raise AuditError(f"no gates to check: the recipe of {report.run_id} has no 'gates:' section and no --gates was given",
+                         fix="pass --gates FILE or add a gates: section to the recipe")
+    baseline = report_metrics(read_report_or_run(args.baseline)) if args.baseline else None
+    results = evaluate_gates(specs, report_metrics(report), baseline)
+    print(f"gates for {report.run_id}" + (f" (baseline {args.baseline})" if args.baseline else ""))
+    print(format_gate_table(results))
+    if args.junit:
+        atomic_write_text(Path(args.junit), junit_xml(results))
+    return 0 if all(r.passed for r in results) else EXIT_GATE_FAILED
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ls": cmd_ls, "gate": cmd_gate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

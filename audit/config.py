@@ -83,7 +83,8 @@ def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path, *, mapping: bool = True) -> Any:
+    """Parse a YAML file; ``mapping=False`` also accepts a top-level list (gates files)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -97,7 +98,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise AuditError(f"{path} is not valid YAML{where}: {problem}", fix="correct the YAML syntax") from None
     if data is None:
         data = {}
-    if not isinstance(data, dict):
+    if mapping and not isinstance(data, dict):
         raise AuditError(f"{path} must hold a YAML mapping (key: value), not {type(data).__name__}",
                          fix="start the file with keys such as 'name:' and 'model:'")
     return data

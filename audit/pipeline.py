@@ -34,6 +34,7 @@ from audit.canaries import generate_canaries, load_spec
 from audit.canaries.generate import random_secrets
 from audit.corpus import load_records
 from audit.errors import AuditError
+from audit.gates import evaluate_gates, report_metrics
 from audit.inject import inject
 from audit.models import ResolvedModel, resolve_model
 from audit.report import summarize_tiers, tier_metrics, write_report
@@ -212,10 +213,13 @@ def run_audit(
                 git_revision=git_revision(),
                 tracking=tracking_info,
             )
+            report = report.model_copy(update={"gates": evaluate_gates(recipe.gates, report_metrics(report))})
             write_report(report, run_dir / "report.json")
             if tracker is not None:
                 tracker.log_metrics(tier_metrics(tiers))
                 tracker.log_metrics({f"time.{k}_s": v for k, v in report.timings_s.items()})
+                if report.gates:
+                    tracker.log_metrics({"gates.failed": sum(not g.passed for g in report.gates), "gates.total": len(report.gates)})
                 tracker.log_metrics({"train.final_loss": trained.summary.final_loss or 0.0, "train.steps": trained.summary.steps})
                 tracker.set_tags({"canary_audit.tuned_fingerprint": trained.summary.weights_fingerprint,
                                   "canary_audit.git_revision": report.git_revision or "unknown"})

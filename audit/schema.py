@@ -128,6 +128,55 @@ class OutputSection(Frozen):
     """Run directories are created under this folder (relative to the working directory)."""
 
 
+class GateSpec(Frozen):
+    """One release rule over a report's flat metrics (see :mod:`audit.gates`).
+
+    ``metric`` is a stable metric key (``exposure.mean/rep_1/tuned``), a glob over keys (``extraction.exact/*/tuned``)
+    or a family (``exposure.mean``) narrowed by the filters. Every matching key is checked on its own.
+    """
+
+    name: str | None = None
+    """Shown in tables and JUnit; defaults to the metric pattern and filters."""
+    metric: str = Field(min_length=1)
+    tier: int | None = Field(default=None, ge=0)
+    """Keep keys with the segment ``rep_<tier>`` (0 = references, never inserted)."""
+    model: str | None = None
+    """Keep keys with this model segment (``base``, ``tuned``, ...)."""
+    kind: str | None = None
+    """Keep keys with the segment ``<kind>`` or ``kind_<kind>``."""
+    work: str | None = None
+    """Keep keys with the segment ``<work>`` or ``work_<work>``."""
+    max: float | None = None
+    """Fail when the value is above this."""
+    min: float | None = None
+    """Fail when the value is below this."""
+    tolerance: float | None = Field(default=None, ge=0)
+    """With a baseline run: fail when the value is worse than the baseline's by more than this."""
+    worse: Literal["higher", "lower"] | None = None
+    """Which direction is a regression; inferred from ``max`` (higher) or ``min`` (lower) when left out."""
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _has_a_threshold(self) -> GateSpec:
+        if self.max is None and self.min is None and self.tolerance is None:
+            raise ValueError(f"gate on '{self.metric}' needs a threshold: set max, min or tolerance")
+        if self.max is not None and self.min is not None and self.min > self.max:
+            raise ValueError(f"gate on '{self.metric}' has min {self.min} above max {self.max}")
+        if self.tolerance is not None and self.direction is None:
+            raise ValueError(f"gate on '{self.metric}' has a tolerance but no direction: set worse: higher or worse: lower")
+        return self
+
+    @property
+    def direction(self) -> Literal["higher", "lower"] | None:
+        if self.worse is not None:
+            return self.worse
+        if self.max is not None and self.min is None:
+            return "higher"
+        if self.min is not None and self.max is None:
+            return "lower"
+        return None
+
+
 class Recipe(Frozen):
     """A declarative audit plan: one YAML file in ``recipes/``, validated once by :mod:`audit.config`."""
 
@@ -143,6 +192,8 @@ class Recipe(Frozen):
     output: OutputSection = Field(default_factory=OutputSection)
     expected: dict[str, str] = Field(default_factory=dict)
     """Documentation only: expected wall time and memory on the recipe's target machine."""
+    gates: list[GateSpec] = Field(default_factory=list)
+    """Release gates evaluated at the end of the run and by ``audit gate`` (see :mod:`audit.gates`)."""
 
     def fingerprint(self) -> str:
         return sha256_json(self.model_dump(mode="json"))
@@ -421,6 +472,27 @@ class TierSummary(Frozen):
     """Per model label: how many canaries greedy decoding reproduced."""
 
 
+class GateResult(Frozen):
+    """The outcome of one gate on one metric key: a row of the gate table and a JUnit test case."""
+
+    gate: str
+    metric: str
+    """The concrete key checked (the gate's pattern when nothing matched)."""
+    value: float | None
+    n: int | None = None
+    """Sample size behind the value (canaries in the tier), when the report knows it."""
+    threshold: str
+    """The rule in words, e.g. ``<= 4.8`` or ``<= baseline 2.1 + 0.5``."""
+    baseline: float | None = None
+    status: Literal["pass", "fail", "skip"]
+    reason: str = ""
+    """Why it failed or was skipped."""
+
+    @property
+    def passed(self) -> bool:
+        return self.status != "fail"
+
+
 class TrackingInfo(Frozen):
     uri: str
     experiment_id: str
@@ -452,6 +524,8 @@ class AuditReport(Frozen):
     versions: dict[str, str]
     git_revision: str | None = None
     tracking: TrackingInfo | None = None
+    gates: list[GateResult] = Field(default_factory=list)
+    """The recipe's gates, evaluated when the run finished (``audit gate`` re-evaluates them on demand)."""
     works: list[WorkProvenance] = Field(default_factory=list)
     """Provenance (source, license, sha256, kind) of every sample work planted in this audit."""
 
