@@ -1,0 +1,181 @@
+"""Membership inference: per-sequence attack scores and their evaluation at low false-positive rates.
+
+Every score here is oriented **higher = more member-like**, so one threshold rule serves all of them: a sequence is
+called a member when ``score >= threshold``. Inputs are the per-token natural-log probabilities of the target span
+(the secret) from one teacher-forced pass, plus, for Min-K%++, the mean and variance of the log-probability over the
+full vocabulary at each position (reduced on the device by :mod:`audit.score.engine`).
+
+Attacks (one formula each; lp_t = log p(x_t | x_<t), n tokens):
+
+* LOSS (Yeom et al. 2018, "Privacy risk in machine learning"): ``mean_t lp_t`` (= -loss).
+* difference to the base model (the reference attack of Carlini et al. 2021, "Extracting training data from large
+  language models"; with the base as reference, as memaudit and EZ-MIA do): ``loss_base - loss_tuned``.
+* ratio to the base model (Carlini et al. 2021; the PPL ratio of Meeus et al. 2024, "Copyright traps"):
+  ``-loss_tuned / loss_base``.
+* zlib (Carlini et al. 2021): model bits over zlib bits, ``-(sum_t -lp_t / ln 2) / (8 len(zlib(text)))``; mimir divides
+  the *mean* loss by the zlib length, which orders sequences of equal token count the same way.
+* Min-K% (Shi et al. 2024, "Detecting pretraining data from large language models", ICLR): the mean of the
+  ``max(1, floor(k n))`` smallest lp_t.
+* Min-K%++ (Zhang et al. 2025, "Min-K%++: improved baseline for detecting pre-training data", ICLR):
+  ``z_t = (lp_t - mu_t) / sigma_t`` with ``mu_t = E_{v~p_t}[log p_t(v)]`` and ``sigma_t^2 = Var_{v~p_t}[log p_t(v)]``
+  over the full vocabulary, then the mean of the smallest k-fraction of z_t as in Min-K%.
+
+Evaluation: :func:`roc_auc` (Mann-Whitney, ties count 1/2) and :func:`tpr_at_fpr`, which states its FPR convention and
+refuses when there are too few controls to measure the requested FPR at all.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy import stats
+
+from audit.errors import AuditError
+from audit.metrics.stats import clopper_pearson
+
+LN2 = math.log(2.0)
+FprConvention = Literal["inclusive", "strict"]
+
+
+def _arr(x: ArrayLike) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64).ravel()
+    if a.size == 0:
+        raise ValueError("an attack needs at least one scored token")
+    return a
+
+
+def loss_score(logprobs: ArrayLike) -> float:
+    """LOSS attack: mean token log-probability (= minus the mean loss)."""
+    return float(np.mean(_arr(logprobs)))
+
+
+def mean_loss(logprobs: ArrayLike) -> float:
+    """Mean negative log-likelihood in nats per token."""
+    return -loss_score(logprobs)
+
+
+def difference_to_base(logprobs_tuned: ArrayLike, logprobs_base: ArrayLike) -> float:
+    """``loss_base - loss_tuned`` in nats per token: how much fine-tuning lowered this sequence's loss."""
+    return mean_loss(logprobs_base) - mean_loss(logprobs_tuned)
+
+
+def ratio_to_base(logprobs_tuned: ArrayLike, logprobs_base: ArrayLike) -> float:
+    """``-loss_tuned / loss_base``: near 0 when fine-tuning drove the loss to 0, -1 when it did not change it."""
+    base = mean_loss(logprobs_base)
+    if base <= 0.0:
+        return 0.0 if mean_loss(logprobs_tuned) <= 0.0 else -math.inf
+    return -mean_loss(logprobs_tuned) / base
+
+
+def zlib_ratio_score(logprobs: ArrayLike, text: str) -> float:
+    """``-(model bits) / (zlib bits)`` of ``text``: low model cost for a text zlib cannot compress looks memorized."""
+    model_bits = -float(np.sum(_arr(logprobs))) / LN2
+    zlib_bits = 8 * len(zlib.compress(text.encode("utf-8")))
+    return -model_bits / zlib_bits
+
+
+def _lowest_fraction_mean(values: np.ndarray, k: float) -> float:
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"k must lie in (0, 1], got {k}")
+    count = max(1, int(math.floor(k * values.size)))
+    return float(np.mean(np.sort(values)[:count]))
+
+
+def min_k_score(logprobs: ArrayLike, *, k: float = 0.2) -> float:
+    """Min-K%: mean of the ``max(1, floor(k n))`` lowest token log-probabilities."""
+    return _lowest_fraction_mean(_arr(logprobs), k)
+
+
+def min_k_plus_plus_score(logprobs: ArrayLike, vocab_mean: ArrayLike, vocab_var: ArrayLike, *, k: float = 0.2) -> float:
+    """Min-K%++: Min-K% over ``(lp_t - mu_t) / sigma_t`` (full-vocabulary mean and variance of log p at step t)."""
+    lp, mu, var = _arr(logprobs), _arr(vocab_mean), _arr(vocab_var)
+    if not lp.shape == mu.shape == var.shape:
+        raise ValueError(f"logprobs {lp.shape}, vocab_mean {mu.shape} and vocab_var {var.shape} must have one shape")
+    z = (lp - mu) / np.sqrt(np.maximum(var, 1e-12))
+    return _lowest_fraction_mean(z, k)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def roc_auc(member_scores: ArrayLike, nonmember_scores: ArrayLike) -> float:
+    """Area under the ROC curve = P(member score > non-member score) + P(tie) / 2 (Mann-Whitney U / (n1 n0))."""
+    m, n = _arr(member_scores), _arr(nonmember_scores)
+    ranks = stats.rankdata(np.concatenate([m, n]))  # average ranks: ties count half
+    u = float(np.sum(ranks[: m.size])) - m.size * (m.size + 1) / 2.0
+    return u / (m.size * n.size)
+
+
+class InsufficientControlsError(AuditError):
+    """TPR at a false-positive rate that the number of controls cannot resolve."""
+
+
+@dataclass(frozen=True)
+class TprAtFpr:
+    tpr: float
+    low: float
+    high: float
+    """Clopper-Pearson interval on the TPR (members are the trials)."""
+    confidence: float
+    threshold: float
+    """Members are called at ``score > threshold`` (the largest control score that had to be excluded)."""
+    achieved_fpr: float
+    fpr_target: float
+    convention: FprConvention
+    n_members: int
+    n_controls: int
+    allowed_false_positives: int
+
+
+def allowed_false_positives(n_controls: int, fpr: float, convention: FprConvention) -> int:
+    """How many controls may score above the threshold: ``floor(fpr n)`` (inclusive) or ``ceil(fpr n) - 1`` (strict)."""
+    exact = fpr * n_controls
+    if convention == "inclusive":
+        return int(math.floor(exact + 1e-9))
+    if convention == "strict":
+        return int(math.ceil(exact - 1e-9)) - 1
+    raise ValueError(f"convention must be 'inclusive' or 'strict', got {convention!r}")
+
+
+def tpr_at_fpr(
+    member_scores: ArrayLike,
+    nonmember_scores: ArrayLike,
+    fpr: float,
+    *,
+    convention: FprConvention = "inclusive",
+    confidence: float = 0.95,
+) -> TprAtFpr:
+    """True-positive rate at the most permissive threshold whose empirical FPR meets ``fpr``.
+
+    FPR convention: the empirical FPR is the fraction of controls (non-members) scoring above the threshold.
+    ``"inclusive"`` requires ``FPR <= fpr`` (ml_privacy_meter); ``"strict"`` requires ``FPR < fpr`` (mimir). The
+    threshold sits at the (j+1)-th largest control score, j being the allowed false positives, and members must
+    score strictly above it, so ties with that control count as misses (no randomized threshold).
+
+    Refusal: if not even one false positive is allowed (``n_controls < 1 / fpr`` inclusive, ``<= 1 / fpr`` strict),
+    the measurement would be TPR at 0% FPR, a different quantity, so :class:`InsufficientControlsError` is raised.
+    """
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr must lie in (0, 1), got {fpr}")
+    members, controls = _arr(member_scores), _arr(nonmember_scores)
+    allowed = allowed_false_positives(controls.size, fpr, convention)
+    if allowed < 1:
+        need = math.ceil(1 / fpr - 1e-9) + (1 if convention == "strict" else 0)
+        raise InsufficientControlsError(
+            f"TPR at {fpr:.3g} FPR needs at least {need} controls ({convention} FPR convention), got {controls.size}: "
+            f"with fewer, no control may score above the threshold and the number measures 0% FPR instead",
+            fix=f"add non-member controls (canaries.references >= {need}) or ask for a larger FPR",
+        )
+    desc = np.sort(controls)[::-1]
+    threshold = float(desc[allowed]) if allowed < controls.size else -math.inf
+    tp = int(np.count_nonzero(members > threshold))
+    fp = int(np.count_nonzero(controls > threshold))
+    prop = clopper_pearson(tp, members.size, confidence=confidence)
+    return TprAtFpr(tpr=prop.rate, low=prop.low, high=prop.high, confidence=confidence, threshold=threshold,
+                    achieved_fpr=fp / controls.size, fpr_target=fpr, convention=convention, n_members=members.size,
+                    n_controls=controls.size, allowed_false_positives=allowed)

@@ -1,0 +1,109 @@
+"""Membership-inference scores and their evaluation, on hand-made vectors."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from audit.errors import AuditError
+from audit.metrics import (
+    InsufficientControlsError,
+    difference_to_base,
+    loss_score,
+    min_k_plus_plus_score,
+    min_k_score,
+    ratio_to_base,
+    roc_auc,
+    tpr_at_fpr,
+    zlib_ratio_score,
+)
+
+
+def test_loss_and_base_calibrated_scores():
+    assert loss_score([-1.0, -3.0]) == -2.0
+    assert difference_to_base([-0.5, -0.5], [-2.0, -2.0]) == 1.5
+    assert ratio_to_base([-0.5, -0.5], [-2.0, -2.0]) == -0.25
+    assert ratio_to_base([-2.0], [-2.0]) == -1.0
+
+
+def test_min_k_takes_the_lowest_fraction():
+    lp = [-1.0, -2.0, -3.0, -4.0, -5.0]
+    assert min_k_score(lp, k=0.2) == -5.0
+    assert min_k_score(lp, k=0.4) == -4.5
+    assert min_k_score(lp, k=0.1) == -5.0  # at least one token
+    assert min_k_score(lp, k=1.0) == -3.0
+    with pytest.raises(ValueError):
+        min_k_score(lp, k=0.0)
+
+
+def test_min_k_plus_plus_standardizes_by_the_vocabulary():
+    # z = (lp - mu) / sigma = [(-1 + 2) / 2, (-3 + 2) / 1] = [0.5, -1]
+    assert min_k_plus_plus_score([-1.0, -3.0], [-2.0, -2.0], [4.0, 1.0], k=0.5) == -1.0
+    assert min_k_plus_plus_score([-1.0, -3.0], [-2.0, -2.0], [4.0, 1.0], k=1.0) == -0.25
+    with pytest.raises(ValueError, match="shape"):
+        min_k_plus_plus_score([-1.0], [-2.0, -2.0], [1.0, 1.0])
+
+
+def test_zlib_ratio():
+    assert len(zlib.compress(b"abc")) == 11
+    lp = [-8 * math.log(2), -8 * math.log(2)]  # 16 bits
+    assert zlib_ratio_score(lp, "abc") == pytest.approx(-16 / 88)
+
+
+def test_roc_auc_by_hand():
+    assert roc_auc([3, 4], [1, 2]) == 1.0
+    assert roc_auc([1, 2], [3, 4]) == 0.0
+    assert roc_auc([1], [1]) == 0.5
+    assert roc_auc([0.9, 0.8, 0.5], [0.7, 0.5, 0.1]) == pytest.approx(7.5 / 9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=12), st.lists(st.integers(0, 5), min_size=1, max_size=12))
+def test_roc_auc_matches_sklearn(members, controls):
+    metrics = pytest.importorskip("sklearn.metrics")
+    y = [1] * len(members) + [0] * len(controls)
+    assert roc_auc(members, controls) == pytest.approx(metrics.roc_auc_score(y, members + controls))
+
+
+CONTROLS = np.arange(100, dtype=float)  # 0..99
+
+
+def test_tpr_at_fpr_inclusive():
+    r = tpr_at_fpr([99.5, 98.5, 50.0], CONTROLS, 0.01)
+    assert r.allowed_false_positives == 1
+    assert r.threshold == 98.0  # the 2nd largest control: members must beat it
+    assert r.tpr == pytest.approx(2 / 3)
+    assert r.achieved_fpr == 0.01
+    assert r.low < 2 / 3 < r.high
+    assert (r.n_members, r.n_controls, r.convention) == (3, 100, "inclusive")
+
+
+def test_tie_with_the_threshold_is_a_miss():
+    assert tpr_at_fpr([98.0, 99.0], CONTROLS, 0.01).tpr == 0.5
+
+
+def test_strict_convention_needs_more_controls():
+    with pytest.raises(InsufficientControlsError, match="101 controls"):
+        tpr_at_fpr([1.0], CONTROLS, 0.01, convention="strict")
+    r = tpr_at_fpr([99.5, 97.5], np.arange(101, dtype=float), 0.01, convention="strict")
+    assert r.allowed_false_positives == 1  # ceil(1.01) - 1
+    assert r.achieved_fpr < 0.01
+
+
+def test_too_few_controls_is_refused_with_a_fix():
+    with pytest.raises(InsufficientControlsError) as err:
+        tpr_at_fpr([1.0, 2.0], CONTROLS[:99], 0.01)
+    assert isinstance(err.value, AuditError)
+    assert "at least 100 controls" in str(err.value) and "got 99" in str(err.value) and "fix:" in str(err.value)
+    with pytest.raises(InsufficientControlsError, match="1000 controls"):
+        tpr_at_fpr([1.0], CONTROLS, 0.001)
+
+
+def test_large_fpr_allows_every_control():
+    r = tpr_at_fpr([0.0], [1.0, 2.0], 0.99)
+    assert r.tpr == 0.0 and r.allowed_false_positives == 1
