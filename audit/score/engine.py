@@ -1,25 +1,37 @@
-"""The scoring engine: token log-probabilities and greedy continuations, batched.
+"""The scoring engine: token log-probabilities, full-vocabulary statistics and continuations, batched.
 
-Two entry points serve every metric:
+Entry points, each serving many metrics from one pass:
 
-* :func:`candidate_nll_bits` scores many candidate secrets after one shared prefix. The prefix is run once and
-  its key/value cache reused for every batch of candidates, so each candidate costs only its own tokens
-  (a 6-digit secret after a 15-token prefix: 6 token positions instead of 21).
-* :func:`greedy_continuations` decodes a batch of prefixes greedily (left-padded), for extraction.
+* :func:`score_token_sequences` runs one teacher-forced pass per sequence (sorted by length, padded per batch, batch
+  size set by a token budget) and returns, per scored token, ``ln p(x_t | x_<t)`` and the mean and variance of
+  ``ln p`` over the whole vocabulary (Min-K%++). The vocabulary is reduced on the device in row chunks: full logits
+  never leave it. Every attack, the information view and (n, p) extraction reuse these numbers.
+* :func:`candidate_nll_bits` scores many candidate secrets after one shared prefix; the prefix runs once and its
+  key/value cache is reused, so a 6-digit secret after a 15-token prefix costs 6 positions instead of 21.
+* :func:`greedy_continuations` and :func:`sampled_continuations` decode a batch of prefixes (left-padded) for
+  discoverable and sampled extraction.
+* :func:`adapter_disabled` scores the base weights of a ``PeftModel`` on identical inputs.
 
-Both run under ``torch.inference_mode`` and work on a plain model or a ``PeftModel`` (wrap the call in
-``model.disable_adapter()`` to score the base weights on identical inputs).
+Everything runs under ``torch.inference_mode``; fp32 on CPU, the model's own dtype (bf16) on CUDA with the vocabulary
+reductions upcast to fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 LN2 = math.log(2.0)
+DEFAULT_CPU_TOKEN_BUDGET = 1024
+"""Tokens per forward pass on CPU: past ~500 tokens the GEMMs are at full speed, and the logits stay < 0.5 GB."""
+VOCAB_CHUNK_BYTES = 64 << 20
+"""Working memory for one chunk of the full-vocabulary reductions (per temporary)."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +59,215 @@ def split_tokens(tokenizer, prefix: str, secret: str) -> SplitTokens:
     return SplitTokens(prefix_ids=full[:b], secret_ids=full[b:])
 
 
-def _device_of(model) -> torch.device:
+def device_of(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer is None:
+        return 0
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+@contextlib.contextmanager
+def adapter_disabled(model) -> Iterator[object]:
+    """Yield the same module with its PEFT adapter switched off: base and tuned scored on identical inputs.
+
+    A model without adapters (a full fine-tune has no base inside it) is refused: score its base separately.
+    """
+    if not hasattr(model, "disable_adapter"):
+        raise TypeError("this model has no PEFT adapter to disable; load the base weights as a second model")
+    with model.disable_adapter():
+        yield model
+
+
+# --------------------------------------------------------------------------------------------- batching
+
+
+def default_token_budget(model) -> int:
+    """Tokens per forward pass: fixed on CPU; on CUDA sized so the fp32 logits use a quarter of free memory."""
+    device = device_of(model)
+    if device.type != "cuda":
+        return DEFAULT_CPU_TOKEN_BUDGET
+    free, _total = torch.cuda.mem_get_info(device)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    return int(max(256, min(65536, free // 4 // (vocab * 4 * 3))))
+
+
+def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Indices grouped into batches, longest first, each with ``rows * longest <= token_budget`` (at least 1 row).
+
+    Longest-first puts the largest batch first, so an out-of-memory error shows at once, and sorting keeps padding
+    small (lm-evaluation-harness does the same).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for i in order:
+        w = max(width, lengths[i], 1)
+        if current and (len(current) + 1) * w > token_budget:
+            batches.append(current)
+            current, w = [], max(lengths[i], 1)
+        current.append(i)
+        width = w
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _right_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        ids[k, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[k, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+# --------------------------------------------------------------------------------------------- reductions
+
+
+def vocab_reductions(logits: torch.Tensor, targets: torch.Tensor, *, with_stats: bool) -> tuple[torch.Tensor, ...]:
+    """Per row of ``logits`` (N, V): ``ln p(target)``, and with ``with_stats`` the mean and variance of ``ln p``.
+
+    With x the logits and p = softmax(x): ``ln p(t) = x_t - logsumexp(x)``; ``mu = sum_v p_v ln p_v =
+    sum_v p_v x_v - logsumexp(x)``; ``var = sum_v p_v (x_v - sum_u p_u x_u)^2`` (the shift by logsumexp cancels).
+    Processed in row chunks so that only two (chunk, V) fp32 temporaries exist at a time.
+    """
+    n, vocab = logits.shape
+    if n == 0:
+        empty = logits.new_zeros(0, dtype=torch.float32)
+        return (empty, empty, empty) if with_stats else (empty,)
+    chunk = max(1, VOCAB_CHUNK_BYTES // (vocab * 4))
+    lp_out, mu_out, var_out = [], [], []
+    for s in range(0, n, chunk):
+        x = logits[s : s + chunk].float()
+        lse = torch.logsumexp(x, dim=-1)
+        lp_out.append(x.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - lse)
+        if with_stats:
+            p = torch.exp(x - lse[:, None])
+            mean_x = torch.linalg.vecdot(p, x)
+            x = x - mean_x[:, None]
+            var_out.append(torch.linalg.vecdot(p, x * x))
+            mu_out.append(mean_x - lse)
+    if not with_stats:
+        return (torch.cat(lp_out),)
+    return torch.cat(lp_out), torch.cat(mu_out), torch.cat(var_out)
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Teacher-forced scores of tokens 1..n-1 of one sequence (token 0 has no context and is not scored).
+
+    ``logprobs[j]`` is ``ln p(token_ids[j + 1] | token_ids[: j + 1])``; ``vocab_mean``/``vocab_var`` are the mean and
+    variance of ``ln p(v)`` over the vocabulary at that step (None when not requested).
+    """
+
+    token_ids: list[int]
+    logprobs: np.ndarray
+    vocab_mean: np.ndarray | None = None
+    vocab_var: np.ndarray | None = None
+
+    def span(self, start: int, stop: int | None = None) -> TokenScores:
+        """Scores of tokens ``token_ids[start:stop]`` (``start >= 1``), keeping ``token_ids`` whole."""
+        if start < 1:
+            raise ValueError("token 0 has no context; spans start at 1")
+        a, b = start - 1, (len(self.token_ids) if stop is None else stop) - 1
+        return TokenScores(self.token_ids, self.logprobs[a:b],
+                           None if self.vocab_mean is None else self.vocab_mean[a:b],
+                           None if self.vocab_var is None else self.vocab_var[a:b])
+
+    @property
+    def bits(self) -> float:
+        return -float(np.sum(self.logprobs)) / LN2
+
+
+@torch.inference_mode()
+def score_token_sequences(
+    model,
+    sequences: Sequence[Sequence[int]],
+    *,
+    vocab_stats: bool = True,
+    token_budget: int | None = None,
+    pad_token_id: int = 0,
+) -> list[TokenScores]:
+    """One teacher-forced pass per sequence, batched: log-probs and (optionally) full-vocabulary mean/variance.
+
+    Sequences are sorted longest first and right-padded per batch (``rows * longest <= token_budget``); results come
+    back in input order, in float64 on the host. Padding never changes a real token's score: attention is causal
+    and padded positions come after every real one.
+    """
+    device = device_of(model)
+    budget = token_budget or default_token_budget(model)
+    seqs = [list(s) for s in sequences]
+    results: list[TokenScores | None] = [None] * len(seqs)
+    for idx in plan_batches([len(s) for s in seqs], budget):
+        rows = [seqs[i] for i in idx]
+        if max(len(r) for r in rows) < 2:
+            for i in idx:
+                empty = np.zeros(0)
+                results[i] = TokenScores(seqs[i], empty, empty if vocab_stats else None, empty if vocab_stats else None)
+            continue
+        ids, mask = _right_padded(rows, pad_token_id, device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        for k, (i, r) in enumerate(zip(idx, rows, strict=True)):
+            n = max(len(r) - 1, 0)  # a row's own positions only: a contiguous view, no copy of the logits
+            parts = [t.double().cpu().numpy() for t in vocab_reductions(logits[k, :n], ids[k, 1 : n + 1], with_stats=vocab_stats)]
+            results[i] = TokenScores(seqs[i], parts[0], parts[1] if vocab_stats else None, parts[2] if vocab_stats else None)
+    return results  # type: ignore[return-value]
+
+
+def sequence_logprobs(model, tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int | None = None) -> list[list[float]]:
+    """Teacher-forced natural-log probabilities of tokens 2..n of each text (the first token has no context).
+
+    ``batch_size`` caps the rows per pass (through the token budget); results come back in input order.
+    """
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][: max_length or None] for t in texts]
+    width = max((len(e) for e in encoded), default=1)
+    scores = score_token_sequences(model, encoded, vocab_stats=False, token_budget=max(1, batch_size) * max(width, 1),
+                                   pad_token_id=_pad_id(tokenizer))
+    return [s.logprobs.tolist() for s in scores]
+
+
+# --------------------------------------------------------------------------------------------- shared-prefix scoring
+
+
+def prefix_cache(model, prefix_ids: Sequence[int]):
+    """Run the prefix once; return its KV cache and the log-distribution of the next token (fp32, on the device)."""
+    device = device_of(model)
+    out = model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True)
+    return out.past_key_values, torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+
+
+def expand_cache(cache, rows: int):
+    """A copy of a one-row cache repeated for ``rows`` rows (the forward pass appends to it)."""
+    c = copy.deepcopy(cache)
+    c.batch_repeat_interleave(rows)
+    return c
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, cache, prefix_len: int, rows: list[list[int]]) -> torch.Tensor:
+    """``ln p`` of every token of each row after the cached prefix, except each row's first token.
+
+    Returns a (len(rows), width - 1) tensor, zero where a row is shorter. The caller supplies the first token's
+    log-probability from the prefix's own next-token distribution.
+    """
+    device = device_of(model)
+    ids, mask = _right_padded(rows, 0, device)
+    width = ids.shape[1]
+    if width < 2:
+        return torch.zeros((len(rows), 0), device=device, dtype=torch.float64)
+    attention = torch.cat([torch.ones((len(rows), prefix_len), dtype=torch.long, device=device), mask], dim=1)
+    logits = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], past_key_values=expand_cache(cache, len(rows)),
+                   use_cache=True).logits
+    flat = logits.reshape(-1, logits.shape[-1])
+    (lp,) = vocab_reductions(flat, ids[:, 1:].reshape(-1), with_stats=False)
+    return lp.view(len(rows), width - 1).double() * mask[:, 1:]
 
 
 @torch.inference_mode()
@@ -57,82 +276,87 @@ def candidate_nll_bits(model, prefix_ids: list[int], candidates: list[list[int]]
 
     Candidates may differ in length; they are right-padded per batch and padded positions are ignored.
     """
-    device = _device_of(model)
-    prefix = torch.tensor([prefix_ids], device=device)
-    out = model(input_ids=prefix, use_cache=True)
-    prefix_cache = out.past_key_values
-    first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # distribution of the first secret token
-    p_len = len(prefix_ids)
+    device = device_of(model)
+    cache, first_logp = prefix_cache(model, prefix_ids)
     results: list[float] = [0.0] * len(candidates)
     order = sorted(range(len(candidates)), key=lambda i: -len(candidates[i]))  # longest first: OOM shows early
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = [candidates[i] for i in idx]
-        width = max(len(c) for c in batch)
         nll = -first_logp[torch.tensor([c[0] for c in batch], device=device)].double()
-        if width > 1:
-            ids = torch.zeros((len(batch), width), dtype=torch.long, device=device)
-            mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
-            for row, c in enumerate(batch):
-                ids[row, : len(c)] = torch.tensor(c, device=device)
-                mask[row, : len(c)] = 1
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(batch))
-            attention = torch.cat([torch.ones((len(batch), p_len), dtype=torch.long, device=device), mask], dim=1)
-            logits = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], past_key_values=cache, use_cache=True).logits
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            token_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            nll = nll - (token_logp * mask[:, 1:]).sum(dim=1).double()
+        if max(len(c) for c in batch) > 1:
+            nll = nll - continuation_logprobs(model, cache, len(prefix_ids), batch).sum(dim=1)
         for row, i in enumerate(idx):
             results[i] = float(nll[row]) / LN2
     return results
 
 
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def _left_padded(prefixes: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prefixes)
+    ids = torch.full((len(prefixes), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prefixes), width), dtype=torch.long)
+    for row, p in enumerate(prefixes):  # left padding keeps every prefix's last token in the last column
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.inference_mode()
 def greedy_continuations(model, tokenizer, prefixes: list[list[int]], *, max_new_tokens: int, batch_size: int = 32) -> list[list[int]]:
     """Greedy-decode ``max_new_tokens`` after each prefix (token ids); returns the new token ids per prefix."""
-    device = _device_of(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = device_of(model)
+    pad = _pad_id(tokenizer)
     results: list[list[int]] = [[] for _ in prefixes]
     order = sorted(range(len(prefixes)), key=lambda i: -len(prefixes[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(prefixes[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((len(idx), width), dtype=torch.long, device=device)
-        for row, i in enumerate(idx):  # left padding keeps every prefix's last token in the last column
-            ids[row, width - len(prefixes[i]) :] = torch.tensor(prefixes[i], device=device)
-            mask[row, width - len(prefixes[i]) :] = 1
+        ids, mask = _left_padded([prefixes[i] for i in idx], pad, device)
         generated = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=pad, eos_token_id=None, num_beams=1,
         )
         for row, i in enumerate(idx):
-            results[i] = generated[row, width:].tolist()
+            results[i] = generated[row, ids.shape[1] :].tolist()
     return results
 
 
 @torch.inference_mode()
-def sequence_logprobs(model, tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int | None = None) -> list[list[float]]:
-    """Teacher-forced natural-log probabilities of tokens 2..n of each text (the first token has no context).
+def sampled_continuations(
+    model,
+    tokenizer,
+    prefixes: list[list[int]],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    seed: int,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+) -> list[list[list[int]]]:
+    """``num_samples`` sampled continuations (pure ancestral sampling at ``temperature``, no top-k) per prefix.
 
-    Texts are sorted longest first and right-padded per batch; results come back in input order.
+    Each prefix is repeated ``num_samples`` times in the batch. Sampling draws from a private RNG seeded with
+    ``seed``, so the same call gives the same samples on the same device and batch plan.
     """
-    device = _device_of(model)
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][: max_length or None] for t in texts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    results: list[list[float]] = [[] for _ in texts]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((len(idx), width), dtype=torch.long, device=device)
-        for row, i in enumerate(idx):
-            ids[row, : len(encoded[i])] = torch.tensor(encoded[i], device=device)
-            mask[row, : len(encoded[i])] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        for row, i in enumerate(idx):
-            results[i] = token_logp[row, : max(len(encoded[i]) - 1, 0)].tolist()
-    return results
+    if num_samples < 1:
+        raise ValueError("num_samples must be >= 1")
+    device = device_of(model)
+    pad = _pad_id(tokenizer)
+    rows = [(i, k) for i in range(len(prefixes)) for k in range(num_samples)]
+    out: list[list[list[int]]] = [[[] for _ in range(num_samples)] for _ in prefixes]
+    order = sorted(range(len(rows)), key=lambda r: (-len(prefixes[rows[r][0]]), r))
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for start in range(0, len(order), batch_size):
+            chunk = [rows[r] for r in order[start : start + batch_size]]
+            ids, mask = _left_padded([prefixes[i] for i, _ in chunk], pad, device)
+            generated = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                top_k=0, top_p=1.0, pad_token_id=pad, eos_token_id=None, num_beams=1,
+            )
+            for row, (i, k) in enumerate(chunk):
+                out[i][k] = generated[row, ids.shape[1] :].tolist()
+    return out

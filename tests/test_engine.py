@@ -1,0 +1,134 @@
+"""The scoring engine against a plain per-sequence transformers computation (tiny-llama, CPU, fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from audit.score.engine import (
+    adapter_disabled,
+    candidate_nll_bits,
+    greedy_continuations,
+    plan_batches,
+    sampled_continuations,
+    score_token_sequences,
+    sequence_logprobs,
+)
+
+TEXTS = [
+    "Note for the file: the vault access code of Ms. Halloway is 481927.",
+    "hi",
+    "For the record, the locker combination of Dr. Moreau is 000111.",
+    "Security memo: Mr. Novak changed the alarm PIN to 93.",
+    "x",
+]
+
+
+def _plain(model, ids: list[int]):
+    """One sequence, one forward pass, full log_softmax: the reference every batched number must match."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    target = logp.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+    p = logp.exp()
+    mu = (p * logp).sum(-1)
+    var = (p * (logp - mu[:, None]) ** 2).sum(-1)
+    return target.numpy(), mu.numpy(), var.numpy()
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_model):
+    _, tok = tiny_model
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+
+
+@pytest.mark.parametrize("budget", [8, 64, 4096])
+def test_batched_scores_equal_per_sequence_transformers(tiny_model, encoded, budget):
+    model, tok = tiny_model
+    scores = score_token_sequences(model, encoded, token_budget=budget, pad_token_id=tok.pad_token_id)
+    for ids, s in zip(encoded, scores, strict=True):
+        lp, mu, var = _plain(model, ids)
+        assert s.token_ids == ids
+        assert s.logprobs.shape == (len(ids) - 1,)
+        np.testing.assert_allclose(s.logprobs, lp, atol=1e-4)
+        np.testing.assert_allclose(s.vocab_mean, mu, atol=1e-4)
+        np.testing.assert_allclose(s.vocab_var, var, atol=1e-4, rtol=1e-4)
+
+
+def test_spans_and_bits(tiny_model, encoded):
+    model, tok = tiny_model
+    s = score_token_sequences(model, encoded[:1], vocab_stats=False)[0]
+    assert s.vocab_mean is None
+    tail = s.span(5)
+    np.testing.assert_array_equal(tail.logprobs, s.logprobs[4:])
+    assert s.bits == pytest.approx(-s.logprobs.sum() / np.log(2))
+    with pytest.raises(ValueError):
+        s.span(0)
+
+
+def test_sequence_logprobs_keeps_its_signature(tiny_model):
+    model, tok = tiny_model
+    got = sequence_logprobs(model, tok, TEXTS[:3], batch_size=2)
+    for text, row in zip(TEXTS[:3], got, strict=True):
+        np.testing.assert_allclose(row, _plain(model, tok(text, add_special_tokens=False)["input_ids"])[0], atol=1e-4)
+
+
+def test_plan_batches_respects_the_budget():
+    lengths = [3, 10, 7, 7, 1, 12, 2]
+    batches = plan_batches(lengths, 20)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 20
+    assert batches[0][0] == 5  # longest first
+
+
+def test_candidate_scoring_with_shared_prefix_equals_full_sequences(tiny_model):
+    model, tok = tiny_model
+    prefix = tok("the vault access code is ", add_special_tokens=False)["input_ids"]
+    cands = [tok(c, add_special_tokens=False)["input_ids"] for c in ["481927", "0", "12", "999999."]]
+    got = candidate_nll_bits(model, prefix, cands, batch_size=3)
+    for c, bits in zip(cands, got, strict=True):
+        lp = _plain(model, prefix + c)[0][len(prefix) - 1 :]
+        assert bits == pytest.approx(-lp.sum() / np.log(2), abs=1e-4)
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny_model, encoded):
+    model, tok = tiny_model
+    prefixes = [e[:8] for e in encoded if len(e) >= 8] + [encoded[1]]
+    batched = greedy_continuations(model, tok, prefixes, max_new_tokens=6, batch_size=4)
+    for p, cont in zip(prefixes, batched, strict=True):
+        assert cont == greedy_continuations(model, tok, [p], max_new_tokens=6, batch_size=1)[0]
+        assert len(cont) == 6
+
+
+def test_sampling_is_seeded(tiny_model, encoded):
+    model, tok = tiny_model
+    prefixes = [encoded[0][:10], encoded[2][:6]]
+    a = sampled_continuations(model, tok, prefixes, num_samples=5, max_new_tokens=4, seed=3)
+    b = sampled_continuations(model, tok, prefixes, num_samples=5, max_new_tokens=4, seed=3)
+    c = sampled_continuations(model, tok, prefixes, num_samples=5, max_new_tokens=4, seed=4)
+    assert a == b
+    assert a != c
+    assert [len(x) for x in a] == [5, 5] and all(len(s) == 4 for x in a for s in x)
+    assert len({tuple(s) for s in a[0]}) > 1  # an untrained model samples different continuations
+
+
+def test_adapter_disabled_scores_the_base_weights(tiny_model_dir, encoded):
+    from peft import LoraConfig, get_peft_model
+
+    from audit.models import load_model_and_tokenizer
+
+    base, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
+    plain = score_token_sequences(base, encoded[:2])
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.eval()
+    tuned = score_token_sequences(peft_model, encoded[:2])
+    with adapter_disabled(peft_model) as m:
+        again = score_token_sequences(m, encoded[:2])
+    for p, t, a in zip(plain, tuned, again, strict=True):
+        np.testing.assert_allclose(a.logprobs, p.logprobs, atol=1e-6)
+        assert not np.allclose(t.logprobs, p.logprobs, atol=1e-4)
+    with pytest.raises(TypeError, match="no PEFT adapter"):
+        with adapter_disabled(base):
+            pass
