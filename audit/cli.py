@@ -4,6 +4,8 @@
     audit run tiny/lora_cpu training.epochs=2   # a shipped recipe by name, with key=value overrides
     audit validate recipes/tiny/lora_cpu.yaml   # check a recipe without running it
     audit ls                                    # list shipped recipes and canary specs
+    audit run --resume runs/<run>               # continue an interrupted run (finished stages and last checkpoint)
+    audit gate runs/<run> [--gates FILE] [--baseline RUN] [--junit FILE]   # release gates; exit 1 if one fails
 
 User errors print one line, ``error: <problem> (fix: <how>)``, and exit with code 2.
 """
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
     run.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     run.add_argument("--quiet", action="store_true", help="no progress output, only the final table")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR",
+                     help="continue an interrupted run from its finished stages and last training checkpoint")
 
     val = sub.add_parser("validate", help="validate a recipe and print it resolved")
     _add_recipe_args(val)
@@ -68,9 +72,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     from audit.report import format_table
 
     recipe_name, overrides = _split_overrides(args)
-    recipe = load_recipe(recipe_name, overrides)
-    result = run_audit(recipe, tracking_uri=args.tracking_uri, tracking=False if args.no_tracking else None,
-                       progress=not args.quiet)
+    if args.resume:
+        from audit.resume import load_resumable
+
+        if recipe_name or overrides:
+            raise AuditError("--resume continues a run with the recipe stored in it; a recipe or key=value overrides cannot change it",
+                             fix=f"run `audit run --resume {args.resume}` alone, or start a new run")
+        run_dir, recipe, status = load_resumable(args.resume)
+        if status.get("status") == "complete" and (run_dir / "report.json").is_file():
+            from audit.gates import read_report_or_run
+
+            print(f"run {run_dir} is already complete; nothing to resume")
+            print(format_table(read_report_or_run(run_dir)))
+            return 0
+        result = run_audit(recipe, tracking_uri=args.tracking_uri, tracking=False if args.no_tracking else None,
+                           progress=not args.quiet, resume_dir=run_dir)
+    else:
+        recipe = load_recipe(recipe_name, overrides)
+        result = run_audit(recipe, tracking_uri=args.tracking_uri, tracking=False if args.no_tracking else None,
+                           progress=not args.quiet)
     report = result.report
     print(f"\naudit {report.run_id}: {recipe.model.source}, {report.training.method} fine-tune, "
           f"{report.training.steps} steps in {report.training.wall_s:.0f} s, total {report.timings_s['total']:.0f} s")

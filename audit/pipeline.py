@@ -8,7 +8,10 @@ run directory is created, so a bad input leaves nothing behind. Each stage then 
       recipe.yaml       the resolved recipe, overrides applied
       canaries.jsonl    the canaries WITH their secrets: confidential, never logged to MLflow
       manifest.json     injection manifest: seed, canary-set hash, dataset fingerprints, placements
-      adapter/ | model/ the tuned weights (safetensors)
+      scores_base.jsonl base-model scores (a stage checkpoint: reused by `audit run --resume`)
+      trainer/          Trainer checkpoints while training runs (removed once train.json is written)
+      adapter/ | model/ the tuned weights (safetensors); train.json records them
+      scores_tuned.jsonl tuned-model scores (stage checkpoint)
       scores.jsonl      one row per canary and model (ids only)
       report.json       the audit report (written last)
 """
@@ -25,11 +28,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from audit import lineage
+from audit import lineage, resume
 from audit.canaries import generate_canaries, load_spec
 from audit.canaries.generate import random_secrets
 from audit.corpus import load_records
@@ -40,7 +42,7 @@ from audit.models import ResolvedModel, resolve_model
 from audit.report import summarize_tiers, tier_metrics, write_report
 from audit.rng import SeededStream
 from audit.schema import AuditReport, ModelInfo, Recipe, TrackingInfo
-from audit.store import atomic_write_text, write_json, write_jsonl
+from audit.store import write_jsonl
 from audit.tracking import check_tracking_reachable, flatten, resolve_tracking_uri, tracked_run, ui_command
 
 TRACKED_PACKAGES = ("canary-audit", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "mlflow")
@@ -91,8 +93,13 @@ def run_audit(
     tracking_uri: str | None = None,
     tracking: bool | None = None,
     progress: bool = True,
+    resume_dir: Path | None = None,
 ) -> AuditResult:
-    """Run a whole audit and return its run directory and report."""
+    """Run a whole audit and return its run directory and report.
+
+    ``resume_dir``: continue that interrupted run (its stored recipe is ``recipe``) instead of starting a new one;
+    stages whose files exist are reused, training continues from its last checkpoint (see :mod:`audit.resume`).
+    """
     import torch
 
     from audit.models import load_model_and_tokenizer
@@ -125,19 +132,20 @@ def run_audit(
                                        SeededStream(recipe.seed, "exposure:references"), exclude=space_secrets)
     timings["inject"] = time.perf_counter() - t
 
-    run_dir = new_run_dir(recipe)
-    status: dict[str, Any] = {"status": "running", "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_json(run_dir / "run.json", status)
+    run_dir = new_run_dir(recipe) if resume_dir is None else Path(resume_dir)
+    run = resume.open_run(run_dir, resumed=resume_dir is not None, progress=progress)
+    status = run.status
     try:
-        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-        write_jsonl(run_dir / "canaries.jsonl", canary_set.canaries)
-        write_json(run_dir / "manifest.json", injection.manifest)
-        _say(progress, f"[audit] run directory {run_dir}")
+        resume.write_stage(run, "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        resume.write_stage_jsonl(run, "canaries.jsonl", canary_set.canaries)
+        resume.write_stage_json(run, "manifest.json", injection.manifest)
+        _say(progress, f"[audit] {'resuming' if run.resumed else 'run directory'} {run_dir}")
         _say(progress, f"[audit] {len(canary_set.members())} member canaries in tiers {sorted(set(c.repetitions for c in canary_set.members()))}, "
                        f"{len(canary_set.references())} references; {len(injection.records)} training records")
 
-        with _maybe_tracked(use_tracking, uri, recipe) as tracker:
+        with _maybe_tracked(use_tracking, uri, recipe, run_id=status.get("mlflow_run_id")) as tracker:
             if tracker is not None:
+                run.save_status(mlflow_run_id=tracker.run_id)
                 tracker.log_params(flatten(recipe.model_dump(mode="json")))
                 tracker.set_tags({
                     "canary_audit.recipe": recipe.name,
@@ -156,23 +164,33 @@ def run_audit(
 
                 base_fp = fingerprint_safetensors_dir(resolved.path)
             torch.manual_seed(recipe.seed)
-            base_scores = score_canaries(model, tokenizer, canary_set, reference_secrets, label="base",
-                                         section=recipe.scoring, progress=progress)
+            base_scores = resume.load_scores(run, "base")
+            if base_scores is None:
+                base_scores = score_canaries(model, tokenizer, canary_set, reference_secrets, label="base",
+                                             section=recipe.scoring, progress=progress)
+                resume.save_scores(run, "base", base_scores)
             timings["score_base"] = time.perf_counter() - t
 
             # ---- train
             t = time.perf_counter()
             weights_dir = run_dir / ("adapter" if recipe.training.method == "lora" else "model")
             on_loss = (lambda step, loss: tracker.log_metrics({"train.loss": loss}, step=step)) if tracker else None
-            trained = train_sft(model, tokenizer, [r[recipe.corpus.text_column] for r in injection.records],
-                                section=recipe.training, seed=recipe.seed, work_dir=run_dir / "trainer",
-                                weights_dir=weights_dir, device=device, on_loss=on_loss, progress=progress)
+            trained = resume.finished_training(run, model, weights_dir, device=device)
+            if trained is None:
+                trained = train_sft(model, tokenizer, [r[recipe.corpus.text_column] for r in injection.records],
+                                    section=recipe.training, seed=recipe.seed, work_dir=run_dir / resume.TRAINER_DIR,
+                                    weights_dir=weights_dir, device=device, on_loss=on_loss, progress=progress,
+                                    resume_from_checkpoint=resume.last_checkpoint(run))
+                resume.save_training(run, trained.summary)
             timings["train"] = time.perf_counter() - t
 
             # ---- tuned model
             t = time.perf_counter()
-            tuned_scores = score_canaries(trained.model, tokenizer, canary_set, reference_secrets, label="tuned",
-                                          section=recipe.scoring, progress=progress)
+            tuned_scores = resume.load_scores(run, "tuned")
+            if tuned_scores is None:
+                tuned_scores = score_canaries(trained.model, tokenizer, canary_set, reference_secrets, label="tuned",
+                                              section=recipe.scoring, progress=progress)
+                resume.save_scores(run, "tuned", tuned_scores)
             timings["score_tuned"] = time.perf_counter() - t
             scores = base_scores + tuned_scores
             write_jsonl(run_dir / "scores.jsonl", scores)
@@ -227,12 +245,12 @@ def run_audit(
                 tracker.log_artifact(run_dir / "manifest.json")
                 tracker.log_artifacts(weights_dir, weights_dir.name)
     except BaseException as exc:
-        status.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
-        write_json(run_dir / "run.json", status)
+        run.save_status(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        run.close()
         raise
-    status.update(status="complete", finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  timings_s=report.timings_s)
-    write_json(run_dir / "run.json", status)
+    run.save_status(status="complete", finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    timings_s=report.timings_s)
+    run.close()
     return AuditResult(run_dir=run_dir, report=report)
 
 
@@ -244,10 +262,10 @@ class _NoTracking:
         return None
 
 
-def _maybe_tracked(enabled: bool, uri: str, recipe: Recipe):
+def _maybe_tracked(enabled: bool, uri: str, recipe: Recipe, *, run_id: str | None = None):
     if not enabled:
         return _NoTracking()
-    return tracked_run(uri, recipe.tracking.experiment, recipe.name)
+    return tracked_run(uri, recipe.tracking.experiment, recipe.name, run_id=run_id)
 
 
 def validate_only(recipe: Recipe) -> list[str]:

@@ -106,6 +106,16 @@ class TrainingSection(Frozen):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     lora: LoraSection = Field(default_factory=LoraSection)
+    checkpoint_every: float = Field(default=0.25, ge=0)
+    """Save a resumable checkpoint (weights, optimizer, RNG) every N optimizer steps (N >= 1) or this fraction of the
+    run (< 1); 0 turns checkpoints off. Only the latest is kept; ``audit run --resume RUN_DIR`` continues from it."""
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _whole_steps(cls, every: float) -> float:
+        if every >= 1 and every != int(every):
+            raise ValueError("checkpoint_every must be a whole number of steps (>= 1) or a fraction of the run (< 1)")
+        return every
 
 
 class ScoringSection(Frozen):

@@ -104,11 +104,18 @@ class Tracker:
 
 
 @contextmanager
-def tracked_run(uri: str, experiment: str, run_name: str) -> Iterator[Tracker]:
-    """Open (and always close) the audit's MLflow run; nest under an active run instead of clashing with it."""
+def tracked_run(uri: str, experiment: str, run_name: str, *, run_id: str | None = None) -> Iterator[Tracker]:
+    """Open (and always close) the audit's MLflow run; nest under an active run instead of clashing with it.
+
+    ``run_id`` reopens an earlier run (``audit run --resume``), so one audit stays one MLflow run.
+    """
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
+            yield Tracker(mlflow, run, uri)
+        return
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         location = None

@@ -127,12 +127,14 @@ def test_a_missing_report_is_one_line_not_a_traceback(suite):
 @pytest.mark.slow
 def test_example_gate_passes_on_the_shipped_tiny_recipe_and_reuses_the_run(suite):
     args = ("--audit-recipe", "tiny/lora_cpu", "--audit-set", "tracking.enabled=false")
-    first = run_pytest(suite, *args)
+    first = run_pytest(suite, EXAMPLE.name, *args)  # this session runs the audit, so it imports torch
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "2 passed" in first.stdout
     assert "canary-audit: ran recipe tiny/lora_cpu -> runs/" in first.stdout
     runs = list((suite / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "report.json").is_file()
-    # The second session finds the run by recipe fingerprint: no new run, and gating imports no torch.
+    # The second session finds the run by recipe fingerprint: no new run, and gating imports no torch
+    # (test_no_torch.py checks sys.modules).
     second = run_pytest(suite, *args)
     assert second.returncode == 0, second.stdout[-3000:]
     assert f"canary-audit: reused cached run {runs[0].resolve()}" in second.stdout
@@ -143,7 +145,7 @@ def test_example_gate_passes_on_the_shipped_tiny_recipe_and_reuses_the_run(suite
 @pytest.mark.slow
 def test_example_gate_fails_with_a_readable_table_on_a_recipe_that_memorizes(suite):
     """tiny/full_cpu memorizes even the single-copy canaries (exposure at the 8-bit cap)."""
-    result = run_pytest(suite, "--audit-recipe", "tiny/full_cpu", "--audit-set", "tracking.enabled=false", "-p", "no:cacheprovider")
+    result = run_pytest(suite, EXAMPLE.name, "--audit-recipe", "tiny/full_cpu", "--audit-set", "tracking.enabled=false", "-p", "no:cacheprovider")
     out = result.stdout
     assert result.returncode == 1, out[-3000:] + result.stderr[-3000:]
     table = failure_table(out)
@@ -152,3 +154,4 @@ def test_example_gate_fails_with_a_readable_table_on_a_recipe_that_memorizes(sui
     assert cells[-1] == "FAIL" and "exposure.mean/rep_1/tuned" in cells
     assert float(cells[cells.index("exposure.mean/rep_1/tuned") + 1]) > 5.0
     assert "audit gates failed for tiny-full-cpu-" in out
+    assert "2 failed" in out  # both example tests: the recipe's gates and the inline single-copy gates

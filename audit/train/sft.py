@@ -62,8 +62,13 @@ def train_sft(
     device: DeviceChoice,
     on_loss: Callable[[int, float], None] | None = None,
     progress: bool = True,
+    resume_from_checkpoint: Path | None = None,
 ) -> TrainResult:
-    """Fine-tune ``model`` on ``texts`` and save the weights (adapter or full) as safetensors in ``weights_dir``."""
+    """Fine-tune ``model`` on ``texts`` and save the weights (adapter or full) as safetensors in ``weights_dir``.
+
+    Checkpoints (``section.checkpoint_every``) go to ``work_dir/checkpoint-<step>``; ``resume_from_checkpoint``
+    continues from one with the optimizer, scheduler, RNG and data position restored (see :mod:`audit.resume`).
+    """
     from datasets import Dataset
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -86,7 +91,9 @@ def train_sft(
         lr_scheduler_type=section.lr_scheduler,
         warmup_steps=section.warmup_steps,
         logging_steps=section.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if section.checkpoint_every > 0 else "no",
+        save_steps=section.checkpoint_every if section.checkpoint_every > 0 else 500,
+        save_total_limit=1,
         report_to="none",
         use_cpu=device.device == "cpu",
         bf16=device.precision == "bf16",
@@ -140,7 +147,7 @@ def train_sft(
     for quiet in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(quiet)
     start = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
     wall = time.perf_counter() - start
     trained = trainer.model
     trained.eval()

@@ -1,0 +1,235 @@
+"""Resumable run directories: each stage's file is its checkpoint.
+
+    audit run tiny/lora_cpu                          # killed mid-training (OOM killer, preemption, Ctrl-C)
+    audit run --resume runs/tiny-lora-cpu-<time>-<id>  # same canaries, cached base scores, training from its checkpoint
+
+What a resume does, stage by stage (the pipeline asks this module before computing anything):
+
+* ``recipe.yaml``, ``canaries.jsonl``, ``manifest.json`` are recomputed from the stored recipe and must match the
+  files byte for byte (:func:`audit.store.write_once`); a difference means the inputs or the code changed, and the
+  run refuses to continue rather than mix two audits in one directory.
+* ``scores_<label>.jsonl`` (``base``, ``tuned``): reused when present, never recomputed.
+* ``train.json`` + the weights folder: reused when present (the weights fingerprint is checked); otherwise training
+  continues from the newest complete Trainer checkpoint in ``trainer/`` (weights as safetensors; optimizer, scheduler
+  and RNG state read by transformers with ``torch.load(weights_only=True)``, only from this run's own directory).
+  A checkpoint counts once its ``trainer_state.json``, which transformers writes last, exists; a half-written one
+  is set aside, not trusted.
+* The MLflow run recorded in ``run.json`` is reopened, so the loss curve and the final metrics land in one run.
+
+One process per run directory: an exclusive ``flock`` on ``.run.lock``, which the kernel drops when the holder dies
+(even by SIGKILL), so a killed run can be resumed at once and a live one cannot be resumed twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from audit.errors import AuditError
+from audit.schema import Recipe, SequenceScore, TrainSummary
+from audit.store import json_text, jsonl_text, write_json, write_once
+
+STATUS_FILE = "run.json"
+RECIPE_FILE = "recipe.yaml"
+LOCK_FILE = ".run.lock"
+TRAIN_FILE = "train.json"
+TRAINER_DIR = "trainer"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def scores_file(label: str) -> str:
+    return f"scores_{label}.jsonl"
+
+
+# --------------------------------------------------------------------------------------------------- run directory
+
+
+@dataclass
+class RunHandle:
+    """An open run directory: its lock, its status (``run.json``) and what a resume reused."""
+
+    run_dir: Path
+    status: dict[str, Any]
+    resumed: bool
+    progress: bool = True
+    reused: list[str] = field(default_factory=list)
+    _lock_fd: int | None = None
+
+    def save_status(self, **updates: Any) -> None:
+        self.status.update(updates)
+        write_json(self.run_dir / STATUS_FILE, self.status)
+
+    def note_reuse(self, what: str) -> None:
+        self.reused.append(what)
+        _say(self.progress, f"[audit] resume: reusing {what}")
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _lock(run_dir: Path) -> int:
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AuditError(f"run {run_dir} is in use by another audit process",
+                         fix="wait for it to finish, or stop it before resuming") from None
+    return fd
+
+
+def open_run(run_dir: Path, *, resumed: bool, progress: bool = True) -> RunHandle:
+    """Lock ``run_dir`` and mark it running; on resume keep its history and record the attempt."""
+    fd = _lock(run_dir)
+    try:
+        status = read_status(run_dir) if resumed else {}
+        if resumed:
+            attempts = list(status.get("resumes", []))
+            attempts.append({"at": _now(), "after_status": status.get("status")})
+            status.update(status="running", resumes=attempts)
+            status.pop("error", None)
+        else:
+            status = {"status": "running", "started_at": _now()}
+        handle = RunHandle(run_dir=run_dir, status=status, resumed=resumed, progress=progress, _lock_fd=fd)
+        handle.save_status()
+    except BaseException:
+        os.close(fd)
+        raise
+    return handle
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    try:
+        status = json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise AuditError(f"{run_dir} has no readable {STATUS_FILE}: it is not a canary-audit run directory",
+                         fix="give a directory made by `audit run` (runs/<name>-<time>-<id>)") from None
+    if not isinstance(status, dict):
+        raise AuditError(f"{run_dir / STATUS_FILE} is not a run status", fix="give a directory made by `audit run`")
+    return status
+
+
+def load_resumable(run_dir: str | Path) -> tuple[Path, Recipe, dict[str, Any]]:
+    """The run directory, its stored recipe and status, checked before anything is touched."""
+    from audit.config import read_yaml, validate_recipe
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AuditError(f"cannot resume {run_dir}: no such directory", fix="give a run directory, e.g. runs/<name>-<time>-<id>")
+    status = read_status(run_dir)
+    if not (run_dir / RECIPE_FILE).is_file():
+        raise AuditError(f"cannot resume {run_dir}: it has no {RECIPE_FILE} (the run stopped before writing it)",
+                         fix="start a new run with `audit run RECIPE`")
+    recipe = validate_recipe(read_yaml(run_dir / RECIPE_FILE), source=str(run_dir / RECIPE_FILE))
+    return run_dir, recipe, status
+
+
+# --------------------------------------------------------------------------------------------------- stages
+
+
+def write_stage(handle: RunHandle, name: str, text: str) -> None:
+    """Write a deterministic stage file, or on resume check that the stored one is identical."""
+    if not write_once(handle.run_dir / name, text) and handle.resumed:
+        handle.note_reuse(name)
+
+
+def write_stage_json(handle: RunHandle, name: str, obj: Any) -> None:
+    write_stage(handle, name, json_text(obj))
+
+
+def write_stage_jsonl(handle: RunHandle, name: str, rows: Any) -> None:
+    write_stage(handle, name, jsonl_text(rows))
+
+
+def load_scores(handle: RunHandle, label: str) -> list[SequenceScore] | None:
+    """Scores of one model (``base``, ``tuned``, ...) saved by an earlier attempt, or None."""
+    path = handle.run_dir / scores_file(label)
+    if not path.is_file():
+        return None
+    try:
+        scores = [SequenceScore.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    except ValidationError as exc:
+        raise AuditError(f"{path} is damaged ({exc.errors()[0]['msg']})",
+                         fix=f"delete {path.name} to recompute those scores, or start a new run") from None
+    handle.note_reuse(path.name)
+    return scores
+
+
+def save_scores(handle: RunHandle, label: str, scores: list[SequenceScore]) -> None:
+    write_once(handle.run_dir / scores_file(label), jsonl_text(scores))
+
+
+def last_checkpoint(handle: RunHandle) -> Path | None:
+    """The newest complete Trainer checkpoint of this run; incomplete ones are moved aside, never loaded."""
+    trainer_dir = handle.run_dir / TRAINER_DIR
+    if not trainer_dir.is_dir():
+        return None
+    complete: list[tuple[int, Path]] = []
+    for path in trainer_dir.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if not (path.is_dir() and step.isdigit()):
+            continue
+        if (path / "trainer_state.json").is_file() and any(path.glob("*.safetensors")):
+            complete.append((int(step), path))
+        else:
+            aside = trainer_dir / f"incomplete-{path.name}-{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
+            path.rename(aside)
+            _say(handle.progress, f"[audit] resume: {path.name} was half-written when the run stopped; moved to {aside.name}")
+    if not complete:
+        return None
+    step, path = max(complete)
+    handle.note_reuse(f"training checkpoint {path.name} (step {step})")
+    handle.save_status(resumed_from_checkpoint=path.name)
+    return path
+
+
+def save_training(handle: RunHandle, summary: TrainSummary) -> None:
+    """Record the finished train stage, then drop the Trainer checkpoints it no longer needs (the weights are saved)."""
+    write_once(handle.run_dir / TRAIN_FILE, json_text(summary))
+    shutil.rmtree(handle.run_dir / TRAINER_DIR, ignore_errors=True)
+
+
+def finished_training(handle: RunHandle, base_model: Any, weights_dir: Path, *, device: Any) -> Any | None:
+    """A :class:`~audit.train.sft.TrainResult` rebuilt from ``train.json`` and the saved weights, or None.
+
+    LoRA: the saved adapter on the already loaded base model. Full: the saved model, from safetensors.
+    """
+    path = handle.run_dir / TRAIN_FILE
+    if not path.is_file():
+        return None
+    from audit.models import fingerprint_safetensors_dir, load_model_and_tokenizer
+    from audit.train.sft import TrainResult
+
+    summary = TrainSummary.model_validate_json(path.read_text(encoding="utf-8"))
+    found = fingerprint_safetensors_dir(weights_dir) if weights_dir.is_dir() else None
+    if found != summary.weights_fingerprint:
+        raise AuditError(f"{weights_dir} does not hold the weights {TRAIN_FILE} recorded (fingerprint {str(found)[:12]} "
+                         f"!= {summary.weights_fingerprint[:12]})", fix="start a new run; this one was modified")
+    if summary.method == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base_model, str(weights_dir))
+    else:
+        model, _ = load_model_and_tokenizer(weights_dir, dtype=device.torch_dtype, device=device.device)
+    model.eval()
+    handle.note_reuse(f"trained weights {weights_dir.name}/ ({summary.steps} steps)")
+    return TrainResult(model=model, summary=summary)
