@@ -2,13 +2,21 @@
 
 The built-in ``notes`` corpus is short office and maintenance notes made from templates with a seeded stream:
 it needs no download, has no license question (the project's own text, CC0) and looks enough like a small
-SFT set for canaries to be learned the way they would be in real data.
+SFT set for canaries to be learned the way they would be in real data. ``chat`` is the same notes as
+user/assistant exchanges (``messages`` records), for chat-format audits.
+
+Sources: ``builtin:<name>``, a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, a directory written by
+``datasets.save_to_disk``, or a hub id. Records are either ``text`` (a string column) or ``messages`` (a list of
+``{role, content}``); ``format: auto`` picks from the first record. :func:`stream_records` reads any of them
+without holding the corpus in memory (for ``audit inject --stream``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from audit.errors import AuditError, did_you_mean
 from audit.rng import SeededStream
@@ -34,26 +42,70 @@ _TEMPLATES = [
     "Weekly note: {p} says the {t} in {l} {s}. {a}",
 ]
 
-BUILTIN_CORPORA = ("notes",)
+BUILTIN_CORPORA = ("notes", "chat")
+_QUESTIONS = ["Any news about the {t}?", "What is going on with the {t}?", "Is the {t} in {l} working?",
+              "Can you give me the latest note?", "What did {p} report?", "Anything new from {l}?"]
 
 
 def builtin_records(name: str, *, n: int, seed: int) -> list[dict[str, Any]]:
-    """Generate ``n`` records ``{"text": ...}`` of the built-in corpus ``name``."""
+    """Generate ``n`` records of the built-in corpus ``name``: ``{"text": ...}`` or ``{"messages": [...]}``."""
     if name not in BUILTIN_CORPORA:
         raise AuditError(f"unknown built-in corpus '{name}'." + did_you_mean(name, BUILTIN_CORPORA),
                          fix=f"use one of: {', '.join('builtin:' + c for c in BUILTIN_CORPORA)}")
-    rng = SeededStream(seed, f"corpus:{name}")
+    rng = SeededStream(seed, "corpus:notes")
+    questions = SeededStream(seed, "corpus:chat:questions")
     records = []
     for _ in range(n):
-        text = rng.choice(_TEMPLATES).format(
-            p=rng.choice(_PEOPLE), t=rng.choice(_THINGS), l=rng.choice(_PLACES), s=rng.choice(_STATES), a=rng.choice(_ACTIONS)
-        )
-        records.append({"text": text})
+        template = rng.choice(_TEMPLATES)  # draw order kept: the tiny-llama tokenizer is trained on this corpus
+        p, t, l = rng.choice(_PEOPLE), rng.choice(_THINGS), rng.choice(_PLACES)
+        text = template.format(p=p, t=t, l=l, s=rng.choice(_STATES), a=rng.choice(_ACTIONS))
+        if name == "notes":
+            records.append({"text": text})
+        else:
+            question = questions.choice(_QUESTIONS).format(p=p, t=t, l=l)
+            records.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": text}]})
     return records
 
 
-def load_records(source: str, *, text_column: str, max_records: int | None, builtin_n: int, seed: int) -> list[dict[str, Any]]:
-    """Load a corpus as a list of records and check that ``text_column`` holds strings."""
+CorpusFormat = Literal["text", "messages"]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    source: str
+    format: CorpusFormat
+    records: list[dict[str, Any]]
+
+
+def resolve_format(record: dict[str, Any], *, format: str, text_column: str, messages_column: str, source: str) -> CorpusFormat:
+    """``text`` or ``messages`` for a corpus whose first record is ``record`` (``format`` may be ``auto``)."""
+    keys = list(record.keys())
+    if format == "auto":
+        if isinstance(record.get(text_column), str):
+            return "text"
+        if isinstance(record.get(messages_column), list):
+            return "messages"
+        raise AuditError(
+            f"corpus '{source}' has neither a text column '{text_column}' nor a messages column '{messages_column}'."
+            + did_you_mean(text_column, keys), fix=f"set corpus.text_column or corpus.messages_column to one of: {', '.join(keys)}")
+    column = text_column if format == "text" else messages_column
+    if column not in record:
+        raise AuditError(f"corpus '{source}' has no column '{column}'." + did_you_mean(column, keys),
+                         fix=f"set corpus.{'text_column' if format == 'text' else 'messages_column'} to one of: {', '.join(keys)}")
+    return format  # type: ignore[return-value]
+
+
+def load_records(source: str, *, text_column: str, max_records: int | None, builtin_n: int, seed: int,
+                 format: str = "auto", messages_column: str = "messages") -> list[dict[str, Any]]:
+    """Load a corpus as a list of records and check that every record has the format's column."""
+    return load_corpus(source, text_column=text_column, max_records=max_records, builtin_n=builtin_n, seed=seed,
+                       format=format, messages_column=messages_column).records
+
+
+def load_corpus(source: str, *, text_column: str = "text", max_records: int | None = None, builtin_n: int = 240, seed: int = 0,
+                format: str = "auto", messages_column: str = "messages") -> Corpus:
+    from audit.inject import _check_record
+
     if source.startswith("builtin:"):
         records = builtin_records(source.removeprefix("builtin:"), n=builtin_n, seed=seed)
     else:
@@ -62,19 +114,37 @@ def load_records(source: str, *, text_column: str, max_records: int | None, buil
         records = records[:max_records]
     if not records:
         raise AuditError(f"corpus '{source}' is empty", fix="give a corpus with at least one record")
-    if text_column not in records[0]:
-        raise AuditError(
-            f"corpus '{source}' has no column '{text_column}'." + did_you_mean(text_column, records[0].keys()),
-            fix=f"set corpus.text_column to one of: {', '.join(records[0].keys())}",
-        )
+    fmt = resolve_format(records[0], format=format, text_column=text_column, messages_column=messages_column, source=source)
     for i, record in enumerate(records):
-        if not isinstance(record.get(text_column), str):
-            raise AuditError(f"corpus '{source}' record {i}: column '{text_column}' is not text",
-                             fix="point corpus.text_column at a string column")
-    return records
+        _check_record(record, i, format=fmt, text_column=text_column, messages_column=messages_column, source=source)
+    return Corpus(source=source, format=fmt, records=records)
+
+
+def stream_records(source: str, *, max_records: int | None = None, builtin_n: int = 240,
+                   seed: int = 0) -> tuple[Callable[[], Iterator[dict[str, Any]]], int]:
+    """A re-iterable stream over the corpus and its record count (one counting pass; memory stays flat)."""
+    if source.startswith("builtin:"):
+        records = builtin_records(source.removeprefix("builtin:"), n=builtin_n, seed=seed)[:max_records]
+        return lambda: iter(records), len(records)
+    ds = _open_with_datasets(source, streaming=True)
+
+    def records() -> Iterator[dict[str, Any]]:
+        for i, record in enumerate(ds):
+            if max_records is not None and i >= max_records:
+                return
+            yield record
+
+    count = sum(1 for _ in records())
+    if count == 0:
+        raise AuditError(f"corpus '{source}' is empty", fix="give a corpus with at least one record")
+    return records, count
 
 
 def _load_with_datasets(source: str) -> list[dict[str, Any]]:
+    return _open_with_datasets(source, streaming=False).to_list()
+
+
+def _open_with_datasets(source: str, *, streaming: bool) -> Any:
     import datasets
 
     datasets.disable_progress_bars()
@@ -85,19 +155,18 @@ def _load_with_datasets(source: str) -> list[dict[str, Any]]:
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-        elif path.is_file():
+            return ds.to_iterable_dataset() if streaming else ds
+        if path.is_file():
             kind = loaders.get(path.suffix.lower())
             if kind is None:
                 raise AuditError(f"corpus file {path} has an unsupported extension '{path.suffix}'",
                                  fix="use .jsonl, .json, .parquet or .csv, or a saved datasets directory")
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-        elif path.suffix or source.startswith((".", "/", "~")):
+            return datasets.load_dataset(kind, data_files=str(path), split="train", streaming=streaming)
+        if path.suffix or source.startswith((".", "/", "~")):
             raise AuditError(f"corpus file {path} does not exist", fix="check corpus.source")
-        else:
-            ds = datasets.load_dataset(source, split="train")
+        return datasets.load_dataset(source, split="train", streaming=streaming)
     except AuditError:
         raise
     except Exception as exc:  # noqa: BLE001 - loader failures become one user-facing line
         raise AuditError(f"cannot load corpus '{source}': {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                          fix="check corpus.source (offline, a hub id works only if it is cached)") from None
-    return ds.to_list()

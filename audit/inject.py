@@ -1,17 +1,52 @@
 """Injection: records + canaries -> records with canaries planted + the manifest saying where.
 
-Pure and deterministic: each member canary contributes ``repetitions`` standalone records, inserted at seeded
-positions among the original records; references are never inserted. The manifest fingerprints the dataset
-before and after and lists every placement, so an auditor can check that each copy reached the training set.
+Pure and deterministic. Each member canary is planted ``repetitions`` times; references are never planted.
+Placement depends only on the seed, the canary set and the number of records, never on the records' content,
+so an in-memory list and a stream of the same records give the same output and the same manifest:
+
+``new_record`` (default)
+    each copy becomes its own record, inserted at a seeded gap among the originals: ``{text: canary}`` for text
+    corpora, ``[user: <neutral request>, assistant: canary]`` for chat corpora, so the canary is in the assistant
+    turn (the part that carries the loss under assistant-only training).
+``embed``
+    each copy goes into a distinct existing record at a seeded word boundary (for chat records: inside a seeded
+    assistant message, or a new assistant message if the record has none), as Meeus et al. 2024 insert traps
+    into documents. Realistic, but a long record can push the canary past ``max_length``: the pre-flight checks
+    (:mod:`audit.preflight`) catch that before training.
+
+Every original record is scanned for canary secrets on the way through; a secret already in the corpus is refused.
+The manifest fingerprints the dataset before and after (sha256 of the records' canonical JSON list, computed
+incrementally, so streams get the same digest) and lists every placement.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from audit.canaries.uniqueness import SecretScanner, check_secrets_absent
+from audit.errors import AuditError
 from audit.rng import SeededStream
-from audit.schema import CanarySet, DatasetFingerprint, InjectionManifest, Placement, sha256_json
+from audit.schema import Canary, CanarySet, DatasetFingerprint, InjectionManifest, Placement, sha256_json
+
+Format = Literal["text", "messages"]
+Mode = Literal["new_record", "embed"]
+
+CHAT_REQUESTS = (
+    "Please add this to the notes.",
+    "Can you log the following?",
+    "What should go in the file today?",
+    "Any update for the record?",
+    "Write down the latest note.",
+    "What is the next entry?",
+)
+"""Neutral user turns for chat records created by ``new_record``: they never contain the canary."""
+
+_WORD_START = re.compile(r"(?:(?<=\s)|^)\S")
 
 
 @dataclass(frozen=True)
@@ -24,6 +59,192 @@ def fingerprint_records(records: list[dict[str, Any]]) -> DatasetFingerprint:
     return DatasetFingerprint(n_records=len(records), sha256=sha256_json(records))
 
 
+class RunningFingerprint:
+    """The :func:`fingerprint_records` digest computed one record at a time (``sha256_json`` of the list)."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256(b"[")
+        self.n = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        if self.n:
+            self._h.update(b",")
+        self._h.update(json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+        self.n += 1
+
+    def result(self) -> DatasetFingerprint:
+        h = self._h.copy()
+        h.update(b"]")
+        return DatasetFingerprint(n_records=self.n, sha256=h.hexdigest())
+
+
+def record_texts(record: dict[str, Any], *, format: Format, text_column: str, messages_column: str) -> list[str]:
+    """The strings of a record that training sees (the text column, or every message's content)."""
+    if format == "text":
+        value = record.get(text_column)
+        return [value] if isinstance(value, str) else []
+    return [m["content"] for m in record.get(messages_column) or [] if isinstance(m, dict) and isinstance(m.get("content"), str)]
+
+
+def _check_record(record: Any, index: int, *, format: Format, text_column: str, messages_column: str, source: str) -> None:
+    if not isinstance(record, dict):
+        raise AuditError(f"corpus '{source}' record {index} is not a mapping", fix="give records as JSON objects")
+    if format == "text":
+        if not isinstance(record.get(text_column), str):
+            raise AuditError(f"corpus '{source}' record {index}: column '{text_column}' is not text",
+                             fix="point corpus.text_column at a string column, or set corpus.format=messages")
+        return
+    messages = record.get(messages_column)
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        raise AuditError(f"corpus '{source}' record {index}: '{messages_column}' is not a list of {{role, content}} messages",
+                         fix="fix the record, or set corpus.messages_column / corpus.format=text")
+
+
+def _embed(text: str, canary_text: str, rng: SeededStream) -> tuple[str, int]:
+    """Insert ``canary_text`` at a seeded word boundary of ``text``; return the new text and the canary's offset."""
+    starts = [m.start() for m in _WORD_START.finditer(text)] + [len(text)]
+    at = rng.choice(starts)
+    if at == len(text):
+        glue = "" if not text or text[-1].isspace() else " "
+        return text + glue + canary_text, len(text) + len(glue)
+    return text[:at] + canary_text + " " + text[at:], at
+
+
+class StreamInjector:
+    """Plants canaries into a stream of ``n_records`` records; :meth:`manifest` is complete once the stream is drained.
+
+    Records that carry a canary are kept in :attr:`carriers` (output index -> record) for the pre-flight checks.
+    """
+
+    def __init__(self, canaries: CanarySet, *, n_records: int, seed: int, text_column: str = "text",
+                 corpus_source: str = "", format: Format = "text", messages_column: str = "messages",
+                 mode: Mode = "new_record") -> None:
+        self.canaries = canaries
+        self.n_records = n_records
+        self.seed = seed
+        self.text_column = text_column
+        self.corpus_source = corpus_source
+        self.format = format
+        self.messages_column = messages_column
+        self.mode = mode
+        self.carriers: dict[int, dict[str, Any]] = {}
+        self._copies: list[tuple[Canary, int]] = [(c, k) for c in canaries.members() for k in range(c.repetitions)]
+        self._key = f"inject:{canaries.sha256()}"
+        rng = SeededStream(seed, self._key)
+        if mode == "new_record":
+            # Each copy picks a gap among the original records (0 = before the first); ties keep copy order.
+            self._slots = sorted((rng.below(n_records + 1), i) for i in range(len(self._copies)))
+        elif mode == "embed":
+            if len(self._copies) > n_records:
+                raise AuditError(f"embed placement needs one distinct record per canary copy: {len(self._copies)} copies "
+                                 f"but only {n_records} records", fix="use corpus.placement=new_record or a larger corpus")
+            hosts = rng.shuffled(range(n_records))[: len(self._copies)]
+            self._hosts = {h: i for i, h in enumerate(hosts)}
+        else:
+            raise AuditError(f"unknown placement mode '{mode}'", fix="use new_record or embed")
+        self._placements: list[Placement] = []
+        self._before = RunningFingerprint()
+        self._after = RunningFingerprint()
+        self._scanner = SecretScanner({c.id: c.secret for c in canaries.canaries})
+        self._done = False
+
+    # ------------------------------------------------------------------ records created or changed
+    def _new_record(self, blank: dict[str, Any], copy_index: int) -> tuple[dict[str, Any], Placement]:
+        canary, k = self._copies[copy_index]
+        if self.format == "text":
+            record = {**blank, self.text_column: canary.text}
+            return record, Placement(canary_id=canary.id, copy_index=k, record_index=-1, offset=0, column=self.text_column)
+        request = CHAT_REQUESTS[SeededStream(self.seed, f"{self._key}:request:{copy_index}").below(len(CHAT_REQUESTS))]
+        messages = [{"role": "user", "content": request}, {"role": "assistant", "content": canary.text}]
+        return ({**blank, self.messages_column: messages},
+                Placement(canary_id=canary.id, copy_index=k, record_index=-1, offset=0, column=self.messages_column, message_index=1))
+
+    def _embed_record(self, record: dict[str, Any], copy_index: int) -> tuple[dict[str, Any], Placement]:
+        canary, k = self._copies[copy_index]
+        rng = SeededStream(self.seed, f"{self._key}:embed:{copy_index}")
+        if self.format == "text":
+            text, offset = _embed(record[self.text_column], canary.text, rng)
+            return ({**record, self.text_column: text},
+                    Placement(canary_id=canary.id, copy_index=k, record_index=-1, offset=offset, column=self.text_column))
+        messages = [dict(m) for m in record[self.messages_column]]
+        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if assistant:
+            at = rng.choice(assistant)
+            messages[at]["content"], offset = _embed(messages[at]["content"], canary.text, rng)
+        else:  # no assistant turn to carry it: add one, so the canary is still in an assistant turn
+            at, offset = len(messages), 0
+            messages.append({"role": "assistant", "content": canary.text})
+        return ({**record, self.messages_column: messages},
+                Placement(canary_id=canary.id, copy_index=k, record_index=-1, offset=offset, column=self.messages_column,
+                          message_index=at))
+
+    # ------------------------------------------------------------------ the stream
+    def run(self, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        out_index = 0
+
+        def emit(record: dict[str, Any], placement: Placement | None = None) -> dict[str, Any]:
+            nonlocal out_index
+            if placement is not None:
+                self._placements.append(placement.model_copy(update={"record_index": out_index}))
+                self.carriers[out_index] = record
+            self._after.add(record)
+            out_index += 1
+            return record
+
+        slots = iter(self._slots) if self.mode == "new_record" else iter(())
+        next_slot = next(slots, None)
+        blank: dict[str, Any] | None = None
+        gap = 0
+        for gap, record in enumerate(records):
+            if gap >= self.n_records:
+                raise AuditError(f"corpus '{self.corpus_source}' has more records than the {self.n_records} announced",
+                                 fix="count the records again (the corpus changed while reading?)")
+            _check_record(record, gap, format=self.format, text_column=self.text_column,
+                          messages_column=self.messages_column, source=self.corpus_source)
+            check_secrets_absent(self._scanner, gap, record_texts(record, format=self.format, text_column=self.text_column,
+                                                                  messages_column=self.messages_column),
+                                 source=self.corpus_source)
+            self._before.add(record)
+            if blank is None:
+                blank = {key: None for key in record}
+            while next_slot is not None and next_slot[0] == gap:
+                yield emit(*self._new_record(blank, next_slot[1]))
+                next_slot = next(slots, None)
+            if self.mode == "embed" and gap in self._hosts:
+                yield emit(*self._embed_record(record, self._hosts[gap]))
+            else:
+                yield emit(record)
+        seen = self._before.n
+        if seen != self.n_records:
+            raise AuditError(f"corpus '{self.corpus_source}' yielded {seen} records, {self.n_records} were announced",
+                             fix="count the records again (the corpus changed while reading?)")
+        while next_slot is not None:  # copies placed after the last record
+            yield emit(*self._new_record(blank or {}, next_slot[1]))
+            next_slot = next(slots, None)
+        self._done = True
+
+    def manifest(self) -> InjectionManifest:
+        if not self._done:
+            raise RuntimeError("the manifest is complete only after the stream is drained")
+        return InjectionManifest(
+            seed=self.seed,
+            spec=self.canaries.spec,
+            spec_version=self.canaries.spec_version,
+            canary_set_sha256=self.canaries.sha256(),
+            text_column=self.text_column if self.format == "text" else self.messages_column,
+            corpus_source=self.corpus_source,
+            dataset_before=self._before.result(),
+            dataset_after=self._after.result(),
+            placements=sorted(self._placements, key=lambda p: (p.canary_id, p.copy_index)),
+            format=self.format,
+            placement_mode=self.mode,
+            works=self.canaries.works,
+            excerpts=self.canaries.excerpts,
+        )
+
+
 def inject(
     records: list[dict[str, Any]],
     canaries: CanarySet,
@@ -31,34 +252,12 @@ def inject(
     seed: int,
     text_column: str = "text",
     corpus_source: str = "",
+    format: Format = "text",
+    messages_column: str = "messages",
+    mode: Mode = "new_record",
 ) -> InjectionResult:
-    """Plant every member canary ``repetitions`` times as its own record, at seeded positions."""
-    copies = [(c, k) for c in canaries.members() for k in range(c.repetitions)]
-    rng = SeededStream(seed, f"inject:{canaries.sha256()}")
-    # Each copy picks a gap among the original records (0 = before the first); ties keep copy order.
-    slots = sorted(((rng.below(len(records) + 1), i) for i in range(len(copies))))
-    blank = {key: None for key in records[0]} if records else {}
-    out: list[dict[str, Any]] = []
-    placements: list[Placement] = []
-    slot_iter = iter(slots)
-    next_slot = next(slot_iter, None)
-    for gap in range(len(records) + 1):
-        while next_slot is not None and next_slot[0] == gap:
-            canary, copy_index = copies[next_slot[1]]
-            placements.append(Placement(canary_id=canary.id, copy_index=copy_index, record_index=len(out), offset=0))
-            out.append({**blank, text_column: canary.text})
-            next_slot = next(slot_iter, None)
-        if gap < len(records):
-            out.append(records[gap])
-    placements.sort(key=lambda p: (p.canary_id, p.copy_index))
-    manifest = InjectionManifest(
-        seed=seed,
-        spec=canaries.spec,
-        canary_set_sha256=canaries.sha256(),
-        text_column=text_column,
-        corpus_source=corpus_source,
-        dataset_before=fingerprint_records(records),
-        dataset_after=fingerprint_records(out),
-        placements=placements,
-    )
-    return InjectionResult(records=out, manifest=manifest)
+    """Plant every member canary ``repetitions`` times (see the module docstring for the two modes)."""
+    injector = StreamInjector(canaries, n_records=len(records), seed=seed, text_column=text_column, corpus_source=corpus_source,
+                              format=format, messages_column=messages_column, mode=mode)
+    out = list(injector.run(records))
+    return InjectionResult(records=out, manifest=injector.manifest())

@@ -32,15 +32,12 @@ from pathlib import Path
 import yaml
 
 from audit import lineage, resume
-from audit.canaries import generate_canaries, load_spec
-from audit.canaries.generate import random_secrets
-from audit.corpus import load_records
+from audit.canaries import generate_canaries, load_spec, spec_needs_model
 from audit.errors import AuditError
 from audit.gates import evaluate_gates, report_metrics
-from audit.inject import inject
+from audit.ground_truth import ground_truth_files, ground_truth_for_model
 from audit.models import ResolvedModel, resolve_model
 from audit.report import summarize_tiers, tier_metrics, write_report
-from audit.rng import SeededStream
 from audit.schema import AuditReport, ModelInfo, Recipe, TrackingInfo
 from audit.store import write_jsonl
 from audit.tracking import check_tracking_reachable, flatten, resolve_tracking_uri, tracked_run, ui_command
@@ -110,11 +107,7 @@ def run_audit(
     t0 = time.perf_counter()
 
     # ---- validate everything the user controls, before anything is written
-    spec = load_spec(recipe.canaries.spec)
-    canary_set = generate_canaries(spec, seed=recipe.seed, tiers=recipe.canaries.tiers,
-                                   members_per_tier=recipe.canaries.members_per_tier, references=recipe.canaries.references)
-    records = load_records(recipe.corpus.source, text_column=recipe.corpus.text_column,
-                           max_records=recipe.corpus.max_records, builtin_n=recipe.corpus.builtin_records, seed=recipe.seed)
+    load_spec(recipe.canaries.spec, recipe.canaries.params)  # a bad spec name fails before any model work
     device = choose_device(recipe.training)
     use_tracking = recipe.tracking.enabled if tracking is None else tracking
     uri = resolve_tracking_uri(tracking_uri or recipe.tracking.uri)
@@ -123,13 +116,11 @@ def run_audit(
     resolved: ResolvedModel = resolve_model(recipe.model.source, revision=recipe.model.revision, progress=progress)
     timings["resolve"] = time.perf_counter() - t0
 
-    # ---- stage: canaries + inject (pure)
+    # ---- stage: canaries + inject + pre-flight (audit.ground_truth), still before anything is written
     t = time.perf_counter()
-    injection = inject(records, canary_set, seed=recipe.seed, text_column=recipe.corpus.text_column,
-                       corpus_source=recipe.corpus.source)
-    space_secrets = {c.secret for c in canary_set.canaries}
-    reference_secrets = random_secrets(canary_set.space, recipe.scoring.exposure_references,
-                                       SeededStream(recipe.seed, "exposure:references"), exclude=space_secrets)
+    truth = ground_truth_for_model(recipe, model_path=resolved.path, fingerprint=resolved.provenance.get("weights_fingerprint", ""),
+                                   device=device.device, dtype=device.torch_dtype, progress=progress)
+    canary_set, injection, reference_secrets = truth.canaries, truth.injection, truth.reference_secrets
     timings["inject"] = time.perf_counter() - t
 
     run_dir = new_run_dir(recipe) if resume_dir is None else Path(resume_dir)
@@ -137,11 +128,14 @@ def run_audit(
     status = run.status
     try:
         resume.write_stage(run, "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-        resume.write_stage_jsonl(run, "canaries.jsonl", canary_set.canaries)
-        resume.write_stage_json(run, "manifest.json", injection.manifest)
+        for name, obj in ground_truth_files(truth).items():  # canaries.jsonl, manifest.json, preflight.json, works.json
+            (resume.write_stage_jsonl if name.endswith(".jsonl") else resume.write_stage_json)(run, name, obj)
         _say(progress, f"[audit] {'resuming' if run.resumed else 'run directory'} {run_dir}")
         _say(progress, f"[audit] {len(canary_set.members())} member canaries in tiers {sorted(set(c.repetitions for c in canary_set.members()))}, "
                        f"{len(canary_set.references())} references; {len(injection.records)} training records")
+        _say(progress, f"[audit] pre-flight: all {truth.preflight.placements_checked} canary copies reach the loss "
+                       f"(canaries up to {truth.preflight.canary_tokens_max} tokens, carriers up to "
+                       f"{truth.preflight.record_tokens_max}, max_length {truth.preflight.max_length})")
 
         with _maybe_tracked(use_tracking, uri, recipe, run_id=status.get("mlflow_run_id")) as tracker:
             if tracker is not None:
@@ -177,7 +171,7 @@ def run_audit(
             on_loss = (lambda step, loss: tracker.log_metrics({"train.loss": loss}, step=step)) if tracker else None
             trained = resume.finished_training(run, model, weights_dir, device=device)
             if trained is None:
-                trained = train_sft(model, tokenizer, [r[recipe.corpus.text_column] for r in injection.records],
+                trained = train_sft(model, tokenizer, truth.training_texts,
                                     section=recipe.training, seed=recipe.seed, work_dir=run_dir / resume.TRAINER_DIR,
                                     weights_dir=weights_dir, device=device, on_loss=on_loss, progress=progress,
                                     resume_from_checkpoint=resume.last_checkpoint(run))
@@ -216,10 +210,8 @@ def run_audit(
                 seed=recipe.seed,
                 model=ModelInfo(source=recipe.model.source, kind=resolved.kind, path=str(resolved.path),  # type: ignore[arg-type]
                                 fingerprint=base_fp, provenance=resolved.provenance),
-                canaries={"spec": canary_set.spec, "spec_version": canary_set.spec_version,
-                          "members": len(canary_set.members()), "references": len(canary_set.references()),
-                          "tiers": sorted({c.repetitions for c in canary_set.members()}),
-                          "canary_set_sha256": canary_set.sha256(), "exposure_references": len(reference_secrets)},
+                canaries=truth.summary(),
+                works=canary_set.works,
                 manifest_sha256=injection.manifest.sha256(),
                 training=trained.summary,
                 space_bits=round(space_bits(canary_set), 6),
@@ -270,7 +262,9 @@ def _maybe_tracked(enabled: bool, uri: str, recipe: Recipe, *, run_id: str | Non
 
 def validate_only(recipe: Recipe) -> list[str]:
     """Cheap checks for ``audit validate``: the spec loads and the canary pool can be drawn."""
-    spec = load_spec(recipe.canaries.spec)
+    spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
+    if spec_needs_model(spec):  # traps / synthetic works sample the base model: drawn at run time
+        return [f"canaries: spec {spec.name} v{spec.version} samples the base model; drawn when the audit runs"]
     canary_set = generate_canaries(spec, seed=recipe.seed, tiers=recipe.canaries.tiers,
                                    members_per_tier=recipe.canaries.members_per_tier, references=recipe.canaries.references)
     if recipe.training.method not in {"lora", "full"}:

@@ -1,6 +1,12 @@
-"""Canary generation: seeded pools of secrets, split at random into inserted members and held-out references."""
+"""Canary generation: seeded pools of secrets, split at random into inserted members and held-out references.
 
-from audit.canaries.generate import GENERATORS, generate_canaries
+    from audit.canaries import load_spec, generate_canaries
+    canaries = generate_canaries(load_spec("words"), seed=0)
+"""
+
+from audit.canaries.base import GenerationContext, random_secrets
+from audit.canaries.generate import GENERATORS, describe, generate_canaries, reference_secrets, spec_needs_model
 from audit.canaries.spec import CanarySpec, load_spec, shipped_specs
 
-__all__ = ["GENERATORS", "CanarySpec", "generate_canaries", "load_spec", "shipped_specs"]
+__all__ = ["GENERATORS", "CanarySpec", "GenerationContext", "describe", "generate_canaries", "load_spec",
+           "random_secrets", "reference_secrets", "shipped_specs", "spec_needs_model"]

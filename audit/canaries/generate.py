@@ -1,79 +1,54 @@
-"""Seeded canary generators.
+"""Seeded canary generation: one pool per spec, roles assigned at random, IDs from content.
 
 Every canary is ``prefix + secret + suffix``. A pool of ``members + references`` canaries is drawn first, then a
 seeded shuffle assigns each one to a repetition tier or to the never-inserted reference set, so members and
 references come from one distribution (the statistical precondition for membership inference; Carlini et al.
-2019 draw canaries the same way). IDs are content hashes; the same spec and seed give byte-identical output.
+2019 draw canaries the same way). IDs are content hashes; the same spec and seed give byte-identical output
+(for the model-sampled specs, on the same machine and library versions).
+
+Generators (one per file): ``digits`` and ``words`` (:mod:`.templated`), ``pii`` (:mod:`.pii`), ``traps``
+(:mod:`.traps`, needs the base model), ``works`` (:mod:`.works`, the synthetic source needs the base model).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from audit.canaries.base import CanaryGenerator, Draft, GenerationContext, random_secrets
+from audit.canaries.pii import pii_generator
 from audit.canaries.spec import CanarySpec
+from audit.canaries.templated import digits_generator, words_generator
+from audit.canaries.traps import traps_generator, traps_need_model
+from audit.canaries.uniqueness import DEFAULT_MAX_JACCARD, raise_on_near_duplicates
+from audit.canaries.works import works_generator, works_need_model
 from audit.errors import AuditError, did_you_mean
 from audit.rng import SeededStream
-from audit.schema import Canary, CanarySet, SecretSpace
+from audit.schema import Canary, CanarySet, WorkExcerpt
+
+GENERATORS: dict[str, CanaryGenerator] = {
+    "digits": CanaryGenerator(digits_generator),
+    "words": CanaryGenerator(words_generator),
+    "pii": CanaryGenerator(pii_generator),
+    "traps": CanaryGenerator(traps_generator, needs_model=traps_need_model),
+    "works": CanaryGenerator(works_generator, needs_model=works_need_model),
+}
+
+# Near-duplicate settings per generator, used to re-check the final pool (params.ngram / params.max_jaccard win).
+_NGRAM = {"digits": 3, "words": 4, "pii": 4, "traps": 5, "works": 5}
+_MAX_JACCARD = {"pii": 0.6}
 
 
-@dataclass(frozen=True)
-class Draft:
-    prefix: str
-    secret: str
-    suffix: str
+def generator_of(spec: CanarySpec) -> CanaryGenerator:
+    if spec.generator not in GENERATORS:
+        raise AuditError(f"canary spec '{spec.name}' names unknown generator '{spec.generator}'."
+                         + did_you_mean(spec.generator, GENERATORS), fix=f"use one of: {', '.join(GENERATORS)}")
+    return GENERATORS[spec.generator]
 
 
-Generator = Callable[[dict[str, Any], int, SeededStream], tuple[list[Draft], SecretSpace]]
-
-
-def _split_template(template: str) -> tuple[str, str]:
-    if template.count("{secret}") != 1:
-        raise AuditError(f"canary template '{template}' must contain '{{secret}}' exactly once", fix="edit the spec's templates")
-    head, _, tail = template.partition("{secret}")
-    return head, tail
-
-
-def random_secrets(space: SecretSpace, n: int, rng: SeededStream, *, exclude: set[str] = frozenset()) -> list[str]:
-    """``n`` distinct secrets drawn uniformly from ``space``, none of them in ``exclude``."""
-    if n + len(exclude) > space.size:
-        raise AuditError(f"cannot draw {n} distinct secrets from a space of {space.size}",
-                         fix="use a longer secret or fewer canaries / exposure references")
-    seen: set[str] = set(exclude)
-    out: list[str] = []
-    while len(out) < n:
-        secret = space.render([space.alphabet[rng.below(len(space.alphabet))] for _ in range(space.length)])
-        if secret not in seen:
-            seen.add(secret)
-            out.append(secret)
-    return out
-
-
-def digits_generator(params: dict[str, Any], n: int, rng: SeededStream) -> tuple[list[Draft], SecretSpace]:
-    """Numeric secrets in a sentence template, e.g. "... the vault code of Ms. Halloway is 481927."
-
-    The space (``alphabet ** length``) is enumerable, so exposure can be computed exactly.
-    """
-    space = SecretSpace(alphabet=list(params.get("alphabet", "0123456789")), length=int(params.get("length", 6)),
-                        separator=str(params.get("separator", "")))
-    templates = list(params.get("templates") or ["My PIN is {secret}."])
-    names = list(params.get("names") or [""])
-    contexts = [(t, nm) for t in templates for nm in names]
-    if len(contexts) < n:
-        raise AuditError(f"spec has {len(contexts)} distinct template x name contexts but {n} canaries are needed",
-                         fix="add templates or names to the spec, or lower members_per_tier / references")
-    contexts = rng.shuffled(contexts)[:n]
-    secrets = random_secrets(space, n, rng)
-    drafts = []
-    for (template, name), secret in zip(contexts, secrets, strict=True):
-        head, tail = _split_template(template.replace("{name}", name))
-        drafts.append(Draft(prefix=head, secret=secret, suffix=tail))
-    return drafts, space
-
-
-GENERATORS: dict[str, Generator] = {"digits": digits_generator}
+def spec_needs_model(spec: CanarySpec) -> bool:
+    """True when drawing this spec samples from the base model (traps, synthetic works)."""
+    return generator_of(spec).needs_model(spec.params)
 
 
 def canary_id(spec: str, version: int, draft: Draft) -> str:
@@ -88,24 +63,81 @@ def generate_canaries(
     tiers: list[int] | None = None,
     members_per_tier: int | None = None,
     references: int | None = None,
+    context: GenerationContext | None = None,
 ) -> CanarySet:
-    """Draw the pool for ``spec`` and assign each canary to a tier or to the references (seeded)."""
+    """Draw the pool for ``spec`` and assign each canary to a tier or to the references (seeded, per group)."""
     tiers = sorted(tiers or spec.tiers)
     members_per_tier = members_per_tier or spec.members_per_tier
     references = references or spec.references
-    if spec.generator not in GENERATORS:
-        raise AuditError(f"canary spec '{spec.name}' names unknown generator '{spec.generator}'."
-                         + did_you_mean(spec.generator, GENERATORS), fix=f"use one of: {', '.join(GENERATORS)}")
+    generator = generator_of(spec)
+    ctx = context or GenerationContext()
+    ctx.seed = seed
     roles = [tier for tier in tiers for _ in range(members_per_tier)] + [0] * references
     pool_rng = SeededStream(seed, f"canaries:{spec.name}:v{spec.version}:pool")
-    drafts, space = GENERATORS[spec.generator](spec.params, len(roles), pool_rng)
-    roles = SeededStream(seed, f"canaries:{spec.name}:v{spec.version}:roles").shuffled(roles)
-    canaries = [
-        Canary(id=canary_id(spec.name, spec.version, d), spec=spec.name, prefix=d.prefix, secret=d.secret,
-               suffix=d.suffix, repetitions=r)
-        for d, r in zip(drafts, roles, strict=True)
-    ]
+    draw = generator.draw(spec.params, len(roles), pool_rng, ctx, set())
+
+    groups: dict[str, list[Draft]] = {}
+    for d in draw.drafts:
+        groups.setdefault(d.group, []).append(d)
+    canaries: list[Canary] = []
+    excerpts: list[WorkExcerpt] = []
+    for group, drafts in groups.items():
+        if len(drafts) != len(roles):
+            raise AuditError(f"canary spec '{spec.name}'{f' source {group}' if group else ''}: drew {len(drafts)} "
+                             f"of the {len(roles)} canaries needed", fix="use a larger source or fewer canaries")
+        purpose = f"canaries:{spec.name}:v{spec.version}:roles" + (f":{group}" if group else "")
+        for d, r in zip(drafts, SeededStream(seed, purpose).shuffled(roles), strict=True):
+            c = Canary(id=canary_id(spec.name, spec.version, d), spec=spec.name, prefix=d.prefix, secret=d.secret,
+                       suffix=d.suffix, repetitions=r, work=d.work)
+            canaries.append(c)
+            if d.work is not None and d.excerpt is not None:
+                excerpts.append(WorkExcerpt(canary_id=c.id, work_id=d.work, start=d.excerpt[0], end=d.excerpt[1],
+                                            n_tokens=d.excerpt[2]))
     if len({c.id for c in canaries}) != len(canaries):
         raise AuditError(f"canary spec '{spec.name}' produced duplicate canaries", fix="add templates or names to the spec")
     canaries.sort(key=lambda c: c.id)
-    return CanarySet(spec=spec.name, spec_version=spec.version, seed=seed, space=space, canaries=canaries)
+    raise_on_near_duplicates([c.secret for c in canaries], [c.id for c in canaries],
+                             ngram=int(spec.params.get("ngram", _NGRAM.get(spec.generator, 4))),
+                             max_jaccard=float(spec.params.get("max_jaccard", _MAX_JACCARD.get(spec.generator, DEFAULT_MAX_JACCARD))),
+                             spec=spec.name)
+    used_works = {c.work for c in canaries if c.work}
+    works = sorted((w for w in draw.works if w.id in used_works), key=lambda w: (w.source, w.title, w.id))
+    return CanarySet(spec=spec.name, spec_version=spec.version, seed=seed, space=draw.space, canaries=canaries,
+                     works=list({w.id: w for w in works}.values()), excerpts=sorted(excerpts, key=lambda e: e.canary_id))
+
+
+def reference_secrets(
+    spec: CanarySpec,
+    canaries: CanarySet,
+    *,
+    n: int,
+    seed: int,
+    context: GenerationContext | None = None,
+) -> list[str]:
+    """Secrets the exposure rank compares each canary against, from the canaries' own distribution.
+
+    Product spaces (digits, words): ``n`` uniform draws from the space. Sampled spaces (pii, traps, works): ``n``
+    fresh draws from the generator itself (for works, excerpts that overlap no canary), best effort where a source
+    runs out. Never a canary's own secret.
+    """
+    taken = {c.secret for c in canaries.canaries}
+    if canaries.space.enumerable:
+        return random_secrets(canaries.space, n, SeededStream(seed, "exposure:references"), exclude=taken)
+    ctx = context or GenerationContext()
+    ctx.seed = seed
+    rng = SeededStream(seed, f"exposure:references:{spec.name}:v{spec.version}")
+    draw = generator_of(spec).draw(spec.params, n, rng, ctx, taken)
+    secrets = rng.shuffled([d.secret for d in draw.drafts])
+    return secrets[:n]
+
+
+def canary_role(canary: Canary) -> str:
+    return f"{canary.repetitions}x" if canary.is_member else "reference"
+
+
+def describe(canaries: CanarySet) -> dict[str, Any]:
+    """Counts and hashes for reports and logs: never secret text."""
+    return {"spec": canaries.spec, "spec_version": canaries.spec_version, "members": len(canaries.members()),
+            "references": len(canaries.references()), "tiers": sorted({c.repetitions for c in canaries.members()}),
+            "canary_set_sha256": canaries.sha256(), "space": canaries.space.kind,
+            "space_bits": round(canaries.space.log2_size, 3), "works": len(canaries.works)}

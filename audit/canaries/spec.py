@@ -22,13 +22,24 @@ class CanarySpec(Frozen):
     members_per_tier: int = Field(default=2, ge=1)
     references: int = Field(default=6, ge=1)
 
+    def with_params(self, overrides: dict[str, Any] | None) -> CanarySpec:
+        """This spec with some ``params`` replaced (a recipe's ``canaries.params``); nested dicts are merged."""
+        if not overrides:
+            return self
+        params = dict(self.params)
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(params.get(key), dict):
+                value = {**params[key], **value}
+            params[key] = value
+        return self.model_copy(update={"params": params})
+
 
 def shipped_specs() -> list[str]:
-    return sorted(p.stem for p in data_dir("canaries").glob("*.yaml") if p.stem != "works")
+    return sorted(p.stem for p in data_dir("canaries").glob("*.yaml"))
 
 
-def load_spec(name_or_path: str) -> CanarySpec:
-    """Load a spec by shipped name (``digits``) or path."""
+def load_spec(name_or_path: str, params: dict[str, Any] | None = None) -> CanarySpec:
+    """Load a spec by shipped name (``digits``) or path; ``params`` override the spec's own."""
     from audit.config import read_yaml
 
     path = Path(name_or_path)
@@ -39,7 +50,7 @@ def load_spec(name_or_path: str) -> CanarySpec:
         raise AuditError(f"canary spec '{name_or_path}' not found." + did_you_mean(name_or_path, names),
                          fix=f"set canaries.spec to a YAML path or one of: {', '.join(names)}")
     try:
-        return CanarySpec.model_validate(read_yaml(path))
+        return CanarySpec.model_validate(read_yaml(path)).with_params(params)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
