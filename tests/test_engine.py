@@ -25,6 +25,17 @@ TEXTS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny-model ops last microseconds; on a shared 2-core machine a second OpenMP thread only waits (60x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _plain(model, ids: list[int]):
     """One sequence, one forward pass, full log_softmax: the reference every batched number must match."""
     with torch.no_grad():

@@ -255,16 +255,19 @@ def continuation_logprobs(model, cache, prefix_len: int, rows: list[list[int]]) 
     """``ln p`` of every token of each row after the cached prefix, except each row's first token.
 
     Returns a (len(rows), width - 1) tensor, zero where a row is shorter. The caller supplies the first token's
-    log-probability from the prefix's own next-token distribution.
+    log-probability from the prefix's own next-token distribution. ``cache=None`` means no prefix.
     """
     device = device_of(model)
     ids, mask = _right_padded(rows, 0, device)
     width = ids.shape[1]
     if width < 2:
         return torch.zeros((len(rows), 0), device=device, dtype=torch.float64)
-    attention = torch.cat([torch.ones((len(rows), prefix_len), dtype=torch.long, device=device), mask], dim=1)
-    logits = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], past_key_values=expand_cache(cache, len(rows)),
-                   use_cache=True).logits
+    if cache is None:  # no prefix: the rows stand alone
+        logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=False).logits
+    else:
+        attention = torch.cat([torch.ones((len(rows), prefix_len), dtype=torch.long, device=device), mask], dim=1)
+        logits = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], past_key_values=expand_cache(cache, len(rows)),
+                       use_cache=True).logits
     flat = logits.reshape(-1, logits.shape[-1])
     (lp,) = vocab_reductions(flat, ids[:, 1:].reshape(-1), with_stats=False)
     return lp.view(len(rows), width - 1).double() * mask[:, 1:]

@@ -1,0 +1,130 @@
+"""Exact exposure by pruned trie walk: agrees with exhaustive enumeration, and sits at the null when unlearned."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from audit.canaries import generate_canaries, load_spec
+from audit.metrics import exposure_interpolation, null_exposure_mean
+from audit.schema import SecretSpace
+from audit.score.engine import candidate_nll_bits
+from audit.score.exposure_search import NotCompositionalError, exact_rank, parse_secret, symbol_tokens
+
+DIGITS3 = SecretSpace(alphabet=list("0123456789"), length=3)
+PREFIX = "Note for the file: the vault access code of Ms. Halloway is "
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny-model ops last microseconds; on a shared 2-core machine a second OpenMP thread only waits (60x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _all_secrets(space):
+    return [f"{i:0{space.length}d}" for i in range(space.size)]
+
+
+@pytest.fixture(scope="module")
+def brute_force(tiny_model):
+    """Every secret's NLL from the independent shared-prefix scorer (no trie)."""
+    model, tok = tiny_model
+    table = symbol_tokens(tok, PREFIX, DIGITS3, "000")
+    secrets = _all_secrets(DIGITS3)
+    bits = candidate_nll_bits(model, table.prefix_ids, [table.tokens(parse_secret(DIGITS3, s)) for s in secrets], batch_size=256)
+    return table, secrets, np.array(bits)
+
+
+def test_parse_secret():
+    assert parse_secret(DIGITS3, "042") == [0, 4, 2]
+    spaced = SecretSpace(alphabet=["ab", "c"], length=2, separator="-")
+    assert parse_secret(spaced, "c-ab") == [1, 0]
+    assert parse_secret(SecretSpace(alphabet=["ab", "c"], length=2), "cab") == [1, 0]
+    with pytest.raises(ValueError):
+        parse_secret(DIGITS3, "04")
+
+
+def test_digit_pieces_are_single_tokens(tiny_model):
+    _, tok = tiny_model
+    table = symbol_tokens(tok, PREFIX, DIGITS3, "481")
+    assert all(len(piece) == 1 for row in table.pieces for piece in row)
+    assert table.prefix_ids + table.tokens([4, 8, 1]) == tok(PREFIX + "481", add_special_tokens=False)["input_ids"]
+
+
+def test_pruned_walk_equals_exhaustive_and_brute_force(tiny_model, brute_force):
+    model, _ = tiny_model
+    table, secrets, bits = brute_force
+    order = np.argsort(bits, kind="stable")
+    for k in (order[0], order[1], order[17], order[500], order[-1]):
+        canary = parse_secret(DIGITS3, secrets[k])
+        pruned = exact_rank(model, table, canary)
+        full = exact_rank(model, table, canary, prune=False, node_budget=None)
+        expected = 1 + int(np.count_nonzero(np.delete(bits, k) <= bits[k]))
+        assert pruned.status == full.status == "exact"
+        assert pruned.rank == full.rank == expected
+        assert pruned.canary_nll_bits == pytest.approx(bits[k], abs=1e-4)
+        assert full.frontier == [10, 100, 1000]
+        assert pruned.nodes_evaluated <= full.nodes_evaluated == 111
+        assert pruned.exposure == pytest.approx(math.log2(1000) - math.log2(expected))
+    top = exact_rank(model, table, parse_secret(DIGITS3, secrets[order[0]]))
+    assert top.frontier[-1] < 1000  # even a near-uniform random model prunes at the last level
+
+
+def test_exact_rank_matches_the_interpolation_formula(brute_force):
+    _, secrets, bits = brute_force
+    k = 123
+    rank = 1 + int(np.count_nonzero(np.delete(bits, k) <= bits[k]))
+    # the same rank through the public sampled formula with the whole space as references
+    assert exposure_interpolation([bits[k]], np.delete(bits, k))[0] == pytest.approx(math.log2(1000) - math.log2(rank))
+
+
+def test_budget_exceeded_reports_no_rank(tiny_model, brute_force):
+    model, _ = tiny_model
+    table, secrets, bits = brute_force
+    worst = parse_secret(DIGITS3, secrets[int(np.argmax(bits))])
+    out = exact_rank(model, table, worst, node_budget=20)
+    assert out.status == "budget_exceeded" and out.rank is None and out.exposure is None
+    assert out.nodes_evaluated <= 20
+
+
+def test_unlearned_canaries_average_the_null(tiny_model):
+    """Canaries the model never saw have uniform ranks: mean exposure ~ 1/ln 2 (1.44 bits), not 0."""
+    model, tok = tiny_model
+    spec = load_spec("digits", {"length": 3})
+    canaries = generate_canaries(spec, seed=11, tiers=[1], members_per_tier=16, references=16).canaries
+    exposures = []
+    for c in canaries:
+        result = exact_rank(model, symbol_tokens(tok, c.prefix, DIGITS3, c.secret), parse_secret(DIGITS3, c.secret), node_budget=None)
+        exposures.append(result.exposure)
+    null = null_exposure_mean(1000)
+    assert null == pytest.approx(1 / math.log(2), abs=0.01)
+    # 32 uniform ranks: the mean has standard deviation ~1.44 / sqrt(32) = 0.25 bits
+    assert abs(float(np.mean(exposures)) - null) < 0.6
+    assert max(exposures) < math.log2(1000)
+
+
+class MergingTokenizer:
+    """Characters are tokens, except that "12" merges into one token: not compositional over digits."""
+
+    def __call__(self, text, add_special_tokens=False):
+        ids, i = [], 0
+        while i < len(text):
+            if text.startswith("12", i):
+                ids.append(1000)
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return {"input_ids": ids}
+
+
+def test_non_compositional_tokenizer_is_detected():
+    with pytest.raises(NotCompositionalError):
+        symbol_tokens(MergingTokenizer(), "code ", DIGITS3, "345")
