@@ -1,0 +1,176 @@
+"""Killed runs resume: stage files are reused, training continues from its checkpoint, nothing is overwritten."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_gates import make_report
+
+from audit.cli import main
+from audit.config import load_recipe
+from audit.errors import AuditError
+from audit.resume import last_checkpoint, open_run
+from audit.store import write_once
+
+AUDIT = [sys.executable, "-m", "audit.cli"]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+# --------------------------------------------------------------------------------------------------- file rules
+
+
+def test_write_once_keeps_identical_files_and_refuses_to_overwrite_different_ones(tmp_path):
+    path = tmp_path / "canaries.jsonl"
+    assert write_once(path, "a\n") is True
+    stamp = path.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert write_once(path, "a\n") is False
+    assert path.stat().st_mtime_ns == stamp  # not rewritten
+    with pytest.raises(AuditError, match="already exists with different content"):
+        write_once(path, "b\n")
+    assert path.read_text() == "a\n"
+
+
+def test_last_checkpoint_takes_the_newest_complete_one_and_sets_half_written_ones_aside(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for step, complete in ((10, True), (20, True), (30, False)):
+        ckpt = run_dir / "trainer" / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "adapter_model.safetensors").write_bytes(b"x")
+        if complete:
+            (ckpt / "trainer_state.json").write_text("{}")
+    handle = open_run(run_dir, resumed=False, progress=False)
+    try:
+        assert last_checkpoint(handle) == run_dir / "trainer" / "checkpoint-20"
+    finally:
+        handle.close()
+    names = sorted(p.name for p in (run_dir / "trainer").iterdir())
+    assert names[:2] == ["checkpoint-10", "checkpoint-20"] and names[2].startswith("incomplete-checkpoint-30-")
+    assert json.loads((run_dir / "run.json").read_text())["resumed_from_checkpoint"] == "checkpoint-20"
+
+
+def test_a_run_directory_in_use_cannot_be_opened_twice(tmp_path):
+    first = open_run(tmp_path, resumed=False, progress=False)
+    try:
+        with pytest.raises(AuditError, match="in use by another audit process"):
+            open_run(tmp_path, resumed=True, progress=False)
+    finally:
+        first.close()
+    open_run(tmp_path, resumed=True, progress=False).close()  # the lock goes with its holder
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def test_resume_of_a_complete_run_re_reports_it(tmp_path, capsys):
+    run = tmp_path / "runs" / "done"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"status": "complete"}))
+    (run / "recipe.yaml").write_text("name: done\nmodel: {source: tiny-llama}\n")
+    (run / "report.json").write_text(make_report({1: (2, 1.5, 0)}, run_id="done").model_dump_json())
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    assert main(["run", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "is already complete; nothing to resume" in out and "1x inserted" in out
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+
+
+def test_resume_refuses_a_run_whose_inputs_changed(tmp_path, capsys, monkeypatch, tiny_model_dir):
+    """A stage file that the stored recipe no longer reproduces is an error, and the file is left as it was."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "changed"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"status": "running"}))
+    recipe = load_recipe("tiny/lora_cpu", ["corpus.builtin_records=20", "tracking.enabled=false"])
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    (run / "canaries.jsonl").write_text('{"edited": true}\n')
+    assert main(["run", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "canaries.jsonl already exists with different content" in err and "\n" not in err.strip()
+    assert (run / "canaries.jsonl").read_text() == '{"edited": true}\n'
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "failed" and len(status["resumes"]) == 1
+
+
+# --------------------------------------------------------------------------------------------------- kill -9
+
+
+def _kill_after_first_checkpoint(cwd: Path, args: list[str]) -> Path:
+    proc = subprocess.Popen(AUDIT + args, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if list(cwd.glob("runs/*/trainer/checkpoint-*/trainer_state.json")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed (rc {proc.returncode}): {err.decode()[-2000:]}"
+    (run_dir,) = (cwd / "runs").iterdir()
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_training_resumes_to_the_same_result(tmp_path):
+    args = ["run", "tiny/lora_cpu", "--quiet", "training.checkpoint_every=10"]
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    run_dir = _kill_after_first_checkpoint(killed, args)
+
+    # Killed mid-training: the earlier stages are on disk, the report is not, and the status says so.
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
+    assert not (run_dir / "report.json").exists() and not (run_dir / "train.json").exists()
+    gate = subprocess.run(AUDIT + ["gate", str(run_dir)], cwd=killed, env=_env(), capture_output=True, text=True)
+    assert gate.returncode == 2 and "(run status: running; resume it with `audit run --resume" in gate.stderr
+    early = {name: ((run_dir / name).read_bytes(), (run_dir / name).stat().st_mtime_ns)
+             for name in ("recipe.yaml", "canaries.jsonl", "manifest.json", "scores_base.jsonl")}
+    checkpoint = json.loads(next(run_dir.glob("trainer/checkpoint-*/trainer_state.json")).read_text())["global_step"]
+    assert checkpoint >= 10
+
+    resumed = subprocess.run(AUDIT + ["run", "--resume", str(run_dir)], cwd=killed, env=_env(),
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name in ("scores_base.jsonl", "canaries.jsonl", "manifest.json"):
+        assert f"[audit] resume: reusing {name}" in resumed.stderr
+    assert f"reusing training checkpoint checkpoint-{checkpoint}" in resumed.stderr
+
+    # Earlier stages were reused untouched, training continued to the end, and the run is complete.
+    for name, (data, mtime) in early.items():
+        assert (run_dir / name).read_bytes() == data and (run_dir / name).stat().st_mtime_ns == mtime, name
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "complete" and status["resumed_from_checkpoint"] == f"checkpoint-{checkpoint}"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["training"]["steps"] == 210
+    assert not (run_dir / "trainer").exists()  # checkpoints dropped once the weights are saved
+
+    # One MLflow run holds the whole loss curve, before and after the kill.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=report["tracking"]["uri"])
+    assert report["tracking"]["run_id"] == status["mlflow_run_id"]
+    mlflow_run = client.get_run(status["mlflow_run_id"])
+    assert mlflow_run.info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(mlflow_run.info.run_id, "train.loss")}
+    assert set(range(5, 211, 5)) <= steps
+
+    # Same result as a run that was never interrupted: bit-identical tuned weights and scores.
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    subprocess.run(AUDIT + args + ["--no-tracking"], cwd=clean, env=_env(), check=True, capture_output=True, timeout=900)
+    (clean_run,) = (clean / "runs").iterdir()
+    clean_report = json.loads((clean_run / "report.json").read_text())
+    assert report["training"]["weights_fingerprint"] == clean_report["training"]["weights_fingerprint"]
+    assert (run_dir / "scores.jsonl").read_bytes() == (clean_run / "scores.jsonl").read_bytes()
