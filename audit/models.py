@@ -12,7 +12,11 @@ Four sources, tried in this order and recorded in the report:
     model so it can be trained and saved as safetensors. Cached once (about 30 s) under :func:`cache_dir`.
     The weights are a close approximation of the original, not the exact release.
 a local directory
-    Any Hugging Face model directory with ``*.safetensors`` weights. Pickle checkpoints are refused.
+    Any Hugging Face model directory with ``*.safetensors`` weights. Pickle checkpoints (``*.bin``, ``*.pt``) are
+    refused: unpickling can run code. ``model.allow_pickle: true`` converts them once to safetensors in the cache,
+    reading them with ``torch.load(weights_only=True)`` (which refuses pickled code objects); everything after that
+    reads safetensors only. A directory that ships its own modelling code (``auto_map`` in ``config.json``) is
+    refused unless ``model.trust_remote_code: true``: an audit should not execute its subject.
 a Hugging Face id (``org/name``)
     Downloaded (safetensors only) when the hub is reachable; otherwise a clear error.
 """
@@ -61,17 +65,24 @@ def cache_dir() -> Path:
     return Path(base) / "canary-audit"
 
 
-def resolve_model(source: str, *, revision: str | None = None, progress: bool = True) -> ResolvedModel:
-    """Resolve ``source`` to a local safetensors model directory, building or fetching it if needed."""
+def resolve_model(source: str, *, revision: str | None = None, progress: bool = True, allow_pickle: bool = False,
+                  trust_remote_code: bool = False) -> ResolvedModel:
+    """Resolve ``source`` to a local safetensors model directory, building or fetching it if needed.
+
+    ``allow_pickle`` and ``trust_remote_code`` are the recipe's ``model.*`` flags (both off by default).
+    """
     if source == "tiny-llama":
         return _cached_build("tiny-llama", f"tiny-llama-v{TINY_LLAMA_VERSION}", _build_tiny_llama, progress=progress)
     if source == "smollm2-135m":
         return _cached_build("smollm2-135m", f"smollm2-135m-{SMOLLM2_VERSION}", _build_smollm2, progress=progress)
     path = Path(source).expanduser()
     if path.exists():
-        return ResolvedModel(source=source, kind="local", path=_check_local_dir(path), provenance={"path": str(path.resolve())})
+        checked = _check_local_dir(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        if allow_pickle and not any(checked.glob("*.safetensors")):
+            return _convert_pickle_dir(source, checked, trust_remote_code=trust_remote_code, progress=progress)
+        return ResolvedModel(source=source, kind="local", path=checked, provenance={"path": str(path.resolve())})
     if _looks_like_hub_id(source):
-        return _resolve_hub(source, revision)
+        return _resolve_hub(source, revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress)
     raise AuditError(
         f"model '{source}' cannot be resolved: it is not a local directory, a built-in model "
         f"({', '.join(BUILTIN_MODELS)}) or a Hugging Face id (org/name)",
@@ -84,21 +95,75 @@ def _looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
-def _check_local_dir(path: Path) -> Path:
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
+def _pickle_files(path: Path) -> list[Path]:
+    return sorted(p for pattern in PICKLE_PATTERNS for p in path.glob(pattern) if p.name != "training_args.bin")
+
+
+def _check_local_dir(path: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     if not path.is_dir():
         raise AuditError(f"model path {path} is a file, not a model directory",
                          fix="point model.source at the directory holding config.json and *.safetensors")
     if not (path / "config.json").is_file():
         raise AuditError(f"model directory {path} has no config.json", fix="point model.source at a Hugging Face model directory")
     if not any(path.glob("*.safetensors")):
-        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        what = f"only pickle checkpoints ({', '.join(pickles)})" if pickles else "no *.safetensors weights"
-        raise AuditError(f"model directory {path} has {what}; pickle files can run code when loaded and are refused",
-                         fix="convert the weights to safetensors (model.save_pretrained(dir, safe_serialization=True))")
+        pickles = [p.name for p in _pickle_files(path)]
+        if not pickles:
+            raise AuditError(f"model directory {path} has no *.safetensors weights",
+                             fix="save the model with model.save_pretrained(dir, safe_serialization=True)")
+        if not allow_pickle:
+            raise AuditError(f"model directory {path} has only pickle checkpoints ({', '.join(pickles)}); "
+                             "pickle files can run code when loaded and are refused",
+                             fix="convert the weights to safetensors, or set model.allow_pickle=true if you trust them")
+    _check_remote_code(path, trust_remote_code=trust_remote_code)
     return path.resolve()
 
 
-def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
+def _check_remote_code(path: Path, *, trust_remote_code: bool) -> None:
+    """Refuse, before anything is loaded, a model that would run its own Python code."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AuditError(f"model directory {path}: config.json is unreadable ({exc})", fix="point model.source at a valid model") from None
+    custom = config.get("auto_map") if isinstance(config, dict) else None
+    if custom and not trust_remote_code:
+        modules = sorted({str(v).split(".")[0] if isinstance(v, str) else "?" for v in custom.values()})
+        raise AuditError(f"model {path} ships its own code ({', '.join(m + '.py' for m in modules)} via auto_map in "
+                         "config.json); running it is off by default",
+                         fix="set model.trust_remote_code=true only if you have read that code and trust it")
+
+
+def _convert_pickle_dir(source: str, path: Path, *, trust_remote_code: bool, progress: bool) -> ResolvedModel:
+    """Convert an allowed pickle checkpoint once into a safetensors directory in the cache (keyed by file hashes)."""
+    pickles = _pickle_files(path)
+    digest = hashlib.sha256("".join(f"{p.name}:{_sha256_file(p)}" for p in pickles).encode()).hexdigest()
+
+    def build(out: Path, *, progress: bool) -> dict[str, Any]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _say(progress, f"[model] converting pickle checkpoint {', '.join(p.name for p in pickles)} to safetensors (model.allow_pickle)")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=False, dtype=torch.float32,
+                                                         trust_remote_code=trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - torch's restricted unpickler reports refusals as many types
+            text = str(exc).strip()
+            why = ("torch's weights-only unpickler refused it: it holds code or objects that are not plain tensors"
+                   if "Weights only load failed" in text else (text.splitlines()[0][:300] if text else type(exc).__name__))
+            raise AuditError(f"pickle checkpoint in {path} could not be loaded safely: {why}",
+                             fix="convert the weights to safetensors where they were made") from None
+        model.save_pretrained(out, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code).save_pretrained(out)
+        return {"path": str(path.resolve()), "converted_from_pickle": [p.name for p in pickles], "pickle_sha256": digest}
+
+    resolved = _cached_build(source, f"from-pickle-{digest[:16]}", build, progress=progress)
+    return ResolvedModel(source=source, kind="local", path=resolved.path, provenance=resolved.provenance)
+
+
+def _resolve_hub(repo_id: str, revision: str | None, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+                 progress: bool = True) -> ResolvedModel:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
     try:
         from huggingface_hub import snapshot_download
@@ -107,7 +172,8 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
             repo_id,
             revision=revision,
             local_files_only=offline,
-            allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "tokenizer*"],
+            allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "tokenizer*"]
+            + (["*.bin"] if allow_pickle else []) + (["*.py"] if trust_remote_code else []),
         )
     except Exception as exc:  # noqa: BLE001 - any hub failure becomes the same user-facing message
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"the hub is unreachable ({type(exc).__name__})"
@@ -116,7 +182,9 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedModel:
             fix="download it where the hub is reachable and give its local directory, or use a built-in model "
             f"({', '.join(BUILTIN_MODELS)})",
         ) from None
-    path = _check_local_dir(Path(local))
+    path = _check_local_dir(Path(local), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if allow_pickle and not any(path.glob("*.safetensors")):
+        return _convert_pickle_dir(repo_id, path, trust_remote_code=trust_remote_code, progress=progress)
     return ResolvedModel(source=repo_id, kind="hub", path=path, provenance={"repo_id": repo_id, "revision": revision})
 
 

@@ -113,7 +113,9 @@ def run_audit(
     uri = resolve_tracking_uri(tracking_uri or recipe.tracking.uri)
     if use_tracking:
         check_tracking_reachable(uri)
-    resolved: ResolvedModel = resolve_model(recipe.model.source, revision=recipe.model.revision, progress=progress)
+    resolved: ResolvedModel = resolve_model(recipe.model.source, revision=recipe.model.revision, progress=progress,
+                                            allow_pickle=recipe.model.allow_pickle,
+                                            trust_remote_code=recipe.model.trust_remote_code)
     timings["resolve"] = time.perf_counter() - t0
 
     # ---- stage: canaries + inject + pre-flight (audit.ground_truth), still before anything is written

@@ -40,6 +40,9 @@ class ModelSection(Frozen):
     """Hub revision, only for Hugging Face ids."""
     trust_remote_code: bool = False
     """Run code shipped with the weights. Off by default: an audit should not execute its subject."""
+    allow_pickle: bool = False
+    """Accept pickle checkpoints (``*.bin``): converted once to safetensors with ``torch.load(weights_only=True)``.
+    Off by default: unpickling can run code."""
 
 
 class CanarySection(Frozen):
