@@ -6,6 +6,8 @@
     audit ls                                    # list shipped recipes and canary specs
     audit run --resume runs/<run>               # continue an interrupted run (finished stages and last checkpoint)
     audit gate runs/<run> [--gates FILE] [--baseline RUN] [--junit FILE]   # release gates; exit 1 if one fails
+    audit canaries words [--seed 3] [--reveal] [length=6]  # draw and show a spec's pool (secrets hidden by default)
+    audit inject tiny/lora_cpu --out planted/ [--stream]  # canaries + injection + pre-flight as a standalone stage
 
 User errors print one line, ``error: <problem> (fix: <how>)``, and exit with code 2.
 """
@@ -54,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--gates", default=None, metavar="FILE", help="gates YAML (default: the gates in the run's recipe)")
     gate.add_argument("--baseline", default=None, metavar="RUN", help="run directory or report.json to compare against")
     gate.add_argument("--junit", default=None, metavar="FILE", help="also write the results as JUnit XML")
+
+    can = sub.add_parser("canaries", help="draw a canary spec's pool and show it (secrets hidden unless --reveal)")
+    can.add_argument("spec", help="a shipped spec name (audit ls) or a spec YAML path")
+    can.add_argument("overrides", nargs="*", metavar="param=value", help="override spec params, e.g. length=8")
+    can.add_argument("--seed", type=int, default=0)
+    can.add_argument("--reveal", action="store_true", help="show the secret text (confidential audit material)")
+    can.add_argument("--out", default=None, metavar="FILE", help="also write the pool as canaries.jsonl (with secrets)")
+    can.add_argument("--model", default="smollm2-135m",
+                     help="base model for tokenizer-exact excerpts and for specs that sample it (traps, synthetic works)")
+
+    inj = sub.add_parser("inject", help="canaries -> inject -> pre-flight for a recipe, writing the injected training set")
+    _add_recipe_args(inj)
+    inj.add_argument("--out", default=None, metavar="DIR", help="output directory (default: <output.root>/<name>-inject-<time>)")
+    inj.add_argument("--stream", action="store_true", help="read and write the corpus record by record (big corpora)")
     return parser
 
 
@@ -153,7 +169,47 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return 0 if all(r.passed for r in results) else EXIT_GATE_FAILED
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ls": cmd_ls, "gate": cmd_gate}
+def cmd_canaries(args: argparse.Namespace) -> int:
+    from audit.canaries import GenerationContext, generate_canaries, load_spec, spec_needs_model
+    from audit.config import parse_override
+    from audit.ground_truth import canaries_table, model_context
+    from audit.store import write_jsonl
+
+    params = {}
+    for item in args.overrides:
+        keys, value = parse_override(item)
+        params[".".join(keys)] = value
+    spec = load_spec(args.spec, params)
+    _, tokenizer, sampler = model_context(args.model, tokenizer_only=not spec_needs_model(spec))
+    canaries = generate_canaries(spec, seed=args.seed, context=GenerationContext(tokenizer=tokenizer, sampler=sampler))
+    print(canaries_table(canaries, reveal=args.reveal))
+    if args.out:
+        write_jsonl(Path(args.out), canaries.canaries)
+        print(f"wrote {args.out} (holds the secrets: keep it confidential)")
+    return 0
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from audit.config import load_recipe
+    from audit.ground_truth import inject_stage
+
+    recipe_name, overrides = _split_overrides(args)
+    recipe = load_recipe(recipe_name, overrides)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path(recipe.output.root) / f"{recipe.name.replace('/', '-')}-inject-{stamp}"
+    result = inject_stage(recipe, out, stream=args.stream, progress=True)
+    pf = result.preflight
+    print(f"planted {result.placements} canary copies into {result.n_records} records; pre-flight: "
+          f"{pf.placements_checked} checked, {len(pf.findings)} findings (loss: {pf.loss}, max_length {pf.max_length})")
+    print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings_s.items()))
+    print(f"wrote {', '.join(result.files)} to {result.out_dir} (canaries.jsonl and train.jsonl hold the secrets)")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ls": cmd_ls, "gate": cmd_gate, "canaries": cmd_canaries,
+            "inject": cmd_inject}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

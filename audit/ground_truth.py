@@ -24,6 +24,7 @@ from typing import Any
 from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets, spec_needs_model
 from audit.canaries.spec import CanarySpec
 from audit.corpus import load_corpus
+from audit.errors import AuditError
 from audit.inject import InjectionResult, inject
 from audit.preflight import require_passed, run_preflight, training_texts
 from audit.schema import SCHEMA_VERSION, CanarySet, PreflightReport, Recipe, TrainingSection
@@ -144,3 +145,136 @@ def ground_truth_files(truth: GroundTruth, *, dataset: bool = False) -> dict[str
 def write_ground_truth(truth: GroundTruth, run_dir: Path, *, dataset: bool = False) -> None:
     for name, obj in ground_truth_files(truth, dataset=dataset).items():
         (write_jsonl if name.endswith(".jsonl") else write_json)(run_dir / name, obj)
+
+
+# --------------------------------------------------------------------------------------------------- standalone stages
+
+
+def canaries_table(canaries: CanarySet, *, reveal: bool = False, width: int = 48) -> str:
+    """The pool as a table: id, role, prefix, secret (hidden unless ``reveal``: length and a sha256 prefix)."""
+
+    def clip(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    works = {w.id: w for w in canaries.works}
+    rows = [["id", "role", "source", "prefix", "secret"]]
+    for c in sorted(canaries.canaries, key=lambda c: (-c.repetitions, c.id)):
+        secret = clip(c.secret) if reveal else f"<hidden: {len(c.secret)} chars, sha256 {c.secret_sha256[:12]}>"
+        source = works[c.work].title[:24] if c.work in works else ""
+        rows.append([c.id, f"{c.repetitions}x" if c.is_member else "reference", source, clip(c.prefix), secret])
+    if not any(r[2] for r in rows[1:]):
+        rows = [r[:2] + r[3:] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    space = canaries.space
+    lines.append(f"spec {canaries.spec} v{canaries.spec_version}, seed {canaries.seed}: {len(canaries.members())} members, "
+                 f"{len(canaries.references())} references; secret space {space.kind}, {space.log2_size:.1f} bits; "
+                 f"set sha256 {canaries.sha256()[:16]}")
+    for w in canaries.works:
+        lines.append(f"work {w.id}  {w.kind:13}  {w.title[:40]!r} ({w.author}); {w.license}; {w.source}; {w.n_chars} chars")
+    if not reveal:
+        lines.append("secrets are hidden: --reveal shows them (they are the audit's confidential material)")
+    return "\n".join(lines)
+
+
+def model_context(source: str, *, tokenizer_only: bool, progress: bool = False) -> tuple[Any, Any, Any]:
+    """``(resolved, tokenizer, sampler)`` for a model source; the sampler loads the model lazily."""
+    from audit.canaries.sampling import LazyModelSampler
+    from audit.models import resolve_model
+
+    resolved = resolve_model(source, progress=progress)
+    tokenizer = load_tokenizer(resolved.path)
+    sampler = None if tokenizer_only else LazyModelSampler(
+        resolved.path, fingerprint=resolved.provenance.get("weights_fingerprint", ""), tokenizer=tokenizer)
+    return resolved, tokenizer, sampler
+
+
+@dataclass(frozen=True)
+class InjectStageResult:
+    out_dir: Path
+    files: list[str]
+    n_records: int
+    placements: int
+    preflight: PreflightReport
+    timings_s: dict[str, float]
+
+
+def inject_stage(recipe: Recipe, out_dir: Path, *, stream: bool = False, progress: bool = False) -> InjectStageResult:
+    """``audit inject``: canaries + injection + pre-flight for ``recipe``, written to ``out_dir`` with ``train.jsonl``.
+
+    ``stream``: the corpus is read and written record by record (memory stays flat for corpora that do not fit);
+    the output and manifest are the same as without it.
+    """
+    from audit.models import resolve_model
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise AuditError(f"output directory {out_dir} is not empty", fix="give a new or empty --out directory")
+    resolved = resolve_model(recipe.model.source, revision=recipe.model.revision, progress=progress)
+    fingerprint = resolved.provenance.get("weights_fingerprint", "")
+    if not stream:
+        truth = ground_truth_for_model(recipe, model_path=resolved.path, fingerprint=fingerprint, progress=progress)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files = ground_truth_files(truth, dataset=True)
+        write_ground_truth(truth, out_dir, dataset=True)
+        return InjectStageResult(out_dir=out_dir, files=list(files), n_records=len(truth.injection.records),
+                                 placements=len(truth.injection.manifest.placements), preflight=truth.preflight,
+                                 timings_s=truth.timings_s)
+    return _inject_streaming(recipe, out_dir, model_path=resolved.path, fingerprint=fingerprint, progress=progress)
+
+
+def _inject_streaming(recipe: Recipe, out_dir: Path, *, model_path: Path, fingerprint: str, progress: bool) -> InjectStageResult:
+    import json
+    import os
+    import tempfile
+
+    from audit.corpus import resolve_format, stream_records
+    from audit.inject import StreamInjector
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
+    sampler = None
+    if spec_needs_model(spec):
+        from audit.canaries.sampling import LazyModelSampler
+
+        sampler = LazyModelSampler(model_path, fingerprint=fingerprint, tokenizer=tokenizer)
+    canaries = generate_canaries(spec, seed=recipe.seed, tiers=recipe.canaries.tiers,
+                                 members_per_tier=recipe.canaries.members_per_tier, references=recipe.canaries.references,
+                                 context=GenerationContext(tokenizer=tokenizer, sampler=sampler, progress=progress))
+    timings["canaries"] = time.perf_counter() - t
+    t = time.perf_counter()
+    c = recipe.corpus
+    records, n = stream_records(c.source, max_records=c.max_records, builtin_n=c.builtin_records, seed=recipe.seed)
+    fmt = resolve_format(next(records()), format=c.format, text_column=c.text_column, messages_column=c.messages_column,
+                         source=c.source)
+    injector = StreamInjector(canaries, n_records=n, seed=recipe.seed, text_column=c.text_column, corpus_source=c.source,
+                              format=fmt, messages_column=c.messages_column, mode=c.placement)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".train.jsonl.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in injector.run(records()):
+                f.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
+        os.replace(tmp, out_dir / "train.jsonl")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    manifest = injector.manifest()
+    timings["inject"] = time.perf_counter() - t
+    t = time.perf_counter()
+    preflight = run_preflight(manifest, canaries, injector.carriers, tokenizer, **training_options(recipe.training))
+    timings["preflight"] = time.perf_counter() - t
+    write_jsonl(out_dir / "canaries.jsonl", canaries.canaries)
+    write_json(out_dir / "manifest.json", manifest)
+    write_json(out_dir / "preflight.json", preflight)
+    files = ["train.jsonl", "canaries.jsonl", "manifest.json", "preflight.json"]
+    if canaries.works:
+        write_json(out_dir / "works.json", {"schema_version": SCHEMA_VERSION, "works": [w.model_dump(mode="json") for w in canaries.works]})
+        files.append("works.json")
+    require_passed(preflight)
+    return InjectStageResult(out_dir=out_dir, files=files, n_records=manifest.dataset_after.n_records,
+                             placements=len(manifest.placements), preflight=preflight, timings_s=timings)

@@ -76,6 +76,12 @@ def _locate(record: dict[str, Any] | None, placement: Placement, canary_text: st
         value = record.get(placement.column)
         if not isinstance(value, str) or value[placement.offset : placement.offset + len(canary_text)] != canary_text:
             return f"record {placement.record_index} column '{placement.column}' does not hold the canary at offset {placement.offset}"
+        if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+            # TRL's prompt-completion records train on prompt + completion; the prompt is masked by completion_only_loss
+            if placement.column == "prompt":
+                return record["prompt"] + record["completion"], placement.offset, "prompt"
+            if placement.column == "completion":
+                return record["prompt"] + record["completion"], len(record["prompt"]) + placement.offset, "completion"
         if placement.column != text_column:
             return f"the canary is in column '{placement.column}', but training reads '{text_column}'"
         return value, placement.offset, "text"
@@ -118,7 +124,7 @@ def run_preflight(
     by_id = {c.id: c for c in canaries.canaries}
     lookup = records if isinstance(records, dict) else dict(enumerate(records))
     findings: list[PreflightFinding] = []
-    canary_tokens_max = record_tokens_max = 0
+    canary_tokens_max = record_tokens_max = needed = 0
     stream_starts: list[int] | None = None
     if packing == "wrapped" and all_training_texts is not None:
         stream_starts, total = [], 0
@@ -143,7 +149,7 @@ def run_preflight(
         text, start, role = where
         if assistant_only_loss and manifest.format == "messages" and role != "assistant":
             flag("loss_masked", p, f"the canary is in a '{role}' turn and assistant_only_loss masks every non-assistant token")
-        if completion_only_loss and p.column == "prompt":
+        if completion_only_loss and role == "prompt":
             flag("loss_masked", p, "the canary is in the prompt and completion_only_loss masks the prompt")
         end = start + len(canary.prefix) + len(canary.secret)
         ids, offsets = _tokenize_like_trl(text, tokenizer)
@@ -154,6 +160,7 @@ def run_preflight(
             continue
         first, last = covering[0], covering[-1]
         canary_tokens_max = max(canary_tokens_max, last - first + 1)
+        needed = max(needed, last + 1)
         span = f"canary tokens {first}..{last} of a {len(ids)}-token record"
         if max_length is not None:
             if packing in (False, "bfd"):
@@ -178,7 +185,7 @@ def run_preflight(
         loss = "completions only"
     return PreflightReport(placements_checked=len(manifest.placements), max_length=max_length, loss=loss,
                            packing=str(packing or "off"), canary_tokens_max=canary_tokens_max,
-                           record_tokens_max=record_tokens_max, findings=findings)
+                           record_tokens_max=record_tokens_max, findings=findings, max_length_needed=needed or None)
 
 
 def require_passed(report: PreflightReport) -> None:
@@ -188,8 +195,11 @@ def require_passed(report: PreflightReport) -> None:
     counts = Counter(f.check for f in report.findings)
     first = report.findings[0]
     summary = ", ".join(f"{check} x{n}" for check, n in sorted(counts.items()))
+    fix = _FIXES[first.check]
+    if first.check == "truncated" and report.max_length_needed:
+        fix = f"set training.max_length to at least {report.max_length_needed}, or shorten the canaries"
     raise AuditError(
         f"pre-flight: {len(report.findings)} of {report.placements_checked} canary copies would not reach the loss "
         f"({summary}); e.g. canary {first.canary_id} copy {first.copy_index} in record {first.record_index}: {first.detail}",
-        fix=_FIXES[first.check],
+        fix=fix,
     )

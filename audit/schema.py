@@ -408,6 +408,8 @@ class PreflightReport(Frozen):
     canary_tokens_max: int
     record_tokens_max: int
     findings: list[PreflightFinding] = Field(default_factory=list)
+    max_length_needed: int | None = None
+    """The smallest ``max_length`` that would keep every canary whole (keep_start, no packing)."""
 
     @property
     def passed(self) -> bool:

