@@ -41,6 +41,7 @@ from audit.report import summarize_tiers, tier_metrics, write_report
 from audit.schema import AuditReport, ModelInfo, Recipe, TrackingInfo
 from audit.store import write_jsonl
 from audit.tracking import check_tracking_reachable, flatten, resolve_tracking_uri, tracked_run, ui_command
+from audit.works.information import works_information
 
 TRACKED_PACKAGES = ("canary-audit", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "mlflow")
 
@@ -212,7 +213,7 @@ def run_audit(
                 seed=recipe.seed,
                 model=ModelInfo(source=recipe.model.source, kind=resolved.kind, path=str(resolved.path),  # type: ignore[arg-type]
                                 fingerprint=base_fp, provenance=resolved.provenance),
-                canaries=truth.summary(),
+                canaries={**truth.summary(), "works_information": works_information(canary_set, scores)},
                 works=canary_set.works,
                 manifest_sha256=injection.manifest.sha256(),
                 training=trained.summary,
@@ -229,6 +230,7 @@ def run_audit(
             write_report(report, run_dir / "report.json")
             if tracker is not None:
                 tracker.log_metrics(tier_metrics(tiers))
+                tracker.log_metrics(report.canaries["works_information"].get("metrics", {}))  # works.bits/<kind>/<role>/...
                 tracker.log_metrics({f"time.{k}_s": v for k, v in report.timings_s.items()})
                 if report.gates:
                     tracker.log_metrics({"gates.failed": sum(not g.passed for g in report.gates), "gates.total": len(report.gates)})

