@@ -216,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may follow options (`audit run tiny/lora_cpu --quiet seed=1`): argparse leaves them over.
     args, extra = parser.parse_known_args(argv)
-    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    # Anything else that is not an option is taken as an override, so `key` without `=value` gets the one-line error.
+    stray = [e for e in extra if e.startswith("-") or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:

@@ -161,6 +161,10 @@ def _open_with_datasets(source: str, *, streaming: bool) -> Any:
             if kind is None:
                 raise AuditError(f"corpus file {path} has an unsupported extension '{path.suffix}'",
                                  fix="use .jsonl, .json, .parquet or .csv, or a saved datasets directory")
+            with path.open("rb") as f:  # datasets fails on an empty file with a bare StopIteration
+                head = f.read(65536)
+            if not head.strip() or (kind == "csv" and len(head.strip().splitlines()) < 2 and len(head) < 65536):
+                raise AuditError(f"corpus '{source}' is empty", fix="give a corpus with at least one record")
             return datasets.load_dataset(kind, data_files=str(path), split="train", streaming=streaming)
         if path.suffix or source.startswith((".", "/", "~")):
             raise AuditError(f"corpus file {path} does not exist", fix="check corpus.source")
