@@ -174,3 +174,16 @@ def test_canaries_command_hides_secrets_unless_revealed(capsys, tmp_path):
     assert main(["canaries", "digits", "--model", "tiny-llama", "--seed", "2", "--reveal"]) == 0
     shown = capsys.readouterr().out
     assert all(s in shown for s in secrets)
+
+
+def test_canary_inject_works_and_preflight_modules_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import audit.canaries, audit.inject, audit.preflight, audit.works, audit.works.information, audit.corpus\n"
+            "from audit.canaries import generate_canaries, load_spec\n"
+            "generate_canaries(load_spec('pii'), seed=0)\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
