@@ -71,7 +71,8 @@ def _run_once(config: pytest.Config, recipe_name: str) -> AuditReport:
     recipe = load_recipe(recipe_name, list(config.getoption("audit_set") or []))
     fingerprint = audit_fingerprint(recipe.model_dump(mode="json"))
     key = f"{_CACHE_PREFIX}/{fingerprint}"
-    cached = None if config.getoption("audit_fresh") or config.cache is None else config.cache.get(key, None)
+    cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
+    cached = None if config.getoption("audit_fresh") or cache is None else cache.get(key, None)
     if cached and (Path(cached) / "report.json").is_file():
         report = read_report_or_run(cached)
         if audit_fingerprint(report.recipe) == fingerprint:
@@ -80,8 +81,8 @@ def _run_once(config: pytest.Config, recipe_name: str) -> AuditReport:
     from audit.pipeline import run_audit  # the heavy edge: torch, transformers, trl
 
     result = run_audit(recipe, progress=False)
-    if config.cache is not None:
-        config.cache.set(key, str(result.run_dir.resolve()))
+    if cache is not None:
+        cache.set(key, str(result.run_dir.resolve()))
     config.stash[_ORIGIN] = f"ran recipe {recipe_name} -> {result.run_dir} (recipe fingerprint {fingerprint[:12]})"
     return result.report
 
