@@ -104,7 +104,7 @@ def load_records(source: str, *, text_column: str, max_records: int | None, buil
 
 def load_corpus(source: str, *, text_column: str = "text", max_records: int | None = None, builtin_n: int = 240, seed: int = 0,
                 format: str = "auto", messages_column: str = "messages") -> Corpus:
-    from audit.inject import _check_record
+    from audit.inject import check_record
 
     if source.startswith("builtin:"):
         records = builtin_records(source.removeprefix("builtin:"), n=builtin_n, seed=seed)
@@ -116,7 +116,7 @@ def load_corpus(source: str, *, text_column: str = "text", max_records: int | No
         raise AuditError(f"corpus '{source}' is empty", fix="give a corpus with at least one record")
     fmt = resolve_format(records[0], format=format, text_column=text_column, messages_column=messages_column, source=source)
     for i, record in enumerate(records):
-        _check_record(record, i, format=fmt, text_column=text_column, messages_column=messages_column, source=source)
+        check_record(record, i, format=fmt, text_column=text_column, messages_column=messages_column, source=source)
     return Corpus(source=source, format=fmt, records=records)
 
 

@@ -160,7 +160,7 @@ def canaries_table(canaries: CanarySet, *, reveal: bool = False, width: int = 48
     works = {w.id: w for w in canaries.works}
     rows = [["id", "role", "source", "prefix", "secret"]]
     for c in sorted(canaries.canaries, key=lambda c: (-c.repetitions, c.id)):
-        secret = clip(c.secret) if reveal else f"<hidden: {len(c.secret)} chars, sha256 {c.secret_sha256[:12]}>"
+        secret = " ".join(c.secret.split()) if reveal else f"<hidden: {len(c.secret)} chars, sha256 {c.secret_sha256[:12]}>"
         source = works[c.work].title[:24] if c.work in works else ""
         rows.append([c.id, f"{c.repetitions}x" if c.is_member else "reference", source, clip(c.prefix), secret])
     if not any(r[2] for r in rows[1:]):

@@ -86,7 +86,7 @@ def record_texts(record: dict[str, Any], *, format: Format, text_column: str, me
     return [m["content"] for m in record.get(messages_column) or [] if isinstance(m, dict) and isinstance(m.get("content"), str)]
 
 
-def _check_record(record: Any, index: int, *, format: Format, text_column: str, messages_column: str, source: str) -> None:
+def check_record(record: Any, index: int, *, format: Format, text_column: str, messages_column: str, source: str) -> None:
     if not isinstance(record, dict):
         raise AuditError(f"corpus '{source}' record {index} is not a mapping", fix="give records as JSON objects")
     if format == "text":
@@ -201,7 +201,7 @@ class StreamInjector:
             if gap >= self.n_records:
                 raise AuditError(f"corpus '{self.corpus_source}' has more records than the {self.n_records} announced",
                                  fix="count the records again (the corpus changed while reading?)")
-            _check_record(record, gap, format=self.format, text_column=self.text_column,
+            check_record(record, gap, format=self.format, text_column=self.text_column,
                           messages_column=self.messages_column, source=self.corpus_source)
             check_secrets_absent(self._scanner, gap, record_texts(record, format=self.format, text_column=self.text_column,
                                                                   messages_column=self.messages_column),

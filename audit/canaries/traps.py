@@ -31,6 +31,8 @@ def traps_generator(params: dict[str, Any], n: int, rng: SeededStream, ctx: Gene
     sampler = ctx.require_sampler("the traps spec")
     secret_tokens = int_param(params, "secret_tokens", 24)
     temperature = float_param(params, "temperature", 1.0)
+    if temperature <= 0:
+        raise AuditError(f"traps spec param 'temperature' must be > 0 (got {temperature})", fix="e.g. temperature: 1.0")
     band = list_param(params, "ppl_band", [1.0, 100.0])
     if len(band) != 2 or not 0 < float(band[0]) < float(band[1]):
         raise AuditError(f"traps spec param 'ppl_band' must be [low, high] with 0 < low < high (got {band!r})",
