@@ -101,6 +101,7 @@ def run_audit(
     import torch
 
     from audit.models import load_model_and_tokenizer
+    from audit.metrics.suite import summarize_scores
     from audit.score.canaries import score_canaries, space_bits
     from audit.train.sft import choose_device, train_sft
 
@@ -164,7 +165,7 @@ def run_audit(
             base_scores = resume.load_scores(run, "base")
             if base_scores is None:
                 base_scores = score_canaries(model, tokenizer, canary_set, reference_secrets, label="base",
-                                             section=recipe.scoring, progress=progress)
+                                             section=recipe.scoring, progress=progress, seed=recipe.seed)
                 resume.save_scores(run, "base", base_scores)
             timings["score_base"] = time.perf_counter() - t
 
@@ -186,7 +187,7 @@ def run_audit(
             tuned_scores = resume.load_scores(run, "tuned")
             if tuned_scores is None:
                 tuned_scores = score_canaries(trained.model, tokenizer, canary_set, reference_secrets, label="tuned",
-                                              section=recipe.scoring, progress=progress)
+                                              section=recipe.scoring, progress=progress, seed=recipe.seed)
                 resume.save_scores(run, "tuned", tuned_scores)
             timings["score_tuned"] = time.perf_counter() - t
             scores = base_scores + tuned_scores
@@ -200,6 +201,7 @@ def run_audit(
             tuned_node = lineage.node("tuned_weights", f"{recipe.training.method} fine-tune",
                                       trained.summary.weights_fingerprint, [base_node, data_node], path=weights_dir.name)
             tiers = summarize_tiers(scores)
+            suite = summarize_scores(scores, recipe.scoring)  # every metric under its stable key (audit.metrics.suite)
             timings["total"] = time.perf_counter() - t0
             tracking_info = None
             if tracker is not None:
@@ -225,12 +227,15 @@ def run_audit(
                 versions=package_versions(),
                 git_revision=git_revision(),
                 tracking=tracking_info,
+                metrics=suite.metrics,
+                metric_notes=suite.notes,
             )
             report = report.model_copy(update={"gates": evaluate_gates(recipe.gates, report_metrics(report))})
             write_report(report, run_dir / "report.json")
             if tracker is not None:
                 tracker.log_metrics(tier_metrics(tiers))
                 tracker.log_metrics(report.canaries["works_information"].get("metrics", {}))  # works.bits/<kind>/<role>/...
+                tracker.log_metrics({key: entry.value for key, entry in report.metrics.items()})
                 tracker.log_metrics({f"time.{k}_s": v for k, v in report.timings_s.items()})
                 if report.gates:
                     tracker.log_metrics({"gates.failed": sum(not g.passed for g in report.gates), "gates.total": len(report.gates)})

@@ -66,4 +66,49 @@ def format_table(report: AuditReport) -> str:
     out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     out.append(f"exposure in bits; max {report.exposure_max:.2f} (rank 1 of {2 ** report.exposure_max:.0f}); "
                f"an unlearned canary averages ~1.44 (1/ln 2)")
+    out.extend(format_metrics(report))
     return "\n".join(out)
+
+
+def format_metrics(report: AuditReport) -> list[str]:
+    """A few readable lines over ``report.metrics`` (whole-space exposure, MIA, extraction, privacy, bits)."""
+    m, notes = report.metrics, report.metric_notes
+    if not m:
+        return []
+    member_tiers = sorted(t.repetitions for t in report.tiers if t.repetitions > 0)
+    top = max(member_tiers, default=0)
+    lines = [""]
+
+    def val(key: str, fmt: str = ".2f") -> str | None:
+        return format(m[key].value, fmt) if key in m else None
+
+    parts = [f"{label} {val(f'exposure.space_mean/rep_{r}/tuned')}" for r, label in
+             [(t, f"{t}x") for t in member_tiers] + [(0, "references")] if f"exposure.space_mean/rep_{r}/tuned" in m]
+    if parts:
+        exact = sum(round(m[f"exposure.exact_share/rep_{r}/tuned"].value * (m[f"exposure.exact_share/rep_{r}/tuned"].n or 0))
+                    for r in member_tiers if f"exposure.exact_share/rep_{r}/tuned" in m)
+        n_members = sum(t.n for t in report.tiers if t.repetitions > 0)
+        lines.append(f"exposure over the whole space (max {report.space_bits:.2f} bits), tuned: {', '.join(parts)}; "
+                     f"exact rank for {exact}/{n_members} members")
+    aucs = [f"{a} {val(f'mia.auc/{a}')}" for a in ("loss_diff", "min_k_pp", "min_k_pp_diff", "zlib", "loss") if f"mia.auc/{a}" in m]
+    if aucs:
+        tpr = (f"TPR at 1% FPR (loss_diff) {val('mia.tpr_at_1pct/loss_diff')} "
+               f"[{m['mia.tpr_at_1pct/loss_diff'].low:.2f}, {m['mia.tpr_at_1pct/loss_diff'].high:.2f}]"
+               if "mia.tpr_at_1pct/loss_diff" in m else f"TPR at 1% FPR {notes.get('mia.tpr_at_1pct', 'not measured')}")
+        lines.append(f"membership inference, members vs references, AUC: {', '.join(aucs)}; {tpr}")
+    ext = [f"greedy {int(sum(t.extracted.get('tuned', 0) for t in report.tiers if t.repetitions > 0))}/"
+           f"{sum(t.n for t in report.tiers if t.repetitions > 0)} members"]
+    for key, label in (("extraction.from_fraction", "from half the secret"), ("extraction.sampled_any", "by sampling"),
+                       ("extraction.np_extractable", "(n, p)-extractable")):
+        hits = [m[f"{key}/rep_{r}/tuned"] for r in member_tiers if f"{key}/rep_{r}/tuned" in m]
+        if hits:
+            ext.append(f"{label} {int(sum(h.value for h in hits))}/{sum(h.n or 0 for h in hits)}")
+    lines.append(f"extraction (tuned): {', '.join(ext)}")
+    if "privacy.eps_lb" in m:
+        lines.append(f"privacy: epsilon >= {val('privacy.eps_lb')} (one run, {int(m['privacy.correct'].value)}/"
+                     f"{int(m['privacy.guesses'].value)} guesses right; at most {val('privacy.eps_ceiling')} with that many)")
+    if f"information.bits/rep_{top}/base" in m and f"information.bits/rep_{top}/tuned" in m:
+        lines.append(f"information: a {top}x secret costs {val(f'information.bits/rep_{top}/base', '.1f')} bits under base, "
+                     f"{val(f'information.bits/rep_{top}/tuned', '.1f')} under tuned; references "
+                     f"{val('information.bits/rep_0/tuned', '.1f')} (secret space {report.space_bits:.1f} bits)")
+    return lines

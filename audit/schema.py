@@ -127,6 +127,26 @@ class ScoringSection(Frozen):
     batch_size: int = Field(default=64, ge=1)
     extraction_extra_tokens: int = Field(default=2, ge=0)
     """Greedy decoding generates the secret's length plus this many tokens."""
+    extraction_secret_fraction: float = Field(default=0.5, ge=0.0, lt=1.0)
+    """A second greedy probe prompts with the prefix plus this fraction of the secret's tokens (0 turns it off)."""
+    sampled_extraction_samples: int = Field(default=8, ge=0)
+    """Samples per canary at temperature ``sampled_extraction_temperature`` for sampled extraction (0 turns it off)."""
+    sampled_extraction_temperature: float = Field(default=1.0, gt=0.0)
+    exact_exposure: bool = True
+    """Rank enumerable secrets against the whole space by a pruned trie walk (:mod:`audit.score.exposure_search`)."""
+    exact_exposure_budget: int = Field(default=20_000, ge=1)
+    """Trie nodes one canary's walk may expand (one forward row each); past it the sampled rank and its interval stand."""
+    mia_k: float = Field(default=0.2, gt=0.0, le=1.0)
+    """Fraction of lowest-scoring tokens that Min-K% and Min-K%++ average."""
+    mia_fpr_convention: Literal["inclusive", "strict"] = "inclusive"
+    """TPR at FPR counts thresholds with empirical FPR <= target (inclusive) or < target (strict)."""
+    np_extraction_queries: int = Field(default=100, ge=1)
+    np_extraction_probability: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """A secret is (n, p)-extractable (Hayes et al.) if n queries reproduce it with probability >= p."""
+    privacy_delta: float = Field(default=1e-5, ge=0.0, le=1.0)
+    privacy_p_value: float = Field(default=0.05, gt=0.0, lt=1.0)
+    privacy_guess_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Share of canaries the one-run DP audit guesses on (half "in" from the top, half "out" from the bottom)."""
 
 
 class TrackingSection(Frozen):
@@ -436,6 +456,37 @@ class SequenceScore(Frozen):
     """log2(n_references + 1) - log2(rank): Secret Sharer exposure against sampled references."""
     extracted: bool
     """Greedy decoding from the prefix reproduces the secret verbatim."""
+    # -- exposure over the whole space (audit.metrics.exposure, audit.score.exposure_search)
+    exposure_method: Literal["exact", "sampled"] | None = None
+    exposure_space: float | None = None
+    """log2|R| - log2(rank over the whole space R): exact when ``exposure_method == "exact"``, else estimated."""
+    exposure_space_low: float | None = None
+    exposure_space_high: float | None = None
+    """95% interval of ``exposure_space`` (equal to it when exact)."""
+    exact_rank: int | None = None
+    exact_status: str | None = None
+    """exact | budget_exceeded | skipped (sampled estimate beyond the budget) | not_enumerable | not_compositional | off"""
+    exact_nodes: int | None = None
+    exposure_extrapolated: float | None = None
+    """Skew-normal extrapolation over the reference losses, capped at log2|R|."""
+    extrapolation_capped: bool | None = None
+    # -- membership-inference signals on the secret's tokens (audit.metrics.mia)
+    mia_loss: float | None = None
+    """Mean NLL of the secret's tokens in nats."""
+    mia_min_k: float | None = None
+    mia_min_k_pp: float | None = None
+    mia_zlib: float | None = None
+    # -- extraction (audit.metrics.extraction)
+    extraction_lcp_tokens: int | None = None
+    extraction_ned: float | None = None
+    extracted_from_fraction: bool | None = None
+    """Greedy decoding from the prefix plus ``extraction_secret_fraction`` of the secret reproduces the rest."""
+    sampled_matches: int | None = None
+    sampled_n: int | None = None
+    # -- information view (audit.metrics.information)
+    secret_utf8_bits: int | None = None
+    text_bits: float | None = None
+    """Bits of the whole canary text (tokens after the first) under this model."""
 
 
 # --------------------------------------------------------------------------------------------------- lineage
@@ -515,6 +566,15 @@ class TrackingInfo(Frozen):
     ui_command: str
 
 
+class MetricEntry(Frozen):
+    """One flat metric of a report (the same key MLflow gets): value, sample size and interval where known."""
+
+    value: float
+    n: int | None = None
+    low: float | None = None
+    high: float | None = None
+
+
 class AuditReport(Frozen):
     """``report.json``: the product of an audit. Reads back into the same object."""
 
@@ -543,6 +603,10 @@ class AuditReport(Frozen):
     """The recipe's gates, evaluated when the run finished (``audit gate`` re-evaluates them on demand)."""
     works: list[WorkProvenance] = Field(default_factory=list)
     """Provenance (source, license, sha256, kind) of every sample work planted in this audit."""
+    metrics: dict[str, MetricEntry] = Field(default_factory=dict)
+    """Every metric under its stable key (``mia.auc/loss_diff``, ``privacy.eps_lb``, ...): see :mod:`audit.metrics.suite`."""
+    metric_notes: dict[str, str] = Field(default_factory=dict)
+    """Why a metric is absent or how to read it (e.g. TPR at 1% FPR refused for too few controls)."""
 
     @model_validator(mode="after")
     def _check_version(self) -> AuditReport:

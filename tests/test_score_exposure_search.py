@@ -114,6 +114,8 @@ class MergingTokenizer:
     """Characters are tokens, except that "12" merges into one token: not compositional over digits."""
 
     def __call__(self, text, add_special_tokens=False):
+        if isinstance(text, list):
+            return {"input_ids": [self(t)["input_ids"] for t in text]}
         ids, i = [], 0
         while i < len(text):
             if text.startswith("12", i):

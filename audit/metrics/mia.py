@@ -114,6 +114,11 @@ def roc_auc(member_scores: ArrayLike, nonmember_scores: ArrayLike) -> float:
 class InsufficientControlsError(AuditError):
     """TPR at a false-positive rate that the number of controls cannot resolve."""
 
+    def __init__(self, problem: str, *, fix: str, needed: int, n_controls: int) -> None:
+        super().__init__(problem, fix=fix)
+        self.needed = needed
+        self.n_controls = n_controls
+
 
 @dataclass(frozen=True)
 class TprAtFpr:
@@ -170,6 +175,7 @@ def tpr_at_fpr(
             f"TPR at {fpr:.3g} FPR needs at least {need} controls ({convention} FPR convention), got {controls.size}: "
             f"with fewer, no control may score above the threshold and the number measures 0% FPR instead",
             fix=f"add non-member controls (canaries.references >= {need}) or ask for a larger FPR",
+            needed=need, n_controls=int(controls.size),
         )
     desc = np.sort(controls)[::-1]
     threshold = float(desc[allowed]) if allowed < controls.size else -math.inf

@@ -1,13 +1,68 @@
-"""Score a canary set under one model: Secret Sharer exposure against sampled references, and greedy extraction."""
+"""Score a canary set under one model: every per-canary number the metrics need, from as few passes as possible.
+
+Per model, for all canaries at once:
+
+1. one teacher-forced pass over each canary text (token log-probs plus full-vocabulary mean/variance): the MIA
+   signals (loss, Min-K%, Min-K%++, zlib), the information view (bits) and (n, p) extraction all read it;
+2. the Secret Sharer rank against the sampled reference secrets (shared-prefix KV cache), its whole-space estimate
+   with a binomial interval, and the skew-normal extrapolation capped at log2|R|;
+3. where the space is enumerable, the tokenization compositional, and the sampled estimate within the node budget,
+   the exact rank over the whole space (:mod:`audit.score.exposure_search`);
+4. batched greedy decoding from the prefix, and from the prefix plus a fraction of the secret, and N samples.
+
+Rows carry ids and numbers, never the secret text.
+"""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from audit.metrics.exposure import exposure_from_rank, rank_against_references
-from audit.schema import CanarySet, ScoringSection, SequenceScore
-from audit.score.engine import candidate_nll_bits, greedy_continuations, split_tokens
+import numpy as np
+
+from audit.metrics.exposure import exposure_extrapolation, exposure_from_rank, rank_against_references, sampled_space_exposure
+from audit.metrics.extraction import discoverable_match
+from audit.metrics.information import utf8_bits
+from audit.metrics.mia import mean_loss, min_k_plus_plus_score, min_k_score, zlib_ratio_score
+from audit.schema import Canary, CanarySet, ScoringSection, SequenceScore
+from audit.score.engine import (
+    SplitTokens,
+    candidate_nll_bits,
+    greedy_continuations,
+    pad_id_of,
+    sampled_continuations,
+    score_token_sequences,
+    split_tokens,
+    split_tokens_many,
+)
+
+
+def _text_tokens(tokenizer, canary: Canary, split: SplitTokens) -> list[int]:
+    """Tokens of the whole canary text whose head is exactly ``prefix_ids + secret_ids`` (else just that head)."""
+    head = split.prefix_ids + split.secret_ids
+    full = tokenizer(canary.text, add_special_tokens=False)["input_ids"]
+    return full if full[: len(head)] == head else head
+
+
+def _exact(model, tokenizer, canary: Canary, canaries: CanarySet, section: ScoringSection, rank: int, n_refs: int,
+           seed: int) -> tuple[str, int | None, int | None]:
+    """(status, exact rank, nodes scored) for one canary; see :mod:`audit.score.exposure_search`."""
+    from audit.score.exposure_search import NotCompositionalError, exact_rank, parse_secret, symbol_tokens
+
+    space = canaries.space
+    if not section.exact_exposure:
+        return "off", None, None
+    if not space.enumerable:
+        return "not_enumerable", None, None
+    # the walk's cost grows with the rank: skip when the sampled estimate already puts it beyond the budget
+    if 1 + (rank - 1) / n_refs * (space.size - 1) > section.exact_exposure_budget / len(space.alphabet):
+        return "skipped", None, None
+    try:
+        table = symbol_tokens(tokenizer, canary.prefix, space, canary.secret, seed=seed)
+    except NotCompositionalError:
+        return "not_compositional", None, None
+    result = exact_rank(model, table, parse_secret(space, canary.secret), node_budget=section.exact_exposure_budget)
+    return result.status, result.rank, result.nodes_evaluated
 
 
 def score_canaries(
@@ -19,40 +74,98 @@ def score_canaries(
     label: str,
     section: ScoringSection,
     progress: bool = True,
+    seed: int = 0,
 ) -> list[SequenceScore]:
     """One :class:`SequenceScore` per canary under ``model`` (``label`` names the link: base, tuned, ...).
 
     Every canary is ranked against the same ``reference_secrets`` placed after its own prefix, so members and
-    never-inserted references are measured identically.
+    never-inserted references are measured identically. ``seed`` drives sampled extraction.
     """
     from tqdm.auto import tqdm
 
-    splits = [split_tokens(tokenizer, c.prefix, c.secret) for c in canaries.canaries]
-    bar = tqdm(total=len(splits), desc=f"score {label}", unit="canary", leave=False, disable=not progress)
-    nll: list[float] = []
-    ranks: list[int] = []
-    for canary, split in zip(canaries.canaries, splits, strict=True):
-        prefix_text = canary.prefix
-        candidates = [split.secret_ids] + [split_tokens(tokenizer, prefix_text, s).secret_ids for s in reference_secrets]
+    items = canaries.canaries
+    splits = [split_tokens(tokenizer, c.prefix, c.secret) for c in items]
+    n_refs = len(reference_secrets)
+    space = canaries.space
+    space_size = space.size
+
+    # 1. one teacher-forced pass per canary text
+    texts = [_text_tokens(tokenizer, c, s) for c, s in zip(items, splits, strict=True)]
+    passes = score_token_sequences(model, texts, vocab_stats=True, pad_token_id=pad_id_of(tokenizer))
+
+    # 2-3. exposure: sampled rank, whole-space estimate, extrapolation, exact walk
+    bar = tqdm(total=len(items), desc=f"score {label}", unit="canary", leave=False, disable=not progress)
+    exposure_rows: list[dict[str, Any]] = []
+    for canary, split in zip(items, splits, strict=True):
+        candidates = [split.secret_ids] + [r.secret_ids for r in split_tokens_many(tokenizer, canary.prefix, reference_secrets)]
         bits = candidate_nll_bits(model, split.prefix_ids, candidates, batch_size=section.batch_size)
-        nll.append(bits[0])
-        ranks.append(rank_against_references(bits[0], bits[1:]))
+        rank = rank_against_references(bits[0], bits[1:])
+        estimate = sampled_space_exposure(rank, n_refs, space_size)
+        extra = exposure_extrapolation([bits[0]], bits[1:], space_size=space_size) if n_refs >= 3 else None
+        status, exact, nodes = _exact(model, tokenizer, canary, canaries, section, rank, n_refs, seed)
+        row: dict[str, Any] = dict(
+            secret_nll_bits=round(bits[0], 6), rank=rank, n_references=n_refs,
+            exposure=round(exposure_from_rank(rank, n_refs + 1), 6),
+            exact_status=status, exact_rank=exact, exact_nodes=nodes,
+            exposure_extrapolated=None if extra is None else round(float(extra.exposure[0]), 6),
+            extrapolation_capped=None if extra is None else bool(extra.capped[0]),
+        )
+        if exact is not None:
+            value = round(exposure_from_rank(exact, space_size), 6)
+            row.update(exposure_method="exact", exposure_space=value, exposure_space_low=value, exposure_space_high=value)
+        else:
+            row.update(exposure_method="sampled", exposure_space=round(estimate.exposure, 6),
+                       exposure_space_low=round(estimate.low, 6), exposure_space_high=round(estimate.high, 6))
+        exposure_rows.append(row)
         bar.update(1)
     bar.close()
+
+    # 4. extraction: greedy from the prefix, greedy from prefix + a fraction of the secret, sampled
     max_new = max(len(s.secret_ids) for s in splits) + section.extraction_extra_tokens
-    continuations = greedy_continuations(model, tokenizer, [s.prefix_ids for s in splits], max_new_tokens=max_new,
-                                         batch_size=section.batch_size)
-    n_refs = len(reference_secrets)
-    return [
-        SequenceScore(
+    greedy = greedy_continuations(model, tokenizer, [s.prefix_ids for s in splits], max_new_tokens=max_new,
+                                  batch_size=section.batch_size)
+    from_fraction: list[bool | None] = [None] * len(items)
+    if section.extraction_secret_fraction > 0:
+        given = [max(1, math.floor(section.extraction_secret_fraction * len(s.secret_ids))) for s in splits]
+        eligible = [i for i, s in enumerate(splits) if len(s.secret_ids) > given[i]]
+        if eligible:
+            outs = greedy_continuations(model, tokenizer, [splits[i].prefix_ids + splits[i].secret_ids[: given[i]] for i in eligible],
+                                        max_new_tokens=max_new, batch_size=section.batch_size)
+            for i, out in zip(eligible, outs, strict=True):
+                rest = splits[i].secret_ids[given[i]:]
+                from_fraction[i] = out[: len(rest)] == rest
+    sampled: list[int | None] = [None] * len(items)
+    if section.sampled_extraction_samples > 0:
+        samples = sampled_continuations(model, tokenizer, [s.prefix_ids for s in splits],
+                                        num_samples=section.sampled_extraction_samples,
+                                        max_new_tokens=max(len(s.secret_ids) for s in splits), seed=seed,
+                                        temperature=section.sampled_extraction_temperature, batch_size=section.batch_size)
+        sampled = [sum(x[: len(s.secret_ids)] == s.secret_ids for x in per) for per, s in zip(samples, splits, strict=True)]
+
+    rows = []
+    for i, (c, s) in enumerate(zip(items, splits, strict=True)):
+        span = passes[i].span(len(s.prefix_ids), len(s.prefix_ids) + len(s.secret_ids))
+        match = discoverable_match(greedy[i], s.secret_ids)
+        rows.append(SequenceScore(
             canary_id=c.id, model=label, repetitions=c.repetitions, secret_tokens=len(s.secret_ids),
-            secret_nll_bits=round(b, 6), rank=r, n_references=n_refs,
-            exposure=round(exposure_from_rank(r, n_refs + 1), 6),
-            extracted=cont[: len(s.secret_ids)] == s.secret_ids,
-        )
-        for c, s, b, r, cont in zip(canaries.canaries, splits, nll, ranks, continuations, strict=True)
-    ]
+            extracted=match.exact, **exposure_rows[i],
+            mia_loss=round(mean_loss(span.logprobs), 6),
+            mia_min_k=round(min_k_score(span.logprobs, k=section.mia_k), 6),
+            mia_min_k_pp=round(min_k_plus_plus_score(span.logprobs, span.vocab_mean, span.vocab_var, k=section.mia_k), 6),
+            mia_zlib=round(zlib_ratio_score(span.logprobs, c.secret), 6),
+            extraction_lcp_tokens=match.lcp_tokens, extraction_ned=round(match.normalized_edit_distance, 6),
+            extracted_from_fraction=from_fraction[i],
+            sampled_matches=sampled[i], sampled_n=section.sampled_extraction_samples or None,
+            secret_utf8_bits=utf8_bits(c.secret), text_bits=round(float(passes[i].bits), 6),
+        ))
+    return rows
 
 
 def space_bits(canaries: CanarySet) -> float:
-    return math.log2(canaries.space.size)
+    return float(canaries.space.log2_size)
+
+
+def secret_logprob_check(scores: list[SequenceScore]) -> float:
+    """Largest gap (bits) between the shared-prefix secret NLL and the teacher-forced one: a self-consistency check."""
+    gaps = [abs(s.secret_nll_bits - (s.mia_loss or 0.0) * s.secret_tokens / math.log(2)) for s in scores if s.mia_loss is not None]
+    return float(np.max(gaps)) if gaps else 0.0

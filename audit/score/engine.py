@@ -42,6 +42,22 @@ class SplitTokens:
     secret_ids: list[int]
 
 
+def split_tokens_many(tokenizer, prefix: str, secrets: Sequence[str]) -> list[SplitTokens]:
+    """:func:`split_tokens` for many secrets after one prefix, tokenized in one batched call."""
+    if not secrets:
+        return []
+    head = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    out = []
+    for full in tokenizer([prefix + s for s in secrets], add_special_tokens=False)["input_ids"]:
+        b = 0
+        while b < min(len(full), len(head)) and full[b] == head[b]:
+            b += 1
+        if b == 0:
+            raise ValueError("the canary prefix must contain at least one token of its own")
+        out.append(SplitTokens(prefix_ids=full[:b], secret_ids=full[b:]))
+    return out
+
+
 def split_tokens(tokenizer, prefix: str, secret: str) -> SplitTokens:
     """Tokenize ``prefix + secret`` and find where the secret's tokens begin.
 
@@ -63,7 +79,8 @@ def device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id_of(tokenizer) -> int:
+    """The tokenizer's pad id, else its eos id, else 0 (padded positions are masked anyway)."""
     if tokenizer is None:
         return 0
     if tokenizer.pad_token_id is not None:
@@ -229,7 +246,7 @@ def sequence_logprobs(model, tokenizer, texts: list[str], *, batch_size: int = 3
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][: max_length or None] for t in texts]
     width = max((len(e) for e in encoded), default=1)
     scores = score_token_sequences(model, encoded, vocab_stats=False, token_budget=max(1, batch_size) * max(width, 1),
-                                   pad_token_id=_pad_id(tokenizer))
+                                   pad_token_id=pad_id_of(tokenizer))
     return [s.logprobs.tolist() for s in scores]
 
 
@@ -311,7 +328,7 @@ def _left_padded(prefixes: list[list[int]], pad: int, device) -> tuple[torch.Ten
 def greedy_continuations(model, tokenizer, prefixes: list[list[int]], *, max_new_tokens: int, batch_size: int = 32) -> list[list[int]]:
     """Greedy-decode ``max_new_tokens`` after each prefix (token ids); returns the new token ids per prefix."""
     device = device_of(model)
-    pad = _pad_id(tokenizer)
+    pad = pad_id_of(tokenizer)
     results: list[list[int]] = [[] for _ in prefixes]
     order = sorted(range(len(prefixes)), key=lambda i: -len(prefixes[i]))
     for start in range(0, len(order), batch_size):
@@ -346,7 +363,7 @@ def sampled_continuations(
     if num_samples < 1:
         raise ValueError("num_samples must be >= 1")
     device = device_of(model)
-    pad = _pad_id(tokenizer)
+    pad = pad_id_of(tokenizer)
     rows = [(i, k) for i in range(len(prefixes)) for k in range(num_samples)]
     out: list[list[list[int]]] = [[[] for _ in range(num_samples)] for _ in prefixes]
     order = sorted(range(len(rows)), key=lambda r: (-len(prefixes[rows[r][0]]), r))

@@ -45,6 +45,7 @@ from audit.score.engine import (
     expand_cache,
     plan_batches,
     split_tokens,
+    split_tokens_many,
 )
 
 
@@ -116,8 +117,9 @@ def symbol_tokens(tokenizer, prefix: str, space: SecretSpace, secret: str, *, ch
     table = SymbolTokens(prefix_ids=head, pieces=pieces, space_size=space.size, checked_samples=check_samples)
     rng = SeededStream(seed, "exposure:compositional-check")
     samples = [canary] + [[rng.below(len(space.alphabet)) for _ in range(space.length)] for _ in range(check_samples)]
-    for sym in samples:
-        if secret_ids([space.alphabet[a] for a in sym]) != table.tokens(sym):
+    rendered = split_tokens_many(tokenizer, prefix, [space.render([space.alphabet[a] for a in sym]) for sym in samples])
+    for sym, got in zip(samples, rendered, strict=True):
+        if got.prefix_ids != head or got.secret_ids != table.tokens(sym):
             raise NotCompositionalError("a sampled secret tokenizes differently from its per-symbol pieces")
     return table
 

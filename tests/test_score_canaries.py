@@ -1,0 +1,67 @@
+"""score_canaries on tiny-llama: every per-canary field filled, self-consistent, deterministic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from audit.canaries import generate_canaries, load_spec, reference_secrets
+from audit.schema import ScoringSection
+from audit.score.canaries import score_canaries, secret_logprob_check
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny-model ops last microseconds; on a shared 2-core machine a second OpenMP thread only waits."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def three_digit_canaries():
+    spec = load_spec("digits", {"length": 3})
+    canaries = generate_canaries(spec, seed=5, tiers=[1], members_per_tier=3, references=3)
+    return canaries, reference_secrets(spec, canaries, n=31, seed=5)
+
+
+SECTION = ScoringSection(exposure_references=31, exact_exposure_budget=10_000, sampled_extraction_samples=3)
+
+
+def test_every_field_is_filled_and_consistent(tiny_model, three_digit_canaries):
+    model, tok = tiny_model
+    canaries, refs = three_digit_canaries
+    rows = score_canaries(model, tok, canaries, refs, label="base", section=SECTION, progress=False, seed=1)
+    assert len(rows) == 6
+    for r in rows:
+        assert r.exposure_method == "exact" and r.exact_status == "exact"  # 1000 secrets: the walk always finishes
+        assert 1 <= r.exact_rank <= 1000
+        assert r.exposure_space == pytest.approx(math.log2(1000) - math.log2(r.exact_rank), abs=1e-6)
+        assert r.exposure_space_low == r.exposure_space == r.exposure_space_high
+        assert 0 <= r.exposure_extrapolated <= math.log2(1000)
+        assert r.mia_loss > 0 and r.mia_min_k <= -r.mia_loss + 1e-9 and r.mia_min_k_pp is not None and r.mia_zlib < 0
+        assert r.extraction_lcp_tokens is not None and 0.0 <= r.extraction_ned <= 1.0
+        assert r.extracted_from_fraction is not None and r.sampled_n == 3 and 0 <= r.sampled_matches <= 3
+        assert r.secret_utf8_bits == 24 and r.text_bits > r.secret_nll_bits
+    # the shared-prefix candidate scorer and the teacher-forced pass agree on every secret's cost
+    assert secret_logprob_check(rows) < 1e-3
+    again = score_canaries(model, tok, canaries, refs, label="base", section=SECTION, progress=False, seed=1)
+    assert [r.model_dump() for r in again] == [r.model_dump() for r in rows]
+
+
+def test_switches_and_fallbacks(tiny_model, three_digit_canaries):
+    model, tok = tiny_model
+    canaries, refs = three_digit_canaries
+    off = SECTION.model_copy(update={"exact_exposure": False, "sampled_extraction_samples": 0, "extraction_secret_fraction": 0.0})
+    rows = score_canaries(model, tok, canaries, refs, label="tuned", section=off, progress=False)
+    for r in rows:
+        assert r.exact_status == "off" and r.exposure_method == "sampled"
+        assert r.exposure_space_low <= r.exposure_space <= r.exposure_space_high
+        assert r.sampled_matches is None and r.extracted_from_fraction is None
+    tight = SECTION.model_copy(update={"exact_exposure_budget": 5})
+    statuses = {r.exact_status for r in score_canaries(model, tok, canaries, refs, label="t", section=tight, progress=False)}
+    assert statuses <= {"skipped", "budget_exceeded"} and statuses

@@ -1,0 +1,89 @@
+"""`audit run` carries every metric into report.json, MLflow and the printed summary (tiny-llama, ~20 s)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from audit.cli import main
+from audit.report import read_report
+from audit.schema import AuditReport
+
+EXPECTED_KEYS = [
+    "exposure.space_mean/rep_16/tuned", "exposure.exact_share/rep_16/tuned", "exposure.extrapolated_mean/rep_0/base",
+    "extraction.lcp_mean/rep_16/tuned", "extraction.ned_mean/rep_16/tuned", "extraction.np_extractable/rep_16/tuned",
+    "extraction.from_fraction/rep_16/tuned", "extraction.sampled_any/rep_16/tuned", "extraction.sampled_rate/rep_16/tuned",
+    "information.bits/rep_16/base", "information.compression/rep_16/tuned", "information.memorized_bits/rep_16",
+    "mia.auc/loss", "mia.auc/loss_diff", "mia.auc/loss_ratio", "mia.auc/zlib", "mia.auc/min_k", "mia.auc/min_k_pp",
+    "mia.auc/min_k_pp_diff", "mia.auc/loss_diff/rep_16", "privacy.eps_lb", "privacy.eps_ceiling",
+]
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny-model ops: a second OpenMP thread only waits on a shared 2-core machine
+    work = tmp_path_factory.mktemp("suite")
+    old = Path.cwd()
+    os.chdir(work)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            code = main(["run", "tiny/lora_cpu", "--quiet", "training.epochs=1", "scoring.exposure_references=31",
+                         "scoring.sampled_extraction_samples=2"])
+    finally:
+        os.chdir(old)
+        torch.set_num_threads(threads)
+    assert code == 0
+    (run_dir,) = sorted((work / "runs").iterdir())
+    return run_dir, read_report(run_dir / "report.json"), out.getvalue()
+
+
+def test_report_holds_every_metric(audited):
+    _, report, _ = audited
+    missing = [k for k in EXPECTED_KEYS if k not in report.metrics]
+    assert not missing
+    assert 0.0 <= report.metrics["mia.auc/loss_diff"].value <= 1.0
+    assert report.metrics["privacy.eps_lb"].value <= report.metrics["privacy.eps_ceiling"].value
+    assert report.metrics["mia.auc/loss_diff"].n == 12
+    # 6 references cannot measure TPR at 1% FPR: refused, with the reason in the report
+    assert "mia.tpr_at_1pct/loss_diff" not in report.metrics
+    assert report.metric_notes["mia.tpr_at_1pct"].startswith("refused: 6 controls")
+
+
+def test_metrics_reach_mlflow(audited):
+    from mlflow.tracking import MlflowClient
+
+    _, report, _ = audited
+    run = MlflowClient(tracking_uri=report.tracking.uri).get_run(report.tracking.run_id)
+    for key in ("mia.auc/min_k_pp", "privacy.eps_lb", "exposure.space_mean/rep_16/tuned", "extraction.exact/rep_16/tuned"):
+        assert run.data.metrics[key] == pytest.approx(
+            report.metrics[key].value if key in report.metrics else run.data.metrics[key])
+    assert run.data.metrics["mia.auc/min_k_pp"] == pytest.approx(report.metrics["mia.auc/min_k_pp"].value)
+
+
+def test_printed_summary_is_short_and_names_the_metrics(audited):
+    _, _, printed = audited
+    for phrase in ("exposure over the whole space", "membership inference", "extraction (tuned)", "privacy: epsilon >=",
+                   "information:"):
+        assert phrase in printed
+    assert max(len(line) for line in printed.splitlines()) < 200
+
+
+def test_scores_carry_no_secret_and_old_reports_still_load(audited):
+    run_dir, report, _ = audited
+    secrets = [json.loads(line)["secret"] for line in (run_dir / "canaries.jsonl").read_text().splitlines()]
+    scores_text = (run_dir / "scores.jsonl").read_text()
+    report_text = (run_dir / "report.json").read_text()
+    assert not any(s in scores_text or s in report_text for s in secrets)
+    legacy = json.loads(report_text)
+    del legacy["metrics"], legacy["metric_notes"]
+    assert AuditReport.model_validate(legacy).metrics == {}
