@@ -57,6 +57,9 @@ class CanarySection(Frozen):
     """Canaries drawn from the same pool but never inserted: the controls."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Overrides of the spec's own ``params`` (e.g. ``canaries.params.sources=[kjv]`` for the works spec)."""
+    inject: bool = True
+    """Plant the member canaries into the training data. ``false`` trains on the clean corpus and only measures: with
+    ``parent=RUN_DIR`` that is the further clean tune, which shows how much of the parent's canaries survive."""
 
     @field_validator("tiers")
     @classmethod
@@ -109,6 +112,9 @@ class TrainingSection(Frozen):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     lora: LoraSection = Field(default_factory=LoraSection)
+    save_merged: bool = False
+    """LoRA only: also save the adapter merged into the base (``merge_and_unload``) as safetensors in ``merged/``,
+    with its own fingerprint: the weights a deployment would ship."""
     checkpoint_every: float = Field(default=0.25, ge=0)
     """Save a resumable checkpoint (weights, optimizer, RNG) every N optimizer steps (N >= 1) or this fraction of the
     run (< 1); 0 turns checkpoints off. Only the latest is kept; ``audit run --resume RUN_DIR`` continues from it."""
@@ -147,6 +153,32 @@ class ScoringSection(Frozen):
     privacy_p_value: float = Field(default=0.05, gt=0.0, lt=1.0)
     privacy_guess_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
     """Share of canaries the one-run DP audit guesses on (half "in" from the top, half "out" from the bottom)."""
+
+
+class OutputsSection(Frozen):
+    """Generated outputs (:mod:`audit.outputs`): sample the tuned model and scan the text for canary secrets and works.
+
+    ``samples`` per prompt, from the beginning-of-text token alone (``unprompted``) and from each neutral prompt. The
+    raw text stays in the run directory (``outputs.jsonl``); the report gets counts and canary ids only.
+    """
+
+    samples: int = Field(default=0, ge=0)
+    """Samples per prompt; 0 turns the stage off."""
+    unprompted: bool = True
+    """Also sample from the beginning-of-text token alone (no prompt)."""
+    prompts: list[str] = Field(default_factory=lambda: ["Note:", "Here is a short update.", "Today"])
+    """Neutral prompts: none of them names a canary's context."""
+    temperature: float = Field(default=1.0, gt=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    """0: no top-k cut."""
+    max_new_tokens: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    near_max_edits: int = Field(default=1, ge=0)
+    """A near match differs from a secret by at most this many edits: symbols (digits, words) for enumerable spaces,
+    characters otherwise."""
+    ngram: int = Field(default=8, ge=2)
+    """Token n-gram length for the verbatim-overlap share with the works."""
 
 
 class TrackingSection(Frozen):
@@ -223,6 +255,11 @@ class Recipe(Frozen):
     scoring: ScoringSection = Field(default_factory=ScoringSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    outputs: OutputsSection = Field(default_factory=OutputsSection)
+    """Generated outputs of the tuned model, scanned for secrets and works (off unless ``outputs.samples`` > 0)."""
+    parent: str | None = None
+    """A finished run directory: fine-tune ITS tuned weights instead of the base (``audit run RECIPE parent=RUN_DIR``).
+    Model, canaries (except ``canaries.inject``) and scoring are then the parent's, so both are measured alike."""
     expected: dict[str, str] = Field(default_factory=dict)
     """Documentation only: expected wall time and memory on the recipe's target machine."""
     gates: list[GateSpec] = Field(default_factory=list)
@@ -526,6 +563,9 @@ class TrainSummary(Frozen):
     gradient_checkpointing: bool
     weights_path: str
     weights_fingerprint: str
+    merged_path: str | None = None
+    """LoRA with ``training.save_merged``: the adapter merged into the base, as safetensors."""
+    merged_fingerprint: str | None = None
 
 
 class TierSummary(Frozen):
@@ -603,6 +643,12 @@ class AuditReport(Frozen):
     """The recipe's gates, evaluated when the run finished (``audit gate`` re-evaluates them on demand)."""
     works: list[WorkProvenance] = Field(default_factory=list)
     """Provenance (source, license, sha256, kind) of every sample work planted in this audit."""
+    outputs: dict[str, Any] | None = None
+    """The generated-outputs scan (:mod:`audit.outputs`): protocol, counts and canary ids, never the text."""
+    parent_run: str | None = None
+    """For a further tune: the run whose tuned weights were fine-tuned again."""
+    persistence: dict[str, Any] | None = None
+    """For a further tune: the parent's canaries before and after it (:mod:`audit.chain`)."""
     metrics: dict[str, MetricEntry] = Field(default_factory=dict)
     """Every metric under its stable key (``mia.auc/loss_diff``, ``privacy.eps_lb``, ...): see :mod:`audit.metrics.suite`."""
     metric_notes: dict[str, str] = Field(default_factory=dict)
