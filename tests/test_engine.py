@@ -14,6 +14,7 @@ from audit.score.engine import (
     sampled_continuations,
     score_token_sequences,
     sequence_logprobs,
+    torch_threads,
 )
 
 TEXTS = [
@@ -27,13 +28,8 @@ TEXTS = [
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny-model ops last microseconds; on a shared 2-core machine a second OpenMP thread only waits (60x slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):  # tiny-model ops: a second OpenMP thread only waits on a shared 2-core machine
+        yield
 
 
 def _plain(model, ids: list[int]):

@@ -9,17 +9,13 @@ import pytest
 from audit.canaries import generate_canaries, load_spec, reference_secrets
 from audit.schema import ScoringSection
 from audit.score.canaries import score_canaries, secret_logprob_check
+from audit.score.engine import torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny-model ops last microseconds; on a shared 2-core machine a second OpenMP thread only waits."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):  # tiny-model ops: a second OpenMP thread only waits on a shared 2-core machine
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from audit.canaries import generate_canaries, load_spec
 from audit.metrics import exposure_interpolation, null_exposure_mean
 from audit.schema import SecretSpace
-from audit.score.engine import candidate_nll_bits
+from audit.score.engine import candidate_nll_bits, torch_threads
 from audit.score.exposure_search import NotCompositionalError, exact_rank, parse_secret, symbol_tokens
 
 DIGITS3 = SecretSpace(alphabet=list("0123456789"), length=3)
@@ -19,13 +19,8 @@ PREFIX = "Note for the file: the vault access code of Ms. Halloway is "
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny-model ops last microseconds; on a shared 2-core machine a second OpenMP thread only waits (60x slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):  # tiny-model ops: a second OpenMP thread only waits on a shared 2-core machine
+        yield
 
 
 def _all_secrets(space):

@@ -13,6 +13,7 @@ import pytest
 from audit.cli import main
 from audit.report import read_report
 from audit.schema import AuditReport
+from audit.score.engine import torch_threads
 
 EXPECTED_KEYS = [
     "exposure.space_mean/rep_16/tuned", "exposure.exact_share/rep_16/tuned", "exposure.extrapolated_mean/rep_0/base",
@@ -26,22 +27,17 @@ EXPECTED_KEYS = [
 
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny-model ops: a second OpenMP thread only waits on a shared 2-core machine
     work = tmp_path_factory.mktemp("suite")
     old = Path.cwd()
     os.chdir(work)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), torch_threads(1):  # tiny-model ops: a second thread only waits
             code = main(["run", "tiny/lora_cpu", "--quiet", "training.epochs=1", "scoring.exposure_references=31",
                          "scoring.sampled_extraction_samples=2"])
     finally:
         os.chdir(old)
-        torch.set_num_threads(threads)
     assert code == 0
     (run_dir,) = sorted((work / "runs").iterdir())
     return run_dir, read_report(run_dir / "report.json"), out.getvalue()

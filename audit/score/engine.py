@@ -100,6 +100,21 @@ def adapter_disabled(model) -> Iterator[object]:
         yield model
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op CPU threads, then restore the previous count.
+
+    Tiny models (tests) and CPUs shared with other jobs do better with 1 thread: each op lasts microseconds, and a
+    second OpenMP thread mostly waits for a core (measured 60x slower on a loaded 2-core machine).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------------------------- batching
 
 
