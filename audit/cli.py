@@ -8,6 +8,7 @@
     audit gate runs/<run> [--gates FILE] [--baseline RUN] [--junit FILE]   # release gates; exit 1 if one fails
     audit canaries words [--seed 3] [--reveal] [length=6]  # draw and show a spec's pool (secrets hidden by default)
     audit inject tiny/lora_cpu --out planted/ [--stream]  # canaries + injection + pre-flight as a standalone stage
+    audit probe "Colorless green ideas" [--model SOURCE] [--adapter RUN_DIR]  # per-token p under base and tuned
 
 User errors print one line, ``error: <problem> (fix: <how>)``, and exit with code 2.
 """
@@ -70,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(inj)
     inj.add_argument("--out", default=None, metavar="DIR", help="output directory (default: <output.root>/<name>-inject-<time>)")
     inj.add_argument("--stream", action="store_true", help="read and write the corpus record by record (big corpora)")
+
+    probe = sub.add_parser("probe", help="per-token probability of a text under the base and the tuned model")
+    probe.add_argument("text", nargs="?", default="Colorless green ideas sleep furiously")
+    probe.add_argument("--model", default=None, metavar="SOURCE",
+                       help="base model (default: the run's recipe model with --adapter RUN_DIR, else smollm2-135m)")
+    probe.add_argument("--adapter", default=None, metavar="PATH", help="run directory, PEFT adapter or tuned model directory")
+    probe.add_argument("--json", action="store_true", help="print the probabilities as JSON")
     return parser
 
 
@@ -208,8 +216,18 @@ def cmd_inject(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    import json
+
+    from audit.score.probe import format_probe, probe_text
+
+    result = probe_text(args.text, model_source=args.model, adapter=args.adapter)
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_probe(result))
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ls": cmd_ls, "gate": cmd_gate, "canaries": cmd_canaries,
-            "inject": cmd_inject}
+            "inject": cmd_inject, "probe": cmd_probe}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
