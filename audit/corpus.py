@@ -134,10 +134,25 @@ def stream_records(source: str, *, max_records: int | None = None, builtin_n: in
                 return
             yield record
 
-    count = sum(1 for _ in records())
+    count = _count_records(source, records)
+    if max_records is not None:
+        count = min(count, max_records)
     if count == 0:
         raise AuditError(f"corpus '{source}' is empty", fix="give a corpus with at least one record")
     return records, count
+
+
+def _count_records(source: str, records: Callable[[], Iterator[dict[str, Any]]]) -> int:
+    """Records in a corpus without decoding it where the format allows (JSON lines, parquet metadata)."""
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        with path.open("rb") as f:
+            return sum(1 for line in f if line.strip())
+    if path.is_file() and path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(str(path)).metadata.num_rows
+    return sum(1 for _ in records())
 
 
 def _load_with_datasets(source: str) -> list[dict[str, Any]]:
