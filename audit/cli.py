@@ -8,6 +8,9 @@
     audit gate runs/<run> [--gates FILE] [--baseline RUN] [--junit FILE]   # release gates; exit 1 if one fails
     audit canaries words [--seed 3] [--reveal] [length=6]  # draw and show a spec's pool (secrets hidden by default)
     audit inject tiny/lora_cpu --out planted/ [--stream]  # canaries + injection + pre-flight as a standalone stage
+    audit run smollm2/clean_lora_cpu parent=runs/<run>   # fine-tune that run's tuned weights again, measure what survives
+    audit chain [RECIPE] [--then RECIPE] [key=value]     # base -> tune -> outputs -> further clean tune, one command
+    audit compare RUN_OR_EXPERIMENT ... [--plot FILE]    # side-by-side table + PNG of several runs, read from MLflow
     audit probe "Colorless green ideas" [--model SOURCE] [--adapter RUN_DIR]  # per-token p under base and tuned
 
 User errors print one line, ``error: <problem> (fix: <how>)``, and exit with code 2.
@@ -72,6 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     inj.add_argument("--out", default=None, metavar="DIR", help="output directory (default: <output.root>/<name>-inject-<time>)")
     inj.add_argument("--stream", action="store_true", help="read and write the corpus record by record (big corpora)")
 
+    chn = sub.add_parser("chain", help="the derivative chain: run RECIPE, then fine-tune its weights again (--then) and "
+                                       "measure what survives")
+    _add_recipe_args(chn)
+    chn.add_argument("--then", default=None, metavar="RECIPE",
+                     help="the further tune (default: clean_lora_cpu beside RECIPE, e.g. smollm2/clean_lora_cpu)")
+    chn.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+    chn.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    chn.add_argument("--quiet", action="store_true", help="no progress output, only the final tables")
+
+    cmp_ = sub.add_parser("compare", help="several runs side by side (table + PNG), read from MLflow")
+    cmp_.add_argument("targets", nargs="+", metavar="RUN_OR_EXPERIMENT",
+                      help="run directories, MLflow run ids or experiment names")
+    cmp_.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the run's own, or ./mlflow.db)")
+    cmp_.add_argument("--plot", default="compare.png", metavar="FILE", help="PNG to write (default: compare.png)")
+    cmp_.add_argument("--model", default="tuned", help="which model's numbers to compare (default: tuned)")
+
     probe = sub.add_parser("probe", help="per-token probability of a text under the base and the tuned model")
     probe.add_argument("text", nargs="?", default="Colorless green ideas sleep furiously")
     probe.add_argument("--model", default=None, metavar="SOURCE",
@@ -115,10 +134,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         recipe = load_recipe(recipe_name, overrides)
         result = run_audit(recipe, tracking_uri=args.tracking_uri, tracking=False if args.no_tracking else None,
                            progress=not args.quiet)
+    _print_result(result)
+    return 0
+
+
+def _print_result(result) -> None:
+    from audit.report import format_table
+
+    if result is None:  # a non-main process of `accelerate launch`: rank 0 reports
+        return
     report = result.report
-    print(f"\naudit {report.run_id}: {recipe.model.source}, {report.training.method} fine-tune, "
+    print(f"\naudit {report.run_id}: {report.model.source}, {report.training.method} fine-tune, "
           f"{report.training.steps} steps in {report.training.wall_s:.0f} s, total {report.timings_s['total']:.0f} s")
     print(format_table(report))
+    if report.outputs:
+        print(f"\noutputs: {report.outputs['statement']}")
+    if report.persistence:
+        from audit.chain import format_persistence
+
+        print(f"\npersistence of the parent's canaries (parent {report.parent_run}):")
+        print(format_persistence(report.persistence))
     if report.gates:
         from audit.gates import format_gate_table
 
@@ -127,7 +162,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\nrun directory: {result.run_dir}")
     if report.tracking is not None:
         print(f"MLflow run {report.tracking.run_id}: {report.tracking.ui_command}")
-    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -226,8 +260,45 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chain(args: argparse.Namespace) -> int:
+    from audit.config import load_recipe, resolve_recipe_path
+    from audit.pipeline import run_audit
+    from audit.resources import DEFAULT_RECIPE
+
+    recipe_name, overrides = _split_overrides(args)
+    first = load_recipe(recipe_name, overrides)
+    then = args.then
+    if then is None:
+        beside = str(Path(recipe_name or DEFAULT_RECIPE).with_suffix("").parent / "clean_lora_cpu")
+        try:
+            resolve_recipe_path(beside)
+        except AuditError:
+            raise AuditError(f"no further-tune recipe given and none beside {recipe_name} ({beside})",
+                             fix="pass --then RECIPE, e.g. --then smollm2/clean_lora_cpu") from None
+        then = beside
+    load_recipe(then, overrides)  # a bad second recipe fails before the first run starts
+    tracking = False if args.no_tracking else None
+    parent = run_audit(first, tracking_uri=args.tracking_uri, tracking=tracking, progress=not args.quiet)
+    _print_result(parent)
+    child = run_audit(load_recipe(then, [*overrides, f"parent={parent.run_dir}"]), tracking_uri=args.tracking_uri,
+                      tracking=tracking, progress=not args.quiet)
+    _print_result(child)
+    print(f"\nchain: {parent.run_dir} -> {child.run_dir}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from audit.compare import compare_plot, compare_table, resolve_rows
+
+    rows = resolve_rows(args.targets, tracking_uri=args.tracking_uri)
+    print(compare_table(rows, model=args.model))
+    path = compare_plot(rows, Path(args.plot), model=args.model)
+    print(f"\nplot: {path}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ls": cmd_ls, "gate": cmd_gate, "canaries": cmd_canaries,
-            "inject": cmd_inject, "probe": cmd_probe}
+            "inject": cmd_inject, "chain": cmd_chain, "compare": cmd_compare, "probe": cmd_probe}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

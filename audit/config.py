@@ -23,7 +23,7 @@ from audit.schema import Recipe
 def shipped_recipes() -> list[str]:
     """Names of the recipes shipped in ``recipes/`` (``<model>/<method>_<device>``)."""
     root = data_dir("recipes")
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if p.parent.name != "accelerate")
 
 
 def resolve_recipe_path(name_or_path: str | None) -> Path:

@@ -26,12 +26,13 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
 import yaml
 
-from audit import lineage, resume
+from audit import distributed, lineage, resume
 from audit.canaries import generate_canaries, load_spec, spec_needs_model
 from audit.errors import AuditError
 from audit.gates import evaluate_gates, report_metrics
@@ -92,8 +93,8 @@ def run_audit(
     tracking: bool | None = None,
     progress: bool = True,
     resume_dir: Path | None = None,
-) -> AuditResult:
-    """Run a whole audit and return its run directory and report.
+) -> AuditResult | None:
+    """Run a whole audit and return its run directory and report (None on the non-main processes of a distributed run).
 
     ``resume_dir``: continue that interrupted run (its stored recipe is ``recipe``) instead of starting a new one;
     stages whose files exist are reused, training continues from its last checkpoint (see :mod:`audit.resume`).
@@ -109,8 +110,16 @@ def run_audit(
     t0 = time.perf_counter()
 
     # ---- validate everything the user controls, before anything is written
+    parent = None
+    if recipe.parent:  # a further tune of an earlier run's weights: its model, canaries and scoring (audit.chain)
+        from audit import chain
+
+        parent = chain.load_parent(recipe.parent)
+        recipe = chain.inherit(recipe, parent)
     load_spec(recipe.canaries.spec, recipe.canaries.params)  # a bad spec name fails before any model work
     device = choose_device(recipe.training)
+    if parent is not None:
+        chain.check_same_device(parent, device=device.device, precision=device.precision)
     use_tracking = recipe.tracking.enabled if tracking is None else tracking
     uri = resolve_tracking_uri(tracking_uri or recipe.tracking.uri)
     if use_tracking:
@@ -122,12 +131,17 @@ def run_audit(
 
     # ---- stage: canaries + inject + pre-flight (audit.ground_truth), still before anything is written
     t = time.perf_counter()
-    truth = ground_truth_for_model(recipe, model_path=resolved.path, fingerprint=resolved.provenance.get("weights_fingerprint", ""),
-                                   device=device.device, dtype=device.torch_dtype, progress=progress)
+    truth_for = ground_truth_for_model if parent is None else partial(chain.ground_truth, parent=parent)
+    truth = truth_for(recipe, model_path=resolved.path, fingerprint=resolved.provenance.get("weights_fingerprint", ""),
+                      device=device.device, dtype=device.torch_dtype, progress=progress)
     canary_set, injection, reference_secrets = truth.canaries, truth.injection, truth.reference_secrets
     timings["inject"] = time.perf_counter() - t
 
-    run_dir = new_run_dir(recipe) if resume_dir is None else Path(resume_dir)
+    run_dir = distributed.from_main(lambda: new_run_dir(recipe)) if resume_dir is None else Path(resume_dir)
+    if not distributed.is_main():  # another process of `accelerate launch`: it only trains (audit.distributed)
+        distributed.worker_train(run_dir=run_dir, model_path=resolved.path, texts=truth.training_texts, section=recipe.training,
+                                 seed=recipe.seed, device=device, parent=parent, trust_remote_code=recipe.model.trust_remote_code)
+        return None
     run = resume.open_run(run_dir, resumed=resume_dir is not None, progress=progress)
     status = run.status
     try:
@@ -163,6 +177,11 @@ def run_audit(
                 base_fp = fingerprint_safetensors_dir(resolved.path)
             torch.manual_seed(recipe.seed)
             base_scores = resume.load_scores(run, "base")
+            if base_scores is None and parent is not None:  # base and parent weights as the parent runs measured them
+                base_scores = chain.inherited_scores(parent)
+                resume.save_scores(run, "base", base_scores)
+            if parent is not None:  # train from the parent's tuned weights
+                model = chain.start_model(parent, model, device=device, trust_remote_code=recipe.model.trust_remote_code)
             if base_scores is None:
                 base_scores = score_canaries(model, tokenizer, canary_set, reference_secrets, label="base",
                                              section=recipe.scoring, progress=progress, seed=recipe.seed)
@@ -174,12 +193,16 @@ def run_audit(
             weights_dir = run_dir / ("adapter" if recipe.training.method == "lora" else "model")
             on_loss = (lambda step, loss: tracker.log_metrics({"train.loss": loss}, step=step)) if tracker else None
             trained = resume.finished_training(run, model, weights_dir, device=device)
+            plan = distributed.from_main(lambda: {"train": trained is None,  # the other processes train alongside
+                                                  "checkpoint": None if trained is not None else resume.last_checkpoint(run)})
             if trained is None:
                 trained = train_sft(model, tokenizer, truth.training_texts,
                                     section=recipe.training, seed=recipe.seed, work_dir=run_dir / resume.TRAINER_DIR,
                                     weights_dir=weights_dir, device=device, on_loss=on_loss, progress=progress,
-                                    resume_from_checkpoint=resume.last_checkpoint(run))
+                                    resume_from_checkpoint=plan["checkpoint"])
                 resume.save_training(run, trained.summary)
+                trained = distributed.reload_trained(trained, model_path=resolved.path, weights_dir=weights_dir, device=device,
+                                                     parent=parent, trust_remote_code=recipe.model.trust_remote_code)
             timings["train"] = time.perf_counter() - t
 
             # ---- tuned model
@@ -193,15 +216,39 @@ def run_audit(
             scores = base_scores + tuned_scores
             write_jsonl(run_dir / "scores.jsonl", scores)
 
+            # ---- outputs: what the tuned model writes, scanned for secrets and works (audit.outputs)
+            outputs = None
+            if recipe.outputs.samples > 0:
+                from audit.outputs import outputs_stage
+
+                t = time.perf_counter()
+                outputs = outputs_stage(run_dir, trained.model, tokenizer, canary_set, recipe.outputs, seed=recipe.seed,
+                                        progress=progress)
+                timings["outputs"] = time.perf_counter() - t
+
             # ---- report
             base_node = lineage.node("base_weights", resolved.provenance.get("name", recipe.model.source), base_fp,
                                      source=recipe.model.source)
-            data_node = lineage.node("data", f"{recipe.corpus.source} + {canary_set.spec} canaries",
-                                     injection.manifest.sha256(), n_records=len(injection.records))
-            tuned_node = lineage.node("tuned_weights", f"{recipe.training.method} fine-tune",
-                                      trained.summary.weights_fingerprint, [base_node, data_node], path=weights_dir.name)
+            data_node = lineage.data_node(recipe.corpus.source, canary_set.spec, injection.manifest.sha256(),
+                                          n_records=len(injection.records), planted=recipe.canaries.inject)
+            tuned_node = lineage.node("tuned_weights", lineage.tune_label(recipe.training.method, further=parent is not None),
+                                      trained.summary.weights_fingerprint,
+                                      [base_node if parent is None else parent.tuned_node(), data_node], path=weights_dir.name)
+            nodes = [base_node, data_node, tuned_node] if parent is None else chain.chain_lineage(parent, data_node, tuned_node)
+            nodes += lineage.derived_nodes(
+                tuned_node, merged_fingerprint=trained.summary.merged_fingerprint, merged_path="merged",
+                outputs_fingerprint=outputs.fingerprint if outputs else None,
+                outputs_details={"file": "outputs.jsonl", "samples": outputs.summary["protocol"]["samples"],
+                                 "samples_with_member_secret": outputs.summary["samples_with_member_secret"]} if outputs else None)
             tiers = summarize_tiers(scores)
             suite = summarize_scores(scores, recipe.scoring)  # every metric under its stable key (audit.metrics.suite)
+            extra_metrics = dict(outputs.metrics) if outputs else {}
+            persistence = None
+            if parent is not None:  # how much of the parent's canaries survived this tune (audit.chain)
+                after = suite.metrics.get("mia.auc/loss_diff")
+                persistence, kept = chain.persistence_summary(scores, parent, mia_after=after.value if after else None,
+                                                              inject=recipe.canaries.inject)
+                extra_metrics.update(kept)
             timings["total"] = time.perf_counter() - t0
             tracking_info = None
             if tracker is not None:
@@ -222,13 +269,16 @@ def run_audit(
                 space_bits=round(space_bits(canary_set), 6),
                 exposure_max=round(math.log2(len(reference_secrets) + 1), 6),
                 tiers=tiers,
-                lineage=[base_node, data_node, tuned_node],
+                lineage=nodes,
                 timings_s={k: round(v, 3) for k, v in timings.items()},
                 versions=package_versions(),
                 git_revision=git_revision(),
                 tracking=tracking_info,
-                metrics=suite.metrics,
+                metrics={**suite.metrics, **extra_metrics},
                 metric_notes=suite.notes,
+                outputs=outputs.summary if outputs else None,
+                parent_run=str(parent.run_dir) if parent else None,
+                persistence=persistence,
             )
             report = report.model_copy(update={"gates": evaluate_gates(recipe.gates, report_metrics(report))})
             write_report(report, run_dir / "report.json")
@@ -245,6 +295,10 @@ def run_audit(
                 tracker.log_artifact(run_dir / "report.json")
                 tracker.log_artifact(run_dir / "manifest.json")
                 tracker.log_artifacts(weights_dir, weights_dir.name)
+                if parent is not None and parent.report.tracking is not None:
+                    tracker.set_tags({"canary_audit.parent_mlflow_run": parent.report.tracking.run_id})
+            if parent is not None:
+                chain.record_child(parent, run_dir=run_dir, tuned_node=tuned_node, metrics=extra_metrics)
     except BaseException as exc:
         run.save_status(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
         run.close()

@@ -7,6 +7,7 @@ native bf16 makes a step about 24x slower (1.2 s -> 29 s for SmolLM2 LoRA, measu
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,7 +47,8 @@ def choose_device(section: TrainingSection) -> DeviceChoice:
 class TrainResult:
     model: Any
     """The trained model: a ``PeftModel`` for LoRA (``disable_adapter()`` gives the base), else the full model."""
-    summary: TrainSummary
+    summary: TrainSummary | None
+    """None only on the non-main processes of a distributed run, which leave after training."""
     loss_history: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -146,17 +148,33 @@ def train_sft(
     )
     for quiet in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(quiet)
+    # counted before train(): FSDP / ZeRO-3 shard the parameters once training starts
+    n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in trainer.model.parameters())
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
     wall = time.perf_counter() - start
     trained = trainer.model
     trained.eval()
     weights_dir.mkdir(parents=True, exist_ok=True)
-    trained.save_pretrained(str(weights_dir), safe_serialization=True)
+    distributed = trainer.accelerator.num_processes > 1
+    if distributed:  # gathered from every process, written by rank 0 (audit.distributed)
+        from audit.distributed import save_weights
+
+        if not save_weights(trainer, weights_dir):
+            return TrainResult(model=trained, summary=None, loss_history=history)
+    else:
+        trained.save_pretrained(str(weights_dir), safe_serialization=True)
     if section.method == "full":
         tokenizer.save_pretrained(str(weights_dir))
-    n_trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in trained.parameters())
+    merged_dir = merged_fp = None
+    if section.method == "lora" and section.save_merged:
+        if distributed:
+            print("[audit] training.save_merged is skipped under accelerate launch: the in-memory model is sharded; "
+                  "merge the saved adapter in a single process", file=sys.stderr, flush=True)
+        else:
+            merged_dir = weights_dir.parent / "merged"
+            merged_fp = save_merged(trained, tokenizer, merged_dir)
     summary = TrainSummary(
         method=section.method,
         steps=int(output.global_step),
@@ -169,5 +187,30 @@ def train_sft(
         gradient_checkpointing=device.gradient_checkpointing,
         weights_path=str(weights_dir),
         weights_fingerprint=fingerprint_safetensors_dir(weights_dir),
+        merged_path=None if merged_dir is None else str(merged_dir),
+        merged_fingerprint=merged_fp,
     )
     return TrainResult(model=trained, summary=summary, loss_history=history)
+
+
+def merged_copy(peft_model: Any) -> Any:
+    """The adapter folded into a copy of its base (``W + B A * alpha / r``); ``peft_model`` itself is left intact.
+
+    ``merge_and_unload`` rewrites the base layers in place, so it runs on a deep copy: the caller keeps scoring the
+    adapter model (whose ``disable_adapter()`` is the base) afterwards.
+    """
+    import copy
+
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    merged.eval()
+    return merged
+
+
+def save_merged(peft_model: Any, tokenizer: Any, out_dir: Path) -> str:
+    """Save the merged weights (safetensors) and tokenizer to ``out_dir``; return their fingerprint."""
+    merged = merged_copy(peft_model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    del merged
+    return fingerprint_safetensors_dir(out_dir)

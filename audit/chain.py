@@ -1,0 +1,331 @@
+"""Further tunes: fine-tune the tuned weights of an earlier run again and measure what survives of its canaries.
+
+    audit run smollm2/lora_cpu                                 # the parent: base -> LoRA tune -> outputs
+    audit run smollm2/clean_lora_cpu parent=runs/<that run>    # a further tune on clean data, on the parent's canaries
+    audit chain                                                # both, one after the other (see audit.cli)
+
+A further tune starts from the parent's tuned weights (a LoRA adapter is merged into the base in memory; full weights
+are loaded as they are) and is measured on exactly the parent's canaries, reference secrets and scoring protocol:
+``model``, ``canaries`` (all but ``canaries.inject``) and ``scoring`` come from the parent, and the canary set
+is regenerated from the chain's first run and checked against the parent's ``canaries.jsonl`` hash by hash.
+``canaries.inject: false`` trains on the clean corpus only (none of the canaries is planted again).
+
+Its scores hold three models: ``base`` (the pretrained weights) and ``parent`` (the parent's tuned weights), both
+reused from the parent run, which measured those very weights with the same protocol on the same device, and
+``tuned`` (after the further tune). Persistence per repetition tier:
+
+    retained_bits     = (bits_base - bits_after) / (bits_base - bits_before)
+    retained_exposure = (exposure_after - exposure_base) / (exposure_before - exposure_base)
+
+with ``bits`` the mean -log2 p(secret | prefix) and ``exposure`` the mean whole-space exposure. 1 means the further
+tune kept everything the first tune taught, 0 that the canaries fell back to the base model's level; a ratio is
+left out when the first tune taught less than :data:`MIN_LEARNED_BITS` (nothing to retain, only noise).
+Exposure saturates at log2|R| while bits do not, so ``retained_bits`` shows decay that exposure can hide. This is
+the question catastrophic-forgetting studies ask of memorized sequences (Jagielski et al. 2023, "Measuring
+forgetting of memorized training examples"): does a later tune on other data erase them?
+
+The child's report carries the parent's lineage plus its own data and tuned-weights nodes (parents: the parent's
+tuned weights and the clean data); the parent run gets one line per further tune appended to ``children.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from audit.errors import AuditError
+from audit.schema import AuditReport, LineageNode, MetricEntry, Recipe, SequenceScore, TrainSummary
+
+MIN_LEARNED_BITS = 1.0
+"""A tier whose first tune lowered the secret's cost by less than this (bits) gets no retention ratio."""
+CHILDREN_FILE = "children.jsonl"
+PARENT_LABEL = "parent"
+
+
+@dataclass(frozen=True)
+class ParentRun:
+    """A finished run whose tuned weights a further tune starts from."""
+
+    run_dir: Path
+    recipe: Recipe
+    report: AuditReport
+    train: TrainSummary
+    weights_dir: Path
+    parent: ParentRun | None
+    """Its own parent, when it is itself a further tune."""
+
+    @property
+    def origin(self) -> ParentRun:
+        """The chain's first run: where the canaries were drawn and planted."""
+        return self if self.parent is None else self.parent.origin
+
+    def lineage_chain(self) -> list[ParentRun]:
+        """Runs from the origin to this one."""
+        return ([] if self.parent is None else self.parent.lineage_chain()) + [self]
+
+    def tuned_node(self) -> LineageNode:
+        nodes = [n for n in self.report.lineage if n.kind == "tuned_weights" and n.fingerprint == self.train.weights_fingerprint]
+        if not nodes:
+            raise AuditError(f"{self.run_dir}/report.json has no lineage node for its tuned weights",
+                             fix="give a run made by `audit run` of this version")
+        return nodes[-1]
+
+
+def load_parent(path: str | Path, *, _depth: int = 0) -> ParentRun:
+    """Read and check a finished run directory: complete status, report, recipe, weights with the recorded fingerprint."""
+    from audit.config import read_yaml, validate_recipe
+    from audit.models import fingerprint_safetensors_dir
+    from audit.report import read_report
+
+    run_dir = Path(path).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise AuditError(f"parent run {path} is not a directory", fix="set parent= to a run directory made by `audit run`")
+    if _depth > 16:
+        raise AuditError(f"parent chain of {run_dir} is deeper than 16 runs or loops", fix="check the runs' recipe.yaml 'parent' keys")
+    status = {}
+    try:
+        status = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    if status.get("status") != "complete" or not (run_dir / "report.json").is_file():
+        raise AuditError(f"parent run {run_dir} is not complete (status: {status.get('status', 'unknown')})",
+                         fix=f"finish it first (`audit run --resume {path}`) or choose a complete run")
+    try:
+        report = read_report(run_dir / "report.json")
+        train = TrainSummary.model_validate_json((run_dir / "train.json").read_text(encoding="utf-8"))
+    except (OSError, ValidationError, ValueError) as exc:
+        raise AuditError(f"parent run {run_dir} has an unreadable report.json or train.json ({type(exc).__name__})",
+                         fix="choose a run made by `audit run` of this version") from None
+    recipe = validate_recipe(read_yaml(run_dir / "recipe.yaml"), source=str(run_dir / "recipe.yaml"))
+    weights_dir = run_dir / Path(train.weights_path).name
+    found = fingerprint_safetensors_dir(weights_dir) if weights_dir.is_dir() else None
+    if found != train.weights_fingerprint:
+        raise AuditError(f"parent run {run_dir}: {weights_dir.name}/ does not hold the weights train.json records "
+                         f"(fingerprint {str(found)[:12]} != {train.weights_fingerprint[:12]})",
+                         fix="use an unmodified run directory")
+    grandparent = load_parent(recipe.parent, _depth=_depth + 1) if recipe.parent else None
+    return ParentRun(run_dir=run_dir, recipe=recipe, report=report, train=train, weights_dir=weights_dir, parent=grandparent)
+
+
+def inherit(recipe: Recipe, parent: ParentRun) -> Recipe:
+    """``recipe`` with the parent's model, canaries (keeping ``canaries.inject``) and scoring, and its absolute path."""
+    canaries = parent.recipe.canaries.model_copy(update={"inject": recipe.canaries.inject})
+    return recipe.model_copy(update={"model": parent.recipe.model, "canaries": canaries, "scoring": parent.recipe.scoring,
+                                     "parent": str(parent.run_dir)})
+
+
+def check_same_device(parent: ParentRun, *, device: str, precision: str) -> None:
+    """Reused scores are only comparable when both runs measured on the same kind of device and precision."""
+    if (parent.train.device, parent.train.precision) != (device, precision):
+        raise AuditError(f"parent run measured on {parent.train.device} {parent.train.precision}, this run would measure on "
+                         f"{device} {precision}: the before/after numbers would not be comparable",
+                         fix=f"run the further tune where the parent ran, or set training.precision={parent.train.precision}")
+
+
+# --------------------------------------------------------------------------------------------------- ground truth
+
+
+def ground_truth(recipe: Recipe, parent: ParentRun, *, model_path: Path, fingerprint: str, device: str = "cpu",
+                 dtype: Any = None, progress: bool = False) -> Any:
+    """The parent's canaries and reference secrets, this recipe's corpus, and the canaries planted only if asked.
+
+    The canary set is regenerated from the chain's first run (same recipe, seed and base model) and must match the
+    parent's ``canaries.jsonl`` and manifest hash; then ``recipe.corpus`` is loaded with this recipe's seed.
+    """
+    from audit.corpus import load_corpus
+    from audit.ground_truth import GroundTruth, ground_truth_for_model, load_tokenizer, training_options
+    from audit.inject import inject
+    from audit.preflight import require_passed, run_preflight, training_texts
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    origin = parent.origin
+    first = ground_truth_for_model(origin.recipe, model_path=model_path, fingerprint=fingerprint, device=device, dtype=dtype,
+                                   progress=progress)
+    canaries = first.canaries
+    stored = [json.loads(line) for line in (parent.run_dir / "canaries.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    if canaries.sha256() != origin.report.canaries.get("canary_set_sha256") or stored != [c.model_dump(mode="json") for c in canaries.canaries]:
+        raise AuditError(f"the canaries regenerated from {origin.run_dir} differ from those in {parent.run_dir}/canaries.jsonl",
+                         fix="the canary code or spec changed since the parent ran; rerun the chain from its first run")
+    timings["canaries"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    c = recipe.corpus
+    corpus = load_corpus(c.source, text_column=c.text_column, max_records=c.max_records, builtin_n=c.builtin_records,
+                         seed=recipe.seed, format=c.format, messages_column=c.messages_column)
+    planted = canaries if recipe.canaries.inject else canaries.model_copy(update={"canaries": canaries.references()})
+    injection = inject(corpus.records, planted, seed=recipe.seed, text_column=c.text_column, corpus_source=c.source,
+                       format=corpus.format, messages_column=c.messages_column, mode=c.placement)
+    if not recipe.canaries.inject:  # the manifest names the set that is measured; it plants none of it
+        injection = type(injection)(records=injection.records,
+                                    manifest=injection.manifest.model_copy(update={"canary_set_sha256": canaries.sha256()}))
+    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    texts = training_texts(injection.records, format=corpus.format, text_column=c.text_column,
+                           messages_column=c.messages_column, tokenizer=tokenizer)
+    options = training_options(recipe.training)
+    preflight = run_preflight(injection.manifest, canaries, injection.records, tokenizer, **options,
+                              all_training_texts=texts if options["packing"] == "wrapped" else None)
+    require_passed(preflight)
+    timings["inject"] = time.perf_counter() - t
+    return GroundTruth(spec=first.spec, canaries=canaries, corpus_format=corpus.format, injection=injection,
+                       preflight=preflight, training_texts=texts, reference_secrets=first.reference_secrets, timings_s=timings)
+
+
+# --------------------------------------------------------------------------------------------------- weights and scores
+
+
+def start_model(parent: ParentRun, base_model: Any, *, device: Any, trust_remote_code: bool = False) -> Any:
+    """The parent's tuned weights as a plain model: each LoRA adapter of the chain merged in turn, full weights loaded.
+
+    ``base_model`` (the pretrained weights, already loaded) is consumed: merging rewrites its layers.
+    """
+    from audit.models import load_model_and_tokenizer
+
+    model = base_model
+    for run in parent.lineage_chain():
+        if run.train.method == "lora":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(run.weights_dir)).merge_and_unload()
+        else:
+            model, _ = load_model_and_tokenizer(run.weights_dir, dtype=device.torch_dtype, device=device.device,
+                                                trust_remote_code=trust_remote_code)
+    model.eval()
+    return model
+
+
+def inherited_scores(parent: ParentRun) -> list[SequenceScore]:
+    """``base`` rows from the chain's first run and the parent's ``tuned`` rows relabelled ``parent``."""
+    def read(run_dir: Path, label: str) -> list[SequenceScore]:
+        path = run_dir / f"scores_{label}.jsonl"
+        if not path.is_file():
+            path = run_dir / "scores.jsonl"
+        rows = [SequenceScore.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        return [r for r in rows if r.model == label]
+
+    base = read(parent.origin.run_dir, "base")
+    before = [r.model_copy(update={"model": PARENT_LABEL}) for r in read(parent.run_dir, "tuned")]
+    if not base or len(base) != len(before):
+        raise AuditError(f"parent run {parent.run_dir} lacks base or tuned scores for every canary",
+                         fix="choose a complete run made by `audit run` of this version")
+    return base + before
+
+
+# --------------------------------------------------------------------------------------------------- persistence
+
+
+def _mean(rows: list[SequenceScore], get) -> float | None:
+    values = [v for r in rows if (v := get(r)) is not None]
+    return round(statistics.fmean(values), 6) if values else None
+
+
+def _ratio(num: float | None, den: float | None, *, floor: float) -> float | None:
+    if num is None or den is None or den < floor:
+        return None
+    return round(num / den, 6)
+
+
+def persistence(scores: list[SequenceScore], *, base: str = "base", before: str = PARENT_LABEL, after: str = "tuned",
+                min_learned_bits: float = MIN_LEARNED_BITS) -> tuple[list[dict[str, Any]], dict[str, MetricEntry]]:
+    """Per repetition tier: bits, exposure and extraction under base / before / after, and the retained shares.
+
+    Pure: rows in, numbers out (see the module docstring for the formulas). Tier 0, the references, is the control:
+    its numbers should not move.
+    """
+    groups: dict[int, dict[str, list[SequenceScore]]] = defaultdict(lambda: defaultdict(list))
+    for s in scores:
+        groups[s.repetitions][s.model].append(s)
+    tiers = []
+    metrics: dict[str, MetricEntry] = {}
+    for reps in sorted(groups):
+        by = groups[reps]
+        if not all(by.get(m) for m in (base, before, after)):
+            continue
+        n = len(by[after])
+        bits = {k: _mean(by[m], lambda r: r.secret_nll_bits) for k, m in (("base", base), ("before", before), ("after", after))}
+        space = {k: _mean(by[m], lambda r: r.exposure_space if r.exposure_space is not None else r.exposure)
+                 for k, m in (("base", base), ("before", before), ("after", after))}
+        sampled = {k: _mean(by[m], lambda r: r.exposure) for k, m in (("base", base), ("before", before), ("after", after))}
+        extracted = {k: sum(r.extracted for r in by[m]) for k, m in (("base", base), ("before", before), ("after", after))}
+        learned = None if bits["base"] is None or bits["before"] is None else bits["base"] - bits["before"]
+        kept = None if bits["base"] is None or bits["after"] is None else bits["base"] - bits["after"]
+        gained = None if space["base"] is None or space["before"] is None else space["before"] - space["base"]
+        still = None if space["base"] is None or space["after"] is None else space["after"] - space["base"]
+        row = {"repetitions": reps, "n": n, "bits": bits, "exposure_space": space, "exposure_sampled": sampled,
+               "extracted": extracted,
+               "retained_bits": _ratio(kept, learned, floor=min_learned_bits) if reps > 0 else None,
+               "retained_exposure": _ratio(still, gained, floor=min_learned_bits) if reps > 0 else None}
+        tiers.append(row)
+        for key in ("retained_bits", "retained_exposure"):
+            if row[key] is not None:
+                metrics[f"persistence.{key}/rep_{reps}"] = MetricEntry(value=row[key], n=n)
+    return tiers, metrics
+
+
+def persistence_summary(scores: list[SequenceScore], parent: ParentRun, *, mia_after: float | None,
+                        inject: bool) -> tuple[dict[str, Any], dict[str, MetricEntry]]:
+    tiers, metrics = persistence(scores)
+    mia_key = "mia.auc/loss_diff"
+    before = parent.report.metrics.get(mia_key)
+    summary = {
+        "parent_run": str(parent.run_dir), "origin_run": str(parent.origin.run_dir),
+        "parent_tuned_fingerprint": parent.train.weights_fingerprint,
+        "further_tune_planted_canaries": inject,
+        "protocol": "same canaries, reference secrets and scoring section as the parent; base and before (the parent's "
+                    "tuned weights) scores reused from the parent runs, after measured here",
+        "min_learned_bits": MIN_LEARNED_BITS,
+        "tiers": tiers,
+        "mia_auc_loss_diff": {"before": None if before is None else before.value, "after": mia_after},
+    }
+    return summary, metrics
+
+
+def format_persistence(summary: dict[str, Any]) -> str:
+    """A small table: per tier, bits and whole-space exposure before/after, extraction, retained shares."""
+    header = ["tier", "n", "bits base", "bits before", "bits after", "exposure before", "exposure after",
+              "extracted before", "extracted after", "retained bits", "retained exposure"]
+    rows = []
+
+    def f(x: Any, fmt: str = ".2f") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    for t in summary["tiers"]:
+        rows.append(["references" if t["repetitions"] == 0 else f"{t['repetitions']}x", str(t["n"]),
+                     f(t["bits"]["base"], ".1f"), f(t["bits"]["before"], ".1f"), f(t["bits"]["after"], ".1f"),
+                     f(t["exposure_space"]["before"]), f(t["exposure_space"]["after"]),
+                     f"{t['extracted']['before']}/{t['n']}", f"{t['extracted']['after']}/{t['n']}",
+                     f(t["retained_bits"]), f(t["retained_exposure"])])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in [header, ["-" * w for w in widths], *rows]]
+    mia = summary.get("mia_auc_loss_diff") or {}
+    lines.append(f"bits = mean -log2 p(secret | prefix); exposure over the whole space; before = the parent's tuned weights; "
+                 f"MIA AUC (loss_diff) before {f(mia.get('before'))}, after {f(mia.get('after'))}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- lineage
+
+
+def chain_lineage(parent: ParentRun, data_node: LineageNode, tuned_node: LineageNode) -> list[LineageNode]:
+    """The parent's graph plus this tune's data and weights nodes (a node id already present is not repeated)."""
+    nodes = list(parent.report.lineage)
+    seen = {n.id for n in nodes}
+    return nodes + [n for n in (data_node, tuned_node) if n.id not in seen]
+
+
+def record_child(parent: ParentRun, *, run_dir: Path, tuned_node: LineageNode, metrics: dict[str, MetricEntry]) -> None:
+    """Append this further tune to the parent's ``children.jsonl`` (one line, appended in a single write)."""
+    line = json.dumps({"run_dir": str(Path(run_dir).resolve()), "node": tuned_node.id, "fingerprint": tuned_node.fingerprint,
+                       "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "persistence": {k: v.value for k, v in sorted(metrics.items())}}, sort_keys=True)
+    with open(parent.run_dir / CHILDREN_FILE, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
