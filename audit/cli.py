@@ -12,6 +12,7 @@
     audit chain [RECIPE] [--then RECIPE] [key=value]     # base -> tune -> outputs -> further clean tune, one command
     audit compare RUN_OR_EXPERIMENT ... [--plot FILE]    # side-by-side table + PNG of several runs, read from MLflow
     audit probe "Colorless green ideas" [--model SOURCE] [--adapter RUN_DIR]  # per-token p under base and tuned
+    audit report runs/<run> [--probe "some text"]        # regenerate report.html/report.md (no rescoring)
 
 User errors print one line, ``error: <problem> (fix: <how>)``, and exit with code 2.
 """
@@ -90,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the run's own, or ./mlflow.db)")
     cmp_.add_argument("--plot", default="compare.png", metavar="FILE", help="PNG to write (default: compare.png)")
     cmp_.add_argument("--model", default="tuned", help="which model's numbers to compare (default: tuned)")
+
+    rep = sub.add_parser("report", help="regenerate report.html and report.md of a run from its files (no rescoring)")
+    rep.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (runs/<name>)")
+    rep.add_argument("--probe", default=None, metavar="TEXT",
+                     help="also add the per-token view of TEXT under the run's base and tuned weights (probe.json)")
 
     probe = sub.add_parser("probe", help="per-token probability of a text under the base and the tuned model")
     probe.add_argument("text", nargs="?", default="Colorless green ideas sleep furiously")
@@ -297,8 +303,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "ls": cmd_ls, "gate": cmd_gate, "canaries": cmd_canaries,
+def cmd_report(args: argparse.Namespace) -> int:
+    from audit.gates import read_report_or_run
+    from audit.render import render_report
+
+    run_dir = Path(args.run_dir)
+    report = read_report_or_run(run_dir)  # one-line errors for a missing or unfinished run
+    if not run_dir.is_dir():
+        raise AuditError(f"{run_dir} is a file; `audit report` needs the run directory around it",
+                         fix=f"pass {run_dir.parent}")
+    if args.probe:
+        import json
+
+        from audit.render.token_view import PROBE_FILE
+        from audit.score.probe import probe_text
+        from audit.store import atomic_write_text
+
+        result = probe_text(args.probe, adapter=str(run_dir))
+        atomic_write_text(run_dir / PROBE_FILE, json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
+    rendered = render_report(run_dir, report)
+    print(f"wrote {rendered.html} and {rendered.markdown} ({len(rendered.plots)} plots in {rendered.html.parent / 'plots'})")
+    return 0
+
+
+COMMANDS = {"report": cmd_report, "run": cmd_run, "validate": cmd_validate, "ls": cmd_ls, "gate": cmd_gate, "canaries": cmd_canaries,
             "inject": cmd_inject, "chain": cmd_chain, "compare": cmd_compare, "probe": cmd_probe}
+
+
+QUIET_COMMANDS = {"run", "chain", "inject", "canaries", "probe", "report"}
+"""Commands that load models or MLflow: library chatter off, our progress bars on (:mod:`audit.console`)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -312,6 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
+        if args.command in QUIET_COMMANDS:
+            from audit.console import quiet_libraries
+
+            quiet_libraries(transformers=args.command != "report" or bool(getattr(args, "probe", None)))
         return COMMANDS[args.command](args)
     except AuditError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)

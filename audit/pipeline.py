@@ -13,7 +13,9 @@ run directory is created, so a bad input leaves nothing behind. Each stage then 
       adapter/ | model/ the tuned weights (safetensors); train.json records them
       scores_tuned.jsonl tuned-model scores (stage checkpoint)
       scores.jsonl      one row per canary and model (ids only)
-      report.json       the audit report (written last)
+      token_view.json   per-token probabilities of the most-learned top-tier canary (secret tokens masked)
+      report.json       the audit report
+      report.html       the human report, self-contained (plots embedded); report.md + plots/ the same in Markdown
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ from audit.errors import AuditError
 from audit.gates import evaluate_gates, report_metrics
 from audit.ground_truth import ground_truth_files, ground_truth_for_model
 from audit.models import ResolvedModel, resolve_model
-from audit.report import summarize_tiers, tier_metrics, write_report
+from audit.render import render_report
+from audit.render.token_view import canary_token_logprobs, view_candidates, write_token_view
+from audit.report import summarize_tiers, write_report
 from audit.schema import AuditReport, ModelInfo, Recipe, TrackingInfo
 from audit.store import write_jsonl
-from audit.tracking import check_tracking_reachable, flatten, resolve_tracking_uri, tracked_run, ui_command
+from audit.tracking import check_tracking_reachable, flatten, resolve_tracking_uri, stage_of, tracked_run, ui_command
 from audit.works.information import works_information
 
 TRACKED_PACKAGES = ("canary-audit", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "mlflow")
@@ -164,9 +168,17 @@ def run_audit(
                     "canary_audit.base_fingerprint": resolved.provenance.get("weights_fingerprint", ""),
                     "canary_audit.manifest_sha256": injection.manifest.sha256(),
                     "canary_audit.canary_set_sha256": canary_set.sha256(),
+                    "canary_audit.git_revision": git_revision() or "unknown",
+                    **{f"canary_audit.version.{k}": v for k, v in package_versions().items()},
                 })
+                tracker.begin_stage("inject", elapsed_s=timings["inject"])  # nested stage runs (audit.tracking)
+                tracker.log_stage_metrics({"members": len(canary_set.members()), "references": len(canary_set.references()),
+                                           "records": len(injection.records), "placements": len(injection.manifest.placements)})
+                tracker.log_training_dataset(injection.manifest, [len(x) for x in truth.training_texts],
+                                             name=f"{recipe.corpus.source} + {canary_set.spec} canaries")
 
             # ---- base model, scored before training on the same inputs the tuned model will see
+            stage_of(tracker, "score_base")
             t = time.perf_counter()
             model, tokenizer = load_model_and_tokenizer(resolved.path, dtype=device.torch_dtype, device=device.device,
                                                         trust_remote_code=recipe.model.trust_remote_code)
@@ -175,6 +187,7 @@ def run_audit(
                 from audit.models import fingerprint_safetensors_dir
 
                 base_fp = fingerprint_safetensors_dir(resolved.path)
+            view_base = canary_token_logprobs(model, tokenizer, view_candidates(canary_set))  # per-token view, untuned
             torch.manual_seed(recipe.seed)
             base_scores = resume.load_scores(run, "base")
             if base_scores is None and parent is not None:  # base and parent weights as the parent runs measured them
@@ -189,6 +202,7 @@ def run_audit(
             timings["score_base"] = time.perf_counter() - t
 
             # ---- train
+            stage_of(tracker, "train")
             t = time.perf_counter()
             weights_dir = run_dir / ("adapter" if recipe.training.method == "lora" else "model")
             on_loss = (lambda step, loss: tracker.log_metrics({"train.loss": loss}, step=step)) if tracker else None
@@ -199,13 +213,15 @@ def run_audit(
                 trained = train_sft(model, tokenizer, truth.training_texts,
                                     section=recipe.training, seed=recipe.seed, work_dir=run_dir / resume.TRAINER_DIR,
                                     weights_dir=weights_dir, device=device, on_loss=on_loss, progress=progress,
-                                    resume_from_checkpoint=plan["checkpoint"])
+                                    resume_from_checkpoint=plan["checkpoint"],
+                                    report_to="mlflow" if tracker is not None else "none")
                 resume.save_training(run, trained.summary)
                 trained = distributed.reload_trained(trained, model_path=resolved.path, weights_dir=weights_dir, device=device,
                                                      parent=parent, trust_remote_code=recipe.model.trust_remote_code)
             timings["train"] = time.perf_counter() - t
 
             # ---- tuned model
+            stage_of(tracker, "score_tuned")
             t = time.perf_counter()
             tuned_scores = resume.load_scores(run, "tuned")
             if tuned_scores is None:
@@ -215,6 +231,7 @@ def run_audit(
             timings["score_tuned"] = time.perf_counter() - t
             scores = base_scores + tuned_scores
             write_jsonl(run_dir / "scores.jsonl", scores)
+            write_token_view(run_dir, view_base, canary_token_logprobs(trained.model, tokenizer, view_candidates(canary_set)))
 
             # ---- outputs: what the tuned model writes, scanned for secrets and works (audit.outputs)
             outputs = None
@@ -227,6 +244,7 @@ def run_audit(
                 timings["outputs"] = time.perf_counter() - t
 
             # ---- report
+            stage_of(tracker, "report")
             base_node = lineage.node("base_weights", resolved.provenance.get("name", recipe.model.source), base_fp,
                                      source=recipe.model.source)
             data_node = lineage.data_node(recipe.corpus.source, canary_set.spec, injection.manifest.sha256(),
@@ -282,19 +300,9 @@ def run_audit(
             )
             report = report.model_copy(update={"gates": evaluate_gates(recipe.gates, report_metrics(report))})
             write_report(report, run_dir / "report.json")
-            if tracker is not None:
-                tracker.log_metrics(tier_metrics(tiers))
-                tracker.log_metrics(report.canaries["works_information"].get("metrics", {}))  # works.bits/<kind>/<role>/...
-                tracker.log_metrics({key: entry.value for key, entry in report.metrics.items()})
-                tracker.log_metrics({f"time.{k}_s": v for k, v in report.timings_s.items()})
-                if report.gates:
-                    tracker.log_metrics({"gates.failed": sum(not g.passed for g in report.gates), "gates.total": len(report.gates)})
-                tracker.log_metrics({"train.final_loss": trained.summary.final_loss or 0.0, "train.steps": trained.summary.steps})
-                tracker.set_tags({"canary_audit.tuned_fingerprint": trained.summary.weights_fingerprint,
-                                  "canary_audit.git_revision": report.git_revision or "unknown"})
-                tracker.log_artifact(run_dir / "report.json")
-                tracker.log_artifact(run_dir / "manifest.json")
-                tracker.log_artifacts(weights_dir, weights_dir.name)
+            render_report(run_dir, report)  # report.html, report.md, plots/ (audit.render)
+            if tracker is not None:  # every report metric, tags, artifacts (audit.tracking.Tracker.log_report)
+                tracker.log_report(report, run_dir, log_full_weights=recipe.tracking.log_full_weights)
                 if parent is not None and parent.report.tracking is not None:
                     tracker.set_tags({"canary_audit.parent_mlflow_run": parent.report.tracking.run_id})
             if parent is not None:

@@ -186,6 +186,8 @@ class TrackingSection(Frozen):
     uri: str | None = None
     """MLflow tracking URI; default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``."""
     experiment: str = "canary-audit"
+    log_full_weights: bool = False
+    """Also log full-model weights (``model/``, ``merged/``) as MLflow artifacts; a LoRA adapter is always logged."""
 
 
 class OutputSection(Frozen):

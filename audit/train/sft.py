@@ -65,6 +65,7 @@ def train_sft(
     on_loss: Callable[[int, float], None] | None = None,
     progress: bool = True,
     resume_from_checkpoint: Path | None = None,
+    report_to: str = "none",
 ) -> TrainResult:
     """Fine-tune ``model`` on ``texts`` and save the weights (adapter or full) as safetensors in ``weights_dir``.
 
@@ -96,7 +97,7 @@ def train_sft(
         save_strategy="steps" if section.checkpoint_every > 0 else "no",
         save_steps=section.checkpoint_every if section.checkpoint_every > 0 else 500,
         save_total_limit=1,
-        report_to="none",
+        report_to=report_to,  # "mlflow": TRL's MLflowCallback logs into the active (train stage) run, see audit.tracking
         use_cpu=device.device == "cpu",
         bf16=device.precision == "bf16",
         fp16=device.precision == "fp16",

@@ -1,0 +1,54 @@
+"""The human report: ``report.html`` (self-contained, plots embedded) and ``report.md`` (plots in ``plots/``).
+
+    audit report runs/<run>                         # regenerate both from the run directory (no model, no rescoring)
+    audit report runs/<run> --probe "some text"     # also add the per-token view of a text you choose
+
+Built from the files a run leaves (``report.json``, ``scores.jsonl``, ``token_view.json``, ``probe.json``), so a
+report can be re-rendered at any time, by anyone with the run directory; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from audit.schema import AuditReport
+
+HTML_FILE = "report.html"
+MARKDOWN_FILE = "report.md"
+PLOTS_DIR = "plots"
+
+
+@dataclass(frozen=True)
+class RenderedReport:
+    html: Path
+    markdown: Path
+    plots: list[Path]
+
+
+def render_report(run_dir: Path, report: AuditReport | None = None) -> RenderedReport:
+    """Write ``report.html``, ``report.md`` and ``plots/*.png`` into ``run_dir`` (atomically, file by file)."""
+    from audit.render.document import build_document
+    from audit.render.writers import to_html, to_markdown
+    from audit.report import read_report
+    from audit.store import atomic_write_text
+
+    run_dir = Path(run_dir)
+    if report is None:
+        report = read_report(run_dir / "report.json")
+    doc = build_document(report, run_dir)
+    plots_dir = run_dir / PLOTS_DIR
+    plots_dir.mkdir(exist_ok=True)
+    written = []
+    for image in doc.images():
+        path = plots_dir / image.name
+        tmp = path.with_suffix(".png.tmp")
+        tmp.write_bytes(image.png)
+        tmp.replace(path)
+        written.append(path)
+    for stale in plots_dir.glob("*.png"):  # a re-render with fewer views leaves no orphan plot behind
+        if stale not in written:
+            stale.unlink()
+    atomic_write_text(run_dir / HTML_FILE, to_html(doc))
+    atomic_write_text(run_dir / MARKDOWN_FILE, to_markdown(doc))
+    return RenderedReport(run_dir / HTML_FILE, run_dir / MARKDOWN_FILE, written)

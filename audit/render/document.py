@@ -1,0 +1,198 @@
+"""The human report as one small document model, built once and written twice (HTML and Markdown).
+
+Order (what a reviewer needs first comes first): verdict and gates, exposure by tier with the null band,
+membership inference (ROC), extraction, information view, per-token view, lineage, provenance, everything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from audit.render import plots, views
+from audit.render.token_view import TokenView, read_token_views
+from audit.schema import AuditReport
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    """File name under ``plots/`` (also the artifact name in MLflow)."""
+    png: bytes
+    alt: str
+
+
+@dataclass(frozen=True)
+class Tokens:
+    view: TokenView
+
+
+@dataclass(frozen=True)
+class Details:
+    summary: str
+    blocks: list[Any]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    verdict: views.Verdict
+
+
+@dataclass(frozen=True)
+class Code:
+    text: str
+
+
+Block = str | views.Table | Image | Tokens | Details | Verdict | Code
+"""A paragraph (str, `backticks` for code), a table, an image, a token strip, a collapsible group, the verdict box,
+or preformatted text."""
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    blocks: list[Block] = field(default_factory=list)
+
+
+@dataclass
+class Document:
+    title: str
+    subtitle: str
+    sections: list[Section]
+
+    def images(self) -> list[Image]:
+        out: list[Image] = []
+
+        def walk(blocks: list[Any]) -> None:
+            for b in blocks:
+                if isinstance(b, Image):
+                    out.append(b)
+                elif isinstance(b, Details):
+                    walk(b.blocks)
+
+        for s in self.sections:
+            walk(s.blocks)
+        return out
+
+
+def _gates_section(report: AuditReport) -> Section:
+    verdict = views.verdict(report)
+    blocks: list[Block] = [Verdict(verdict)]
+    if report.gates:
+        rows = [[g.gate, g.metric, views.fmt(g.value, 3), g.threshold, "-" if g.n is None else str(g.n), g.status.upper(),
+                 g.reason] for g in report.gates]
+        blocks.append(views.Table(["gate", "metric", "value", "threshold", "n", "result", "reason"], rows,
+                                  ["Re-check with `audit gate RUN_DIR` (exit 1 when a gate fails)."]))
+    else:
+        blocks.append("No gates configured for this recipe: add a `gates:` section (see `audit gate --help`) to turn "
+                      "these measurements into a pass/fail decision.")
+    return Section("verdict", "Verdict and gates", blocks)
+
+
+def _exposure_section(report: AuditReport, scores: list[Any]) -> Section:
+    rows = views.tier_rows(report)
+    models = views.models_of(report)
+    png = plots.exposure_by_tier(rows, views.exposure_points(scores), exposure_max=report.exposure_max, models=models)
+    return Section("exposure", "Exposure by repetition tier", [
+        Image("exposure_by_tier.png", png, "Mean exposure per repetition tier, base vs tuned, with the null band"),
+        views.exposure_table(report),
+    ])
+
+
+def _mia_section(report: AuditReport, scores: list[Any]) -> Section:
+    curves = views.roc_curves(scores)
+    blocks: list[Block] = []
+    if curves:
+        blocks.append(Image("roc.png", plots.roc(curves), "ROC curves of the membership-inference attacks"))
+    table = views.mia_table(report, curves)
+    if table.rows:
+        blocks.append(table)
+    if not blocks:
+        blocks.append("No membership-inference scores in this run (scores.jsonl has no MIA signals and report.json "
+                      "no mia.* metrics).")
+    return Section("mia", "Membership inference", blocks)
+
+
+def _extraction_section(report: AuditReport) -> Section:
+    blocks: list[Block] = [views.extraction_table(report)]
+    if report.outputs:
+        blocks.append(Details("Generated outputs scanned for secrets and works", [Code(views.json_dump(report.outputs))]))
+    return Section("extraction", "Extraction", blocks)
+
+
+def _information_section(report: AuditReport) -> Section:
+    blocks: list[Block] = []
+    table = views.information_table(report)
+    models = views.models_of(report)
+    if table.rows:
+        labels = [r[0] for r in table.rows]
+        bits = {m: [report.metrics[f"information.bits/rep_{t.repetitions}/{m}"].value
+                    if f"information.bits/rep_{t.repetitions}/{m}" in report.metrics else None
+                    for t in report.tiers if views.tier_label(t.repetitions) in labels] for m in models}
+        blocks.append(Image("information.png", plots.information(labels, bits, space_bits=report.space_bits,
+                                                                   title="Bits of the secret given its prefix"),
+                            "Bits of the secret under base vs tuned, per tier"))
+        blocks.append(table)
+    works = views.works_table(report)
+    if works.rows:
+        info = report.canaries.get("works_information") or {}
+        labels = [w["title"][:18] for w in info.get("by_work", [])]
+        bits = {"base": [w.get("member_bits_base") for w in info["by_work"]],
+                "tuned": [w.get("member_bits_tuned") for w in info["by_work"]]}
+        blocks.append(Image("works_information.png", plots.information(labels, bits, space_bits=0.0,
+                                                                         title="Bits per work (member excerpts)"),
+                            "Bits per work under base vs tuned"))
+        blocks.append(works)
+    if not blocks:
+        blocks.append("No information view in this run (no bits metrics and no sample works).")
+    return Section("information", "Information view", blocks)
+
+
+def _token_section(run_dir: Path) -> Section:
+    token_views = read_token_views(run_dir)
+    blocks: list[Block] = []
+    for i, view in enumerate(token_views):
+        blocks.append(Tokens(view))
+        blocks.append(Image(f"tokens_{i}.png", plots.token_probabilities(view), f"Per-token probabilities: {view.title}"))
+    if not token_views:
+        blocks.append("No per-token view in this run directory (token_view.json / probe.json).")
+    blocks.append("Probe any text against this run's weights: `audit report RUN_DIR --probe \"some text\"`.")
+    return Section("tokens", "Per-token probability view", blocks)
+
+
+def _lineage_section(report: AuditReport) -> Section:
+    if not report.lineage:
+        return Section("lineage", "Lineage", ["No lineage recorded."])
+    nodes = {n.id: n for n in report.lineage}
+    png = plots.lineage_graph(views.lineage_layers(report), nodes)
+    rows = [[n.id, n.kind, n.label, ", ".join(n.parents) or "-", n.fingerprint] for n in report.lineage]
+    return Section("lineage", "Lineage", [Image("lineage.png", png, "Lineage graph"),
+                                          views.Table(["node", "kind", "label", "parents", "fingerprint"], rows)])
+
+
+def build_document(report: AuditReport, run_dir: Path) -> Document:
+    scores = views.read_scores(run_dir)
+    t = report.training
+    subtitle = (f"{report.model.source} \u00b7 {t.method} fine-tune, {t.steps} steps on {t.device} \u00b7 "
+                f"{report.canaries.get('members', '?')} member canaries in tiers {report.canaries.get('tiers', '?')}, "
+                f"{report.canaries.get('references', '?')} references \u00b7 run {report.run_id}")
+    sections = [
+        _gates_section(report),
+        _exposure_section(report, scores),
+        _mia_section(report, scores),
+        _extraction_section(report),
+        _information_section(report),
+        _token_section(run_dir),
+        _lineage_section(report),
+        Section("provenance", "Provenance of works and models", [views.provenance_table(report)]),
+    ]
+    if report.persistence:
+        sections.append(Section("persistence", "Persistence through a further tune", [Code(views.json_dump(report.persistence))]))
+    sections.append(Section("details", "All metrics and environment", [
+        Details(f"All {len(views.all_metrics_table(report).rows)} metrics (the MLflow keys)", [views.all_metrics_table(report)]),
+        Details("Metric notes", [f"{k}: {v}" for k, v in sorted(report.metric_notes.items())] or ["none"]),
+        Details("Environment, versions and timings", [views.environment_table(report)]),
+    ]))
+    return Document(f"Canary audit: {report.recipe.get('name', report.run_id)}", subtitle, sections)

@@ -1,0 +1,150 @@
+"""The report's figures as PNG bytes (matplotlib, Agg backend: no display, same bytes for the same data).
+
+Each function takes the plain data of :mod:`audit.render.views` and returns a PNG; nothing here reads files.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from audit.render.token_view import TokenView
+from audit.render.views import NULL_MEAN_BITS, RocCurve, TierRow
+
+MODEL_COLORS = {"base": "#8c8c8c", "tuned": "#d9480f"}
+KIND_COLORS = {"base_weights": "#dbe4ff", "data": "#fff3bf", "tuned_weights": "#ffe3e3", "outputs": "#d3f9d8"}
+DPI = 110
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
+                         "svg.hashsalt": "canary-audit", "figure.dpi": DPI})
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    plt = _pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def exposure_by_tier(rows: list[TierRow], points: dict[tuple[int, str], list[float]], *, exposure_max: float,
+                     models: list[str]) -> bytes:
+    """Mean exposure per tier, base vs tuned bars, each canary as a dot, the 95% null band shaded per tier."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 3.6))
+    width = 0.8 / max(len(models), 1)
+    for i, row in enumerate(rows):
+        ax.add_patch(plt.Rectangle((i - 0.45, row.band[0]), 0.9, row.band[1] - row.band[0], color="#74c0fc", alpha=0.25,
+                                   lw=0, label="null band (95%)" if i == 0 else None))
+        for j, model in enumerate(models):
+            x = i - 0.4 + width * (j + 0.5)
+            if model in row.exposure:
+                ax.bar(x, row.exposure[model], width * 0.9, color=MODEL_COLORS.get(model, "#495057"),
+                       label=model if i == 0 else None, zorder=2)
+            dots = points.get((row.repetitions, model), [])
+            if dots:
+                offsets = [x + width * 0.3 * ((k / max(len(dots) - 1, 1)) - 0.5) for k in range(len(dots))]
+                ax.scatter(offsets, dots, s=9, color="black", zorder=3, alpha=0.7, linewidths=0)
+    ax.axhline(NULL_MEAN_BITS, color="#1c7ed6", ls="--", lw=1, label=f"null mean {NULL_MEAN_BITS:.2f} bits")
+    ax.axhline(exposure_max, color="#495057", ls=":", lw=1, label=f"max {exposure_max:.1f} bits")
+    ax.set_xticks(range(len(rows)), [f"{r.label}\n(n={r.n})" for r in rows])
+    ax.set_xlim(-0.6, len(rows) - 0.4)
+    ax.set_ylim(0, exposure_max * 1.08 + 0.1)
+    ax.set_ylabel("exposure (bits)")
+    ax.set_title("Exposure by repetition tier")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    return _png(fig)
+
+
+def roc(curves: list[RocCurve]) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    for c in curves:
+        ax.plot(c.fpr, c.tpr, lw=1.4, label=f"{c.attack} (AUC {c.auc:.2f})")  # ties between the groups: diagonal
+    ax.plot([0, 1], [0, 1], color="#adb5bd", ls="--", lw=1, label="chance")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false-positive rate (references)")
+    ax.set_ylabel("true-positive rate (members)")
+    n = f"{curves[0].n_members} members, {curves[0].n_controls} references" if curves else ""
+    ax.set_title(f"Membership inference, tuned model\n{n}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right", frameon=False)
+    return _png(fig)
+
+
+def information(labels: list[str], bits: dict[str, list[float | None]], *, space_bits: float, title: str) -> bytes:
+    """Grouped bars: bits of the secret (or work excerpt) under each model, per group."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 3.2))
+    models = list(bits)
+    width = 0.8 / max(len(models), 1)
+    for j, model in enumerate(models):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(labels))]
+        ax.bar(xs, [b or 0.0 for b in bits[model]], width * 0.9, color=MODEL_COLORS.get(model, "#495057"), label=model)
+    if space_bits > 0:
+        ax.axhline(space_bits, color="#495057", ls=":", lw=1, label=f"secret space {space_bits:.1f} bits")
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("bits")
+    ax.set_title(title)
+    ax.legend(fontsize=7, frameon=False)
+    return _png(fig)
+
+
+def lineage_graph(layers: list[list[str]], nodes: dict[str, Any]) -> bytes:
+    """The derivative chain: base weights and data (roots) -> tuned weights -> ..., boxes with short fingerprints."""
+    plt = _pyplot()
+    tallest = max((len(layer) for layer in layers), default=1)
+    fig, ax = plt.subplots(figsize=(2.6 * max(len(layers), 1) + 0.6, 1.25 * tallest + 0.5))
+    ax.set_axis_off()
+    pos: dict[str, tuple[float, float]] = {}
+    for x, layer in enumerate(layers):
+        for k, node_id in enumerate(layer):
+            pos[node_id] = (x * 2.6, (len(layer) - 1) / 2 - k)  # each layer centred on y = 0
+    for node_id, (x, y) in pos.items():
+        for parent in nodes[node_id].parents:
+            if parent in pos:
+                px, py = pos[parent]
+                ax.annotate("", xy=(x - 0.95, y), xytext=(px + 0.95, py),
+                            arrowprops={"arrowstyle": "-|>", "color": "#495057", "lw": 1.2})
+    for node_id, (x, y) in pos.items():
+        n = nodes[node_id]
+        label = n.label if len(n.label) <= 30 else n.label[:29] + "\u2026"
+        ax.text(x, y, f"{n.kind.replace('_', ' ')}\n{label}\n{n.fingerprint[:12]}", ha="center", va="center", fontsize=7.5,
+                bbox={"boxstyle": "round,pad=0.5", "fc": KIND_COLORS.get(n.kind, "#f1f3f5"), "ec": "#495057"})
+    xs = [p[0] for p in pos.values()] or [0]
+    ys = [p[1] for p in pos.values()] or [0]
+    ax.set_xlim(min(xs) - 1.2, max(xs) + 1.2)
+    ax.set_ylim(min(ys) - 0.7, max(ys) + 0.7)
+    ax.set_title("Lineage", fontsize=9)
+    return _png(fig)
+
+
+def token_probabilities(view: TokenView) -> bytes:
+    """Per token, p under base and tuned (token 0 has no context); masked secret tokens are labelled \u25a0."""
+    plt = _pyplot()
+    tokens = view.tokens
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.32 * len(tokens) + 1.5), 3.0))
+    xs = list(range(len(tokens)))
+    for j, (model, get) in enumerate((("base", lambda t: t.p_base), ("tuned", lambda t: t.p_tuned))):
+        values = [get(t) for t in tokens]
+        if all(v is None for v in values):
+            continue
+        ax.bar([x - 0.2 + 0.4 * j for x in xs], [v or 0.0 for v in values], 0.38, color=MODEL_COLORS[model], label=model)
+    for x, t in zip(xs, tokens, strict=True):
+        if t.secret:
+            ax.axvspan(x - 0.5, x + 0.5, color="#ffe066", alpha=0.3, lw=0)
+    labels = ["\u25a0" if t.secret else repr(t.text)[1:-1][:12] for t in tokens]
+    ax.set_xticks(xs, labels, rotation=70, fontsize=7)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("p(token | text so far)")
+    ax.set_title(view.title, fontsize=9)
+    ax.legend(fontsize=7, frameon=False, loc="upper left")
+    return _png(fig)

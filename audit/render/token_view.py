@@ -1,0 +1,148 @@
+"""The per-token probability view: p(token | text so far) under base and tuned, token by token.
+
+Two sources, both optional:
+
+* ``token_view.json``, written by every audit: the member canary of the highest tier whose secret gained the most
+  probability from tuning. Its prefix (the public context an attacker prompts with) is shown as text; the secret's
+  tokens are masked (``None``): the report is shared, the secret is not.
+* ``probe.json``, a text the user chose: ``audit report RUN_DIR --probe "some text"`` runs :mod:`audit.score.probe`
+  on the run's base and tuned weights and stores its result beside the report.
+
+The computation (:func:`canary_token_logprobs`) needs the models and runs inside the pipeline; rendering only reads
+the JSON files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from audit.schema import SCHEMA_VERSION, Canary, CanarySet
+
+TOKEN_VIEW_FILE = "token_view.json"
+PROBE_FILE = "probe.json"
+MAX_CANDIDATES = 8
+
+
+@dataclass(frozen=True)
+class ViewToken:
+    text: str | None
+    """The token's text, or None for a masked secret token."""
+    p_base: float | None
+    p_tuned: float | None
+    secret: bool = False
+
+
+@dataclass(frozen=True)
+class TokenView:
+    title: str
+    note: str
+    tokens: list[ViewToken]
+    bits_base: float | None = None
+    bits_tuned: float | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TokenView:
+        return cls(**{**data, "tokens": [ViewToken(**t) for t in data["tokens"]]})
+
+
+def view_candidates(canaries: CanarySet) -> list[Canary]:
+    """The members of the highest tier (sorted by id, at most :data:`MAX_CANDIDATES`): where memorization shows."""
+    members = canaries.members()
+    if not members:
+        return []
+    top = max(c.repetitions for c in members)
+    return sorted((c for c in members if c.repetitions == top), key=lambda c: c.id)[:MAX_CANDIDATES]
+
+
+@dataclass(frozen=True)
+class CanaryTokens:
+    canary_id: str
+    repetitions: int
+    prefix_pieces: list[str]
+    n_secret: int
+    logprobs: list[float]
+    """ln p of tokens 1..n-1 of prefix + secret (token 0 has no context)."""
+
+
+def canary_token_logprobs(model: Any, tokenizer: Any, canaries: list[Canary]) -> list[CanaryTokens]:
+    """Teacher-forced log-probs of each canary's prefix + secret, one batched pass (:mod:`audit.score.engine`)."""
+    from audit.score.engine import pad_id_of, score_token_sequences, split_tokens
+
+    splits = [split_tokens(tokenizer, c.prefix, c.secret) for c in canaries]
+    scored = score_token_sequences(model, [s.prefix_ids + s.secret_ids for s in splits], vocab_stats=False,
+                                   pad_token_id=pad_id_of(tokenizer))
+    return [CanaryTokens(c.id, c.repetitions, [tokenizer.decode([i]) for i in s.prefix_ids], len(s.secret_ids),
+                         [round(float(x), 6) for x in t.logprobs])
+            for c, s, t in zip(canaries, splits, scored, strict=True)]
+
+
+def build_canary_view(base: list[CanaryTokens], tuned: list[CanaryTokens]) -> TokenView | None:
+    """The canary whose secret tokens gained the most log-probability, with its secret tokens masked."""
+    tuned_by_id = {t.canary_id: t for t in tuned}
+    best, best_gain = None, -math.inf
+    for b in base:
+        t = tuned_by_id.get(b.canary_id)
+        if t is None or b.n_secret == 0:
+            continue
+        gain = sum(t.logprobs[-b.n_secret:]) - sum(b.logprobs[-b.n_secret:])
+        if gain > best_gain:
+            best, best_gain = (b, t), gain
+    if best is None:
+        return None
+    b, t = best
+    n_prefix = len(b.prefix_pieces)
+    p_base = [None] + [math.exp(x) for x in b.logprobs]
+    p_tuned = [None] + [math.exp(x) for x in t.logprobs]
+    tokens = [ViewToken(b.prefix_pieces[i] if i < n_prefix else None, _r(p_base[i]), _r(p_tuned[i]), secret=i >= n_prefix)
+              for i in range(n_prefix + b.n_secret)]
+    bits = [-sum(x.logprobs[-b.n_secret:]) / math.log(2) for x in (b, t)]
+    return TokenView(
+        title=f"canary {b.canary_id} ({b.repetitions} copies in training)",
+        note=(f"The {b.repetitions}x canary whose secret gained the most probability from tuning. The prefix is the public "
+              f"context; the {b.n_secret} secret tokens are masked (\u25a0). Secret: {bits[0]:.1f} bits under base, "
+              f"{bits[1]:.1f} under tuned."),
+        tokens=tokens, bits_base=round(bits[0], 3), bits_tuned=round(bits[1], 3),
+    )
+
+
+def _r(p: float | None) -> float | None:
+    return None if p is None else float(f"{p:.4g}")
+
+
+def probe_view(data: dict[str, Any]) -> TokenView:
+    """A :class:`audit.score.probe.ProbeResult` (``audit probe --json``) as a view: every token shown."""
+    tokens = [ViewToken(t["text"], _r(t.get("p_base")), _r(t.get("p_tuned"))) for t in data["tokens"]]
+    bits_tuned = data.get("bits_tuned")
+    note = f"A chosen text: {data.get('bits_base', 0):.1f} bits under base"
+    note += f", {bits_tuned:.1f} under tuned" if bits_tuned is not None else ""
+    note += f"; raw UTF-8 {data.get('raw_bits', '?')} bits."
+    return TokenView(title=f"chosen text {data['text']!r}", note=note, tokens=tokens,
+                     bits_base=data.get("bits_base"), bits_tuned=bits_tuned)
+
+
+def read_token_views(run_dir: Path) -> list[TokenView]:
+    """The views present in a run directory (none is fine: the section then says so)."""
+    views = []
+    for name, parse in ((TOKEN_VIEW_FILE, TokenView.from_json), (PROBE_FILE, probe_view)):
+        path = Path(run_dir) / name
+        if path.is_file():
+            views.append(parse(json.loads(path.read_text(encoding="utf-8"))))
+    return views
+
+
+def write_token_view(run_dir: Path, base: list[CanaryTokens], tuned: list[CanaryTokens]) -> TokenView | None:
+    """Pick the canary (:func:`build_canary_view`) and write ``token_view.json`` (secret tokens masked)."""
+    from audit.store import atomic_write_text
+
+    view = build_canary_view(base, tuned)
+    if view is not None:
+        atomic_write_text(Path(run_dir) / TOKEN_VIEW_FILE, json.dumps(view.to_json(), indent=2, ensure_ascii=False) + "\n")
+    return view

@@ -1,0 +1,352 @@
+"""What the human report shows, as plain data: verdict, exposure rows with their null band, ROC curves, tables.
+
+Pure (numpy/scipy, no matplotlib, no torch): the HTML and Markdown writers and the plots all read these, so the
+two formats cannot disagree. Inputs are the run directory's files: ``report.json`` and, when present,
+``scores.jsonl`` (per-canary rows, ids only) — nothing is recomputed from a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from audit.schema import AuditReport, SequenceScore
+
+NULL_MEAN_BITS = 1 / math.log(2)
+"""Exposure of a canary the model never learned: its rank among the references is uniform, so exposure in nats is
+~Exp(1) and its mean is 1 nat = 1/ln 2 ~= 1.44 bits (Carlini et al. 2019, Secret Sharer, section 4)."""
+MIA_ATTACKS_SHOWN = ("loss_diff", "min_k_pp_diff", "min_k_pp", "zlib", "loss")
+
+
+def tier_label(repetitions: int) -> str:
+    return "references" if repetitions == 0 else f"{repetitions}x"
+
+
+def null_band(n: int, *, cap: float | None = None, level: float = 0.95) -> tuple[float, float]:
+    """Central ``level`` interval of the MEAN exposure (bits) of ``n`` unlearned canaries.
+
+    The sum of ``n`` Exp(1) exposures in nats is Gamma(n, 1), so the mean in bits is Gamma(n, 1) / (n ln 2); capped
+    at ``cap`` (log2(references + 1): the sampled rank cannot show more).
+    """
+    from scipy.stats import gamma
+
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    a = (1 - level) / 2
+    low, high = (float(gamma.ppf(q, n)) / (n * math.log(2)) for q in (a, 1 - a))
+    if cap is not None:
+        low, high = min(low, cap), min(high, cap)
+    return round(low, 4), round(high, 4)
+
+
+@dataclass(frozen=True)
+class TierRow:
+    repetitions: int
+    n: int
+    exposure: dict[str, float]
+    extracted: dict[str, int]
+    band: tuple[float, float]
+
+    @property
+    def label(self) -> str:
+        return tier_label(self.repetitions)
+
+    def above_null(self, model: str = "tuned") -> bool:
+        return model in self.exposure and self.exposure[model] > self.band[1]
+
+
+def tier_rows(report: AuditReport) -> list[TierRow]:
+    return [TierRow(t.repetitions, t.n, dict(t.exposure_mean), dict(t.extracted), null_band(t.n, cap=report.exposure_max))
+            for t in report.tiers]
+
+
+def models_of(report: AuditReport) -> list[str]:
+    return sorted({m for t in report.tiers for m in t.exposure_mean}, key=lambda m: (m != "base", m))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str
+    """``pass`` / ``fail`` (gates decided) or ``none`` (no gates configured)."""
+    headline: str
+    findings: list[str]
+
+
+def verdict(report: AuditReport) -> Verdict:
+    """Gates decide pass/fail; the findings say in words what the numbers show, whether gates exist or not."""
+    rows = tier_rows(report)
+    members = [r for r in rows if r.repetitions > 0]
+    findings = []
+    above = [r.label for r in members if r.above_null("tuned")]
+    if above:
+        findings.append(f"Tuned-model exposure is above the 95% null band for tiers {', '.join(above)}: "
+                        f"those canaries were memorized (an unlearned canary averages {NULL_MEAN_BITS:.2f} bits).")
+    elif members:
+        findings.append("No member tier's tuned-model exposure is above the 95% null band: no memorization detected "
+                        "at this sample size.")
+    refs = next((r for r in rows if r.repetitions == 0), None)
+    if refs is not None and refs.above_null("tuned"):
+        findings.append("The never-inserted references are above the null band: the measurement itself is biased "
+                        "(e.g. the references share structure the tuning taught); read the member tiers with care.")
+    n_members = sum(r.n for r in members)
+    extracted = sum(r.extracted.get("tuned", 0) for r in members)
+    if members:
+        findings.append(f"Greedy decoding from the prefix reproduced {extracted} of {n_members} member secrets verbatim.")
+    if "mia.auc/loss_diff" in report.metrics:
+        findings.append(f"Membership inference (loss vs base, members against references): AUC "
+                        f"{report.metrics['mia.auc/loss_diff'].value:.2f} (0.5 = chance).")
+    if report.gates:
+        failed = [g for g in report.gates if not g.passed]
+        skipped = sum(g.status == "skip" for g in report.gates)
+        if failed:
+            return Verdict("fail", f"FAIL: {len(failed)} of {len(report.gates)} release gates failed", findings)
+        extra = f" ({skipped} skipped)" if skipped else ""
+        return Verdict("pass", f"PASS: all {len(report.gates)} release gates passed{extra}", findings)
+    return Verdict("none", "No gates configured: this report measures, it does not decide", findings)
+
+
+# ------------------------------------------------------------------------------------------------ scores & ROC
+
+
+def read_scores(run_dir: Path) -> list[SequenceScore]:
+    path = Path(run_dir) / "scores.jsonl"
+    if not path.is_file():
+        return []
+    return [SequenceScore.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class RocCurve:
+    attack: str
+    fpr: list[float]
+    tpr: list[float]
+    auc: float
+    n_members: int
+    n_controls: int
+
+
+def roc_curve(members: list[float], controls: list[float]) -> tuple[list[float], list[float]]:
+    """Empirical ROC (higher score = member): one point per distinct threshold, from (0, 0) to (1, 1)."""
+    m, c = np.asarray(members, dtype=float), np.asarray(controls, dtype=float)
+    thresholds = np.unique(np.concatenate([m, c]))[::-1]
+    fpr, tpr = [0.0], [0.0]
+    for t in thresholds:
+        fpr.append(float(np.mean(c >= t)))
+        tpr.append(float(np.mean(m >= t)))
+    if fpr[-1] != 1.0 or tpr[-1] != 1.0:
+        fpr.append(1.0)
+        tpr.append(1.0)
+    return fpr, tpr
+
+
+def roc_curves(scores: list[SequenceScore], *, attacks: tuple[str, ...] = MIA_ATTACKS_SHOWN) -> list[RocCurve]:
+    """ROC of each membership attack on the tuned model: member canaries (all tiers) against the references.
+
+    Attack scores come from :func:`audit.metrics.suite.attack_scores` (the same orientation and calibration as the
+    ``mia.auc/<attack>`` metrics), so the curve's area is the reported AUC.
+    """
+    from audit.metrics.mia import roc_auc
+    from audit.metrics.suite import attack_scores
+
+    base = {s.canary_id: s for s in scores if s.model == "base"}
+    per_attack: dict[str, tuple[list[float], list[float]]] = {}
+    for row in (s for s in scores if s.model == "tuned"):
+        for attack, value in attack_scores(row, base.get(row.canary_id)).items():
+            if math.isfinite(value):
+                members, controls = per_attack.setdefault(attack, ([], []))
+                (members if row.repetitions > 0 else controls).append(value)
+    curves = []
+    for attack in attacks:
+        members, controls = per_attack.get(attack, ([], []))
+        if members and controls:
+            fpr, tpr = roc_curve(members, controls)
+            curves.append(RocCurve(attack, fpr, tpr, round(roc_auc(members, controls), 4), len(members), len(controls)))
+    return curves
+
+
+def exposure_points(scores: list[SequenceScore]) -> dict[tuple[int, str], list[float]]:
+    """Per (tier, model): every canary's exposure, for the dots over the tier means."""
+    out: dict[tuple[int, str], list[float]] = {}
+    for s in scores:
+        out.setdefault((s.repetitions, s.model), []).append(s.exposure)
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+# ------------------------------------------------------------------------------------------------ metric tables
+
+
+@dataclass(frozen=True)
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if float(value).is_integer() and abs(value) < 1e6:
+        return str(int(value))
+    return f"{value:.{digits}f}"
+
+
+def _metric(report: AuditReport, key: str) -> str:
+    entry = report.metrics.get(key)
+    if entry is None:
+        return "-"
+    text = fmt(entry.value)
+    if entry.low is not None and entry.high is not None:
+        text += f" [{fmt(entry.low)}, {fmt(entry.high)}]"
+    return text
+
+
+def exposure_table(report: AuditReport) -> Table:
+    models = models_of(report)
+    rows = []
+    for r in tier_rows(report):
+        row = [r.label, str(r.n)] + [fmt(r.exposure.get(m)) for m in models]
+        row.append(f"{r.band[0]:.2f} - {r.band[1]:.2f}")
+        row += [_metric(report, f"exposure.space_mean/rep_{r.repetitions}/{m}") for m in models if
+                f"exposure.space_mean/rep_{r.repetitions}/{m}" in report.metrics]
+        rows.append(row)
+    space_cols = [f"whole-space {m}" for m in models if any(f"exposure.space_mean/rep_{t.repetitions}/{m}" in report.metrics
+                                                             for t in report.tiers)]
+    header = ["tier", "n"] + [f"exposure {m}" for m in models] + ["null band (95%)"] + space_cols
+    notes = [f"Exposure in bits against {report.canaries.get('exposure_references', 'the')} sampled references "
+             f"(max {report.exposure_max:.2f}); an unlearned canary averages {NULL_MEAN_BITS:.2f} bits, and the band is "
+             "where the mean of that many unlearned canaries falls 95% of the time."]
+    if space_cols:
+        notes.append(f"Whole-space exposure ranks the secret against all of its {report.space_bits:.1f}-bit space "
+                     "(exact where the trie walk finished, else estimated with its interval).")
+    return Table(header, [r[: len(header)] for r in rows], notes)
+
+
+def extraction_table(report: AuditReport) -> Table:
+    models = models_of(report)
+    columns = [("greedy exact", None), ("from part of the secret", "extraction.from_fraction"),
+               ("by sampling", "extraction.sampled_any"), ("(n, p)-extractable", "extraction.np_extractable"),
+               ("mean LCP tokens", "extraction.lcp_mean")]
+    present = [(label, key) for label, key in columns
+               if key is None or any(f"{key}/rep_{t.repetitions}/{m}" in report.metrics for t in report.tiers for m in models)]
+    header = ["tier", "n", "model"] + [label for label, _ in present]
+    rows = []
+    for t in report.tiers:
+        for m in models:
+            row = [tier_label(t.repetitions), str(t.n), m]
+            for _, key in present:
+                if key is None:
+                    row.append(f"{t.extracted.get(m, 0)}/{t.n}")
+                else:
+                    entry = report.metrics.get(f"{key}/rep_{t.repetitions}/{m}")
+                    row.append("-" if entry is None else (fmt(entry.value) if key.endswith("_mean") else f"{fmt(entry.value)}/{entry.n or t.n}"))
+            rows.append(row)
+    notes = [v for k, v in sorted(report.metric_notes.items()) if k.startswith("extraction")]
+    return Table(header, rows, notes)
+
+
+def mia_table(report: AuditReport, curves: list[RocCurve]) -> Table:
+    attacks = [a for a in MIA_ATTACKS_SHOWN if f"mia.auc/{a}" in report.metrics] or [c.attack for c in curves]
+    from_curves = {c.attack: c for c in curves}
+    rows = []
+    for a in attacks:
+        auc = _metric(report, f"mia.auc/{a}") if f"mia.auc/{a}" in report.metrics else fmt(from_curves[a].auc)
+        rows.append([a, auc, _metric(report, f"mia.tpr_at_1pct/{a}"), _metric(report, f"mia.tpr_at_0.1pct/{a}")])
+    notes = [f"{k}: {v}" for k, v in sorted(report.metric_notes.items()) if k.startswith(("mia", "privacy"))]
+    if "privacy.eps_lb" in report.metrics:
+        notes.insert(0, f"One-run privacy audit: epsilon >= {_metric(report, 'privacy.eps_lb')} "
+                        f"(at most {_metric(report, 'privacy.eps_ceiling')} can be shown with this many guesses).")
+    return Table(["attack", "AUC", "TPR at 1% FPR", "TPR at 0.1% FPR"], rows, notes)
+
+
+def information_table(report: AuditReport) -> Table:
+    models = models_of(report)
+    rows = []
+    for t in report.tiers:
+        cells = [_metric(report, f"information.bits/rep_{t.repetitions}/{m}") for m in models]
+        if all(c == "-" for c in cells):
+            continue
+        rows.append([tier_label(t.repetitions), str(t.n), *cells, _metric(report, f"information.memorized_bits/rep_{t.repetitions}")])
+    notes = [f"Bits of the secret given its prefix (sum of -log2 p over its tokens); the secret space holds "
+             f"{report.space_bits:.1f} bits. Memorized bits = base - tuned."] if rows else []
+    return Table(["tier", "n", *[f"bits {m}" for m in models], "memorized bits"], rows, notes)
+
+
+def works_table(report: AuditReport) -> Table:
+    info = report.canaries.get("works_information") or {}
+    rows = [[w["title"], w["kind"], w["license"], str(w["member_excerpts"]), fmt(w.get("member_bits_base")),
+             fmt(w.get("member_bits_tuned")), str(w["held_out_excerpts"]), fmt(w.get("held_out_bits_base")),
+             fmt(w.get("held_out_bits_tuned"))] for w in info.get("by_work", [])]
+    return Table(["work", "kind", "license", "member excerpts", "bits base", "bits tuned", "held-out excerpts",
+                  "bits base", "bits tuned"], rows)
+
+
+def provenance_table(report: AuditReport) -> Table:
+    rows = [["base model", report.model.source, f"{report.model.kind}; {report.model.path}", report.model.fingerprint]]
+    for key in ("name", "revision", "license", "package", "version"):
+        if report.model.provenance.get(key):
+            rows.append([f"base model {key}", str(report.model.provenance[key]), "", ""])
+    rows.append(["training data", str(report.recipe.get("corpus", {}).get("source", "")),
+                 f"{report.canaries.get('spec', '')} canaries, {report.canaries.get('placements', '?')} copies planted",
+                 report.manifest_sha256])
+    rows.append(["tuned weights", f"{report.training.method} fine-tune, {report.training.steps} steps",
+                 report.training.weights_path, report.training.weights_fingerprint])
+    if report.training.merged_fingerprint:
+        rows.append(["merged weights", "adapter merged into the base", report.training.merged_path or "",
+                     report.training.merged_fingerprint])
+    for w in report.works:
+        rows.append([f"work: {w.title}", f"{w.kind}, {w.license}", w.source + (f" ({w.path})" if w.path else ""), w.sha256])
+    if report.parent_run:
+        rows.append(["parent run", report.parent_run, "", ""])
+    return Table(["item", "what", "where", "sha256 / fingerprint"], rows)
+
+
+def environment_table(report: AuditReport) -> Table:
+    rows = [["run", report.run_id], ["created", report.created_at], ["recipe", str(report.recipe.get("name", ""))],
+            ["recipe fingerprint", report.recipe_fingerprint], ["seed", str(report.seed)],
+            ["git revision", report.git_revision or "unknown"]]
+    rows += [[f"version {k}", v] for k, v in sorted(report.versions.items())]
+    rows += [[f"time {k}", f"{v:.1f} s"] for k, v in report.timings_s.items()]
+    if report.tracking is not None:
+        rows += [["MLflow run", report.tracking.run_id], ["MLflow", report.tracking.ui_command]]
+    return Table(["", ""], rows)
+
+
+def all_metrics_table(report: AuditReport) -> Table:
+    from audit.tracking import report_metric_dict
+
+    flat = report_metric_dict(report)
+    rows = []
+    for key in sorted(flat):
+        entry = report.metrics.get(key)
+        n = "-" if entry is None or entry.n is None else str(entry.n)
+        interval = "" if entry is None or entry.low is None else f"[{fmt(entry.low, 3)}, {fmt(entry.high, 3)}]"
+        rows.append([key, fmt(flat[key], 4), n, interval])
+    return Table(["key (MLflow metric)", "value", "n", "95% interval"], rows)
+
+
+def lineage_layers(report: AuditReport) -> list[list[str]]:
+    """Node ids by depth (roots first), for drawing the derivative chain left to right."""
+    parents = {n.id: [p for p in n.parents if p in {m.id for m in report.lineage}] for n in report.lineage}
+    depth: dict[str, int] = {}
+
+    def d(node: str) -> int:
+        if node not in depth:
+            depth[node] = 0 if not parents[node] else 1 + max(d(p) for p in parents[node])
+        return depth[node]
+
+    for n in report.lineage:
+        d(n.id)
+    layers: list[list[str]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
+    for n in report.lineage:
+        layers[depth[n.id]].append(n.id)
+    return layers
+
+
+def json_dump(obj: object) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str)

@@ -1,0 +1,291 @@
+"""The human report (audit.render): report.json round trip, HTML + Markdown with plots, `audit report RUN_DIR`.
+
+Most tests use a hand-made run directory (:func:`make_run_dir`: seeded synthetic scores summarized by the real
+metric code), so they run in seconds without a model; the token view and `--probe` use tiny-llama.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audit.cli import main
+from audit.metrics.suite import summarize_metrics
+from audit.render import render_report
+from audit.render.token_view import TOKEN_VIEW_FILE, CanaryTokens, TokenView, build_canary_view, read_token_views
+from audit.render.views import NULL_MEAN_BITS, null_band, roc_curve, roc_curves, verdict
+from audit.report import read_report, summarize_tiers, write_report
+from audit.schema import AuditReport, GateResult, LineageNode, ModelInfo, SequenceScore, TrainSummary
+from audit.store import write_jsonl
+
+SECTIONS = ["verdict", "exposure", "mia", "extraction", "information", "tokens", "lineage", "provenance", "details"]
+
+
+def synthetic_scores(seed: int = 0, *, tiers=(0, 1, 4, 16), per_tier=None) -> list[SequenceScore]:
+    """Rows like an audit's: references at the null, exposure and log-prob gains growing with repetitions."""
+    rng = np.random.default_rng(seed)
+    per_tier = per_tier or {0: 6, 1: 2, 4: 2, 16: 2}
+    rows = []
+    for reps in tiers:
+        for i in range(per_tier[reps]):
+            cid = f"c{reps:02d}{i:02d}"
+            base_loss = 6.0 + rng.normal(0, 0.2)
+            for model in ("base", "tuned"):
+                gain = 0.0 if model == "base" else math.log2(1 + reps) * 1.5 + rng.normal(0, 0.3)
+                loss = max(0.05, base_loss - (gain * 0.6 if model == "tuned" else 0.0))
+                rank = max(1, int(rng.integers(1, 257) / (2 ** gain)))
+                rows.append(SequenceScore(
+                    canary_id=cid, model=model, repetitions=reps, secret_tokens=6, secret_nll_bits=round(6 * loss / math.log(2), 4),
+                    rank=rank, n_references=255, exposure=round(8 - math.log2(rank), 4), extracted=model == "tuned" and reps == 16 and i == 0,
+                    mia_loss=round(loss, 4), mia_min_k=round(-loss * 1.1, 4), mia_min_k_pp=round(-loss / 3, 4),
+                    mia_zlib=round(-loss / 12, 4), exposure_method="sampled", exposure_space=round(8 - math.log2(rank), 4),
+                    secret_utf8_bits=48,
+                ))
+    return rows
+
+
+def make_report(scores: list[SequenceScore], *, gates: list[GateResult] | None = None) -> AuditReport:
+    suite = summarize_metrics(scores)
+    base = LineageNode(id="base_weights:aaaa", kind="base_weights", label="tiny-llama", fingerprint="a" * 64)
+    data = LineageNode(id="data:bbbb", kind="data", label="builtin:notes + digits canaries", fingerprint="b" * 64)
+    tuned = LineageNode(id="tuned_weights:cccc", kind="tuned_weights", label="lora fine-tune", fingerprint="c" * 64,
+                        parents=[base.id, data.id])
+    return AuditReport(
+        run_id="tiny-lora-cpu-test", created_at="2026-01-01T00:00:00+00:00",
+        recipe={"name": "tiny-lora-cpu", "corpus": {"source": "builtin:notes"}}, recipe_fingerprint="f" * 64, seed=0,
+        model=ModelInfo(source="tiny-llama", kind="builtin", path="/models/tiny", fingerprint="a" * 64,
+                        provenance={"name": "tiny-llama"}),
+        canaries={"spec": "digits", "members": 6, "references": 6, "tiers": [1, 4, 16], "exposure_references": 255,
+                  "placements": 42, "works_information": {}},
+        manifest_sha256="b" * 64,
+        training=TrainSummary(method="lora", steps=210, final_loss=5.7, wall_s=12.0, trainable_params=2048, total_params=200000,
+                              device="cpu", precision="fp32", gradient_checkpointing=False, weights_path="adapter",
+                              weights_fingerprint="c" * 64),
+        space_bits=19.93, exposure_max=8.0, tiers=summarize_tiers(scores), lineage=[base, data, tuned],
+        timings_s={"inject": 0.1, "train": 12.0, "total": 20.0}, versions={"python": "3.11", "mlflow": "3"},
+        git_revision="0" * 40, gates=gates or [], metrics=suite.metrics, metric_notes=suite.notes,
+    )
+
+
+def make_run_dir(path: Path, *, gates: list[GateResult] | None = None, token_view: bool = True) -> tuple[Path, AuditReport]:
+    path.mkdir(parents=True, exist_ok=True)
+    scores = synthetic_scores()
+    report = make_report(scores, gates=gates)
+    write_jsonl(path / "scores.jsonl", scores)
+    write_report(report, path / "report.json")
+    if token_view:
+        base = [CanaryTokens("c1600", 16, ["My", " PIN", " is"], 2, [-3.0, -2.0, -9.0, -8.0])]
+        tuned = [CanaryTokens("c1600", 16, ["My", " PIN", " is"], 2, [-2.5, -1.0, -0.2, -0.1])]
+        view = build_canary_view(base, tuned)
+        (path / TOKEN_VIEW_FILE).write_text(json.dumps(view.to_json()))
+    return path, report
+
+
+PASSING = [GateResult(gate="positive control", metric="exposure.mean/rep_16/tuned", value=8.0, n=2, threshold=">= 5",
+                      status="pass")]
+FAILING = PASSING + [GateResult(gate="single copies stay at the null", metric="exposure.mean/rep_1/tuned", value=6.0, n=2,
+                                threshold="<= 5", status="fail", reason="6 > 5")]
+
+
+# ------------------------------------------------------------------------------------------------ report.json
+
+
+def test_report_json_round_trips_to_the_same_object_and_bytes(tmp_path):
+    _, report = make_run_dir(tmp_path / "run", gates=FAILING)
+    again = read_report(tmp_path / "run" / "report.json")
+    assert again == report
+    write_report(again, tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == (tmp_path / "run" / "report.json").read_bytes()
+    assert json.loads((tmp_path / "again.json").read_text())["schema_version"] == report.schema_version
+
+
+def test_report_json_of_another_schema_version_is_refused(tmp_path):
+    _, report = make_run_dir(tmp_path / "run")
+    data = json.loads((tmp_path / "run" / "report.json").read_text())
+    data["schema_version"] = report.schema_version + 1
+    (tmp_path / "run" / "report.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="schema_version"):
+        read_report(tmp_path / "run" / "report.json")
+
+
+# ------------------------------------------------------------------------------------------------ pure views
+
+
+def test_null_band_matches_simulated_unlearned_canaries():
+    """Ranks uniform among 255 references: the band holds ~95% of simulated tier means."""
+    rng = np.random.default_rng(7)
+    for n in (2, 6, 20):
+        ranks = rng.integers(1, 257, size=(20000, n))
+        means = (8 - np.log2(ranks)).mean(axis=1)
+        low, high = null_band(n, cap=8.0)
+        inside = np.mean((means >= low) & (means <= high))
+        assert 0.92 <= inside <= 0.975, (n, low, high, inside)
+        assert low < NULL_MEAN_BITS < high
+    assert null_band(2, cap=1.0) == (min(null_band(2)[0], 1.0), 1.0)
+
+
+def test_roc_curve_area_equals_the_mann_whitney_auc():
+    from audit.metrics.mia import roc_auc
+
+    rng = np.random.default_rng(3)
+    members, controls = rng.integers(0, 6, 40).astype(float), rng.integers(0, 5, 60).astype(float)  # many ties
+    fpr, tpr = roc_curve(list(members), list(controls))
+    assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+    assert all(b >= a for a, b in zip(fpr, fpr[1:])) and all(b >= a for a, b in zip(tpr, tpr[1:]))
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(members, controls), abs=1e-12)
+    fpr, tpr = roc_curve([5.0, 6.0], [1.0, 2.0])  # perfect separation passes through (0, 1)
+    assert (0.0, 1.0) in set(zip(fpr, tpr))
+
+
+def test_roc_curves_from_scores_agree_with_the_reported_auc():
+    scores = synthetic_scores()
+    report = make_report(scores)
+    curves = {c.attack: c for c in roc_curves(scores)}
+    assert {"loss_diff", "loss", "min_k_pp"} <= set(curves)
+    for attack, curve in curves.items():
+        assert curve.auc == pytest.approx(report.metrics[f"mia.auc/{attack}"].value, abs=1e-4)
+        assert (curve.n_members, curve.n_controls) == (6, 6)
+
+
+def test_verdict_comes_from_the_gates_and_says_what_the_numbers_show():
+    scores = synthetic_scores()
+    assert verdict(make_report(scores, gates=PASSING)).status == "pass"
+    failed = verdict(make_report(scores, gates=FAILING))
+    assert failed.status == "fail" and failed.headline.startswith("FAIL: 1 of 2")
+    none = verdict(make_report(scores))
+    assert none.status == "none" and "No gates configured" in none.headline
+    assert any("16x" in f and "null band" in f for f in none.findings)
+
+
+def test_canary_view_masks_the_secret_and_picks_the_biggest_gain():
+    base = [CanaryTokens("a", 16, ["x", " is"], 2, [-1.0, -5.0, -5.0]), CanaryTokens("b", 16, ["y", " is"], 2, [-1.0, -5.0, -5.0])]
+    tuned = [CanaryTokens("a", 16, ["x", " is"], 2, [-1.0, -4.0, -4.0]), CanaryTokens("b", 16, ["y", " is"], 2, [-1.0, -0.1, -0.1])]
+    view = build_canary_view(base, tuned)
+    assert view is not None and "canary b" in view.title
+    assert [t.text for t in view.tokens] == ["y", " is", None, None]
+    assert [t.secret for t in view.tokens] == [False, False, True, True]
+    assert view.tokens[0].p_base is None  # the first token has no context
+    assert view.tokens[2].p_tuned == pytest.approx(math.exp(-0.1), rel=1e-3)
+    assert view.bits_tuned < view.bits_base
+    assert TokenView.from_json(json.loads(json.dumps(view.to_json()))) == view
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+def _img_sources(html: str) -> list[str]:
+    return re.findall(r'<img class="plot" alt="[^"]*" src="([^"]+)"', html)
+
+
+def test_render_writes_html_markdown_and_plots_in_reading_order(tmp_path):
+    run_dir, _ = make_run_dir(tmp_path / "run", gates=FAILING)
+    rendered = render_report(run_dir)
+    html = rendered.html.read_text()
+    positions = [html.index(f'<section id="{s}">') for s in SECTIONS]
+    assert positions == sorted(positions), "sections out of order"
+    assert html.index("FAIL: 1 of 2 release gates failed") < html.index('<section id="exposure">')
+    names = sorted(p.name for p in rendered.plots)
+    assert names == ["exposure_by_tier.png", "information.png", "lineage.png", "roc.png", "tokens_0.png"]
+    sources = _img_sources(html)
+    assert len(sources) == len(names) and all(s.startswith("data:image/png;base64,iVBOR") for s in sources)
+    for path in rendered.plots:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = rendered.markdown.read_text()
+    linked = re.findall(r"!\[[^\]]*\]\((plots/[^)]+)\)", md)
+    assert sorted(Path(p).name for p in linked) == names and all((run_dir / p).is_file() for p in linked)
+    assert md.index("FAIL: 1 of 2") < md.index("## Exposure by repetition tier") < md.index("## Membership inference")
+    for text in ("null band (95%)", "loss_diff", "greedy exact", "memorized bits", "\u25a0", "tuned_weights:cccc",
+                 "exposure.mean/rep_16/tuned", "mia.auc/min_k_pp"):
+        assert text in html and text in md, text
+
+
+def test_html_is_self_contained_and_deterministic(tmp_path):
+    run_dir, _ = make_run_dir(tmp_path / "run")
+    first = render_report(run_dir).html.read_bytes()
+    second = render_report(run_dir).html.read_bytes()
+    assert first == second
+    html = first.decode()
+    assert "<script" not in html
+    assert not re.search(r'(src|href)="(https?:|//|file:)', html)
+    assert "No gates configured" in html
+
+
+def test_sections_say_when_their_data_is_absent(tmp_path):
+    run_dir, _ = make_run_dir(tmp_path / "run", token_view=False)
+    (run_dir / "scores.jsonl").unlink()
+    report = read_report(run_dir / "report.json").model_copy(update={"metrics": {}, "metric_notes": {}})
+    write_report(report, run_dir / "report.json")
+    rendered = render_report(run_dir)
+    html = rendered.html.read_text()
+    assert "No membership-inference scores" in html and "No per-token view" in html
+    assert sorted(p.name for p in rendered.plots) == ["exposure_by_tier.png", "lineage.png"]
+    assert not (run_dir / "plots" / "roc.png").exists()
+
+
+def test_a_real_token_view_never_shows_the_secret(tmp_path, tiny_model):
+    """tiny-llama scores a canary; the view, the HTML and the Markdown hold its prefix but never its secret."""
+    from audit.render.token_view import canary_token_logprobs, write_token_view
+    from audit.schema import Canary
+
+    model, tokenizer = tiny_model
+    canary = Canary(id="k1", spec="words", prefix="The vault phrase is ", secret="quixotic zebra", repetitions=16)
+    base = canary_token_logprobs(model, tokenizer, [canary])
+    assert len(base[0].logprobs) == len(base[0].prefix_pieces) + base[0].n_secret - 1
+    run_dir, _ = make_run_dir(tmp_path / "run", token_view=False)
+    write_token_view(run_dir, base, base)
+    rendered = render_report(run_dir)
+    for path in (run_dir / TOKEN_VIEW_FILE, rendered.html, rendered.markdown):
+        text = path.read_text()
+        assert "quixotic" not in text and "zebra" not in text, path
+    (view,) = read_token_views(run_dir)
+    assert sum(t.secret for t in view.tokens) == base[0].n_secret
+    shown = "".join(t.text for t in view.tokens if not t.secret)
+    assert canary.prefix.startswith(shown) and len(shown) >= len(canary.prefix) - 2  # the public context, in full
+
+
+# ------------------------------------------------------------------------------------------------ audit report
+
+
+def test_audit_report_regenerates_without_loading_a_model(tmp_path):
+    """`audit report RUN_DIR` in a fresh process: writes both files and never imports torch (no rescoring)."""
+    run_dir, _ = make_run_dir(tmp_path / "run")
+    code = ("import sys; from audit.cli import main; rc = main(['report', sys.argv[1]]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "report.html" in out.stdout and out.stderr == ""
+    assert (run_dir / "report.html").is_file() and (run_dir / "report.md").is_file()
+
+
+def test_audit_report_on_a_directory_without_a_report_fails_in_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "report.json" in err and len(err.splitlines()) == 1
+
+
+def test_audit_report_probe_adds_the_chosen_text(tmp_path, tiny_model_dir, capsys):
+    """--probe runs the real probe on the run's adapter (a fresh tiny LoRA) and renders its tokens."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from audit.models import load_model_and_tokenizer
+
+    run_dir, _ = make_run_dir(tmp_path / "run")
+    model, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    peft.save_pretrained(str(run_dir / "adapter"), safe_serialization=True)
+    (run_dir / "recipe.yaml").write_text("model: {source: tiny-llama}\n")
+    assert main(["report", str(run_dir), "--probe", "Colorless green ideas"]) == 0
+    probe = json.loads((run_dir / "probe.json").read_text())
+    assert probe["text"] == "Colorless green ideas" and probe["tokens"][1]["p_tuned"] is not None
+    html = (run_dir / "report.html").read_text()
+    assert "chosen text &#x27;Colorless green ideas&#x27;" in html
+    assert len(_img_sources(html)) == 6  # the five plots + the probe's token plot
