@@ -56,6 +56,19 @@ def test_report_metrics_are_the_mlflow_keys_with_the_tier_size():
     assert keys == [f"exposure.mean/rep_{r}/tuned" for r in (0, 1, 4, 16)]
 
 
+def test_gates_see_every_metric_the_report_exposes():
+    """Metrics added by other stages (membership inference, privacy bounds) are gateable by their keys, with n."""
+    from audit.schema import MetricEntry
+
+    report = make_report({1: (2, 2.0, 0)}).model_copy(update={"metrics": {
+        "mia.auc/loss_diff": MetricEntry(value=0.71, n=14, low=0.5, high=0.9), "privacy.eps_lb": MetricEntry(value=0.3)}})
+    metrics = report_metrics(report)
+    assert metrics["mia.auc/loss_diff"] == MetricValue(0.71, 14) and metrics["privacy.eps_lb"] == MetricValue(0.3, None)
+    assert metrics["exposure.mean/rep_1/tuned"] == MetricValue(2.0, 2)
+    auc, eps = evaluate_gates([gate(metric="mia.auc/*", max=0.6), gate(metric="privacy.eps_lb", max=1.0)], metrics)
+    assert (auc.status, auc.n, eps.status) == ("fail", 14, "pass")
+
+
 def test_max_and_min_thresholds_include_the_boundary():
     results = evaluate_gates([gate(metric="exposure.mean/rep_16/tuned", max=8.0),
                               gate(metric="exposure.mean/rep_16/tuned", max=7.99),
