@@ -94,7 +94,7 @@ def information(labels: list[str], bits: dict[str, list[float | None]], *, space
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("bits")
     ax.set_title(title)
-    ax.legend(fontsize=7, frameon=False)
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _png(fig)
 
 
