@@ -16,8 +16,11 @@ def _folder_source(root: Path) -> str:
     import yaml
 
     root.mkdir()
-    text = " ".join(f"Line {i}: the keeper wrote that the tide came in at {i % 12 + 1} o'clock and the gulls were loud."
-                    for i in range(400))
+    from audit.canaries import load_spec
+    from audit.rng import SeededStream
+
+    words, rng = load_spec("words").params["words"], SeededStream(0, "test-work")  # varied text: no near-duplicate excerpts
+    text = " ".join(rng.choice(words) + ("." if rng.below(9) == 0 else "") for _ in range(4000))
     (root / "log.txt").write_text(text, encoding="utf-8")
     entry = {"file": "log.txt", "title": "Keeper's log", "author": "test", "license": "CC0-1.0", "source": "test",
              "sha256": hashlib.sha256(text.encode()).hexdigest()}
@@ -37,7 +40,7 @@ SPECS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", list(SPECS))
 def test_audit_run_with_each_shipped_spec(spec, in_tmp):
-    overrides = [f"canaries.spec={spec}", "training.epochs=2", "scoring.exposure_references=31", *SPECS[spec]]
+    overrides = [f"canaries.spec={spec}", "training.epochs=1", "scoring.exposure_references=31", *SPECS[spec]]
     if spec == "works":
         overrides.append(f"canaries.params.sources=[{_folder_source(in_tmp / 'works')},synthetic]")
     tracking = ["--no-tracking"] if spec != "digits" else []
