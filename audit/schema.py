@@ -140,7 +140,7 @@ class ScoringSection(Frozen):
     sampled_extraction_temperature: float = Field(default=1.0, gt=0.0)
     exact_exposure: bool = True
     """Rank enumerable secrets against the whole space by a pruned trie walk (:mod:`audit.score.exposure_search`)."""
-    exact_exposure_budget: int = Field(default=20_000, ge=1)
+    exact_exposure_budget: int = Field(default=2_000, ge=1)
     """Trie nodes one canary's walk may expand (one forward row each); past it the sampled rank and its interval stand."""
     mia_k: float = Field(default=0.2, gt=0.0, le=1.0)
     """Fraction of lowest-scoring tokens that Min-K% and Min-K%++ average."""

@@ -125,3 +125,18 @@ class MergingTokenizer:
 def test_non_compositional_tokenizer_is_detected():
     with pytest.raises(NotCompositionalError):
         symbol_tokens(MergingTokenizer(), "code ", DIGITS3, "345")
+
+
+def test_multi_token_symbols_walk_equals_brute_force(tiny_model):
+    """Word symbols span several tokens: the recomputing branch of the walk must rank exactly too."""
+    model, tok = tiny_model
+    space = SecretSpace(alphabet=["canoe", "zebra", "xylo", "quartz"], length=3, separator=" ")  # space stays its own token
+    table = symbol_tokens(tok, "the passphrase is ", space, "canoe zebra xylo")
+    assert any(len(piece) > 1 for row in table.pieces for piece in row)
+    secrets = [[a, b, c] for a in range(4) for b in range(4) for c in range(4)]
+    bits = np.array(candidate_nll_bits(model, table.prefix_ids, [table.tokens(s) for s in secrets]))
+    for k in (int(np.argmin(bits)), 21, int(np.argmax(bits))):
+        pruned = exact_rank(model, table, secrets[k])
+        full = exact_rank(model, table, secrets[k], prune=False, node_budget=None)
+        assert pruned.rank == full.rank == 1 + int(np.count_nonzero(np.delete(bits, k) <= bits[k]))
+        assert full.frontier == [4, 16, 64]

@@ -246,9 +246,15 @@ def score_token_sequences(
             continue
         ids, mask = _right_padded(rows, pad_token_id, device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        rows_n, width = ids.shape
+        # all positions of the batch in one reduction over the flat (rows * width, V) view (no copy of the logits);
+        # each row's last position predicts nothing and padded positions are dropped on the host
+        targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)
+        reduced = vocab_reductions(logits.reshape(rows_n * width, -1), targets, with_stats=vocab_stats)
+        host = [t.double().cpu().numpy().reshape(rows_n, width) for t in reduced]
         for k, (i, r) in enumerate(zip(idx, rows, strict=True)):
-            n = max(len(r) - 1, 0)  # a row's own positions only: a contiguous view, no copy of the logits
-            parts = [t.double().cpu().numpy() for t in vocab_reductions(logits[k, :n], ids[k, 1 : n + 1], with_stats=vocab_stats)]
+            n = max(len(r) - 1, 0)
+            parts = [h[k, :n].copy() for h in host]
             results[i] = TokenScores(seqs[i], parts[0], parts[1] if vocab_stats else None, parts[2] if vocab_stats else None)
     return results  # type: ignore[return-value]
 

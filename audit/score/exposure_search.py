@@ -9,8 +9,9 @@ exactly the set of secrets at least as likely as the canary, so
     rank = 1 + |{ r != canary : Px(r) <= Px(canary) }|        (the paper's convention, ties against the canary)
 
 is exact, and the work grows with the canary's rank (and the near-misses along the way), not with |R|. Carlini et
-al. 2019 (§4.2) use the same monotonicity for their shortest-path search; here each level's frontier is one batch
-of forward passes after the prefix's shared key/value cache.
+al. 2019 (§4.2) use the same monotonicity for their shortest-path search. Here each level's frontier runs as batches
+after the prefix's shared key/value cache; when every symbol is one token, a node costs one new position, because
+its path's keys/values are kept from its parent (only for parents with surviving children) instead of recomputed.
 
 Requirements, checked before walking (:func:`symbol_tokens`):
 
@@ -42,7 +43,6 @@ from audit.score.engine import (
     continuation_logprobs,
     default_token_budget,
     device_of,
-    expand_cache,
     plan_batches,
     split_tokens,
     split_tokens_many,
@@ -143,77 +143,145 @@ class ExactRank:
         return None if self.rank is None else math.log2(self.space_size) - math.log2(self.rank)
 
 
-def _next_token_logprobs(model, cache, cache_len: int, rows: list[list[int]], targets: torch.Tensor) -> torch.Tensor:
-    """ln p of each of ``targets`` (K ids) at the last position of each equal-length row: (rows, K), float64."""
+@dataclass
+class _Frontier:
+    """The kept nodes of one level: loss so far, whether on the canary's path, last token, and (cached walk) where
+    each node's key/value suffix lives."""
+
+    nll: np.ndarray
+    on_canary: np.ndarray
+    last: np.ndarray
+    parent: np.ndarray
+    suffix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    paths: list[list[int]] | None = None
+
+
+def _cached_level(model, prefix_kv, prefix_len: int, front: _Frontier, targets: torch.Tensor, rows_per_batch: int,
+                  limit: float, keep_suffix: bool):
+    """One level of the single-token walk: each node costs one new position; its path's keys/values come from its
+    parent's stored suffix after the shared prefix, never recomputed. Returns kept (node, symbol, loss) and the
+    suffixes of the parents that have kept children."""
+    from transformers import DynamicCache
+
     device = device_of(model)
-    ids = torch.tensor(rows, dtype=torch.long, device=device)
-    kwargs = {}
-    if cache is not None:
-        kwargs["past_key_values"] = expand_cache(cache, len(rows))
-        kwargs["attention_mask"] = torch.ones((len(rows), cache_len + ids.shape[1]), dtype=torch.long, device=device)
-    logits = model(input_ids=ids, use_cache=cache is not None, logits_to_keep=1, **kwargs).logits[:, -1].float()
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    return (logits[:, targets] - lse).double()
+    n = len(front.nll)
+    kept_i, kept_a, kept_nll, next_parent, parts = [], [], [], [], []
+    stored = 0
+    for start in range(0, n, rows_per_batch):
+        idx = np.arange(start, min(n, start + rows_per_batch))
+        b = len(idx)
+        cache = DynamicCache()
+        parents = torch.as_tensor(front.parent[idx], device=device)
+        for layer, (pk, pv) in enumerate(prefix_kv):
+            k, v = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)
+            if front.suffix is not None:
+                sk, sv = front.suffix[layer]
+                k, v = torch.cat([k, sk.index_select(0, parents)], dim=2), torch.cat([v, sv.index_select(0, parents)], dim=2)
+            cache.update(k.contiguous(), v.contiguous(), layer)
+        past = cache.get_seq_length()
+        ids = torch.as_tensor(front.last[idx], device=device).view(b, 1)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                    attention_mask=torch.ones((b, past + 1), dtype=torch.long, device=device))
+        logits = out.logits[:, -1].float()
+        cost = -(logits[:, targets] - torch.logsumexp(logits, dim=-1, keepdim=True)).double().cpu().numpy()
+        total = front.nll[idx, None] + cost
+        ki, ka = np.nonzero(total <= limit)
+        kept_i.append(idx[ki])
+        kept_a.append(ka)
+        kept_nll.append(total[ki, ka])
+        if keep_suffix and len(ki):
+            owners, slot = np.unique(ki, return_inverse=True)
+            sel = torch.as_tensor(owners, device=device)
+            parts.append([(layer.keys[:, :, prefix_len:].index_select(0, sel), layer.values[:, :, prefix_len:].index_select(0, sel))
+                          for layer in out.past_key_values.layers])
+            next_parent.append(stored + slot)
+            stored += len(owners)
+    cat = (lambda xs, empty: np.concatenate(xs) if xs else empty)  # noqa: E731
+    suffix = None
+    if keep_suffix and parts:
+        suffix = [(torch.cat([p[layer][0] for p in parts]), torch.cat([p[layer][1] for p in parts])) for layer in range(len(parts[0]))]
+    return (cat(kept_i, np.zeros(0, dtype=int)), cat(kept_a, np.zeros(0, dtype=int)), cat(kept_nll, np.zeros(0)),
+            cat(next_parent, np.zeros(0, dtype=int)), suffix)
 
 
 @torch.inference_mode()
-def exact_rank(model, table: SymbolTokens, canary: list[int], *, node_budget: int | None = 20_000, prune: bool = True,
+def exact_rank(model, table: SymbolTokens, canary: list[int], *, node_budget: int | None = 2_000, prune: bool = True,
                token_budget: int | None = None, slack_nats: float = 1e-3) -> ExactRank:
     """Rank of ``canary`` (alphabet indices) among all secrets of the space; see the module docstring.
 
-    ``prune=False`` enumerates the whole trie (the exhaustive reference used in tests and benchmarks).
+    ``node_budget`` caps the trie nodes expanded (one forward row each); ``prune=False`` enumerates the whole trie
+    (the exhaustive reference used in tests and benchmarks). When every symbol is one token (digits), each node
+    costs one new position on top of its parent's cached keys/values; otherwise each child's row is recomputed.
     """
     t0 = time.perf_counter()
     device = device_of(model)
     budget = token_budget or default_token_budget(model)
     prefix = table.prefix_ids
-    cache = None
-    if len(prefix) > 1:
-        cache = model(input_ids=torch.tensor([prefix[:-1]], device=device), use_cache=True).past_key_values
-    cache_len, last = len(prefix) - 1, prefix[-1]
-
     canary_tokens = table.tokens(canary)
-    threshold = -float(continuation_logprobs(model, cache, cache_len, [[last] + canary_tokens]).sum())
+    single = all(len(piece) == 1 for row in table.pieces for piece in row)
+    if single:
+        out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+        prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).double().cpu().numpy()
+        threshold = -float(first[canary_tokens[0]])
+        if len(canary_tokens) > 1:
+            threshold -= float(continuation_logprobs(model, out.past_key_values, len(prefix), [canary_tokens]).sum())
+        cache, cache_len, last = None, 0, prefix[-1]
+    else:
+        cache = None
+        if len(prefix) > 1:
+            cache = model(input_ids=torch.tensor([prefix[:-1]], device=device), use_cache=True).past_key_values
+        cache_len, last = len(prefix) - 1, prefix[-1]
+        threshold = -float(continuation_logprobs(model, cache, cache_len, [[last] + canary_tokens]).sum())
     limit = threshold + slack_nats if prune else math.inf
 
-    paths: list[list[int]] = [[]]
-    nll = np.zeros(1)
-    on_canary = np.array([True])
+    front = _Frontier(nll=np.zeros(1), on_canary=np.array([True]), last=np.array([last]), parent=np.zeros(1, dtype=int),
+                      paths=None if single else [[]])
     nodes = tokens = 0
     frontier_sizes: list[int] = []
     n_sym = len(table.pieces[0])
+    levels = len(table.pieces)
     for level, pieces in enumerate(table.pieces):
-        if node_budget is not None and nodes + len(paths) > node_budget:
+        size = len(front.nll)
+        if node_budget is not None and nodes + size > node_budget:
             return ExactRank("budget_exceeded", None, table.space_size, threshold / LN2, nodes, tokens, frontier_sizes,
                              time.perf_counter() - t0)
-        child_cost = np.empty((len(paths), n_sym))
-        if all(len(p) == 1 for p in pieces):  # one row per node gives every child's cost
-            targets = torch.tensor([p[0] for p in pieces], device=device)
-            for idx in plan_batches([1 + len(paths[0])] * len(paths), budget):
-                rows = [[last] + paths[i] for i in idx]
-                child_cost[idx] = -_next_token_logprobs(model, cache, cache_len, rows, targets).cpu().numpy()
-                tokens += len(rows) * len(rows[0])
-        else:  # multi-token pieces: one row per child
-            pairs = [(i, a) for i in range(len(paths)) for a in range(n_sym)]
-            rows_all = [[last] + paths[i] + pieces[a] for i, a in pairs]
+        ids = np.array([p[0] for p in pieces]) if single else None
+        if single and level == 0:  # the root's children come from the prefix pass itself
+            total = front.nll[:, None] - first[ids][None, :]
+            keep_i, keep_a = np.nonzero(total <= limit)
+            kept = total[keep_i, keep_a]
+            parent, suffix = np.zeros(len(keep_i), dtype=int), None
+        elif single:
+            keep_i, keep_a, kept, parent, suffix = _cached_level(
+                model, prefix_kv, len(prefix), front, torch.as_tensor(ids, device=device), max(1, budget // 4), limit,
+                keep_suffix=level < levels - 1)
+            tokens += size
+        else:  # multi-token pieces: one recomputed row per child
+            child_cost = np.empty((size, n_sym))
+            pairs = [(i, a) for i in range(size) for a in range(n_sym)]
+            rows_all = [[last] + front.paths[i] + pieces[a] for i, a in pairs]
             for idx in plan_batches([len(r) for r in rows_all], budget):
                 rows = [rows_all[k] for k in idx]
                 lp = continuation_logprobs(model, cache, cache_len, rows).cpu().numpy()
                 for k, row_lp in zip(idx, lp, strict=True):
                     i, a = pairs[k]
-                    child_cost[i, a] = -row_lp[len(paths[i]):].sum()
+                    child_cost[i, a] = -row_lp[len(front.paths[i]):].sum()
                 tokens += sum(len(r) for r in rows)
-        nodes += len(paths)
-        total = nll[:, None] + child_cost
-        keep_i, keep_a = np.nonzero(total <= limit)
-        canary_child = on_canary[keep_i] & (keep_a == canary[level])
-        paths = [paths[i] + pieces[a] for i, a in zip(keep_i.tolist(), keep_a.tolist(), strict=True)]
-        nll, on_canary = total[keep_i, keep_a], canary_child
-        frontier_sizes.append(len(paths))
-    if not on_canary.any():
+            total = front.nll[:, None] + child_cost
+            keep_i, keep_a = np.nonzero(total <= limit)
+            kept, parent, suffix = total[keep_i, keep_a], keep_i, None
+        nodes += size
+        front = _Frontier(
+            nll=kept, on_canary=front.on_canary[keep_i] & (keep_a == canary[level]),
+            last=ids[keep_a] if single else np.zeros(len(keep_i), dtype=int), parent=parent, suffix=suffix,
+            paths=None if single else [front.paths[i] + pieces[a] for i, a in zip(keep_i.tolist(), keep_a.tolist(), strict=True)],
+        )
+        frontier_sizes.append(len(front.nll))
+    if not front.on_canary.any():
         raise RuntimeError(f"the canary was pruned (its walk loss exceeded its teacher-forced loss {threshold:.6f} nats by "
                            f"more than slack_nats={slack_nats}); raise slack_nats")
-    canary_value = float(nll[on_canary][0])
-    rank = 1 + int(np.count_nonzero(nll[~on_canary] <= canary_value))
+    canary_value = float(front.nll[front.on_canary][0])
+    rank = 1 + int(np.count_nonzero(front.nll[~front.on_canary] <= canary_value))
     return ExactRank("exact", rank, table.space_size, canary_value / LN2, nodes, tokens, frontier_sizes,
                      time.perf_counter() - t0)
