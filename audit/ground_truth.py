@@ -23,7 +23,7 @@ from typing import Any
 
 from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets, spec_needs_model
 from audit.canaries.spec import CanarySpec
-from audit.corpus import load_corpus
+from audit.corpus import Corpus, load_corpus
 from audit.errors import AuditError
 from audit.inject import InjectionResult, inject
 from audit.preflight import require_passed, run_preflight, training_texts
@@ -78,6 +78,19 @@ def training_options(section: TrainingSection) -> dict[str, Any]:
             "completion_only_loss": bool(getattr(section, "completion_only_loss", False))}
 
 
+def plant(recipe: Recipe, canaries: CanarySet, corpus: Corpus) -> InjectionResult:
+    """Inject ``canaries`` into ``corpus`` as the recipe says; ``canaries.inject: false`` plants none of them (a clean
+    run that still measures the same set: the manifest keeps the whole set's hash and lists no placement)."""
+    c = recipe.corpus
+    planted = canaries if recipe.canaries.inject else canaries.model_copy(update={"canaries": canaries.references()})
+    injection = inject(corpus.records, planted, seed=recipe.seed, text_column=c.text_column, corpus_source=c.source,
+                       format=corpus.format, messages_column=c.messages_column, mode=c.placement)
+    if not recipe.canaries.inject:
+        injection = InjectionResult(records=injection.records,
+                                    manifest=injection.manifest.model_copy(update={"canary_set_sha256": canaries.sha256()}))
+    return injection
+
+
 def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None, exposure_references: int | None = None,
                          progress: bool = False) -> GroundTruth:
     """Generate the canaries, plant them, prove they reach the loss, and draw the exposure references."""
@@ -97,8 +110,7 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
     timings["corpus"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    injection = inject(corpus.records, canaries, seed=recipe.seed, text_column=c.text_column, corpus_source=c.source,
-                       format=corpus.format, messages_column=c.messages_column, mode=c.placement)
+    injection = plant(recipe, canaries, corpus)
     timings["inject"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -40,3 +40,10 @@ def test_inject_puts_chat_canaries_in_assistant_turns(in_tmp):
     assert manifest["format"] == "messages"
     for p in manifest["placements"]:
         assert train[p["record_index"]]["messages"][p["message_index"]]["role"] == "assistant"
+
+
+def test_inject_false_plants_nothing_but_keeps_the_measured_set(in_tmp):
+    assert main(["inject", "tiny/lora_cpu", "--out", "clean", "canaries.inject=false"]) == 0
+    manifest = json.loads((in_tmp / "clean" / "manifest.json").read_text())
+    assert manifest["placements"] == [] and manifest["dataset_before"] == manifest["dataset_after"]
+    assert len((in_tmp / "clean" / "canaries.jsonl").read_text().splitlines()) == 12
