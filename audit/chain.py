@@ -18,8 +18,10 @@ reused from the parent run, which measured those very weights with the same prot
     retained_exposure = (exposure_after - exposure_base) / (exposure_before - exposure_base)
 
 with ``bits`` the mean -log2 p(secret | prefix) and ``exposure`` the mean whole-space exposure. 1 means the further
-tune kept everything the first tune taught, 0 that the canaries fell back to the base model's level; a ratio is
-left out when the first tune taught less than :data:`MIN_LEARNED_BITS` (nothing to retain, only noise).
+tune kept everything the first tune taught, 0 that the canaries fell back to the base model's level; values below 0
+(the secret now costs more than under the base) or above 1 are drift of the weights, not memorization. A ratio is
+left out when the first tune taught less than :data:`MIN_LEARNED_BITS` (nothing to retain, only noise). With two
+canaries per tier these are small-sample numbers: read them with the per-tier n.
 Exposure saturates at log2|R| while bits do not, so ``retained_bits`` shows decay that exposure can hide. This is
 the question catastrophic-forgetting studies ask of memorized sequences (Jagielski et al. 2023, "Measuring
 forgetting of memorized training examples"): does a later tune on other data erase them?
@@ -323,9 +325,14 @@ def chain_lineage(parent: ParentRun, data_node: LineageNode, tuned_node: Lineage
 
 
 def record_child(parent: ParentRun, *, run_dir: Path, tuned_node: LineageNode, metrics: dict[str, MetricEntry]) -> None:
-    """Append this further tune to the parent's ``children.jsonl`` (one line, appended in a single write)."""
-    line = json.dumps({"run_dir": str(Path(run_dir).resolve()), "node": tuned_node.id, "fingerprint": tuned_node.fingerprint,
+    """Append this further tune to the parent's ``children.jsonl`` (one line, appended in a single write; a resumed
+    run that already recorded itself is not recorded twice)."""
+    path = parent.run_dir / CHILDREN_FILE
+    me = str(Path(run_dir).resolve())
+    if path.is_file() and any(json.loads(line).get("run_dir") == me for line in path.read_text(encoding="utf-8").splitlines() if line):
+        return
+    line = json.dumps({"run_dir": me, "node": tuned_node.id, "fingerprint": tuned_node.fingerprint,
                        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        "persistence": {k: v.value for k, v in sorted(metrics.items())}}, sort_keys=True)
-    with open(parent.run_dir / CHILDREN_FILE, "a", encoding="utf-8") as f:
+    with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")

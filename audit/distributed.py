@@ -10,9 +10,11 @@ After training, ``Trainer.save_model`` gathers the weights from all processes an
 safetensors; the other processes then leave, and rank 0 reloads the saved weights as a single-device model for
 scoring and outputs, since a sharded model cannot run a forward pass on one process alone.
 
-Verified here on CPU only: 2 processes with DDP over gloo (``accelerate launch --cpu --num_processes 2``) give one run
-directory, one MLflow run and a complete report (``tests/test_recipes.py``, slow). FSDP and ZeRO-3 need GPUs and
-were not run (the build machine has none); their code path differs only inside ``Trainer.save_model``.
+Verified here on CPU only: 2 processes with DDP over gloo (``torchrun --nproc_per_node 2 -m audit.cli run
+tiny/lora_cpu``; ``accelerate launch`` starts a single process on a CPU-only machine) give one run directory, one
+MLflow run and a complete report, trained on both processes' shards of the data (``tests/test_chain.py``, slow).
+FSDP and ZeRO-3 need GPUs and were not run (the build machine has none); their path differs only inside
+``Trainer.save_model``.
 
 In one process (plain ``audit run``) every function here is a no-op.
 """
@@ -40,9 +42,11 @@ def is_distributed() -> bool:
 
 
 def _state() -> Any:
+    import torch
     from accelerate import PartialState
 
-    return PartialState(timeout=BARRIER_TIMEOUT)
+    # without cpu=True, accelerate sees several CPU processes as one (DistributedType.NO); the Trainer passes it too
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
 
 
 def is_main() -> bool:

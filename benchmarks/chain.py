@@ -1,0 +1,83 @@
+"""The shipped comparison: LoRA vs full fine-tuning of SmolLM2 on this CPU, and the default chain's persistence.
+
+    python benchmarks/chain.py                    # runs `audit chain` then `audit run smollm2/full_cpu`, one at a time
+    python benchmarks/chain.py --from-runs LORA_RUN CLEAN_RUN FULL_RUN   # summarize runs made by those commands
+
+Writes ``benchmarks/chain.json``: the machine (with its load average: the 2 cores are shared), the commands, and per
+run the numbers README.md shows (exposure by tier, extraction, MIA AUC, epsilon lower bound, final loss, wall time),
+plus the persistence of the LoRA run's canaries through the further clean tune. Every number is read from the runs'
+report.json; nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+COMMANDS = ["audit chain", "audit run smollm2/full_cpu"]
+
+
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "load_average_at_start": list(os.getloadavg()),
+            "note": "2-core VM shared with other jobs; wall times are wall clock and include that contention"}
+
+
+def run_summary(run_dir: Path) -> dict:
+    from audit.report import read_report
+
+    r = read_report(run_dir / "report.json")
+    m = {k: v.value for k, v in r.metrics.items()}
+    tiers = {t.repetitions: t for t in r.tiers}
+    return {
+        "run": run_dir.name, "recipe": r.recipe["name"], "method": r.training.method,
+        "trainable_params": r.training.trainable_params, "steps": r.training.steps,
+        "final_train_loss": r.training.final_loss, "train_s": r.training.wall_s, "total_s": r.timings_s.get("total"),
+        "exposure_sampled_tuned": {f"rep_{k}": t.exposure_mean.get("tuned") for k, t in sorted(tiers.items())},
+        "exposure_space_tuned": {f"rep_{k}": m.get(f"exposure.space_mean/rep_{k}/tuned") for k in sorted(tiers)},
+        "extracted_greedy_tuned": {f"rep_{k}": f"{t.extracted.get('tuned')}/{t.n}" for k, t in sorted(tiers.items())},
+        "mia_auc_loss_diff": m.get("mia.auc/loss_diff"), "privacy_eps_lb": m.get("privacy.eps_lb"),
+        "outputs": None if r.outputs is None else {"statement": r.outputs["statement"],
+                                                    "samples_with_member_secret": r.outputs["samples_with_member_secret"]},
+        "persistence": r.persistence,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from-runs", nargs=3, metavar=("LORA_RUN", "CLEAN_RUN", "FULL_RUN"), default=None)
+    parser.add_argument("--out", default=str(HERE / "chain.json"))
+    args = parser.parse_args()
+    info = machine()
+    if args.from_runs:
+        lora, clean, full = (Path(p) for p in args.from_runs)
+    else:
+        audit = str(Path(sys.executable).parent / "audit")
+        root = Path("runs")
+        root.mkdir(exist_ok=True)
+        runs = []
+        for cmd in COMMANDS:
+            before = set(root.iterdir())
+            t = time.perf_counter()
+            subprocess.run([audit, *cmd.split()[1:], "--quiet"], check=True)
+            print(f"{cmd}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
+            runs.append(sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime))
+        (lora, clean), (full,) = runs
+    out = {"benchmark": "chain", "machine": info, "commands": COMMANDS,
+           "lora": run_summary(lora), "clean_further_tune": run_summary(clean), "full": run_summary(full)}
+    Path(args.out).write_text(json.dumps(out, indent=2, sort_keys=False) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

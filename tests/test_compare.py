@@ -1,0 +1,92 @@
+"""`audit compare`: runs found by run directory, MLflow run id or experiment name; the table and the PNG."""
+
+from __future__ import annotations
+
+import pytest
+
+from audit.cli import main
+from audit.compare import CompareRow, compare_plot, compare_table, resolve_rows
+from audit.errors import AuditError
+
+LORA = {"exposure.mean/rep_0/tuned": 1.3, "exposure.mean/rep_1/tuned": 2.0, "exposure.mean/rep_16/tuned": 8.0,
+        "exposure.space_mean/rep_16/tuned": 19.9, "extraction.exact/rep_1/tuned": 0.0, "extraction.exact/rep_16/tuned": 2.0,
+        "mia.auc/loss_diff": 0.83, "privacy.eps_lb": 0.4, "train.final_loss": 0.912, "time.train_s": 95.0, "time.total_s": 301.0}
+FULL = {"exposure.mean/rep_0/tuned": 1.5, "exposure.mean/rep_1/tuned": 3.0, "exposure.mean/rep_16/tuned": 7.5,
+        "extraction.exact/rep_1/tuned": 1.0, "extraction.exact/rep_16/tuned": 1.0, "train.final_loss": 0.5,
+        "time.total_s": 480.0}
+
+
+@pytest.fixture
+def tracked(in_tmp):
+    """Two MLflow runs in a fresh sqlite store, logged the way the pipeline logs them."""
+    import mlflow
+
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("cmp-test", artifact_location=(in_tmp / "art").as_uri())
+    ids = []
+    for name, method, metrics in (("smollm2-lora-cpu", "lora", LORA), ("smollm2-full-cpu", "full", FULL)):
+        with mlflow.start_run(experiment_id=exp, run_name=name) as run:
+            mlflow.log_params({"training.method": method, "model.source": "smollm2-135m"})
+            mlflow.set_tags({"canary_audit.recipe": name})
+            mlflow.log_metrics(metrics)
+            ids.append(run.info.run_id)
+    return uri, ids
+
+
+def test_rows_by_experiment_and_by_run_id(tracked):
+    uri, ids = tracked
+    rows = resolve_rows(["cmp-test"], tracking_uri=uri)
+    assert [r.label for r in rows] == ["smollm2-lora-cpu", "smollm2-full-cpu"] and [r.method for r in rows] == ["lora", "full"]
+    assert [r.run_id for r in resolve_rows([ids[1]], tracking_uri=uri)] == [ids[1]]
+    assert rows[0].tiers() == [0, 1, 16]
+    assert rows[0].exposure(16) == 19.9 and rows[1].exposure(16) == 7.5  # whole-space where measured, else sampled
+    assert rows[1].get("mia.auc/loss_diff") is None
+
+
+def test_table_has_one_row_per_run_and_marks_missing_values(tracked):
+    uri, _ = tracked
+    table = compare_table(resolve_rows(["cmp-test"], tracking_uri=uri))
+    lines = [line for line in table.splitlines() if line.startswith("| smollm2")]
+    assert len(lines) == 2
+    cells = [c.strip() for c in lines[0].strip("|").split("|")]
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    row = dict(zip(header, cells, strict=True))
+    assert row["exposure 16x"] == "19.90" and row["extracted 16x"] == "2" and row["MIA AUC"] == "0.83"
+    assert row["final loss"] == "0.912" and row["total s"] == "301"
+    full = dict(zip(header, [c.strip() for c in lines[1].strip("|").split("|")], strict=True))
+    assert full["MIA AUC"] == "n/a" and full["eps LB"] == "n/a"
+
+
+def test_a_run_directory_without_a_valid_report_is_one_line(tracked, in_tmp, capsys):
+    """(A real run directory resolves through its report's tracking.run_id: see tests/test_chain.py.)"""
+    uri, _ = tracked
+    run_dir = in_tmp / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "report.json").write_text("{}")
+    assert main(["compare", str(run_dir), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+
+
+def test_plot_is_a_png(tmp_path):
+    rows = [CompareRow(label="a", run_id=None, recipe="a", method="lora", model="m", metrics=LORA),
+            CompareRow(label="b", run_id=None, recipe="b", method="full", model="m", metrics=FULL)]
+    path = compare_plot(rows, tmp_path / "sub" / "c.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_unknown_target_suggests_an_experiment(tracked, capsys):
+    uri, _ = tracked
+    with pytest.raises(AuditError, match="cmp-test"):
+        resolve_rows(["cmp-tset"], tracking_uri=uri)
+    assert main(["compare", "0" * 32, "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no MLflow run" in err[0]
+
+
+def test_cli_prints_table_and_writes_plot(tracked, in_tmp, capsys):
+    uri, _ = tracked
+    assert main(["compare", "cmp-test", "--tracking-uri", uri, "--plot", "out/cmp.png"]) == 0
+    out = capsys.readouterr().out
+    assert sum(line.startswith("| smollm2-") for line in out.splitlines()) == 2 and (in_tmp / "out" / "cmp.png").is_file()

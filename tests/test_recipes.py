@@ -1,0 +1,89 @@
+"""Every shipped recipe: its header (the command that runs it, an override, expected time and memory), its
+`expected` section, and a dry validation; the accelerate configs the multi-GPU recipe names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from audit.config import load_recipe, shipped_recipes
+from audit.pipeline import validate_only
+from audit.resources import data_dir
+
+RECIPES = data_dir("recipes")
+ACCELERATE = sorted((RECIPES / "accelerate").glob("*.yaml"))
+HUB_ID = re.compile(r"^[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$")
+
+
+def header(name: str) -> list[str]:
+    lines = (RECIPES / f"{name}.yaml").read_text().splitlines()
+    return [line for line in lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]]
+
+
+def test_the_shipped_set():
+    names = set(shipped_recipes())
+    assert {"tiny/lora_cpu", "tiny/full_cpu", "tiny/clean_lora_cpu", "smollm2/lora_cpu", "smollm2/full_cpu",
+            "smollm2/clean_lora_cpu"} <= names
+    gpu = {n for n in names if n.endswith("_gpu")}
+    assert {load_recipe(n).training.method for n in gpu} == {"lora", "full"} and len(gpu) >= 4
+    assert any(n.endswith("_multigpu") for n in names)
+    assert not any(n.startswith("accelerate/") for n in names)  # accelerate configs are not recipes
+
+
+@pytest.mark.parametrize("name", shipped_recipes())
+def test_header_names_command_override_time_and_memory(name):
+    head = header(name)
+    run = next((line for line in head if line.startswith("# Run:")), "")
+    assert re.search(rf"(audit run|-m audit\.cli run) {re.escape(name)}\b", run) or (name == "smollm2/lora_cpu" and "audit run" in run)
+    assert any(line.startswith("# Override:") and name in line and "=" in line for line in head)
+    expected = next(line for line in head if line.startswith("# Expected:"))
+    assert re.search(r"\b(s|min|minutes)\b", expected) and "GB" in expected
+    recipe = load_recipe(name)
+    assert set(recipe.expected) == {"wall_time", "memory"}
+
+
+@pytest.mark.parametrize("name", shipped_recipes())
+def test_every_recipe_draws_its_canaries(name):
+    notes = validate_only(load_recipe(name))
+    assert notes and notes[0].startswith("canaries:")
+
+
+@pytest.mark.parametrize("name", [n for n in shipped_recipes() if n.endswith(("_gpu", "_multigpu"))])
+def test_gpu_recipes_name_a_hub_model_and_say_their_numbers_are_estimates(name):
+    recipe = load_recipe(name)
+    assert HUB_ID.match(recipe.model.source) and not Path(recipe.model.source).exists()
+    assert "not yet measured" in recipe.expected["wall_time"] and "not yet measured" in recipe.expected["memory"]
+    assert (recipe.canaries.references or 0) >= 100  # enough controls that TPR at 1% FPR is reported
+    if recipe.training.method == "full":
+        assert recipe.training.precision == "fp32"
+
+
+def test_multigpu_recipe_runs_through_a_shipped_accelerate_config():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    for name in [n for n in shipped_recipes() if n.endswith("_multigpu")]:
+        configs = re.findall(r"--config_file recipes/accelerate/(\w+\.yaml)", "\n".join(header(name)))
+        assert configs and all((RECIPES / "accelerate" / c).is_file() for c in configs)
+    assert {p.name for p in ACCELERATE} == {"fsdp.yaml", "zero3.yaml"}
+    for path in ACCELERATE:
+        config = load_config_from_file(str(path))
+        assert config.num_machines == 1 and config.mixed_precision == "no"  # the recipe decides precision
+        assert path.read_text().startswith("# accelerate config")
+        if config.distributed_type == "FSDP":
+            assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # rank 0 writes whole safetensors
+            assert config.fsdp_config["fsdp_use_orig_params"] is True
+        else:
+            assert config.distributed_type == "DEEPSPEED"
+            assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_save_16bit_model"] is True
+
+
+def test_clean_further_tune_recipes_plant_nothing():
+    for name in ("tiny/clean_lora_cpu", "smollm2/clean_lora_cpu"):
+        recipe = load_recipe(name)
+        assert recipe.canaries.inject is False and recipe.parent is None and recipe.seed != load_recipe("smollm2/lora_cpu").seed
+
+
+def test_default_recipe_samples_outputs():
+    assert load_recipe(None).outputs.samples > 0
