@@ -274,14 +274,12 @@ def cmd_chain(args: argparse.Namespace) -> int:
     recipe_name, overrides = _split_overrides(args)
     first = load_recipe(recipe_name, overrides)
     then = args.then
-    if then is None:
-        beside = str(Path(recipe_name or DEFAULT_RECIPE).with_suffix("").parent / "clean_lora_cpu")
-        try:
-            resolve_recipe_path(beside)
-        except AuditError:
-            raise AuditError(f"no further-tune recipe given and none beside {recipe_name} ({beside})",
-                             fix="pass --then RECIPE, e.g. --then smollm2/clean_lora_cpu") from None
-        then = beside
+    if then is None:  # the clean further tune shipped beside the first recipe, e.g. smollm2/clean_lora_cpu
+        beside = resolve_recipe_path(recipe_name).parent / "clean_lora_cpu.yaml"
+        if not beside.is_file():
+            raise AuditError(f"no further-tune recipe given and no {beside.name} beside {recipe_name or DEFAULT_RECIPE}",
+                             fix="pass --then RECIPE, e.g. --then smollm2/clean_lora_cpu")
+        then = str(beside)
     load_recipe(then, overrides)  # a bad second recipe fails before the first run starts
     tracking = False if args.no_tracking else None
     parent = run_audit(first, tracking_uri=args.tracking_uri, tracking=tracking, progress=not args.quiet)

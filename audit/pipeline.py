@@ -13,6 +13,9 @@ run directory is created, so a bad input leaves nothing behind. Each stage then 
       adapter/ | model/ the tuned weights (safetensors); train.json records them
       scores_tuned.jsonl tuned-model scores (stage checkpoint)
       scores.jsonl      one row per canary and model (ids only)
+      outputs.jsonl     sampled text of the tuned model and its scan (raw text that may hold secrets: run dir only)
+      merged/           with training.save_merged: the LoRA adapter folded into the base, as safetensors
+      children.jsonl    one line per further tune of this run (`audit run RECIPE parent=RUN_DIR`, audit.chain)
       token_view.json   per-token probabilities of the most-learned top-tier canary (secret tokens masked)
       report.json       the audit report
       report.html       the human report, self-contained (plots embedded); report.md + plots/ the same in Markdown
