@@ -241,6 +241,7 @@ def run_audit(
             if recipe.outputs.samples > 0:
                 from audit.outputs import outputs_stage
 
+                stage_of(tracker, "outputs")
                 t = time.perf_counter()
                 outputs = outputs_stage(run_dir, trained.model, tokenizer, canary_set, recipe.outputs, seed=recipe.seed,
                                         progress=progress)

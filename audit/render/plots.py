@@ -6,6 +6,7 @@ Each function takes the plain data of :mod:`audit.render.views` and returns a PN
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 from audit.render.token_view import TokenView
@@ -133,18 +134,22 @@ def token_probabilities(view: TokenView) -> bytes:
     tokens = view.tokens
     fig, ax = plt.subplots(figsize=(max(4.0, 0.32 * len(tokens) + 1.5), 3.0))
     xs = list(range(len(tokens)))
+    known = [p for t in tokens for p in (t.p_base, t.p_tuned) if p]
+    floor = 10 ** math.floor(math.log10(max(min(known, default=0.1), 1e-12)))  # log axis: 0.002 and 0.9 both readable
     for j, (model, get) in enumerate((("base", lambda t: t.p_base), ("tuned", lambda t: t.p_tuned))):
         values = [get(t) for t in tokens]
         if all(v is None for v in values):
             continue
-        ax.bar([x - 0.2 + 0.4 * j for x in xs], [v or 0.0 for v in values], 0.38, color=MODEL_COLORS[model], label=model)
+        ax.bar([x - 0.2 + 0.4 * j for x in xs], [v - floor if v else 0.0 for v in values], 0.38, bottom=floor,
+               color=MODEL_COLORS[model], label=model)
     for x, t in zip(xs, tokens, strict=True):
         if t.secret:
-            ax.axvspan(x - 0.5, x + 0.5, color="#ffe066", alpha=0.3, lw=0)
+            ax.axvspan(x - 0.5, x + 0.5, color="#ffe066", alpha=0.3, lw=0, zorder=0)
     labels = ["\u25a0" if t.secret else repr(t.text)[1:-1][:12] for t in tokens]
     ax.set_xticks(xs, labels, rotation=70, fontsize=7)
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("p(token | text so far)")
+    ax.set_yscale("log")
+    ax.set_ylim(floor, 1.2)
+    ax.set_ylabel("p(token | text so far), log scale")
     ax.set_title(view.title, fontsize=9)
     ax.legend(fontsize=7, frameon=False, loc="upper left")
     return _png(fig)

@@ -19,7 +19,7 @@ body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#
 main{max-width:1040px;margin:0 auto;padding:24px 28px 60px;background:#fff}
 h1{font-size:24px;margin:0 0 4px} h2{font-size:18px;margin:32px 0 10px;border-bottom:1px solid #dee2e6;padding-bottom:4px}
 .sub{color:#6c757d;margin:0 0 16px} nav a{margin-right:12px;font-size:13px}
-table{border-collapse:collapse;margin:10px 0;font-size:12.5px} th,td{border:1px solid #dee2e6;padding:3px 8px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:10px 0;font-size:12.5px} th,td{border:1px solid #dee2e6;padding:3px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
 th{background:#f1f3f5} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .note{color:#495057;font-size:12.5px;margin:4px 0}
 .verdict{border-radius:6px;padding:12px 16px;margin:10px 0;border:1px solid}
