@@ -69,13 +69,13 @@ def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
 
 
 def training_options(section: TrainingSection) -> dict[str, Any]:
-    """The trainer settings that decide which tokens carry loss (read with defaults: older recipes lack them)."""
-    packing = getattr(section, "packing", False)
-    if packing is True:
-        packing = getattr(section, "packing_strategy", "bfd")
-    return {"max_length": section.max_length, "truncation_mode": getattr(section, "truncation_mode", "keep_start"),
-            "packing": packing or False, "assistant_only_loss": bool(getattr(section, "assistant_only_loss", False)),
-            "completion_only_loss": bool(getattr(section, "completion_only_loss", False))}
+    """The trainer settings that decide which tokens carry loss, as :func:`audit.train.sft.train_sft` passes them to TRL.
+
+    Loss masking is never on in training (every record is trained as plain text, chat records rendered through the
+    tokenizer's template), so the pre-flight's loss-mask check guards callers of :func:`run_preflight` that do mask.
+    """
+    return {"max_length": section.max_length, "truncation_mode": "keep_start", "packing": section.packing,
+            "assistant_only_loss": False, "completion_only_loss": False}
 
 
 def plant(recipe: Recipe, canaries: CanarySet, corpus: Corpus) -> InjectionResult:

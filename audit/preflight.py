@@ -37,7 +37,7 @@ _FIXES = {
     "missing": "re-run the inject stage (the records no longer match the manifest) or check the chat template keeps message text",
     "loss_masked": "place canaries in assistant turns / completions (the default), or turn off assistant_only_loss / completion_only_loss",
     "truncated": "raise training.max_length, shorten the canaries, or use corpus.placement=new_record",
-    "split_by_packing": "turn packing off, or use packing_strategy=bfd with a large enough max_length",
+    "split_by_packing": "set training.packing=false, or training.packing=bfd with a max_length that holds the longest record",
 }
 
 

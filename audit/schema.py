@@ -112,6 +112,11 @@ class TrainingSection(Frozen):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     lora: LoraSection = Field(default_factory=LoraSection)
+    packing: Literal[False, "bfd", "bfd_split", "wrapped"] = False
+    """TRL packing of several records into one ``max_length`` sequence: ``bfd`` (best-fit decreasing, an overlong
+    record is truncated), ``bfd_split`` (an overlong record is cut into pieces), ``wrapped`` (the dataset is
+    concatenated and cut every ``max_length`` tokens). Pre-flight refuses an audit whose packing would cut or drop
+    a canary copy. ``false``: one record per sequence, cut after ``max_length`` tokens."""
     save_merged: bool = False
     """LoRA only: also save the adapter merged into the base (``merge_and_unload``) as safetensors in ``merged/``,
     with its own fingerprint: the weights a deployment would ship."""

@@ -70,6 +70,8 @@ CASES = {
     "corpus column that is not text": ([*RUN, "corpus.source=numbers.jsonl"], "corpus 'numbers.jsonl'"),
     "corpus file of an unknown type": ([*RUN, "corpus.source=corpus.txt"], "unsupported extension '.txt'"),
     "canaries longer than max_length": ([*RUN, "training.max_length=8"], "would not reach the loss (truncated"),
+    "packing that cuts canaries": ([*RUN, "training.packing=wrapped"], "would not reach the loss (split_by_packing"),
+    "packing: not a strategy": ([*RUN, "training.packing=true"], "'training.packing': Input should be False, 'bfd'"),
     # works
     "works folder without licenses": ([*RUN, "canaries.spec=works", "canaries.params.sources=[folder:works]"],
                                       "has no license: a work without a license cannot be planted"),

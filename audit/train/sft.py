@@ -103,7 +103,9 @@ def train_sft(
         fp16=device.precision == "fp16",
         gradient_checkpointing=device.gradient_checkpointing,
         max_length=section.max_length,
-        packing=False,
+        packing=bool(section.packing),
+        packing_strategy=section.packing or "bfd",
+        truncation_mode="keep_start",  # what the pre-flight replays (audit.ground_truth.training_options)
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,
