@@ -13,6 +13,12 @@ and variance of log p that Min-K%++ needs) and returns them on the host:
 * ``loop_item``: one ``[1, T]`` forward pass per sequence with ``labels`` (the loss too), then a Python loop of
   ``.item()`` per token, as mimir's ``get_probabilities`` does, with Min-K%++ reductions over the full tensors.
 
+A second workload is the one that dominates an audit's scoring: exposure, where each canary's secret is ranked
+among reference secrets placed after the same prefix (``--candidates`` per canary). ``engine`` is
+:func:`audit.score.engine.candidate_nll_bits` (prefix KV cache computed once, candidates in batches); ``loop`` scores
+each whole candidate sentence in its own forward pass and sums the secret tokens' log-probabilities, as a
+per-sequence tool computes exposure.
+
 Throughput is scored tokens per second (median of ``--repeats`` after a warm-up). Model FLOPs per scored sequence
 are ``2 * (matmul weights) * T + 4 * layers * hidden * T(T+1)/2`` (attention scores and values), and the fraction of
 peak divides the achieved FLOP/s by the best measured fp32 ``torch.matmul`` rate on this machine. The load average
@@ -35,7 +41,9 @@ import torch
 from audit.canaries import generate_canaries, load_spec
 from audit.corpus import load_records
 from audit.models import load_model_and_tokenizer, resolve_model
-from audit.score.engine import score_token_sequences, torch_threads
+from audit.canaries.base import random_secrets
+from audit.rng import SeededStream
+from audit.score.engine import candidate_nll_bits, score_token_sequences, split_tokens, split_tokens_many, torch_threads
 
 HERE = Path(__file__).resolve().parent
 
@@ -164,18 +172,79 @@ def run_model(source: str, seqs_text: list[str], *, threads: list[int], repeats:
             "model_gflops_total": round(flops / 1e9, 2), "results": rows, "speedup": speedups, "max_abs_difference": agreement}
 
 
+@torch.inference_mode()
+def exposure_loop(model, prefix: list[int], candidates: list[list[int]]) -> list[float]:
+    out = []
+    for secret in candidates:
+        x = torch.tensor([prefix + secret])
+        logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), dim=-1)
+        target = logp.gather(-1, x[0, 1:, None]).squeeze(-1)[len(prefix) - 1 :]
+        out.append(float(-target.sum()) / np.log(2))
+    return out
+
+
+def run_exposure_workload(source: str, *, canaries: int, candidates: int, threads: list[int], repeats: int) -> dict:
+    """Exposure scoring (canary + reference secrets after one shared prefix): engine vs one forward pass per candidate."""
+    model, tok = load_model_and_tokenizer(resolve_model(source, progress=False).path, dtype=torch.float32, device="cpu")
+    spec = load_spec("digits")
+    drawn = generate_canaries(spec, seed=0, tiers=[1], members_per_tier=canaries, references=0)
+    pool = drawn.canaries
+    work = []
+    for c in pool[:canaries]:
+        refs = random_secrets(drawn.space, candidates - 1, SeededStream(0, "benchmark-references"), exclude={c.secret})
+        split = split_tokens(tok, c.prefix, c.secret)
+        work.append((split.prefix_ids, [split.secret_ids] + [r.secret_ids for r in split_tokens_many(tok, c.prefix, refs)]))
+    n_seqs = sum(len(cands) for _, cands in work)
+    rows, results = [], {}
+    for n in threads:
+        for name, fn in (("engine", lambda: [candidate_nll_bits(model, p, cs) for p, cs in work]),
+                         ("loop", lambda: [exposure_loop(model, p, cs) for p, cs in work])):
+            with torch_threads(n):
+                results[(name, n)] = fn()
+                load_before = os.getloadavg()[0]
+                times = [_time(fn) for _ in range(repeats)]
+                load_after = os.getloadavg()[0]
+            wall = statistics.median(times)
+            row = {"method": name, "threads": n, "median_s": round(wall, 4), "all_s": [round(t, 4) for t in times],
+                   "candidates_per_s": round(n_seqs / wall, 1),
+                   "load_1min_before_after": [round(load_before, 2), round(load_after, 2)]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    diff = max(abs(a - b) for n in threads for x, y in zip(results[("engine", n)], results[("loop", n)], strict=True)
+               for a, b in zip(x, y, strict=True))
+    speedup = {f"threads_{n}/engine_vs_loop": round(
+        next(r["median_s"] for r in rows if r["method"] == "loop" and r["threads"] == n)
+        / next(r["median_s"] for r in rows if r["method"] == "engine" and r["threads"] == n), 2) for n in threads}
+    return {"model": source, "canaries": len(work), "candidates_per_canary": candidates, "sequences": n_seqs,
+            "prefix_tokens": [len(p) for p, _ in work], "secret_tokens_max": max(len(c) for _, cs in work for c in cs),
+            "results": rows, "speedup": speedup, "max_abs_difference_bits": diff}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "tiny-llama"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--notes", type=int, default=64, help="built-in notes records added to the 32 canary sentences")
+    ap.add_argument("--candidates", type=int, default=128, help="exposure workload: secrets ranked per canary (with it)")
+    ap.add_argument("--exposure-canaries", type=int, default=2, help="exposure workload: canaries")
+    ap.add_argument("--only-exposure", action="store_true", help="measure only the exposure workload and update --out in place")
     ap.add_argument("--out", default=str(HERE / "scoring.json"))
     args = ap.parse_args()
+    exposure = {m: run_exposure_workload(m, canaries=args.exposure_canaries, candidates=args.candidates,
+                                         threads=args.threads, repeats=args.repeats) for m in args.models}
+    if args.only_exposure:
+        report = json.loads(Path(args.out).read_text())
+        report["exposure_workload"] = exposure
+        report["exposure_workload_machine"] = machine()
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"updated {args.out}")
+        return
     texts = texts_for_benchmark(args.notes, seed=0)
     report = {"benchmark": "scoring", "command": "python benchmarks/scoring.py " + " ".join(
         f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if k != "out"),
-        "machine": machine(), "models": [run_model(m, texts, threads=args.threads, repeats=args.repeats) for m in args.models]}
+        "machine": machine(), "models": [run_model(m, texts, threads=args.threads, repeats=args.repeats) for m in args.models],
+        "exposure_workload": exposure}
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
