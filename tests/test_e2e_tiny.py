@@ -85,3 +85,15 @@ def test_same_recipe_and_seed_give_identical_canaries_and_manifest(tiny_run, tmp
     (second,) = (tmp_path / "runs").iterdir()
     assert (second / "canaries.jsonl").read_bytes() == (first / "canaries.jsonl").read_bytes()
     assert (second / "manifest.json").read_bytes() == (first / "manifest.json").read_bytes()
+
+
+def test_packing_reaches_the_trainer_and_the_preflight(in_tmp):
+    """``training.packing=bfd`` is TRL's packing, not a label: fewer, fuller sequences, so fewer optimizer steps."""
+    import math
+
+    assert main(["run", "tiny/lora_cpu", "--no-tracking", "--quiet", "training.packing=bfd", "training.epochs=1"]) == 0
+    (run_dir,) = (in_tmp / "runs").iterdir()
+    assert json.loads((run_dir / "preflight.json").read_text())["packing"] == "bfd"
+    records = json.loads((run_dir / "manifest.json").read_text())["dataset_after"]["n_records"]
+    unpacked_steps = math.ceil(records / 8)  # tiny/lora_cpu: batch_size 8, one record per sequence without packing
+    assert 0 < json.loads((run_dir / "train.json").read_text())["steps"] < unpacked_steps
