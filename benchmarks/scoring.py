@@ -125,18 +125,24 @@ def engine(model, seqs):
     return [(s.logprobs, s.vocab_mean, s.vocab_var) for s in score_token_sequences(model, seqs, vocab_stats=True)]
 
 
-def measure(name: str, fn, model, seqs, *, repeats: int, threads: int, flops: float, peak: float) -> tuple[dict, list]:
-    n_tokens = sum(len(s) - 1 for s in seqs)
+def timed_repeats(name: str, fn, *, repeats: int, threads: int) -> tuple[dict, object, float]:
+    """One warm-up call (its result is returned), then ``repeats`` timed calls; the row every workload reports."""
     with torch_threads(threads):
-        result = fn(model, seqs)  # warm-up
+        result = fn()
         load_before = os.getloadavg()[0]
-        times = [_time(lambda: fn(model, seqs)) for _ in range(repeats)]
+        times = [_time(fn) for _ in range(repeats)]
         load_after = os.getloadavg()[0]
     wall = statistics.median(times)
     return {"method": name, "threads": threads, "median_s": round(wall, 4), "all_s": [round(t, 4) for t in times],
-            "tokens_per_s": round(n_tokens / wall, 1), "gflops": round(flops / wall / 1e9, 2),
-            "fraction_of_gemm_peak": round(flops / wall / 1e9 / peak, 3),
-            "load_1min_before_after": [round(load_before, 2), round(load_after, 2)]}, result
+            "load_1min_before_after": [round(load_before, 2), round(load_after, 2)]}, result, wall
+
+
+def measure(name: str, fn, model, seqs, *, repeats: int, threads: int, flops: float, peak: float) -> tuple[dict, list]:
+    n_tokens = sum(len(s) - 1 for s in seqs)
+    row, result, wall = timed_repeats(name, lambda: fn(model, seqs), repeats=repeats, threads=threads)
+    row.update({"tokens_per_s": round(n_tokens / wall, 1), "gflops": round(flops / wall / 1e9, 2),
+                "fraction_of_gemm_peak": round(flops / wall / 1e9 / peak, 3)})
+    return row, result
 
 
 def max_diff(a, b) -> dict:
@@ -199,15 +205,8 @@ def run_exposure_workload(source: str, *, canaries: int, candidates: int, thread
     for n in threads:
         for name, fn in (("engine", lambda: [candidate_nll_bits(model, p, cs) for p, cs in work]),
                          ("loop", lambda: [exposure_loop(model, p, cs) for p, cs in work])):
-            with torch_threads(n):
-                results[(name, n)] = fn()
-                load_before = os.getloadavg()[0]
-                times = [_time(fn) for _ in range(repeats)]
-                load_after = os.getloadavg()[0]
-            wall = statistics.median(times)
-            row = {"method": name, "threads": n, "median_s": round(wall, 4), "all_s": [round(t, 4) for t in times],
-                   "candidates_per_s": round(n_seqs / wall, 1),
-                   "load_1min_before_after": [round(load_before, 2), round(load_after, 2)]}
+            row, results[(name, n)], wall = timed_repeats(name, fn, repeats=repeats, threads=n)
+            row["candidates_per_s"] = round(n_seqs / wall, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
     diff = max(abs(a - b) for n in threads for x, y in zip(results[("engine", n)], results[("loop", n)], strict=True)
