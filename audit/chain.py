@@ -37,7 +37,7 @@ import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -332,7 +332,7 @@ def record_child(parent: ParentRun, *, run_dir: Path, tuned_node: LineageNode, m
     if path.is_file() and any(json.loads(line).get("run_dir") == me for line in path.read_text(encoding="utf-8").splitlines() if line):
         return
     line = json.dumps({"run_dir": me, "node": tuned_node.id, "fingerprint": tuned_node.fingerprint,
-                       "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                        "persistence": {k: v.value for k, v in sorted(metrics.items())}}, sort_keys=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")

@@ -23,6 +23,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC
 from pathlib import Path
 
 from audit.errors import EXIT_USAGE, AuditError
@@ -200,7 +201,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from audit.gates import evaluate_gates, format_gate_table, junit_xml, load_gate_specs, recipe_gates, read_report_or_run, report_metrics
+    from audit.gates import (
+        evaluate_gates,
+        format_gate_table,
+        junit_xml,
+        load_gate_specs,
+        read_report_or_run,
+        recipe_gates,
+        report_metrics,
+    )
     from audit.store import atomic_write_text
 
     report = read_report_or_run(args.report)
@@ -238,14 +247,14 @@ def cmd_canaries(args: argparse.Namespace) -> int:
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from audit.config import load_recipe
     from audit.ground_truth import inject_stage
 
     recipe_name, overrides = _split_overrides(args)
     recipe = load_recipe(recipe_name, overrides)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path(recipe.output.root) / f"{recipe.name.replace('/', '-')}-inject-{stamp}"
     result = inject_stage(recipe, out, stream=args.stream, progress=True)
     pf = result.preflight

@@ -57,12 +57,12 @@ def builtin_records(name: str, *, n: int, seed: int) -> list[dict[str, Any]]:
     records = []
     for _ in range(n):
         template = rng.choice(_TEMPLATES)  # draw order kept: the tiny-llama tokenizer is trained on this corpus
-        p, t, l = rng.choice(_PEOPLE), rng.choice(_THINGS), rng.choice(_PLACES)
-        text = template.format(p=p, t=t, l=l, s=rng.choice(_STATES), a=rng.choice(_ACTIONS))
+        p, t, place = rng.choice(_PEOPLE), rng.choice(_THINGS), rng.choice(_PLACES)
+        text = template.format(p=p, t=t, l=place, s=rng.choice(_STATES), a=rng.choice(_ACTIONS))
         if name == "notes":
             records.append({"text": text})
         else:
-            question = questions.choice(_QUESTIONS).format(p=p, t=t, l=l)
+            question = questions.choice(_QUESTIONS).format(p=p, t=t, l=place)
             records.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": text}]})
     return records
 

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from importlib import metadata
 from pathlib import Path
@@ -85,7 +85,7 @@ def _say(progress: bool, msg: str) -> None:
 
 
 def new_run_dir(recipe: Recipe) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     root = Path(recipe.output.root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"{recipe.name.replace('/', '-')}-{stamp}-{_secrets.token_hex(3)}"
@@ -108,8 +108,8 @@ def run_audit(
     """
     import torch
 
-    from audit.models import load_model_and_tokenizer
     from audit.metrics.suite import summarize_scores
+    from audit.models import load_model_and_tokenizer
     from audit.score.canaries import score_canaries, space_bits
     from audit.train.sft import choose_device, train_sft
 
@@ -278,7 +278,7 @@ def run_audit(
                                              ui_command=ui_command(uri))
             report = AuditReport(
                 run_id=run_dir.name,
-                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
                 recipe=recipe.model_dump(mode="json"),
                 recipe_fingerprint=recipe.fingerprint(),
                 seed=recipe.seed,
@@ -315,7 +315,7 @@ def run_audit(
         run.save_status(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
         run.close()
         raise
-    run.save_status(status="complete", finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    run.save_status(status="complete", finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
                     timings_s=report.timings_s)
     run.close()
     return AuditResult(run_dir=run_dir, report=report)

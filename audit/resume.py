@@ -28,7 +28,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ TRAINER_DIR = "trainer"
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -191,7 +191,7 @@ def last_checkpoint(handle: RunHandle) -> Path | None:
         if (path / "trainer_state.json").is_file() and any(path.glob("*.safetensors")):
             complete.append((int(step), path))
         else:
-            aside = trainer_dir / f"incomplete-{path.name}-{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
+            aside = trainer_dir / f"incomplete-{path.name}-{datetime.now(UTC):%Y%m%d%H%M%S}"
             path.rename(aside)
             _say(handle.progress, f"[audit] resume: {path.name} was half-written when the run stopped; moved to {aside.name}")
     if not complete:

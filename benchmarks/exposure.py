@@ -94,7 +94,7 @@ def main() -> None:
         for c in members + pool.references():
             table = symbol_tokens(tok, c.prefix, space, c.secret)
             canary = parse_secret(space, c.secret)
-            result, wall, load = timed(lambda: exact_rank(model, table, canary, node_budget=args.budget))
+            result, wall, load = timed(lambda table=table, canary=canary: exact_rank(model, table, canary, node_budget=args.budget))
             row = {"canary": f"{c.repetitions}x inserted" if c.repetitions else "reference (never inserted)",
                    "status": result.status, "rank": result.rank, "exposure_bits": None if result.exposure is None else round(result.exposure, 4),
                    "canary_nll_bits": round(result.canary_nll_bits, 4), "rows_expanded": result.nodes_evaluated,

@@ -11,6 +11,7 @@ import math
 import re
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -138,10 +139,10 @@ def test_roc_curve_area_equals_the_mann_whitney_auc():
     members, controls = rng.integers(0, 6, 40).astype(float), rng.integers(0, 5, 60).astype(float)  # many ties
     fpr, tpr = roc_curve(list(members), list(controls))
     assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
-    assert all(b >= a for a, b in zip(fpr, fpr[1:])) and all(b >= a for a, b in zip(tpr, tpr[1:]))
+    assert all(b >= a for a, b in pairwise(fpr)) and all(b >= a for a, b in pairwise(tpr))
     assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(members, controls), abs=1e-12)
     fpr, tpr = roc_curve([5.0, 6.0], [1.0, 2.0])  # perfect separation passes through (0, 1)
-    assert (0.0, 1.0) in set(zip(fpr, tpr))
+    assert (0.0, 1.0) in set(zip(fpr, tpr, strict=True))
 
 
 def test_roc_curves_from_scores_agree_with_the_reported_auc():

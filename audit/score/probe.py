@@ -107,11 +107,10 @@ def _words(tokens: list[str], probs: list[float | None]) -> list[tuple[str, floa
 def probe_text(text: str, *, model_source: str | None = None, adapter: str | None = None, progress: bool = False) -> ProbeResult:
     """Per-token and per-word probabilities of ``text`` under the base model and, with ``adapter``, the tuned one."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from audit.models import load_model_and_tokenizer, resolve_model
     from audit.score.engine import adapter_disabled
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the probe prints a table; a weights-loading bar would only clutter it
     if not text:

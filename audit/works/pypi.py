@@ -35,7 +35,7 @@ class PypiSource:
     sha256: str
     license: str
     author: str
-    read: Callable[[Path, "PypiSource"], list[Work]]
+    read: Callable[[Path, PypiSource], list[Work]]
 
     @property
     def source(self) -> str:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 LICENSE = "CC0-1.0 (sampled by canary-audit from the base model)"
 
 
-def synthetic_works(sampler: "TextSampler", *, n_works: int, tokens_per_work: int, temperature: float, prompt: str,
+def synthetic_works(sampler: TextSampler, *, n_works: int, tokens_per_work: int, temperature: float, prompt: str,
                     seed: int) -> list[Work]:
     from audit.models import cache_dir
 
