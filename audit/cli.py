@@ -23,7 +23,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from datetime import UTC
 from pathlib import Path
 
 from audit.errors import EXIT_USAGE, AuditError
@@ -247,7 +246,7 @@ def cmd_canaries(args: argparse.Namespace) -> int:
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
-    from datetime import datetime
+    from datetime import UTC, datetime
 
     from audit.config import load_recipe
     from audit.ground_truth import inject_stage

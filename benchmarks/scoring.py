@@ -145,6 +145,15 @@ def measure(name: str, fn, model, seqs, *, repeats: int, threads: int, flops: fl
     return row, result
 
 
+def engine_speedups(rows: list[dict], threads: list[int], baselines: tuple[str, ...]) -> dict:
+    """Median time of each baseline over the engine's, per thread count."""
+    def median_s(method: str, n: int) -> float:
+        return next(r["median_s"] for r in rows if r["method"] == method and r["threads"] == n)
+
+    return {f"threads_{n}/engine_vs_{base}": round(median_s(base, n) / median_s("engine", n), 2)
+            for n in threads for base in baselines}
+
+
 def max_diff(a, b) -> dict:
     return {k: float(max(np.max(np.abs(x[i] - y[i])) if len(x[i]) else 0.0 for x, y in zip(a, b, strict=True)))
             for i, k in enumerate(("logprob", "vocab_mean", "vocab_var"))}
@@ -165,12 +174,7 @@ def run_model(source: str, seqs_text: list[str], *, threads: list[int], repeats:
             print(json.dumps(row), flush=True)
         agreement[f"threads_{n}"] = {"engine_vs_loop_vectorized": max_diff(by_method["engine"], by_method["loop_vectorized"]),
                                      "engine_vs_loop_item": max_diff(by_method["engine"], by_method["loop_item"])}
-    speedups = {}
-    for n in threads:
-        eng = next(r for r in rows if r["method"] == "engine" and r["threads"] == n)
-        for base in ("loop_vectorized", "loop_item"):
-            other = next(r for r in rows if r["method"] == base and r["threads"] == n)
-            speedups[f"threads_{n}/engine_vs_{base}"] = round(other["median_s"] / eng["median_s"], 2)
+    speedups = engine_speedups(rows, threads, ("loop_vectorized", "loop_item"))
     lengths = [len(s) for s in seqs]
     return {"model": source, "params": sum(p.numel() for p in model.parameters()), "vocab": model.config.vocab_size,
             "sequences": len(seqs), "scored_tokens": sum(n - 1 for n in lengths),
@@ -194,9 +198,8 @@ def run_exposure_workload(source: str, *, canaries: int, candidates: int, thread
     model, tok = load_model_and_tokenizer(resolve_model(source, progress=False).path, dtype=torch.float32, device="cpu")
     spec = load_spec("digits")
     drawn = generate_canaries(spec, seed=0, tiers=[1], members_per_tier=canaries, references=0)
-    pool = drawn.canaries
     work = []
-    for c in pool[:canaries]:
+    for c in drawn.canaries[:canaries]:  # references=0 means "the spec default", so the pool holds more than asked
         refs = random_secrets(drawn.space, candidates - 1, SeededStream(0, "benchmark-references"), exclude={c.secret})
         split = split_tokens(tok, c.prefix, c.secret)
         work.append((split.prefix_ids, [split.secret_ids] + [r.secret_ids for r in split_tokens_many(tok, c.prefix, refs)]))
@@ -211,9 +214,7 @@ def run_exposure_workload(source: str, *, canaries: int, candidates: int, thread
             print(json.dumps(row), flush=True)
     diff = max(abs(a - b) for n in threads for x, y in zip(results[("engine", n)], results[("loop", n)], strict=True)
                for a, b in zip(x, y, strict=True))
-    speedup = {f"threads_{n}/engine_vs_loop": round(
-        next(r["median_s"] for r in rows if r["method"] == "loop" and r["threads"] == n)
-        / next(r["median_s"] for r in rows if r["method"] == "engine" and r["threads"] == n), 2) for n in threads}
+    speedup = engine_speedups(rows, threads, ("loop",))
     return {"model": source, "canaries": len(work), "candidates_per_canary": candidates, "sequences": n_seqs,
             "prefix_tokens": [len(p) for p, _ in work], "secret_tokens_max": max(len(c) for _, cs in work for c in cs),
             "results": rows, "speedup": speedup, "max_abs_difference_bits": diff}
