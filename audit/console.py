@@ -40,3 +40,11 @@ def quiet_libraries(*, transformers: bool = True) -> None:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()  # "Loading weights" ... (it switches the Hub's bars off too:)
         enable_progress_bars()  # downloads keep their bars
+
+
+def say(progress: bool, msg: str) -> None:
+    """One ``[audit] ...`` progress line on stderr, when ``progress`` is on."""
+    if progress:
+        import sys
+
+        print(msg, file=sys.stderr, flush=True)

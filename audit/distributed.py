@@ -4,8 +4,10 @@
 
 Every process validates the recipe, resolves the model and draws the same canaries (deterministic and cheap), and
 every process trains: TRL's ``SFTTrainer`` shards the work as the accelerate config says (DDP, FSDP or DeepSpeed
-ZeRO-3). Everything else happens once, on the main process (rank 0): it creates the run directory and sends its
-path to the others, writes every file, scores the base model while the others wait, logs to MLflow and prints.
+ZeRO-3). Everything else happens once, on the main process (rank 0): it creates the run directory, writes every
+file, scores the base model while the others wait, logs to MLflow and prints. Then it sends the others one typed
+message, a :class:`~audit.train.types.TrainPlan` (run directory, train or not, checkpoint), and all train together
+(:func:`audit.stages.worker_train` is what the others run).
 After training, ``Trainer.save_model`` gathers the weights from all processes and rank 0 writes them as ordinary
 safetensors; the other processes then leave, and rank 0 reloads the saved weights as a single-device model for
 scoring and outputs, since a sharded model cannot run a forward pass on one process alone.
@@ -17,6 +19,7 @@ FSDP and ZeRO-3 need GPUs and were not run (the build machine has none); their p
 ``Trainer.save_model``.
 
 In one process (plain ``audit run``) every function here is a no-op.
+This module imports nothing of ``audit``: it is plumbing under the trainer and the stages.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import os
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from audit.train.types import TrainPlan
 
 BARRIER_TIMEOUT = timedelta(hours=6)
 """How long the other processes may wait while rank 0 scores the base model (the default NCCL timeout is 10 min)."""
@@ -53,36 +57,20 @@ def is_main() -> bool:
     return not is_distributed() or _state().is_main_process
 
 
-def from_main(make: Callable[[], T]) -> T:
-    """``make()`` on the main process, its result sent to every process (a barrier as well)."""
+def share_plan(make: Callable[[], TrainPlan] | None) -> TrainPlan:
+    """The one message of a distributed run: rank 0 calls ``share_plan(make)``, every other process ``share_plan(None)``.
+
+    Rank 0's ``make()`` result is sent to every process (a barrier as well). It is the only collective call outside
+    the Trainer, so no sequence of calls has to pair up between the processes. In one process: ``make()``.
+    """
     if not is_distributed():
+        assert make is not None, "a single process is the main process: it makes the plan"
         return make()
     from accelerate.utils import broadcast_object_list
 
-    box = [make() if is_main() else None]
+    box = [make() if is_main() and make is not None else None]
     broadcast_object_list(box, from_process=0)
     return box[0]  # type: ignore[return-value]
-
-
-def worker_train(*, run_dir: Path, model_path: Path, texts: list[str], section: Any, seed: int, device: Any,
-                 parent: Any = None, trust_remote_code: bool = False) -> None:
-    """A non-main process: wait for rank 0's go-ahead, take part in training, and return (rank 0 does the rest)."""
-    from audit import resume
-    from audit.models import load_model_and_tokenizer
-    from audit.train.sft import train_sft
-
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=device.torch_dtype, device=device.device,
-                                                trust_remote_code=trust_remote_code)
-    if parent is not None:
-        from audit import chain
-
-        model = chain.start_model(parent, model, device=device, trust_remote_code=trust_remote_code)
-    plan = from_main(lambda: None)  # rank 0 sends {"train": bool, "checkpoint": path | None} once the base is scored
-    if not plan["train"]:
-        return
-    weights_dir = run_dir / ("adapter" if section.method == "lora" else "model")
-    train_sft(model, tokenizer, texts, section=section, seed=seed, work_dir=run_dir / resume.TRAINER_DIR,
-              weights_dir=weights_dir, device=device, progress=False, resume_from_checkpoint=plan["checkpoint"])
 
 
 def save_weights(trainer: Any, weights_dir: Path) -> bool:
@@ -97,28 +85,3 @@ def save_weights(trainer: Any, weights_dir: Path) -> bool:
         return False
     (weights_dir / "training_args.bin").unlink(missing_ok=True)
     return True
-
-
-def reload_trained(trained: Any, *, model_path: Path, weights_dir: Path, device: Any, parent: Any = None,
-                   trust_remote_code: bool = False) -> Any:
-    """On rank 0 after distributed training: the saved weights as a single-device model (no-op in one process)."""
-    if not is_distributed():
-        return trained
-    from audit.models import load_model_and_tokenizer
-    from audit.train.sft import TrainResult
-
-    if trained.summary.method == "lora":
-        from peft import PeftModel
-
-        base, _ = load_model_and_tokenizer(model_path, dtype=device.torch_dtype, device=device.device,
-                                           trust_remote_code=trust_remote_code)
-        if parent is not None:
-            from audit import chain
-
-            base = chain.start_model(parent, base, device=device, trust_remote_code=trust_remote_code)
-        model = PeftModel.from_pretrained(base, str(weights_dir))
-    else:
-        model, _ = load_model_and_tokenizer(weights_dir, dtype=device.torch_dtype, device=device.device,
-                                            trust_remote_code=trust_remote_code)
-    model.eval()
-    return TrainResult(model=model, summary=trained.summary, loss_history=trained.loss_history)

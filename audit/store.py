@@ -1,15 +1,24 @@
-"""Run-directory writes that never leave a half-written file: write to a temporary name, then rename."""
+"""The run directory as a store: writes that never leave a half-written file, and the stage store that owns resume.
+
+Writes go to a temporary name, then rename. :class:`StageStore` reuses a stage whose artifact is on disk and runs
+(then writes once) a stage whose artifact is not: the one place resume is decided.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
+
+from audit.schema import SequenceScore
+
+T = TypeVar("T")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -63,3 +72,89 @@ def write_once(path: Path, text: str) -> bool:
                          fix="start a new run instead of resuming, or restore the original inputs")
     atomic_write_text(path, text)
     return True
+
+
+# --------------------------------------------------------------------------------------------------- stage store
+
+
+class Artifact(Protocol[T]):
+    """How one stage's result lives in the run directory: read back (None when absent) and written once."""
+
+    name: str
+    """The file (or folder) it is kept in, as resume messages name it."""
+
+    def read(self, run_dir: Path) -> T | None: ...
+
+    def write(self, run_dir: Path, value: T) -> None: ...
+
+    def describe(self, value: T) -> str: ...
+
+
+class StageStore:
+    """The only resume logic: a stage whose artifact is in the run directory is reused (and said so), else it runs
+    and its artifact is written once.
+
+    Like inspect_ai's sample source: a fresh run has nothing stored, so every stage runs; the pipeline never asks
+    whether it is resuming. Deterministic inputs (recipe, canaries, manifest) go through :meth:`put`, which
+    writes them, or on resume checks that the stored file is byte-identical (else an error: the inputs changed).
+    """
+
+    def __init__(self, run_dir: Path, *, note: Callable[[str], None] = lambda what: None) -> None:
+        self.run_dir = Path(run_dir)
+        self.note = note
+        self.reused: list[str] = []
+
+    def _reuse(self, what: str) -> None:
+        self.reused.append(what)
+        self.note(what)
+
+    def get_or_run(self, artifact: Artifact[T], run: Callable[[], T]) -> T:
+        if (stored := artifact.read(self.run_dir)) is not None:
+            self._reuse(artifact.describe(stored))
+            return stored
+        value = run()
+        artifact.write(self.run_dir, value)
+        return value
+
+    def has(self, artifact: Artifact[Any]) -> bool:
+        return (self.run_dir / artifact.name).exists()
+
+    def put(self, name: str, text: str) -> None:
+        """Write a deterministic file, or check that the stored one holds exactly ``text`` (see :func:`write_once`)."""
+        if not write_once(self.run_dir / name, text):
+            self._reuse(name)
+
+
+@dataclass(frozen=True)
+class ScoresFile:
+    """``scores_<label>.jsonl``: one model's :class:`~audit.schema.SequenceScore` rows (a stage checkpoint)."""
+
+    label: str
+
+    @property
+    def name(self) -> str:
+        return f"scores_{self.label}.jsonl"
+
+    def read(self, run_dir: Path) -> list[SequenceScore] | None:
+        path = Path(run_dir) / self.name
+        return read_scores(path) if path.is_file() else None
+
+    def write(self, run_dir: Path, value: list[SequenceScore]) -> None:
+        write_once(Path(run_dir) / self.name, jsonl_text(value))
+
+    def describe(self, value: list[SequenceScore]) -> str:
+        return self.name
+
+
+def read_scores(path: Path, *, model: str | None = None) -> list[SequenceScore]:
+    """The rows of a scores file (``model``: only that model's rows); a damaged file is one clear error."""
+    from pydantic import ValidationError
+
+    from audit.errors import AuditError
+
+    try:
+        rows = [SequenceScore.model_validate_json(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    except ValidationError as exc:
+        raise AuditError(f"{path} is damaged ({exc.errors()[0]['msg']})",
+                         fix=f"delete {Path(path).name} to recompute those scores, or start a new run") from None
+    return rows if model is None else [r for r in rows if r.model == model]

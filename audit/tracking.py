@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from audit.errors import AuditError
 
 if TYPE_CHECKING:
-    from audit.schema import AuditReport, InjectionManifest
+    from audit.schema import AuditReport, InjectionManifest, TrackingInfo
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -118,26 +118,11 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def report_metric_dict(report: AuditReport) -> dict[str, float]:
-    """Every number of a report under its stable MLflow key, in one flat dict.
+    """Every number of a report under its stable MLflow key: :meth:`AuditReport.flat_metrics`, values only.
 
-    ``exposure.mean/rep_<r>/<model>`` and ``extraction.exact/rep_<r>/<model>`` (tier summaries), every key of
-    ``report.metrics`` (``mia.auc/min_k_pp``, ``exposure.space_mean/...``, ``privacy.eps_lb`` ...: whatever the
-    metrics suite exposes), ``works.bits/<kind>/<role>/<model>`` (information view of sample works),
-    ``time.<stage>_s``, ``train.final_loss``/``train.steps`` and ``gates.failed``/``gates.total``.
+    The same keys the gates check and ``audit compare`` shows (one flattener for all three).
     """
-    from audit.report import tier_metrics
-
-    out: dict[str, float] = dict(tier_metrics(report.tiers))
-    out.update((report.canaries.get("works_information") or {}).get("metrics", {}))
-    out.update({key: entry.value for key, entry in report.metrics.items()})
-    out.update({f"time.{k}_s": v for k, v in report.timings_s.items()})
-    out["train.steps"] = float(report.training.steps)
-    if report.training.final_loss is not None:
-        out["train.final_loss"] = report.training.final_loss
-    if report.gates:
-        out["gates.failed"] = float(sum(not g.passed for g in report.gates))
-        out["gates.total"] = float(len(report.gates))
-    return {k: float(v) for k, v in out.items()}
+    return {key: float(entry.value) for key, entry in report.flat_metrics().items()}
 
 
 def training_set_rows(manifest: InjectionManifest, record_chars: list[int]) -> dict[str, list[int]]:
@@ -166,7 +151,7 @@ class Tracker:
         self.client = client
         self.run = run
         self.uri = uri
-        self.stage: _Stage | None = None
+        self.current: _Stage | None = None
         self.stage_run_ids: dict[str, str] = {}
 
     @property
@@ -176,6 +161,15 @@ class Tracker:
     @property
     def experiment_id(self) -> str:
         return self.run.info.experiment_id
+
+    report_to = "mlflow"
+    """The trainer's ``report_to``: TRL's MLflowCallback logs into the active (train stage) run."""
+
+    def info(self) -> TrackingInfo:
+        """Where this run is, for the report."""
+        from audit.schema import TrackingInfo
+
+        return TrackingInfo(uri=self.uri, experiment_id=self.experiment_id, run_id=self.run_id, ui_command=ui_command(self.uri))
 
     # ---- the parent run (or a stage run via ``run_id``)
     def log_params(self, params: dict[str, Any], *, run_id: str | None = None) -> None:
@@ -219,14 +213,14 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name,
                                      tags={PARENT_RUN_TAG: self.run_id, STAGE_TAG: name, **tags})
         mlflow.start_run(run_id=run.info.run_id, nested=True)
-        self.stage = _Stage(name, run.info.run_id, time.perf_counter() - elapsed_s)
+        self.current = _Stage(name, run.info.run_id, time.perf_counter() - elapsed_s)
         self.stage_run_ids[name] = run.info.run_id
         return run.info.run_id
 
     def end_stage(self, status: str = "FINISHED") -> None:
         import mlflow
 
-        stage, self.stage = self.stage, None
+        stage, self.current = self.current, None
         if stage is None:
             return
         try:
@@ -238,9 +232,17 @@ class Tracker:
             else:  # a library ended or replaced it: still close ours
                 self.client.set_terminated(stage.run_id, status)
 
+    @contextmanager
+    def stage(self, name: str, *, elapsed_s: float = 0.0) -> Iterator[None]:
+        """The block as the stage run ``name``; it ends FINISHED when the block returns. When the block raises, the
+        stage is left open: :func:`tracked_run` ends it FAILED (or KILLED) together with the audit's run."""
+        self.begin_stage(name, elapsed_s=elapsed_s)
+        yield
+        self.end_stage()
+
     def log_stage_metrics(self, metrics: Mapping[str, float]) -> None:
-        if self.stage is not None:
-            self.log_metrics(metrics, run_id=self.stage.run_id)
+        if self.current is not None:
+            self.log_metrics(metrics, run_id=self.current.run_id)
 
     # ---- composite calls the pipeline makes
     def log_training_dataset(self, manifest: InjectionManifest, record_chars: list[int], *, name: str) -> None:
@@ -261,7 +263,7 @@ class Tracker:
             warnings.simplefilter("ignore", UserWarning)
             dataset = from_pandas(frame, source=source, name=name, digest=manifest.dataset_after.sha256[:16])
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
-        for run_id in {self.run_id, *([self.stage.run_id] if self.stage else [])}:
+        for run_id in {self.run_id, *([self.current.run_id] if self.current else [])}:
             self.client.log_inputs(run_id, datasets=[entity])
         self.set_tags({"canary_audit.dataset_sha256": manifest.dataset_after.sha256,
                        "canary_audit.dataset_records": str(manifest.dataset_after.n_records)})
@@ -295,8 +297,53 @@ class Tracker:
             self.set_tags({"canary_audit.weights_not_logged": f"{', '.join(skipped)} (set tracking.log_full_weights=true)"})
 
 
+class NullTracker:
+    """Tracking off: the same calls as :class:`Tracker`, each doing nothing, so the pipeline never asks ``if tracker``."""
+
+    run_id: str | None = None
+    experiment_id: str | None = None
+    report_to = "none"
+    """What the trainer's ``report_to`` is: TRL's MLflowCallback only runs under a real tracker."""
+
+    def log_params(self, params: dict[str, Any], *, run_id: str | None = None) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, *, run_id: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str], *, run_id: str | None = None) -> None:
+        pass
+
+    @contextmanager
+    def stage(self, name: str, *, elapsed_s: float = 0.0) -> Iterator[None]:
+        yield
+
+    def log_stage_metrics(self, metrics: Mapping[str, float]) -> None:
+        pass
+
+    def log_training_dataset(self, manifest: InjectionManifest, record_chars: list[int], *, name: str) -> None:
+        pass
+
+    def log_report(self, report: AuditReport, run_dir: Path, *, log_full_weights: bool = False) -> None:
+        pass
+
+    def info(self) -> None:
+        return None
+
+
+@contextmanager
+def open_tracker(enabled: bool, uri: str, experiment: str, run_name: str, *,
+                 run_id: str | None = None) -> Iterator[Tracker | NullTracker]:
+    """:func:`tracked_run` when tracking is on, else a :class:`NullTracker`."""
+    if not enabled:
+        yield NullTracker()
+        return
+    with tracked_run(uri, experiment, run_name, run_id=run_id) as tracker:
+        yield tracker
+
+
 def stage_of(tracker: Tracker | None, name: str, **tags: str) -> None:
-    """``tracker.begin_stage(name)`` when tracking is on; nothing otherwise (one line in the pipeline)."""
+    """``tracker.begin_stage(name)`` when tracking is on; nothing otherwise."""
     if tracker is not None:
         tracker.begin_stage(name, **tags)
 

@@ -58,7 +58,7 @@ def test_audit_run_with_each_shipped_spec(spec, in_tmp):
         kinds = {w["kind"] for w in report["works"]}
         assert kinds == {"licensed", "synthetic"} and (run_dir / "works.json").is_file()
         assert manifest["works"] == report["works"] and len(manifest["excerpts"]) == len(canaries)
-        info = report["canaries"]["works_information"]["metrics"]
+        info = report["metrics"]  # works.bits/* sit with every other metric (and reach gates and MLflow alike)
         assert "works.memorized_bits/synthetic/member" in info and "works.bits/licensed/held_out/base" in info
     # Confidentiality: the secrets are in canaries.jsonl and nowhere else. Short (6-digit) secrets are searched with
     # the end of their prefix, so a timestamp or a float that happens to contain the digits is not a false alarm.

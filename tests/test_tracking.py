@@ -130,7 +130,7 @@ def test_transformers_mlflow_callback_logs_into_the_train_stage(store, tmp_path,
             state.global_step = step
             callback.on_log(args, state, TrainerControl(), logs={"loss": loss, "grad_norm": 1.0})
         callback.on_train_end(args, state, TrainerControl())
-        assert tracker.stage is not None  # the callback did not end our stage run
+        assert tracker.current is not None  # the callback did not end our stage run
         tracker.end_stage()
     assert os.environ["MLFLOW_NESTED_RUN"] == "true"
     stage = client.get_run(tracker.stage_run_ids["train"])

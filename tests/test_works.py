@@ -175,7 +175,8 @@ def test_works_information_separates_kinds_and_roles_with_hand_made_scores():
     scores = [SequenceScore(canary_id=c, model=m, repetitions=0, secret_tokens=8, secret_nll_bits=b, rank=1,
                             n_references=10, exposure=0.0, extracted=False) for (c, m), b in bits.items()]
     info = works_information(canaries, scores)
-    m = info["metrics"]
+    m = {key: entry.value for key, entry in info["metrics"].items()}
+    assert info["metrics"]["works.bits/synthetic/member/tuned"].n == 1
     assert m["works.memorized_bits/public_domain/member"] == 15.0 and m["works.memorized_bits/public_domain/held_out"] == 1.0
     assert m["works.memorized_bits/synthetic/member"] == 70.0 and m["works.bits/synthetic/held_out/base"] == 84.0
     assert m["works.n/synthetic/member"] == 1.0

@@ -1,4 +1,7 @@
-"""Fine-tuning through TRL's ``SFTTrainer``: LoRA (PEFT) or full. The only code that imports trl and peft.
+"""Fine-tuning through TRL's ``SFTTrainer``: LoRA (PEFT) or full. The only code that imports trl.
+
+peft is imported here (``LoraConfig``) and in :mod:`audit.train.weights` (``PeftModel``, the one place that puts saved
+weights back onto a base). ``DeviceChoice`` and ``TrainResult`` live in the torch-free :mod:`audit.train.types`.
 
 Device-aware defaults: TRL's ``SFTConfig`` turns on bf16 and gradient checkpointing, which on a CPU without
 native bf16 makes a step about 24x slower (1.2 s -> 29 s for SmolLM2 LoRA, measured). ``precision: auto`` and
@@ -10,7 +13,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +20,7 @@ import torch
 
 from audit.models import fingerprint_safetensors_dir
 from audit.schema import TrainingSection, TrainSummary
-
-
-@dataclass(frozen=True)
-class DeviceChoice:
-    device: str
-    precision: str
-    gradient_checkpointing: bool
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+from audit.train.types import DeviceChoice, TrainResult
 
 
 def choose_device(section: TrainingSection) -> DeviceChoice:
@@ -41,15 +33,6 @@ def choose_device(section: TrainingSection) -> DeviceChoice:
     if checkpointing == "auto":
         checkpointing = False
     return DeviceChoice(device=device, precision=precision, gradient_checkpointing=bool(checkpointing))
-
-
-@dataclass
-class TrainResult:
-    model: Any
-    """The trained model: a ``PeftModel`` for LoRA (``disable_adapter()`` gives the base), else the full model."""
-    summary: TrainSummary | None
-    """None only on the non-main processes of a distributed run, which leave after training."""
-    loss_history: list[tuple[int, float]] = field(default_factory=list)
 
 
 def train_sft(

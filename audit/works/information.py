@@ -19,11 +19,15 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from audit.schema import CanarySet, SequenceScore
+from audit.schema import CanarySet, MetricEntry, SequenceScore
 
 
 def works_information(canaries: CanarySet, scores: list[SequenceScore], *, base: str = "base", tuned: str = "tuned") -> dict[str, Any]:
-    """``{"metrics": {key: value}, "by_work": [...]}`` for the work excerpts in ``canaries`` (empty if there are none)."""
+    """``{"metrics": {key: MetricEntry}, "by_work": [...]}`` for the work excerpts in ``canaries`` (empty if none).
+
+    The metrics go into ``report.metrics`` (``works.bits/<kind>/<role>/<model>``, each with its ``n`` excerpts); the
+    per-work rows stay in ``report.canaries["works_information"]`` for the human report.
+    """
     works = {w.id: w for w in canaries.works}
     by_canary: dict[str, dict[str, float]] = defaultdict(dict)
     for s in scores:
@@ -43,12 +47,13 @@ def works_information(canaries: CanarySet, scores: list[SequenceScore], *, base:
         w[role][0] += 1
         w[role][1] += b
         w[role][2] += t
-    metrics: dict[str, float] = {}
+    metrics: dict[str, MetricEntry] = {}
     for (kind, role), pairs in sorted(groups.items()):
-        metrics[f"works.bits/{kind}/{role}/{base}"] = round(statistics.fmean(b for b, _ in pairs), 4)
-        metrics[f"works.bits/{kind}/{role}/{tuned}"] = round(statistics.fmean(t for _, t in pairs), 4)
-        metrics[f"works.memorized_bits/{kind}/{role}"] = round(statistics.fmean(b - t for b, t in pairs), 4)
-        metrics[f"works.n/{kind}/{role}"] = float(len(pairs))
+        n = len(pairs)
+        metrics[f"works.bits/{kind}/{role}/{base}"] = MetricEntry(value=round(statistics.fmean(b for b, _ in pairs), 4), n=n)
+        metrics[f"works.bits/{kind}/{role}/{tuned}"] = MetricEntry(value=round(statistics.fmean(t for _, t in pairs), 4), n=n)
+        metrics[f"works.memorized_bits/{kind}/{role}"] = MetricEntry(value=round(statistics.fmean(b - t for b, t in pairs), 4), n=n)
+        metrics[f"works.n/{kind}/{role}"] = MetricEntry(value=float(n), n=n)
     by_work = []
     for w in sorted(per_work.values(), key=lambda w: (w["kind"], w["title"])):
         row = {k: w[k] for k in ("work_id", "title", "kind", "license", "source")}

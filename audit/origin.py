@@ -1,0 +1,177 @@
+"""Where the tuned model comes from: one object per way, so the pipeline has no branch for it.
+
+    audit run tiny/lora_cpu                                  # FreshBase: fine-tune the pretrained weights
+    audit run tiny/clean_lora_cpu parent=runs/<that run>     # FurtherTune: fine-tune that run's tuned weights again
+
+Every difference between a first tune and a further tune (:mod:`audit.chain`) lives here: which canaries are
+measured (drawn now, or the parent's), which base scores stand (measured now, or the parent's, which measured those
+very weights), which weights training starts from (the base, or the parent's chain merged in), how the lineage
+graph grows, the persistence metrics, and what is recorded back in the parent. A model trained elsewhere (next
+issue) is a third class with the same methods.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from audit import lineage
+from audit.schema import AuditReport, LineageNode, MetricEntry, Recipe, SequenceScore
+from audit.train.types import DeviceChoice, WeightsLayer
+
+
+@dataclass(frozen=True)
+class Persistence:
+    """What a further tune measures on top of the suite: the summary for ``report.persistence`` and its metrics."""
+
+    summary: dict[str, Any] | None = None
+    metrics: dict[str, MetricEntry] | None = None
+
+
+class Origin(Protocol):
+    recipe: Recipe
+    """The recipe as this origin runs it (a further tune's inherits its parent's model, canaries and scoring)."""
+    layers: list[WeightsLayer]
+    """Saved weights put on the base before training (the parent's chain), in order; empty for a first tune."""
+
+    def check(self, device: DeviceChoice) -> None: ...
+
+    def ground_truth(self, *, model_path: Any, fingerprint: str, device: DeviceChoice, progress: bool) -> Any: ...
+
+    def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]: ...
+
+    def tuned_parents(self, base_node: LineageNode) -> list[LineageNode]: ...
+
+    def lineage(self, base_node: LineageNode, data_node: LineageNode, tuned_node: LineageNode) -> list[LineageNode]: ...
+
+    def persistence(self, scores: list[SequenceScore], metrics: dict[str, MetricEntry]) -> Persistence: ...
+
+    def tags(self) -> dict[str, str]: ...
+
+    def record(self, report: AuditReport, run_dir: Any) -> None: ...
+
+
+def origin_for(recipe: Recipe) -> Origin:
+    """:class:`FurtherTune` of ``recipe.parent`` when it names one (checked now), else :class:`FreshBase`."""
+    if recipe.parent:
+        from audit import chain
+
+        parent = chain.load_parent(recipe.parent)
+        return FurtherTune(recipe=chain.inherit(recipe, parent), parent=parent)
+    return FreshBase(recipe=recipe)
+
+
+@dataclass(frozen=True)
+class FreshBase:
+    """A fine-tune of the pretrained weights: canaries drawn now, base scored now."""
+
+    recipe: Recipe
+    layers: tuple[WeightsLayer, ...] = ()
+    further: bool = False
+
+    def check(self, device: DeviceChoice) -> None:
+        pass
+
+    def ground_truth(self, *, model_path: Any, fingerprint: str, device: DeviceChoice, progress: bool) -> Any:
+        from audit.ground_truth import ground_truth_for_model
+
+        return ground_truth_for_model(self.recipe, model_path=model_path, fingerprint=fingerprint, device=device.device,
+                                      dtype=device.torch_dtype, progress=progress)
+
+    def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]:
+        return score()
+
+    def tuned_parents(self, base_node: LineageNode) -> list[LineageNode]:
+        return [base_node]
+
+    def lineage(self, base_node: LineageNode, data_node: LineageNode, tuned_node: LineageNode) -> list[LineageNode]:
+        return [base_node, data_node, tuned_node]
+
+    def persistence(self, scores: list[SequenceScore], metrics: dict[str, MetricEntry]) -> Persistence:
+        return Persistence()
+
+    def tags(self) -> dict[str, str]:
+        return {}
+
+    def record(self, report: AuditReport, run_dir: Any) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class FurtherTune:
+    """A further tune of an earlier run (:mod:`audit.chain`): its canaries, its scores, its weights as the start."""
+
+    recipe: Recipe
+    parent: Any
+    """The :class:`audit.chain.ParentRun`."""
+    further: bool = True
+
+    @property
+    def layers(self) -> list[WeightsLayer]:
+        return [WeightsLayer(run.train.method, run.weights_dir) for run in self.parent.lineage_chain()]
+
+    def check(self, device: DeviceChoice) -> None:
+        from audit import chain
+
+        chain.check_same_device(self.parent, device=device.device, precision=device.precision)
+
+    def ground_truth(self, *, model_path: Any, fingerprint: str, device: DeviceChoice, progress: bool) -> Any:
+        """The parent's canaries and reference secrets, this recipe's corpus, the canaries planted only if asked.
+
+        The canary set is read from the chain's first run (``canaries.jsonl`` + ``canaries.meta.json``), or, for a
+        run written before the sidecar existed, regenerated from its recipe and seed; either way it must match the
+        parent's ``canaries.jsonl`` row for row and the first run's recorded set hash.
+        """
+        from audit.errors import AuditError
+        from audit.ground_truth import ground_truth_for_model, read_canary_set
+
+        first = self.parent.origin
+        truth = ground_truth_for_model(self.recipe, model_path=model_path, fingerprint=fingerprint, device=device.device,
+                                       dtype=device.torch_dtype, progress=progress,
+                                       canaries=read_canary_set(first.run_dir), canary_seed=first.recipe.seed)
+        canaries = truth.canaries
+        stored = [json.loads(line) for line in (self.parent.run_dir / "canaries.jsonl").read_text(encoding="utf-8").splitlines() if line]
+        if canaries.sha256() != first.report.canaries.get("canary_set_sha256") or stored != [c.model_dump(mode="json") for c in canaries.canaries]:
+            raise AuditError(f"the canaries of {first.run_dir} differ from those in {self.parent.run_dir}/canaries.jsonl",
+                             fix="the canary code or spec changed since the parent ran; rerun the chain from its first run")
+        return truth
+
+    def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]:
+        from audit import chain
+
+        return chain.inherited_scores(self.parent)  # base and parent weights as the parent runs measured them
+
+    def tuned_parents(self, base_node: LineageNode) -> list[LineageNode]:
+        return [self.parent.tuned_node()]
+
+    def lineage(self, base_node: LineageNode, data_node: LineageNode, tuned_node: LineageNode) -> list[LineageNode]:
+        from audit import chain
+
+        return chain.chain_lineage(self.parent, data_node, tuned_node)
+
+    def persistence(self, scores: list[SequenceScore], metrics: dict[str, MetricEntry]) -> Persistence:
+        """How much of the parent's canaries survived this tune (:func:`audit.chain.persistence_summary`)."""
+        from audit import chain
+
+        after = metrics.get("mia.auc/loss_diff")
+        summary, kept = chain.persistence_summary(scores, self.parent, mia_after=after.value if after else None,
+                                                  inject=self.recipe.canaries.inject)
+        return Persistence(summary=summary, metrics=kept)
+
+    def tags(self) -> dict[str, str]:
+        tracking = self.parent.report.tracking
+        return {"canary_audit.parent_mlflow_run": tracking.run_id} if tracking is not None else {}
+
+    def record(self, report: AuditReport, run_dir: Any) -> None:
+        """One line in the parent's ``children.jsonl``: this tune's weights node and its persistence metrics."""
+        from audit import chain
+
+        tuned = [n for n in report.lineage if n.kind == "tuned_weights" and n.fingerprint == report.training.weights_fingerprint]
+        kept = {k: v for k, v in report.metrics.items() if k.startswith("persistence.")}
+        chain.record_child(self.parent, run_dir=run_dir, tuned_node=tuned[-1], metrics=kept)
+
+
+def tuned_label(origin: Origin) -> str:
+    return lineage.tune_label(origin.recipe.training.method, further=bool(getattr(origin, "further", False)))

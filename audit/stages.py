@@ -1,0 +1,326 @@
+"""The stages :func:`audit.pipeline.run_audit` sequences, and the context they share.
+
+    RunContext.prepare   validate and resolve everything the user controls; nothing is written yet
+    open_run             the run directory: lock, ``run.json``, the stage store, the tracker (a NullTracker when off)
+    record_inputs        recipe.yaml, canaries.jsonl (+ .meta.json), manifest.json, preflight.json: written once
+    load_base / score    the base model and the scoring engine
+    train_plan / train   the one message to the other processes, then TRL training (or the stored weights)
+    sample_outputs       the generated-outputs scan (off unless ``outputs.samples`` > 0)
+    publish              report.json/html/md, MLflow, and what the origin records back in its parent
+
+Resume is not here: a stage's artifact (:class:`audit.store.ScoresFile`, :class:`TrainedWeights`) is reused by the
+:class:`audit.store.StageStore` when it is on disk. Where the tuned model comes from is not here either: that is the
+:class:`audit.origin.Origin`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from audit import distributed
+from audit.console import say
+from audit.models import ResolvedModel
+from audit.origin import Origin
+from audit.resume import RunHandle
+from audit.schema import AuditReport, Recipe, SequenceScore, TrainSummary
+from audit.store import StageStore, json_text, write_once
+from audit.train.types import DeviceChoice, TrainPlan, TrainResult, WeightsLayer, weights_dir_name
+
+TRAIN_FILE = "train.json"
+
+
+def new_run_dir(recipe: Recipe) -> Path:
+    import secrets
+
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    root = Path(recipe.output.root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{recipe.name.replace('/', '-')}-{stamp}-{secrets.token_hex(3)}"
+    path.mkdir()
+    return path
+
+
+@dataclass
+class RunContext:
+    """What every stage reads: the recipe as it runs, the resolved model, the device; and the stage timings."""
+
+    recipe: Recipe
+    resolved: ResolvedModel
+    device: DeviceChoice
+    tracking: bool
+    tracking_uri: str
+    progress: bool = True
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def prepare(cls, origin: Origin, *, tracking_uri: str | None = None, tracking: bool | None = None,
+                progress: bool = True) -> RunContext:
+        """Check everything the user can get wrong (spec, device, tracking server, model) before anything is written."""
+        from audit.canaries import load_spec
+        from audit.models import resolve_model
+        from audit.tracking import check_tracking_reachable, resolve_tracking_uri
+        from audit.train.sft import choose_device
+
+        started = time.perf_counter()
+        recipe = origin.recipe
+        load_spec(recipe.canaries.spec, recipe.canaries.params)  # a bad spec name fails before any model work
+        device = choose_device(recipe.training)
+        origin.check(device)
+        use_tracking = recipe.tracking.enabled if tracking is None else tracking
+        uri = resolve_tracking_uri(tracking_uri or recipe.tracking.uri)
+        if use_tracking:
+            check_tracking_reachable(uri)
+        resolved = resolve_model(recipe.model.source, revision=recipe.model.revision, progress=progress,
+                                 allow_pickle=recipe.model.allow_pickle, trust_remote_code=recipe.model.trust_remote_code)
+        ctx = cls(recipe=recipe, resolved=resolved, device=device, tracking=use_tracking, tracking_uri=uri,
+                  progress=progress, started=started)
+        ctx.timings["resolve"] = time.perf_counter() - started
+        return ctx
+
+    @property
+    def base_fingerprint(self) -> str:
+        fp = self.resolved.provenance.get("weights_fingerprint")
+        if fp is None:
+            from audit.models import fingerprint_safetensors_dir
+
+            fp = fingerprint_safetensors_dir(self.resolved.path)
+        return fp
+
+    def ground_truth(self, origin: Origin) -> Any:
+        """Canaries + inject + pre-flight (:mod:`audit.ground_truth`), timed as the ``inject`` stage."""
+        t = time.perf_counter()
+        truth = origin.ground_truth(model_path=self.resolved.path, fingerprint=self.resolved.provenance.get("weights_fingerprint", ""),
+                                    device=self.device, progress=self.progress)
+        self.timings["inject"] = time.perf_counter() - t
+        return truth
+
+
+@dataclass
+class Run:
+    """An open run directory: its handle (lock, status), its stage store and its tracker."""
+
+    ctx: RunContext
+    handle: RunHandle
+    tracker: Any
+    """:class:`audit.tracking.Tracker`, or :class:`audit.tracking.NullTracker` when tracking is off."""
+
+    @property
+    def dir(self) -> Path:
+        return self.handle.run_dir
+
+    @property
+    def store(self) -> StageStore:
+        return self.handle.store
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """One stage: its MLflow stage run and its entry in ``timings_s``."""
+        with self.tracker.stage(name):
+            t = time.perf_counter()
+            yield
+            self.ctx.timings[name] = time.perf_counter() - t
+
+
+@contextmanager
+def open_run(ctx: RunContext, resume_dir: Path | None) -> Iterator[Run]:
+    """A new run directory (or ``resume_dir``), locked and marked running, with its tracker; complete or failed after."""
+    from audit.resume import open_run as open_run_dir
+    from audit.tracking import open_tracker
+
+    run_dir = new_run_dir(ctx.recipe) if resume_dir is None else Path(resume_dir)
+    handle = open_run_dir(run_dir, resumed=resume_dir is not None, progress=ctx.progress)
+    try:
+        with open_tracker(ctx.tracking, ctx.tracking_uri, ctx.recipe.tracking.experiment, ctx.recipe.name,
+                          run_id=handle.status.get("mlflow_run_id")) as tracker:
+            run = Run(ctx=ctx, handle=handle, tracker=tracker)
+            if tracker.run_id is not None:
+                handle.save_status(mlflow_run_id=tracker.run_id)
+            yield run
+    except BaseException as exc:
+        handle.save_status(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        handle.close()
+        raise
+    handle.save_status(status="complete", finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                       timings_s={k: round(v, 3) for k, v in ctx.timings.items()})
+    handle.close()
+
+
+def record_inputs(run: Run, truth: Any) -> None:
+    """The deterministic stage files (written once; on resume checked byte for byte), progress lines, MLflow params."""
+    from audit.ground_truth import ground_truth_files
+    from audit.report import git_revision, package_versions
+    from audit.store import jsonl_text
+    from audit.tracking import flatten
+
+    ctx, recipe, store = run.ctx, run.ctx.recipe, run.store
+    store.put("recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    for name, obj in ground_truth_files(truth).items():
+        store.put(name, jsonl_text(obj) if name.endswith(".jsonl") else json_text(obj))
+    canaries, injection, preflight = truth.canaries, truth.injection, truth.preflight
+    say(ctx.progress, f"[audit] {'resuming' if run.handle.resumed else 'run directory'} {run.dir}")
+    say(ctx.progress, f"[audit] {len(canaries.members())} member canaries in tiers {sorted(set(c.repetitions for c in canaries.members()))}, "
+                      f"{len(canaries.references())} references; {len(injection.records)} training records")
+    say(ctx.progress, f"[audit] pre-flight: all {preflight.placements_checked} canary copies reach the loss "
+                      f"(canaries up to {preflight.canary_tokens_max} tokens, carriers up to "
+                      f"{preflight.record_tokens_max}, max_length {preflight.max_length})")
+    tracker = run.tracker
+    tracker.log_params(flatten(recipe.model_dump(mode="json")))
+    tracker.set_tags({
+        "canary_audit.recipe": recipe.name,
+        "canary_audit.base_fingerprint": ctx.resolved.provenance.get("weights_fingerprint", ""),
+        "canary_audit.manifest_sha256": injection.manifest.sha256(),
+        "canary_audit.canary_set_sha256": canaries.sha256(),
+        "canary_audit.git_revision": git_revision() or "unknown",
+        **{f"canary_audit.version.{k}": v for k, v in package_versions().items()},
+    })
+    with tracker.stage("inject", elapsed_s=ctx.timings["inject"]):  # ran before the run directory existed
+        tracker.log_stage_metrics({"members": len(canaries.members()), "references": len(canaries.references()),
+                                   "records": len(injection.records), "placements": len(injection.manifest.placements)})
+        tracker.log_training_dataset(injection.manifest, [len(x) for x in truth.training_texts],
+                                     name=f"{recipe.corpus.source} + {canaries.spec} canaries")
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+def load_base(ctx: RunContext) -> tuple[Any, Any]:
+    """The pretrained weights and their tokenizer, on the run's device and precision."""
+    from audit.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(ctx.resolved.path, dtype=ctx.device.torch_dtype, device=ctx.device.device,
+                                    trust_remote_code=ctx.recipe.model.trust_remote_code)
+
+
+def start_model(ctx: RunContext, origin: Origin, base: Any) -> Any:
+    """What training starts from: ``base`` with the origin's saved weights merged in (none for a first tune)."""
+    from audit.train.weights import load_tuned
+
+    if not origin.layers:
+        return base
+    return load_tuned(base, origin.layers, device=ctx.device, trust_remote_code=ctx.recipe.model.trust_remote_code,
+                      keep_last_adapter=False)
+
+
+def score(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -> list[SequenceScore]:
+    from audit.score.canaries import score_canaries
+
+    return score_canaries(model, tokenizer, truth.canaries, truth.reference_secrets, label=label,
+                          section=ctx.recipe.scoring, progress=ctx.progress, seed=ctx.recipe.seed)
+
+
+# --------------------------------------------------------------------------------------------------- train
+
+
+@dataclass(frozen=True)
+class TrainedWeights:
+    """The train stage's artifact: ``train.json`` plus the weights folder it records (fingerprint checked).
+
+    Read back, the weights are put on ``start`` (the model training began from) by :func:`audit.train.weights.load_tuned`.
+    """
+
+    ctx: RunContext
+    start: Any
+    name: str = TRAIN_FILE
+
+    def read(self, run_dir: Path) -> TrainResult | None:
+        from audit.errors import AuditError
+        from audit.models import fingerprint_safetensors_dir
+        from audit.train.weights import load_tuned
+
+        path = Path(run_dir) / TRAIN_FILE
+        if not path.is_file():
+            return None
+        summary = TrainSummary.model_validate_json(path.read_text(encoding="utf-8"))
+        weights_dir = Path(run_dir) / weights_dir_name(summary.method)
+        found = fingerprint_safetensors_dir(weights_dir) if weights_dir.is_dir() else None
+        if found != summary.weights_fingerprint:
+            raise AuditError(f"{weights_dir} does not hold the weights {TRAIN_FILE} recorded (fingerprint {str(found)[:12]} "
+                             f"!= {summary.weights_fingerprint[:12]})", fix="start a new run; this one was modified")
+        model = load_tuned(self.start, [WeightsLayer(summary.method, weights_dir)], device=self.ctx.device,
+                           trust_remote_code=self.ctx.recipe.model.trust_remote_code)
+        return TrainResult(model=model, summary=summary)
+
+    def write(self, run_dir: Path, value: TrainResult) -> None:
+        """Record the finished train stage, then drop the Trainer checkpoints it no longer needs (the weights are saved)."""
+        write_once(Path(run_dir) / TRAIN_FILE, json_text(value.summary))
+        shutil.rmtree(Path(run_dir) / TrainPlan(run_dir=Path(run_dir), train=False).work_dir.name, ignore_errors=True)
+
+    def describe(self, value: TrainResult) -> str:
+        assert value.summary is not None
+        return f"trained weights {weights_dir_name(value.summary.method)}/ ({value.summary.steps} steps)"
+
+
+def train_plan(run: Run) -> TrainPlan:
+    """Rank 0's plan: train unless ``train.json`` is stored, from the newest complete checkpoint if there is one."""
+    from audit.resume import last_checkpoint
+
+    method = run.ctx.recipe.training.method
+    if run.store.has(TrainedWeights(run.ctx, None)):
+        return TrainPlan(run_dir=run.dir, train=False, method=method)
+    return TrainPlan(run_dir=run.dir, train=True, checkpoint=last_checkpoint(run.handle), method=method)
+
+
+def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: Any, plan: TrainPlan, *,
+          tracker: Any = None, progress: bool = False) -> TrainResult:
+    """TRL training of ``model`` on the injected texts; with several processes, the saved weights reloaded on rank 0."""
+    from audit.train.sft import train_sft
+    from audit.train.weights import load_tuned
+
+    recipe = ctx.recipe
+    on_loss = (lambda step, loss: tracker.log_metrics({"train.loss": loss}, step=step)) if tracker is not None else None
+    trained = train_sft(model, tokenizer, truth.training_texts, section=recipe.training, seed=recipe.seed,
+                        work_dir=plan.work_dir, weights_dir=plan.weights_dir, device=ctx.device, on_loss=on_loss,
+                        progress=progress, resume_from_checkpoint=plan.checkpoint,
+                        report_to=getattr(tracker, "report_to", "none"))
+    if trained.summary is None or not distributed.is_distributed():
+        return trained
+    # the sharded model cannot run a forward pass on one process: score the saved weights on a fresh base
+    layers = [*origin.layers, WeightsLayer(recipe.training.method, plan.weights_dir)]
+    model = load_tuned(load_base(ctx)[0], layers, device=ctx.device, trust_remote_code=recipe.model.trust_remote_code)
+    return TrainResult(model=model, summary=trained.summary, loss_history=trained.loss_history)
+
+
+def worker_train(ctx: RunContext, origin: Origin, truth: Any) -> None:
+    """A non-main process of ``accelerate launch``: load the same start model, wait for rank 0's plan, train with it."""
+    model, tokenizer = load_base(ctx)
+    model = start_model(ctx, origin, model)
+    plan = distributed.share_plan(None)  # rank 0 sends it once the base is scored
+    if plan.train:
+        train(ctx, origin, model, tokenizer, truth, plan)
+
+
+# --------------------------------------------------------------------------------------------------- outputs, report
+
+
+def sample_outputs(run: Run, model: Any, tokenizer: Any, truth: Any) -> Any:
+    """What the tuned model writes, scanned for secrets and works (:mod:`audit.outputs`); None when off."""
+    section = run.ctx.recipe.outputs
+    if section.samples <= 0:
+        return None
+    from audit.outputs import outputs_stage
+
+    with run.stage("outputs"):
+        return outputs_stage(run.dir, model, tokenizer, truth.canaries, section, seed=run.ctx.recipe.seed,
+                             progress=run.ctx.progress)
+
+
+def publish(run: Run, origin: Origin, report: AuditReport) -> None:
+    """report.json, report.html/md, every metric and artifact to MLflow, and the origin's record in its parent."""
+    from audit.render import render_report
+    from audit.report import write_report
+
+    write_report(report, run.dir / "report.json")
+    render_report(run.dir, report)  # report.html, report.md, plots/ (audit.render)
+    run.tracker.log_report(report, run.dir, log_full_weights=run.ctx.recipe.tracking.log_full_weights)
+    run.tracker.set_tags(origin.tags())
+    origin.record(report, run.dir)

@@ -1,0 +1,79 @@
+"""Types the trainer, the pipeline and the other processes of a distributed run share. Torch-free.
+
+They live here, not in :mod:`audit.train.sft` (which imports torch and trl), so the modules that only pass them
+along (:mod:`audit.stages`, :mod:`audit.distributed`, :mod:`audit.origin`) can name them without importing the
+trainer, and without an import cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from audit.schema import TrainSummary
+
+TRAINER_DIR = "trainer"
+"""Trainer checkpoints while training runs (``<run_dir>/trainer/checkpoint-<step>``)."""
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """Where and in which precision this run computes (resolved from ``auto`` by :func:`audit.train.sft.choose_device`)."""
+
+    device: str
+    precision: str
+    gradient_checkpointing: bool
+
+    @property
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    """The trained model: a ``PeftModel`` for LoRA (``disable_adapter()`` gives the base), else the full model."""
+    summary: TrainSummary | None
+    """None only on the non-main processes of a distributed run, which leave after training."""
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WeightsLayer:
+    """One fine-tune's saved weights: a LoRA adapter to put on the model below it, or full weights that replace it."""
+
+    method: str
+    """``lora`` or ``full``."""
+    path: Path
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """The one message rank 0 sends the other processes of ``accelerate launch`` once it is ready to train.
+
+    Rank 0 decides (the run directory exists, the base is scored, a stored ``train.json`` means nothing to train);
+    the others wait for this plan and act on it. There is no other exchange, so the two sides cannot drift apart.
+    """
+
+    run_dir: Path
+    train: bool
+    """False when the train stage is already on disk (a resumed run): the other processes leave at once."""
+    checkpoint: Path | None = None
+    """Continue from this Trainer checkpoint (``audit run --resume`` of a run killed mid-training)."""
+    method: str = "lora"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.run_dir / TRAINER_DIR
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.run_dir / weights_dir_name(self.method)
+
+
+def weights_dir_name(method: str) -> str:
+    """``adapter`` for LoRA, ``model`` for a full fine-tune."""
+    return "adapter" if method == "lora" else "model"

@@ -1,0 +1,40 @@
+"""Put saved fine-tuned weights onto a base model: the one function that does it (:func:`load_tuned`).
+
+Every consumer of tuned weights goes through here: a resumed run (the train stage on disk), rank 0 after a
+distributed run (the sharded model cannot run a forward pass on one process), a further tune (the parent's chain
+of adapters merged into the base before training again), and ``audit probe``. Torch and peft are imported lazily.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from audit.train.types import DeviceChoice, WeightsLayer
+
+
+def load_tuned(base: Any, layers: Sequence[WeightsLayer], *, device: DeviceChoice, trust_remote_code: bool = False,
+               keep_last_adapter: bool = True) -> Any:
+    """``base`` with each layer applied in turn, in eval mode.
+
+    A LoRA layer is put on the model below it (``PeftModel.from_pretrained``); every adapter but the last is then
+    merged in (``merge_and_unload``), so the next layer sees plain weights. ``keep_last_adapter=False`` merges the
+    last one too (a further tune trains a fresh adapter on top). A full layer replaces the model (safetensors).
+    ``base`` is consumed: merging rewrites its layers in place.
+    """
+    model = base
+    for i, layer in enumerate(layers):
+        last = i == len(layers) - 1
+        if layer.method == "lora":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(layer.path))
+            if not (last and keep_last_adapter):
+                model = model.merge_and_unload()
+        else:
+            from audit.models import load_model_and_tokenizer
+
+            model, _ = load_model_and_tokenizer(layer.path, dtype=device.torch_dtype, device=device.device,
+                                                trust_remote_code=trust_remote_code)
+    model.eval()
+    return model
