@@ -50,11 +50,8 @@ def run_audit(
     ``resume_dir``: continue that interrupted run (its stored recipe is ``recipe``) instead of starting a new one;
     stages whose files exist are reused, training continues from its last checkpoint (:class:`audit.store.StageStore`).
     """
-    import torch
-
     from audit import distributed, stages
     from audit.origin import origin_for
-    from audit.render.token_view import canary_token_logprobs, view_candidates, write_token_view
     from audit.report import build_report
     from audit.store import ScoresFile, write_jsonl
 
@@ -70,8 +67,8 @@ def run_audit(
         # ---- base model, scored before training on the same inputs the tuned model will see
         with run.stage("score_base"):
             base, tokenizer = stages.load_base(ctx)
-            view_base = canary_token_logprobs(base, tokenizer, view_candidates(truth.canaries))  # per-token view, untuned
-            torch.manual_seed(ctx.recipe.seed)
+            view_base = stages.token_view(base, tokenizer, truth)  # per-token probabilities, untuned
+            stages.seed_torch(ctx.recipe.seed)
             base_scores = run.store.get_or_run(ScoresFile("base"), lambda: origin.base_scores(
                 lambda: stages.score(ctx, base, tokenizer, truth, "base")))
             start = stages.start_model(ctx, origin, base)  # a further tune starts from its parent's weights
@@ -87,7 +84,7 @@ def run_audit(
             tuned_scores = run.store.get_or_run(ScoresFile("tuned"), lambda: stages.score(ctx, tuned.model, tokenizer, truth, "tuned"))
         scores = base_scores + tuned_scores
         write_jsonl(run.dir / "scores.jsonl", scores)
-        write_token_view(run.dir, view_base, canary_token_logprobs(tuned.model, tokenizer, view_candidates(truth.canaries)))
+        stages.write_token_view(run.dir, view_base, stages.token_view(tuned.model, tokenizer, truth))
         outputs = stages.sample_outputs(run, tuned.model, tokenizer, truth)  # None unless outputs.samples > 0
 
         # ---- report

@@ -211,6 +211,25 @@ def start_model(ctx: RunContext, origin: Origin, base: Any) -> Any:
                       keep_last_adapter=False)
 
 
+def seed_torch(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def token_view(model: Any, tokenizer: Any, truth: Any) -> Any:
+    """Per-token probabilities of the view's canaries (:mod:`audit.render.token_view`)."""
+    from audit.render.token_view import canary_token_logprobs, view_candidates
+
+    return canary_token_logprobs(model, tokenizer, view_candidates(truth.canaries))
+
+
+def write_token_view(run_dir: Path, base_view: Any, tuned_view: Any) -> None:
+    from audit.render import token_view as views
+
+    views.write_token_view(run_dir, base_view, tuned_view)
+
+
 def score(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -> list[SequenceScore]:
     from audit.score.canaries import score_canaries
 

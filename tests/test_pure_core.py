@@ -19,3 +19,49 @@ def test_pure_modules_do_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_shared_types_and_the_stage_plumbing_import_without_torch():
+    """The types the trainer, the pipeline and the worker processes share name no torch (so no cycle is needed)."""
+    code = (
+        "import sys\n"
+        "import audit.train.types, audit.train.weights, audit.store, audit.resume, audit.origin, audit.distributed\n"
+        "import audit.stages, audit.gates, audit.report\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def _import_cycles():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "import_cycles.py"
+    spec = importlib.util.spec_from_file_location("import_cycles", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_audit_has_no_import_cycle_even_through_function_level_imports():
+    ic = _import_cycles()
+    from pathlib import Path
+
+    graph = ic.import_graph(Path(__file__).resolve().parent.parent / "audit")
+    assert graph["audit.train.sft"] >= {"audit.distributed", "audit.train.types"}  # function-level and module-level seen
+    assert ic.cycles(graph) == []
+
+
+def test_the_cycle_checker_finds_a_cycle_and_ignores_type_checking_imports(tmp_path):
+    ic = _import_cycles()
+    pkg = tmp_path / "audit"
+    (pkg / "train").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train" / "__init__.py").write_text("")
+    (pkg / "distributed.py").write_text("def f():\n    from audit import resume\n")
+    (pkg / "resume.py").write_text("def g():\n    from audit.train.sft import TrainResult\n")
+    (pkg / "train" / "sft.py").write_text("from .. import distributed\n")
+    (pkg / "lone.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from audit import loner\n")
+    (pkg / "loner.py").write_text("import audit.lone\n")
+    assert ic.cycles(ic.import_graph(pkg)) == [["audit.distributed", "audit.resume", "audit.train.sft"]]

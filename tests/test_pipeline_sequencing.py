@@ -1,0 +1,210 @@
+"""run_audit's sequencing with fake stages: no model, no torch work, a real run directory and a real stage store.
+
+The fakes replace only what computes (model loads, scoring, training, the report's numbers); the StageStore,
+the run directory's lock and status, the NullTracker, the Origin and the TrainPlan hand-over are the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from audit import distributed, origin as origin_module, report as report_module, stages
+from audit.canaries import generate_canaries, load_spec
+from audit.corpus import builtin_records
+from audit.ground_truth import GroundTruth
+from audit.inject import inject
+from audit.models import ResolvedModel
+from audit.pipeline import run_audit
+from audit.schema import PreflightReport, Recipe, SequenceScore, TrainSummary
+from audit.train.types import DeviceChoice, TrainResult, WeightsLayer
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@dataclass
+class Fakes:
+    """What ran, in order, and where to fail."""
+
+    calls: list[str] = field(default_factory=list)
+    fail_at: str | None = None
+    plans: list = field(default_factory=list)
+    loaded: list = field(default_factory=list)
+
+    def step(self, name: str) -> None:
+        if name == self.fail_at:
+            raise Boom(f"killed in {name}")
+        self.calls.append(name)
+
+
+def _truth() -> GroundTruth:
+    canaries = generate_canaries(load_spec("digits"), seed=0)
+    injection = inject(builtin_records("notes", n=20, seed=0), canaries, seed=0)
+    preflight = PreflightReport(placements_checked=len(injection.manifest.placements), max_length=64, loss="all tokens",
+                                packing="none", canary_tokens_max=20, record_tokens_max=40)
+    return GroundTruth(spec=load_spec("digits"), canaries=canaries, corpus_format="text", injection=injection,
+                       preflight=preflight, training_texts=["a", "b"], reference_secrets=["123456", "654321"])
+
+
+TRUTH = _truth()
+
+
+def _rows(label: str) -> list[SequenceScore]:
+    return [SequenceScore(canary_id=c.id, model=label, repetitions=c.repetitions, secret_tokens=6, secret_nll_bits=20.0,
+                          rank=1, n_references=2, exposure=1.0, extracted=False) for c in TRUTH.canaries.canaries]
+
+
+@pytest.fixture
+def fakes(tmp_path, monkeypatch) -> Fakes:
+    f = Fakes()
+    recipe = Recipe(name="fake/seq", output={"root": str(tmp_path / "runs")}, tracking={"enabled": False})
+
+    def prepare(origin, **kwargs):
+        return stages.RunContext(recipe=origin.recipe, resolved=ResolvedModel(source="fake", kind="local", path=tmp_path,
+                                                                              provenance={"weights_fingerprint": "b" * 64}),
+                                 device=DeviceChoice("cpu", "fp32", False), tracking=False, tracking_uri="", progress=False)
+
+    def ground_truth(self, origin):
+        self.timings["inject"] = 0.0
+        return TRUTH
+
+    def train(ctx, origin, model, tokenizer, truth, plan, **kwargs):
+        f.step("train")
+        f.plans.append(plan)
+        plan.weights_dir.mkdir(parents=True, exist_ok=True)
+        summary = TrainSummary(method="lora", steps=3, final_loss=1.0, wall_s=0.1, trainable_params=1, total_params=2,
+                               device="cpu", precision="fp32", gradient_checkpointing=False,
+                               weights_path=str(plan.weights_dir), weights_fingerprint="t" * 64)
+        return TrainResult(model=("tuned", model), summary=summary)
+
+    def score(ctx, model, tokenizer, truth, label):
+        f.step(f"score_{label}")
+        return _rows(label)
+
+    def build_report(**kw):
+        f.step("report")
+        return {"scores": len(kw["scores"]), "origin": type(kw["origin"]).__name__}
+
+    monkeypatch.setattr(origin_module, "origin_for", lambda r: origin_module.FreshBase(recipe=r))
+    monkeypatch.setattr(stages.RunContext, "prepare", classmethod(lambda cls, origin, **kw: prepare(origin, **kw)))
+    monkeypatch.setattr(stages.RunContext, "ground_truth", ground_truth)
+    monkeypatch.setattr(stages, "load_base", lambda ctx: (f.calls.append("load_base") or "base-model", "tokenizer"))
+    monkeypatch.setattr(stages, "token_view", lambda model, tok, truth: None)
+    monkeypatch.setattr(stages, "write_token_view", lambda *a: None)
+    monkeypatch.setattr(stages, "seed_torch", lambda seed: None)
+    monkeypatch.setattr(stages, "score", score)
+    monkeypatch.setattr(stages, "train", train)
+    monkeypatch.setattr(stages, "publish", lambda run, origin, report: f.step("publish"))
+    monkeypatch.setattr(report_module, "build_report", build_report)
+    # the stored weights: the fingerprint train.json records, loaded by the one load_tuned
+    import audit.models
+    import audit.train.weights
+
+    monkeypatch.setattr(audit.models, "fingerprint_safetensors_dir", lambda path: "t" * 64)
+
+    def load_tuned(base, layers, **kw):
+        f.loaded.append((base, [(layer.method, Path(layer.path).name) for layer in layers], kw.get("keep_last_adapter", True)))
+        return ("from-disk", base)
+
+    monkeypatch.setattr(audit.train.weights, "load_tuned", load_tuned)
+    f.recipe = recipe  # type: ignore[attr-defined]
+    return f
+
+
+def _status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def test_a_fresh_run_runs_every_stage_once_in_order_with_tracking_off(fakes):
+    result = run_audit(fakes.recipe, tracking=False, progress=False)
+    assert fakes.calls == ["load_base", "score_base", "train", "score_tuned", "report", "publish"]
+    run_dir = result.run_dir
+    assert _status(run_dir)["status"] == "complete" and _status(run_dir)["schema_version"] >= 1
+    assert "mlflow_run_id" not in _status(run_dir)  # the NullTracker has no run
+    for name in ("recipe.yaml", "canaries.jsonl", "canaries.meta.json", "manifest.json", "scores_base.jsonl",
+                 "train.json", "scores_tuned.jsonl", "scores.jsonl"):
+        assert (run_dir / name).is_file(), name
+    (plan,) = fakes.plans
+    assert plan.run_dir == run_dir and plan.train and plan.checkpoint is None and plan.weights_dir == run_dir / "adapter"
+    assert result.report == {"scores": 2 * len(TRUTH.canaries.canaries), "origin": "FreshBase"}
+    assert fakes.loaded == []  # freshly trained weights are used as they are, not reloaded
+
+
+@pytest.mark.parametrize("killed_in", ["score_base", "train", "score_tuned", "report"])
+def test_a_run_killed_in_any_stage_resumes_reusing_every_stage_before_it(fakes, killed_in):
+    fakes.fail_at = killed_in
+    with pytest.raises(Boom):
+        run_audit(fakes.recipe, tracking=False, progress=False)
+    (run_dir,) = (Path(fakes.recipe.output.root)).iterdir()
+    assert _status(run_dir)["status"] == "failed" and killed_in in _status(run_dir)["error"]
+    before = list(fakes.calls)
+
+    fakes.fail_at = None
+    fakes.calls.clear()
+    result = run_audit(fakes.recipe, tracking=False, progress=False, resume_dir=run_dir)
+    order = ["score_base", "train", "score_tuned", "report"]
+    assert [c for c in before if c in order] == order[: order.index(killed_in)]
+    assert [c for c in fakes.calls if c in order] == order[order.index(killed_in):]  # only what was not stored runs
+    assert result.run_dir == run_dir and _status(run_dir)["status"] == "complete"
+    assert len(_status(run_dir)["resumes"]) == 1
+    if order.index(killed_in) > order.index("train"):  # the stored weights went back onto the start model
+        assert fakes.loaded == [("base-model", [("lora", "adapter")], True)]
+        assert len(fakes.plans) == 1  # trained once; the resumed attempt's plan said: nothing to train
+
+
+def test_a_resumed_run_whose_stored_file_differs_stops_and_keeps_the_file(fakes):
+    result = run_audit(fakes.recipe, tracking=False, progress=False)
+    (result.run_dir / "manifest.json").write_text("{}\n")
+    from audit.errors import AuditError
+
+    with pytest.raises(AuditError, match="already exists with different content"):
+        run_audit(fakes.recipe, tracking=False, progress=False, resume_dir=result.run_dir)
+    assert (result.run_dir / "manifest.json").read_text() == "{}\n"
+
+
+def test_a_further_tune_inherits_base_scores_and_trains_from_the_merged_parent(fakes, monkeypatch, tmp_path):
+    parent_rows = _rows("base") + _rows("parent")
+
+    @dataclass(frozen=True)
+    class FakeFurtherTune(origin_module.FreshBase):
+        layers: tuple = (WeightsLayer("lora", tmp_path / "parent" / "adapter"),)
+        further: bool = True
+
+        def base_scores(self, score):
+            return parent_rows  # the parent measured these weights already: nothing is scored
+
+    monkeypatch.setattr(origin_module, "origin_for", lambda r: FakeFurtherTune(recipe=r))
+    result = run_audit(fakes.recipe, tracking=False, progress=False)
+    assert "score_base" not in fakes.calls and fakes.calls.count("score_tuned") == 1
+    assert fakes.loaded == [("base-model", [("lora", "adapter")], False)]  # the parent's adapter merged in, not kept
+    stored = [SequenceScore.model_validate_json(x) for x in (result.run_dir / "scores_base.jsonl").read_text().splitlines()]
+    assert stored == parent_rows
+    assert fakes.plans[0].train and result.report["origin"] == "FakeFurtherTune"
+
+
+def test_a_worker_process_trains_on_the_plan_rank_0_sends_and_nothing_else(fakes, monkeypatch):
+    result = run_audit(fakes.recipe, tracking=False, progress=False)  # rank 0: its plan is the one message
+    (sent,) = fakes.plans
+    received: list = []
+
+    def share_plan(make):
+        assert make is None  # a worker never makes the plan
+        received.append(sent)
+        return sent
+
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    monkeypatch.setattr(distributed, "share_plan", share_plan)
+    fakes.calls.clear()
+    assert run_audit(fakes.recipe, tracking=False, progress=False) is None
+    assert received == [sent] and fakes.calls == ["load_base", "train"]  # no scoring, no report, no files
+    assert fakes.plans[-1] is sent and fakes.plans[-1].run_dir == result.run_dir
+
+    fakes.calls.clear()
+    monkeypatch.setattr(distributed, "share_plan", lambda make: type(sent)(run_dir=sent.run_dir, train=False))
+    assert run_audit(fakes.recipe, tracking=False, progress=False) is None
+    assert fakes.calls == ["load_base"]  # rank 0 had the train stage stored: the worker leaves at once
