@@ -12,7 +12,6 @@ from audit.cli import main
 from audit.config import load_recipe, shipped_recipes
 from audit.errors import AuditError
 from audit.gates import (
-    MetricValue,
     evaluate_gates,
     exposure_null_tail,
     format_gate_table,
@@ -20,7 +19,12 @@ from audit.gates import (
     parse_gate_specs,
     report_metrics,
 )
-from audit.schema import AuditReport, GateSpec, ModelInfo, TierSummary, TrainSummary
+from audit.schema import AuditReport, GateSpec, MetricEntry, ModelInfo, TierSummary, TrainSummary
+
+
+def metric(value: float, n: int | None = None) -> MetricEntry:
+    """A flat metric as gates take it (:class:`audit.schema.MetricEntry`)."""
+    return MetricEntry(value=value, n=n)
 
 
 def make_report(tiers: dict[int, tuple[int, float, int]], *, gates: list[dict] | None = None, run_id: str = "r1") -> AuditReport:
@@ -48,9 +52,9 @@ def gate(**kw) -> GateSpec:
 
 
 def test_report_metrics_are_the_mlflow_keys_with_the_tier_size():
-    assert METRICS["exposure.mean/rep_16/tuned"] == MetricValue(8.0, 2)
-    assert METRICS["extraction.exact/rep_4/tuned"] == MetricValue(1.0, 2)
-    assert METRICS["exposure.mean/rep_0/base"] == MetricValue(1.44, 6)
+    assert METRICS["exposure.mean/rep_16/tuned"] == metric(8.0, 2)
+    assert METRICS["extraction.exact/rep_4/tuned"] == metric(1.0, 2)
+    assert METRICS["exposure.mean/rep_0/base"] == metric(1.44, 6)
     # natural order: rep_4 before rep_16
     keys = [k for k in METRICS if k.startswith("exposure.mean/") and k.endswith("/tuned")]
     assert keys == [f"exposure.mean/rep_{r}/tuned" for r in (0, 1, 4, 16)]
@@ -63,10 +67,25 @@ def test_gates_see_every_metric_the_report_exposes():
     report = make_report({1: (2, 2.0, 0)}).model_copy(update={"metrics": {
         "mia.auc/loss_diff": MetricEntry(value=0.71, n=14, low=0.5, high=0.9), "privacy.eps_lb": MetricEntry(value=0.3)}})
     metrics = report_metrics(report)
-    assert metrics["mia.auc/loss_diff"] == MetricValue(0.71, 14) and metrics["privacy.eps_lb"] == MetricValue(0.3, None)
-    assert metrics["exposure.mean/rep_1/tuned"] == MetricValue(2.0, 2)
+    assert metrics["mia.auc/loss_diff"] == MetricEntry(value=0.71, n=14, low=0.5, high=0.9)  # interval kept
+    assert metrics["privacy.eps_lb"] == metric(0.3, None)
+    assert metrics["exposure.mean/rep_1/tuned"] == metric(2.0, 2)
     auc, eps = evaluate_gates([gate(metric="mia.auc/*", max=0.6), gate(metric="privacy.eps_lb", max=1.0)], metrics)
     assert (auc.status, auc.n, eps.status) == ("fail", 14, "pass")
+
+
+def test_gates_mlflow_and_compare_flatten_a_report_the_same_way():
+    """works.bits, train.* and time.* reached MLflow but could not be gated; now one flattener serves all three."""
+    from audit.schema import MetricEntry
+    from audit.tracking import report_metric_dict
+
+    report = make_report({1: (2, 2.0, 0)}).model_copy(update={
+        "metrics": {"works.bits/synthetic/member/tuned": MetricEntry(value=12.5, n=4)}, "timings_s": {"train": 3.0}})
+    metrics = report_metrics(report)
+    assert report_metric_dict(report) == {key: entry.value for key, entry in metrics.items()}
+    assert {"works.bits/synthetic/member/tuned", "train.steps", "time.train_s"} <= set(metrics)
+    (bits,) = evaluate_gates([gate(metric="works.bits", model="tuned", max=10.0)], metrics)
+    assert (bits.status, bits.value, bits.n) == ("fail", 12.5, 4)
 
 
 def test_max_and_min_thresholds_include_the_boundary():
@@ -105,7 +124,7 @@ def test_a_gate_that_matches_nothing_fails_with_a_suggestion():
 
 
 def test_nan_fails_every_rule():
-    metrics = {"mia.auc": MetricValue(math.nan, 12)}
+    metrics = {"mia.auc": metric(math.nan, 12)}
     results = evaluate_gates([gate(metric="mia.auc", max=0.6), gate(metric="mia.auc", min=0.4)], metrics)
     assert [r.reason for r in results] == ["value is NaN", "value is NaN"]
 
@@ -115,11 +134,11 @@ def test_tolerance_against_a_baseline():
     spec_down = gate(metric="exposure.mean/rep_16/tuned", tolerance=0.5, worse="lower")
     (skip,) = evaluate_gates([spec_up], METRICS)
     assert skip.status == "skip" and skip.reason == "no baseline given"
-    baseline = dict(METRICS) | {"exposure.mean/rep_4/tuned": MetricValue(4.9, 2), "exposure.mean/rep_16/tuned": MetricValue(8.6, 2)}
+    baseline = dict(METRICS) | {"exposure.mean/rep_4/tuned": metric(4.9, 2), "exposure.mean/rep_16/tuned": metric(8.6, 2)}
     up, down = evaluate_gates([spec_up, spec_down], METRICS, baseline)
     assert up.status == "fail" and "regressed 0.6 above the baseline" in up.reason and up.baseline == 4.9
     assert down.status == "fail" and "regressed 0.6 below the baseline" in down.reason
-    ok = dict(METRICS) | {"exposure.mean/rep_4/tuned": MetricValue(5.0, 2)}
+    ok = dict(METRICS) | {"exposure.mean/rep_4/tuned": metric(5.0, 2)}
     (passed,) = evaluate_gates([spec_up], METRICS, ok)
     assert passed.status == "pass" and passed.threshold == "<= baseline 5 + 0.5"
     (missing,) = evaluate_gates([spec_up], METRICS, {})

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from audit.config import apply_overrides, load_recipe, parse_override, validate_recipe
 from audit.errors import AuditError
-from audit.gates import MetricValue, evaluate_gate, evaluate_gates, exposure_null_tail, junit_xml, matching_keys
-from audit.schema import GateSpec
+from audit.gates import evaluate_gate, evaluate_gates, exposure_null_tail, junit_xml, matching_keys
+from audit.schema import GateSpec, MetricEntry
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BASE = "tiny/lora_cpu"
@@ -36,6 +36,11 @@ yaml_values = st.one_of(
     st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False, width=32), st.booleans(), st.none(),
     st.text(max_size=20), st.lists(st.integers(-5, 50), max_size=4),
 )
+
+
+def metric(value: float, n: int | None = None) -> MetricEntry:
+    """A flat metric as gates take it (:class:`audit.schema.MetricEntry`)."""
+    return MetricEntry(value=value, n=n)
 
 
 @SETTINGS
@@ -127,15 +132,15 @@ finite = st.floats(-1e6, 1e6, allow_nan=False)
 metric_keys = st.builds(lambda fam, rep, model: f"{fam}/rep_{rep}/{model}",
                         st.sampled_from(["exposure.mean", "extraction.exact", "mia.auc"]), st.integers(0, 64),
                         st.sampled_from(["base", "tuned"]))
-metric_dicts = st.dictionaries(metric_keys, st.builds(MetricValue, finite, st.one_of(st.none(), st.integers(1, 100))),
+metric_dicts = st.dictionaries(metric_keys, st.builds(metric, finite, st.one_of(st.none(), st.integers(1, 100))),
                                min_size=1, max_size=12)
 
 
 @SETTINGS
 @given(value=finite, threshold=finite)
 def test_max_gate_passes_exactly_when_value_is_at_most_the_threshold(value, threshold):
-    (max_result,) = evaluate_gate(GateSpec(metric="m", max=threshold), {"m": MetricValue(value, 3)})
-    (min_result,) = evaluate_gate(GateSpec(metric="m", min=threshold), {"m": MetricValue(value, 3)})
+    (max_result,) = evaluate_gate(GateSpec(metric="m", max=threshold), {"m": metric(value, 3)})
+    (min_result,) = evaluate_gate(GateSpec(metric="m", min=threshold), {"m": metric(value, 3)})
     assert max_result.passed == (value <= threshold)
     assert min_result.passed == (value >= threshold)
     assert max_result.n == 3 and max_result.value == value
@@ -144,7 +149,7 @@ def test_max_gate_passes_exactly_when_value_is_at_most_the_threshold(value, thre
 @SETTINGS
 @given(value=finite, low=finite, raise_by=st.floats(0, 1e6))
 def test_raising_a_max_threshold_never_turns_a_pass_into_a_fail(value, low, raise_by):
-    metrics = {"m": MetricValue(value)}
+    metrics = {"m": metric(value)}
     before = evaluate_gate(GateSpec(metric="m", max=low), metrics)[0]
     after = evaluate_gate(GateSpec(metric="m", max=low + raise_by), metrics)[0]
     assert after.passed or not before.passed
@@ -178,7 +183,7 @@ def test_a_gate_on_a_missing_metric_always_fails(metrics, pattern, threshold):
 @given(threshold=finite, n=st.one_of(st.none(), st.integers(1, 10)))
 def test_nan_never_passes(threshold, n):
     for spec in (GateSpec(metric="m", max=threshold), GateSpec(metric="m", min=threshold)):
-        (result,) = evaluate_gate(spec, {"m": MetricValue(math.nan, n)})
+        (result,) = evaluate_gate(spec, {"m": metric(math.nan, n)})
         assert result.status == "fail" and result.reason == "value is NaN"
 
 

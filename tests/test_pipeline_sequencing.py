@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from audit import distributed, origin as origin_module, report as report_module, stages
+from audit import distributed, stages
+from audit import origin as origin_module
+from audit import report as report_module
 from audit.canaries import generate_canaries, load_spec
 from audit.corpus import builtin_records
 from audit.ground_truth import GroundTruth
