@@ -111,10 +111,17 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
     spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
     ctx = GenerationContext(tokenizer=tokenizer, sampler=sampler, progress=progress)
     seed = recipe.seed if canary_seed is None else canary_seed
-    if canaries is None:
-        canaries = generate_canaries(spec, seed=seed, tiers=recipe.canaries.tiers,
-                                     members_per_tier=recipe.canaries.members_per_tier,
-                                     references=recipe.canaries.references, context=ctx)
+    if canaries is None or not canaries.space.enumerable:
+        # A sampled space's reference draw depends on the canary draw before it in the same context (the works
+        # generator keeps the canaries' spans out of the references), so a given sampled set is drawn again here
+        # and must come out the same; a product space's references do not depend on it.
+        drawn = generate_canaries(spec, seed=seed, tiers=recipe.canaries.tiers,
+                                  members_per_tier=recipe.canaries.members_per_tier,
+                                  references=recipe.canaries.references, context=ctx)
+        if canaries is not None and drawn.sha256() != canaries.sha256():
+            raise AuditError(f"the canaries drawn again for spec {spec.name} (seed {seed}) differ from the stored set",
+                             fix="the canary code, spec or base model changed since the set was drawn; rerun from its first run")
+        canaries = drawn
     timings["canaries"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -91,6 +91,26 @@ def test_unknown_spec_and_generator_are_refused_with_a_suggestion(tmp_path):
         generate_canaries(load_spec(str(bad)), seed=0)
 
 
+@pytest.mark.parametrize("name", ["digits", "words", "pii", "traps", "works"])
+def test_every_generator_refuses_an_unknown_param_by_name_with_a_suggestion(name):
+    key = {"digits": "lenght", "words": "lenght", "pii": "domain", "traps": "temprature", "works": "source"}[name]
+    with pytest.raises(AuditError) as err:
+        load_spec(name, {key: 1})
+    assert f"unknown param '{key}'" in err.value.problem and "Did you mean" in err.value.problem
+    assert f"valid params of the {name} generator" in err.value.fix
+
+
+def test_generator_params_are_typed_and_their_defaults_visible():
+    from audit.canaries.params import DigitsParams, TrapsParams, parse_params
+
+    assert parse_params("digits", {}, spec="digits") == DigitsParams(length=6, alphabet="0123456789", ngram=3)
+    assert TrapsParams().ppl_band == [1.0, 100.0] and TrapsParams().max_jaccard == 0.5
+    with pytest.raises(AuditError, match="param 'length'"):
+        load_spec("digits", {"length": True})  # a bool is not a length (YAML `length: yes`)
+    with pytest.raises(AuditError, match="ppl_band must be"):
+        load_spec("traps", {"ppl_band": [100, 10]})
+
+
 def test_pii_records_are_fake_by_construction():
     canaries = generate_canaries(load_spec("pii"), seed=5, members_per_tier=10, references=20)
     for c in canaries.canaries:

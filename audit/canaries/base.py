@@ -110,24 +110,3 @@ def random_secrets(space: SecretSpace, n: int, rng: SeededStream, *, exclude: It
             seen.add(secret)
             out.append(secret)
     return out
-
-
-def int_param(params: dict[str, Any], key: str, default: int, *, minimum: int = 1) -> int:
-    value = params.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise AuditError(f"canary spec param '{key}' must be an integer >= {minimum} (got {value!r})", fix=f"set params.{key}")
-    return value
-
-
-def float_param(params: dict[str, Any], key: str, default: float) -> float:
-    value = params.get(key, default)
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise AuditError(f"canary spec param '{key}' must be a number (got {value!r})", fix=f"set params.{key}")
-    return float(value)
-
-
-def list_param(params: dict[str, Any], key: str, default: list[Any] | None = None) -> list[Any]:
-    value = params.get(key, default)
-    if not isinstance(value, list) or not value:
-        raise AuditError(f"canary spec param '{key}' must be a non-empty list (got {value!r})", fix=f"set params.{key}")
-    return value

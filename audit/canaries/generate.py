@@ -16,11 +16,12 @@ import hashlib
 from typing import Any
 
 from audit.canaries.base import CanaryGenerator, Draft, GenerationContext, random_secrets
+from audit.canaries.params import parse_params
 from audit.canaries.pii import pii_generator
 from audit.canaries.spec import CanarySpec
 from audit.canaries.templated import digits_generator, words_generator
 from audit.canaries.traps import traps_generator, traps_need_model
-from audit.canaries.uniqueness import DEFAULT_MAX_JACCARD, raise_on_near_duplicates
+from audit.canaries.uniqueness import raise_on_near_duplicates
 from audit.canaries.works import works_generator, works_need_model
 from audit.errors import AuditError, did_you_mean
 from audit.rng import SeededStream
@@ -33,10 +34,6 @@ GENERATORS: dict[str, CanaryGenerator] = {
     "traps": CanaryGenerator(traps_generator, needs_model=traps_need_model),
     "works": CanaryGenerator(works_generator, needs_model=works_need_model),
 }
-
-# Near-duplicate settings per generator, used to re-check the final pool (params.ngram / params.max_jaccard win).
-_NGRAM = {"digits": 3, "words": 4, "pii": 4, "traps": 5, "works": 5}
-_MAX_JACCARD = {"pii": 0.6}
 
 
 def generator_of(spec: CanarySpec) -> CanaryGenerator:
@@ -96,10 +93,9 @@ def generate_canaries(
     if len({c.id for c in canaries}) != len(canaries):
         raise AuditError(f"canary spec '{spec.name}' produced duplicate canaries", fix="add templates or names to the spec")
     canaries.sort(key=lambda c: c.id)
-    raise_on_near_duplicates([c.secret for c in canaries], [c.id for c in canaries],
-                             ngram=int(spec.params.get("ngram", _NGRAM.get(spec.generator, 4))),
-                             max_jaccard=float(spec.params.get("max_jaccard", _MAX_JACCARD.get(spec.generator, DEFAULT_MAX_JACCARD))),
-                             spec=spec.name)
+    params = parse_params(spec.generator, spec.params, spec=spec.name)  # the generator's own near-duplicate settings
+    raise_on_near_duplicates([c.secret for c in canaries], [c.id for c in canaries], ngram=params.ngram,
+                             max_jaccard=params.max_jaccard, spec=spec.name)
     used_works = {c.work for c in canaries if c.work}
     works = sorted((w for w in draw.works if w.id in used_works), key=lambda w: (w.source, w.title, w.id))
     return CanarySet(spec=spec.name, spec_version=spec.version, seed=seed, space=draw.space, canaries=canaries,
@@ -129,10 +125,6 @@ def reference_secrets(
     draw = generator_of(spec).draw(spec.params, n, rng, ctx, taken)
     secrets = rng.shuffled([d.secret for d in draw.drafts])
     return secrets[:n]
-
-
-def canary_role(canary: Canary) -> str:
-    return f"{canary.repetitions}x" if canary.is_member else "reference"
 
 
 def describe(canaries: CanarySet) -> dict[str, Any]:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from audit.canaries.base import Draft, Draw, GenerationContext, int_param, list_param, split_template
+from audit.canaries.base import Draft, Draw, GenerationContext, split_template
+from audit.canaries.params import RESERVED_DOMAINS, PiiParams
 from audit.canaries.uniqueness import UniquePool
 from audit.errors import AuditError
 from audit.rng import SeededStream
 from audit.schema import SecretSpace
 
-RESERVED_DOMAINS = ("example.com", "example.org", "example.net", "mail.test", "post.example")
 FICTIONAL_PHONE_BLOCK = range(100, 200)  # 555-0100 .. 555-0199
 
 
@@ -55,20 +55,19 @@ def _check_domains(domains: list[str]) -> None:
 
 def pii_generator(params: dict[str, Any], n: int, rng: SeededStream, ctx: GenerationContext, exclude: set[str]) -> Draw:
     """Records ``<template with {name}>`` whose secret is ``<email>, phone <phone>, card <card>``."""
-    first = [str(x) for x in list_param(params, "first_names")]
-    last = [str(x) for x in list_param(params, "last_names")]
-    words = [str(x) for x in list_param(params, "email_words")]
-    domains = [str(x) for x in params.get("domains", list(RESERVED_DOMAINS))]
+    p = PiiParams.model_validate(params)
+    first, last, words = [str(x) for x in p.first_names], [str(x) for x in p.last_names], [str(x) for x in p.email_words]
+    domains = [str(x) for x in p.domains]
     _check_domains(domains)
-    areas = [str(x) for x in params.get("area_codes", ["202", "312", "415", "617", "713", "206", "303", "404"])]
-    card_prefixes = [str(x) for x in params.get("card_prefixes", ["4", "5"])]
-    templates = [str(t) for t in list_param(params, "templates")]
+    areas = [str(x) for x in p.area_codes]
+    card_prefixes = [str(x) for x in p.card_prefixes]
+    templates = [str(t) for t in p.templates]
     contexts = [(t, f"{a} {b}") for t in templates for a in first for b in last]
     if len(contexts) < n:
         raise AuditError(f"pii spec has {len(contexts)} template x name contexts but {n} records are needed",
                          fix="add names or templates to the spec")
     contexts = rng.shuffled(contexts)[:n]
-    pool = UniquePool(ngram=int_param(params, "ngram", 4), max_jaccard=float(params.get("max_jaccard", 0.6)), exclude=exclude)
+    pool = UniquePool(ngram=p.ngram, max_jaccard=p.max_jaccard, exclude=exclude)
     attempts = 0
     while len(pool.accepted) < n:
         attempts += 1

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
+from audit.canaries.params import parse_params
 from audit.errors import AuditError, did_you_mean
 from audit.resources import data_dir
 from audit.schema import Frozen
@@ -39,7 +40,9 @@ def shipped_specs() -> list[str]:
 
 
 def load_spec(name_or_path: str, params: dict[str, Any] | None = None) -> CanarySpec:
-    """Load a spec by shipped name (``digits``) or path; ``params`` override the spec's own."""
+    """Load a spec by shipped name (``digits``) or path; ``params`` override the spec's own.
+
+    The merged params are checked against the generator's params model (:mod:`audit.canaries.params`)."""
     from audit.config import read_yaml
 
     path = Path(name_or_path)
@@ -50,8 +53,10 @@ def load_spec(name_or_path: str, params: dict[str, Any] | None = None) -> Canary
         raise AuditError(f"canary spec '{name_or_path}' not found." + did_you_mean(name_or_path, names),
                          fix=f"set canaries.spec to a YAML path or one of: {', '.join(names)}")
     try:
-        return CanarySpec.model_validate(read_yaml(path)).with_params(params)
+        spec = CanarySpec.model_validate(read_yaml(path)).with_params(params)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         raise AuditError(f"canary spec {path}: '{key}': {err['msg']}", fix="correct the spec file") from None
+    parse_params(spec.generator, spec.params, spec=spec.name)  # unknown or bad params: one line, with did-you-mean
+    return spec

@@ -10,24 +10,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from audit.canaries.base import Draft, Draw, GenerationContext, int_param, list_param, split_template
-from audit.canaries.uniqueness import DEFAULT_MAX_JACCARD, UniquePool
+from audit.canaries.base import Draft, Draw, GenerationContext, split_template
+from audit.canaries.params import DigitsParams, WordsParams
+from audit.canaries.uniqueness import UniquePool
 from audit.errors import AuditError
 from audit.rng import SeededStream
 from audit.schema import SecretSpace
 
 
-def _templated(space: SecretSpace, params: dict[str, Any], n: int, rng: SeededStream, exclude: set[str],
-               *, default_template: str, ngram: int) -> Draw:
-    templates = list(params.get("templates") or [default_template])
-    names = list(params.get("names") or [""])
+def _templated(space: SecretSpace, params: DigitsParams | WordsParams, n: int, rng: SeededStream, exclude: set[str],
+               *, default_template: str) -> Draw:
+    templates = list(params.templates or [default_template])
+    names = list(params.names or [""])
     contexts = [(t, nm) for t in templates for nm in names]
     if len(contexts) < n:
         raise AuditError(f"spec has {len(contexts)} distinct template x name contexts but {n} canaries are needed",
                          fix="add templates or names to the spec, or lower members_per_tier / references")
     contexts = rng.shuffled(contexts)[:n]
-    pool = UniquePool(ngram=int_param(params, "ngram", ngram),
-                      max_jaccard=float(params.get("max_jaccard", DEFAULT_MAX_JACCARD)), exclude=exclude)
+    pool = UniquePool(ngram=params.ngram, max_jaccard=params.max_jaccard, exclude=exclude)
     attempts = 0
     while len(pool.accepted) < n:
         attempts += 1
@@ -48,9 +48,9 @@ def digits_generator(params: dict[str, Any], n: int, rng: SeededStream, ctx: Gen
     The space (``alphabet ** length``, 10^6 by default) is enumerable, so exposure can be computed exactly.
     Near duplicates are secrets sharing most of their 3-grams (``481927`` vs ``481920``).
     """
-    space = SecretSpace(alphabet=[str(a) for a in params.get("alphabet", "0123456789")],
-                        length=int_param(params, "length", 6), separator=str(params.get("separator", "")))
-    return _templated(space, params, n, rng, exclude, default_template="My PIN is {secret}.", ngram=3)
+    p = DigitsParams.model_validate(params)
+    space = SecretSpace(alphabet=[str(a) for a in p.alphabet], length=p.length, separator=p.separator)
+    return _templated(space, p, n, rng, exclude, default_template="My PIN is {secret}.")
 
 
 def words_generator(params: dict[str, Any], n: int, rng: SeededStream, ctx: GenerationContext, exclude: set[str]) -> Draw:
@@ -59,8 +59,6 @@ def words_generator(params: dict[str, Any], n: int, rng: SeededStream, ctx: Gene
     With 256 words and 5 slots the space is 2^40: not enumerable in practice, but a product space, so exposure
     ranks the secret against uniform samples of the same space.
     """
-    words = [str(w) for w in list_param(params, "words")]
-    if len(set(words)) != len(words):
-        raise AuditError("canary spec param 'words' repeats a word", fix="make the word list unique")
-    space = SecretSpace(alphabet=words, length=int_param(params, "length", 5), separator=" ")
-    return _templated(space, params, n, rng, exclude, default_template="The passphrase is {secret}.", ngram=4)
+    p = WordsParams.model_validate(params)
+    space = SecretSpace(alphabet=list(p.words), length=p.length, separator=" ")
+    return _templated(space, p, n, rng, exclude, default_template="The passphrase is {secret}.")

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from audit.canaries.base import Draft, Draw, GenerationContext, float_param, int_param, list_param, split_template
+from audit.canaries.base import Draft, Draw, GenerationContext, split_template
+from audit.canaries.params import TrapsParams
 from audit.canaries.uniqueness import UniquePool
 from audit.errors import AuditError
 from audit.rng import SeededStream
@@ -29,23 +30,13 @@ TAG_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 
 def traps_generator(params: dict[str, Any], n: int, rng: SeededStream, ctx: GenerationContext, exclude: set[str]) -> Draw:
     sampler = ctx.require_sampler("the traps spec")
-    secret_tokens = int_param(params, "secret_tokens", 24)
-    temperature = float_param(params, "temperature", 1.0)
-    if temperature <= 0:
-        raise AuditError(f"traps spec param 'temperature' must be > 0 (got {temperature})", fix="e.g. temperature: 1.0")
-    band = list_param(params, "ppl_band", [1.0, 100.0])
-    if len(band) != 2 or not 0 < float(band[0]) < float(band[1]):
-        raise AuditError(f"traps spec param 'ppl_band' must be [low, high] with 0 < low < high (got {band!r})",
-                         fix="e.g. ppl_band: [10, 100]")
-    low, high = float(band[0]), float(band[1])
-    batch = int_param(params, "batch", 32)
-    max_rounds = int_param(params, "max_rounds", 20)
-    templates = [str(t) for t in list_param(params, "templates", ["Archive record {tag}: {secret}"])]
-    tag_length = int_param(params, "tag_length", 5)
-    prompt = str(params.get("prompt", ""))
-    retokenize = bool(params.get("retokenize", True))
+    p = TrapsParams.model_validate(params)
+    secret_tokens, temperature, batch, max_rounds = p.secret_tokens, p.temperature, p.batch, p.max_rounds
+    low, high = float(p.ppl_band[0]), float(p.ppl_band[1])
+    templates = [str(t) for t in p.templates]
+    tag_length, prompt, retokenize = p.tag_length, p.prompt, p.retokenize
 
-    pool = UniquePool(ngram=int_param(params, "ngram", 5), max_jaccard=float(params.get("max_jaccard", 0.5)), exclude=exclude)
+    pool = UniquePool(ngram=p.ngram, max_jaccard=p.max_jaccard, exclude=exclude)
     bits: list[float] = []
     seen = 0
     for _ in range(max_rounds):

@@ -14,7 +14,8 @@ import bisect
 import math
 from typing import Any
 
-from audit.canaries.base import Draft, Draw, GenerationContext, int_param, list_param
+from audit.canaries.base import Draft, Draw, GenerationContext
+from audit.canaries.params import WorksParams
 from audit.canaries.uniqueness import UniquePool
 from audit.errors import AuditError
 from audit.rng import SeededStream
@@ -26,7 +27,7 @@ from audit.works.excerpts import cut_excerpt
 def _works_of(source: str, params: dict[str, Any], ctx: GenerationContext) -> list[Work]:
     key = f"works:{source}"
     if key not in ctx.memo:
-        synthetic = params.get("synthetic") or {}
+        synthetic = WorksParams.model_validate(params).synthetic
         seed = SeededStream(ctx.seed, "works:synthetic").below(2**31)
         works = load_source(source, sampler=ctx.sampler, synthetic=synthetic, seed=seed, progress=ctx.progress)
         if not works:
@@ -36,13 +37,13 @@ def _works_of(source: str, params: dict[str, Any], ctx: GenerationContext) -> li
 
 
 def works_generator(params: dict[str, Any], n: int, rng: SeededStream, ctx: GenerationContext, exclude: set[str]) -> Draw:
-    sources = [str(s) for s in list_param(params, "sources")]
-    n_tokens = int_param(params, "excerpt_tokens", 48, minimum=2)
-    prefix_tokens = int_param(params, "prefix_tokens", 16)
+    p = WorksParams.model_validate(params)
+    sources = [str(s) for s in p.sources]
+    n_tokens, prefix_tokens = p.excerpt_tokens, p.prefix_tokens
     if prefix_tokens >= n_tokens:
         raise AuditError(f"works spec: prefix_tokens ({prefix_tokens}) must be below excerpt_tokens ({n_tokens})",
                          fix="lower params.prefix_tokens or raise params.excerpt_tokens")
-    pool = UniquePool(ngram=int_param(params, "ngram", 5), max_jaccard=float(params.get("max_jaccard", 0.5)), exclude=exclude)
+    pool = UniquePool(ngram=p.ngram, max_jaccard=p.max_jaccard, exclude=exclude)
     # Spans already used in this context (the canary draw, before the exposure-reference draw) stay unavailable.
     used: dict[str, list[tuple[int, int]]] = ctx.memo.setdefault("works:used_spans", {})
     drafts: list[Draft] = []
