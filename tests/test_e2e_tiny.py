@@ -9,6 +9,7 @@ import pytest
 
 from audit.cli import main
 from audit.report import read_report
+from audit.schema import AuditReport
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,11 @@ def test_run_directory_has_every_stage_file(tiny_run):
 
 def test_report_reads_back_and_shows_memorization(tiny_run):
     _, run_dir = tiny_run
+    text = (run_dir / "report.json").read_text()
     report = read_report(run_dir / "report.json")
-    assert report.model_dump_json() == read_report(run_dir / "report.json").model_dump_json()
+    assert text == report.model_dump_json(indent=2) + "\n"  # the file is the object's own dump: nothing lost reading it
+    assert AuditReport.model_validate_json(report.model_dump_json()) == report  # and the object survives a round trip
+    assert report.schema_version == 1 and report.metrics and report.gates
     tiers = {t.repetitions: t for t in report.tiers}
     assert set(tiers) == {0, 1, 4, 16}
     # The 16-copy canaries are learned; the never-inserted references stay near the null.
