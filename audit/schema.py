@@ -559,6 +559,9 @@ class ModelInfo(Frozen):
 
 
 class TrainSummary(Frozen):
+    """``train.json``: the finished train stage (and ``report.training``)."""
+
+    schema_version: int = SCHEMA_VERSION
     method: str
     steps: int
     final_loss: float | None

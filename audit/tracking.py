@@ -342,12 +342,6 @@ def open_tracker(enabled: bool, uri: str, experiment: str, run_name: str, *,
         yield tracker
 
 
-def stage_of(tracker: Tracker | None, name: str, **tags: str) -> None:
-    """``tracker.begin_stage(name)`` when tracking is on; nothing otherwise."""
-    if tracker is not None:
-        tracker.begin_stage(name, **tags)
-
-
 @contextmanager
 def _fluent_uri(mlflow: Any, uri: str) -> Iterator[None]:
     """Point the fluent API at ``uri`` for the block; give the caller back its URI, experiment and environment after.

@@ -17,7 +17,6 @@ from audit.tracking import (
     check_tracking_reachable,
     report_metric_dict,
     resolve_tracking_uri,
-    stage_of,
     tracked_run,
     training_set_rows,
 )
@@ -55,7 +54,10 @@ def test_one_parent_run_with_a_nested_run_per_stage(store):
         tracker.begin_stage("train")
         assert mlflow.active_run().info.run_id == tracker.stage_run_ids["train"]  # libraries log into the stage
         tracker.log_metrics({"train.loss": 5.0}, step=1)  # the parent, by id, even while a stage is active
-        stage_of(tracker, "report")
+        tracker.end_stage()
+        with tracker.stage("report"):  # the pipeline's form: a stage is a block
+            assert tracker.current is not None and tracker.current.name == "report"
+        assert tracker.current is None
     parent = client.get_run(tracker.run_id)
     assert parent.info.status == "FINISHED" and parent.info.run_name == "tiny/lora_cpu"
     assert parent.data.params == {"training.lora.r": "8", "model.source": "tiny-llama"}
@@ -232,3 +234,19 @@ def test_tracking_uri_resolution(in_tmp, monkeypatch):
     assert resolve_tracking_uri("http://host:5000") == "http://host:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
     assert resolve_tracking_uri(None) == "http://env:5000"
+
+
+def test_tracking_off_is_a_null_tracker_that_takes_every_call_and_logs_nothing(tmp_path, monkeypatch):
+    from audit.tracking import NullTracker, open_tracker
+
+    monkeypatch.chdir(tmp_path)
+    with open_tracker(False, f"sqlite:///{tmp_path}/mlflow.db", "canary-audit", "x") as tracker:
+        assert isinstance(tracker, NullTracker) and tracker.run_id is None and tracker.info() is None
+        tracker.log_params({"a": 1})
+        tracker.log_metrics({"m": 1.0}, step=2)
+        tracker.set_tags({"t": "v"})
+        with tracker.stage("train"):
+            tracker.log_stage_metrics({"x": 1.0})
+        assert tracker.report_to == "none"  # TRL's MLflowCallback stays off
+    assert list(tmp_path.iterdir()) == []  # no store was created
+

@@ -111,6 +111,8 @@ def probe_text(text: str, *, model_source: str | None = None, adapter: str | Non
 
     from audit.models import load_model_and_tokenizer, resolve_model
     from audit.score.engine import adapter_disabled
+    from audit.train.types import DeviceChoice, WeightsLayer
+    from audit.train.weights import load_tuned
 
     hf_logging.disable_progress_bar()  # the probe prints a table; a weights-loading bar would only clutter it
     if not text:
@@ -119,6 +121,7 @@ def probe_text(text: str, *, model_source: str | None = None, adapter: str | Non
     source = model_source or (tuned.base_source if tuned else None) or "smollm2-135m"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    choice = DeviceChoice(device, "bf16" if device == "cuda" else "fp32", gradient_checkpointing=False)
     resolved = resolve_model(source, progress=progress)
     base_model, tokenizer = load_model_and_tokenizer(resolved.path, dtype=dtype, device=device)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -129,17 +132,13 @@ def probe_text(text: str, *, model_source: str | None = None, adapter: str | Non
     if tuned is None:
         p_base = _token_probs(base_model, ids)
     elif tuned.kind == "adapter":
-        from peft import PeftModel
-
-        peft_model = PeftModel.from_pretrained(base_model, str(tuned.path))
-        peft_model.eval()
+        peft_model = load_tuned(base_model, [WeightsLayer("lora", tuned.path)], device=choice)
         p_tuned = _token_probs(peft_model, ids)
         with adapter_disabled(peft_model) as m:
             p_base = _token_probs(m, ids)
     else:
         p_base = _token_probs(base_model, ids)
-        tuned_model, _ = load_model_and_tokenizer(tuned.path, dtype=dtype, device=device)
-        p_tuned = _token_probs(tuned_model, ids)
+        p_tuned = _token_probs(load_tuned(base_model, [WeightsLayer("full", tuned.path)], device=choice), ids)
 
     def bits(ps: list[float | None]) -> float:
         return -sum(math.log2(p) for p in ps if p is not None)
