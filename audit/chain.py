@@ -7,7 +7,9 @@
 A further tune starts from the parent's tuned weights (a LoRA adapter is merged into the base in memory; full weights
 are loaded as they are) and is measured on exactly the parent's canaries, reference secrets and scoring protocol:
 ``model``, ``canaries`` (all but ``canaries.inject``) and ``scoring`` come from the parent, and the canary set
-is regenerated from the chain's first run and checked against the parent's ``canaries.jsonl`` hash by hash.
+is read from the chain's first run (``canaries.jsonl`` + ``canaries.meta.json``; regenerated from its recipe for a run
+written before the sidecar) and checked against the parent's ``canaries.jsonl`` row by row
+(:class:`audit.origin.FurtherTune` is where a further tune differs from a first tune).
 ``canaries.inject: false`` trains on the clean corpus only (none of the canaries is planted again).
 
 Its scores hold three models: ``base`` (the pretrained weights) and ``parent`` (the parent's tuned weights), both
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,8 +44,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from audit.console import text_table
 from audit.errors import AuditError
 from audit.schema import AuditReport, LineageNode, MetricEntry, Recipe, SequenceScore, TrainSummary
+from audit.store import read_scores
 
 MIN_LEARNED_BITS = 1.0
 """A tier whose first tune lowered the secret's cost by less than this (bits) gets no retention ratio."""
@@ -132,86 +135,14 @@ def check_same_device(parent: ParentRun, *, device: str, precision: str) -> None
                          fix=f"run the further tune where the parent ran, or set training.precision={parent.train.precision}")
 
 
-# --------------------------------------------------------------------------------------------------- ground truth
-
-
-def ground_truth(recipe: Recipe, parent: ParentRun, *, model_path: Path, fingerprint: str, device: str = "cpu",
-                 dtype: Any = None, progress: bool = False) -> Any:
-    """The parent's canaries and reference secrets, this recipe's corpus, and the canaries planted only if asked.
-
-    The canary set is regenerated from the chain's first run (same recipe, seed and base model) and must match the
-    parent's ``canaries.jsonl`` and manifest hash; then ``recipe.corpus`` is loaded with this recipe's seed.
-    """
-    from audit.corpus import load_corpus
-    from audit.ground_truth import GroundTruth, ground_truth_for_model, load_tokenizer, training_options
-    from audit.inject import inject
-    from audit.preflight import require_passed, run_preflight, training_texts
-
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    origin = parent.origin
-    first = ground_truth_for_model(origin.recipe, model_path=model_path, fingerprint=fingerprint, device=device, dtype=dtype,
-                                   progress=progress)
-    canaries = first.canaries
-    stored = [json.loads(line) for line in (parent.run_dir / "canaries.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    if canaries.sha256() != origin.report.canaries.get("canary_set_sha256") or stored != [c.model_dump(mode="json") for c in canaries.canaries]:
-        raise AuditError(f"the canaries regenerated from {origin.run_dir} differ from those in {parent.run_dir}/canaries.jsonl",
-                         fix="the canary code or spec changed since the parent ran; rerun the chain from its first run")
-    timings["canaries"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    c = recipe.corpus
-    corpus = load_corpus(c.source, text_column=c.text_column, max_records=c.max_records, builtin_n=c.builtin_records,
-                         seed=recipe.seed, format=c.format, messages_column=c.messages_column)
-    planted = canaries if recipe.canaries.inject else canaries.model_copy(update={"canaries": canaries.references()})
-    injection = inject(corpus.records, planted, seed=recipe.seed, text_column=c.text_column, corpus_source=c.source,
-                       format=corpus.format, messages_column=c.messages_column, mode=c.placement)
-    if not recipe.canaries.inject:  # the manifest names the set that is measured; it plants none of it
-        injection = type(injection)(records=injection.records,
-                                    manifest=injection.manifest.model_copy(update={"canary_set_sha256": canaries.sha256()}))
-    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
-    texts = training_texts(injection.records, format=corpus.format, text_column=c.text_column,
-                           messages_column=c.messages_column, tokenizer=tokenizer)
-    options = training_options(recipe.training)
-    preflight = run_preflight(injection.manifest, canaries, injection.records, tokenizer, **options,
-                              all_training_texts=texts if options["packing"] == "wrapped" else None)
-    require_passed(preflight)
-    timings["inject"] = time.perf_counter() - t
-    return GroundTruth(spec=first.spec, canaries=canaries, corpus_format=corpus.format, injection=injection,
-                       preflight=preflight, training_texts=texts, reference_secrets=first.reference_secrets, timings_s=timings)
-
-
-# --------------------------------------------------------------------------------------------------- weights and scores
-
-
-def start_model(parent: ParentRun, base_model: Any, *, device: Any, trust_remote_code: bool = False) -> Any:
-    """The parent's tuned weights as a plain model: each LoRA adapter of the chain merged in turn, full weights loaded.
-
-    ``base_model`` (the pretrained weights, already loaded) is consumed: merging rewrites its layers.
-    """
-    from audit.models import load_model_and_tokenizer
-
-    model = base_model
-    for run in parent.lineage_chain():
-        if run.train.method == "lora":
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(run.weights_dir)).merge_and_unload()
-        else:
-            model, _ = load_model_and_tokenizer(run.weights_dir, dtype=device.torch_dtype, device=device.device,
-                                                trust_remote_code=trust_remote_code)
-    model.eval()
-    return model
+# --------------------------------------------------------------------------------------------------- scores
 
 
 def inherited_scores(parent: ParentRun) -> list[SequenceScore]:
     """``base`` rows from the chain's first run and the parent's ``tuned`` rows relabelled ``parent``."""
     def read(run_dir: Path, label: str) -> list[SequenceScore]:
         path = run_dir / f"scores_{label}.jsonl"
-        if not path.is_file():
-            path = run_dir / "scores.jsonl"
-        rows = [SequenceScore.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-        return [r for r in rows if r.model == label]
+        return read_scores(path if path.is_file() else run_dir / "scores.jsonl", model=label)
 
     base = read(parent.origin.run_dir, "base")
     before = [r.model_copy(update={"model": PARENT_LABEL}) for r in read(parent.run_dir, "tuned")]
@@ -305,9 +236,7 @@ def format_persistence(summary: dict[str, Any]) -> str:
                      f(t["exposure_space"]["before"]), f(t["exposure_space"]["after"]),
                      f"{t['extracted']['before']}/{t['n']}", f"{t['extracted']['after']}/{t['n']}",
                      f(t["retained_bits"]), f(t["retained_exposure"])])
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in [header, ["-" * w for w in widths], *rows]]
+    lines = text_table(header, rows, numbers_right=True)
     mia = summary.get("mia_auc_loss_diff") or {}
     lines.append(f"bits = mean -log2 p(secret | prefix); exposure over the whole space; before = the parent's tuned weights; "
                  f"MIA AUC (loss_diff) before {f(mia.get('before'))}, after {f(mia.get('after'))}")

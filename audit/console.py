@@ -48,3 +48,19 @@ def say(progress: bool, msg: str) -> None:
         import sys
 
         print(msg, file=sys.stderr, flush=True)
+
+
+def text_table(header: list[str], rows: list[list[str]], *, numbers_right: bool = False) -> list[str]:
+    """A fixed-width table as lines: header, a dashed rule, the rows; columns two spaces apart.
+
+    ``numbers_right``: every column but the first is right-aligned (tiers of numbers); otherwise all are left-aligned
+    and trailing blanks are cut.
+    """
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        if numbers_right:
+            return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]

@@ -40,6 +40,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from audit.console import text_table
 from audit.errors import AuditError, did_you_mean
 from audit.schema import AuditReport, GateResult, GateSpec, MetricEntry
 
@@ -197,12 +198,7 @@ def format_gate_table(results: list[GateResult], *, only_failed: bool = False) -
     shown = [r for r in results if not r.passed] if only_failed else results
     header = ["gate", "metric", "value", "threshold", "n", "result"]
     rows = [[r.gate, r.metric, _num(r.value), r.threshold, "-" if r.n is None else str(r.n), r.status.upper()] for r in shown]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
-
-    out = [line(header), line(["-" * w for w in widths]), *(line(row) for row in rows)]
+    out = text_table(header, rows)
     for r in shown:
         if r.reason:
             out.append(f"  {r.status.upper()} {r.gate} [{r.metric}]: {r.reason}")

@@ -26,6 +26,7 @@ from typing import Any
 
 from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets, spec_needs_model
 from audit.canaries.spec import CanarySpec
+from audit.console import text_table
 from audit.corpus import Corpus, load_corpus
 from audit.errors import AuditError
 from audit.inject import InjectionResult, inject
@@ -232,9 +233,7 @@ def canaries_table(canaries: CanarySet, *, reveal: bool = False, width: int = 48
         rows.append([c.id, f"{c.repetitions}x" if c.is_member else "reference", source, clip(c.prefix), secret])
     if not any(r[2] for r in rows[1:]):
         rows = [r[:2] + r[3:] for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(rows[0], rows[1:])
     space = canaries.space
     lines.append(f"spec {canaries.spec} v{canaries.spec_version}, seed {canaries.seed}: {len(canaries.members())} members, "
                  f"{len(canaries.references())} references; secret space {space.kind}, {space.log2_size:.1f} bits; "

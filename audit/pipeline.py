@@ -4,9 +4,10 @@ Everything the user can get wrong (recipe, model, corpus, canary spec, tracking 
 run directory is created, so a bad input leaves nothing behind. Each stage then writes its file:
 
     runs/<name>-<time>-<id>/
-      run.json          status (running / failed / complete), timings, error
+      run.json          status (running / failed / complete), timings, error, schema_version
       recipe.yaml       the resolved recipe, overrides applied
       canaries.jsonl    the canaries WITH their secrets: confidential, never logged to MLflow
+      canaries.meta.json the rest of the canary set: schema_version, spec, seed, secret space, works (no secrets)
       manifest.json     injection manifest: seed, canary-set hash, dataset fingerprints, placements
       scores_base.jsonl base-model scores (a stage checkpoint: reused by `audit run --resume`)
       trainer/          Trainer checkpoints while training runs (removed once train.json is written)
@@ -19,6 +20,13 @@ run directory is created, so a bad input leaves nothing behind. Each stage then 
       token_view.json   per-token probabilities of the most-learned top-tier canary (secret tokens masked)
       report.json       the audit report
       report.html       the human report, self-contained (plots embedded); report.md + plots/ the same in Markdown
+
+How: the stages (:mod:`audit.stages`) run over a :class:`~audit.store.StageStore`, the only resume logic (a stage
+whose file exists is reused, else it runs and its file is written once); an :class:`~audit.origin.Origin` carries
+everything a further tune does differently (:mod:`audit.chain`); tracking off is a
+:class:`~audit.tracking.NullTracker`; the processes of ``accelerate launch`` exchange one
+:class:`~audit.train.types.TrainPlan`. The base is scored before the start model is built, since a further tune
+merges its parent's weights into those very layers.
 """
 
 from __future__ import annotations

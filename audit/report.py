@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from audit.console import text_table
+from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.schema import AuditReport, MetricEntry, ModelInfo, SequenceScore, TierSummary
 from audit.store import atomic_write_text
 
@@ -143,11 +145,9 @@ def format_table(report: AuditReport) -> str:
         rows.append([label, str(t.n)]
                     + [f"{t.exposure_mean[m]:.2f}" for m in models]
                     + [f"{t.extracted[m]}/{t.n}" for m in models])
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))  # noqa: E731
-    out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    out = text_table(header, rows, numbers_right=True)
     out.append(f"exposure in bits; max {report.exposure_max:.2f} (rank 1 of {2 ** report.exposure_max:.0f}); "
-               f"an unlearned canary averages ~1.44 (1/ln 2)")
+               f"an unlearned canary averages ~{NULL_MEAN_EXPOSURE_BITS:.2f} (1/ln 2)")
     out.extend(format_metrics(report))
     return "\n".join(out)
 

@@ -3,9 +3,10 @@
     audit run tiny/lora_cpu                          # killed mid-training (OOM killer, preemption, Ctrl-C)
     audit run --resume runs/tiny-lora-cpu-<time>-<id>  # same canaries, cached base scores, training from its checkpoint
 
-What a resume does, stage by stage (the pipeline asks this module before computing anything):
+What a resume does, stage by stage (:class:`audit.store.StageStore` decides; the pipeline never asks whether it
+is resuming; this module holds the run directory's lock and status and finds the Trainer checkpoint):
 
-* ``recipe.yaml``, ``canaries.jsonl``, ``manifest.json`` are recomputed from the stored recipe and must match the
+* ``recipe.yaml``, ``canaries.jsonl`` (+ ``canaries.meta.json``), ``manifest.json`` are recomputed from the stored recipe and must match the
   files byte for byte (:func:`audit.store.write_once`); a difference means the inputs or the code changed, and the
   run refuses to continue rather than mix two audits in one directory.
 * ``scores_<label>.jsonl`` (``base``, ``tuned``): reused when present, never recomputed.
