@@ -33,7 +33,7 @@ from audit.origin import Origin
 from audit.resume import RunHandle
 from audit.schema import AuditReport, Recipe, SequenceScore, TrainSummary
 from audit.store import StageStore, json_text, write_once
-from audit.train.types import DeviceChoice, TrainPlan, TrainResult, WeightsLayer, weights_dir_name
+from audit.train.types import TRAINER_DIR, DeviceChoice, TrainPlan, TrainResult, WeightsLayer, weights_dir_name
 
 TRAIN_FILE = "train.json"
 
@@ -272,7 +272,7 @@ class TrainedWeights:
     def write(self, run_dir: Path, value: TrainResult) -> None:
         """Record the finished train stage, then drop the Trainer checkpoints it no longer needs (the weights are saved)."""
         write_once(Path(run_dir) / TRAIN_FILE, json_text(value.summary))
-        shutil.rmtree(Path(run_dir) / TrainPlan(run_dir=Path(run_dir), train=False).work_dir.name, ignore_errors=True)
+        shutil.rmtree(Path(run_dir) / TRAINER_DIR, ignore_errors=True)
 
     def describe(self, value: TrainResult) -> str:
         assert value.summary is not None
