@@ -37,7 +37,7 @@ def _import_cycles():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "tools" / "import_cycles.py"
+    path = Path(__file__).resolve().parent / "import_cycles.py"
     spec = importlib.util.spec_from_file_location("import_cycles", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

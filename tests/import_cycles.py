@@ -1,6 +1,6 @@
 """Import cycles among the modules of ``audit/``, counting imports inside functions too.
 
-    python tools/import_cycles.py            # prints the cycles (none: "no import cycles among N modules"), exit 1 if any
+    python tests/import_cycles.py            # prints the cycles (none: "no import cycles among N modules"), exit 1 if any
 
 Python resolves a function-level import at call time, so such a cycle does not fail at import; it still ties two
 modules together (neither can be understood, tested or moved alone), which is what this checks. Imports under
