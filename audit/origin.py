@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from audit import lineage
 from audit.schema import AuditReport, LineageNode, MetricEntry, Recipe, SequenceScore
 from audit.train.types import DeviceChoice, WeightsLayer
 
@@ -35,6 +34,10 @@ class Origin(Protocol):
     """The recipe as this origin runs it (a further tune's inherits its parent's model, canaries and scoring)."""
     layers: list[WeightsLayer]
     """Saved weights put on the base before training (the parent's chain), in order; empty for a first tune."""
+    further: bool
+    """A further tune of an earlier run (the lineage labels its weights so)."""
+    parent_run: str | None
+    """The run whose tuned weights this tune starts from (``report.parent_run``)."""
 
     def check(self, device: DeviceChoice) -> None: ...
 
@@ -70,6 +73,7 @@ class FreshBase:
     recipe: Recipe
     layers: tuple[WeightsLayer, ...] = ()
     further: bool = False
+    parent_run: str | None = None
 
     def check(self, device: DeviceChoice) -> None:
         pass
@@ -107,6 +111,10 @@ class FurtherTune:
     parent: Any
     """The :class:`audit.chain.ParentRun`."""
     further: bool = True
+
+    @property
+    def parent_run(self) -> str:
+        return str(self.parent.run_dir)
 
     @property
     def layers(self) -> list[WeightsLayer]:
@@ -171,7 +179,3 @@ class FurtherTune:
         tuned = [n for n in report.lineage if n.kind == "tuned_weights" and n.fingerprint == report.training.weights_fingerprint]
         kept = {k: v for k, v in report.metrics.items() if k.startswith("persistence.")}
         chain.record_child(self.parent, run_dir=run_dir, tuned_node=tuned[-1], metrics=kept)
-
-
-def tuned_label(origin: Origin) -> str:
-    return lineage.tune_label(origin.recipe.training.method, further=bool(getattr(origin, "further", False)))

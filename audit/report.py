@@ -98,7 +98,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         metrics=metrics,
         metric_notes=suite.notes,
         outputs=outputs.summary if outputs else None,
-        parent_run=str(origin.parent.run_dir) if origin.further else None,
+        parent_run=origin.parent_run,
         persistence=persistence.summary,
     )
     return report.model_copy(update={"gates": evaluate_gates(recipe.gates, report.flat_metrics())})
