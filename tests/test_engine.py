@@ -15,6 +15,7 @@ from audit.score.engine import (
     score_token_sequences,
     sequence_logprobs,
     torch_threads,
+    vocab_reductions,
 )
 
 TEXTS = [
@@ -61,6 +62,28 @@ def test_batched_scores_equal_per_sequence_transformers(tiny_model, encoded, bud
         np.testing.assert_allclose(s.logprobs, lp, atol=1e-4)
         np.testing.assert_allclose(s.vocab_mean, mu, atol=1e-4)
         np.testing.assert_allclose(s.vocab_var, var, atol=1e-4, rtol=1e-4)
+
+
+def test_vocab_mean_keeps_its_precision_on_a_peaked_token():
+    """mu = sum p ln p on a token the model is sure of: ~-1e-7, while E_p[x] and logsumexp(x) are both ~20. Taking
+    their fp32 difference loses everything (ulp(20) = 1.9e-6); reducing over ln p directly keeps it to 1e-5 relative."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 49152
+    rows = []
+    for top in (12.0, 20.0, 23.5):
+        x = torch.randn(vocab, generator=g) - 10.0
+        x[7] = top
+        rows.append(x)
+    logits = torch.stack(rows)
+    targets = torch.full((3,), 7)
+    lp, mu, var = vocab_reductions(logits, targets, with_stats=True)
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    p = ref.exp()
+    mu_ref = (p * ref).sum(-1)
+    var_ref = (p * (ref - mu_ref[:, None]) ** 2).sum(-1)
+    np.testing.assert_allclose(mu.double().numpy(), mu_ref.numpy(), rtol=1e-5, atol=0)
+    np.testing.assert_allclose(var.double().numpy(), var_ref.numpy(), rtol=1e-5, atol=0)
+    np.testing.assert_allclose(lp.double().numpy(), ref[:, 7].numpy(), atol=1e-6)
 
 
 def test_spans_and_bits(tiny_model, encoded):
