@@ -193,10 +193,10 @@ def start_model(parent: ParentRun, base_model: Any, *, device: Any, trust_remote
 
     model = base_model
     for run in parent.lineage_chain():
-        if run.train.method == "lora":
-            from peft import PeftModel
+        if run.train.method == "lora":  # merged in fp32, then in the dtype this run trains in (audit.train.sft)
+            from audit.train.sft import merge_lora_fp32
 
-            model = PeftModel.from_pretrained(model, str(run.weights_dir)).merge_and_unload()
+            model = merge_lora_fp32(model, run.weights_dir, dtype=device.torch_dtype)
         else:
             model, _ = load_model_and_tokenizer(run.weights_dir, dtype=device.torch_dtype, device=device.device,
                                                 trust_remote_code=trust_remote_code)

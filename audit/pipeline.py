@@ -111,6 +111,7 @@ def run_audit(
     from audit.metrics.suite import summarize_scores
     from audit.models import load_model_and_tokenizer
     from audit.score.canaries import score_canaries, space_bits
+    from audit.score.engine import in_scoring_precision, scoring_dtype
     from audit.train.sft import choose_device, train_sft
 
     timings: dict[str, float] = {}
@@ -190,7 +191,9 @@ def run_audit(
                 from audit.models import fingerprint_safetensors_dir
 
                 base_fp = fingerprint_safetensors_dir(resolved.path)
-            view_base = canary_token_logprobs(model, tokenizer, view_candidates(canary_set))  # per-token view, untuned
+            scored_in = scoring_dtype(recipe.scoring.precision)  # fp32 by default, whatever training.precision is
+            with in_scoring_precision(model, scored_in) as m:
+                view_base = canary_token_logprobs(m, tokenizer, view_candidates(canary_set))  # per-token view, untuned
             torch.manual_seed(recipe.seed)
             base_scores = resume.load_scores(run, "base")
             if base_scores is None and parent is not None:  # base and parent weights as the parent runs measured them
@@ -199,8 +202,9 @@ def run_audit(
             if parent is not None:  # train from the parent's tuned weights
                 model = chain.start_model(parent, model, device=device, trust_remote_code=recipe.model.trust_remote_code)
             if base_scores is None:
-                base_scores = score_canaries(model, tokenizer, canary_set, reference_secrets, label="base",
-                                             section=recipe.scoring, progress=progress, seed=recipe.seed)
+                with in_scoring_precision(model, scored_in) as m:
+                    base_scores = score_canaries(m, tokenizer, canary_set, reference_secrets, label="base",
+                                                 section=recipe.scoring, progress=progress, seed=recipe.seed)
                 resume.save_scores(run, "base", base_scores)
             timings["score_base"] = time.perf_counter() - t
 
@@ -228,13 +232,15 @@ def run_audit(
             t = time.perf_counter()
             tuned_scores = resume.load_scores(run, "tuned")
             if tuned_scores is None:
-                tuned_scores = score_canaries(trained.model, tokenizer, canary_set, reference_secrets, label="tuned",
-                                              section=recipe.scoring, progress=progress, seed=recipe.seed)
+                with in_scoring_precision(trained.model, scored_in) as m:
+                    tuned_scores = score_canaries(m, tokenizer, canary_set, reference_secrets, label="tuned",
+                                                  section=recipe.scoring, progress=progress, seed=recipe.seed)
                 resume.save_scores(run, "tuned", tuned_scores)
             timings["score_tuned"] = time.perf_counter() - t
             scores = base_scores + tuned_scores
             write_jsonl(run_dir / "scores.jsonl", scores)
-            write_token_view(run_dir, view_base, canary_token_logprobs(trained.model, tokenizer, view_candidates(canary_set)))
+            with in_scoring_precision(trained.model, scored_in) as m:
+                write_token_view(run_dir, view_base, canary_token_logprobs(m, tokenizer, view_candidates(canary_set)))
 
             # ---- outputs: what the tuned model writes, scanned for secrets and works (audit.outputs)
             outputs = None
