@@ -178,3 +178,18 @@ def test_lora_merges_in_fp32_whatever_the_base_dtype(tiny_model_dir, tmp_path):
     fresh, _ = _load(tiny_model_dir, torch.bfloat16)
     chained = merge_lora_fp32(fresh, tmp_path / "adapter", dtype=torch.float32)  # the further-tune start (audit.chain)
     assert float((logp(chained) - reference).abs().max()) < 1e-4
+
+
+def test_each_rank_pins_its_own_gpu_before_anything_loads(monkeypatch):
+    """Under torchrun/accelerate every rank used to probe bf16 and load the ground-truth model on cuda:0."""
+    pinned = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", pinned.append)
+    monkeypatch.setattr(sft, "_native_bf16", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    choose_device(TrainingSection())
+    assert pinned == [1]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    choose_device(TrainingSection())
+    assert pinned == [1]  # a single process leaves the current device alone
