@@ -9,13 +9,16 @@ import torch
 from audit.score.engine import (
     adapter_disabled,
     candidate_nll_bits,
+    default_token_budget,
     greedy_continuations,
+    output_cache,
     plan_batches,
     sampled_continuations,
     score_token_sequences,
     sequence_logprobs,
     torch_threads,
     vocab_reductions,
+    with_cache,
 )
 
 TEXTS = [
@@ -162,3 +165,35 @@ def test_adapter_disabled_scores_the_base_weights(tiny_model_dir, encoded):
     with pytest.raises(TypeError, match="no PEFT adapter"):
         with adapter_disabled(base):
             pass
+
+
+def test_the_cache_goes_in_under_the_name_the_model_declares(tiny_model):
+    """transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40); a model whose forward
+    still names past_key_values (remote code, older transformers) gets that name."""
+    model, _ = tiny_model
+    marker = object()
+    assert with_cache(model, marker) == {"cache": marker}
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return past_key_values
+
+    assert with_cache(OldStyle(), marker) == {"past_key_values": marker}
+    out = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+    assert output_cache(out) is out["cache"] and output_cache(out).get_seq_length() == 3
+
+
+def test_cuda_token_budget_depends_on_the_device_not_on_free_memory(monkeypatch, tiny_model):
+    """Free memory changes after training or beside other jobs; the batch plan (and in bf16 the numbers) must not."""
+    import audit.score.engine as engine
+
+    model, _ = tiny_model
+    vocab = model.get_output_embeddings().weight.shape[0]
+
+    class Props:
+        total_memory = 80 << 30
+
+    monkeypatch.setattr(engine, "device_of", lambda m: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: pytest.fail("the budget must not read free memory"))
+    assert default_token_budget(model) == min(65536, (80 << 30) // 8 // (vocab * 12))
