@@ -182,3 +182,28 @@ def test_walk_reaches_an_exact_rank_when_its_arithmetic_disagrees_with_the_thres
         assert pruned.canary_nll_bits == pytest.approx(full.canary_nll_bits, abs=1e-9)
         rewalked += pruned.walks > 1
     assert rewalked >= 5  # the gap really exceeded the 1e-3 slack for a good share of these canaries
+
+
+class Drifting(SteppedRounding):
+    """Each one-token step costs a little more than the one before: no walk can reproduce the previous one's value."""
+
+    def __init__(self, inner, digit_ids):
+        super().__init__(inner, eps=0.0)
+        self.digits = torch.tensor(digit_ids)
+        self.calls = 0
+
+    def forward(self, input_ids=None, cache=None, **kwargs):
+        out = super().forward(input_ids=input_ids, cache=cache, **kwargs)
+        if (cache is not None or "past_key_values" in kwargs) and input_ids.shape[1] == 1:
+            self.calls += 1
+            out.logits[..., self.digits] -= 0.01 * self.calls
+        return out
+
+
+def test_a_walk_that_cannot_agree_with_itself_reports_unstable_instead_of_raising(tiny_model, brute_force):
+    model, _ = tiny_model
+    table, secrets, bits = brute_force
+    drifting = Drifting(model, [p[0] for p in table.pieces[1]]).eval()
+    out = exact_rank(drifting, table, parse_secret(DIGITS3, secrets[int(np.argmin(bits))]), node_budget=None, slack_nats=0.0)
+    assert out.status == "unstable" and out.rank is None and out.exposure is None
+    assert out.walks == 3
