@@ -133,44 +133,37 @@ def scoring_dtype(precision: str) -> torch.dtype:
         raise ValueError(f"scoring precision {precision!r} is not one of {sorted(SCORING_DTYPES)}") from None
 
 
-def _floating(model) -> list[torch.Tensor]:
-    return [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+def _narrower(a: torch.dtype, b: torch.dtype) -> bool:
+    """Casting ``a`` to ``b`` can round (fp32 -> bf16, bf16 <-> fp16)."""
+    return a != b and torch.finfo(a).bits >= torch.finfo(b).bits
 
 
 @contextlib.contextmanager
 def in_scoring_precision(model, dtype: torch.dtype) -> Iterator[object]:
-    """Yield ``model`` with every floating parameter and buffer in ``dtype``; on exit each is back in its own dtype.
+    """Yield ``model`` with every floating parameter in ``dtype``; on exit each is back in its own dtype.
 
-    A no-op when the model is already in ``dtype`` (fp32 on CPU, and the mixed-precision CUDA default, which keeps
-    fp32 weights). An upcast (bf16 weights, fp32 LoRA adapter -> fp32) is exact, so it is done in place and undone
-    bit for bit: training afterwards starts from the same weights. A downcast would round the weights, so it works on
-    a copy and leaves ``model`` untouched.
+    A no-op when the parameters are already in ``dtype`` (fp32 on CPU, and the mixed-precision CUDA default, which
+    keeps fp32 weights). An upcast (bf16 weights, fp32 LoRA adapter -> fp32) is exact, so it is done in place and
+    undone bit for bit: training afterwards starts from the same weights. A cast that could round works on a copy and
+    leaves ``model`` untouched. Buffers (rotary frequencies, kept in fp32 by transformers) are left as they are.
     """
-    tensors = _floating(model)
-    if all(t.dtype == dtype for t in tensors):
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if all(p.dtype == dtype for p in params):
         yield model
         return
-    if any(torch.finfo(t.dtype).bits > torch.finfo(dtype).bits or (torch.finfo(t.dtype).bits == torch.finfo(dtype).bits
-                                                                   and t.dtype != dtype) for t in tensors):
-        scored = copy.deepcopy(model).to(dtype)
-        try:
-            yield scored
-        finally:
-            del scored
-        return
-    before = [(module, name, tensor.dtype) for module in model.modules()
-              for table in (module._parameters, module._buffers) for name, tensor in table.items()
-              if tensor is not None and tensor.is_floating_point()]
-    model.to(dtype)
+    rounding = any(_narrower(p.dtype, dtype) for p in params)
+    target = copy.deepcopy(model) if rounding else model
+    before = [(p, p.dtype) for p in target.parameters() if p.is_floating_point()]
+    for p, _ in before:
+        p.data = p.data.to(dtype)
     try:
-        yield model
+        yield target
     finally:
-        for module, name, original in before:
-            tensor = module._parameters.get(name)
-            if tensor is None:
-                tensor = module._buffers[name]
-            if tensor.dtype != original:
-                tensor.data = tensor.data.to(original)
+        if rounding:
+            del target
+        else:
+            for p, original in before:
+                p.data = p.data.to(original)
 
 
 # --------------------------------------------------------------------------------------------- batching
