@@ -515,7 +515,8 @@ class SequenceScore(Frozen):
     """95% interval of ``exposure_space`` (equal to it when exact)."""
     exact_rank: int | None = None
     exact_status: str | None = None
-    """exact | budget_exceeded | skipped (sampled estimate beyond the budget) | not_enumerable | not_compositional | off"""
+    """exact | budget_exceeded | unstable (the walk could not reproduce its own value of the canary; sampled rank stands) |
+    skipped (sampled estimate beyond the budget) | not_enumerable | not_compositional | off"""
     exact_nodes: int | None = None
     exposure_extrapolated: float | None = None
     """Skew-normal extrapolation over the reference losses, capped at log2|R|."""
