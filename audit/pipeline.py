@@ -75,7 +75,7 @@ def run_audit(
         # ---- base model, scored before training on the same inputs the tuned model will see
         with run.stage("score_base"):
             base, tokenizer = stages.load_base(ctx)
-            view_base = stages.token_view(base, tokenizer, truth)  # per-token probabilities, untuned
+            view_base = stages.token_view(ctx, base, tokenizer, truth)  # per-token probabilities, untuned
             stages.seed_torch(ctx.recipe.seed)
             base_scores = run.store.get_or_run(ScoresFile("base"), lambda: origin.base_scores(
                 lambda: stages.score(ctx, base, tokenizer, truth, "base")))
@@ -92,7 +92,7 @@ def run_audit(
             tuned_scores = run.store.get_or_run(ScoresFile("tuned"), lambda: stages.score(ctx, tuned.model, tokenizer, truth, "tuned"))
         scores = base_scores + tuned_scores
         write_jsonl(run.dir / "scores.jsonl", scores)
-        stages.write_token_view(run.dir, view_base, stages.token_view(tuned.model, tokenizer, truth))
+        stages.write_token_view(run.dir, view_base, stages.token_view(ctx, tuned.model, tokenizer, truth))
         outputs = stages.sample_outputs(run, tuned.model, tokenizer, truth)  # None unless outputs.samples > 0
 
         # ---- report

@@ -109,7 +109,9 @@ class TrainingSection(Frozen):
     lr_scheduler: str = "constant"
     warmup_steps: int = Field(default=0, ge=0)
     logging_steps: int = Field(default=5, ge=1)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp16"] = "auto"
+    """``auto``: fp32 on CPU, ``bf16-mixed`` (fp32 weights, bf16 autocast) on a GPU with native bf16. Pure ``bf16``
+    halves weight memory but rounds small AdamW updates away in a full fine-tune (:mod:`audit.train.sft`)."""
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     lora: LoraSection = Field(default_factory=LoraSection)
     packing: Literal[False, "bfd", "bfd_split", "wrapped"] = False
@@ -133,6 +135,10 @@ class TrainingSection(Frozen):
 
 
 class ScoringSection(Frozen):
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """The dtype the model is scored in, on every device and whatever ``training.precision`` is: in bf16 the logits
+    are rounded before any upcast (candidate bits moved by up to 0.46 bits on CPU-bf16 SmolLM2, and the exact walk's
+    arithmetic drifts from its threshold); a model trained in bf16 is upcast, exactly, to fp32 for scoring."""
     exposure_references: int = Field(default=255, ge=7)
     """Random secrets from the canary's space that each canary is ranked against (Secret Sharer)."""
     batch_size: int = Field(default=64, ge=1)
@@ -509,7 +515,8 @@ class SequenceScore(Frozen):
     """95% interval of ``exposure_space`` (equal to it when exact)."""
     exact_rank: int | None = None
     exact_status: str | None = None
-    """exact | budget_exceeded | skipped (sampled estimate beyond the budget) | not_enumerable | not_compositional | off"""
+    """exact | budget_exceeded | unstable (the walk could not reproduce its own value of the canary; sampled rank stands) |
+    skipped (sampled estimate beyond the budget) | not_enumerable | not_compositional | off"""
     exact_nodes: int | None = None
     exposure_extrapolated: float | None = None
     """Skew-normal extrapolation over the reference losses, capped at log2|R|."""

@@ -217,11 +217,13 @@ def seed_torch(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def token_view(model: Any, tokenizer: Any, truth: Any) -> Any:
-    """Per-token probabilities of the view's canaries (:mod:`audit.render.token_view`)."""
+def token_view(ctx: RunContext, model: Any, tokenizer: Any, truth: Any) -> Any:
+    """Per-token probabilities of the view's canaries (:mod:`audit.render.token_view`), in ``scoring.precision``."""
     from audit.render.token_view import canary_token_logprobs, view_candidates
+    from audit.score.engine import in_scoring_precision, scoring_dtype
 
-    return canary_token_logprobs(model, tokenizer, view_candidates(truth.canaries))
+    with in_scoring_precision(model, scoring_dtype(ctx.recipe.scoring.precision)) as scored:
+        return canary_token_logprobs(scored, tokenizer, view_candidates(truth.canaries))
 
 
 def write_token_view(run_dir: Path, base_view: Any, tuned_view: Any) -> None:
@@ -231,10 +233,13 @@ def write_token_view(run_dir: Path, base_view: Any, tuned_view: Any) -> None:
 
 
 def score(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -> list[SequenceScore]:
+    """The canaries' scores under ``model``, computed in ``scoring.precision`` (fp32 by default, whatever training used)."""
     from audit.score.canaries import score_canaries
+    from audit.score.engine import in_scoring_precision, scoring_dtype
 
-    return score_canaries(model, tokenizer, truth.canaries, truth.reference_secrets, label=label,
-                          section=ctx.recipe.scoring, progress=ctx.progress, seed=ctx.recipe.seed)
+    with in_scoring_precision(model, scoring_dtype(ctx.recipe.scoring.precision)) as scored:
+        return score_canaries(scored, tokenizer, truth.canaries, truth.reference_secrets, label=label,
+                              section=ctx.recipe.scoring, progress=ctx.progress, seed=ctx.recipe.seed)
 
 
 # --------------------------------------------------------------------------------------------------- train

@@ -54,6 +54,7 @@ def test_report_reads_back_and_shows_memorization(tiny_run):
     assert [n.kind for n in report.lineage] == ["base_weights", "data", "tuned_weights"]
     assert report.lineage[2].parents == [report.lineage[0].id, report.lineage[1].id]
     assert report.training.device == "cpu" and report.training.precision == "fp32"
+    assert report.recipe["scoring"]["precision"] == "fp32"  # scoring precision is its own setting, recorded
     assert report.training.gradient_checkpointing is False
 
 

@@ -9,12 +9,16 @@ import torch
 from audit.score.engine import (
     adapter_disabled,
     candidate_nll_bits,
+    default_token_budget,
     greedy_continuations,
+    output_cache,
     plan_batches,
     sampled_continuations,
     score_token_sequences,
     sequence_logprobs,
     torch_threads,
+    vocab_reductions,
+    with_cache,
 )
 
 TEXTS = [
@@ -61,6 +65,28 @@ def test_batched_scores_equal_per_sequence_transformers(tiny_model, encoded, bud
         np.testing.assert_allclose(s.logprobs, lp, atol=1e-4)
         np.testing.assert_allclose(s.vocab_mean, mu, atol=1e-4)
         np.testing.assert_allclose(s.vocab_var, var, atol=1e-4, rtol=1e-4)
+
+
+def test_vocab_mean_keeps_its_precision_on_a_peaked_token():
+    """mu = sum p ln p on a token the model is sure of: ~-1e-7, while E_p[x] and logsumexp(x) are both ~20. Taking
+    their fp32 difference loses everything (ulp(20) = 1.9e-6); reducing over ln p directly keeps it to 1e-5 relative."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 49152
+    rows = []
+    for top in (12.0, 20.0, 23.5):
+        x = torch.randn(vocab, generator=g) - 10.0
+        x[7] = top
+        rows.append(x)
+    logits = torch.stack(rows)
+    targets = torch.full((3,), 7)
+    lp, mu, var = vocab_reductions(logits, targets, with_stats=True)
+    ref = torch.log_softmax(logits.double(), dim=-1)
+    p = ref.exp()
+    mu_ref = (p * ref).sum(-1)
+    var_ref = (p * (ref - mu_ref[:, None]) ** 2).sum(-1)
+    np.testing.assert_allclose(mu.double().numpy(), mu_ref.numpy(), rtol=1e-5, atol=0)
+    np.testing.assert_allclose(var.double().numpy(), var_ref.numpy(), rtol=1e-5, atol=0)
+    np.testing.assert_allclose(lp.double().numpy(), ref[:, 7].numpy(), atol=1e-6)
 
 
 def test_spans_and_bits(tiny_model, encoded):
@@ -139,3 +165,35 @@ def test_adapter_disabled_scores_the_base_weights(tiny_model_dir, encoded):
     with pytest.raises(TypeError, match="no PEFT adapter"):
         with adapter_disabled(base):
             pass
+
+
+def test_the_cache_goes_in_under_the_name_the_model_declares(tiny_model):
+    """transformers 5.24 renamed past_key_values to cache (the old name warns, and goes in 5.40); a model whose forward
+    still names past_key_values (remote code, older transformers) gets that name."""
+    model, _ = tiny_model
+    marker = object()
+    assert with_cache(model, marker) == {"cache": marker}
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return past_key_values
+
+    assert with_cache(OldStyle(), marker) == {"past_key_values": marker}
+    out = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+    assert output_cache(out) is out["cache"] and output_cache(out).get_seq_length() == 3
+
+
+def test_cuda_token_budget_depends_on_the_device_not_on_free_memory(monkeypatch, tiny_model):
+    """Free memory changes after training or beside other jobs; the batch plan (and in bf16 the numbers) must not."""
+    import audit.score.engine as engine
+
+    model, _ = tiny_model
+    vocab = model.get_output_embeddings().weight.shape[0]
+
+    class Props:
+        total_memory = 80 << 30
+
+    monkeypatch.setattr(engine, "device_of", lambda m: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props())
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: pytest.fail("the budget must not read free memory"))
+    assert default_token_budget(model) == min(65536, (80 << 30) // 8 // (vocab * 12))

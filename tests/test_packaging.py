@@ -42,20 +42,66 @@ def test_dockerfile_installs_the_project_with_the_folders_pyproject_packs():
     assert installs, "the Dockerfile must `pip install .` so it gets exactly pyproject's dependencies"
 
 
-def test_dockerfile_torch_satisfies_pyproject_and_has_cpu_and_cuda_variants():
+def _version(text: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a version string, missing parts 0: "2.6" == "2.6.0"."""
+    parts = [int(x) for x in re.match(r"(\d+(?:\.\d+)*)", text).group(1).split(".")]
+    return tuple((parts + [0, 0])[:3])
+
+
+def _transformers_torch_floor() -> tuple[int, ...]:
+    """The torch version below which the installed transformers disables torch (and so cannot load any model)."""
+    import inspect
+
+    from transformers.utils import import_utils
+
+    source = inspect.getsource(import_utils.is_torch_available.__wrapped__)
+    floors = re.findall(r'version\.parse\("(\d+\.\d+(?:\.\d+)?)"\)', source)
+    assert floors, "transformers' is_torch_available no longer states a torch floor: update this test"
+    return max(_version(f) for f in floors)
+
+
+def _dockerfile_torch_versions() -> list[tuple[int, ...]]:
+    """Every torch the image can install: `torch==X` pins and pytorch/pytorch base tags, ARG defaults substituted."""
+    steps = _dockerfile()
+    defaults = dict(arg.split("=", 1) for instr, arg in steps if instr == "ARG" and "=" in arg)
+    versions = []
+    for instr, arg in steps:
+        if instr not in {"FROM", "RUN"}:
+            continue
+        for name, value in defaults.items():
+            arg = arg.replace("${" + name + "}", value)
+        versions += [_version(v) for v in re.findall(r"(?:pytorch/pytorch:|torch==)(\d+\.\d+(?:\.\d+)?)", arg)]
+    return versions
+
+
+def test_dockerfile_torch_is_one_transformers_accepts_and_has_cpu_and_cuda_variants():
     steps = _dockerfile()
     args = [arg for instr, arg in steps if instr == "ARG"]
     assert "VARIANT=cuda" in args
     stages = [arg for instr, arg in steps if instr == "FROM"]
-    assert any("cuda" in s and s.endswith("base-cuda") for s in stages)
+    assert any(s.endswith("base-cuda") for s in stages)
     assert any(s.endswith("base-cpu") for s in stages)
     assert stages[-1] == "base-${VARIANT}"
+    versions = _dockerfile_torch_versions()
+    assert len(versions) == 2, "one torch for the CUDA stage and one for the CPU stage"
+    floor = _transformers_torch_floor()
+    assert floor >= (2, 6, 0)  # transformers 5.24: `Disabling PyTorch because PyTorch >= 2.6 is required`
+    assert all(v >= floor for v in versions), f"the image's torch {versions} is below transformers' floor {floor}"
+
+
+def test_pyproject_torch_floor_is_transformers_floor():
+    """pip must not resolve a torch that transformers then disables: pyproject's floor is at least transformers'."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    floor = next(d for d in pyproject["project"]["dependencies"] if d.startswith("torch"))
-    minimum = tuple(int(x) for x in floor.split(">=")[1].split(".")[:2])
-    for s in stages + [arg for instr, arg in steps if instr == "RUN"]:
-        for major, minor in re.findall(r"(?:pytorch:|torch==)(\d+)\.(\d+)", s):
-            assert (int(major), int(minor)) >= minimum
+    spec = next(d for d in pyproject["project"]["dependencies"] if re.match(r"torch\b", d))
+    assert _version(spec.split(">=")[1]) >= _transformers_torch_floor()
+
+
+def test_installed_torch_is_not_disabled_by_transformers():
+    import torch
+    from transformers.utils import is_torch_available
+
+    assert _version(torch.__version__) >= _transformers_torch_floor()
+    assert is_torch_available()
 
 
 @pytest.mark.slow

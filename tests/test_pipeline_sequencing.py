@@ -96,7 +96,7 @@ def fakes(tmp_path, monkeypatch) -> Fakes:
     monkeypatch.setattr(stages.RunContext, "prepare", classmethod(lambda cls, origin, **kw: prepare(origin, **kw)))
     monkeypatch.setattr(stages.RunContext, "ground_truth", ground_truth)
     monkeypatch.setattr(stages, "load_base", lambda ctx: (f.calls.append("load_base") or "base-model", "tokenizer"))
-    monkeypatch.setattr(stages, "token_view", lambda model, tok, truth: None)
+    monkeypatch.setattr(stages, "token_view", lambda ctx, model, tok, truth: None)
     monkeypatch.setattr(stages, "write_token_view", lambda *a: None)
     monkeypatch.setattr(stages, "seed_torch", lambda seed: None)
     monkeypatch.setattr(stages, "score", score)

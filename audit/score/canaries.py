@@ -65,6 +65,33 @@ def _exact(model, tokenizer, canary: Canary, canaries: CanarySet, section: Scori
     return result.status, result.rank, result.nodes_evaluated
 
 
+def exposure_row(model: Any, tokenizer: Any, canary: Canary, split: SplitTokens, canaries: CanarySet,
+                 reference_secrets: list[str], *, section: ScoringSection, seed: int = 0) -> dict[str, Any]:
+    """One canary's exposure fields (step 2-3 of the module docstring): independent of every other canary."""
+    n_refs = len(reference_secrets)
+    space_size = canaries.space.size
+    candidates = [split.secret_ids] + [r.secret_ids for r in split_tokens_many(tokenizer, canary.prefix, reference_secrets)]
+    bits = candidate_nll_bits(model, split.prefix_ids, candidates, batch_size=section.batch_size)
+    rank = rank_against_references(bits[0], bits[1:])
+    estimate = sampled_space_exposure(rank, n_refs, space_size)
+    extra = exposure_extrapolation([bits[0]], bits[1:], space_size=space_size) if n_refs >= 3 else None
+    status, exact, nodes = _exact(model, tokenizer, canary, canaries, section, rank, n_refs, seed)
+    row: dict[str, Any] = dict(
+        secret_nll_bits=round(bits[0], 6), rank=rank, n_references=n_refs,
+        exposure=round(exposure_from_rank(rank, n_refs + 1), 6),
+        exact_status=status, exact_rank=exact, exact_nodes=nodes,
+        exposure_extrapolated=None if extra is None else round(float(extra.exposure[0]), 6),
+        extrapolation_capped=None if extra is None else bool(extra.capped[0]),
+    )
+    if exact is not None:
+        value = round(exposure_from_rank(exact, space_size), 6)
+        row.update(exposure_method="exact", exposure_space=value, exposure_space_low=value, exposure_space_high=value)
+    else:
+        row.update(exposure_method="sampled", exposure_space=round(estimate.exposure, 6),
+                   exposure_space_low=round(estimate.low, 6), exposure_space_high=round(estimate.high, 6))
+    return row
+
+
 def score_canaries(
     model: Any,
     tokenizer: Any,
@@ -75,50 +102,33 @@ def score_canaries(
     section: ScoringSection,
     progress: bool = True,
     seed: int = 0,
+    exposure_rows: list[dict[str, Any]] | None = None,
 ) -> list[SequenceScore]:
     """One :class:`SequenceScore` per canary under ``model`` (``label`` names the link: base, tuned, ...).
 
     Every canary is ranked against the same ``reference_secrets`` placed after its own prefix, so members and
-    never-inserted references are measured identically. ``seed`` drives sampled extraction.
+    never-inserted references are measured identically. ``seed`` drives sampled extraction. ``exposure_rows``: the
+    canaries' :func:`exposure_row` results computed elsewhere (:func:`audit.score.sharded.score_sharded`), in order.
     """
     from tqdm.auto import tqdm
 
     items = canaries.canaries
     splits = [split_tokens(tokenizer, c.prefix, c.secret) for c in items]
-    n_refs = len(reference_secrets)
-    space = canaries.space
-    space_size = space.size
 
     # 1. one teacher-forced pass per canary text
     texts = [_text_tokens(tokenizer, c, s) for c, s in zip(items, splits, strict=True)]
     passes = score_token_sequences(model, texts, vocab_stats=True, pad_token_id=pad_id_of(tokenizer))
 
-    # 2-3. exposure: sampled rank, whole-space estimate, extrapolation, exact walk
-    bar = tqdm(total=len(items), desc=f"score {label}", unit="canary", leave=False, disable=not progress)
-    exposure_rows: list[dict[str, Any]] = []
-    for canary, split in zip(items, splits, strict=True):
-        candidates = [split.secret_ids] + [r.secret_ids for r in split_tokens_many(tokenizer, canary.prefix, reference_secrets)]
-        bits = candidate_nll_bits(model, split.prefix_ids, candidates, batch_size=section.batch_size)
-        rank = rank_against_references(bits[0], bits[1:])
-        estimate = sampled_space_exposure(rank, n_refs, space_size)
-        extra = exposure_extrapolation([bits[0]], bits[1:], space_size=space_size) if n_refs >= 3 else None
-        status, exact, nodes = _exact(model, tokenizer, canary, canaries, section, rank, n_refs, seed)
-        row: dict[str, Any] = dict(
-            secret_nll_bits=round(bits[0], 6), rank=rank, n_references=n_refs,
-            exposure=round(exposure_from_rank(rank, n_refs + 1), 6),
-            exact_status=status, exact_rank=exact, exact_nodes=nodes,
-            exposure_extrapolated=None if extra is None else round(float(extra.exposure[0]), 6),
-            extrapolation_capped=None if extra is None else bool(extra.capped[0]),
-        )
-        if exact is not None:
-            value = round(exposure_from_rank(exact, space_size), 6)
-            row.update(exposure_method="exact", exposure_space=value, exposure_space_low=value, exposure_space_high=value)
-        else:
-            row.update(exposure_method="sampled", exposure_space=round(estimate.exposure, 6),
-                       exposure_space_low=round(estimate.low, 6), exposure_space_high=round(estimate.high, 6))
-        exposure_rows.append(row)
-        bar.update(1)
-    bar.close()
+    # 2-3. exposure: sampled rank, whole-space estimate, extrapolation, exact walk (or rows scored elsewhere:
+    # audit.score.sharded, each process of a distributed run taking a share of the canaries)
+    if exposure_rows is None:
+        bar = tqdm(total=len(items), desc=f"score {label}", unit="canary", leave=False, disable=not progress)
+        exposure_rows = []
+        for canary, split in zip(items, splits, strict=True):
+            exposure_rows.append(exposure_row(model, tokenizer, canary, split, canaries, reference_secrets,
+                                              section=section, seed=seed))
+            bar.update(1)
+        bar.close()
 
     # 4. extraction: greedy from the prefix, greedy from prefix + a fraction of the secret, sampled
     max_new = max(len(s.secret_ids) for s in splits) + section.extraction_extra_tokens

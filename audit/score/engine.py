@@ -12,14 +12,18 @@ Entry points, each serving many metrics from one pass:
   discoverable and sampled extraction.
 * :func:`adapter_disabled` scores the base weights of a ``PeftModel`` on identical inputs.
 
-Everything runs under ``torch.inference_mode``; fp32 on CPU, the model's own dtype (bf16) on CUDA with the vocabulary
-reductions upcast to fp32.
+Everything runs under ``torch.inference_mode`` in the model's own dtype, with the vocabulary reductions upcast to
+fp32. The audit scores in fp32 on every device (``scoring.precision``, :func:`scoring_dtype`): in bf16 the logits are
+rounded before any upcast (spacing 0.0625-0.125 nat at |logit| 8-32), which moved candidate bits by up to 0.46 bits
+and 6 of 12 tiny-model ranks on CPU-bf16; :func:`in_scoring_precision` casts a model trained in another dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -115,17 +119,70 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+# --------------------------------------------------------------------------------------------- precision
+
+SCORING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def scoring_dtype(precision: str) -> torch.dtype:
+    """``scoring.precision`` as a dtype: fp32 unless a recipe asks otherwise, on every device, whatever the training
+    precision (a model trained in bf16 is scored with its bf16 weights upcast, exactly, to fp32)."""
+    try:
+        return SCORING_DTYPES[precision]
+    except KeyError:
+        raise ValueError(f"scoring precision {precision!r} is not one of {sorted(SCORING_DTYPES)}") from None
+
+
+def _narrower(a: torch.dtype, b: torch.dtype) -> bool:
+    """Casting ``a`` to ``b`` can round (fp32 -> bf16, bf16 <-> fp16)."""
+    return a != b and torch.finfo(a).bits >= torch.finfo(b).bits
+
+
+@contextlib.contextmanager
+def in_scoring_precision(model, dtype: torch.dtype) -> Iterator[object]:
+    """Yield ``model`` with every floating parameter in ``dtype``; on exit each is back in its own dtype.
+
+    A no-op when the parameters are already in ``dtype`` (fp32 on CPU, and the mixed-precision CUDA default, which
+    keeps fp32 weights). An upcast (bf16 weights, fp32 LoRA adapter -> fp32) is exact, so it is done in place and
+    undone bit for bit: training afterwards starts from the same weights. A cast that could round works on a copy and
+    leaves ``model`` untouched. Buffers (rotary frequencies, kept in fp32 by transformers) are left as they are.
+    """
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if all(p.dtype == dtype for p in params):
+        yield model
+        return
+    rounding = any(_narrower(p.dtype, dtype) for p in params)
+    target = copy.deepcopy(model) if rounding else model
+    before = [(p, p.dtype) for p in target.parameters() if p.is_floating_point()]
+    for p, _ in before:
+        p.data = p.data.to(dtype)
+    try:
+        yield target
+    finally:
+        if rounding:
+            del target
+        else:
+            for p, original in before:
+                p.data = p.data.to(original)
+
+
 # --------------------------------------------------------------------------------------------- batching
 
 
 def default_token_budget(model) -> int:
-    """Tokens per forward pass: fixed on CPU; on CUDA sized so the fp32 logits use a quarter of free memory."""
+    """Tokens per forward pass: fixed on CPU; on CUDA sized from the device's *total* memory (an eighth of it for the
+    fp32 logits and two reduction temporaries), never from free memory.
+
+    Free memory changes between calls (after training, on a GPU shared with other jobs, in a resumed run), and with
+    it the batch plan, and in reduced precision the numbers: base and tuned, or a run and its resumption, would be
+    scored under different batchings. Total memory is a property of the device, so the plan is too.
+    """
     device = device_of(model)
     if device.type != "cuda":
         return DEFAULT_CPU_TOKEN_BUDGET
-    free, _total = torch.cuda.mem_get_info(device)
+    total = torch.cuda.get_device_properties(device).total_memory
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    return int(max(256, min(65536, free // 4 // (vocab * 4 * 3))))
+    return int(max(256, min(65536, total // 8 // (vocab * 4 * 3))))
 
 
 def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
@@ -166,26 +223,31 @@ def _right_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor
 def vocab_reductions(logits: torch.Tensor, targets: torch.Tensor, *, with_stats: bool) -> tuple[torch.Tensor, ...]:
     """Per row of ``logits`` (N, V): ``ln p(target)``, and with ``with_stats`` the mean and variance of ``ln p``.
 
-    With x the logits and p = softmax(x): ``ln p(t) = x_t - logsumexp(x)``; ``mu = sum_v p_v ln p_v =
-    sum_v p_v x_v - logsumexp(x)``; ``var = sum_v p_v (x_v - sum_u p_u x_u)^2`` (the shift by logsumexp cancels).
-    Processed in row chunks so that only two (chunk, V) fp32 temporaries exist at a time.
+    With x the logits, lse = logsumexp(x) and p = softmax(x): ``ln p(t) = x_t - lse`` (fp32); ``mu = sum_v p_v ln p_v``
+    and ``var = sum_v p_v (ln p_v - mu)^2``, reduced over ``ln p_v = x_v - lse`` in fp64. On a peaked token mu is tiny
+    (-1e-4 .. -1e-8) while |lse| is ~20: in fp32 both ``sum_v p_v x_v - lse`` (two numbers near 20) and ``x_v - lse``
+    (lse rounded to ulp(20)/2 = 1e-6) carry an absolute error of ~1e-6, which was 0.3% of one SmolLM2 Min-K%++ score
+    and all of mu on sharper tokens. In fp64 the same reductions are exact to ~1e-15. Processed in row chunks so that
+    only two (chunk, V) temporaries of 64 MB exist at a time.
     """
     n, vocab = logits.shape
     if n == 0:
         empty = logits.new_zeros(0, dtype=torch.float32)
         return (empty, empty, empty) if with_stats else (empty,)
-    chunk = max(1, VOCAB_CHUNK_BYTES // (vocab * 4))
+    chunk = max(1, VOCAB_CHUNK_BYTES // (vocab * (8 if with_stats else 4)))
     lp_out, mu_out, var_out = [], [], []
     for s in range(0, n, chunk):
         x = logits[s : s + chunk].float()
         lse = torch.logsumexp(x, dim=-1)
         lp_out.append(x.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - lse)
         if with_stats:
-            p = torch.exp(x - lse[:, None])
-            mean_x = torch.linalg.vecdot(p, x)
-            x = x - mean_x[:, None]
+            x = x.double()
+            x = x - torch.logsumexp(x, dim=-1, keepdim=True)  # ln p, in fp64
+            p = torch.exp(x)
+            mu = torch.linalg.vecdot(p, x)
+            x = x - mu[:, None]
             var_out.append(torch.linalg.vecdot(p, x * x))
-            mu_out.append(mean_x - lse)
+            mu_out.append(mu)
     if not with_stats:
         return (torch.cat(lp_out),)
     return torch.cat(lp_out), torch.cat(mu_out), torch.cat(var_out)
@@ -274,11 +336,34 @@ def sequence_logprobs(model, tokenizer, texts: list[str], *, batch_size: int = 3
 # --------------------------------------------------------------------------------------------- shared-prefix scoring
 
 
+def _base_class(model) -> type:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes kwargs through
+    return type(inner)
+
+
+@functools.cache
+def _takes_cache(cls: type) -> bool:
+    return "cache" in inspect.signature(cls.forward).parameters
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword that hands ``cache`` to ``model``'s forward: ``cache=`` where the model's forward declares it
+    (transformers 5.24 renamed ``past_key_values``, deprecated, removed in 5.40), else ``past_key_values=`` (older
+    transformers, remote-code models). Either way the same cache object reaches the same attention code."""
+    return {"cache": cache} if _takes_cache(_base_class(model)) else {"past_key_values": cache}
+
+
+def output_cache(out):
+    """The key/value cache a forward pass returned (``out.cache``; ``out.past_key_values`` before the rename)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def prefix_cache(model, prefix_ids: Sequence[int]):
     """Run the prefix once; return its KV cache and the log-distribution of the next token (fp32, on the device)."""
     device = device_of(model)
     out = model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True)
-    return out.past_key_values, torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    return output_cache(out), torch.log_softmax(out.logits[0, -1].float(), dim=-1)
 
 
 def expand_cache(cache, rows: int):
@@ -304,8 +389,8 @@ def continuation_logprobs(model, cache, prefix_len: int, rows: list[list[int]]) 
         logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=False).logits
     else:
         attention = torch.cat([torch.ones((len(rows), prefix_len), dtype=torch.long, device=device), mask], dim=1)
-        logits = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], past_key_values=expand_cache(cache, len(rows)),
-                       use_cache=True).logits
+        logits = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], use_cache=True,
+                       **with_cache(model, expand_cache(cache, len(rows)))).logits
     flat = logits.reshape(-1, logits.shape[-1])
     (lp,) = vocab_reductions(flat, ids[:, 1:].reshape(-1), with_stats=False)
     return lp.view(len(rows), width - 1).double() * mask[:, 1:]
@@ -327,8 +412,8 @@ def candidate_nll_bits(model, prefix_ids: list[int], candidates: list[list[int]]
         nll = -first_logp[torch.tensor([c[0] for c in batch], device=device)].double()
         if max(len(c) for c in batch) > 1:
             nll = nll - continuation_logprobs(model, cache, len(prefix_ids), batch).sum(dim=1)
-        for row, i in enumerate(idx):
-            results[i] = float(nll[row]) / LN2
+        for i, value in zip(idx, nll.cpu().tolist(), strict=True):  # one device-to-host copy per batch, not per row
+            results[i] = value / LN2
     return results
 
 

@@ -23,7 +23,13 @@ Requirements, checked before walking (:func:`symbol_tokens`):
 
 Numerics: the canary's loss is taken from the walk itself (the same batched arithmetic as every other leaf), and
 pruning keeps a slack of ``slack_nats`` above the canary's teacher-forced loss, so batch-dependent rounding cannot
-drop a secret that ties with it.
+drop a secret that ties with it. The canary's own path is never pruned. In fp32 the walk and the teacher-forced
+pass agree to <= 1.6e-5 nats (SmolLM2), far inside the 1e-3 slack. In bf16 they do not: decoding one token at a time
+from a rebuilt cache differs from the one multi-token pass by up to +0.196 nats (SmolLM2, CPU bf16), so the limit
+was too low and the walk lost the canary. When the canary's walk loss ends above the limit, some secrets between the
+two may have been pruned, so the walk runs again with the limit taken from the walk's own value of the canary (plus
+a slack sized for the dtype's rounding, :data:`SLACK_NATS`); only if that cannot be made consistent either does it
+give up, with ``status="unstable"`` (the caller keeps the sampled rank), never an exception.
 """
 
 from __future__ import annotations
@@ -43,10 +49,18 @@ from audit.score.engine import (
     continuation_logprobs,
     default_token_budget,
     device_of,
+    output_cache,
     plan_batches,
     split_tokens,
     split_tokens_many,
+    with_cache,
 )
+
+SLACK_NATS = {torch.float32: 1e-3, torch.float64: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.02}
+"""Default pruning slack by the dtype of the logits: a few times the batch-to-batch rounding of a secret's loss
+(fp32: ~1e-6 nats per token; bf16 logits are spaced 0.0625-0.125 nats at |logit| 8-32). Too small costs a second
+walk, never a wrong rank."""
+WALK_ATTEMPTS = 3
 
 
 class NotCompositionalError(ValueError):
@@ -126,7 +140,7 @@ def symbol_tokens(tokenizer, prefix: str, space: SecretSpace, secret: str, *, ch
 
 @dataclass(frozen=True)
 class ExactRank:
-    status: Literal["exact", "budget_exceeded"]
+    status: Literal["exact", "budget_exceeded", "unstable"]
     rank: int | None
     """1 + secrets at least as likely as the canary; None when the budget ran out."""
     space_size: int
@@ -137,6 +151,8 @@ class ExactRank:
     frontier: list[int] = field(default_factory=list)
     """Nodes kept after pruning, per level."""
     wall_s: float = 0.0
+    walks: int = 1
+    """Walks run: 2 or more when the canary's walk loss ended above the first limit (reduced precision)."""
 
     @property
     def exposure(self) -> float | None:
@@ -157,7 +173,7 @@ class _Frontier:
 
 
 def _cached_level(model, prefix_kv, prefix_len: int, front: _Frontier, targets: torch.Tensor, rows_per_batch: int,
-                  limit: float, keep_suffix: bool):
+                  limit: float, keep_suffix: bool, canary_symbol: int):
     """One level of the single-token walk: each node costs one new position; its path's keys/values come from its
     parent's stored suffix after the shared prefix, never recomputed. Returns kept (node, symbol, loss) and the
     suffixes of the parents that have kept children."""
@@ -180,12 +196,14 @@ def _cached_level(model, prefix_kv, prefix_len: int, front: _Frontier, targets: 
             cache.update(k.contiguous(), v.contiguous(), layer)
         past = cache.get_seq_length()
         ids = torch.as_tensor(front.last[idx], device=device).view(b, 1)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **with_cache(model, cache),
                     attention_mask=torch.ones((b, past + 1), dtype=torch.long, device=device))
         logits = out.logits[:, -1].float()
         cost = -(logits[:, targets] - torch.logsumexp(logits, dim=-1, keepdim=True)).double().cpu().numpy()
         total = front.nll[idx, None] + cost
-        ki, ka = np.nonzero(total <= limit)
+        keep = total <= limit
+        keep[front.on_canary[idx], canary_symbol] = True  # the canary's path is never pruned
+        ki, ka = np.nonzero(keep)
         kept_i.append(idx[ki])
         kept_a.append(ka)
         kept_nll.append(total[ki, ka])
@@ -193,7 +211,7 @@ def _cached_level(model, prefix_kv, prefix_len: int, front: _Frontier, targets: 
             owners, slot = np.unique(ki, return_inverse=True)
             sel = torch.as_tensor(owners, device=device)
             parts.append([(layer.keys[:, :, prefix_len:].index_select(0, sel), layer.values[:, :, prefix_len:].index_select(0, sel))
-                          for layer in out.past_key_values.layers])
+                          for layer in output_cache(out).layers])
             next_parent.append(stored + slot)
             stored += len(owners)
     cat = (lambda xs, empty: np.concatenate(xs) if xs else empty)  # noqa: E731
@@ -204,84 +222,107 @@ def _cached_level(model, prefix_kv, prefix_len: int, front: _Frontier, targets: 
             cat(next_parent, np.zeros(0, dtype=int)), suffix)
 
 
+def _logits_dtype(model) -> torch.dtype:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head.weight.dtype if head is not None else next(model.parameters()).dtype
+
+
 @torch.inference_mode()
 def exact_rank(model, table: SymbolTokens, canary: list[int], *, node_budget: int | None = 2_000, prune: bool = True,
-               token_budget: int | None = None, slack_nats: float = 1e-3) -> ExactRank:
+               token_budget: int | None = None, slack_nats: float | None = None) -> ExactRank:
     """Rank of ``canary`` (alphabet indices) among all secrets of the space; see the module docstring.
 
-    ``node_budget`` caps the trie nodes expanded (one forward row each); ``prune=False`` enumerates the whole trie
-    (the exhaustive reference used in tests and benchmarks). When every symbol is one token (digits), each node
-    costs one new position on top of its parent's cached keys/values; otherwise each child's row is recomputed.
+    ``node_budget`` caps the trie nodes expanded (one forward row each, over all walks); ``prune=False`` enumerates
+    the whole trie (the exhaustive reference used in tests and benchmarks). When every symbol is one token (digits),
+    each node costs one new position on top of its parent's cached keys/values; otherwise each child's row is
+    recomputed. ``slack_nats`` defaults by the dtype of the logits (:data:`SLACK_NATS`).
     """
     t0 = time.perf_counter()
     device = device_of(model)
     budget = token_budget or default_token_budget(model)
+    slack = SLACK_NATS.get(_logits_dtype(model), 0.1) if slack_nats is None else slack_nats
     prefix = table.prefix_ids
     canary_tokens = table.tokens(canary)
     single = all(len(piece) == 1 for row in table.pieces for piece in row)
     if single:
         out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
-        prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        prefix_cache = output_cache(out)
+        prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).double().cpu().numpy()
         threshold = -float(first[canary_tokens[0]])
         if len(canary_tokens) > 1:
-            threshold -= float(continuation_logprobs(model, out.past_key_values, len(prefix), [canary_tokens]).sum())
+            threshold -= float(continuation_logprobs(model, prefix_cache, len(prefix), [canary_tokens]).sum())
         cache, cache_len, last = None, 0, prefix[-1]
     else:
         cache = None
         if len(prefix) > 1:
-            cache = model(input_ids=torch.tensor([prefix[:-1]], device=device), use_cache=True).past_key_values
+            cache = output_cache(model(input_ids=torch.tensor([prefix[:-1]], device=device), use_cache=True))
         cache_len, last = len(prefix) - 1, prefix[-1]
         threshold = -float(continuation_logprobs(model, cache, cache_len, [[last] + canary_tokens]).sum())
-    limit = threshold + slack_nats if prune else math.inf
 
-    front = _Frontier(nll=np.zeros(1), on_canary=np.array([True]), last=np.array([last]), parent=np.zeros(1, dtype=int),
-                      paths=None if single else [[]])
     nodes = tokens = 0
-    frontier_sizes: list[int] = []
     n_sym = len(table.pieces[0])
     levels = len(table.pieces)
-    for level, pieces in enumerate(table.pieces):
-        size = len(front.nll)
-        if node_budget is not None and nodes + size > node_budget:
-            return ExactRank("budget_exceeded", None, table.space_size, threshold / LN2, nodes, tokens, frontier_sizes,
-                             time.perf_counter() - t0)
-        ids = np.array([p[0] for p in pieces]) if single else None
-        if single and level == 0:  # the root's children come from the prefix pass itself
-            total = front.nll[:, None] - first[ids][None, :]
-            keep_i, keep_a = np.nonzero(total <= limit)
-            kept = total[keep_i, keep_a]
-            parent, suffix = np.zeros(len(keep_i), dtype=int), None
-        elif single:
-            keep_i, keep_a, kept, parent, suffix = _cached_level(
-                model, prefix_kv, len(prefix), front, torch.as_tensor(ids, device=device), max(1, budget // 4), limit,
-                keep_suffix=level < levels - 1)
-            tokens += size
-        else:  # multi-token pieces: one recomputed row per child
-            child_cost = np.empty((size, n_sym))
-            pairs = [(i, a) for i in range(size) for a in range(n_sym)]
-            rows_all = [[last] + front.paths[i] + pieces[a] for i, a in pairs]
-            for idx in plan_batches([len(r) for r in rows_all], budget):
-                rows = [rows_all[k] for k in idx]
-                lp = continuation_logprobs(model, cache, cache_len, rows).cpu().numpy()
-                for k, row_lp in zip(idx, lp, strict=True):
-                    i, a = pairs[k]
-                    child_cost[i, a] = -row_lp[len(front.paths[i]):].sum()
-                tokens += sum(len(r) for r in rows)
-            total = front.nll[:, None] + child_cost
-            keep_i, keep_a = np.nonzero(total <= limit)
-            kept, parent, suffix = total[keep_i, keep_a], keep_i, None
-        nodes += size
-        front = _Frontier(
-            nll=kept, on_canary=front.on_canary[keep_i] & (keep_a == canary[level]),
-            last=ids[keep_a] if single else np.zeros(len(keep_i), dtype=int), parent=parent, suffix=suffix,
-            paths=None if single else [front.paths[i] + pieces[a] for i, a in zip(keep_i.tolist(), keep_a.tolist(), strict=True)],
-        )
-        frontier_sizes.append(len(front.nll))
-    if not front.on_canary.any():
-        raise RuntimeError(f"the canary was pruned (its walk loss exceeded its teacher-forced loss {threshold:.6f} nats by "
-                           f"more than slack_nats={slack_nats}); raise slack_nats")
-    canary_value = float(front.nll[front.on_canary][0])
-    rank = 1 + int(np.count_nonzero(front.nll[~front.on_canary] <= canary_value))
-    return ExactRank("exact", rank, table.space_size, canary_value / LN2, nodes, tokens, frontier_sizes,
-                     time.perf_counter() - t0)
+
+    def walk(limit: float) -> tuple[_Frontier | None, list[int]]:
+        """One walk of the trie, pruning above ``limit`` except on the canary's path; None when out of budget."""
+        nonlocal nodes, tokens
+        front = _Frontier(nll=np.zeros(1), on_canary=np.array([True]), last=np.array([last]), parent=np.zeros(1, dtype=int),
+                          paths=None if single else [[]])
+        sizes: list[int] = []
+        for level, pieces in enumerate(table.pieces):
+            size = len(front.nll)
+            if node_budget is not None and nodes + size > node_budget:
+                return None, sizes
+            ids = np.array([p[0] for p in pieces]) if single else None
+            if single and level == 0:  # the root's children come from the prefix pass itself
+                total = front.nll[:, None] - first[ids][None, :]
+                keep = total <= limit
+                keep[front.on_canary, canary[level]] = True
+                keep_i, keep_a = np.nonzero(keep)
+                kept = total[keep_i, keep_a]
+                parent, suffix = np.zeros(len(keep_i), dtype=int), None
+            elif single:
+                keep_i, keep_a, kept, parent, suffix = _cached_level(
+                    model, prefix_kv, len(prefix), front, torch.as_tensor(ids, device=device), max(1, budget // 4), limit,
+                    keep_suffix=level < levels - 1, canary_symbol=canary[level])
+                tokens += size
+            else:  # multi-token pieces: one recomputed row per child
+                child_cost = np.empty((size, n_sym))
+                pairs = [(i, a) for i in range(size) for a in range(n_sym)]
+                rows_all = [[last] + front.paths[i] + pieces[a] for i, a in pairs]
+                for idx in plan_batches([len(r) for r in rows_all], budget):
+                    rows = [rows_all[k] for k in idx]
+                    lp = continuation_logprobs(model, cache, cache_len, rows).cpu().numpy()
+                    for k, row_lp in zip(idx, lp, strict=True):
+                        i, a = pairs[k]
+                        child_cost[i, a] = -row_lp[len(front.paths[i]):].sum()
+                    tokens += sum(len(r) for r in rows)
+                total = front.nll[:, None] + child_cost
+                keep = total <= limit
+                keep[front.on_canary, canary[level]] = True
+                keep_i, keep_a = np.nonzero(keep)
+                kept, parent, suffix = total[keep_i, keep_a], keep_i, None
+            nodes += size
+            front = _Frontier(
+                nll=kept, on_canary=front.on_canary[keep_i] & (keep_a == canary[level]),
+                last=ids[keep_a] if single else np.zeros(len(keep_i), dtype=int), parent=parent, suffix=suffix,
+                paths=None if single else [front.paths[i] + pieces[a] for i, a in zip(keep_i.tolist(), keep_a.tolist(), strict=True)],
+            )
+            sizes.append(len(front.nll))
+        return front, sizes
+
+    limit = threshold + slack if prune else math.inf
+    for attempt in range(1, WALK_ATTEMPTS + 1):
+        front, sizes = walk(limit)
+        if front is None:
+            return ExactRank("budget_exceeded", None, table.space_size, threshold / LN2, nodes, tokens, sizes,
+                             time.perf_counter() - t0, walks=attempt)
+        canary_value = float(front.nll[front.on_canary][0])
+        if canary_value <= limit:  # every secret whose walk loss is <= the canary's survived every level
+            rank = 1 + int(np.count_nonzero(front.nll[~front.on_canary] <= canary_value))
+            return ExactRank("exact", rank, table.space_size, canary_value / LN2, nodes, tokens, sizes,
+                             time.perf_counter() - t0, walks=attempt)
+        limit = canary_value + slack  # the walk's own value of the canary: the threshold the next walk prunes at
+    return ExactRank("unstable", None, table.space_size, canary_value / LN2, nodes, tokens, sizes,
+                     time.perf_counter() - t0, walks=WALK_ATTEMPTS)

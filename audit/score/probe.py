@@ -120,8 +120,8 @@ def probe_text(text: str, *, model_source: str | None = None, adapter: str | Non
     tuned = resolve_tuned(adapter) if adapter else None
     source = model_source or (tuned.base_source if tuned else None) or "smollm2-135m"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    choice = DeviceChoice(device, "bf16" if device == "cuda" else "fp32", gradient_checkpointing=False)
+    dtype = torch.float32  # scored in fp32 on every device, like the audit (ScoringSection.precision)
+    choice = DeviceChoice(device, "fp32", gradient_checkpointing=False)
     resolved = resolve_model(source, progress=progress)
     base_model, tokenizer = load_model_and_tokenizer(resolved.path, dtype=dtype, device=device)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

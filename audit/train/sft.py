@@ -5,11 +5,26 @@ weights back onto a base). ``DeviceChoice`` and ``TrainResult`` live in the torc
 
 Device-aware defaults: TRL's ``SFTConfig`` turns on bf16 and gradient checkpointing, which on a CPU without
 native bf16 makes a step about 24x slower (1.2 s -> 29 s for SmolLM2 LoRA, measured). ``precision: auto`` and
-``gradient_checkpointing: auto`` therefore mean fp32 and off on CPU, bf16 and off on CUDA.
+``gradient_checkpointing: auto`` therefore mean fp32 and off on CPU, and on a CUDA GPU with native bf16 (compute
+capability >= 8) ``bf16-mixed``: fp32 weights and AdamW state, bf16 autocast for the matmuls. Not pure bf16: AdamW
+on bf16 weights rounds most updates of a full fine-tune at lr 1e-5..5e-5 away (a weight of 0.02 has a bf16 spacing
+of 1.2e-4), the model under-trains and the audit understates exposure. GPUs that only emulate bf16 (T4, V100) get
+fp32. Precision modes:
+
+=============  ===============  ==========================================================================
+mode           weights (load)   autocast / notes
+=============  ===============  ==========================================================================
+fp32           fp32             none
+bf16-mixed     fp32             bf16 (TrainingArguments.bf16 on an fp32 model)
+fp16-mixed     fp32             fp16 with a gradient scaler (CUDA only)
+bf16           bf16             pure bf16 weights (half the memory); LoRA adapters stay fp32 (PEFT)
+fp16           fp16             LoRA only: a full fine-tune of fp16 weights fails in the gradient scaler
+=============  ===============  ==========================================================================
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -18,17 +33,38 @@ from typing import Any
 
 import torch
 
+from audit.errors import AuditError
 from audit.models import fingerprint_safetensors_dir
 from audit.schema import TrainingSection, TrainSummary
-from audit.train.types import DeviceChoice, TrainResult
+from audit.train.types import LOAD_DTYPES, DeviceChoice, TrainResult
+
+
+def _native_bf16() -> bool:
+    """bf16 in hardware on the current CUDA device (compute capability >= 8); not counting emulation (T4, V100)."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def choose_device(section: TrainingSection) -> DeviceChoice:
-    """Resolve ``auto`` settings from the hardware: fp32 without checkpointing on CPU, bf16 on CUDA."""
+    """Resolve ``auto`` settings from the hardware: fp32 without checkpointing on CPU (and on GPUs without native
+    bf16), ``bf16-mixed`` on CUDA; see the module docstring.
+
+    Under ``accelerate launch``/``torchrun`` on CUDA this first makes ``LOCAL_RANK``'s GPU the current device, so
+    that nothing this process does before accelerate's state exists (the bf16 probe, ground truth that samples the
+    base model, the base model itself: all load to ``"cuda"``) lands on cuda:0 in every rank.
+    """
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     precision = section.precision
     if precision == "auto":
-        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        precision = "bf16-mixed" if device == "cuda" and _native_bf16() else "fp32"
+    if precision == "fp16" and section.method == "full":
+        raise AuditError("training.precision fp16 with method full trains fp16 weights, and the gradient scaler refuses "
+                         "them ('Attempting to unscale FP16 gradients')",
+                         fix="use training.precision=fp16-mixed (fp32 weights, fp16 autocast) or bf16-mixed")
+    if precision == "fp16-mixed" and device != "cuda":
+        raise AuditError("training.precision fp16-mixed needs a CUDA GPU (fp16 autocast with a gradient scaler)",
+                         fix="use training.precision=fp32 or auto on this machine")
     checkpointing = section.gradient_checkpointing
     if checkpointing == "auto":
         checkpointing = False
@@ -82,8 +118,8 @@ def train_sft(
         save_total_limit=1,
         report_to=report_to,  # "mlflow": TRL's MLflowCallback logs into the active (train stage) run, see audit.tracking
         use_cpu=device.device == "cpu",
-        bf16=device.precision == "bf16",
-        fp16=device.precision == "fp16",
+        bf16=device.autocast == "bf16",  # on fp32 weights (the *-mixed modes) this is autocast with fp32 master weights
+        fp16=device.autocast == "fp16",
         gradient_checkpointing=device.gradient_checkpointing,
         max_length=section.max_length,
         packing=bool(section.packing),
@@ -180,14 +216,16 @@ def train_sft(
 
 
 def merged_copy(peft_model: Any) -> Any:
-    """The adapter folded into a copy of its base (``W + B A * alpha / r``); ``peft_model`` itself is left intact.
+    """The adapter folded into an fp32 copy of its base (``W + B A * alpha / r``); ``peft_model`` itself is left intact.
 
     ``merge_and_unload`` rewrites the base layers in place, so it runs on a deep copy: the caller keeps scoring the
-    adapter model (whose ``disable_adapter()`` is the base) afterwards.
+    adapter model (whose ``disable_adapter()`` is the base) afterwards. The merge is done in fp32 whatever the base's
+    dtype: folded into bf16 weights, the fp32 delta would be rounded to the bf16 spacing (~4e-3 relative), and the
+    merged model would no longer be the one that was scored (fp32, :func:`audit.score.engine.scoring_dtype`).
     """
     import copy
 
-    merged = copy.deepcopy(peft_model).merge_and_unload()
+    merged = copy.deepcopy(peft_model).to(torch.float32).merge_and_unload()
     merged.eval()
     return merged
 

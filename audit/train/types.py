@@ -23,13 +23,24 @@ class DeviceChoice:
 
     device: str
     precision: str
+    """``fp32``, ``bf16`` / ``fp16`` (weights in that dtype), or ``bf16-mixed`` / ``fp16-mixed`` (fp32 weights, autocast)."""
     gradient_checkpointing: bool
 
     @property
     def torch_dtype(self) -> Any:
+        """The dtype the weights are loaded and trained in (fp32 for the mixed modes)."""
         import torch
 
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        return getattr(torch, LOAD_DTYPES[self.precision])
+
+    @property
+    def autocast(self) -> str | None:
+        """``bf16`` / ``fp16`` when the Trainer runs the forward pass under that autocast, else None."""
+        return {"bf16": "bf16", "bf16-mixed": "bf16", "fp16": "fp16", "fp16-mixed": "fp16"}.get(self.precision)
+
+
+LOAD_DTYPES = {"fp32": "float32", "bf16-mixed": "float32", "fp16-mixed": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""The torch dtype (by name) the weights are loaded in, per precision mode: the mixed modes keep fp32 weights."""
 
 
 @dataclass

@@ -19,7 +19,8 @@ def load_tuned(base: Any, layers: Sequence[WeightsLayer], *, device: DeviceChoic
 
     A LoRA layer is put on the model below it (``PeftModel.from_pretrained``); every adapter but the last is then
     merged in (``merge_and_unload``), so the next layer sees plain weights. ``keep_last_adapter=False`` merges the
-    last one too (a further tune trains a fresh adapter on top). A full layer replaces the model (safetensors).
+    last one too (a further tune trains a fresh adapter on top); merges run in fp32 and the result is cast to the run's
+    load dtype (a no-op in fp32 and the mixed modes). A full layer replaces the model (safetensors).
     ``base`` is consumed: merging rewrites its layers in place.
     """
     model = base
@@ -28,9 +29,14 @@ def load_tuned(base: Any, layers: Sequence[WeightsLayer], *, device: DeviceChoic
         if layer.method == "lora":
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(layer.path))
-            if not (last and keep_last_adapter):
-                model = model.merge_and_unload()
+            if last and keep_last_adapter:
+                model = PeftModel.from_pretrained(model, str(layer.path))
+            else:  # merged in fp32: folded into bf16 weights the fp32 delta would round to the bf16 spacing (~4e-3
+                # relative) and the start weights would differ from the model that was scored; back to the run's dtype after
+                import torch
+
+                merged = PeftModel.from_pretrained(model.to(torch.float32), str(layer.path)).merge_and_unload()
+                model = merged.to(device.torch_dtype)
         else:
             from audit.models import load_model_and_tokenizer
 

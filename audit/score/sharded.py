@@ -1,0 +1,77 @@
+"""Scoring on every process of a distributed run: each rank ranks a share of the canaries, rank 0 assembles.
+
+    torchrun --nproc_per_node 2 ...     # any launcher that initializes torch.distributed (accelerate does)
+
+What is split is the expensive part, the exposure of each canary: its secret against the reference secrets after
+the canary's own prefix (255-1023 candidates) and the exact walk, which cost the same whichever process runs them
+because they read no other canary. Canaries are dealt round-robin (canary i to rank ``i % world``): a canary set
+is ordered by tier, and the walks of the learned top tiers are the slow ones, so contiguous shards would leave one
+rank with all of them. Every rank sends its rows to every other (``all_gather_object``), and rank 0 runs the rest of
+:func:`audit.score.canaries.score_canaries` (one teacher-forced pass over every canary text, greedy and sampled
+extraction) unsharded, with the same batches and the same sampling random stream as a single process, so the result
+is identical to single-process scoring, not just close: sampled extraction draws from one seeded stream across the
+whole batch, and a shard would draw different samples.
+
+Outside a distributed run (``torch.distributed`` not initialized, or one process) this is ``score_canaries``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from audit.schema import CanarySet, ScoringSection, SequenceScore
+
+
+def shard_of(n: int, *, rank: int, world: int) -> list[int]:
+    """Indices of the canaries rank ``rank`` of ``world`` scores: round-robin."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not a process of a world of {world}")
+    return list(range(rank, n, world))
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def score_sharded(
+    model: Any,
+    tokenizer: Any,
+    canaries: CanarySet,
+    reference_secrets: list[str],
+    *,
+    label: str,
+    section: ScoringSection,
+    progress: bool = True,
+    seed: int = 0,
+) -> list[SequenceScore] | None:
+    """:func:`~audit.score.canaries.score_canaries` with the exposure work split over every process.
+
+    Every process must call it, each with its own copy of ``model`` on its own device. Returns the scores on rank 0
+    and None on the others.
+    """
+    from audit.score.canaries import exposure_row, score_canaries
+    from audit.score.engine import split_tokens
+
+    rank, world = _world()
+    if world == 1:
+        return score_canaries(model, tokenizer, canaries, reference_secrets, label=label, section=section,
+                              progress=progress, seed=seed)
+    import torch.distributed as dist
+
+    items = canaries.canaries
+    mine = {i: exposure_row(model, tokenizer, items[i], split_tokens(tokenizer, items[i].prefix, items[i].secret), canaries,
+                            reference_secrets, section=section, seed=seed)
+            for i in shard_of(len(items), rank=rank, world=world)}
+    gathered: list[dict[int, dict[str, Any]] | None] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank != 0:
+        return None
+    rows = {i: row for part in gathered for i, row in (part or {}).items()}
+    if sorted(rows) != list(range(len(items))):
+        raise RuntimeError(f"sharded scoring returned {len(rows)} exposure rows for {len(items)} canaries")
+    return score_canaries(model, tokenizer, canaries, reference_secrets, label=label, section=section, progress=progress,
+                          seed=seed, exposure_rows=[rows[i] for i in range(len(items))])
