@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue an interrupted run from its finished stages and last training checkpoint")
     _add_gate_exit_arg(run)
 
-    val = sub.add_parser("validate", help="validate a recipe and print it resolved")
+    val = sub.add_parser("validate", help="check a recipe before running it (keys, corpus and model exist, every gate can "
+                                          "be met) and print it resolved")
     _add_recipe_args(val)
 
     sub.add_parser("ls", help="list shipped recipes and canary specs")
@@ -206,11 +207,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
     from audit.config import load_recipe
-    from audit.pipeline import validate_only
+    from audit.validate import validate_only
 
     recipe_name, overrides = _split_overrides(args)
     recipe = load_recipe(recipe_name, overrides)
-    notes = validate_only(recipe)
+    notes = validate_only(recipe)  # corpus and model exist, every gate can be met (audit.validate)
     print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).rstrip())
     for note in notes:
         print(f"# {note}")

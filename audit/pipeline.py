@@ -38,8 +38,7 @@ from pathlib import Path
 import yaml
 
 from audit import distributed, lineage, resume
-from audit.canaries import generate_canaries, load_spec, spec_needs_model
-from audit.errors import AuditError
+from audit.canaries import load_spec
 from audit.gates import evaluate_gates, report_metrics
 from audit.ground_truth import ground_truth_files, ground_truth_for_model
 from audit.models import ResolvedModel, resolve_model
@@ -334,14 +333,3 @@ def _maybe_tracked(enabled: bool, uri: str, recipe: Recipe, *, run_id: str | Non
         return _NoTracking()
     return tracked_run(uri, recipe.tracking.experiment, recipe.name, run_id=run_id)
 
-
-def validate_only(recipe: Recipe) -> list[str]:
-    """Cheap checks for ``audit validate``: the spec loads and the canary pool can be drawn."""
-    spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
-    if spec_needs_model(spec):  # traps / synthetic works sample the base model: drawn at run time
-        return [f"canaries: spec {spec.name} v{spec.version} samples the base model; drawn when the audit runs"]
-    canary_set = generate_canaries(spec, seed=recipe.seed, tiers=recipe.canaries.tiers,
-                                   members_per_tier=recipe.canaries.members_per_tier, references=recipe.canaries.references)
-    if recipe.training.method not in {"lora", "full"}:
-        raise AuditError(f"training.method '{recipe.training.method}' is not supported", fix="use lora or full")
-    return [f"canaries: {len(canary_set.members())} members, {len(canary_set.references())} references, spec {spec.name} v{spec.version}"]

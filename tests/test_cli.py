@@ -60,9 +60,10 @@ def test_stray_flag_is_a_usage_error(capsys):
 
 def _fake_audit(monkeypatch, tmp_path, gates):
     """`run_audit` replaced by a finished report (tests/test_report_render.py): only the CLI's exit logic runs."""
+    from test_report_render import make_run_dir
+
     import audit.pipeline
     from audit.pipeline import AuditResult
-    from test_report_render import make_run_dir
 
     run_dir, report = make_run_dir(tmp_path / "runs" / "tiny-lora-cpu-test", gates=gates)
     monkeypatch.setattr(audit.pipeline, "run_audit", lambda recipe, **kw: AuditResult(run_dir=run_dir, report=report))
