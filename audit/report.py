@@ -64,7 +64,8 @@ def format_table(report: AuditReport) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))  # noqa: E731
     out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
-    out.append(f"exposure in bits; max {report.exposure_max:.2f} (rank 1 of {2 ** report.exposure_max:.0f}); "
+    out.append(f"exposure = bits against {2 ** report.exposure_max - 1:.0f} sampled references (the headline scale; gates "
+               f"use it); max {report.exposure_max:.2f} (rank 1 of {2 ** report.exposure_max:.0f}); "
                f"an unlearned canary averages ~1.44 (1/ln 2)")
     out.extend(format_metrics(report))
     return "\n".join(out)
@@ -88,7 +89,8 @@ def format_metrics(report: AuditReport) -> list[str]:
         exact = sum(round(m[f"exposure.exact_share/rep_{r}/tuned"].value * (m[f"exposure.exact_share/rep_{r}/tuned"].n or 0))
                     for r in member_tiers if f"exposure.exact_share/rep_{r}/tuned" in m)
         n_members = sum(t.n for t in report.tiers if t.repetitions > 0)
-        lines.append(f"exposure over the whole space (max {report.space_bits:.2f} bits), tuned: {', '.join(parts)}; "
+        lines.append(f"whole-space exposure (second scale: rank among all 2^{report.space_bits:.2f} secrets, not capped at "
+                     f"{report.exposure_max:.2f}), tuned: {', '.join(parts)}; "
                      f"exact rank for {exact}/{n_members} members")
     aucs = [f"{a} {val(f'mia.auc/{a}')}" for a in ("loss_diff", "min_k_pp", "min_k_pp_diff", "zlib", "loss") if f"mia.auc/{a}" in m]
     if aucs:
