@@ -369,6 +369,10 @@ COMMANDS = {"report": cmd_report, "run": cmd_run, "validate": cmd_validate, "ls"
             "inject": cmd_inject, "chain": cmd_chain, "compare": cmd_compare, "probe": cmd_probe}
 
 
+WATCHED_COMMANDS = {"run", "chain", "inject"}
+"""Long commands: a line after every 10 s without output (:func:`audit.progress.watchdog`), once the run has started
+(its first ``[audit]`` line), so a bad input still gets exactly one line on stderr."""
+
 QUIET_COMMANDS = {"run", "chain", "inject", "canaries", "probe", "report"}
 """Commands that load models or MLflow: library chatter off, our progress bars on (:mod:`audit.console`)."""
 
@@ -384,11 +388,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        if args.command in QUIET_COMMANDS:
-            from audit.console import quiet_libraries
+        from audit.progress import watchdog
 
-            quiet_libraries(transformers=args.command != "report" or bool(getattr(args, "probe", None)))
-        return COMMANDS[args.command](args)
+        watched = args.command in WATCHED_COMMANDS and not getattr(args, "quiet", False)
+        with watchdog(args.command, enabled=watched, after="[audit]"):  # armed once inputs are checked
+            if args.command in QUIET_COMMANDS:
+                from audit.console import quiet_libraries
+
+                quiet_libraries(transformers=args.command != "report" or bool(getattr(args, "probe", None)))
+            return COMMANDS[args.command](args)
     except AuditError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return EXIT_USAGE

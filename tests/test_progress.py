@@ -46,3 +46,35 @@ def test_a_beat_whose_owner_is_gone_stops_by_itself():
     gc.collect()
     time.sleep(0.4)
     assert lines == [] and not any(t.name == "heartbeat:train" for t in threading.enumerate())
+
+
+def test_the_watchdog_speaks_only_after_the_run_started_and_only_in_silence():
+    import sys
+
+    from audit.progress import watchdog
+
+    lines: list[str] = []
+    with watchdog("run", every_s=0.2, write=lines.append, after="[audit]"):
+        time.sleep(0.5)
+        assert lines == []  # not armed: inputs are still being checked, a bad one must stay a single error line
+        print("[audit] run directory runs/x", file=sys.stderr)
+        for _ in range(6):  # a bar refreshing through stderr keeps it quiet
+            time.sleep(0.1)
+            sys.stderr.write("\rtrain:  50%")
+        assert lines == []
+        time.sleep(0.5)
+    assert lines and re.fullmatch(r"\[audit\] run: still working \(\d+ s since the last line, \d+ s in all\)", lines[0])
+    assert not hasattr(sys.stderr, "armed")  # stderr restored
+
+
+def test_a_named_step_speaks_instead_of_the_watchdog():
+    import sys
+
+    from audit.progress import watchdog
+
+    said: list[str] = []
+    with watchdog("run", every_s=0.2, write=said.append), heartbeat("train", every_s=0.2, write=said.append) as beat:
+        beat.step("building the trainer (162 texts)")
+        print("[audit] x", file=sys.stderr)
+        time.sleep(0.7)
+    assert said and all(line.startswith("[audit] train: building the trainer (162 texts), ") for line in said), said
