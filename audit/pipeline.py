@@ -161,6 +161,7 @@ def run_audit(
                        f"(canaries up to {truth.preflight.canary_tokens_max} tokens, carriers up to "
                        f"{truth.preflight.record_tokens_max}, max_length {truth.preflight.max_length})")
 
+        _say(progress and use_tracking, f"[audit] MLflow: opening the run in {uri}")
         with _maybe_tracked(use_tracking, uri, recipe, run_id=status.get("mlflow_run_id")) as tracker:
             if tracker is not None:
                 run.save_status(mlflow_run_id=tracker.run_id)
@@ -182,6 +183,7 @@ def run_audit(
             # ---- base model, scored before training on the same inputs the tuned model will see
             stage_of(tracker, "score_base")
             t = time.perf_counter()
+            _say(progress, f"[audit] score base: loading {recipe.model.source} and its per-token view")
             model, tokenizer = load_model_and_tokenizer(resolved.path, dtype=device.torch_dtype, device=device.device,
                                                         trust_remote_code=recipe.model.trust_remote_code)
             base_fp = resolved.provenance.get("weights_fingerprint")

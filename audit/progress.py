@@ -165,9 +165,14 @@ class _TimedStream:
         if arm_on is None:
             self.armed.set()
 
+    last_step = ""
+    """The last ``[audit]`` line written (without the prefix), for "still working" to name."""
+
     def write(self, text: str) -> int:
         if text.strip():
             note_output()
+            if text.startswith("[audit] ") and "still working" not in text:
+                self.last_step = text.strip().removeprefix("[audit] ")
             if not self.armed.is_set() and self._arm_on is not None and self._arm_on in text:
                 self.armed.set()
         return self._stream.write(text)
@@ -200,8 +205,9 @@ def watchdog(label: str, *, enabled: bool = True, every_s: float = HEARTBEAT_S, 
                 continue  # not started yet, or the step's own heartbeat speaks, with its name
             quiet = _claim_silence(every_s)
             if quiet is not None:
+                after = timed.last_step if len(timed.last_step) <= 70 else timed.last_step[:69] + "\u2026"
                 say(f"[audit] {label}: still working ({quiet:.0f} s since the last line, "
-                    f"{time.monotonic() - started:.0f} s in all)")
+                    f"{time.monotonic() - started:.0f} s in all)" + (f"; last step: {after}" if after else ""))
 
     note_output()
     thread = threading.Thread(target=loop, name=f"watchdog:{label}", daemon=True)

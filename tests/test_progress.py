@@ -63,7 +63,8 @@ def test_the_watchdog_speaks_only_after_the_run_started_and_only_in_silence():
             sys.stderr.write("\rtrain:  50%")
         assert lines == []
         time.sleep(0.5)
-    assert lines and re.fullmatch(r"\[audit\] run: still working \(\d+ s since the last line, \d+ s in all\)", lines[0])
+    assert lines and re.fullmatch(r"\[audit\] run: still working \(\d+ s since the last line, \d+ s in all\); "
+                                  r"last step: run directory runs/x", lines[0]), lines
     assert not hasattr(sys.stderr, "armed")  # stderr restored
 
 
