@@ -164,8 +164,9 @@ def _gate_exit(args: argparse.Namespace, reports: list) -> int:
     failed = [(r.run_id, g) for r in reports for g in r.gates if not g.passed]
     if not failed:
         return 0
-    names = "; ".join(f"{g.gate} ({g.metric} = {'n/a' if g.value is None else f'{g.value:.3g}'}, needs {g.threshold})"
-                      for _, g in failed)
+    names = "; ".join((f"{run}: " if len(reports) > 1 else "")
+                      + f"{g.gate} ({g.metric} = {'n/a' if g.value is None else f'{g.value:.3g}'}, needs {g.threshold})"
+                      for run, g in failed)
     if not args.fail_on_gates:
         print(f"\n{len(failed)} release gate(s) failed: {names}; exit 0 because of --no-fail-on-gates", file=sys.stderr)
         return 0
