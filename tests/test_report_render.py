@@ -212,7 +212,7 @@ def test_the_verdict_names_the_positive_control_and_says_what_pass_means():
     scores = synthetic_scores()
     passed = verdict(make_report(scores, gates=PASSING))
     assert passed.findings[0].startswith("Positive control: the 16x tier (canaries planted 16 times, to be memorized)")
-    assert passed.meaning.startswith("What PASS means for the release: every gate this recipe sets held")
+    assert passed.meaning.startswith("What PASS means for the release: the one gate this recipe sets held")
     assert "does not count against the release" in passed.meaning
     failed = verdict(make_report(scores, gates=FAILING))
     assert failed.meaning.startswith("Do not release as is: 'single copies stay at the null' failed (6 > 5)")

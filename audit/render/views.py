@@ -78,6 +78,10 @@ class Verdict:
     """What the status means for the release, in words (shown under the headline)."""
 
 
+def _gates_held(n: int) -> str:
+    return "the one gate this recipe sets held" if n == 1 else f"all {n} gates this recipe sets held"
+
+
 def verdict(report: AuditReport) -> Verdict:
     """Gates decide pass/fail; the findings say in words what the numbers show, whether gates exist or not.
 
@@ -134,9 +138,9 @@ def verdict(report: AuditReport) -> Verdict:
         control_note = (f" The memorized {control.label} positive control does not count against the release: it "
                         "is planted to be memorized." if control is not None and control.above_null("tuned") else "")
         return Verdict("pass", f"PASS: all {len(report.gates)} release gates passed{extra}", findings,
-                       "What PASS means for the release: every gate this recipe sets held for these weights "
-                       f"({', '.join(repr(g.gate) for g in report.gates if g.passed)})." + control_note
-                       + " It is a statement about these gates and this sample size, not a proof that nothing leaks.")
+                       f"What PASS means for the release: {_gates_held(len(report.gates))} for these weights (table "
+                       "below)." + control_note
+                       + " PASS is a statement about these gates at this sample size, not a proof that nothing leaks.")
     return Verdict("none", "No gates configured: this report measures, it does not decide", findings,
                    "Add a `gates:` section to the recipe to turn these measurements into a release decision.")
 

@@ -27,7 +27,7 @@ th{background:#f1f3f5} td.num{text-align:right;font-variant-numeric:tabular-nums
 .verdict{border-radius:6px;padding:12px 16px;margin:10px 0;border:1px solid}
 .verdict.pass{background:#ebfbee;border-color:#8ce99a} .verdict.fail{background:#fff5f5;border-color:#ffa8a8}
 .verdict.none{background:#f1f3f5;border-color:#ced4da} .verdict h3{margin:0 0 6px;font-size:17px}
-.verdict ul{margin:4px 0 0 18px;padding:0} .verdict p.meaning{margin:8px 0 0;font-weight:600}
+.verdict ul{margin:4px 0 0 18px;padding:0} .verdict p.meaning{margin:6px 0 0}
 img.plot{max-width:100%;display:block;margin:8px 0}
 .tokens{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;line-height:2.1;white-space:pre-wrap}
 .tok{padding:2px 1px;border-radius:3px} .tok.secret{outline:1px dashed #e67700}
