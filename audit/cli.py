@@ -153,6 +153,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                            progress=not args.quiet, resume_dir=run_dir)
     else:
         recipe = load_recipe(recipe_name, overrides)
+        if recipe.parent is None:  # a gate no run can pass fails the run after all its work: refuse it now
+            from audit.validate import check_gates
+
+            check_gates(recipe)
         result = run_audit(recipe, tracking_uri=args.tracking_uri, tracking=False if args.no_tracking else None,
                            progress=not args.quiet)
     _print_result(result)

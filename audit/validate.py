@@ -238,6 +238,21 @@ def _plan(recipe: Recipe) -> tuple[Plan, list[str]]:
     return plan, [note]
 
 
+def check_gates(recipe: Recipe) -> list[str]:
+    """Only the gate checks (``audit run`` calls it before any model work); notes, or one AuditError."""
+    plan, _ = _plan(recipe)
+    problems, notes = gate_problems(list(recipe.gates), plan)
+    if problems:
+        listed = problems[0] if len(problems) == 1 else "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        raise AuditError(f"recipe '{recipe.name}' has {'a gate' if len(problems) == 1 else f'{len(problems)} gates'} "
+                         f"no run can pass: {listed}", fix=GATE_FIX)
+    return notes
+
+
+GATE_FIX = ("lower the threshold, or raise scoring.exposure_references / canaries.references / the tiers so it can "
+            "be met (`audit validate RECIPE` checks a recipe without running it)")
+
+
 def validate_only(recipe: Recipe, *, check_sources: bool = True) -> list[str]:
     """Check ``recipe`` as far as it can be checked without running it; notes on success, one AuditError otherwise.
 
@@ -261,8 +276,7 @@ def validate_only(recipe: Recipe, *, check_sources: bool = True) -> list[str]:
     notes.append(f"exposure: at most {plan.exposure_max:.2f} bits against {plan.exposure_references} sampled references"
                  + (f"; whole space {plan.space_bits:.2f} bits" if plan.space_bits is not None else ""))
     notes += gate_notes
-    problems += [(p, "lower the threshold, or raise scoring.exposure_references / canaries.references / the tiers "
-                     "so it can be met") for p in gate_errors]
+    problems += [(p, GATE_FIX) for p in gate_errors]
     if problems:
         if len(problems) == 1:
             raise AuditError(f"recipe '{recipe.name}' cannot run as written: {problems[0][0]}", fix=problems[0][1])

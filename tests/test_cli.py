@@ -93,9 +93,8 @@ def test_run_exits_0_when_every_gate_passes_and_names_the_html_report(monkeypatc
 
 @pytest.mark.slow
 def test_a_real_run_whose_gate_fails_exits_1(in_tmp, capsys):
-    """One epoch of tiny-llama, and a gate no audit of 6 references passes (their mean exposure at most 0.01 bits)."""
-    gate = "gates=[{name: references ranked last, metric: exposure.mean/rep_0/tuned, max: 0.01}]"
-    assert main(["run", "tiny/lora_cpu", "--quiet", "--no-tracking", "training.epochs=1", gate]) == 1
+    """One epoch of tiny-llama instead of ten: the recipe's positive control (16x exposure >= 5) is not reached."""
+    assert main(["run", "tiny/lora_cpu", "--quiet", "--no-tracking", "training.epochs=1"]) == 1
     (run_dir,) = (in_tmp / "runs").iterdir()
     assert (run_dir / "report.json").is_file() and (run_dir / "report.html").is_file()  # reported, then failed
-    assert "references ranked last" in capsys.readouterr().err
+    assert "1 release gate(s) failed: positive control, 16-copy canaries detected" in capsys.readouterr().err

@@ -99,3 +99,9 @@ def test_reachable_gates_raise_nothing():
     # 2 unlearned canaries average >= 3 bits with probability e^-x (1 + x), x = 2 * 3 ln 2: said, not refused
     assert notes == ["gate 'exposure.mean/rep_1/tuned': a model that memorized nothing fails it with probability 0.08 "
                      "(2 canaries, max 3)"]
+
+
+def test_audit_run_refuses_a_gate_no_run_can_pass_before_any_work(in_tmp, capsys):
+    err = _refused(["run", "tiny/lora_cpu", "--no-tracking", "scoring.exposure_references=15", POSITIVE_CONTROL], capsys)
+    assert "has a gate no run can pass: gate 'positive control' needs exposure.mean/rep_16/tuned >= 5" in err
+    assert not (in_tmp / "runs").exists()
