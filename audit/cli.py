@@ -327,6 +327,10 @@ def cmd_chain(args: argparse.Namespace) -> int:
                              fix="pass --then RECIPE, e.g. --then smollm2/clean_lora_cpu")
         then = str(beside)
     load_recipe(then, overrides)  # a bad second recipe fails before the first run starts
+    if first.parent is None:
+        from audit.validate import check_gates
+
+        check_gates(first)
     tracking = False if args.no_tracking else None
     parent = run_audit(first, tracking_uri=args.tracking_uri, tracking=tracking, progress=not args.quiet)
     _print_result(parent)
