@@ -2,6 +2,7 @@
 
     audit run                                   # the default audit: recipes/smollm2/lora_cpu.yaml
     audit run tiny/lora_cpu training.epochs=2   # a shipped recipe by name, with key=value overrides
+    audit run tiny/lora_cpu --no-fail-on-gates  # exit 0 even if a release gate fails (default: exit 1, like `audit gate`)
     audit validate recipes/tiny/lora_cpu.yaml   # check a recipe without running it
     audit ls                                    # list shipped recipes and canary specs
     audit run --resume runs/<run>               # continue an interrupted run (finished stages and last checkpoint)
@@ -15,6 +16,10 @@
     audit report runs/<run> [--probe "some text"]        # regenerate report.html/report.md (no rescoring)
 
 User errors print one line, ``error: <problem> (fix: <how>)``, and exit with code 2.
+
+Exit codes: 0 done (and every release gate passed); 1 a release gate failed (`audit run`, `audit chain` and
+`audit gate` alike, so CI can read it; `audit run --no-fail-on-gates` reports the failure and still exits 0);
+2 bad input; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. training.epochs=2")
 
 
+def _add_gate_exit_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-fail-on-gates", dest="fail_on_gates", action="store_false",
+                   help="exit 0 even when a release gate fails (the failure is still printed and in report.json); "
+                        f"by default a failed gate exits {EXIT_GATE_FAILED}, like `audit gate`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audit", description="Audit fine-tuned language models for memorized canaries.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -50,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress output, only the final table")
     run.add_argument("--resume", default=None, metavar="RUN_DIR",
                      help="continue an interrupted run from its finished stages and last training checkpoint")
+    _add_gate_exit_arg(run)
 
-    val = sub.add_parser("validate", help="validate a recipe and print it resolved")
+    val = sub.add_parser("validate", help="check a recipe before running it (keys, corpus and model exist, every gate can "
+                                          "be met) and print it resolved")
     _add_recipe_args(val)
 
     sub.add_parser("ls", help="list shipped recipes and canary specs")
@@ -84,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     chn.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
     chn.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     chn.add_argument("--quiet", action="store_true", help="no progress output, only the final tables")
+    _add_gate_exit_arg(chn)
 
     cmp_ = sub.add_parser("compare", help="several runs side by side (table + PNG), read from MLflow")
     cmp_.add_argument("targets", nargs="+", metavar="RUN_OR_EXPERIMENT",
@@ -132,16 +146,37 @@ def cmd_run(args: argparse.Namespace) -> int:
             from audit.gates import read_report_or_run
 
             print(f"run {run_dir} is already complete; nothing to resume")
-            print(format_table(read_report_or_run(run_dir)))
-            return 0
+            report = read_report_or_run(run_dir)
+            print(format_table(report))
+            return _gate_exit(args, [report])
         result = run_audit(recipe, tracking_uri=args.tracking_uri, tracking=False if args.no_tracking else None,
                            progress=not args.quiet, resume_dir=run_dir)
     else:
         recipe = load_recipe(recipe_name, overrides)
+        if recipe.parent is None:  # a gate no run can pass fails the run after all its work: refuse it now
+            from audit.validate import check_gates
+
+            check_gates(recipe)
         result = run_audit(recipe, tracking_uri=args.tracking_uri, tracking=False if args.no_tracking else None,
                            progress=not args.quiet)
     _print_result(result)
-    return 0
+    return _gate_exit(args, [result.report] if result is not None else [])
+
+
+def _gate_exit(args: argparse.Namespace, reports: list) -> int:
+    """0, or EXIT_GATE_FAILED when a release gate of one of ``reports`` failed (unless --no-fail-on-gates)."""
+    failed = [(r.run_id, g) for r in reports for g in r.gates if not g.passed]
+    if not failed:
+        return 0
+    names = "; ".join((f"{run}: " if len(reports) > 1 else "")
+                      + f"{g.gate} ({g.metric} = {'n/a' if g.value is None else f'{g.value:.3g}'}, needs {g.threshold})"
+                      for run, g in failed)
+    if not args.fail_on_gates:
+        print(f"\n{len(failed)} release gate(s) failed: {names}; exit 0 because of --no-fail-on-gates", file=sys.stderr)
+        return 0
+    print(f"\n{len(failed)} release gate(s) failed: {names}; exit {EXIT_GATE_FAILED} "
+          "(pass --no-fail-on-gates to report without failing)", file=sys.stderr)
+    return EXIT_GATE_FAILED
 
 
 def _print_result(result) -> None:
@@ -165,7 +200,10 @@ def _print_result(result) -> None:
 
         print("\ngates (check again with `audit gate RUN_DIR`; exit 1 when one fails):")
         print(format_gate_table(report.gates))
+    from audit.render import HTML_FILE
+
     print(f"\nrun directory: {result.run_dir}")
+    print(f"report: {result.run_dir / HTML_FILE} (open it in a browser; regenerate with `audit report {result.run_dir}`)")
     if report.tracking is not None:
         print(f"MLflow run {report.tracking.run_id}: {report.tracking.ui_command}")
 
@@ -174,11 +212,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
     from audit.config import load_recipe
-    from audit.pipeline import validate_only
+    from audit.validate import validate_only
 
     recipe_name, overrides = _split_overrides(args)
     recipe = load_recipe(recipe_name, overrides)
-    notes = validate_only(recipe)
+    notes = validate_only(recipe)  # corpus and model exist, every gate can be met (audit.validate)
     print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).rstrip())
     for note in notes:
         print(f"# {note}")
@@ -289,6 +327,10 @@ def cmd_chain(args: argparse.Namespace) -> int:
                              fix="pass --then RECIPE, e.g. --then smollm2/clean_lora_cpu")
         then = str(beside)
     load_recipe(then, overrides)  # a bad second recipe fails before the first run starts
+    if first.parent is None:
+        from audit.validate import check_gates
+
+        check_gates(first)
     tracking = False if args.no_tracking else None
     parent = run_audit(first, tracking_uri=args.tracking_uri, tracking=tracking, progress=not args.quiet)
     _print_result(parent)
@@ -296,7 +338,7 @@ def cmd_chain(args: argparse.Namespace) -> int:
                       tracking=tracking, progress=not args.quiet)
     _print_result(child)
     print(f"\nchain: {parent.run_dir} -> {child.run_dir}")
-    return 0
+    return _gate_exit(args, [r.report for r in (parent, child) if r is not None])
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -336,6 +378,10 @@ COMMANDS = {"report": cmd_report, "run": cmd_run, "validate": cmd_validate, "ls"
             "inject": cmd_inject, "chain": cmd_chain, "compare": cmd_compare, "probe": cmd_probe}
 
 
+WATCHED_COMMANDS = {"run", "chain", "inject"}
+"""Long commands: a line after every 10 s without output (:func:`audit.progress.watchdog`), once the run has started
+(its first ``[audit]`` line), so a bad input still gets exactly one line on stderr."""
+
 QUIET_COMMANDS = {"run", "chain", "inject", "canaries", "probe", "report"}
 """Commands that load models or MLflow: library chatter off, our progress bars on (:mod:`audit.console`)."""
 
@@ -351,11 +397,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        if args.command in QUIET_COMMANDS:
-            from audit.console import quiet_libraries
+        from audit.progress import watchdog
 
-            quiet_libraries(transformers=args.command != "report" or bool(getattr(args, "probe", None)))
-        return COMMANDS[args.command](args)
+        watched = args.command in WATCHED_COMMANDS and not getattr(args, "quiet", False)
+        with watchdog(args.command, enabled=watched, after="[audit]"):  # armed once inputs are checked
+            if args.command in QUIET_COMMANDS:
+                from audit.console import quiet_libraries
+
+                quiet_libraries(transformers=args.command != "report" or bool(getattr(args, "probe", None)))
+            return COMMANDS[args.command](args)
     except AuditError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return EXIT_USAGE

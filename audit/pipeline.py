@@ -34,8 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from audit.canaries import generate_canaries, load_spec, spec_needs_model
-from audit.errors import AuditError
 from audit.schema import AuditReport, Recipe
 
 
@@ -100,15 +98,3 @@ def run_audit(
             report = build_report(run=run, origin=origin, truth=truth, scores=scores, training=tuned.summary, outputs=outputs)
             stages.publish(run, origin, report)  # report.json/html/md, MLflow, the parent's children.jsonl
     return AuditResult(run_dir=run.dir, report=report)
-
-
-def validate_only(recipe: Recipe) -> list[str]:
-    """Cheap checks for ``audit validate``: the spec loads and the canary pool can be drawn."""
-    spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
-    if spec_needs_model(spec):  # traps / synthetic works sample the base model: drawn at run time
-        return [f"canaries: spec {spec.name} v{spec.version} samples the base model; drawn when the audit runs"]
-    canary_set = generate_canaries(spec, seed=recipe.seed, tiers=recipe.canaries.tiers,
-                                   members_per_tier=recipe.canaries.members_per_tier, references=recipe.canaries.references)
-    if recipe.training.method not in {"lora", "full"}:
-        raise AuditError(f"training.method '{recipe.training.method}' is not supported", fix="use lora or full")
-    return [f"canaries: {len(canary_set.members())} members, {len(canary_set.references())} references, spec {spec.name} v{spec.version}"]

@@ -146,7 +146,8 @@ def format_table(report: AuditReport) -> str:
                     + [f"{t.exposure_mean[m]:.2f}" for m in models]
                     + [f"{t.extracted[m]}/{t.n}" for m in models])
     out = text_table(header, rows, numbers_right=True)
-    out.append(f"exposure in bits; max {report.exposure_max:.2f} (rank 1 of {2 ** report.exposure_max:.0f}); "
+    out.append(f"exposure = bits against {2 ** report.exposure_max - 1:.0f} sampled references (the headline scale; gates "
+               f"use it); max {report.exposure_max:.2f} (rank 1 of {2 ** report.exposure_max:.0f}); "
                f"an unlearned canary averages ~{NULL_MEAN_EXPOSURE_BITS:.2f} (1/ln 2)")
     out.extend(format_metrics(report))
     return "\n".join(out)
@@ -170,7 +171,8 @@ def format_metrics(report: AuditReport) -> list[str]:
         exact = sum(round(m[f"exposure.exact_share/rep_{r}/tuned"].value * (m[f"exposure.exact_share/rep_{r}/tuned"].n or 0))
                     for r in member_tiers if f"exposure.exact_share/rep_{r}/tuned" in m)
         n_members = sum(t.n for t in report.tiers if t.repetitions > 0)
-        lines.append(f"exposure over the whole space (max {report.space_bits:.2f} bits), tuned: {', '.join(parts)}; "
+        lines.append(f"whole-space exposure (second scale: rank among all 2^{report.space_bits:.2f} secrets, not capped at "
+                     f"{report.exposure_max:.2f}), tuned: {', '.join(parts)}; "
                      f"exact rank for {exact}/{n_members} members")
     aucs = [f"{a} {val(f'mia.auc/{a}')}" for a in ("loss_diff", "min_k_pp", "min_k_pp_diff", "zlib", "loss") if f"mia.auc/{a}" in m]
     if aucs:

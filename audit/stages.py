@@ -139,6 +139,7 @@ def open_run(ctx: RunContext, resume_dir: Path | None) -> Iterator[Run]:
 
     run_dir = new_run_dir(ctx.recipe) if resume_dir is None else Path(resume_dir)
     handle = open_run_dir(run_dir, resumed=resume_dir is not None, progress=ctx.progress)
+    say(ctx.progress and ctx.tracking, f"[audit] MLflow: opening the run in {ctx.tracking_uri}")  # seconds on a cold store
     try:
         with open_tracker(ctx.tracking, ctx.tracking_uri, ctx.recipe.tracking.experiment, ctx.recipe.name,
                           run_id=handle.status.get("mlflow_run_id")) as tracker:
@@ -197,6 +198,7 @@ def load_base(ctx: RunContext) -> tuple[Any, Any]:
     """The pretrained weights and their tokenizer, on the run's device and precision."""
     from audit.models import load_model_and_tokenizer
 
+    say(ctx.progress, f"[audit] score base: loading {ctx.recipe.model.source} and its per-token view")
     return load_model_and_tokenizer(ctx.resolved.path, dtype=ctx.device.torch_dtype, device=ctx.device.device,
                                     trust_remote_code=ctx.recipe.model.trust_remote_code)
 

@@ -44,7 +44,8 @@ def test_audit_run_with_each_shipped_spec(spec, in_tmp):
     if spec == "works":
         overrides.append(f"canaries.params.sources=[{_folder_source(in_tmp / 'works')},synthetic]")
     tracking = ["--no-tracking"] if spec != "digits" else []
-    assert main(["run", "tiny/lora_cpu", "--quiet", *tracking, *overrides]) == 0
+    # one epoch: the recipe's positive-control gate may fail (exit 1); the canaries are under test, not the gates
+    assert main(["run", "tiny/lora_cpu", "--quiet", "--no-fail-on-gates", *tracking, *overrides]) == 0
     (run_dir,) = (in_tmp / "runs").iterdir()
     canaries = [json.loads(line) for line in (run_dir / "canaries.jsonl").read_text().splitlines()]
     manifest = json.loads((run_dir / "manifest.json").read_text())

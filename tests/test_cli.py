@@ -53,3 +53,48 @@ def test_stray_flag_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["run", "tiny/lora_cpu", "--nonsense"])
     assert info.value.code == 2
+
+
+# --------------------------------------------------------------------------------------------------- gate exit code
+
+
+def _fake_audit(monkeypatch, tmp_path, gates):
+    """`run_audit` replaced by a finished report (tests/test_report_render.py): only the CLI's exit logic runs."""
+    from test_report_render import make_run_dir
+
+    import audit.pipeline
+    from audit.pipeline import AuditResult
+
+    run_dir, report = make_run_dir(tmp_path / "runs" / "tiny-lora-cpu-test", gates=gates)
+    monkeypatch.setattr(audit.pipeline, "run_audit", lambda recipe, **kw: AuditResult(run_dir=run_dir, report=report))
+    return run_dir
+
+
+def test_run_exits_1_when_a_gate_fails_and_0_with_no_fail_on_gates(monkeypatch, tmp_path, capsys):
+    from test_report_render import FAILING
+
+    _fake_audit(monkeypatch, tmp_path, FAILING)
+    assert main(["run", "tiny/lora_cpu", "--quiet", "--no-tracking"]) == 1
+    err = capsys.readouterr().err
+    assert "1 release gate(s) failed: single copies stay at the null (exposure.mean/rep_1/tuned = 6, needs <= 5)" in err
+    assert "exit 1 (pass --no-fail-on-gates to report without failing)" in err
+    assert main(["run", "tiny/lora_cpu", "--quiet", "--no-tracking", "--no-fail-on-gates"]) == 0
+    assert "exit 0 because of --no-fail-on-gates" in capsys.readouterr().err
+
+
+def test_run_exits_0_when_every_gate_passes_and_names_the_html_report(monkeypatch, tmp_path, capsys):
+    from test_report_render import PASSING
+
+    run_dir = _fake_audit(monkeypatch, tmp_path, PASSING)
+    assert main(["run", "tiny/lora_cpu", "--quiet", "--no-tracking"]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {run_dir / 'report.html'}" in out and f"`audit report {run_dir}`" in out
+
+
+@pytest.mark.slow
+def test_a_real_run_whose_gate_fails_exits_1(in_tmp, capsys):
+    """One epoch of tiny-llama instead of ten: the recipe's positive control (16x exposure >= 5) is not reached."""
+    assert main(["run", "tiny/lora_cpu", "--quiet", "--no-tracking", "training.epochs=1"]) == 1
+    (run_dir,) = (in_tmp / "runs").iterdir()
+    assert (run_dir / "report.json").is_file() and (run_dir / "report.html").is_file()  # reported, then failed
+    assert "1 release gate(s) failed: positive control, 16-copy canaries detected" in capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from audit.cli import main
-from audit.compare import CompareRow, compare_plot, compare_table, resolve_rows
+from audit.compare import CompareRow, compare_figure, compare_plot, compare_table, plot_labels, resolve_rows
 from audit.errors import AuditError
 
 LORA = {"exposure.mean/rep_0/tuned": 1.3, "exposure.mean/rep_1/tuned": 2.0, "exposure.mean/rep_16/tuned": 8.0,
@@ -37,10 +37,12 @@ def tracked(in_tmp):
 def test_rows_by_experiment_and_by_run_id(tracked):
     uri, ids = tracked
     rows = resolve_rows(["cmp-test"], tracking_uri=uri)
-    assert [r.label for r in rows] == ["smollm2-lora-cpu", "smollm2-full-cpu"] and [r.method for r in rows] == ["lora", "full"]
+    assert [r.label.split()[0] for r in rows] == ["smollm2-lora-cpu", "smollm2-full-cpu"]
+    assert [r.label.split()[-1] for r in rows] == [i[:6] for i in ids] and [r.method for r in rows] == ["lora", "full"]
     assert [r.run_id for r in resolve_rows([ids[1]], tracking_uri=uri)] == [ids[1]]
     assert rows[0].tiers() == [0, 1, 16]
-    assert rows[0].exposure(16) == 19.9 and rows[1].exposure(16) == 7.5  # whole-space where measured, else sampled
+    assert rows[0].exposure(16) == 8.0 and rows[1].exposure(16) == 7.5  # the headline scale: against sampled references
+    assert rows[0].space_exposure(16) == 19.9 and rows[1].space_exposure(16) is None  # the second scale, labelled
     assert rows[1].get("mia.auc/loss_diff") is None
 
 
@@ -52,10 +54,12 @@ def test_table_has_one_row_per_run_and_marks_missing_values(tracked):
     cells = [c.strip() for c in lines[0].strip("|").split("|")]
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
     row = dict(zip(header, cells, strict=True))
-    assert row["exposure 16x"] == "19.90" and row["extracted 16x"] == "2" and row["MIA AUC"] == "0.83"
+    assert row["exposure 16x"] == "8.00" and row["whole-space exposure 16x"] == "19.90"
+    assert row["extracted 16x"] == "2" and row["MIA AUC"] == "0.83"
     assert row["final loss"] == "0.912" and row["total s"] == "301"
     full = dict(zip(header, [c.strip() for c in lines[1].strip("|").split("|")], strict=True))
-    assert full["MIA AUC"] == "n/a" and full["eps LB"] == "n/a"
+    assert full["MIA AUC"] == "n/a" and full["eps LB"] == "n/a" and full["whole-space exposure 16x"] == "n/a"
+    assert "whole-space exposure = rank over the whole secret space" in table  # the second scale says what it is
 
 
 def test_a_run_directory_without_a_valid_report_is_one_line(tracked, in_tmp, capsys):
@@ -90,3 +94,70 @@ def test_cli_prints_table_and_writes_plot(tracked, in_tmp, capsys):
     assert main(["compare", "cmp-test", "--tracking-uri", uri, "--plot", "out/cmp.png"]) == 0
     out = capsys.readouterr().out
     assert sum(line.startswith("| smollm2-") for line in out.splitlines()) == 2 and (in_tmp / "out" / "cmp.png").is_file()
+
+
+@pytest.fixture
+def experiment_with_stages(in_tmp):
+    """Two audits of one recipe logged by the real tracker (audit.tracking): each a parent run with six nested stage
+    runs, in a fresh sqlite store, as `audit run` leaves them."""
+    from audit.tracking import tracked_run
+
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    ids = []
+    for metrics in (LORA, {**LORA, "exposure.mean/rep_16/tuned": 6.5}):
+        with tracked_run(uri, "canary-audit", "tiny-lora-cpu") as tracker:
+            tracker.log_params({"training.method": "lora", "model.source": "tiny-llama", "corpus.source": "builtin:notes",
+                                "canaries.spec": "digits"})
+            tracker.set_tags({"canary_audit.recipe": "tiny-lora-cpu"})
+            for stage in ("inject", "score_base", "train", "score_tuned", "outputs", "report"):
+                tracker.begin_stage(stage)
+                tracker.log_stage_metrics({"records": 1.0})
+            tracker.log_metrics(metrics)
+            ids.append(tracker.run_id)
+    return uri, ids
+
+
+def test_an_experiment_lists_its_audits_not_their_nested_stage_runs(experiment_with_stages, in_tmp):
+    from mlflow.tracking import MlflowClient
+
+    uri, ids = experiment_with_stages
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("canary-audit")
+    assert len(client.search_runs([exp.experiment_id])) == 14  # 2 audits + 12 stage runs in the store
+    rows = resolve_rows(["canary-audit"], tracking_uri=uri)
+    assert [r.run_id for r in rows] == ids
+    assert len({r.label for r in rows}) == 2 and all(r.run_id[:6] in r.label for r in rows)  # one recipe, two names
+    assert all(r.data == "builtin:notes + digits canaries" and r.method == "lora" for r in rows)
+    table = compare_table(rows)
+    body = [line for line in table.splitlines()[2:] if line.startswith("|")]
+    assert len(body) == 2 and all(line.startswith("| tiny-lora-cpu") for line in body)
+    assert all("?" not in cell.strip() for line in body for cell in line.strip("|").split("|"))  # no row of unknowns
+    fig = compare_figure(rows)
+    assert "2 audits" in fig._suptitle.get_text()
+
+
+def test_compare_from_another_directory_fails_without_creating_a_store(experiment_with_stages, tmp_path, monkeypatch, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["compare", "canary-audit"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no MLflow store at" in err[0] and "--tracking-uri" in err[0]
+    assert list(elsewhere.iterdir()) == []  # no new, empty mlflow.db
+
+
+def test_plot_labels_keep_runs_of_one_recipe_apart():
+    names = ["tiny-lora-cpu-20261201-080536-5f9fd0", "tiny-lora-cpu-20261201-081002-aa11bb"]
+    labels = plot_labels(names)
+    assert len(set(labels)) == 2 and labels[0].endswith("080536-5f9fd0") and labels[1].endswith("081002-aa11bb")
+    assert plot_labels(["a", "a"]) == ["a #1", "a #2"]  # identical names still differ
+
+
+def test_all_zero_panels_start_at_zero():
+    zero = {"exposure.mean/rep_1/tuned": 0.0, "extraction.exact/rep_1/tuned": 0.0, "privacy.eps_lb": 0.0,
+            "train.final_loss": 0.0, "time.total_s": 0.0}
+    fig = compare_figure([CompareRow(label="a", run_id=None, recipe="a", method="lora", model="m", metrics=zero)])
+    limits = {ax.get_title(): ax.get_ylim() for ax in fig.axes}
+    assert limits["canaries extracted (greedy)"] == (0.0, 1.0) and limits["epsilon lower bound"] == (0.0, 1.0)
+    assert all(low == 0.0 for low, _ in limits.values())

@@ -83,7 +83,7 @@ def audited(server, tmp_path_factory):
     work = tmp_path_factory.mktemp("audit-against-server")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    out = subprocess.run([sys.executable, "-m", "audit.cli", "run", "tiny/lora_cpu", "--tracking-uri", url, *FAST],
+    out = subprocess.run([sys.executable, "-m", "audit.cli", "run", "tiny/lora_cpu", "--tracking-uri", url, "--no-fail-on-gates", *FAST],
                          cwd=work, env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = (work / "runs").iterdir()

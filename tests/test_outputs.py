@@ -197,3 +197,19 @@ def test_outputs_stage_on_tiny_llama_is_seeded_and_keeps_text_in_the_run_dir(tin
     # a rerun (resume) reuses the file instead of sampling again
     again = outputs_stage(tmp_path / "a", None, tokenizer, cs, section, seed=5, progress=False)
     assert again.summary["reused"] and again.fingerprint == a.fingerprint
+
+
+def test_outputs_progress_counts_tokens_and_changes_no_sample(tiny_model, tmp_path, capsys):
+    """The token counter rides in generate() as a stopping criterion that never stops: same samples, a moving bar."""
+    import re
+
+    model, tokenizer = tiny_model
+    cs = canary_set([canary("m", "482910", 16), canary("r", "130577", 0)])
+    section = OutputsSection(samples=3, prompts=["Note:"], max_new_tokens=12, batch_size=4)
+    quiet = outputs_stage(tmp_path / "quiet", model, tokenizer, cs, section, seed=5, progress=False)
+    capsys.readouterr()
+    shown = outputs_stage(tmp_path / "shown", model, tokenizer, cs, section, seed=5, progress=True)
+    assert shown.fingerprint == quiet.fingerprint
+    err = capsys.readouterr().err
+    counts = [int(n) for n in re.findall(r"outputs:.*?\| *(\d+)/72 ", err)]  # 6 samples x 12 tokens
+    assert counts[-1] == 72 and len(set(counts)) > 3  # moved token by token, not once per batch

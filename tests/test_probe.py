@@ -98,3 +98,18 @@ def test_cli_probe_json_and_errors(tiny_model_dir, adapter_dir, capsys):
     assert main(["probe", TEXT, "--model", str(tiny_model_dir), "--adapter", "/nonexistent/run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --adapter /nonexistent/run is not a directory")
+
+
+def test_the_bits_difference_states_its_sign_and_unit():
+    """'memorized -38.4' read as memorization; the line now says base - tuned, in bits, and what the sign means."""
+    from audit.score.probe import ProbeResult, ProbeToken
+
+    tokens = [ProbeToken("a", None, None), ProbeToken(" b", 0.5, 0.25)]
+
+    def line(base: float, tuned: float) -> str:
+        result = ProbeResult(text="a b", base_label="m", tuned_label="run", tokens=tokens, words=tokens, bits_base=base,
+                             bits_tuned=tuned, raw_bits=24)
+        return format_probe(result).splitlines()[-1]
+
+    assert "base - tuned = -38.4 bits (the tuned model finds this text less likely than the base" in line(10.0, 48.4)
+    assert "base - tuned = +6.0 bits (the tuned model finds this text more likely" in line(10.0, 4.0)

@@ -202,9 +202,70 @@ def test_render_writes_html_markdown_and_plots_in_reading_order(tmp_path):
     linked = re.findall(r"!\[[^\]]*\]\((plots/[^)]+)\)", md)
     assert sorted(Path(p).name for p in linked) == names and all((run_dir / p).is_file() for p in linked)
     assert md.index("FAIL: 1 of 2") < md.index("## Exposure by repetition tier") < md.index("## Membership inference")
-    for text in ("null band (95%)", "loss_diff", "greedy exact", "memorized bits", "\u25a0", "tuned_weights:cccc",
-                 "exposure.mean/rep_16/tuned", "mia.auc/min_k_pp"):
+    html = html.replace("<wbr>", "")  # metric keys may wrap after a '/'
+    for text in ("null band (95%)", "loss_diff", "greedy exact", "bits saved by tuning", "\u25a0", "tuned_weights:cccc",
+                 "exposure.mean/rep_16/tuned", "mia.auc/min_k_pp", "data: builtin:notes + digits canaries"):
         assert text in html and text in md, text
+
+
+def test_the_verdict_names_the_positive_control_and_says_what_pass_means():
+    scores = synthetic_scores()
+    passed = verdict(make_report(scores, gates=PASSING))
+    assert passed.findings[0].startswith("Positive control: the 16x tier (canaries planted 16 times, to be memorized)")
+    assert passed.meaning.startswith("What PASS means for the release: the one gate this recipe sets held")
+    assert "does not count against the release" in passed.meaning
+    failed = verdict(make_report(scores, gates=FAILING))
+    assert failed.meaning.startswith("Do not release as is: 'single copies stay at the null' failed (6 > 5)")
+    assert any(re.search(r"reproduced 1 of 6 member secrets verbatim \(16x 1/2, 4x 0/2, 1x 0/2\)", f) for f in passed.findings)
+
+
+def test_a_missing_positive_control_is_said_not_hidden():
+    flat = [s.model_copy(update={"exposure": 1.4}) for s in synthetic_scores()]  # nothing above the null anywhere
+    v = verdict(make_report(flat, gates=PASSING))
+    assert v.findings[0].startswith("Positive control missing: the 16x tier")
+
+
+def test_identical_roc_curves_are_one_line_named_for_every_attack(tmp_path):
+    from audit.render.views import RocCurve, mia_table, roc_groups
+
+    a = RocCurve("loss", [0.0, 0.5, 1.0], [0.0, 1.0, 1.0], 0.75, 2, 2)
+    b = RocCurve("zlib", [0.0, 0.5, 1.0], [0.0, 1.0, 1.0], 0.75, 2, 2)
+    c = RocCurve("loss_diff", [0.0, 1.0], [0.0, 1.0], 0.5, 2, 2)
+    assert [[x.attack for x in g] for g in roc_groups([a, b, c])] == [["loss", "zlib"], ["loss_diff"]]
+    report = make_report(synthetic_scores())
+    assert any("The ROC curves of loss, zlib coincide exactly" in n for n in mia_table(report, [a, b, c]).notes)
+
+
+def test_outputs_are_tables_not_a_json_dump(tmp_path):
+    run_dir, report = make_run_dir(tmp_path / "run")
+    outputs = {"protocol": {"model": "tuned", "samples": 4, "samples_per_prompt": 2, "prompts": [{"id": "unprompted", "text": ""}],
+                            "near_max_edits": 1, "near_unit": "digits", "seed": 0},
+               "tiers": [{"repetitions": 0, "canaries": 6, "exact_canaries": 0, "near_canaries": 1, "samples_exact": 0,
+                          "samples_exact_or_near": 1, "rate_exact_high": 0.6024},
+                         {"repetitions": 16, "canaries": 2, "exact_canaries": 1, "near_canaries": 0, "samples_exact": 1,
+                          "samples_exact_or_near": 1, "rate_exact_high": 0.806}],
+               "statement": "1 of 4 samples held a planted secret verbatim under this protocol.", "tokens_generated": 64,
+               "works": None, "works_note": "no work excerpts planted"}
+    write_report(report.model_copy(update={"outputs": outputs}), run_dir / "report.json")
+    html = render_report(run_dir).html.read_text()
+    section = html[html.index('<section id="extraction">'): html.index('<section id="information">')]
+    assert "<pre>" not in section and '"protocol"' not in section
+    assert "1 of 4 samples held a planted secret verbatim" in section
+    assert "<td>16x</td><td class=\"num\">2</td><td class=\"num\">1</td>" in section and "samples verbatim or near" in section
+
+
+def test_report_files_are_shareable_and_secrets_are_not_in_them(tmp_path):
+    import os
+    import stat
+
+    run_dir, _ = make_run_dir(tmp_path / "run")
+    umask = os.umask(0o022)
+    try:
+        rendered = render_report(run_dir)
+    finally:
+        os.umask(umask)
+    for path in (rendered.html, rendered.markdown, *rendered.plots):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
 def test_html_is_self_contained_and_deterministic(tmp_path):

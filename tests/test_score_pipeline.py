@@ -34,7 +34,7 @@ def audited(tmp_path_factory):
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out), torch_threads(1):  # tiny-model ops: a second thread only waits
-            code = main(["run", "tiny/lora_cpu", "--quiet", "training.epochs=1", "scoring.exposure_references=31",
+            code = main(["run", "tiny/lora_cpu", "--quiet", "--no-fail-on-gates", "training.epochs=1", "scoring.exposure_references=31",
                          "scoring.sampled_extraction_samples=2"])
     finally:
         os.chdir(old)
@@ -71,7 +71,7 @@ def test_metrics_reach_mlflow(audited):
 
 def test_printed_summary_is_short_and_names_the_metrics(audited):
     _, _, printed = audited
-    for phrase in ("exposure over the whole space", "membership inference", "extraction (tuned)", "privacy: epsilon >=",
+    for phrase in ("whole-space exposure (second scale", "membership inference", "extraction (tuned)", "privacy: epsilon >=",
                    "information:"):
         assert phrase in printed
     assert max(len(line) for line in printed.splitlines()) < 200

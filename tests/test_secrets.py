@@ -29,7 +29,7 @@ def audited(tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     audit = str(Path(sys.executable).parent / "audit")
-    run = subprocess.run([audit, "run", "tiny/lora_cpu", "training.epochs=2", f"canaries.params={{alphabet: {ALPHABET}}}"],
+    run = subprocess.run([audit, "run", "tiny/lora_cpu", "--no-fail-on-gates", "training.epochs=2", f"canaries.params={{alphabet: {ALPHABET}}}"],
                          cwd=work, env=env, capture_output=True, timeout=1800)
     assert run.returncode == 0, run.stderr.decode()[-3000:]
     (run_dir,) = (work / "runs").iterdir()

@@ -51,4 +51,20 @@ def render_report(run_dir: Path, report: AuditReport | None = None) -> RenderedR
             stale.unlink()
     atomic_write_text(run_dir / HTML_FILE, to_html(doc))
     atomic_write_text(run_dir / MARKDOWN_FILE, to_markdown(doc))
+    for path in (run_dir / HTML_FILE, run_dir / MARKDOWN_FILE, *written):
+        _shareable(path)
     return RenderedReport(run_dir / HTML_FILE, run_dir / MARKDOWN_FILE, written)
+
+
+SHARED_MODE = 0o644
+"""report.html, report.md and plots/ hold ids and numbers, never a secret: they are the files people share, so they
+are readable like any document (the temporary file of an atomic write starts 0600). Secrets stay in the 0600 files
+``canaries.jsonl`` and ``outputs.jsonl``."""
+
+
+def _shareable(path: Path) -> None:
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(SHARED_MODE & ~umask)

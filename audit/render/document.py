@@ -84,7 +84,10 @@ def _gates_section(report: AuditReport) -> Section:
         rows = [[g.gate, g.metric, views.fmt(g.value, 3), g.threshold, "-" if g.n is None else str(g.n), g.status.upper(),
                  g.reason] for g in report.gates]
         blocks.append(views.Table(["gate", "metric", "value", "threshold", "n", "result", "reason"], rows,
-                                  ["Re-check with `audit gate RUN_DIR` (exit 1 when a gate fails)."]))
+                                  ["Re-check with `audit gate RUN_DIR` (exit 1 when a gate fails; `audit run` exits 1 "
+                                   "too, unless --no-fail-on-gates).",
+                                   "exposure.mean = exposure against the sampled references (the headline scale); "
+                                   "exposure.space_mean = whole-space exposure (the second scale)."]))
     else:
         blocks.append("No gates configured for this recipe: add a `gates:` section (see `audit gate --help`) to turn "
                       "these measurements into a pass/fail decision.")
@@ -118,7 +121,8 @@ def _mia_section(report: AuditReport, scores: list[Any]) -> Section:
 def _extraction_section(report: AuditReport) -> Section:
     blocks: list[Block] = [views.extraction_table(report)]
     if report.outputs:
-        blocks.append(Details("Generated outputs scanned for secrets and works", [Code(views.json_dump(report.outputs))]))
+        blocks.append("Generated outputs scanned for secrets and works: " + str(report.outputs.get("statement", "")))
+        blocks.extend(views.outputs_tables(report.outputs))
     return Section("extraction", "Extraction", blocks)
 
 
@@ -130,7 +134,7 @@ def _information_section(report: AuditReport) -> Section:
         labels = [r[0] for r in table.rows]
         bits = {m: [report.metrics[f"information.bits/rep_{t.repetitions}/{m}"].value
                     if f"information.bits/rep_{t.repetitions}/{m}" in report.metrics else None
-                    for t in report.tiers if views.tier_label(t.repetitions) in labels] for m in models}
+                    for t in report.tiers if views.information_label(t.repetitions) in labels] for m in models}
         blocks.append(Image("information.png", plots.information(labels, bits, space_bits=report.space_bits,
                                                                    title="Bits of the secret given its prefix"),
                             "Bits of the secret under base vs tuned, per tier"))
@@ -175,7 +179,9 @@ def _lineage_section(report: AuditReport) -> Section:
 def build_document(report: AuditReport, run_dir: Path) -> Document:
     scores = views.read_scores(run_dir)
     t = report.training
+    corpus = (report.recipe.get("corpus") or {}).get("source", "?")
     subtitle = (f"{report.model.source} \u00b7 {t.method} fine-tune, {t.steps} steps on {t.device} \u00b7 "
+                f"data: {corpus} + {report.canaries.get('spec', '?')} canaries \u00b7 "
                 f"{report.canaries.get('members', '?')} member canaries in tiers {report.canaries.get('tiers', '?')}, "
                 f"{report.canaries.get('references', '?')} references \u00b7 run {report.run_id}")
     sections = [

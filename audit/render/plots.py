@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from audit.render.token_view import TokenView
-from audit.render.views import NULL_MEAN_BITS, RocCurve, TierRow
+from audit.render.views import NULL_MEAN_BITS, RocCurve, TierRow, roc_groups
 
 MODEL_COLORS = {"base": "#8c8c8c", "tuned": "#d9480f"}
 KIND_COLORS = {"base_weights": "#dbe4ff", "data": "#fff3bf", "tuned_weights": "#ffe3e3", "outputs": "#d3f9d8"}
@@ -59,7 +59,7 @@ def exposure_by_tier(rows: list[TierRow], points: dict[tuple[int, str], list[flo
     ax.set_xticks(range(len(rows)), [f"{r.label}\n(n={r.n})" for r in rows])
     ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylim(0, exposure_max * 1.08 + 0.1)
-    ax.set_ylabel("exposure (bits)")
+    ax.set_ylabel("exposure (bits vs sampled references)")
     ax.set_title("Exposure by repetition tier")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return _png(fig)
@@ -68,8 +68,11 @@ def exposure_by_tier(rows: list[TierRow], points: dict[tuple[int, str], list[flo
 def roc(curves: list[RocCurve]) -> bytes:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 4.0))
-    for c in curves:
-        ax.plot(c.fpr, c.tpr, lw=1.4, label=f"{c.attack} (AUC {c.auc:.2f})")  # ties between the groups: diagonal
+    for group in roc_groups(curves):  # identical curves: one line, every attack named on it
+        c = group[0]
+        names = " = ".join(g.attack for g in group)
+        label = f"{names} (AUC {c.auc:.2f}{', identical curves' if len(group) > 1 else ''})"
+        ax.plot(c.fpr, c.tpr, lw=1.4, label=label)  # ties between the groups: diagonal
     ax.plot([0, 1], [0, 1], color="#adb5bd", ls="--", lw=1, label="chance")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)

@@ -74,18 +74,44 @@ class Verdict:
     """``pass`` / ``fail`` (gates decided) or ``none`` (no gates configured)."""
     headline: str
     findings: list[str]
+    meaning: str = ""
+    """What the status means for the release, in words (shown under the headline)."""
+
+
+def _gates_held(n: int) -> str:
+    return "the one gate this recipe sets held" if n == 1 else f"all {n} gates this recipe sets held"
 
 
 def verdict(report: AuditReport) -> Verdict:
-    """Gates decide pass/fail; the findings say in words what the numbers show, whether gates exist or not."""
+    """Gates decide pass/fail; the findings say in words what the numbers show, whether gates exist or not.
+
+    With two or more member tiers the most-repeated one is the positive control: canaries planted that often are
+    meant to be memorized, so their memorization shows the audit can see memorization (and its absence means the
+    run could not have caught any). The verdict says so, so a green PASS next to "memorized" reads as intended.
+    """
     rows = tier_rows(report)
     members = [r for r in rows if r.repetitions > 0]
+    control = max(members, key=lambda r: r.repetitions) if len(members) >= 2 else None
     findings = []
-    above = [r.label for r in members if r.above_null("tuned")]
+    if control is not None:
+        if control.above_null("tuned"):
+            findings.append(f"Positive control: the {control.label} tier (canaries planted {control.repetitions} times, "
+                            f"to be memorized) is above the 95% null band ({fmt(control.exposure.get('tuned'))} bits): "
+                            "the audit can see memorization in this model, so the other tiers' numbers mean something.")
+        else:
+            findings.append(f"Positive control missing: the {control.label} tier (planted {control.repetitions} times) is "
+                            "not above the 95% null band, so this run could not have detected memorization; train "
+                            "longer or plant more copies before reading the other tiers as safe.")
+    above = [r.label for r in members if r.above_null("tuned") and r is not control]
+    below = [r.label for r in members if not r.above_null("tuned") and r is not control]
     if above:
-        findings.append(f"Tuned-model exposure is above the 95% null band for tiers {', '.join(above)}: "
-                        f"those canaries were memorized (an unlearned canary averages {NULL_MEAN_BITS:.2f} bits).")
-    elif members:
+        findings.append(f"Tuned-model exposure is above the 95% null band for tier{'s' if len(above) > 1 else ''} "
+                        f"{', '.join(above)}: those canaries were memorized (an unlearned canary averages "
+                        f"{NULL_MEAN_BITS:.2f} bits).")
+    if below:
+        findings.append(f"Tier{'s' if len(below) > 1 else ''} {', '.join(below)} stay{'' if len(below) > 1 else 's'} within "
+                        "the null band: no memorization detected there at this sample size.")
+    elif members and control is None and not above:
         findings.append("No member tier's tuned-model exposure is above the 95% null band: no memorization detected "
                         "at this sample size.")
     refs = next((r for r in rows if r.repetitions == 0), None)
@@ -95,7 +121,9 @@ def verdict(report: AuditReport) -> Verdict:
     n_members = sum(r.n for r in members)
     extracted = sum(r.extracted.get("tuned", 0) for r in members)
     if members:
-        findings.append(f"Greedy decoding from the prefix reproduced {extracted} of {n_members} member secrets verbatim.")
+        per_tier = ", ".join(f"{r.label} {r.extracted.get('tuned', 0)}/{r.n}" for r in sorted(members, key=lambda r: -r.repetitions))
+        findings.append(f"Greedy decoding from the prefix reproduced {extracted} of {n_members} member secrets verbatim "
+                        f"({per_tier}).")
     if "mia.auc/loss_diff" in report.metrics:
         findings.append(f"Membership inference (loss vs base, members against references): AUC "
                         f"{report.metrics['mia.auc/loss_diff'].value:.2f} (0.5 = chance).")
@@ -103,10 +131,18 @@ def verdict(report: AuditReport) -> Verdict:
         failed = [g for g in report.gates if not g.passed]
         skipped = sum(g.status == "skip" for g in report.gates)
         if failed:
-            return Verdict("fail", f"FAIL: {len(failed)} of {len(report.gates)} release gates failed", findings)
+            return Verdict("fail", f"FAIL: {len(failed)} of {len(report.gates)} release gates failed", findings,
+                           "Do not release as is: " + "; ".join(f"'{g.gate}' failed ({g.reason or g.threshold})" for g in failed)
+                           + ". `audit run` and `audit gate` exit 1 on this report.")
         extra = f" ({skipped} skipped)" if skipped else ""
-        return Verdict("pass", f"PASS: all {len(report.gates)} release gates passed{extra}", findings)
-    return Verdict("none", "No gates configured: this report measures, it does not decide", findings)
+        control_note = (f" The memorized {control.label} positive control does not count against the release: it "
+                        "is planted to be memorized." if control is not None and control.above_null("tuned") else "")
+        return Verdict("pass", f"PASS: all {len(report.gates)} release gates passed{extra}", findings,
+                       f"What PASS means for the release: {_gates_held(len(report.gates))} for these weights (table "
+                       "below)." + control_note
+                       + " PASS is a statement about these gates at this sample size, not a proof that nothing leaks.")
+    return Verdict("none", "No gates configured: this report measures, it does not decide", findings,
+                   "Add a `gates:` section to the recipe to turn these measurements into a release decision.")
 
 
 # ------------------------------------------------------------------------------------------------ scores & ROC
@@ -168,6 +204,18 @@ def roc_curves(scores: list[SequenceScore], *, attacks: tuple[str, ...] = MIA_AT
     return curves
 
 
+def roc_groups(curves: list[RocCurve]) -> list[list[RocCurve]]:
+    """Curves grouped where they coincide exactly (same points: the attacks rank members and references alike).
+
+    The plot draws one line per group and names every attack in it, so five legend entries never hide behind
+    three visible lines.
+    """
+    groups: dict[tuple[tuple[float, ...], tuple[float, ...]], list[RocCurve]] = {}
+    for c in curves:
+        groups.setdefault((tuple(c.fpr), tuple(c.tpr)), []).append(c)
+    return list(groups.values())
+
+
 def exposure_points(scores: list[SequenceScore]) -> dict[tuple[int, str], list[float]]:
     """Per (tier, model): every canary's exposure, for the dots over the tier means."""
     out: dict[tuple[int, str], list[float]] = {}
@@ -215,22 +263,24 @@ def exposure_table(report: AuditReport) -> Table:
         row += [_metric(report, f"exposure.space_mean/rep_{r.repetitions}/{m}") for m in models if
                 f"exposure.space_mean/rep_{r.repetitions}/{m}" in report.metrics]
         rows.append(row)
-    space_cols = [f"whole-space {m}" for m in models if any(f"exposure.space_mean/rep_{t.repetitions}/{m}" in report.metrics
+    space_cols = [f"whole-space exposure {m}" for m in models if any(f"exposure.space_mean/rep_{t.repetitions}/{m}" in report.metrics
                                                              for t in report.tiers)]
     header = ["tier", "n"] + [f"exposure {m}" for m in models] + ["null band (95%)"] + space_cols
-    notes = [f"Exposure in bits against {report.canaries.get('exposure_references', 'the')} sampled references "
-             f"(max {report.exposure_max:.2f}); an unlearned canary averages {NULL_MEAN_BITS:.2f} bits, and the band is "
-             "where the mean of that many unlearned canaries falls 95% of the time."]
+    notes = [f"Exposure (the headline scale, used by the gates and `audit run`'s table): bits against "
+             f"{report.canaries.get('exposure_references', 'the')} sampled references, at most {report.exposure_max:.2f} "
+             f"(rank 1 of {2 ** report.exposure_max:.0f}); an unlearned canary averages {NULL_MEAN_BITS:.2f} bits, and the "
+             "band is where the mean of that many unlearned canaries falls 95% of the time."]
     if space_cols:
-        notes.append(f"Whole-space exposure ranks the secret against all of its {report.space_bits:.1f}-bit space "
-                     "(exact where the trie walk finished, else estimated with its interval).")
+        notes.append(f"Whole-space exposure (a second scale, keys exposure.space_mean): the secret ranked against all of "
+                     f"its {report.space_bits:.1f}-bit space, so not capped at {report.exposure_max:.2f} (exact where the "
+                     "trie walk finished, else estimated with its interval).")
     return Table(header, [r[: len(header)] for r in rows], notes)
 
 
 def extraction_table(report: AuditReport) -> Table:
     models = models_of(report)
     columns = [("greedy exact", None), ("from part of the secret", "extraction.from_fraction"),
-               ("by sampling", "extraction.sampled_any"), ("(n, p)-extractable", "extraction.np_extractable"),
+               ("by sampling", "extraction.sampled_any"), ("(n, p)\u2011extractable", "extraction.np_extractable"),
                ("mean LCP tokens", "extraction.lcp_mean")]
     present = [(label, key) for label, key in columns
                if key is None or any(f"{key}/rep_{t.repetitions}/{m}" in report.metrics for t in report.tiers for m in models)]
@@ -258,10 +308,18 @@ def mia_table(report: AuditReport, curves: list[RocCurve]) -> Table:
         auc = _metric(report, f"mia.auc/{a}") if f"mia.auc/{a}" in report.metrics else fmt(from_curves[a].auc)
         rows.append([a, auc, _metric(report, f"mia.tpr_at_1pct/{a}"), _metric(report, f"mia.tpr_at_0.1pct/{a}")])
     notes = [f"{k}: {v}" for k, v in sorted(report.metric_notes.items()) if k.startswith(("mia", "privacy"))]
+    for group in roc_groups(curves):
+        if len(group) > 1:
+            notes.insert(0, f"The ROC curves of {', '.join(c.attack for c in group)} coincide exactly (they rank members "
+                            "and references the same way): the plot draws them as one line.")
     if "privacy.eps_lb" in report.metrics:
         notes.insert(0, f"One-run privacy audit: epsilon >= {_metric(report, 'privacy.eps_lb')} "
                         f"(at most {_metric(report, 'privacy.eps_ceiling')} can be shown with this many guesses).")
     return Table(["attack", "AUC", "TPR at 1% FPR", "TPR at 0.1% FPR"], rows, notes)
+
+
+def information_label(repetitions: int) -> str:
+    return "references (control)" if repetitions == 0 else tier_label(repetitions)
 
 
 def information_table(report: AuditReport) -> Table:
@@ -271,10 +329,40 @@ def information_table(report: AuditReport) -> Table:
         cells = [_metric(report, f"information.bits/rep_{t.repetitions}/{m}") for m in models]
         if all(c == "-" for c in cells):
             continue
-        rows.append([tier_label(t.repetitions), str(t.n), *cells, _metric(report, f"information.memorized_bits/rep_{t.repetitions}")])
+        rows.append([information_label(t.repetitions), str(t.n), *cells, _metric(report, f"information.memorized_bits/rep_{t.repetitions}")])
     notes = [f"Bits of the secret given its prefix (sum of -log2 p over its tokens); the secret space holds "
-             f"{report.space_bits:.1f} bits. Memorized bits = base - tuned."] if rows else []
-    return Table(["tier", "n", *[f"bits {m}" for m in models], "memorized bits"], rows, notes)
+             f"{report.space_bits:.1f} bits. Bits saved = base - tuned: positive when the tuned model finds the secret "
+             "more likely than the base did (memorized bits for a member tier). The references were never inserted, "
+             "so their row is the control: what tuning did to secrets it never saw (negative = less likely than "
+             "under the base model, e.g. the tuning taught other digits)."] if rows else []
+    return Table(["tier", "n", *[f"bits {m}" for m in models], "bits saved by tuning"], rows, notes)
+
+
+def outputs_tables(outputs: dict) -> list[Table]:
+    """The outputs stage (:mod:`audit.outputs`) as tables: secrets found per tier, works overlap, the protocol."""
+    n = outputs.get("protocol", {}).get("samples", "?")
+    rows = [[information_label(t["repetitions"]) if t["repetitions"] == 0 else tier_label(t["repetitions"]),
+             str(t["canaries"]), str(t["exact_canaries"]), str(t["near_canaries"]), f"{t['samples_exact']}/{n}",
+             f"{t['samples_exact_or_near']}/{n}", fmt(t.get("rate_exact_high"), 3)] for t in outputs.get("tiers", [])]
+    unit = outputs.get("protocol", {}).get("near_unit", "symbols")
+    tables = [Table(["tier", "canaries", "found verbatim", "found near", "samples verbatim", "samples verbatim or near",
+                     "95% upper bound, per-sample rate"], rows,
+                    [f"Near = within {outputs.get('protocol', {}).get('near_max_edits', '?')} edits ({unit}). The "
+                     "references were never inserted: hits on them are this scan's false positives."])]
+    works = outputs.get("works")
+    if works:
+        tables.append(Table(["excerpts", "longest common run (tokens)", "mean run (tokens)", "mean n-gram share",
+                             "samples with an n-gram"],
+                            [[role, str(w["lcs_tokens_max"]), fmt(w["lcs_tokens_mean"]), fmt(w["ngram_share_mean"], 4),
+                              f"{w['samples_with_ngram']}/{n}"] for role, w in works.items()]))
+    protocol = outputs.get("protocol", {})
+    prows = [[k.replace("_", " "), ", ".join(f"{p['id']}: {p['text']!r}" for p in v) if k == "prompts" else str(v)]
+             for k, v in protocol.items()]
+    prows.append(["tokens generated", str(outputs.get("tokens_generated", "?"))])
+    if outputs.get("works_note"):
+        prows.append(["works", outputs["works_note"]])
+    tables.append(Table(["protocol", ""], prows))
+    return tables
 
 
 def works_table(report: AuditReport) -> Table:

@@ -19,13 +19,15 @@ body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#
 main{max-width:1040px;margin:0 auto;padding:24px 28px 60px;background:#fff}
 h1{font-size:24px;margin:0 0 4px} h2{font-size:18px;margin:32px 0 10px;border-bottom:1px solid #dee2e6;padding-bottom:4px}
 .sub{color:#6c757d;margin:0 0 16px} nav a{margin-right:12px;font-size:13px}
-table{border-collapse:collapse;margin:10px 0;font-size:12.5px} th,td{border:1px solid #dee2e6;padding:3px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+.scroll{overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;margin:10px 0;font-size:12.5px} th,td{border:1px solid #dee2e6;padding:3px 8px;text-align:left;vertical-align:top;overflow-wrap:normal;word-break:normal;hyphens:none}
+td.hash{word-break:break-all;min-width:12ch} td.num,td[class^=status-]{white-space:nowrap}
 th{background:#f1f3f5} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .note{color:#495057;font-size:12.5px;margin:4px 0}
 .verdict{border-radius:6px;padding:12px 16px;margin:10px 0;border:1px solid}
 .verdict.pass{background:#ebfbee;border-color:#8ce99a} .verdict.fail{background:#fff5f5;border-color:#ffa8a8}
 .verdict.none{background:#f1f3f5;border-color:#ced4da} .verdict h3{margin:0 0 6px;font-size:17px}
-.verdict ul{margin:4px 0 0 18px;padding:0}
+.verdict ul{margin:4px 0 0 18px;padding:0} .verdict p.meaning{margin:6px 0 0}
 img.plot{max-width:100%;display:block;margin:8px 0}
 .tokens{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px;line-height:2.1;white-space:pre-wrap}
 .tok{padding:2px 1px;border-radius:3px} .tok.secret{outline:1px dashed #e67700}
@@ -34,6 +36,9 @@ details{margin:8px 0} summary{cursor:pointer;font-weight:600}
 .status-PASS{color:#2b8a3e;font-weight:600} .status-FAIL{color:#c92a2a;font-weight:600} .status-SKIP{color:#868e96}
 """
 _NUMBER = re.compile(r"^-?[\d.]+( \[.*\])?$|^\d+/\d+$")
+_HASH = re.compile(r"^[0-9a-f]{24,}$")
+_KEY = re.compile(r"^[\w.%]+(/[\w.%]+)+$")
+"""A metric key (``exposure.mean/rep_16/tuned``): may wrap after a ``/``, never inside a segment."""
 
 
 def _inline(text: str) -> str:
@@ -47,13 +52,14 @@ def _table_html(t: Table) -> str:
     for row in t.rows:
         cells = []
         for cell in row:
-            cls = ' class="num"' if _NUMBER.match(cell) else ""
+            cls = ' class="num"' if _NUMBER.match(cell) else ' class="hash"' if _HASH.match(cell) else ""
             if cell in ("PASS", "FAIL", "SKIP"):
                 cls = f' class="status-{cell}"'
-            cells.append(f"<td{cls}>{html.escape(cell)}</td>")
+            text = "/<wbr>".join(html.escape(part) for part in cell.split("/")) if _KEY.match(cell) else html.escape(cell)
+            cells.append(f"<td{cls}>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     notes = "".join(f'<p class="note">{_inline(n)}</p>' for n in t.notes)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{notes}"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>{notes}'
 
 
 def _prob_color(p: float | None) -> str:
@@ -91,7 +97,8 @@ def _block_html(block: object) -> str:
     if isinstance(block, Verdict):
         v = block.verdict
         items = "".join(f"<li>{_inline(f)}</li>" for f in v.findings)
-        return f'<div class="verdict {v.status}" id="verdict-box"><h3>{html.escape(v.headline)}</h3><ul>{items}</ul></div>'
+        meaning = f'<p class="meaning">{_inline(v.meaning)}</p>' if v.meaning else ""
+        return f'<div class="verdict {v.status}" id="verdict-box"><h3>{html.escape(v.headline)}</h3>{meaning}<ul>{items}</ul></div>'
     if isinstance(block, Code):
         return f"<pre>{html.escape(block.text)}</pre>"
     raise TypeError(f"unknown block {type(block).__name__}")
@@ -140,7 +147,7 @@ def _block_md(block: object) -> str:
         return f"<details><summary>{block.summary}</summary>\n\n" + "\n\n".join(_block_md(b) for b in block.blocks) + "\n\n</details>"
     if isinstance(block, Verdict):
         v = block.verdict
-        return f"**{v.headline}**\n\n" + "\n".join(f"- {f}" for f in v.findings)
+        return f"**{v.headline}**\n\n" + (f"{v.meaning}\n\n" if v.meaning else "") + "\n".join(f"- {f}" for f in v.findings)
     if isinstance(block, Code):
         return f"```\n{block.text}\n```"
     raise TypeError(f"unknown block {type(block).__name__}")

@@ -16,6 +16,7 @@ Rows carry ids and numbers, never the secret text.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -66,8 +67,11 @@ def _exact(model, tokenizer, canary: Canary, canaries: CanarySet, section: Scori
 
 
 def exposure_row(model: Any, tokenizer: Any, canary: Canary, split: SplitTokens, canaries: CanarySet,
-                 reference_secrets: list[str], *, section: ScoringSection, seed: int = 0) -> dict[str, Any]:
-    """One canary's exposure fields (step 2-3 of the module docstring): independent of every other canary."""
+                 reference_secrets: list[str], *, section: ScoringSection, seed: int = 0,
+                 on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One canary's exposure fields (step 2-3 of the module docstring): independent of every other canary.
+
+    ``on_step``: told what runs next (the progress heartbeat, :mod:`audit.progress`)."""
     n_refs = len(reference_secrets)
     space_size = canaries.space.size
     candidates = [split.secret_ids] + [r.secret_ids for r in split_tokens_many(tokenizer, canary.prefix, reference_secrets)]
@@ -75,6 +79,8 @@ def exposure_row(model: Any, tokenizer: Any, canary: Canary, split: SplitTokens,
     rank = rank_against_references(bits[0], bits[1:])
     estimate = sampled_space_exposure(rank, n_refs, space_size)
     extra = exposure_extrapolation([bits[0]], bits[1:], space_size=space_size) if n_refs >= 3 else None
+    if on_step is not None:
+        on_step("exact rank over the whole secret space")
     status, exact, nodes = _exact(model, tokenizer, canary, canaries, section, rank, n_refs, seed)
     row: dict[str, Any] = dict(
         secret_nll_bits=round(bits[0], 6), rank=rank, n_references=n_refs,
@@ -112,7 +118,16 @@ def score_canaries(
     """
     from tqdm.auto import tqdm
 
+    from audit.progress import heartbeat
+
+    with heartbeat(f"score {label}", enabled=progress) as beat:
+        return _score_canaries(model, tokenizer, canaries, reference_secrets, label=label, section=section,
+                               progress=progress, seed=seed, beat=beat, tqdm=tqdm)
+
+
+def _score_canaries(model, tokenizer, canaries, reference_secrets, *, label, section, progress, seed, beat, tqdm):
     items = canaries.canaries
+    beat.step(f"one teacher-forced pass over {len(items)} canary texts")
     splits = [split_tokens(tokenizer, c.prefix, c.secret) for c in items]
 
     # 1. one teacher-forced pass per canary text
@@ -124,14 +139,18 @@ def score_canaries(
     if exposure_rows is None:
         bar = tqdm(total=len(items), desc=f"score {label}", unit="canary", leave=False, disable=not progress)
         exposure_rows = []
-        for canary, split in zip(items, splits, strict=True):
+        for i, (canary, split) in enumerate(zip(items, splits, strict=True)):
+            beat.step(f"canary {i + 1}/{len(items)}: ranking against {len(reference_secrets)} references")
             exposure_rows.append(exposure_row(model, tokenizer, canary, split, canaries, reference_secrets,
-                                              section=section, seed=seed))
+                                              section=section, seed=seed,
+                                              on_step=lambda what, i=i: beat.step(f"canary {i + 1}/{len(items)}: {what}")))
             bar.update(1)
+            beat.touch()
         bar.close()
 
     # 4. extraction: greedy from the prefix, greedy from prefix + a fraction of the secret, sampled
     max_new = max(len(s.secret_ids) for s in splits) + section.extraction_extra_tokens
+    beat.step(f"greedy extraction from {len(items)} prefixes")
     greedy = greedy_continuations(model, tokenizer, [s.prefix_ids for s in splits], max_new_tokens=max_new,
                                   batch_size=section.batch_size)
     from_fraction: list[bool | None] = [None] * len(items)
@@ -139,6 +158,7 @@ def score_canaries(
         given = [max(1, math.floor(section.extraction_secret_fraction * len(s.secret_ids))) for s in splits]
         eligible = [i for i, s in enumerate(splits) if len(s.secret_ids) > given[i]]
         if eligible:
+            beat.step(f"greedy extraction from {len(eligible)} prefixes plus part of the secret")
             outs = greedy_continuations(model, tokenizer, [splits[i].prefix_ids + splits[i].secret_ids[: given[i]] for i in eligible],
                                         max_new_tokens=max_new, batch_size=section.batch_size)
             for i, out in zip(eligible, outs, strict=True):
@@ -146,6 +166,7 @@ def score_canaries(
                 from_fraction[i] = out[: len(rest)] == rest
     sampled: list[int | None] = [None] * len(items)
     if section.sampled_extraction_samples > 0:
+        beat.step(f"sampled extraction, {section.sampled_extraction_samples} samples from each of {len(items)} prefixes")
         samples = sampled_continuations(model, tokenizer, [s.prefix_ids for s in splits],
                                         num_samples=section.sampled_extraction_samples,
                                         max_new_tokens=max(len(s.secret_ids) for s in splits), seed=seed,

@@ -175,6 +175,9 @@ def format_probe(result: ProbeResult) -> str:
     lines = [head, ""] + table("token", result.tokens) + [""] + table("word", result.words) + [""]
     bits = f"bits (sum of -log2 p after the first token): base {result.bits_base:.1f}"
     if result.bits_tuned is not None:
-        bits += f", tuned {result.bits_tuned:.1f} (memorized {result.bits_base - result.bits_tuned:.1f})"
+        saved = result.bits_base - result.bits_tuned
+        bits += (f", tuned {result.bits_tuned:.1f}; base - tuned = {saved:+.1f} bits ("
+                 + ("the tuned model finds this text more likely: bits it memorized or learned" if saved > 0 else
+                    "the tuned model finds this text less likely than the base: nothing memorized") + ")")
     lines.append(bits + f"; raw UTF-8 {result.raw_bits}")
     return "\n".join(lines)

@@ -91,6 +91,9 @@ def train_sft(
     Checkpoints (``section.checkpoint_every``) go to ``work_dir/checkpoint-<step>``; ``resume_from_checkpoint``
     continues from one with the optimizer, scheduler, RNG and data position restored (see :mod:`audit.resume`).
     """
+    from audit.progress import start_heartbeat  # import, tokenize, build: a minute under load before the bar
+
+    beat = start_heartbeat("train", f"building the trainer ({len(texts)} texts)", enabled=progress)
     from datasets import Dataset
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -139,6 +142,7 @@ def train_sft(
         bar = None
 
         def on_train_begin(self, args, state, control, **kwargs):
+            beat.stop()
             if progress:
                 from tqdm.auto import tqdm
 
@@ -174,7 +178,9 @@ def train_sft(
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in trainer.model.parameters())
     start = time.perf_counter()
+    beat.step("preparing the first step")
     output = trainer.train(resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None)
+    beat.stop()
     wall = time.perf_counter() - start
     trained = trainer.model
     trained.eval()

@@ -1,0 +1,288 @@
+"""``audit validate``: everything about a recipe that can be checked before a run, checked before the run.
+
+    audit validate tiny/lora_cpu                          # ok, with what the run will use
+    audit validate recipes/mine.yaml scoring.exposure_references=15
+    # error: recipe 'mine' cannot pass as written: gate 'positive control' needs exposure.mean/rep_16/tuned >= 5,
+    #        but with 15 sampled references exposure is at most log2(16) = 4.00 bits (fix: ...)
+
+Checks, cheapest first, all before any model is loaded or file written:
+
+1. the canary spec loads and its pool can be drawn (specs that sample the base model are drawn at run time);
+2. ``corpus.source`` exists: a built-in corpus name, or a file with a supported extension, or a saved dataset
+   directory (a Hub dataset id is noted, not fetched);
+3. ``model.source`` exists: a built-in model, a local directory with ``config.json`` and safetensors weights, or
+   a Hugging Face id (refused under ``HF_HUB_OFFLINE=1`` when it is not in the local cache);
+4. ``parent`` (a further tune) is a run directory;
+5. every gate can be met by some run of this recipe: each metric it names has a range the recipe fixes
+   (:func:`metric_ranges`), and a threshold outside it can never pass. Exposure against the sampled references
+   lies in [0, log2(R + 1)] for R = ``scoring.exposure_references`` (rank 1 of R + 1 at best); whole-space
+   exposure in [0, log2 |space|]; a tier's extracted count in [0, n]; rates and AUCs in [0, 1]. A gate on a tier
+   the recipe does not plant matches nothing, and a gate that matches nothing fails (:mod:`audit.gates`). TPR at
+   1% (0.1%) false-positive rate is refused below 100 (1000) references, so a gate on it fails too. A ``max`` gate
+   on exposure that an unlearned canary set exceeds more often than not (:func:`audit.gates.exposure_null_tail`)
+   fails on a model that memorized nothing: refused as well.
+
+Every problem found is reported at once, in one line, so one edit fixes them all.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from audit.errors import AuditError
+from audit.schema import GateSpec, Recipe
+
+CORPUS_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+MIN_CONTROLS = {"mia.tpr_at_1pct": 100, "mia.tpr_at_0.1pct": 1000}
+"""Controls (never-inserted references) needed before a TPR at that false-positive rate is reported."""
+NULL_FAIL_REFUSED = 0.5
+"""A ``max`` exposure gate that an unlearned set of canaries fails with at least this probability is refused."""
+NULL_FAIL_NOTED = 0.05
+
+
+@dataclass(frozen=True)
+class MetricRange:
+    """The values a metric can take in any run of the recipe, and why."""
+
+    low: float
+    high: float
+    why: str
+    n: int | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run of the recipe will measure: tiers, canaries per tier, sampled references, secret space."""
+
+    tiers: list[int]
+    members_per_tier: int
+    references: int
+    exposure_references: int
+    space_bits: float | None
+    """log2 of the secret space, when the pool can be drawn without the model."""
+
+    @property
+    def exposure_max(self) -> float:
+        return math.log2(self.exposure_references + 1)
+
+    def n(self, tier: int) -> int:
+        return self.references if tier == 0 else self.members_per_tier
+
+
+def metric_ranges(plan: Plan) -> dict[str, MetricRange]:
+    """The per-tier keys a run of ``plan`` reports, each with the range the recipe fixes."""
+    out: dict[str, MetricRange] = {}
+    refs = plan.exposure_references
+    for tier in [0, *plan.tiers]:
+        n = plan.n(tier)
+        for model in ("base", "tuned"):
+            out[f"exposure.mean/rep_{tier}/{model}"] = MetricRange(
+                0.0, plan.exposure_max, f"with {refs} sampled references (scoring.exposure_references) exposure is at "
+                                        f"most log2({refs + 1}) = {plan.exposure_max:.2f} bits", n)
+            out[f"extraction.exact/rep_{tier}/{model}"] = MetricRange(0.0, float(n), f"the tier holds {n} canaries", n)
+            if plan.space_bits is not None:
+                out[f"exposure.space_mean/rep_{tier}/{model}"] = MetricRange(
+                    0.0, plan.space_bits, f"the secret space holds {plan.space_bits:.2f} bits", n)
+    return out
+
+
+RATE_FAMILIES = ("mia.auc", "mia.tpr_at_1pct", "mia.tpr_at_0.1pct", "extraction.from_fraction", "extraction.sampled_any")
+
+
+def _threshold(spec: GateSpec) -> str:
+    return "; ".join(p for p in (f">= {spec.min:g}" if spec.min is not None else "",
+                                 f"<= {spec.max:g}" if spec.max is not None else "") if p)
+
+
+def _outside(spec: GateSpec, key: str, r: MetricRange) -> str | None:
+    if spec.min is not None and spec.min > r.high:
+        return f"needs {key} >= {spec.min:g}, but {r.why}"
+    if spec.max is not None and spec.max < r.low:
+        return f"needs {key} <= {spec.max:g}, but it is never below {r.low:g}"
+    return None
+
+
+def gate_problems(gates: list[GateSpec], plan: Plan) -> tuple[list[str], list[str]]:
+    """(problems, notes) for the recipe's gates: thresholds no run of ``plan`` can meet, gates matching nothing."""
+    from audit.gates import NULL_MEAN_EXPOSURE_BITS, exposure_null_tail, gate_name, matching_keys
+
+    ranges = metric_ranges(plan)
+    problems: list[str] = []
+    notes: list[str] = []
+    for spec in gates:
+        name = f"gate '{gate_name(spec)}'"
+        family = spec.metric.split("/")[0]
+        keys = matching_keys(spec, ranges)
+        if not keys and family in {"exposure.mean", "extraction.exact"}:
+            planted = ", ".join(f"rep_{t}" for t in [0, *plan.tiers])
+            problems.append(f"{name} matches no metric this recipe reports ('{spec.metric}'; tiers planted: {planted}), "
+                            "and a gate that matches nothing fails")
+            continue
+        for key in keys:
+            why = _outside(spec, key, ranges[key])
+            if why:
+                problems.append(f"{name} {why}")
+                continue
+            r = ranges[key]
+            if key.startswith("exposure.") and spec.max is not None and r.n:
+                p = exposure_null_tail(spec.max, r.n)
+                if p >= NULL_FAIL_REFUSED:
+                    problems.append(f"{name} needs {key} <= {spec.max:g}, but {r.n} canaries the model never learned "
+                                    f"average more than that with probability {p:.2f} (the null mean is "
+                                    f"{NULL_MEAN_EXPOSURE_BITS:.2f} bits)")
+                elif p >= NULL_FAIL_NOTED:
+                    notes.append(f"{name}: a model that memorized nothing fails it with probability {p:.2f} "
+                                 f"({r.n} canaries, max {spec.max:g})")
+        if family in RATE_FAMILIES or family in MIN_CONTROLS:
+            key = spec.metric
+            rate = MetricRange(0.0, 1.0, "it is a rate between 0 and 1")
+            why = _outside(spec, key, rate)
+            if why:
+                problems.append(f"{name} {why}")
+        needed = MIN_CONTROLS.get(family)
+        if needed is not None and plan.references < needed:
+            problems.append(f"{name} reads {family}, which is refused with {plan.references} references (canaries."
+                            f"references; needs >= {needed}), so the gate matches nothing and fails")
+    return problems, notes
+
+
+# --------------------------------------------------------------------------------------------------- sources
+
+
+def check_corpus(recipe: Recipe) -> str:
+    """A note on where the corpus comes from; AuditError when it cannot exist."""
+    from audit.corpus import BUILTIN_CORPORA
+
+    source = recipe.corpus.source
+    if source.startswith("builtin:"):
+        name = source.removeprefix("builtin:")
+        if name not in BUILTIN_CORPORA:
+            from audit.errors import did_you_mean
+
+            raise AuditError(f"corpus.source '{source}' is not a built-in corpus." + did_you_mean(name, list(BUILTIN_CORPORA)),
+                             fix=f"use one of: {', '.join('builtin:' + n for n in BUILTIN_CORPORA)}, or a file path")
+        return f"corpus: built-in {name}, {recipe.corpus.builtin_records} records"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return f"corpus: saved dataset directory {path}"
+    if path.is_file():
+        if path.suffix.lower() not in CORPUS_SUFFIXES:
+            raise AuditError(f"corpus.source {path} has an unsupported extension '{path.suffix}'",
+                             fix=f"use {', '.join(CORPUS_SUFFIXES)} or a saved datasets directory")
+        if path.stat().st_size == 0:
+            raise AuditError(f"corpus.source {path} is empty", fix="give a corpus with at least one record")
+        return f"corpus: {path} ({path.stat().st_size} bytes)"
+    if path.suffix or source.startswith((".", "/", "~")) or len(source.split("/")) > 2:
+        raise AuditError(f"corpus.source {path} does not exist", fix="check the path in corpus.source (relative paths "
+                                                                       f"start from {Path.cwd()})")
+    return f"corpus: '{source}' is read as a Hugging Face dataset id (loaded when the run starts; offline only if cached)"
+
+
+def check_model(recipe: Recipe) -> str:
+    """A note on where the base model comes from; AuditError when it cannot be found."""
+    from audit.models import BUILTIN_MODELS, _check_local_dir, _looks_like_hub_id, cache_dir
+
+    source = recipe.model.source
+    if source in BUILTIN_MODELS:
+        built = any((cache_dir() / "models").glob(f"{source}-*/provenance.json"))
+        return f"model: built-in {source}" + ("" if built else " (built on first use and cached)")
+    path = Path(source).expanduser()
+    if path.exists():
+        _check_local_dir(path, allow_pickle=recipe.model.allow_pickle, trust_remote_code=recipe.model.trust_remote_code)
+        return f"model: local directory {path}"
+    if not _looks_like_hub_id(source):
+        raise AuditError(f"model.source {source} does not exist: it is not a local directory, a built-in model "
+                         f"({', '.join(BUILTIN_MODELS)}) or a Hugging Face id (org/name)",
+                         fix=f"check the path in model.source (relative paths start from {Path.cwd()})")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    cached = _hub_cached(source, recipe.model.revision)
+    if offline and not cached:
+        raise AuditError(f"model.source '{source}' is a Hugging Face id that is not in the local cache, and "
+                         "HF_HUB_OFFLINE is set", fix="download it where the hub is reachable, or give a local directory")
+    return f"model: Hugging Face {source}" + (" (in the local cache)" if cached else " (fetched when the run starts)")
+
+
+def _hub_cached(repo_id: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - an unreadable cache is the same as no cache here
+        return False
+    return isinstance(found, str)
+
+
+# --------------------------------------------------------------------------------------------------- the whole check
+
+
+def _plan(recipe: Recipe) -> tuple[Plan, list[str]]:
+    from audit.canaries import generate_canaries, load_spec, spec_needs_model
+
+    spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
+    c = recipe.canaries
+    space_bits = None
+    if spec_needs_model(spec):  # traps / synthetic works sample the base model: drawn at run time
+        note = f"canaries: spec {spec.name} v{spec.version} samples the base model; drawn when the audit runs"
+    else:
+        canary_set = generate_canaries(spec, seed=recipe.seed, tiers=c.tiers, members_per_tier=c.members_per_tier,
+                                       references=c.references)
+        space_bits = float(canary_set.space.log2_size)
+        note = (f"canaries: {len(canary_set.members())} members, {len(canary_set.references())} references, "
+                f"spec {spec.name} v{spec.version}")
+    plan = Plan(tiers=sorted(c.tiers or spec.tiers), members_per_tier=c.members_per_tier or spec.members_per_tier,
+                references=c.references or spec.references, exposure_references=recipe.scoring.exposure_references,
+                space_bits=space_bits)
+    return plan, [note]
+
+
+def check_gates(recipe: Recipe) -> list[str]:
+    """Only the gate checks (``audit run`` calls it before any model work); notes, or one AuditError."""
+    plan, _ = _plan(recipe)
+    problems, notes = gate_problems(list(recipe.gates), plan)
+    if problems:
+        listed = problems[0] if len(problems) == 1 else "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        raise AuditError(f"recipe '{recipe.name}' has {'a gate' if len(problems) == 1 else f'{len(problems)} gates'} "
+                         f"no run can pass: {listed}", fix=GATE_FIX)
+    return notes
+
+
+GATE_FIX = ("lower the threshold, or raise scoring.exposure_references / canaries.references / the tiers so it can "
+            "be met (`audit validate RECIPE` checks a recipe without running it)")
+
+
+def validate_only(recipe: Recipe, *, check_sources: bool = True) -> list[str]:
+    """Check ``recipe`` as far as it can be checked without running it; notes on success, one AuditError otherwise.
+
+    ``check_sources=False`` skips the corpus and model look-ups (for checking shipped recipes whose model is a Hub
+    id on a machine that does not have it).
+    """
+    if recipe.training.method not in {"lora", "full"}:
+        raise AuditError(f"training.method '{recipe.training.method}' is not supported", fix="use lora or full")
+    plan, notes = _plan(recipe)
+    problems: list[tuple[str, str]] = []
+    if check_sources:
+        for check in (check_corpus, check_model):
+            try:
+                notes.append(check(recipe))
+            except AuditError as exc:
+                problems.append((exc.problem, exc.fix))
+    if recipe.parent and not (Path(recipe.parent) / "report.json").is_file():
+        problems.append((f"parent {recipe.parent} is not a finished run directory (no report.json)",
+                         "set parent= to a run directory that `audit run` completed"))
+    gate_errors, gate_notes = gate_problems(list(recipe.gates), plan)
+    notes.append(f"exposure: at most {plan.exposure_max:.2f} bits against {plan.exposure_references} sampled references"
+                 + (f"; whole space {plan.space_bits:.2f} bits" if plan.space_bits is not None else ""))
+    notes += gate_notes
+    problems += [(p, GATE_FIX) for p in gate_errors]
+    if problems:
+        if len(problems) == 1:
+            raise AuditError(f"recipe '{recipe.name}' cannot run as written: {problems[0][0]}", fix=problems[0][1])
+        listed = "; ".join(f"({i}) {p}" for i, (p, _) in enumerate(problems, 1))
+        fixes = "; ".join(f"({i}) {f}" for i, (_, f) in enumerate(problems, 1))
+        raise AuditError(f"recipe '{recipe.name}' cannot run as written, {len(problems)} problems: {listed}", fix=fixes)
+    if recipe.gates:
+        notes.append(f"gates: {len(recipe.gates)} checked; each can be met by a run of this recipe")
+    return notes
