@@ -74,11 +74,11 @@ def one_run_p_value(m: int, r: int, v: int, eps: float, delta: float = 0.0) -> f
         raise ValueError(f"eps must be >= 0, got {eps}")
     q = 1.0 / (1.0 + math.exp(-eps))
     tail = float(stats.binom.sf(v - 1, r, q))  # P[Bin(r, q) >= v]
-    worst = 0.0
-    window = 0.0  # P[v - i <= Bin(r, q) < v]
-    for i in range(1, v + 1):
-        window += float(stats.binom.pmf(v - i, r, q))
-        worst = max(worst, window / i)
+    if v == 0 or delta == 0.0:
+        return min(1.0, tail)
+    # window_i = P[v - i <= Bin(r, q) < v] for i = 1..v: a running sum of pmf(v-1), pmf(v-2), ..., the paper's loop
+    window = np.cumsum(stats.binom.pmf(np.arange(v - 1, -1, -1), r, q))
+    worst = float(np.max(window / np.arange(1, v + 1)))
     return min(1.0, tail + 2.0 * m * delta * worst)
 
 
@@ -166,7 +166,9 @@ class GaussianChannel:
     """mu-GDP: P = N(0, 1), Q = N(mu, 1); the optimal decoder errs with probability 1 / (1 + e^|mu x - mu^2/2|)."""
 
     mu: float
-    table_points: int = 20_001
+    table_points: int = 4_001
+    """Points of the table over the cut s in [0, mu/2 + 12] (1 - w reaches 1e-33 there); 4001 keep the tail's relative
+    error near 1e-6, far below what moves a bound in its fourth decimal."""
 
     @property
     def e_opt(self) -> float:
@@ -175,7 +177,7 @@ class GaussianChannel:
     def gammabar(self, w: np.ndarray) -> np.ndarray:
         """Mean error above quantile w, from a table over the cut s (log space: 1 - w reaches 1e-30 and below)."""
         half = self.mu / 2
-        s = np.linspace(0.0, half + 40.0, self.table_points)
+        s = np.linspace(0.0, half + 12.0, self.table_points)
         log_above = np.logaddexp(stats.norm.logsf(s + half), stats.norm.logsf(s - half))  # log(1 - w(s)), 0 at s = 0
         log_gbar = stats.norm.logsf(s + half) - log_above
         x = -np.log1p(-np.asarray(w, dtype=np.float64))  # -log(1 - w), increasing in w like -log_above in s
@@ -235,7 +237,7 @@ def _log_binom_cdf(u: int, r: int, p: np.ndarray) -> np.ndarray:
     return out
 
 
-def mistakes_tail_one_run(channel: NullChannel, u: int, r: int, n: int, *, nodes: int = 20_001,
+def mistakes_tail_one_run(channel: NullChannel, u: int, r: int, n: int, *, nodes: int = 4_001,
                           width_sd: float = 18.0) -> float:
     """P[T <= u] under ``channel``: at most ``u`` mistakes among the ``r`` most confident of ``n`` guesses.
 
