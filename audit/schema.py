@@ -546,6 +546,13 @@ class SequenceScore(Frozen):
     text_zlib_bytes: int | None = None
     """``len(zlib.compress(text.encode()))`` of the whole canary text: mimir's zlib denominator (a count, not the text)."""
 
+    @field_validator("token_logprobs", "token_vocab_mean", "token_vocab_var")
+    @classmethod
+    def _four_decimals(cls, values: list[float] | None) -> list[float] | None:
+        """Kept to 1e-4 nats: plenty for every attack, and a number printed as ``-2.4829`` never holds six digits in
+        a row, so no run of per-token values can spell a 6-digit secret in ``scores.jsonl`` by chance."""
+        return None if values is None else [round(float(v), 4) for v in values]
+
 
 # --------------------------------------------------------------------------------------------------- lineage
 

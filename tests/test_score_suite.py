@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -89,10 +91,11 @@ def token_row(cid: str, model: str, reps: int, secret: list[float], *, top1: lis
               rank=128, loss: float | None = None):
     lp = PREFIX + secret
     mean_loss = -float(np.mean(secret))
-    return row(cid, model, reps, loss=mean_loss if loss is None else loss, bits=-sum(secret) / math.log(2)).model_copy(
-        update=dict(token_logprobs=lp, token_top1=top1 or [False] * len(lp), token_vocab_mean=[-5.0] * len(lp),
-                    token_vocab_var=[4.0] * len(lp), secret_token_offset=len(PREFIX), text_zlib_bytes=30 + len(cid),
-                    exposure=exposure, rank=rank))
+    plain = row(cid, model, reps, loss=mean_loss if loss is None else loss, bits=-sum(secret) / math.log(2))
+    return SequenceScore.model_validate(plain.model_dump() | dict(
+        token_logprobs=lp, token_top1=top1 or [False] * len(lp), token_vocab_mean=[-5.0] * len(lp),
+        token_vocab_var=[4.0] * len(lp), secret_token_offset=len(PREFIX), text_zlib_bytes=30 + len(cid),
+        exposure=exposure, rank=rank))
 
 
 def token_scores(n_refs: int = 100):
@@ -180,3 +183,9 @@ def test_every_bound_method_on_the_same_guesses():
         assert f"privacy.eps_lb/{method}_best_k" in m and "Bonferroni" in out.notes[f"privacy.eps_lb/{method}_best_k"]
     no_delta = summarize_metrics(token_scores(n_refs=20), privacy_delta=0.0)
     assert "privacy.eps_lb/xiang_gdp" not in no_delta.metrics and "delta = 0" in no_delta.notes["privacy.eps_lb/xiang_gdp"]
+
+
+def test_per_token_values_are_kept_to_four_decimals_so_no_six_digit_run_appears():
+    r = token_row("a", "tuned", 1, [-2.48291234, -13.123456789, -0.1000004, -1.0, -1.0, -1.0])
+    assert r.token_logprobs[4:7] == [-2.4829, -13.1235, -0.1]
+    assert not re.search(r"\d{6}", json.dumps({"lp": r.token_logprobs, "mu": r.token_vocab_mean, "var": r.token_vocab_var}))
