@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from audit.metrics import epsilon_ceiling_one_run, epsilon_lower_bound_one_run
-from audit.metrics.suite import attack_scores, summarize_metrics
+from audit.metrics.mia import zlib_bytes
+from audit.metrics.suite import attack_scores, summarize_metrics, token_view_fields
 from audit.schema import SequenceScore
 
 
@@ -189,3 +190,15 @@ def test_per_token_values_are_kept_to_four_decimals_so_no_six_digit_run_appears(
     r = token_row("a", "tuned", 1, [-2.48291234, -13.123456789, -0.1000004, -1.0, -1.0, -1.0])
     assert r.token_logprobs[4:7] == [-2.4829, -13.1235, -0.1]
     assert not re.search(r"\d{6}", json.dumps({"lp": r.token_logprobs, "mu": r.token_vocab_mean, "var": r.token_vocab_var}))
+
+
+def test_token_view_fields_are_what_the_engine_stores():
+    text = "The code is 123456."
+    fields = token_view_fields(np.array([-1.23456789, -2.0, -0.5]), np.array([True, False, False]), [-4.0] * 3, [2.0] * 3,
+                               prefix_tokens=2, text=text)
+    assert fields["secret_token_offset"] == 1 and fields["text_zlib_bytes"] == zlib_bytes(text)
+    assert fields["token_top1"] == [True, False, False]
+    r = SequenceScore.model_validate(row("a", "tuned", 1, loss=1.0, bits=1.0).model_dump() | fields)
+    assert r.token_logprobs == [-1.2346, -2.0, -0.5] and "123456" not in r.model_dump_json()
+    with pytest.raises(ValueError, match="3 scored tokens"):
+        token_view_fields([-1.0, -2.0, -3.0], [True], None, None, prefix_tokens=1, text=text)

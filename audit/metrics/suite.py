@@ -61,6 +61,7 @@ from audit.metrics.mia import (
     ordering_agreement,
     roc_auc,
     tpr_at_fpr,
+    zlib_bytes,
     zlib_mimir_score,
 )
 from audit.metrics.privacy import BOUND_METHODS, best_of_guess_counts, epsilon_lower_bound_by, one_run_audit
@@ -88,6 +89,25 @@ class SuiteResult:
             return
         self.metrics[key] = MetricEntry(value=round(float(value), 6), n=n,
                                         low=None if low is None else round(low, 6), high=None if high is None else round(high, 6))
+
+
+def token_view_fields(logprobs, top1, vocab_mean, vocab_var, *, prefix_tokens: int, text: str) -> dict[str, object]:
+    """The optional per-token fields of a :class:`SequenceScore` from one teacher-forced pass over the whole text.
+
+    For the engine: ``logprobs[j]`` scores token j + 1 of the text (token 0 is unscored), ``top1[j]`` is whether the
+    argmax at that step is that token, ``prefix_tokens`` is the number of the prefix's tokens (so the secret's
+    first score sits at ``prefix_tokens - 1``). Counts and log-probs only: the text itself is reduced to its zlib
+    length here and never stored.
+    """
+    n = len(logprobs)
+    for name, values in (("top1", top1), ("vocab_mean", vocab_mean), ("vocab_var", vocab_var)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"{name} has {len(values)} entries for {n} scored tokens")
+    return dict(token_logprobs=[float(x) for x in logprobs],
+                token_top1=None if top1 is None else [bool(x) for x in top1],
+                token_vocab_mean=None if vocab_mean is None else [float(x) for x in vocab_mean],
+                token_vocab_var=None if vocab_var is None else [float(x) for x in vocab_var],
+                secret_token_offset=prefix_tokens - 1, text_zlib_bytes=zlib_bytes(text))
 
 
 def _token_view(row: SequenceScore | None) -> tuple[np.ndarray, slice] | None:
