@@ -1,0 +1,91 @@
+"""DP-SGD on LoRA with Opacus (audit.train.dp): bad settings refused before training, a run on tiny-llama that moves
+only the adapter and reports the accountant's eps for the steps it took, and the silent no-op caught."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from audit.errors import AuditError
+from audit.schema import LoraSection
+from audit.train.dp import DPNoOpError, DPSettings, check_dp_settings, per_record_mean_loss
+
+pytest.importorskip("opacus")
+
+TEXTS = [f"Note {i}: the door code of room {i} is {100000 + 7919 * i}." for i in range(40)]
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (DPSettings(epsilon=0.0), "epsilon must be a positive number"),
+    (DPSettings(epsilon=-1.0), "epsilon must be a positive number"),
+    (DPSettings(), "exactly one of epsilon and noise_multiplier"),
+    (DPSettings(epsilon=4.0, noise_multiplier=1.0), "exactly one of epsilon and noise_multiplier"),
+    (DPSettings(epsilon=4.0, delta=0.025), "must lie in (0, 1/n)"),
+    (DPSettings(epsilon=4.0, delta=0.0), "must lie in (0, 1/n)"),
+    (DPSettings(noise_multiplier=0.0), "noise_multiplier must be > 0"),
+    (DPSettings(epsilon=4.0, max_grad_norm=0.0), "max_grad_norm must be > 0"),
+])
+def test_bad_dp_settings_are_one_line_errors_with_a_fix(settings, message):
+    with pytest.raises(AuditError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        check_dp_settings(settings, n_records=40)
+    assert "\n" not in str(info.value) and "(fix: " in str(info.value)
+
+
+def test_per_record_loss_ignores_the_other_records_lengths():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[1, 2, 3, 4, 5], [1, 2, -100, -100, -100]])
+    both = per_record_mean_loss(logits, labels)
+    alone = per_record_mean_loss(logits[:1], labels[:1])
+    assert both[0] == pytest.approx(float(alone[0]))
+    # record 1 has one labelled next token: its loss is that token's cross-entropy
+    assert both[1] == pytest.approx(float(torch.nn.functional.cross_entropy(logits[1, 0:1], labels[1, 1:2])))
+
+
+@pytest.fixture(scope="module")
+def dp_run(tiny_model_dir, tmp_path_factory):
+    from audit.models import load_model_and_tokenizer
+    from audit.train.dp import train_dp_lora
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = tmp_path_factory.mktemp("dp") / "adapter"
+    result = train_dp_lora(model, tok, TEXTS, settings=DPSettings(noise_multiplier=1.0, delta=1e-3), lora=LoraSection(),
+                           epochs=1, batch_size=8, learning_rate=1e-2, max_length=32, weights_dir=out, progress=False)
+    return result, base, out
+
+
+def test_dp_lora_moves_only_the_adapter_and_saves_safetensors(dp_run):
+    result, base, out = dp_run
+    assert result.steps == 5 and result.lora_delta_max > 0
+    for name, p in result.model.get_base_model().named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p.detach(), base[name.replace(".base_layer", "")]), name
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved) and any(t.abs().max() > 0 for k, t in saved.items() if "lora_B" in k)
+
+
+def test_reported_eps_is_the_accountants_for_the_steps_taken(dp_run):
+    from opacus.accountants import PRVAccountant
+
+    result = dp_run[0]
+    accountant = PRVAccountant()
+    for _ in range(result.steps):
+        accountant.step(noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate)
+    assert result.sample_rate == pytest.approx(8 / 40) and result.noise_multiplier == 1.0
+    assert result.eps_accountant == pytest.approx(accountant.get_epsilon(1e-3), rel=1e-3)
+    assert 0 < result.eps_accountant < math.inf
+
+
+def test_a_run_that_leaves_the_adapter_unchanged_fails_loudly(tiny_model_dir, tmp_path):
+    from audit.models import load_model_and_tokenizer
+    from audit.train.dp import train_dp_lora
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
+    with pytest.raises(DPNoOpError, match="left the LoRA weights unchanged"):
+        train_dp_lora(model, tok, TEXTS[:16], settings=DPSettings(noise_multiplier=1.0, delta=1e-3), lora=LoraSection(),
+                      epochs=1, batch_size=8, learning_rate=0.0, max_length=32, weights_dir=tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists()  # nothing saved for a run that did nothing
