@@ -89,3 +89,43 @@ def test_a_run_that_leaves_the_adapter_unchanged_fails_loudly(tiny_model_dir, tm
         train_dp_lora(model, tok, TEXTS[:16], settings=DPSettings(noise_multiplier=1.0, delta=1e-3), lora=LoraSection(),
                       epochs=1, batch_size=8, learning_rate=0.0, max_length=32, weights_dir=tmp_path / "a", progress=False)
     assert not (tmp_path / "a").exists()  # nothing saved for a run that did nothing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epsilon", [1.0, 8.0])
+def test_no_one_run_bound_exceeds_the_accountants_eps(tiny_model_dir, tmp_path, epsilon):
+    """Soundness on a real DP run: 100 single-copy canaries, each inserted by a fair coin, DP-LoRA at eps, then every
+    bound method on loss_diff guesses (all canaries, and the best-of-k grid) stays at or below eps_accountant."""
+    import numpy as np
+
+    from audit.metrics.privacy import BOUND_METHODS, best_of_guess_counts, epsilon_lower_bound_by, one_run_guesses
+    from audit.models import load_model_and_tokenizer
+    from audit.score.engine import pad_id_of, score_token_sequences, split_tokens
+    from audit.train.dp import train_dp_lora
+
+    rng = np.random.default_rng(int(epsilon))
+    canaries = [(f"The locker code of Ms. Rivera, room {i}, is ", f"{rng.integers(0, 10**6):06d}") for i in range(100)]
+    member = rng.random(100) < 0.5
+    records = [f"Room {i} was cleaned on day {i % 7} by the morning staff." for i in range(100)]
+    records += [p + s + "." for (p, s), m in zip(canaries, member, strict=True) if m]
+    delta = 1e-4
+    model, tok = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
+    base_model, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
+    result = train_dp_lora(model, tok, records, settings=DPSettings(epsilon=epsilon, delta=delta), lora=LoraSection(),
+                           epochs=3, batch_size=16, learning_rate=2e-2, max_length=32, weights_dir=tmp_path / "adapter",
+                           progress=False)
+    splits = [split_tokens(tok, p, s) for p, s in canaries]
+    seqs = [s.prefix_ids + s.secret_ids for s in splits]
+
+    def secret_loss(m):
+        out = score_token_sequences(m, seqs, vocab_stats=False, pad_token_id=pad_id_of(tok))
+        return np.array([-o.span(len(s.prefix_ids)).logprobs.mean() for o, s in zip(out, splits, strict=True)])
+
+    scores = secret_loss(base_model) - secret_loss(result.model)  # loss_diff, higher = member
+    r, v = one_run_guesses(scores, member, k_pos=50, k_neg=50)
+    assert result.eps_accountant <= epsilon * 1.01
+    for method in BOUND_METHODS:
+        assert epsilon_lower_bound_by(method, 100, r, v, delta=delta) <= result.eps_accountant, method
+        if method != "xiang_eps_delta":
+            best = best_of_guess_counts(scores, member, method=method, delta=delta)
+            assert best.eps_lower_bound <= result.eps_accountant, method
