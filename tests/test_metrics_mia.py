@@ -128,6 +128,7 @@ def test_ez_mia_zero_cases_follow_the_reference_code():
     assert ez_mia_score([-1.0, -1.0], [-2.0, -2.0], [True, False]) == 0.0
     assert ez_mia_score([-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0], [False, False, False]) == 0.0
     assert ez_mia_score([-1.0, -3.0, -1.0], [-2.0, -2.0, -2.0], [False, False, False], min_tokens=4) == 0.0
+    assert ez_mia_score([], [], []) == 0.0  # a one-token text has nothing left after its first position
     with pytest.raises(ValueError, match="one shape"):
         ez_mia_score([-1.0, -1.0], [-2.0], [False, False])
 

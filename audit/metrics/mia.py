@@ -110,7 +110,8 @@ def zlib_bytes(text: str) -> int:
 def ez_mia_score(logprobs_target: ArrayLike, logprobs_reference: ArrayLike, target_top1_correct: ArrayLike, *,
                  min_tokens: int = 2) -> float:
     """EZ-MIA's error-zone score (module docstring): positive over negative log-prob shift where the target errs."""
-    lp_t, lp_r = _arr(logprobs_target), _arr(logprobs_reference)
+    lp_t = np.asarray(logprobs_target, dtype=np.float64).ravel()  # may be empty: no error zone, score 0
+    lp_r = np.asarray(logprobs_reference, dtype=np.float64).ravel()
     hit = np.asarray(target_top1_correct, dtype=bool).ravel()
     if not lp_t.shape == lp_r.shape == hit.shape:
         raise ValueError(f"target {lp_t.shape}, reference {lp_r.shape} and top-1 flags {hit.shape} must have one shape")
