@@ -21,6 +21,7 @@ TEXTS = [f"Note {i}: the door code of room {i} is {100000 + 7919 * i}." for i in
 @pytest.mark.parametrize(("settings", "message"), [
     (DPSettings(epsilon=0.0), "epsilon must be a positive number"),
     (DPSettings(epsilon=-1.0), "epsilon must be a positive number"),
+    (DPSettings(epsilon=1000.0), "beyond 64"),
     (DPSettings(), "exactly one of epsilon and noise_multiplier"),
     (DPSettings(epsilon=4.0, noise_multiplier=1.0), "exactly one of epsilon and noise_multiplier"),
     (DPSettings(epsilon=4.0, delta=0.025), "must lie in (0, 1/n)"),
@@ -95,7 +96,10 @@ def test_a_run_that_leaves_the_adapter_unchanged_fails_loudly(tiny_model_dir, tm
 @pytest.mark.parametrize("epsilon", [1.0, 8.0])
 def test_no_one_run_bound_exceeds_the_accountants_eps(tiny_model_dir, tmp_path, epsilon):
     """Soundness on a real DP run: 100 single-copy canaries, each inserted by a fair coin, DP-LoRA at eps, then every
-    bound method on loss_diff guesses (all canaries, and the best-of-k grid) stays at or below eps_accountant."""
+    bound method on loss_diff guesses (all canaries, and the best-of-k grid) stays at or below eps_accountant.
+
+    Measured: tiny-llama learns nothing at these settings (loss_diff AUC 0.58 at eps 1, 0.44 at eps 8) and every bound
+    is 0, so this guards the wiring and the direction, not tightness; the SmolLM2 table is the lead's to measure."""
     import numpy as np
 
     from audit.metrics.privacy import BOUND_METHODS, best_of_guess_counts, epsilon_lower_bound_by, one_run_guesses

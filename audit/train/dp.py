@@ -57,6 +57,10 @@ class DPSettings:
     accountant: Literal["prv", "rdp"] = "prv"
 
 
+MAX_TARGET_EPSILON = 64.0
+"""Targets above this are refused: Opacus' noise search for eps = 1000 ran over 20 minutes and 4.9 GB (measured)."""
+
+
 class DPNoOpError(AuditError):
     """A DP run that left the trainable weights where they started (Opacus issue #820's silent failure)."""
 
@@ -69,6 +73,10 @@ def check_dp_settings(settings: DPSettings, n_records: int) -> None:
     if settings.epsilon is not None and not (settings.epsilon > 0 and math.isfinite(settings.epsilon)):
         raise AuditError(f"training.dp.epsilon must be a positive number, got {settings.epsilon}",
                          fix="choose a target such as training.dp.epsilon=4")
+    if settings.epsilon is not None and settings.epsilon > MAX_TARGET_EPSILON:
+        raise AuditError(f"training.dp.epsilon={settings.epsilon:g} is beyond {MAX_TARGET_EPSILON:g}: no meaningful "
+                         "guarantee, and solving the noise for it did not finish in 20 minutes (eps = 1000, PRV)",
+                         fix="set training.dp.noise_multiplier directly (e.g. 0.3) for a weakly private run")
     if settings.noise_multiplier is not None and not settings.noise_multiplier > 0:
         raise AuditError(f"training.dp.noise_multiplier must be > 0, got {settings.noise_multiplier}",
                          fix="use a noise multiplier such as 1.0 (larger is more private)")
