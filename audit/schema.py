@@ -538,6 +538,27 @@ class SequenceScore(Frozen):
     secret_utf8_bits: int | None = None
     text_bits: float | None = None
     """Bits of the whole canary text (tokens after the first) under this model."""
+    # -- per-token view of the whole canary text (audit.metrics.mia: text-scope attacks, EZ-MIA); optional: rows
+    #    without it report the secret-scope attacks only
+    token_logprobs: list[float] | None = None
+    """``ln p(t_j | t_<j)`` for tokens 1..n-1 of the whole canary text (prefix + secret + suffix); token 0 is unscored."""
+    token_top1: list[bool] | None = None
+    """Per entry of ``token_logprobs``: the model's most likely token at that step is the text's token (EZ-MIA's error
+    zone is where it is not)."""
+    token_vocab_mean: list[float] | None = None
+    token_vocab_var: list[float] | None = None
+    """Per entry of ``token_logprobs``: mean and variance of ``ln p(v)`` over the vocabulary (Min-K%++ at text scope)."""
+    secret_token_offset: int | None = None
+    """Index into ``token_logprobs`` of the secret's first token (the number of prefix tokens minus 1)."""
+    text_zlib_bytes: int | None = None
+    """``len(zlib.compress(text.encode()))`` of the whole canary text: mimir's zlib denominator (a count, not the text)."""
+
+    @field_validator("token_logprobs", "token_vocab_mean", "token_vocab_var")
+    @classmethod
+    def _four_decimals(cls, values: list[float] | None) -> list[float] | None:
+        """Kept to 1e-4 nats: plenty for every attack, and a number printed as ``-2.4829`` never holds six digits in
+        a row, so no run of per-token values can spell a 6-digit secret in ``scores.jsonl`` by chance."""
+        return None if values is None else [round(float(v), 4) for v in values]
 
 
 # --------------------------------------------------------------------------------------------------- lineage

@@ -16,6 +16,7 @@ from audit.metrics import (
     rank_against_references,
     sampled_space_exposure,
 )
+from audit.metrics.exposure import null_calibration, null_exposure_variance
 
 TF_REFS = np.arange(1, 17, dtype=float)  # references 1..16
 TF_SECRETS = {"1": [0.0, 0.1], "2": [20.0], "5": [3.5], "8": [3.5]}
@@ -105,3 +106,36 @@ def test_sampled_space_exposure_interval_by_hand():
     assert mid.exposure == pytest.approx(top - math.log2(1 + 128 / 255 * (10**6 - 1)))
     with pytest.raises(ValueError):
         sampled_space_exposure(300, 255, 10**6)
+
+
+def test_null_variance_matches_enumeration_and_the_exponential_limit():
+    ranks = np.arange(1, 257)
+    assert null_exposure_variance(256) == pytest.approx(float(np.var(8 - np.log2(ranks))), rel=1e-12)
+    assert null_exposure_variance(10**6) == pytest.approx(1 / math.log(2) ** 2, rel=1e-3)
+
+
+def test_null_calibration_by_hand():
+    # four references ranked 1, 64, 128, 256 of N = 256: exposures 8, 2, 1, 0
+    cal = null_calibration([8.0, 2.0, 1.0, 0.0], 256)
+    assert cal.mean == pytest.approx(2.75) and cal.n == 4 and cal.expected == pytest.approx(null_exposure_mean(256))
+    sd = np.std([8.0, 2.0, 1.0, 0.0], ddof=1)
+    half = stats.t.ppf(0.975, 3) * sd / 2
+    assert (cal.low, cal.high) == (pytest.approx(2.75 - half), pytest.approx(2.75 + half))
+    z = (2.75 - cal.expected) / math.sqrt(null_exposure_variance(256) / 4)
+    assert cal.p_value == pytest.approx(2 * stats.norm.sf(z)) and not cal.biased
+    with pytest.raises(ValueError):
+        null_calibration([1.0], 256)
+
+
+def test_null_calibration_false_alarms_stay_under_one_percent():
+    # 2000 simulated audits of 100 unlearned references (uniform ranks among 256): flagged at most ~1% of the time
+    rng = np.random.default_rng(11)
+    flags = [null_calibration(8 - np.log2(rng.integers(1, 257, size=100)), 256).biased for _ in range(2000)]
+    assert np.mean(flags) <= 0.015
+
+
+def test_a_prefix_the_model_already_completes_is_flagged():
+    # references ranked in the top 10% (a template that gives the secret away): mean exposure ~ 4.3 bits
+    rng = np.random.default_rng(5)
+    cal = null_calibration(8 - np.log2(rng.integers(1, 26, size=100)), 256)
+    assert cal.biased and cal.p_value < 1e-6 and cal.low > cal.expected

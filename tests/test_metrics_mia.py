@@ -22,6 +22,7 @@ from audit.metrics import (
     tpr_at_fpr,
     zlib_ratio_score,
 )
+from audit.metrics.mia import ATTACK_SCOPES, ez_mia_score, ordering_agreement, zlib_bytes, zlib_mimir_score
 
 
 def test_loss_and_base_calibrated_scores():
@@ -107,3 +108,70 @@ def test_too_few_controls_is_refused_with_a_fix():
 def test_large_fpr_allows_every_control():
     r = tpr_at_fpr([0.0], [1.0, 2.0], 0.99)
     assert r.tpr == 0.0 and r.allowed_false_positives == 1
+
+
+# ------------------------------------------------------------------------------- EZ-MIA, mimir's zlib, scopes
+
+
+def test_ez_mia_ratio_of_shifts_in_the_error_zone():
+    target = [-1.0, -2.0, -0.5, -3.0]
+    reference = [-2.0, -1.5, -0.1, -4.0]
+    top1 = [False, False, True, False]  # position 2 is predicted right: outside the error zone, whatever its shift
+    # error zone 0, 1, 3: shifts +1.0, -0.5, +1.0 -> 2.0 up over 0.5 down
+    assert ez_mia_score(target, reference, top1) == pytest.approx(4.0)
+    # the same shifts on a correctly predicted position do not count
+    assert ez_mia_score(target, reference, [True, False, True, False]) == pytest.approx(1.0 / 0.5)
+
+
+def test_ez_mia_zero_cases_follow_the_reference_code():
+    # fewer than min_tokens error positions, or no downward shift in the zone: 0 (mia/ez_score.py)
+    assert ez_mia_score([-1.0, -1.0], [-2.0, -2.0], [True, False]) == 0.0
+    assert ez_mia_score([-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0], [False, False, False]) == 0.0
+    assert ez_mia_score([-1.0, -3.0, -1.0], [-2.0, -2.0, -2.0], [False, False, False], min_tokens=4) == 0.0
+    assert ez_mia_score([], [], []) == 0.0  # a one-token text has nothing left after its first position
+    with pytest.raises(ValueError, match="one shape"):
+        ez_mia_score([-1.0, -1.0], [-2.0], [False, False])
+
+
+def test_ez_mia_is_scale_free_and_grows_with_upward_shift():
+    reference = np.array([-3.0, -2.0, -4.0, -1.0])
+    top1 = np.zeros(4, dtype=bool)
+    base = ez_mia_score(reference + [0.5, -0.5, 0.5, -0.5], reference, top1)
+    more = ez_mia_score(reference + [1.5, -0.5, 0.5, -0.5], reference, top1)
+    assert base == pytest.approx(1.0) and more == pytest.approx(2.0)
+    assert ez_mia_score(reference + 3 * np.array([0.5, -0.5, 0.5, -0.5]), reference, top1) == pytest.approx(base)
+
+
+def test_mimir_zlib_is_mean_loss_over_compressed_bytes():
+    text = "The access code is 482913."
+    assert zlib_bytes(text) == len(zlib.compress(text.encode("utf-8")))
+    assert zlib_mimir_score([-1.0, -3.0], 20) == pytest.approx(-2.0 / 20)
+    with pytest.raises(ValueError):
+        zlib_mimir_score([-1.0], 0)
+
+
+def test_fixed_length_digits_make_secret_zlib_a_reordering_of_loss():
+    # 6-digit secrets compress to nearly the same length, so bits / zlib bits orders them as the loss does
+    rng = np.random.default_rng(3)
+    secrets = [f"{x:06d}" for x in rng.integers(0, 10**6, size=300)]
+    lengths = {len(zlib.compress(s.encode())) for s in secrets}
+    logprobs = rng.normal(-2.0, 0.7, size=(300, 6))
+    loss = [loss_score(lp) for lp in logprobs]
+    zl = [zlib_ratio_score(lp, s) for lp, s in zip(logprobs, secrets, strict=True)]
+    assert len(lengths) <= 2 and ordering_agreement(zl, loss) >= 0.99
+    # whole texts of different lengths do not: their zlib length carries information of its own
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz "))
+    texts = ["".join(rng.choice(letters, size=int(n))) for n in rng.integers(10, 300, size=300)]
+    zt = [zlib_mimir_score(lp, zlib_bytes(t)) for lp, t in zip(logprobs, texts, strict=True)]
+    assert ordering_agreement(zt, loss) < 0.9
+    assert ordering_agreement([1, 2, 3], [3, 2, 1]) == 0.0 and ordering_agreement([1, 2, 3], [10, 20, 30]) == 1.0
+
+
+def test_every_attack_names_its_scope_and_its_papers():
+    for attack, (scope, paper_scope, paper) in ATTACK_SCOPES.items():
+        assert scope in ("secret", "text") and paper_scope in ("secret", "text") and paper
+        assert not attack.endswith("_text") or scope == "text"
+        assert not attack.endswith("_secret") or scope == "secret"
+    # mimir's zlib and EZ-MIA score whole texts; memaudit's calibrated Min-K%++ the secret span
+    assert ATTACK_SCOPES["zlib"][1] == "text" and ATTACK_SCOPES["ez_mia"][0] == "text"
+    assert ATTACK_SCOPES["min_k_pp_diff"][:2] == ("secret", "secret")

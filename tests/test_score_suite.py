@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
+import numpy as np
 import pytest
 
 from audit.metrics import epsilon_ceiling_one_run, epsilon_lower_bound_one_run
-from audit.metrics.suite import attack_scores, summarize_metrics
+from audit.metrics.mia import zlib_bytes
+from audit.metrics.suite import attack_scores, summarize_metrics, token_view_fields
 from audit.schema import SequenceScore
 
 
@@ -77,3 +81,124 @@ def test_without_base_only_single_model_attacks():
     assert "mia.auc/loss" in out.metrics and "mia.auc/loss_diff" not in out.metrics
     assert "information.memorized_bits/rep_4" not in out.metrics
     assert "privacy.eps_lb" in out.metrics  # falls back to the loss attack
+
+
+# ------------------------------------------------- per-token view: text-scope attacks, EZ-MIA, tiers, null, bounds
+
+PREFIX = [-2.0, -1.0, -3.0, -0.5]  # tokens 1..4 of the text: the template prefix, predicted alike for every canary
+
+
+def token_row(cid: str, model: str, reps: int, secret: list[float], *, top1: list[bool] | None = None, exposure=1.0,
+              rank=128, loss: float | None = None):
+    lp = PREFIX + secret
+    mean_loss = -float(np.mean(secret))
+    plain = row(cid, model, reps, loss=mean_loss if loss is None else loss, bits=-sum(secret) / math.log(2))
+    return SequenceScore.model_validate(plain.model_dump() | dict(
+        token_logprobs=lp, token_top1=top1 or [False] * len(lp), token_vocab_mean=[-5.0] * len(lp),
+        token_vocab_var=[4.0] * len(lp), secret_token_offset=len(PREFIX), text_zlib_bytes=30 + len(cid),
+        exposure=exposure, rank=rank))
+
+
+def token_scores(n_refs: int = 100):
+    rng = np.random.default_rng(0)
+    out = []
+    for tier in (1, 4):
+        for k in range(4):
+            base = list(rng.normal(-3.0, 0.3, size=6))
+            lift = 0.2 * tier  # fine-tuning lifted every secret token, more with more repetitions
+            out += [token_row(f"m{tier}{k}", "base", tier, base),
+                    token_row(f"m{tier}{k}", "tuned", tier, [b + lift * (1 if j % 2 else -0.2) for j, b in enumerate(base)])]
+    for k in range(n_refs):
+        base = list(rng.normal(-3.0, 0.3, size=6))
+        rank = int(rng.integers(1, 257))
+        out += [token_row(f"r{k}", "base", 0, base, exposure=8 - math.log2(rank), rank=rank),
+                token_row(f"r{k}", "tuned", 0, [b + rng.normal(0, 0.05) for b in base], exposure=8 - math.log2(rank),
+                          rank=rank)]
+    return out
+
+
+def test_ez_mia_reads_the_whole_text_without_its_first_position():
+    base = token_row("a", "base", 4, [-3.0] * 6)
+    tuned = token_row("a", "tuned", 4, [-2.0, -4.0, -2.0, -3.5, -3.0, -3.0], top1=[True] + [False] * 9)
+    got = attack_scores(tuned, base)
+    # secret shifts +1, -1, +1, -0.5, 0, 0 in the error zone (the prefix did not move): 2 up over 1.5 down
+    assert got["ez_mia"] == pytest.approx(2.0 / 1.5) and got["ez_mia_secret"] == pytest.approx(2.0 / 1.5)
+    assert got["loss_text"] == pytest.approx(np.mean(PREFIX + [-2.0, -4.0, -2.0, -3.5, -3.0, -3.0]))
+    assert got["loss_diff_text"] == pytest.approx(got["loss_text"] - np.mean(PREFIX + [-3.0] * 6))
+    assert got["zlib_text"] == pytest.approx(got["loss_text"] / 31)
+    assert "ez_mia" not in attack_scores(tuned, None) and "loss_text" in attack_scores(tuned, None)
+
+
+def test_per_token_view_adds_keys_and_changes_none_of_the_old_ones():
+    rows = token_scores()
+    stripped = [r.model_copy(update=dict(token_logprobs=None, token_top1=None, token_vocab_mean=None,
+                                         token_vocab_var=None, secret_token_offset=None, text_zlib_bytes=None))
+                for r in rows]
+    full, old = summarize_metrics(rows).metrics, summarize_metrics(stripped).metrics
+    assert all(full[k] == v for k, v in old.items())
+    added = set(full) - set(old)
+    for attack in ("ez_mia", "ez_mia_secret", "loss_text", "zlib_text", "min_k_text", "min_k_pp_text", "loss_diff_text",
+                   "min_k_pp_diff_text"):
+        assert f"mia.auc/{attack}" in added
+    assert full["mia.auc/loss_diff_text"].value > 0.9 and full["mia.auc/loss_diff_text"].n == 108
+
+
+def test_scope_notes_and_the_degenerate_zlib_flag():
+    out = summarize_metrics(token_scores())
+    assert out.notes["mia.scope/zlib"].startswith("secret tokens;") and "see zlib_text" in out.notes["mia.scope/zlib"]
+    assert out.notes["mia.scope/ez_mia"].startswith("text tokens;")
+    # the helper's zlib is loss / 10: the same ordering, flagged; the whole-text zlib differs in length and is not
+    assert "degenerate for this spec" in out.notes["mia.degenerate/zlib"]
+    assert "mia.degenerate/zlib_text" not in out.notes
+
+
+def test_tpr_at_1pct_per_tier_for_the_calibrated_attacks():
+    m = summarize_metrics(token_scores()).metrics
+    for tier in (1, 4):
+        tpr = m[f"mia.tpr_at_1pct/loss_diff/rep_{tier}"]
+        assert tpr.n == 4 and tpr.low <= tpr.value <= tpr.high
+    assert m["mia.tpr_at_1pct/loss_diff/rep_4"].value >= m["mia.tpr_at_1pct/loss_diff/rep_1"].value
+    assert "mia.tpr_at_1pct/ez_mia/rep_4" in m and "mia.tpr_at_1pct/loss/rep_4" not in m
+    assert "mia.tpr_at_1pct/loss_diff/rep_4" not in summarize_metrics(scores()).metrics  # 3 controls: refused
+
+
+def test_null_calibration_of_the_references():
+    out = summarize_metrics(token_scores())
+    m = out.metrics
+    assert m["exposure.null_mean/base"].n == 100 and m["exposure.null_biased/base"].value == 0.0
+    null = m["exposure.null_mean/base"]
+    assert null.low < null.value < null.high and m["exposure.null_p/base"].value >= 0.01
+    assert "z-test p" in out.notes["exposure.null/tuned"]
+    # the old helper's references all rank first among 256 (8 bits each): biased, and said so
+    biased = summarize_metrics(scores(n_refs=10))
+    assert biased.metrics["exposure.null_biased/tuned"].value == 1.0 and "BIASED" in biased.notes["exposure.null/tuned"]
+
+
+def test_every_bound_method_on_the_same_guesses():
+    out = summarize_metrics(token_scores(n_refs=20))
+    m = out.metrics
+    assert m["privacy.eps_lb/steinke"] == m["privacy.eps_lb"]
+    assert m["privacy.eps_lb/xiang_gdp"].value >= m["privacy.eps_lb"].value
+    assert m["privacy.eps_lb/xiang_eps_delta"].value >= m["privacy.eps_lb"].value - 1e-4
+    for method in ("steinke", "xiang_gdp"):
+        assert f"privacy.eps_lb/{method}_best_k" in m and "Bonferroni" in out.notes[f"privacy.eps_lb/{method}_best_k"]
+    no_delta = summarize_metrics(token_scores(n_refs=20), privacy_delta=0.0)
+    assert "privacy.eps_lb/xiang_gdp" not in no_delta.metrics and "delta = 0" in no_delta.notes["privacy.eps_lb/xiang_gdp"]
+
+
+def test_per_token_values_are_kept_to_four_decimals_so_no_six_digit_run_appears():
+    r = token_row("a", "tuned", 1, [-2.48291234, -13.123456789, -0.1000004, -1.0, -1.0, -1.0])
+    assert r.token_logprobs[4:7] == [-2.4829, -13.1235, -0.1]
+    assert not re.search(r"\d{6}", json.dumps({"lp": r.token_logprobs, "mu": r.token_vocab_mean, "var": r.token_vocab_var}))
+
+
+def test_token_view_fields_are_what_the_engine_stores():
+    text = "The code is 123456."
+    fields = token_view_fields(np.array([-1.23456789, -2.0, -0.5]), np.array([True, False, False]), [-4.0] * 3, [2.0] * 3,
+                               prefix_tokens=2, text=text)
+    assert fields["secret_token_offset"] == 1 and fields["text_zlib_bytes"] == zlib_bytes(text)
+    assert fields["token_top1"] == [True, False, False]
+    r = SequenceScore.model_validate(row("a", "tuned", 1, loss=1.0, bits=1.0).model_dump() | fields)
+    assert r.token_logprobs == [-1.2346, -2.0, -0.5] and "123456" not in r.model_dump_json()
+    with pytest.raises(ValueError, match="3 scored tokens"):
+        token_view_fields([-1.0, -2.0, -3.0], [True], None, None, prefix_tokens=1, text=text)

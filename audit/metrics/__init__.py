@@ -4,15 +4,19 @@ Each module cites the paper its metric comes from and states the formula. The na
 for users' own scripts:
 
     from audit.metrics import exposure_interpolation, exposure_extrapolation, epsilon_lower_bound_one_run, tpr_at_fpr, roc_auc
+    from audit.metrics import epsilon_lower_bound_tight, best_of_guess_counts, ez_mia_score, null_calibration
 """
 
 from audit.metrics.exposure import (
     ExtrapolatedExposure,
+    NullCalibration,
     SpaceExposureEstimate,
     exposure_extrapolation,
     exposure_from_rank,
     exposure_interpolation,
+    null_calibration,
     null_exposure_mean,
+    null_exposure_variance,
     rank_against_references,
     sampled_space_exposure,
 )
@@ -26,27 +30,38 @@ from audit.metrics.extraction import (
 )
 from audit.metrics.information import bits, compression_ratio, information_view, utf8_bits
 from audit.metrics.mia import (
+    ATTACK_SCOPES,
     InsufficientControlsError,
     TprAtFpr,
     difference_to_base,
+    ez_mia_score,
     loss_score,
     min_k_plus_plus_score,
     min_k_score,
     ratio_to_base,
     roc_auc,
     tpr_at_fpr,
+    zlib_mimir_score,
     zlib_ratio_score,
 )
 from audit.metrics.privacy import (
+    BOUND_METHODS,
+    BestOfGuessCounts,
     OneRunAudit,
+    best_of_guess_counts,
     epsilon_ceiling_one_run,
+    epsilon_lower_bound_by,
     epsilon_lower_bound_one_run,
+    epsilon_lower_bound_tight,
     one_run_audit,
     one_run_p_value,
 )
 from audit.metrics.stats import Proportion, clopper_pearson
 
 __all__ = [
+    "ATTACK_SCOPES", "BOUND_METHODS", "BestOfGuessCounts", "NullCalibration", "best_of_guess_counts",
+    "epsilon_lower_bound_by", "epsilon_lower_bound_tight", "ez_mia_score", "null_calibration", "null_exposure_variance",
+    "zlib_mimir_score",
     "ExtrapolatedExposure", "InsufficientControlsError", "OneRunAudit", "Proportion", "SpaceExposureEstimate", "TprAtFpr",
     "bits", "clopper_pearson", "compression_ratio", "difference_to_base", "discoverable_match",
     "epsilon_ceiling_one_run", "epsilon_lower_bound_one_run", "exposure_extrapolation", "exposure_from_rank",

@@ -172,3 +172,59 @@ def sampled_space_exposure(rank: int, n_references: int, space_size: int, *, con
     est_rank = 1.0 + prop.rate * (space_size - 1)
     return SpaceExposureEstimate(exposure=at(prop.rate), low=at(prop.high), high=at(prop.low), confidence=confidence,
                                  estimated_rank=est_rank)
+
+
+@dataclass(frozen=True)
+class NullCalibration:
+    """Exposure of canaries the model never saw, tested against the uniform-rank null (see :func:`null_calibration`)."""
+
+    mean: float
+    low: float
+    high: float
+    """``confidence`` Student-t interval on the mean."""
+    n: int
+    expected: float
+    """E[exposure] under the null, ``log2 N - log2(N!)/N`` (1/ln 2 = 1.4427 as N grows)."""
+    p_value: float
+    """Two-sided z-test of the mean against ``expected``, with the null's exact variance."""
+    biased: bool
+    """``p_value < alpha``: the references' exposure is not what an unlearned canary has."""
+    space_size: int
+    confidence: float
+    alpha: float
+
+
+def null_exposure_variance(space_size: int) -> float:
+    """Var[exposure] of a uniform rank on 1..N: the variance of log2(rank); (1/ln 2)^2 = 2.08 in the limit."""
+    if space_size < 1:
+        raise ValueError("space_size must be >= 1")
+    if space_size > 10**7:  # -log2 U with U uniform: exponential with rate ln 2
+        return 1.0 / math.log(2) ** 2
+    logs = np.log2(np.arange(1, space_size + 1, dtype=np.float64))
+    return float(np.var(logs))
+
+
+def null_calibration(exposures: ArrayLike, space_size: int, *, confidence: float = 0.95,
+                     alpha: float = 0.01) -> NullCalibration:
+    """Is the references' exposure the null's? Mean with a t interval, and a z-test against the uniform-rank mean.
+
+    A canary the model never learned ranks uniformly among the ``space_size`` secrets it is compared with (itself
+    included), so its exposure has mean ``log2 N - log2(N!)/N`` and the variance of ``log2(rank)`` (both exact for the
+    discrete rank). The mean of n references is tested with ``z = (mean - E) / sqrt(Var / n)`` (normal by the central
+    limit theorem; the exposure's distribution is close to exponential, so n >= 30 makes the p-value accurate to a
+    few percent). ``biased`` flags ``p < alpha``: a template prefix the base model already completes, references
+    drawn from another distribution than the members, or a scoring bug, all of which make exposure thresholds
+    meaningless.
+    """
+    x = np.asarray(exposures, dtype=np.float64).ravel()
+    if x.size < 2:
+        raise ValueError(f"a null calibration needs at least 2 reference exposures, got {x.size}")
+    if not 0.0 < confidence < 1.0 or not 0.0 < alpha < 1.0:
+        raise ValueError(f"confidence ({confidence}) and alpha ({alpha}) must lie in (0, 1)")
+    expected, var = null_exposure_mean(space_size), null_exposure_variance(space_size)
+    mean = float(np.mean(x))
+    half = float(stats.t.ppf(0.5 + confidence / 2, x.size - 1) * np.std(x, ddof=1) / math.sqrt(x.size))
+    z = (mean - expected) / math.sqrt(var / x.size) if var > 0 else 0.0
+    p = float(2.0 * stats.norm.sf(abs(z)))
+    return NullCalibration(mean=mean, low=mean - half, high=mean + half, n=int(x.size), expected=expected, p_value=p,
+                           biased=p < alpha, space_size=space_size, confidence=confidence, alpha=alpha)

@@ -20,6 +20,22 @@ Attacks (one formula each; lp_t = log p(x_t | x_<t), n tokens):
   ``z_t = (lp_t - mu_t) / sigma_t`` with ``mu_t = E_{v~p_t}[log p_t(v)]`` and ``sigma_t^2 = Var_{v~p_t}[log p_t(v)]``
   over the full vocabulary, then the mean of the smallest k-fraction of z_t as in Min-K%.
 
+* zlib as mimir computes it (``attacks/zlib.py``): mean NLL of the whole text over the byte length of its zlib
+  compression, oriented ``mean_t lp_t / len(zlib(text))`` (:func:`zlib_mimir_score`).
+* EZ-MIA (Ilic, Stanojevic, Cvejoski 2026, "Powerful training-free membership inference against autoregressive
+  language models", arXiv 2601.12104; reference code ``JetBrains-Research/ez-mia``, ``mia/ez_score.py``): in the
+  *error zone* E = {t : argmax_v p_target(v | x_<t) != x_t}, with d_t = lp_target_t - lp_reference_t (the base model
+  is the reference), ``EZ = sum_{t in E} max(d_t, 0) / sum_{t in E} max(-d_t, 0)``: how much more fine-tuning raised
+  the true token where the model still gets it wrong than it lowered it. As in the reference code the score is 0
+  when E has fewer than ``min_tokens`` positions or no negative shift, so a sequence the tuned model predicts
+  perfectly (no error zone: verbatim recall) scores 0; EZ-MIA measures residual memorization, not recall.
+
+Scope. Each attack reads either the **secret** span (memaudit and Panda et al. 2025 score only the planted span) or the
+whole canary **text** (Yeom et al., Carlini et al., Shi et al., Zhang et al., mimir and EZ-MIA score whole samples);
+:data:`ATTACK_SCOPES` names each attack's scope and the scope its paper defines. On a 6-token secret, Min-K% at
+k = 0.2 reads ``max(1, floor(0.2 * 6)) = 1`` token, and zlib of a fixed-length digit string is a near-constant, so
+zlib at secret scope orders canaries as loss does (:func:`ordering_agreement` measures it).
+
 Evaluation: :func:`roc_auc` (Mann-Whitney, ties count 1/2) and :func:`tpr_at_fpr`, which states its FPR convention and
 refuses when there are too few controls to measure the requested FPR at all.
 """
@@ -79,6 +95,46 @@ def zlib_ratio_score(logprobs: ArrayLike, text: str) -> float:
     return -model_bits / zlib_bits
 
 
+def zlib_mimir_score(logprobs: ArrayLike, zlib_bytes: int) -> float:
+    """mimir's zlib: ``mean_t lp_t / len(zlib(text))`` (minus the mean NLL in nats over the compressed byte count)."""
+    if zlib_bytes <= 0:
+        raise ValueError(f"zlib_bytes must be positive, got {zlib_bytes}")
+    return loss_score(logprobs) / zlib_bytes
+
+
+def zlib_bytes(text: str) -> int:
+    """Byte length of ``zlib.compress`` of the UTF-8 text (the zlib attacks' denominator)."""
+    return len(zlib.compress(text.encode("utf-8")))
+
+
+def ez_mia_score(logprobs_target: ArrayLike, logprobs_reference: ArrayLike, target_top1_correct: ArrayLike, *,
+                 min_tokens: int = 2) -> float:
+    """EZ-MIA's error-zone score (module docstring): positive over negative log-prob shift where the target errs."""
+    lp_t = np.asarray(logprobs_target, dtype=np.float64).ravel()  # may be empty: no error zone, score 0
+    lp_r = np.asarray(logprobs_reference, dtype=np.float64).ravel()
+    hit = np.asarray(target_top1_correct, dtype=bool).ravel()
+    if not lp_t.shape == lp_r.shape == hit.shape:
+        raise ValueError(f"target {lp_t.shape}, reference {lp_r.shape} and top-1 flags {hit.shape} must have one shape")
+    shift = (lp_t - lp_r)[~hit]
+    if shift.size < min_tokens:
+        return 0.0
+    down = float(np.sum(-shift[shift < 0]))
+    if down == 0.0:
+        return 0.0
+    return float(np.sum(shift[shift > 0])) / down
+
+
+def ordering_agreement(scores_a: ArrayLike, scores_b: ArrayLike) -> float:
+    """Share of pairs two attacks order the same way, ``(1 + tau_b) / 2`` (Kendall): 1.0 means the same ROC curve."""
+    a, b = _arr(scores_a), _arr(scores_b)
+    if a.shape != b.shape:
+        raise ValueError(f"scores {a.shape} and {b.shape} must have one shape")
+    if a.size < 2:
+        return 1.0
+    tau = stats.kendalltau(a, b).statistic
+    return 1.0 if not math.isfinite(tau) else (1.0 + float(tau)) / 2.0
+
+
 def _lowest_fraction_mean(values: np.ndarray, k: float) -> float:
     if not 0.0 < k <= 1.0:
         raise ValueError(f"k must lie in (0, 1], got {k}")
@@ -98,6 +154,30 @@ def min_k_plus_plus_score(logprobs: ArrayLike, vocab_mean: ArrayLike, vocab_var:
         raise ValueError(f"logprobs {lp.shape}, vocab_mean {mu.shape} and vocab_var {var.shape} must have one shape")
     z = (lp - mu) / np.sqrt(np.maximum(var, 1e-12))
     return _lowest_fraction_mean(z, k)
+
+
+Scope = Literal["secret", "text"]
+
+ATTACK_SCOPES: dict[str, tuple[Scope, Scope, str]] = {
+    # attack: (scope it reads, scope its paper defines, the paper)
+    "loss": ("secret", "text", "Yeom et al. 2018"),
+    "loss_text": ("text", "text", "Yeom et al. 2018"),
+    "zlib": ("secret", "text", "Carlini et al. 2021 (model bits over zlib bits)"),
+    "zlib_text": ("text", "text", "Carlini et al. 2021 as mimir computes it (mean NLL over zlib bytes)"),
+    "min_k": ("secret", "text", "Shi et al. 2024"),
+    "min_k_text": ("text", "text", "Shi et al. 2024"),
+    "min_k_pp": ("secret", "text", "Zhang et al. 2025"),
+    "min_k_pp_text": ("text", "text", "Zhang et al. 2025"),
+    "loss_diff": ("secret", "text", "Carlini et al. 2021 reference attack, base as reference"),
+    "loss_diff_text": ("text", "text", "Carlini et al. 2021 reference attack, base as reference"),
+    "loss_ratio": ("secret", "text", "Carlini et al. 2021; Meeus et al. 2024"),
+    "min_k_pp_diff": ("secret", "secret", "memaudit (Min-K%++ calibrated by the base model, secret span)"),
+    "min_k_pp_diff_text": ("text", "secret", "memaudit (Min-K%++ calibrated by the base model)"),
+    "ez_mia": ("text", "text", "Ilic et al. 2026"),
+    "ez_mia_secret": ("secret", "text", "Ilic et al. 2026"),
+}
+"""Every attack the suite reports, the tokens it reads and the scope its paper defines. The bare names
+(``loss``, ``zlib``, ...) keep the secret scope their metric keys always had; ``_text`` / ``_secret`` name the other."""
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -19,11 +19,24 @@ Keys (``rep_<r>`` is a repetition tier, ``rep_0`` the never-inserted references;
 ``mia.auc/<attack>``                        members (all tiers) against references, tuned model
 ``mia.auc/<attack>/rep_<r>``                one tier's members against the references
 ``mia.tpr_at_1pct/<attack>``, ``..._0.1pct``  TPR at 1% / 0.1% FPR (refused into ``notes`` when underpowered)
-``privacy.eps_lb``, ``privacy.eps_ceiling`` one-run epsilon lower bound and the most its guesses can show
+``mia.tpr_at_1pct/<attack>/rep_<r>``        one tier's TPR at 1% FPR against all references, for the
+                                            base-calibrated headline attacks (``TIER_TPR_ATTACKS``)
+``exposure.null_mean/<model>``              the references' sampled exposure: mean, n, t interval
+``exposure.null_p/<model>``                 z-test of that mean against the uniform-rank null (~1/ln 2 bits)
+``exposure.null_biased/<model>``            1.0 when ``null_p`` < 0.01: exposure thresholds are not to be trusted
+``privacy.eps_lb``, ``privacy.eps_ceiling`` one-run epsilon lower bound (Steinke et al.) and the most its guesses
+                                            can show
+``privacy.eps_lb/<method>``                 the same guesses under each method of ``privacy.BOUND_METHODS``
+``privacy.eps_lb/<method>_best_k``          the best over a guess-count grid fixed in advance, Bonferroni-paid
 ==========================================  ==================================================================
 
 Attacks (all oriented higher = member, see :mod:`audit.metrics.mia`): ``loss``, ``zlib``, ``min_k``, ``min_k_pp``
-on the tuned model, and the base-calibrated ``loss_diff``, ``loss_ratio``, ``min_k_pp_diff``.
+on the tuned model, and the base-calibrated ``loss_diff``, ``loss_ratio``, ``min_k_pp_diff``, all on the secret's
+tokens (the keys they always had). Rows that carry the per-token view of the whole text (``token_logprobs``, ...)
+add ``<attack>_text`` (the whole canary text, the scope their papers define), ``ez_mia`` (whole text, as its paper)
+and ``ez_mia_secret``. ``notes["mia.scope/<attack>"]`` states each attack's scope and its paper's, and an attack
+whose ordering coincides with loss's on this spec (zlib on fixed-length secrets) is flagged in
+``notes["mia.degenerate/<attack>"]``.
 """
 
 from __future__ import annotations
@@ -34,15 +47,36 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from audit.metrics.exposure import null_calibration
 from audit.metrics.extraction import is_np_extractable
-from audit.metrics.mia import InsufficientControlsError, roc_auc, tpr_at_fpr
-from audit.metrics.privacy import one_run_audit
+from audit.metrics.mia import (
+    ATTACK_SCOPES,
+    InsufficientControlsError,
+    ez_mia_score,
+    loss_score,
+    min_k_plus_plus_score,
+    min_k_score,
+    ordering_agreement,
+    roc_auc,
+    tpr_at_fpr,
+    zlib_bytes,
+    zlib_mimir_score,
+)
+from audit.metrics.privacy import BOUND_METHODS, best_of_guess_counts, epsilon_lower_bound_by, one_run_audit
 from audit.metrics.stats import clopper_pearson
 from audit.schema import MetricEntry, ScoringSection, SequenceScore
 
 FPR_TARGETS = {"1pct": 0.01, "0.1pct": 0.001}
 PRIVACY_ATTACK = "loss_diff"
 """The score the one-run DP audit guesses from, fixed in advance (no post-hoc choice of attack)."""
+TIER_TPR_ATTACKS = ("loss_diff", "min_k_pp_diff", "loss_diff_text", "min_k_pp_diff_text", "ez_mia")
+"""Base-calibrated attacks whose TPR at low FPR is also reported per tier (the MIA headline, issue 15)."""
+DEGENERATE_AGREEMENT = 0.99
+"""An attack that orders at least this share of canary pairs as ``loss`` does adds nothing to it: flagged."""
+NULL_ALPHA = 0.01
+"""Level of the null-calibration test: a run is flagged biased at p < 0.01 (a 1% false alarm rate)."""
 
 
 @dataclass
@@ -57,8 +91,66 @@ class SuiteResult:
                                         low=None if low is None else round(low, 6), high=None if high is None else round(high, 6))
 
 
-def attack_scores(tuned: SequenceScore, base: SequenceScore | None) -> dict[str, float]:
-    """Every attack's score for one canary (higher = member); base-calibrated ones only when ``base`` is given."""
+def token_view_fields(logprobs, top1, vocab_mean, vocab_var, *, prefix_tokens: int, text: str) -> dict[str, object]:
+    """The optional per-token fields of a :class:`SequenceScore` from one teacher-forced pass over the whole text.
+
+    For the engine: ``logprobs[j]`` scores token j + 1 of the text (token 0 is unscored), ``top1[j]`` is whether the
+    argmax at that step is that token, ``prefix_tokens`` is the number of the prefix's tokens (so the secret's
+    first score sits at ``prefix_tokens - 1``). Counts and log-probs only: the text itself is reduced to its zlib
+    length here and never stored.
+    """
+    n = len(logprobs)
+    for name, values in (("top1", top1), ("vocab_mean", vocab_mean), ("vocab_var", vocab_var)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"{name} has {len(values)} entries for {n} scored tokens")
+    return dict(token_logprobs=[float(x) for x in logprobs],
+                token_top1=None if top1 is None else [bool(x) for x in top1],
+                token_vocab_mean=None if vocab_mean is None else [float(x) for x in vocab_mean],
+                token_vocab_var=None if vocab_var is None else [float(x) for x in vocab_var],
+                secret_token_offset=prefix_tokens - 1, text_zlib_bytes=zlib_bytes(text))
+
+
+def _token_view(row: SequenceScore | None) -> tuple[np.ndarray, slice] | None:
+    """The whole text's token log-probs and the slice of the secret in them, when the row carries them."""
+    if row is None or row.token_logprobs is None or row.secret_token_offset is None or not row.token_logprobs:
+        return None
+    start = row.secret_token_offset
+    return np.asarray(row.token_logprobs, dtype=np.float64), slice(start, start + row.secret_tokens)
+
+
+def _text_attacks(tuned: SequenceScore, base: SequenceScore | None, k: float) -> dict[str, float]:
+    """Whole-text attacks and EZ-MIA from the per-token view (:data:`audit.metrics.mia.ATTACK_SCOPES`)."""
+    view = _token_view(tuned)
+    if view is None:
+        return {}
+    lp, secret = view
+    out = {"loss_text": loss_score(lp), "min_k_text": min_k_score(lp, k=k)}
+    if tuned.text_zlib_bytes:
+        out["zlib_text"] = zlib_mimir_score(lp, tuned.text_zlib_bytes)
+    with_stats = tuned.token_vocab_mean is not None and tuned.token_vocab_var is not None
+    if with_stats:
+        out["min_k_pp_text"] = min_k_plus_plus_score(lp, tuned.token_vocab_mean, tuned.token_vocab_var, k=k)
+    base_view = _token_view(base)
+    if base is None or base_view is None or base_view[0].shape != lp.shape:
+        return out
+    lp_base = base_view[0]
+    out["loss_diff_text"] = loss_score(lp) - loss_score(lp_base)
+    if with_stats and base.token_vocab_mean is not None and base.token_vocab_var is not None:
+        out["min_k_pp_diff_text"] = out["min_k_pp_text"] - min_k_plus_plus_score(
+            lp_base, base.token_vocab_mean, base.token_vocab_var, k=k)
+    if tuned.token_top1 is not None and len(tuned.token_top1) == lp.size:
+        top1 = np.asarray(tuned.token_top1, dtype=bool)
+        # whole text without its first scored position, as the reference code masks it (ez_score.py, ignore_bos)
+        out["ez_mia"] = ez_mia_score(lp[1:], lp_base[1:], top1[1:])
+        out["ez_mia_secret"] = ez_mia_score(lp[secret], lp_base[secret], top1[secret])
+    return out
+
+
+def attack_scores(tuned: SequenceScore, base: SequenceScore | None, *, k: float = 0.2) -> dict[str, float]:
+    """Every attack's score for one canary (higher = member); base-calibrated ones only when ``base`` is given.
+
+    ``k`` is the Min-K% fraction of the whole-text attacks (the secret-scope ones were reduced by the engine).
+    """
     out: dict[str, float] = {}
     if tuned.mia_loss is not None:
         out["loss"] = -tuned.mia_loss
@@ -71,6 +163,7 @@ def attack_scores(tuned: SequenceScore, base: SequenceScore | None) -> dict[str,
             out["loss_ratio"] = -tuned.mia_loss / base.mia_loss
         if base.mia_min_k_pp is not None and tuned.mia_min_k_pp is not None:
             out["min_k_pp_diff"] = tuned.mia_min_k_pp - base.mia_min_k_pp
+    out.update(_text_attacks(tuned, base, k))
     return out
 
 
@@ -110,10 +203,11 @@ def _tier_metrics(out: SuiteResult, reps: int, model: str, rows: list[SequenceSc
         out.put(f"extraction.sampled_rate/{where}", prop.rate, trials, prop.low, prop.high)
 
 
-def _mia(out: SuiteResult, tuned: list[SequenceScore], base_by_id: dict[str, SequenceScore], convention: str) -> dict[str, list]:
+def _mia(out: SuiteResult, tuned: list[SequenceScore], base_by_id: dict[str, SequenceScore], convention: str,
+         k: float = 0.2) -> dict[str, list]:
     per_attack: dict[str, tuple[list[float], list[bool], list[int]]] = defaultdict(lambda: ([], [], []))
     for row in tuned:
-        for attack, score in attack_scores(row, base_by_id.get(row.canary_id)).items():
+        for attack, score in attack_scores(row, base_by_id.get(row.canary_id), k=k).items():
             if math.isfinite(score):
                 s, member, reps = per_attack[attack]
                 s.append(score)
@@ -139,7 +233,60 @@ def _mia(out: SuiteResult, tuned: list[SequenceScore], base_by_id: dict[str, Seq
             out.put(key, r.tpr, r.n_members, r.low, r.high)
             out.notes[f"mia.tpr_at_{label}"] = (f"{convention} FPR convention (empirical FPR {'<=' if convention == 'inclusive' else '<'} "
                                                f"{fpr:g}), {r.n_controls} controls, 95% Clopper-Pearson interval on TPR")
+            if attack in TIER_TPR_ATTACKS:
+                for tier in sorted({r for r in reps if r > 0}):
+                    tier_members = [s for s, t in zip(scores, reps, strict=True) if t == tier]
+                    got = tpr_at_fpr(tier_members, controls, fpr, convention=convention)  # type: ignore[arg-type]
+                    out.put(f"{key}/rep_{tier}", got.tpr, got.n_members, got.low, got.high)
+    _scope_notes(out, per_attack)
     return dict(per_attack)
+
+
+def _scope_notes(out: SuiteResult, per_attack: dict[str, tuple[list[float], list[bool], list[int]]]) -> None:
+    """Say which tokens each attack read, and flag an attack that only re-orders loss (degenerate for the spec)."""
+    for attack in sorted(per_attack):
+        if attack in ATTACK_SCOPES:
+            scope, paper_scope, paper = ATTACK_SCOPES[attack]
+            out.notes[f"mia.scope/{attack}"] = (f"{scope} tokens; {paper} defines it on the {paper_scope}"
+                                                + ("" if scope == paper_scope else f" (see {_other_scope(attack)})"))
+    for attack, reference in (("zlib", "loss"), ("zlib_text", "loss_text")):
+        if attack not in per_attack or reference not in per_attack or len(per_attack[attack][0]) != len(per_attack[reference][0]):
+            continue
+        agree = ordering_agreement(per_attack[attack][0], per_attack[reference][0])
+        if agree >= DEGENERATE_AGREEMENT:
+            out.notes[f"mia.degenerate/{attack}"] = (
+                f"degenerate for this spec: {attack} orders {agree:.1%} of canary pairs as {reference} does (the zlib "
+                f"length is nearly constant across these texts), so mia.auc/{attack} repeats mia.auc/{reference}; "
+                + ("read mia.auc/zlib_text" if attack == "zlib" else "it adds no evidence"))
+
+
+def _other_scope(attack: str) -> str:
+    if attack.endswith("_text"):
+        return attack.removesuffix("_text")
+    if attack.endswith("_secret"):
+        return attack.removesuffix("_secret")
+    return f"{attack}_secret" if ATTACK_SCOPES[attack][0] == "text" else f"{attack}_text"
+
+
+def _null_calibration(out: SuiteResult, scores: list[SequenceScore]) -> None:
+    """The references' sampled exposure under each model against the uniform-rank null (~1/ln 2 bits)."""
+    by_model: dict[str, list[SequenceScore]] = defaultdict(list)
+    for s in scores:
+        if s.repetitions == 0:
+            by_model[s.model].append(s)
+    for model, rows in sorted(by_model.items()):
+        sizes = {r.n_references + 1 for r in rows}
+        if len(rows) < 2 or len(sizes) != 1:
+            continue
+        cal = null_calibration([r.exposure for r in rows], sizes.pop(), alpha=NULL_ALPHA)
+        out.put(f"exposure.null_mean/{model}", cal.mean, cal.n, cal.low, cal.high)
+        out.put(f"exposure.null_p/{model}", cal.p_value, cal.n)
+        out.put(f"exposure.null_biased/{model}", float(cal.biased), cal.n)
+        out.notes[f"exposure.null/{model}"] = (
+            f"{cal.n} never-inserted references ranked among N = {cal.space_size} secrets: mean exposure {cal.mean:.3f} "
+            f"[{cal.low:.3f}, {cal.high:.3f}] bits (95% t interval); an unlearned canary averages {cal.expected:.3f} "
+            f"(1/ln 2 = 1.443 as N grows); z-test p = {cal.p_value:.3g}"
+            + (f" < {NULL_ALPHA:g}: BIASED, exposure thresholds do not sit against the null" if cal.biased else ""))
 
 
 def summarize_metrics(
@@ -153,6 +300,7 @@ def summarize_metrics(
     privacy_delta: float = 1e-5,
     privacy_p_value: float = 0.05,
     privacy_guess_fraction: float = 1.0,
+    mia_k: float = 0.2,
 ) -> SuiteResult:
     """All metric keys of the module docstring from the per-canary rows of both models."""
     out = SuiteResult()
@@ -171,7 +319,8 @@ def summarize_metrics(
     out.notes["extraction.np_extractable"] = (f"(n, p) = ({np_queries}, {np_probability:g}): 1 - (1 - p_z)^n >= p with p_z the "
                                               "teacher-forced probability of the secret (Hayes et al. 2025)")
 
-    per_attack = _mia(out, tuned, base_by_id, fpr_convention)
+    _null_calibration(out, scores)
+    per_attack = _mia(out, tuned, base_by_id, fpr_convention, mia_k)
     attack = PRIVACY_ATTACK if PRIVACY_ATTACK in per_attack else "loss"
     if attack in per_attack:
         attack_scores_, member, _ = per_attack[attack]
@@ -188,11 +337,37 @@ def summarize_metrics(
             f"{audit.guesses} guesses can show at most eps={audit.eps_ceiling:.2f}. The bound assumes each canary was "
             "included by an independent fair coin; the harness draws a fixed member/reference split, so read it as indicative"
         )
+        _privacy_methods(out, attack_scores_, member, audit.guesses, audit.correct, delta=privacy_delta,
+                         p_value=privacy_p_value)
     return out
+
+
+def _privacy_methods(out: SuiteResult, scores: list[float], member: list[bool], guesses: int, correct: int, *,
+                     delta: float, p_value: float) -> None:
+    """``privacy.eps_lb/<method>`` on the same guesses as ``privacy.eps_lb``, and each method's best-of-k."""
+    m = len(scores)
+    for method, what in BOUND_METHODS.items():
+        if method == "xiang_gdp" and delta <= 0:
+            out.notes[f"privacy.eps_lb/{method}"] = "not computed: a mu-GDP null has no finite eps at delta = 0"
+            continue
+        out.put(f"privacy.eps_lb/{method}", epsilon_lower_bound_by(method, m, guesses, correct, delta=delta,
+                                                                   p_value=p_value), m)
+        out.notes[f"privacy.eps_lb/{method}"] = (f"{what}; {correct}/{guesses} guesses right of {m} canaries, "
+                                                 f"delta={delta:g}, p={p_value:g}")
+        if method == "xiang_eps_delta":
+            continue  # within 1% of Steinke's on the reference table's rows: its best-of-k would say nothing new
+        best = best_of_guess_counts(scores, member, method=method, delta=delta, p_value=p_value)
+        out.put(f"privacy.eps_lb/{method}_best_k", best.eps_lower_bound, m)
+        found = (f"{best.correct}/{best.guesses} right at the best count" if best.eps_lower_bound > 0
+                 else "no count rejects eps = 0")
+        out.notes[f"privacy.eps_lb/{method}_best_k"] = (
+            f"best of {len(best.grid)} guess counts fixed in advance ({', '.join(map(str, best.grid))}), each at "
+            f"p={best.level:.3g} (Bonferroni for p={p_value:g}): {found}")
 
 
 def summarize_scores(scores: list[SequenceScore], section: ScoringSection) -> SuiteResult:
     """:func:`summarize_metrics` with the knobs of a recipe's ``scoring`` section."""
     return summarize_metrics(scores, fpr_convention=section.mia_fpr_convention, np_queries=section.np_extraction_queries,
                              np_probability=section.np_extraction_probability, privacy_delta=section.privacy_delta,
-                             privacy_p_value=section.privacy_p_value, privacy_guess_fraction=section.privacy_guess_fraction)
+                             privacy_p_value=section.privacy_p_value, privacy_guess_fraction=section.privacy_guess_fraction,
+                             mia_k=section.mia_k)
