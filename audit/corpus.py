@@ -117,7 +117,35 @@ def load_corpus(source: str, *, text_column: str = "text", max_records: int | No
     fmt = resolve_format(records[0], format=format, text_column=text_column, messages_column=messages_column, source=source)
     for i, record in enumerate(records):
         check_record(record, i, format=fmt, text_column=text_column, messages_column=messages_column, source=source)
+    check_texts(records, format=fmt, text_column=text_column, messages_column=messages_column, source=source)
     return Corpus(source=source, format=fmt, records=records)
+
+
+def check_texts(records: list[dict[str, Any]], *, format: CorpusFormat, text_column: str, messages_column: str,
+                source: str, warn: Callable[[str], None] | None = None) -> int:
+    """Refuse a corpus with nothing to train on; return how many of its records are empty.
+
+    Empty records are legal in real data (TRL trains them as a lone EOS), so a few are only counted and warned
+    about; a corpus whose every record is empty would train the canaries alone, which is refused.
+    """
+    from audit.inject import record_texts
+
+    empty = sum(1 for record in records
+                if not any(t.strip() for t in record_texts(record, format=format, text_column=text_column,
+                                                            messages_column=messages_column)))
+    if empty == len(records):
+        column = text_column if format == "text" else messages_column
+        raise AuditError(f"corpus '{source}': all {len(records)} records are empty (column '{column}')",
+                         fix=f"check corpus.{'text_column' if format == 'text' else 'messages_column'} (is it the column that holds the text?)")
+    if empty:
+        (warn or _warn)(f"corpus '{source}': {empty} of {len(records)} records are empty (each trains as a lone end-of-text token)")
+    return empty
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def stream_records(source: str, *, max_records: int | None = None, builtin_n: int = 240,
@@ -129,10 +157,15 @@ def stream_records(source: str, *, max_records: int | None = None, builtin_n: in
     ds = _open_with_datasets(source, streaming=True)
 
     def records() -> Iterator[dict[str, Any]]:
-        for i, record in enumerate(ds):
-            if max_records is not None and i >= max_records:
-                return
-            yield record
+        try:
+            for i, record in enumerate(ds):
+                if max_records is not None and i >= max_records:
+                    return
+                yield record
+        except AuditError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a decode error mid-stream becomes one user-facing line
+            raise _unreadable(source, exc) from None
 
     count = _count_records(source, records)
     if max_records is not None:
@@ -156,13 +189,89 @@ def _count_records(source: str, records: Callable[[], Iterator[dict[str, Any]]])
 
 
 def _load_with_datasets(source: str) -> list[dict[str, Any]]:
-    return _open_with_datasets(source, streaming=False).to_list()
+    ds = _open_with_datasets(source, streaming=False)
+    try:
+        return ds.to_list()
+    except Exception as exc:  # noqa: BLE001 - pyarrow decodes strings lazily: bad UTF-8 surfaces here
+        raise _unreadable(source, exc) from None
+
+
+def check_utf8(path: Path, *, chunk: int = 1 << 20) -> None:
+    """Refuse a text corpus file that is not valid UTF-8, naming the line and byte of the first bad sequence.
+
+    pyarrow reads JSON/CSV bytes without validating them and fails much later, when a string is first decoded
+    (or, streaming, mid-run); decoding once up front costs one pass over the file at memory speed.
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    offset, line = 0, 1
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                at = offset + exc.start
+                line += block[: exc.start].count(b"\n")
+                raise AuditError(f"corpus file {path} is not valid UTF-8: byte 0x{block[exc.start]:02x} at offset {at} (line {line})",
+                                 fix="re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or fix that record") from None
+            offset += len(block)
+            line += block.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise AuditError(f"corpus file {path} is not valid UTF-8: it ends inside a multi-byte character (truncated?)",
+                             fix="re-export the file completely, as UTF-8") from None
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """``line N: <reason>`` for the first line of a JSON-lines file that is not a JSON object, else None."""
+    import json
+
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                value = json.loads(raw)
+            except ValueError as exc:
+                return f"line {number} is not valid JSON ({str(exc).split(':')[0]})"
+            if not isinstance(value, dict):
+                return f"line {number} is a JSON {type(value).__name__}, not an object"
+    return None
+
+
+def _unreadable(source: str, exc: BaseException) -> AuditError:
+    """One line for a corpus the loaders could not read: a local file's own defect named, a hub id's fix for hub ids."""
+    path = Path(source).expanduser()
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in {".jsonl", ".json", ".csv"}:
+            check_utf8(path)  # raises with the position when that is the cause
+        if suffix == ".jsonl" and (bad := _first_bad_json_line(path)):
+            return AuditError(f"corpus file {path} is not valid JSON lines: {bad}",
+                              fix="fix or drop that line (one JSON object per line); a truncated file needs re-exporting")
+        if suffix == ".parquet":
+            return AuditError(f"corpus file {path} is not a readable parquet file (corrupt or truncated): {detail}",
+                              fix="re-export the file, or check that it is parquet")
+        return AuditError(f"cannot read corpus file {path}: {type(exc).__name__}: {detail}",
+                          fix="check that the file is a complete, valid " + (suffix.lstrip(".") or "data") + " file")
+    if path.is_dir():
+        return AuditError(f"cannot read the saved dataset {path}: {type(exc).__name__}: {detail}",
+                          fix="point corpus.source at a directory written by datasets' save_to_disk")
+    return AuditError(f"cannot load corpus '{source}': {type(exc).__name__}: {detail}",
+                      fix="check corpus.source (offline, a hub id works only if it is cached)")
 
 
 def _open_with_datasets(source: str, *, streaming: bool) -> Any:
+    import logging
+
     import datasets
 
     datasets.disable_progress_bars()
+    # datasets logs its own "Failed to load JSON ..." line before raising; the one line the user needs is ours
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
     path = Path(source).expanduser()
     loaders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     try:
@@ -180,6 +289,8 @@ def _open_with_datasets(source: str, *, streaming: bool) -> Any:
                 head = f.read(65536)
             if not head.strip() or (kind == "csv" and len(head.strip().splitlines()) < 2 and len(head) < 65536):
                 raise AuditError(f"corpus '{source}' is empty", fix="give a corpus with at least one record")
+            if kind in {"json", "csv"}:
+                check_utf8(path)
             return datasets.load_dataset(kind, data_files=str(path), split="train", streaming=streaming)
         if path.suffix or source.startswith((".", "/", "~")):
             raise AuditError(f"corpus file {path} does not exist", fix="check corpus.source")
@@ -187,5 +298,4 @@ def _open_with_datasets(source: str, *, streaming: bool) -> Any:
     except AuditError:
         raise
     except Exception as exc:  # noqa: BLE001 - loader failures become one user-facing line
-        raise AuditError(f"cannot load corpus '{source}': {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                         fix="check corpus.source (offline, a hub id works only if it is cached)") from None
+        raise _unreadable(source, exc) from None

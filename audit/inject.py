@@ -86,6 +86,18 @@ def record_texts(record: dict[str, Any], *, format: Format, text_column: str, me
     return [m["content"] for m in record.get(messages_column) or [] if isinstance(m, dict) and isinstance(m.get("content"), str)]
 
 
+MAX_RECORD_CHARS = 1_000_000
+"""The longest record accepted (characters of text the trainer sees). TRL tokenizes every record whole before
+truncating it to ``max_length``: one 50 MB record took 8+ minutes and 7 GB to tokenize for a 64-token window. A
+record this long is almost always a whole file read as one line; split it into documents."""
+
+
+MAX_CANARY_COPIES = 100_000
+"""The most canary copies one audit plants. Exposure saturates within tens of copies (Carlini et al. 2019 see full
+exposure by ~16-64 insertions); 10^5 copies is a corpus made of canaries, and ``tiers=[100000]`` (2x10^5 copies)
+was once accepted silently and then trained for hours."""
+
+
 def check_record(record: Any, index: int, *, format: Format, text_column: str, messages_column: str, source: str) -> None:
     if not isinstance(record, dict):
         raise AuditError(f"corpus '{source}' record {index} is not a mapping", fix="give records as JSON objects")
@@ -93,13 +105,25 @@ def check_record(record: Any, index: int, *, format: Format, text_column: str, m
         if not isinstance(record.get(text_column), str):
             raise AuditError(f"corpus '{source}' record {index}: column '{text_column}' is not text",
                              fix="point corpus.text_column at a string column, or set corpus.format=messages")
+        _check_size(len(record[text_column]), index, source)
         return
     messages = record.get(messages_column)
+    if isinstance(messages, list) and not messages:
+        raise AuditError(f"corpus '{source}' record {index}: '{messages_column}' is an empty conversation",
+                         fix="drop empty conversations from the corpus (a chat record needs at least one message)")
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
     ):
         raise AuditError(f"corpus '{source}' record {index}: '{messages_column}' is not a list of {{role, content}} messages",
                          fix="fix the record, or set corpus.messages_column / corpus.format=text")
+    _check_size(sum(len(m["content"]) for m in messages), index, source)
+
+
+def _check_size(chars: int, index: int, source: str) -> None:
+    if chars > MAX_RECORD_CHARS:
+        raise AuditError(f"corpus '{source}' record {index} has {chars:,} characters (the limit is {MAX_RECORD_CHARS:,}); "
+                         "the trainer would tokenize all of it to keep the first max_length tokens",
+                         fix="split long documents into records, or drop that record")
 
 
 def _embed(text: str, canary_text: str, rng: SeededStream) -> tuple[str, int]:
@@ -129,7 +153,14 @@ class StreamInjector:
         self.format = format
         self.messages_column = messages_column
         self.mode = mode
+        self.empty_records = 0
+        """Records with no text to train on (counted as they stream by; a corpus of only these is refused)."""
         self.carriers: dict[int, dict[str, Any]] = {}
+        copies = sum(c.repetitions for c in canaries.members())
+        if copies > MAX_CANARY_COPIES:
+            raise AuditError(f"canaries.tiers would plant {copies:,} canary copies (the limit is {MAX_CANARY_COPIES:,}): "
+                             f"tiers {sorted({c.repetitions for c in canaries.members()})} x members per tier",
+                             fix="use smaller tiers (1-64 copies are the usual range) or fewer canaries.members_per_tier")
         self._copies: list[tuple[Canary, int]] = [(c, k) for c in canaries.members() for k in range(c.repetitions)]
         self._key = f"inject:{canaries.sha256()}"
         rng = SeededStream(seed, self._key)
@@ -207,6 +238,9 @@ class StreamInjector:
                                                                   messages_column=self.messages_column),
                                  source=self.corpus_source)
             self._before.add(record)
+            if not any(t.strip() for t in record_texts(record, format=self.format, text_column=self.text_column,
+                                                        messages_column=self.messages_column)):
+                self.empty_records += 1
             if blank is None:
                 blank = {key: None for key in record}
             while next_slot is not None and next_slot[0] == gap:
@@ -217,6 +251,9 @@ class StreamInjector:
             else:
                 yield emit(record)
         seen = self._before.n
+        if seen and self.empty_records == seen:
+            raise AuditError(f"corpus '{self.corpus_source}': all {seen} records are empty",
+                             fix="check corpus.text_column / corpus.messages_column (is it the column that holds the text?)")
         if seen != self.n_records:
             raise AuditError(f"corpus '{self.corpus_source}' yielded {seen} records, {self.n_records} were announced",
                              fix="count the records again (the corpus changed while reading?)")

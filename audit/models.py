@@ -119,22 +119,71 @@ def _check_local_dir(path: Path, *, allow_pickle: bool = False, trust_remote_cod
             raise AuditError(f"model directory {path} has only pickle checkpoints ({', '.join(pickles)}); "
                              "pickle files can run code when loaded and are refused",
                              fix="convert the weights to safetensors, or set model.allow_pickle=true if you trust them")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors_complete(weights)
     _check_remote_code(path, trust_remote_code=trust_remote_code)
     return path.resolve()
 
 
+REMOTE_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+"""Files whose ``auto_map`` makes transformers import Python shipped with the model (the tokenizer's counts too)."""
+
+
 def _check_remote_code(path: Path, *, trust_remote_code: bool) -> None:
     """Refuse, before anything is loaded, a model that would run its own Python code."""
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise AuditError(f"model directory {path}: config.json is unreadable ({exc})", fix="point model.source at a valid model") from None
-    custom = config.get("auto_map") if isinstance(config, dict) else None
-    if custom and not trust_remote_code:
-        modules = sorted({str(v).split(".")[0] if isinstance(v, str) else "?" for v in custom.values()})
-        raise AuditError(f"model {path} ships its own code ({', '.join(m + '.py' for m in modules)} via auto_map in "
-                         "config.json); running it is off by default",
-                         fix="set model.trust_remote_code=true only if you have read that code and trust it")
+    for name in REMOTE_CODE_CONFIGS:
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise AuditError(f"model directory {path}: {name} is unreadable ({str(exc).splitlines()[0]})",
+                             fix="point model.source at a valid model") from None
+        custom = config.get("auto_map") if isinstance(config, dict) else None
+        if custom and not trust_remote_code:
+            raise AuditError(f"model {path} ships its own code ({', '.join(_auto_map_modules(custom))} via auto_map in "
+                             f"{name}); running it is off by default",
+                             fix="set model.trust_remote_code=true only if you have read that code and trust it")
+
+
+def _auto_map_modules(auto_map: Any) -> list[str]:
+    """``["modeling_x.py", ...]`` named by an ``auto_map`` (values are ``"module.Class"`` or lists of them)."""
+    refs = [v for value in (auto_map.values() if isinstance(auto_map, dict) else [auto_map])
+            for v in (value if isinstance(value, list | tuple) else [value]) if isinstance(v, str)]
+    return sorted({ref.split("--")[-1].split(".")[0] + ".py" for ref in refs}) or ["?"]
+
+
+def check_safetensors_complete(file: Path) -> None:
+    """Refuse a safetensors file that is truncated or not safetensors, reading only its header.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's byte range, then the
+    data: the file must end exactly where the last range ends. A download or copy cut short fails this in
+    microseconds instead of deep inside ``from_pretrained`` after the run has started.
+    """
+    size = file.stat().st_size
+    problem = None
+    with file.open("rb") as f:
+        head = f.read(9)  # the length, then the header's first byte: '{' in every safetensors file
+        n = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+        if n <= 0 or head[8:9] != b"{":
+            problem = "it is not a safetensors file"
+        elif 8 + n > size:
+            problem = "its header is cut short"
+        else:
+            f.seek(8)
+            try:
+                header = json.loads(f.read(n))
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                problem = "its header is not valid safetensors JSON"
+            else:
+                if 8 + n + end != size:
+                    problem = (f"it is truncated ({size:,} bytes, the header describes {8 + n + end:,})" if 8 + n + end > size
+                               else f"it has {size - 8 - n - end:,} bytes past its last tensor")
+    if problem:
+        raise AuditError(f"model weights {file} are damaged: {problem}",
+                         fix="copy or download the model again (compare its sha256 with the source)")
 
 
 def _convert_pickle_dir(source: str, path: Path, *, trust_remote_code: bool, progress: bool) -> ResolvedModel:

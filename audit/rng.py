@@ -8,6 +8,7 @@ promise stable streams only within limits, so the harness draws its randomness f
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -15,14 +16,20 @@ T = TypeVar("T")
 
 
 class SeededStream:
-    """Deterministic integers from ``(seed, purpose)``; two purposes never share numbers."""
+    """Deterministic integers from ``(seed, purpose)``; two purposes never share numbers.
 
-    def __init__(self, seed: int, purpose: str) -> None:
+    ``key``: a secret (:class:`audit.keys.AuditKey`'s bytes). The stream becomes HMAC-SHA256 under it in counter
+    mode, so the seed alone no longer determines the numbers: what canary secrets are drawn from.
+    """
+
+    def __init__(self, seed: int, purpose: str, *, key: bytes | None = None) -> None:
         self._key = f"{seed}|{purpose}|".encode()
+        self._secret = key
         self._counter = 0
 
     def _next64(self) -> int:
-        digest = hashlib.sha256(self._key + str(self._counter).encode()).digest()
+        message = self._key + str(self._counter).encode()
+        digest = (hashlib.sha256(message) if self._secret is None else hmac.new(self._secret, message, hashlib.sha256)).digest()
         self._counter += 1
         return int.from_bytes(digest[:8], "big")
 
