@@ -299,7 +299,7 @@ def _build_smollm2(out: Path, *, progress: bool) -> dict[str, Any]:
         gguf_sha = _sha256_file(gguf_path)
         started = time.perf_counter()
         _convert_gguf(gguf_path, out, progress=progress)
-        _say(progress, f"[model] converted in {time.perf_counter() - started:.0f} s")
+        say(progress, f"[model] converted in {time.perf_counter() - started:.0f} s")
         if license_text:
             (out / "LICENSE").write_text(license_text)
     return {

@@ -122,10 +122,11 @@ def score_canaries(
 
     with heartbeat(f"score {label}", enabled=progress) as beat:
         return _score_canaries(model, tokenizer, canaries, reference_secrets, label=label, section=section,
-                               progress=progress, seed=seed, beat=beat, tqdm=tqdm)
+                               progress=progress, seed=seed, beat=beat, tqdm=tqdm, exposure_rows=exposure_rows)
 
 
-def _score_canaries(model, tokenizer, canaries, reference_secrets, *, label, section, progress, seed, beat, tqdm):
+def _score_canaries(model, tokenizer, canaries, reference_secrets, *, label, section, progress, seed, beat, tqdm,
+                    exposure_rows):
     items = canaries.canaries
     beat.step(f"one teacher-forced pass over {len(items)} canary texts")
     splits = [split_tokens(tokenizer, c.prefix, c.secret) for c in items]

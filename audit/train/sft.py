@@ -36,7 +36,7 @@ import torch
 from audit.errors import AuditError
 from audit.models import fingerprint_safetensors_dir
 from audit.schema import TrainingSection, TrainSummary
-from audit.train.types import LOAD_DTYPES, DeviceChoice, TrainResult
+from audit.train.types import DeviceChoice, TrainResult
 
 
 def _native_bf16() -> bool:
