@@ -31,7 +31,7 @@ from typing import Any, Literal
 from audit.canaries.uniqueness import SecretScanner, check_secrets_absent
 from audit.errors import AuditError
 from audit.rng import SeededStream
-from audit.schema import Canary, CanarySet, DatasetFingerprint, InjectionManifest, Placement, sha256_json
+from audit.schema import MAX_CANARY_COPIES, Canary, CanarySet, DatasetFingerprint, InjectionManifest, Placement, sha256_json
 
 Format = Literal["text", "messages"]
 Mode = Literal["new_record", "embed"]
@@ -90,12 +90,6 @@ MAX_RECORD_CHARS = 1_000_000
 """The longest record accepted (characters of text the trainer sees). TRL tokenizes every record whole before
 truncating it to ``max_length``: one 50 MB record took 8+ minutes and 7 GB to tokenize for a 64-token window. A
 record this long is almost always a whole file read as one line; split it into documents."""
-
-
-MAX_CANARY_COPIES = 100_000
-"""The most canary copies one audit plants. Exposure saturates within tens of copies (Carlini et al. 2019 see full
-exposure by ~16-64 insertions); 10^5 copies is a corpus made of canaries, and ``tiers=[100000]`` (2x10^5 copies)
-was once accepted silently and then trained for hours."""
 
 
 def check_record(record: Any, index: int, *, format: Format, text_column: str, messages_column: str, source: str) -> None:

@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -45,6 +45,12 @@ class ModelSection(Frozen):
     Off by default: unpickling can run code."""
 
 
+MAX_CANARY_COPIES = 100_000
+"""The most canary copies one audit plants. Exposure saturates within tens of copies (Carlini et al. 2019 see full
+exposure by ~16-64 insertions); 10^5 copies is a corpus made of canaries, and ``tiers=[100000]`` (2x10^5 copies)
+was once accepted silently and then trained for hours."""
+
+
 class CanarySection(Frozen):
     """Which canaries to plant; counts left empty fall back to the spec file's own."""
 
@@ -70,6 +76,15 @@ class CanarySection(Frozen):
             if len(set(tiers)) != len(tiers):
                 raise ValueError("tiers must not repeat a value")
         return tiers
+
+    @model_validator(mode="after")
+    def _copies_bounded(self) -> CanarySection:
+        copies = sum(self.tiers or []) * (self.members_per_tier or 1)  # members left to the spec count at least once
+        if copies > MAX_CANARY_COPIES:
+            raise ValueError(f"tiers {self.tiers} x {self.members_per_tier or 1} members per tier would plant {copies:,} "
+                             f"canary copies (the limit is {MAX_CANARY_COPIES:,}); use smaller tiers (1-64 copies are the "
+                             "usual range) or fewer members per tier")
+        return self
 
 
 class CorpusSection(Frozen):
@@ -559,6 +574,20 @@ class SequenceScore(Frozen):
         """Kept to 1e-4 nats: plenty for every attack, and a number printed as ``-2.4829`` never holds six digits in
         a row, so no run of per-token values can spell a 6-digit secret in ``scores.jsonl`` by chance."""
         return None if values is None else [round(float(v), 4) for v in values]
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_token_view(self, handler: Any) -> dict[str, Any]:
+        """Rows without the per-token view are written without its keys: byte-identical to rows written before it existed."""
+        data = handler(self)
+        for key in TOKEN_VIEW_FIELDS:
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
+
+
+TOKEN_VIEW_FIELDS = ("token_logprobs", "token_top1", "token_vocab_mean", "token_vocab_var", "secret_token_offset",
+                     "text_zlib_bytes")
+"""The optional per-token view of :class:`SequenceScore` (omitted from a row when absent)."""
 
 
 # --------------------------------------------------------------------------------------------------- lineage

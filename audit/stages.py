@@ -164,7 +164,12 @@ def record_inputs(run: Run, truth: Any) -> None:
     from audit.tracking import flatten
 
     ctx, recipe, store = run.ctx, run.ctx.recipe, run.store
-    store.put("recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    if run.handle.resumed and (run.dir / "recipe.yaml").is_file():
+        # the recipe was read from this file, so it is the same recipe; its text may differ only by keys a newer version
+        # added with their defaults (e.g. scoring.precision), and the file keeps what the first attempt wrote
+        store.keep("recipe.yaml")
+    else:
+        store.put("recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     for name, obj in ground_truth_files(truth).items():
         store.put(name, jsonl_text(obj) if name.endswith(".jsonl") else json_text(obj))
     canaries, injection, preflight = truth.canaries, truth.injection, truth.preflight

@@ -108,6 +108,10 @@ class StageStore:
         self.reused.append(what)
         self.note(what)
 
+    def keep(self, name: str) -> None:
+        """Reuse a stored file as it is, without comparing it (the caller knows it is the one this run would write)."""
+        self._reuse(name)
+
     def get_or_run(self, artifact: Artifact[T], run: Callable[[], T]) -> T:
         if (stored := artifact.read(self.run_dir)) is not None:
             self._reuse(artifact.describe(stored))
