@@ -101,7 +101,7 @@ def _row_from_report(report: Any, run_dir: Path) -> CompareRow:
         metrics.setdefault(f"time.{key}_s", value)
     return CompareRow(label=run_dir.name, run_id=None, recipe=report.recipe.get("name", "?"), method=report.training.method,
                       model=report.model.source, metrics=metrics, source="report.json",
-                      data=_data_label((report.recipe.get("corpus") or {}).get("source"), report.canaries.get("spec")))
+                      data=_data_label((report.recipe.get("corpus") or {}).get("source"), report.canaries.spec))
 
 
 def check_store_exists(uri: str, *, where: str = "") -> None:
@@ -151,7 +151,7 @@ def _row_from_path(path: Path, tracking_uri: str | None) -> CompareRow:
                          fix="pass --tracking-uri where the run was logged") from None
     row = _row_from_mlflow(run)
     row.label = run_dir.name
-    row.data = _data_label((report.recipe.get("corpus") or {}).get("source"), report.canaries.get("spec"))
+    row.data = _data_label((report.recipe.get("corpus") or {}).get("source"), report.canaries.spec)
     return row
 
 

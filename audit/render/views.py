@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from audit.schema import AuditReport, SequenceScore
+from audit.schema import AuditReport, OutputsSummary, SequenceScore
 
 NULL_MEAN_BITS = 1 / math.log(2)
 """Exposure of a canary the model never learned: its rank among the references is uniform, so exposure in nats is
@@ -267,7 +267,7 @@ def exposure_table(report: AuditReport) -> Table:
                                                              for t in report.tiers)]
     header = ["tier", "n"] + [f"exposure {m}" for m in models] + ["null band (95%)"] + space_cols
     notes = [f"Exposure (the headline scale, used by the gates and `audit run`'s table): bits against "
-             f"{report.canaries.get('exposure_references', 'the')} sampled references, at most {report.exposure_max:.2f} "
+             f"{report.canaries.exposure_references} sampled references, at most {report.exposure_max:.2f} "
              f"(rank 1 of {2 ** report.exposure_max:.0f}); an unlearned canary averages {NULL_MEAN_BITS:.2f} bits, and the "
              "band is where the mean of that many unlearned canaries falls 95% of the time."]
     if space_cols:
@@ -338,38 +338,34 @@ def information_table(report: AuditReport) -> Table:
     return Table(["tier", "n", *[f"bits {m}" for m in models], "bits saved by tuning"], rows, notes)
 
 
-def outputs_tables(outputs: dict) -> list[Table]:
+def outputs_tables(outputs: OutputsSummary) -> list[Table]:
     """The outputs stage (:mod:`audit.outputs`) as tables: secrets found per tier, works overlap, the protocol."""
-    n = outputs.get("protocol", {}).get("samples", "?")
-    rows = [[information_label(t["repetitions"]) if t["repetitions"] == 0 else tier_label(t["repetitions"]),
-             str(t["canaries"]), str(t["exact_canaries"]), str(t["near_canaries"]), f"{t['samples_exact']}/{n}",
-             f"{t['samples_exact_or_near']}/{n}", fmt(t.get("rate_exact_high"), 3)] for t in outputs.get("tiers", [])]
-    unit = outputs.get("protocol", {}).get("near_unit", "symbols")
+    n = outputs.protocol.samples
+    rows = [[information_label(t.repetitions) if t.repetitions == 0 else tier_label(t.repetitions),
+             str(t.canaries), str(t.exact_canaries), str(t.near_canaries), f"{t.samples_exact}/{n}",
+             f"{t.samples_exact_or_near}/{n}", fmt(t.rate_exact_high, 3)] for t in outputs.tiers]
     tables = [Table(["tier", "canaries", "found verbatim", "found near", "samples verbatim", "samples verbatim or near",
                      "95% upper bound, per-sample rate"], rows,
-                    [f"Near = within {outputs.get('protocol', {}).get('near_max_edits', '?')} edits ({unit}). The "
+                    [f"Near = within {outputs.protocol.near_max_edits} edits ({outputs.protocol.near_unit}). The "
                      "references were never inserted: hits on them are this scan's false positives."])]
-    works = outputs.get("works")
-    if works:
+    if outputs.works:
         tables.append(Table(["excerpts", "longest common run (tokens)", "mean run (tokens)", "mean n-gram share",
                              "samples with an n-gram"],
-                            [[role, str(w["lcs_tokens_max"]), fmt(w["lcs_tokens_mean"]), fmt(w["ngram_share_mean"], 4),
-                              f"{w['samples_with_ngram']}/{n}"] for role, w in works.items()]))
-    protocol = outputs.get("protocol", {})
-    prows = [[k.replace("_", " "), ", ".join(f"{p['id']}: {p['text']!r}" for p in v) if k == "prompts" else str(v)]
-             for k, v in protocol.items()]
-    prows.append(["tokens generated", str(outputs.get("tokens_generated", "?"))])
-    if outputs.get("works_note"):
-        prows.append(["works", outputs["works_note"]])
+                            [[role, str(w.lcs_tokens_max), fmt(w.lcs_tokens_mean), fmt(w.ngram_share_mean, 4),
+                              f"{w.samples_with_ngram}/{n}"] for role, w in outputs.works.items()]))
+    prows = [[k.replace("_", " "), ", ".join(f"{p.id}: {p.text!r}" for p in outputs.protocol.prompts) if k == "prompts"
+              else str(v)] for k, v in outputs.protocol.model_dump().items()]
+    prows.append(["tokens generated", str(outputs.tokens_generated)])
+    if outputs.works_note:
+        prows.append(["works", outputs.works_note])
     tables.append(Table(["protocol", ""], prows))
     return tables
 
 
 def works_table(report: AuditReport) -> Table:
-    info = report.canaries.get("works_information") or {}
-    rows = [[w["title"], w["kind"], w["license"], str(w["member_excerpts"]), fmt(w.get("member_bits_base")),
-             fmt(w.get("member_bits_tuned")), str(w["held_out_excerpts"]), fmt(w.get("held_out_bits_base")),
-             fmt(w.get("held_out_bits_tuned"))] for w in info.get("by_work", [])]
+    rows = [[w.title, w.kind, w.license, str(w.member_excerpts), fmt(w.member_bits_base), fmt(w.member_bits_tuned),
+             str(w.held_out_excerpts), fmt(w.held_out_bits_base), fmt(w.held_out_bits_tuned)]
+            for w in report.canaries.works_information.by_work]
     return Table(["work", "kind", "license", "member excerpts", "bits base", "bits tuned", "held-out excerpts",
                   "bits base", "bits tuned"], rows)
 
@@ -380,7 +376,7 @@ def provenance_table(report: AuditReport) -> Table:
         if report.model.provenance.get(key):
             rows.append([f"base model {key}", str(report.model.provenance[key]), "", ""])
     rows.append(["training data", str(report.recipe.get("corpus", {}).get("source", "")),
-                 f"{report.canaries.get('spec', '')} canaries, {report.canaries.get('placements', '?')} copies planted",
+                 f"{report.canaries.spec} canaries, {report.canaries.placements} copies planted",
                  report.manifest_sha256])
     rows.append(["tuned weights", f"{report.training.method} fine-tune, {report.training.steps} steps",
                  report.training.weights_path, report.training.weights_fingerprint])
