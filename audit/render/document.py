@@ -176,7 +176,7 @@ def _lineage_section(report: AuditReport) -> Section:
 
 
 def build_document(report: AuditReport, run_dir: Path) -> Document:
-    scores = views.read_scores(run_dir)
+    scores = views.run_scores(run_dir)
     t = report.training
     corpus = (report.recipe.get("corpus") or {}).get("source", "?")
     subtitle = (f"{report.model.source} \u00b7 {t.method} fine-tune, {t.steps} steps on {t.device} \u00b7 "

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from audit.schema import AuditReport, OutputsSummary, SequenceScore
+from audit.store import read_scores
 
 NULL_MEAN_BITS = 1 / math.log(2)
 """Exposure of a canary the model never learned: its rank among the references is uniform, so exposure in nats is
@@ -148,11 +149,10 @@ def verdict(report: AuditReport) -> Verdict:
 # ------------------------------------------------------------------------------------------------ scores & ROC
 
 
-def read_scores(run_dir: Path) -> list[SequenceScore]:
+def run_scores(run_dir: Path) -> list[SequenceScore]:
+    """The run's ``scores.jsonl`` rows (:func:`audit.store.read_scores`), or none when the run has no such file."""
     path = Path(run_dir) / "scores.jsonl"
-    if not path.is_file():
-        return []
-    return [SequenceScore.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_scores(path) if path.is_file() else []
 
 
 @dataclass(frozen=True)
