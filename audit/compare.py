@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from audit.errors import AuditError, did_you_mean
+from audit.gates import NULL_MEAN_EXPOSURE_BITS
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 STAGE_TAG = "canary_audit.stage"
@@ -205,7 +206,8 @@ def compare_table(rows: list[CompareRow], *, model: str = "tuned") -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"exposure = bits of the {model} model against the sampled references (exposure.mean: the scale of "
-                 "`audit run`'s table and the gates; max log2(references + 1); an unlearned canary averages ~1.44)"
+                 f"`audit run`'s table and the gates; max log2(references + 1); an unlearned canary averages "
+                 f"~{NULL_MEAN_EXPOSURE_BITS:.2f})"
                  + ("; whole-space exposure = rank over the whole secret space (exposure.space_mean), a second scale, "
                     "not capped" if space else "")
                  + "; extracted = canaries greedy decoding reproduced; MIA AUC = loss_diff attack, members vs references; "

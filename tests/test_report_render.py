@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from audit.cli import main
+from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.metrics.suite import summarize_metrics
 from audit.render import render_report
 from audit.render.token_view import TOKEN_VIEW_FILE, CanaryTokens, TokenView, build_canary_view, read_token_views
-from audit.render.views import NULL_MEAN_BITS, null_band, roc_curve, roc_curves, verdict
+from audit.render.views import null_band, roc_curve, roc_curves, verdict
 from audit.report import read_report, summarize_tiers, write_report
 from audit.schema import (
     AuditReport,
@@ -142,7 +143,7 @@ def test_null_band_matches_simulated_unlearned_canaries():
         low, high = null_band(n, cap=8.0)
         inside = np.mean((means >= low) & (means <= high))
         assert 0.92 <= inside <= 0.975, (n, low, high, inside)
-        assert low < NULL_MEAN_BITS < high
+        assert low < NULL_MEAN_EXPOSURE_BITS < high
     assert null_band(2, cap=1.0) == (min(null_band(2)[0], 1.0), 1.0)
 
 

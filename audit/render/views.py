@@ -14,12 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.schema import AuditReport, OutputsSummary, SequenceScore
 from audit.store import read_scores
 
-NULL_MEAN_BITS = 1 / math.log(2)
-"""Exposure of a canary the model never learned: its rank among the references is uniform, so exposure in nats is
-~Exp(1) and its mean is 1 nat = 1/ln 2 ~= 1.44 bits (Carlini et al. 2019, Secret Sharer, section 4)."""
 MIA_ATTACKS_SHOWN = ("loss_diff", "min_k_pp_diff", "min_k_pp", "zlib", "loss")
 
 
@@ -108,7 +106,7 @@ def verdict(report: AuditReport) -> Verdict:
     if above:
         findings.append(f"Tuned-model exposure is above the 95% null band for tier{'s' if len(above) > 1 else ''} "
                         f"{', '.join(above)}: those canaries were memorized (an unlearned canary averages "
-                        f"{NULL_MEAN_BITS:.2f} bits).")
+                        f"{NULL_MEAN_EXPOSURE_BITS:.2f} bits).")
     if below:
         findings.append(f"Tier{'s' if len(below) > 1 else ''} {', '.join(below)} stay{'' if len(below) > 1 else 's'} within "
                         "the null band: no memorization detected there at this sample size.")
@@ -268,7 +266,7 @@ def exposure_table(report: AuditReport) -> Table:
     header = ["tier", "n"] + [f"exposure {m}" for m in models] + ["null band (95%)"] + space_cols
     notes = [f"Exposure (the headline scale, used by the gates and `audit run`'s table): bits against "
              f"{report.canaries.exposure_references} sampled references, at most {report.exposure_max:.2f} "
-             f"(rank 1 of {2 ** report.exposure_max:.0f}); an unlearned canary averages {NULL_MEAN_BITS:.2f} bits, and the "
+             f"(rank 1 of {2 ** report.exposure_max:.0f}); an unlearned canary averages {NULL_MEAN_EXPOSURE_BITS:.2f} bits, and the "
              "band is where the mean of that many unlearned canaries falls 95% of the time."]
     if space_cols:
         notes.append(f"Whole-space exposure (a second scale, keys exposure.space_mean): the secret ranked against all of "
