@@ -46,7 +46,7 @@ from pydantic import ValidationError
 
 from audit.console import text_table
 from audit.errors import AuditError
-from audit.schema import AuditReport, LineageNode, MetricEntry, Recipe, SequenceScore, TrainSummary
+from audit.schema import AuditReport, BeforeAfter, LineageNode, MetricEntry, PersistenceTier, Recipe, SequenceScore, TrainSummary
 from audit.store import read_scores
 
 MIN_LEARNED_BITS = 1.0
@@ -221,8 +221,9 @@ def persistence_summary(scores: list[SequenceScore], parent: ParentRun, *, mia_a
     return summary, metrics
 
 
-def format_persistence(summary: dict[str, Any]) -> str:
-    """A small table: per tier, bits and whole-space exposure before/after, extraction, retained shares."""
+def format_persistence(tiers: list[PersistenceTier], mia_auc_loss_diff: BeforeAfter) -> str:
+    """A small table (``report.persistence``'s tiers and MIA AUC): per tier, bits and whole-space exposure
+    before/after, extraction, retained shares."""
     header = ["tier", "n", "bits base", "bits before", "bits after", "exposure before", "exposure after",
               "extracted before", "extracted after", "retained bits", "retained exposure"]
     rows = []
@@ -230,16 +231,15 @@ def format_persistence(summary: dict[str, Any]) -> str:
     def f(x: Any, fmt: str = ".2f") -> str:
         return "-" if x is None else format(x, fmt)
 
-    for t in summary["tiers"]:
-        rows.append(["references" if t["repetitions"] == 0 else f"{t['repetitions']}x", str(t["n"]),
-                     f(t["bits"]["base"], ".1f"), f(t["bits"]["before"], ".1f"), f(t["bits"]["after"], ".1f"),
-                     f(t["exposure_space"]["before"]), f(t["exposure_space"]["after"]),
-                     f"{t['extracted']['before']}/{t['n']}", f"{t['extracted']['after']}/{t['n']}",
-                     f(t["retained_bits"]), f(t["retained_exposure"])])
+    for t in tiers:
+        rows.append(["references" if t.repetitions == 0 else f"{t.repetitions}x", str(t.n),
+                     f(t.bits.base, ".1f"), f(t.bits.before, ".1f"), f(t.bits.after, ".1f"),
+                     f(t.exposure_space.before), f(t.exposure_space.after),
+                     f"{t.extracted.before}/{t.n}", f"{t.extracted.after}/{t.n}",
+                     f(t.retained_bits), f(t.retained_exposure)])
     lines = text_table(header, rows, numbers_right=True)
-    mia = summary.get("mia_auc_loss_diff") or {}
     lines.append(f"bits = mean -log2 p(secret | prefix); exposure over the whole space; before = the parent's tuned weights; "
-                 f"MIA AUC (loss_diff) before {f(mia.get('before'))}, after {f(mia.get('after'))}")
+                 f"MIA AUC (loss_diff) before {f(mia_auc_loss_diff.before)}, after {f(mia_auc_loss_diff.after)}")
     return "\n".join(lines)
 
 

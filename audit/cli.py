@@ -189,12 +189,12 @@ def _print_result(result) -> None:
           f"{report.training.steps} steps in {report.training.wall_s:.0f} s, total {report.timings_s['total']:.0f} s")
     print(format_table(report))
     if report.outputs:
-        print(f"\noutputs: {report.outputs['statement']}")
+        print(f"\noutputs: {report.outputs.statement}")
     if report.persistence:
         from audit.chain import format_persistence
 
         print(f"\npersistence of the parent's canaries (parent {report.parent_run}):")
-        print(format_persistence(report.persistence))
+        print(format_persistence(report.persistence.tiers, report.persistence.mia_auc_loss_diff))
     if report.gates:
         from audit.gates import format_gate_table
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from audit.errors import AuditError, did_you_mean
+from audit.gates import NULL_MEAN_EXPOSURE_BITS
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 STAGE_TAG = "canary_audit.stage"
@@ -101,7 +102,7 @@ def _row_from_report(report: Any, run_dir: Path) -> CompareRow:
         metrics.setdefault(f"time.{key}_s", value)
     return CompareRow(label=run_dir.name, run_id=None, recipe=report.recipe.get("name", "?"), method=report.training.method,
                       model=report.model.source, metrics=metrics, source="report.json",
-                      data=_data_label((report.recipe.get("corpus") or {}).get("source"), report.canaries.get("spec")))
+                      data=_data_label((report.recipe.get("corpus") or {}).get("source"), report.canaries.spec))
 
 
 def check_store_exists(uri: str, *, where: str = "") -> None:
@@ -151,7 +152,7 @@ def _row_from_path(path: Path, tracking_uri: str | None) -> CompareRow:
                          fix="pass --tracking-uri where the run was logged") from None
     row = _row_from_mlflow(run)
     row.label = run_dir.name
-    row.data = _data_label((report.recipe.get("corpus") or {}).get("source"), report.canaries.get("spec"))
+    row.data = _data_label((report.recipe.get("corpus") or {}).get("source"), report.canaries.spec)
     return row
 
 
@@ -205,7 +206,8 @@ def compare_table(rows: list[CompareRow], *, model: str = "tuned") -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"exposure = bits of the {model} model against the sampled references (exposure.mean: the scale of "
-                 "`audit run`'s table and the gates; max log2(references + 1); an unlearned canary averages ~1.44)"
+                 f"`audit run`'s table and the gates; max log2(references + 1); an unlearned canary averages "
+                 f"~{NULL_MEAN_EXPOSURE_BITS:.2f})"
                  + ("; whole-space exposure = rank over the whole secret space (exposure.space_mean), a second scale, "
                     "not capped" if space else "")
                  + "; extracted = canaries greedy decoding reproduced; MIA AUC = loss_diff attack, members vs references; "

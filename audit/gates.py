@@ -46,7 +46,10 @@ from audit.schema import AuditReport, GateResult, GateSpec, MetricEntry
 
 REPORT_FILE = "report.json"
 NULL_MEAN_EXPOSURE_BITS = 1 / math.log(2)
-"""Mean exposure of a canary the model never saw: its rank is uniform, exposure ~ Exp(1) nats = 1.44 bits."""
+"""Mean exposure of a canary the model never saw: its rank among the references is uniform, so its exposure in nats
+is ~Exp(1), whose mean is 1 nat = 1/ln 2 = 1.44 bits (the limit of :func:`audit.metrics.null_exposure_mean` as the
+space grows). The one copy of this constant: the report, the gate table, validate and the human report read it here
+(this module stays standard-library only, so a CI job can gate without numpy)."""
 
 _FILTER_PREFIXES = {"tier": "rep", "model": None, "kind": "kind", "work": "work"}
 

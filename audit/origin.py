@@ -141,7 +141,7 @@ class FurtherTune:
                                        canaries=read_canary_set(first.run_dir), canary_seed=first.recipe.seed)
         canaries = truth.canaries
         stored = [json.loads(line) for line in (self.parent.run_dir / "canaries.jsonl").read_text(encoding="utf-8").splitlines() if line]
-        if canaries.sha256() != first.report.canaries.get("canary_set_sha256") or stored != [c.model_dump(mode="json") for c in canaries.canaries]:
+        if canaries.sha256() != first.report.canaries.canary_set_sha256 or stored != [c.model_dump(mode="json") for c in canaries.canaries]:
             raise AuditError(f"the canaries of {first.run_dir} differ from those in {self.parent.run_dir}/canaries.jsonl",
                              fix="the canary code or spec changed since the parent ran; rerun the chain from its first run")
         return truth

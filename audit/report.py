@@ -19,7 +19,16 @@ from typing import Any
 
 from audit.console import text_table
 from audit.gates import NULL_MEAN_EXPOSURE_BITS
-from audit.schema import AuditReport, MetricEntry, ModelInfo, SequenceScore, TierSummary
+from audit.schema import (
+    AuditReport,
+    CanariesSummary,
+    MetricEntry,
+    ModelInfo,
+    OutputsSummary,
+    PersistenceSummary,
+    SequenceScore,
+    TierSummary,
+)
 from audit.store import atomic_write_text
 
 TRACKED_PACKAGES = ("canary-audit", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "mlflow")
@@ -83,7 +92,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         seed=recipe.seed,
         model=ModelInfo(source=recipe.model.source, kind=resolved.kind, path=str(resolved.path),
                         fingerprint=ctx.base_fingerprint, provenance=resolved.provenance),
-        canaries={**truth.summary(), "works_information": works},
+        canaries=CanariesSummary.model_validate({**truth.summary(), "works_information": works}),
         works=canary_set.works,
         manifest_sha256=injection.manifest.sha256(),
         training=training,
@@ -97,9 +106,9 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         tracking=run.tracker.info(),
         metrics=metrics,
         metric_notes=suite.notes,
-        outputs=outputs.summary if outputs else None,
+        outputs=OutputsSummary.model_validate(outputs.summary) if outputs else None,
         parent_run=origin.parent_run,
-        persistence=persistence.summary,
+        persistence=None if persistence.summary is None else PersistenceSummary.model_validate(persistence.summary),
     )
     return report.model_copy(update={"gates": evaluate_gates(recipe.gates, report.flat_metrics())})
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_serializer, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -689,6 +689,213 @@ class MetricEntry(Frozen):
     high: float | None = None
 
 
+class ReportPart(Frozen):
+    """A typed section of ``report.json``. Fields named in ``omit_if_none`` are left out of the JSON while None,
+    because the version that wrote them added such a key only when it had a value (so the bytes stay as they were)."""
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: Any) -> Any:
+        data = handler(self)
+        for key in self.omit_if_none:
+            if isinstance(data, dict) and data.get(key, 0) is None:
+                del data[key]
+        return data
+
+
+class PreflightSummary(ReportPart):
+    """``report.canaries.preflight``: the pre-flight check of the planted records (:class:`PreflightReport`)."""
+
+    passed: bool
+    checked: int
+    """Placements checked (every one)."""
+    canary_tokens_max: int
+    record_tokens_max: int
+    loss: str
+    """Which tokens carry loss."""
+
+
+class WorkBits(ReportPart):
+    """One sample work in the information view (:func:`audit.works.information.works_information`)."""
+
+    work_id: str
+    title: str
+    kind: str
+    license: str
+    source: str
+    member_excerpts: int
+    member_bits_base: float
+    member_bits_tuned: float
+    held_out_excerpts: int
+    held_out_bits_base: float
+    held_out_bits_tuned: float
+
+
+class WorksInformation(ReportPart):
+    """Bits per planted work, base vs tuned; its metrics are in ``report.metrics`` (``works.bits/...``)."""
+
+    by_work: list[WorkBits] = Field(default_factory=list)
+
+
+class CanariesSummary(ReportPart):
+    """``report.canaries``: spec, counts, set hash, injection and pre-flight summary; never the secrets."""
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"key_id"})
+
+    key_id: str | None = None
+    """The public id of the audit key the secrets were drawn under (keyed sets only)."""
+    spec: str
+    spec_version: int
+    members: int
+    references: int
+    """Canaries never inserted (tier 0), the control."""
+    tiers: list[int]
+    """The members' repetition counts."""
+    canary_set_sha256: str
+    space: str
+    """The secret space's kind (``product``, ``sampled``, ...)."""
+    space_bits: float
+    works: int
+    """How many sample works the excerpts come from."""
+    exposure_references: int
+    """Secrets each canary's (sampled) exposure is ranked against."""
+    corpus_format: str
+    placement: str
+    placements: int
+    """Copies planted in the training data (members x repetitions)."""
+    preflight: PreflightSummary
+    timings_s: dict[str, float]
+    works_information: WorksInformation = Field(default_factory=WorksInformation)
+
+    @field_validator("works_information", mode="before")
+    @classmethod
+    def _works_information(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "metrics" in value:  # the old shape: its metrics now live in report.metrics
+            value = {k: v for k, v in value.items() if k != "metrics"}
+        return value
+
+    @field_serializer("works_information")
+    def _dump_works_information(self, value: WorksInformation) -> dict[str, Any]:
+        return value.model_dump(mode="json") if value.by_work else {}  # ``{}`` when no works, as always written
+
+
+class OutputsPrompt(ReportPart):
+    id: str
+    text: str
+
+
+class OutputsProtocol(ReportPart):
+    """How the outputs were generated: the sampling settings a reader needs to repeat the scan."""
+
+    model: str
+    samples: int
+    samples_per_prompt: int
+    prompts: list[OutputsPrompt]
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    seed: int
+    stop: str
+    near_max_edits: int
+    near_unit: str
+    ngram: int
+
+
+class OutputsTier(ReportPart):
+    """Secrets of one repetition tier found in the generated outputs (tier 0: the scan's false positives)."""
+
+    repetitions: int
+    canaries: int
+    exact_canaries: int
+    near_canaries: int
+    samples_exact: int
+    samples_exact_or_near: int
+    rate_exact_high: float
+    """95% Clopper-Pearson upper bound of the per-sample rate of verbatim hits."""
+    canary_ids_exact: list[str]
+    canary_ids_near: list[str]
+
+
+class OutputsWorksOverlap(ReportPart):
+    """Verbatim overlap of the outputs with one role's work excerpts (``member`` / ``held_out``)."""
+
+    lcs_tokens_max: int
+    lcs_canary_id: str | None
+    lcs_tokens_mean: float
+    ngram_share_mean: float
+    samples_with_ngram: int
+
+
+class OutputsSummary(ReportPart):
+    """``report.outputs``: the generated-outputs scan (:mod:`audit.outputs`): protocol, counts, canary ids; no text."""
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"works_note"})
+
+    protocol: OutputsProtocol
+    tiers: list[OutputsTier]
+    members: int
+    samples_with_member_secret: int
+    statement: str
+    """What the scan found and what a count of 0 does not mean, in one paragraph."""
+    tokens_generated: int
+    works: dict[str, OutputsWorksOverlap] | None
+    """Per role; None when no work excerpts were planted."""
+    works_note: str | None = None
+    """Why works overlap was not measured."""
+    file: str
+    fingerprint: str
+    wall_s: float
+    reused: bool
+
+
+class BaseBeforeAfter(ReportPart):
+    """One number under the base weights, the parent's tuned weights (before) and this tune's (after)."""
+
+    base: float | None
+    before: float | None
+    after: float | None
+
+
+class BaseBeforeAfterCounts(ReportPart):
+    base: int
+    before: int
+    after: int
+
+
+class PersistenceTier(ReportPart):
+    """One repetition tier through a further tune (:func:`audit.chain.persistence`)."""
+
+    repetitions: int
+    n: int
+    bits: BaseBeforeAfter
+    exposure_space: BaseBeforeAfter
+    exposure_sampled: BaseBeforeAfter
+    extracted: BaseBeforeAfterCounts
+    retained_bits: float | None
+    """(base - after) / (base - before) in bits; None for the references or when too little was learned."""
+    retained_exposure: float | None
+
+
+class BeforeAfter(ReportPart):
+    before: float | None
+    after: float | None
+
+
+class PersistenceSummary(ReportPart):
+    """``report.persistence``: the parent's canaries before and after a further tune (:mod:`audit.chain`)."""
+
+    parent_run: str
+    origin_run: str
+    parent_tuned_fingerprint: str
+    further_tune_planted_canaries: bool
+    protocol: str
+    min_learned_bits: float
+    tiers: list[PersistenceTier]
+    mia_auc_loss_diff: BeforeAfter
+
+
 class AuditReport(Frozen):
     """``report.json``: the product of an audit. Reads back into the same object."""
 
@@ -696,10 +903,13 @@ class AuditReport(Frozen):
     run_id: str
     created_at: str
     recipe: dict[str, Any]
+    """The resolved recipe as the run saw it (``Recipe.model_dump``). Kept as written rather than typed as a
+    :class:`Recipe`: a later version's Recipe adds keys with defaults (and may rename one), which would change what
+    an old report says was run and break ``recipe_fingerprint``, a hash over exactly this dict."""
     recipe_fingerprint: str
     seed: int
     model: ModelInfo
-    canaries: dict[str, Any]
+    canaries: CanariesSummary
     """Spec, counts, set hash: never the secrets."""
     manifest_sha256: str
     training: TrainSummary
@@ -717,16 +927,29 @@ class AuditReport(Frozen):
     """The recipe's gates, evaluated when the run finished (``audit gate`` re-evaluates them on demand)."""
     works: list[WorkProvenance] = Field(default_factory=list)
     """Provenance (source, license, sha256, kind) of every sample work planted in this audit."""
-    outputs: dict[str, Any] | None = None
+    outputs: OutputsSummary | None = None
     """The generated-outputs scan (:mod:`audit.outputs`): protocol, counts and canary ids, never the text."""
     parent_run: str | None = None
     """For a further tune: the run whose tuned weights were fine-tuned again."""
-    persistence: dict[str, Any] | None = None
+    persistence: PersistenceSummary | None = None
     """For a further tune: the parent's canaries before and after it (:mod:`audit.chain`)."""
     metrics: dict[str, MetricEntry] = Field(default_factory=dict)
     """Every metric under its stable key (``mia.auc/loss_diff``, ``privacy.eps_lb``, ...): see :mod:`audit.metrics.suite`."""
     metric_notes: dict[str, str] = Field(default_factory=dict)
     """Why a metric is absent or how to read it (e.g. TPR at 1% FPR refused for too few controls)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _works_metrics_into_metrics(cls, data: Any) -> Any:
+        """A report written before ``works.bits`` moved into :attr:`metrics` kept them in
+        ``canaries.works_information.metrics`` (plain numbers): read them into :attr:`metrics` (the same version 1)."""
+        if not isinstance(data, dict) or not isinstance(data.get("canaries"), dict):
+            return data
+        old = (data["canaries"].get("works_information") or {}).get("metrics") or {}
+        if old:
+            metrics = dict(data.get("metrics") or {})
+            data = {**data, "metrics": {**{k: {"value": float(v)} for k, v in old.items()}, **metrics}}
+        return data
 
     @model_validator(mode="after")
     def _check_version(self) -> AuditReport:
@@ -741,14 +964,11 @@ class AuditReport(Frozen):
         tier's canaries), every key of :attr:`metrics` (``mia.auc/min_k_pp``, ``exposure.space_mean/...``,
         ``works.bits/<kind>/<role>/<model>``, ``privacy.eps_lb`` ...), ``time.<stage>_s``, ``train.steps``,
         ``train.final_loss``, and ``gates.failed``/``gates.total`` once the gates are evaluated.
-        Reports written before ``works.bits`` moved into :attr:`metrics` still give those keys (from ``canaries``).
+        Reports written before ``works.bits`` moved into :attr:`metrics` still give those keys (read into it).
         """
         out: dict[str, MetricEntry] = {}
         for tier in self.tiers:
             out.update(tier.flat_metrics())
-        works_info = self.canaries.get("works_information") or {}
-        for key, value in (works_info.get("metrics") or {}).items():  # a report written before works.bits moved
-            out[key] = MetricEntry(value=float(value))
         out.update(self.metrics)
         out.update({f"time.{k}_s": MetricEntry(value=float(v)) for k, v in self.timings_s.items()})
         out["train.steps"] = MetricEntry(value=float(self.training.steps))

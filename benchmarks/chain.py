@@ -46,9 +46,9 @@ def run_summary(run_dir: Path) -> dict:
         "exposure_space_tuned": {f"rep_{k}": m.get(f"exposure.space_mean/rep_{k}/tuned") for k in sorted(tiers)},
         "extracted_greedy_tuned": {f"rep_{k}": f"{t.extracted.get('tuned')}/{t.n}" for k, t in sorted(tiers.items())},
         "mia_auc_loss_diff": m.get("mia.auc/loss_diff"), "privacy_eps_lb": m.get("privacy.eps_lb"),
-        "outputs": None if r.outputs is None else {"statement": r.outputs["statement"],
-                                                    "samples_with_member_secret": r.outputs["samples_with_member_secret"]},
-        "persistence": r.persistence,
+        "outputs": None if r.outputs is None else {"statement": r.outputs.statement,
+                                                    "samples_with_member_secret": r.outputs.samples_with_member_secret},
+        "persistence": None if r.persistence is None else r.persistence.model_dump(mode="json"),
     }
 
 

@@ -15,7 +15,7 @@ import pytest
 from audit.chain import MIN_LEARNED_BITS, PARENT_LABEL, format_persistence, inherit, persistence
 from audit.cli import main
 from audit.config import load_recipe
-from audit.schema import SequenceScore
+from audit.schema import BeforeAfter, PersistenceTier, SequenceScore
 
 
 def score(cid: str, model: str, reps: int, bits: float, exposure: float, *, extracted: bool = False) -> SequenceScore:
@@ -44,7 +44,7 @@ def test_persistence_ratios_on_hand_made_scores():
     assert by[0]["retained_bits"] is None  # references are the control, never a ratio
     assert set(metrics) == {"persistence.retained_bits/rep_16", "persistence.retained_exposure/rep_16"}
     assert metrics["persistence.retained_bits/rep_16"].n == 2
-    table = format_persistence({"tiers": tiers, "mia_auc_loss_diff": {"before": 0.9, "after": 0.6}})
+    table = format_persistence([PersistenceTier.model_validate(t) for t in tiers], BeforeAfter(before=0.9, after=0.6))
     assert "16x" in table and "0.50" in table and "references" in table
 
 
@@ -107,7 +107,7 @@ def test_chain_lineage_is_one_closed_graph(chain_runs):
     assert kinds == ["base_weights", "data", "tuned_weights", "tuned_weights", "outputs"]  # + merged weights, outputs
     tuned = parent.lineage[2]
     assert parent.lineage[3].parents == [tuned.id] and parent.lineage[3].details["form"] == "merged"
-    assert parent.lineage[4].parents == [tuned.id] and parent.lineage[4].fingerprint == parent.outputs["fingerprint"]
+    assert parent.lineage[4].parents == [tuned.id] and parent.lineage[4].fingerprint == parent.outputs.fingerprint
     ids = [n.id for n in child.lineage]
     assert len(ids) == len(set(ids)) and ids[: len(parent.lineage)] == [n.id for n in parent.lineage]
     assert all(p in ids for n in child.lineage for p in n.parents)  # every parent is in the graph
@@ -127,7 +127,7 @@ def test_further_tune_measures_the_parents_canaries_on_clean_data(chain_runs):
     _, parent_dir, child_dir, parent, child = chain_runs
     assert (child_dir / "canaries.jsonl").read_bytes() == (parent_dir / "canaries.jsonl").read_bytes()
     manifest = json.loads((child_dir / "manifest.json").read_text())
-    assert manifest["placements"] == [] and manifest["canary_set_sha256"] == parent.canaries["canary_set_sha256"]
+    assert manifest["placements"] == [] and manifest["canary_set_sha256"] == parent.canaries.canary_set_sha256
     assert manifest["dataset_before"] == manifest["dataset_after"]
     # base and parent rows are the parent run's own measurements, reused; the further tune's are new
     parent_rows = {(r["canary_id"], r["model"]): r for r in map(json.loads, (parent_dir / "scores.jsonl").read_text().splitlines())}
@@ -136,12 +136,12 @@ def test_further_tune_measures_the_parents_canaries_on_clean_data(chain_runs):
     for r in child_rows:
         if r["model"] != "tuned":
             assert r == {**parent_rows[(r["canary_id"], "tuned" if r["model"] == PARENT_LABEL else "base")], "model": r["model"]}
-    tiers = {t["repetitions"]: t for t in child.persistence["tiers"]}
-    assert set(tiers) == {0, 1, 4, 16} and child.persistence["further_tune_planted_canaries"] is False
+    tiers = {t.repetitions: t for t in child.persistence.tiers}
+    assert set(tiers) == {0, 1, 4, 16} and child.persistence.further_tune_planted_canaries is False
     top = tiers[16]
-    assert top["exposure_space"]["before"] == pytest.approx(parent.metrics["exposure.space_mean/rep_16/tuned"].value, abs=1e-6)
+    assert top.exposure_space.before == pytest.approx(parent.metrics["exposure.space_mean/rep_16/tuned"].value, abs=1e-6)
     # the clean tune plants nothing, so it cannot make the 16x canaries cheaper than the first tune left them ... much
-    assert top["bits"]["after"] > top["bits"]["before"] - 1.0
+    assert top.bits.after > top.bits.before - 1.0
     assert child.recipe["model"] == parent.recipe["model"] and child.recipe["canaries"]["inject"] is False
     assert child.training.merged_fingerprint and (child_dir / "merged" / "model.safetensors").is_file()
 

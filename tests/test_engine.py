@@ -15,7 +15,6 @@ from audit.score.engine import (
     plan_batches,
     sampled_continuations,
     score_token_sequences,
-    sequence_logprobs,
     torch_threads,
     vocab_reductions,
     with_cache,
@@ -98,13 +97,6 @@ def test_spans_and_bits(tiny_model, encoded):
     assert s.bits == pytest.approx(-s.logprobs.sum() / np.log(2))
     with pytest.raises(ValueError):
         s.span(0)
-
-
-def test_sequence_logprobs_keeps_its_signature(tiny_model):
-    model, tok = tiny_model
-    got = sequence_logprobs(model, tok, TEXTS[:3], batch_size=2)
-    for text, row in zip(TEXTS[:3], got, strict=True):
-        np.testing.assert_allclose(row, _plain(model, tok(text, add_special_tokens=False)["input_ids"])[0], atol=1e-4)
 
 
 def test_plan_batches_respects_the_budget():

@@ -19,7 +19,16 @@ from audit.gates import (
     parse_gate_specs,
     report_metrics,
 )
-from audit.schema import AuditReport, GateSpec, MetricEntry, ModelInfo, TierSummary, TrainSummary
+from audit.schema import (
+    AuditReport,
+    CanariesSummary,
+    GateSpec,
+    MetricEntry,
+    ModelInfo,
+    PreflightSummary,
+    TierSummary,
+    TrainSummary,
+)
 
 
 def metric(value: float, n: int | None = None) -> MetricEntry:
@@ -33,7 +42,13 @@ def make_report(tiers: dict[int, tuple[int, float, int]], *, gates: list[dict] |
         run_id=run_id, created_at="2026-01-01T00:00:00+00:00", recipe={"name": "hand", "gates": gates or []},
         recipe_fingerprint="0" * 64, seed=0,
         model=ModelInfo(source="tiny-llama", kind="builtin", path="/nowhere", fingerprint="f" * 64),
-        canaries={}, manifest_sha256="m" * 64,
+        canaries=CanariesSummary(spec="digits", spec_version=1, members=6, references=6, tiers=[1, 4, 16],
+                                 canary_set_sha256="d" * 64, space="product", space_bits=19.932, works=0,
+                                 exposure_references=255, corpus_format="text", placement="new_record", placements=42,
+                                 preflight=PreflightSummary(passed=True, checked=42, canary_tokens_max=46,
+                                                            record_tokens_max=48, loss="all tokens (language modeling)"),
+                                 timings_s={}),
+        manifest_sha256="m" * 64,
         training=TrainSummary(method="lora", steps=1, final_loss=1.0, wall_s=1.0, trainable_params=1, total_params=2,
                               device="cpu", precision="fp32", gradient_checkpointing=False, weights_path="adapter",
                               weights_fingerprint="w" * 64),

@@ -22,14 +22,32 @@ from audit.metrics import (
     tpr_at_fpr,
     zlib_ratio_score,
 )
-from audit.metrics.mia import ATTACK_SCOPES, ez_mia_score, ordering_agreement, zlib_bytes, zlib_mimir_score
+from audit.metrics.mia import ATTACK_SCOPES, ez_mia_score, mean_loss, ordering_agreement, zlib_bytes, zlib_mimir_score
 
 
 def test_loss_and_base_calibrated_scores():
-    assert loss_score([-1.0, -3.0]) == -2.0
-    assert difference_to_base([-0.5, -0.5], [-2.0, -2.0]) == 1.5
-    assert ratio_to_base([-0.5, -0.5], [-2.0, -2.0]) == -0.25
-    assert ratio_to_base([-2.0], [-2.0]) == -1.0
+    assert loss_score([-1.0, -3.0]) == -2.0 and mean_loss([-1.0, -3.0]) == 2.0
+    assert difference_to_base(mean_loss([-0.5, -0.5]), mean_loss([-2.0, -2.0])) == 1.5  # tuning took 1.5 nats off
+    assert ratio_to_base(0.5, 2.0) == -0.25
+    assert ratio_to_base(2.0, 2.0) == -1.0  # tuning changed nothing
+
+
+def test_the_loss_ratio_has_no_score_where_the_base_loss_is_not_positive():
+    assert ratio_to_base(0.5, 0.0) is None and ratio_to_base(0.0, 0.0) is None
+
+
+def test_the_suite_scores_loss_diff_and_loss_ratio_through_these_functions():
+    """attack_scores (what the mia.* metrics rank) gives these attacks exactly the values of the functions above."""
+    from audit.metrics.suite import attack_scores
+    from audit.schema import SequenceScore
+
+    def row(model: str, loss: float) -> SequenceScore:
+        return SequenceScore(canary_id="c", model=model, repetitions=1, secret_tokens=4, secret_nll_bits=8.0, rank=1,
+                             n_references=15, exposure=4.0, extracted=False, mia_loss=loss)
+
+    got = attack_scores(row("tuned", 0.75), row("base", 3.0))
+    assert got["loss_diff"] == difference_to_base(0.75, 3.0) == 2.25 and got["loss_ratio"] == ratio_to_base(0.75, 3.0) == -0.25
+    assert "loss_ratio" not in attack_scores(row("tuned", 0.75), row("base", 0.0)) and "loss_diff" in got
 
 
 def test_min_k_takes_the_lowest_fraction():

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 
 from audit.errors import AuditError
-from audit.models import fingerprint_safetensors_dir, resolve_model
+from audit.models import fingerprint_safetensors_dir, resolve_model, sha256_file
 
 
 def test_tiny_llama_is_cached_with_provenance(tiny_model_dir):
@@ -63,3 +64,12 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch, tmp_path):
 def test_unresolvable_name_lists_builtins():
     with pytest.raises(AuditError, match="smollm2-135m, tiny-llama"):
         resolve_model("no-such-model")
+
+
+def test_sha256_file_hashes_every_chunk_of_a_file_larger_than_one_read(tmp_path):
+    """The one file hasher (pinned wheels, GGUF files, works archives) reads 1 MiB at a time: the tail counts too."""
+    data = bytes(range(256)) * 5000 + b"tail"  # 1.28 MB: two reads and a partial third
+    (tmp_path / "a.bin").write_bytes(data)
+    (tmp_path / "b.bin").write_bytes(data[:-1] + b"!")
+    assert sha256_file(tmp_path / "a.bin") == hashlib.sha256(data).hexdigest()
+    assert sha256_file(tmp_path / "b.bin") != sha256_file(tmp_path / "a.bin")

@@ -50,7 +50,7 @@ def test_an_old_run_dir_resumes_reusing_every_stage_and_reports_the_same_numbers
     status = json.loads((old_run / "run.json").read_text())
     assert status["status"] == "complete" and status["schema_version"] == 1
     meta = json.loads((old_run / "canaries.meta.json").read_text())  # the sidecar is added, the rows left as they were
-    assert meta["canary_set_sha256"] == before.canaries["canary_set_sha256"] and meta["seed"] == before.seed
+    assert meta["canary_set_sha256"] == before.canaries.canary_set_sha256 and meta["seed"] == before.seed
 
 
 @pytest.mark.slow

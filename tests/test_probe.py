@@ -10,7 +10,7 @@ import torch
 
 from audit.cli import main
 from audit.errors import AuditError
-from audit.score.engine import sequence_logprobs, torch_threads
+from audit.score.engine import torch_threads
 from audit.score.probe import format_probe, probe_text, resolve_tuned
 
 TEXT = "the vault code is 481927"
@@ -40,7 +40,10 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
 def test_base_only_probabilities_match_the_engine(tiny_model, tiny_model_dir):
     model, tok = tiny_model
     result = probe_text(TEXT, model_source=str(tiny_model_dir))
-    expected = sequence_logprobs(model, tok, [TEXT])[0]
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():  # plain transformers, one unpadded sequence: ln p of tokens 2..n
+        lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+    expected = lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
     assert result.tokens[0].p_base is None and result.tuned_label is None
     assert [t.p_base for t in result.tokens[1:]] == pytest.approx([math.exp(x) for x in expected], rel=1e-4)
     assert "".join(t.text for t in result.tokens) == TEXT

@@ -18,12 +18,23 @@ import numpy as np
 import pytest
 
 from audit.cli import main
+from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.metrics.suite import summarize_metrics
 from audit.render import render_report
 from audit.render.token_view import TOKEN_VIEW_FILE, CanaryTokens, TokenView, build_canary_view, read_token_views
-from audit.render.views import NULL_MEAN_BITS, null_band, roc_curve, roc_curves, verdict
+from audit.render.views import null_band, roc_curve, roc_curves, verdict
 from audit.report import read_report, summarize_tiers, write_report
-from audit.schema import AuditReport, GateResult, LineageNode, ModelInfo, SequenceScore, TrainSummary
+from audit.schema import (
+    AuditReport,
+    CanariesSummary,
+    GateResult,
+    LineageNode,
+    ModelInfo,
+    OutputsSummary,
+    PreflightSummary,
+    SequenceScore,
+    TrainSummary,
+)
 from audit.store import write_jsonl
 
 SECTIONS = ["verdict", "exposure", "mia", "extraction", "information", "tokens", "lineage", "provenance", "details"]
@@ -63,8 +74,12 @@ def make_report(scores: list[SequenceScore], *, gates: list[GateResult] | None =
         recipe={"name": "tiny-lora-cpu", "corpus": {"source": "builtin:notes"}}, recipe_fingerprint="f" * 64, seed=0,
         model=ModelInfo(source="tiny-llama", kind="builtin", path="/models/tiny", fingerprint="a" * 64,
                         provenance={"name": "tiny-llama"}),
-        canaries={"spec": "digits", "members": 6, "references": 6, "tiers": [1, 4, 16], "exposure_references": 255,
-                  "placements": 42, "works_information": {}},
+        canaries=CanariesSummary(spec="digits", spec_version=1, members=6, references=6, tiers=[1, 4, 16],
+                                 canary_set_sha256="d" * 64, space="product", space_bits=19.932, works=0,
+                                 exposure_references=255, corpus_format="text", placement="new_record", placements=42,
+                                 preflight=PreflightSummary(passed=True, checked=42, canary_tokens_max=46,
+                                                            record_tokens_max=48, loss="all tokens (language modeling)"),
+                                 timings_s={}),
         manifest_sha256="b" * 64,
         training=TrainSummary(method="lora", steps=210, final_loss=5.7, wall_s=12.0, trainable_params=2048, total_params=200000,
                               device="cpu", precision="fp32", gradient_checkpointing=False, weights_path="adapter",
@@ -128,7 +143,7 @@ def test_null_band_matches_simulated_unlearned_canaries():
         low, high = null_band(n, cap=8.0)
         inside = np.mean((means >= low) & (means <= high))
         assert 0.92 <= inside <= 0.975, (n, low, high, inside)
-        assert low < NULL_MEAN_BITS < high
+        assert low < NULL_MEAN_EXPOSURE_BITS < high
     assert null_band(2, cap=1.0) == (min(null_band(2)[0], 1.0), 1.0)
 
 
@@ -238,14 +253,19 @@ def test_identical_roc_curves_are_one_line_named_for_every_attack(tmp_path):
 
 def test_outputs_are_tables_not_a_json_dump(tmp_path):
     run_dir, report = make_run_dir(tmp_path / "run")
-    outputs = {"protocol": {"model": "tuned", "samples": 4, "samples_per_prompt": 2, "prompts": [{"id": "unprompted", "text": ""}],
-                            "near_max_edits": 1, "near_unit": "digits", "seed": 0},
-               "tiers": [{"repetitions": 0, "canaries": 6, "exact_canaries": 0, "near_canaries": 1, "samples_exact": 0,
-                          "samples_exact_or_near": 1, "rate_exact_high": 0.6024},
-                         {"repetitions": 16, "canaries": 2, "exact_canaries": 1, "near_canaries": 0, "samples_exact": 1,
-                          "samples_exact_or_near": 1, "rate_exact_high": 0.806}],
-               "statement": "1 of 4 samples held a planted secret verbatim under this protocol.", "tokens_generated": 64,
-               "works": None, "works_note": "no work excerpts planted"}
+    ids = {"canary_ids_exact": [], "canary_ids_near": []}
+    outputs = OutputsSummary.model_validate({
+        "protocol": {"model": "tuned", "samples": 4, "samples_per_prompt": 2, "prompts": [{"id": "unprompted", "text": ""}],
+                     "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 16, "seed": 0,
+                     "stop": "at the first end-of-text token", "near_max_edits": 1, "near_unit": "digits", "ngram": 8},
+        "tiers": [{"repetitions": 0, "canaries": 6, "exact_canaries": 0, "near_canaries": 1, "samples_exact": 0,
+                   "samples_exact_or_near": 1, "rate_exact_high": 0.6024, **ids},
+                  {"repetitions": 16, "canaries": 2, "exact_canaries": 1, "near_canaries": 0, "samples_exact": 1,
+                   "samples_exact_or_near": 1, "rate_exact_high": 0.806, **ids}],
+        "members": 6, "samples_with_member_secret": 1,
+        "statement": "1 of 4 samples held a planted secret verbatim under this protocol.", "tokens_generated": 64,
+        "works": None, "works_note": "no work excerpts planted", "file": "outputs.jsonl", "fingerprint": "e" * 64,
+        "wall_s": 0.1, "reused": False})
     write_report(report.model_copy(update={"outputs": outputs}), run_dir / "report.json")
     html = render_report(run_dir).html.read_text()
     section = html[html.index('<section id="extraction">'): html.index('<section id="information">')]

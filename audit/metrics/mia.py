@@ -75,17 +75,19 @@ def mean_loss(logprobs: ArrayLike) -> float:
     return -loss_score(logprobs)
 
 
-def difference_to_base(logprobs_tuned: ArrayLike, logprobs_base: ArrayLike) -> float:
-    """``loss_base - loss_tuned`` in nats per token: how much fine-tuning lowered this sequence's loss."""
-    return mean_loss(logprobs_base) - mean_loss(logprobs_tuned)
+def difference_to_base(loss_tuned: float, loss_base: float) -> float:
+    """``loss_base - loss_tuned`` (mean NLL in nats per token, :func:`mean_loss`): how much fine-tuning lowered this
+    sequence's loss; higher = member (the ``loss_diff`` attacks)."""
+    return loss_base - loss_tuned
 
 
-def ratio_to_base(logprobs_tuned: ArrayLike, logprobs_base: ArrayLike) -> float:
-    """``-loss_tuned / loss_base``: near 0 when fine-tuning drove the loss to 0, -1 when it did not change it."""
-    base = mean_loss(logprobs_base)
-    if base <= 0.0:
-        return 0.0 if mean_loss(logprobs_tuned) <= 0.0 else -math.inf
-    return -mean_loss(logprobs_tuned) / base
+def ratio_to_base(loss_tuned: float, loss_base: float) -> float | None:
+    """``-loss_tuned / loss_base``: near 0 when fine-tuning drove the loss to 0, -1 when it did not change it (the
+    ``loss_ratio`` attack). None when the base loss is not positive: the ratio is undefined, so the attack has no
+    score for that sequence (rather than an arbitrary 0 or -inf)."""
+    if loss_base <= 0.0:
+        return None
+    return -loss_tuned / loss_base
 
 
 def zlib_ratio_score(logprobs: ArrayLike, text: str) -> float:

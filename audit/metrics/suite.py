@@ -54,11 +54,14 @@ from audit.metrics.extraction import is_np_extractable
 from audit.metrics.mia import (
     ATTACK_SCOPES,
     InsufficientControlsError,
+    difference_to_base,
     ez_mia_score,
     loss_score,
+    mean_loss,
     min_k_plus_plus_score,
     min_k_score,
     ordering_agreement,
+    ratio_to_base,
     roc_auc,
     tpr_at_fpr,
     zlib_bytes,
@@ -134,7 +137,7 @@ def _text_attacks(tuned: SequenceScore, base: SequenceScore | None, k: float) ->
     if base is None or base_view is None or base_view[0].shape != lp.shape:
         return out
     lp_base = base_view[0]
-    out["loss_diff_text"] = loss_score(lp) - loss_score(lp_base)
+    out["loss_diff_text"] = difference_to_base(mean_loss(lp), mean_loss(lp_base))
     if with_stats and base.token_vocab_mean is not None and base.token_vocab_var is not None:
         out["min_k_pp_diff_text"] = out["min_k_pp_text"] - min_k_plus_plus_score(
             lp_base, base.token_vocab_mean, base.token_vocab_var, k=k)
@@ -158,9 +161,9 @@ def attack_scores(tuned: SequenceScore, base: SequenceScore | None, *, k: float 
         if value is not None:
             out[name] = value
     if base is not None and base.mia_loss is not None and tuned.mia_loss is not None:
-        out["loss_diff"] = base.mia_loss - tuned.mia_loss
-        if base.mia_loss > 0:
-            out["loss_ratio"] = -tuned.mia_loss / base.mia_loss
+        out["loss_diff"] = difference_to_base(tuned.mia_loss, base.mia_loss)
+        if (ratio := ratio_to_base(tuned.mia_loss, base.mia_loss)) is not None:
+            out["loss_ratio"] = ratio
         if base.mia_min_k_pp is not None and tuned.mia_min_k_pp is not None:
             out["min_k_pp_diff"] = tuned.mia_min_k_pp - base.mia_min_k_pp
     out.update(_text_attacks(tuned, base, k))

@@ -121,7 +121,7 @@ def _mia_section(report: AuditReport, scores: list[Any]) -> Section:
 def _extraction_section(report: AuditReport) -> Section:
     blocks: list[Block] = [views.extraction_table(report)]
     if report.outputs:
-        blocks.append("Generated outputs scanned for secrets and works: " + str(report.outputs.get("statement", "")))
+        blocks.append("Generated outputs scanned for secrets and works: " + report.outputs.statement)
         blocks.extend(views.outputs_tables(report.outputs))
     return Section("extraction", "Extraction", blocks)
 
@@ -141,10 +141,9 @@ def _information_section(report: AuditReport) -> Section:
         blocks.append(table)
     works = views.works_table(report)
     if works.rows:
-        info = report.canaries.get("works_information") or {}
-        labels = [w["title"][:18] for w in info.get("by_work", [])]
-        bits = {"base": [w.get("member_bits_base") for w in info["by_work"]],
-                "tuned": [w.get("member_bits_tuned") for w in info["by_work"]]}
+        by_work = report.canaries.works_information.by_work
+        labels = [w.title[:18] for w in by_work]
+        bits = {"base": [w.member_bits_base for w in by_work], "tuned": [w.member_bits_tuned for w in by_work]}
         blocks.append(Image("works_information.png", plots.information(labels, bits, space_bits=0.0,
                                                                          title="Bits per work (member excerpts)"),
                             "Bits per work under base vs tuned"))
@@ -177,13 +176,13 @@ def _lineage_section(report: AuditReport) -> Section:
 
 
 def build_document(report: AuditReport, run_dir: Path) -> Document:
-    scores = views.read_scores(run_dir)
+    scores = views.run_scores(run_dir)
     t = report.training
     corpus = (report.recipe.get("corpus") or {}).get("source", "?")
     subtitle = (f"{report.model.source} \u00b7 {t.method} fine-tune, {t.steps} steps on {t.device} \u00b7 "
-                f"data: {corpus} + {report.canaries.get('spec', '?')} canaries \u00b7 "
-                f"{report.canaries.get('members', '?')} member canaries in tiers {report.canaries.get('tiers', '?')}, "
-                f"{report.canaries.get('references', '?')} references \u00b7 run {report.run_id}")
+                f"data: {corpus} + {report.canaries.spec} canaries \u00b7 "
+                f"{report.canaries.members} member canaries in tiers {report.canaries.tiers}, "
+                f"{report.canaries.references} references \u00b7 run {report.run_id}")
     sections = [
         _gates_section(report),
         _exposure_section(report, scores),
@@ -195,7 +194,7 @@ def build_document(report: AuditReport, run_dir: Path) -> Document:
         Section("provenance", "Provenance of works and models", [views.provenance_table(report)]),
     ]
     if report.persistence:
-        sections.append(Section("persistence", "Persistence through a further tune", [Code(views.json_dump(report.persistence))]))
+        sections.append(Section("persistence", "Persistence through a further tune", [Code(views.json_dump(report.persistence.model_dump(mode="json")))]))
     sections.append(Section("details", "All metrics and environment", [
         Details(f"All {len(views.all_metrics_table(report).rows)} metrics (the MLflow keys)", [views.all_metrics_table(report)]),
         Details("Metric notes", [f"{k}: {v}" for k, v in sorted(report.metric_notes.items())] or ["none"]),

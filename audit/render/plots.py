@@ -9,8 +9,9 @@ import io
 import math
 from typing import Any
 
+from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.render.token_view import TokenView
-from audit.render.views import NULL_MEAN_BITS, RocCurve, TierRow, roc_groups
+from audit.render.views import RocCurve, TierRow, roc_groups
 
 MODEL_COLORS = {"base": "#8c8c8c", "tuned": "#d9480f"}
 KIND_COLORS = {"base_weights": "#dbe4ff", "data": "#fff3bf", "tuned_weights": "#ffe3e3", "outputs": "#d3f9d8"}
@@ -54,7 +55,7 @@ def exposure_by_tier(rows: list[TierRow], points: dict[tuple[int, str], list[flo
             if dots:
                 offsets = [x + width * 0.3 * ((k / max(len(dots) - 1, 1)) - 0.5) for k in range(len(dots))]
                 ax.scatter(offsets, dots, s=9, color="black", zorder=3, alpha=0.7, linewidths=0)
-    ax.axhline(NULL_MEAN_BITS, color="#1c7ed6", ls="--", lw=1, label=f"null mean {NULL_MEAN_BITS:.2f} bits")
+    ax.axhline(NULL_MEAN_EXPOSURE_BITS, color="#1c7ed6", ls="--", lw=1, label=f"null mean {NULL_MEAN_EXPOSURE_BITS:.2f} bits")
     ax.axhline(exposure_max, color="#495057", ls=":", lw=1, label=f"max {exposure_max:.1f} bits")
     ax.set_xticks(range(len(rows)), [f"{r.label}\n(n={r.n})" for r in rows])
     ax.set_xlim(-0.6, len(rows) - 0.4)

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from audit.schema import AuditReport, SequenceScore
+from audit.gates import NULL_MEAN_EXPOSURE_BITS
+from audit.schema import AuditReport, OutputsSummary, SequenceScore
+from audit.store import read_scores
 
-NULL_MEAN_BITS = 1 / math.log(2)
-"""Exposure of a canary the model never learned: its rank among the references is uniform, so exposure in nats is
-~Exp(1) and its mean is 1 nat = 1/ln 2 ~= 1.44 bits (Carlini et al. 2019, Secret Sharer, section 4)."""
 MIA_ATTACKS_SHOWN = ("loss_diff", "min_k_pp_diff", "min_k_pp", "zlib", "loss")
 
 
@@ -107,7 +106,7 @@ def verdict(report: AuditReport) -> Verdict:
     if above:
         findings.append(f"Tuned-model exposure is above the 95% null band for tier{'s' if len(above) > 1 else ''} "
                         f"{', '.join(above)}: those canaries were memorized (an unlearned canary averages "
-                        f"{NULL_MEAN_BITS:.2f} bits).")
+                        f"{NULL_MEAN_EXPOSURE_BITS:.2f} bits).")
     if below:
         findings.append(f"Tier{'s' if len(below) > 1 else ''} {', '.join(below)} stay{'' if len(below) > 1 else 's'} within "
                         "the null band: no memorization detected there at this sample size.")
@@ -148,11 +147,10 @@ def verdict(report: AuditReport) -> Verdict:
 # ------------------------------------------------------------------------------------------------ scores & ROC
 
 
-def read_scores(run_dir: Path) -> list[SequenceScore]:
+def run_scores(run_dir: Path) -> list[SequenceScore]:
+    """The run's ``scores.jsonl`` rows (:func:`audit.store.read_scores`), or none when the run has no such file."""
     path = Path(run_dir) / "scores.jsonl"
-    if not path.is_file():
-        return []
-    return [SequenceScore.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_scores(path) if path.is_file() else []
 
 
 @dataclass(frozen=True)
@@ -267,8 +265,8 @@ def exposure_table(report: AuditReport) -> Table:
                                                              for t in report.tiers)]
     header = ["tier", "n"] + [f"exposure {m}" for m in models] + ["null band (95%)"] + space_cols
     notes = [f"Exposure (the headline scale, used by the gates and `audit run`'s table): bits against "
-             f"{report.canaries.get('exposure_references', 'the')} sampled references, at most {report.exposure_max:.2f} "
-             f"(rank 1 of {2 ** report.exposure_max:.0f}); an unlearned canary averages {NULL_MEAN_BITS:.2f} bits, and the "
+             f"{report.canaries.exposure_references} sampled references, at most {report.exposure_max:.2f} "
+             f"(rank 1 of {2 ** report.exposure_max:.0f}); an unlearned canary averages {NULL_MEAN_EXPOSURE_BITS:.2f} bits, and the "
              "band is where the mean of that many unlearned canaries falls 95% of the time."]
     if space_cols:
         notes.append(f"Whole-space exposure (a second scale, keys exposure.space_mean): the secret ranked against all of "
@@ -338,38 +336,34 @@ def information_table(report: AuditReport) -> Table:
     return Table(["tier", "n", *[f"bits {m}" for m in models], "bits saved by tuning"], rows, notes)
 
 
-def outputs_tables(outputs: dict) -> list[Table]:
+def outputs_tables(outputs: OutputsSummary) -> list[Table]:
     """The outputs stage (:mod:`audit.outputs`) as tables: secrets found per tier, works overlap, the protocol."""
-    n = outputs.get("protocol", {}).get("samples", "?")
-    rows = [[information_label(t["repetitions"]) if t["repetitions"] == 0 else tier_label(t["repetitions"]),
-             str(t["canaries"]), str(t["exact_canaries"]), str(t["near_canaries"]), f"{t['samples_exact']}/{n}",
-             f"{t['samples_exact_or_near']}/{n}", fmt(t.get("rate_exact_high"), 3)] for t in outputs.get("tiers", [])]
-    unit = outputs.get("protocol", {}).get("near_unit", "symbols")
+    n = outputs.protocol.samples
+    rows = [[information_label(t.repetitions) if t.repetitions == 0 else tier_label(t.repetitions),
+             str(t.canaries), str(t.exact_canaries), str(t.near_canaries), f"{t.samples_exact}/{n}",
+             f"{t.samples_exact_or_near}/{n}", fmt(t.rate_exact_high, 3)] for t in outputs.tiers]
     tables = [Table(["tier", "canaries", "found verbatim", "found near", "samples verbatim", "samples verbatim or near",
                      "95% upper bound, per-sample rate"], rows,
-                    [f"Near = within {outputs.get('protocol', {}).get('near_max_edits', '?')} edits ({unit}). The "
+                    [f"Near = within {outputs.protocol.near_max_edits} edits ({outputs.protocol.near_unit}). The "
                      "references were never inserted: hits on them are this scan's false positives."])]
-    works = outputs.get("works")
-    if works:
+    if outputs.works:
         tables.append(Table(["excerpts", "longest common run (tokens)", "mean run (tokens)", "mean n-gram share",
                              "samples with an n-gram"],
-                            [[role, str(w["lcs_tokens_max"]), fmt(w["lcs_tokens_mean"]), fmt(w["ngram_share_mean"], 4),
-                              f"{w['samples_with_ngram']}/{n}"] for role, w in works.items()]))
-    protocol = outputs.get("protocol", {})
-    prows = [[k.replace("_", " "), ", ".join(f"{p['id']}: {p['text']!r}" for p in v) if k == "prompts" else str(v)]
-             for k, v in protocol.items()]
-    prows.append(["tokens generated", str(outputs.get("tokens_generated", "?"))])
-    if outputs.get("works_note"):
-        prows.append(["works", outputs["works_note"]])
+                            [[role, str(w.lcs_tokens_max), fmt(w.lcs_tokens_mean), fmt(w.ngram_share_mean, 4),
+                              f"{w.samples_with_ngram}/{n}"] for role, w in outputs.works.items()]))
+    prows = [[k.replace("_", " "), ", ".join(f"{p.id}: {p.text!r}" for p in outputs.protocol.prompts) if k == "prompts"
+              else str(v)] for k, v in outputs.protocol.model_dump().items()]
+    prows.append(["tokens generated", str(outputs.tokens_generated)])
+    if outputs.works_note:
+        prows.append(["works", outputs.works_note])
     tables.append(Table(["protocol", ""], prows))
     return tables
 
 
 def works_table(report: AuditReport) -> Table:
-    info = report.canaries.get("works_information") or {}
-    rows = [[w["title"], w["kind"], w["license"], str(w["member_excerpts"]), fmt(w.get("member_bits_base")),
-             fmt(w.get("member_bits_tuned")), str(w["held_out_excerpts"]), fmt(w.get("held_out_bits_base")),
-             fmt(w.get("held_out_bits_tuned"))] for w in info.get("by_work", [])]
+    rows = [[w.title, w.kind, w.license, str(w.member_excerpts), fmt(w.member_bits_base), fmt(w.member_bits_tuned),
+             str(w.held_out_excerpts), fmt(w.held_out_bits_base), fmt(w.held_out_bits_tuned)]
+            for w in report.canaries.works_information.by_work]
     return Table(["work", "kind", "license", "member excerpts", "bits base", "bits tuned", "held-out excerpts",
                   "bits base", "bits tuned"], rows)
 
@@ -380,7 +374,7 @@ def provenance_table(report: AuditReport) -> Table:
         if report.model.provenance.get(key):
             rows.append([f"base model {key}", str(report.model.provenance[key]), "", ""])
     rows.append(["training data", str(report.recipe.get("corpus", {}).get("source", "")),
-                 f"{report.canaries.get('spec', '')} canaries, {report.canaries.get('placements', '?')} copies planted",
+                 f"{report.canaries.spec} canaries, {report.canaries.placements} copies planted",
                  report.manifest_sha256])
     rows.append(["tuned weights", f"{report.training.method} fine-tune, {report.training.steps} steps",
                  report.training.weights_path, report.training.weights_fingerprint])

@@ -26,7 +26,7 @@ def works_information(canaries: CanarySet, scores: list[SequenceScore], *, base:
     """``{"metrics": {key: MetricEntry}, "by_work": [...]}`` for the work excerpts in ``canaries`` (empty if none).
 
     The metrics go into ``report.metrics`` (``works.bits/<kind>/<role>/<model>``, each with its ``n`` excerpts); the
-    per-work rows stay in ``report.canaries["works_information"]`` for the human report.
+    per-work rows stay in ``report.canaries.works_information`` for the human report.
     """
     works = {w.id: w for w in canaries.works}
     by_canary: dict[str, dict[str, float]] = defaultdict(dict)

