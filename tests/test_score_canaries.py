@@ -43,6 +43,13 @@ def test_every_field_is_filled_and_consistent(tiny_model, three_digit_canaries):
         assert r.extraction_lcp_tokens is not None and 0.0 <= r.extraction_ned <= 1.0
         assert r.extracted_from_fraction is not None and r.sampled_n == 3 and 0 <= r.sampled_matches <= 3
         assert r.secret_utf8_bits == 24 and r.text_bits > r.secret_nll_bits
+    for r, c in zip(rows, canaries.canaries, strict=True):  # the whole text's per-token view (text-scope attacks)
+        text_ids = tok(c.text, add_special_tokens=False)["input_ids"]
+        assert len(r.token_logprobs) == len(r.token_top1) == len(r.token_vocab_mean) == len(text_ids) - 1
+        secret = r.token_logprobs[r.secret_token_offset: r.secret_token_offset + r.secret_tokens]
+        assert -sum(secret) / len(secret) == pytest.approx(r.mia_loss, abs=1e-3)  # the secret's slice is the secret
+        assert r.text_bits == pytest.approx(-sum(r.token_logprobs) / math.log(2), abs=1e-2)
+        assert r.text_zlib_bytes > 0
     # the shared-prefix candidate scorer and the teacher-forced pass agree on every secret's cost
     assert secret_logprob_check(rows) < 1e-3
     again = score_canaries(model, tok, canaries, refs, label="base", section=SECTION, progress=False, seed=1)
