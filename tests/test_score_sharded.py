@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +92,47 @@ def test_two_gloo_processes_score_exactly_what_one_process_does(tiny_model, tiny
         single = score_canaries(model, tok, canaries, refs, label="base", section=SECTION, progress=False, seed=1)
     assert [SequenceScore.model_validate(r) for r in rank0["rows"]] == single
     assert any(r.exact_status == "exact" for r in single) and any(r.sampled_matches is not None for r in single)
+
+
+@pytest.mark.slow  # ~4 min on the shared 2-core machine: a 2-process and a 1-process tiny audit, one rescoring
+def test_torchrun_audit_scores_equal_one_process_scoring_byte_for_byte(tmp_path):
+    """``torchrun --nproc_per_node 2 -m audit.cli run tiny/lora_cpu`` (gloo): both processes score a share of the
+    base and of the tuned weights. Base: the same bytes as a plain ``audit run`` with the same seed. Tuned: DDP
+    training is not single-process training (each process sees half the batches, 11 steps an epoch, not 21), so the
+    weights differ; the 2-process run's own weights, rescored in one process, give its scores_tuned.jsonl byte for
+    byte. The run finishing at all shows the pairing: a worker missing from a gather would hang rank 0 in it."""
+    from audit import stages
+    from audit.origin import origin_for
+    from audit.resume import load_resumable
+    from audit.store import jsonl_text
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    bin_dir = Path(sys.executable).parent
+    args = ["run", "tiny/lora_cpu", "--quiet", "--no-tracking", "--no-fail-on-gates"]
+    runs = {}
+    for name, command in (("two", [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "-m", "audit.cli", *args]),
+                          ("one", [str(bin_dir / "audit"), *args])):
+        work = tmp_path / name
+        work.mkdir()
+        proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (runs[name],) = (work / "runs").iterdir()
+    two, one = runs["two"], runs["one"]
+    assert json.loads((two / "run.json").read_text())["status"] == "complete"
+    base = (two / "scores_base.jsonl").read_bytes()
+    assert base and base == (one / "scores_base.jsonl").read_bytes()
+
+    run_dir, recipe, _ = load_resumable(two)
+    origin = origin_for(recipe)
+    ctx = stages.RunContext.prepare(origin, tracking=False, progress=False)
+    truth = ctx.ground_truth(origin)
+    with torch_threads(1):
+        base_model, tok = stages.load_base(ctx)
+        stored = stages.TrainedWeights(ctx, base_model).read(run_dir)
+        rescored = stages.score(ctx, stored.model, tok, truth, "tuned")  # one process: plain score_canaries
+    tuned = (two / "scores_tuned.jsonl").read_text()
+    assert jsonl_text(rescored) == tuned
+    assert (two / "scores.jsonl").read_text() == base.decode() + tuned
+    learned = [r for r in rescored if r.repetitions == 16]
+    assert any(r.exact_status == "exact" for r in rescored) and any(r.token_top1 for r in learned)
