@@ -68,3 +68,29 @@ def test_switches_and_fallbacks(tiny_model, three_digit_canaries):
     tight = SECTION.model_copy(update={"exact_exposure_budget": 5})
     statuses = {r.exact_status for r in score_canaries(model, tok, canaries, refs, label="t", section=tight, progress=False)}
     assert statuses <= {"skipped", "budget_exceeded"} and statuses
+
+
+def test_engine_rows_give_the_text_scope_attacks_and_ez_mia_in_the_suite(tiny_model, tiny_model_dir):
+    """Engine -> suite: rows score_canaries writes carry what the whole-text attacks and EZ-MIA read (a second,
+    perturbed copy of the model stands in for the tuned weights; the numbers are not the point, their presence is)."""
+    import torch
+
+    from audit.metrics.suite import summarize_scores
+    from audit.models import load_model_and_tokenizer
+
+    model, tok = tiny_model
+    spec = load_spec("digits", {"length": 3})
+    canaries = generate_canaries(spec, seed=5, tiers=[1, 4], members_per_tier=3, references=6)
+    refs = reference_secrets(spec, canaries, n=31, seed=5)
+    off = SECTION.model_copy(update={"exact_exposure": False, "sampled_extraction_samples": 0})
+    other, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    rows = (score_canaries(model, tok, canaries, refs, label="base", section=off, progress=False)
+            + score_canaries(other, tok, canaries, refs, label="tuned", section=off, progress=False))
+    metrics = summarize_scores(rows, off).metrics
+    for key in ("mia.auc/ez_mia", "mia.auc/ez_mia_secret", "mia.auc/zlib_text", "mia.auc/loss_text",
+                "mia.auc/min_k_pp_text", "mia.auc/loss_diff_text", "mia.auc/min_k_pp_diff_text"):
+        assert key in metrics and 0.0 <= metrics[key].value <= 1.0, key
+    assert metrics["mia.auc/ez_mia"].n == 12

@@ -48,7 +48,7 @@ class TrainResult:
     model: Any
     """The trained model: a ``PeftModel`` for LoRA (``disable_adapter()`` gives the base), else the full model."""
     summary: TrainSummary | None
-    """None only on the non-main processes of a distributed run, which leave after training."""
+    """None only on the non-main processes of a distributed run (rank 0 alone writes train.json and reports)."""
     loss_history: list[tuple[int, float]] = field(default_factory=list)
 
 
