@@ -1,22 +1,29 @@
-"""Several processes under ``accelerate launch`` (one per GPU): which process does what.
+"""Several processes under ``accelerate launch`` or ``torchrun`` (one per GPU): which process does what.
 
     accelerate launch --config_file recipes/accelerate/fsdp.yaml -m audit.cli run tinyllama-1.1b/full_fsdp
+    torchrun --nproc_per_node 2 -m audit.cli run tiny/lora_cpu --no-tracking      # 2 CPU processes over gloo
 
 Every process validates the recipe, resolves the model and draws the same canaries (deterministic and cheap), and
-every process trains: TRL's ``SFTTrainer`` shards the work as the accelerate config says (DDP, FSDP or DeepSpeed
-ZeRO-3). Everything else happens once, on the main process (rank 0): it creates the run directory, writes every
-file, scores the base model while the others wait, logs to MLflow and prints. Then it sends the others one typed
-message, a :class:`~audit.train.types.TrainPlan` (run directory, train or not, checkpoint), and all train together
-(:func:`audit.stages.worker_train` is what the others run).
+every process trains and scores: TRL's ``SFTTrainer`` shards the training as the accelerate config says (DDP, FSDP
+or DeepSpeed ZeRO-3), and :func:`audit.score.sharded.score_sharded` deals the canaries' exposure work (the
+reference ranks and exact walks, most of the scoring time) round-robin over the processes. Everything else happens
+once, on the main process (rank 0): it creates the run directory, writes every file, logs to MLflow and prints.
+When the run directory is open, rank 0 sends the others one typed message, a :class:`~audit.train.types.TrainPlan`
+(run directory; score the base, train, score the tuned weights, or not, as the stored stage files say; checkpoint),
+and every process runs the stages it names (:func:`audit.stages.worker` is what the others run), so every
+collective call (the Trainer's, scoring's gather) is made by all processes or by none; a resumed run with every
+stage stored lets the others leave at once.
 After training, ``Trainer.save_model`` gathers the weights from all processes and rank 0 writes them as ordinary
-safetensors; the other processes then leave, and rank 0 reloads the saved weights as a single-device model for
-scoring and outputs, since a sharded model cannot run a forward pass on one process alone.
+safetensors; once rank 0 has written everything (:func:`barrier`), every process reloads the saved weights as a
+single-device model for scoring, since a sharded model cannot run a forward pass on one process alone. Rank 0 alone
+then writes the outputs and the report; the others leave after tuned scoring.
 
 Verified here on CPU only: 2 processes with DDP over gloo (``torchrun --nproc_per_node 2 -m audit.cli run
 tiny/lora_cpu``; ``accelerate launch`` starts a single process on a CPU-only machine) give one run directory, one
-MLflow run and a complete report, trained on both processes' shards of the data (``tests/test_chain.py``, slow).
+MLflow run and a complete report, trained on both processes' shards of the data (``tests/test_chain.py``, slow), and
+scores byte-identical to one process scoring the same weights (``tests/test_score_sharded.py``, slow).
 FSDP and ZeRO-3 need GPUs and were not run (the build machine has none); their path differs only inside
-``Trainer.save_model``.
+``Trainer.save_model``. Several nodes need a run directory every node reads (the others reload rank 0's weights).
 
 In one process (plain ``audit run``) every function here is a no-op.
 This module imports nothing of ``audit``: it is plumbing under the trainer and the stages.
@@ -71,6 +78,12 @@ def share_plan(make: Callable[[], TrainPlan] | None) -> TrainPlan:
     box = [make() if is_main() and make is not None else None]
     broadcast_object_list(box, from_process=0)
     return box[0]  # type: ignore[return-value]
+
+
+def barrier() -> None:
+    """Every process waits here until all have reached it (a no-op in one process)."""
+    if is_distributed():
+        _state().wait_for_everyone()
 
 
 def save_weights(trainer: Any, weights_dir: Path) -> bool:

@@ -25,8 +25,9 @@ How: the stages (:mod:`audit.stages`) run over a :class:`~audit.store.StageStore
 whose file exists is reused, else it runs and its file is written once); an :class:`~audit.origin.Origin` carries
 everything a further tune does differently (:mod:`audit.chain`); tracking off is a
 :class:`~audit.tracking.NullTracker`; the processes of ``accelerate launch`` exchange one
-:class:`~audit.train.types.TrainPlan`. The base is scored before the start model is built, since a further tune
-merges its parent's weights into those very layers.
+:class:`~audit.train.types.TrainPlan`, sent before the base is scored (every process scores a share of the canaries,
+:mod:`audit.score.sharded`). The base is scored before the start model is built, since a further tune merges its
+parent's weights into those very layers.
 """
 
 from __future__ import annotations
@@ -64,11 +65,12 @@ def run_audit(
     origin = origin_for(recipe)  # a first tune, or a further tune of recipe.parent (audit.origin): the one difference
     ctx = stages.RunContext.prepare(origin, tracking_uri=tracking_uri, tracking=tracking, progress=progress)
     truth = ctx.ground_truth(origin)  # canaries + inject + pre-flight, before anything is written
-    if not distributed.is_main():  # another process of `accelerate launch`: it only trains
-        stages.worker_train(ctx, origin, truth)
+    if not distributed.is_main():  # another process of `accelerate launch`: it scores and trains as the plan says
+        stages.worker(ctx, origin, truth)
         return None
     with stages.open_run(ctx, resume_dir) as run:  # lock, run.json, tracker; failed or complete at the end
         stages.record_inputs(run, truth)
+        plan = distributed.share_plan(lambda: stages.train_plan(run))  # the other processes join the stages it names
 
         # ---- base model, scored before training on the same inputs the tuned model will see
         with run.stage("score_base"):
@@ -79,9 +81,8 @@ def run_audit(
                 lambda: stages.score(ctx, base, tokenizer, truth, "base")))
             start = stages.start_model(ctx, origin, base)  # a further tune starts from its parent's weights
 
-        # ---- train (the other processes get one TrainPlan and train alongside)
+        # ---- train (the other processes train alongside, as the plan says)
         with run.stage("train"):
-            plan = distributed.share_plan(lambda: stages.train_plan(run))
             tuned = run.store.get_or_run(stages.TrainedWeights(ctx, start), lambda: stages.train(
                 ctx, origin, start, tokenizer, truth, plan, tracker=run.tracker, progress=progress))
 

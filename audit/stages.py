@@ -3,8 +3,10 @@
     RunContext.prepare   validate and resolve everything the user controls; nothing is written yet
     open_run             the run directory: lock, ``run.json``, the stage store, the tracker (a NullTracker when off)
     record_inputs        recipe.yaml, canaries.jsonl (+ .meta.json), manifest.json, preflight.json: written once
-    load_base / score    the base model and the scoring engine
-    train_plan / train   the one message to the other processes, then TRL training (or the stored weights)
+    train_plan           the one message to the other processes of a distributed run: which stages they join
+    load_base / score    the base model and the scoring engine (every process takes a share: audit.score.sharded)
+    train                TRL training (or the stored weights)
+    worker               what the other processes of a distributed run do with the plan
     sample_outputs       the generated-outputs scan (off unless ``outputs.samples`` > 0)
     publish              report.json/html/md, MLflow, and what the origin records back in its parent
 
@@ -239,14 +241,19 @@ def write_token_view(run_dir: Path, base_view: Any, tuned_view: Any) -> None:
     views.write_token_view(run_dir, base_view, tuned_view)
 
 
-def score(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -> list[SequenceScore]:
-    """The canaries' scores under ``model``, computed in ``scoring.precision`` (fp32 by default, whatever training used)."""
-    from audit.score.canaries import score_canaries
+def score(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -> list[SequenceScore] | None:
+    """The canaries' scores under ``model``, computed in ``scoring.precision`` (fp32 by default, whatever training used).
+
+    In a distributed run every process calls it with its own copy of the model and takes a share of the exposure
+    work (:func:`audit.score.sharded.score_sharded`); rank 0 gets the scores, the others None. In one process it is
+    :func:`audit.score.canaries.score_canaries`.
+    """
     from audit.score.engine import in_scoring_precision, scoring_dtype
+    from audit.score.sharded import score_sharded
 
     with in_scoring_precision(model, scoring_dtype(ctx.recipe.scoring.precision)) as scored:
-        return score_canaries(scored, tokenizer, truth.canaries, truth.reference_secrets, label=label,
-                              section=ctx.recipe.scoring, progress=ctx.progress, seed=ctx.recipe.seed)
+        return score_sharded(scored, tokenizer, truth.canaries, truth.reference_secrets, label=label,
+                             section=ctx.recipe.scoring, progress=ctx.progress, seed=ctx.recipe.seed)
 
 
 # --------------------------------------------------------------------------------------------------- train
@@ -292,13 +299,17 @@ class TrainedWeights:
 
 
 def train_plan(run: Run) -> TrainPlan:
-    """Rank 0's plan: train unless ``train.json`` is stored, from the newest complete checkpoint if there is one."""
+    """Rank 0's plan, made when the run opens: score the base unless ``scores_base.jsonl`` is stored; train unless
+    ``train.json`` is, from the newest complete checkpoint if there is one; score the tuned weights unless
+    ``scores_tuned.jsonl`` is. The stage store decides the same way on rank 0, from the same files."""
     from audit.resume import last_checkpoint
+    from audit.store import ScoresFile
 
-    method = run.ctx.recipe.training.method
-    if run.store.has(TrainedWeights(run.ctx, None)):
-        return TrainPlan(run_dir=run.dir, train=False, method=method)
-    return TrainPlan(run_dir=run.dir, train=True, checkpoint=last_checkpoint(run.handle), method=method)
+    store, method = run.store, run.ctx.recipe.training.method
+    scoring = dict(score_base=not store.has(ScoresFile("base")), score_tuned=not store.has(ScoresFile("tuned")))
+    if store.has(TrainedWeights(run.ctx, None)):
+        return TrainPlan(run_dir=run.dir, train=False, method=method, **scoring)
+    return TrainPlan(run_dir=run.dir, train=True, checkpoint=last_checkpoint(run.handle), method=method, **scoring)
 
 
 def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: Any, plan: TrainPlan, *,
@@ -313,21 +324,42 @@ def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: An
                         work_dir=plan.work_dir, weights_dir=plan.weights_dir, device=ctx.device, on_loss=on_loss,
                         progress=progress, resume_from_checkpoint=plan.checkpoint,
                         report_to=getattr(tracker, "report_to", "none"))
-    if trained.summary is None or not distributed.is_distributed():
+    if not distributed.is_distributed():
         return trained
-    # the sharded model cannot run a forward pass on one process: score the saved weights on a fresh base
+    # a sharded model cannot run a forward pass on one process: every process (each scores a share) puts the weights
+    # rank 0 saved (Trainer.save_model gathered them) on a fresh base, once rank 0 has written all of weights_dir
+    # (a full fine-tune's tokenizer is saved after the gather)
+    distributed.barrier()
     layers = [*origin.layers, WeightsLayer(recipe.training.method, plan.weights_dir)]
     model = load_tuned(load_base(ctx)[0], layers, device=ctx.device, trust_remote_code=recipe.model.trust_remote_code)
     return TrainResult(model=model, summary=trained.summary, loss_history=trained.loss_history)
 
 
-def worker_train(ctx: RunContext, origin: Origin, truth: Any) -> None:
-    """A non-main process of ``accelerate launch``: load the same start model, wait for rank 0's plan, train with it."""
-    model, tokenizer = load_base(ctx)
-    model = start_model(ctx, origin, model)
-    plan = distributed.share_plan(None)  # rank 0 sends it once the base is scored
+def worker(ctx: RunContext, origin: Origin, truth: Any) -> None:
+    """A non-main process of ``accelerate launch`` / ``torchrun``: the stages rank 0's plan says, on its own model copy.
+
+    The same steps as rank 0 in the same order (base scoring, the start model, training, the tuned weights reloaded,
+    tuned scoring), each only when the plan says rank 0 runs it; no file, log line or report: rank 0 writes those.
+    """
+    import dataclasses
+
+    ctx = dataclasses.replace(ctx, progress=False)  # rank 0 alone prints
+    base, tokenizer = load_base(ctx)
+    plan = distributed.share_plan(None)  # rank 0 sends it when the run is open, before it scores the base
+    if plan.score_base:
+        seed_torch(ctx.recipe.seed)
+        origin.base_scores(lambda: score(ctx, base, tokenizer, truth, "base"))  # a further tune scores nothing, here too
+    if not (plan.train or plan.score_tuned):
+        return
+    start = start_model(ctx, origin, base)
     if plan.train:
-        train(ctx, origin, model, tokenizer, truth, plan)
+        tuned = train(ctx, origin, start, tokenizer, truth, plan).model
+    else:  # trained before a resume: the weights train.json records, put back as rank 0 puts them back
+        stored = TrainedWeights(ctx, start).read(plan.run_dir)
+        assert stored is not None, "the plan said train.json is stored"
+        tuned = stored.model
+    if plan.score_tuned:
+        score(ctx, tuned, tokenizer, truth, "tuned")
 
 
 # --------------------------------------------------------------------------------------------------- outputs, report

@@ -64,6 +64,34 @@ def test_batched_scores_equal_per_sequence_transformers(tiny_model, encoded, bud
         np.testing.assert_allclose(s.logprobs, lp, atol=1e-4)
         np.testing.assert_allclose(s.vocab_mean, mu, atol=1e-4)
         np.testing.assert_allclose(s.vocab_var, var, atol=1e-4, rtol=1e-4)
+        np.testing.assert_array_equal(s.top1, _plain_top1(model, ids))
+
+
+def _plain_top1(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+    return (logits.argmax(-1) == torch.tensor(ids[1:])).numpy()
+
+
+def test_top1_says_whether_the_target_is_the_argmax_on_hand_made_logits():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 1.0, 1.0], [2.0, 2.0, 0.0], [0.0, 0.0, 9.0]])
+    targets = torch.tensor([1, 2, 1, 2])
+    got = vocab_reductions(logits, targets, with_stats=False, with_top1=True)
+    assert got.top1.tolist() == [True, False, False, True]  # row 2 ties 0 and 1: the first maximum wins, as argmax
+    assert got.mean is None and got.var is None
+    assert vocab_reductions(logits, targets, with_stats=False).top1 is None  # only on request (candidate scoring)
+    empty = vocab_reductions(logits[:0], targets[:0], with_stats=True, with_top1=True)
+    assert empty.top1.shape == (0,) and empty.mean.shape == (0,)
+
+
+def test_a_batch_where_the_model_often_predicts_the_next_token_gets_true_top1(tiny_model):
+    """The check can fail: a sequence the tiny model greedily wrote itself has every continuation token at top 1."""
+    model, tok = tiny_model
+    prompt = tok("Note for the file:", add_special_tokens=False)["input_ids"]
+    written = greedy_continuations(model, tok, [prompt], max_new_tokens=8)[0]
+    s = score_token_sequences(model, [prompt + written], vocab_stats=False)[0]
+    assert s.top1[len(prompt) - 1:].all() and s.top1.dtype == bool
+    assert s.span(len(prompt)).top1.tolist() == s.top1[len(prompt) - 1:].tolist()
 
 
 def test_vocab_mean_keeps_its_precision_on_a_peaked_token():
@@ -78,7 +106,7 @@ def test_vocab_mean_keeps_its_precision_on_a_peaked_token():
         rows.append(x)
     logits = torch.stack(rows)
     targets = torch.full((3,), 7)
-    lp, mu, var = vocab_reductions(logits, targets, with_stats=True)
+    lp, _, mu, var = vocab_reductions(logits, targets, with_stats=True)
     ref = torch.log_softmax(logits.double(), dim=-1)
     p = ref.exp()
     mu_ref = (p * ref).sum(-1)

@@ -1,7 +1,7 @@
 """run_audit's sequencing with fake stages: no model, no torch work, a real run directory and a real stage store.
 
 The fakes replace only what computes (model loads, scoring, training, the report's numbers); the StageStore,
-the run directory's lock and status, the NullTracker, the Origin and the TrainPlan hand-over are the real ones.
+the run directory's lock and status, the NullTracker, the Origin and the TrainPlan hand-over (which stages a worker joins) are the real ones.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from audit.inject import inject
 from audit.models import ResolvedModel
 from audit.pipeline import run_audit
 from audit.schema import PreflightReport, Recipe, SequenceScore, TrainSummary
-from audit.train.types import DeviceChoice, TrainResult, WeightsLayer
+from audit.train.types import DeviceChoice, TrainPlan, TrainResult, WeightsLayer
 
 
 class Boom(RuntimeError):
@@ -189,24 +189,77 @@ def test_a_further_tune_inherits_base_scores_and_trains_from_the_merged_parent(f
     assert fakes.plans[0].train and result.report["origin"] == "FakeFurtherTune"
 
 
-def test_a_worker_process_trains_on_the_plan_rank_0_sends_and_nothing_else(fakes, monkeypatch):
-    result = run_audit(fakes.recipe, tracking=False, progress=False)  # rank 0: its plan is the one message
-    (sent,) = fakes.plans
+def _as_worker(monkeypatch, plan) -> list:
+    """This process is a worker of a distributed run that receives ``plan``: what it was sent, in order."""
     received: list = []
 
     def share_plan(make):
         assert make is None  # a worker never makes the plan
-        received.append(sent)
-        return sent
+        received.append(plan)
+        return plan
 
     monkeypatch.setattr(distributed, "is_main", lambda: False)
     monkeypatch.setattr(distributed, "share_plan", share_plan)
-    fakes.calls.clear()
-    assert run_audit(fakes.recipe, tracking=False, progress=False) is None
-    assert received == [sent] and fakes.calls == ["load_base", "train"]  # no scoring, no report, no files
-    assert fakes.plans[-1] is sent and fakes.plans[-1].run_dir == result.run_dir
+    return received
 
+
+def test_a_worker_process_scores_and_trains_as_the_plan_rank_0_sends_says_and_writes_nothing(fakes, monkeypatch):
+    result = run_audit(fakes.recipe, tracking=False, progress=False)  # rank 0: its plan is the one message
+    (sent,) = fakes.plans
+    assert sent.score_base and sent.train and sent.score_tuned  # a fresh run: every stage to run, on every process
+    files = sorted(p.name for p in result.run_dir.iterdir())
+    received = _as_worker(monkeypatch, sent)
     fakes.calls.clear()
-    monkeypatch.setattr(distributed, "share_plan", lambda make: type(sent)(run_dir=sent.run_dir, train=False))
     assert run_audit(fakes.recipe, tracking=False, progress=False) is None
-    assert fakes.calls == ["load_base"]  # rank 0 had the train stage stored: the worker leaves at once
+    # the same stages as rank 0 up to tuned scoring, in its order; no report, no publish
+    assert received == [sent] and fakes.calls == ["load_base", "score_base", "train", "score_tuned"]
+    assert fakes.plans[-1] is sent and fakes.plans[-1].run_dir == result.run_dir
+    assert sorted(p.name for p in result.run_dir.iterdir()) == files  # rank 0 alone writes
+    assert len(list(Path(fakes.recipe.output.root).iterdir())) == 1  # and no run directory of its own
+
+
+def test_a_worker_of_a_run_resumed_with_every_stage_stored_leaves_at_once(fakes, monkeypatch):
+    """Nothing to wait for: had the worker waited in a scoring gather rank 0 never enters, the run would hang."""
+    result = run_audit(fakes.recipe, tracking=False, progress=False)
+    status = json.loads((result.run_dir / "run.json").read_text())
+    (result.run_dir / "run.json").write_text(json.dumps({**status, "status": "failed"}))
+    (result.run_dir / "report.json").unlink(missing_ok=True)
+    fakes.calls.clear()
+    fakes.plans.clear()
+    sent: list = []
+    real = distributed.share_plan
+    monkeypatch.setattr(distributed, "share_plan", lambda make: sent.append(real(make)) or sent[-1])
+    run_audit(fakes.recipe, tracking=False, progress=False, resume_dir=result.run_dir)  # rank 0 resumes
+    (plan,) = sent
+    assert not (plan.score_base or plan.train or plan.score_tuned)  # all three stage files are stored
+    assert "score_base" not in fakes.calls and "train" not in fakes.calls and "score_tuned" not in fakes.calls
+
+    _as_worker(monkeypatch, plan)
+    fakes.calls.clear()
+    assert run_audit(fakes.recipe, tracking=False, progress=False) is None
+    assert fakes.calls == ["load_base"]
+
+
+def test_a_worker_of_a_run_resumed_after_training_reloads_the_stored_weights_and_scores_them(fakes, monkeypatch):
+    result = run_audit(fakes.recipe, tracking=False, progress=False)
+    plan = type(fakes.plans[0])(run_dir=result.run_dir, train=False, score_tuned=True)  # train.json stored, scores not
+    _as_worker(monkeypatch, plan)
+    fakes.calls.clear()
+    assert run_audit(fakes.recipe, tracking=False, progress=False) is None
+    assert fakes.calls == ["load_base", "score_tuned"]
+    assert fakes.loaded == [("base-model", [("lora", "adapter")], True)]  # the stored adapter, as rank 0 puts it back
+
+
+def test_a_worker_of_a_further_tune_scores_no_base_as_its_origin_inherits_the_base_scores(fakes, monkeypatch, tmp_path):
+    @dataclass(frozen=True)
+    class FakeFurtherTune(origin_module.FreshBase):
+        further: bool = True
+
+        def base_scores(self, score):
+            return _rows("base")  # inherited: score() is never called, on rank 0 or on a worker
+
+    monkeypatch.setattr(origin_module, "origin_for", lambda r: FakeFurtherTune(recipe=r))
+    plan = TrainPlan(run_dir=tmp_path / "runs" / "r", train=True, score_base=True, score_tuned=True)
+    _as_worker(monkeypatch, plan)
+    assert run_audit(fakes.recipe, tracking=False, progress=False) is None
+    assert fakes.calls == ["load_base", "train", "score_tuned"]

@@ -43,6 +43,13 @@ def test_every_field_is_filled_and_consistent(tiny_model, three_digit_canaries):
         assert r.extraction_lcp_tokens is not None and 0.0 <= r.extraction_ned <= 1.0
         assert r.extracted_from_fraction is not None and r.sampled_n == 3 and 0 <= r.sampled_matches <= 3
         assert r.secret_utf8_bits == 24 and r.text_bits > r.secret_nll_bits
+    for r, c in zip(rows, canaries.canaries, strict=True):  # the whole text's per-token view (text-scope attacks)
+        text_ids = tok(c.text, add_special_tokens=False)["input_ids"]
+        assert len(r.token_logprobs) == len(r.token_top1) == len(r.token_vocab_mean) == len(text_ids) - 1
+        secret = r.token_logprobs[r.secret_token_offset: r.secret_token_offset + r.secret_tokens]
+        assert -sum(secret) / len(secret) == pytest.approx(r.mia_loss, abs=1e-3)  # the secret's slice is the secret
+        assert r.text_bits == pytest.approx(-sum(r.token_logprobs) / math.log(2), abs=1e-2)
+        assert r.text_zlib_bytes > 0
     # the shared-prefix candidate scorer and the teacher-forced pass agree on every secret's cost
     assert secret_logprob_check(rows) < 1e-3
     again = score_canaries(model, tok, canaries, refs, label="base", section=SECTION, progress=False, seed=1)
@@ -61,3 +68,29 @@ def test_switches_and_fallbacks(tiny_model, three_digit_canaries):
     tight = SECTION.model_copy(update={"exact_exposure_budget": 5})
     statuses = {r.exact_status for r in score_canaries(model, tok, canaries, refs, label="t", section=tight, progress=False)}
     assert statuses <= {"skipped", "budget_exceeded"} and statuses
+
+
+def test_engine_rows_give_the_text_scope_attacks_and_ez_mia_in_the_suite(tiny_model, tiny_model_dir):
+    """Engine -> suite: rows score_canaries writes carry what the whole-text attacks and EZ-MIA read (a second,
+    perturbed copy of the model stands in for the tuned weights; the numbers are not the point, their presence is)."""
+    import torch
+
+    from audit.metrics.suite import summarize_scores
+    from audit.models import load_model_and_tokenizer
+
+    model, tok = tiny_model
+    spec = load_spec("digits", {"length": 3})
+    canaries = generate_canaries(spec, seed=5, tiers=[1, 4], members_per_tier=3, references=6)
+    refs = reference_secrets(spec, canaries, n=31, seed=5)
+    off = SECTION.model_copy(update={"exact_exposure": False, "sampled_extraction_samples": 0})
+    other, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    rows = (score_canaries(model, tok, canaries, refs, label="base", section=off, progress=False)
+            + score_canaries(other, tok, canaries, refs, label="tuned", section=off, progress=False))
+    metrics = summarize_scores(rows, off).metrics
+    for key in ("mia.auc/ez_mia", "mia.auc/ez_mia_secret", "mia.auc/zlib_text", "mia.auc/loss_text",
+                "mia.auc/min_k_pp_text", "mia.auc/loss_diff_text", "mia.auc/min_k_pp_diff_text"):
+        assert key in metrics and 0.0 <= metrics[key].value <= 1.0, key
+    assert metrics["mia.auc/ez_mia"].n == 12

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +92,74 @@ def test_two_gloo_processes_score_exactly_what_one_process_does(tiny_model, tiny
         single = score_canaries(model, tok, canaries, refs, label="base", section=SECTION, progress=False, seed=1)
     assert [SequenceScore.model_validate(r) for r in rank0["rows"]] == single
     assert any(r.exact_status == "exact" for r in single) and any(r.sampled_matches is not None for r in single)
+
+
+RANK_LOG_HOOK = """
+import os
+if os.environ.get("LOCAL_RANK") is not None:  # a torchrun process (not the launcher): log each canary it ranks
+    import audit.score.canaries as scoring
+
+    ranked = scoring.exposure_row
+
+    def exposure_row(model, tokenizer, canary, *args, **kwargs):
+        with open(os.path.join(os.environ["RANK_LOG_DIR"], "rank" + os.environ["RANK"] + ".txt"), "a") as f:
+            f.write(canary.id + "\\n")
+        return ranked(model, tokenizer, canary, *args, **kwargs)
+
+    scoring.exposure_row = exposure_row
+"""
+
+
+@pytest.mark.slow  # ~2 min on the shared 2-core machine: a 2-process and a 1-process tiny audit, one rescoring
+def test_torchrun_audit_scores_equal_one_process_scoring_byte_for_byte(tmp_path):
+    """``torchrun --nproc_per_node 2 -m audit.cli run tiny/lora_cpu`` (gloo): both processes score a share of the
+    base and of the tuned weights. Base: the same bytes as a plain ``audit run`` with the same seed. Tuned: DDP
+    training is not single-process training (each process sees half the batches, 11 steps an epoch, not 21), so the
+    weights differ; the 2-process run's own weights, rescored in one process, give its scores_tuned.jsonl byte for
+    byte. A ``sitecustomize`` in the processes logs which canaries each ranked: rank 1 ranked its half, twice."""
+    from audit import stages
+    from audit.ground_truth import read_canary_set
+    from audit.origin import origin_for
+    from audit.resume import load_resumable
+    from audit.store import jsonl_text
+
+    hook, logs = tmp_path / "hook", tmp_path / "ranks"
+    hook.mkdir()
+    logs.mkdir()
+    (hook / "sitecustomize.py").write_text(RANK_LOG_HOOK)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "RANK_LOG_DIR": str(logs), "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    bin_dir = Path(sys.executable).parent
+    args = ["run", "tiny/lora_cpu", "--quiet", "--no-tracking", "--no-fail-on-gates"]
+    runs = {}
+    for name, command in (("two", [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "-m", "audit.cli", *args]),
+                          ("one", [str(bin_dir / "audit"), *args])):
+        work = tmp_path / name
+        work.mkdir()
+        proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (runs[name],) = (work / "runs").iterdir()
+    two, one = runs["two"], runs["one"]
+    assert json.loads((two / "run.json").read_text())["status"] == "complete"
+    ids = [c.id for c in read_canary_set(two).canaries]
+    ranked = {r: (logs / f"rank{r}.txt").read_text().split() for r in (0, 1)}
+    assert ranked == {0: ids[0::2] * 2, 1: ids[1::2] * 2}  # base, then tuned: each process its round-robin share
+    base = (two / "scores_base.jsonl").read_bytes()
+    assert base and base == (one / "scores_base.jsonl").read_bytes()
+
+    run_dir, recipe, _ = load_resumable(two)
+    origin = origin_for(recipe)
+    ctx = stages.RunContext.prepare(origin, tracking=False, progress=False)
+    truth = ctx.ground_truth(origin)
+    with torch_threads(1):
+        base_model, tok = stages.load_base(ctx)
+        stored = stages.TrainedWeights(ctx, base_model).read(run_dir)
+        rescored = stages.score(ctx, stored.model, tok, truth, "tuned")  # one process: plain score_canaries
+    tuned = (two / "scores_tuned.jsonl").read_text()
+    assert jsonl_text(rescored) == tuned
+    assert (two / "scores.jsonl").read_text() == base.decode() + tuned
+    # the comparison covers the expensive shared part: learned canaries reach rank 1 and are walked
+    learned = [r for r in rescored if r.repetitions == 16]
+    assert all(r.rank == 1 and r.exact_status in ("exact", "budget_exceeded") for r in learned)
+    assert all(sum(r.token_top1) > len(r.token_top1) / 2 for r in learned)  # and the per-token view came through

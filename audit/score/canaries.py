@@ -25,6 +25,7 @@ from audit.metrics.exposure import exposure_extrapolation, exposure_from_rank, r
 from audit.metrics.extraction import discoverable_match
 from audit.metrics.information import utf8_bits
 from audit.metrics.mia import mean_loss, min_k_plus_plus_score, min_k_score, zlib_ratio_score
+from audit.metrics.suite import token_view_fields
 from audit.schema import Canary, CanarySet, ScoringSection, SequenceScore
 from audit.score.engine import (
     SplitTokens,
@@ -189,6 +190,9 @@ def _score_canaries(model, tokenizer, canaries, reference_secrets, *, label, sec
             extracted_from_fraction=from_fraction[i],
             sampled_matches=sampled[i], sampled_n=section.sampled_extraction_samples or None,
             secret_utf8_bits=utf8_bits(c.secret), text_bits=round(float(passes[i].bits), 6),
+            # the whole text's per-token view (text-scope attacks, EZ-MIA): numbers only, the text as its zlib length
+            **token_view_fields(passes[i].logprobs, passes[i].top1, passes[i].vocab_mean, passes[i].vocab_var,
+                                prefix_tokens=len(s.prefix_ids), text=c.text),
         ))
     return rows
 

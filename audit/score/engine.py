@@ -27,6 +27,7 @@ import inspect
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -220,26 +221,46 @@ def _right_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor
 # --------------------------------------------------------------------------------------------- reductions
 
 
-def vocab_reductions(logits: torch.Tensor, targets: torch.Tensor, *, with_stats: bool) -> tuple[torch.Tensor, ...]:
-    """Per row of ``logits`` (N, V): ``ln p(target)``, and with ``with_stats`` the mean and variance of ``ln p``.
+class Reductions(NamedTuple):
+    """What :func:`vocab_reductions` returns per row: all on the device, one entry per row of the logits."""
+
+    logprobs: torch.Tensor
+    """``ln p(target)``, fp32."""
+    top1: torch.Tensor | None
+    """``argmax(x) == target`` (bool): the target is the model's most likely token (EZ-MIA's error signal)."""
+    mean: torch.Tensor | None
+    """Mean of ``ln p`` over the vocabulary (fp64; None without ``with_stats``)."""
+    var: torch.Tensor | None
+    """Variance of ``ln p`` over the vocabulary (fp64; None without ``with_stats``)."""
+
+
+def vocab_reductions(logits: torch.Tensor, targets: torch.Tensor, *, with_stats: bool, with_top1: bool = False) -> Reductions:
+    """Per row of ``logits`` (N, V): ``ln p(target)``; with ``with_top1`` whether the target is the argmax; with
+    ``with_stats`` the mean and variance of ``ln p``.
 
     With x the logits, lse = logsumexp(x) and p = softmax(x): ``ln p(t) = x_t - lse`` (fp32); ``mu = sum_v p_v ln p_v``
     and ``var = sum_v p_v (ln p_v - mu)^2``, reduced over ``ln p_v = x_v - lse`` in fp64. On a peaked token mu is tiny
     (-1e-4 .. -1e-8) while |lse| is ~20: in fp32 both ``sum_v p_v x_v - lse`` (two numbers near 20) and ``x_v - lse``
     (lse rounded to ulp(20)/2 = 1e-6) carry an absolute error of ~1e-6, which was 0.3% of one SmolLM2 Min-K%++ score
     and all of mu on sharper tokens. In fp64 the same reductions are exact to ~1e-15. Processed in row chunks so that
-    only two (chunk, V) temporaries of 64 MB exist at a time.
+    only two (chunk, V) temporaries of 64 MB exist at a time. ``top1`` compares ``argmax`` of the fp32 logits (the
+    first maximum on a tie) with the target: one more pass over the chunk, no temporary.
     """
     n, vocab = logits.shape
     if n == 0:
         empty = logits.new_zeros(0, dtype=torch.float32)
-        return (empty, empty, empty) if with_stats else (empty,)
+        none = logits.new_zeros(0, dtype=torch.bool) if with_top1 else None
+        stats = logits.new_zeros(0, dtype=torch.float64) if with_stats else None
+        return Reductions(empty, none, stats, stats)
     chunk = max(1, VOCAB_CHUNK_BYTES // (vocab * (8 if with_stats else 4)))
-    lp_out, mu_out, var_out = [], [], []
+    lp_out, top_out, mu_out, var_out = [], [], [], []
     for s in range(0, n, chunk):
         x = logits[s : s + chunk].float()
+        t = targets[s : s + chunk]
         lse = torch.logsumexp(x, dim=-1)
-        lp_out.append(x.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - lse)
+        lp_out.append(x.gather(-1, t[:, None]).squeeze(-1) - lse)
+        if with_top1:
+            top_out.append(x.argmax(dim=-1) == t)
         if with_stats:
             x = x.double()
             x = x - torch.logsumexp(x, dim=-1, keepdim=True)  # ln p, in fp64
@@ -248,9 +269,8 @@ def vocab_reductions(logits: torch.Tensor, targets: torch.Tensor, *, with_stats:
             x = x - mu[:, None]
             var_out.append(torch.linalg.vecdot(p, x * x))
             mu_out.append(mu)
-    if not with_stats:
-        return (torch.cat(lp_out),)
-    return torch.cat(lp_out), torch.cat(mu_out), torch.cat(var_out)
+    return Reductions(torch.cat(lp_out), torch.cat(top_out) if with_top1 else None,
+                      torch.cat(mu_out) if with_stats else None, torch.cat(var_out) if with_stats else None)
 
 
 @dataclass(frozen=True)
@@ -258,13 +278,15 @@ class TokenScores:
     """Teacher-forced scores of tokens 1..n-1 of one sequence (token 0 has no context and is not scored).
 
     ``logprobs[j]`` is ``ln p(token_ids[j + 1] | token_ids[: j + 1])``; ``vocab_mean``/``vocab_var`` are the mean and
-    variance of ``ln p(v)`` over the vocabulary at that step (None when not requested).
+    variance of ``ln p(v)`` over the vocabulary at that step (None when not requested); ``top1[j]`` is whether
+    ``token_ids[j + 1]`` is the model's most likely token at that step.
     """
 
     token_ids: list[int]
     logprobs: np.ndarray
     vocab_mean: np.ndarray | None = None
     vocab_var: np.ndarray | None = None
+    top1: np.ndarray | None = None
 
     def span(self, start: int, stop: int | None = None) -> TokenScores:
         """Scores of tokens ``token_ids[start:stop]`` (``start >= 1``), keeping ``token_ids`` whole."""
@@ -273,7 +295,8 @@ class TokenScores:
         a, b = start - 1, (len(self.token_ids) if stop is None else stop) - 1
         return TokenScores(self.token_ids, self.logprobs[a:b],
                            None if self.vocab_mean is None else self.vocab_mean[a:b],
-                           None if self.vocab_var is None else self.vocab_var[a:b])
+                           None if self.vocab_var is None else self.vocab_var[a:b],
+                           None if self.top1 is None else self.top1[a:b])
 
     @property
     def bits(self) -> float:
@@ -304,7 +327,8 @@ def score_token_sequences(
         if max(len(r) for r in rows) < 2:
             for i in idx:
                 empty = np.zeros(0)
-                results[i] = TokenScores(seqs[i], empty, empty if vocab_stats else None, empty if vocab_stats else None)
+                results[i] = TokenScores(seqs[i], empty, empty if vocab_stats else None, empty if vocab_stats else None,
+                                         np.zeros(0, dtype=bool))
             continue
         ids, mask = _right_padded(rows, pad_token_id, device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -312,12 +336,13 @@ def score_token_sequences(
         # all positions of the batch in one reduction over the flat (rows * width, V) view (no copy of the logits);
         # each row's last position predicts nothing and padded positions are dropped on the host
         targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)
-        reduced = vocab_reductions(logits.reshape(rows_n * width, -1), targets, with_stats=vocab_stats)
-        host = [t.double().cpu().numpy().reshape(rows_n, width) for t in reduced]
+        reduced = vocab_reductions(logits.reshape(rows_n * width, -1), targets, with_stats=vocab_stats, with_top1=True)
+        host = {name: None if t is None else (t if name == "top1" else t.double()).cpu().numpy().reshape(rows_n, width)
+                for name, t in reduced._asdict().items()}  # one device-to-host copy per reduction and batch
         for k, (i, r) in enumerate(zip(idx, rows, strict=True)):
             n = max(len(r) - 1, 0)
-            parts = [h[k, :n].copy() for h in host]
-            results[i] = TokenScores(seqs[i], parts[0], parts[1] if vocab_stats else None, parts[2] if vocab_stats else None)
+            part = {name: None if h is None else h[k, :n].copy() for name, h in host.items()}
+            results[i] = TokenScores(seqs[i], part["logprobs"], part["mean"], part["var"], part["top1"])
     return results  # type: ignore[return-value]
 
 
@@ -392,7 +417,7 @@ def continuation_logprobs(model, cache, prefix_len: int, rows: list[list[int]]) 
         logits = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], use_cache=True,
                        **with_cache(model, expand_cache(cache, len(rows)))).logits
     flat = logits.reshape(-1, logits.shape[-1])
-    (lp,) = vocab_reductions(flat, ids[:, 1:].reshape(-1), with_stats=False)
+    lp = vocab_reductions(flat, ids[:, 1:].reshape(-1), with_stats=False).logprobs
     return lp.view(len(rows), width - 1).double() * mask[:, 1:]
 
 

@@ -17,6 +17,7 @@ Outside a distributed run (``torch.distributed`` not initialized, or one process
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from audit.schema import CanarySet, ScoringSection, SequenceScore
@@ -34,6 +35,9 @@ def _world() -> tuple[int, int]:
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would score everything alone, and all but one wasted
+        raise RuntimeError("a distributed run (WORLD_SIZE > 1) scores after torch.distributed is initialized "
+                           "(audit.distributed.is_main() initializes it)")
     return 0, 1
 
 
@@ -61,13 +65,28 @@ def score_sharded(
         return score_canaries(model, tokenizer, canaries, reference_secrets, label=label, section=section,
                               progress=progress, seed=seed)
     import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    from audit.progress import heartbeat
 
     items = canaries.canaries
-    mine = {i: exposure_row(model, tokenizer, items[i], split_tokens(tokenizer, items[i].prefix, items[i].secret), canaries,
-                            reference_secrets, section=section, seed=seed)
-            for i in shard_of(len(items), rank=rank, world=world)}
-    gathered: list[dict[int, dict[str, Any]] | None] = [None] * world
-    dist.all_gather_object(gathered, mine)
+    share = shard_of(len(items), rank=rank, world=world)
+    shown = progress and rank == 0  # rank 0 alone prints; its share takes as long as the others' (round-robin)
+    mine: dict[int, dict[str, Any]] = {}
+    with heartbeat(f"score {label}", enabled=shown) as beat:
+        bar = tqdm(total=len(share), desc=f"score {label}, rank 0 of {world}", unit="canary", leave=False,
+                   disable=not shown)
+        for k, i in enumerate(share):
+            beat.step(f"canary {k + 1}/{len(share)} of rank 0's share: ranking against {len(reference_secrets)} references")
+            mine[i] = exposure_row(model, tokenizer, items[i], split_tokens(tokenizer, items[i].prefix, items[i].secret),
+                                   canaries, reference_secrets, section=section, seed=seed,
+                                   on_step=lambda what, k=k: beat.step(f"canary {k + 1}/{len(share)} of rank 0's share: {what}"))
+            bar.update(1)
+            beat.touch()
+        bar.close()
+        beat.step(f"waiting for the other {world - 1} process(es)' exposure rows")
+        gathered: list[dict[int, dict[str, Any]] | None] = [None] * world
+        dist.all_gather_object(gathered, mine)
     if rank != 0:
         return None
     rows = {i: row for part in gathered for i, row in (part or {}).items()}

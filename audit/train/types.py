@@ -48,7 +48,7 @@ class TrainResult:
     model: Any
     """The trained model: a ``PeftModel`` for LoRA (``disable_adapter()`` gives the base), else the full model."""
     summary: TrainSummary | None
-    """None only on the non-main processes of a distributed run, which leave after training."""
+    """None only on the non-main processes of a distributed run (rank 0 alone writes train.json and reports)."""
     loss_history: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -63,18 +63,26 @@ class WeightsLayer:
 
 @dataclass(frozen=True)
 class TrainPlan:
-    """The one message rank 0 sends the other processes of ``accelerate launch`` once it is ready to train.
+    """The one message rank 0 sends the other processes of ``accelerate launch`` / ``torchrun``: which stages they join.
 
-    Rank 0 decides (the run directory exists, the base is scored, a stored ``train.json`` means nothing to train);
-    the others wait for this plan and act on it. There is no other exchange, so the two sides cannot drift apart.
+    Rank 0 decides from what the run directory holds when the run opens (before the base is scored): a stored
+    ``scores_base.jsonl`` / ``train.json`` / ``scores_tuned.jsonl`` means that stage is not run again, so the others
+    skip it too. The others wait for this plan and act on it; every collective call after it (the Trainer's,
+    :func:`audit.score.sharded.score_sharded`'s) sits in a stage both sides run or both skip, so the two sides cannot
+    drift apart, and a resumed run with everything stored lets the others leave at once.
     """
 
     run_dir: Path
     train: bool
-    """False when the train stage is already on disk (a resumed run): the other processes leave at once."""
+    """False when the train stage is already on disk (a resumed run): the other processes do not train."""
     checkpoint: Path | None = None
     """Continue from this Trainer checkpoint (``audit run --resume`` of a run killed mid-training)."""
     method: str = "lora"
+    score_base: bool = False
+    """The base scores are not stored: every process takes a share of base scoring (the origin decides whether it
+    scores at all: a further tune inherits its parent's base scores, on every process alike)."""
+    score_tuned: bool = False
+    """The tuned scores are not stored: every process reloads the tuned weights and takes a share of scoring them."""
 
     @property
     def work_dir(self) -> Path:
