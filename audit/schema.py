@@ -81,6 +81,14 @@ class CanarySection(Frozen):
     """Plant the member canaries into the training data. ``false`` trains on the clean corpus and only measures: with
     ``parent=RUN_DIR`` that is the further clean tune, which shows how much of the parent's canaries survive."""
 
+    @model_serializer(mode="wrap")
+    def _omit_unset_key_file(self, handler: Any) -> Any:
+        # recipe.yaml of a run without a key_file reads as before the field existed (resume compares it byte for byte)
+        data = handler(self)
+        if isinstance(data, dict) and data.get("key_file") is None:
+            data.pop("key_file", None)
+        return data
+
     @field_validator("tiers")
     @classmethod
     def _tiers_positive(cls, tiers: list[int] | None) -> list[int] | None:
