@@ -69,7 +69,8 @@ def fingerprint_records(records: list[dict[str, Any]], *, key: bytes | None = No
     canary of a 6-digit spec, 10^6 guesses recover it; with more members the guesses multiply, but a spec with
     short secrets or ``members_per_tier: 1`` stays in reach. Keyed, only the key holder can check a guess (or the
     file). The digest before injection holds no canary (the corpus is scanned for secrets) and stays plain sha256,
-    so anyone can check it against the corpus they have.
+    so anyone can check it against the corpus they have; so does the digest after when nothing was planted
+    (``canaries.inject: false``): it is the corpus.
     """
     fp = RunningFingerprint(key=key)
     for record in records:
@@ -198,7 +199,8 @@ class StreamInjector:
             raise AuditError(f"unknown placement mode '{mode}'", fix="use new_record or embed")
         self._placements: list[Placement] = []
         self._before = RunningFingerprint()
-        self._after = RunningFingerprint(key=None if key is None else key.secret)  # the planted records: keyed (see fingerprint_records)
+        # the planted records: keyed (see fingerprint_records); with nothing planted it is the corpus, plain like before
+        self._after = RunningFingerprint(key=None if key is None or not self._copies else key.secret)
         self._scanner = SecretScanner({c.id: c.secret for c in canaries.canaries})
         self._done = False
 
