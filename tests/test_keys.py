@@ -242,3 +242,25 @@ def test_a_further_tune_uses_its_parents_key_and_refuses_another(old_run):
     (old_run / "run.json").write_text(json.dumps({**status, "key_id": KEY_B.id}))
     with pytest.raises(AuditError, match=f"parent run {old_run.resolve()} was made with audit key {KEY_B.id}"):
         origin_for(clean)
+
+
+@pytest.mark.parametrize("name", ["digits", "words", "pii", "traps"])
+def test_every_generator_draws_per_key(name):
+    """Same spec, seed and key: the same set byte for byte; another key: other secrets, ids and references.
+    (traps: a fake sampler whose text follows the sampling seed, which the keyed stream draws.)"""
+    from test_canaries import FakeSampler
+
+    from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets
+
+    spec = load_spec(name)
+
+    def draw(key):
+        ctx = GenerationContext(sampler=FakeSampler()) if name == "traps" else None
+        cs = generate_canaries(spec, seed=5, key=key, context=ctx)
+        return cs, reference_secrets(spec, cs, n=20, seed=5, key=key, context=ctx)
+
+    (a, refs_a), (again, refs_again), (b, refs_b) = draw(KEY_A), draw(KEY_A), draw(KEY_B)
+    assert jsonl_text(a.canaries) == jsonl_text(again.canaries) and a.sha256() == again.sha256() and refs_a == refs_again
+    assert a.key_id == KEY_A.id and b.key_id == KEY_B.id
+    assert {c.secret for c in a.canaries} != {c.secret for c in b.canaries} and refs_a != refs_b
+    assert not {c.id for c in a.canaries} & {c.id for c in b.canaries}
