@@ -264,3 +264,19 @@ def test_every_generator_draws_per_key(name):
     assert a.key_id == KEY_A.id and b.key_id == KEY_B.id
     assert {c.secret for c in a.canaries} != {c.secret for c in b.canaries} and refs_a != refs_b
     assert not {c.id for c in a.canaries} & {c.id for c in b.canaries}
+
+
+def test_audit_key_prints_the_id_and_never_the_key_and_new_writes_a_private_file(home, capsys):
+    from audit.cli import main
+
+    assert main(["key"]) == 0
+    out = capsys.readouterr().out
+    key = resolve_key()
+    assert key.id in out and key.secret.hex() not in out
+    path = home / "team.key"
+    assert main(["key", "--new", str(path)]) == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    made = resolve_key(key_file=path)
+    assert made.id in capsys.readouterr().out and made.secret != key.secret
+    assert main(["key", "--new", str(path)]) == 2  # never overwritten
+    assert "already exists" in capsys.readouterr().err and resolve_key(key_file=path).secret == made.secret
