@@ -12,12 +12,12 @@ Run-directory files (:func:`write_ground_truth`)::
     canaries.jsonl   canaries WITH their secrets: confidential, never logged to MLflow
     canaries.meta.json  the rest of the canary set (schema_version, key id, spec, seed, secret space, works): no secrets
     manifest.json    key id, seed, canary-set hash, dataset fingerprints before / after, every placement, works provenance
-
-Secrets, roles, ids and exposure references derive from the audit key (:mod:`audit.keys`) as well as the seed;
-the key's id is recorded in canaries.meta.json, manifest.json, run.json and report.json, the key never.
     preflight.json   what the pre-flight checks looked at and found (ids only)
     works.json       provenance of each sample work (works spec only; no text)
     train.jsonl      the injected training set (``audit inject`` only; it holds the secrets too)
+
+Secrets, roles, ids and exposure references derive from the audit key (:mod:`audit.keys`) as well as the seed;
+the key's id is recorded in canaries.meta.json, manifest.json, run.json and report.json, the key never.
 """
 
 from __future__ import annotations
