@@ -280,3 +280,22 @@ def test_audit_key_prints_the_id_and_never_the_key_and_new_writes_a_private_file
     assert made.id in capsys.readouterr().out and made.secret != key.secret
     assert main(["key", "--new", str(path)]) == 2  # never overwritten
     assert "already exists" in capsys.readouterr().err and resolve_key(key_file=path).secret == made.secret
+
+
+def test_validate_names_the_key_in_use_and_refuses_a_missing_key_file(tmp_path, capsys):
+    from audit.cli import main
+
+    assert main(["validate", "tiny/lora_cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"audit key: {resolve_key().id} (env:CANARY_AUDIT_KEY)" in out and resolve_key().secret.hex() not in out
+    assert main(["validate", "tiny/lora_cpu", f"canaries.key_file={tmp_path / 'nope'}"]) == 0  # the env key wins
+    capsys.readouterr()
+    import os
+
+    saved = os.environ.pop(KEY_ENV)
+    try:
+        assert main(["validate", "tiny/lora_cpu", f"canaries.key_file={tmp_path / 'nope'}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "audit key file" in err[0] and "does not exist" in err[0]
+    finally:
+        os.environ[KEY_ENV] = saved
