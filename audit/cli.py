@@ -8,6 +8,7 @@
     audit run --resume runs/<run>               # continue an interrupted run (finished stages and last checkpoint)
     audit gate runs/<run> [--gates FILE] [--baseline RUN] [--junit FILE]   # release gates; exit 1 if one fails
     audit canaries words [--seed 3] [--reveal] [length=6]  # draw and show a spec's pool (secrets hidden by default)
+    audit key [--new PATH]                               # the audit key's id and where it comes from (never the key)
     audit inject tiny/lora_cpu --out planted/ [--stream]  # canaries + injection + pre-flight as a standalone stage
     audit run smollm2/clean_lora_cpu parent=runs/<run>   # fine-tune that run's tuned weights again, measure what survives
     audit chain [RECIPE] [--then RECIPE] [key=value]     # base -> tune -> outputs -> further clean tune, one command
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     can.add_argument("--out", default=None, metavar="FILE", help="also write the pool as canaries.jsonl (with secrets)")
     can.add_argument("--model", default="smollm2-135m",
                      help="base model for tokenizer-exact excerpts and for specs that sample it (traps, synthetic works)")
+    can.add_argument("--key-file", default=None, metavar="PATH",
+                     help="the audit key file the secrets derive from (default: $CANARY_AUDIT_KEY, then your own key)")
+
+    key = sub.add_parser("key", help="show the audit key's id and source (the key itself is never printed)")
+    key.add_argument("--new", default=None, metavar="PATH", help="create a new key file at PATH (0600), e.g. for a shared audit")
 
     inj = sub.add_parser("inject", help="canaries -> inject -> pre-flight for a recipe, writing the injected training set")
     _add_recipe_args(inj)
@@ -267,6 +273,7 @@ def cmd_canaries(args: argparse.Namespace) -> int:
     from audit.canaries import GenerationContext, generate_canaries, load_spec, spec_needs_model
     from audit.config import parse_override
     from audit.ground_truth import canaries_table, model_context
+    from audit.keys import resolve_key
     from audit.store import write_jsonl
 
     params = {}
@@ -275,11 +282,29 @@ def cmd_canaries(args: argparse.Namespace) -> int:
         params[".".join(keys)] = value
     spec = load_spec(args.spec, params)
     _, tokenizer, sampler = model_context(args.model, tokenizer_only=not spec_needs_model(spec))
-    canaries = generate_canaries(spec, seed=args.seed, context=GenerationContext(tokenizer=tokenizer, sampler=sampler))
+    canaries = generate_canaries(spec, seed=args.seed, context=GenerationContext(tokenizer=tokenizer, sampler=sampler),
+                                 key=resolve_key(args.key_file))
     print(canaries_table(canaries, reveal=args.reveal))
     if args.out:
         write_jsonl(Path(args.out), canaries.canaries)
         print(f"wrote {args.out} (holds the secrets: keep it confidential)")
+    return 0
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    from audit.keys import AuditKey, read_key_file, resolve_key, write_key_file
+
+    if args.new:
+        path = Path(args.new).expanduser()
+        if path.exists():
+            raise AuditError(f"{path} already exists", fix="give a new path; a key file is never overwritten")
+        write_key_file(path)
+        key = AuditKey(read_key_file(path), source=f"file:{path}")
+        print(f"wrote a new audit key to {path} (mode 600), id {key.id}; use it with canaries.key_file={path} "
+              "or CANARY_AUDIT_KEY_FILE")
+        return 0
+    key = resolve_key()
+    print(f"audit key {key.id} ({key.source}); run.json and report.json of the runs it made record this id")
     return 0
 
 
@@ -375,6 +400,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"report": cmd_report, "run": cmd_run, "validate": cmd_validate, "ls": cmd_ls, "gate": cmd_gate, "canaries": cmd_canaries,
+            "key": cmd_key,
             "inject": cmd_inject, "chain": cmd_chain, "compare": cmd_compare, "probe": cmd_probe}
 
 

@@ -10,11 +10,14 @@ the audit with one line and leaves nothing behind.
 Run-directory files (:func:`write_ground_truth`)::
 
     canaries.jsonl   canaries WITH their secrets: confidential, never logged to MLflow
-    canaries.meta.json  the rest of the canary set (schema_version, spec, seed, secret space, works): no secrets
-    manifest.json    seed, canary-set hash, dataset fingerprints before / after, every placement, works provenance
+    canaries.meta.json  the rest of the canary set (schema_version, key id, spec, seed, secret space, works): no secrets
+    manifest.json    key id, seed, canary-set hash, dataset fingerprints before / after, every placement, works provenance
     preflight.json   what the pre-flight checks looked at and found (ids only)
     works.json       provenance of each sample work (works spec only; no text)
     train.jsonl      the injected training set (``audit inject`` only; it holds the secrets too)
+
+Secrets, roles, ids and exposure references derive from the audit key (:mod:`audit.keys`) as well as the seed;
+the key's id is recorded in canaries.meta.json, manifest.json, run.json and report.json, the key never.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets, spec_needs_model
+from audit.canaries.generate import check_ids
 from audit.canaries.spec import CanarySpec
 from audit.console import text_table
 from audit.corpus import Corpus, load_corpus
 from audit.errors import AuditError
 from audit.inject import InjectionResult, inject
+from audit.keys import AuditKey, resolve_key
 from audit.preflight import require_passed, run_preflight, training_texts
 from audit.schema import SCHEMA_VERSION, CanarySet, PreflightReport, Recipe, TrainingSection
 from audit.store import write_json, write_jsonl
@@ -85,13 +90,13 @@ def training_options(section: TrainingSection) -> dict[str, Any]:
             "assistant_only_loss": False, "completion_only_loss": False}
 
 
-def plant(recipe: Recipe, canaries: CanarySet, corpus: Corpus) -> InjectionResult:
+def plant(recipe: Recipe, canaries: CanarySet, corpus: Corpus, *, key: AuditKey | None = None) -> InjectionResult:
     """Inject ``canaries`` into ``corpus`` as the recipe says; ``canaries.inject: false`` plants none of them (a clean
     run that still measures the same set: the manifest keeps the whole set's hash and lists no placement)."""
     c = recipe.corpus
     planted = canaries if recipe.canaries.inject else canaries.model_copy(update={"canaries": canaries.references()})
     injection = inject(corpus.records, planted, seed=recipe.seed, text_column=c.text_column, corpus_source=c.source,
-                       format=corpus.format, messages_column=c.messages_column, mode=c.placement)
+                       format=corpus.format, messages_column=c.messages_column, mode=c.placement, key=key)
     if not recipe.canaries.inject:
         injection = InjectionResult(records=injection.records,
                                     manifest=injection.manifest.model_copy(update={"canary_set_sha256": canaries.sha256()}))
@@ -100,9 +105,11 @@ def plant(recipe: Recipe, canaries: CanarySet, corpus: Corpus) -> InjectionResul
 
 def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None, exposure_references: int | None = None,
                          canaries: CanarySet | None = None, canary_seed: int | None = None,
-                         progress: bool = False) -> GroundTruth:
+                         progress: bool = False, key: AuditKey | None) -> GroundTruth:
     """Generate the canaries, plant them, prove they reach the loss, and draw the exposure references.
 
+    ``key``: the audit key everything secret is drawn under (:func:`audit.origin.run_key`); None only for a run
+    written before the key existed, whose unkeyed canaries are regenerated as they were.
     ``canaries``: an existing set (a further tune's, read from its parent) instead of a new draw. ``canary_seed``:
     the seed the canaries and the exposure references are drawn with (default ``recipe.seed``; a further tune uses
     its chain's first run's, while its corpus and injection use its own ``recipe.seed``).
@@ -112,13 +119,15 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
     spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
     ctx = GenerationContext(tokenizer=tokenizer, sampler=sampler, progress=progress)
     seed = recipe.seed if canary_seed is None else canary_seed
+    if canaries is not None:
+        check_ids(canaries, key)  # a stored set: drawn under this key, every secret the one its id was made from
     if canaries is None or not canaries.space.enumerable:
         # A sampled space's reference draw depends on the canary draw before it in the same context (the works
         # generator keeps the canaries' spans out of the references), so a given sampled set is drawn again here
         # and must come out the same; a product space's references do not depend on it.
         drawn = generate_canaries(spec, seed=seed, tiers=recipe.canaries.tiers,
                                   members_per_tier=recipe.canaries.members_per_tier,
-                                  references=recipe.canaries.references, context=ctx)
+                                  references=recipe.canaries.references, context=ctx, key=key)
         if canaries is not None and drawn.sha256() != canaries.sha256():
             raise AuditError(f"the canaries drawn again for spec {spec.name} (seed {seed}) differ from the stored set",
                              fix="the canary code, spec or base model changed since the set was drawn; rerun from its first run")
@@ -132,7 +141,7 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
     timings["corpus"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    injection = plant(recipe, canaries, corpus)
+    injection = plant(recipe, canaries, corpus, key=key)
     timings["inject"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -146,7 +155,7 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
 
     t = time.perf_counter()
     n_refs = recipe.scoring.exposure_references if exposure_references is None else exposure_references
-    refs = reference_secrets(spec, canaries, n=n_refs, seed=seed, context=ctx)
+    refs = reference_secrets(spec, canaries, n=n_refs, seed=seed, context=ctx, key=key)
     timings["references"] = time.perf_counter() - t
     return GroundTruth(spec=spec, canaries=canaries, corpus_format=corpus.format, injection=injection, preflight=preflight,
                        training_texts=texts, reference_secrets=refs, timings_s=timings)
@@ -154,7 +163,7 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
 
 def ground_truth_for_model(recipe: Recipe, *, model_path: Path, fingerprint: str, device: str = "cpu", dtype: Any = None,
                            progress: bool = False, canaries: CanarySet | None = None,
-                           canary_seed: int | None = None) -> GroundTruth:
+                           canary_seed: int | None = None, key: AuditKey | None) -> GroundTruth:
     """:func:`prepare_ground_truth` with the tokenizer of ``model_path`` and, if the spec samples, the model itself."""
     tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
     sampler = None
@@ -164,7 +173,7 @@ def ground_truth_for_model(recipe: Recipe, *, model_path: Path, fingerprint: str
         sampler = LazyModelSampler(model_path, fingerprint=fingerprint, device=device, dtype=dtype,
                                    trust_remote_code=recipe.model.trust_remote_code, tokenizer=tokenizer)
     return prepare_ground_truth(recipe, tokenizer=tokenizer, sampler=sampler, progress=progress, canaries=canaries,
-                                canary_seed=canary_seed)
+                                canary_seed=canary_seed, key=key)
 
 
 def ground_truth_files(truth: GroundTruth, *, dataset: bool = False) -> dict[str, Any]:
@@ -219,7 +228,10 @@ def write_ground_truth(truth: GroundTruth, run_dir: Path, *, dataset: bool = Fal
 
 
 def canaries_table(canaries: CanarySet, *, reveal: bool = False, width: int = 48) -> str:
-    """The pool as a table: id, role, prefix, secret (hidden unless ``reveal``: length and a sha256 prefix)."""
+    """The pool as a table: id, role, prefix, secret (hidden unless ``reveal``: its length only).
+
+    Hidden means no function of the secret but its length: a hash prefix was once shown here, and a lookup table
+    over the 10^6 codes of the digits spec turned it back into every secret in seconds. The ids (keyed) are shown."""
 
     def clip(text: str) -> str:
         text = " ".join(text.split())
@@ -228,14 +240,15 @@ def canaries_table(canaries: CanarySet, *, reveal: bool = False, width: int = 48
     works = {w.id: w for w in canaries.works}
     rows = [["id", "role", "source", "prefix", "secret"]]
     for c in sorted(canaries.canaries, key=lambda c: (-c.repetitions, c.id)):
-        secret = " ".join(c.secret.split()) if reveal else f"<hidden: {len(c.secret)} chars, sha256 {c.secret_sha256[:12]}>"
+        secret = " ".join(c.secret.split()) if reveal else f"<hidden: {len(c.secret)} chars>"
         source = works[c.work].title[:24] if c.work in works else ""
         rows.append([c.id, f"{c.repetitions}x" if c.is_member else "reference", source, clip(c.prefix), secret])
     if not any(r[2] for r in rows[1:]):
         rows = [r[:2] + r[3:] for r in rows]
     lines = text_table(rows[0], rows[1:])
     space = canaries.space
-    lines.append(f"spec {canaries.spec} v{canaries.spec_version}, seed {canaries.seed}: {len(canaries.members())} members, "
+    key = f"audit key {canaries.key_id}" if canaries.key_id else "unkeyed"
+    lines.append(f"spec {canaries.spec} v{canaries.spec_version}, seed {canaries.seed}, {key}: {len(canaries.members())} members, "
                  f"{len(canaries.references())} references; secret space {space.kind}, {space.log2_size:.1f} bits; "
                  f"set sha256 {canaries.sha256()[:16]}")
     for w in canaries.works:
@@ -280,18 +293,20 @@ def inject_stage(recipe: Recipe, out_dir: Path, *, stream: bool = False, progres
         raise AuditError(f"output directory {out_dir} is not empty", fix="give a new or empty --out directory")
     resolved = resolve_model(recipe.model.source, revision=recipe.model.revision, progress=progress)
     fingerprint = resolved.provenance.get("weights_fingerprint", "")
+    key = resolve_key(recipe.canaries.key_file)
     if not stream:
-        truth = ground_truth_for_model(recipe, model_path=resolved.path, fingerprint=fingerprint, progress=progress)
+        truth = ground_truth_for_model(recipe, model_path=resolved.path, fingerprint=fingerprint, progress=progress, key=key)
         out_dir.mkdir(parents=True, exist_ok=True)
         files = ground_truth_files(truth, dataset=True)
         write_ground_truth(truth, out_dir, dataset=True)
         return InjectStageResult(out_dir=out_dir, files=list(files), n_records=len(truth.injection.records),
                                  placements=len(truth.injection.manifest.placements), preflight=truth.preflight,
                                  timings_s=truth.timings_s)
-    return _inject_streaming(recipe, out_dir, model_path=resolved.path, fingerprint=fingerprint, progress=progress)
+    return _inject_streaming(recipe, out_dir, model_path=resolved.path, fingerprint=fingerprint, progress=progress, key=key)
 
 
-def _inject_streaming(recipe: Recipe, out_dir: Path, *, model_path: Path, fingerprint: str, progress: bool) -> InjectStageResult:
+def _inject_streaming(recipe: Recipe, out_dir: Path, *, model_path: Path, fingerprint: str, progress: bool,
+                      key: AuditKey | None) -> InjectStageResult:
     import json
     import os
     import tempfile
@@ -310,7 +325,7 @@ def _inject_streaming(recipe: Recipe, out_dir: Path, *, model_path: Path, finger
         sampler = LazyModelSampler(model_path, fingerprint=fingerprint, tokenizer=tokenizer)
     canaries = generate_canaries(spec, seed=recipe.seed, tiers=recipe.canaries.tiers,
                                  members_per_tier=recipe.canaries.members_per_tier, references=recipe.canaries.references,
-                                 context=GenerationContext(tokenizer=tokenizer, sampler=sampler, progress=progress))
+                                 context=GenerationContext(tokenizer=tokenizer, sampler=sampler, progress=progress), key=key)
     timings["canaries"] = time.perf_counter() - t
     t = time.perf_counter()
     c = recipe.corpus
@@ -318,7 +333,7 @@ def _inject_streaming(recipe: Recipe, out_dir: Path, *, model_path: Path, finger
     fmt = resolve_format(next(records()), format=c.format, text_column=c.text_column, messages_column=c.messages_column,
                          source=c.source)
     injector = StreamInjector(canaries, n_records=n, seed=recipe.seed, text_column=c.text_column, corpus_source=c.source,
-                              format=fmt, messages_column=c.messages_column, mode=c.placement)
+                              format=fmt, messages_column=c.messages_column, mode=c.placement, key=key)
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".train.jsonl.", suffix=".tmp")
     try:

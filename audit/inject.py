@@ -16,22 +16,27 @@ so an in-memory list and a stream of the same records give the same output and t
 
 Every original record is scanned for canary secrets on the way through; a secret already in the corpus is refused.
 The manifest fingerprints the dataset before and after (sha256 of the records' canonical JSON list, computed
-incrementally, so streams get the same digest) and lists every placement.
+incrementally, so streams get the same digest) and lists every placement. The digest after injection is keyed
+(HMAC-SHA256 under the audit key) when the canaries are: see :func:`fingerprint_records`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from audit.canaries.uniqueness import SecretScanner, check_secrets_absent
 from audit.errors import AuditError
 from audit.rng import SeededStream
-from audit.schema import MAX_CANARY_COPIES, Canary, CanarySet, DatasetFingerprint, InjectionManifest, Placement, sha256_json
+from audit.schema import MAX_CANARY_COPIES, Canary, CanarySet, DatasetFingerprint, InjectionManifest, Placement
+
+if TYPE_CHECKING:
+    from audit.keys import AuditKey
 
 Format = Literal["text", "messages"]
 Mode = Literal["new_record", "embed"]
@@ -55,15 +60,29 @@ class InjectionResult:
     manifest: InjectionManifest
 
 
-def fingerprint_records(records: list[dict[str, Any]]) -> DatasetFingerprint:
-    return DatasetFingerprint(n_records=len(records), sha256=sha256_json(records))
+def fingerprint_records(records: list[dict[str, Any]], *, key: bytes | None = None) -> DatasetFingerprint:
+    """The records' digest: sha256 of their canonical JSON list, or HMAC-SHA256 of it under ``key``.
+
+    Why the dataset after injection is keyed: it is logged (manifest.json, the MLflow dataset digest and tag), the
+    corpus before injection is often public (``builtin:notes``, a hub dataset), and the placements say where each
+    planted record goes; so a plain digest over the planted records is a check of guessed secrets. With one member
+    canary of a 6-digit spec, 10^6 guesses recover it; with more members the guesses multiply, but a spec with
+    short secrets or ``members_per_tier: 1`` stays in reach. Keyed, only the key holder can check a guess (or the
+    file). The digest before injection holds no canary (the corpus is scanned for secrets) and stays plain sha256,
+    so anyone can check it against the corpus they have; so does the digest after when nothing was planted
+    (``canaries.inject: false``): it is the corpus.
+    """
+    fp = RunningFingerprint(key=key)
+    for record in records:
+        fp.add(record)
+    return fp.result()
 
 
 class RunningFingerprint:
     """The :func:`fingerprint_records` digest computed one record at a time (``sha256_json`` of the list)."""
 
-    def __init__(self) -> None:
-        self._h = hashlib.sha256(b"[")
+    def __init__(self, *, key: bytes | None = None) -> None:
+        self._h = hashlib.sha256(b"[") if key is None else hmac.new(key, b"[", hashlib.sha256)
         self.n = 0
 
     def add(self, record: dict[str, Any]) -> None:
@@ -138,7 +157,10 @@ class StreamInjector:
 
     def __init__(self, canaries: CanarySet, *, n_records: int, seed: int, text_column: str = "text",
                  corpus_source: str = "", format: Format = "text", messages_column: str = "messages",
-                 mode: Mode = "new_record") -> None:
+                 mode: Mode = "new_record", key: AuditKey | None = None) -> None:
+        if (None if key is None else key.id) != canaries.key_id:
+            raise ValueError(f"canaries drawn under key {canaries.key_id} are injected with key "
+                             f"{None if key is None else key.id}: the dataset digest must be keyed like them")
         self.canaries = canaries
         self.n_records = n_records
         self.seed = seed
@@ -171,7 +193,8 @@ class StreamInjector:
             raise AuditError(f"unknown placement mode '{mode}'", fix="use new_record or embed")
         self._placements: list[Placement] = []
         self._before = RunningFingerprint()
-        self._after = RunningFingerprint()
+        # the planted records: keyed (see fingerprint_records); with nothing planted it is the corpus, plain like before
+        self._after = RunningFingerprint(key=None if key is None or not self._copies else key.secret)
         self._scanner = SecretScanner({c.id: c.secret for c in canaries.canaries})
         self._done = False
 
@@ -260,6 +283,7 @@ class StreamInjector:
         if not self._done:
             raise RuntimeError("the manifest is complete only after the stream is drained")
         return InjectionManifest(
+            key_id=self.canaries.key_id,
             seed=self.seed,
             spec=self.canaries.spec,
             spec_version=self.canaries.spec_version,
@@ -286,9 +310,12 @@ def inject(
     format: Format = "text",
     messages_column: str = "messages",
     mode: Mode = "new_record",
+    key: AuditKey | None = None,
 ) -> InjectionResult:
-    """Plant every member canary ``repetitions`` times (see the module docstring for the two modes)."""
+    """Plant every member canary ``repetitions`` times (see the module docstring for the two modes).
+
+    ``key``: the audit key the canaries were drawn under, for the digest of the dataset after injection (:func:`fingerprint_records`)."""
     injector = StreamInjector(canaries, n_records=len(records), seed=seed, text_column=text_column, corpus_source=corpus_source,
-                              format=format, messages_column=messages_column, mode=mode)
+                              format=format, messages_column=messages_column, mode=mode, key=key)
     out = list(injector.run(records))
     return InjectionResult(records=out, manifest=injector.manifest())

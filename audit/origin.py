@@ -5,8 +5,9 @@
 
 Every difference between a first tune and a further tune (:mod:`audit.chain`) lives here: which canaries are
 measured (drawn now, or the parent's), which base scores stand (measured now, or the parent's, which measured those
-very weights), which weights training starts from (the base, or the parent's chain merged in), how the lineage
-graph grows, the persistence metrics, and what is recorded back in the parent. A model trained elsewhere (next
+very weights), which weights training starts from (the base, or the parent's chain merged in), which audit key the
+secrets derive from (the one in use, or the parent's), how the lineage graph grows, the persistence metrics, and what
+is recorded back in the parent. A model trained elsewhere (next
 issue) is a third class with the same methods.
 """
 
@@ -17,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from audit.errors import AuditError
+from audit.keys import AuditKey, resolve_key
 from audit.schema import AuditReport, LineageNode, MetricEntry, Recipe, SequenceScore
 from audit.train.types import DeviceChoice, WeightsLayer
 
@@ -38,6 +41,8 @@ class Origin(Protocol):
     """A further tune of an earlier run (the lineage labels its weights so)."""
     parent_run: str | None
     """The run whose tuned weights this tune starts from (``report.parent_run``)."""
+    key: AuditKey | None
+    """The audit key the canaries derive from (:func:`run_key`); None for a run written before the key existed."""
 
     def check(self, device: DeviceChoice) -> None: ...
 
@@ -56,14 +61,60 @@ class Origin(Protocol):
     def record(self, report: AuditReport, run_dir: Any) -> None: ...
 
 
-def origin_for(recipe: Recipe) -> Origin:
-    """:class:`FurtherTune` of ``recipe.parent`` when it names one (checked now), else :class:`FreshBase`."""
+def origin_for(recipe: Recipe, *, resume_dir: Any = None) -> Origin:
+    """:class:`FurtherTune` of ``recipe.parent`` when it names one (checked now), else :class:`FreshBase`; either with
+    its audit key (:func:`run_key`), checked against the run being resumed and the parent before anything is written."""
     if recipe.parent:
         from audit import chain
 
         parent = chain.load_parent(recipe.parent)
-        return FurtherTune(recipe=chain.inherit(recipe, parent), parent=parent)
-    return FreshBase(recipe=recipe)
+        inherited = chain.inherit(recipe, parent)  # canaries.key_file included: the parent's key file
+        key = run_key(inherited, expected=[(f"parent run {parent.origin.run_dir}", recorded_key_id(parent.origin.run_dir)),
+                                           *_resumed(resume_dir)])
+        return FurtherTune(recipe=inherited, parent=parent, key=key)
+    return FreshBase(recipe=recipe, key=run_key(recipe, expected=_resumed(resume_dir)))
+
+
+KEY_ID_FIELD = "key_id"
+
+
+def recorded_key_id(run_dir: Any) -> str | None:
+    """The audit key id a run directory was made under (run.json, else canaries.meta.json); ``"unkeyed"`` for a run
+    written before the key existed (canaries.jsonl without any key id); None when it recorded nothing yet."""
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    for name in ("run.json", "canaries.meta.json"):
+        try:
+            found = json.loads((run_dir / name).read_text(encoding="utf-8")).get(KEY_ID_FIELD)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if found:
+            return str(found)
+    return UNKEYED if (run_dir / "canaries.jsonl").is_file() else None
+
+
+UNKEYED = "unkeyed"
+
+
+def _resumed(resume_dir: Any) -> list[tuple[str, str | None]]:
+    return [] if resume_dir is None else [(f"run {resume_dir}", recorded_key_id(resume_dir))]
+
+
+def run_key(recipe: Recipe, *, expected: list[tuple[str, str | None]] = ()) -> AuditKey | None:
+    """The audit key for ``recipe`` (:func:`audit.keys.resolve_key`), which must be the one each ``expected`` run
+    recorded: a run resumed, or the parent of a further tune. A run written before the key existed was unkeyed and is
+    regenerated unkeyed (None), so its files come out byte for byte as they were."""
+    recorded = [(what, key_id) for what, key_id in expected if key_id is not None]
+    if any(key_id == UNKEYED for _, key_id in recorded):
+        return None
+    key = resolve_key(recipe.canaries.key_file)
+    for what, key_id in recorded:
+        if key_id != key.id:
+            raise AuditError(f"{what} was made with audit key {key_id}, but the key in use ({key.source}) is {key.id}: "
+                             "its canaries cannot be drawn again", fix="point $CANARY_AUDIT_KEY_FILE (or canaries.key_file) "
+                             f"at the key file with id {key_id}, or start a new run (`audit key` prints the id in use)")
+    return key
 
 
 @dataclass(frozen=True)
@@ -71,6 +122,7 @@ class FreshBase:
     """A fine-tune of the pretrained weights: canaries drawn now, base scored now."""
 
     recipe: Recipe
+    key: AuditKey | None = None
     layers: tuple[WeightsLayer, ...] = ()
     further: bool = False
     parent_run: str | None = None
@@ -82,7 +134,7 @@ class FreshBase:
         from audit.ground_truth import ground_truth_for_model
 
         return ground_truth_for_model(self.recipe, model_path=model_path, fingerprint=fingerprint, device=device.device,
-                                      dtype=device.torch_dtype, progress=progress)
+                                      dtype=device.torch_dtype, progress=progress, key=self.key)
 
     def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]:
         return score()
@@ -110,6 +162,8 @@ class FurtherTune:
     recipe: Recipe
     parent: Any
     """The :class:`audit.chain.ParentRun`."""
+    key: AuditKey | None = None
+    """The chain's first run's key (checked by :func:`run_key`)."""
     further: bool = True
 
     @property
@@ -132,13 +186,12 @@ class FurtherTune:
         run written before the sidecar existed, regenerated from its recipe and seed; either way it must match the
         parent's ``canaries.jsonl`` row for row and the first run's recorded set hash.
         """
-        from audit.errors import AuditError
         from audit.ground_truth import ground_truth_for_model, read_canary_set
 
         first = self.parent.origin
         truth = ground_truth_for_model(self.recipe, model_path=model_path, fingerprint=fingerprint, device=device.device,
                                        dtype=device.torch_dtype, progress=progress,
-                                       canaries=read_canary_set(first.run_dir), canary_seed=first.recipe.seed)
+                                       canaries=read_canary_set(first.run_dir), canary_seed=first.recipe.seed, key=self.key)
         canaries = truth.canaries
         stored = [json.loads(line) for line in (self.parent.run_dir / "canaries.jsonl").read_text(encoding="utf-8").splitlines() if line]
         if canaries.sha256() != first.report.canaries.canary_set_sha256 or stored != [c.model_dump(mode="json") for c in canaries.canaries]:

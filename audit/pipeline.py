@@ -62,7 +62,7 @@ def run_audit(
     from audit.report import build_report
     from audit.store import ScoresFile, write_jsonl
 
-    origin = origin_for(recipe)  # a first tune, or a further tune of recipe.parent (audit.origin): the one difference
+    origin = origin_for(recipe, resume_dir=resume_dir)  # a first tune, or a further tune of recipe.parent (audit.origin): the one difference
     ctx = stages.RunContext.prepare(origin, tracking_uri=tracking_uri, tracking=tracking, progress=progress)
     truth = ctx.ground_truth(origin)  # canaries + inject + pre-flight, before anything is written
     if not distributed.is_main():  # another process of `accelerate launch`: it scores and trains as the plan says

@@ -2,7 +2,8 @@
 
 Canaries and manifests must be byte-identical for the same recipe and seed. numpy's and Python's generators
 promise stable streams only within limits, so the harness draws its randomness from SHA-256 in counter mode:
-``sha256(seed | purpose | counter)``. Slow per draw, but audits draw thousands of numbers, not billions.
+``sha256(seed | purpose | counter)``, or HMAC-SHA256 of it under the audit key (:mod:`audit.keys`) for everything secret.
+Slow per draw, but audits draw thousands of numbers, not billions.
 """
 
 from __future__ import annotations

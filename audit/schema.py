@@ -22,6 +22,23 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class KeyedRecord(Frozen):
+    """A record that names the audit key it was made under (:mod:`audit.keys`): ``key_id``, public, never the key.
+
+    ``None`` marks an unkeyed record (a run written before the audit key): it is left out of the serialised form,
+    so such a file reads back, hashes and re-serialises byte for byte as it was written.
+    """
+
+    key_id: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unkeyed(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and data.get("key_id") is None:
+            data.pop("key_id", None)
+        return data
+
+
 def sha256_json(obj: Any) -> str:
     """sha256 of the canonical JSON form (sorted keys, no whitespace): stable across runs and platforms."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -63,9 +80,20 @@ class CanarySection(Frozen):
     """Canaries drawn from the same pool but never inserted: the controls."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Overrides of the spec's own ``params`` (e.g. ``canaries.params.sources=[kjv]`` for the works spec)."""
+    key_file: str | None = None
+    """A path to the audit key file the secrets and ids derive from (:mod:`audit.keys`; the key itself is never in a
+    recipe). ``$CANARY_AUDIT_KEY`` / ``$CANARY_AUDIT_KEY_FILE`` win over it; unset: the per-user key."""
     inject: bool = True
     """Plant the member canaries into the training data. ``false`` trains on the clean corpus and only measures: with
     ``parent=RUN_DIR`` that is the further clean tune, which shows how much of the parent's canaries survive."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_key_file(self, handler: Any) -> Any:
+        # recipe.yaml of a run without a key_file reads as before the field existed (resume compares it byte for byte)
+        data = handler(self)
+        if isinstance(data, dict) and data.get("key_file") is None:
+            data.pop("key_file", None)
+        return data
 
     @field_validator("tiers")
     @classmethod
@@ -366,10 +394,6 @@ class Canary(Frozen):
     def is_member(self) -> bool:
         return self.repetitions > 0
 
-    @property
-    def secret_sha256(self) -> str:
-        return hashlib.sha256(self.secret.encode("utf-8")).hexdigest()
-
 
 class WorkProvenance(Frozen):
     """Where a sample work came from, so a report can say exactly which text (and license) was planted."""
@@ -406,7 +430,9 @@ class WorkExcerpt(Frozen):
     n_tokens: int
 
 
-class CanarySet(Frozen):
+class CanarySet(KeyedRecord):
+    """A drawn pool of canaries. ``key_id``: the audit key its secrets, roles and ids were drawn under (None: unkeyed)."""
+
     schema_version: int = SCHEMA_VERSION
     spec: str
     spec_version: int
@@ -417,7 +443,19 @@ class CanarySet(Frozen):
     excerpts: list[WorkExcerpt] = Field(default_factory=list)
 
     def sha256(self) -> str:
-        return sha256_json(self.model_dump(mode="json"))
+        """The set's content hash, logged (MLflow tag, manifest, report): for a keyed set, over everything but the secrets.
+
+        Why not the secrets too: the hash is public and so are the ids, prefixes and roles; a plain hash over them
+        and the secrets is a check a reader can enumerate guesses against (two 4-digit canaries: 10^8 guesses). The
+        keyed ids (HMAC under the audit key, :func:`audit.canaries.generate.canary_id`) already commit to every secret,
+        so the hash still changes with any secret, and only the key holder can check one
+        (:func:`audit.canaries.generate.check_ids`). An unkeyed (old) set keeps its old hash over everything.
+        """
+        data = self.model_dump(mode="json")
+        if self.key_id is not None:
+            for row in data["canaries"]:
+                row.pop("secret")
+        return sha256_json(data)
 
     def members(self) -> list[Canary]:
         return [c for c in self.canaries if c.is_member]
@@ -435,7 +473,8 @@ class CanarySet(Frozen):
 class DatasetFingerprint(Frozen):
     n_records: int
     sha256: str
-    """sha256 over the records' canonical JSON, in order."""
+    """sha256 over the records' canonical JSON, in order; for a dataset with canaries planted under an audit key,
+    HMAC-SHA256 under that key (see :func:`audit.inject.fingerprint_records` for why)."""
 
 
 class Placement(Frozen):
@@ -450,7 +489,9 @@ class Placement(Frozen):
     """For chat records: index of the (assistant) message in ``column`` that carries the canary."""
 
 
-class InjectionManifest(Frozen):
+class InjectionManifest(KeyedRecord):
+    """``manifest.json``. ``key_id``: the audit key of the canaries (and of ``dataset_after``'s digest)."""
+
     schema_version: int = SCHEMA_VERSION
     seed: int
     spec: str

@@ -175,6 +175,8 @@ def record_inputs(run: Run, truth: Any) -> None:
     for name, obj in ground_truth_files(truth).items():
         store.put(name, jsonl_text(obj) if name.endswith(".jsonl") else json_text(obj))
     canaries, injection, preflight = truth.canaries, truth.injection, truth.preflight
+    if canaries.key_id:  # the audit key's public id (never the key): a resume or a further tune must use the same key
+        run.handle.save_status(key_id=canaries.key_id)
     say(ctx.progress, f"[audit] {'resuming' if run.handle.resumed else 'run directory'} {run.dir}")
     say(ctx.progress, f"[audit] {len(canaries.members())} member canaries in tiers {sorted(set(c.repetitions for c in canaries.members()))}, "
                       f"{len(canaries.references())} references; {len(injection.records)} training records")
@@ -188,6 +190,7 @@ def record_inputs(run: Run, truth: Any) -> None:
         "canary_audit.base_fingerprint": ctx.resolved.provenance.get("weights_fingerprint", ""),
         "canary_audit.manifest_sha256": injection.manifest.sha256(),
         "canary_audit.canary_set_sha256": canaries.sha256(),
+        **({"canary_audit.key_id": canaries.key_id} if canaries.key_id else {}),
         "canary_audit.git_revision": git_revision() or "unknown",
         **{f"canary_audit.version.{k}": v for k, v in package_versions().items()},
     })

@@ -218,6 +218,19 @@ def _hub_cached(repo_id: str, revision: str | None) -> bool:
 # --------------------------------------------------------------------------------------------------- the whole check
 
 
+def check_key(recipe: Recipe) -> str:
+    """The audit key the run would use (:mod:`audit.keys`): its id and source, never the key; a missing or readable-
+    by-others key file is a problem. Your own default key is not made here (the first run makes it)."""
+    import os
+
+    from audit.keys import KEY_ENV, KEY_FILE_ENV, default_key_file, resolve_key
+
+    if not (os.environ.get(KEY_ENV) or os.environ.get(KEY_FILE_ENV) or recipe.canaries.key_file or default_key_file().exists()):
+        return f"audit key: none yet; the first run makes {default_key_file()} (0600)"
+    key = resolve_key(recipe.canaries.key_file, create=False)
+    return f"audit key: {key.id} ({key.source})"
+
+
 def _plan(recipe: Recipe) -> tuple[Plan, list[str]]:
     from audit.canaries import generate_canaries, load_spec, spec_needs_model
 
@@ -263,6 +276,10 @@ def validate_only(recipe: Recipe, *, check_sources: bool = True) -> list[str]:
         raise AuditError(f"training.method '{recipe.training.method}' is not supported", fix="use lora or full")
     plan, notes = _plan(recipe)
     problems: list[tuple[str, str]] = []
+    try:
+        notes.append(check_key(recipe))
+    except AuditError as exc:
+        problems.append((exc.problem, exc.fix))
     if check_sources:
         for check in (check_corpus, check_model):
             try:

@@ -34,6 +34,7 @@ from audit.canaries import GenerationContext, generate_canaries, load_spec
 from audit.canaries.sampling import ModelSampler
 from audit.config import load_recipe
 from audit.ground_truth import load_tokenizer, prepare_ground_truth
+from audit.keys import resolve_key
 from audit.models import load_model_and_tokenizer, resolve_model
 
 HERE = Path(__file__).resolve().parent
@@ -49,7 +50,7 @@ def machine() -> dict:
 def timed_ground_truth(recipe, *, tokenizer, sampler, repeats: int) -> dict:
     runs = []
     for i in range(repeats + 1):
-        truth = prepare_ground_truth(recipe, tokenizer=tokenizer, sampler=sampler)
+        truth = prepare_ground_truth(recipe, tokenizer=tokenizer, sampler=sampler, key=resolve_key(recipe.canaries.key_file))
         if i:  # the first run warms caches (works archives, synthetic texts, tokenizer)
             runs.append(truth.timings_s)
     steps = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}

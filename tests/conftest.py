@@ -8,6 +8,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A fixed audit key (audit.keys) for every test and the subprocesses they start: no test reads or creates the
+# developer's ~/.config/canary-audit/key (tests/test_keys.py checks the default file in a temporary home).
+TEST_AUDIT_KEY = "5a" * 32
+os.environ["CANARY_AUDIT_KEY"] = TEST_AUDIT_KEY
+os.environ.pop("CANARY_AUDIT_KEY_FILE", None)
 
 import pytest  # noqa: E402
 

@@ -92,7 +92,7 @@ def fakes(tmp_path, monkeypatch) -> Fakes:
         f.step("report")
         return {"scores": len(kw["scores"]), "origin": type(kw["origin"]).__name__}
 
-    monkeypatch.setattr(origin_module, "origin_for", lambda r: origin_module.FreshBase(recipe=r))
+    monkeypatch.setattr(origin_module, "origin_for", lambda r, **_: origin_module.FreshBase(recipe=r))
     monkeypatch.setattr(stages.RunContext, "prepare", classmethod(lambda cls, origin, **kw: prepare(origin, **kw)))
     monkeypatch.setattr(stages.RunContext, "ground_truth", ground_truth)
     monkeypatch.setattr(stages, "load_base", lambda ctx: (f.calls.append("load_base") or "base-model", "tokenizer"))
@@ -180,7 +180,7 @@ def test_a_further_tune_inherits_base_scores_and_trains_from_the_merged_parent(f
         def base_scores(self, score):
             return parent_rows  # the parent measured these weights already: nothing is scored
 
-    monkeypatch.setattr(origin_module, "origin_for", lambda r: FakeFurtherTune(recipe=r))
+    monkeypatch.setattr(origin_module, "origin_for", lambda r, **_: FakeFurtherTune(recipe=r))
     result = run_audit(fakes.recipe, tracking=False, progress=False)
     assert "score_base" not in fakes.calls and fakes.calls.count("score_tuned") == 1
     assert fakes.loaded == [("base-model", [("lora", "adapter")], False)]  # the parent's adapter merged in, not kept

@@ -1,5 +1,6 @@
 """Canary secrets stay in canaries.jsonl: never in MLflow (params, metrics, tags, artifacts, the store itself), the
-CLI output, the run directory's shared files (report.json, report.md/html, scores, manifest) or gate output.
+CLI output, the run directory's shared files (report.json, report.md/html, scores, manifest) or gate output. The
+audit key (tests/conftest.py's fixed test key) appears nowhere at all, not even in canaries.jsonl; its id is recorded.
 
 The canaries use a letter alphabet (``QXZJVKWH``) so a 6-symbol secret cannot turn up by chance inside hex ids,
 timestamps or floats, and a hit is a real leak.
@@ -21,6 +22,16 @@ CONFIDENTIAL = {"canaries.jsonl", ".run.lock"}
 
 def _leaks(blob: bytes, secrets: list[str]) -> list[str]:
     return [s for s in secrets if s.encode() in blob]
+
+
+def _key_forms() -> list[str]:
+    """The audit key as text could carry it: hex either case (the raw bytes are checked by the callers too)."""
+    key = os.environ["CANARY_AUDIT_KEY"]
+    return [key.lower(), key.upper()]
+
+
+def _key_leaks(blob: bytes) -> bool:
+    return bool(_leaks(blob, _key_forms())) or bytes.fromhex(os.environ["CANARY_AUDIT_KEY"]) in blob
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +96,24 @@ def test_mlflow_holds_no_secret(audited):
     for path in (work / "mlartifacts").rglob("*"):
         if path.is_file():
             assert _leaks(path.read_bytes(), secrets) == [], path
+
+
+@pytest.mark.slow
+def test_the_audit_key_is_nowhere_and_its_id_is_recorded(audited):
+    from mlflow.tracking import MlflowClient
+
+    from audit.keys import resolve_key
+
+    work, run_dir, _, output = audited
+    assert not _key_leaks(output)
+    files = [p for p in work.rglob("*") if p.is_file()]  # run directory (canaries.jsonl too), mlflow.db, artifacts
+    assert any(p.name == "mlflow.db" for p in files) and any(p.name == "canaries.jsonl" for p in files)
+    assert [p for p in files if _key_leaks(p.read_bytes())] == []
+    key_id = resolve_key().id
+    for name in ("run.json", "manifest.json", "canaries.meta.json"):
+        assert json.loads((run_dir / name).read_text())["key_id"] == key_id, name
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["canaries"]["key_id"] == key_id
+    run = MlflowClient(tracking_uri=report["tracking"]["uri"]).get_run(report["tracking"]["run_id"])
+    assert run.data.tags["canary_audit.key_id"] == key_id
+    assert not _key_leaks("\n".join([*run.data.params.values(), *run.data.tags.values()]).encode())

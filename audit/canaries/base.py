@@ -69,6 +69,8 @@ class GenerationContext:
     sampler: TextSampler | None = None
     seed: int = 0
     """The run's seed (set by :func:`generate_canaries`): for draws that must agree across calls (synthetic works)."""
+    key: Any = None
+    """The run's :class:`audit.keys.AuditKey` (set by :func:`generate_canaries`; None: unkeyed): for such draws too."""
     progress: bool = False
     memo: dict[str, Any] = field(default_factory=dict)
     """Loaded works and the like, shared between the canary draw and the exposure-reference draw."""

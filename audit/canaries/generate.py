@@ -3,8 +3,14 @@
 Every canary is ``prefix + secret + suffix``. A pool of ``members + references`` canaries is drawn first, then a
 seeded shuffle assigns each one to a repetition tier or to the never-inserted reference set, so members and
 references come from one distribution (the statistical precondition for membership inference; Carlini et al.
-2019 draw canaries the same way). IDs are content hashes; the same spec and seed give byte-identical output
-(for the model-sampled specs, on the same machine and library versions).
+2019 draw canaries the same way).
+
+Keyed (:mod:`audit.keys`): every draw (pool, roles, exposure references) comes from a :class:`SeededStream` keyed
+with the audit key, and ids are HMAC-SHA256 under it, so the seed, which is logged with the recipe, gives nothing
+without the key, and an id checks a guessed secret only for the key holder. The same spec, seed and key give
+byte-identical output (for the model-sampled specs, on the same machine and library versions); another key
+gives other secrets. ``key=None`` is the unkeyed draw of runs written before the audit key (sha256 streams,
+``sha256(spec|version|prefix|secret|suffix)`` ids): kept only so those run directories resume and report.
 
 Generators (one per file): ``digits`` and ``words`` (:mod:`.templated`), ``pii`` (:mod:`.pii`), ``traps``
 (:mod:`.traps`, needs the base model), ``works`` (:mod:`.works`, the synthetic source needs the base model).
@@ -13,7 +19,7 @@ Generators (one per file): ``digits`` and ``words`` (:mod:`.templated`), ``pii``
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from audit.canaries.base import CanaryGenerator, Draft, GenerationContext, random_secrets
 from audit.canaries.params import parse_params
@@ -26,6 +32,9 @@ from audit.canaries.works import works_generator, works_need_model
 from audit.errors import AuditError, did_you_mean
 from audit.rng import SeededStream
 from audit.schema import Canary, CanarySet, WorkExcerpt
+
+if TYPE_CHECKING:
+    from audit.keys import AuditKey
 
 GENERATORS: dict[str, CanaryGenerator] = {
     "digits": CanaryGenerator(digits_generator),
@@ -48,9 +57,32 @@ def spec_needs_model(spec: CanarySpec) -> bool:
     return generator_of(spec).needs_model(spec.params)
 
 
-def canary_id(spec: str, version: int, draft: Draft) -> str:
+def canary_id(spec: str, version: int, draft: Draft, key: AuditKey | None = None) -> str:
+    """16 hex digits of HMAC-SHA256(key, spec|version|prefix|secret|suffix); unkeyed (old runs): of plain sha256."""
+    if key is not None:
+        return key.digest("canary id", spec, str(version), draft.prefix, draft.secret, draft.suffix)[:16]
     raw = f"{spec}\x1f{version}\x1f{draft.prefix}\x1f{draft.secret}\x1f{draft.suffix}".encode()
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _stream(seed: int, purpose: str, key: AuditKey | None) -> SeededStream:
+    return SeededStream(seed, purpose, key=None if key is None else key.secret)
+
+
+def check_ids(canaries: CanarySet, key: AuditKey | None) -> None:
+    """Refuse a set whose ids are not its rows' keyed ids under ``key`` (an edited secret, or another key's set).
+
+    The set hash of a keyed set leaves the secrets out (:meth:`CanarySet.sha256`): this is the check that binds them.
+    """
+    if key is None or canaries.key_id is None:
+        return
+    if canaries.key_id != key.id:
+        raise AuditError(f"the canary set was drawn under audit key {canaries.key_id}, the key in use is {key.id} ({key.source})",
+                         fix="use the key that drew it ($CANARY_AUDIT_KEY_FILE or canaries.key_file)")
+    for c in canaries.canaries:
+        if canary_id(c.spec, canaries.spec_version, Draft(prefix=c.prefix, secret=c.secret, suffix=c.suffix), key) != c.id:
+            raise AuditError(f"canary {c.id} does not hold the secret its id was made from (canaries.jsonl was edited)",
+                             fix="use an unmodified run directory")
 
 
 def generate_canaries(
@@ -61,16 +93,20 @@ def generate_canaries(
     members_per_tier: int | None = None,
     references: int | None = None,
     context: GenerationContext | None = None,
+    key: AuditKey | None = None,
 ) -> CanarySet:
-    """Draw the pool for ``spec`` and assign each canary to a tier or to the references (seeded, per group)."""
+    """Draw the pool for ``spec`` and assign each canary to a tier or to the references (seeded and keyed, per group).
+
+    ``key``: the audit key (:func:`audit.keys.resolve_key`); every audit passes one. None: the unkeyed draw of old runs.
+    """
     tiers = sorted(tiers or spec.tiers)
     members_per_tier = members_per_tier or spec.members_per_tier
     references = references or spec.references
     generator = generator_of(spec)
     ctx = context or GenerationContext()
-    ctx.seed = seed
+    ctx.seed, ctx.key = seed, key
     roles = [tier for tier in tiers for _ in range(members_per_tier)] + [0] * references
-    pool_rng = SeededStream(seed, f"canaries:{spec.name}:v{spec.version}:pool")
+    pool_rng = _stream(seed, f"canaries:{spec.name}:v{spec.version}:pool", key)
     draw = generator.draw(spec.params, len(roles), pool_rng, ctx, set())
 
     groups: dict[str, list[Draft]] = {}
@@ -83,8 +119,8 @@ def generate_canaries(
             raise AuditError(f"canary spec '{spec.name}'{f' source {group}' if group else ''}: drew {len(drafts)} "
                              f"of the {len(roles)} canaries needed", fix="use a larger source or fewer canaries")
         purpose = f"canaries:{spec.name}:v{spec.version}:roles" + (f":{group}" if group else "")
-        for d, r in zip(drafts, SeededStream(seed, purpose).shuffled(roles), strict=True):
-            c = Canary(id=canary_id(spec.name, spec.version, d), spec=spec.name, prefix=d.prefix, secret=d.secret,
+        for d, r in zip(drafts, _stream(seed, purpose, key).shuffled(roles), strict=True):
+            c = Canary(id=canary_id(spec.name, spec.version, d, key), spec=spec.name, prefix=d.prefix, secret=d.secret,
                        suffix=d.suffix, repetitions=r, work=d.work)
             canaries.append(c)
             if d.work is not None and d.excerpt is not None:
@@ -98,7 +134,8 @@ def generate_canaries(
                              max_jaccard=params.max_jaccard, spec=spec.name)
     used_works = {c.work for c in canaries if c.work}
     works = sorted((w for w in draw.works if w.id in used_works), key=lambda w: (w.source, w.title, w.id))
-    return CanarySet(spec=spec.name, spec_version=spec.version, seed=seed, space=draw.space, canaries=canaries,
+    return CanarySet(key_id=None if key is None else key.id, spec=spec.name, spec_version=spec.version, seed=seed,
+                     space=draw.space, canaries=canaries,
                      works=list({w.id: w for w in works}.values()), excerpts=sorted(excerpts, key=lambda e: e.canary_id))
 
 
@@ -109,8 +146,9 @@ def reference_secrets(
     n: int,
     seed: int,
     context: GenerationContext | None = None,
+    key: AuditKey | None = None,
 ) -> list[str]:
-    """Secrets the exposure rank compares each canary against, from the canaries' own distribution.
+    """Secrets the exposure rank compares each canary against, from the canaries' own distribution (keyed like them).
 
     Product spaces (digits, words): ``n`` uniform draws from the space. Sampled spaces (pii, traps, works): ``n``
     fresh draws from the generator itself (for works, excerpts that overlap no canary), best effort where a source
@@ -118,18 +156,18 @@ def reference_secrets(
     """
     taken = {c.secret for c in canaries.canaries}
     if canaries.space.enumerable:
-        return random_secrets(canaries.space, n, SeededStream(seed, "exposure:references"), exclude=taken)
+        return random_secrets(canaries.space, n, _stream(seed, "exposure:references", key), exclude=taken)
     ctx = context or GenerationContext()
-    ctx.seed = seed
-    rng = SeededStream(seed, f"exposure:references:{spec.name}:v{spec.version}")
+    ctx.seed, ctx.key = seed, key
+    rng = _stream(seed, f"exposure:references:{spec.name}:v{spec.version}", key)
     draw = generator_of(spec).draw(spec.params, n, rng, ctx, taken)
     secrets = rng.shuffled([d.secret for d in draw.drafts])
     return secrets[:n]
 
 
 def describe(canaries: CanarySet) -> dict[str, Any]:
-    """Counts and hashes for reports and logs: never secret text."""
-    return {"spec": canaries.spec, "spec_version": canaries.spec_version, "members": len(canaries.members()),
+    """Counts, hashes and the key id for reports and logs: never secret text, nothing a guess can be checked against."""
+    return {**({"key_id": canaries.key_id} if canaries.key_id else {}), "spec": canaries.spec, "spec_version": canaries.spec_version, "members": len(canaries.members()),
             "references": len(canaries.references()), "tiers": sorted({c.repetitions for c in canaries.members()}),
             "canary_set_sha256": canaries.sha256(), "space": canaries.space.kind,
             "space_bits": round(canaries.space.log2_size, 3), "works": len(canaries.works)}

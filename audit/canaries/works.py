@@ -28,7 +28,8 @@ def _works_of(source: str, params: dict[str, Any], ctx: GenerationContext) -> li
     key = f"works:{source}"
     if key not in ctx.memo:
         synthetic = WorksParams.model_validate(params).synthetic
-        seed = SeededStream(ctx.seed, "works:synthetic").below(2**31)
+        # keyed: without the key nobody regenerates the synthetic works from the logged seed and base model
+        seed = SeededStream(ctx.seed, "works:synthetic", key=None if ctx.key is None else ctx.key.secret).below(2**31)
         works = load_source(source, sampler=ctx.sampler, synthetic=synthetic, seed=seed, progress=ctx.progress)
         if not works:
             raise AuditError(f"works source '{source}' holds no works", fix="check the source")
