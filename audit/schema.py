@@ -144,12 +144,14 @@ class TrainingSection(Frozen):
     """TRL ``SFTTrainer`` settings. ``auto`` picks from the device: fp32 and no checkpointing on CPU, bf16 on CUDA."""
 
     method: Literal["lora", "full"] = "lora"
-    epochs: float = Field(default=3.0, gt=0)
-    learning_rate: float = Field(default=1e-3, gt=0)
+    epochs: float = Field(default=3.0, gt=0, le=10_000, allow_inf_nan=False)
+    learning_rate: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     batch_size: int = Field(default=8, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     max_length: int = Field(default=64, ge=8)
-    lr_scheduler: str = "constant"
+    lr_scheduler: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                          "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"] = "constant"
+    """A transformers ``SchedulerType`` that needs no extra arguments (checked here, not after base scoring)."""
     warmup_steps: int = Field(default=0, ge=0)
     logging_steps: int = Field(default=5, ge=1)
     precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp16"] = "auto"
@@ -267,9 +269,9 @@ class GateSpec(Frozen):
     """Keep keys with the segment ``<kind>`` or ``kind_<kind>``."""
     work: str | None = None
     """Keep keys with the segment ``<work>`` or ``work_<work>``."""
-    max: float | None = None
+    max: float | None = Field(default=None, allow_inf_nan=False)
     """Fail when the value is above this."""
-    min: float | None = None
+    min: float | None = Field(default=None, allow_inf_nan=False)
     """Fail when the value is below this."""
     tolerance: float | None = Field(default=None, ge=0)
     """With a baseline run: fail when the value is worse than the baseline's by more than this."""
@@ -303,7 +305,8 @@ class Recipe(Frozen):
 
     name: str
     description: str = ""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    """numpy, which transformers seeds too, takes seeds in [0, 2^32)."""
     model: ModelSection = Field(default_factory=ModelSection)
     canaries: CanarySection = Field(default_factory=CanarySection)
     corpus: CorpusSection = Field(default_factory=CorpusSection)
