@@ -596,8 +596,6 @@ def tracked_run(uri: str, experiment: str, run_name: str, *, run_id: str | None 
     caller = mlflow.active_run()
     caller_uri = mlflow.get_tracking_uri() if caller is not None else None
     with _bounded_http():
-        client = MlflowClient(tracking_uri=uri)
-        tracker = Tracker(client, uri, pending=pending, reopened=run_id is not None, progress=progress)
         tags: dict[str, str] = {}
         if run_id is None:
             if caller is not None and caller_uri == uri:
@@ -605,7 +603,9 @@ def tracked_run(uri: str, experiment: str, run_name: str, *, run_id: str | None 
             elif caller is not None:  # another store: a parent link would dangle, so say where the caller's run is
                 tags["canary_audit.caller_run"] = f"{caller_uri} {caller.info.run_id}"
             tags = resolve_tags(tags)
-        with store_lock(uri):  # the first process to touch a new sqlite store creates it alone
+        with store_lock(uri):  # the first process to touch a new sqlite store creates (migrates) it alone
+            client = MlflowClient(tracking_uri=uri)  # a sqlite store is created and migrated here
+            tracker = Tracker(client, uri, pending=pending, reopened=run_id is not None, progress=progress)
             tracker.open_parent(experiment, run_name, tags, run_id=run_id)
         status = "FINISHED"
         try:
@@ -652,7 +652,8 @@ def replay_pending(run_dir: Path, uri: str, *, run_id: str | None) -> Replayed:
     _quiet_mlflow_logs()
     with _bounded_http():
         check_tracking_reachable(uri)
-        client = MlflowClient(tracking_uri=uri)
+        with store_lock(uri):
+            client = MlflowClient(tracking_uri=uri)
         ids: dict[str, str | None] = {"parent": run_id}
         experiment: dict[str, str] = {}
         seen: dict[tuple[str, str], set[int]] = {}
@@ -679,43 +680,47 @@ def replay_pending(run_dir: Path, uri: str, *, run_id: str | None) -> Replayed:
             seen[(ref, key)].add(step)
             return True
 
-        with store_lock(uri):
-            for done, op in enumerate(ops):
-                try:
-                    kind = op["op"]
-                    if kind == "create_parent":
-                        if ids["parent"] is None:
-                            run = client.create_run(_experiment_id(client, uri, op["experiment"]), run_name=op["run_name"],
-                                                    tags=op["tags"])
-                            ids["parent"], experiment["id"] = run.info.run_id, run.info.experiment_id
-                        continue
-                    rid = resolve(op["run"])
-                    if kind == "status":
-                        client.update_run(rid, status=op["status"])
-                    elif kind == "start_stage":
-                        resolve(op["stage"])
-                        client.log_batch(ids[op["stage"]], tags=[RunTag(k, v) for k, v in op["tags"].items()], synchronous=True)
-                    elif kind == "log_batch":
-                        metrics = [Metric(k, v, t, s or 0) for k, v, t, s in op.get("metrics", [])
-                                   if s is None or fresh(op["run"], rid, k, s)]
-                        client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in op.get("params", [])],
-                                         tags=[RunTag(k, v) for k, v in op.get("tags", [])], synchronous=True)
-                    elif kind in ("log_artifact", "log_artifacts"):
-                        local = Path(run_dir) / op["path"]
-                        if local.exists():
-                            getattr(client, kind)(rid, str(local), op["artifact_path"])
-                    elif kind == "log_inputs":
-                        client.log_inputs(rid, datasets=[_dataset_input(op["dataset"])])
-                    elif kind == "terminate":
-                        client.set_terminated(rid, op["status"], end_time=op["end_time"])
-                except _tracking_errors() as exc:
-                    if _refused(exc):
-                        continue
-                    from audit.store import atomic_write_text
+        for done, op in enumerate(ops):
+            try:
+                kind = op["op"]
+                if kind == "create_parent":
+                    if ids["parent"] is None and op.get("run_id"):  # created by a replay that failed later
+                        ids["parent"] = op["run_id"]
+                    elif ids["parent"] is None:
+                        run = client.create_run(_experiment_id(client, uri, op["experiment"]), run_name=op["run_name"],
+                                                tags=op["tags"])
+                        ids["parent"], experiment["id"] = run.info.run_id, run.info.experiment_id
+                    continue
+                rid = resolve(op["run"])
+                if kind == "status":
+                    client.update_run(rid, status=op["status"])
+                elif kind == "start_stage":
+                    resolve(op["stage"])
+                    client.log_batch(ids[op["stage"]], tags=[RunTag(k, v) for k, v in op["tags"].items()], synchronous=True)
+                elif kind == "log_batch":
+                    metrics = [Metric(k, v, t, s or 0) for k, v, t, s in op.get("metrics", [])
+                               if s is None or fresh(op["run"], rid, k, s)]
+                    client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in op.get("params", [])],
+                                     tags=[RunTag(k, v) for k, v in op.get("tags", [])], synchronous=True)
+                elif kind in ("log_artifact", "log_artifacts"):
+                    local = Path(run_dir) / op["path"]
+                    if local.exists():
+                        getattr(client, kind)(rid, str(local), op["artifact_path"])
+                elif kind == "log_inputs":
+                    client.log_inputs(rid, datasets=[_dataset_input(op["dataset"])])
+                elif kind == "terminate":
+                    client.set_terminated(rid, op["status"], end_time=op["end_time"])
+            except _tracking_errors() as exc:
+                if _refused(exc):
+                    continue
+                from audit.store import atomic_write_text
 
-                    atomic_write_text(path, "".join(line + "\n" for line in lines[done:]))
-                    raise AuditError(f"MLflow at {uri} failed while replaying call {done + 1} of {len(ops)} "
-                                     f"({_short(exc)}); {len(ops) - done} calls stay in {path}",
-                                     fix=f"check the server and run `audit sync {run_dir}` again") from None
+                rest = lines[done:]
+                if run_id is None and ids["parent"] is not None:  # the parent exists now: the next replay must know it
+                    rest = [json.dumps({"op": "create_parent", "run_id": ids["parent"]}), *rest]
+                atomic_write_text(path, "".join(line + "\n" for line in rest))
+                raise AuditError(f"MLflow at {uri} failed while replaying call {done + 1} of {len(ops)} "
+                                 f"({_short(exc)}); {len(ops) - done} calls stay in {path}",
+                                 fix=f"check the server and run `audit sync {run_dir}` again") from None
     path.unlink()
     return Replayed(len(ops), ids["parent"])
