@@ -155,8 +155,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             report = read_report_or_run(run_dir)
             print(format_table(report))
             return _gate_exit(args, [report])
-        result = run_audit(recipe, tracking_uri=args.tracking_uri, tracking=False if args.no_tracking else None,
-                           progress=not args.quiet, resume_dir=run_dir)
+        # the store this run was tracked in (run.json), wherever the resume is started from
+        result = run_audit(recipe, tracking_uri=args.tracking_uri or status.get("tracking_uri"),
+                           tracking=False if args.no_tracking else None, progress=not args.quiet, resume_dir=run_dir)
     else:
         recipe = load_recipe(recipe_name, overrides)
         if recipe.parent is None:  # a gate no run can pass fails the run after all its work: refuse it now
@@ -210,7 +211,9 @@ def _print_result(result) -> None:
 
     print(f"\nrun directory: {result.run_dir}")
     print(f"report: {result.run_dir / HTML_FILE} (open it in a browser; regenerate with `audit report {result.run_dir}`)")
-    if report.tracking is not None:
+    if "tracking" in report.metric_notes:  # MLflow missed part of the run (audit.stages.tracking_note)
+        print(f"MLflow: {report.metric_notes['tracking']}")
+    elif report.tracking is not None:
         print(f"MLflow run {report.tracking.run_id}: {report.tracking.ui_command}")
 
 
