@@ -1,12 +1,12 @@
-"""MLflow tracking: one parent run per audit, one nested run per stage, TRL logging into the train stage.
+"""MLflow tracking: one parent run per audit, one nested run per stage; a dead server never costs the audit.
 
 What an audit looks like in ``mlflow ui`` (experiment ``tracking.experiment``, default ``canary-audit``)::
 
     tiny/lora_cpu                 parent run, the one to compare across recipes
     ├── inject                    canaries + injection + pre-flight: counts, the training set as a dataset input
     ├── score_base                base-model scoring
-    ├── train                     TRL's own MLflowCallback (report_to="mlflow") logs loss, grad_norm, learning_rate,
-    │                             epoch per step and the TrainingArguments as params into this run
+    ├── train                     every number the Trainer logs (loss, grad_norm, learning_rate, epoch) per step and
+    │                             the TrainingArguments as params, forwarded by our own TrainerCallback
     ├── score_tuned               tuned-model scoring
     └── report                    report.json / report.html / report.md written and logged
 
@@ -18,18 +18,26 @@ with ``tracking.log_full_weights``). Every stage run has ``time_s``, its wall ti
 
 Nesting: when the caller already has an active run (a notebook, a larger pipeline), the audit's parent run is
 created under it (tag ``mlflow.parentRunId``), even when the caller's run lives in another experiment; with no
-explicit URI the audit then logs to the caller's tracking URI. The caller's active run, tracking URI and
-``$MLFLOW_TRACKING_URI`` are as they were afterwards.
+explicit URI the audit then logs to the caller's tracking URI. Everything is logged by run id through one
+``MlflowClient``: the caller's active run, tracking URI and environment are never touched.
 
-Why TRL's own callback works here: ``MLflowCallback.setup`` logs into ``mlflow.active_run()`` when one exists and
-only starts (and later ends) a run of its own when none does. Each stage run is pushed as the fluent active run
-while it lasts, so the callback writes into the ``train`` stage run (with transformers 5.23 / TRL 1.16).
-``train.loss`` on the parent comes from our own callback (:func:`audit.train.sft.train_sft` ``on_loss``) so
-recipes stay comparable on the parent run alone.
+Why not TRL's own MLflowCallback (``report_to="mlflow"``): it logs through the fluent API inside the training
+loop, so a tracking server that dies mid-run froze training for 16.5 minutes of retries and then raised out of
+``trainer.train()`` (issue 12). :func:`audit.train.sft.train_sft` forwards the same numbers (``on_log``,
+``on_params``) to the :class:`Tracker`, whose calls cannot fail.
+
+A server that dies: HTTP retries are bounded (:data:`HTTP_BOUNDS`: seconds, not minutes); the first call that
+fails prints one warning line and switches the tracker offline; every later call is kept, as data, in the run
+directory's ``tracking_pending.jsonl`` (:data:`PENDING_FILE`); the audit goes on and exits as it would have.
+``run.json`` and ``report.json`` (``metric_notes["tracking"]``) say tracking was incomplete; ``audit sync
+RUN_DIR`` (or ``audit run --resume``) replays the file (:func:`replay_pending`). On a resumed run the stage runs
+are reused by name and a curve point already logged at a step is not logged again.
 
 Default backend: an embedded sqlite file, ``sqlite:///<cwd>/mlflow.db``, with artifacts beside it in
-``<cwd>/mlartifacts``. ``--tracking-uri`` or ``$MLFLOW_TRACKING_URI`` selects a server instead; a server is
-checked before any training starts, so an unreachable one fails in seconds, not after an hour.
+``<cwd>/mlartifacts``; its first use (table creation, alembic migrations, the experiment) runs under an exclusive
+``flock`` on ``mlflow.db.lock`` (:func:`store_lock`), so two first runs in one directory both succeed.
+``--tracking-uri`` or ``$MLFLOW_TRACKING_URI`` selects a server instead; a server is checked before any training
+starts, so an unreachable one fails in seconds, not after an hour.
 Secrets never reach MLflow: params, metrics and tags carry ids and hashes only, and the training set is logged
 as a schema-only dataset (record index, length, canary copies), never its text.
 """
@@ -57,8 +65,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 STAGE_TAG = "canary_audit.stage"
-HF_CALLBACK_ENV = ("MLFLOW_RUN_ID", "MLFLOW_NESTED_RUN", "MLFLOW_EXPERIMENT_NAME")
-"""Environment knobs of transformers' MLflowCallback that would make it start a run of its own: hidden in a stage."""
 
 
 def _caller_run() -> Any | None:
@@ -216,10 +222,6 @@ class Tracker:
     ``tracking_pending.jsonl`` (:data:`PENDING_FILE`) instead of sent. Runs are named in that file by role
     (``parent`` or a stage name), so stage runs opened while offline are created when it is replayed.
     """
-
-    report_to = "none"
-    """The trainer's ``report_to``: never TRL's MLflowCallback (it raises inside the training loop when the server
-    dies); :func:`audit.train.sft.train_sft` forwards its logs to :meth:`log_train_logs` instead."""
 
     def __init__(self, client: Any, uri: str, *, pending: Path | None = None, reopened: bool = False,
                  progress: bool = True) -> None:
@@ -516,8 +518,6 @@ class NullTracker:
     run_id: str | None = None
     experiment_id: str | None = None
     incomplete = False
-    report_to = "none"
-    """What the trainer's ``report_to`` is: TRL's MLflowCallback never runs."""
 
     def log_params(self, params: dict[str, Any], *, run_id: str | None = None, run: str = "parent") -> None:
         pass

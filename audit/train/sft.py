@@ -86,7 +86,6 @@ def train_sft(
     on_params: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
     resume_from_checkpoint: Path | None = None,
-    report_to: str = "none",
 ) -> TrainResult:
     """Fine-tune ``model`` on ``texts`` and save the weights (adapter or full) as safetensors in ``weights_dir``.
 
@@ -126,7 +125,7 @@ def train_sft(
         save_strategy="steps" if section.checkpoint_every > 0 else "no",
         save_steps=section.checkpoint_every if section.checkpoint_every > 0 else 500,
         save_total_limit=1,
-        report_to=report_to,  # "none" from the pipeline: on_log / on_params carry the numbers to audit.tracking
+        report_to="none",  # never TRL's MLflowCallback: on_log / on_params carry the numbers to audit.tracking
         use_cpu=device.device == "cpu",
         bf16=device.autocast == "bf16",  # on fp32 weights (the *-mixed modes) this is autocast with fp32 master weights
         fp16=device.autocast == "fp16",
