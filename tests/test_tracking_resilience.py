@@ -270,3 +270,36 @@ def test_two_first_runs_on_a_fresh_sqlite_store_both_succeed(in_tmp):
     client = MlflowClient(tracking_uri=store)
     assert len(ids) == 2 and all(client.get_run(i).info.status == "FINISHED" for i in ids)
     assert len(client.search_experiments()) == 2  # Default + canary-audit: one experiment, not one per process
+
+
+def test_sigterm_raises_run_interrupted_once_and_a_second_signal_is_left_to_the_os():
+    import os
+
+    from audit.cli import _restore_signals, _stop_on_signals
+    from audit.resume import RunInterrupted
+
+    before = signal.getsignal(signal.SIGTERM)
+    saved = _stop_on_signals()
+    try:
+        with pytest.raises(RunInterrupted) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode
+        assert stopped.value.signal_name == "SIGTERM" and stopped.value.exit_code == 143
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second SIGTERM during the cleanup stops at once
+    finally:
+        _restore_signals(saved)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_the_cli_exits_128_plus_the_signal_and_names_it(monkeypatch, capsys):
+    from audit import cli
+    from audit.resume import RunInterrupted
+
+    def stopped(args):
+        raise RunInterrupted(signal.SIGTERM)
+
+    monkeypatch.setitem(cli.COMMANDS, "ls", stopped)
+    assert main(["ls"]) == 143
+    assert capsys.readouterr().err.strip() == "interrupted by SIGTERM"
+    monkeypatch.setitem(cli.COMMANDS, "ls", lambda args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main(["ls"]) == 130
