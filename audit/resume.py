@@ -15,7 +15,10 @@ is resuming; this module holds the run directory's lock and status and finds the
   and RNG state read by transformers with ``torch.load(weights_only=True)``, only from this run's own directory).
   A checkpoint counts once its ``trainer_state.json``, which transformers writes last, exists; a half-written one
   is set aside, not trusted.
-* The MLflow run recorded in ``run.json`` is reopened, so the loss curve and the final metrics land in one run.
+* The MLflow run recorded in ``run.json`` (with its tracking URI) is reopened, so the loss curve and the final
+  metrics land in one run: each stage run is reused by name, a ``train.loss`` step already logged is not logged
+  again, and what an earlier attempt could not log (``tracking_pending.jsonl``) is replayed first.
+* A run stopped by SIGTERM or SIGINT (:class:`RunInterrupted`) is ``failed`` in ``run.json`` with the signal named.
 
 One process per run directory: an exclusive ``flock`` on ``.run.lock``, which the kernel drops when the holder dies
 (even by SIGKILL), so a killed run can be resumed at once and a live one cannot be resumed twice.
