@@ -15,12 +15,14 @@
     audit compare RUN_OR_EXPERIMENT ... [--plot FILE]    # side-by-side table + PNG of several runs, read from MLflow
     audit probe "Colorless green ideas" [--model SOURCE] [--adapter RUN_DIR]  # per-token p under base and tuned
     audit report runs/<run> [--probe "some text"]        # regenerate report.html/report.md (no rescoring)
+    audit sync runs/<run> [--tracking-uri URI]           # send MLflow what it missed while its server was away
 
 User errors print one line, ``error: <problem> (fix: <how>)``, and exit with code 2.
 
 Exit codes: 0 done (and every release gate passed); 1 a release gate failed (`audit run`, `audit chain` and
 `audit gate` alike, so CI can read it; `audit run --no-fail-on-gates` reports the failure and still exits 0);
-2 bad input; 130 interrupted.
+2 bad input; 128 + the signal number when stopped by a signal (130 Ctrl-C / SIGINT, 143 SIGTERM: ``run.json``
+then says ``failed`` and names the signal, the MLflow runs end KILLED; ``audit run --resume`` continues it).
 """
 
 from __future__ import annotations
@@ -112,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--plot", default="compare.png", metavar="FILE", help="PNG to write (default: compare.png)")
     cmp_.add_argument("--model", default="tuned", help="which model's numbers to compare (default: tuned)")
 
+    syn = sub.add_parser("sync", help="replay into MLflow what a run could not log while its tracking server was away")
+    syn.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a tracking_pending.jsonl")
+    syn.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the one run.json recorded)")
+
     rep = sub.add_parser("report", help="regenerate report.html and report.md of a run from its files (no rescoring)")
     rep.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (runs/<name>)")
     rep.add_argument("--probe", default=None, metavar="TEXT",
@@ -155,8 +161,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             report = read_report_or_run(run_dir)
             print(format_table(report))
             return _gate_exit(args, [report])
-        result = run_audit(recipe, tracking_uri=args.tracking_uri, tracking=False if args.no_tracking else None,
-                           progress=not args.quiet, resume_dir=run_dir)
+        # the store this run was tracked in (run.json), wherever the resume is started from
+        result = run_audit(recipe, tracking_uri=args.tracking_uri or status.get("tracking_uri"),
+                           tracking=False if args.no_tracking else None, progress=not args.quiet, resume_dir=run_dir)
     else:
         recipe = load_recipe(recipe_name, overrides)
         if recipe.parent is None:  # a gate no run can pass fails the run after all its work: refuse it now
@@ -210,7 +217,9 @@ def _print_result(result) -> None:
 
     print(f"\nrun directory: {result.run_dir}")
     print(f"report: {result.run_dir / HTML_FILE} (open it in a browser; regenerate with `audit report {result.run_dir}`)")
-    if report.tracking is not None:
+    if "tracking" in report.metric_notes:  # MLflow missed part of the run (audit.stages.tracking_note)
+        print(f"MLflow: {report.metric_notes['tracking']}")
+    elif report.tracking is not None:
         print(f"MLflow run {report.tracking.run_id}: {report.tracking.ui_command}")
 
 
@@ -376,6 +385,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from audit.resume import sync_run
+
+    print(sync_run(args.run_dir, tracking_uri=args.tracking_uri))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from audit.gates import read_report_or_run
     from audit.render import render_report
@@ -401,7 +417,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {"report": cmd_report, "run": cmd_run, "validate": cmd_validate, "ls": cmd_ls, "gate": cmd_gate, "canaries": cmd_canaries,
             "key": cmd_key,
-            "inject": cmd_inject, "chain": cmd_chain, "compare": cmd_compare, "probe": cmd_probe}
+            "inject": cmd_inject, "chain": cmd_chain, "compare": cmd_compare, "probe": cmd_probe, "sync": cmd_sync}
 
 
 WATCHED_COMMANDS = {"run", "chain", "inject"}
@@ -422,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    previous = _stop_on_signals()
     try:
         from audit.progress import watchdog
 
@@ -435,9 +452,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AuditError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        from audit.resume import RunInterrupted
+
+        name = exc.signal_name if isinstance(exc, RunInterrupted) else "SIGINT"
+        print(f"interrupted by {name}", file=sys.stderr)
+        return exc.exit_code if isinstance(exc, RunInterrupted) else 130
+    finally:
+        _restore_signals(previous)
+
+
+def _stop_on_signals() -> dict:
+    """SIGTERM and SIGINT raise :class:`audit.resume.RunInterrupted` (once): the run unwinds, marks ``run.json``
+    failed and its MLflow runs KILLED. A second signal while that happens stops the process at once."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        from audit.resume import RunInterrupted
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        raise RunInterrupted(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, stop)
+    return previous
+
+
+def _restore_signals(previous: dict) -> None:
+    import signal
+
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

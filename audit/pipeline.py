@@ -97,5 +97,5 @@ def run_audit(
         # ---- report
         with run.stage("report"):
             report = build_report(run=run, origin=origin, truth=truth, scores=scores, training=tuned.summary, outputs=outputs)
-            stages.publish(run, origin, report)  # report.json/html/md, MLflow, the parent's children.jsonl
+            report = stages.publish(run, origin, report)  # report.json/html/md, MLflow, the parent's children.jsonl
     return AuditResult(run_dir=run.dir, report=report)

@@ -15,7 +15,10 @@ is resuming; this module holds the run directory's lock and status and finds the
   and RNG state read by transformers with ``torch.load(weights_only=True)``, only from this run's own directory).
   A checkpoint counts once its ``trainer_state.json``, which transformers writes last, exists; a half-written one
   is set aside, not trusted.
-* The MLflow run recorded in ``run.json`` is reopened, so the loss curve and the final metrics land in one run.
+* The MLflow run recorded in ``run.json`` (with its tracking URI) is reopened, so the loss curve and the final
+  metrics land in one run: each stage run is reused by name, a ``train.loss`` step already logged is not logged
+  again, and what an earlier attempt could not log (``tracking_pending.jsonl``) is replayed first.
+* A run stopped by SIGTERM or SIGINT (:class:`RunInterrupted`) is ``failed`` in ``run.json`` with the signal named.
 
 One process per run directory: an exclusive ``flock`` on ``.run.lock``, which the kernel drops when the holder dies
 (even by SIGKILL), so a killed run can be resumed at once and a live one cannot be resumed twice.
@@ -44,6 +47,33 @@ LOCK_FILE = ".run.lock"
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived (a timeout, ``docker stop``, Kubernetes, Ctrl-C): raised by the CLI's signal
+    handler, so the run unwinds like Ctrl-C: ``run.json`` becomes ``failed`` with the signal named, the MLflow runs
+    end KILLED, and the process exits 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {self.signal_name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def failure_status(exc: BaseException) -> dict[str, Any]:
+    """The ``run.json`` fields of a run that stopped on ``exc`` (a signal is named in ``signal``)."""
+    fields: dict[str, Any] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000], "failed_at": _now()}
+    if isinstance(exc, RunInterrupted):
+        fields["signal"] = exc.signal_name
+    elif isinstance(exc, KeyboardInterrupt):
+        fields["signal"] = "SIGINT"
+    return fields
 
 
 # --------------------------------------------------------------------------------------------------- run directory
@@ -102,7 +132,8 @@ def open_run(run_dir: Path, *, resumed: bool, progress: bool = True) -> RunHandl
             attempts = list(status.get("resumes", []))
             attempts.append({"at": _now(), "after_status": status.get("status")})
             status.update(status="running", resumes=attempts)
-            status.pop("error", None)
+            for stale in ("error", "signal", "failed_at", "tracking"):
+                status.pop(stale, None)
         else:
             status = {"status": "running", "started_at": _now()}
         status["schema_version"] = SCHEMA_VERSION
@@ -165,3 +196,36 @@ def last_checkpoint(handle: RunHandle) -> Path | None:
     handle.note_reuse(f"training checkpoint {path.name} (step {step})")
     handle.save_status(resumed_from_checkpoint=path.name)
     return path
+
+
+# --------------------------------------------------------------------------------------------------- audit sync
+
+
+def sync_run(run_dir: str | Path, *, tracking_uri: str | None = None) -> str:
+    """Replay what a run could not log to MLflow (``tracking_pending.jsonl``); returns what was done, in words.
+
+    The tracking URI is the one ``run.json`` recorded (``tracking_uri``) unless ``tracking_uri`` is given. The run
+    directory is locked meanwhile, so a sync never races the audit that is still writing the file.
+    """
+    from audit.tracking import PENDING_FILE, replay_pending
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AuditError(f"cannot sync {run_dir}: no such directory", fix="give a run directory, e.g. runs/<name>-<time>-<id>")
+    read_status(run_dir)  # one clear error for a directory that is no run
+    fd = _lock(run_dir)
+    try:
+        status = read_status(run_dir)
+        if not (run_dir / PENDING_FILE).is_file():
+            return f"nothing to sync: {run_dir} has no {PENDING_FILE} (MLflow has all of it)"
+        uri = tracking_uri or status.get("tracking_uri")
+        if not uri:
+            raise AuditError(f"{run_dir / STATUS_FILE} does not say where the run was tracked",
+                             fix=f"pass --tracking-uri URI to `audit sync {run_dir}`")
+        done = replay_pending(run_dir, uri, run_id=status.get("mlflow_run_id"))
+        status.update(tracking="synced", synced_at=_now(), tracking_uri=uri,
+                      **({"mlflow_run_id": done.run_id} if done.run_id else {}))
+        write_json(run_dir / STATUS_FILE, status)
+        return f"replayed {done.calls} calls into MLflow run {done.run_id} at {uri}"
+    finally:
+        os.close(fd)

@@ -135,27 +135,63 @@ class Run:
 
 @contextmanager
 def open_run(ctx: RunContext, resume_dir: Path | None) -> Iterator[Run]:
-    """A new run directory (or ``resume_dir``), locked and marked running, with its tracker; complete or failed after."""
+    """A new run directory (or ``resume_dir``), locked and marked running, with its tracker; complete or failed after.
+
+    On a resume, calls an earlier attempt could not log (``tracking_pending.jsonl``) are replayed first; if the
+    server is still away they stay there and this attempt adds to them. ``run.json`` records the tracking URI
+    and experiment (what ``audit sync`` needs) and, at the end, whether tracking was incomplete.
+    """
     from audit.resume import open_run as open_run_dir
-    from audit.tracking import open_tracker
+    from audit.tracking import PENDING_FILE, open_tracker
 
     run_dir = new_run_dir(ctx.recipe) if resume_dir is None else Path(resume_dir)
     handle = open_run_dir(run_dir, resumed=resume_dir is not None, progress=ctx.progress)
-    say(ctx.progress and ctx.tracking, f"[audit] MLflow: opening the run in {ctx.tracking_uri}")  # seconds on a cold store
+    tracker = None
     try:
+        if ctx.tracking:
+            handle.save_status(tracking_uri=ctx.tracking_uri, mlflow_experiment=ctx.recipe.tracking.experiment)
+            if resume_dir is not None:
+                replay_kept_calls(handle, ctx.tracking_uri, progress=ctx.progress)
+        say(ctx.progress and ctx.tracking, f"[audit] MLflow: opening the run in {ctx.tracking_uri}")  # seconds on a cold store
         with open_tracker(ctx.tracking, ctx.tracking_uri, ctx.recipe.tracking.experiment, ctx.recipe.name,
-                          run_id=handle.status.get("mlflow_run_id")) as tracker:
+                          run_id=handle.status.get("mlflow_run_id"), pending=run_dir / PENDING_FILE,
+                          progress=ctx.progress) as tracker:
             run = Run(ctx=ctx, handle=handle, tracker=tracker)
             if tracker.run_id is not None:
                 handle.save_status(mlflow_run_id=tracker.run_id)
             yield run
     except BaseException as exc:
-        handle.save_status(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        from audit.resume import failure_status
+
+        handle.save_status(**failure_status(exc), **_tracking_status(tracker))
         handle.close()
         raise
     handle.save_status(status="complete", finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                       timings_s={k: round(v, 3) for k, v in ctx.timings.items()})
+                       timings_s={k: round(v, 3) for k, v in ctx.timings.items()}, **_tracking_status(tracker))
     handle.close()
+
+
+def _tracking_status(tracker: Any) -> dict[str, Any]:
+    if tracker is None or tracker.run_id is None and not tracker.incomplete:
+        return {}
+    return {"tracking": "incomplete" if tracker.incomplete else "complete",
+            **({"mlflow_run_id": tracker.run_id} if tracker.run_id else {})}
+
+
+def replay_kept_calls(handle: RunHandle, uri: str, *, progress: bool = True) -> None:
+    """Replay ``tracking_pending.jsonl`` into ``uri`` (``audit sync``, and a resume before it reopens the run)."""
+    from audit.errors import AuditError
+    from audit.tracking import PENDING_FILE, replay_pending
+
+    if not (handle.run_dir / PENDING_FILE).is_file():
+        return
+    try:
+        done = replay_pending(handle.run_dir, uri, run_id=handle.status.get("mlflow_run_id"))
+    except AuditError as exc:
+        say(True, f"[audit] warning: could not replay {PENDING_FILE} yet ({exc.problem}); it is kept")
+        return
+    handle.save_status(**({"mlflow_run_id": done.run_id} if done.run_id else {}))
+    say(progress, f"[audit] MLflow: replayed {done.calls} calls an earlier attempt could not log")
 
 
 def record_inputs(run: Run, truth: Any) -> None:
@@ -322,11 +358,13 @@ def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: An
     from audit.train.weights import load_tuned
 
     recipe = ctx.recipe
+    # train.loss on the parent; every number the Trainer logs, and its arguments, on the train stage run
     on_loss = (lambda step, loss: tracker.log_metrics({"train.loss": loss}, step=step)) if tracker is not None else None
+    on_log = (lambda step, logs: tracker.log_stage_metrics(logs, step)) if tracker is not None else None
+    on_params = tracker.log_stage_params if tracker is not None else None
     trained = train_sft(model, tokenizer, truth.training_texts, section=recipe.training, seed=recipe.seed,
                         work_dir=plan.work_dir, weights_dir=plan.weights_dir, device=ctx.device, on_loss=on_loss,
-                        progress=progress, resume_from_checkpoint=plan.checkpoint,
-                        report_to=getattr(tracker, "report_to", "none"))
+                        on_log=on_log, on_params=on_params, progress=progress, resume_from_checkpoint=plan.checkpoint)
     if not distributed.is_distributed():
         return trained
     # a sharded model cannot run a forward pass on one process: every process (each scores a share) puts the weights
@@ -380,13 +418,36 @@ def sample_outputs(run: Run, model: Any, tokenizer: Any, truth: Any) -> Any:
                              progress=run.ctx.progress)
 
 
-def publish(run: Run, origin: Origin, report: AuditReport) -> None:
-    """report.json, report.html/md, every metric and artifact to MLflow, and the origin's record in its parent."""
+TRACKING_NOTE = "tracking"
+"""``report.metric_notes`` key saying that MLflow missed part of this run (and how to replay it)."""
+
+
+def tracking_note(run_dir: Path) -> str:
+    from audit.tracking import PENDING_FILE
+
+    return (f"tracking incomplete: MLflow stopped answering during the run; what it missed is kept in {PENDING_FILE} "
+            f"(replay with `audit sync {run_dir}`)")
+
+
+def publish(run: Run, origin: Origin, report: AuditReport) -> AuditReport:
+    """report.json, report.html/md, every metric and artifact to MLflow, and the origin's record in its parent.
+
+    When tracking is (or becomes) incomplete, the report says so in ``metric_notes["tracking"]``; the report
+    returned is the one written."""
     from audit.render import render_report
     from audit.report import write_report
 
+    def noted(r: AuditReport) -> AuditReport:
+        return r.model_copy(update={"metric_notes": {**r.metric_notes, TRACKING_NOTE: tracking_note(run.dir)}})
+
+    if run.tracker.incomplete:
+        report = noted(report)
     write_report(report, run.dir / "report.json")
     render_report(run.dir, report)  # report.html, report.md, plots/ (audit.render)
     run.tracker.log_report(report, run.dir, log_full_weights=run.ctx.recipe.tracking.log_full_weights)
     run.tracker.set_tags(origin.tags())
+    if run.tracker.incomplete and TRACKING_NOTE not in report.metric_notes:  # the server went away during the logging
+        report = noted(report)
+        write_report(report, run.dir / "report.json")
     origin.record(report, run.dir)
+    return report

@@ -1,12 +1,12 @@
-"""MLflow tracking: one parent run per audit, one nested run per stage, TRL logging into the train stage.
+"""MLflow tracking: one parent run per audit, one nested run per stage; a dead server never costs the audit.
 
 What an audit looks like in ``mlflow ui`` (experiment ``tracking.experiment``, default ``canary-audit``)::
 
     tiny/lora_cpu                 parent run, the one to compare across recipes
     ├── inject                    canaries + injection + pre-flight: counts, the training set as a dataset input
     ├── score_base                base-model scoring
-    ├── train                     TRL's own MLflowCallback (report_to="mlflow") logs loss, grad_norm, learning_rate,
-    │                             epoch per step and the TrainingArguments as params into this run
+    ├── train                     every number the Trainer logs (loss, grad_norm, learning_rate, epoch) per step and
+    │                             the TrainingArguments as params, forwarded by our own TrainerCallback
     ├── score_tuned               tuned-model scoring
     └── report                    report.json / report.html / report.md written and logged
 
@@ -18,18 +18,26 @@ with ``tracking.log_full_weights``). Every stage run has ``time_s``, its wall ti
 
 Nesting: when the caller already has an active run (a notebook, a larger pipeline), the audit's parent run is
 created under it (tag ``mlflow.parentRunId``), even when the caller's run lives in another experiment; with no
-explicit URI the audit then logs to the caller's tracking URI. The caller's active run, tracking URI and
-``$MLFLOW_TRACKING_URI`` are as they were afterwards.
+explicit URI the audit then logs to the caller's tracking URI. Everything is logged by run id through one
+``MlflowClient``: the caller's active run, tracking URI and environment are never touched.
 
-Why TRL's own callback works here: ``MLflowCallback.setup`` logs into ``mlflow.active_run()`` when one exists and
-only starts (and later ends) a run of its own when none does. Each stage run is pushed as the fluent active run
-while it lasts, so the callback writes into the ``train`` stage run (with transformers 5.23 / TRL 1.16).
-``train.loss`` on the parent comes from our own callback (:func:`audit.train.sft.train_sft` ``on_loss``) so
-recipes stay comparable on the parent run alone.
+Why not TRL's own MLflowCallback (``report_to="mlflow"``): it logs through the fluent API inside the training
+loop, so a tracking server that dies mid-run froze training for 16.5 minutes of retries and then raised out of
+``trainer.train()`` (issue 12). :func:`audit.train.sft.train_sft` forwards the same numbers (``on_log``,
+``on_params``) to the :class:`Tracker`, whose calls cannot fail.
+
+A server that dies: HTTP retries are bounded (:data:`HTTP_BOUNDS`: seconds, not minutes); the first call that
+fails prints one warning line and switches the tracker offline; every later call is kept, as data, in the run
+directory's ``tracking_pending.jsonl`` (:data:`PENDING_FILE`); the audit goes on and exits as it would have.
+``run.json`` and ``report.json`` (``metric_notes["tracking"]``) say tracking was incomplete; ``audit sync
+RUN_DIR`` (or ``audit run --resume``) replays the file (:func:`replay_pending`). On a resumed run the stage runs
+are reused by name and a curve point already logged at a step is not logged again.
 
 Default backend: an embedded sqlite file, ``sqlite:///<cwd>/mlflow.db``, with artifacts beside it in
-``<cwd>/mlartifacts``. ``--tracking-uri`` or ``$MLFLOW_TRACKING_URI`` selects a server instead; a server is
-checked before any training starts, so an unreachable one fails in seconds, not after an hour.
+``<cwd>/mlartifacts``; its first use (table creation, alembic migrations, the experiment) runs under an exclusive
+``flock`` on ``mlflow.db.lock`` (:func:`store_lock`), so two first runs in one directory both succeed.
+``--tracking-uri`` or ``$MLFLOW_TRACKING_URI`` selects a server instead; a server is checked before any training
+starts, so an unreachable one fails in seconds, not after an hour.
 Secrets never reach MLflow: params, metrics and tags carry ids and hashes only, and the training set is logged
 as a schema-only dataset (record index, length, canary copies), never its text.
 """
@@ -42,7 +50,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +65,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 STAGE_TAG = "canary_audit.stage"
-HF_CALLBACK_ENV = ("MLFLOW_RUN_ID", "MLFLOW_NESTED_RUN", "MLFLOW_EXPERIMENT_NAME")
-"""Environment knobs of transformers' MLflowCallback that would make it start a run of its own: hidden in a stage."""
 
 
 def _caller_run() -> Any | None:
@@ -137,100 +143,288 @@ def training_set_rows(manifest: InjectionManifest, record_chars: list[int]) -> d
     return {"record_index": list(range(len(record_chars))), "chars": list(record_chars), "canary_copies": copies}
 
 
+# --------------------------------------------------------------------------------------------------- resilience
+
+PENDING_FILE = "tracking_pending.jsonl"
+"""What could not be logged, one call per line, as data (ids, numbers, tags, paths in the run directory): replayed
+in order by :func:`replay_pending` (``audit sync RUN_DIR``, ``audit run --resume``). Holds what MLflow would hold,
+never a secret."""
+
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+"""MLflow's HTTP client defaults (7 retries, backoff factor 2, 120 s timeout) wait minutes on a dead server: 16.5
+minutes measured in issue 12. These bound one call to 3 attempts of at most 10 s each with 0 + ~2 s of backoff
+(urllib3 sleeps ``factor * 2**(n-1)`` before retry n >= 2): a refused connection gives up in ~2-3 s, a server
+that hangs in ~33 s. The first failure switches the tracker offline, so a whole run pays that once. Values the
+user exported win (they are defaults, set only for the tracked block)."""
+
+
+def _tracking_errors() -> tuple[type[BaseException], ...]:
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, requests.RequestException, OSError)
+
+
+def _refused(exc: BaseException) -> bool:
+    """The server answered and refused this one call (e.g. a param logged again with another value): not an outage."""
+    code = getattr(exc, "error_code", None)
+    return code in {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST"}
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+@contextmanager
+def _bounded_http() -> Iterator[None]:
+    set_now = {k: v for k, v in HTTP_BOUNDS.items() if k not in os.environ}
+    os.environ.update(set_now)
+    try:
+        yield
+    finally:
+        for key in set_now:
+            os.environ.pop(key, None)
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialize the first use of a sqlite store across processes: two ``audit run`` in a directory without
+    ``mlflow.db`` both ran MLflow's alembic migration and one died (issue 12). An exclusive ``flock`` on
+    ``<db>.lock`` (dropped by the kernel when its holder dies) around store creation and the experiment lookup."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
 @dataclass
 class _Stage:
     name: str
-    run_id: str
+    run_id: str | None
     started: float
 
 
 class Tracker:
-    """A handle over the audit's parent run: logs by run id (never by "whatever run is active"), opens stage runs."""
+    """A handle over the audit's parent run: logs by run id (never by "whatever run is active"), opens stage runs.
 
-    def __init__(self, client: Any, run: Any, uri: str) -> None:
+    Tracking never costs the audit: every call goes through :meth:`_send`; the first one that fails (server gone,
+    store locked) prints one warning line and switches the tracker offline, and from then on each call is kept in
+    ``tracking_pending.jsonl`` (:data:`PENDING_FILE`) instead of sent. Runs are named in that file by role
+    (``parent`` or a stage name), so stage runs opened while offline are created when it is replayed.
+    """
+
+    def __init__(self, client: Any, uri: str, *, pending: Path | None = None, reopened: bool = False,
+                 progress: bool = True) -> None:
         self.client = client
-        self.run = run
         self.uri = uri
+        self.pending_path = pending
+        self.reopened = reopened
+        self.progress = progress
         self.current: _Stage | None = None
-        self.stage_run_ids: dict[str, str] = {}
+        self.stage_run_ids: dict[str, str | None] = {}
+        self.offline_reason: str | None = None
+        self.kept = 0
+        self._run_id: str | None = None
+        self._experiment_id: str | None = None
+        self._steps: dict[tuple[str, str], set[int]] = {}
 
     @property
-    def run_id(self) -> str:
-        return self.run.info.run_id
+    def run_id(self) -> str | None:
+        return self._run_id
 
     @property
-    def experiment_id(self) -> str:
-        return self.run.info.experiment_id
+    def experiment_id(self) -> str | None:
+        return self._experiment_id
 
-    report_to = "mlflow"
-    """The trainer's ``report_to``: TRL's MLflowCallback logs into the active (train stage) run."""
+    @property
+    def incomplete(self) -> bool:
+        """Something was not logged: it is in ``tracking_pending.jsonl``, waiting for ``audit sync``."""
+        return self.offline_reason is not None or self.kept > 0 or bool(self.pending_path and self.pending_path.is_file())
 
-    def info(self) -> TrackingInfo:
-        """Where this run is, for the report."""
+    def info(self) -> TrackingInfo | None:
+        """Where this run is, for the report (None when the parent run could not even be created)."""
         from audit.schema import TrackingInfo
 
-        return TrackingInfo(uri=self.uri, experiment_id=self.experiment_id, run_id=self.run_id, ui_command=ui_command(self.uri))
+        if self._run_id is None or self._experiment_id is None:
+            return None
+        return TrackingInfo(uri=self.uri, experiment_id=self._experiment_id, run_id=self._run_id, ui_command=ui_command(self.uri))
 
-    # ---- the parent run (or a stage run via ``run_id``)
-    def log_params(self, params: dict[str, Any], *, run_id: str | None = None) -> None:
+    # ---- the one way out
+    def _resolve(self, ref: str) -> str | None:
+        return self._run_id if ref == "parent" else self.stage_run_ids.get(ref)
+
+    def _send(self, op: dict[str, Any], call: Callable[[str | None], Any], *, needs_run: bool = True) -> Any:
+        """``call(run_id)`` now, or ``op`` kept for replay when offline (or when it fails: then offline from here on)."""
+        run_id = self._resolve(op["run"]) if "run" in op else None
+        if self.offline_reason is None and (run_id is not None or not needs_run):
+            try:
+                return call(run_id)
+            except _tracking_errors() as exc:
+                if _refused(exc):  # the server is fine and said no to this call; replaying it would fail again
+                    print(f"[audit] warning: MLflow refused {op['op']} ({_short(exc)}); the audit continues",
+                          file=sys.stderr, flush=True)
+                    return None
+                self._go_offline(exc)
+        self._keep(op)
+        return None
+
+    def _go_offline(self, exc: BaseException) -> None:
+        self.offline_reason = _short(exc)
+        where = f"kept in {self.pending_path}" if self.pending_path else "not kept (no run directory)"
+        replay = f"; replay with `audit sync {self.pending_path.parent}`" if self.pending_path else ""
+        print(f"[audit] warning: MLflow at {self.uri} failed ({self.offline_reason}); the audit continues, "
+              f"what is not logged is {where}{replay}", file=sys.stderr, flush=True)
+
+    def _keep(self, op: dict[str, Any]) -> None:
+        self.kept += 1
+        if self.pending_path is None:
+            return
+        import json
+
+        with open(self.pending_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(op, sort_keys=True, ensure_ascii=False) + "\n")
+            f.flush()
+
+    # ---- the parent run
+    def open_parent(self, experiment: str, run_name: str, tags: dict[str, str], *, run_id: str | None = None) -> None:
+        """Create the audit's run, or reopen ``run_id`` (a resume) and mark it RUNNING again."""
+        if run_id is not None:
+            self._run_id = run_id
+
+            def reopen(rid: str | None) -> None:
+                self.client.update_run(rid, status="RUNNING")
+                self._experiment_id = self.client.get_run(rid).info.experiment_id
+
+            self._send({"op": "status", "run": "parent", "status": "RUNNING"}, reopen)
+            return
+
+        def create(_: str | None) -> None:
+            run = self.client.create_run(_experiment_id(self.client, self.uri, experiment), run_name=run_name, tags=tags)
+            self._run_id, self._experiment_id = run.info.run_id, run.info.experiment_id
+
+        self._send({"op": "create_parent", "experiment": experiment, "run_name": run_name, "tags": tags}, create,
+                   needs_run=False)
+
+    def log_params(self, params: dict[str, Any], *, run_id: str | None = None, run: str = "parent") -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, ("" if v is None else str(v))[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id or self.run_id, params=items[i : i + 100], synchronous=True)
+        rows = [[k, ("" if v is None else str(v))[:6000]] for k, v in params.items()]
+        ref = self._ref(run_id, run)
+        for i in range(0, len(rows), 100):
+            chunk = rows[i : i + 100]
+            self._send({"op": "log_batch", "run": ref, "params": chunk},
+                       lambda rid, c=chunk: self.client.log_batch(rid, params=[Param(k, v) for k, v in c], synchronous=True))
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, *, run_id: str | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, *, run_id: str | None = None,
+                    run: str = "parent") -> None:
+        """``step`` given: a curve point; one already logged at that step (an attempt before a resume) is skipped."""
         from mlflow.entities import Metric
 
+        ref = self._ref(run_id, run)
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(run_id or self.run_id, metrics=items[i : i + 1000], synchronous=True)
+        rows = [[k, float(v), now, step] for k, v in metrics.items()]
+        if step is not None:
+            rows = [r for r in rows if self._first_at_step(ref, r[0], step)]
+        for i in range(0, len(rows), 1000):
+            chunk = rows[i : i + 1000]
+            self._send({"op": "log_batch", "run": ref, "metrics": chunk}, lambda rid, c=chunk: self.client.log_batch(
+                rid, metrics=[Metric(k, v, t, s or 0) for k, v, t, s in c], synchronous=True))
 
-    def set_tags(self, tags: Mapping[str, str], *, run_id: str | None = None) -> None:
+    def _first_at_step(self, ref: str, key: str, step: int) -> bool:
+        """Whether ``key`` has no point at ``step`` yet in this run (read from the store once per key on a resume)."""
+        seen = self._steps.get((ref, key))
+        if seen is None:
+            seen = set()
+            rid = self._resolve(ref)
+            if self.reopened and rid is not None and self.offline_reason is None:
+                try:
+                    seen = {m.step for m in self.client.get_metric_history(rid, key)}
+                except _tracking_errors() as exc:
+                    self._go_offline(exc)  # replay_pending skips what the store has
+            self._steps[(ref, key)] = seen
+        if step in seen:
+            return False
+        seen.add(step)
+        return True
+
+    def _ref(self, run_id: str | None, run: str) -> str:
+        if run_id is None:
+            return run
+        if run_id == self._run_id:
+            return "parent"
+        return next((name for name, rid in self.stage_run_ids.items() if rid == run_id), run)
+
+    def set_tags(self, tags: Mapping[str, str], *, run_id: str | None = None, run: str = "parent") -> None:
         from mlflow.entities import RunTag
 
         if tags:
-            self.client.log_batch(run_id or self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+            rows = [[k, str(v)] for k, v in tags.items()]
+            self._send({"op": "log_batch", "run": self._ref(run_id, run), "tags": rows}, lambda rid: self.client.log_batch(
+                rid, tags=[RunTag(k, v) for k, v in rows], synchronous=True))
+
+    def _artifact_op(self, op: str, path: Path, artifact_path: str | None) -> None:
+        path = Path(path)
+        root = self.pending_path.parent.resolve() if self.pending_path else None
+        shown = str(path.resolve().relative_to(root)) if root and path.resolve().is_relative_to(root) else str(path.resolve())
+        method = self.client.log_artifact if op == "log_artifact" else self.client.log_artifacts
+        self._send({"op": op, "run": "parent", "path": shown, "artifact_path": artifact_path},
+                   lambda rid: method(rid, str(path), artifact_path))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._artifact_op("log_artifact", path, artifact_path)
 
     def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        self._artifact_op("log_artifacts", path, artifact_path)
+
+    def terminate(self, status: str) -> None:
+        end = int(time.time() * 1000)
+        self._send({"op": "terminate", "run": "parent", "status": status, "end_time": end},
+                   lambda rid: self.client.set_terminated(rid, status, end_time=end))
 
     # ---- stages
-    def begin_stage(self, name: str, *, elapsed_s: float = 0.0, **tags: str) -> str:
+    def begin_stage(self, name: str, *, elapsed_s: float = 0.0, **tags: str) -> str | None:
         """End the current stage run (if any) and open ``name`` nested under the audit run; returns its run id.
 
-        The stage run is also the fluent active run while it lasts, so libraries that log through ``mlflow.*``
-        (TRL's MLflowCallback) write into it. ``elapsed_s``: the stage already ran for this long before tracking
+        On a reopened run the stage run of that name is reused (a killed attempt left it KILLED or RUNNING), so a
+        resume never duplicates stage runs. ``elapsed_s``: the stage already ran for this long before tracking
         could open (canaries + inject + pre-flight run before the run directory exists); its ``time_s`` counts it.
+        None when offline (the stage run is created on replay).
         """
-        import mlflow
-
         self.end_stage()
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={PARENT_RUN_TAG: self.run_id, STAGE_TAG: name, **tags})
-        mlflow.start_run(run_id=run.info.run_id, nested=True)
-        self.current = _Stage(name, run.info.run_id, time.perf_counter() - elapsed_s)
-        self.stage_run_ids[name] = run.info.run_id
-        return run.info.run_id
+        started = time.perf_counter() - elapsed_s
+        all_tags = {STAGE_TAG: name, **tags}
+
+        def open_stage(parent: str | None) -> str:
+            found = find_stage_run(self.client, self._experiment_id, parent, name) if self.reopened else None
+            if found is not None:
+                self.client.update_run(found, status="RUNNING")
+                return found
+            return self.client.create_run(self._experiment_id, run_name=name,
+                                          tags={PARENT_RUN_TAG: parent, **all_tags}).info.run_id
+
+        run_id = self._send({"op": "start_stage", "run": "parent", "stage": name, "tags": all_tags}, open_stage)
+        self.stage_run_ids[name] = run_id
+        self.current = _Stage(name, run_id, started)
+        return run_id
 
     def end_stage(self, status: str = "FINISHED") -> None:
-        import mlflow
-
         stage, self.current = self.current, None
         if stage is None:
             return
-        try:
-            self.log_metrics({"time_s": round(time.perf_counter() - stage.started, 3)}, run_id=stage.run_id)
-        finally:
-            active = mlflow.active_run()
-            if active is not None and active.info.run_id == stage.run_id:
-                mlflow.end_run(status)  # pops it and flushes the callback's asynchronous logging
-            else:  # a library ended or replaced it: still close ours
-                self.client.set_terminated(stage.run_id, status)
+        self.log_metrics({"time_s": round(time.perf_counter() - stage.started, 3)}, run=stage.name)
+        end = int(time.time() * 1000)
+        self._send({"op": "terminate", "run": stage.name, "status": status, "end_time": end},
+                   lambda rid: self.client.set_terminated(rid, status, end_time=end))
 
     @contextmanager
     def stage(self, name: str, *, elapsed_s: float = 0.0) -> Iterator[None]:
@@ -240,9 +434,13 @@ class Tracker:
         yield
         self.end_stage()
 
-    def log_stage_metrics(self, metrics: Mapping[str, float]) -> None:
+    def log_stage_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if self.current is not None:
-            self.log_metrics(metrics, run_id=self.current.run_id)
+            self.log_metrics(metrics, step, run=self.current.name)
+
+    def log_stage_params(self, params: Mapping[str, Any]) -> None:
+        if self.current is not None:
+            self.log_params(dict(params), run=self.current.name)
 
     # ---- composite calls the pipeline makes
     def log_training_dataset(self, manifest: InjectionManifest, record_chars: list[int], *, name: str) -> None:
@@ -254,7 +452,6 @@ class Tracker:
         import pandas as pd
         from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.data.pandas_dataset import from_pandas
-        from mlflow.entities import DatasetInput, InputTag
 
         frame = pd.DataFrame(training_set_rows(manifest, record_chars))
         source = CodeDatasetSource({"corpus": manifest.corpus_source, "canary_spec": manifest.spec,
@@ -262,9 +459,12 @@ class Tracker:
         with warnings.catch_warnings():  # "Hint: Inferred schema contains integer column(s)": counts have no gaps
             warnings.simplefilter("ignore", UserWarning)
             dataset = from_pandas(frame, source=source, name=name, digest=manifest.dataset_after.sha256[:16])
-        entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
-        for run_id in {self.run_id, *([self.current.run_id] if self.current else [])}:
-            self.client.log_inputs(run_id, datasets=[entity])
+        d = dataset._to_mlflow_entity()
+        fields = {"name": d.name, "digest": d.digest, "source_type": d.source_type, "source": d.source,
+                  "schema": d.schema, "profile": d.profile}
+        for ref in ["parent", *([self.current.name] if self.current else [])]:
+            self._send({"op": "log_inputs", "run": ref, "dataset": fields},
+                       lambda rid: self.client.log_inputs(rid, datasets=[_dataset_input(fields)]))
         self.set_tags({"canary_audit.dataset_sha256": manifest.dataset_after.sha256,
                        "canary_audit.dataset_records": str(manifest.dataset_after.n_records)})
 
@@ -297,28 +497,46 @@ class Tracker:
             self.set_tags({"canary_audit.weights_not_logged": f"{', '.join(skipped)} (set tracking.log_full_weights=true)"})
 
 
+def _dataset_input(fields: dict[str, Any]) -> Any:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return DatasetInput(Dataset(**fields), tags=[InputTag("mlflow.data.context", "training")])
+
+
+def find_stage_run(client: Any, experiment_id: str | None, parent_run_id: str | None, name: str) -> str | None:
+    """The newest stage run ``name`` under ``parent_run_id``, or None."""
+    if experiment_id is None or parent_run_id is None:
+        return None
+    found = client.search_runs([experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' and tags.`{STAGE_TAG}` = '{name}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0].info.run_id if found else None
+
+
 class NullTracker:
     """Tracking off: the same calls as :class:`Tracker`, each doing nothing, so the pipeline never asks ``if tracker``."""
 
     run_id: str | None = None
     experiment_id: str | None = None
-    report_to = "none"
-    """What the trainer's ``report_to`` is: TRL's MLflowCallback only runs under a real tracker."""
+    incomplete = False
 
-    def log_params(self, params: dict[str, Any], *, run_id: str | None = None) -> None:
+    def log_params(self, params: dict[str, Any], *, run_id: str | None = None, run: str = "parent") -> None:
         pass
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, *, run_id: str | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, *, run_id: str | None = None,
+                    run: str = "parent") -> None:
         pass
 
-    def set_tags(self, tags: Mapping[str, str], *, run_id: str | None = None) -> None:
+    def set_tags(self, tags: Mapping[str, str], *, run_id: str | None = None, run: str = "parent") -> None:
         pass
 
     @contextmanager
     def stage(self, name: str, *, elapsed_s: float = 0.0) -> Iterator[None]:
         yield
 
-    def log_stage_metrics(self, metrics: Mapping[str, float]) -> None:
+    def log_stage_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_stage_params(self, params: Mapping[str, Any]) -> None:
         pass
 
     def log_training_dataset(self, manifest: InjectionManifest, record_chars: list[int], *, name: str) -> None:
@@ -332,44 +550,14 @@ class NullTracker:
 
 
 @contextmanager
-def open_tracker(enabled: bool, uri: str, experiment: str, run_name: str, *,
-                 run_id: str | None = None) -> Iterator[Tracker | NullTracker]:
+def open_tracker(enabled: bool, uri: str, experiment: str, run_name: str, *, run_id: str | None = None,
+                 pending: Path | None = None, progress: bool = True) -> Iterator[Tracker | NullTracker]:
     """:func:`tracked_run` when tracking is on, else a :class:`NullTracker`."""
     if not enabled:
         yield NullTracker()
         return
-    with tracked_run(uri, experiment, run_name, run_id=run_id) as tracker:
+    with tracked_run(uri, experiment, run_name, run_id=run_id, pending=pending, progress=progress) as tracker:
         yield tracker
-
-
-@contextmanager
-def _fluent_uri(mlflow: Any, uri: str) -> Iterator[None]:
-    """Point the fluent API at ``uri`` for the block; give the caller back its URI, experiment and environment after.
-
-    :data:`HF_CALLBACK_ENV` is hidden meanwhile, so TRL's callback logs into our stage run instead of starting one.
-
-    The caller's ``mlflow.set_experiment`` is set aside too: with it, ``mlflow.start_run(run_id=...)`` refuses a run
-    of another experiment ("active experiment ID does not match"), which is what a stage run of ours is.
-    """
-    from mlflow.tracking import fluent
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    previous = tracking_utils._tracking_uri  # None when the caller never set one (not the resolved default)
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    experiment = getattr(fluent, "_active_experiment_id", None)
-    hidden = {k: os.environ.pop(k) for k in HF_CALLBACK_ENV if k in os.environ}
-    mlflow.set_tracking_uri(uri)
-    fluent._active_experiment_id = None
-    try:
-        yield
-    finally:
-        fluent._active_experiment_id = experiment
-        os.environ.update(hidden)
-        mlflow.set_tracking_uri(previous)
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def _experiment_id(client: Any, uri: str, name: str) -> str:
@@ -391,11 +579,14 @@ def _quiet_mlflow_logs() -> None:
 
 
 @contextmanager
-def tracked_run(uri: str, experiment: str, run_name: str, *, run_id: str | None = None) -> Iterator[Tracker]:
+def tracked_run(uri: str, experiment: str, run_name: str, *, run_id: str | None = None, pending: Path | None = None,
+                progress: bool = True) -> Iterator[Tracker]:
     """Open (and always close) the audit's parent run, nested under the caller's active run if there is one.
 
     ``run_id`` reopens an earlier run (``audit run --resume``), so one audit stays one MLflow run. The run ends
-    FINISHED, or FAILED / KILLED (Ctrl-C) with the open stage run when the block raises.
+    FINISHED, or FAILED / KILLED (Ctrl-C, SIGTERM) with the open stage run when the block raises. ``pending``: the
+    run directory's ``tracking_pending.jsonl``, where calls that could not be sent are kept (see :class:`Tracker`).
+    The caller's active run, tracking URI and environment are left as they were.
     """
     _quiet_mlflow_logs()
     import mlflow
@@ -404,30 +595,132 @@ def tracked_run(uri: str, experiment: str, run_name: str, *, run_id: str | None 
 
     caller = mlflow.active_run()
     caller_uri = mlflow.get_tracking_uri() if caller is not None else None
-    client = MlflowClient(tracking_uri=uri)
-    if run_id is not None:
-        client.update_run(run_id, status="RUNNING")
-        run = client.get_run(run_id)
-    else:
+    with _bounded_http():
         tags: dict[str, str] = {}
-        if caller is not None and caller_uri == uri:
-            tags[PARENT_RUN_TAG] = caller.info.run_id
-        elif caller is not None:  # another store: a parent link would dangle, so say where the caller's run is
-            tags["canary_audit.caller_run"] = f"{caller_uri} {caller.info.run_id}"
-        run = client.create_run(_experiment_id(client, uri, experiment), run_name=run_name, tags=resolve_tags(tags))
-    tracker = Tracker(client, run, uri)
-    status = "FINISHED"
-    with _fluent_uri(mlflow, uri):
+        if run_id is None:
+            if caller is not None and caller_uri == uri:
+                tags[PARENT_RUN_TAG] = caller.info.run_id
+            elif caller is not None:  # another store: a parent link would dangle, so say where the caller's run is
+                tags["canary_audit.caller_run"] = f"{caller_uri} {caller.info.run_id}"
+            tags = resolve_tags(tags)
+        with store_lock(uri):  # the first process to touch a new sqlite store creates (migrates) it alone
+            client = MlflowClient(tracking_uri=uri)  # a sqlite store is created and migrated here
+            tracker = Tracker(client, uri, pending=pending, reopened=run_id is not None, progress=progress)
+            tracker.open_parent(experiment, run_name, tags, run_id=run_id)
+        status = "FINISHED"
         try:
             yield tracker
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, and SIGTERM (audit.resume.RunInterrupted)
             status = "KILLED"
             raise
         except BaseException:
             status = "FAILED"
             raise
         finally:
+            tracker.end_stage(status)
+            tracker.terminate(status)
+
+
+# --------------------------------------------------------------------------------------------------- replay
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """What :func:`replay_pending` sent: the call count and the parent run (created now if it never was)."""
+
+    calls: int
+    run_id: str | None
+
+
+def replay_pending(run_dir: Path, uri: str, *, run_id: str | None) -> Replayed:
+    """Send the calls kept in ``run_dir/tracking_pending.jsonl`` to ``uri``, in order; the file is removed after.
+
+    Stage runs are found (or created) by name under the parent; a curve point already in the store (same key and
+    step: an attempt before a resume) is not sent twice. On a failure the calls not yet sent stay in the file and an
+    :class:`AuditError` says so. The caller holds the run directory's lock.
+    """
+    import json
+
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    path = Path(run_dir) / PENDING_FILE
+    if not path.is_file():
+        return Replayed(0, run_id)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    ops = [json.loads(line) for line in lines]
+    _quiet_mlflow_logs()
+    with _bounded_http():
+        check_tracking_reachable(uri)
+        with store_lock(uri):
+            client = MlflowClient(tracking_uri=uri)
+        ids: dict[str, str | None] = {"parent": run_id}
+        experiment: dict[str, str] = {}
+        seen: dict[tuple[str, str], set[int]] = {}
+
+        def experiment_id() -> str:
+            if "id" not in experiment:
+                experiment["id"] = client.get_run(ids["parent"]).info.experiment_id
+            return experiment["id"]
+
+        def resolve(ref: str) -> str:
+            if ids.get(ref) is None:
+                if ids["parent"] is None:
+                    raise AuditError(f"{path} logs to a run that was never created", fix="start a new run; this file is damaged")
+                found = find_stage_run(client, experiment_id(), ids["parent"], ref)
+                ids[ref] = found or client.create_run(experiment_id(), run_name=ref, tags={
+                    PARENT_RUN_TAG: ids["parent"], STAGE_TAG: ref}).info.run_id
+            return ids[ref]  # type: ignore[return-value]
+
+        def fresh(ref: str, rid: str, key: str, step: int) -> bool:
+            if (ref, key) not in seen:
+                seen[(ref, key)] = {m.step for m in client.get_metric_history(rid, key)}
+            if step in seen[(ref, key)]:
+                return False
+            seen[(ref, key)].add(step)
+            return True
+
+        for done, op in enumerate(ops):
             try:
-                tracker.end_stage(status)
-            finally:
-                client.set_terminated(tracker.run_id, status)
+                kind = op["op"]
+                if kind == "create_parent":
+                    if ids["parent"] is None and op.get("run_id"):  # created by a replay that failed later
+                        ids["parent"] = op["run_id"]
+                    elif ids["parent"] is None:
+                        run = client.create_run(_experiment_id(client, uri, op["experiment"]), run_name=op["run_name"],
+                                                tags=op["tags"])
+                        ids["parent"], experiment["id"] = run.info.run_id, run.info.experiment_id
+                    continue
+                rid = resolve(op["run"])
+                if kind == "status":
+                    client.update_run(rid, status=op["status"])
+                elif kind == "start_stage":
+                    resolve(op["stage"])
+                    client.log_batch(ids[op["stage"]], tags=[RunTag(k, v) for k, v in op["tags"].items()], synchronous=True)
+                elif kind == "log_batch":
+                    metrics = [Metric(k, v, t, s or 0) for k, v, t, s in op.get("metrics", [])
+                               if s is None or fresh(op["run"], rid, k, s)]
+                    client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in op.get("params", [])],
+                                     tags=[RunTag(k, v) for k, v in op.get("tags", [])], synchronous=True)
+                elif kind in ("log_artifact", "log_artifacts"):
+                    local = Path(run_dir) / op["path"]
+                    if local.exists():
+                        getattr(client, kind)(rid, str(local), op["artifact_path"])
+                elif kind == "log_inputs":
+                    client.log_inputs(rid, datasets=[_dataset_input(op["dataset"])])
+                elif kind == "terminate":
+                    client.set_terminated(rid, op["status"], end_time=op["end_time"])
+            except _tracking_errors() as exc:
+                if _refused(exc):
+                    continue
+                from audit.store import atomic_write_text
+
+                rest = lines[done:]
+                if run_id is None and ids["parent"] is not None:  # the parent exists now: the next replay must know it
+                    rest = [json.dumps({"op": "create_parent", "run_id": ids["parent"]}), *rest]
+                atomic_write_text(path, "".join(line + "\n" for line in rest))
+                raise AuditError(f"MLflow at {uri} failed while replaying call {done + 1} of {len(ops)} "
+                                 f"({_short(exc)}); {len(ops) - done} calls stay in {path}",
+                                 fix=f"check the server and run `audit sync {run_dir}` again") from None
+    path.unlink()
+    return Replayed(len(ops), ids["parent"])

@@ -133,7 +133,7 @@ def test_each_stage_is_a_nested_run_and_trl_logs_into_train(audited):
         assert stage["info"]["status"] == "FINISHED"
         assert "time_s" in {m["key"] for m in stage["data"]["metrics"]}
     train_metrics = {m["key"] for m in stages["train"]["data"]["metrics"]}
-    assert {"loss", "learning_rate", "grad_norm"} <= train_metrics  # TRL's own MLflowCallback (report_to="mlflow")
+    assert {"loss", "learning_rate", "grad_norm"} <= train_metrics  # the Trainer's logs, via train_sft's on_log
     train_params = {p["key"] for p in stages["train"]["data"]["params"]}
     assert "per_device_train_batch_size" in train_params
 

@@ -101,7 +101,7 @@ def fakes(tmp_path, monkeypatch) -> Fakes:
     monkeypatch.setattr(stages, "seed_torch", lambda seed: None)
     monkeypatch.setattr(stages, "score", score)
     monkeypatch.setattr(stages, "train", train)
-    monkeypatch.setattr(stages, "publish", lambda run, origin, report: f.step("publish"))
+    monkeypatch.setattr(stages, "publish", lambda run, origin, report: (f.step("publish"), report)[1])  # returns what it wrote
     monkeypatch.setattr(report_module, "build_report", build_report)
     # the stored weights: the fingerprint train.json records, loaded by the one load_tuned
     import audit.models

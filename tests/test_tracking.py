@@ -1,5 +1,5 @@
 """audit.tracking against a real MLflow sqlite store: parent + nested stage runs, nesting under a caller's run
-(also in another experiment), TRL's MLflow callback landing in the train stage, the dataset input, failures,
+(also in another experiment), the trainer's logs landing in the train stage, the dataset input, failures,
 resume, reachability. No model is trained here: the tiny end-to-end runs cover that (tests/test_mlflow_server.py).
 """
 
@@ -52,7 +52,7 @@ def test_one_parent_run_with_a_nested_run_per_stage(store):
         tracker.begin_stage("inject", elapsed_s=1.5)
         tracker.log_stage_metrics({"records": 162})
         tracker.begin_stage("train")
-        assert mlflow.active_run().info.run_id == tracker.stage_run_ids["train"]  # libraries log into the stage
+        assert mlflow.active_run() is None  # logging is by run id only: nothing is pushed as the fluent run
         tracker.log_metrics({"train.loss": 5.0}, step=1)  # the parent, by id, even while a stage is active
         tracker.end_stage()
         with tracker.stage("report"):  # the pipeline's form: a stage is a block
@@ -83,7 +83,8 @@ def test_nests_under_the_callers_active_run_in_another_experiment(store):
         assert resolve_tracking_uri(None) == uri  # no explicit URI: the caller's store
         with tracked_run(resolve_tracking_uri(None), "canary-audit", "tiny/lora_cpu") as tracker:
             tracker.begin_stage("train")
-            mlflow.log_metric("loss", 1.0)  # what TRL's callback does: lands in the stage run
+            tracker.log_stage_metrics({"loss": 1.0}, step=1)  # what the trainer's on_log forwards
+            assert mlflow.active_run().info.run_id == outer.info.run_id  # the audit never replaces the caller's run
         assert mlflow.active_run().info.run_id == outer.info.run_id
         assert mlflow.get_tracking_uri() == uri
         mlflow.log_metric("after_audit", 1.0)  # the caller's run still takes its own metrics
@@ -114,33 +115,33 @@ def test_caller_run_in_another_store_is_recorded_not_linked(store, tmp_path):
     assert PARENT_RUN_TAG not in tags and tags["canary_audit.caller_run"] == f"{other} {outer.info.run_id}"
 
 
-def test_transformers_mlflow_callback_logs_into_the_train_stage(store, tmp_path, monkeypatch):
-    """The real MLflowCallback (what report_to="mlflow" installs) writes into our stage run and starts none,
-    even with MLFLOW_NESTED_RUN / MLFLOW_RUN_ID in the environment (they are hidden during the audit)."""
-    from transformers import TrainerControl, TrainerState, TrainingArguments
-    from transformers.integrations import MLflowCallback
+def test_the_trainers_logs_and_arguments_reach_the_train_stage_through_train_sft(store, tmp_path, tiny_model_dir):
+    """What replaced TRL's MLflowCallback: train_sft's on_log / on_params forwarded to the tracker land in the
+    train stage run (loss, grad_norm, learning_rate per step; TrainingArguments as params), train.loss on the
+    parent, and the callback never starts a run of its own."""
+    import torch
+
+    from audit.models import load_model_and_tokenizer
+    from audit.schema import TrainingSection
+    from audit.train.sft import choose_device, train_sft
 
     uri, client = store
-    monkeypatch.setenv("MLFLOW_NESTED_RUN", "true")
-    args = TrainingArguments(output_dir=str(tmp_path / "t"), report_to="none", learning_rate=0.02, use_cpu=True)
-    state = TrainerState()
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
+    section = TrainingSection(method="lora", epochs=1, learning_rate=2e-2, batch_size=4, logging_steps=1, checkpoint_every=0)
     with tracked_run(uri, "canary-audit", "x") as tracker:
         tracker.begin_stage("train")
-        callback = MLflowCallback()
-        callback.on_train_begin(args, state, TrainerControl())
-        for step, loss in enumerate((6.1, 5.9, 5.7), start=1):
-            state.global_step = step
-            callback.on_log(args, state, TrainerControl(), logs={"loss": loss, "grad_norm": 1.0})
-        callback.on_train_end(args, state, TrainerControl())
-        assert tracker.current is not None  # the callback did not end our stage run
+        train_sft(model, tokenizer, [f"note {i} about the weather" for i in range(12)], section=section, seed=0,
+                  work_dir=tmp_path / "t", weights_dir=tmp_path / "adapter", device=choose_device(section), progress=False,
+                  on_loss=lambda step, loss: tracker.log_metrics({"train.loss": loss}, step=step),
+                  on_log=lambda step, logs: tracker.log_stage_metrics(logs, step), on_params=tracker.log_stage_params)
         tracker.end_stage()
-    assert os.environ["MLFLOW_NESTED_RUN"] == "true"
     stage = client.get_run(tracker.stage_run_ids["train"])
-    history = client.get_metric_history(stage.info.run_id, "loss")
-    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 6.1), (2, 5.9), (3, 5.7)]
-    assert stage.data.params["learning_rate"] == "0.02"
+    assert {"loss", "grad_norm", "learning_rate", "epoch"} <= set(stage.data.metrics)
+    assert [m.step for m in sorted(client.get_metric_history(stage.info.run_id, "loss"), key=lambda m: m.step)] == [1, 2, 3]
+    assert stage.data.params["learning_rate"] == "0.02" and stage.data.params["per_device_train_batch_size"] == "4"
+    assert len(client.get_metric_history(tracker.run_id, "train.loss")) == 3
     runs = client.search_runs([stage.info.experiment_id])
-    assert {r.info.run_id for r in runs} == {tracker.run_id, stage.info.run_id}  # no run of the callback's own
+    assert {r.info.run_id for r in runs} == {tracker.run_id, stage.info.run_id}
 
 
 def test_a_failing_audit_marks_its_run_and_open_stage_failed(store):
@@ -247,6 +248,5 @@ def test_tracking_off_is_a_null_tracker_that_takes_every_call_and_logs_nothing(t
         tracker.set_tags({"t": "v"})
         with tracker.stage("train"):
             tracker.log_stage_metrics({"x": 1.0})
-        assert tracker.report_to == "none"  # TRL's MLflowCallback stays off
     assert list(tmp_path.iterdir()) == []  # no store was created
 

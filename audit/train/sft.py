@@ -82,14 +82,20 @@ def train_sft(
     weights_dir: Path,
     device: DeviceChoice,
     on_loss: Callable[[int, float], None] | None = None,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    on_params: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
     resume_from_checkpoint: Path | None = None,
-    report_to: str = "none",
 ) -> TrainResult:
     """Fine-tune ``model`` on ``texts`` and save the weights (adapter or full) as safetensors in ``weights_dir``.
 
     Checkpoints (``section.checkpoint_every``) go to ``work_dir/checkpoint-<step>``; ``resume_from_checkpoint``
     continues from one with the optimizer, scheduler, RNG and data position restored (see :mod:`audit.resume`).
+
+    Tracking: ``on_loss(step, loss)`` per logged loss, ``on_log(step, numbers)`` with every number the Trainer
+    logs (loss, grad_norm, learning_rate, epoch, ...), ``on_params(arguments)`` once with the TrainingArguments.
+    These replace TRL's MLflowCallback (``report_to="mlflow"``), which raises inside the training loop when the
+    tracking server dies; :class:`audit.tracking.Tracker` keeps what it cannot send and training goes on.
     """
     from audit.progress import start_heartbeat  # import, tokenize, build: a minute under load before the bar
 
@@ -119,7 +125,7 @@ def train_sft(
         save_strategy="steps" if section.checkpoint_every > 0 else "no",
         save_steps=section.checkpoint_every if section.checkpoint_every > 0 else 500,
         save_total_limit=1,
-        report_to=report_to,  # "mlflow": TRL's MLflowCallback logs into the active (train stage) run, see audit.tracking
+        report_to="none",  # never TRL's MLflowCallback: on_log / on_params carry the numbers to audit.tracking
         use_cpu=device.device == "cpu",
         bf16=device.autocast == "bf16",  # on fp32 weights (the *-mixed modes) this is autocast with fp32 master weights
         fp16=device.autocast == "fp16",
@@ -143,6 +149,8 @@ def train_sft(
 
         def on_train_begin(self, args, state, control, **kwargs):
             beat.stop()
+            if on_params is not None and state.is_world_process_zero:
+                on_params({k: v for k, v in args.to_dict().items() if len(str(v)) <= 6000})
             if progress:
                 from tqdm.auto import tqdm
 
@@ -153,6 +161,9 @@ def train_sft(
                 self.bar.update(1)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            if on_log is not None and numbers and state.is_world_process_zero:
+                on_log(state.global_step, numbers)
             if logs and "loss" in logs:
                 history.append((state.global_step, float(logs["loss"])))
                 if on_loss is not None:
