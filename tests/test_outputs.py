@@ -199,9 +199,11 @@ def test_outputs_stage_on_tiny_llama_is_seeded_and_keeps_text_in_the_run_dir(tin
     assert again.summary["reused"] and again.fingerprint == a.fingerprint
 
 
-def test_outputs_progress_counts_tokens_and_changes_no_sample(tiny_model, tmp_path, capsys):
+def test_outputs_progress_counts_tokens_and_changes_no_sample(tiny_model, tmp_path, capsys, monkeypatch):
     """The token counter rides in generate() as a stopping criterion that never stops: same samples, a moving bar."""
     import re
+
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # draw every update: on an idle machine 0.1 s hides all but the last
 
     model, tokenizer = tiny_model
     cs = canary_set([canary("m", "482910", 16), canary("r", "130577", 0)])
