@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow_rest import rest_get, rest_post
 
 from audit.tracking import check_tracking_reachable
 
@@ -66,17 +67,6 @@ def server(tmp_path_factory):
         log.close()
 
 
-def _get(url: str, endpoint: str, **query: str) -> dict:
-    with urllib.request.urlopen(f"{url}{endpoint}?{urllib.parse.urlencode(query)}", timeout=30) as r:
-        return json.loads(r.read())
-
-
-def _post(url: str, endpoint: str, body: dict) -> dict:
-    req = urllib.request.Request(f"{url}{endpoint}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
-
-
 @pytest.fixture(scope="module")
 def audited(server, tmp_path_factory):
     url, _ = server
@@ -99,7 +89,7 @@ def test_the_audit_run_reads_back_over_rest(audited):
     url, _, report, _ = audited
     run_id = report["tracking"]["run_id"]
     assert report["tracking"]["uri"] == url
-    run = _get(url, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
+    run = rest_get(url, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
     assert run["info"]["status"] == "FINISHED"
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["training.method"] == "lora" and params["model.source"] == "tiny-llama" and float(params["training.epochs"]) == 3
@@ -115,7 +105,7 @@ def test_the_audit_run_reads_back_over_rest(audited):
         assert key in metrics, key
     assert metrics["exposure.mean/rep_16/tuned"] == pytest.approx(
         next(t["exposure_mean"]["tuned"] for t in report["tiers"] if t["repetitions"] == 16))
-    history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="train.loss")["metrics"]
+    history = rest_get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="train.loss")["metrics"]
     assert len(history) >= 2 and len({m["step"] for m in history}) == len(history)
     (dataset_input,) = run["inputs"]["dataset_inputs"]
     assert dataset_input["dataset"]["digest"] == tags["canary_audit.dataset_sha256"][:16]
@@ -124,7 +114,7 @@ def test_the_audit_run_reads_back_over_rest(audited):
 def test_each_stage_is_a_nested_run_and_trl_logs_into_train(audited):
     url, _, report, _ = audited
     run_id = report["tracking"]["run_id"]
-    found = _post(url, "/api/2.0/mlflow/runs/search", {
+    found = rest_post(url, "/api/2.0/mlflow/runs/search", {
         "experiment_ids": [report["tracking"]["experiment_id"]],
         "filter": f"tags.`mlflow.parentRunId` = '{run_id}'"})["runs"]
     stages = {r["info"]["run_name"]: r for r in found}
@@ -141,11 +131,11 @@ def test_each_stage_is_a_nested_run_and_trl_logs_into_train(audited):
 def test_artifacts_hold_the_reports_plots_manifest_and_adapter(audited):
     url, run_dir, report, _ = audited
     run_id = report["tracking"]["run_id"]
-    top = {f["path"] for f in _get(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id)["files"]}
+    top = {f["path"] for f in rest_get(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id)["files"]}
     assert {"report.json", "report.html", "report.md", "manifest.json", "plots", "adapter"} <= top
-    plots = {f["path"] for f in _get(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="plots")["files"]}
+    plots = {f["path"] for f in rest_get(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="plots")["files"]}
     assert "plots/exposure_by_tier.png" in plots and "plots/roc.png" in plots
-    adapter = {f["path"] for f in _get(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="adapter")["files"]}
+    adapter = {f["path"] for f in rest_get(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id, path="adapter")["files"]}
     assert "adapter/adapter_model.safetensors" in adapter
     with urllib.request.urlopen(f"{url}/get-artifact?{urllib.parse.urlencode({'path': 'report.html', 'run_uuid': run_id})}",
                                 timeout=30) as r:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow_rest import rest_get, rest_post
 
 pytestmark = pytest.mark.slow
 STAGES = {"inject", "score_base", "train", "score_tuned", "report"}
@@ -69,17 +70,6 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def _get(url: str, endpoint: str, **query: str) -> dict:
-    with urllib.request.urlopen(f"{url}{endpoint}?{urllib.parse.urlencode(query)}", timeout=30) as r:
-        return json.loads(r.read())
-
-
-def _post(url: str, endpoint: str, body: dict) -> dict:
-    req = urllib.request.Request(f"{url}{endpoint}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
 
 
 def _audit(work: Path, *args: str) -> subprocess.Popen:
@@ -135,21 +125,21 @@ def test_an_audit_outlives_its_tracking_server_and_audit_sync_replays_what_it_mi
         assert sync.returncode == 0, sync.stderr[-3000:]
         assert not (run_dir / "tracking_pending.jsonl").exists()
         run_id = report["tracking"]["run_id"]
-        run = _get(url, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
+        run = rest_get(url, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
         assert run["info"]["status"] == "FINISHED"
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
         assert metrics["exposure.mean/rep_16/tuned"] == pytest.approx(
             next(t["exposure_mean"]["tuned"] for t in report["tiers"] if t["repetitions"] == 16))
-        steps = [m["step"] for m in _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="train.loss")["metrics"]]
+        steps = [m["step"] for m in rest_get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="train.loss")["metrics"]]
         every = yaml.safe_load((run_dir / "recipe.yaml").read_text())["training"]["logging_steps"]
         assert sorted(steps) == list(range(every, report["training"]["steps"] + 1, every))  # the whole curve, once
-        children = _post(url, "/api/2.0/mlflow/runs/search", {
+        children = rest_post(url, "/api/2.0/mlflow/runs/search", {
             "experiment_ids": [report["tracking"]["experiment_id"]], "filter": f"tags.`mlflow.parentRunId` = '{run_id}'"})["runs"]
         names = sorted(r["info"]["run_name"] for r in children)
         assert names == sorted(STAGES) and all(r["info"]["status"] == "FINISHED" for r in children)
         train = next(r for r in children if r["info"]["run_name"] == "train")
         assert {"loss", "learning_rate", "grad_norm"} <= {m["key"] for m in train["data"]["metrics"]}
-        top = {f["path"] for f in _get(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id)["files"]}
+        top = {f["path"] for f in rest_get(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id)["files"]}
         assert {"report.json", "report.html", "adapter"} <= top
     finally:
         _stop(server)
