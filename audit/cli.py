@@ -267,8 +267,14 @@ def cmd_gate(args: argparse.Namespace) -> int:
     report = read_report_or_run(args.report)
     specs = load_gate_specs(args.gates) if args.gates else recipe_gates(report)
     if not specs:
-        raise AuditError(f"no gates to check: the recipe of {report.run_id} has no 'gates:' section and no --gates was given",
-                         fix="pass --gates FILE or add a gates: section to the recipe")
+        where = f"gates file {args.gates} lists no gates" if args.gates else \
+            f"the recipe of {report.run_id} has no 'gates:' section and no --gates was given"
+        raise AuditError(f"no gates to check: {where}", fix="pass --gates FILE or add a gates: section to the recipe")
+    if args.junit:  # checked before anything is printed: a path that cannot be written is a usage error (2), not a failed gate (1)
+        junit = Path(args.junit)
+        if not junit.parent.is_dir() or not os.access(junit.parent, os.W_OK):
+            raise AuditError(f"cannot write --junit {junit}: folder {junit.parent} does not exist or is not writable",
+                             fix="give a path in a writable folder")
     baseline = report_metrics(read_report_or_run(args.baseline)) if args.baseline else None
     results = evaluate_gates(specs, report_metrics(report), baseline)
     print(f"gates for {report.run_id}" + (f" (baseline {args.baseline})" if args.baseline else ""))

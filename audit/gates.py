@@ -42,7 +42,7 @@ from pydantic import ValidationError
 
 from audit.console import text_table
 from audit.errors import AuditError, did_you_mean
-from audit.schema import AuditReport, GateResult, GateSpec, MetricEntry
+from audit.schema import SCHEMA_VERSION, AuditReport, GateResult, GateSpec, MetricEntry
 
 REPORT_FILE = "report.json"
 NULL_MEAN_EXPOSURE_BITS = 1 / math.log(2)
@@ -272,6 +272,8 @@ def load_gate_specs(path: str | Path) -> list[GateSpec]:
     from audit.config import read_yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise AuditError(f"gates file {path} is a directory", fix="give the gates YAML file itself (--gates path/to/gates.yaml)")
     if not path.is_file():
         raise AuditError(f"gates file {path} does not exist", fix="check the --gates path")
     return parse_gate_specs(read_yaml(path, mapping=False) if path.stat().st_size else [], source=str(path))
@@ -288,7 +290,12 @@ def read_report_or_run(path: str | Path) -> AuditReport:
             raise AuditError(f"{path} has no {REPORT_FILE}{why}", fix="give a finished run directory or its report.json")
         raise AuditError(f"report {path} does not exist", fix="give a run directory (runs/<name>) or a report.json")
     try:
-        return AuditReport.model_validate_json(file.read_text(encoding="utf-8"))
+        text = file.read_text(encoding="utf-8")
+        version = _schema_version_of(text)
+        if version is not None and version != SCHEMA_VERSION:
+            raise AuditError(f"{file} is a report of schema_version {version}; this canary-audit reads version {SCHEMA_VERSION}",
+                             fix="read it with the canary-audit version that wrote it (report.json's versions.canary-audit)")
+        return AuditReport.model_validate_json(text)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "report"
@@ -296,6 +303,14 @@ def read_report_or_run(path: str | Path) -> AuditReport:
                          fix="give the report.json written by `audit run`") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise AuditError(f"cannot read {file}: {exc}", fix="check the path and permissions") from None
+
+
+def _schema_version_of(text: str) -> object | None:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data.get("schema_version") if isinstance(data, dict) else None
 
 
 def _run_status(run_dir: Path) -> str | None:

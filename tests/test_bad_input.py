@@ -128,11 +128,22 @@ def test_gate_file_errors(inputs, capsys):
     run = inputs / "gated"
     run.mkdir()
     (run / "report.json").write_text(make_report({1: (2, 1.0, 0)}).model_dump_json())
+    future = inputs / "future.json"  # a report from a later version
+    future.write_text(json.dumps({**json.loads((run / "report.json").read_text()), "schema_version": 2, "new_field": 1}))
+    (inputs / "empty_gates.yaml").write_text("[]\n")
+    (inputs / "nan_gates.yaml").write_text("- {metric: exposure.mean/rep_1/tuned, max: .nan}\n")
+    (inputs / "ok_gates.yaml").write_text("- {metric: exposure.mean/rep_1/tuned, max: 100}\n")
     for argv, expected in [
         (["gate", str(run), "--gates", "nope.yaml"], "gates file nope.yaml does not exist"),
         (["gate", str(run), "--gates", "bad_gates.yaml"], "gates[0]: unknown key 'maximum'. Did you mean 'max'?"),
         (["gate", str(run), "--gates", "bad_gates_yaml.yaml"], "bad_gates_yaml.yaml is not valid YAML"),
         (["gate", str(run)], "no gates to check: the recipe of r1 has no 'gates:' section"),
+        (["gate", str(run), "--gates", "empty_gates.yaml"], "no gates to check: gates file empty_gates.yaml lists no gates"),
+        (["gate", str(run), "--gates", str(inputs)], f"gates file {inputs} is a directory"),
+        (["gate", str(run), "--gates", "nan_gates.yaml"], "Input should be a finite number"),
+        (["gate", str(run), "--gates", "ok_gates.yaml", "--junit", "/proc/nope/gates.xml"],
+         "cannot write --junit /proc/nope/gates.xml: folder /proc/nope does not exist"),
+        (["gate", str(future)], "is a report of schema_version 2; this canary-audit reads version 1"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
