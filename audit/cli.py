@@ -272,9 +272,13 @@ def cmd_gate(args: argparse.Namespace) -> int:
         raise AuditError(f"no gates to check: {where}", fix="pass --gates FILE or add a gates: section to the recipe")
     if args.junit:  # checked before anything is printed: a path that cannot be written is a usage error (2), not a failed gate (1)
         junit = Path(args.junit)
-        if not junit.parent.is_dir() or not os.access(junit.parent, os.W_OK):
-            raise AuditError(f"cannot write --junit {junit}: folder {junit.parent} does not exist or is not writable",
-                             fix="give a path in a writable folder")
+        try:
+            junit.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AuditError(f"cannot write --junit {junit}: folder {junit.parent} cannot be created ({exc.strerror})",
+                             fix="give a path in a writable folder") from None
+        if not os.access(junit.parent, os.W_OK) or junit.is_dir():
+            raise AuditError(f"cannot write --junit {junit}: not a writable file path", fix="give a path in a writable folder")
     baseline = report_metrics(read_report_or_run(args.baseline)) if args.baseline else None
     results = evaluate_gates(specs, report_metrics(report), baseline)
     print(f"gates for {report.run_id}" + (f" (baseline {args.baseline})" if args.baseline else ""))
