@@ -258,7 +258,7 @@ def test_a_worker_of_a_further_tune_scores_no_base_as_its_origin_inherits_the_ba
         def base_scores(self, score):
             return _rows("base")  # inherited: score() is never called, on rank 0 or on a worker
 
-    monkeypatch.setattr(origin_module, "origin_for", lambda r: FakeFurtherTune(recipe=r))
+    monkeypatch.setattr(origin_module, "origin_for", lambda r, **_: FakeFurtherTune(recipe=r))
     plan = TrainPlan(run_dir=tmp_path / "runs" / "r", train=True, score_base=True, score_tuned=True)
     _as_worker(monkeypatch, plan)
     assert run_audit(fakes.recipe, tracking=False, progress=False) is None
