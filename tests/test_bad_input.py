@@ -60,6 +60,8 @@ CASES = {
     "repeated tiers": ([*RUN, "canaries.tiers=[1,1]"], "tiers must not repeat a value"),
     "unknown lr scheduler (once failed after base scoring)": ([*RUN, "training.lr_scheduler=bogus"],
                                                               "'training.lr_scheduler': Input should be 'linear'"),
+    "empty canary alphabet (once a raw pydantic error)": ([*RUN, "canaries.params={alphabet: ''}"],
+                                                          "param 'alphabet': the alphabet needs at least two distinct symbols"),
     "infinite epochs": ([*RUN, "training.epochs=.inf"], "'training.epochs': Input should be a finite number"),
     "negative seed": ([*RUN, "seed=-1"], "'seed': Input should be greater than or equal to 0"),
     "seed beyond numpy's range": ([*RUN, "seed=99999999999999999999999"], "'seed': Input should be less than or equal to 4294967295"),

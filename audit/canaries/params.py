@@ -43,6 +43,16 @@ class DigitsParams(_Params):
     names: list[str] | None = None
     ngram: PositiveInt = Field(default=3, ge=1)
 
+    @field_validator("alphabet")
+    @classmethod
+    def _at_least_two_symbols(cls, alphabet: str | list[str | int]) -> str | list[str | int]:
+        symbols = list(alphabet) if isinstance(alphabet, str) else [str(a) for a in alphabet]
+        if len(set(symbols)) < 2:
+            raise ValueError("the alphabet needs at least two distinct symbols (one symbol is a space of one secret)")
+        if len(set(symbols)) != len(symbols):
+            raise ValueError("the alphabet repeats a symbol; make it unique")
+        return alphabet
+
 
 class WordsParams(_Params):
     """``words``: ``length`` words drawn uniformly from ``words`` (a passphrase)."""
