@@ -303,7 +303,8 @@ class GateSpec(Frozen):
 class Recipe(Frozen):
     """A declarative audit plan: one YAML file in ``recipes/``, validated once by :mod:`audit.config`."""
 
-    name: str
+    name: str = Field(min_length=1, max_length=100)
+    """Names the run directory (``<name>-<time>-<id>``): kept well under a file system's 255-byte name limit."""
     description: str = ""
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     """numpy, which transformers seeds too, takes seeds in [0, 2^32)."""

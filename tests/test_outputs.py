@@ -214,4 +214,6 @@ def test_outputs_progress_counts_tokens_and_changes_no_sample(tiny_model, tmp_pa
     assert shown.fingerprint == quiet.fingerprint
     err = capsys.readouterr().err
     counts = [int(n) for n in re.findall(r"outputs:.*?\| *(\d+)/72 ", err)]  # 6 samples x 12 tokens
-    assert counts[-1] == 72 and len(set(counts)) > 3  # moved token by token, not once per batch
+    # the bar counts generated tokens (6 samples x 12 tokens = 72), not batches (2): how often it is redrawn on the
+    # way depends on the machine's speed, so only the unit and the end are asserted
+    assert counts and counts[-1] == 72
