@@ -6,6 +6,13 @@ import subprocess
 import sys
 
 
+def _torch_loaded_after(code: str) -> str:
+    """Run ``code`` in a fresh interpreter; ``"True"`` / ``"False"``: whether it left torch in ``sys.modules``."""
+    out = subprocess.run([sys.executable, "-c", code + "print('torch' in sys.modules)\n"], capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip()
+
+
 def test_pure_modules_do_not_import_torch():
     code = (
         "import sys\n"
@@ -15,10 +22,8 @@ def test_pure_modules_do_not_import_torch():
         "from audit.corpus import builtin_records\n"
         "cs = generate_canaries(load_spec('digits'), seed=0)\n"
         "inject(builtin_records('notes', n=20, seed=0), cs, seed=0)\n"
-        "print('torch' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert _torch_loaded_after(code) == "False"
 
 
 def test_shared_types_and_the_stage_plumbing_import_without_torch():
@@ -27,10 +32,8 @@ def test_shared_types_and_the_stage_plumbing_import_without_torch():
         "import sys\n"
         "import audit.train.types, audit.train.weights, audit.store, audit.resume, audit.origin, audit.distributed\n"
         "import audit.stages, audit.gates, audit.report\n"
-        "print('torch' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert _torch_loaded_after(code) == "False"
 
 
 def _import_cycles():
