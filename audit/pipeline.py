@@ -63,7 +63,8 @@ def run_audit(
     from audit.store import ScoresFile, write_jsonl
 
     origin = origin_for(recipe, resume_dir=resume_dir)  # a first tune, or a further tune of recipe.parent (audit.origin): the one difference
-    ctx = stages.RunContext.prepare(origin, tracking_uri=tracking_uri, tracking=tracking, progress=progress)
+    ctx = stages.RunContext.prepare(origin, tracking_uri=tracking_uri, tracking=tracking, progress=progress,
+                                    resume_dir=resume_dir)
     truth = ctx.ground_truth(origin)  # canaries + inject + pre-flight, before anything is written
     if not distributed.is_main():  # another process of `accelerate launch`: it scores and trains as the plan says
         stages.worker(ctx, origin, truth)

@@ -63,29 +63,49 @@ class RunContext:
     progress: bool = True
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    tracking_down: str | None = None
+    """Set when a resume found its tracking server unreachable: the run goes on, what it logs is kept for replay."""
 
     @classmethod
     def prepare(cls, origin: Origin, *, tracking_uri: str | None = None, tracking: bool | None = None,
-                progress: bool = True) -> RunContext:
-        """Check everything the user can get wrong (spec, device, tracking server, model) before anything is written."""
+                progress: bool = True, resume_dir: Path | None = None) -> RunContext:
+        """Check everything the user can get wrong (spec, output folder, device, tracking server, model, LoRA
+        targets) before anything is written.
+
+        A resume whose tracking server does not answer is not refused (a new run is): the audit's files are in the
+        run directory, and what MLflow misses is kept in ``tracking_pending.jsonl`` for ``audit sync``."""
         from audit.canaries import load_spec
+        from audit.errors import AuditError
         from audit.models import resolve_model
         from audit.tracking import check_tracking_reachable, resolve_tracking_uri
         from audit.train.sft import choose_device
+        from audit.validate import check_lora_targets, check_output_root, check_sqlite_store, check_writable_folder
 
         started = time.perf_counter()
         recipe = origin.recipe
         load_spec(recipe.canaries.spec, recipe.canaries.params)  # a bad spec name fails before any model work
+        if resume_dir is None:  # where the run directory will be made, and the run directory of a resume
+            check_output_root(recipe)
+        else:
+            check_writable_folder(resume_dir, what="run directory", fix="resume where the run directory is writable")
         device = choose_device(recipe.training)
         origin.check(device)
         use_tracking = recipe.tracking.enabled if tracking is None else tracking
         uri = resolve_tracking_uri(tracking_uri or recipe.tracking.uri)
+        down = None
         if use_tracking:
-            check_tracking_reachable(uri)
+            try:
+                check_tracking_reachable(uri)
+            except AuditError as exc:
+                if resume_dir is None or not uri.startswith(("http://", "https://")):
+                    raise
+                down = exc.problem  # the tracker says so in one warning line when its first call fails
+            check_sqlite_store(uri)
         resolved = resolve_model(recipe.model.source, revision=recipe.model.revision, progress=progress,
                                  allow_pickle=recipe.model.allow_pickle, trust_remote_code=recipe.model.trust_remote_code)
+        check_lora_targets(recipe, resolved.path)  # PEFT would fail on a typo only inside the trainer, after base scoring
         ctx = cls(recipe=recipe, resolved=resolved, device=device, tracking=use_tracking, tracking_uri=uri,
-                  progress=progress, started=started)
+                  progress=progress, started=started, tracking_down=down)
         ctx.timings["resolve"] = time.perf_counter() - started
         return ctx
 
@@ -150,7 +170,7 @@ def open_run(ctx: RunContext, resume_dir: Path | None) -> Iterator[Run]:
     try:
         if ctx.tracking:
             handle.save_status(tracking_uri=ctx.tracking_uri, mlflow_experiment=ctx.recipe.tracking.experiment)
-            if resume_dir is not None:
+            if resume_dir is not None and ctx.tracking_down is None:  # a server known to be down would refuse it too
                 replay_kept_calls(handle, ctx.tracking_uri, progress=ctx.progress)
         say(ctx.progress and ctx.tracking, f"[audit] MLflow: opening the run in {ctx.tracking_uri}")  # seconds on a cold store
         with open_tracker(ctx.tracking, ctx.tracking_uri, ctx.recipe.tracking.experiment, ctx.recipe.name,

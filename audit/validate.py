@@ -215,6 +215,110 @@ def _hub_cached(repo_id: str, revision: str | None) -> bool:
     return isinstance(found, str)
 
 
+def check_writable_folder(folder: str | Path, *, what: str, fix: str) -> None:
+    """AuditError unless ``folder`` is a folder this process can write in, or can be created.
+
+    Probed, not guessed from permission bits: a temporary folder is made (and removed at once) in ``folder`` or its
+    nearest existing ancestor, so a read-only mount, ``/proc``, a path through a file and a folder owned by someone
+    else are all caught, root or not, and nothing is left behind.
+    """
+    import tempfile
+
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    verb = "written to" if existing == folder else "created"
+    if not existing.is_dir():
+        raise AuditError(f"{what} {folder} cannot be created: {existing} is a file, not a folder", fix=fix)
+    try:
+        probe = tempfile.mkdtemp(dir=existing, prefix=".canary-audit-probe-")
+    except OSError as exc:
+        raise AuditError(f"{what} {folder} cannot be {verb} ({exc.strerror or exc} in {existing})", fix=fix) from None
+    os.rmdir(probe)
+
+
+OUTPUT_FIX = "set output.root= to a folder you can write (e.g. output.root=$HOME/runs), or run from a writable directory"
+
+
+def check_output_root(recipe: Recipe) -> str:
+    """``output.root`` (relative to the working directory) exists writable or can be created: checked before any work."""
+    check_writable_folder(recipe.output.root, what="output.root", fix=OUTPUT_FIX)
+    return f"output: run directories go under {Path(recipe.output.root).expanduser().absolute()}"
+
+
+def check_sqlite_store(uri: str) -> None:
+    """A sqlite tracking store needs a writable folder (the database and its journal are created there)."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if folder.is_dir():  # a missing folder is audit.tracking.check_tracking_reachable's one-line error
+            check_writable_folder(folder, what="the folder of the MLflow sqlite store", fix=(
+                "pass --tracking-uri sqlite:////a/writable/folder/mlflow.db, or --no-tracking"))
+
+
+LORA_LAYER_TYPES = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
+"""Module classes PEFT's LoRA can adapt (``Conv1D`` is transformers' GPT-2 layer)."""
+
+
+def model_module_names(model_path: str | Path, *, trust_remote_code: bool = False) -> dict[str, str]:
+    """Every module of the model at ``model_path``, name -> class name, built from its config on the meta device
+    (no weights are read: a fraction of a second even for a large model)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {name: type(module).__name__ for name, module in model.named_modules() if name}
+
+
+def check_lora_targets(recipe: Recipe, model_path: str | Path) -> None:
+    """Each of ``training.lora.target_modules`` names a layer of the model that LoRA can adapt, matched as PEFT
+    matches it (:func:`peft.tuners.tuners_utils.check_target_module_exists`: the full name or its last parts).
+
+    PEFT itself fails only when no target matches anything, and then inside the trainer, after base scoring; a
+    typo in one of two targets it ignores, silently training fewer layers than the recipe says. Here every target
+    must match, before anything is written.
+    """
+    if recipe.training.method != "lora":
+        return
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from audit.errors import did_you_mean
+
+    modules = model_module_names(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    adaptable = sorted({name.rsplit(".", 1)[-1] for name, kind in modules.items() if kind in LORA_LAYER_TYPES},
+                       key=lambda n: (n[0].isdigit(), n))
+    problems = []
+    for target in recipe.training.lora.target_modules:
+        config = LoraConfig(target_modules=[target], task_type="CAUSAL_LM")
+        found = {modules[name] for name in modules if check_target_module_exists(config, name)}
+        if not found:
+            problems.append(f"'{target}' matches no module of {recipe.model.source}.{did_you_mean(target, adaptable)}")
+        elif not found & set(LORA_LAYER_TYPES):
+            problems.append(f"'{target}' matches only {', '.join(sorted(found))} modules, which LoRA cannot adapt")
+    if problems:
+        shown = ", ".join(adaptable[:12]) + (", ..." if len(adaptable) > 12 else "")
+        listed = "; ".join(problems)
+        raise AuditError(f"training.lora.target_modules: {listed}{'' if listed.endswith('?') else '.'} Layers LoRA can "
+                         f"adapt here: {shown}",
+                         fix=f"set training.lora.target_modules to some of them, e.g. training.lora.target_modules="
+                             f"[{','.join(t for t in ('q_proj', 'v_proj') if t in adaptable) or adaptable[0]}]")
+
+
+def _local_model_path(recipe: Recipe) -> Path | None:
+    """The base model's folder when it is on this machine already (a local folder, a built-in that was built)."""
+    from audit.models import BUILTIN_MODELS, cache_dir
+
+    source = recipe.model.source
+    if source in BUILTIN_MODELS:
+        built = sorted((cache_dir() / "models").glob(f"{source}-*/provenance.json"))
+        return built[-1].parent if built else None
+    path = Path(source).expanduser()
+    return path if (path / "config.json").is_file() else None
+
+
 # --------------------------------------------------------------------------------------------------- the whole check
 
 
@@ -280,12 +384,17 @@ def validate_only(recipe: Recipe, *, check_sources: bool = True) -> list[str]:
         notes.append(check_key(recipe))
     except AuditError as exc:
         problems.append((exc.problem, exc.fix))
-    if check_sources:
-        for check in (check_corpus, check_model):
-            try:
-                notes.append(check(recipe))
-            except AuditError as exc:
-                problems.append((exc.problem, exc.fix))
+    for check in (check_corpus, check_model, check_output_root) if check_sources else (check_output_root,):
+        try:
+            notes.append(check(recipe))
+        except AuditError as exc:
+            problems.append((exc.problem, exc.fix))
+    local = _local_model_path(recipe) if check_sources and not problems else None
+    if local is not None:
+        try:
+            check_lora_targets(recipe, local)
+        except AuditError as exc:
+            problems.append((exc.problem, exc.fix))
     if recipe.parent and not (Path(recipe.parent) / "report.json").is_file():
         problems.append((f"parent {recipe.parent} is not a finished run directory (no report.json)",
                          "set parent= to a run directory that `audit run` completed"))
