@@ -23,6 +23,8 @@ the key's id is recorded in canaries.meta.json, manifest.json, run.json and repo
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,22 +289,55 @@ def inject_stage(recipe: Recipe, out_dir: Path, *, stream: bool = False, progres
     the output and manifest are the same as without it.
     """
     from audit.models import resolve_model
+    from audit.validate import check_writable_folder
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AuditError(f"output directory {out_dir} is a file", fix="give a new or empty --out directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise AuditError(f"output directory {out_dir} is not empty", fix="give a new or empty --out directory")
+    check_writable_folder(out_dir, what="output directory", fix="give an --out directory in a folder you can write")
     resolved = resolve_model(recipe.model.source, revision=recipe.model.revision, progress=progress)
     fingerprint = resolved.provenance.get("weights_fingerprint", "")
     key = resolve_key(recipe.canaries.key_file)
-    if not stream:
-        truth = ground_truth_for_model(recipe, model_path=resolved.path, fingerprint=fingerprint, progress=progress, key=key)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        files = ground_truth_files(truth, dataset=True)
-        write_ground_truth(truth, out_dir, dataset=True)
-        return InjectStageResult(out_dir=out_dir, files=list(files), n_records=len(truth.injection.records),
-                                 placements=len(truth.injection.manifest.placements), preflight=truth.preflight,
-                                 timings_s=truth.timings_s)
-    return _inject_streaming(recipe, out_dir, model_path=resolved.path, fingerprint=fingerprint, progress=progress, key=key)
+    with _removed_on_failure(out_dir):  # a failure (bad UTF-8 mid-stream, pre-flight, disk full) leaves no output
+        if not stream:
+            truth = ground_truth_for_model(recipe, model_path=resolved.path, fingerprint=fingerprint, progress=progress,
+                                           key=key)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            files = ground_truth_files(truth, dataset=True)
+            write_ground_truth(truth, out_dir, dataset=True)
+            return InjectStageResult(out_dir=out_dir, files=list(files), n_records=len(truth.injection.records),
+                                     placements=len(truth.injection.manifest.placements), preflight=truth.preflight,
+                                     timings_s=truth.timings_s)
+        return _inject_streaming(recipe, out_dir, model_path=resolved.path, fingerprint=fingerprint, progress=progress,
+                                 key=key)
+
+
+@contextmanager
+def _removed_on_failure(out_dir: Path) -> Iterator[None]:
+    """On an exception, remove what the block created for ``out_dir``: the topmost folder of it that did not exist
+    before (``--out a/b/c`` with no ``a`` removes ``a``), or, when ``out_dir`` existed (empty), the files made in it.
+    A folder that existed before is never removed."""
+    import shutil
+
+    new_top = None
+    for folder in [out_dir, *out_dir.parents]:
+        if folder.exists():
+            break
+        new_top = folder
+    try:
+        yield
+    except BaseException:
+        if new_top is not None:
+            shutil.rmtree(new_top, ignore_errors=True)
+        elif out_dir.is_dir():
+            for child in out_dir.iterdir():  # it was empty (checked above)
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise
 
 
 def _inject_streaming(recipe: Recipe, out_dir: Path, *, model_path: Path, fingerprint: str, progress: bool,

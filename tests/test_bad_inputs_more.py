@@ -1,0 +1,145 @@
+"""The rest of issue 12's bad inputs: a LoRA target the model lacks, an output folder that cannot be written, a disk
+that fills during the run, a damaged training checkpoint on ``--resume``, ``audit inject`` failing half-way, a
+resume whose tracking server is down or that starts from another folder.
+
+Each is one line on stderr, ``error: <what> (fix: <how>)``, exit 2, with nothing left behind when it can be checked
+before the run directory exists; otherwise the run is ``failed`` in ``run.json`` with the error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from audit.cli import main
+
+RUN = ["run", "tiny/lora_cpu", "--no-tracking"]
+
+
+def one_line_error(capsys) -> str:
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert " (fix: " in err, err
+    assert "Traceback" not in captured.out + captured.err
+    return err
+
+
+def nothing_left(folder: Path) -> None:
+    runs = folder / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), f"left {list(runs.iterdir())}"
+
+
+# --------------------------------------------------------------------------------------------------- LoRA targets
+
+
+@pytest.mark.parametrize(("targets", "expected"), [
+    ("[nonexistent_proj]", "'nonexistent_proj' matches no module of tiny-llama."),
+    ("[q_proj,v_prj]", "'v_prj' matches no module of tiny-llama. Did you mean 'v_proj'?"),
+    ("[self_attn]", "'self_attn' matches only LlamaAttention modules, which LoRA cannot adapt"),
+])
+def test_a_lora_target_the_model_lacks_is_refused_before_the_run_directory_with_the_layers_it_has(
+        targets, expected, in_tmp, capsys):
+    assert main([*RUN, f"training.lora.target_modules={targets}"]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("error: training.lora.target_modules: ") and expected in err, err
+    assert "Layers LoRA can adapt here: down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj" in err
+    nothing_left(in_tmp)
+
+
+def test_validate_refuses_a_lora_target_the_model_lacks(in_tmp, tiny_model_dir, capsys):
+    assert main(["validate", "tiny/lora_cpu", "training.lora.target_modules=[nonexistent_proj]"]) == 2
+    assert "training.lora.target_modules: 'nonexistent_proj' matches no module" in one_line_error(capsys)
+
+
+def test_lora_targets_are_matched_as_peft_matches_them(tiny_model_dir):
+    """A full module path, a last-part suffix and every default target of the shipped recipe pass the check."""
+    from audit.config import load_recipe
+    from audit.validate import check_lora_targets
+
+    for targets in ("[q_proj,v_proj]", "[self_attn.q_proj]", "[model.layers.0.mlp.down_proj]", "[lm_head]"):
+        check_lora_targets(load_recipe("tiny/lora_cpu", [f"training.lora.target_modules={targets}"]), tiny_model_dir)
+    full = load_recipe("tiny/lora_cpu", ["training.method=full", "training.lora.target_modules=[nothing]"])
+    check_lora_targets(full, tiny_model_dir)  # a full fine-tune has no LoRA targets to check
+
+
+# --------------------------------------------------------------------------------------------------- output folders
+
+
+def test_an_output_root_that_cannot_be_created_is_refused_before_any_work(in_tmp, capsys):
+    assert main([*RUN, "output.root=/proc/nope"]) == 2
+    err = one_line_error(capsys)
+    assert "output.root /proc/nope cannot be created" in err and "fix: set output.root=" in err
+
+
+def test_an_output_root_under_a_file_is_refused(in_tmp, capsys):
+    (in_tmp / "afile").write_text("x")
+    assert main([*RUN, "output.root=afile/runs"]) == 2
+    assert f"output.root {in_tmp}/afile/runs cannot be created: {in_tmp}/afile is a file" in one_line_error(capsys)
+    assert (in_tmp / "afile").read_text() == "x"
+
+
+def _read_only_folder(tmp: Path) -> Path:
+    """A folder this process cannot write: a 0555 folder, or for root (whom permission bits do not stop) /sys, a
+    read-only mount on Linux."""
+    if os.geteuid() != 0:
+        folder = tmp / "read_only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    if not Path("/sys").is_dir():
+        pytest.skip("running as root without /sys: no read-only folder to run from")
+    return Path("/sys")
+
+
+def test_a_read_only_working_directory_is_refused_before_preparation(in_tmp, monkeypatch, capsys):
+    folder = _read_only_folder(in_tmp)
+    monkeypatch.chdir(folder)
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["run", "tiny/lora_cpu"]) == 2  # default output.root runs/ and the default sqlite store, both here
+    err = one_line_error(capsys)
+    assert f"output.root {folder}/runs cannot be created" in err, err
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_a_sqlite_store_in_a_read_only_folder_is_refused_before_preparation(in_tmp, capsys):
+    folder = _read_only_folder(in_tmp)
+    assert main(["run", "tiny/lora_cpu", "--tracking-uri", f"sqlite:///{folder}/mlflow.db"]) == 2
+    err = one_line_error(capsys)
+    assert f"the folder of the MLflow sqlite store {folder} cannot be written to" in err and "--no-tracking" in err
+    nothing_left(in_tmp)
+
+
+# --------------------------------------------------------------------------------------------------- audit inject
+
+
+def _huge_second_record(path: Path) -> None:
+    """A corpus that fails only when the stream reaches its second record (over the 1,000,000-character limit)."""
+    path.write_text(json.dumps({"text": "a note"}) + "\n" + json.dumps({"text": "x" * 1_000_001}) + "\n")
+
+
+@pytest.mark.parametrize("failure", ["mid-stream", "pre-flight"])
+def test_inject_stream_that_fails_leaves_no_output_folder(failure, in_tmp, capsys):
+    _huge_second_record(in_tmp / "huge.jsonl")
+    override = "corpus.source=huge.jsonl" if failure == "mid-stream" else "training.max_length=8"
+    assert main(["inject", "tiny/lora_cpu", "--out", "planted/gt", "--stream", override]) == 2
+    err = one_line_error(capsys)
+    assert ("record 1 has 1,000,001 characters" if failure == "mid-stream" else "would not reach the loss") in err, err
+    assert not (in_tmp / "planted").exists()  # the folder it made for --out, parents included: gone with the secrets
+
+
+def test_inject_that_fails_empties_but_keeps_an_out_folder_that_existed(in_tmp, capsys):
+    (in_tmp / "gt").mkdir()
+    assert main(["inject", "tiny/lora_cpu", "--out", "gt", "--stream", "training.max_length=8"]) == 2
+    one_line_error(capsys)
+    assert (in_tmp / "gt").is_dir() and not any((in_tmp / "gt").iterdir())
+
+
+def test_inject_refuses_an_out_path_that_is_a_file(in_tmp, capsys):
+    (in_tmp / "gt").write_text("keep me")
+    assert main(["inject", "tiny/lora_cpu", "--out", "gt"]) == 2
+    assert "output directory gt is a file" in one_line_error(capsys)
+    assert (in_tmp / "gt").read_text() == "keep me"
