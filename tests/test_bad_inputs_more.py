@@ -143,3 +143,78 @@ def test_inject_refuses_an_out_path_that_is_a_file(in_tmp, capsys):
     assert main(["inject", "tiny/lora_cpu", "--out", "gt"]) == 2
     assert "output directory gt is a file" in one_line_error(capsys)
     assert (in_tmp / "gt").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------------------------------- token view
+
+NON_ASCII = "Le café de 中国 🙂 ok"
+
+
+def _tokenizers():
+    """tiny-llama's tokenizer, and SmolLM2's when its model is in the cache: both byte-level BPE."""
+    from transformers import AutoTokenizer
+
+    from audit.models import cache_dir, resolve_model
+
+    yield "tiny-llama", AutoTokenizer.from_pretrained(resolve_model("tiny-llama", progress=False).path)
+    smollm2 = sorted((cache_dir() / "models").glob("smollm2-135m-*/tokenizer.json"))
+    if smollm2:
+        yield "smollm2-135m", AutoTokenizer.from_pretrained(smollm2[-1].parent)
+
+
+def test_token_pieces_of_non_ascii_text_are_whole_characters_not_replacement_marks():
+    from audit.render.token_view import merge_partial, readable_pieces
+
+    for name, tokenizer in _tokenizers():
+        ids = tokenizer(NON_ASCII, add_special_tokens=False)["input_ids"]
+        assert "\ufffd" in "".join(tokenizer.decode([i]) for i in ids), name  # the garbling this fixes
+        pieces = readable_pieces(tokenizer, ids)
+        assert len(pieces) == len(ids) and "".join(pieces) == NON_ASCII, (name, pieces)
+        assert not any("\ufffd" in p for p in pieces), (name, pieces)
+        merged, (probs,) = merge_partial(pieces, [0.5] * len(pieces))
+        assert "" not in merged and "".join(merged) == NON_ASCII, (name, merged)
+        for char in ("é", "中", "国", "🙂"):
+            assert sum(char in p for p in merged) == 1, (name, char, merged)
+        # the emoji's token carries the product of the probabilities of the k byte tokens it was split into
+        last = next(i for i, p in enumerate(pieces) if "🙂" in p)
+        k = 1 + next(n for n in range(last + 1) if pieces[last - n - 1] != "")
+        assert probs[next(i for i, p in enumerate(merged) if "🙂" in p)] == pytest.approx(0.5 ** k), (name, k)
+        if name == "tiny-llama":
+            assert k == 4  # its four UTF-8 bytes, one token each
+
+
+def test_merge_partial_multiplies_a_characters_byte_probabilities_and_never_merges_into_a_masked_token():
+    from audit.render.token_view import merge_partial
+
+    pieces, (p_base, p_tuned) = merge_partial(["A", "", "", "é", "", None, None], [None, 0.5, 0.4, 0.5, 0.9, 0.1, 0.2],
+                                              [None, 1.0, 0.5, 0.5, 0.8, 0.3, 0.4])
+    assert pieces == ["A", "é", "", None, None]
+    assert p_base == [None, pytest.approx(0.1), 0.9, 0.1, 0.2] and p_tuned == [None, 0.25, 0.8, 0.3, 0.4]
+    first, (p,) = merge_partial(["", "é", "x"], [None, 0.5, 0.5])
+    assert first == ["é", "x"] and p == [None, 0.5]  # the first token has no probability, nor its character
+
+
+def test_a_real_token_view_of_a_non_ascii_canary_shows_its_characters(tmp_path, tiny_model):
+    """tiny-llama scores a canary whose prefix holds é, 中 and an emoji: token_view.json, the HTML and the Markdown
+    show them whole (no U+FFFD), the secret stays masked."""
+    from test_report_render import make_run_dir
+
+    from audit.render import render_report
+    from audit.render.token_view import TOKEN_VIEW_FILE, canary_token_logprobs, read_token_views, write_token_view
+    from audit.schema import Canary
+
+    model, tokenizer = tiny_model
+    canary = Canary(id="k1", spec="words", prefix=f"{NON_ASCII}, the vault phrase is ", secret="quixotic zebra",
+                    repetitions=16)
+    base = canary_token_logprobs(model, tokenizer, [canary])
+    run_dir, _ = make_run_dir(tmp_path / "run", token_view=False)
+    write_token_view(run_dir, base, base)
+    rendered = render_report(run_dir)
+    (view,) = read_token_views(run_dir)
+    shown = "".join(t.text for t in view.tokens if not t.secret)
+    assert shown.startswith(NON_ASCII) and canary.prefix.startswith(shown)
+    assert sum(t.secret for t in view.tokens) == base[0].n_secret
+    for path in (run_dir / TOKEN_VIEW_FILE, rendered.html, rendered.markdown):
+        text = path.read_text(encoding="utf-8")
+        assert "\ufffd" not in text and "quixotic" not in text, path
+    assert "中" in rendered.html.read_text(encoding="utf-8") and "🙂" in rendered.markdown.read_text(encoding="utf-8")

@@ -72,6 +72,56 @@ class CanaryTokens:
     """ln p of tokens 1..n-1 of prefix + secret (token 0 has no context)."""
 
 
+def readable_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token's share of the decoded text, so that the pieces join to the text and no piece is a broken character.
+
+    A byte-level BPE (GPT-2's, SmolLM2's, tiny-llama's) splits a character outside ASCII over several tokens (``é``
+    is ``Ã`` + ``©``, ``中国`` six byte tokens, an emoji four); ``tokenizer.decode([id])`` of each shows U+FFFD.
+    Here each prefix ``ids[:i+1]`` is decoded and the token gets what it added: a token that ends inside a
+    character adds nothing (``""``), and the one that completes it carries the whole character.
+    :func:`merge_partial` then folds those empty pieces into the token that completes them. A U+FFFD that the
+    text itself holds is kept (the full decode has it too); a sequence that ends inside a character shows U+FFFD
+    for the bytes it has.
+    """
+    def decode(span: list[int]) -> str:
+        return tokenizer.decode(span, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    full = decode(list(ids))
+    pieces: list[str] = []
+    done, start = "", 0  # the text of the tokens before `start`, which ends on a whole character
+    for i in range(len(ids)):
+        text = decode(list(ids[: i + 1]))
+        if text.endswith("\ufffd") and not full.startswith(text):  # ends inside a character: wait for the rest
+            pieces.append("")
+            continue
+        pieces.append(text[len(done):] if text.startswith(done) else decode(list(ids[start: i + 1])))
+        done, start = text, i + 1
+    if start < len(ids):  # the sequence stops inside a character
+        pieces[-1] = decode(list(ids[start:]))
+    return pieces
+
+
+def merge_partial(pieces: list[str | None], *probs: list[float | None]) -> tuple[list[str | None], list[list[float | None]]]:
+    """Fold each run of empty pieces (bytes of an unfinished character, :func:`readable_pieces`) into the token that
+    finishes the character: its text is the character, its probability the product of the run's (the probability
+    of the whole character given the text before it; None if any factor is None, e.g. the first token's).
+    A None piece (a masked secret token) is never merged."""
+    out_pieces: list[str | None] = []
+    out_probs: list[list[float | None]] = [[] for _ in probs]
+    carry: list[int] = []
+    for i, piece in enumerate(pieces):
+        if piece == "" and i + 1 < len(pieces) and pieces[i + 1] is not None:
+            carry.append(i)
+            continue
+        span = [*carry, i]
+        carry = []
+        out_pieces.append(piece)
+        for column, ps in zip(out_probs, probs, strict=True):
+            factors = [ps[j] for j in span]
+            column.append(None if any(f is None for f in factors) else math.prod(factors))
+    return out_pieces, out_probs
+
+
 def canary_token_logprobs(model: Any, tokenizer: Any, canaries: list[Canary]) -> list[CanaryTokens]:
     """Teacher-forced log-probs of each canary's prefix + secret, one batched pass (:mod:`audit.score.engine`)."""
     from audit.score.engine import pad_id_of, score_token_sequences, split_tokens
@@ -79,7 +129,7 @@ def canary_token_logprobs(model: Any, tokenizer: Any, canaries: list[Canary]) ->
     splits = [split_tokens(tokenizer, c.prefix, c.secret) for c in canaries]
     scored = score_token_sequences(model, [s.prefix_ids + s.secret_ids for s in splits], vocab_stats=False,
                                    pad_token_id=pad_id_of(tokenizer))
-    return [CanaryTokens(c.id, c.repetitions, [tokenizer.decode([i]) for i in s.prefix_ids], len(s.secret_ids),
+    return [CanaryTokens(c.id, c.repetitions, readable_pieces(tokenizer, s.prefix_ids), len(s.secret_ids),
                          [round(float(x), 6) for x in t.logprobs])
             for c, s, t in zip(canaries, splits, scored, strict=True)]
 
@@ -98,11 +148,10 @@ def build_canary_view(base: list[CanaryTokens], tuned: list[CanaryTokens]) -> To
     if best is None:
         return None
     b, t = best
-    n_prefix = len(b.prefix_pieces)
     p_base = [None] + [math.exp(x) for x in b.logprobs]
     p_tuned = [None] + [math.exp(x) for x in t.logprobs]
-    tokens = [ViewToken(b.prefix_pieces[i] if i < n_prefix else None, _r(p_base[i]), _r(p_tuned[i]), secret=i >= n_prefix)
-              for i in range(n_prefix + b.n_secret)]
+    pieces, (p_base, p_tuned) = merge_partial([*b.prefix_pieces, *[None] * b.n_secret], p_base, p_tuned)
+    tokens = [ViewToken(piece, _r(pb), _r(pt), secret=piece is None) for piece, pb, pt in zip(pieces, p_base, p_tuned, strict=True)]
     bits = [-sum(x.logprobs[-b.n_secret:]) / math.log(2) for x in (b, t)]
     return TokenView(
         title=f"canary {b.canary_id} ({b.repetitions} copies in training)",
@@ -119,7 +168,9 @@ def _r(p: float | None) -> float | None:
 
 def probe_view(data: dict[str, Any]) -> TokenView:
     """A :class:`audit.score.probe.ProbeResult` (``audit probe --json``) as a view: every token shown."""
-    tokens = [ViewToken(t["text"], _r(t.get("p_base")), _r(t.get("p_tuned"))) for t in data["tokens"]]
+    pieces, (p_base, p_tuned) = merge_partial([t["text"] for t in data["tokens"]], [t.get("p_base") for t in data["tokens"]],
+                                              [t.get("p_tuned") for t in data["tokens"]])
+    tokens = [ViewToken(text, _r(pb), _r(pt)) for text, pb, pt in zip(pieces, p_base, p_tuned, strict=True)]
     bits_tuned = data.get("bits_tuned")
     note = f"A chosen text: {data.get('bits_base', 0):.1f} bits under base"
     note += f", {bits_tuned:.1f} under tuned" if bits_tuned is not None else ""

@@ -127,7 +127,9 @@ def probe_text(text: str, *, model_source: str | None = None, adapter: str | Non
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < 2:
         raise AuditError(f"'{text}' is a single token; there is nothing to predict", fix="probe a text of two tokens or more")
-    pieces = [tokenizer.decode([i]) for i in ids]
+    from audit.render.token_view import readable_pieces
+
+    pieces = readable_pieces(tokenizer, ids)  # a character split over byte tokens is shown whole, on its last token
     p_tuned: list[float | None] | None = None
     if tuned is None:
         p_base = _token_probs(base_model, ids)
