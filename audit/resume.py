@@ -175,27 +175,79 @@ def load_resumable(run_dir: str | Path) -> tuple[Path, Recipe, dict[str, Any]]:
 
 
 def last_checkpoint(handle: RunHandle) -> Path | None:
-    """The newest complete Trainer checkpoint of this run; incomplete ones are moved aside, never loaded."""
+    """The newest intact Trainer checkpoint of this run; incomplete or damaged ones are moved aside, never loaded.
+
+    Newest first: a checkpoint without ``trainer_state.json`` (which transformers writes last) was half-written when
+    the run stopped; one whose files do not check out (:func:`checkpoint_problem`: a truncated safetensors file or
+    optimizer state, a ``trainer_state.json`` that does not parse) was damaged later. Each is renamed
+    ``incomplete-...`` / ``damaged-...`` with one line saying so, and the next older one is tried; with none left,
+    training starts over from step 0 (same seed, so the same weights as a run never interrupted).
+    """
     trainer_dir = handle.run_dir / TRAINER_DIR
     if not trainer_dir.is_dir():
         return None
-    complete: list[tuple[int, Path]] = []
-    for path in trainer_dir.glob("checkpoint-*"):
-        step = path.name.removeprefix("checkpoint-")
-        if not (path.is_dir() and step.isdigit()):
-            continue
-        if (path / "trainer_state.json").is_file() and any(path.glob("*.safetensors")):
-            complete.append((int(step), path))
-        else:
-            aside = trainer_dir / f"incomplete-{path.name}-{datetime.now(UTC):%Y%m%d%H%M%S}"
-            path.rename(aside)
-            say(handle.progress, f"[audit] resume: {path.name} was half-written when the run stopped; moved to {aside.name}")
-    if not complete:
-        return None
-    step, path = max(complete)
-    handle.note_reuse(f"training checkpoint {path.name} (step {step})")
-    handle.save_status(resumed_from_checkpoint=path.name)
-    return path
+    found = sorted(((int(p.name.removeprefix("checkpoint-")), p) for p in trainer_dir.glob("checkpoint-*")
+                    if p.is_dir() and p.name.removeprefix("checkpoint-").isdigit()), reverse=True)
+    set_aside = 0
+    for step, path in found:
+        complete = (path / "trainer_state.json").is_file() and any(path.glob("*.safetensors"))
+        problem = checkpoint_problem(path) if complete else None
+        if complete and problem is None:
+            after = " instead" if set_aside else ""
+            handle.note_reuse(f"training checkpoint {path.name} (step {step}){after}")
+            handle.save_status(resumed_from_checkpoint=path.name)
+            return path
+        kind = "incomplete" if not complete else "damaged"
+        aside = trainer_dir / f"{kind}-{path.name}-{datetime.now(UTC):%Y%m%d%H%M%S}"
+        path.rename(aside)
+        set_aside += 1
+        why = "was half-written when the run stopped" if not complete else f"is damaged ({problem})"
+        say(handle.progress, f"[audit] resume: {path.name} {why}; moved to {aside.name}")
+    if set_aside:
+        say(handle.progress, "[audit] resume: no intact training checkpoint left; training starts over from step 0 "
+                             "(same seed, same result)")
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the Trainer checkpoint folder ``path`` cannot be resumed from, or None when its files check out.
+
+    Cheap checks that read no tensor: ``trainer_state.json`` parses and has ``global_step``; each ``*.safetensors``
+    file is as long as its header says (8-byte header length + JSON header + the largest tensor end offset); each
+    torch file (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin``) is a zip archive whose
+    directory, written last, is there. A truncated file of either kind fails.
+    """
+    import struct
+    import zipfile
+
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            return "trainer_state.json has no global_step"
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json does not parse: {type(exc).__name__}"
+    for file in sorted(path.glob("*.safetensors")):
+        size = file.stat().st_size
+        if size < 8:
+            return f"{file.name}: {size} bytes, shorter than its 8-byte header length"
+        try:
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > size:
+                    return f"{file.name}: header of {n} bytes in a file of {size}"
+                header = json.loads(f.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as exc:
+            return f"{file.name}: unreadable header ({type(exc).__name__})"
+        if 8 + n + end != size:
+            return f"{file.name}: its header describes {8 + n + end} bytes, the file has {size}"
+    for file in sorted(p for pattern in ("*.pt", "*.pth", "*.bin") for p in path.glob(pattern)):
+        try:
+            with zipfile.ZipFile(file):
+                pass
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"{file.name}: not a complete torch file ({type(exc).__name__})"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------- audit sync

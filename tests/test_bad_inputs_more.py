@@ -218,3 +218,60 @@ def test_a_real_token_view_of_a_non_ascii_canary_shows_its_characters(tmp_path, 
         text = path.read_text(encoding="utf-8")
         assert "\ufffd" not in text and "quixotic" not in text, path
     assert "中" in rendered.html.read_text(encoding="utf-8") and "🙂" in rendered.markdown.read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------- damaged checkpoints
+
+
+def _checkpoint(trainer: Path, step: int) -> Path:
+    """A checkpoint folder with the files transformers writes, in their real formats (small tensors)."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = trainer / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    save_file({"lora_A": torch.randn(8, 64), "lora_B": torch.zeros(64, 8)}, str(path / "adapter_model.safetensors"))
+    torch.save({"state": {0: {"exp_avg": torch.randn(8, 64)}}}, path / "optimizer.pt")
+    torch.save({"python": 1}, path / "rng_state.pth")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    return path
+
+
+def _truncate(path: Path, keep: int = 100) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize("damage", ["adapter_model.safetensors", "trainer_state.json", "optimizer.pt"])
+def test_a_damaged_newest_checkpoint_is_set_aside_with_one_line_and_the_older_one_resumed(damage, tmp_path, capsys):
+    from audit.resume import checkpoint_problem, last_checkpoint, open_run
+
+    run_dir = tmp_path / "run"
+    older, newer = _checkpoint(run_dir / "trainer", 10), _checkpoint(run_dir / "trainer", 20)
+    assert checkpoint_problem(older) is None and checkpoint_problem(newer) is None
+    _truncate(newer / damage, keep=20 if damage == "trainer_state.json" else 100)
+    assert checkpoint_problem(newer).startswith(damage)
+    handle = open_run(run_dir, resumed=False, progress=True)
+    try:
+        assert last_checkpoint(handle) == older
+    finally:
+        handle.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith(f"[audit] resume: checkpoint-20 is damaged ({damage}") and "moved to damaged-checkpoint-20-" in lines[0]
+    assert lines[1] == "[audit] resume: reusing training checkpoint checkpoint-10 (step 10) instead"
+    assert sorted(p.name.split("-20-")[0] for p in (run_dir / "trainer").iterdir()) == ["checkpoint-10", "damaged-checkpoint"]
+
+
+def test_with_every_checkpoint_damaged_training_starts_over_and_says_so(tmp_path, capsys):
+    from audit.resume import last_checkpoint, open_run
+
+    run_dir = tmp_path / "run"
+    _truncate(_checkpoint(run_dir / "trainer", 10) / "adapter_model.safetensors", keep=4)
+    handle = open_run(run_dir, resumed=False, progress=True)
+    try:
+        assert last_checkpoint(handle) is None
+    finally:
+        handle.close()
+    err = capsys.readouterr().err
+    assert "checkpoint-10 is damaged (adapter_model.safetensors: 4 bytes, shorter than its 8-byte header length)" in err
+    assert "no intact training checkpoint left; training starts over from step 0" in err
+    assert "resumed_from_checkpoint" not in json.loads((run_dir / "run.json").read_text())

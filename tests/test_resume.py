@@ -47,12 +47,15 @@ def test_write_once_keeps_identical_files_and_refuses_to_overwrite_different_one
 def test_last_checkpoint_takes_the_newest_complete_one_and_sets_half_written_ones_aside(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    import torch
+    from safetensors.torch import save_file
+
     for step, complete in ((10, True), (20, True), (30, False)):
         ckpt = run_dir / "trainer" / f"checkpoint-{step}"
         ckpt.mkdir(parents=True)
-        (ckpt / "adapter_model.safetensors").write_bytes(b"x")
+        save_file({"w": torch.zeros(2)}, str(ckpt / "adapter_model.safetensors"))
         if complete:
-            (ckpt / "trainer_state.json").write_text("{}")
+            (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     handle = open_run(run_dir, resumed=False, progress=False)
     try:
         assert last_checkpoint(handle) == run_dir / "trainer" / "checkpoint-20"
