@@ -462,6 +462,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AuditError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a full disk outside a run (audit inject, audit report): one line too; anything else is a bug
+        from audit.resume import disk_full
+
+        full = disk_full(exc, Path.cwd())
+        if full is None:
+            raise
+        print(f"error: {full.one_line()}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt as exc:
         from audit.resume import RunInterrupted
 

@@ -26,6 +26,7 @@ One process per run directory: an exclusive ``flock`` on ``.run.lock``, which th
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -64,6 +65,44 @@ class RunInterrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EFBIG: "file too large for this file system or limit"}
+"""Write errors that say the disk (or a quota or ``ulimit -f``) is full: an environment problem the user fixes."""
+
+
+def disk_full(exc: BaseException, where: Path) -> AuditError | None:
+    """``exc`` as a one-line :class:`AuditError` when it is a full disk (:data:`DISK_ERRNOS`) while writing under
+    ``where``, else None (a bug keeps its traceback)."""
+    if not isinstance(exc, OSError) or exc.errno not in DISK_ERRNOS:
+        return None
+    what = f"writing {exc.filename}" if exc.filename else f"writing under {where}"
+    return AuditError(f"{DISK_ERRNOS[exc.errno]} ({what})",
+                      fix=f"free space on the disk that holds {where} (or raise the quota), then resume with "
+                          f"`audit run --resume {where}`" if (where / STATUS_FILE).is_file() else
+                          f"free space on the disk that holds {where} (or raise the quota), or choose another folder")
+
+
+def save_failure(handle: RunHandle, fields: dict[str, Any]) -> None:
+    """Mark the run failed in ``run.json`` even on a full disk: the atomic write (a new file, then rename) needs
+    new blocks, so when it fails ``run.json`` is rewritten in place (its old blocks are freed and reused); if
+    even that fails, one warning line says the status could not be saved."""
+    try:
+        handle.save_status(**fields)
+        return
+    except OSError:
+        pass
+    from audit.store import json_text
+
+    try:
+        with open(handle.run_dir / STATUS_FILE, "r+", encoding="utf-8") as f:
+            text = json_text(handle.status)
+            f.seek(0)
+            f.truncate()
+            f.write(text)
+    except OSError as exc:
+        say(True, f"[audit] warning: could not mark {handle.run_dir / STATUS_FILE} failed ({exc.strerror})")
 
 
 def failure_status(exc: BaseException) -> dict[str, Any]:

@@ -181,10 +181,13 @@ def open_run(ctx: RunContext, resume_dir: Path | None) -> Iterator[Run]:
                 handle.save_status(mlflow_run_id=tracker.run_id)
             yield run
     except BaseException as exc:
-        from audit.resume import failure_status
+        from audit.resume import disk_full, failure_status, save_failure
 
-        handle.save_status(**failure_status(exc), **_tracking_status(tracker))
+        full = disk_full(exc, run_dir)  # a full disk is one line, not the OSError's traceback
+        save_failure(handle, {**failure_status(full or exc), **_tracking_status(tracker)})
         handle.close()
+        if full is not None:
+            raise full from None
         raise
     handle.save_status(status="complete", finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
                        timings_s={k: round(v, 3) for k, v in ctx.timings.items()}, **_tracking_status(tracker))

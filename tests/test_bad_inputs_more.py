@@ -275,3 +275,112 @@ def test_with_every_checkpoint_damaged_training_starts_over_and_says_so(tmp_path
     assert "checkpoint-10 is damaged (adapter_model.safetensors: 4 bytes, shorter than its 8-byte header length)" in err
     assert "no intact training checkpoint left; training starts over from step 0" in err
     assert "resumed_from_checkpoint" not in json.loads((run_dir / "run.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------------- disk full, resume
+
+SMALL = ["training.epochs=1", "corpus.builtin_records=20", "scoring.exposure_references=15", "gates=[]"]
+"""A tiny audit small enough to finish in seconds (the resumes below run it to the end)."""
+
+
+def _fill_disk_at(monkeypatch, name: str) -> None:
+    """The disk is full when ``name`` is written: the run directory's writer raises ENOSPC, as the kernel would."""
+    import errno
+
+    from audit import store
+
+    real = store.atomic_write_text
+
+    def write(path, text):
+        if Path(path).name == name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(store, "atomic_write_text", write)
+
+
+def _mlflow_run(db_folder: Path, run_id: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{db_folder / 'mlflow.db'}").get_run(run_id)
+
+
+def _run_failed_on_a_full_disk(folder: Path, monkeypatch, capsys) -> Path:
+    monkeypatch.chdir(folder)
+    with monkeypatch.context() as m:
+        _fill_disk_at(m, "manifest.json")
+        assert main(["run", "tiny/lora_cpu", "--quiet", *SMALL]) == 2
+    captured = capsys.readouterr()
+    (run_dir,) = (folder / "runs").iterdir()
+    errors = [line for line in captured.err.splitlines() if line.strip()]
+    shown = run_dir.relative_to(folder)  # as the run directory is named everywhere: from the working directory
+    assert errors == [f"error: no space left on the device (writing under {shown}) (fix: free space on the disk that "
+                      f"holds {shown} (or raise the quota), then resume with `audit run --resume {shown}`)"], errors
+    assert "Traceback" not in captured.out + captured.err
+    return run_dir
+
+
+def test_a_full_disk_mid_run_is_one_line_a_failed_run_json_and_a_failed_mlflow_run(in_tmp, monkeypatch, capsys):
+    run_dir = _run_failed_on_a_full_disk(in_tmp, monkeypatch, capsys)
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "failed" and status["error"].startswith("AuditError: no space left on the device")
+    assert _mlflow_run(in_tmp, status["mlflow_run_id"]).info.status == "FAILED"
+    assert not (run_dir / "manifest.json").exists()
+
+
+def test_a_full_disk_outside_a_run_is_one_line(in_tmp, monkeypatch, capsys):
+    _fill_disk_at(monkeypatch, "manifest.json")
+    assert main(["inject", "tiny/lora_cpu", "--out", "gt"]) == 2
+    assert "no space left on the device (writing under" in one_line_error(capsys)
+    assert not (in_tmp / "gt").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_from_another_folder_logs_to_the_tracking_store_run_json_recorded(tmp_path, monkeypatch, capsys):
+    """The first attempt ran in a/ (its default store a/mlflow.db); the resume, started in b/, finishes that same
+    MLflow run there and makes no store of its own."""
+    first, elsewhere = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    elsewhere.mkdir()
+    run_dir = _run_failed_on_a_full_disk(first, monkeypatch, capsys)
+    recorded = json.loads((run_dir / "run.json").read_text())
+    assert recorded["tracking_uri"] == f"sqlite:///{first / 'mlflow.db'}"
+    monkeypatch.chdir(elsewhere)
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "complete" and status["mlflow_run_id"] == recorded["mlflow_run_id"]
+    assert status["tracking_uri"] == recorded["tracking_uri"] and status["tracking"] == "complete"
+    finished = _mlflow_run(first, recorded["mlflow_run_id"])
+    assert finished.info.status == "FINISHED" and "exposure.mean/rep_1/tuned" in finished.data.metrics
+    assert not any(elsewhere.iterdir())  # no mlflow.db, no runs/ in the folder the resume started from
+
+
+@pytest.mark.slow
+def test_a_resume_whose_tracking_server_is_down_finishes_with_one_warning_and_keeps_the_calls(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from audit.tracking import PENDING_FILE
+
+    run_dir = _run_failed_on_a_full_disk(tmp_path, monkeypatch, capsys)
+    with socket.socket() as s:  # a port nothing listens on: the server recorded in run.json is down
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    status = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**status, "tracking_uri": dead}))
+    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"[audit] warning: MLflow at {dead} failed"), err
+    assert "error:" not in err and "Traceback" not in err
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "complete" and status["tracking"] == "incomplete" and status["tracking_uri"] == dead
+    kept = [json.loads(line) for line in (run_dir / PENDING_FILE).read_text().splitlines()]
+    logged = {metric[0] for op in kept if op["op"] == "log_batch" for metric in op.get("metrics", [])}
+    assert {"train.loss", "exposure.mean/rep_1/tuned"} <= logged, sorted(logged)[:20]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["metric_notes"]["tracking"].startswith("tracking incomplete")
+
+    # the server back (here: the store the first attempt used), `audit sync` sends what was kept to the same run
+    assert main(["sync", str(run_dir), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
+    synced = _mlflow_run(tmp_path, status["mlflow_run_id"])
+    assert synced.info.status == "FINISHED" and "exposure.mean/rep_1/tuned" in synced.data.metrics
