@@ -161,6 +161,14 @@ def check_safetensors_complete(file: Path) -> None:
     data: the file must end exactly where the last range ends. A download or copy cut short fails this in
     microseconds instead of deep inside ``from_pretrained`` after the run has started.
     """
+    problem = safetensors_problem(file)
+    if problem:
+        raise AuditError(f"model weights {file} are damaged: {problem}",
+                         fix="copy or download the model again (compare its sha256 with the source)")
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """What is wrong with the safetensors file ``file`` (:func:`check_safetensors_complete`), or None."""
     size = file.stat().st_size
     problem = None
     with file.open("rb") as f:
@@ -181,9 +189,7 @@ def check_safetensors_complete(file: Path) -> None:
                 if 8 + n + end != size:
                     problem = (f"it is truncated ({size:,} bytes, the header describes {8 + n + end:,})" if 8 + n + end > size
                                else f"it has {size - 8 - n - end:,} bytes past its last tensor")
-    if problem:
-        raise AuditError(f"model weights {file} are damaged: {problem}",
-                         fix="copy or download the model again (compare its sha256 with the source)")
+    return problem
 
 
 def _convert_pickle_dir(source: str, path: Path, *, trust_remote_code: bool, progress: bool) -> ResolvedModel:

@@ -252,12 +252,13 @@ def checkpoint_problem(path: Path) -> str | None:
     """Why the Trainer checkpoint folder ``path`` cannot be resumed from, or None when its files check out.
 
     Cheap checks that read no tensor: ``trainer_state.json`` parses and has ``global_step``; each ``*.safetensors``
-    file is as long as its header says (8-byte header length + JSON header + the largest tensor end offset); each
+    file ends where its header says (:func:`audit.models.safetensors_problem`); each
     torch file (``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin``) is a zip archive whose
     directory, written last, is there. A truncated file of either kind fails.
     """
-    import struct
     import zipfile
+
+    from audit.models import safetensors_problem
 
     try:
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
@@ -266,20 +267,9 @@ def checkpoint_problem(path: Path) -> str | None:
     except (OSError, ValueError) as exc:
         return f"trainer_state.json does not parse: {type(exc).__name__}"
     for file in sorted(path.glob("*.safetensors")):
-        size = file.stat().st_size
-        if size < 8:
-            return f"{file.name}: {size} bytes, shorter than its 8-byte header length"
-        try:
-            with open(file, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                if n > size:
-                    return f"{file.name}: header of {n} bytes in a file of {size}"
-                header = json.loads(f.read(n))
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as exc:
-            return f"{file.name}: unreadable header ({type(exc).__name__})"
-        if 8 + n + end != size:
-            return f"{file.name}: its header describes {8 + n + end} bytes, the file has {size}"
+        problem = safetensors_problem(file)  # the check model folders get (audit.models), header only
+        if problem:
+            return f"{file.name}: {problem}"
     for file in sorted(p for pattern in ("*.pt", "*.pth", "*.bin") for p in path.glob(pattern)):
         try:
             with zipfile.ZipFile(file):

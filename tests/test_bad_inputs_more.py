@@ -272,7 +272,7 @@ def test_with_every_checkpoint_damaged_training_starts_over_and_says_so(tmp_path
     finally:
         handle.close()
     err = capsys.readouterr().err
-    assert "checkpoint-10 is damaged (adapter_model.safetensors: 4 bytes, shorter than its 8-byte header length)" in err
+    assert "checkpoint-10 is damaged (adapter_model.safetensors: it is not a safetensors file)" in err
     assert "no intact training checkpoint left; training starts over from step 0" in err
     assert "resumed_from_checkpoint" not in json.loads((run_dir / "run.json").read_text())
 
@@ -384,3 +384,27 @@ def test_a_resume_whose_tracking_server_is_down_finishes_with_one_warning_and_ke
     assert main(["sync", str(run_dir), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
     synced = _mlflow_run(tmp_path, status["mlflow_run_id"])
     assert synced.info.status == "FINISHED" and "exposure.mean/rep_1/tuned" in synced.data.metrics
+
+
+@pytest.mark.slow
+def test_a_killed_run_whose_checkpoint_was_then_truncated_resumes_by_training_again(tmp_path):
+    """A real tiny run killed after its first checkpoint; the checkpoint's adapter weights are cut short; the resume
+    says so in one line, sets it aside, trains from step 0 and finishes (no traceback from safetensors)."""
+    import subprocess
+
+    from test_resume import AUDIT, _env, _kill_after_first_checkpoint
+
+    run_dir = _kill_after_first_checkpoint(tmp_path, ["run", "tiny/lora_cpu", "--quiet", "--no-tracking",
+                                                      "training.checkpoint_every=10"])
+    (checkpoint,) = (run_dir / "trainer").glob("checkpoint-*")
+    _truncate(checkpoint / "adapter_model.safetensors", keep=1000)
+    resumed = subprocess.run(AUDIT + ["run", "--resume", str(run_dir), "--no-tracking"], cwd=tmp_path, env=_env(),
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (f"[audit] resume: {checkpoint.name} is damaged (adapter_model.safetensors: it is truncated (1,000 bytes"
+            in resumed.stderr), resumed.stderr[-3000:]
+    assert "no intact training checkpoint left; training starts over from step 0" in resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "complete" and "resumed_from_checkpoint" not in status
+    assert json.loads((run_dir / "report.json").read_text())["training"]["steps"] == 210
