@@ -13,11 +13,16 @@ is resuming; this module holds the run directory's lock and status and finds the
 * ``train.json`` + the weights folder: reused when present (the weights fingerprint is checked); otherwise training
   continues from the newest complete Trainer checkpoint in ``trainer/`` (weights as safetensors; optimizer, scheduler
   and RNG state read by transformers with ``torch.load(weights_only=True)``, only from this run's own directory).
-  A checkpoint counts once its ``trainer_state.json``, which transformers writes last, exists; a half-written one
-  is set aside, not trusted.
+  A checkpoint counts once its ``trainer_state.json``, which transformers writes last, exists and its files check
+  out (:func:`checkpoint_problem`); a half-written or damaged one is set aside with one line, not trusted, and the
+  next older one is used, or training starts over.
 * The MLflow run recorded in ``run.json`` (with its tracking URI) is reopened, so the loss curve and the final
   metrics land in one run: each stage run is reused by name, a ``train.loss`` step already logged is not logged
-  again, and what an earlier attempt could not log (``tracking_pending.jsonl``) is replayed first.
+  again, and what an earlier attempt could not log (``tracking_pending.jsonl``) is replayed first. A resume from
+  another working directory uses that recorded URI too. If the server is down, the resume is not refused: one
+  warning line, and what it logs is kept in ``tracking_pending.jsonl`` for ``audit sync``.
+* A full disk (ENOSPC, a quota, ``ulimit -f``) stops the run with one line (:func:`disk_full`); ``run.json`` says
+  ``failed`` with the error (:func:`save_failure`) and the run can be resumed once there is space.
 * A run stopped by SIGTERM or SIGINT (:class:`RunInterrupted`) is ``failed`` in ``run.json`` with the signal named.
 
 One process per run directory: an exclusive ``flock`` on ``.run.lock``, which the kernel drops when the holder dies
