@@ -82,6 +82,13 @@ def test_an_output_root_under_a_file_is_refused(in_tmp, capsys):
     assert (in_tmp / "afile").read_text() == "x"
 
 
+def test_a_300_character_run_name_is_refused_before_the_run_directory(in_tmp, capsys):
+    """The name becomes the run directory's name: 300 characters would fail at mkdir (ENAMETOOLONG) after the work."""
+    assert main([*RUN, "name=" + "x" * 300]) == 2
+    assert "'name': String should have at most 100 characters" in one_line_error(capsys)
+    nothing_left(in_tmp)
+
+
 def _read_only_folder(tmp: Path) -> Path:
     """A folder this process cannot write: a 0555 folder, or for root (whom permission bits do not stop) /sys, a
     read-only mount on Linux."""
