@@ -312,8 +312,8 @@ def _local_model_path(recipe: Recipe) -> Path | None:
     from audit.models import BUILTIN_MODELS, cache_dir
 
     source = recipe.model.source
-    if source in BUILTIN_MODELS:
-        built = sorted((cache_dir() / "models").glob(f"{source}-*/provenance.json"))
+    if source in BUILTIN_MODELS:  # a build in the cache (never built here); module names do not change per build
+        built = sorted((cache_dir() / "models").glob(f"{source}-*/provenance.json"), key=lambda p: p.stat().st_mtime)
         return built[-1].parent if built else None
     path = Path(source).expanduser()
     return path if (path / "config.json").is_file() else None
