@@ -94,10 +94,14 @@ def generate_canaries(
     references: int | None = None,
     context: GenerationContext | None = None,
     key: AuditKey | None = None,
+    inclusion: str = "split",
 ) -> CanarySet:
     """Draw the pool for ``spec`` and assign each canary to a tier or to the references (seeded and keyed, per group).
 
     ``key``: the audit key (:func:`audit.keys.resolve_key`); every audit passes one. None: the unkeyed draw of old runs.
+    ``inclusion``: ``split`` (exactly ``members_per_tier`` per tier and ``references``, in a random order) or ``coin``
+    (each of the same pool's canaries is a member by its own fair coin, its tier uniform among ``tiers``: the
+    independent inclusion the one-run eps bounds of :mod:`audit.metrics.privacy` assume; counts vary around those).
     """
     tiers = sorted(tiers or spec.tiers)
     members_per_tier = members_per_tier or spec.members_per_tier
@@ -119,7 +123,14 @@ def generate_canaries(
             raise AuditError(f"canary spec '{spec.name}'{f' source {group}' if group else ''}: drew {len(drafts)} "
                              f"of the {len(roles)} canaries needed", fix="use a larger source or fewer canaries")
         purpose = f"canaries:{spec.name}:v{spec.version}:roles" + (f":{group}" if group else "")
-        for d, r in zip(drafts, _stream(seed, purpose, key).shuffled(roles), strict=True):
+        if inclusion == "coin":
+            coin = _stream(seed, purpose + ":coin", key)
+            assigned = [tiers[coin.below(len(tiers))] if coin.below(2) else 0 for _ in roles]
+        elif inclusion == "split":
+            assigned = _stream(seed, purpose, key).shuffled(roles)
+        else:
+            raise AuditError(f"unknown canary inclusion {inclusion!r}", fix="use canaries.inclusion=split or coin")
+        for d, r in zip(drafts, assigned, strict=True):
             c = Canary(id=canary_id(spec.name, spec.version, d, key), spec=spec.name, prefix=d.prefix, secret=d.secret,
                        suffix=d.suffix, repetitions=r, work=d.work)
             canaries.append(c)
