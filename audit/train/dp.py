@@ -135,6 +135,24 @@ class DPTrainResult:
                             accountant=self.accountant, lora_delta_max=self.lora_delta_max)
 
 
+def check_opacus_can_wrap(model: Any) -> None:
+    """One-line :class:`AuditError` before training for trainable weights Opacus computes no per-record gradient for.
+
+    Opacus' hooks fire when a module is *called*; a trainable parameter held in a ``ParameterDict`` /
+    ``ParameterList`` (PEFT's LoRA on an embedding keeps ``lora_embedding_A/B`` there) is used by its parent's
+    forward without that container being called, so the first step fails with "Per sample gradient is not
+    initialized" (Opacus issue #732), after the base was scored. Caught here instead, with the layer named.
+    """
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ParameterDict | torch.nn.ParameterList) and any(
+                p.requires_grad for p in module.parameters(recurse=False)):
+            raise AuditError(f"Opacus cannot compute per-record gradients for the trainable weights in {name} (a parameter "
+                             "container its layer uses without calling it, e.g. LoRA on an embedding)",
+                             fix="put LoRA on linear layers only (training.lora.target_modules, e.g. [q_proj, v_proj])")
+
+
 def _lora_snapshot(model: Any) -> dict[str, Any]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -209,6 +227,7 @@ def train_dp_lora(
     if errors:
         raise AuditError(f"Opacus cannot compute per-record gradients for this model: {errors[0]}",
                          fix="train only modules Opacus supports (LoRA on linear layers) or use training.method=lora")
+    check_opacus_can_wrap(model)
     before = _lora_snapshot(model)
     ids, mask, labels = _encode(tokenizer, texts, max_length)
     loader = DataLoader(TensorDataset(ids, mask, labels), batch_size=batch_size,
