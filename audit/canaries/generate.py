@@ -13,7 +13,8 @@ gives other secrets. ``key=None`` is the unkeyed draw of runs written before the
 ``sha256(spec|version|prefix|secret|suffix)`` ids): kept only so those run directories resume and report.
 
 Generators (one per file): ``digits`` and ``words`` (:mod:`.templated`), ``pii`` (:mod:`.pii`), ``traps``
-(:mod:`.traps`, needs the base model), ``works`` (:mod:`.works`, the synthetic source needs the base model).
+(:mod:`.traps`, needs the base model), ``works`` (:mod:`.works`, the synthetic source needs the base model),
+``rare_tokens`` and ``bigram`` (:mod:`.tokens`, need the base model's tokenizer).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from audit.canaries.params import parse_params
 from audit.canaries.pii import pii_generator
 from audit.canaries.spec import CanarySpec
 from audit.canaries.templated import digits_generator, words_generator
+from audit.canaries.tokens import bigram_generator, rare_tokens_generator, tokens_need_model
 from audit.canaries.traps import traps_generator, traps_need_model
 from audit.canaries.uniqueness import raise_on_near_duplicates
 from audit.canaries.works import works_generator, works_need_model
@@ -42,6 +44,8 @@ GENERATORS: dict[str, CanaryGenerator] = {
     "pii": CanaryGenerator(pii_generator),
     "traps": CanaryGenerator(traps_generator, needs_model=traps_need_model),
     "works": CanaryGenerator(works_generator, needs_model=works_need_model),
+    "rare_tokens": CanaryGenerator(rare_tokens_generator, needs_model=tokens_need_model),
+    "bigram": CanaryGenerator(bigram_generator, needs_model=tokens_need_model),
 }
 
 
