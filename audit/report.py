@@ -81,7 +81,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
                          "samples_with_member_secret": outputs.summary["samples_with_member_secret"]} if outputs else None)
     dp = training.dp  # a DP-SGD run: the bounds at the accountant's delta, so the two eps are comparable
     scoring = recipe.scoring if dp is None else recipe.scoring.model_copy(update={"privacy_delta": dp.delta})
-    suite = summarize_scores(scores, scoring)  # every metric under its stable key (audit.metrics.suite)
+    suite = summarize_scores(scores, scoring, inclusion=recipe.canaries.inclusion)  # every metric under its stable key (audit.metrics.suite)
     works = works_information(canary_set, scores)
     persistence = origin.persistence(scores, suite.metrics)
     metrics: dict[str, MetricEntry] = {**suite.metrics, **works.pop("metrics", {}), **(outputs.metrics if outputs else {}),
