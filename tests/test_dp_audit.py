@@ -155,3 +155,36 @@ def test_lora_on_an_embedding_is_refused_before_the_first_step(tiny_model_dir, t
     assert "\n" not in str(info.value) and "(fix: " in str(info.value)
     model, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
     check_opacus_can_wrap(get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))  # linear: fine
+
+
+def test_the_train_stage_hands_a_dp_recipe_to_dp_sgd_with_its_section_and_refuses_several_processes(monkeypatch, tmp_path):
+    """Sequencing only (the DP-SGD run itself is tests/test_train_dp.py and the slow soundness test)."""
+    from types import SimpleNamespace
+
+    from audit import distributed, stages
+    from audit.train import dp as dp_module
+    from audit.train.types import DeviceChoice, TrainPlan
+
+    recipe = load_recipe("tiny/dp_lora_cpu", ["training.dp.epsilon=2"])
+    seen = {}
+
+    def fake_train_dp_lora(model, tokenizer, texts, **kwargs):
+        seen.update(kwargs, texts=texts)
+        summary = TrainSummary(**SUMMARY, dp=ACCOUNTING)
+        return SimpleNamespace(model="tuned", summary=summary, loss_history=[(1, 2.0)])
+
+    monkeypatch.setattr(dp_module, "train_dp_lora", fake_train_dp_lora)
+    ctx = SimpleNamespace(recipe=recipe, device=DeviceChoice("cpu", "fp32", False))
+    truth = SimpleNamespace(training_texts=["a", "b"])
+    plan = TrainPlan(run_dir=tmp_path, train=True)
+    losses = []
+    tracker = SimpleNamespace(log_metrics=lambda m, step: losses.append((step, m)))
+    result = stages.train(ctx, None, "model", "tok", truth, plan, tracker=tracker)
+    assert result.model == "tuned" and result.summary.dp == ACCOUNTING
+    assert seen["settings"] is recipe.training.dp and seen["settings"].epsilon == 2.0 and seen["texts"] == ["a", "b"]
+    assert seen["weights_dir"] == tmp_path / "adapter" and seen["batch_size"] == recipe.training.batch_size
+    seen["on_loss"](3, 1.5)
+    assert losses == [(3, {"train.loss": 1.5})]
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    with pytest.raises(AuditError, match="training.dp runs in one process"):
+        stages.train(ctx, None, "model", "tok", truth, plan)
