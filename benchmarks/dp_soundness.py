@@ -2,6 +2,7 @@
 
     python benchmarks/dp_soundness.py                              # tiny/dp_lora_cpu, 9 audits in this process (~5 min)
     python benchmarks/dp_soundness.py --recipe smollm2/dp_lora_cpu --seeds 0 --eps 4    # one SmolLM2 row (the lead's)
+    python benchmarks/dp_soundness.py --markdown benchmarks/dp_soundness.json          # the README table
 
 Each row is one ``audit run RECIPE seed=S training.dp.epsilon=E`` (tracking off, runs under a temporary folder):
 the accountant's eps (Opacus PRV, at the recipe's delta, for the steps taken), every ``privacy.eps_lb/<method>`` the
@@ -43,13 +44,30 @@ def soundness_row(report, *, seed: int, eps: float) -> dict:
     return row
 
 
+def markdown_table(result: dict) -> str:
+    """The README table from a ``dp_soundness.json``: one row per run, each bound with its tightness."""
+    head = ["seed", "eps target", "eps_accountant", "members/canaries", "correct/guesses", "AUC loss_diff",
+            *[f"eps_lb {k} (tightness)" for k in METHODS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        cells = [str(r["seed"]), f"{r['eps_target']:g}", f"{r['eps_accountant']:.3f}", f"{r['members']}/{r['canaries']}",
+                 f"{r['correct']}/{r['guesses']}", "" if r["mia_auc_loss_diff"] is None else f"{r['mia_auc_loss_diff']:.2f}"]
+        cells += ["n/a" if r[f"eps_lb/{k}"] is None else f"{r[f'eps_lb/{k}']:.3f} ({r[f'tightness/{k}']:.2f})" for k in METHODS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", metavar="JSON", help="print the README table of an existing result and exit")
     parser.add_argument("--recipe", default="tiny/dp_lora_cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eps", type=float, nargs="+", default=[1.0, 4.0, 8.0])
     parser.add_argument("--out", default=str(HERE / "dp_soundness.json"))
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown_table(json.loads(Path(args.markdown).read_text(encoding="utf-8"))))
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
