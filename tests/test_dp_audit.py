@@ -121,6 +121,15 @@ def test_coin_inclusion_draws_each_canary_by_its_own_fair_coin():
     assert again == sets[0]  # seeded
     split = generate_canaries(spec, seed=0, tiers=[1], members_per_tier=256, references=256)
     assert len(split.members()) == 256 and split.sha256() != sets[0].sha256()
+    outcomes = set()
+    for seed in range(16):  # two canaries: both coins alike with probability 1/2, refused rather than a one-sided audit
+        try:
+            generate_canaries(spec, seed=seed, tiers=[1], members_per_tier=1, references=1, inclusion="coin")
+            outcomes.add("drawn")
+        except AuditError as exc:
+            assert "the fair coins of 2 canaries made them all" in str(exc)
+            outcomes.add("refused")
+    assert outcomes == {"drawn", "refused"}
     with pytest.raises(AuditError, match="unknown canary inclusion"):
         generate_canaries(spec, seed=0, tiers=[1], members_per_tier=2, references=2, inclusion="bernoulli")
 
@@ -188,3 +197,4 @@ def test_the_train_stage_hands_a_dp_recipe_to_dp_sgd_with_its_section_and_refuse
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     with pytest.raises(AuditError, match="training.dp runs in one process"):
         stages.train(ctx, None, "model", "tok", truth, plan)
+

@@ -130,6 +130,10 @@ def generate_canaries(
         if inclusion == "coin":
             coin = _stream(seed, purpose + ":coin", key)
             assigned = [tiers[coin.below(len(tiers))] if coin.below(2) else 0 for _ in roles]
+            if 0 not in assigned or set(assigned) == {0}:  # 2^(1-n) for n canaries: only tiny pools
+                raise AuditError(f"canary spec '{spec.name}': the fair coins of {len(roles)} canaries made them all "
+                                 f"{'references' if set(assigned) == {0} else 'members'}",
+                                 fix="use more canaries (members_per_tier + references >= 20) or another seed")
         elif inclusion == "split":
             assigned = _stream(seed, purpose, key).shuffled(roles)
         else:
