@@ -129,7 +129,8 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
         # and must come out the same; a product space's references do not depend on it.
         drawn = generate_canaries(spec, seed=seed, tiers=recipe.canaries.tiers,
                                   members_per_tier=recipe.canaries.members_per_tier,
-                                  references=recipe.canaries.references, context=ctx, key=key)
+                                  references=recipe.canaries.references, context=ctx, key=key,
+                                  inclusion=recipe.canaries.inclusion)
         if canaries is not None and drawn.sha256() != canaries.sha256():
             raise AuditError(f"the canaries drawn again for spec {spec.name} (seed {seed}) differ from the stored set",
                              fix="the canary code, spec or base model changed since the set was drawn; rerun from its first run")
@@ -153,6 +154,10 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
     preflight = run_preflight(injection.manifest, canaries, injection.records, tokenizer, **options,
                               all_training_texts=texts if options["packing"] == "wrapped" else None)
     require_passed(preflight)
+    if recipe.training.dp is not None:  # delta < 1/n needs n, the injected record count: checked before anything is written
+        from audit.train.dp import check_dp_settings
+
+        check_dp_settings(recipe.training.dp, len(texts))
     timings["preflight"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -360,7 +365,8 @@ def _inject_streaming(recipe: Recipe, out_dir: Path, *, model_path: Path, finger
         sampler = LazyModelSampler(model_path, fingerprint=fingerprint, tokenizer=tokenizer)
     canaries = generate_canaries(spec, seed=recipe.seed, tiers=recipe.canaries.tiers,
                                  members_per_tier=recipe.canaries.members_per_tier, references=recipe.canaries.references,
-                                 context=GenerationContext(tokenizer=tokenizer, sampler=sampler, progress=progress), key=key)
+                                 context=GenerationContext(tokenizer=tokenizer, sampler=sampler, progress=progress), key=key,
+                                 inclusion=recipe.canaries.inclusion)
     timings["canaries"] = time.perf_counter() - t
     t = time.perf_counter()
     c = recipe.corpus

@@ -22,6 +22,7 @@ from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.schema import (
     AuditReport,
     CanariesSummary,
+    DPAccounting,
     MetricEntry,
     ModelInfo,
     OutputsSummary,
@@ -78,11 +79,18 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         outputs_fingerprint=outputs.fingerprint if outputs else None,
         outputs_details={"file": "outputs.jsonl", "samples": outputs.summary["protocol"]["samples"],
                          "samples_with_member_secret": outputs.summary["samples_with_member_secret"]} if outputs else None)
-    suite = summarize_scores(scores, recipe.scoring)  # every metric under its stable key (audit.metrics.suite)
+    dp = training.dp  # a DP-SGD run: the bounds at the accountant's delta, so the two eps are comparable
+    scoring = recipe.scoring if dp is None else recipe.scoring.model_copy(update={"privacy_delta": dp.delta})
+    suite = summarize_scores(scores, scoring, inclusion=recipe.canaries.inclusion)  # every metric under its stable key (audit.metrics.suite)
     works = works_information(canary_set, scores)
     persistence = origin.persistence(scores, suite.metrics)
     metrics: dict[str, MetricEntry] = {**suite.metrics, **works.pop("metrics", {}), **(outputs.metrics if outputs else {}),
                                        **(persistence.metrics or {})}
+    notes = dict(suite.notes)
+    if dp is not None:
+        dp_metrics, dp_notes = accountant_metrics(dp, metrics, inclusion=recipe.canaries.inclusion)
+        metrics.update(dp_metrics)
+        notes.update(dp_notes)
     ctx.timings["total"] = time.perf_counter() - ctx.started
     report = AuditReport(
         run_id=run.dir.name,
@@ -105,12 +113,34 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         git_revision=git_revision(),
         tracking=run.tracker.info(),
         metrics=metrics,
-        metric_notes=suite.notes,
+        metric_notes=notes,
         outputs=OutputsSummary.model_validate(outputs.summary) if outputs else None,
         parent_run=origin.parent_run,
         persistence=None if persistence.summary is None else PersistenceSummary.model_validate(persistence.summary),
     )
     return report.model_copy(update={"gates": evaluate_gates(recipe.gates, report.flat_metrics())})
+
+
+def accountant_metrics(dp: DPAccounting, metrics: dict[str, MetricEntry], *,
+                       inclusion: str) -> tuple[dict[str, MetricEntry], dict[str, str]]:
+    """``privacy.eps_accountant`` and, per bound, ``privacy.tightness/<method>`` = eps_lb / eps_accountant, with
+    ``privacy.tightness_max`` (a gate ``max: 1`` checks soundness) and the sampling assumptions the run satisfies."""
+    from audit.metrics.privacy import compare_with_accountant, sampling_statement
+
+    cmp = compare_with_accountant(dp.eps_accountant, {k: v.value for k, v in metrics.items()})
+    out = {"privacy.eps_accountant": MetricEntry(value=dp.eps_accountant, n=dp.steps)}
+    n = metrics["privacy.eps_lb"].n if "privacy.eps_lb" in metrics else None
+    out.update({f"privacy.tightness/{method}": MetricEntry(value=t, n=n) for method, t in cmp.tightness.items()})
+    if cmp.tightness:
+        out["privacy.tightness_max"] = MetricEntry(value=cmp.tightness_max, n=n)
+    how = (f"target eps {dp.target_epsilon:g}, noise multiplier solved: {dp.noise_multiplier:.4g}" if dp.target_epsilon
+           else f"noise multiplier {dp.noise_multiplier:g}")
+    notes = {"privacy.eps_accountant": (
+        f"DP-SGD: {dp.accountant} accountant's eps at delta={dp.delta:g} for {dp.steps} steps at q={dp.sample_rate:.4g} "
+        f"({how}, clip {dp.max_grad_norm:g}, {dp.records} records); every privacy.eps_lb/<method> is computed at the same "
+        f"delta and must not exceed it ({'sound' if cmp.sound else 'EXCEEDED: a bound is above the accountant'}). "
+        + sampling_statement(inclusion))}
+    return out, notes
 
 
 def summarize_tiers(scores: list[SequenceScore]) -> list[TierSummary]:
@@ -200,6 +230,12 @@ def format_metrics(report: AuditReport) -> list[str]:
     if "privacy.eps_lb" in m:
         lines.append(f"privacy: epsilon >= {val('privacy.eps_lb')} (one run, {int(m['privacy.correct'].value)}/"
                      f"{int(m['privacy.guesses'].value)} guesses right; at most {val('privacy.eps_ceiling')} with that many)")
+    if "privacy.eps_accountant" in m:
+        acc = m["privacy.eps_accountant"].value
+        beside = [f"{key.removeprefix('privacy.eps_lb/')} {m[key].value:.2f} ({m[key].value / acc:.0%})"
+                  for key in sorted(m) if key.startswith("privacy.eps_lb/")]
+        lines.append(f"privacy (DP-SGD): eps_accountant {acc:.2f}; eps_lb (tightness = eps_lb / eps_accountant): "
+                     + (", ".join(beside) or "none computed"))
     if f"information.bits/rep_{top}/base" in m and f"information.bits/rep_{top}/tuned" in m:
         lines.append(f"information: a {top}x secret costs {val(f'information.bits/rep_{top}/base', '.1f')} bits under base, "
                      f"{val(f'information.bits/rep_{top}/tuned', '.1f')} under tuned; references "

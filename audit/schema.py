@@ -83,6 +83,9 @@ class CanarySection(Frozen):
     key_file: str | None = None
     """A path to the audit key file the secrets and ids derive from (:mod:`audit.keys`; the key itself is never in a
     recipe). ``$CANARY_AUDIT_KEY`` / ``$CANARY_AUDIT_KEY_FILE`` win over it; unset: the per-user key."""
+    inclusion: Literal["split", "coin"] = "split"
+    """How canaries become members: ``split``, exactly ``members_per_tier`` per tier (a seeded permutation of the
+    pool); ``coin``, each canary of the pool by its own fair coin (the one-run eps bounds' assumption; DP recipes)."""
     inject: bool = True
     """Plant the member canaries into the training data. ``false`` trains on the clean corpus and only measures: with
     ``parent=RUN_DIR`` that is the further clean tune, which shows how much of the parent's canaries survive."""
@@ -93,6 +96,8 @@ class CanarySection(Frozen):
         data = handler(self)
         if isinstance(data, dict) and data.get("key_file") is None:
             data.pop("key_file", None)
+        if isinstance(data, dict) and data.get("inclusion") == "split":  # the default, as before the field existed
+            data.pop("inclusion", None)
         return data
 
     @field_validator("tiers")
@@ -140,8 +145,38 @@ class LoraSection(Frozen):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
+MAX_DP_EPSILON = 64.0
+"""``training.dp.epsilon`` targets above this are refused: no meaningful guarantee, and Opacus' noise search for
+eps = 1000 ran over 20 minutes and 4.9 GB (measured; :mod:`audit.train.dp`)."""
+
+
+class DPSection(Frozen):
+    """``training.dp``: DP-SGD on the LoRA adapter with Opacus (:mod:`audit.train.dp`), instead of TRL training.
+
+    Exactly one of ``epsilon`` (a target: the noise multiplier is solved for it over the planned steps) and
+    ``noise_multiplier`` (fixed; the accountant reports the eps it spent). ``delta`` must also lie below
+    1 / (training records), checked once the corpus and canaries are known and before anything is written.
+    """
+
+    epsilon: float | None = Field(default=None, gt=0, le=MAX_DP_EPSILON, allow_inf_nan=False)
+    delta: float = Field(default=1e-5, gt=0, lt=1, allow_inf_nan=False)
+    noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_grad_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    """Per-record gradient clipping norm C; the noise standard deviation is ``noise_multiplier * C``."""
+    accountant: Literal["prv", "rdp"] = "prv"
+
+    @model_validator(mode="after")
+    def _one_of_epsilon_and_noise(self) -> DPSection:
+        if (self.epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("training.dp needs exactly one of epsilon (e.g. training.dp.epsilon=4) and noise_multiplier")
+        return self
+
+
 class TrainingSection(Frozen):
-    """TRL ``SFTTrainer`` settings. ``auto`` picks from the device: fp32 and no checkpointing on CPU, bf16 on CUDA."""
+    """TRL ``SFTTrainer`` settings. ``auto`` picks from the device: fp32 and no checkpointing on CPU, bf16 on CUDA.
+
+    With ``dp`` set, training is DP-SGD (:mod:`audit.train.dp`): LoRA only, fp32, one Poisson batch per step, no packing
+    and no mid-training checkpoints (a resumed DP run trains again from the start, with a fresh accountant)."""
 
     method: Literal["lora", "full"] = "lora"
     epochs: float = Field(default=3.0, gt=0, le=10_000, allow_inf_nan=False)
@@ -159,6 +194,8 @@ class TrainingSection(Frozen):
     halves weight memory but rounds small AdamW updates away in a full fine-tune (:mod:`audit.train.sft`)."""
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     lora: LoraSection = Field(default_factory=LoraSection)
+    dp: DPSection | None = None
+    """DP-SGD instead of TRL training (:class:`DPSection`); None: ordinary fine-tuning."""
     packing: Literal[False, "bfd", "bfd_split", "wrapped"] = False
     """TRL packing of several records into one ``max_length`` sequence: ``bfd`` (best-fit decreasing, an overlong
     record is truncated), ``bfd_split`` (an overlong record is cut into pieces), ``wrapped`` (the dataset is
@@ -177,6 +214,30 @@ class TrainingSection(Frozen):
         if every >= 1 and every != int(every):
             raise ValueError("checkpoint_every must be a whole number of steps (>= 1) or a fraction of the run (< 1)")
         return every
+
+    @model_validator(mode="after")
+    def _dp_trains_lora_alone(self) -> TrainingSection:
+        if self.dp is None:
+            return self
+        if self.method != "lora":
+            raise ValueError("training.dp trains a LoRA adapter with DP-SGD; set training.method=lora")
+        if self.packing:
+            raise ValueError("training.dp needs one record per sequence (the guarantee is per record); set training.packing=false")
+        if self.gradient_accumulation_steps != 1:
+            raise ValueError("training.dp takes one Poisson batch per step; set training.gradient_accumulation_steps=1 "
+                             "and a larger training.batch_size (the expected batch)")
+        if self.precision not in ("auto", "fp32", "bf16-mixed"):
+            raise ValueError(f"training.dp trains in fp32 (per-record gradients); training.precision={self.precision} "
+                             "is not supported with it: use auto or fp32")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_dp(self, handler: Any) -> Any:
+        # recipe.yaml and the recipe fingerprint of a run without DP read as before the field existed
+        data = handler(self)
+        if isinstance(data, dict) and data.get("dp") is None:
+            data.pop("dp", None)
+        return data
 
 
 class ScoringSection(Frozen):
@@ -660,6 +721,25 @@ class ModelInfo(Frozen):
     provenance: dict[str, Any] = Field(default_factory=dict)
 
 
+class DPAccounting(Frozen):
+    """The privacy a DP-SGD run spent (``train.json`` ``dp``), from Opacus' accountant for the steps actually taken."""
+
+    eps_accountant: float
+    """The accountant's eps at ``delta``: an upper bound on the eps any audit of this run may find."""
+    delta: float
+    target_epsilon: float | None
+    """``training.dp.epsilon`` when the noise was solved for a target, else None (fixed ``noise_multiplier``)."""
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    """q = expected batch / records: each record joins each step independently with this probability (Poisson)."""
+    steps: int
+    records: int
+    accountant: str
+    lora_delta_max: float
+    """Largest |change| of any trainable weight over training (> 0, or the run failed: Opacus issue #820)."""
+
+
 class TrainSummary(Frozen):
     """``train.json``: the finished train stage (and ``report.training``)."""
 
@@ -678,6 +758,16 @@ class TrainSummary(Frozen):
     merged_path: str | None = None
     """LoRA with ``training.save_merged``: the adapter merged into the base, as safetensors."""
     merged_fingerprint: str | None = None
+    dp: DPAccounting | None = None
+    """A DP-SGD run (``training.dp``): what the accountant says it spent, and how records were sampled."""
+
+    @model_serializer(mode="wrap")
+    def _omit_no_dp(self, handler: Any) -> Any:
+        # train.json and report.training of a run without DP stay byte for byte as before the field existed
+        data = handler(self)
+        if isinstance(data, dict) and data.get("dp") is None:
+            data.pop("dp", None)
+        return data
 
 
 class TierSummary(Frozen):

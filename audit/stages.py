@@ -383,6 +383,8 @@ def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: An
     recipe = ctx.recipe
     # train.loss on the parent; every number the Trainer logs, and its arguments, on the train stage run
     on_loss = (lambda step, loss: tracker.log_metrics({"train.loss": loss}, step=step)) if tracker is not None else None
+    if recipe.training.dp is not None:
+        return train_dp(ctx, model, tokenizer, truth, plan, on_loss=on_loss, progress=progress)
     on_log = (lambda step, logs: tracker.log_stage_metrics(logs, step)) if tracker is not None else None
     on_params = tracker.log_stage_params if tracker is not None else None
     trained = train_sft(model, tokenizer, truth.training_texts, section=recipe.training, seed=recipe.seed,
@@ -397,6 +399,23 @@ def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: An
     layers = [*origin.layers, WeightsLayer(recipe.training.method, plan.weights_dir)]
     model = load_tuned(load_base(ctx)[0], layers, device=ctx.device, trust_remote_code=recipe.model.trust_remote_code)
     return TrainResult(model=model, summary=trained.summary, loss_history=trained.loss_history)
+
+
+def train_dp(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, plan: TrainPlan, *, on_loss: Any = None,
+             progress: bool = False) -> TrainResult:
+    """DP-SGD on a LoRA adapter (``training.dp``, :mod:`audit.train.dp`); ``train.json`` records the accountant's eps."""
+    from audit.errors import AuditError
+    from audit.train.dp import train_dp_lora
+
+    if distributed.is_distributed():
+        raise AuditError("training.dp runs in one process (Opacus' Poisson sampling and accountant are per process here)",
+                         fix="run `audit run` without accelerate launch / torchrun")
+    section = ctx.recipe.training
+    result = train_dp_lora(model, tokenizer, truth.training_texts, settings=section.dp, lora=section.lora,
+                           epochs=section.epochs, batch_size=section.batch_size, learning_rate=section.learning_rate,
+                           max_length=section.max_length, seed=ctx.recipe.seed, weights_dir=plan.weights_dir,
+                           device=ctx.device.device, progress=progress, on_loss=on_loss)
+    return TrainResult(model=result.model, summary=result.summary, loss_history=result.loss_history)
 
 
 def worker(ctx: RunContext, origin: Origin, truth: Any) -> None:

@@ -345,7 +345,7 @@ def _plan(recipe: Recipe) -> tuple[Plan, list[str]]:
         note = f"canaries: spec {spec.name} v{spec.version} samples the base model; drawn when the audit runs"
     else:
         canary_set = generate_canaries(spec, seed=recipe.seed, tiers=c.tiers, members_per_tier=c.members_per_tier,
-                                       references=c.references)
+                                       references=c.references, inclusion=c.inclusion)
         space_bits = float(canary_set.space.log2_size)
         note = (f"canaries: {len(canary_set.members())} members, {len(canary_set.references())} references, "
                 f"spec {spec.name} v{spec.version}")

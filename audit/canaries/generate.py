@@ -13,7 +13,8 @@ gives other secrets. ``key=None`` is the unkeyed draw of runs written before the
 ``sha256(spec|version|prefix|secret|suffix)`` ids): kept only so those run directories resume and report.
 
 Generators (one per file): ``digits`` and ``words`` (:mod:`.templated`), ``pii`` (:mod:`.pii`), ``traps``
-(:mod:`.traps`, needs the base model), ``works`` (:mod:`.works`, the synthetic source needs the base model).
+(:mod:`.traps`, needs the base model), ``works`` (:mod:`.works`, the synthetic source needs the base model),
+``rare_tokens`` and ``bigram`` (:mod:`.tokens`, need the base model's tokenizer).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from audit.canaries.params import parse_params
 from audit.canaries.pii import pii_generator
 from audit.canaries.spec import CanarySpec
 from audit.canaries.templated import digits_generator, words_generator
+from audit.canaries.tokens import bigram_generator, rare_tokens_generator, tokens_need_model
 from audit.canaries.traps import traps_generator, traps_need_model
 from audit.canaries.uniqueness import raise_on_near_duplicates
 from audit.canaries.works import works_generator, works_need_model
@@ -42,6 +44,8 @@ GENERATORS: dict[str, CanaryGenerator] = {
     "pii": CanaryGenerator(pii_generator),
     "traps": CanaryGenerator(traps_generator, needs_model=traps_need_model),
     "works": CanaryGenerator(works_generator, needs_model=works_need_model),
+    "rare_tokens": CanaryGenerator(rare_tokens_generator, needs_model=tokens_need_model),
+    "bigram": CanaryGenerator(bigram_generator, needs_model=tokens_need_model),
 }
 
 
@@ -94,10 +98,14 @@ def generate_canaries(
     references: int | None = None,
     context: GenerationContext | None = None,
     key: AuditKey | None = None,
+    inclusion: str = "split",
 ) -> CanarySet:
     """Draw the pool for ``spec`` and assign each canary to a tier or to the references (seeded and keyed, per group).
 
     ``key``: the audit key (:func:`audit.keys.resolve_key`); every audit passes one. None: the unkeyed draw of old runs.
+    ``inclusion``: ``split`` (exactly ``members_per_tier`` per tier and ``references``, in a random order) or ``coin``
+    (each of the same pool's canaries is a member by its own fair coin, its tier uniform among ``tiers``: the
+    independent inclusion the one-run eps bounds of :mod:`audit.metrics.privacy` assume; counts vary around those).
     """
     tiers = sorted(tiers or spec.tiers)
     members_per_tier = members_per_tier or spec.members_per_tier
@@ -119,7 +127,18 @@ def generate_canaries(
             raise AuditError(f"canary spec '{spec.name}'{f' source {group}' if group else ''}: drew {len(drafts)} "
                              f"of the {len(roles)} canaries needed", fix="use a larger source or fewer canaries")
         purpose = f"canaries:{spec.name}:v{spec.version}:roles" + (f":{group}" if group else "")
-        for d, r in zip(drafts, _stream(seed, purpose, key).shuffled(roles), strict=True):
+        if inclusion == "coin":
+            coin = _stream(seed, purpose + ":coin", key)
+            assigned = [tiers[coin.below(len(tiers))] if coin.below(2) else 0 for _ in roles]
+            if 0 not in assigned or set(assigned) == {0}:  # 2^(1-n) for n canaries: only tiny pools
+                raise AuditError(f"canary spec '{spec.name}': the fair coins of {len(roles)} canaries made them all "
+                                 f"{'references' if set(assigned) == {0} else 'members'}",
+                                 fix="use more canaries (members_per_tier + references >= 20) or another seed")
+        elif inclusion == "split":
+            assigned = _stream(seed, purpose, key).shuffled(roles)
+        else:
+            raise AuditError(f"unknown canary inclusion {inclusion!r}", fix="use canaries.inclusion=split or coin")
+        for d, r in zip(drafts, assigned, strict=True):
             c = Canary(id=canary_id(spec.name, spec.version, d, key), spec=spec.name, prefix=d.prefix, secret=d.secret,
                        suffix=d.suffix, repetitions=r, work=d.work)
             canaries.append(c)

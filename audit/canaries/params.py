@@ -118,8 +118,27 @@ class WorksParams(_Params):
     ngram: PositiveInt = Field(default=5, ge=1)
 
 
+class RareTokensParams(_Params):
+    """``rare_tokens``: ``length`` tokens from the ``pool`` rarest whole-word tokens of the vocabulary (Panda et al. 2025)."""
+
+    length: PositiveInt = Field(default=4, ge=1)
+    pool: PositiveInt = Field(default=1024, ge=2)
+    """How many of the highest-id (latest-merged) whole-word tokens the secrets draw from."""
+    templates: list[str] | None = None
+    names: list[str] | None = None
+
+
+class BigramParams(_Params):
+    """``bigram``: ``length`` tokens drawn uniformly from every whole-word token (random vocabulary bigrams)."""
+
+    length: PositiveInt = Field(default=4, ge=1)
+    templates: list[str] | None = None
+    names: list[str] | None = None
+
+
 PARAMS: dict[str, type[_Params]] = {"digits": DigitsParams, "words": WordsParams, "pii": PiiParams,
-                                    "traps": TrapsParams, "works": WorksParams}
+                                    "traps": TrapsParams, "works": WorksParams, "rare_tokens": RareTokensParams,
+                                    "bigram": BigramParams}
 """Generator name -> its params model."""
 
 

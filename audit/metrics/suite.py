@@ -304,6 +304,7 @@ def summarize_metrics(
     privacy_p_value: float = 0.05,
     privacy_guess_fraction: float = 1.0,
     mia_k: float = 0.2,
+    inclusion: str = "split",
 ) -> SuiteResult:
     """All metric keys of the module docstring from the per-canary rows of both models."""
     out = SuiteResult()
@@ -338,7 +339,9 @@ def summarize_metrics(
             f"one-run bound (Steinke, Nasr, Jagielski 2023) at delta={privacy_delta:g}, p={privacy_p_value:g}: {audit.correct}/"
             f"{audit.guesses} guesses right from {attack} (top {r // 2} guessed in, bottom {r - r // 2} out, fixed in advance); "
             f"{audit.guesses} guesses can show at most eps={audit.eps_ceiling:.2f}. The bound assumes each canary was "
-            "included by an independent fair coin; the harness draws a fixed member/reference split, so read it as indicative"
+            + ("included by an independent fair coin, as this run's were (canaries.inclusion=coin)" if inclusion == "coin"
+               else "included by an independent fair coin; the harness draws a fixed member/reference split, so read it "
+                    "as indicative (canaries.inclusion=coin draws the coins)")
         )
         _privacy_methods(out, attack_scores_, member, audit.guesses, audit.correct, delta=privacy_delta,
                          p_value=privacy_p_value)
@@ -368,9 +371,9 @@ def _privacy_methods(out: SuiteResult, scores: list[float], member: list[bool], 
             f"p={best.level:.3g} (Bonferroni for p={p_value:g}): {found}")
 
 
-def summarize_scores(scores: list[SequenceScore], section: ScoringSection) -> SuiteResult:
-    """:func:`summarize_metrics` with the knobs of a recipe's ``scoring`` section."""
+def summarize_scores(scores: list[SequenceScore], section: ScoringSection, *, inclusion: str = "split") -> SuiteResult:
+    """:func:`summarize_metrics` with the knobs of a recipe's ``scoring`` section (``inclusion``: ``canaries.inclusion``)."""
     return summarize_metrics(scores, fpr_convention=section.mia_fpr_convention, np_queries=section.np_extraction_queries,
                              np_probability=section.np_extraction_probability, privacy_delta=section.privacy_delta,
                              privacy_p_value=section.privacy_p_value, privacy_guess_fraction=section.privacy_guess_fraction,
-                             mia_k=section.mia_k)
+                             mia_k=section.mia_k, inclusion=inclusion)

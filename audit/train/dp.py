@@ -29,19 +29,33 @@ Pitfalls this module closes (each would make a DP run silently wrong):
   canaries (tier ``1``), or compare against the group eps.
 
 Bad settings (eps <= 0, delta outside (0, 1/n), both or neither of epsilon and noise_multiplier, a model Opacus cannot
-wrap) raise :class:`audit.errors.AuditError` before training starts.
+wrap) raise :class:`audit.errors.AuditError` before training starts. In an audit (``training.dp`` in the recipe,
+:class:`audit.schema.DPSection`) the recipe checks the first ones when it is read, :func:`check_dp_settings` the
+delta against the injected record count before anything is written, and the wrap check runs before the first step.
+
+**What the one-run bounds may assume of such a run** (:data:`SAMPLING_NOTE`, copied into every DP report): the
+accountant's eps is for Poisson sampling of *records* (each record joins each step independently with probability q),
+which this trainer does; Steinke et al.'s and Xiang et al.'s one-run bounds assume each *canary* was included by its
+own independent fair coin, which holds when the recipe says ``canaries.inclusion: coin``
+(:mod:`audit.canaries.generate`); the default fixed split (exactly members_per_tier per tier, a random permutation)
+makes the bound indicative only.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from audit.errors import AuditError
-from audit.schema import LoraSection, TrainSummary
+from audit.schema import DPAccounting, DPSection, LoraSection, TrainSummary
+
+SAMPLING_NOTE = ("DP-SGD (Opacus) with Poisson sampling of training records at rate q (the accountant's assumption, "
+                 "met by construction); a canary inserted k times is k records, so only single-copy canaries are "
+                 "covered by eps_accountant (a k-copy canary by the group eps, roughly k eps)")
 
 
 @dataclass(frozen=True)
@@ -65,7 +79,7 @@ class DPNoOpError(AuditError):
     """A DP run that left the trainable weights where they started (Opacus issue #820's silent failure)."""
 
 
-def check_dp_settings(settings: DPSettings, n_records: int) -> None:
+def check_dp_settings(settings: DPSettings | DPSection, n_records: int) -> None:
     """One-line :class:`AuditError` for every setting that would make the guarantee wrong or meaningless."""
     if (settings.epsilon is None) == (settings.noise_multiplier is None):
         raise AuditError("training.dp needs exactly one of epsilon and noise_multiplier",
@@ -110,6 +124,33 @@ class DPTrainResult:
     lora_delta_max: float
     """Largest |change| of any LoRA weight over training (must be > 0, see :class:`DPNoOpError`)."""
     loss_history: list[tuple[int, float]] = field(default_factory=list)
+    records: int = 0
+    target_epsilon: float | None = None
+
+    def accounting(self) -> DPAccounting:
+        """What ``train.json`` records of the run's privacy (``TrainSummary.dp``)."""
+        return DPAccounting(eps_accountant=self.eps_accountant, delta=self.delta, target_epsilon=self.target_epsilon,
+                            noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+                            sample_rate=self.sample_rate, steps=self.steps, records=self.records,
+                            accountant=self.accountant, lora_delta_max=self.lora_delta_max)
+
+
+def check_opacus_can_wrap(model: Any) -> None:
+    """One-line :class:`AuditError` before training for trainable weights Opacus computes no per-record gradient for.
+
+    Opacus' hooks fire when a module is *called*; a trainable parameter held in a ``ParameterDict`` /
+    ``ParameterList`` (PEFT's LoRA on an embedding keeps ``lora_embedding_A/B`` there) is used by its parent's
+    forward without that container being called, so the first step fails with "Per sample gradient is not
+    initialized" (Opacus issue #732), after the base was scored. Caught here instead, with the layer named.
+    """
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ParameterDict | torch.nn.ParameterList) and any(
+                p.requires_grad for p in module.parameters(recurse=False)):
+            raise AuditError(f"Opacus cannot compute per-record gradients for the trainable weights in {name} (a parameter "
+                             "container its layer uses without calling it, e.g. LoRA on an embedding)",
+                             fix="put LoRA on linear layers only (training.lora.target_modules, e.g. [q_proj, v_proj])")
 
 
 def _lora_snapshot(model: Any) -> dict[str, Any]:
@@ -148,7 +189,7 @@ def train_dp_lora(
     tokenizer: Any,
     texts: list[str],
     *,
-    settings: DPSettings,
+    settings: DPSettings | DPSection,
     lora: LoraSection,
     epochs: float = 1.0,
     batch_size: int = 8,
@@ -158,12 +199,13 @@ def train_dp_lora(
     weights_dir: Path,
     device: str = "cpu",
     progress: bool = True,
+    on_loss: Callable[[int, float], None] | None = None,
 ) -> DPTrainResult:
     """DP-SGD fine-tuning of a LoRA adapter on ``texts``; the adapter is saved as safetensors in ``weights_dir``.
 
     ``batch_size`` is the *expected* batch (Poisson sampling at q = batch_size / n); ``epochs`` sets the number of
     steps, ``round(epochs * n / batch_size)``. Adam on the noisy gradient, as Opacus' examples and Panda et al.
-    (2025) use it for LLM fine-tuning.
+    (2025) use it for LLM fine-tuning. ``on_loss(step, loss)`` gets each step's batch loss (tracking).
     """
     import torch
     from opacus import PrivacyEngine
@@ -185,6 +227,7 @@ def train_dp_lora(
     if errors:
         raise AuditError(f"Opacus cannot compute per-record gradients for this model: {errors[0]}",
                          fix="train only modules Opacus supports (LoRA on linear layers) or use training.method=lora")
+    check_opacus_can_wrap(model)
     before = _lora_snapshot(model)
     ids, mask, labels = _encode(tokenizer, texts, max_length)
     loader = DataLoader(TensorDataset(ids, mask, labels), batch_size=batch_size,
@@ -195,11 +238,16 @@ def train_dp_lora(
     engine = PrivacyEngine(accountant=settings.accountant)
     common = dict(module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=settings.max_grad_norm,
                   poisson_sampling=True, loss_reduction="mean", grad_sample_mode="hooks")
-    if settings.epsilon is not None:
-        dp_model, dp_optimizer, dp_loader = engine.make_private_with_epsilon(
-            **common, target_epsilon=settings.epsilon, target_delta=settings.delta, epochs=math.ceil(planned_epochs))
-    else:
-        dp_model, dp_optimizer, dp_loader = engine.make_private(**common, noise_multiplier=settings.noise_multiplier)
+    try:
+        if settings.epsilon is not None:
+            dp_model, dp_optimizer, dp_loader = engine.make_private_with_epsilon(
+                **common, target_epsilon=settings.epsilon, target_delta=settings.delta, epochs=math.ceil(planned_epochs))
+        else:
+            dp_model, dp_optimizer, dp_loader = engine.make_private(**common, noise_multiplier=settings.noise_multiplier)
+    except NotImplementedError as exc:  # GradSampleModule: a trainable layer without a per-sample gradient
+        first = " ".join(str(exc).split())[:200]
+        raise AuditError(f"Opacus cannot compute per-record gradients for this model's trainable layers: {first}",
+                         fix="put LoRA on linear layers only (training.lora.target_modules, e.g. [q_proj, v_proj])") from None
     total_steps = max(1, round(epochs * n / batch_size))
     history: list[tuple[int, float]] = []
     bar = None
@@ -219,6 +267,8 @@ def train_dp_lora(
                 loss = per_record_mean_loss(out.logits, b_labels.to(device)).mean()
                 loss.backward()
                 history.append((step + 1, float(loss.detach())))
+                if on_loss is not None:
+                    on_loss(step + 1, history[-1][1])
             else:
                 for p in dp_model.parameters():
                     if p.requires_grad:
@@ -233,6 +283,8 @@ def train_dp_lora(
     if bar is not None:
         bar.close()
     trained = dp_model._module if hasattr(dp_model, "_module") else dp_model
+    if hasattr(dp_model, "_close"):  # Opacus' hooks and grad_sample buffers off the model the audit goes on to score
+        dp_model._close()
     trained.eval()
     moved = max(float((p.detach() - before[name]).abs().max()) for name, p in trained.named_parameters() if name in before)
     b_moved = [float(p.detach().abs().max()) for name, p in trained.named_parameters() if "lora_B" in name]
@@ -251,7 +303,9 @@ def train_dp_lora(
         total_params=sum(p.numel() for p in trained.parameters()), device=device, precision="fp32",
         gradient_checkpointing=False, weights_path=str(weights_dir), weights_fingerprint=fingerprint_safetensors_dir(weights_dir),
     )
-    return DPTrainResult(model=trained, summary=summary, eps_accountant=eps, delta=settings.delta,
+    result = DPTrainResult(model=trained, summary=summary, eps_accountant=eps, delta=settings.delta,
                          noise_multiplier=float(dp_optimizer.noise_multiplier), sample_rate=batch_size / n, steps=step,
                          max_grad_norm=settings.max_grad_norm, accountant=settings.accountant, lora_delta_max=moved,
-                         loss_history=history)
+                         loss_history=history, records=n, target_epsilon=settings.epsilon)
+    result.summary = summary.model_copy(update={"dp": result.accounting()})
+    return result
