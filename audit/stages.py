@@ -394,9 +394,9 @@ def worker(ctx: RunContext, origin: Origin, truth: Any) -> None:
         return
     start = start_model(ctx, origin, base)
     if plan.train:
-        tuned = train(ctx, origin, start, tokenizer, truth, plan).model
+        tuned = origin.tuned_model(ctx, start, tokenizer, truth, plan).model
     else:  # trained before a resume: the weights train.json records, put back as rank 0 puts them back
-        stored = TrainedWeights(ctx, start).read(plan.run_dir)
+        stored = origin.train_artifact(ctx, start).read(plan.run_dir)
         assert stored is not None, "the plan said train.json is stored"
         tuned = stored.model
     if plan.score_tuned:
