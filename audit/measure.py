@@ -47,6 +47,8 @@ class GroundTruthDir:
     """The base's weights fingerprint when the directory was made (None when it did not record one)."""
     key_id: str | None
     manifest_sha256: str
+    canaries: Any
+    """The :class:`~audit.schema.CanarySet` of ``canaries.jsonl`` + ``canaries.meta.json`` (matches the manifest)."""
 
 
 def read_ground_truth_dir(path: str | Path) -> GroundTruthDir:
@@ -87,7 +89,7 @@ def read_ground_truth_dir(path: str | Path) -> GroundTruthDir:
     elif (report := _read_json(gt / "report.json")):
         base_fp = report.get("model", {}).get("fingerprint")
     return GroundTruthDir(path=gt, recipe=recipe, base_source=base_source, base_fingerprint=base_fp,
-                          key_id=recorded_key_id(gt), manifest_sha256=manifest.sha256())
+                          key_id=recorded_key_id(gt), manifest_sha256=manifest.sha256(), canaries=canaries)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -174,12 +176,14 @@ def _count_tensors(path: Path) -> int:
 def external_origin(gt: GroundTruthDir, recipe: Recipe, *, model: str | Path | None, adapter: str | Path | None,
                     base_given: bool, progress: bool = False) -> Any:
     """An :class:`audit.origin.ExternalModel` for the weights given, every check done (nothing is written)."""
+    from audit.canaries.generate import check_ids
     from audit.ground_truth import load_tokenizer
     from audit.models import fingerprint_safetensors_dir, resolve_model
     from audit.origin import ExternalModel, run_key
     from audit.train.types import WeightsLayer
 
     key = run_key(recipe, expected=[(f"ground-truth directory {gt.path}", gt.key_id)])
+    check_ids(gt.canaries, key)  # every secret the one its keyed id was made from (the set hash leaves secrets out)
     flags = dict(allow_pickle=recipe.model.allow_pickle, trust_remote_code=recipe.model.trust_remote_code)
     base = resolve_model(recipe.model.source, revision=recipe.model.revision, progress=progress, **flags)
     base_fp = base.provenance.get("weights_fingerprint") or fingerprint_safetensors_dir(base.path)

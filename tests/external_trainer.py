@@ -28,8 +28,7 @@ def main() -> int:
 
     import torch
     from datasets import load_from_disk
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainingArguments)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.base)
