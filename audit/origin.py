@@ -74,9 +74,7 @@ def origin_for(recipe: Recipe, *, resume_dir: Any = None) -> Origin:
     """:class:`FurtherTune` of ``recipe.parent`` when it names one (checked now), else :class:`FreshBase`; either with
     its audit key (:func:`run_key`), checked against the run being resumed and the parent before anything is written."""
     if resume_dir is not None and (Path(resume_dir) / EXTERNAL_FILE).is_file():  # an `audit measure` run
-        from audit.measure import resume_origin
-
-        return resume_origin(recipe, Path(resume_dir))
+        return resume_external(recipe, Path(resume_dir))
     if recipe.parent:
         from audit import chain
 
@@ -270,13 +268,45 @@ class FurtherTune:
         chain.record_child(self.parent, run_dir=run_dir, tuned_node=tuned[-1], metrics=kept)
 
 
+def external_model(gt: Any, recipe: Recipe, *, model: Any, adapter: Any, base_given: bool, progress: bool = False) -> ExternalModel:
+    """:class:`ExternalModel` for the weights given, measured on the ground truth ``gt``
+    (:class:`audit.external.GroundTruthDir`): its audit key (the one the ground truth recorded), its secrets checked
+    against their keyed ids, the weights checked (:func:`audit.external.check_external_weights`). Nothing is written."""
+    from audit.canaries.generate import check_ids
+    from audit.external import check_external_weights
+
+    key = run_key(recipe, expected=[(f"ground-truth directory {gt.path}", recorded_key_id(gt.path))])
+    check_ids(gt.canaries, key)  # every secret the one its keyed id was made from (the set hash leaves secrets out)
+    weights = check_external_weights(gt, recipe, model=model, adapter=adapter, base_given=base_given, progress=progress)
+    return ExternalModel(recipe=recipe, ground_truth_dir=gt.path, tuned_layers=weights.layers,
+                         weights_fingerprint=weights.fingerprint, manifest_sha256=gt.manifest_sha256, key=key,
+                         details=weights.details, trainable_params=weights.trainable_params)
+
+
+def resume_external(recipe: Recipe, run_dir: Path) -> ExternalModel:
+    """The :class:`ExternalModel` of an interrupted ``audit measure`` (``audit run --resume``), from its ``external.json``,
+    checked again as when it started; the weights must still have the fingerprint recorded."""
+    from audit.external import read_ground_truth_dir
+
+    try:
+        record = json.loads((run_dir / EXTERNAL_FILE).read_text(encoding="utf-8"))
+        gt = read_ground_truth_dir(record["ground_truth_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise AuditError(f"{run_dir}/{EXTERNAL_FILE} is damaged", fix="start a new `audit measure`") from None
+    origin = external_model(gt, recipe, model=record.get("model_path") or record.get("model"), adapter=record.get("adapter"), base_given=True)
+    if origin.weights_fingerprint != record.get("weights_fingerprint"):
+        raise AuditError(f"the weights {run_dir} measured changed since (fingerprint {origin.weights_fingerprint[:12]} != "
+                         f"{str(record.get('weights_fingerprint'))[:12]})", fix="start a new `audit measure`")
+    return origin
+
+
 @dataclass(frozen=True)
 class ExternalModel:
     """A model trained elsewhere (``audit measure``, :mod:`audit.measure`): the canaries and injected set of a ground-truth
     directory (what ``audit inject`` wrote, or an earlier run), the base scored now, and a train stage that loads the
     weights it was given (``layers``: a merged model, an adapter on the base, or both) instead of training.
 
-    Built by :func:`audit.measure.external_origin`, which checks everything (ground truth, key, tokenizer, that the
+    Built by :func:`external_model`, which checks everything (ground truth, key, tokenizer, that the
     weights differ from the base) before the run directory exists.
     """
 
@@ -318,7 +348,7 @@ class ExternalModel:
         return dataclasses.replace(truth, extra_files={EXTERNAL_FILE: self.record_file()})
 
     def record_file(self) -> dict[str, Any]:
-        """``external.json``: what this run measured (no secret); :func:`audit.measure.resume_origin` reads it back."""
+        """``external.json``: what this run measured (no secret); :func:`resume_external` reads it back."""
         from audit.schema import SCHEMA_VERSION
 
         return {"schema_version": SCHEMA_VERSION, "ground_truth_dir": str(self.ground_truth_dir),

@@ -24,18 +24,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from audit import distributed
 from audit.console import say
 from audit.models import ResolvedModel
-from audit.origin import Origin
 from audit.resume import RunHandle
 from audit.schema import AuditReport, Recipe, SequenceScore, TrainSummary
 from audit.store import StageStore, json_text, write_once
 from audit.train.types import TRAINER_DIR, DeviceChoice, TrainPlan, TrainResult, WeightsLayer, weights_dir_name
+
+if TYPE_CHECKING:  # annotations only: the origins import this module's stages lazily, so no cycle at import time
+    from audit.origin import Origin
 
 TRAIN_FILE = "train.json"
 
