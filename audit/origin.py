@@ -391,7 +391,7 @@ class ExternalModel:
         """Base -> injected data (the manifest's fingerprint) -> tuned weights, the last marked as trained elsewhere."""
         label = f"external {self.method} fine-tune (trained outside canary-audit)"
         details = {**tuned_node.details, "training": "external", "path": str(self.tuned_layers[-1].path),
-                   **{k: v for k, v in self.details.items() if k in ("model", "adapter", "model_fingerprint")}}
+                   **{k: v for k, v in self.details.items() if k in ("model", "model_path", "adapter", "model_fingerprint")}}
         return [base_node, data_node, tuned_node.model_copy(update={"label": label, "details": details})]
 
     def persistence(self, scores: list[SequenceScore], metrics: dict[str, MetricEntry]) -> Persistence:
