@@ -42,7 +42,9 @@ def test_inject_then_a_foreign_trainer_then_measure_gives_a_complete_audit(in_tm
     assert done.returncode == 0, done.stderr[-2000:]
     assert (in_tmp / "trained" / "model.safetensors").is_file()
 
-    assert main(["measure", "gt", "--model", "trained", "--quiet"]) == 0  # tracking on: ./mlflow.db
+    # tracking on (./mlflow.db); a full fine-tune of 10 epochs may also lift the 1-copy tier over its gate: that is the
+    # model's result, not the tool's, so the exit code is checked against the gates below
+    assert main(["measure", "gt", "--model", "trained", "--quiet", "--no-fail-on-gates"]) == 0
     run_dir = _run_dir(in_tmp / "runs", "tiny-lora-cpu-measure-*")
     for name in RUN_FILES:
         assert (run_dir / name).is_file(), name
@@ -51,7 +53,8 @@ def test_inject_then_a_foreign_trainer_then_measure_gives_a_complete_audit(in_tm
     metrics = report.flat_metrics()
     assert metrics["exposure.mean/rep_16/tuned"].value >= 5.0  # the positive control: 16 copies learned
     assert metrics["exposure.mean/rep_0/tuned"].value <= 3.2  # references at the null
-    assert all(g.passed for g in report.gates) and report.gates
+    by_metric = {g.metric: g.passed for g in report.gates}
+    assert by_metric["exposure.mean/rep_16/tuned"] and by_metric["exposure.mean/rep_0/tuned"]
     (tuned,) = [n for n in report.lineage if n.kind == "tuned_weights"]
     assert tuned.details["training"] == "external" and tuned.fingerprint == report.training.weights_fingerprint
     (data,) = [n for n in report.lineage if n.kind == "data"]
@@ -60,7 +63,7 @@ def test_inject_then_a_foreign_trainer_then_measure_gives_a_complete_audit(in_tm
     assert (run_dir / "canaries.jsonl").read_bytes() == (in_tmp / "gt" / "canaries.jsonl").read_bytes()
 
     # the rest of the tool reads it unchanged
-    assert main(["gate", str(run_dir)]) == 0
+    assert main(["gate", str(run_dir)]) == (0 if all(by_metric.values()) else 1)
     assert main(["report", str(run_dir)]) == 0
     assert main(["compare", str(run_dir), "--plot", str(in_tmp / "cmp.png")]) == 0
     import mlflow
@@ -76,7 +79,7 @@ def test_inject_then_a_foreign_trainer_then_measure_gives_a_complete_audit(in_tm
         (run_dir / name).unlink()
     status = json.loads((run_dir / "run.json").read_text())
     (run_dir / "run.json").write_text(json.dumps({**status, "status": "failed", "error": "killed"}))
-    assert main(["run", "--resume", str(run_dir), "--quiet"]) == 0
+    assert main(["run", "--resume", str(run_dir), "--quiet", "--no-fail-on-gates"]) == 0
     assert (run_dir / "scores.jsonl").read_bytes() == scores
     assert not (run_dir / "adapter").exists() and not (run_dir / "model").exists()  # nothing was trained on resume
     assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
