@@ -162,8 +162,8 @@ def test_measure_refuses_a_model_whose_tokenizer_differs_from_the_base(gt, capsy
 
 
 def test_tokenizers_compare_by_vocabulary_and_merges_not_by_object(tmp_path, tiny_model_dir):
-    from audit.ground_truth import load_tokenizer
     from audit.external import tokenizer_fingerprint
+    from audit.ground_truth import load_tokenizer
 
     first, second = load_tokenizer(tiny_model_dir), load_tokenizer(tiny_model_dir)
     assert first is not second and tokenizer_fingerprint(first) == tokenizer_fingerprint(second)
