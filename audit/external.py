@@ -198,7 +198,8 @@ def check_external_weights(gt: GroundTruthDir, recipe: Recipe, *, model: str | P
         tuned = resolve_model(str(model), progress=progress, **flags)
         model_fp = tuned.provenance.get("weights_fingerprint") or fingerprint_safetensors_dir(tuned.path)
         layers.append(WeightsLayer("full", tuned.path))
-        details.update(model=str(model), model_path=str(tuned.path), model_fingerprint=model_fp)
+        details.update(model=str(tuned.path) if tuned.kind == "local" else str(model), model_path=str(tuned.path),
+                       model_fingerprint=model_fp)  # a local path absolute: a resume may start from another folder
         tokenizer_dirs.append(tuned.path)
     trainable = 0
     if adapter is not None:

@@ -293,7 +293,7 @@ def resume_external(recipe: Recipe, run_dir: Path) -> ExternalModel:
         gt = read_ground_truth_dir(record["ground_truth_dir"])
     except (OSError, ValueError, KeyError, TypeError):
         raise AuditError(f"{run_dir}/{EXTERNAL_FILE} is damaged", fix="start a new `audit measure`") from None
-    origin = external_model(gt, recipe, model=record.get("model_path") or record.get("model"), adapter=record.get("adapter"), base_given=True)
+    origin = external_model(gt, recipe, model=record.get("model"), adapter=record.get("adapter"), base_given=True)
     if origin.weights_fingerprint != record.get("weights_fingerprint"):
         raise AuditError(f"the weights {run_dir} measured changed since (fingerprint {origin.weights_fingerprint[:12]} != "
                          f"{str(record.get('weights_fingerprint'))[:12]})", fix="start a new `audit measure`")

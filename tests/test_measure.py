@@ -195,3 +195,22 @@ def test_measure_refuses_a_gate_no_run_can_pass(gt, capsys, tmp_path):
     (gt.parent / "gates.yaml").write_text("")
     _refused(["gt", "--model", str(tuned), "gates=[{metric: exposure.mean/rep_16/tuned, min: 99}]"], capsys,
              "exposure.mean/rep_16/tuned", root=gt.parent)
+
+
+def test_a_measurement_is_rebuilt_from_its_external_json_wherever_the_resume_starts(gt, monkeypatch):
+    from audit.external import measure_recipe, read_ground_truth_dir
+    from audit.origin import EXTERNAL_FILE, external_model, origin_for
+
+    _perturbed_copy(gt.parent / "tuned")
+    truth_dir = read_ground_truth_dir("gt")
+    recipe = measure_recipe(truth_dir)
+    origin = external_model(truth_dir, recipe, model="tuned", adapter=None, base_given=False)  # relative to the cwd
+    run_dir = gt.parent / "runs" / "measured"
+    run_dir.mkdir(parents=True)
+    (run_dir / EXTERNAL_FILE).write_text(json.dumps(origin.record_file()))
+    (gt.parent / "elsewhere").mkdir()
+    monkeypatch.chdir(gt.parent / "elsewhere")  # `audit run --resume` from another folder
+    again = origin_for(recipe, resume_dir=run_dir)
+    assert type(again).__name__ == "ExternalModel"
+    assert again.record_file() == origin.record_file()  # external.json is written once: a resume must compute it byte for byte
+    assert again.tuned_layers == origin.tuned_layers and again.weights_fingerprint == origin.weights_fingerprint
