@@ -10,6 +10,7 @@
     audit canaries words [--seed 3] [--reveal] [length=6]  # draw and show a spec's pool (secrets hidden by default)
     audit key [--new PATH]                               # the audit key's id and where it comes from (never the key)
     audit inject tiny/lora_cpu --out planted/ [--stream]  # canaries + injection + pre-flight as a standalone stage
+    audit measure planted/ --model OUT_DIR [--adapter DIR] [--base SOURCE] [key=value]  # audit a model trained elsewhere
     audit run smollm2/clean_lora_cpu parent=runs/<run>   # fine-tune that run's tuned weights again, measure what survives
     audit chain [RECIPE] [--then RECIPE] [key=value]     # base -> tune -> outputs -> further clean tune, one command
     audit compare RUN_OR_EXPERIMENT ... [--plot FILE]    # side-by-side table + PNG of several runs, read from MLflow
@@ -96,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(inj)
     inj.add_argument("--out", default=None, metavar="DIR", help="output directory (default: <output.root>/<name>-inject-<time>)")
     inj.add_argument("--stream", action="store_true", help="read and write the corpus record by record (big corpora)")
+
+    mea = sub.add_parser("measure", help="audit a model trained elsewhere on the canaries `audit inject` planted: "
+                                         "score base and tuned, write a run directory, log, gate")
+    mea.add_argument("ground_truth", metavar="GROUND_TRUTH_DIR", help="the --out directory of `audit inject`, or a run directory")
+    mea.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="override how it is measured: scoring.*, gates, tracking.*, output.*, outputs.*")
+    mea.add_argument("--model", default=None, metavar="PATH_OR_SOURCE",
+                     help="the tuned model (a full fine-tune or merged model directory); with --adapter, the model the "
+                          "adapter goes on (default: the base)")
+    mea.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT adapter directory (safetensors)")
+    mea.add_argument("--base", default=None, metavar="SOURCE", help="the pretrained model (default: the one `audit inject` recorded)")
+    mea.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
+    mea.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    mea.add_argument("--quiet", action="store_true", help="no progress output, only the final table")
+    _add_gate_exit_arg(mea)
 
     chn = sub.add_parser("chain", help="the derivative chain: run RECIPE, then fine-tune its weights again (--then) and "
                                        "measure what survives")
@@ -198,8 +214,12 @@ def _print_result(result) -> None:
     if result is None:  # a non-main process of `accelerate launch`: rank 0 reports
         return
     report = result.report
-    print(f"\naudit {report.run_id}: {report.model.source}, {report.training.method} fine-tune, "
-          f"{report.training.steps} steps in {report.training.wall_s:.0f} s, total {report.timings_s['total']:.0f} s")
+    if any(n.details.get("training") == "external" for n in report.lineage):  # audit measure
+        print(f"\naudit {report.run_id}: {report.model.source} + external {report.training.method} weights "
+              f"{report.training.weights_path}, total {report.timings_s['total']:.0f} s")
+    else:
+        print(f"\naudit {report.run_id}: {report.model.source}, {report.training.method} fine-tune, "
+              f"{report.training.steps} steps in {report.training.wall_s:.0f} s, total {report.timings_s['total']:.0f} s")
     print(format_table(report))
     if report.outputs:
         print(f"\noutputs: {report.outputs.statement}")
@@ -346,6 +366,16 @@ def cmd_inject(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_measure(args: argparse.Namespace) -> int:
+    from audit.measure import measure_run
+
+    result = measure_run(args.ground_truth, model=args.model, adapter=args.adapter, base=args.base, overrides=args.overrides,
+                         tracking_uri=args.tracking_uri, tracking=False if args.no_tracking else None,
+                         progress=not args.quiet)
+    _print_result(result)
+    return _gate_exit(args, [result.report] if result is not None else [])
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     import json
 
@@ -427,14 +457,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {"report": cmd_report, "run": cmd_run, "validate": cmd_validate, "ls": cmd_ls, "gate": cmd_gate, "canaries": cmd_canaries,
             "key": cmd_key,
-            "inject": cmd_inject, "chain": cmd_chain, "compare": cmd_compare, "probe": cmd_probe, "sync": cmd_sync}
+            "inject": cmd_inject, "measure": cmd_measure, "chain": cmd_chain, "compare": cmd_compare, "probe": cmd_probe, "sync": cmd_sync}
 
 
-WATCHED_COMMANDS = {"run", "chain", "inject"}
+WATCHED_COMMANDS = {"run", "chain", "inject", "measure"}
 """Long commands: a line after every 10 s without output (:func:`audit.progress.watchdog`), once the run has started
 (its first ``[audit]`` line), so a bad input still gets exactly one line on stderr."""
 
-QUIET_COMMANDS = {"run", "chain", "inject", "canaries", "probe", "report"}
+QUIET_COMMANDS = {"run", "chain", "inject", "measure", "canaries", "probe", "report"}
 """Commands that load models or MLflow: library chatter off, our progress bars on (:mod:`audit.console`)."""
 
 

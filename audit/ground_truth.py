@@ -15,6 +15,9 @@ Run-directory files (:func:`write_ground_truth`)::
     preflight.json   what the pre-flight checks looked at and found (ids only)
     works.json       provenance of each sample work (works spec only; no text)
     train.jsonl      the injected training set (``audit inject`` only; it holds the secrets too)
+    train_dataset/   the same as a saved ``datasets`` directory (``audit inject`` only; 0700, files 0600)
+    recipe.yaml      the resolved recipe (``audit inject`` only; ``audit run`` writes it too)
+    inject.json      what ``audit measure`` needs: base source and fingerprint, spec, seed, key id, dataset files
 
 Secrets, roles, ids and exposure references derive from the audit key (:mod:`audit.keys`) as well as the seed;
 the key's id is recorded in canaries.meta.json, manifest.json, run.json and report.json, the key never.
@@ -57,6 +60,8 @@ class GroundTruth:
     reference_secrets: list[str]
     """Secrets each canary's exposure is ranked against (from the canaries' own distribution)."""
     timings_s: dict[str, float] = field(default_factory=dict)
+    extra_files: dict[str, Any] = field(default_factory=dict)
+    """More run-directory files the origin adds (``external.json`` of ``audit measure``), written with the rest."""
 
     def summary(self) -> dict[str, Any]:
         """Counts, hashes and timings for report.json and logs: never secret text."""
@@ -189,6 +194,7 @@ def ground_truth_files(truth: GroundTruth, *, dataset: bool = False) -> dict[str
                              "manifest.json": truth.injection.manifest, "preflight.json": truth.preflight}
     if truth.canaries.works:
         files["works.json"] = {"schema_version": SCHEMA_VERSION, "works": [w.model_dump(mode="json") for w in truth.canaries.works]}
+    files.update(truth.extra_files)
     if dataset:
         files["train.jsonl"] = truth.injection.records
     return files
@@ -307,16 +313,20 @@ def inject_stage(recipe: Recipe, out_dir: Path, *, stream: bool = False, progres
     key = resolve_key(recipe.canaries.key_file)
     with _removed_on_failure(out_dir):  # a failure (bad UTF-8 mid-stream, pre-flight, disk full) leaves no output
         if not stream:
-            truth = ground_truth_for_model(recipe, model_path=resolved.path, fingerprint=fingerprint, progress=progress,
-                                           key=key)
+            truth = ground_truth_for_model(recipe, model_path=resolved.path, fingerprint=fingerprint, progress=progress, key=key)
             out_dir.mkdir(parents=True, exist_ok=True)
-            files = ground_truth_files(truth, dataset=True)
+            files = list(ground_truth_files(truth, dataset=True))
             write_ground_truth(truth, out_dir, dataset=True)
-            return InjectStageResult(out_dir=out_dir, files=list(files), n_records=len(truth.injection.records),
-                                     placements=len(truth.injection.manifest.placements), preflight=truth.preflight,
-                                     timings_s=truth.timings_s)
-        return _inject_streaming(recipe, out_dir, model_path=resolved.path, fingerprint=fingerprint, progress=progress,
-                                 key=key)
+            result = InjectStageResult(out_dir=out_dir, files=files, n_records=len(truth.injection.records),
+                                       placements=len(truth.injection.manifest.placements), preflight=truth.preflight,
+                                       timings_s=truth.timings_s)
+        else:
+            result = _inject_streaming(recipe, out_dir, model_path=resolved.path, fingerprint=fingerprint, progress=progress,
+                                       key=key)
+        t = time.perf_counter()
+        result.files.extend(write_measure_record(recipe, out_dir, resolved=resolved))
+        result.timings_s["record"] = time.perf_counter() - t
+        return result
 
 
 @contextmanager
@@ -343,6 +353,81 @@ def _removed_on_failure(out_dir: Path) -> Iterator[None]:
                 else:
                     child.unlink(missing_ok=True)
         raise
+
+
+INJECT_FILE = "inject.json"
+"""What ``audit measure`` needs besides the canaries and manifest: the base (source, fingerprint), spec, seed, key id,
+how the exposure references are drawn again, and the injected set's files."""
+DATASET_DIR = "train_dataset"
+"""``train.jsonl`` again as a saved ``datasets`` directory (``datasets.load_from_disk``): it holds the secrets too."""
+
+
+def write_measure_record(recipe: Recipe, out_dir: Path, *, resolved: Any) -> list[str]:
+    """``recipe.yaml`` (the resolved recipe), ``inject.json`` and ``train_dataset/`` beside what ``audit inject`` wrote.
+
+    The exposure references are not stored: ``audit measure`` draws them again from the spec, the seed and the audit
+    key exactly as ``audit run`` does (:func:`prepare_ground_truth`), and checks that the injection it draws again
+    reproduces ``manifest.json``. ``train_dataset/`` is 0700 with 0600 files, like ``train.jsonl``."""
+    import json
+
+    import yaml
+
+    from audit.models import fingerprint_safetensors_dir
+    from audit.schema import InjectionManifest
+    from audit.store import atomic_write_text
+
+    out_dir = Path(out_dir)
+    manifest = InjectionManifest.model_validate_json((out_dir / "manifest.json").read_text(encoding="utf-8"))
+    meta = json.loads((out_dir / CANARIES_META_FILE).read_text(encoding="utf-8"))
+    fingerprint = resolved.provenance.get("weights_fingerprint") or fingerprint_safetensors_dir(resolved.path)
+    atomic_write_text(out_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    c = recipe.corpus
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "base": {"source": recipe.model.source, "revision": recipe.model.revision, "kind": resolved.kind,
+                 "fingerprint": fingerprint},
+        "recipe": "recipe.yaml",
+        "spec": manifest.spec, "spec_version": manifest.spec_version, "seed": recipe.seed, "key_id": meta.get("key_id"),
+        "canary_set_sha256": manifest.canary_set_sha256, "manifest_sha256": manifest.sha256(),
+        "references": {"n": recipe.scoring.exposure_references,
+                       "drawn": "again by `audit measure`, from spec, seed and audit key, as `audit run` draws them"},
+        "dataset": {"jsonl": "train.jsonl", "datasets_dir": DATASET_DIR, "format": manifest.format,
+                    "text_column": c.text_column, "messages_column": c.messages_column,
+                    "n_records": manifest.dataset_after.n_records},
+        "training": {"max_length": recipe.training.max_length, "packing": recipe.training.packing,
+                     "loss": "on every token (the pre-flight checked that every canary copy fits in max_length)"},
+    }
+    write_json(out_dir / INJECT_FILE, record)
+    save_dataset_dir(out_dir / "train.jsonl", out_dir / DATASET_DIR)
+    return ["recipe.yaml", INJECT_FILE, f"{DATASET_DIR}/"]
+
+
+def save_dataset_dir(jsonl: Path, out: Path) -> None:
+    """``jsonl`` as a ``datasets`` directory at ``out`` (0700, files 0600), built in a private folder beside it (the
+    Arrow cache included, so no copy of the secrets lands in ``~/.cache/huggingface``) and renamed into place."""
+    import os
+    import shutil
+    import tempfile
+
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))  # 0700
+    try:
+        dataset = Dataset.from_json(str(jsonl), cache_dir=str(work / "cache"))
+        staged = work / out.name
+        dataset.save_to_disk(str(staged))
+        del dataset
+        for root, dirs, names in os.walk(staged):
+            for name in dirs:
+                os.chmod(Path(root) / name, 0o700)
+            for name in names:
+                os.chmod(Path(root) / name, 0o600)
+        staged.chmod(0o700)
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _inject_streaming(recipe: Recipe, out_dir: Path, *, model_path: Path, fingerprint: str, progress: bool,

@@ -2,26 +2,28 @@
 
     audit run tiny/lora_cpu                                  # FreshBase: fine-tune the pretrained weights
     audit run tiny/clean_lora_cpu parent=runs/<that run>     # FurtherTune: fine-tune that run's tuned weights again
+    audit measure gt/ --model out/                           # ExternalModel: load what someone else trained
 
 Every difference between a first tune and a further tune (:mod:`audit.chain`) lives here: which canaries are
 measured (drawn now, or the parent's), which base scores stand (measured now, or the parent's, which measured those
 very weights), which weights training starts from (the base, or the parent's chain merged in), which audit key the
 secrets derive from (the one in use, or the parent's), how the lineage graph grows, the persistence metrics, and what
-is recorded back in the parent. A model trained elsewhere (next
-issue) is a third class with the same methods.
+is recorded back in the parent. A model trained elsewhere (:mod:`audit.measure`) is the third class,
+:class:`ExternalModel`: its train stage loads the weights it was given instead of training.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from audit.errors import AuditError
 from audit.keys import AuditKey, resolve_key
 from audit.schema import AuditReport, LineageNode, MetricEntry, Recipe, SequenceScore
-from audit.train.types import DeviceChoice, WeightsLayer
+from audit.train.types import DeviceChoice, TrainResult, WeightsLayer
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,13 @@ class Origin(Protocol):
 
     def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]: ...
 
+    def train_artifact(self, ctx: Any, start: Any) -> Any:
+        """The train stage's :class:`audit.store.Artifact` (``train.json``): read back on resume, written once."""
+
+    def tuned_model(self, ctx: Any, start: Any, tokenizer: Any, truth: Any, plan: Any, *, tracker: Any = None,
+                    progress: bool = False) -> TrainResult:
+        """The train stage: fine-tune ``start`` (a first or further tune), or load what someone else trained."""
+
     def tuned_parents(self, base_node: LineageNode) -> list[LineageNode]: ...
 
     def lineage(self, base_node: LineageNode, data_node: LineageNode, tuned_node: LineageNode) -> list[LineageNode]: ...
@@ -64,6 +73,8 @@ class Origin(Protocol):
 def origin_for(recipe: Recipe, *, resume_dir: Any = None) -> Origin:
     """:class:`FurtherTune` of ``recipe.parent`` when it names one (checked now), else :class:`FreshBase`; either with
     its audit key (:func:`run_key`), checked against the run being resumed and the parent before anything is written."""
+    if resume_dir is not None and (Path(resume_dir) / EXTERNAL_FILE).is_file():  # an `audit measure` run
+        return resume_external(recipe, Path(resume_dir))
     if recipe.parent:
         from audit import chain
 
@@ -75,14 +86,15 @@ def origin_for(recipe: Recipe, *, resume_dir: Any = None) -> Origin:
     return FreshBase(recipe=recipe, key=run_key(recipe, expected=_resumed(resume_dir)))
 
 
+EXTERNAL_FILE = "external.json"
+"""In the run directory of ``audit measure``: what was measured (:meth:`ExternalModel.record_file`); a resume reads it."""
+
 KEY_ID_FIELD = "key_id"
 
 
 def recorded_key_id(run_dir: Any) -> str | None:
     """The audit key id a run directory was made under (run.json, else canaries.meta.json); ``"unkeyed"`` for a run
     written before the key existed (canaries.jsonl without any key id); None when it recorded nothing yet."""
-    from pathlib import Path
-
     run_dir = Path(run_dir)
     for name in ("run.json", "canaries.meta.json"):
         try:
@@ -138,6 +150,17 @@ class FreshBase:
 
     def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]:
         return score()
+
+    def train_artifact(self, ctx: Any, start: Any) -> Any:
+        from audit import stages
+
+        return stages.TrainedWeights(ctx, start)
+
+    def tuned_model(self, ctx: Any, start: Any, tokenizer: Any, truth: Any, plan: Any, *, tracker: Any = None,
+                    progress: bool = False) -> TrainResult:
+        from audit import stages
+
+        return stages.train(ctx, self, start, tokenizer, truth, plan, tracker=tracker, progress=progress)
 
     def tuned_parents(self, base_node: LineageNode) -> list[LineageNode]:
         return [base_node]
@@ -204,6 +227,17 @@ class FurtherTune:
 
         return chain.inherited_scores(self.parent)  # base and parent weights as the parent runs measured them
 
+    def train_artifact(self, ctx: Any, start: Any) -> Any:
+        from audit import stages
+
+        return stages.TrainedWeights(ctx, start)
+
+    def tuned_model(self, ctx: Any, start: Any, tokenizer: Any, truth: Any, plan: Any, *, tracker: Any = None,
+                    progress: bool = False) -> TrainResult:
+        from audit import stages
+
+        return stages.train(ctx, self, start, tokenizer, truth, plan, tracker=tracker, progress=progress)
+
     def tuned_parents(self, base_node: LineageNode) -> list[LineageNode]:
         return [self.parent.tuned_node()]
 
@@ -232,3 +266,174 @@ class FurtherTune:
         tuned = [n for n in report.lineage if n.kind == "tuned_weights" and n.fingerprint == report.training.weights_fingerprint]
         kept = {k: v for k, v in report.metrics.items() if k.startswith("persistence.")}
         chain.record_child(self.parent, run_dir=run_dir, tuned_node=tuned[-1], metrics=kept)
+
+
+def external_model(gt: Any, recipe: Recipe, *, model: Any, adapter: Any, base_given: bool, progress: bool = False) -> ExternalModel:
+    """:class:`ExternalModel` for the weights given, measured on the ground truth ``gt``
+    (:class:`audit.external.GroundTruthDir`): its audit key (the one the ground truth recorded), its secrets checked
+    against their keyed ids, the weights checked (:func:`audit.external.check_external_weights`). Nothing is written."""
+    from audit.canaries.generate import check_ids
+    from audit.external import check_external_weights
+
+    key = run_key(recipe, expected=[(f"ground-truth directory {gt.path}", recorded_key_id(gt.path))])
+    check_ids(gt.canaries, key)  # every secret the one its keyed id was made from (the set hash leaves secrets out)
+    weights = check_external_weights(gt, recipe, model=model, adapter=adapter, base_given=base_given, progress=progress)
+    return ExternalModel(recipe=recipe, ground_truth_dir=gt.path, tuned_layers=weights.layers,
+                         weights_fingerprint=weights.fingerprint, manifest_sha256=gt.manifest_sha256, key=key,
+                         details=weights.details, trainable_params=weights.trainable_params)
+
+
+def resume_external(recipe: Recipe, run_dir: Path) -> ExternalModel:
+    """The :class:`ExternalModel` of an interrupted ``audit measure`` (``audit run --resume``), from its ``external.json``,
+    checked again as when it started; the weights must still have the fingerprint recorded."""
+    from audit.external import read_ground_truth_dir
+
+    try:
+        record = json.loads((run_dir / EXTERNAL_FILE).read_text(encoding="utf-8"))
+        gt = read_ground_truth_dir(record["ground_truth_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise AuditError(f"{run_dir}/{EXTERNAL_FILE} is damaged", fix="start a new `audit measure`") from None
+    origin = external_model(gt, recipe, model=record.get("model"), adapter=record.get("adapter"), base_given=True)
+    if origin.weights_fingerprint != record.get("weights_fingerprint"):
+        raise AuditError(f"the weights {run_dir} measured changed since (fingerprint {origin.weights_fingerprint[:12]} != "
+                         f"{str(record.get('weights_fingerprint'))[:12]})", fix="start a new `audit measure`")
+    return origin
+
+
+@dataclass(frozen=True)
+class ExternalModel:
+    """A model trained elsewhere (``audit measure``, :mod:`audit.measure`): the canaries and injected set of a ground-truth
+    directory (what ``audit inject`` wrote, or an earlier run), the base scored now, and a train stage that loads the
+    weights it was given (``layers``: a merged model, an adapter on the base, or both) instead of training.
+
+    Built by :func:`external_model`, which checks everything (ground truth, key, tokenizer, that the
+    weights differ from the base) before the run directory exists.
+    """
+
+    recipe: Recipe
+    ground_truth_dir: Path
+    tuned_layers: tuple[WeightsLayer, ...]
+    """What is put on the base to get the tuned model, in order (a ``full`` model replaces it; ``lora`` goes on top)."""
+    weights_fingerprint: str
+    """The tuned weights' fingerprint: the adapter's for a PEFT adapter, else the model's (as ``audit run`` records)."""
+    manifest_sha256: str
+    """The ground-truth directory's ``manifest.json``: the injected set the model is said to be trained on."""
+    key: AuditKey | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    """What ``external.json`` and the lineage record: the sources given, the model and tokenizer fingerprints."""
+    trainable_params: int = 0
+    layers: tuple[WeightsLayer, ...] = ()
+    further: bool = False
+    parent_run: str | None = None
+
+    def check(self, device: DeviceChoice) -> None:
+        pass
+
+    def ground_truth(self, *, model_path: Any, fingerprint: str, device: DeviceChoice, progress: bool) -> Any:
+        """The ground-truth directory's canaries (checked against its manifest) with the corpus, injection, pre-flight and
+        exposure references drawn again as ``audit inject`` drew them; the injection must reproduce its ``manifest.json``."""
+        import dataclasses
+
+        from audit.ground_truth import ground_truth_for_model, read_canary_set
+
+        truth = ground_truth_for_model(self.recipe, model_path=model_path, fingerprint=fingerprint, device=device.device,
+                                       dtype=device.torch_dtype, progress=progress,
+                                       canaries=read_canary_set(self.ground_truth_dir), key=self.key)
+        found = truth.injection.manifest.sha256()
+        if found != self.manifest_sha256:
+            raise AuditError(f"the injection drawn again from {self.ground_truth_dir}/recipe.yaml differs from its manifest.json "
+                             f"(manifest hash {found[:12]} != {self.manifest_sha256[:12]})",
+                             fix="the corpus, the canary code or the base's tokenizer changed since `audit inject`; measure "
+                                 "with the same version and corpus, or inject again and retrain")
+        return dataclasses.replace(truth, extra_files={EXTERNAL_FILE: self.record_file()})
+
+    def record_file(self) -> dict[str, Any]:
+        """``external.json``: what this run measured (no secret); :func:`resume_external` reads it back."""
+        from audit.schema import SCHEMA_VERSION
+
+        return {"schema_version": SCHEMA_VERSION, "ground_truth_dir": str(self.ground_truth_dir),
+                "manifest_sha256": self.manifest_sha256, "weights_fingerprint": self.weights_fingerprint,
+                "layers": [{"method": x.method, "path": str(x.path)} for x in self.tuned_layers], **self.details}
+
+    @property
+    def method(self) -> str:
+        return self.tuned_layers[-1].method
+
+    def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]:
+        return score()
+
+    def train_artifact(self, ctx: Any, start: Any) -> Any:
+        return ExternalWeights(origin=self, ctx=ctx, start=start)
+
+    def tuned_model(self, ctx: Any, start: Any, tokenizer: Any, truth: Any, plan: Any, *, tracker: Any = None,
+                    progress: bool = False) -> TrainResult:
+        """The weights someone else trained, put on ``start`` (the base) by the one :func:`~audit.train.weights.load_tuned`."""
+        import time
+
+        from audit.console import say
+        from audit.schema import TrainSummary
+        from audit.train.weights import load_tuned
+
+        say(progress, f"[audit] train: external ({self.method}); loading {', '.join(str(x.path) for x in self.tuned_layers)}")
+        t = time.perf_counter()
+        model = load_tuned(start, self.tuned_layers, device=ctx.device, trust_remote_code=ctx.recipe.model.trust_remote_code)
+        total = sum(p.numel() for p in model.parameters())
+        summary = TrainSummary(method=self.method, steps=0, final_loss=None, wall_s=round(time.perf_counter() - t, 3),
+                               trainable_params=self.trainable_params or total, total_params=total, device=ctx.device.device,
+                               precision=ctx.device.precision, gradient_checkpointing=False,
+                               weights_path=str(self.tuned_layers[-1].path), weights_fingerprint=self.weights_fingerprint)
+        return TrainResult(model=model, summary=summary)
+
+    def tuned_parents(self, base_node: LineageNode) -> list[LineageNode]:
+        return [base_node]
+
+    def lineage(self, base_node: LineageNode, data_node: LineageNode, tuned_node: LineageNode) -> list[LineageNode]:
+        """Base -> injected data (the manifest's fingerprint) -> tuned weights, the last marked as trained elsewhere."""
+        label = f"external {self.method} fine-tune (trained outside canary-audit)"
+        details = {**tuned_node.details, "training": "external", "path": str(self.tuned_layers[-1].path),
+                   **{k: v for k, v in self.details.items() if k in ("model", "model_path", "adapter", "model_fingerprint")}}
+        return [base_node, data_node, tuned_node.model_copy(update={"label": label, "details": details})]
+
+    def persistence(self, scores: list[SequenceScore], metrics: dict[str, MetricEntry]) -> Persistence:
+        return Persistence()
+
+    def tags(self) -> dict[str, str]:
+        return {"canary_audit.training": "external", "canary_audit.ground_truth": str(self.ground_truth_dir)}
+
+    def record(self, report: AuditReport, run_dir: Any) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ExternalWeights:
+    """:class:`ExternalModel`'s train-stage artifact: ``train.json`` naming weights outside the run directory. Read back
+    (a resumed ``audit measure``), the weights must still have the fingerprint recorded, and are loaded again."""
+
+    origin: ExternalModel
+    ctx: Any
+    start: Any
+    name: str = "train.json"
+
+    def read(self, run_dir: Path) -> TrainResult | None:
+        from audit.schema import TrainSummary
+        from audit.train.weights import load_tuned
+
+        path = Path(run_dir) / self.name
+        if not path.is_file():
+            return None
+        summary = TrainSummary.model_validate_json(path.read_text(encoding="utf-8"))
+        if summary.weights_fingerprint != self.origin.weights_fingerprint:
+            raise AuditError(f"{summary.weights_path} no longer holds the weights this run measured (fingerprint "
+                             f"{self.origin.weights_fingerprint[:12]} != {summary.weights_fingerprint[:12]})",
+                             fix="start a new `audit measure`")
+        model = load_tuned(self.start, self.origin.tuned_layers, device=self.ctx.device,
+                           trust_remote_code=self.ctx.recipe.model.trust_remote_code)
+        return TrainResult(model=model, summary=summary)
+
+    def write(self, run_dir: Path, value: TrainResult) -> None:
+        from audit.store import json_text, write_once
+
+        write_once(Path(run_dir) / self.name, json_text(value.summary))
+
+    def describe(self, value: TrainResult) -> str:
+        return f"external weights {self.origin.tuned_layers[-1].path}"

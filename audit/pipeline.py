@@ -23,7 +23,8 @@ run directory is created, so a bad input leaves nothing behind. Each stage then 
 
 How: the stages (:mod:`audit.stages`) run over a :class:`~audit.store.StageStore`, the only resume logic (a stage
 whose file exists is reused, else it runs and its file is written once); an :class:`~audit.origin.Origin` carries
-everything a further tune does differently (:mod:`audit.chain`); tracking off is a
+everything a further tune (:mod:`audit.chain`) or a model trained elsewhere (:mod:`audit.measure`) does
+differently, the train stage included (``origin.tuned_model``: trains, or loads what someone else trained); tracking off is a
 :class:`~audit.tracking.NullTracker`; the processes of ``accelerate launch`` exchange one
 :class:`~audit.train.types.TrainPlan`, sent before the base is scored (every process scores a share of the canaries,
 :mod:`audit.score.sharded`). The base is scored before the start model is built, since a further tune merges its
@@ -34,8 +35,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from audit.schema import AuditReport, Recipe
+
+if TYPE_CHECKING:
+    from audit.origin import Origin
 
 
 @dataclass(frozen=True)
@@ -57,12 +62,27 @@ def run_audit(
     ``resume_dir``: continue that interrupted run (its stored recipe is ``recipe``) instead of starting a new one;
     stages whose files exist are reused, training continues from its last checkpoint (:class:`audit.store.StageStore`).
     """
-    from audit import distributed, stages
     from audit.origin import origin_for
+
+    # a first tune, a further tune of recipe.parent, or (resumed) a model measured by `audit measure`: the one difference
+    origin = origin_for(recipe, resume_dir=resume_dir)
+    return run_origin(origin, tracking_uri=tracking_uri, tracking=tracking, progress=progress, resume_dir=resume_dir)
+
+
+def run_origin(
+    origin: Origin,
+    *,
+    tracking_uri: str | None = None,
+    tracking: bool | None = None,
+    progress: bool = True,
+    resume_dir: Path | None = None,
+) -> AuditResult | None:
+    """The stages for ``origin`` (:mod:`audit.origin`): :func:`run_audit` for a recipe, ``audit measure`` for a model
+    trained elsewhere (:class:`~audit.origin.ExternalModel`, whose train stage loads the weights it was given)."""
+    from audit import distributed, stages
     from audit.report import build_report
     from audit.store import ScoresFile, write_jsonl
 
-    origin = origin_for(recipe, resume_dir=resume_dir)  # a first tune, or a further tune of recipe.parent (audit.origin): the one difference
     ctx = stages.RunContext.prepare(origin, tracking_uri=tracking_uri, tracking=tracking, progress=progress,
                                     resume_dir=resume_dir)
     truth = ctx.ground_truth(origin)  # canaries + inject + pre-flight, before anything is written
@@ -84,8 +104,8 @@ def run_audit(
 
         # ---- train (the other processes train alongside, as the plan says)
         with run.stage("train"):
-            tuned = run.store.get_or_run(stages.TrainedWeights(ctx, start), lambda: stages.train(
-                ctx, origin, start, tokenizer, truth, plan, tracker=run.tracker, progress=progress))
+            tuned = run.store.get_or_run(origin.train_artifact(ctx, start), lambda: origin.tuned_model(
+                ctx, start, tokenizer, truth, plan, tracker=run.tracker, progress=progress))  # trains, or loads
 
         # ---- tuned model
         with run.stage("score_tuned"):

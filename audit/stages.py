@@ -24,18 +24,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from audit import distributed
 from audit.console import say
 from audit.models import ResolvedModel
-from audit.origin import Origin
 from audit.resume import RunHandle
 from audit.schema import AuditReport, Recipe, SequenceScore, TrainSummary
 from audit.store import StageStore, json_text, write_once
 from audit.train.types import TRAINER_DIR, DeviceChoice, TrainPlan, TrainResult, WeightsLayer, weights_dir_name
+
+if TYPE_CHECKING:  # annotations only: the origins import this module's stages lazily, so no cycle at import time
+    from audit.origin import Origin
 
 TRAIN_FILE = "train.json"
 
@@ -436,9 +438,9 @@ def worker(ctx: RunContext, origin: Origin, truth: Any) -> None:
         return
     start = start_model(ctx, origin, base)
     if plan.train:
-        tuned = train(ctx, origin, start, tokenizer, truth, plan).model
+        tuned = origin.tuned_model(ctx, start, tokenizer, truth, plan).model
     else:  # trained before a resume: the weights train.json records, put back as rank 0 puts them back
-        stored = TrainedWeights(ctx, start).read(plan.run_dir)
+        stored = origin.train_artifact(ctx, start).read(plan.run_dir)
         assert stored is not None, "the plan said train.json is stored"
         tuned = stored.model
     if plan.score_tuned:

@@ -37,10 +37,10 @@ def load_tuned(base: Any, layers: Sequence[WeightsLayer], *, device: DeviceChoic
 
                 merged = PeftModel.from_pretrained(model.to(torch.float32), str(layer.path)).merge_and_unload()
                 model = merged.to(device.torch_dtype)
-        else:
-            from audit.models import load_model_and_tokenizer
+        else:  # the model only: a model trained elsewhere may be saved without its tokenizer (audit measure)
+            from transformers import AutoModelForCausalLM
 
-            model, _ = load_model_and_tokenizer(layer.path, dtype=device.torch_dtype, device=device.device,
-                                                trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(str(layer.path), dtype=device.torch_dtype, use_safetensors=True,
+                                                         trust_remote_code=trust_remote_code).to(device.device)
     model.eval()
     return model

@@ -1,0 +1,231 @@
+"""Reading a ground-truth directory and checking a model trained elsewhere, for :class:`audit.origin.ExternalModel`.
+
+Pure checks with one-line errors, no run directory, no MLflow: :func:`read_ground_truth_dir` (the files, canaries
+against manifest), :func:`measure_recipe` (the recipe a measurement runs under), :func:`check_external_weights`
+(the tuned model given: safetensors, tokenizer, "nothing was trained"). It imports neither :mod:`audit.origin` nor
+:mod:`audit.pipeline`, so :func:`audit.origin.origin_for` can rebuild a measurement on resume without an import cycle.
+``audit measure`` itself is :mod:`audit.measure`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from audit.errors import AuditError
+from audit.schema import Recipe
+
+GROUND_TRUTH_FILES = ("recipe.yaml", "canaries.jsonl", "canaries.meta.json", "manifest.json")
+MEASURE_SECTIONS = ("name", "description", "scoring", "gates", "tracking", "output", "outputs", "expected")
+"""Recipe sections ``key=value`` overrides may change: how the model is measured and reported. The others (model,
+canaries, corpus, seed, training) shaped the ground truth; the base is changed with ``--base``."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class GroundTruthDir:
+    """A ground-truth directory, read and checked: its recipe, the base it records, its key id and manifest hash."""
+
+    path: Path
+    recipe: Recipe
+    base_source: str
+    base_fingerprint: str | None
+    """The base's weights fingerprint when the directory was made (None when it did not record one)."""
+    manifest_sha256: str
+    canaries: Any
+    """The :class:`~audit.schema.CanarySet` of ``canaries.jsonl`` + ``canaries.meta.json`` (matches the manifest)."""
+
+
+def read_ground_truth_dir(path: str | Path) -> GroundTruthDir:
+    """Read ``path`` (``audit inject`` output or a run directory); missing files, canaries that do not match the
+    manifest, or a further tune's run (measure against its chain's first run) are one-line errors."""
+    from audit.config import read_yaml, validate_recipe
+    from audit.ground_truth import read_canary_set
+    from audit.schema import InjectionManifest
+
+    gt = Path(path).expanduser()
+    if not gt.is_dir():
+        raise AuditError(f"ground-truth directory {path} does not exist or is not a directory",
+                         fix="give the --out directory of `audit inject`, or a run directory")
+    missing = [name for name in GROUND_TRUTH_FILES if not (gt / name).is_file()]
+    if missing:
+        raise AuditError(f"{gt} is not a ground-truth directory: {', '.join(missing)} missing",
+                         fix="give the --out directory of `audit inject` (of this version), or a run directory")
+    gt = gt.resolve()
+    try:
+        manifest = InjectionManifest.model_validate_json((gt / "manifest.json").read_text(encoding="utf-8"))
+    except ValueError:
+        raise AuditError(f"{gt}/manifest.json is not an injection manifest", fix="use an unmodified ground-truth directory") from None
+    canaries = read_canary_set(gt)
+    if canaries is None or canaries.sha256() != manifest.canary_set_sha256:
+        found = "none" if canaries is None else canaries.sha256()[:12]
+        raise AuditError(f"the canaries in {gt}/canaries.jsonl do not match its manifest.json (canary-set hash {found} != "
+                         f"{manifest.canary_set_sha256[:12]})", fix="use an unmodified ground-truth directory")
+    recipe = validate_recipe(read_yaml(gt / "recipe.yaml"), source=str(gt / "recipe.yaml"))
+    if recipe.parent:
+        raise AuditError(f"{gt} is a further tune of {recipe.parent}: its canaries were planted in the chain's first run",
+                         fix="measure against the chain's first run directory")
+    base_source, base_fp = recipe.model.source, None
+    inject = _read_json(gt / "inject.json")
+    if inject:
+        base_source = inject.get("base", {}).get("source", base_source)
+        base_fp = inject.get("base", {}).get("fingerprint")
+    elif (report := _read_json(gt / "report.json")):
+        base_fp = report.get("model", {}).get("fingerprint")
+    return GroundTruthDir(path=gt, recipe=recipe, base_source=base_source, base_fingerprint=base_fp,
+                          manifest_sha256=manifest.sha256(), canaries=canaries)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def measure_recipe(gt: GroundTruthDir, *, base: str | None = None, adapter: Any = None, overrides: Sequence[str] = (),
+                   out_root: str | Path | None = None) -> Recipe:
+    """The recipe the measurement runs under: the ground truth's, with the base given, ``training.method`` saying what
+    was given (``lora`` for an adapter, else ``full``), the name suffixed ``-measure`` and the overrides applied."""
+    from audit.config import apply_overrides, parse_override, validate_recipe
+
+    for item in overrides:
+        keys, _ = parse_override(item)
+        if keys[0] not in MEASURE_SECTIONS:
+            hint = "pass --base SOURCE" if keys[0] == "model" else "inject again with that setting and retrain"
+            raise AuditError(f"override '{item}': '{keys[0]}' shaped the ground truth in {gt.path} and cannot change "
+                             "when measuring", fix=f"override only {', '.join(MEASURE_SECTIONS)}; to change it, {hint}")
+    data = gt.recipe.model_dump(mode="json")
+    data["name"] = f"{data['name'][:92]}-measure"
+    if base is not None:
+        data["model"] = {**data["model"], "source": str(base), "revision": None}
+    else:
+        data["model"] = {**data["model"], "source": gt.base_source}
+    data["training"] = {**data["training"], "method": "lora" if adapter is not None else "full"}
+    if out_root is not None:
+        data["output"] = {**data.get("output", {}), "root": str(out_root)}
+    return validate_recipe(apply_overrides(data, list(overrides)), source=f"{gt.path}/recipe.yaml with the measure overrides")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 over what maps text to ids: the vocabulary (added tokens included) and, for BPE, the merges."""
+    from audit.schema import sha256_json
+
+    merges = None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        merges = json.loads(backend.to_str()).get("model", {}).get("merges")
+    return sha256_json({"vocab": sorted(tokenizer.get_vocab().items()), "merges": merges})
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _check_adapter(path: Path) -> Path:
+    if not path.is_dir() or not (path / "adapter_config.json").is_file():
+        raise AuditError(f"--adapter {path} is not a PEFT adapter directory (no adapter_config.json)",
+                         fix="give the folder model.save_pretrained() wrote for the PEFT model")
+    if not (path / "adapter_model.safetensors").is_file():
+        raise AuditError(f"adapter {path} has no adapter_model.safetensors; pickle weights are refused",
+                         fix="save the adapter with safe_serialization=True")
+    return path.resolve()
+
+
+def _adapter_is_untrained(path: Path) -> bool:
+    """Every LoRA ``B`` matrix is zero: PEFT's initialisation, an adapter that changes nothing."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+        keys = [k for k in f.keys() if "lora_B" in k]  # noqa: SIM118 - safe_open has no __iter__
+        return bool(keys) and all(not f.get_tensor(k).any() for k in keys)
+
+
+def _count_tensors(path: Path) -> int:
+    """Number of values in the safetensors files of ``path`` (an adapter's trainable parameters), read from headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                n = 1
+                for d in f.get_slice(key).get_shape():
+                    n *= int(d)
+                total += n
+    return total
+
+
+@dataclass(frozen=True)
+class CheckedWeights:
+    """The tuned model given, checked: what to put on the base, in order, and what the run records of it."""
+
+    layers: tuple[Any, ...]
+    """:class:`~audit.train.types.WeightsLayer` s: a ``full`` model replaces the base, a ``lora`` adapter goes on top."""
+    fingerprint: str
+    """The adapter's fingerprint for a PEFT adapter, else the model's (as ``audit run`` records its weights)."""
+    details: dict[str, Any]
+    trainable_params: int = 0
+
+
+def check_external_weights(gt: GroundTruthDir, recipe: Recipe, *, model: str | Path | None, adapter: str | Path | None,
+                           base_given: bool, progress: bool = False) -> CheckedWeights:
+    """Resolve and check the tuned model given (nothing is loaded but tokenizers, nothing is written): safetensors
+    only, the base unchanged since the ground truth was made (unless ``base_given``), a tokenizer equal to the base's,
+    weights that differ from the base's."""
+    from audit.ground_truth import load_tokenizer
+    from audit.models import fingerprint_safetensors_dir, resolve_model
+    from audit.train.types import WeightsLayer
+
+    flags = dict(allow_pickle=recipe.model.allow_pickle, trust_remote_code=recipe.model.trust_remote_code)
+    base = resolve_model(recipe.model.source, revision=recipe.model.revision, progress=progress, **flags)
+    base_fp = base.provenance.get("weights_fingerprint") or fingerprint_safetensors_dir(base.path)
+    if not base_given and gt.base_fingerprint and base_fp != gt.base_fingerprint:
+        raise AuditError(f"the base {recipe.model.source} is no longer the model {gt.path} was made with (fingerprint "
+                         f"{base_fp[:12]} != {gt.base_fingerprint[:12]})",
+                         fix="pass --base SOURCE to measure against another base on purpose")
+    if model is None and adapter is None:
+        raise AuditError("no tuned model given", fix="pass --model DIR (a full fine-tune or merged model) or --adapter DIR")
+    layers: list[WeightsLayer] = []
+    details: dict[str, Any] = {"base": recipe.model.source, "base_fingerprint": base_fp}
+    tokenizer_dirs: list[Path] = []
+    model_fp = base_fp
+    if model is not None and (adapter is None or str(model) != recipe.model.source):
+        tuned = resolve_model(str(model), progress=progress, **flags)
+        model_fp = tuned.provenance.get("weights_fingerprint") or fingerprint_safetensors_dir(tuned.path)
+        layers.append(WeightsLayer("full", tuned.path))
+        details.update(model=str(tuned.path) if tuned.kind == "local" else str(model), model_path=str(tuned.path),
+                       model_fingerprint=model_fp)  # a local path absolute: a resume may start from another folder
+        tokenizer_dirs.append(tuned.path)
+    trainable = 0
+    if adapter is not None:
+        adapter_dir = _check_adapter(Path(adapter).expanduser())
+        layers.append(WeightsLayer("lora", adapter_dir))
+        details["adapter"] = str(adapter_dir)
+        tokenizer_dirs.append(adapter_dir)
+        weights_fp = fingerprint_safetensors_dir(adapter_dir)
+        trainable = _count_tensors(adapter_dir)
+        if model_fp == base_fp and _adapter_is_untrained(adapter_dir):
+            raise AuditError(f"nothing was trained: every LoRA B matrix of {adapter_dir} is zero (PEFT's initialisation), "
+                             "so the tuned model is the base", fix="give the adapter saved after training")
+    else:
+        weights_fp = model_fp
+    if model_fp == base_fp and adapter is None:
+        raise AuditError(f"nothing was trained: {model} has the base's weights (fingerprint {base_fp[:12]})",
+                         fix="give the directory your training saved (trainer.save_model(DIR)), not the base")
+    base_tok = tokenizer_fingerprint(load_tokenizer(base.path, trust_remote_code=recipe.model.trust_remote_code))
+    details["tokenizer_fingerprint"] = base_tok
+    for where in tokenizer_dirs:
+        if not _has_tokenizer(where):
+            continue
+        found = tokenizer_fingerprint(load_tokenizer(where, trust_remote_code=recipe.model.trust_remote_code))
+        if found != base_tok:
+            raise AuditError(f"the tokenizer saved in {where} differs from the base's ({recipe.model.source}): vocabulary or "
+                             f"merges hash {found[:12]} != {base_tok[:12]}, so the canaries' token ids would differ",
+                             fix="train on the base's tokenizer unchanged (no added tokens), or pass --base with the model "
+                                 "whose tokenizer it is")
+    return CheckedWeights(layers=tuple(layers), fingerprint=weights_fp, details=details, trainable_params=trainable)

@@ -1,0 +1,216 @@
+"""`audit measure` before it scores: what `audit inject` records for it, and every refusal (one line, exit 2, nothing
+written). The end-to-end measurements are in tests/test_measure_e2e.py (slow)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from audit.cli import main
+
+
+@pytest.fixture(scope="module")
+def injected(tmp_path_factory) -> Path:
+    """``audit inject tiny/lora_cpu --out gt``, once; tests copy it."""
+    out = tmp_path_factory.mktemp("inject") / "gt"
+    assert main(["inject", "tiny/lora_cpu", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def gt(injected, in_tmp) -> Path:
+    path = in_tmp / "gt"
+    shutil.copytree(injected, path)
+    return path
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _refused(argv: list[str], capsys, match: str, *, root: Path) -> str:
+    """``audit measure ...`` exits 2 with one ``error:`` line naming ``match`` and leaves ``root`` as it was."""
+    before = _files(root)
+    code = main(["measure", *argv, "--no-tracking", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "(fix: " in err, err
+    assert match in err, err
+    assert _files(root) == before, "a refused measurement wrote something"
+    assert not (root / "runs").exists() and not (root / "mlflow.db").exists()
+    return err
+
+
+# --------------------------------------------------------------------------------------------------- what inject records
+
+
+def test_inject_records_the_base_key_and_manifest_that_measure_checks(injected, tiny_model_dir):
+    from audit.models import fingerprint_safetensors_dir
+    from audit.schema import InjectionManifest
+
+    record = json.loads((injected / "inject.json").read_text())
+    meta = json.loads((injected / "canaries.meta.json").read_text())
+    manifest = InjectionManifest.model_validate_json((injected / "manifest.json").read_text())
+    assert record["base"]["source"] == "tiny-llama"
+    assert record["base"]["fingerprint"] == fingerprint_safetensors_dir(tiny_model_dir)
+    assert record["key_id"] == meta["key_id"] == manifest.key_id and record["key_id"]
+    assert record["manifest_sha256"] == manifest.sha256() and record["canary_set_sha256"] == manifest.canary_set_sha256
+    assert (record["spec"], record["seed"], record["references"]["n"]) == ("digits", 0, 255)
+
+
+def test_inject_writes_its_recipe_so_measure_can_draw_the_same_injection_again(injected):
+    from audit.config import load_recipe, read_yaml, validate_recipe
+
+    stored = validate_recipe(read_yaml(injected / "recipe.yaml"))
+    assert stored == load_recipe("tiny/lora_cpu")
+
+
+def test_inject_saves_the_injected_set_as_a_private_datasets_directory(injected):
+    from datasets import load_from_disk
+
+    rows = [json.loads(line) for line in (injected / "train.jsonl").read_text().splitlines()]
+    dataset = load_from_disk(str(injected / "train_dataset"))
+    assert dataset["text"] == [r["text"] for r in rows] and len(rows) == 162
+    assert stat.S_IMODE((injected / "train_dataset").stat().st_mode) == 0o700
+    for f in (injected / "train_dataset").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f.name
+    for name in ("train.jsonl", "canaries.jsonl"):
+        assert stat.S_IMODE((injected / name).stat().st_mode) == 0o600, name
+    assert not [p for p in injected.iterdir() if p.name.startswith(".")], "no work folder is left behind"
+
+
+# --------------------------------------------------------------------------------------------------- refusals
+
+
+def test_measure_refuses_a_directory_that_is_not_ground_truth(in_tmp, capsys):
+    (in_tmp / "empty").mkdir()
+    _refused(["empty", "--model", "tiny-llama"], capsys, "manifest.json", root=in_tmp)
+    _refused(["nowhere", "--model", "tiny-llama"], capsys, "does not exist", root=in_tmp)
+
+
+def test_measure_refuses_a_ground_truth_missing_its_manifest(gt, capsys):
+    (gt / "manifest.json").unlink()
+    _refused(["gt", "--model", "tiny-llama"], capsys, "manifest.json missing", root=gt.parent)
+
+
+def test_measure_refuses_canaries_edited_after_injection(gt, capsys):
+    rows = [json.loads(line) for line in (gt / "canaries.jsonl").read_text().splitlines()]
+    rows[0]["secret"] = "000000" if rows[0]["secret"] != "000000" else "111111"
+    (gt / "canaries.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    _refused(["gt", "--model", "tiny-llama"], capsys, "canaries.jsonl was edited", root=gt.parent)
+
+
+def test_measure_refuses_canaries_that_do_not_match_the_manifest(gt, capsys):
+    manifest = json.loads((gt / "manifest.json").read_text())
+    manifest["canary_set_sha256"] = "0" * 64
+    (gt / "manifest.json").write_text(json.dumps(manifest))
+    _refused(["gt", "--model", "tiny-llama"], capsys, "do not match its manifest.json", root=gt.parent)
+
+
+def test_measure_refuses_a_ground_truth_whose_injection_no_longer_reproduces_its_manifest(gt, capsys, tmp_path):
+    tuned = _perturbed_copy(tmp_path / "tuned")
+    recipe = (gt / "recipe.yaml").read_text()
+    (gt / "recipe.yaml").write_text(recipe.replace("builtin_records: 120", "builtin_records: 100"))
+    _refused(["gt", "--model", str(tuned)], capsys, "differs from its manifest.json", root=gt.parent)
+
+
+def test_measure_refuses_the_base_itself_as_nothing_was_trained(gt, capsys, tiny_model_dir):
+    _refused(["gt", "--model", "tiny-llama"], capsys, "nothing was trained", root=gt.parent)
+    copy = gt.parent / "copy_of_base"
+    shutil.copytree(tiny_model_dir, copy)  # the same weights under another name
+    _refused(["gt", "--model", "copy_of_base"], capsys, "nothing was trained", root=gt.parent)
+
+
+def test_measure_refuses_an_adapter_that_was_never_trained(gt, capsys, tiny_model_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from audit.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(gt.parent / "fresh"))
+    _refused(["gt", "--adapter", "fresh"], capsys, "every LoRA B matrix", root=gt.parent)
+
+
+def _perturbed_copy(out: Path, *, added_token: str | None = None) -> Path:
+    """tiny-llama's files with one weight changed (so it counts as trained) and, optionally, a token added."""
+    from safetensors.torch import load_file, save_file
+
+    from audit.ground_truth import load_tokenizer
+    from audit.models import resolve_model
+
+    base = resolve_model("tiny-llama", progress=False).path
+    shutil.copytree(base, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if added_token:
+        tokenizer = load_tokenizer(out)
+        tokenizer.add_tokens([added_token])
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def test_measure_refuses_a_model_whose_tokenizer_differs_from_the_base(gt, capsys):
+    _perturbed_copy(gt.parent / "retokenized", added_token="<new-token>")
+    _refused(["gt", "--model", "retokenized"], capsys, "tokenizer saved in", root=gt.parent)
+
+
+def test_tokenizers_compare_by_vocabulary_and_merges_not_by_object(tmp_path, tiny_model_dir):
+    from audit.external import tokenizer_fingerprint
+    from audit.ground_truth import load_tokenizer
+
+    first, second = load_tokenizer(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    assert first is not second and tokenizer_fingerprint(first) == tokenizer_fingerprint(second)
+    second.add_tokens(["<new-token>"])
+    assert tokenizer_fingerprint(first) != tokenizer_fingerprint(second)
+
+
+def test_measure_refuses_another_audit_key_than_the_ground_truths(gt, capsys, monkeypatch, tmp_path):
+    tuned = _perturbed_copy(tmp_path / "tuned")
+    monkeypatch.setenv("CANARY_AUDIT_KEY", "6b" * 32)
+    _refused(["gt", "--model", str(tuned)], capsys, "was made with audit key", root=gt.parent)
+
+
+def test_measure_refuses_overrides_of_what_shaped_the_ground_truth(gt, capsys, tmp_path):
+    tuned = _perturbed_copy(tmp_path / "tuned")
+    err = _refused(["gt", "--model", str(tuned), "canaries.tiers=[1,2]"], capsys, "shaped the ground truth", root=gt.parent)
+    assert "inject again" in err
+    err = _refused(["gt", "--model", str(tuned), "model.source=smollm2-135m"], capsys, "shaped the ground truth", root=gt.parent)
+    assert "--base" in err
+
+
+def test_measure_refuses_no_tuned_model_and_a_missing_adapter(gt, capsys):
+    _refused(["gt"], capsys, "no tuned model given", root=gt.parent)
+    _refused(["gt", "--adapter", "nowhere"], capsys, "not a PEFT adapter directory", root=gt.parent)
+
+
+def test_measure_refuses_a_gate_no_run_can_pass(gt, capsys, tmp_path):
+    tuned = _perturbed_copy(tmp_path / "tuned")
+    (gt.parent / "gates.yaml").write_text("")
+    _refused(["gt", "--model", str(tuned), "gates=[{metric: exposure.mean/rep_16/tuned, min: 99}]"], capsys,
+             "exposure.mean/rep_16/tuned", root=gt.parent)
+
+
+def test_a_measurement_is_rebuilt_from_its_external_json_wherever_the_resume_starts(gt, monkeypatch):
+    from audit.external import measure_recipe, read_ground_truth_dir
+    from audit.origin import EXTERNAL_FILE, external_model, origin_for
+
+    _perturbed_copy(gt.parent / "tuned")
+    truth_dir = read_ground_truth_dir("gt")
+    recipe = measure_recipe(truth_dir)
+    origin = external_model(truth_dir, recipe, model="tuned", adapter=None, base_given=False)  # relative to the cwd
+    run_dir = gt.parent / "runs" / "measured"
+    run_dir.mkdir(parents=True)
+    (run_dir / EXTERNAL_FILE).write_text(json.dumps(origin.record_file()))
+    (gt.parent / "elsewhere").mkdir()
+    monkeypatch.chdir(gt.parent / "elsewhere")  # `audit run --resume` from another folder
+    again = origin_for(recipe, resume_dir=run_dir)
+    assert type(again).__name__ == "ExternalModel"
+    assert again.record_file() == origin.record_file()  # external.json is written once: a resume must compute it byte for byte
+    assert again.tuned_layers == origin.tuned_layers and again.weights_fingerprint == origin.weights_fingerprint
