@@ -97,3 +97,22 @@ def test_too_few_references_print_no_tpr_headline_and_say_why():
     report = make_report(rows(refs=6, ranked_refs=6, per_tier=2))
     assert format_mia_headline(report) == []
     assert "refused: 6 controls, needs >= 100" in format_table(report)
+
+
+def test_report_html_and_md_render_a_run_whose_references_are_partly_unranked(tmp_path):
+    """`audit report` on the default audit's shape: unranked references are left out of the exposure dots, the two
+    evidence lines open report.md, and report.json reads back into the same object."""
+    from audit.render import render_report
+    from audit.report import read_report, write_report
+    from audit.store import write_jsonl
+
+    scores = rows()
+    report = make_report(scores)
+    write_jsonl(tmp_path / "scores.jsonl", scores)
+    write_report(report, tmp_path / "report.json")
+    assert read_report(tmp_path / "report.json") == report
+    render_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "Null calibration (32 ranked references" in md and "TPR at 1% FPR (95% Clopper-Pearson" in md
+    assert "100 (32 ranked)" in md
+    assert "Null calibration (32 ranked references" in (tmp_path / "report.html").read_text()
