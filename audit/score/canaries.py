@@ -7,8 +7,8 @@ Per model, for all canaries at once:
 2. the Secret Sharer rank against the sampled reference secrets (shared-prefix KV cache), its whole-space estimate
    with a binomial interval, and the skew-normal extrapolation capped at log2|R|: for every member and for the null
    sample of the never-inserted references (``scoring.exposure_null_references``, :func:`ranked_indices`); the other
-   references are MIA controls, whose attacks read step 1 only (step 2 is 255 candidates of 6 tokens after each
-   prefix: ~1,300 forward positions per canary, against ~25 for its teacher-forced pass);
+   references are MIA controls, whose attacks read step 1 only (step 2 is ``scoring.exposure_references`` candidates,
+   255 by default, of 6 tokens after each prefix: ~1,300 forward positions per canary, against ~25 for step 1);
 3. where the space is enumerable, the tokenization compositional, and the sampled estimate within the node budget,
    the exact rank over the whole space (:mod:`audit.score.exposure_search`);
 4. batched greedy decoding from the prefix, and from the prefix plus a fraction of the secret, and N samples.
