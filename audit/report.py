@@ -218,8 +218,8 @@ def format_null_calibration(report: AuditReport) -> list[str]:
         return []
     verdict = (f"BIASED under {' and '.join(biased)} (p < 0.01): exposure thresholds do not sit against the null there"
                if biased else "not biased (p >= 0.01)")
-    return [f"null calibration ({n} ranked references, mean exposure and 95% interval; an unlearned canary averages "
-            f"{NULL_MEAN_EXPOSURE_BITS:.2f} = 1/ln 2): {', '.join(parts)}; {verdict}"]
+    return [f"null calibration ({n} ranked references' mean exposure, 95% interval; unlearned ~{NULL_MEAN_EXPOSURE_BITS:.2f} "
+            f"= 1/ln 2): {', '.join(parts)}; {verdict}"]
 
 
 def format_metrics(report: AuditReport) -> list[str]:

@@ -69,14 +69,14 @@ def test_summary_prints_tpr_at_1pct_per_tier_with_intervals_and_the_null_calibra
             tier = m[f"mia.tpr_at_1pct/{attack}/rep_{r}"]
             assert f"{r}x n=8 {tier.value:.2f} [{tier.low:.2f}, {tier.high:.2f}]" in line
     null = format_null_calibration(report)
-    assert len(null) == 1 and null[0].startswith("null calibration (32 ranked references")
+    assert len(null) == 1 and null[0].startswith("null calibration (32 ranked references'")
     base = m["exposure.null_mean/base"]
     assert f"base {base.value:.2f} [{base.low:.2f}, {base.high:.2f}] p=" in null[0] and null[0].endswith("not biased (p >= 0.01)")
     table = format_table(report)  # what `audit run` prints
     assert "100 (32 ranked)" in table and headline[1] in table and null[0] in table
     found = verdict(report).findings  # report.html / report.md open with the same two lines
     assert any(f.startswith("Membership inference, TPR at 1% FPR") and "16x n=8" in f for f in found)
-    assert any(f.startswith("Null calibration (32 ranked references") for f in found)
+    assert any(f.startswith("Null calibration (32 ranked references'") for f in found)
     assert "100 (32 ranked)" in [r[1] for r in exposure_table(report).rows]
     assert tier_rows(report)[0].ranked == 32
 
@@ -113,6 +113,12 @@ def test_report_html_and_md_render_a_run_whose_references_are_partly_unranked(tm
     assert read_report(tmp_path / "report.json") == report
     render_report(tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert "Null calibration (32 ranked references" in md and "TPR at 1% FPR (95% Clopper-Pearson" in md
+    assert "Null calibration (32 ranked references'" in md and "TPR at 1% FPR (95% Clopper-Pearson" in md
     assert "100 (32 ranked)" in md
-    assert "Null calibration (32 ranked references" in (tmp_path / "report.html").read_text()
+    assert "Null calibration (32 ranked references" in (tmp_path / "report.html").read_text()  # the apostrophe is escaped there
+
+
+def test_the_evidence_lines_fit_a_terminal_line():
+    report = make_report(rows())
+    lines = format_mia_headline(report) + format_null_calibration(report)
+    assert len(lines) == 4 and max(len(line) for line in lines) < 200

@@ -17,7 +17,7 @@ def test_default_audit_shows_memorization_against_the_null(in_tmp, capsys):
     assert "16x inserted" in printed and "mlflow ui" in printed
     # the evidence lines (issue 15): TPR at 1% FPR per tier with its interval, and the null calibration
     assert "TPR at 1% FPR (95% Clopper-Pearson interval" in printed and "  loss_diff: all n=24" in printed
-    assert "null calibration (32 ranked references" in printed
+    assert "null calibration (32 ranked references'" in printed
     (run_dir,) = (in_tmp / "runs").iterdir()
     report = read_report(run_dir / "report.json")
     assert report.model.source == "smollm2-135m" and report.model.provenance["license"] == "Apache-2.0"
