@@ -152,11 +152,15 @@ def summarize_tiers(scores: list[SequenceScore]) -> list[TierSummary]:
     for reps in sorted(groups):
         by_model = groups[reps]
         n = len(next(iter(by_model.values())))
+        ranked = {m: [x.exposure for x in rows if x.exposure is not None] for m, rows in sorted(by_model.items())}
+        counts = {len(v) for v in ranked.values()}
         tiers.append(TierSummary(
             repetitions=reps,
             n=n,
-            exposure_mean={m: round(statistics.fmean(x.exposure for x in rows), 4) for m, rows in sorted(by_model.items())},
+            exposure_mean={m: round(statistics.fmean(v), 4) for m, v in ranked.items() if v},
             extracted={m: sum(x.extracted for x in rows) for m, rows in sorted(by_model.items())},
+            # references outside scoring.exposure_null_references carry no rank: the mean is over the ranked ones
+            exposure_n=None if counts == {n} else max(counts),
         ))
     return tiers
 
@@ -181,8 +185,8 @@ def format_table(report: AuditReport) -> str:
     rows = []
     for t in report.tiers:
         label = "reference (never inserted)" if t.repetitions == 0 else f"{t.repetitions}x inserted"
-        rows.append([label, str(t.n)]
-                    + [f"{t.exposure_mean[m]:.2f}" for m in models]
+        rows.append([label, str(t.n) if t.exposure_n is None else f"{t.n} ({t.exposure_n} ranked)"]
+                    + [f"{t.exposure_mean[m]:.2f}" if m in t.exposure_mean else "-" for m in models]
                     + [f"{t.extracted[m]}/{t.n}" for m in models])
     out = text_table(header, rows, numbers_right=True)
     out.append(f"exposure = bits against {2 ** report.exposure_max - 1:.0f} sampled references (the headline scale; gates "
@@ -190,6 +194,62 @@ def format_table(report: AuditReport) -> str:
                f"an unlearned canary averages ~{NULL_MEAN_EXPOSURE_BITS:.2f} (1/ln 2)")
     out.extend(format_metrics(report))
     return "\n".join(out)
+
+
+HEADLINE_ATTACKS = ("loss_diff", "min_k_pp_diff")
+"""The base-calibrated attacks whose TPR at 1% FPR the summary prints overall and per tier (the field's headline)."""
+
+
+def _rate(entry: MetricEntry) -> str:
+    interval = "" if entry.low is None or entry.high is None else f" [{entry.low:.2f}, {entry.high:.2f}]"
+    return f"{entry.value:.2f}{interval}"
+
+
+def format_mia_headline(report: AuditReport) -> list[str]:
+    """TPR at 1% FPR with its Clopper-Pearson interval for :data:`HEADLINE_ATTACKS`, overall and per tier, each with its
+    n (members) and the AUC beside it; nothing when the run had too few references for 1% FPR."""
+    m = report.metrics
+    tiers = sorted(t.repetitions for t in report.tiers if t.repetitions > 0)
+    controls = next((t.n for t in report.tiers if t.repetitions == 0), None)
+    lines = []
+    for attack in HEADLINE_ATTACKS:
+        key = f"mia.tpr_at_1pct/{attack}"
+        if key not in m:
+            continue
+        parts = [f"all n={m[key].n} {_rate(m[key])}" + (f" AUC {m[f'mia.auc/{attack}'].value:.2f}" if f"mia.auc/{attack}" in m else "")]
+        for r in tiers:
+            tier_key = f"{key}/rep_{r}"
+            if tier_key in m:
+                auc = m.get(f"mia.auc/{attack}/rep_{r}")
+                parts.append(f"{r}x n={m[tier_key].n} {_rate(m[tier_key])}" + ("" if auc is None else f" AUC {auc.value:.2f}"))
+        lines.append(f"  {attack}: " + "; ".join(parts))
+    if not lines:
+        return []
+    return [f"TPR at 1% FPR (95% Clopper-Pearson interval; n = members, against {controls} references; AUC beside it):",
+            *lines]
+
+
+def format_null_calibration(report: AuditReport) -> list[str]:
+    """The references' mean exposure under each model against the uniform-rank null (~1/ln 2 bits), with its interval,
+    the z-test's p-value and the biased flag (:func:`audit.metrics.exposure.null_calibration`)."""
+    m = report.metrics
+    parts, biased, n = [], [], None
+    for model in ("base", "tuned"):
+        key = f"exposure.null_mean/{model}"
+        if key not in m:
+            continue
+        n = m[key].n
+        p = m.get(f"exposure.null_p/{model}")
+        flag = m.get(f"exposure.null_biased/{model}")
+        parts.append(f"{model} {_rate(m[key])}" + ("" if p is None else f" p={p.value:.2g}"))
+        if flag is not None and flag.value > 0:
+            biased.append(model)
+    if not parts:
+        return []
+    verdict = (f"BIASED under {' and '.join(biased)} (p < 0.01): exposure thresholds do not sit against the null there"
+               if biased else "not biased (p >= 0.01)")
+    return [f"null calibration ({n} ranked references' mean exposure, 95% interval; unlearned ~{NULL_MEAN_EXPOSURE_BITS:.2f} "
+            f"= 1/ln 2): {', '.join(parts)}; {verdict}"]
 
 
 def format_metrics(report: AuditReport) -> list[str]:
@@ -218,7 +278,10 @@ def format_metrics(report: AuditReport) -> list[str]:
         tpr = (f"TPR at 1% FPR (loss_diff) {val('mia.tpr_at_1pct/loss_diff')} "
                f"[{m['mia.tpr_at_1pct/loss_diff'].low:.2f}, {m['mia.tpr_at_1pct/loss_diff'].high:.2f}]"
                if "mia.tpr_at_1pct/loss_diff" in m else f"TPR at 1% FPR {notes.get('mia.tpr_at_1pct', 'not measured')}")
-        lines.append(f"membership inference, members vs references, AUC: {', '.join(aucs)}; {tpr}")
+        headline = format_mia_headline(report)
+        lines.append(f"membership inference, members vs references, AUC: {', '.join(aucs)}" + ("" if headline else f"; {tpr}"))
+        lines.extend(headline)
+    lines.extend(format_null_calibration(report))
     ext = [f"greedy {int(sum(t.extracted.get('tuned', 0) for t in report.tiers if t.repetitions > 0))}/"
            f"{sum(t.n for t in report.tiers if t.repetitions > 0)} members"]
     for key, label in (("extraction.from_fraction", "from half the secret"), ("extraction.sampled_any", "by sampling"),

@@ -255,6 +255,13 @@ class ScoringSection(Frozen):
     sampled_extraction_samples: int = Field(default=8, ge=0)
     """Samples per canary at temperature ``sampled_extraction_temperature`` for sampled extraction (0 turns it off)."""
     sampled_extraction_temperature: float = Field(default=1.0, gt=0.0)
+    exposure_null_references: int | None = Field(default=None, ge=2)
+    """Never-inserted references that get the full exposure measurement (the sampled rank against
+    ``exposure_references`` secrets, its extrapolation and the exact walk), exactly as the members do; None: all of
+    them. The others are scored by the teacher-forced pass only (the MIA controls, whose attacks read nothing else),
+    and their rows carry no rank. The ranked ones are the references with the smallest ids: ids are keyed hashes, so
+    this is a uniform random sample of the references fixed before any model is scored. It is the sample the null
+    calibration (``exposure.null_mean``) and the references' exposure tier rest on."""
     exact_exposure: bool = True
     """Rank enumerable secrets against the whole space by a pruned trie walk (:mod:`audit.score.exposure_search`)."""
     exact_exposure_budget: int = Field(default=2_000, ge=1)
@@ -620,11 +627,12 @@ class SequenceScore(Frozen):
     secret_tokens: int
     secret_nll_bits: float
     """-log2 p(secret | prefix) under this model: the information cost of the secret."""
-    rank: int
-    """1 + number of sampled reference secrets whose NLL is <= the canary's (ties count against the canary)."""
-    n_references: int
-    exposure: float
-    """log2(n_references + 1) - log2(rank): Secret Sharer exposure against sampled references."""
+    rank: int | None
+    """1 + number of sampled reference secrets whose NLL is <= the canary's (ties count against the canary); None for a
+    never-inserted reference outside ``scoring.exposure_null_references`` (scored by the teacher-forced pass only)."""
+    n_references: int | None
+    exposure: float | None
+    """log2(n_references + 1) - log2(rank): Secret Sharer exposure against sampled references (None when not ranked)."""
     extracted: bool
     """Greedy decoding from the prefix reproduces the secret verbatim."""
     # -- exposure over the whole space (audit.metrics.exposure, audit.score.exposure_search)
@@ -637,7 +645,8 @@ class SequenceScore(Frozen):
     exact_rank: int | None = None
     exact_status: str | None = None
     """exact | budget_exceeded | unstable (the walk could not reproduce its own value of the canary; sampled rank stands) |
-    skipped (sampled estimate beyond the budget) | not_enumerable | not_compositional | off"""
+    skipped (sampled estimate beyond the budget) | not_enumerable | not_compositional | off | unranked (a reference outside
+    ``scoring.exposure_null_references``: no exposure measured)"""
     exact_nodes: int | None = None
     exposure_extrapolated: float | None = None
     """Skew-normal extrapolation over the reference losses, capped at log2|R|."""
@@ -778,10 +787,26 @@ class TierSummary(Frozen):
     """Per model label (``base``, ``tuned``): mean exposure in bits."""
     extracted: dict[str, int]
     """Per model label: how many canaries greedy decoding reproduced."""
+    exposure_n: int | None = None
+    """Canaries behind ``exposure_mean`` when fewer than ``n`` (the references ranked under
+    ``scoring.exposure_null_references``); None: all ``n``. Omitted from report.json when None."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_exposure_n(self, handler: Any) -> Any:
+        data = handler(self)  # a report whose every canary was ranked reads as before the field existed
+        if isinstance(data, dict) and data.get("exposure_n", 0) is None:
+            del data["exposure_n"]
+        return data
+
+    @property
+    def exposure_count(self) -> int:
+        return self.n if self.exposure_n is None else self.exposure_n
 
     def flat_metrics(self) -> dict[str, MetricEntry]:
-        """``exposure.mean/rep_<r>/<model>`` and ``extraction.exact/rep_<r>/<model>`` (rep_0 = references), ``n`` = the tier's size."""
-        out = {f"exposure.mean/rep_{self.repetitions}/{m}": MetricEntry(value=v, n=self.n) for m, v in self.exposure_mean.items()}
+        """``exposure.mean/rep_<r>/<model>`` (``n`` = canaries ranked) and ``extraction.exact/rep_<r>/<model>`` (``n`` = the
+        tier's size; rep_0 = references)."""
+        out = {f"exposure.mean/rep_{self.repetitions}/{m}": MetricEntry(value=v, n=self.exposure_count)
+               for m, v in self.exposure_mean.items()}
         out.update({f"extraction.exact/rep_{self.repetitions}/{m}": MetricEntry(value=float(v), n=self.n)
                     for m, v in self.extracted.items()})
         return out

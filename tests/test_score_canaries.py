@@ -94,3 +94,34 @@ def test_engine_rows_give_the_text_scope_attacks_and_ez_mia_in_the_suite(tiny_mo
                 "mia.auc/min_k_pp_text", "mia.auc/loss_diff_text", "mia.auc/min_k_pp_diff_text"):
         assert key in metrics and 0.0 <= metrics[key].value <= 1.0, key
     assert metrics["mia.auc/ez_mia"].n == 12
+
+
+def test_references_outside_the_null_sample_get_the_teacher_forced_pass_only(tiny_model, three_digit_canaries):
+    """scoring.exposure_null_references=2 of 3 references: members and the 2 smallest-id references are ranked exactly
+    as with every reference ranked (same rows, field for field); the third keeps every MIA and extraction field, its
+    secret's bits from the teacher-forced pass, and no rank."""
+    from audit.score.canaries import ranked_indices
+
+    model, tok = tiny_model
+    canaries, refs = three_digit_canaries
+    sample = SECTION.model_copy(update={"exposure_null_references": 2})
+    items = canaries.canaries
+    ranked = ranked_indices(canaries, sample)
+    ref_ids = sorted(c.id for c in items if c.repetitions == 0)
+    assert {items[i].id for i in ranked if items[i].repetitions == 0} == set(ref_ids[:2])
+    assert {i for i, c in enumerate(items) if c.repetitions > 0} <= set(ranked) and len(ranked) == 5
+    assert ranked_indices(canaries, SECTION) == list(range(6))  # None: every reference
+
+    full = score_canaries(model, tok, canaries, refs, label="base", section=SECTION, progress=False, seed=1)
+    part = score_canaries(model, tok, canaries, refs, label="base", section=sample, progress=False, seed=1)
+    for i, (a, b) in enumerate(zip(full, part, strict=True)):
+        if i in ranked:
+            assert a.model_dump() == b.model_dump()
+            continue
+        assert b.rank is None and b.exposure is None and b.n_references is None and b.exposure_method is None
+        assert b.exact_status == "unranked" and b.exposure_space is None and b.exposure_extrapolated is None
+        assert b.secret_nll_bits == pytest.approx(a.secret_nll_bits, abs=1e-3)  # teacher-forced vs shared-prefix
+        same = ("mia_loss", "mia_min_k", "mia_min_k_pp", "mia_zlib", "extracted", "extraction_lcp_tokens",
+                "sampled_matches", "text_bits", "token_logprobs")
+        assert {k: getattr(b, k) for k in same} == {k: getattr(a, k) for k in same}
+    assert secret_logprob_check(part) < 1e-3

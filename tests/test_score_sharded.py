@@ -33,7 +33,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+def _rank(rank: int, world: int, port: int, model_dir: str, out: str, null_refs: int | None = None) -> None:
     import torch.distributed as dist
 
     from audit.models import load_model_and_tokenizer
@@ -54,7 +54,8 @@ def _rank(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
             return row(*args, **kwargs)
 
         score_module.exposure_row = counted  # which canaries this rank ranked itself
-        rows = score_sharded(model, tok, canaries, refs, label="base", section=SECTION, progress=False, seed=1)
+        section = SECTION.model_copy(update={"exposure_null_references": null_refs})
+        rows = score_sharded(model, tok, canaries, refs, label="base", section=section, progress=False, seed=1)
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump({"calls": calls, "rows": None if rows is None else [r.model_dump(mode="json") for r in rows]}, f)
     finally:
@@ -77,19 +78,24 @@ def test_one_process_is_plain_score_canaries(tiny_model):
 
 
 @pytest.mark.slow  # ~45 s on the shared 2-core machine, most of it two processes importing torch and transformers
-def test_two_gloo_processes_score_exactly_what_one_process_does(tiny_model, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("null_refs", [None, 2])  # 2: one of the 3 references gets the teacher-forced pass only
+def test_two_gloo_processes_score_exactly_what_one_process_does(tiny_model, tiny_model_dir, tmp_path, null_refs):
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank, args=(2, _free_port(), str(tiny_model_dir), str(tmp_path)), nprocs=2, join=True)
+    from audit.score.canaries import ranked_indices
+
+    mp.spawn(_rank, args=(2, _free_port(), str(tiny_model_dir), str(tmp_path), null_refs), nprocs=2, join=True)
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     canaries, refs = _canaries()
-    ids = [c.id for c in canaries.canaries]
+    section = SECTION.model_copy(update={"exposure_null_references": null_refs})
+    ids = [canaries.canaries[i].id for i in ranked_indices(canaries, section)]
+    assert len(ids) == (7 if null_refs is None else 6)
     assert rank0["calls"] == ids[0::2] and rank1["calls"] == ids[1::2]  # each rank ranked only its share
     assert rank1["rows"] is None
     model, tok = tiny_model
     with torch_threads(1):
-        single = score_canaries(model, tok, canaries, refs, label="base", section=SECTION, progress=False, seed=1)
+        single = score_canaries(model, tok, canaries, refs, label="base", section=section, progress=False, seed=1)
     assert [SequenceScore.model_validate(r) for r in rank0["rows"]] == single
     assert any(r.exact_status == "exact" for r in single) and any(r.sampled_matches is not None for r in single)
 

@@ -275,7 +275,7 @@ def _null_calibration(out: SuiteResult, scores: list[SequenceScore]) -> None:
     """The references' sampled exposure under each model against the uniform-rank null (~1/ln 2 bits)."""
     by_model: dict[str, list[SequenceScore]] = defaultdict(list)
     for s in scores:
-        if s.repetitions == 0:
+        if s.repetitions == 0 and s.exposure is not None:  # the ranked null sample (scoring.exposure_null_references)
             by_model[s.model].append(s)
     for model, rows in sorted(by_model.items()):
         sizes = {r.n_references + 1 for r in rows}

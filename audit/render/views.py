@@ -49,6 +49,8 @@ class TierRow:
     exposure: dict[str, float]
     extracted: dict[str, int]
     band: tuple[float, float]
+    ranked: int | None = None
+    """Canaries behind ``exposure`` (and ``band``) when not all ``n`` were ranked (``scoring.exposure_null_references``)."""
 
     @property
     def label(self) -> str:
@@ -59,7 +61,8 @@ class TierRow:
 
 
 def tier_rows(report: AuditReport) -> list[TierRow]:
-    return [TierRow(t.repetitions, t.n, dict(t.exposure_mean), dict(t.extracted), null_band(t.n, cap=report.exposure_max))
+    return [TierRow(t.repetitions, t.n, dict(t.exposure_mean), dict(t.extracted),
+                    null_band(max(1, t.exposure_count), cap=report.exposure_max), t.exposure_count)
             for t in report.tiers]
 
 
@@ -123,9 +126,17 @@ def verdict(report: AuditReport) -> Verdict:
         per_tier = ", ".join(f"{r.label} {r.extracted.get('tuned', 0)}/{r.n}" for r in sorted(members, key=lambda r: -r.repetitions))
         findings.append(f"Greedy decoding from the prefix reproduced {extracted} of {n_members} member secrets verbatim "
                         f"({per_tier}).")
-    if "mia.auc/loss_diff" in report.metrics:
+    from audit.report import format_mia_headline, format_null_calibration
+
+    headline = format_mia_headline(report)
+    if headline:  # the field's MIA headline: TPR at 1% FPR with its interval, overall and per tier, AUC beside it
+        findings.append("Membership inference, " + headline[0].rstrip(":") + ": "
+                        + " | ".join(line.strip() for line in headline[1:]) + ".")
+    elif "mia.auc/loss_diff" in report.metrics:
         findings.append(f"Membership inference (loss vs base, members against references): AUC "
-                        f"{report.metrics['mia.auc/loss_diff'].value:.2f} (0.5 = chance).")
+                        f"{report.metrics['mia.auc/loss_diff'].value:.2f} (0.5 = chance); TPR at 1% FPR "
+                        f"{report.metric_notes.get('mia.tpr_at_1pct', 'not measured')}.")
+    findings.extend(line[0].upper() + line[1:] + "." for line in format_null_calibration(report))
     if report.gates:
         failed = [g for g in report.gates if not g.passed]
         skipped = sum(g.status == "skip" for g in report.gates)
@@ -218,7 +229,8 @@ def exposure_points(scores: list[SequenceScore]) -> dict[tuple[int, str], list[f
     """Per (tier, model): every canary's exposure, for the dots over the tier means."""
     out: dict[tuple[int, str], list[float]] = {}
     for s in scores:
-        out.setdefault((s.repetitions, s.model), []).append(s.exposure)
+        if s.exposure is not None:  # a reference outside the null sample has no rank
+            out.setdefault((s.repetitions, s.model), []).append(s.exposure)
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
@@ -256,7 +268,7 @@ def exposure_table(report: AuditReport) -> Table:
     models = models_of(report)
     rows = []
     for r in tier_rows(report):
-        row = [r.label, str(r.n)] + [fmt(r.exposure.get(m)) for m in models]
+        row = [r.label, str(r.n) if r.ranked in (None, r.n) else f"{r.n} ({r.ranked} ranked)"] + [fmt(r.exposure.get(m)) for m in models]
         row.append(f"{r.band[0]:.2f} - {r.band[1]:.2f}")
         row += [_metric(report, f"exposure.space_mean/rep_{r.repetitions}/{m}") for m in models if
                 f"exposure.space_mean/rep_{r.repetitions}/{m}" in report.metrics]

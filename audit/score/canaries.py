@@ -5,7 +5,10 @@ Per model, for all canaries at once:
 1. one teacher-forced pass over each canary text (token log-probs plus full-vocabulary mean/variance): the MIA
    signals (loss, Min-K%, Min-K%++, zlib), the information view (bits) and (n, p) extraction all read it;
 2. the Secret Sharer rank against the sampled reference secrets (shared-prefix KV cache), its whole-space estimate
-   with a binomial interval, and the skew-normal extrapolation capped at log2|R|;
+   with a binomial interval, and the skew-normal extrapolation capped at log2|R|: for every member and for the null
+   sample of the never-inserted references (``scoring.exposure_null_references``, :func:`ranked_indices`); the other
+   references are MIA controls, whose attacks read step 1 only (step 2 is ``scoring.exposure_references`` candidates,
+   255 by default, of 6 tokens after each prefix: ~1,300 forward positions per canary, against ~25 for step 1);
 3. where the space is enumerable, the tokenization compositional, and the sampled estimate within the node budget,
    the exact rank over the whole space (:mod:`audit.score.exposure_search`);
 4. batched greedy decoding from the prefix, and from the prefix plus a fraction of the secret, and N samples.
@@ -67,6 +70,27 @@ def _exact(model, tokenizer, canary: Canary, canaries: CanarySet, section: Scori
     return result.status, result.rank, result.nodes_evaluated
 
 
+def ranked_indices(canaries: CanarySet, section: ScoringSection) -> list[int]:
+    """Indices of the canaries whose exposure is measured (steps 2-3): every member, and of the never-inserted
+    references the ``scoring.exposure_null_references`` with the smallest ids (all of them when None).
+
+    Ids are keyed hashes of the canary (:func:`audit.canaries.generate.canary_id`), unrelated to the member/reference
+    draw, so the smallest ids are a uniform random sample of the references, fixed before any model is scored and the
+    same for every model of a run. The others are MIA controls only: their attacks read the teacher-forced pass.
+    """
+    items = canaries.canaries
+    refs = sorted((i for i, c in enumerate(items) if c.repetitions == 0), key=lambda i: items[i].id)
+    keep = set(refs if section.exposure_null_references is None else refs[: section.exposure_null_references])
+    return [i for i, c in enumerate(items) if c.repetitions > 0 or i in keep]
+
+
+def unranked_row(secret_logprobs) -> dict[str, Any]:
+    """The exposure fields of a reference outside the null sample: its secret's bits from the teacher-forced pass,
+    no rank (see :func:`ranked_indices`)."""
+    return dict(secret_nll_bits=round(-float(np.sum(secret_logprobs)) / math.log(2), 6), rank=None, n_references=None,
+                exposure=None, exact_status="unranked")
+
+
 def exposure_row(model: Any, tokenizer: Any, canary: Canary, split: SplitTokens, canaries: CanarySet,
                  reference_secrets: list[str], *, section: ScoringSection, seed: int = 0,
                  on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -109,13 +133,15 @@ def score_canaries(
     section: ScoringSection,
     progress: bool = True,
     seed: int = 0,
-    exposure_rows: list[dict[str, Any]] | None = None,
+    exposure_rows: list[dict[str, Any] | None] | None = None,
 ) -> list[SequenceScore]:
     """One :class:`SequenceScore` per canary under ``model`` (``label`` names the link: base, tuned, ...).
 
     Every canary is ranked against the same ``reference_secrets`` placed after its own prefix, so members and
-    never-inserted references are measured identically. ``seed`` drives sampled extraction. ``exposure_rows``: the
-    canaries' :func:`exposure_row` results computed elsewhere (:func:`audit.score.sharded.score_sharded`), in order.
+    never-inserted references are measured identically (every member and the references of :func:`ranked_indices`; the
+    other references have no rank). ``seed`` drives sampled extraction. ``exposure_rows``: the canaries'
+    :func:`exposure_row` results computed elsewhere (:func:`audit.score.sharded.score_sharded`), in order, None for a
+    canary outside :func:`ranked_indices`.
     """
     from tqdm.auto import tqdm
 
@@ -137,15 +163,17 @@ def _score_canaries(model, tokenizer, canaries, reference_secrets, *, label, sec
     passes = score_token_sequences(model, texts, vocab_stats=True, pad_token_id=pad_id_of(tokenizer))
 
     # 2-3. exposure: sampled rank, whole-space estimate, extrapolation, exact walk (or rows scored elsewhere:
-    # audit.score.sharded, each process of a distributed run taking a share of the canaries)
+    # audit.score.sharded, each process of a distributed run taking a share of the canaries). References outside the
+    # null sample (scoring.exposure_null_references) get None here: the teacher-forced pass is all they need.
     if exposure_rows is None:
-        bar = tqdm(total=len(items), desc=f"score {label}", unit="canary", leave=False, disable=not progress)
-        exposure_rows = []
-        for i, (canary, split) in enumerate(zip(items, splits, strict=True)):
-            beat.step(f"canary {i + 1}/{len(items)}: ranking against {len(reference_secrets)} references")
-            exposure_rows.append(exposure_row(model, tokenizer, canary, split, canaries, reference_secrets,
-                                              section=section, seed=seed,
-                                              on_step=lambda what, i=i: beat.step(f"canary {i + 1}/{len(items)}: {what}")))
+        ranked = ranked_indices(canaries, section)
+        bar = tqdm(total=len(ranked), desc=f"score {label}", unit="canary", leave=False, disable=not progress)
+        exposure_rows = [None] * len(items)
+        for k, i in enumerate(ranked):
+            beat.step(f"canary {k + 1}/{len(ranked)}: ranking against {len(reference_secrets)} references")
+            exposure_rows[i] = exposure_row(model, tokenizer, items[i], splits[i], canaries, reference_secrets,
+                                            section=section, seed=seed,
+                                            on_step=lambda what, k=k: beat.step(f"canary {k + 1}/{len(ranked)}: {what}"))
             bar.update(1)
             beat.touch()
         bar.close()
@@ -179,9 +207,10 @@ def _score_canaries(model, tokenizer, canaries, reference_secrets, *, label, sec
     for i, (c, s) in enumerate(zip(items, splits, strict=True)):
         span = passes[i].span(len(s.prefix_ids), len(s.prefix_ids) + len(s.secret_ids))
         match = discoverable_match(greedy[i], s.secret_ids)
+        exposure = exposure_rows[i] if exposure_rows[i] is not None else unranked_row(span.logprobs)
         rows.append(SequenceScore(
             canary_id=c.id, model=label, repetitions=c.repetitions, secret_tokens=len(s.secret_ids),
-            extracted=match.exact, **exposure_rows[i],
+            extracted=match.exact, **exposure,
             mia_loss=round(mean_loss(span.logprobs), 6),
             mia_min_k=round(min_k_score(span.logprobs, k=section.mia_k), 6),
             mia_min_k_pp=round(min_k_plus_plus_score(span.logprobs, span.vocab_mean, span.vocab_var, k=section.mia_k), 6),
@@ -203,5 +232,6 @@ def space_bits(canaries: CanarySet) -> float:
 
 def secret_logprob_check(scores: list[SequenceScore]) -> float:
     """Largest gap (bits) between the shared-prefix secret NLL and the teacher-forced one: a self-consistency check."""
-    gaps = [abs(s.secret_nll_bits - (s.mia_loss or 0.0) * s.secret_tokens / math.log(2)) for s in scores if s.mia_loss is not None]
+    gaps = [abs(s.secret_nll_bits - (s.mia_loss or 0.0) * s.secret_tokens / math.log(2)) for s in scores
+            if s.mia_loss is not None and s.rank is not None]  # an unranked row's bits are the teacher-forced ones
     return float(np.max(gaps)) if gaps else 0.0

@@ -57,7 +57,7 @@ def score_sharded(
     Every process must call it, each with its own copy of ``model`` on its own device. Returns the scores on rank 0
     and None on the others.
     """
-    from audit.score.canaries import exposure_row, score_canaries
+    from audit.score.canaries import exposure_row, ranked_indices, score_canaries
     from audit.score.engine import split_tokens
 
     rank, world = _world()
@@ -70,7 +70,8 @@ def score_sharded(
     from audit.progress import heartbeat
 
     items = canaries.canaries
-    share = shard_of(len(items), rank=rank, world=world)
+    ranked = ranked_indices(canaries, section)  # references outside the null sample have no exposure work
+    share = [ranked[k] for k in shard_of(len(ranked), rank=rank, world=world)]
     shown = progress and rank == 0  # rank 0 alone prints; its share takes as long as the others' (round-robin)
     mine: dict[int, dict[str, Any]] = {}
     with heartbeat(f"score {label}", enabled=shown) as beat:
@@ -90,7 +91,7 @@ def score_sharded(
     if rank != 0:
         return None
     rows = {i: row for part in gathered for i, row in (part or {}).items()}
-    if sorted(rows) != list(range(len(items))):
-        raise RuntimeError(f"sharded scoring returned {len(rows)} exposure rows for {len(items)} canaries")
+    if sorted(rows) != ranked:
+        raise RuntimeError(f"sharded scoring returned {len(rows)} exposure rows for {len(ranked)} ranked canaries")
     return score_canaries(model, tokenizer, canaries, reference_secrets, label=label, section=section, progress=progress,
-                          seed=seed, exposure_rows=[rows[i] for i in range(len(items))])
+                          seed=seed, exposure_rows=[rows.get(i) for i in range(len(items))])
