@@ -54,7 +54,7 @@ def git_revision() -> str | None:
 
 
 def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScore], training: Any,
-                 outputs: Any = None) -> AuditReport:
+                 outputs: Any = None, curves: dict[str, list[tuple[int, float]]] | None = None) -> AuditReport:
     """Assemble ``report.json`` from the stages' results (``run``: :class:`audit.stages.Run`; ``origin``:
     :class:`audit.origin.Origin`), then evaluate the recipe's gates on its flat metrics."""
     from audit import lineage
@@ -110,7 +110,11 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         parent_run=origin.parent_run,
         persistence=None if persistence.summary is None else PersistenceSummary.model_validate(persistence.summary),
     )
-    return report.model_copy(update={"gates": evaluate_gates(recipe.gates, report.flat_metrics())})
+    if curves:  # recorded while training (scoring.every_steps): the final values close each curve
+        from audit.curves import close_curves
+
+        report = report.model_copy(update={"curves": close_curves(curves, report)})
+    return report.model_copy(update={"gates": evaluate_gates(recipe.gates, report.flat_metrics(), curves=report.curves)})
 
 
 def summarize_tiers(scores: list[SequenceScore]) -> list[TierSummary]:

@@ -1,0 +1,84 @@
+"""Memorization curves: the audit's metrics at training steps, not only at the end. Pure (numpy via the suite).
+
+A point is one scoring pass of the canaries on the live model (:class:`audit.callback.CurveRecorder`), summarized
+with the same suite as the final report (:func:`audit.metrics.suite.summarize_scores` and the tier means), so a
+curve's keys are the report's flat metric keys (``exposure.mean/rep_16/tuned``, ``extraction.exact/rep_16/tuned``,
+``exposure.space_mean/rep_16/tuned``, ``mia.auc/loss_diff``, ...). Keys of the base model are left out (constant
+over training). The report keeps them in ``curves`` (key -> ``[(step, value), ...]``); :func:`close_curves` ends each
+curve with the report's final value, and gates read them with ``of: max | first_step_above`` (:mod:`audit.gates`).
+
+    runs/<run>/curves.json   {"schema_version": 1, "curves": {key: [[step, value], ...]}} while ``audit run`` trains
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from audit.schema import SCHEMA_VERSION, AuditReport, ScoringSection, SequenceScore
+
+CURVES_FILE = "curves.json"
+Curves = dict[str, list[tuple[int, float]]]
+
+
+def point_metrics(scores: list[SequenceScore], section: ScoringSection) -> dict[str, float]:
+    """The flat metrics of one curve point (base and tuned rows of the same canaries), tuned-side keys only."""
+    from audit.metrics.suite import summarize_scores
+    from audit.report import summarize_tiers
+
+    flat = {key: e.value for t in summarize_tiers(scores) for key, e in t.flat_metrics().items()}
+    flat.update({key: e.value for key, e in summarize_scores(scores, section).metrics.items()})
+    return {k: float(v) for k, v in sorted(flat.items()) if not k.endswith("/base") and not math.isnan(v)}
+
+
+def add_point(curves: Curves, step: int, metrics: dict[str, float]) -> None:
+    """Append ``metrics`` at ``step`` (a step measured twice keeps its last measurement)."""
+    for key, value in metrics.items():
+        points = curves.setdefault(key, [])
+        if points and points[-1][0] == step:
+            points[-1] = (step, value)
+        else:
+            points.append((step, value))
+
+
+def close_curves(curves: Curves, report: AuditReport) -> Curves:
+    """Each curve ending with the report's final value at ``training.steps``: the final scoring measured the same
+    weights as a point at that step would, in the run's protocol, so it replaces such a point; keys the report lacks
+    keep their points as measured."""
+    final = report.flat_metrics()
+    steps = int(report.training.steps)
+    out: Curves = {}
+    for key, points in sorted(curves.items()):
+        kept = [(int(s), float(v)) for s, v in points if key not in final or int(s) < steps]
+        if key in final and not math.isnan(final[key].value):
+            kept.append((steps, float(final[key].value)))
+        out[key] = sorted(kept)
+    return out
+
+
+def write_curves(run_dir: Path, curves: Curves) -> None:
+    from audit.store import atomic_write_text
+
+    atomic_write_text(Path(run_dir) / CURVES_FILE, json.dumps(
+        {"schema_version": SCHEMA_VERSION, "curves": {k: [list(p) for p in v] for k, v in sorted(curves.items())}},
+        indent=1) + "\n")
+
+
+def read_curves(run_dir: Path) -> Curves:
+    """The curves ``audit run`` recorded in ``run_dir`` (empty when it recorded none)."""
+    path = Path(run_dir) / CURVES_FILE
+    if not path.is_file():
+        return {}
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return {k: [(int(s), float(v)) for s, v in pts] for k, pts in data.get("curves", {}).items()}
+
+
+def curve_summary(curves: Curves, keys: tuple[str, ...] = ("exposure.mean", "extraction.exact", "mia.auc/loss_diff")) -> list[str]:
+    """One line per headline curve (``key: step=value, ...``), for logs and the Markdown report."""
+    lines = []
+    for key in sorted(curves):
+        if key.startswith(keys):
+            lines.append(f"{key}: " + ", ".join(f"{s}={v:.3g}" for s, v in curves[key]))
+    return lines
