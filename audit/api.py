@@ -8,8 +8,8 @@
 
 :func:`inject_canaries` is ``audit inject`` on a dataset in memory: the same canary generator, injection and
 pre-flight (:func:`audit.ground_truth.prepare_ground_truth`), and the same ground-truth directory
-(canaries.jsonl, canaries.meta.json, manifest.json, preflight.json, train.jsonl) plus the recipe.yaml it resolved,
-so ``audit measure`` and :class:`audit.callback.CanaryAuditCallback` read it.
+(canaries.jsonl, canaries.meta.json, manifest.json, preflight.json, train.jsonl) plus the recipe.yaml it resolved
+and the dataset as given (corpus.jsonl, the recipe's corpus source), so ``audit measure`` and :class:`audit.callback.CanaryAuditCallback` read it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from typing import Any, NamedTuple
 from audit.errors import AuditError
 
 RECIPE_FILE = "recipe.yaml"
+CORPUS_FILE = "corpus.jsonl"
+"""The dataset as given (before injection; it holds no canary), the recipe's ``corpus.source``: so ``audit measure``
+draws the injection again from the recipe alone, as for ``audit inject``, and checks it reproduces manifest.json."""
 
 
 class InjectedDataset(NamedTuple):
@@ -64,7 +67,7 @@ def inject_canaries(
     from audit.models import resolve_model
     from audit.schema import Recipe
 
-    out = Path(out)
+    out = Path(out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AuditError(f"output directory {out} is not empty", fix="give inject_canaries a new or empty out= directory")
     records = _records_of(dataset)
@@ -74,7 +77,7 @@ def inject_canaries(
             "seed": seed,
             "model": {"source": model},
             "canaries": {"spec": spec, "tiers": list(tiers), "members_per_tier": members_per_tier, "references": references},
-            "corpus": {"source": f"dataset:{_fingerprint(records)[:16]}", "text_column": text_field,
+            "corpus": {"source": str(out / CORPUS_FILE), "text_column": text_field,
                        "messages_column": messages_field, "placement": placement},
             "training": {"max_length": max_length},
             "scoring": {"exposure_references": exposure_references},
@@ -92,10 +95,11 @@ def inject_canaries(
     resolved = resolve_model(model, progress=False)
     tokenizer = load_tokenizer(resolved.path)
     truth = prepare_ground_truth(recipe, tokenizer=tokenizer, corpus=corpus, key=resolve_key(recipe.canaries.key_file))
+    from audit.store import atomic_write_text, write_jsonl
+
     out.mkdir(parents=True, exist_ok=True)
     write_ground_truth(truth, out, dataset=True)
-    from audit.store import atomic_write_text
-
+    write_jsonl(out / CORPUS_FILE, records)
     atomic_write_text(out / RECIPE_FILE, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     return InjectedDataset(dataset=_dataset_of(truth.injection.records), ground_truth=out)
 
@@ -124,12 +128,6 @@ def _corpus_of(records: list[dict[str, Any]], recipe: Any) -> Any:
         check_record(record, i, format=fmt, text_column=c.text_column, messages_column=c.messages_column, source="the dataset")
     check_texts(records, format=fmt, text_column=c.text_column, messages_column=c.messages_column, source="the dataset")
     return Corpus(source=c.source, format=fmt, records=records)
-
-
-def _fingerprint(records: list[dict[str, Any]]) -> str:
-    from audit.inject import fingerprint_records
-
-    return fingerprint_records(records).sha256
 
 
 def _dataset_of(records: list[dict[str, Any]]) -> Any:
