@@ -43,7 +43,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from audit.curves import Curves, add_point, close_curves, point_metrics
+from audit.curves import Curves, add_point, point_metrics
 from audit.errors import AuditError
 from audit.schema import CanarySet, GateSpec, Recipe, SequenceScore
 
@@ -371,15 +371,19 @@ class CanaryAuditCallback(TrainerCallback):
             if _sharded(args):
                 self._say(f"[audit] measure the saved weights with: {_measure_command(self.ground_truth, weights)}")
                 return
-            self.result = self._final_audit(weights)
+            self.result = self._final_audit(weights, state)
         finally:
             self._stack.close()
 
-    def _final_audit(self, weights: dict[str, Path]) -> Any:
+    def _final_audit(self, weights: dict[str, Path], state: Any) -> Any:
         from audit.measure import measure_run
+        from audit.report import close_curves
 
         result = measure_run(self.ground_truth, tracking=False, progress=self.progress, out_root=self.out_root, **weights)
         report = result.report
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        report = report.model_copy(update={"training": report.training.model_copy(update={
+            "steps": int(state.global_step), "final_loss": float(losses[-1]) if losses else report.training.final_loss})})
         curves = close_curves(self.recorder.curves, report) if self.recorder is not None and self.recorder.curves else {}
         report = finish_report(result.run_dir, report, curves=curves, extra_gates=self.extra_gates, tracker=self._tracker)
         if self.recorder is not None:

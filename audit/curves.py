@@ -4,7 +4,7 @@ A point is one scoring pass of the canaries on the live model (:class:`audit.cal
 with the same suite as the final report (:func:`audit.metrics.suite.summarize_scores` and the tier means), so a
 curve's keys are the report's flat metric keys (``exposure.mean/rep_16/tuned``, ``extraction.exact/rep_16/tuned``,
 ``exposure.space_mean/rep_16/tuned``, ``mia.auc/loss_diff``, ...). Keys of the base model are left out (constant
-over training). The report keeps them in ``curves`` (key -> ``[(step, value), ...]``); :func:`close_curves` ends each
+over training). The report keeps them in ``curves`` (key -> ``[(step, value), ...]``); ``close_curves`` ends each
 curve with the report's final value, and gates read them with ``of: max | first_step_above`` (:mod:`audit.gates`).
 
     runs/<run>/curves.json   {"schema_version": 1, "curves": {key: [[step, value], ...]}} while ``audit run`` trains
@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from audit.schema import SCHEMA_VERSION, AuditReport, ScoringSection, SequenceScore
+from audit.schema import SCHEMA_VERSION, ScoringSection, SequenceScore
 
 CURVES_FILE = "curves.json"
 Curves = dict[str, list[tuple[int, float]]]
@@ -41,21 +41,6 @@ def add_point(curves: Curves, step: int, metrics: dict[str, float]) -> None:
             points[-1] = (step, value)
         else:
             points.append((step, value))
-
-
-def close_curves(curves: Curves, report: AuditReport) -> Curves:
-    """Each curve ending with the report's final value at ``training.steps``: the final scoring measured the same
-    weights as a point at that step would, in the run's protocol, so it replaces such a point; keys the report lacks
-    keep their points as measured."""
-    final = report.flat_metrics()
-    steps = int(report.training.steps)
-    out: Curves = {}
-    for key, points in sorted(curves.items()):
-        kept = [(int(s), float(v)) for s, v in points if key not in final or int(s) < steps]
-        if key in final and not math.isnan(final[key].value):
-            kept.append((steps, float(final[key].value)))
-        out[key] = sorted(kept)
-    return out
 
 
 def write_curves(run_dir: Path, curves: Curves) -> None:

@@ -148,7 +148,12 @@ def _rule(spec: GateSpec, baseline_value: float | None) -> str:
         op, sign = ("<=", "+") if spec.direction == "higher" else (">=", "-")
         base = f"baseline {_num(baseline_value)}" if baseline_value is not None else "baseline"
         parts.append(f"{op} {base} {sign} {_num(spec.tolerance)}")
-    return "; ".join(parts)
+    rule = "; ".join(parts)
+    if spec.of == "max":
+        return f"max over steps {rule}"
+    if spec.of == "first_step_above":
+        return f"first step above {_num(spec.threshold)} {rule}"
+    return rule
 
 
 Curve = list[tuple[int, float]]

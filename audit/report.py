@@ -111,10 +111,24 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         persistence=None if persistence.summary is None else PersistenceSummary.model_validate(persistence.summary),
     )
     if curves:  # recorded while training (scoring.every_steps): the final values close each curve
-        from audit.curves import close_curves
-
         report = report.model_copy(update={"curves": close_curves(curves, report)})
     return report.model_copy(update={"gates": evaluate_gates(recipe.gates, report.flat_metrics(), curves=report.curves)})
+
+
+def close_curves(curves: dict[str, list[tuple[int, float]]], report: AuditReport, *,
+                 steps: int | None = None) -> dict[str, list[tuple[int, float]]]:
+    """Each curve ending with the report's final value at the last step (``steps``, default ``training.steps``): the
+    final scoring measured the same weights as a point at that step would, in the run's protocol, so it replaces such
+    a point; keys the report lacks keep their points as measured."""
+    final = report.flat_metrics()
+    steps = int(report.training.steps) if steps is None else int(steps)
+    out: dict[str, list[tuple[int, float]]] = {}
+    for key, points in sorted(curves.items()):
+        kept = [(int(s), float(v)) for s, v in points if key not in final or int(s) < steps]
+        if key in final and not math.isnan(final[key].value):
+            kept.append((steps, float(final[key].value)))
+        out[key] = sorted(kept)
+    return out
 
 
 def summarize_tiers(scores: list[SequenceScore]) -> list[TierSummary]:
