@@ -34,6 +34,7 @@ saved weights instead of measuring in the job.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
@@ -43,9 +44,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from audit.curves import Curves, add_point, point_metrics
+from audit.curves import Curves, add_point, read_curves, write_curves
 from audit.errors import AuditError
-from audit.schema import CanarySet, GateSpec, Recipe, SequenceScore
+from audit.schema import CanarySet, GateSpec, Recipe, ScoringSection, SequenceScore
 
 OUTPUT_SUBDIR = "canary-audit"
 
@@ -165,6 +166,17 @@ def _loss_spans(ids: list[int], labels: list[int]) -> list[list[int]]:
 # --------------------------------------------------------------------------------------------------- curve points
 
 
+def point_metrics(scores: list[SequenceScore], section: ScoringSection) -> dict[str, float]:
+    """The flat metrics of one curve point (base and tuned rows of the same canaries), tuned-side keys only."""
+    from audit.metrics.suite import summarize_scores
+    from audit.report import summarize_tiers
+
+    flat = {key: e.value for t in summarize_tiers(scores) for key, e in t.flat_metrics().items()}
+    flat.update({key: e.value for key, e in summarize_scores(scores, section).metrics.items()})
+    return {k: float(v) for k, v in sorted(flat.items()) if not k.endswith("/base") and not math.isnan(v)}
+
+
+
 @contextmanager
 def measuring(model: Any):
     """``model`` in eval mode under inference_mode with every RNG state saved: training after a point runs exactly
@@ -281,6 +293,27 @@ class CurveCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if not self.skip and state.global_step % self.every_steps == 0:
             self.recorder.measure(model, state.global_step)
+
+
+def run_curve_callback(run_dir: Path, truth: Any, tokenizer: Any, recipe: Recipe, *, tracker: Any = None) -> CurveCallback | None:
+    """``audit run`` with ``scoring.every_steps``: the measuring part on the train stage, against the base scores the
+    run stored (``scores_base.jsonl``), each point logged as MLflow step metrics and kept in ``curves.json`` (which a
+    resumed run continues). None when the curve is off."""
+    from audit.store import ScoresFile
+
+    if recipe.scoring.every_steps <= 0:
+        return None
+    base = [s for s in ScoresFile("base").read(run_dir) or [] if s.model == "base"]
+
+    def on_point(step: int, metrics: dict[str, float]) -> None:
+        write_curves(run_dir, recorder.curves)
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=step)
+
+    recorder = CurveRecorder(canaries=truth.canaries, reference_secrets=truth.reference_secrets, section=recipe.scoring,
+                             seed=recipe.seed, tokenizer=tokenizer, base_scores=base or None, on_point=on_point)
+    recorder.curves = read_curves(run_dir)
+    return CurveCallback(recorder, every_steps=recipe.scoring.every_steps)
 
 
 # --------------------------------------------------------------------------------------------------- the callback

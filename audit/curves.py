@@ -1,7 +1,7 @@
-"""Memorization curves: the audit's metrics at training steps, not only at the end. Pure (numpy via the suite).
+"""Memorization curves: the audit's metrics at training steps, not only at the end. Pure (standard library).
 
 A point is one scoring pass of the canaries on the live model (:class:`audit.callback.CurveRecorder`), summarized
-with the same suite as the final report (:func:`audit.metrics.suite.summarize_scores` and the tier means), so a
+(:func:`audit.callback.point_metrics`) with the same suite as the final report (:func:`audit.metrics.suite.summarize_scores` and the tier means), so a
 curve's keys are the report's flat metric keys (``exposure.mean/rep_16/tuned``, ``extraction.exact/rep_16/tuned``,
 ``exposure.space_mean/rep_16/tuned``, ``mia.auc/loss_diff``, ...). Keys of the base model are left out (constant
 over training). The report keeps them in ``curves`` (key -> ``[(step, value), ...]``); ``close_curves`` ends each
@@ -13,24 +13,13 @@ curve with the report's final value, and gates read them with ``of: max | first_
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from audit.schema import SCHEMA_VERSION, ScoringSection, SequenceScore
+from audit.schema import SCHEMA_VERSION
 
 CURVES_FILE = "curves.json"
 Curves = dict[str, list[tuple[int, float]]]
-
-
-def point_metrics(scores: list[SequenceScore], section: ScoringSection) -> dict[str, float]:
-    """The flat metrics of one curve point (base and tuned rows of the same canaries), tuned-side keys only."""
-    from audit.metrics.suite import summarize_scores
-    from audit.report import summarize_tiers
-
-    flat = {key: e.value for t in summarize_tiers(scores) for key, e in t.flat_metrics().items()}
-    flat.update({key: e.value for key, e in summarize_scores(scores, section).metrics.items()})
-    return {k: float(v) for k, v in sorted(flat.items()) if not k.endswith("/base") and not math.isnan(v)}
 
 
 def add_point(curves: Curves, step: int, metrics: dict[str, float]) -> None:
@@ -58,12 +47,3 @@ def read_curves(run_dir: Path) -> Curves:
         return {}
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return {k: [(int(s), float(v)) for s, v in pts] for k, pts in data.get("curves", {}).items()}
-
-
-def curve_summary(curves: Curves, keys: tuple[str, ...] = ("exposure.mean", "extraction.exact", "mia.auc/loss_diff")) -> list[str]:
-    """One line per headline curve (``key: step=value, ...``), for logs and the Markdown report."""
-    lines = []
-    for key in sorted(curves):
-        if key.startswith(keys):
-            lines.append(f"{key}: " + ", ".join(f"{s}={v:.3g}" for s, v in curves[key]))
-    return lines

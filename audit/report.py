@@ -110,7 +110,11 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         parent_run=origin.parent_run,
         persistence=None if persistence.summary is None else PersistenceSummary.model_validate(persistence.summary),
     )
-    if curves:  # recorded while training (scoring.every_steps): the final values close each curve
+    if curves is None:  # recorded while training (scoring.every_steps, audit.curves): the final values close each curve
+        from audit.curves import read_curves
+
+        curves = read_curves(run.dir)
+    if curves:
         report = report.model_copy(update={"curves": close_curves(curves, report)})
     return report.model_copy(update={"gates": evaluate_gates(recipe.gates, report.flat_metrics(), curves=report.curves)})
 

@@ -354,6 +354,7 @@ def train_plan(run: Run) -> TrainPlan:
 def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: Any, plan: TrainPlan, *,
           tracker: Any = None, progress: bool = False) -> TrainResult:
     """TRL training of ``model`` on the injected texts; with several processes, the saved weights reloaded on rank 0."""
+    from audit.callback import run_curve_callback  # scoring.every_steps: the memorization curve (off by default)
     from audit.train.sft import train_sft
     from audit.train.weights import load_tuned
 
@@ -362,9 +363,11 @@ def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: An
     on_loss = (lambda step, loss: tracker.log_metrics({"train.loss": loss}, step=step)) if tracker is not None else None
     on_log = (lambda step, logs: tracker.log_stage_metrics(logs, step)) if tracker is not None else None
     on_params = tracker.log_stage_params if tracker is not None else None
+    curve = None if distributed.is_distributed() else run_curve_callback(plan.run_dir, truth, tokenizer, recipe, tracker=tracker)
     trained = train_sft(model, tokenizer, truth.training_texts, section=recipe.training, seed=recipe.seed,
                         work_dir=plan.work_dir, weights_dir=plan.weights_dir, device=ctx.device, on_loss=on_loss,
-                        on_log=on_log, on_params=on_params, progress=progress, resume_from_checkpoint=plan.checkpoint)
+                        on_log=on_log, on_params=on_params, progress=progress, resume_from_checkpoint=plan.checkpoint,
+                        callbacks=[curve] if curve is not None else None)
     if not distributed.is_distributed():
         return trained
     # a sharded model cannot run a forward pass on one process: every process (each scores a share) puts the weights

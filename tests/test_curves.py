@@ -9,7 +9,7 @@ import pytest
 from test_gates import make_report
 from test_report_render import make_run_dir, synthetic_scores
 
-from audit.curves import add_point, point_metrics, read_curves, write_curves
+from audit.curves import add_point, read_curves, write_curves
 from audit.errors import AuditError
 from audit.gates import evaluate_gates, parse_gate_specs, report_metrics
 from audit.report import close_curves, read_report, summarize_tiers, write_report
@@ -107,6 +107,8 @@ def test_curves_round_trip_through_report_json_and_curves_json(tmp_path):
 
 
 def test_a_curve_point_has_the_final_reports_tuned_keys_from_the_same_suite():
+    from audit.callback import point_metrics
+
     scores = synthetic_scores()
     point = point_metrics(scores, ScoringSection())
     tiers = {k: e.value for t in summarize_tiers(scores) for k, e in t.flat_metrics().items()}
