@@ -70,3 +70,35 @@ def test_the_example_trains_tiny_llama_and_ends_with_16_copy_canaries_exposed_an
     live = sorted(m.step for m in history if m.step != 0)  # step 0: the final metrics log_report sends
     steps = [s for s, _ in curve]
     assert live in (steps, steps[:-1])  # the last live point is replaced by the final audit when it fell on the last step
+
+
+@pytest.mark.slow
+def test_the_callback_run_nests_under_the_users_active_mlflow_run_never_beside_it(in_tmp, monkeypatch):
+    import mlflow
+    from datasets import Dataset
+    from mlflow.tracking import MlflowClient
+    from test_callback import _short_sft
+
+    from audit import CanaryAuditCallback, inject_canaries
+    from audit.corpus import builtin_records
+    from audit.ground_truth import load_tokenizer
+    from audit.models import resolve_model
+
+    train, gt = inject_canaries(Dataset.from_list(builtin_records("notes", n=40, seed=0)), model="tiny-llama",
+                                out=in_tmp / "gt", tiers=(1, 4), exposure_references=15)
+    tokenizer = load_tokenizer(resolve_model("tiny-llama", progress=False).path)
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the user's MLflow setup; the audit finds the same store
+    callback = CanaryAuditCallback(ground_truth=gt, every_steps=2, progress=False)
+    with mlflow.start_run(run_name="users-own-run") as users:
+        _short_sft(train, tokenizer, in_tmp / "out", [callback], max_steps=4)
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    top_level = {r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    ours = client.get_run(callback.result.report.tracking.run_id)
+    assert ours.data.tags["mlflow.parentRunId"] == users.info.run_id
+    assert users.info.run_id in top_level and ours.info.run_id not in top_level
+    assert len([r for r in runs if r.data.tags.get("mlflow.runName") == ours.data.tags["mlflow.runName"]]) == 1
+    steps = sorted(m.step for m in client.get_metric_history(ours.info.run_id, "exposure.mean/rep_4/tuned") if m.step)
+    assert steps == [2]  # the live point at step 2; step 4 is the final audit (its metrics logged with the report)
+    assert callback.result.report.curves["exposure.mean/rep_4/tuned"][-1][0] == 4
