@@ -209,8 +209,9 @@ class CurveRecorder:
 
     def __init__(self, *, canaries: CanarySet, reference_secrets: list[str], section: Any, seed: int, tokenizer: Any,
                  base_scores: list[SequenceScore] | None = None,
-                 on_point: Callable[[int, dict[str, float]], None] | None = None) -> None:
+                 on_point: Callable[[int, dict[str, float]], None] | None = None, progress: bool = False) -> None:
         self.canaries, self.references, self.section, self.seed = canaries, reference_secrets, section, seed
+        self.progress = progress
         self.tokenizer = tokenizer
         self.base_scores = base_scores
         self.on_point = on_point
@@ -244,16 +245,26 @@ class CurveRecorder:
     def measure(self, model: Any, step: int) -> dict[str, float]:
         import time
 
+        from audit.progress import heartbeat
+
         self.score_base(model)
         t = time.perf_counter()
         assert self.base_scores is not None
-        metrics = point_metrics(self.base_scores + self._score(model, "tuned"), self.section)
+        with heartbeat(f"curve point at step {step}", enabled=self.progress) as beat:  # minutes on a loaded CPU
+            beat.step(f"scoring {len(self.canaries.canaries)} canaries on the live model")
+            metrics = point_metrics(self.base_scores + self._score(model, "tuned"), self.section)
         add_point(self.curves, step, metrics)
         self.seconds += time.perf_counter() - t
         self.points += 1
         if self.on_point is not None:
             self.on_point(step, metrics)
         return metrics
+
+
+def _top_exposure(metrics: dict[str, float]) -> str | None:
+    """``exposure.mean/rep_<top tier>/tuned``: the one number a progress line shows."""
+    keys = [k for k in metrics if k.startswith("exposure.mean/rep_")]
+    return max(keys, key=lambda k: int(k.split("/")[1].removeprefix("rep_")), default=None)
 
 
 def _sharded(args: Any) -> bool:
@@ -295,7 +306,8 @@ class CurveCallback(TrainerCallback):
             self.recorder.measure(model, state.global_step)
 
 
-def run_curve_callback(run_dir: Path, truth: Any, tokenizer: Any, recipe: Recipe, *, tracker: Any = None) -> CurveCallback | None:
+def run_curve_callback(run_dir: Path, truth: Any, tokenizer: Any, recipe: Recipe, *, tracker: Any = None,
+                       progress: bool = False) -> CurveCallback | None:
     """``audit run`` with ``scoring.every_steps``: the measuring part on the train stage, against the base scores the
     run stored (``scores_base.jsonl``), each point logged as MLflow step metrics and kept in ``curves.json`` (which a
     resumed run continues). None when the curve is off."""
@@ -306,12 +318,17 @@ def run_curve_callback(run_dir: Path, truth: Any, tokenizer: Any, recipe: Recipe
     base = [s for s in ScoresFile("base").read(run_dir) or [] if s.model == "base"]
 
     def on_point(step: int, metrics: dict[str, float]) -> None:
+        from audit.console import say
+
         write_curves(run_dir, recorder.curves)
+        top = _top_exposure(metrics)
+        say(progress, f"[audit] curve point at step {step}" + (f": {top} {metrics[top]:.2f} bits" if top else ""))
         if tracker is not None:
             tracker.log_metrics(metrics, step=step)
 
     recorder = CurveRecorder(canaries=truth.canaries, reference_secrets=truth.reference_secrets, section=recipe.scoring,
-                             seed=recipe.seed, tokenizer=tokenizer, base_scores=base or None, on_point=on_point)
+                             seed=recipe.seed, tokenizer=tokenizer, base_scores=base or None, on_point=on_point,
+                             progress=progress)
     recorder.curves = read_curves(run_dir)
     return CurveCallback(recorder, every_steps=recipe.scoring.every_steps)
 
@@ -369,7 +386,7 @@ class CanaryAuditCallback(TrainerCallback):
         if self._live:
             self.recorder = CurveRecorder(canaries=truth.canaries, reference_secrets=truth.reference_secrets,
                                           section=truth.recipe.scoring, seed=truth.recipe.seed, tokenizer=tokenizer,
-                                          on_point=self._log_point)
+                                          on_point=self._log_point, progress=self.progress)
             self.recorder.score_base(model)
 
     # ---- measurement points
@@ -378,9 +395,8 @@ class CanaryAuditCallback(TrainerCallback):
         if self.recorder is None or not state.is_world_process_zero:
             return
         metrics = self.recorder.measure(model, state.global_step)
-        top = max((k for k in metrics if k.startswith("exposure.mean/rep_")), key=lambda k: int(k.split("/")[1][4:]), default=None)
-        shown = f", {top} {metrics[top]:.2f} bits" if top else ""
-        self._say(f"[audit] curve point at step {state.global_step}{shown}")
+        top = _top_exposure(metrics)
+        self._say(f"[audit] curve point at step {state.global_step}" + (f": {top} {metrics[top]:.2f} bits" if top else ""))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.points.every_steps and state.global_step % self.points.every_steps == 0:

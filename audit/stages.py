@@ -363,7 +363,8 @@ def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: An
     on_loss = (lambda step, loss: tracker.log_metrics({"train.loss": loss}, step=step)) if tracker is not None else None
     on_log = (lambda step, logs: tracker.log_stage_metrics(logs, step)) if tracker is not None else None
     on_params = tracker.log_stage_params if tracker is not None else None
-    curve = None if distributed.is_distributed() else run_curve_callback(plan.run_dir, truth, tokenizer, recipe, tracker=tracker)
+    curve = None if distributed.is_distributed() else run_curve_callback(
+        plan.run_dir, truth, tokenizer, recipe, tracker=tracker, progress=progress)  # None unless scoring.every_steps
     trained = train_sft(model, tokenizer, truth.training_texts, section=recipe.training, seed=recipe.seed,
                         work_dir=plan.work_dir, weights_dir=plan.weights_dir, device=ctx.device, on_loss=on_loss,
                         on_log=on_log, on_params=on_params, progress=progress, resume_from_checkpoint=plan.checkpoint,
