@@ -261,6 +261,18 @@ class CurveRecorder:
         return metrics
 
 
+def _last_step(state: Any) -> bool:
+    """The last optimizer step: the final audit measures these weights, so no live point is spent on them."""
+    return bool(state.max_steps) and state.global_step >= state.max_steps
+
+
+def log_final_point(tracker: Any, curves: Curves) -> None:
+    """Each curve's last point (the final audit) as an MLflow step metric too, so MLflow shows the whole curve."""
+    last = {k: pts[-1] for k, pts in curves.items() if pts}
+    for step in sorted({s for s, _ in last.values()}):
+        tracker.log_metrics({k: v for k, (s, v) in last.items() if s == step}, step=step)
+
+
 def _top_exposure(metrics: dict[str, float]) -> str | None:
     """``exposure.mean/rep_<top tier>/tuned``: the one number a progress line shows."""
     keys = [k for k in metrics if k.startswith("exposure.mean/rep_")]
@@ -302,7 +314,7 @@ class CurveCallback(TrainerCallback):
             self.recorder.score_base(model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if not self.skip and state.global_step % self.every_steps == 0:
+        if not self.skip and state.global_step % self.every_steps == 0 and not _last_step(state):
             self.recorder.measure(model, state.global_step)
 
 
@@ -392,7 +404,7 @@ class CanaryAuditCallback(TrainerCallback):
     # ---- measurement points
 
     def _measure(self, state, model) -> None:
-        if self.recorder is None or not state.is_world_process_zero:
+        if self.recorder is None or not state.is_world_process_zero or _last_step(state):
             return
         metrics = self.recorder.measure(model, state.global_step)
         top = _top_exposure(metrics)
@@ -480,6 +492,7 @@ def finish_report(run_dir: Path, report: Any, *, curves: Curves, extra_gates: li
     render_report(Path(run_dir), report)
     if tracker is not None:
         tracker.log_report(report, Path(run_dir))
+        log_final_point(tracker, curves)
     return report
 
 

@@ -265,5 +265,5 @@ def test_measuring_during_training_leaves_the_training_itself_unchanged(injected
     plain = _short_sft(injected.dataset, tokenizer, tmp_path / "a", [])
     measured = _short_sft(injected.dataset, tokenizer, tmp_path / "b", [CurveCallback(recorder, every_steps=2)])
     assert measured == plain and len(plain) == 6
-    assert [s for s, _ in recorder.curves["exposure.mean/rep_4/tuned"]] == [2, 4, 6]
+    assert [s for s, _ in recorder.curves["exposure.mean/rep_4/tuned"]] == [2, 4]  # not 6: the final audit measures it
     assert len(recorder.base_scores) == len(live.canaries.canaries)  # the base: the adapter disabled, scored once

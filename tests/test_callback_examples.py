@@ -68,8 +68,7 @@ def test_the_example_trains_tiny_llama_and_ends_with_16_copy_canaries_exposed_an
     client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp / 'mlflow.db'}")
     history = client.get_metric_history(report.tracking.run_id, "exposure.mean/rep_16/tuned")
     live = sorted(m.step for m in history if m.step != 0)  # step 0: the final metrics log_report sends
-    steps = [s for s, _ in curve]
-    assert live in (steps, steps[:-1])  # the last live point is replaced by the final audit when it fell on the last step
+    assert live == [s for s, _ in curve]  # the live points, then the final audit at the last step
 
 
 @pytest.mark.slow
@@ -100,5 +99,5 @@ def test_the_callback_run_nests_under_the_users_active_mlflow_run_never_beside_i
     assert users.info.run_id in top_level and ours.info.run_id not in top_level
     assert len([r for r in runs if r.data.tags.get("mlflow.runName") == ours.data.tags["mlflow.runName"]]) == 1
     steps = sorted(m.step for m in client.get_metric_history(ours.info.run_id, "exposure.mean/rep_4/tuned") if m.step)
-    assert steps == [2]  # the live point at step 2; step 4 is the final audit (its metrics logged with the report)
+    assert steps == [2, 4]  # the live point at step 2, the final audit at the last step
     assert callback.result.report.curves["exposure.mean/rep_4/tuned"][-1][0] == 4

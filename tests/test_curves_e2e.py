@@ -21,12 +21,12 @@ def test_audit_run_with_every_steps_records_the_curve_in_the_run_the_report_and_
     report = read_report(run_dir / "report.json")
     key = "exposure.mean/rep_16/tuned"
     live = json.loads((run_dir / "curves.json").read_text())["curves"][key]
-    assert [s for s, _ in live] == [70, 140, 210]
+    assert [s for s, _ in live] == [70, 140]  # no live point at the last step: the final audit measures it
     curve = report.curves[key]
-    assert [s for s, _ in curve] == [70, 140, 210] and curve[:2] == [tuple(p) for p in live[:2]]
+    assert [s for s, _ in curve] == [70, 140, 210] and curve[:2] == [tuple(p) for p in live]
     assert curve[-1] == (210, report.flat_metrics()[key].value)  # closed by the final audit
     assert curve[-1][1] >= 5.0 and report.curves["exposure.mean/rep_0/tuned"][-1][1] <= 3.2
     assert '<section id="curves">' in (run_dir / "report.html").read_text()
     client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp / 'mlflow.db'}")
     steps = sorted(m.step for m in client.get_metric_history(report.tracking.run_id, key) if m.step)
-    assert steps == [70, 140, 210]  # the live points (the final value is logged with the report, at step 0)
+    assert steps == [70, 140, 210]  # the live points, then the final audit's value at the last step
