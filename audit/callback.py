@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -431,10 +431,13 @@ class CanaryAuditCallback(TrainerCallback):
             weights = _save_weights(model, processing_class, Path(args.output_dir) / OUTPUT_SUBDIR)
             if _sharded(args):
                 self._say(f"[audit] measure the saved weights with: {_measure_command(self.ground_truth, weights)}")
-                return
-            self.result = self._final_audit(weights, state)
-        finally:
-            self._stack.close()
+            else:
+                self.result = self._final_audit(weights, state)
+        except BaseException as exc:  # the MLflow run ends FAILED (KILLED on Ctrl-C), and the error goes on up
+            with suppress(BaseException):
+                self._stack.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._stack.close()
 
     def _final_audit(self, weights: dict[str, Path], state: Any) -> Any:
         from audit.measure import measure_run
