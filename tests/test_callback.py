@@ -267,3 +267,24 @@ def test_measuring_during_training_leaves_the_training_itself_unchanged(injected
     assert measured == plain and len(plain) == 6
     assert [s for s, _ in recorder.curves["exposure.mean/rep_4/tuned"]] == [2, 4]  # not 6: the final audit measures it
     assert len(recorder.base_scores) == len(live.canaries.canaries)  # the base: the adapter disabled, scored once
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"every_steps": -5}, "every_steps must be 0"),
+    ({"gates": [{"metric": "exposure.mean/rep_16/tuned", "of": "first_step_above", "min": 10}]}, "'threshold' goes with"),
+    ({"gates": "no_such_gates.yaml"}, "gates file no_such_gates.yaml does not exist"),
+])
+def test_bad_callback_arguments_are_one_line_errors_before_training(kwargs, message, in_tmp):
+    from audit.callback import CanaryAuditCallback
+
+    with pytest.raises(AuditError, match=message) as err:
+        CanaryAuditCallback(ground_truth="gt", **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_a_directory_that_is_not_a_ground_truth_is_named_with_the_missing_file(tmp_path, tokenizer):
+    from audit.callback import load_live_truth
+
+    (tmp_path / "gt").mkdir()
+    with pytest.raises(AuditError, match=r"ground truth .*gt has no recipe.yaml \(fix: give the directory inject_canaries"):
+        load_live_truth(tmp_path / "gt", tokenizer)
