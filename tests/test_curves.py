@@ -148,3 +148,14 @@ def test_scoring_every_steps_is_off_by_default_and_never_negative():
 
 def test_gate_spec_defaults_to_the_final_value():
     assert GateSpec(metric=KEY, max=1).of == "final"
+
+
+def test_validate_does_not_range_check_the_step_bounds_of_a_first_crossing_gate():
+    from audit.config import load_recipe
+    from audit.validate import check_gates
+
+    recipe = load_recipe("tiny/lora_cpu", ["gates=[{metric: exposure.mean/rep_16/tuned, of: first_step_above, threshold: 5, min: 40}]"])
+    check_gates(recipe)  # min 40 is a step: exposure itself never exceeds 8 bits here, and that must not refuse it
+    too_high = load_recipe("tiny/lora_cpu", ["gates=[{metric: exposure.mean/rep_16/tuned, of: max, min: 40}]"])
+    with pytest.raises(AuditError, match="no run can pass"):
+        check_gates(too_high)  # of: max reads exposure values: the range check still applies
