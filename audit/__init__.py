@@ -2,6 +2,23 @@
 
 Stages: canaries -> inject -> train -> score -> report, sequenced by :mod:`audit.pipeline`; the pure core
 (:mod:`audit.schema`, :mod:`audit.canaries`, :mod:`audit.inject`, :mod:`audit.metrics`) never imports torch.
+
+    from audit import inject_canaries, CanaryAuditCallback   # the Python API for your own Trainer (audit.api, audit.callback)
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["CanaryAuditCallback", "inject_canaries"]
+
+_LAZY = {"inject_canaries": "audit.api", "InjectedDataset": "audit.api", "CanaryAuditCallback": "audit.callback"}
+"""Public names imported on first use, so ``import audit`` (and every torch-free module under it) stays light."""
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'audit' has no attribute {name!r}")

@@ -300,7 +300,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         if not os.access(junit.parent, os.W_OK) or junit.is_dir():
             raise AuditError(f"cannot write --junit {junit}: not a writable file path", fix="give a path in a writable folder")
     baseline = report_metrics(read_report_or_run(args.baseline)) if args.baseline else None
-    results = evaluate_gates(specs, report_metrics(report), baseline)
+    results = evaluate_gates(specs, report_metrics(report), baseline, curves=report.curves)
     print(f"gates for {report.run_id}" + (f" (baseline {args.baseline})" if args.baseline else ""))
     print(format_gate_table(results))
     if args.junit:

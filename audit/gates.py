@@ -15,6 +15,13 @@ A gate names a metric key, optional filters, and thresholds::
       - metric: exposure.mean/rep_16/tuned
         tolerance: 0.5                          # with --baseline: fail if worse than the baseline by more than this
         worse: higher
+      - metric: exposure.mean/rep_4/tuned
+        of: max                                 # the maximum over the memorization curve (report.curves)
+        max: 6
+      - metric: exposure.mean/rep_16/tuned
+        of: first_step_above                    # the step at which the curve first exceeds threshold
+        threshold: 5
+        min: 40                                 # fail if the 16-copy canaries are exposed before step 40
 
 Every key a gate matches is checked on its own and gets a row. A gate that matches nothing fails (a renamed
 metric must not turn a gate green), a NaN fails, and a tolerance without a baseline is skipped, never passed.
@@ -141,12 +148,48 @@ def _rule(spec: GateSpec, baseline_value: float | None) -> str:
         op, sign = ("<=", "+") if spec.direction == "higher" else (">=", "-")
         base = f"baseline {_num(baseline_value)}" if baseline_value is not None else "baseline"
         parts.append(f"{op} {base} {sign} {_num(spec.tolerance)}")
-    return "; ".join(parts)
+    rule = "; ".join(parts)
+    if spec.of == "max":
+        return f"max over steps {rule}"
+    if spec.of == "first_step_above":
+        return f"first step above {_num(spec.threshold)} {rule}"
+    return rule
+
+
+Curve = list[tuple[int, float]]
+
+
+def curve_of(key: str, metrics: Mapping[str, MetricEntry], curves: Mapping[str, Curve] | None) -> Curve:
+    """The key's memorization curve, ``(step, value)`` in step order; without a recorded curve, the final value alone
+    (at step ``train.steps``, else 0), so a curve gate on a report without curves reads the one point it has."""
+    if curves and curves.get(key):
+        return sorted((int(s), float(v)) for s, v in curves[key])
+    steps = metrics.get("train.steps")
+    return [(int(steps.value) if steps is not None else 0, metrics[key].value)]
+
+
+def first_step_above(curve: Curve, threshold: float) -> int | None:
+    """The first step whose value exceeds ``threshold``; None if the curve never does. NaN points never count."""
+    return next((step for step, value in curve if value > threshold), None)
+
+
+def _read(spec: GateSpec, key: str, metrics: Mapping[str, MetricEntry], curves: Mapping[str, Curve] | None) -> float | None:
+    """The number the gate checks for ``key``: the final value, the curve's max, or its first crossing step (None: never)."""
+    if spec.of == "final":
+        return metrics[key].value
+    curve = curve_of(key, metrics, curves)
+    if spec.of == "max":
+        values = [v for _, v in curve if not math.isnan(v)]
+        return max(values) if values else math.nan
+    assert spec.threshold is not None  # the schema requires it with first_step_above
+    step = first_step_above(curve, spec.threshold)
+    return None if step is None else float(step)
 
 
 def evaluate_gate(spec: GateSpec, metrics: Mapping[str, MetricEntry],
-                  baseline: Mapping[str, MetricEntry] | None = None) -> list[GateResult]:
-    """Check one gate against every key it matches. Pure: metrics in, results out."""
+                  baseline: Mapping[str, MetricEntry] | None = None, *,
+                  curves: Mapping[str, Curve] | None = None) -> list[GateResult]:
+    """Check one gate against every key it matches. Pure: metrics (and the report's curves) in, results out."""
     name = gate_name(spec)
     keys = matching_keys(spec, metrics)
     if not keys:
@@ -157,11 +200,14 @@ def evaluate_gate(spec: GateSpec, metrics: Mapping[str, MetricEntry],
     results = []
     for key in keys:
         metric = metrics[key]
-        value = metric.value
+        value = _read(spec, key, metrics, curves)
         base_value = baseline[key].value if baseline is not None and key in baseline else None
         failures: list[str] = []
         skipped = ""
-        if math.isnan(value):
+        if value is None:  # first_step_above, and the curve never crossed: it stays below for ever
+            if spec.max is not None:
+                failures.append(f"never above {_num(spec.threshold)}, so no step <= max {_num(spec.max)}")
+        elif math.isnan(value):
             failures.append("value is NaN")
         else:
             if spec.max is not None and value > spec.max:
@@ -182,15 +228,19 @@ def evaluate_gate(spec: GateSpec, metrics: Mapping[str, MetricEntry],
         only_tolerance = spec.max is None and spec.min is None
         status = "fail" if failures else ("skip" if skipped and only_tolerance else "pass")
         reason = "; ".join(failures) if failures else (skipped if status == "skip" else "")
+        if value is None and status == "pass":
+            reason = f"never above {_num(spec.threshold)}"
         results.append(GateResult(gate=name, metric=key, value=value, n=metric.n, threshold=_rule(spec, base_value),
                                   baseline=base_value, status=status, reason=reason))
     return results
 
 
 def evaluate_gates(specs: Iterable[GateSpec], metrics: Mapping[str, MetricEntry],
-                   baseline: Mapping[str, MetricEntry] | None = None) -> list[GateResult]:
-    """All gates, in the order given; each matched key is its own result."""
-    return [result for spec in specs for result in evaluate_gate(spec, metrics, baseline)]
+                   baseline: Mapping[str, MetricEntry] | None = None, *,
+                   curves: Mapping[str, Curve] | None = None) -> list[GateResult]:
+    """All gates, in the order given; each matched key is its own result. ``curves``: the report's
+    (:attr:`AuditReport.curves`), read by gates with ``of: max`` or ``of: first_step_above``."""
+    return [result for spec in specs for result in evaluate_gate(spec, metrics, baseline, curves=curves)]
 
 
 # --------------------------------------------------------------------------------------------------- output

@@ -112,14 +112,15 @@ def plant(recipe: Recipe, canaries: CanarySet, corpus: Corpus, *, key: AuditKey 
 
 def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None, exposure_references: int | None = None,
                          canaries: CanarySet | None = None, canary_seed: int | None = None,
-                         progress: bool = False, key: AuditKey | None) -> GroundTruth:
+                         progress: bool = False, key: AuditKey | None, corpus: Corpus | None = None) -> GroundTruth:
     """Generate the canaries, plant them, prove they reach the loss, and draw the exposure references.
 
     ``key``: the audit key everything secret is drawn under (:func:`audit.origin.run_key`); None only for a run
     written before the key existed, whose unkeyed canaries are regenerated as they were.
     ``canaries``: an existing set (a further tune's, read from its parent) instead of a new draw. ``canary_seed``:
     the seed the canaries and the exposure references are drawn with (default ``recipe.seed``; a further tune uses
-    its chain's first run's, while its corpus and injection use its own ``recipe.seed``).
+    its chain's first run's, while its corpus and injection use its own ``recipe.seed``). ``corpus``: records already
+    in memory (:func:`audit.api.inject_canaries`) instead of loading ``recipe.corpus.source``.
     """
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -144,8 +145,9 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
 
     t = time.perf_counter()
     c = recipe.corpus
-    corpus = load_corpus(c.source, text_column=c.text_column, max_records=c.max_records, builtin_n=c.builtin_records,
-                         seed=recipe.seed, format=c.format, messages_column=c.messages_column)
+    if corpus is None:
+        corpus = load_corpus(c.source, text_column=c.text_column, max_records=c.max_records, builtin_n=c.builtin_records,
+                             seed=recipe.seed, format=c.format, messages_column=c.messages_column)
     timings["corpus"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -163,7 +163,8 @@ def assert_gates(report: AuditReport, gates: Any = None, *, baseline: AuditRepor
         _fail(exc.one_line())
     if not specs:
         _fail(f"no gates to check for {report.run_id}: pass gates=... or add a gates: section to the recipe")
-    results = evaluate_gates(specs, report_metrics(report), report_metrics(baseline) if baseline is not None else None)
+    results = evaluate_gates(specs, report_metrics(report), report_metrics(baseline) if baseline is not None else None,
+                             curves=report.curves)
     failed = [r for r in results if not r.passed]
     if failed:
         pytest.fail(f"{len(failed)} of {len(results)} audit gates failed for {report.run_id}:\n"

@@ -55,7 +55,7 @@ def git_revision() -> str | None:
 
 
 def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScore], training: Any,
-                 outputs: Any = None) -> AuditReport:
+                 outputs: Any = None, curves: dict[str, list[tuple[int, float]]] | None = None) -> AuditReport:
     """Assemble ``report.json`` from the stages' results (``run``: :class:`audit.stages.Run`; ``origin``:
     :class:`audit.origin.Origin`), then evaluate the recipe's gates on its flat metrics."""
     from audit import lineage
@@ -118,7 +118,29 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         parent_run=origin.parent_run,
         persistence=None if persistence.summary is None else PersistenceSummary.model_validate(persistence.summary),
     )
-    return report.model_copy(update={"gates": evaluate_gates(recipe.gates, report.flat_metrics())})
+    if curves is None:  # recorded while training (scoring.every_steps, audit.curves): the final values close each curve
+        from audit.curves import read_curves
+
+        curves = read_curves(run.dir)
+    if curves:
+        report = report.model_copy(update={"curves": close_curves(curves, report)})
+    return report.model_copy(update={"gates": evaluate_gates(recipe.gates, report.flat_metrics(), curves=report.curves)})
+
+
+def close_curves(curves: dict[str, list[tuple[int, float]]], report: AuditReport, *,
+                 steps: int | None = None) -> dict[str, list[tuple[int, float]]]:
+    """Each curve ending with the report's final value at the last step (``steps``, default ``training.steps``): the
+    final scoring measured the same weights as a point at that step would, in the run's protocol, so it replaces such
+    a point; keys the report lacks keep their points as measured."""
+    final = report.flat_metrics()
+    steps = int(report.training.steps) if steps is None else int(steps)
+    out: dict[str, list[tuple[int, float]]] = {}
+    for key, points in sorted(curves.items()):
+        kept = [(int(s), float(v)) for s, v in points if key not in final or int(s) < steps]
+        if key in final and not math.isnan(final[key].value):
+            kept.append((steps, float(final[key].value)))
+        out[key] = sorted(kept)
+    return out
 
 
 def accountant_metrics(dp: DPAccounting, metrics: dict[str, MetricEntry], *,

@@ -277,6 +277,10 @@ class ScoringSection(Frozen):
     privacy_p_value: float = Field(default=0.05, gt=0.0, lt=1.0)
     privacy_guess_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
     """Share of canaries the one-run DP audit guesses on (half "in" from the top, half "out" from the bottom)."""
+    every_steps: int = Field(default=0, ge=0)
+    """Memorization curve: score the canaries on the live model every N optimizer steps during training and log
+    the metrics per step (``report.curves``, MLflow step metrics; :mod:`audit.callback`). 0 (default) is off: each
+    point costs one scoring pass (``benchmarks/curves.json``)."""
 
 
 class OutputsSection(Frozen):
@@ -346,11 +350,21 @@ class GateSpec(Frozen):
     worse: Literal["higher", "lower"] | None = None
     """Which direction is a regression; inferred from ``max`` (higher) or ``min`` (lower) when left out."""
     description: str = ""
+    of: Literal["final", "max", "first_step_above"] = "final"
+    """What of the metric the gate reads: its ``final`` value (the report's), the ``max`` over its memorization curve
+    (``report.curves``, final point included), or ``first_step_above``: the training step at which the curve first
+    exceeds ``threshold`` (min/max then bound that step; a curve that never crosses passes ``min`` and fails ``max``)."""
+    threshold: float | None = Field(default=None, allow_inf_nan=False)
+    """The crossing level for ``of: first_step_above``."""
 
     @model_validator(mode="after")
     def _has_a_threshold(self) -> GateSpec:
         if self.max is None and self.min is None and self.tolerance is None:
             raise ValueError(f"gate on '{self.metric}' needs a threshold: set max, min or tolerance")
+        if (self.of == "first_step_above") != (self.threshold is not None):
+            raise ValueError(f"gate on '{self.metric}': 'threshold' goes with (and only with) of: first_step_above")
+        if self.of != "final" and self.tolerance is not None:
+            raise ValueError(f"gate on '{self.metric}': a baseline tolerance compares final values; drop 'tolerance' or use of: final")
         if self.max is not None and self.min is not None and self.min > self.max:
             raise ValueError(f"gate on '{self.metric}' has min {self.min} above max {self.max}")
         if self.tolerance is not None and self.direction is None:
@@ -1097,6 +1111,9 @@ class AuditReport(Frozen):
     """Every metric under its stable key (``mia.auc/loss_diff``, ``privacy.eps_lb``, ...): see :mod:`audit.metrics.suite`."""
     metric_notes: dict[str, str] = Field(default_factory=dict)
     """Why a metric is absent or how to read it (e.g. TPR at 1% FPR refused for too few controls)."""
+    curves: dict[str, list[tuple[int, float]]] = Field(default_factory=dict)
+    """Memorization curves: per flat metric key, ``(training step, value)`` in step order, the last point the final
+    value (``scoring.every_steps``, :class:`audit.callback.CanaryAuditCallback`); empty when none was recorded."""
 
     @model_validator(mode="before")
     @classmethod

@@ -379,6 +379,7 @@ def train_plan(run: Run) -> TrainPlan:
 def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: Any, plan: TrainPlan, *,
           tracker: Any = None, progress: bool = False) -> TrainResult:
     """TRL training of ``model`` on the injected texts; with several processes, the saved weights reloaded on rank 0."""
+    from audit.callback import run_curve_callback  # scoring.every_steps: the memorization curve (off by default)
     from audit.train.sft import train_sft
     from audit.train.weights import load_tuned
 
@@ -389,9 +390,12 @@ def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: An
         return train_dp(ctx, model, tokenizer, truth, plan, on_loss=on_loss, progress=progress)
     on_log = (lambda step, logs: tracker.log_stage_metrics(logs, step)) if tracker is not None else None
     on_params = tracker.log_stage_params if tracker is not None else None
+    curve = None if distributed.is_distributed() else run_curve_callback(
+        plan.run_dir, truth, tokenizer, recipe, tracker=tracker, progress=progress)  # None unless scoring.every_steps
     trained = train_sft(model, tokenizer, truth.training_texts, section=recipe.training, seed=recipe.seed,
                         work_dir=plan.work_dir, weights_dir=plan.weights_dir, device=ctx.device, on_loss=on_loss,
-                        on_log=on_log, on_params=on_params, progress=progress, resume_from_checkpoint=plan.checkpoint)
+                        on_log=on_log, on_params=on_params, progress=progress, resume_from_checkpoint=plan.checkpoint,
+                        callbacks=[curve] if curve is not None else None)
     if not distributed.is_distributed():
         return trained
     # a sharded model cannot run a forward pass on one process: every process (each scores a share) puts the weights
@@ -489,6 +493,10 @@ def publish(run: Run, origin: Origin, report: AuditReport) -> AuditReport:
     write_report(report, run.dir / "report.json")
     render_report(run.dir, report)  # report.html, report.md, plots/ (audit.render)
     run.tracker.log_report(report, run.dir, log_full_weights=run.ctx.recipe.tracking.log_full_weights)
+    if report.curves:  # scoring.every_steps: the final audit is each curve's last point, at the last step
+        from audit.callback import log_final_point
+
+        log_final_point(run.tracker, report.curves)
     run.tracker.set_tags(origin.tags())
     if run.tracker.incomplete and TRACKING_NOTE not in report.metric_notes:  # the server went away during the logging
         report = noted(report)

@@ -121,6 +121,8 @@ def gate_problems(gates: list[GateSpec], plan: Plan) -> tuple[list[str], list[st
             problems.append(f"{name} matches no metric this recipe reports ('{spec.metric}'; tiers planted: {planted}), "
                             "and a gate that matches nothing fails")
             continue
+        if spec.of == "first_step_above":  # min/max bound a training step, not the metric: no range to check them in
+            continue
         for key in keys:
             why = _outside(spec, key, ranges[key])
             if why:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.render import plots, views
 from audit.render.token_view import TokenView, read_token_views
 from audit.schema import AuditReport
@@ -104,6 +105,37 @@ def _exposure_section(report: AuditReport, scores: list[Any]) -> Section:
     ])
 
 
+CURVE_PANELS = (("exposure.mean", "exposure (bits, sampled refs)"), ("exposure.space_mean", "exposure (bits, whole space)"),
+                ("extraction.exact", "extracted (greedy)"), ("mia.auc", "MIA AUC"))
+
+
+def _curves_section(report: AuditReport) -> Section | None:
+    """The memorization curve per tier (``report.curves``), when one was recorded."""
+    if not report.curves:
+        return None
+    from audit.gates import natural_key
+
+    panels = []
+    for family, title in CURVE_PANELS:
+        keys = sorted((k for k in report.curves if k.split("/")[0] == family), key=natural_key)
+        if family == "mia.auc":
+            keys = [k for k in keys if k in ("mia.auc/loss_diff", "mia.auc/min_k_pp")]
+        if keys:
+            panels.append((title, {k.split("/")[1]: report.curves[k] for k in keys}))
+    if not panels:
+        return None
+    steps = sorted({s for pts in report.curves.values() for s, _ in pts})
+    rows = [[k] + [views.fmt(dict(report.curves[k]).get(s), 3) for s in steps]
+            for family, _ in CURVE_PANELS for k in sorted(report.curves, key=natural_key) if k.split("/")[0] == family]
+    return Section("curves", "Memorization over training", [
+        Image("curves.png", plots.memorization_curves(panels, null_bits=NULL_MEAN_EXPOSURE_BITS),
+              "Exposure, extraction and MIA AUC per tier against the training step"),
+        views.Table(["metric"] + [f"step {s}" for s in steps], rows,
+                    ["Each point scores the canaries on the live model (scoring.every_steps, or CanaryAuditCallback); "
+                     "the last point is the final audit. Gates read a curve with `of: max` or `of: first_step_above`."]),
+    ])
+
+
 def _mia_section(report: AuditReport, scores: list[Any]) -> Section:
     curves = views.roc_curves(scores)
     blocks: list[Block] = []
@@ -186,6 +218,7 @@ def build_document(report: AuditReport, run_dir: Path) -> Document:
     sections = [
         _gates_section(report),
         _exposure_section(report, scores),
+        *[s for s in [_curves_section(report)] if s is not None],
         _mia_section(report, scores),
         _extraction_section(report),
         _information_section(report),

@@ -157,3 +157,20 @@ def token_probabilities(view: TokenView) -> bytes:
     ax.set_title(view.title, fontsize=9)
     ax.legend(fontsize=7, frameon=False, loc="upper left")
     return _png(fig)
+
+
+def memorization_curves(panels: list[tuple[str, dict[str, list[tuple[int, float]]]]], *, null_bits: float | None = None) -> bytes:
+    """One panel per metric family (title, label -> [(step, value)]): a line per tier over training steps, the exposure
+    panels with the null mean (an unlearned canary's 1.44 bits) dashed."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels, strict=True):
+        for label, points in lines.items():
+            ax.plot([s for s, _ in points], [v for _, v in points], marker="o", ms=3, lw=1.4, label=label)
+        if null_bits is not None and title.startswith("exposure"):
+            ax.axhline(null_bits, color="#1c7ed6", ls="--", lw=1, label=f"null {null_bits:.2f}")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training step")
+        ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return _png(fig)

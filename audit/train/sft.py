@@ -86,6 +86,7 @@ def train_sft(
     on_params: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
     resume_from_checkpoint: Path | None = None,
+    callbacks: list[Any] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` on ``texts`` and save the weights (adapter or full) as safetensors in ``weights_dir``.
 
@@ -94,6 +95,7 @@ def train_sft(
 
     Tracking: ``on_loss(step, loss)`` per logged loss, ``on_log(step, numbers)`` with every number the Trainer
     logs (loss, grad_norm, learning_rate, epoch, ...), ``on_params(arguments)`` once with the TrainingArguments.
+    ``callbacks``: more ``TrainerCallback`` objects (the memorization curve, :func:`audit.callback.run_curve_callback`).
     These replace TRL's MLflowCallback (``report_to="mlflow"``), which raises inside the training loop when the
     tracking server dies; :class:`audit.tracking.Tracker` keeps what it cannot send and training goes on.
     """
@@ -181,7 +183,7 @@ def train_sft(
         train_dataset=Dataset.from_dict({"text": texts}),
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[_LossAndProgress()],
+        callbacks=[_LossAndProgress(), *(callbacks or [])],
     )
     for quiet in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(quiet)

@@ -1,0 +1,537 @@
+"""``CanaryAuditCallback``: audit your own ``transformers.Trainer`` / TRL ``SFTTrainer`` run with two lines.
+
+    from audit import CanaryAuditCallback
+    trainer = SFTTrainer(..., train_dataset=train, callbacks=[CanaryAuditCallback(ground_truth="gt", every_steps=50)])
+
+``gt`` is what :func:`audit.inject_canaries` (or ``audit inject --out gt``) wrote; ``train`` is the dataset it returned.
+The callback does, in the Trainer's own loop:
+
+on_train_begin  the pre-flight against the trainer's REAL dataset and collator (:func:`trainer_preflight`): every
+                planted copy of every member canary must reach the loss (labels not -100) after the trainer's
+                tokenization, truncation, packing and loss masking. A copy that does not would be a silent false
+                negative ("nothing memorized"), so it is an :class:`~audit.errors.AuditError` that stops training.
+                Then the base scores for the curve: for a PEFT model under ``model.disable_adapter()`` (no second
+                copy in memory), for a full fine-tune the weights as training starts (step 0).
+each point      (``every_steps=N``, ``on_evaluate=True``, ``on_epoch_end=True``) the canaries scored on the live model
+                (eval mode, no grad, RNG state restored, train mode back), summarized by the report's suite and
+                logged as MLflow step metrics (``step=state.global_step``) under the report's keys.
+on_train_end    the weights saved beside the Trainer's output (``<output_dir>/canary-audit/adapter`` or ``model``),
+                then :func:`audit.measure.measure_run`: the run directory, report.json/html and gates exactly as
+                ``audit measure gt --adapter ...`` writes them, plus the curve (``report.curves``, a plot in the
+                report) and the callback's ``gates`` (which may read the curve: ``of: max | first_step_above``).
+                ``callback.result`` is the :class:`audit.pipeline.AuditResult`.
+
+MLflow: the callback's run is nested under the run your own ``MLflowCallback`` (``report_to="mlflow"``) opened when
+one is active, in the same store; with none, it is a run of the project's default tracking (``$MLFLOW_TRACKING_URI``,
+else ``./mlflow.db``), as ``audit run`` makes. Never a second top-level run beside yours. ``tracking=False``: none.
+
+Distributed: every process runs the pre-flight on its own dataloader; only rank 0 scores and writes. Under DDP the
+parameters are whole on every rank, so rank 0 measures at each point while the others wait at the next collective.
+Under FSDP or DeepSpeed ZeRO-3 they are sharded and a forward pass on rank 0 alone would hang or fail, so the live
+points are skipped with one warning, and at the end the callback prints the ``audit measure`` command to run on the
+saved weights instead of measuring in the job.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from audit.curves import Curves, add_point, read_curves, write_curves
+from audit.errors import AuditError
+from audit.schema import CanarySet, GateSpec, Recipe, ScoringSection, SequenceScore
+
+OUTPUT_SUBDIR = "canary-audit"
+
+
+# --------------------------------------------------------------------------------------------------- ground truth
+
+
+@dataclass(frozen=True)
+class LiveTruth:
+    """What scoring a live model needs from a ground-truth directory: the canaries, the exposure references, the recipe."""
+
+    recipe: Recipe
+    canaries: CanarySet
+    reference_secrets: list[str]
+    manifest: Any
+
+
+def load_live_truth(gt_dir: str | Path, tokenizer: Any) -> LiveTruth:
+    """Read ``gt_dir`` (``inject_canaries`` / ``audit inject --out``) and draw the exposure references again (they are
+    never stored: a function of the seed, the audit key and the canary set, :func:`audit.canaries.reference_secrets`)."""
+    from audit.api import RECIPE_FILE
+    from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets
+    from audit.config import read_yaml, validate_recipe
+    from audit.ground_truth import read_canary_set
+    from audit.keys import resolve_key
+    from audit.schema import InjectionManifest
+
+    gt = Path(gt_dir)
+    for name in (RECIPE_FILE, "canaries.jsonl", "canaries.meta.json", "manifest.json"):
+        if not (gt / name).is_file():
+            raise AuditError(f"ground truth {gt} has no {name}",
+                             fix="give the directory inject_canaries(out=...) or `audit inject --out` wrote")
+    recipe = validate_recipe(read_yaml(gt / RECIPE_FILE), source=str(gt / RECIPE_FILE))
+    canaries = read_canary_set(gt)
+    assert canaries is not None  # canaries.meta.json exists
+    manifest = InjectionManifest.model_validate_json((gt / "manifest.json").read_text(encoding="utf-8"))
+    if manifest.canary_set_sha256 != canaries.sha256():
+        raise AuditError(f"{gt}/canaries.jsonl does not match its manifest (set hash {canaries.sha256()[:12]} != "
+                         f"{manifest.canary_set_sha256[:12]})", fix="use the ground-truth directory unmodified")
+    key = resolve_key(recipe.canaries.key_file)
+    if canaries.key_id and canaries.key_id != key.id:
+        raise AuditError(f"{gt} was made with audit key {canaries.key_id}, but the key in use ({key.source}) is {key.id}",
+                         fix=f"point $CANARY_AUDIT_KEY_FILE at the key file with id {canaries.key_id}")
+    spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
+    context = GenerationContext(tokenizer=tokenizer)
+    if not canaries.space.enumerable:  # a sampled space's references follow the canary draw in the same context
+        drawn = generate_canaries(spec, seed=canaries.seed, tiers=recipe.canaries.tiers,
+                                  members_per_tier=recipe.canaries.members_per_tier, references=recipe.canaries.references,
+                                  context=context, key=key)
+        if drawn.sha256() != canaries.sha256():
+            raise AuditError(f"the canaries of {gt} cannot be drawn again (spec {spec.name}, seed {canaries.seed})",
+                             fix="measure with `audit measure` from the canary-audit version that injected them")
+    refs = reference_secrets(spec, canaries, n=recipe.scoring.exposure_references, seed=canaries.seed, context=context, key=key)
+    return LiveTruth(recipe=recipe, canaries=canaries, reference_secrets=refs, manifest=manifest)
+
+
+# --------------------------------------------------------------------------------------------------- pre-flight
+
+
+def trainer_preflight(dataset: Any, collate: Callable[[list[Any]], dict[str, Any]], tokenizer: Any, canaries: CanarySet,
+                      *, batch_size: int = 64) -> dict[str, int]:
+    """Count, per member canary, the copies whose secret reaches the loss in what the trainer really trains on.
+
+    ``dataset`` is the trainer's processed train dataset (after its tokenization, truncation and packing) and
+    ``collate`` its data collator (which builds the labels and their -100 mask). Each batch is collated; the tokens
+    that carry loss (label != -100, not a sequence's first token, which nothing predicts) are decoded span by span,
+    and a copy counts when a span holds the canary's secret with the end of its prefix (so a secret cut by
+    truncation, packing or masking does not). Raises :class:`AuditError` when any member has fewer copies than it
+    was planted with; returns ``canary id -> copies found``.
+    """
+    import torch
+
+    members = canaries.members()
+    needles = {c.id: (c.prefix[-8:] + c.secret).lstrip() for c in members}
+    found = dict.fromkeys(needles, 0)
+    n = len(dataset)
+    for start in range(0, n, batch_size):
+        batch = collate([dataset[i] for i in range(start, min(n, start + batch_size))])
+        ids = batch["input_ids"]
+        labels = batch.get("labels")
+        if labels is None:
+            mask = batch.get("attention_mask")
+            labels = ids.masked_fill(mask == 0, -100) if mask is not None else ids
+        ids, labels = torch.as_tensor(ids), torch.as_tensor(labels)
+        for row_ids, row_labels in zip(ids.tolist(), labels.tolist(), strict=True):
+            for span in _loss_spans(row_ids, row_labels):
+                text = tokenizer.decode(span)
+                for cid, needle in needles.items():
+                    found[cid] += text.count(needle)
+    short = [(c, found[c.id]) for c in members if found[c.id] < c.repetitions]
+    if short:
+        missing = sum(c.repetitions - k for c, k in short)
+        planted = sum(c.repetitions for c in members)
+        first, got = short[0]
+        raise AuditError(
+            f"pre-flight (trainer): {missing} of {planted} planted canary copies never reach the loss in the trainer's "
+            f"dataset and collator (e.g. canary {first.id}: {got} of {first.repetitions} copies); they are cut by "
+            "truncation or packing, masked (labels -100), or not in train_dataset",
+            fix="train on the dataset inject_canaries returned, with max_length that holds every record, and without "
+                "masking the records that carry canaries (assistant_only_loss / completion_only_loss)")
+    return found
+
+
+def _loss_spans(ids: list[int], labels: list[int]) -> list[list[int]]:
+    spans, current = [], []
+    for i, (token, label) in enumerate(zip(ids, labels, strict=True)):
+        if i > 0 and label != -100:
+            current.append(token)
+        elif current:
+            spans.append(current)
+            current = []
+    if current:
+        spans.append(current)
+    return spans
+
+
+# --------------------------------------------------------------------------------------------------- curve points
+
+
+def point_metrics(scores: list[SequenceScore], section: ScoringSection) -> dict[str, float]:
+    """The flat metrics of one curve point (base and tuned rows of the same canaries), tuned-side keys only."""
+    from audit.metrics.suite import summarize_scores
+    from audit.report import summarize_tiers
+
+    flat = {key: e.value for t in summarize_tiers(scores) for key, e in t.flat_metrics().items()}
+    flat.update({key: e.value for key, e in summarize_scores(scores, section).metrics.items()})
+    return {k: float(v) for k, v in sorted(flat.items()) if not k.endswith("/base") and not math.isnan(v)}
+
+
+
+@contextmanager
+def measuring(model: Any):
+    """``model`` in eval mode under inference_mode with every RNG state saved: training after a point runs exactly
+    as it would have without it (dropout, data order); train mode is restored."""
+    import random
+
+    import numpy as np
+    import torch
+
+    was_training = model.training
+    py, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        model.eval()
+        try:
+            with torch.inference_mode():
+                yield model
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+            if was_training:
+                model.train()
+
+
+class CurveRecorder:
+    """The measuring part: score the canaries on a live model and keep (and report) the point's metrics.
+
+    Shared by :class:`CanaryAuditCallback` and ``audit run`` with ``scoring.every_steps`` (:func:`curve_callback`).
+    """
+
+    def __init__(self, *, canaries: CanarySet, reference_secrets: list[str], section: Any, seed: int, tokenizer: Any,
+                 base_scores: list[SequenceScore] | None = None,
+                 on_point: Callable[[int, dict[str, float]], None] | None = None, progress: bool = False) -> None:
+        self.canaries, self.references, self.section, self.seed = canaries, reference_secrets, section, seed
+        self.progress = progress
+        self.tokenizer = tokenizer
+        self.base_scores = base_scores
+        self.on_point = on_point
+        self.curves: Curves = {}
+        self.seconds = 0.0
+        self.points = 0
+
+    def _score(self, model: Any, label: str) -> list[SequenceScore]:
+        from audit.score.canaries import score_canaries
+        from audit.score.engine import in_scoring_precision, scoring_dtype
+
+        # the cast first: an in-place upcast under inference_mode would leave inference tensors in the trained weights
+        with in_scoring_precision(model, scoring_dtype(self.section.precision)) as scored, measuring(scored):
+            return score_canaries(scored, self.tokenizer, self.canaries, self.references, label=label,
+                                  section=self.section, progress=False, seed=self.seed)
+
+    def score_base(self, model: Any) -> None:
+        """The base rows for every point: a PEFT model with its adapter disabled, else ``model`` as it is now."""
+        if self.base_scores is not None:
+            return
+        import time
+
+        t = time.perf_counter()
+        if hasattr(model, "disable_adapter") and getattr(model, "peft_config", None):
+            with model.disable_adapter():
+                self.base_scores = self._score(model, "base")
+        else:
+            self.base_scores = self._score(model, "base")
+        self.seconds += time.perf_counter() - t
+
+    def measure(self, model: Any, step: int) -> dict[str, float]:
+        import time
+
+        from audit.progress import heartbeat
+
+        self.score_base(model)
+        t = time.perf_counter()
+        assert self.base_scores is not None
+        with heartbeat(f"curve point at step {step}", enabled=self.progress) as beat:  # minutes on a loaded CPU
+            beat.step(f"scoring {len(self.canaries.canaries)} canaries on the live model")
+            metrics = point_metrics(self.base_scores + self._score(model, "tuned"), self.section)
+        add_point(self.curves, step, metrics)
+        self.seconds += time.perf_counter() - t
+        self.points += 1
+        if self.on_point is not None:
+            self.on_point(step, metrics)
+        return metrics
+
+
+def _last_step(state: Any) -> bool:
+    """The last optimizer step: the final audit measures these weights, so no live point is spent on them."""
+    return bool(state.max_steps) and state.global_step >= state.max_steps
+
+
+def log_final_point(tracker: Any, curves: Curves) -> None:
+    """Each curve's last point (the final audit) as an MLflow step metric too, so MLflow shows the whole curve."""
+    last = {k: pts[-1] for k, pts in curves.items() if pts}
+    for step in sorted({s for s, _ in last.values()}):
+        tracker.log_metrics({k: v for k, (s, v) in last.items() if s == step}, step=step)
+
+
+def _top_exposure(metrics: dict[str, float]) -> str | None:
+    """``exposure.mean/rep_<top tier>/tuned``: the one number a progress line shows."""
+    keys = [k for k in metrics if k.startswith("exposure.mean/rep_")]
+    return max(keys, key=lambda k: int(k.split("/")[1].removeprefix("rep_")), default=None)
+
+
+def _sharded(args: Any) -> bool:
+    """FSDP or DeepSpeed ZeRO-3: no single process holds whole parameters."""
+    if getattr(args, "fsdp", None):
+        return True
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        return bool(is_deepspeed_zero3_enabled())
+    except ImportError:
+        return False
+
+
+class _Points:
+    """When to measure: every N steps, after each evaluation, at each epoch's end (any combination)."""
+
+    def __init__(self, every_steps: int, at_evaluate: bool, at_epoch_end: bool) -> None:
+        if every_steps < 0:
+            raise AuditError(f"every_steps must be 0 (off) or a positive step count, not {every_steps}",
+                             fix="pass every_steps=N with N >= 1, or on_evaluate=True / on_epoch_end=True")
+        self.every_steps, self.at_evaluate, self.at_epoch_end = every_steps, at_evaluate, at_epoch_end
+
+
+class CurveCallback(TrainerCallback):
+    """The measuring part alone (``audit run`` with ``scoring.every_steps``): a point every N optimizer steps."""
+
+    def __init__(self, recorder: CurveRecorder, *, every_steps: int) -> None:
+        self.recorder, self.every_steps = recorder, every_steps
+        self.skip = False
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.skip = _sharded(args) or not state.is_world_process_zero
+        if not self.skip:
+            self.recorder.score_base(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not self.skip and state.global_step % self.every_steps == 0 and not _last_step(state):
+            self.recorder.measure(model, state.global_step)
+
+
+def run_curve_callback(run_dir: Path, truth: Any, tokenizer: Any, recipe: Recipe, *, tracker: Any = None,
+                       progress: bool = False) -> CurveCallback | None:
+    """``audit run`` with ``scoring.every_steps``: the measuring part on the train stage, against the base scores the
+    run stored (``scores_base.jsonl``), each point logged as MLflow step metrics and kept in ``curves.json`` (which a
+    resumed run continues). None when the curve is off."""
+    from audit.store import ScoresFile
+
+    if recipe.scoring.every_steps <= 0:
+        return None
+    base = [s for s in ScoresFile("base").read(run_dir) or [] if s.model == "base"]
+
+    def on_point(step: int, metrics: dict[str, float]) -> None:
+        from audit.console import say
+
+        write_curves(run_dir, recorder.curves)
+        top = _top_exposure(metrics)
+        say(progress, f"[audit] curve point at step {step}" + (f": {top} {metrics[top]:.2f} bits" if top else ""))
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=step)
+
+    recorder = CurveRecorder(canaries=truth.canaries, reference_secrets=truth.reference_secrets, section=recipe.scoring,
+                             seed=recipe.seed, tokenizer=tokenizer, base_scores=base or None, on_point=on_point,
+                             progress=progress)
+    recorder.curves = read_curves(run_dir)
+    return CurveCallback(recorder, every_steps=recipe.scoring.every_steps)
+
+
+# --------------------------------------------------------------------------------------------------- the callback
+
+
+class CanaryAuditCallback(TrainerCallback):
+    """Audit the training run this callback is added to (see the module docstring).
+
+    ``ground_truth``: the ground-truth directory. ``every_steps`` / ``on_evaluate`` / ``on_epoch_end``: the curve's
+    measurement points (none: only the final audit). ``gates``: extra release gates (a YAML path or a list of
+    mappings / :class:`GateSpec`) beside the recipe's. ``tracking``: False for no MLflow; ``tracking_uri`` a store.
+    ``out_root``: where the run directory goes (default ``runs/``). ``preflight=False`` skips the train-begin check
+    (never needed for the dataset ``inject_canaries`` returned).
+    """
+
+    def __init__(self, ground_truth: str | Path, *, every_steps: int = 0, on_evaluate: bool = False,
+                 on_epoch_end: bool = False, gates: str | Path | Sequence[Any] | None = None,
+                 tracking: bool | None = None, tracking_uri: str | None = None, out_root: str | Path | None = None,
+                 progress: bool = True, preflight: bool = True) -> None:
+        self.ground_truth = Path(ground_truth)
+        self.points = _Points(every_steps, on_evaluate, on_epoch_end)
+        self.extra_gates = _gate_specs(gates)
+        self.tracking, self.tracking_uri, self.out_root = tracking, tracking_uri, out_root
+        self.progress, self.check_preflight = progress, preflight
+        self.recorder: CurveRecorder | None = None
+        self.truth: LiveTruth | None = None
+        self.result: Any = None
+        self.preflight_copies: dict[str, int] = {}
+        self._tracker: Any = None
+        self._stack = ExitStack()
+        self._live = False
+
+    # ---- train begin
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs):
+        tokenizer = processing_class
+        if tokenizer is None or not hasattr(tokenizer, "decode"):
+            raise AuditError("CanaryAuditCallback needs the trainer's tokenizer", fix="pass processing_class=tokenizer to the Trainer")
+        self.truth = load_live_truth(self.ground_truth, tokenizer)
+        if self.check_preflight:
+            self.preflight_copies = _preflight_on(train_dataloader, tokenizer, self.truth.canaries)
+        if not state.is_world_process_zero:
+            return
+        truth = self.truth
+        self._say(f"[audit] pre-flight (trainer): every planted copy of {len(truth.canaries.members())} member canaries "
+                  "reaches the loss" if self.check_preflight else "[audit] pre-flight (trainer) skipped")
+        self._open_tracking(truth)
+        self._live = self.points.every_steps > 0 or self.points.at_evaluate or self.points.at_epoch_end
+        if self._live and _sharded(args):
+            self._live = False
+            self._say("[audit] warning: parameters are sharded (FSDP / ZeRO-3): no live curve points; the final audit "
+                      "runs after training with `audit measure` (command printed at the end)")
+        if self._live:
+            self.recorder = CurveRecorder(canaries=truth.canaries, reference_secrets=truth.reference_secrets,
+                                          section=truth.recipe.scoring, seed=truth.recipe.seed, tokenizer=tokenizer,
+                                          on_point=self._log_point, progress=self.progress)
+            self.recorder.score_base(model)
+
+    # ---- measurement points
+
+    def _measure(self, state, model) -> None:
+        if self.recorder is None or not state.is_world_process_zero or _last_step(state):
+            return
+        metrics = self.recorder.measure(model, state.global_step)
+        top = _top_exposure(metrics)
+        self._say(f"[audit] curve point at step {state.global_step}" + (f": {top} {metrics[top]:.2f} bits" if top else ""))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.points.every_steps and state.global_step % self.points.every_steps == 0:
+            self._measure(state, model)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if self.points.at_evaluate:
+            self._measure(state, model)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if self.points.at_epoch_end:
+            self._measure(state, model)
+
+    # ---- train end
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        try:
+            weights = _save_weights(model, processing_class, Path(args.output_dir) / OUTPUT_SUBDIR)
+            if _sharded(args):
+                self._say(f"[audit] measure the saved weights with: {_measure_command(self.ground_truth, weights)}")
+            else:
+                self.result = self._final_audit(weights, state)
+        except BaseException as exc:  # the MLflow run ends FAILED (KILLED on Ctrl-C), and the error goes on up
+            with suppress(BaseException):
+                self._stack.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._stack.close()
+
+    def _final_audit(self, weights: dict[str, Path], state: Any) -> Any:
+        from audit.measure import measure_run
+        from audit.report import close_curves
+
+        result = measure_run(self.ground_truth, tracking=False, progress=self.progress, out_root=self.out_root, **weights)
+        report = result.report
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        report = report.model_copy(update={"training": report.training.model_copy(update={
+            "steps": int(state.global_step), "final_loss": float(losses[-1]) if losses else report.training.final_loss})})
+        curves = close_curves(self.recorder.curves, report) if self.recorder is not None and self.recorder.curves else {}
+        report = finish_report(result.run_dir, report, curves=curves, extra_gates=self.extra_gates, tracker=self._tracker)
+        if self.recorder is not None:
+            self._say(f"[audit] curve: {self.recorder.points} points, {self.recorder.seconds:.1f} s of scoring during training")
+        self._say(f"[audit] report: {result.run_dir / 'report.html'}; gates: "
+                  f"{sum(not g.passed for g in report.gates)} failed of {len(report.gates)}")
+        return type(result)(run_dir=result.run_dir, report=report)
+
+    # ---- tracking
+
+    def _open_tracking(self, truth: LiveTruth) -> None:
+        from audit.tracking import check_tracking_reachable, open_tracker, resolve_tracking_uri
+
+        enabled = truth.recipe.tracking.enabled if self.tracking is None else self.tracking
+        if not enabled:
+            return
+        uri = resolve_tracking_uri(self.tracking_uri or truth.recipe.tracking.uri)
+        check_tracking_reachable(uri)
+        self._tracker = self._stack.enter_context(open_tracker(True, uri, truth.recipe.tracking.experiment,
+                                                               f"{truth.recipe.name}-callback", progress=self.progress))
+        self._tracker.set_tags({"canary_audit.origin": "trainer_callback", "canary_audit.ground_truth": str(self.ground_truth),
+                                "canary_audit.canary_set_sha256": truth.canaries.sha256()})
+
+    def _log_point(self, step: int, metrics: dict[str, float]) -> None:
+        if self._tracker is not None:
+            self._tracker.log_metrics(metrics, step=step)
+
+    def _say(self, line: str) -> None:
+        if self.progress:
+            print(line, file=sys.stderr, flush=True)
+
+
+def finish_report(run_dir: Path, report: Any, *, curves: Curves, extra_gates: list[GateSpec], tracker: Any = None) -> Any:
+    """The measured report with the curve and the callback's gates, written and rendered again; logged to ``tracker``."""
+    from audit.gates import evaluate_gates, recipe_gates
+    from audit.render import render_report
+    from audit.report import write_report
+
+    report = report.model_copy(update={"curves": curves, "gates": []})
+    gates = evaluate_gates([*recipe_gates(report), *extra_gates], report.flat_metrics(), curves=curves)
+    report = report.model_copy(update={"gates": gates})
+    if tracker is not None:
+        report = report.model_copy(update={"tracking": tracker.info()})
+    write_report(report, Path(run_dir) / "report.json")
+    render_report(Path(run_dir), report)
+    if tracker is not None:
+        tracker.log_report(report, Path(run_dir))
+        log_final_point(tracker, curves)
+    return report
+
+
+def _gate_specs(gates: str | Path | Sequence[Any] | None) -> list[GateSpec]:
+    from audit.gates import load_gate_specs, parse_gate_specs
+
+    if gates is None:
+        return []
+    if isinstance(gates, str | Path):
+        return load_gate_specs(gates)
+    return parse_gate_specs([g.model_dump() if isinstance(g, GateSpec) else g for g in gates], source="CanaryAuditCallback(gates=)")
+
+
+def _preflight_on(loader: Any, tokenizer: Any, canaries: CanarySet) -> dict[str, int]:
+    if loader is None:
+        raise AuditError("CanaryAuditCallback found no train dataloader at train begin", fix="give the Trainer a train_dataset")
+    dataset, collate = getattr(loader, "dataset", None), getattr(loader, "collate_fn", None)
+    if dataset is None or collate is None or not hasattr(dataset, "__len__"):
+        raise AuditError("CanaryAuditCallback cannot check an iterable (streaming) train dataset before training",
+                         fix="train on a map-style dataset (the one inject_canaries returned), or pass preflight=False")
+    return trainer_preflight(dataset, collate, tokenizer, canaries)
+
+
+def _save_weights(model: Any, tokenizer: Any, out: Path) -> dict[str, Path]:
+    """Save what was trained as safetensors: the adapter of a PEFT model (``adapter=``), else the full model (``model=``)."""
+    if getattr(model, "peft_config", None):
+        path = out / "adapter"
+        model.save_pretrained(str(path), safe_serialization=True)
+        return {"adapter": path}
+    path = out / "model"
+    model.save_pretrained(str(path), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return {"model": path}
+
+
+def _measure_command(gt: Path, weights: dict[str, Path]) -> str:
+    flag, path = next(iter(weights.items()))
+    return f"audit measure {gt} --{flag} {path}"
