@@ -34,19 +34,29 @@ saved weights instead of measuring in the job.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from audit.curves import Curves, add_point, read_curves, write_curves
+from audit.curve_points import (  # noqa: F401  (re-exported: the callback's measuring part)
+    CurveCallback,
+    CurveRecorder,
+    MeasurePoints,
+    last_step,
+    log_final_point,
+    measuring,
+    point_metrics,
+    sharded_parameters,
+    top_exposure,
+)
+from audit.curves import Curves
 from audit.errors import AuditError
-from audit.schema import CanarySet, GateSpec, Recipe, ScoringSection, SequenceScore
+from audit.schema import CanarySet, GateSpec, Recipe
 
 OUTPUT_SUBDIR = "canary-audit"
 
@@ -163,188 +173,6 @@ def _loss_spans(ids: list[int], labels: list[int]) -> list[list[int]]:
     return spans
 
 
-# --------------------------------------------------------------------------------------------------- curve points
-
-
-def point_metrics(scores: list[SequenceScore], section: ScoringSection) -> dict[str, float]:
-    """The flat metrics of one curve point (base and tuned rows of the same canaries), tuned-side keys only."""
-    from audit.metrics.suite import summarize_scores
-    from audit.report import summarize_tiers
-
-    flat = {key: e.value for t in summarize_tiers(scores) for key, e in t.flat_metrics().items()}
-    flat.update({key: e.value for key, e in summarize_scores(scores, section).metrics.items()})
-    return {k: float(v) for k, v in sorted(flat.items()) if not k.endswith("/base") and not math.isnan(v)}
-
-
-
-@contextmanager
-def measuring(model: Any):
-    """``model`` in eval mode under inference_mode with every RNG state saved: training after a point runs exactly
-    as it would have without it (dropout, data order); train mode is restored."""
-    import random
-
-    import numpy as np
-    import torch
-
-    was_training = model.training
-    py, np_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        model.eval()
-        try:
-            with torch.inference_mode():
-                yield model
-        finally:
-            random.setstate(py)
-            np.random.set_state(np_state)
-            if was_training:
-                model.train()
-
-
-class CurveRecorder:
-    """The measuring part: score the canaries on a live model and keep (and report) the point's metrics.
-
-    Shared by :class:`CanaryAuditCallback` and ``audit run`` with ``scoring.every_steps`` (:func:`curve_callback`).
-    """
-
-    def __init__(self, *, canaries: CanarySet, reference_secrets: list[str], section: Any, seed: int, tokenizer: Any,
-                 base_scores: list[SequenceScore] | None = None,
-                 on_point: Callable[[int, dict[str, float]], None] | None = None, progress: bool = False) -> None:
-        self.canaries, self.references, self.section, self.seed = canaries, reference_secrets, section, seed
-        self.progress = progress
-        self.tokenizer = tokenizer
-        self.base_scores = base_scores
-        self.on_point = on_point
-        self.curves: Curves = {}
-        self.seconds = 0.0
-        self.points = 0
-
-    def _score(self, model: Any, label: str) -> list[SequenceScore]:
-        from audit.score.canaries import score_canaries
-        from audit.score.engine import in_scoring_precision, scoring_dtype
-
-        # the cast first: an in-place upcast under inference_mode would leave inference tensors in the trained weights
-        with in_scoring_precision(model, scoring_dtype(self.section.precision)) as scored, measuring(scored):
-            return score_canaries(scored, self.tokenizer, self.canaries, self.references, label=label,
-                                  section=self.section, progress=False, seed=self.seed)
-
-    def score_base(self, model: Any) -> None:
-        """The base rows for every point: a PEFT model with its adapter disabled, else ``model`` as it is now."""
-        if self.base_scores is not None:
-            return
-        import time
-
-        t = time.perf_counter()
-        if hasattr(model, "disable_adapter") and getattr(model, "peft_config", None):
-            with model.disable_adapter():
-                self.base_scores = self._score(model, "base")
-        else:
-            self.base_scores = self._score(model, "base")
-        self.seconds += time.perf_counter() - t
-
-    def measure(self, model: Any, step: int) -> dict[str, float]:
-        import time
-
-        from audit.progress import heartbeat
-
-        self.score_base(model)
-        t = time.perf_counter()
-        assert self.base_scores is not None
-        with heartbeat(f"curve point at step {step}", enabled=self.progress) as beat:  # minutes on a loaded CPU
-            beat.step(f"scoring {len(self.canaries.canaries)} canaries on the live model")
-            metrics = point_metrics(self.base_scores + self._score(model, "tuned"), self.section)
-        add_point(self.curves, step, metrics)
-        self.seconds += time.perf_counter() - t
-        self.points += 1
-        if self.on_point is not None:
-            self.on_point(step, metrics)
-        return metrics
-
-
-def _last_step(state: Any) -> bool:
-    """The last optimizer step: the final audit measures these weights, so no live point is spent on them."""
-    return bool(state.max_steps) and state.global_step >= state.max_steps
-
-
-def log_final_point(tracker: Any, curves: Curves) -> None:
-    """Each curve's last point (the final audit) as an MLflow step metric too, so MLflow shows the whole curve."""
-    last = {k: pts[-1] for k, pts in curves.items() if pts}
-    for step in sorted({s for s, _ in last.values()}):
-        tracker.log_metrics({k: v for k, (s, v) in last.items() if s == step}, step=step)
-
-
-def _top_exposure(metrics: dict[str, float]) -> str | None:
-    """``exposure.mean/rep_<top tier>/tuned``: the one number a progress line shows."""
-    keys = [k for k in metrics if k.startswith("exposure.mean/rep_")]
-    return max(keys, key=lambda k: int(k.split("/")[1].removeprefix("rep_")), default=None)
-
-
-def _sharded(args: Any) -> bool:
-    """FSDP or DeepSpeed ZeRO-3: no single process holds whole parameters."""
-    if getattr(args, "fsdp", None):
-        return True
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-        return bool(is_deepspeed_zero3_enabled())
-    except ImportError:
-        return False
-
-
-class _Points:
-    """When to measure: every N steps, after each evaluation, at each epoch's end (any combination)."""
-
-    def __init__(self, every_steps: int, at_evaluate: bool, at_epoch_end: bool) -> None:
-        if every_steps < 0:
-            raise AuditError(f"every_steps must be 0 (off) or a positive step count, not {every_steps}",
-                             fix="pass every_steps=N with N >= 1, or on_evaluate=True / on_epoch_end=True")
-        self.every_steps, self.at_evaluate, self.at_epoch_end = every_steps, at_evaluate, at_epoch_end
-
-
-class CurveCallback(TrainerCallback):
-    """The measuring part alone (``audit run`` with ``scoring.every_steps``): a point every N optimizer steps."""
-
-    def __init__(self, recorder: CurveRecorder, *, every_steps: int) -> None:
-        self.recorder, self.every_steps = recorder, every_steps
-        self.skip = False
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.skip = _sharded(args) or not state.is_world_process_zero
-        if not self.skip:
-            self.recorder.score_base(model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if not self.skip and state.global_step % self.every_steps == 0 and not _last_step(state):
-            self.recorder.measure(model, state.global_step)
-
-
-def run_curve_callback(run_dir: Path, truth: Any, tokenizer: Any, recipe: Recipe, *, tracker: Any = None,
-                       progress: bool = False) -> CurveCallback | None:
-    """``audit run`` with ``scoring.every_steps``: the measuring part on the train stage, against the base scores the
-    run stored (``scores_base.jsonl``), each point logged as MLflow step metrics and kept in ``curves.json`` (which a
-    resumed run continues). None when the curve is off."""
-    from audit.store import ScoresFile
-
-    if recipe.scoring.every_steps <= 0:
-        return None
-    base = [s for s in ScoresFile("base").read(run_dir) or [] if s.model == "base"]
-
-    def on_point(step: int, metrics: dict[str, float]) -> None:
-        from audit.console import say
-
-        write_curves(run_dir, recorder.curves)
-        top = _top_exposure(metrics)
-        say(progress, f"[audit] curve point at step {step}" + (f": {top} {metrics[top]:.2f} bits" if top else ""))
-        if tracker is not None:
-            tracker.log_metrics(metrics, step=step)
-
-    recorder = CurveRecorder(canaries=truth.canaries, reference_secrets=truth.reference_secrets, section=recipe.scoring,
-                             seed=recipe.seed, tokenizer=tokenizer, base_scores=base or None, on_point=on_point,
-                             progress=progress)
-    recorder.curves = read_curves(run_dir)
-    return CurveCallback(recorder, every_steps=recipe.scoring.every_steps)
-
-
 # --------------------------------------------------------------------------------------------------- the callback
 
 
@@ -363,7 +191,7 @@ class CanaryAuditCallback(TrainerCallback):
                  tracking: bool | None = None, tracking_uri: str | None = None, out_root: str | Path | None = None,
                  progress: bool = True, preflight: bool = True) -> None:
         self.ground_truth = Path(ground_truth)
-        self.points = _Points(every_steps, on_evaluate, on_epoch_end)
+        self.points = MeasurePoints(every_steps, on_evaluate, on_epoch_end)
         self.extra_gates = _gate_specs(gates)
         self.tracking, self.tracking_uri, self.out_root = tracking, tracking_uri, out_root
         self.progress, self.check_preflight = progress, preflight
@@ -391,7 +219,7 @@ class CanaryAuditCallback(TrainerCallback):
                   "reaches the loss" if self.check_preflight else "[audit] pre-flight (trainer) skipped")
         self._open_tracking(truth)
         self._live = self.points.every_steps > 0 or self.points.at_evaluate or self.points.at_epoch_end
-        if self._live and _sharded(args):
+        if self._live and sharded_parameters(args):
             self._live = False
             self._say("[audit] warning: parameters are sharded (FSDP / ZeRO-3): no live curve points; the final audit "
                       "runs after training with `audit measure` (command printed at the end)")
@@ -404,10 +232,10 @@ class CanaryAuditCallback(TrainerCallback):
     # ---- measurement points
 
     def _measure(self, state, model) -> None:
-        if self.recorder is None or not state.is_world_process_zero or _last_step(state):
+        if self.recorder is None or not state.is_world_process_zero or last_step(state):
             return
         metrics = self.recorder.measure(model, state.global_step)
-        top = _top_exposure(metrics)
+        top = top_exposure(metrics)
         self._say(f"[audit] curve point at step {state.global_step}" + (f": {top} {metrics[top]:.2f} bits" if top else ""))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -429,7 +257,7 @@ class CanaryAuditCallback(TrainerCallback):
             return
         try:
             weights = _save_weights(model, processing_class, Path(args.output_dir) / OUTPUT_SUBDIR)
-            if _sharded(args):
+            if sharded_parameters(args):
                 self._say(f"[audit] measure the saved weights with: {_measure_command(self.ground_truth, weights)}")
             else:
                 self.result = self._final_audit(weights, state)

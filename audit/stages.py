@@ -379,7 +379,7 @@ def train_plan(run: Run) -> TrainPlan:
 def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: Any, plan: TrainPlan, *,
           tracker: Any = None, progress: bool = False) -> TrainResult:
     """TRL training of ``model`` on the injected texts; with several processes, the saved weights reloaded on rank 0."""
-    from audit.callback import run_curve_callback  # scoring.every_steps: the memorization curve (off by default)
+    from audit.curve_points import run_curve_callback  # scoring.every_steps: the memorization curve (off by default)
     from audit.train.sft import train_sft
     from audit.train.weights import load_tuned
 
@@ -494,7 +494,7 @@ def publish(run: Run, origin: Origin, report: AuditReport) -> AuditReport:
     render_report(run.dir, report)  # report.html, report.md, plots/ (audit.render)
     run.tracker.log_report(report, run.dir, log_full_weights=run.ctx.recipe.tracking.log_full_weights)
     if report.curves:  # scoring.every_steps: the final audit is each curve's last point, at the last step
-        from audit.callback import log_final_point
+        from audit.curve_points import log_final_point
 
         log_final_point(run.tracker, report.curves)
     run.tracker.set_tags(origin.tags())
