@@ -30,7 +30,7 @@ def test_default_audit_shows_memorization_against_the_null(in_tmp, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("CANARY_AUDIT_EVIDENCE"), reason="about 30 min on 2 shared cores (benchmarks/default_audit.json): set CANARY_AUDIT_EVIDENCE=1 to run it")
+@pytest.mark.skipif(not os.environ.get("CANARY_AUDIT_EVIDENCE"), reason="over 45 min on 2 shared cores (benchmarks/default_audit.json): set CANARY_AUDIT_EVIDENCE=1 to run it")
 def test_the_evidence_audit_reports_tpr_at_1pct_fpr_and_the_null_calibration(in_tmp, capsys):
     assert main(["run", "smollm2/evidence_cpu", "--quiet"]) == 0
     printed = capsys.readouterr().out
