@@ -43,6 +43,19 @@ def audit_run(recipe: str, overrides: list[str], work: Path) -> Path:
     return run_dir
 
 
+def mlflow_history(run_dir: Path, keys: list[str]) -> dict:
+    """How many step points MLflow holds for each curve key of this run (its run id from report.json)."""
+    import mlflow
+
+    report = json.loads((run_dir / "report.json").read_text())
+    tracking = report.get("tracking") or {}
+    if not tracking.get("run_id"):
+        return {}
+    client = mlflow.MlflowClient(tracking_uri=tracking["uri"])
+    return {k: [[m.step, m.value] for m in sorted(client.get_metric_history(tracking["run_id"], k), key=lambda m: m.step)]
+            for k in keys}
+
+
 def summary(run_dir: Path) -> dict:
     from audit.report import read_report
 
@@ -52,26 +65,28 @@ def summary(run_dir: Path) -> dict:
     return {"run": run_dir.name, "steps": r.training.steps, "every_steps": r.recipe["scoring"].get("every_steps", 0),
             "timings_s": r.timings_s, "final": {key: r.flat_metrics()[key].value},
             "curve_points": {k: len(v) for k, v in sorted(r.curves.items()) if k.startswith(("exposure.mean/", "mia.auc/loss_diff"))},
-            "curve": {key: r.curves.get(key, [])}}
+            "curve": {key: r.curves.get(key, [])},
+            "mlflow_step_points": mlflow_history(run_dir, sorted(k for k in r.curves if k.startswith("exposure.mean/")))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="tiny/lora_cpu")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--keep", type=Path, help="a folder to run in and keep (runs/, mlflow.db) instead of a temporary one")
     args = parser.parse_args()
     info = machine()
     with tempfile.TemporaryDirectory(prefix="curves-bench-") as tmp:
-        work = Path(tmp)
-        plain = summary(audit_run(args.recipe, ["tracking.enabled=false"], work))
+        work = args.keep.resolve() if args.keep else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        plain = summary(audit_run(args.recipe, [], work))
         every = max(1, -(-plain["steps"] // 4))  # ceil: live points at 1/4, 2/4, 3/4, the final audit the 4th
-        curved = summary(audit_run(args.recipe, ["tracking.enabled=false", f"scoring.every_steps={every}"], work))
+        curved = summary(audit_run(args.recipe, [f"scoring.every_steps={every}"], work))
     extra_train = curved["timings_s"]["train"] - plain["timings_s"]["train"]
     points = max(curved["curve_points"].values(), default=1) - 1  # the last point is the final audit
     entry = {
         "machine": info,
-        "commands": [f"audit run {args.recipe} tracking.enabled=false",
-                     f"audit run {args.recipe} tracking.enabled=false scoring.every_steps={every}"],
+        "commands": [f"audit run {args.recipe}", f"audit run {args.recipe} scoring.every_steps={every}"],
         "without_curve": plain, "with_curve": curved,
         "live_points": points,
         "extra_train_s": round(extra_train, 3),
