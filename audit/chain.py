@@ -187,7 +187,7 @@ def persistence(scores: list[SequenceScore], *, base: str = "base", before: str 
         space = {k: _mean(by[m], lambda r: r.exposure_space if r.exposure_space is not None else r.exposure)
                  for k, m in (("base", base), ("before", before), ("after", after))}
         sampled = {k: _mean(by[m], lambda r: r.exposure) for k, m in (("base", base), ("before", before), ("after", after))}
-        extracted = {k: sum(r.extracted for r in by[m]) for k, m in (("base", base), ("before", before), ("after", after))}
+        extracted = {k: sum(r.extracted is True for r in by[m]) for k, m in (("base", base), ("before", before), ("after", after))}
         learned = None if bits["base"] is None or bits["before"] is None else bits["base"] - bits["before"]
         kept = None if bits["base"] is None or bits["after"] is None else bits["base"] - bits["after"]
         gained = None if space["base"] is None or space["before"] is None else space["before"] - space["base"]

@@ -180,7 +180,7 @@ def summarize_tiers(scores: list[SequenceScore]) -> list[TierSummary]:
             repetitions=reps,
             n=n,
             exposure_mean={m: round(statistics.fmean(v), 4) for m, v in ranked.items() if v},
-            extracted={m: sum(x.extracted for x in rows) for m, rows in sorted(by_model.items())},
+            extracted={m: sum(x.extracted is True for x in rows) for m, rows in sorted(by_model.items())},
             # references outside scoring.exposure_null_references carry no rank: the mean is over the ranked ones
             exposure_n=None if counts == {n} else max(counts),
         ))
@@ -209,7 +209,7 @@ def format_table(report: AuditReport) -> str:
         label = "reference (never inserted)" if t.repetitions == 0 else f"{t.repetitions}x inserted"
         rows.append([label, str(t.n) if t.exposure_n is None else f"{t.n} ({t.exposure_n} ranked)"]
                     + [f"{t.exposure_mean[m]:.2f}" if m in t.exposure_mean else "-" for m in models]
-                    + [f"{t.extracted[m]}/{t.n}" for m in models])
+                    + [f"{t.extracted[m]}/{t.exposure_count}" for m in models])
     out = text_table(header, rows, numbers_right=True)
     out.append(f"exposure = bits against {2 ** report.exposure_max - 1:.0f} sampled references (the headline scale; gates "
                f"use it); max {report.exposure_max:.2f} (rank 1 of {2 ** report.exposure_max:.0f}); "

@@ -647,8 +647,9 @@ class SequenceScore(Frozen):
     n_references: int | None
     exposure: float | None
     """log2(n_references + 1) - log2(rank): Secret Sharer exposure against sampled references (None when not ranked)."""
-    extracted: bool
-    """Greedy decoding from the prefix reproduces the secret verbatim."""
+    extracted: bool | None
+    """Greedy decoding from the prefix reproduces the secret verbatim; None for a reference outside
+    ``scoring.exposure_null_references`` (extraction, like exposure, is measured on members and the null sample)."""
     # -- exposure over the whole space (audit.metrics.exposure, audit.score.exposure_search)
     exposure_method: Literal["exact", "sampled"] | None = None
     exposure_space: float | None = None
@@ -800,7 +801,8 @@ class TierSummary(Frozen):
     exposure_mean: dict[str, float]
     """Per model label (``base``, ``tuned``): mean exposure in bits."""
     extracted: dict[str, int]
-    """Per model label: how many canaries greedy decoding reproduced."""
+    """Per model label: how many canaries greedy decoding reproduced (of ``exposure_count``: extraction is measured
+    where exposure is)."""
     exposure_n: int | None = None
     """Canaries behind ``exposure_mean`` when fewer than ``n`` (the references ranked under
     ``scoring.exposure_null_references``); None: all ``n``. Omitted from report.json when None."""
@@ -817,11 +819,11 @@ class TierSummary(Frozen):
         return self.n if self.exposure_n is None else self.exposure_n
 
     def flat_metrics(self) -> dict[str, MetricEntry]:
-        """``exposure.mean/rep_<r>/<model>`` (``n`` = canaries ranked) and ``extraction.exact/rep_<r>/<model>`` (``n`` = the
-        tier's size; rep_0 = references)."""
+        """``exposure.mean/rep_<r>/<model>`` and ``extraction.exact/rep_<r>/<model>`` (``n`` = canaries ranked, the tier's
+        size unless ``scoring.exposure_null_references`` sampled the references; rep_0 = references)."""
         out = {f"exposure.mean/rep_{self.repetitions}/{m}": MetricEntry(value=v, n=self.exposure_count)
                for m, v in self.exposure_mean.items()}
-        out.update({f"extraction.exact/rep_{self.repetitions}/{m}": MetricEntry(value=float(v), n=self.n)
+        out.update({f"extraction.exact/rep_{self.repetitions}/{m}": MetricEntry(value=float(v), n=self.exposure_count)
                     for m, v in self.extracted.items()})
         return out
 

@@ -146,6 +146,21 @@ def test_candidate_scoring_with_shared_prefix_equals_full_sequences(tiny_model):
         assert bits == pytest.approx(-lp.sum() / np.log(2), abs=1e-4)
 
 
+@pytest.mark.parametrize("shared_levels", [0, 1, 2, 4])
+def test_candidates_sharing_first_tokens_score_as_full_sequences(tiny_model, shared_levels):
+    """The trie levels (shared first tokens, repeats, candidates shorter than the shared depth, batches smaller than a
+    level) give every candidate the bits of its own teacher-forced sequence."""
+    model, tok = tiny_model
+    prefix = tok("the vault access code is ", add_special_tokens=False)["input_ids"]
+    texts = ["481927", "481900", "481927", "4", "48", "12", "129", "999999.", "0", "481", "7777777777"]
+    cands = [tok(c, add_special_tokens=False)["input_ids"] for c in texts]
+    assert len({tuple(c[:2]) for c in cands}) < len(cands)  # the trie really shares nodes
+    got = candidate_nll_bits(model, prefix, cands, batch_size=2, shared_levels=shared_levels)
+    for c, bits in zip(cands, got, strict=True):
+        lp = _plain(model, prefix + c)[0][len(prefix) - 1 :]
+        assert bits == pytest.approx(-lp.sum() / np.log(2), abs=1e-4)
+
+
 def test_batched_greedy_equals_one_at_a_time(tiny_model, encoded):
     model, tok = tiny_model
     prefixes = [e[:8] for e in encoded if len(e) >= 8] + [encoded[1]]
@@ -165,6 +180,18 @@ def test_sampling_is_seeded(tiny_model, encoded):
     assert a != c
     assert [len(x) for x in a] == [5, 5] and all(len(s) == 4 for x in a for s in x)
     assert len({tuple(s) for s in a[0]}) > 1  # an untrained model samples different continuations
+
+
+def test_samples_continue_each_prefix_from_its_own_cached_keys(tiny_model, encoded):
+    """At a temperature near 0 sampling is greedy decoding: the shared prefill (left padding, positions, the cache
+    repeated per sample) must give every sample the greedy continuation of its own prefix."""
+    model, tok = tiny_model
+    prefixes = [encoded[0][:10], encoded[2][:6], encoded[1][:3], encoded[3][:1]]
+    sampled = sampled_continuations(model, tok, prefixes, num_samples=3, max_new_tokens=5, seed=0, temperature=1e-4,
+                                    batch_size=6)
+    for p, samples in zip(prefixes, sampled, strict=True):
+        greedy = greedy_continuations(model, tok, [p], max_new_tokens=5, batch_size=1)[0]
+        assert samples == [greedy] * 3
 
 
 def test_adapter_disabled_scores_the_base_weights(tiny_model_dir, encoded):

@@ -301,7 +301,7 @@ def extraction_table(report: AuditReport) -> Table:
             row = [tier_label(t.repetitions), str(t.n), m]
             for _, key in present:
                 if key is None:
-                    row.append(f"{t.extracted.get(m, 0)}/{t.n}")
+                    row.append(f"{t.extracted.get(m, 0)}/{t.exposure_count}")
                 else:
                     entry = report.metrics.get(f"{key}/rep_{t.repetitions}/{m}")
                     row.append("-" if entry is None else (fmt(entry.value) if key.endswith("_mean") else f"{fmt(entry.value)}/{entry.n or t.n}"))

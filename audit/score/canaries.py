@@ -11,7 +11,8 @@ Per model, for all canaries at once:
    255 by default, of 6 tokens after each prefix: ~1,300 forward positions per canary, against ~25 for step 1);
 3. where the space is enumerable, the tokenization compositional, and the sampled estimate within the node budget,
    the exact rank over the whole space (:mod:`audit.score.exposure_search`);
-4. batched greedy decoding from the prefix, and from the prefix plus a fraction of the secret, and N samples.
+4. for the canaries of step 2 (members and the null sample): batched greedy decoding from the prefix, and from the
+   prefix plus a fraction of the secret, and N samples (each prefix's keys/values computed once for its N samples).
 
 Rows carry ids and numbers, never the secret text.
 """
@@ -178,15 +179,20 @@ def _score_canaries(model, tokenizer, canaries, reference_secrets, *, label, sec
             beat.touch()
         bar.close()
 
-    # 4. extraction: greedy from the prefix, greedy from prefix + a fraction of the secret, sampled
+    # 4. extraction, where exposure is measured (every member and the null sample; a reference outside it is an MIA
+    # control only): greedy from the prefix, greedy from prefix + a fraction of the secret, sampled
+    measured = [i for i in range(len(items)) if exposure_rows[i] is not None]
     max_new = max(len(s.secret_ids) for s in splits) + section.extraction_extra_tokens
-    beat.step(f"greedy extraction from {len(items)} prefixes")
-    greedy = greedy_continuations(model, tokenizer, [s.prefix_ids for s in splits], max_new_tokens=max_new,
-                                  batch_size=section.batch_size)
+    beat.step(f"greedy extraction from {len(measured)} prefixes")
+    outs = greedy_continuations(model, tokenizer, [splits[i].prefix_ids for i in measured], max_new_tokens=max_new,
+                                batch_size=section.batch_size)
+    greedy: list[list[int] | None] = [None] * len(items)
+    for i, out in zip(measured, outs, strict=True):
+        greedy[i] = out
     from_fraction: list[bool | None] = [None] * len(items)
     if section.extraction_secret_fraction > 0:
         given = [max(1, math.floor(section.extraction_secret_fraction * len(s.secret_ids))) for s in splits]
-        eligible = [i for i, s in enumerate(splits) if len(s.secret_ids) > given[i]]
+        eligible = [i for i in measured if len(splits[i].secret_ids) > given[i]]
         if eligible:
             beat.step(f"greedy extraction from {len(eligible)} prefixes plus part of the secret")
             outs = greedy_continuations(model, tokenizer, [splits[i].prefix_ids + splits[i].secret_ids[: given[i]] for i in eligible],
@@ -195,29 +201,31 @@ def _score_canaries(model, tokenizer, canaries, reference_secrets, *, label, sec
                 rest = splits[i].secret_ids[given[i]:]
                 from_fraction[i] = out[: len(rest)] == rest
     sampled: list[int | None] = [None] * len(items)
-    if section.sampled_extraction_samples > 0:
-        beat.step(f"sampled extraction, {section.sampled_extraction_samples} samples from each of {len(items)} prefixes")
-        samples = sampled_continuations(model, tokenizer, [s.prefix_ids for s in splits],
+    if section.sampled_extraction_samples > 0 and measured:
+        beat.step(f"sampled extraction, {section.sampled_extraction_samples} samples from each of {len(measured)} prefixes")
+        samples = sampled_continuations(model, tokenizer, [splits[i].prefix_ids for i in measured],
                                         num_samples=section.sampled_extraction_samples,
                                         max_new_tokens=max(len(s.secret_ids) for s in splits), seed=seed,
                                         temperature=section.sampled_extraction_temperature, batch_size=section.batch_size)
-        sampled = [sum(x[: len(s.secret_ids)] == s.secret_ids for x in per) for per, s in zip(samples, splits, strict=True)]
+        for i, per in zip(measured, samples, strict=True):
+            sampled[i] = sum(x[: len(splits[i].secret_ids)] == splits[i].secret_ids for x in per)
 
     rows = []
     for i, (c, s) in enumerate(zip(items, splits, strict=True)):
         span = passes[i].span(len(s.prefix_ids), len(s.prefix_ids) + len(s.secret_ids))
-        match = discoverable_match(greedy[i], s.secret_ids)
+        match = None if greedy[i] is None else discoverable_match(greedy[i], s.secret_ids)
         exposure = exposure_rows[i] if exposure_rows[i] is not None else unranked_row(span.logprobs)
         rows.append(SequenceScore(
             canary_id=c.id, model=label, repetitions=c.repetitions, secret_tokens=len(s.secret_ids),
-            extracted=match.exact, **exposure,
+            extracted=None if match is None else match.exact, **exposure,
             mia_loss=round(mean_loss(span.logprobs), 6),
             mia_min_k=round(min_k_score(span.logprobs, k=section.mia_k), 6),
             mia_min_k_pp=round(min_k_plus_plus_score(span.logprobs, span.vocab_mean, span.vocab_var, k=section.mia_k), 6),
             mia_zlib=round(zlib_ratio_score(span.logprobs, c.secret), 6),
-            extraction_lcp_tokens=match.lcp_tokens, extraction_ned=round(match.normalized_edit_distance, 6),
+            extraction_lcp_tokens=None if match is None else match.lcp_tokens,
+            extraction_ned=None if match is None else round(match.normalized_edit_distance, 6),
             extracted_from_fraction=from_fraction[i],
-            sampled_matches=sampled[i], sampled_n=section.sampled_extraction_samples or None,
+            sampled_matches=sampled[i], sampled_n=(section.sampled_extraction_samples or None) if sampled[i] is not None else None,
             secret_utf8_bits=utf8_bits(c.secret), text_bits=round(float(passes[i].bits), 6),
             # the whole text's per-token view (text-scope attacks, EZ-MIA): numbers only, the text as its zlib length
             **token_view_fields(passes[i].logprobs, passes[i].top1, passes[i].vocab_mean, passes[i].vocab_var,

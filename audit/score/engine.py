@@ -7,7 +7,8 @@ Entry points, each serving many metrics from one pass:
   ``ln p`` over the whole vocabulary (Min-K%++). The vocabulary is reduced on the device in row chunks: full logits
   never leave it. Every attack, the information view and (n, p) extraction reuse these numbers.
 * :func:`candidate_nll_bits` scores many candidate secrets after one shared prefix; the prefix runs once and its
-  key/value cache is reused, so a 6-digit secret after a 15-token prefix costs 6 positions instead of 21.
+  key/value cache is reused, so a 6-digit secret after a 15-token prefix costs 5 positions instead of 21, and the
+  candidates' first tokens run once per distinct value (~3.6 positions per candidate for 128 6-digit secrets).
 * :func:`greedy_continuations` and :func:`sampled_continuations` decode a batch of prefixes (left-padded) for
   discoverable and sampled extraction.
 * :func:`adapter_disabled` scores the base weights of a ``PeftModel`` on identical inputs.
@@ -421,25 +422,89 @@ def continuation_logprobs(model, cache, prefix_len: int, rows: list[list[int]]) 
     return lp.view(len(rows), width - 1).double() * mask[:, 1:]
 
 
-@torch.inference_mode()
-def candidate_nll_bits(model, prefix_ids: list[int], candidates: list[list[int]], *, batch_size: int = 64) -> list[float]:
-    """-log2 p(candidate | prefix) for each candidate token list, sharing the prefix's KV cache.
+def rows_cache(prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], suffix, parents: Sequence[int], device):
+    """A cache of ``len(parents)`` rows: the shared one-row prefix keys/values, then for row j the suffix keys/values
+    of node ``parents[j]`` (``suffix``: per layer a (nodes, heads, tokens, dim) pair; None: the prefix alone)."""
+    from transformers import DynamicCache
 
-    Candidates may differ in length; they are right-padded per batch and padded positions are ignored.
+    cache = DynamicCache()
+    b = len(parents)
+    sel = torch.as_tensor(list(parents), dtype=torch.long, device=device)
+    for layer, (pk, pv) in enumerate(prefix_kv):
+        k, v = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)
+        if suffix is not None:
+            sk, sv = suffix[layer]
+            k, v = torch.cat([k, sk.index_select(0, sel)], dim=2), torch.cat([v, sv.index_select(0, sel)], dim=2)
+        cache.update(k.contiguous(), v.contiguous(), layer)
+    return cache
+
+
+SHARED_LEVELS = 2
+"""Trie levels of the candidates that :func:`candidate_nll_bits` runs once per distinct node: 6-digit candidates share
+their first digit 10 ways and their first two ~100 ways, so 128 candidates cost 10 + ~72 + 3 x 128 = ~466 positions
+instead of 5 x 128 = 640; deeper levels are nearly all distinct and run in one multi-token pass per candidate."""
+
+
+@torch.inference_mode()
+def candidate_nll_bits(model, prefix_ids: list[int], candidates: list[list[int]], *, batch_size: int = 64,
+                       shared_levels: int = SHARED_LEVELS) -> list[float]:
+    """-log2 p(candidate | prefix) for each candidate token list, sharing the prefix's KV cache and the candidates'
+    common first tokens.
+
+    The prefix runs once; its next-token distribution scores every candidate's first token. The candidates' first
+    ``shared_levels`` tokens form a trie: each distinct node of it runs once, one new position on its parent's cached
+    keys/values (as :mod:`audit.score.exposure_search` walks the whole space), and scores the next token of every
+    candidate below it. Each candidate's remaining tokens then run in one pass on its node's cache, right-padded per
+    batch of ``batch_size`` rows (padded positions are ignored). Candidates may differ in length and repeat.
     """
     device = device_of(model)
-    cache, first_logp = prefix_cache(model, prefix_ids)
-    results: list[float] = [0.0] * len(candidates)
-    order = sorted(range(len(candidates)), key=lambda i: -len(candidates[i]))  # longest first: OOM shows early
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = [candidates[i] for i in idx]
-        nll = -first_logp[torch.tensor([c[0] for c in batch], device=device)].double()
-        if max(len(c) for c in batch) > 1:
-            nll = nll - continuation_logprobs(model, cache, len(prefix_ids), batch).sum(dim=1)
-        for i, value in zip(idx, nll.cpu().tolist(), strict=True):  # one device-to-host copy per batch, not per row
-            results[i] = value / LN2
-    return results
+    out = model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True)
+    prefix_kv = [(layer.keys, layer.values) for layer in output_cache(out).layers]
+    prefix_len = len(prefix_ids)
+    first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1).double().cpu().numpy()
+    cands = [list(c) for c in candidates]
+    nll = np.array([-first_logp[c[0]] for c in cands], dtype=np.float64)
+    node_of = np.zeros(len(cands), dtype=np.int64)  # each candidate's node at the current level (0: the prefix itself)
+    suffix = None  # per layer, the keys/values after the prefix of every node of the current level
+    depth = 0
+    for level in range(1, shared_levels + 1):
+        active = [i for i, c in enumerate(cands) if len(c) > level]  # those with a token left to score at this level
+        if not active:
+            break
+        nodes: dict[tuple[int, int], int] = {}
+        child = np.array([nodes.setdefault((int(node_of[i]), cands[i][level - 1]), len(nodes)) for i in active])
+        parents, tokens = zip(*nodes, strict=True)
+        lp_rows, parts = [], []
+        for start in range(0, len(nodes), max(batch_size, 1)):
+            stop = min(len(nodes), start + max(batch_size, 1))
+            cache = rows_cache(prefix_kv, suffix, parents[start:stop], device)
+            past = cache.get_seq_length()
+            ids = torch.tensor(tokens[start:stop], dtype=torch.long, device=device).view(-1, 1)
+            step = model(input_ids=ids, use_cache=True, logits_to_keep=1, **with_cache(model, cache),
+                         attention_mask=torch.ones((stop - start, past + 1), dtype=torch.long, device=device))
+            lp_rows.append(torch.log_softmax(step.logits[:, -1].float(), dim=-1))
+            parts.append([(layer.keys[:, :, prefix_len:], layer.values[:, :, prefix_len:]) for layer in output_cache(step).layers])
+        lp = torch.cat(lp_rows)
+        targets = torch.tensor([cands[i][level] for i in active], dtype=torch.long, device=device)
+        nll[active] -= lp[torch.as_tensor(child, device=device), targets].double().cpu().numpy()
+        node_of[active] = child
+        suffix = [(torch.cat([p[layer][0] for p in parts]), torch.cat([p[layer][1] for p in parts]))
+                  for layer in range(len(parts[0]))]
+        depth = level
+    rest = [i for i, c in enumerate(cands) if len(c) > depth + 1]
+    rest.sort(key=lambda i: -len(cands[i]))  # longest first: an out-of-memory error shows early
+    for start in range(0, len(rest), max(batch_size, 1)):
+        idx = rest[start : start + max(batch_size, 1)]
+        cache = rows_cache(prefix_kv, suffix, [int(node_of[i]) for i in idx], device)
+        past = cache.get_seq_length()
+        ids, mask = _right_padded([cands[i][depth:] for i in idx], 0, device)
+        attention = torch.cat([torch.ones((len(idx), past), dtype=torch.long, device=device), mask], dim=1)
+        logits = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], use_cache=True,
+                       **with_cache(model, cache)).logits
+        lp = vocab_reductions(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), with_stats=False).logprobs
+        lp = (lp.view(len(idx), -1).double() * mask[:, 1:]).sum(dim=1)
+        nll[idx] -= lp.cpu().numpy()
+    return (nll / LN2).tolist()
 
 
 # --------------------------------------------------------------------------------------------- decoding
@@ -474,6 +539,13 @@ def greedy_continuations(model, tokenizer, prefixes: list[list[int]], *, max_new
     return results
 
 
+def _prefill(model, ids: torch.Tensor, mask: torch.Tensor):
+    """The key/value cache of left-padded ``ids`` (positions counted from each row's first real token, as
+    ``generate`` counts them), for ``generate`` to continue from."""
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    return output_cache(model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1))
+
+
 @torch.inference_mode()
 def sampled_continuations(
     model,
@@ -488,26 +560,34 @@ def sampled_continuations(
 ) -> list[list[list[int]]]:
     """``num_samples`` sampled continuations (pure ancestral sampling at ``temperature``, no top-k) per prefix.
 
-    Each prefix is repeated ``num_samples`` times in the batch. Sampling draws from a private RNG seeded with
+    Each prefix runs once: its keys/values (all but its last token) are computed for ``batch_size // num_samples``
+    prefixes at a time, repeated ``num_samples`` times, and ``generate`` samples every row from there (8 samples of
+    a 20-token prefix cost 20 + 8 x 6 positions instead of 8 x 26). Sampling draws from a private RNG seeded with
     ``seed``, so the same call gives the same samples on the same device and batch plan.
     """
     if num_samples < 1:
         raise ValueError("num_samples must be >= 1")
     device = device_of(model)
     pad = pad_id_of(tokenizer)
-    rows = [(i, k) for i in range(len(prefixes)) for k in range(num_samples)]
     out: list[list[list[int]]] = [[[] for _ in range(num_samples)] for _ in prefixes]
-    order = sorted(range(len(rows)), key=lambda r: (-len(prefixes[rows[r][0]]), r))
+    order = sorted(range(len(prefixes)), key=lambda i: (-len(prefixes[i]), i))
+    per_batch = max(1, batch_size // num_samples)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for start in range(0, len(order), batch_size):
-            chunk = [rows[r] for r in order[start : start + batch_size]]
-            ids, mask = _left_padded([prefixes[i] for i, _ in chunk], pad, device)
+        for start in range(0, len(order), per_batch):
+            idx = order[start : start + per_batch]
+            ids, mask = _left_padded([prefixes[i] for i in idx], pad, device)
+            cached = {}
+            if ids.shape[1] > 1:
+                cache = _prefill(model, ids[:, :-1], mask[:, :-1])
+                cache.batch_repeat_interleave(num_samples)
+                cached = with_cache(model, cache)
+            rows_ids, rows_mask = ids.repeat_interleave(num_samples, dim=0), mask.repeat_interleave(num_samples, dim=0)
             generated = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                top_k=0, top_p=1.0, pad_token_id=pad, eos_token_id=None, num_beams=1,
+                input_ids=rows_ids, attention_mask=rows_mask, max_new_tokens=max_new_tokens, do_sample=True,
+                temperature=temperature, top_k=0, top_p=1.0, pad_token_id=pad, eos_token_id=None, num_beams=1, **cached,
             )
-            for row, (i, k) in enumerate(chunk):
+            for row, (i, k) in enumerate((i, k) for i in idx for k in range(num_samples)):
                 out[i][k] = generated[row, ids.shape[1] :].tolist()
     return out
