@@ -367,8 +367,27 @@ class ExactChoice:
     reason: str
 
 
+def expected_walk_rows(canary_nll_bits: float, reference_nll_bits, alphabet_size: int, length: int) -> float:
+    """Rows the walk is expected to expand, from the losses the sampled rank already computed.
+
+    Level ``l`` keeps the ``l``-symbol prefixes whose partial loss is at most the canary's loss; with each random
+    secret's per-symbol costs taken as independent with the mean and variance of the references' totals over
+    ``length``, the kept share is ``Phi((c - l m) / (sqrt(l) s))``, and a row is spent on each kept node of levels
+    ``0 .. length - 1``. Unlike ``|A| x rank`` it sees that a canary at rank 1 whose loss is still high prunes nothing
+    before the last level (tiny-llama, ``benchmarks/exposure.json``).
+    """
+    refs = np.asarray(reference_nll_bits, dtype=float)
+    m, s = float(refs.mean()) / length, max(float(refs.std()), 1e-9) / math.sqrt(length)
+    rows = 1.0
+    for level in range(1, length):
+        z = (canary_nll_bits - level * m) / (math.sqrt(level) * s)
+        rows += alphabet_size**level * 0.5 * math.erfc(-z / math.sqrt(2))
+    return min(rows, float(trie_rows(alphabet_size, length)))
+
+
 def choose_exact_method(*, rank_estimate: float, alphabet_size: int, length: int, budget: int, walk_row_s: float = 1.0,
-                        enumeration_row_s: float = 1.0, walks_expected: float = 1.0) -> ExactChoice:
+                        enumeration_row_s: float = 1.0, walks_expected: float = 1.0,
+                        walk_rows: float | None = None) -> ExactChoice:
     """Walk, enumerate, or skip (the sampled rank stands), by expected cost within ``budget`` rows.
 
     The walk's rows grow with the canary's rank: about ``|A|`` per secret at least as likely (the frontier of the
@@ -378,11 +397,14 @@ def choose_exact_method(*, rank_estimate: float, alphabet_size: int, length: int
     enumeration's rows are fixed (:func:`trie_rows`) and fit when they are within the budget. Of those that fit, the
     cheaper in expected seconds runs; on a tie (the walk expected to expand the whole trie) the enumeration, which
     runs once where the walk may rerun. Neither fitting means skip. A pure function of the numbers.
+
+    ``walk_rows``: the walk's expected rows from the losses (:func:`expected_walk_rows`) instead of the rank; the
+    walk then fits when they are within the budget.
     """
     whole = trie_rows(alphabet_size, length)
-    walk_rows = min(float(whole), alphabet_size * rank_estimate) * walks_expected
+    walk_fits = not rank_estimate > budget / alphabet_size if walk_rows is None else walk_rows * walks_expected <= budget
+    walk_rows = (min(float(whole), alphabet_size * rank_estimate) if walk_rows is None else min(float(whole), walk_rows)) * walks_expected
     walk_s, enumeration_s = walk_rows * walk_row_s, whole * enumeration_row_s
-    walk_fits = not rank_estimate > budget / alphabet_size
     enumeration_fits = whole <= budget
     costs = (walk_rows, whole, walk_s, enumeration_s)
     if walk_fits and (not enumeration_fits or walk_s < enumeration_s):
