@@ -17,6 +17,7 @@ from audit.score.exposure_search import (
     choose_exact_method,
     enumerate_rank,
     exact_rank,
+    expected_walk_rows,
     parse_secret,
     symbol_tokens,
     trie_rows,
@@ -332,3 +333,44 @@ def test_scoring_enumerates_where_the_walk_cannot_prune_and_walks_where_it_can(t
         assert row.exact_rank == walk.rank
         assert row.exact_nodes == (walk.nodes_evaluated if row.exact_status == "exact" else 111)
     assert "enumerated" in {r.exact_status for r in rows}
+
+
+def test_expected_walk_rows_from_the_losses():
+    """A memorized canary (loss far under any one symbol's) costs one row per level; one whose loss is above what
+    random secrets cost before their last symbol costs the whole trie; in between, the kept share per level."""
+    refs = np.random.default_rng(0).normal(60.0, 3.0, size=255)  # 10 bits per symbol, as a near-uniform model
+    assert expected_walk_rows(0.05, refs, 10, 6) == pytest.approx(6.0)
+    assert expected_walk_rows(70.0, refs, 10, 6) == pytest.approx(trie_rows(10, 6), abs=1e-3)
+    middle = expected_walk_rows(45.0, refs, 10, 6)  # around the 5-symbol prefixes' mean (50 bits): part of level 5 kept
+    assert 11_111 < middle < 111_111
+
+
+def test_the_chooser_takes_the_walks_rows_from_the_losses_when_given():
+    six = dict(alphabet_size=10, length=6)
+    # rank 1, but its loss says the walk would expand 85,000 rows (tiny-llama's 16x canary): beyond 2,000, skip at once
+    assert choose_exact_method(rank_estimate=1, budget=2_000, **six).method == "walk"
+    assert choose_exact_method(rank_estimate=1, budget=2_000, walk_rows=85_000, **six).method == "skip"
+    assert choose_exact_method(rank_estimate=1, budget=200_000, walk_rows=85_000, **six).method == "walk"
+    # a rank the rank rule would skip (10 x 500 > 2,000) whose loss says the walk prunes to 300 rows
+    assert choose_exact_method(rank_estimate=500, budget=2_000, walk_rows=300, **six).method == "walk"
+
+
+def test_a_walk_that_cannot_finish_falls_back_to_the_enumeration_within_the_budget(tiny_model):
+    """_exact: the walk runs (a low sampled rank), cannot agree with itself (Drifting), and the whole 3-digit trie
+    still fits the budget: the enumeration ranks it, status enumerated, rows of both counted."""
+    from audit.schema import ScoringSection
+    from audit.score.canaries import _exact
+
+    model, tok = tiny_model
+    spec = load_spec("digits", {"length": 3})
+    canaries = generate_canaries(spec, seed=5, tiers=[1], members_per_tier=1, references=1)
+    c = canaries.canaries[0]
+    table = symbol_tokens(tok, c.prefix, DIGITS3, c.secret, seed=1)
+    section = ScoringSection(exposure_references=31, exact_exposure_budget=10_000)
+    drifting = Drifting(model, [p[0] for p in table.pieces[1]]).eval()
+    status, rank, rows = _exact(drifting, tok, c, canaries, section, rank=1, n_refs=31, seed=1)
+    assert status == "enumerated" and rows > 111
+    assert rank == enumerate_rank(Drifting(model, [p[0] for p in table.pieces[1]]).eval(), table, parse_secret(DIGITS3, c.secret)).rank
+    tight = section.model_copy(update={"exact_exposure_budget": 150})  # walk fits (10 x 1 rows), the trie after it does not
+    status, rank, _ = _exact(Drifting(model, [p[0] for p in table.pieces[1]]).eval(), tok, c, canaries, tight, rank=1, n_refs=31, seed=1)
+    assert status in {"unstable", "budget_exceeded"} and rank is None

@@ -379,9 +379,9 @@ def expected_walk_rows(canary_nll_bits: float, reference_nll_bits, alphabet_size
     refs = np.asarray(reference_nll_bits, dtype=float)
     m, s = float(refs.mean()) / length, max(float(refs.std()), 1e-9) / math.sqrt(length)
     rows = 1.0
-    for level in range(1, length):
+    for level in range(1, length):  # the canary's own path is never pruned: at least one row per level
         z = (canary_nll_bits - level * m) / (math.sqrt(level) * s)
-        rows += alphabet_size**level * 0.5 * math.erfc(-z / math.sqrt(2))
+        rows += max(1.0, alphabet_size**level * 0.5 * math.erfc(-z / math.sqrt(2)))
     return min(rows, float(trie_rows(alphabet_size, length)))
 
 
