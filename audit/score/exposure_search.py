@@ -21,13 +21,14 @@ Requirements, checked before walking (:func:`symbol_tokens`):
 * a node budget: when the frontier would exceed it (an unlearned canary has rank ~|R|/2, so nothing prunes), the walk
   stops with ``status="budget_exceeded"`` and the caller falls back to the sampled rank with its binomial interval.
 
-When nothing prunes (an unlearned canary: rank ~|R|/2, and on a near-uniform model even rank 4 of 10^6 expanded
-99,320 of the 111,111 rows, ``benchmarks/exposure.json``), the walk costs the whole trie. :func:`enumerate_rank` then
+When nothing prunes (an unlearned canary: rank ~|R|/2; and where every digit still costs ~8 bits, even a canary at
+rank 1: on tiny-llama the 16x canary's walk expanded 67,094 of the 111,111 rows and the 4x one's all of them,
+``benchmarks/exposure.json``), the walk costs the whole trie. :func:`enumerate_rank` then
 scores the whole trie level by level without pruning (one walk, never a rerun, never ``unstable``), and
 :func:`choose_exact_method` picks walk, enumeration or neither from the expected cost of each within the node budget.
 Scoring the 10^6 secrets as candidates after the shared prefix (:func:`audit.score.engine.candidate_nll_bits`) costs
-5 positions per secret against 0.11 trie rows per secret, and measured 12x slower on tiny-llama, so the enumeration
-walks the trie.
+5 positions per secret against 0.11 trie rows per secret, and measured 13-20x slower on tiny-llama (183 s
+extrapolated against 8-12 s), so the enumeration walks the trie; its rows cost what the walk's do.
 
 Numerics: the canary's loss is taken from the walk itself (the same batched arithmetic as every other leaf), and
 pruning keeps a slack of ``slack_nats`` above the canary's teacher-forced loss, so batch-dependent rounding cannot
