@@ -659,7 +659,7 @@ class SequenceScore(Frozen):
     """95% interval of ``exposure_space`` (equal to it when exact)."""
     exact_rank: int | None = None
     exact_status: str | None = None
-    """exact | budget_exceeded | unstable (the walk could not reproduce its own value of the canary; sampled rank stands) |
+    """exact (by the pruned walk) | enumerated (exact, by scoring the whole trie: the walk would not prune) | budget_exceeded | unstable (the walk could not reproduce its own value of the canary; sampled rank stands) |
     skipped (sampled estimate beyond the budget) | not_enumerable | not_compositional | off | unranked (a reference outside
     ``scoring.exposure_null_references``: no exposure measured)"""
     exact_nodes: int | None = None

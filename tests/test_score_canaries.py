@@ -34,7 +34,8 @@ def test_every_field_is_filled_and_consistent(tiny_model, three_digit_canaries):
     rows = score_canaries(model, tok, canaries, refs, label="base", section=SECTION, progress=False, seed=1)
     assert len(rows) == 6
     for r in rows:
-        assert r.exposure_method == "exact" and r.exact_status == "exact"  # 1000 secrets: the walk always finishes
+        # 1000 secrets (111 trie rows, within the budget): the walk or the whole-trie enumeration always finishes
+        assert r.exposure_method == "exact" and r.exact_status in {"exact", "enumerated"}
         assert 1 <= r.exact_rank <= 1000
         assert r.exposure_space == pytest.approx(math.log2(1000) - math.log2(r.exact_rank), abs=1e-6)
         assert r.exposure_space_low == r.exposure_space == r.exposure_space_high

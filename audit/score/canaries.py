@@ -51,24 +51,51 @@ def _text_tokens(tokenizer, canary: Canary, split: SplitTokens) -> list[int]:
 
 
 def _exact(model, tokenizer, canary: Canary, canaries: CanarySet, section: ScoringSection, rank: int, n_refs: int,
-           seed: int) -> tuple[str, int | None, int | None]:
-    """(status, exact rank, nodes scored) for one canary; see :mod:`audit.score.exposure_search`."""
-    from audit.score.exposure_search import NotCompositionalError, exact_rank, parse_secret, symbol_tokens
+           seed: int, bits: list[float] | None = None) -> tuple[str, int | None, int | None]:
+    """(status, exact rank, nodes scored) for one canary; see :mod:`audit.score.exposure_search`.
+
+    The pruned walk or the whole trie, whichever is expected to cost less within ``scoring.exact_exposure_budget``
+    rows (:func:`~audit.score.exposure_search.choose_exact_method`); status ``exact`` when the walk ranked it,
+    ``enumerated`` when the enumeration did (the same exact rank), ``skipped`` when neither fits. The walk's rows are
+    expected from the sampled rank, or, given ``bits`` (the canary's then the references' bits, as ranked), from
+    the losses (:func:`~audit.score.exposure_search.expected_walk_rows`)."""
+    from audit.score.exposure_search import (
+        NotCompositionalError,
+        choose_exact_method,
+        enumerate_rank,
+        exact_rank,
+        expected_walk_rows,
+        parse_secret,
+        symbol_tokens,
+        trie_rows,
+    )
 
     space = canaries.space
     if not section.exact_exposure:
         return "off", None, None
     if not space.enumerable:
         return "not_enumerable", None, None
-    # the walk's cost grows with the rank: skip when the sampled estimate already puts it beyond the budget
-    if 1 + (rank - 1) / n_refs * (space.size - 1) > section.exact_exposure_budget / len(space.alphabet):
+    budget = section.exact_exposure_budget
+    # the walk's cost grows with the rank, the enumeration's is the trie's: skip when the sampled estimate puts both beyond the budget
+    walk_rows = None if bits is None else expected_walk_rows(bits[0], bits[1:], len(space.alphabet), space.length)
+    choice = choose_exact_method(rank_estimate=1 + (rank - 1) / n_refs * (space.size - 1), alphabet_size=len(space.alphabet),
+                                 length=space.length, budget=budget, walk_rows=walk_rows)
+    if choice.method == "skip":
         return "skipped", None, None
     try:
         table = symbol_tokens(tokenizer, canary.prefix, space, canary.secret, seed=seed)
     except NotCompositionalError:
         return "not_compositional", None, None
-    result = exact_rank(model, table, parse_secret(space, canary.secret), node_budget=section.exact_exposure_budget)
-    return result.status, result.rank, result.nodes_evaluated
+    secret = parse_secret(space, canary.secret)
+    if choice.method == "walk":
+        result = exact_rank(model, table, secret, node_budget=budget)
+        if result.status == "exact" or result.nodes_evaluated + trie_rows(len(space.alphabet), space.length) > budget:
+            return result.status, result.rank, result.nodes_evaluated
+        spent = result.nodes_evaluated  # the walk could not finish (reduced precision) and the whole trie still fits
+    else:
+        spent = 0
+    result = enumerate_rank(model, table, secret)
+    return "enumerated", result.rank, spent + result.nodes_evaluated
 
 
 def ranked_indices(canaries: CanarySet, section: ScoringSection) -> list[int]:

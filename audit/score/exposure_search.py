@@ -21,6 +21,15 @@ Requirements, checked before walking (:func:`symbol_tokens`):
 * a node budget: when the frontier would exceed it (an unlearned canary has rank ~|R|/2, so nothing prunes), the walk
   stops with ``status="budget_exceeded"`` and the caller falls back to the sampled rank with its binomial interval.
 
+When nothing prunes (an unlearned canary: rank ~|R|/2; and where every digit still costs ~8 bits, even a canary at
+rank 1: on tiny-llama the 16x canary's walk expanded 67,094 of the 111,111 rows and the 4x one's all of them,
+``benchmarks/exposure.json``), the walk costs the whole trie. :func:`enumerate_rank` then
+scores the whole trie level by level without pruning (one walk, never a rerun, never ``unstable``), and
+:func:`choose_exact_method` picks walk, enumeration or neither from the expected cost of each within the node budget.
+Scoring the 10^6 secrets as candidates after the shared prefix (:func:`audit.score.engine.candidate_nll_bits`) costs
+5 positions per secret against 0.11 trie rows per secret, and measured 13-20x slower on tiny-llama (183 s
+extrapolated against 8-12 s), so the enumeration walks the trie; its rows cost what the walk's do.
+
 Numerics: the canary's loss is taken from the walk itself (the same batched arithmetic as every other leaf), and
 pruning keeps a slack of ``slack_nats`` above the canary's teacher-forced loss, so batch-dependent rounding cannot
 drop a secret that ties with it. The canary's own path is never pruned. In fp32 the walk and the teacher-forced
@@ -153,6 +162,8 @@ class ExactRank:
     wall_s: float = 0.0
     walks: int = 1
     """Walks run: 2 or more when the canary's walk loss ended above the first limit (reduced precision)."""
+    method: Literal["walk", "enumeration"] = "walk"
+    """``walk``: pruned at the canary's loss; ``enumeration``: the whole trie, unpruned (:func:`enumerate_rank`)."""
 
     @property
     def exposure(self) -> float | None:
@@ -312,17 +323,94 @@ def exact_rank(model, table: SymbolTokens, canary: list[int], *, node_budget: in
             sizes.append(len(front.nll))
         return front, sizes
 
+    method = "walk" if prune else "enumeration"
     limit = threshold + slack if prune else math.inf
     for attempt in range(1, WALK_ATTEMPTS + 1):
         front, sizes = walk(limit)
         if front is None:
             return ExactRank("budget_exceeded", None, table.space_size, threshold / LN2, nodes, tokens, sizes,
-                             time.perf_counter() - t0, walks=attempt)
+                             time.perf_counter() - t0, walks=attempt, method=method)
         canary_value = float(front.nll[front.on_canary][0])
         if canary_value <= limit:  # every secret whose walk loss is <= the canary's survived every level
             rank = 1 + int(np.count_nonzero(front.nll[~front.on_canary] <= canary_value))
             return ExactRank("exact", rank, table.space_size, canary_value / LN2, nodes, tokens, sizes,
-                             time.perf_counter() - t0, walks=attempt)
+                             time.perf_counter() - t0, walks=attempt, method=method)
         limit = canary_value + slack  # the walk's own value of the canary: the threshold the next walk prunes at
     return ExactRank("unstable", None, table.space_size, canary_value / LN2, nodes, tokens, sizes,
-                     time.perf_counter() - t0, walks=WALK_ATTEMPTS)
+                     time.perf_counter() - t0, walks=WALK_ATTEMPTS, method=method)
+
+
+def enumerate_rank(model, table: SymbolTokens, canary: list[int], *, token_budget: int | None = None) -> ExactRank:
+    """Rank of ``canary`` by scoring every node of the trie (:func:`trie_rows` rows), level by level, unpruned.
+
+    The same rank convention, tie handling and batched arithmetic as the walk (``rank = 1 + |{r != canary : loss(r) <=
+    loss(canary)}|``, the canary's loss from the same pass); with no limit there is nothing to rerun, so it takes one
+    pass and its status is always ``exact``. Its cost is fixed by the space, not by the rank: the choice for a canary
+    that cannot prune (:func:`choose_exact_method`).
+    """
+    return exact_rank(model, table, canary, node_budget=None, prune=False, token_budget=token_budget)
+
+
+def trie_rows(alphabet_size: int, length: int) -> int:
+    """Forward rows of the whole trie: one per node with children, ``sum_{l < length} |A|^l`` (111,111 for 6 digits)."""
+    return sum(alphabet_size**level for level in range(length))
+
+
+@dataclass(frozen=True)
+class ExactChoice:
+    method: Literal["walk", "enumeration", "skip"]
+    walk_rows: float
+    """Expected rows of the walk: ``min(trie, |A| x rank estimate)``, times the walks expected."""
+    enumeration_rows: int
+    walk_s: float
+    enumeration_s: float
+    """Expected seconds: rows times the cost of one row of each (equal unless measured apart)."""
+    reason: str
+
+
+def expected_walk_rows(canary_nll_bits: float, reference_nll_bits, alphabet_size: int, length: int) -> float:
+    """Rows the walk is expected to expand, from the losses the sampled rank already computed.
+
+    Level ``l`` keeps the ``l``-symbol prefixes whose partial loss is at most the canary's loss; with each random
+    secret's per-symbol costs taken as independent with the mean and variance of the references' totals over
+    ``length``, the kept share is ``Phi((c - l m) / (sqrt(l) s))``, and a row is spent on each kept node of levels
+    ``0 .. length - 1``. Unlike ``|A| x rank`` it sees that a canary at rank 1 whose loss is still high prunes nothing
+    before the last level (tiny-llama, ``benchmarks/exposure.json``).
+    """
+    refs = np.asarray(reference_nll_bits, dtype=float)
+    m, s = float(refs.mean()) / length, max(float(refs.std()), 1e-9) / math.sqrt(length)
+    rows = 1.0
+    for level in range(1, length):  # the canary's own path is never pruned: at least one row per level
+        z = (canary_nll_bits - level * m) / (math.sqrt(level) * s)
+        rows += max(1.0, alphabet_size**level * 0.5 * math.erfc(-z / math.sqrt(2)))
+    return min(rows, float(trie_rows(alphabet_size, length)))
+
+
+def choose_exact_method(*, rank_estimate: float, alphabet_size: int, length: int, budget: int, walk_row_s: float = 1.0,
+                        enumeration_row_s: float = 1.0, walks_expected: float = 1.0,
+                        walk_rows: float | None = None) -> ExactChoice:
+    """Walk, enumerate, or skip (the sampled rank stands), by expected cost within ``budget`` rows.
+
+    The walk's rows grow with the canary's rank: about ``|A|`` per secret at least as likely (the frontier of the
+    last levels), never more than the trie; it may run it more than once in reduced precision (``walks_expected``).
+    The walk fits when ``|A| x rank_estimate <= budget``, the rule the harness used before there was a choice (so with
+    the default budget of 2,000 rows, under the 111,111 of a 6-digit trie, every decision is as before). The
+    enumeration's rows are fixed (:func:`trie_rows`) and fit when they are within the budget. Of those that fit, the
+    cheaper in expected seconds runs; on a tie (the walk expected to expand the whole trie) the enumeration, which
+    runs once where the walk may rerun. Neither fitting means skip. A pure function of the numbers.
+
+    ``walk_rows``: the walk's expected rows from the losses (:func:`expected_walk_rows`) instead of the rank; the
+    walk then fits when they are within the budget.
+    """
+    whole = trie_rows(alphabet_size, length)
+    walk_fits = not rank_estimate > budget / alphabet_size if walk_rows is None else walk_rows * walks_expected <= budget
+    walk_rows = (min(float(whole), alphabet_size * rank_estimate) if walk_rows is None else min(float(whole), walk_rows)) * walks_expected
+    walk_s, enumeration_s = walk_rows * walk_row_s, whole * enumeration_row_s
+    enumeration_fits = whole <= budget
+    costs = (walk_rows, whole, walk_s, enumeration_s)
+    if walk_fits and (not enumeration_fits or walk_s < enumeration_s):
+        return ExactChoice("walk", *costs, reason="the walk fits the budget and is expected to cost less than the whole trie")
+    if enumeration_fits:
+        return ExactChoice("enumeration", *costs, reason="the whole trie fits the budget and costs no more than the expected walk")
+    return ExactChoice("skip", *costs, reason=f"neither the expected walk ({walk_rows:.0f} rows) nor the whole trie "
+                                              f"({whole} rows) fits the budget of {budget} rows")
