@@ -67,7 +67,13 @@ from audit.metrics.mia import (
     zlib_bytes,
     zlib_mimir_score,
 )
-from audit.metrics.privacy import BOUND_METHODS, best_of_guess_counts, epsilon_lower_bound_by, one_run_audit
+from audit.metrics.privacy import (
+    BOUND_METHODS,
+    GAUSSIAN_NULL_METHODS,
+    best_of_guess_counts,
+    epsilon_lower_bound_by,
+    one_run_audit,
+)
 from audit.metrics.stats import clopper_pearson
 from audit.schema import MetricEntry, ScoringSection, SequenceScore
 
@@ -353,7 +359,7 @@ def _privacy_methods(out: SuiteResult, scores: list[float], member: list[bool], 
     """``privacy.eps_lb/<method>`` on the same guesses as ``privacy.eps_lb``, and each method's best-of-k."""
     m = len(scores)
     for method, what in BOUND_METHODS.items():
-        if method == "xiang_gdp" and delta <= 0:
+        if method in GAUSSIAN_NULL_METHODS and delta <= 0:
             out.notes[f"privacy.eps_lb/{method}"] = "not computed: a mu-GDP null has no finite eps at delta = 0"
             continue
         out.put(f"privacy.eps_lb/{method}", epsilon_lower_bound_by(method, m, guesses, correct, delta=delta,
