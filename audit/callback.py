@@ -48,7 +48,6 @@ from audit.curve_points import (  # noqa: F401  (re-exported: the callback's mea
     CurveRecorder,
     MeasurePoints,
     last_step,
-    log_final_point,
     measuring,
     point_metrics,
     sharded_parameters,
@@ -322,8 +321,7 @@ def finish_report(run_dir: Path, report: Any, *, curves: Curves, extra_gates: li
     write_report(report, Path(run_dir) / "report.json")
     render_report(Path(run_dir), report)
     if tracker is not None:
-        tracker.log_report(report, Path(run_dir))
-        log_final_point(tracker, curves)
+        tracker.log_report(report, Path(run_dir))  # the final audit at the curve's last step
     return report
 
 

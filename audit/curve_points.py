@@ -122,13 +122,6 @@ def last_step(state: Any) -> bool:
     return bool(state.max_steps) and state.global_step >= state.max_steps
 
 
-def log_final_point(tracker: Any, curves: Curves) -> None:
-    """Each curve's last point (the final audit) as an MLflow step metric too, so MLflow shows the whole curve."""
-    last = {k: pts[-1] for k, pts in curves.items() if pts}
-    for step in sorted({s for s, _ in last.values()}):
-        tracker.log_metrics({k: v for k, (s, v) in last.items() if s == step}, step=step)
-
-
 def top_exposure(metrics: dict[str, float]) -> str | None:
     """``exposure.mean/rep_<top tier>/tuned``: the one number a progress line shows."""
     keys = [k for k in metrics if k.startswith("exposure.mean/rep_")]

@@ -492,11 +492,8 @@ def publish(run: Run, origin: Origin, report: AuditReport) -> AuditReport:
         report = noted(report)
     write_report(report, run.dir / "report.json")
     render_report(run.dir, report)  # report.html, report.md, plots/ (audit.render)
+    # with scoring.every_steps the final audit is each curve's last point: log_report puts it at the last step
     run.tracker.log_report(report, run.dir, log_full_weights=run.ctx.recipe.tracking.log_full_weights)
-    if report.curves:  # scoring.every_steps: the final audit is each curve's last point, at the last step
-        from audit.curve_points import log_final_point
-
-        log_final_point(run.tracker, report.curves)
     run.tracker.set_tags(origin.tags())
     if run.tracker.incomplete and TRACKING_NOTE not in report.metric_notes:  # the server went away during the logging
         report = noted(report)

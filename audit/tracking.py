@@ -474,7 +474,13 @@ class Tracker:
         Weights: ``adapter/`` (LoRA, a few MB) always; ``model/`` (full fine-tune) and ``merged/`` only with
         ``log_full_weights`` (the recipe's ``tracking.log_full_weights``), otherwise a tag says why they are absent.
         """
-        self.log_metrics(report_metric_dict(report))
+        # with a curve (scoring.every_steps, the callback) the final audit is each curve's last point: its metrics go at
+        # that step, so MLflow's history of a curve key has no stray point at step 0
+        ends = {k: pts[-1] for k, pts in report.curves.items() if pts}
+        final_step = max((step for step, _ in ends.values()), default=None)
+        self.log_metrics(report_metric_dict(report), final_step)
+        for step in sorted({s for s, _ in ends.values()} - {final_step}):  # a curve that ended earlier, at its own step
+            self.log_metrics({k: v for k, (s, v) in ends.items() if s == step}, step)
         self.set_tags({"canary_audit.tuned_fingerprint": report.training.weights_fingerprint,
                        "canary_audit.git_revision": report.git_revision or "unknown",
                        **({"canary_audit.verdict": "pass" if all(g.passed for g in report.gates) else "fail"} if report.gates else {})})

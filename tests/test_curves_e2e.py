@@ -28,5 +28,5 @@ def test_audit_run_with_every_steps_records_the_curve_in_the_run_the_report_and_
     assert curve[-1][1] >= 5.0 and report.curves["exposure.mean/rep_0/tuned"][-1][1] <= 3.2
     assert '<section id="curves">' in (run_dir / "report.html").read_text()
     client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp / 'mlflow.db'}")
-    steps = sorted(m.step for m in client.get_metric_history(report.tracking.run_id, key) if m.step)
-    assert steps == [70, 140, 210]  # the live points, then the final audit's value at the last step
+    steps = sorted(m.step for m in client.get_metric_history(report.tracking.run_id, key))
+    assert steps == [70, 140, 210]  # the live points, then the final audit's value at the last step (none at step 0)
