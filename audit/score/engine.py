@@ -455,7 +455,7 @@ def candidate_nll_bits(model, prefix_ids: list[int], candidates: list[list[int]]
     ``shared_levels`` tokens form a trie: each distinct node of it runs once, one new position on its parent's cached
     keys/values (as :mod:`audit.score.exposure_search` walks the whole space), and scores the next token of every
     candidate below it. Each candidate's remaining tokens then run in one pass on its node's cache, right-padded per
-    batch of ``batch_size`` rows (padded positions are ignored). Candidates may differ in length and repeat.
+    batch of ``batch_size`` rows or more (up to the token budget; padded positions are ignored). Candidates may differ in length and repeat.
     """
     device = device_of(model)
     out = model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True)
@@ -493,8 +493,12 @@ def candidate_nll_bits(model, prefix_ids: list[int], candidates: list[list[int]]
         depth = level
     rest = [i for i, c in enumerate(cands) if len(c) > depth + 1]
     rest.sort(key=lambda i: -len(cands[i]))  # longest first: an out-of-memory error shows early
-    for start in range(0, len(rest), max(batch_size, 1)):
-        idx = rest[start : start + max(batch_size, 1)]
+    # rows per pass: at least batch_size, more while rows x tokens stays within the token budget (128 candidates with
+    # 3 tokens left run as one pass of 384 positions: the GEMMs of 64-row passes ran ~15% slower on 2 CPU cores)
+    width = max((len(cands[i]) - depth - 1 for i in rest), default=1)
+    rows_per_pass = max(batch_size, 1, default_token_budget(model) // max(width, 1))
+    for start in range(0, len(rest), rows_per_pass):
+        idx = rest[start : start + rows_per_pass]
         cache = rows_cache(prefix_kv, suffix, [int(node_of[i]) for i in idx], device)
         past = cache.get_seq_length()
         ids, mask = _right_padded([cands[i][depth:] for i in idx], 0, device)
