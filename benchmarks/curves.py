@@ -74,12 +74,14 @@ def main() -> None:
     parser.add_argument("--recipe", default="tiny/lora_cpu")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", type=Path, help="a folder to run in and keep (runs/, mlflow.db) instead of a temporary one")
+    parser.add_argument("--plain", type=Path, help="a finished run directory of RECIPE without a curve (same machine, "
+                        "e.g. one of benchmarks/default_audit.json's runs) to compare with, instead of running it again")
     args = parser.parse_args()
     info = machine()
     with tempfile.TemporaryDirectory(prefix="curves-bench-") as tmp:
         work = args.keep.resolve() if args.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        plain = summary(audit_run(args.recipe, [], work))
+        plain = summary(args.plain.resolve() if args.plain else audit_run(args.recipe, [], work))
         every = max(1, -(-plain["steps"] // 4))  # ceil: live points at 1/4, 2/4, 3/4, the final audit the 4th
         curved = summary(audit_run(args.recipe, [f"scoring.every_steps={every}"], work))
     extra_train = curved["timings_s"]["train"] - plain["timings_s"]["train"]

@@ -233,6 +233,11 @@ def test_shipped_exposure_gates_rarely_fire_on_a_model_that_learned_nothing(name
             n = references if tier == 0 else members
             assert g.max > 1 / math.log(2), f"{name}: {g.metric} max {g.max} sits below the null mean 1.44"
             assert exposure_null_tail(g.max, n) < 0.01, f"{name}: {g.metric} max {g.max} fires too often under the null"
+            # and simulated as scoring does it: each canary's rank uniform among the recipe's references + 1
+            m = recipe.scoring.exposure_references + 1
+            ranks = np.random.default_rng(tier).integers(1, m + 1, size=(100_000, n))
+            fired = int(((np.log2(m) - np.log2(ranks)).mean(axis=1) > g.max).sum())
+            assert fired < 1_000, f"{name}: {g.metric} max {g.max} fired {fired} times in 100,000 unlearned draws of {n}"
             checked += 1
     assert checked, f"{name} has gates but none on exposure"
 
