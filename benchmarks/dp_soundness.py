@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("steinke", "steinke_best_k", "xiang_eps_delta", "xiang_gdp", "xiang_gdp_best_k")
+METHODS = ("steinke", "steinke_best_k", "xiang_eps_delta", "xiang_gdp", "xiang_gdp_best_k", "mahloujifar_fdp",
+           "mahloujifar_fdp_best_k")
 
 
 def soundness_row(report, *, seed: int, eps: float) -> dict:
