@@ -34,7 +34,8 @@ def rows(seed: int = 0, *, ranked_refs: int = 32, refs: int = 100, per_tier: int
                 out.append(SequenceScore(
                     canary_id=f"c{reps:02d}{i:03d}", model=model, repetitions=reps, secret_tokens=6,
                     secret_nll_bits=round(6 * loss / math.log(2), 4), rank=rank, n_references=255 if ranked else None,
-                    exposure=None if rank is None else round(8 - math.log2(rank), 4), extracted=False,
+                    exposure=None if rank is None else round(8 - math.log2(rank), 4),
+                    extracted=(reps == 16 and model == "tuned") if ranked else None,  # measured where exposure is
                     mia_loss=round(loss, 4), mia_min_k=round(-loss * 1.1, 4), mia_min_k_pp=round(-loss / 3, 4),
                     mia_zlib=round(-loss / 12, 4), exact_status=None if ranked else "unranked", secret_utf8_bits=48))
     return out
@@ -50,7 +51,10 @@ def test_references_without_a_rank_leave_the_exposure_mean_to_the_ranked_ones():
     assert tiers[16].exposure_n is None  # every member is ranked: the field stays out of report.json
     assert "exposure_n" not in tiers[16].model_dump() and refs.model_dump()["exposure_n"] == 32
     flat = refs.flat_metrics()
-    assert flat["exposure.mean/rep_0/tuned"].n == 32 and flat["extraction.exact/rep_0/tuned"].n == 100
+    # extraction is measured where exposure is (members and the null sample): its n is the ranked count too
+    assert flat["exposure.mean/rep_0/tuned"].n == 32 and flat["extraction.exact/rep_0/tuned"].n == 32
+    assert refs.extracted == {"base": 0, "tuned": 0} and tiers[16].extracted == {"base": 0, "tuned": 8}
+    assert "0/32" in format_table(make_report(scores)).splitlines()[2]  # the references' row: extracted of ranked
     assert TierSummary.model_validate(refs.model_dump()) == refs
 
 
