@@ -385,13 +385,6 @@ def output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
-def prefix_cache(model, prefix_ids: Sequence[int]):
-    """Run the prefix once; return its KV cache and the log-distribution of the next token (fp32, on the device)."""
-    device = device_of(model)
-    out = model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True)
-    return output_cache(out), torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-
-
 def expand_cache(cache, rows: int):
     """A copy of a one-row cache repeated for ``rows`` rows (the forward pass appends to it)."""
     c = copy.deepcopy(cache)

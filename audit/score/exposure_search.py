@@ -60,6 +60,7 @@ from audit.score.engine import (
     device_of,
     output_cache,
     plan_batches,
+    rows_cache,
     split_tokens,
     split_tokens_many,
     with_cache,
@@ -188,8 +189,6 @@ def _cached_level(model, prefix_kv, prefix_len: int, front: _Frontier, targets: 
     """One level of the single-token walk: each node costs one new position; its path's keys/values come from its
     parent's stored suffix after the shared prefix, never recomputed. Returns kept (node, symbol, loss) and the
     suffixes of the parents that have kept children."""
-    from transformers import DynamicCache
-
     device = device_of(model)
     n = len(front.nll)
     kept_i, kept_a, kept_nll, next_parent, parts = [], [], [], [], []
@@ -197,14 +196,7 @@ def _cached_level(model, prefix_kv, prefix_len: int, front: _Frontier, targets: 
     for start in range(0, n, rows_per_batch):
         idx = np.arange(start, min(n, start + rows_per_batch))
         b = len(idx)
-        cache = DynamicCache()
-        parents = torch.as_tensor(front.parent[idx], device=device)
-        for layer, (pk, pv) in enumerate(prefix_kv):
-            k, v = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)
-            if front.suffix is not None:
-                sk, sv = front.suffix[layer]
-                k, v = torch.cat([k, sk.index_select(0, parents)], dim=2), torch.cat([v, sv.index_select(0, parents)], dim=2)
-            cache.update(k.contiguous(), v.contiguous(), layer)
+        cache = rows_cache(prefix_kv, front.suffix, front.parent[idx].tolist(), device)
         past = cache.get_seq_length()
         ids = torch.as_tensor(front.last[idx], device=device).view(b, 1)
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **with_cache(model, cache),
