@@ -2,7 +2,7 @@
 outside the null sample (no rank) carried through tiers, metrics, the printed table and the human report.
 
 Hand-made rows summarized by the real metric code (no model): 8 members per tier and 100 references, of which 32 are
-ranked, as recipes/smollm2/evidence_cpu.yaml scores them.
+ranked, as recipes/smollm2/lora_cpu.yaml (the default) scores them.
 """
 
 from __future__ import annotations
