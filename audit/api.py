@@ -61,7 +61,13 @@ def inject_canaries(
     and ``corpus`` sections. Bad input raises :class:`audit.errors.AuditError` before anything is written.
     """
 
-    from audit.ground_truth import load_tokenizer, prepare_ground_truth, write_ground_truth, write_measure_record
+    from audit.ground_truth import (
+        load_tokenizer,
+        prepare_ground_truth,
+        refuse_added_tokens,
+        write_ground_truth,
+        write_measure_record,
+    )
     from audit.keys import resolve_key
     from audit.models import resolve_model
     from audit.schema import Recipe
@@ -90,6 +96,7 @@ def inject_canaries(
         where = ".".join(str(p) for p in err["loc"])
         raise AuditError(f"inject_canaries: {where}: {err['msg']} (got {err.get('input')!r})",
                          fix="correct that argument") from None
+    refuse_added_tokens(recipe, "inject_canaries")
     corpus = _corpus_of(records, recipe)
     resolved = resolve_model(model, progress=False)
     tokenizer = load_tokenizer(resolved.path)

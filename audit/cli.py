@@ -309,7 +309,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_canaries(args: argparse.Namespace) -> int:
-    from audit.canaries import GenerationContext, generate_canaries, load_spec, spec_needs_model
+    from audit.canaries import GenerationContext, added_tokens, generate_canaries, load_spec, spec_needs_model
     from audit.config import parse_override
     from audit.ground_truth import canaries_table, model_context
     from audit.keys import resolve_key
@@ -320,7 +320,8 @@ def cmd_canaries(args: argparse.Namespace) -> int:
         keys, value = parse_override(item)
         params[".".join(keys)] = value
     spec = load_spec(args.spec, params)
-    _, tokenizer, sampler = model_context(args.model, tokenizer_only=not spec_needs_model(spec))
+    _, tokenizer, sampler = model_context(args.model, tokenizer_only=not spec_needs_model(spec),
+                                          added_tokens=added_tokens(spec))
     canaries = generate_canaries(spec, seed=args.seed, context=GenerationContext(tokenizer=tokenizer, sampler=sampler),
                                  key=resolve_key(args.key_file))
     print(canaries_table(canaries, reveal=args.reveal))

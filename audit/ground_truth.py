@@ -26,13 +26,13 @@ the key's id is recorded in canaries.meta.json, manifest.json, run.json and repo
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets, spec_needs_model
+from audit.canaries import GenerationContext, added_tokens, generate_canaries, load_spec, reference_secrets, spec_needs_model
 from audit.canaries.generate import check_ids
 from audit.canaries.spec import CanarySpec
 from audit.console import text_table
@@ -76,15 +76,30 @@ class GroundTruth:
                 "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()}}
 
 
-def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(path: Path, *, trust_remote_code: bool = False, added_tokens: Sequence[str] = ()) -> Any:
+    """The model's tokenizer, with a pad token, and ``added_tokens`` added (a new-token canary spec's pool)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from audit.models import extend_tokenizer
 
     hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    extend_tokenizer(tokenizer, added_tokens)
     return tokenizer
+
+
+def refuse_added_tokens(recipe: Recipe, where: str) -> None:
+    """One line for a spec that adds tokens (``new_tokens``) where the run does not own the model's vocabulary: a set
+    made for someone else's trainer would reach it as ordinary text pieces, not as the new tokens it was drawn from."""
+    spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
+    if added_tokens(spec):
+        raise AuditError(f"{where}: canary spec {spec.name} adds {len(added_tokens(spec))} tokens to the model's "
+                         "vocabulary, which only a run that trains the model can do",
+                         fix="audit new-token canaries with `audit run` (it adds the tokens, trains and scores), or use "
+                             "rare_tokens / bigram")
 
 
 def training_options(section: TrainingSection) -> dict[str, Any]:
@@ -178,10 +193,12 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
 def ground_truth_for_model(recipe: Recipe, *, model_path: Path, fingerprint: str, device: str = "cpu", dtype: Any = None,
                            progress: bool = False, canaries: CanarySet | None = None,
                            canary_seed: int | None = None, key: AuditKey | None) -> GroundTruth:
-    """:func:`prepare_ground_truth` with the tokenizer of ``model_path`` and, if the spec samples, the model itself."""
-    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code)
+    """:func:`prepare_ground_truth` with the tokenizer of ``model_path`` (with the tokens the spec adds) and, if the spec
+    samples, the model itself."""
+    spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code, added_tokens=added_tokens(spec))
     sampler = None
-    if spec_needs_model(load_spec(recipe.canaries.spec, recipe.canaries.params)):
+    if spec_needs_model(spec):
         from audit.canaries.sampling import LazyModelSampler
 
         sampler = LazyModelSampler(model_path, fingerprint=fingerprint, device=device, dtype=dtype,
@@ -273,13 +290,15 @@ def canaries_table(canaries: CanarySet, *, reveal: bool = False, width: int = 48
     return "\n".join(lines)
 
 
-def model_context(source: str, *, tokenizer_only: bool, progress: bool = False) -> tuple[Any, Any, Any]:
-    """``(resolved, tokenizer, sampler)`` for a model source; the sampler loads the model lazily."""
+def model_context(source: str, *, tokenizer_only: bool, progress: bool = False,
+                  added_tokens: Sequence[str] = ()) -> tuple[Any, Any, Any]:
+    """``(resolved, tokenizer, sampler)`` for a model source (the tokenizer with ``added_tokens``); the sampler loads
+    the model lazily."""
     from audit.canaries.sampling import LazyModelSampler
     from audit.models import resolve_model
 
     resolved = resolve_model(source, progress=progress)
-    tokenizer = load_tokenizer(resolved.path)
+    tokenizer = load_tokenizer(resolved.path, added_tokens=added_tokens)
     sampler = None if tokenizer_only else LazyModelSampler(
         resolved.path, fingerprint=resolved.provenance.get("weights_fingerprint", ""), tokenizer=tokenizer)
     return resolved, tokenizer, sampler
@@ -305,6 +324,7 @@ def inject_stage(recipe: Recipe, out_dir: Path, *, stream: bool = False, progres
     from audit.validate import check_writable_folder
 
     out_dir = Path(out_dir)
+    refuse_added_tokens(recipe, "audit inject")
     if out_dir.exists() and not out_dir.is_dir():
         raise AuditError(f"output directory {out_dir} is a file", fix="give a new or empty --out directory")
     if out_dir.exists() and any(out_dir.iterdir()):

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -429,8 +430,70 @@ def fingerprint_safetensors_dir(path: Path) -> str:
     return fingerprint_tensors(tensors)
 
 
-def load_model_and_tokenizer(path: Path, *, dtype: Any, device: str, trust_remote_code: bool = False):
-    """Load a causal LM from safetensors only; the tokenizer gets a pad token if it has none."""
+NEW_ROW_JITTER = 1e-3
+"""Added embedding rows are the mean row plus this many per-dimension standard deviations of seeded noise."""
+
+
+def extend_tokenizer(tokenizer: Any, tokens: Sequence[str]) -> list[int]:
+    """Add ``tokens`` to ``tokenizer`` as plain (non-special) added tokens and return their ids, in order.
+
+    Idempotent: a tokenizer that already has them (a reloaded run) gets nothing new. A string that the tokenizer
+    already encodes as one ordinary token, or that does not come back as one id, is refused: it would not be new."""
+    if not tokens:
+        return []
+    added = getattr(tokenizer, "get_added_vocab", dict)() or {}
+    vocab = tokenizer.get_vocab()
+    clash = next((t for t in tokens if t in vocab and t not in added), None)
+    if clash is not None:
+        raise AuditError(f"the tokenizer already has {clash!r} as an ordinary token, so it cannot be a new-token canary",
+                         fix="use another canary spec for this model")
+    tokenizer.add_tokens(list(tokens), special_tokens=False)
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    for token, token_id in zip(tokens, ids, strict=True):
+        if token_id is None or tokenizer(token, add_special_tokens=False)["input_ids"] != [token_id]:
+            raise AuditError(f"the added token {token!r} does not tokenize back to its own id",
+                             fix="report this tokenizer; use another canary spec meanwhile")
+    return list(ids)
+
+
+def extend_vocabulary(model: Any, tokenizer: Any, tokens: Sequence[str]) -> list[int]:
+    """Add ``tokens`` to ``tokenizer`` and give ``model`` an embedding row for each (Panda et al. 2025 new-token canaries).
+
+    The rows are deterministic, so the base scored before training, the model trained and the model reloaded later
+    all start from the same rows: the mean of the existing rows (input and, when untied, output embeddings) plus
+    ``NEW_ROW_JITTER`` per-dimension standard deviations of noise from a generator seeded with 0. The mean makes the
+    base indifferent among the new tokens (transformers' ``mean_resizing`` idea, without its global-RNG draw); the
+    jitter keeps candidates from tying exactly. A model whose matrix already has rows past the tokenizer's end
+    (padded vocabularies) reuses those rows. Returns the tokens' ids."""
+    import torch
+
+    ids = extend_tokenizer(tokenizer, tokens)
+    if not ids:
+        return ids
+    rows = model.get_input_embeddings().weight.shape[0]
+    first = min(ids)
+    if max(ids) >= rows:
+        model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != matrices[0].data_ptr():
+        matrices.append(output.weight)
+    index = torch.tensor(ids, device=matrices[0].device)
+    with torch.no_grad():
+        for weight in matrices:
+            known = weight[:first].float()
+            noise = torch.randn(len(ids), weight.shape[1], generator=torch.Generator().manual_seed(0))
+            new = known.mean(dim=0) + NEW_ROW_JITTER * known.std(dim=0) * noise.to(known.device)
+            weight.index_copy_(0, index, new.to(weight.dtype))
+    return ids
+
+
+def load_model_and_tokenizer(path: Path, *, dtype: Any, device: str, trust_remote_code: bool = False,
+                             added_tokens: Sequence[str] = ()):
+    """Load a causal LM from safetensors only; the tokenizer gets a pad token if it has none.
+
+    ``added_tokens``: tokens a canary spec adds to the vocabulary (:func:`audit.canaries.added_tokens`), given rows
+    by :func:`extend_vocabulary` before the model moves to ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -440,6 +503,8 @@ def load_model_and_tokenizer(path: Path, *, dtype: Any, device: str, trust_remot
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    ).to(device)
+    )
+    extend_vocabulary(model, tokenizer, added_tokens)
+    model = model.to(device)
     model.eval()
     return model, tokenizer

@@ -76,7 +76,7 @@ class RunContext:
 
         A resume whose tracking server does not answer is not refused (a new run is): the audit's files are in the
         run directory, and what MLflow misses is kept in ``tracking_pending.jsonl`` for ``audit sync``."""
-        from audit.canaries import load_spec
+        from audit.canaries import added_tokens, load_spec
         from audit.errors import AuditError
         from audit.models import resolve_model
         from audit.tracking import check_tracking_reachable, resolve_tracking_uri
@@ -85,7 +85,11 @@ class RunContext:
 
         started = time.perf_counter()
         recipe = origin.recipe
-        load_spec(recipe.canaries.spec, recipe.canaries.params)  # a bad spec name fails before any model work
+        spec = load_spec(recipe.canaries.spec, recipe.canaries.params)  # a bad spec name fails before any model work
+        if recipe.training.dp is not None and added_tokens(spec):
+            raise AuditError(f"training.dp cannot train the {len(added_tokens(spec))} tokens canary spec {spec.name} adds: "
+                             "Opacus computes no per-record gradient for PEFT's trainable-token rows",
+                             fix="use canaries.spec=rare_tokens, bigram or dp_digits with training.dp")
         if resume_dir is None:  # where the run directory will be made, and the run directory of a resume
             check_output_root(recipe)
         else:
@@ -110,6 +114,13 @@ class RunContext:
                   progress=progress, started=started, tracking_down=down)
         ctx.timings["resolve"] = time.perf_counter() - started
         return ctx
+
+    @property
+    def added_tokens(self) -> list[str]:
+        """Tokens the canary spec adds to the vocabulary (``new_tokens``); [] for every other spec."""
+        from audit.canaries import added_tokens, load_spec
+
+        return added_tokens(load_spec(self.recipe.canaries.spec, self.recipe.canaries.params))
 
     @property
     def base_fingerprint(self) -> str:
@@ -266,12 +277,13 @@ def record_inputs(run: Run, truth: Any) -> None:
 
 
 def load_base(ctx: RunContext) -> tuple[Any, Any]:
-    """The pretrained weights and their tokenizer, on the run's device and precision."""
+    """The pretrained weights and their tokenizer, on the run's device and precision, with the tokens the canary spec
+    adds (``new_tokens``: :func:`audit.models.extend_vocabulary`, the same rows every time the base is loaded)."""
     from audit.models import load_model_and_tokenizer
 
     say(ctx.progress, f"[audit] score base: loading {ctx.recipe.model.source} and its per-token view")
     return load_model_and_tokenizer(ctx.resolved.path, dtype=ctx.device.torch_dtype, device=ctx.device.device,
-                                    trust_remote_code=ctx.recipe.model.trust_remote_code)
+                                    trust_remote_code=ctx.recipe.model.trust_remote_code, added_tokens=ctx.added_tokens)
 
 
 def start_model(ctx: RunContext, origin: Origin, base: Any) -> Any:
@@ -392,9 +404,10 @@ def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: An
     on_params = tracker.log_stage_params if tracker is not None else None
     curve = None if distributed.is_distributed() else run_curve_callback(
         plan.run_dir, truth, tokenizer, recipe, tracker=tracker, progress=progress)  # None unless scoring.every_steps
+    new_ids = tokenizer.convert_tokens_to_ids(ctx.added_tokens) if ctx.added_tokens else None  # LoRA trains their rows
     trained = train_sft(model, tokenizer, truth.training_texts, section=recipe.training, seed=recipe.seed,
-                        work_dir=plan.work_dir, weights_dir=plan.weights_dir, device=ctx.device, on_loss=on_loss,
-                        on_log=on_log, on_params=on_params, progress=progress, resume_from_checkpoint=plan.checkpoint,
+                        trainable_token_ids=new_ids, work_dir=plan.work_dir, weights_dir=plan.weights_dir,
+                        device=ctx.device, on_loss=on_loss, on_log=on_log, on_params=on_params, progress=progress, resume_from_checkpoint=plan.checkpoint,
                         callbacks=[curve] if curve is not None else None)
     if not distributed.is_distributed():
         return trained

@@ -5,8 +5,8 @@
 """
 
 from audit.canaries.base import GenerationContext, random_secrets
-from audit.canaries.generate import GENERATORS, describe, generate_canaries, reference_secrets, spec_needs_model
+from audit.canaries.generate import GENERATORS, added_tokens, describe, generate_canaries, reference_secrets, spec_needs_model
 from audit.canaries.spec import CanarySpec, load_spec, shipped_specs
 
-__all__ = ["GENERATORS", "CanarySpec", "GenerationContext", "describe", "generate_canaries", "load_spec",
+__all__ = ["GENERATORS", "CanarySpec", "added_tokens", "GenerationContext", "describe", "generate_canaries", "load_spec",
            "random_secrets", "reference_secrets", "shipped_specs", "spec_needs_model"]

@@ -14,7 +14,8 @@ gives other secrets. ``key=None`` is the unkeyed draw of runs written before the
 
 Generators (one per file): ``digits`` and ``words`` (:mod:`.templated`), ``pii`` (:mod:`.pii`), ``traps``
 (:mod:`.traps`, needs the base model), ``works`` (:mod:`.works`, the synthetic source needs the base model),
-``rare_tokens`` and ``bigram`` (:mod:`.tokens`, need the base model's tokenizer).
+``rare_tokens`` and ``bigram`` (:mod:`.tokens`, need the base model's tokenizer), ``new_tokens`` (:mod:`.tokens`,
+tokens added to the vocabulary).
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from audit.canaries.params import parse_params
 from audit.canaries.pii import pii_generator
 from audit.canaries.spec import CanarySpec
 from audit.canaries.templated import digits_generator, words_generator
-from audit.canaries.tokens import bigram_generator, rare_tokens_generator, tokens_need_model
+from audit.canaries.tokens import (
+    added_vocabulary,
+    bigram_generator,
+    new_tokens_generator,
+    rare_tokens_generator,
+    tokens_need_model,
+)
 from audit.canaries.traps import traps_generator, traps_need_model
 from audit.canaries.uniqueness import raise_on_near_duplicates
 from audit.canaries.works import works_generator, works_need_model
@@ -46,6 +53,7 @@ GENERATORS: dict[str, CanaryGenerator] = {
     "works": CanaryGenerator(works_generator, needs_model=works_need_model),
     "rare_tokens": CanaryGenerator(rare_tokens_generator, needs_model=tokens_need_model),
     "bigram": CanaryGenerator(bigram_generator, needs_model=tokens_need_model),
+    "new_tokens": CanaryGenerator(new_tokens_generator),
 }
 
 
@@ -59,6 +67,11 @@ def generator_of(spec: CanarySpec) -> CanaryGenerator:
 def spec_needs_model(spec: CanarySpec) -> bool:
     """True when drawing this spec samples from the base model (traps, synthetic works)."""
     return generator_of(spec).needs_model(spec.params)
+
+
+def added_tokens(spec: CanarySpec) -> list[str]:
+    """Tokens the spec adds to the base model's vocabulary before anything is tokenized (``new_tokens``), else []."""
+    return added_vocabulary(spec.generator, spec.params)
 
 
 def canary_id(spec: str, version: int, draft: Draft, key: AuditKey | None = None) -> str:

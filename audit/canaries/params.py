@@ -136,9 +136,21 @@ class BigramParams(_Params):
     names: list[str] | None = None
 
 
+class NewTokensParams(_Params):
+    """``new_tokens``: ``length`` tokens from ``pool`` tokens added to the vocabulary (Panda et al. 2025, ``new``)."""
+
+    length: PositiveInt = Field(default=4, ge=1)
+    pool: PositiveInt = Field(default=1024, ge=2, le=100_000)
+    """How many tokens are added (``<|c0000|>`` ..): the space is ``pool ** length``; each is an embedding row to train."""
+    templates: list[str] | None = None
+    names: list[str] | None = None
+    ngram: PositiveInt = Field(default=9, ge=1)
+    """One added token is 8-9 characters (``<|c0042|>``): near duplicates share most tokens, not their brackets."""
+
+
 PARAMS: dict[str, type[_Params]] = {"digits": DigitsParams, "words": WordsParams, "pii": PiiParams,
                                     "traps": TrapsParams, "works": WorksParams, "rare_tokens": RareTokensParams,
-                                    "bigram": BigramParams}
+                                    "bigram": BigramParams, "new_tokens": NewTokensParams}
 """Generator name -> its params model."""
 
 

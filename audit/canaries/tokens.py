@@ -18,8 +18,20 @@ back to exactly that one token; the secret is the words joined by spaces, so it 
 tokens (checked for every canary). The space is a product space, ``pool ** length`` (1024^4 = 2^40 by default), so
 exposure ranks each canary against uniform draws of the same space (Carlini et al. 2019).
 
-Panda's third design, new tokens (added to the vocabulary with trainable embeddings), needs the model's embedding
-matrix resized and trained (PEFT ``trainable_token_indices``); it is not a model-free spec and is not here.
+Panda's third design, ``new_tokens`` (their ``new`` mode), is the strongest and the only one that changes the model:
+
+* ``new_tokens``: the secret is ``length`` tokens drawn uniformly from a ``pool`` of tokens *added to the vocabulary*
+  (``<|c0000|>`` .. ``<|c1023|>``), which no pretraining text ever contained. Their embedding rows start at the mean
+  of the base's rows (plus a seeded 1e-3-std jitter, so no two candidates tie), which leaves the base model nearly
+  indifferent among them: the base scores every candidate alike and the null is close to exact. A member's tokens
+  are then learned only from its own copies, which is why Panda et al. find this design "near-perfect". The cost:
+  the vocabulary grows by ``pool`` rows and those rows must be trainable, which LoRA does not do by itself; the
+  train stage adds PEFT ``trainable_token_indices`` for exactly the added ids (``pool`` x hidden trainable values,
+  590k for 1024 tokens on SmolLM2-135M, beside LoRA's own 461k) and a full fine-tune trains them anyway. The
+  tokens are added wherever the run loads the base (:func:`added_vocabulary`, :func:`audit.models.extend_vocabulary`),
+  so the base is scored, trained and reloaded with the same vocabulary. DP-SGD cannot train them (Opacus computes
+  no per-record gradient for PEFT's trainable-token layer) and a set for someone else's trainer cannot carry them
+  (``audit inject``): both are refused with one line.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import re
 from typing import Any
 
 from audit.canaries.base import Draw, GenerationContext
-from audit.canaries.params import BigramParams, RareTokensParams
+from audit.canaries.params import BigramParams, NewTokensParams, RareTokensParams
 from audit.canaries.templated import _templated
 from audit.errors import AuditError
 from audit.rng import SeededStream
@@ -64,15 +76,17 @@ def _require_tokenizer(ctx: GenerationContext, spec: str) -> Any:
     return ctx.tokenizer
 
 
-def _draw(words: list[str], params: RareTokensParams | BigramParams, n: int, rng: SeededStream, exclude: set[str],
+def _draw(words: list[str], params: RareTokensParams | BigramParams | NewTokensParams, n: int, rng: SeededStream, exclude: set[str],
           tokenizer: Any, spec: str) -> Draw:
     if len(words) < 2:
         raise AuditError(f"canary spec {spec}: the tokenizer has {len(words)} whole-word tokens, too few for a secret",
                          fix="use another canary spec (digits, words) for this model")
-    space = SecretSpace(alphabet=words, length=params.length, separator=" ")
+    space = SecretSpace(alphabet=words, length=params.length, separator="" if spec == "new_tokens" else " ")
     draw = _templated(space, params, n, rng, exclude, default_template="Archive key: {secret}.")
+    if tokenizer is None:
+        return draw
     for d in draw.drafts:  # the secret must come back as exactly the drawn tokens, or the design is not what it says
-        ids = tokenizer(" " + d.secret, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(d.secret if spec == "new_tokens" else " " + d.secret, add_special_tokens=False)["input_ids"]
         if len(ids) != params.length:
             raise AuditError(f"canary spec {spec}: a secret of {params.length} vocabulary words tokenized into {len(ids)} "
                              "tokens", fix="report this tokenizer; use the digits or words spec meanwhile")
@@ -93,6 +107,40 @@ def bigram_generator(params: dict[str, Any], n: int, rng: SeededStream, ctx: Gen
     p = BigramParams.model_validate(params)
     tokenizer = _require_tokenizer(ctx, "bigram")
     return _draw([w for _, w in whole_word_tokens(tokenizer)], p, n, rng, exclude, tokenizer, "bigram")
+
+
+def new_token_pool(pool: int) -> list[str]:
+    """The ``pool`` token strings a ``new_tokens`` spec adds to the vocabulary, in id order: ``<|c0000|>`` ..,
+    bracketed like chat-template tokens so that no ordinary text contains one."""
+    width = max(4, len(str(pool - 1)))
+    return [f"<|c{i:0{width}d}|>" for i in range(pool)]
+
+
+def new_tokens_generator(params: dict[str, Any], n: int, rng: SeededStream, ctx: GenerationContext,
+                         exclude: set[str]) -> Draw:
+    """Secrets of ``length`` tokens from ``pool`` tokens added to the vocabulary (Panda et al. 2025, ``new``).
+
+    Model-free: the pool is a fixed list (:func:`new_token_pool`). With a tokenizer in ``ctx`` (``audit run``, which
+    extends it first) every secret is checked to tokenize into exactly the drawn tokens; a tokenizer that already
+    holds one of the pool's strings as a word of its own is refused (the token would not be new)."""
+    p = NewTokensParams.model_validate(params)
+    pool = new_token_pool(p.pool)
+    tokenizer = ctx.tokenizer
+    if tokenizer is not None:
+        added = set(getattr(tokenizer, "get_added_vocab", dict)() or {})
+        missing = [t for t in pool if t not in added]
+        if missing:
+            raise AuditError(f"canary spec new_tokens: the tokenizer lacks the added token {missing[0]!r} "
+                             f"({len(missing)} of {len(pool)} missing)",
+                             fix="draw new-token canaries through `audit run`, which adds the tokens to the base model")
+    return _draw(pool, p, n, rng, exclude, tokenizer, "new_tokens")
+
+
+def added_vocabulary(generator: str, params: dict[str, Any]) -> list[str]:
+    """The tokens a spec needs added to the base model's vocabulary: the ``new_tokens`` pool, else none."""
+    if generator != "new_tokens":
+        return []
+    return new_token_pool(NewTokensParams.model_validate(params).pool)
 
 
 def tokens_need_model(params: dict[str, Any]) -> bool:

@@ -56,6 +56,8 @@ class TunedWeights:
     path: Path
     base_source: str | None
     """The base model the run was tuned from (from its recipe), if known."""
+    added_tokens: tuple[str, ...] = ()
+    """Tokens the run's canary spec added to the vocabulary (``new_tokens``): the base gets them before the weights."""
 
 
 def resolve_tuned(path: str) -> TunedWeights:
@@ -65,19 +67,26 @@ def resolve_tuned(path: str) -> TunedWeights:
         raise AuditError(f"--adapter {path} is not a directory",
                          fix="give a run directory (runs/<id>), a PEFT adapter directory or a model directory")
     base = None
+    added: tuple[str, ...] = ()
     recipe_file = p / "recipe.yaml"
     if recipe_file.is_file():
         import yaml
 
-        base = ((yaml.safe_load(recipe_file.read_text()) or {}).get("model") or {}).get("source")
+        from audit.canaries import added_tokens, load_spec
+
+        recipe = yaml.safe_load(recipe_file.read_text()) or {}
+        base = (recipe.get("model") or {}).get("source")
+        canaries = recipe.get("canaries") or {}
+        if canaries.get("spec"):
+            added = tuple(added_tokens(load_spec(canaries["spec"], canaries.get("params"))))
     for candidate, kind in ((p / "adapter", "adapter"), (p / "model", "model"), (p, None)):
         if (candidate / "adapter_config.json").is_file():
             if not (candidate / "adapter_model.safetensors").is_file():
                 raise AuditError(f"adapter {candidate} has no adapter_model.safetensors; pickle weights are refused",
                                  fix="save the adapter with safe_serialization=True")
-            return TunedWeights("adapter", candidate, base)
+            return TunedWeights("adapter", candidate, base, added)
         if (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors")):
-            return TunedWeights("model", candidate, base)
+            return TunedWeights("model", candidate, base, added)
         if kind is not None and candidate.is_dir():
             raise AuditError(f"{candidate} holds neither a PEFT adapter nor safetensors model weights",
                              fix="point --adapter at a finished run or at the weights directory itself")
@@ -123,7 +132,8 @@ def probe_text(text: str, *, model_source: str | None = None, adapter: str | Non
     dtype = torch.float32  # scored in fp32 on every device, like the audit (ScoringSection.precision)
     choice = DeviceChoice(device, "fp32", gradient_checkpointing=False)
     resolved = resolve_model(source, progress=progress)
-    base_model, tokenizer = load_model_and_tokenizer(resolved.path, dtype=dtype, device=device)
+    base_model, tokenizer = load_model_and_tokenizer(resolved.path, dtype=dtype, device=device,
+                                                     added_tokens=tuned.added_tokens if tuned else ())
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < 2:
         raise AuditError(f"'{text}' is a single token; there is nothing to predict", fix="probe a text of two tokens or more")

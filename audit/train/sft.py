@@ -87,6 +87,7 @@ def train_sft(
     progress: bool = True,
     resume_from_checkpoint: Path | None = None,
     callbacks: list[Any] | None = None,
+    trainable_token_ids: list[int] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` on ``texts`` and save the weights (adapter or full) as safetensors in ``weights_dir``.
 
@@ -96,6 +97,8 @@ def train_sft(
     Tracking: ``on_loss(step, loss)`` per logged loss, ``on_log(step, numbers)`` with every number the Trainer
     logs (loss, grad_norm, learning_rate, epoch, ...), ``on_params(arguments)`` once with the TrainingArguments.
     ``callbacks``: more ``TrainerCallback`` objects (the memorization curve, :func:`audit.callback.run_curve_callback`).
+    ``trainable_token_ids``: embedding rows LoRA trains too (PEFT ``trainable_token_indices``; tied output rows follow),
+    for new-token canaries (:mod:`audit.canaries.tokens`); a full fine-tune trains every row anyway.
     These replace TRL's MLflowCallback (``report_to="mlflow"``), which raises inside the training loop when the
     tracking server dies; :class:`audit.tracking.Tracker` keeps what it cannot send and training goes on.
     """
@@ -114,6 +117,7 @@ def train_sft(
         peft_config = LoraConfig(
             r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=section.lora.dropout,
             target_modules=list(section.lora.target_modules), task_type="CAUSAL_LM",
+            trainable_token_indices=list(trainable_token_ids) if trainable_token_ids else None,
         )
     config = SFTConfig(
         output_dir=str(work_dir),
@@ -187,6 +191,8 @@ def train_sft(
     )
     for quiet in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(quiet)
+    if trainable_token_ids:
+        _give_token_wrappers_a_bias(trainer.model)
     # counted before train(): FSDP / ZeRO-3 shard the parameters once training starts
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in trainer.model.parameters())
@@ -232,6 +238,17 @@ def train_sft(
         merged_fingerprint=merged_fp,
     )
     return TrainResult(model=trained, summary=summary, loss_history=history)
+
+
+def _give_token_wrappers_a_bias(model: Any) -> None:
+    """TRL's fused LM head reads ``lm_head.weight`` and ``lm_head.bias``; PEFT's ``TrainableTokensWrapper`` (the tied
+    output rows of new-token canaries) answers ``weight`` with the merged rows but has no ``bias``. A head without
+    a bias gets ``bias = None`` as a plain attribute, which is what the unwrapped head would answer."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    for module in model.modules():
+        if isinstance(module, TrainableTokensWrapper) and getattr(module.original_module, "bias", None) is None:
+            object.__setattr__(module, "bias", None)
 
 
 def merged_copy(peft_model: Any) -> Any:
