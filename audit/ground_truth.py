@@ -40,7 +40,7 @@ from audit.corpus import Corpus, load_corpus
 from audit.errors import AuditError
 from audit.inject import InjectionResult, inject
 from audit.keys import AuditKey, resolve_key
-from audit.preflight import require_passed, run_preflight, training_texts
+from audit.preflight import require_passed, run_preflight, secret_spans, training_texts
 from audit.schema import SCHEMA_VERSION, CanarySet, PreflightReport, Recipe, TrainingSection
 from audit.store import write_json, write_jsonl
 
@@ -60,6 +60,8 @@ class GroundTruth:
     reference_secrets: list[str]
     """Secrets each canary's exposure is ranked against (from the canaries' own distribution)."""
     timings_s: dict[str, float] = field(default_factory=dict)
+    secret_spans: dict[int, list[tuple[int, int]]] | None = None
+    """``training.loss=secret``: record index -> its secrets' character spans in ``training_texts`` (else None)."""
     extra_files: dict[str, Any] = field(default_factory=dict)
     """More run-directory files the origin adds (``external.json`` of ``audit measure``), written with the rest."""
 
@@ -109,7 +111,7 @@ def training_options(section: TrainingSection) -> dict[str, Any]:
     tokenizer's template), so the pre-flight's loss-mask check guards callers of :func:`run_preflight` that do mask.
     """
     return {"max_length": section.max_length, "truncation_mode": "keep_start", "packing": section.packing,
-            "assistant_only_loss": False, "completion_only_loss": False}
+            "assistant_only_loss": False, "completion_only_loss": False, "secret_only_loss": section.loss == "secret"}
 
 
 def plant(recipe: Recipe, canaries: CanarySet, corpus: Corpus, *, key: AuditKey | None = None) -> InjectionResult:
@@ -186,8 +188,14 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
     n_refs = recipe.scoring.exposure_references if exposure_references is None else exposure_references
     refs = reference_secrets(spec, canaries, n=n_refs, seed=seed, context=ctx, key=key)
     timings["references"] = time.perf_counter() - t
+    spans = None
+    if recipe.training.loss == "secret":
+        if corpus.format != "text":
+            raise AuditError("training.loss=secret labels text records; this corpus is chat messages",
+                             fix="use training.loss=all with a messages corpus")
+        spans = secret_spans(injection.manifest, canaries, injection.records, tokenizer, texts=texts)
     return GroundTruth(spec=spec, canaries=canaries, corpus_format=corpus.format, injection=injection, preflight=preflight,
-                       training_texts=texts, reference_secrets=refs, timings_s=timings)
+                       training_texts=texts, reference_secrets=refs, timings_s=timings, secret_spans=spans)
 
 
 def ground_truth_for_model(recipe: Recipe, *, model_path: Path, fingerprint: str, device: str = "cpu", dtype: Any = None,

@@ -103,6 +103,38 @@ def _locate(record: dict[str, Any] | None, placement: Placement, canary_text: st
     return rendered, content_at + placement.offset, str(messages[mi].get("role", ""))
 
 
+def secret_spans(manifest: InjectionManifest, canaries: CanarySet, records: list[dict[str, Any]], tokenizer: Any, *,
+                 texts: list[str]) -> dict[int, list[tuple[int, int]]]:
+    """Record index -> the character spans of the secrets its canary copies hold, in its training text ``texts[i]``.
+
+    What ``training.loss=secret`` trains on (Panda et al. 2025 label the secret span alone). Found as the pre-flight
+    finds each copy (:func:`_locate`); a copy the pre-flight would flag raises, as the pre-flight has already run."""
+    by_id = {c.id: c for c in canaries.canaries}
+    lookup = dict(enumerate(records))
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for p in manifest.placements:
+        canary = by_id[p.canary_id]
+        where = _locate(lookup.get(p.record_index), p, canary.text, format=manifest.format, tokenizer=tokenizer,
+                        text_column=manifest.text_column, messages_column=manifest.text_column)
+        if isinstance(where, str) or where[0] != texts[p.record_index]:
+            raise AuditError(f"training.loss=secret: canary {p.canary_id} copy {p.copy_index} is not where the training "
+                             f"text of record {p.record_index} has it", fix="use training.loss=all for this corpus")
+        start = where[1] + len(canary.prefix)
+        spans.setdefault(p.record_index, []).append((start, start + len(canary.secret)))
+    return spans
+
+
+def secret_labels(text: str, spans: list[tuple[int, int]] | None, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one record as TRL tokenizes it (EOS appended): labels are the ids, or, for a record
+    with ``spans``, -100 on every token that overlaps none of them (the secret's tokens alone carry the loss)."""
+    ids, offsets = _tokenize_like_trl(text, tokenizer)
+    if not spans:
+        return ids, list(ids)
+    labels = [t if b > a and any(a < end and b > start for start, end in spans) else -100
+              for t, (a, b) in zip(ids, offsets, strict=True)]
+    return ids, labels
+
+
 def run_preflight(
     manifest: InjectionManifest,
     canaries: CanarySet,
@@ -114,6 +146,7 @@ def run_preflight(
     packing: Packing = False,
     assistant_only_loss: bool = False,
     completion_only_loss: bool = False,
+    secret_only_loss: bool = False,
     all_training_texts: list[str] | None = None,
 ) -> PreflightReport:
     """Check every placement of ``manifest`` against the training records (index -> record, or the full list).
@@ -179,7 +212,9 @@ def run_preflight(
                     if g0 // max_length != g1 // max_length:
                         flag("split_by_packing", p, f"{span}; wrapped packing cuts at stream token {(g1 // max_length) * max_length}")
     loss = "all tokens (language modeling)"
-    if assistant_only_loss:
+    if secret_only_loss:
+        loss = "the secrets' tokens in records that carry a canary, all tokens elsewhere (training.loss=secret)"
+    elif assistant_only_loss:
         loss = "assistant turns only"
     elif completion_only_loss:
         loss = "completions only"

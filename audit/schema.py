@@ -201,6 +201,10 @@ class TrainingSection(Frozen):
     record is truncated), ``bfd_split`` (an overlong record is cut into pieces), ``wrapped`` (the dataset is
     concatenated and cut every ``max_length`` tokens). Pre-flight refuses an audit whose packing would cut or drop
     a canary copy. ``false``: one record per sequence, cut after ``max_length`` tokens."""
+    loss: Literal["all", "secret"] = "all"
+    """Which tokens carry the loss. ``all``: every token of every record (plain-text fine-tuning). ``secret``: a record
+    that carries a canary trains on its secrets' tokens alone, every other record on all of its tokens (Panda et al.
+    2025 label only the secret span: the canary's gradient is all secret). Text corpora, one record per sequence."""
     save_merged: bool = False
     """LoRA only: also save the adapter merged into the base (``merge_and_unload``) as safetensors in ``merged/``,
     with its own fingerprint: the weights a deployment would ship."""
@@ -217,6 +221,11 @@ class TrainingSection(Frozen):
 
     @model_validator(mode="after")
     def _dp_trains_lora_alone(self) -> TrainingSection:
+        if self.loss == "secret" and self.packing:
+            raise ValueError("training.loss=secret labels each record's own tokens; set training.packing=false")
+        if self.loss == "secret" and self.dp is not None:
+            raise ValueError("training.loss=secret is not implemented for training.dp (Opacus tokenizes on its own); "
+                             "set training.loss=all")
         if self.dp is None:
             return self
         if self.method != "lora":
@@ -237,6 +246,8 @@ class TrainingSection(Frozen):
         data = handler(self)
         if isinstance(data, dict) and data.get("dp") is None:
             data.pop("dp", None)
+        if isinstance(data, dict) and data.get("loss") == "all":  # likewise for runs that train on every token
+            data.pop("loss", None)
         return data
 
 
@@ -791,6 +802,8 @@ class TrainSummary(Frozen):
         data = handler(self)
         if isinstance(data, dict) and data.get("dp") is None:
             data.pop("dp", None)
+        if isinstance(data, dict) and data.get("loss") == "all":  # likewise for runs that train on every token
+            data.pop("loss", None)
         return data
 
 

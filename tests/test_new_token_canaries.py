@@ -99,7 +99,8 @@ def test_inject_and_dp_refuse_new_tokens_in_one_line_before_writing(in_tmp, caps
 
 @pytest.mark.slow
 def test_a_tiny_audit_trains_the_new_rows_saves_them_and_puts_them_back_identically(in_tmp):
-    """Three epochs of tiny/lora_cpu on new-token canaries: the 16-copy secrets are learned far above the references,
+    """Three epochs of tiny/lora_cpu on new-token canaries, the loss on the secrets alone (``training.loss=secret``,
+    Panda et al.'s labels; one run for both, to keep the slow tier short): the 16-copy secrets are learned far above the references,
     train.json counts LoRA's parameters plus one trainable row per added token, and the saved adapter on a freshly
     extended base scores a member exactly as the audit did, with every row of the original vocabulary unchanged."""
     import torch
@@ -109,13 +110,16 @@ def test_a_tiny_audit_trains_the_new_rows_saves_them_and_puts_them_back_identica
     from audit.train.types import DeviceChoice, WeightsLayer
     from audit.train.weights import load_tuned
 
-    assert main(["run", "tiny/lora_cpu", "canaries.spec=new_tokens", "training.epochs=3", "scoring.exposure_references=31",
+    assert main(["run", "tiny/lora_cpu", "canaries.spec=new_tokens", "training.epochs=3", "training.loss=secret",
+                 "scoring.exposure_references=31",
                  "scoring.exact_exposure=false", "scoring.sampled_extraction_samples=0", "--no-tracking", "--quiet",
                  "--no-fail-on-gates"]) == 0
     (run_dir,) = (in_tmp / "runs").iterdir()
     report = json.loads((run_dir / "report.json").read_text())
     tiers = {t["repetitions"]: t for t in report["tiers"]}
     assert report["canaries"]["spec"] == "new_tokens" and report["space_bits"] == 40.0
+    assert report["canaries"]["preflight"]["loss"].startswith("the secrets' tokens")
+    assert "loss: secret" in (run_dir / "recipe.yaml").read_text()
     assert tiers[16]["exposure_mean"]["tuned"] >= 4.0 > tiers[0]["exposure_mean"]["tuned"]
 
     path = resolve_model("tiny-llama", progress=False).path

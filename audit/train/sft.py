@@ -88,6 +88,7 @@ def train_sft(
     resume_from_checkpoint: Path | None = None,
     callbacks: list[Any] | None = None,
     trainable_token_ids: list[int] | None = None,
+    secret_spans: dict[int, list[tuple[int, int]]] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` on ``texts`` and save the weights (adapter or full) as safetensors in ``weights_dir``.
 
@@ -99,13 +100,15 @@ def train_sft(
     ``callbacks``: more ``TrainerCallback`` objects (the memorization curve, :func:`audit.callback.run_curve_callback`).
     ``trainable_token_ids``: embedding rows LoRA trains too (PEFT ``trainable_token_indices``; tied output rows follow),
     for new-token canaries (:mod:`audit.canaries.tokens`); a full fine-tune trains every row anyway.
+    ``secret_spans`` (``training.loss=secret``): the records go to TRL tokenized, with labels that keep only the
+    secrets' tokens of the records that carry a canary (:func:`audit.preflight.secret_labels`); TRL keeps a given
+    ``labels`` column as it is and truncates it with the ids.
     These replace TRL's MLflowCallback (``report_to="mlflow"``), which raises inside the training loop when the
     tracking server dies; :class:`audit.tracking.Tracker` keeps what it cannot send and training goes on.
     """
     from audit.progress import start_heartbeat  # import, tokenize, build: a minute under load before the bar
 
     beat = start_heartbeat("train", f"building the trainer ({len(texts)} texts)", enabled=progress)
-    from datasets import Dataset
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
@@ -184,7 +187,7 @@ def train_sft(
     trainer = SFTTrainer(
         model=model,
         args=config,
-        train_dataset=Dataset.from_dict({"text": texts}),
+        train_dataset=_dataset(texts, tokenizer, secret_spans),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[_LossAndProgress(), *(callbacks or [])],
@@ -238,6 +241,18 @@ def train_sft(
         merged_fingerprint=merged_fp,
     )
     return TrainResult(model=trained, summary=summary, loss_history=history)
+
+
+def _dataset(texts: list[str], tokenizer: Any, secret_spans: dict[int, list[tuple[int, int]]] | None) -> Any:
+    """The training set TRL gets: plain text, or (``secret_spans``) ids with labels masked to the secrets."""
+    from datasets import Dataset
+
+    if secret_spans is None:
+        return Dataset.from_dict({"text": texts})
+    from audit.preflight import secret_labels
+
+    rows = [secret_labels(text, secret_spans.get(i), tokenizer) for i, text in enumerate(texts)]
+    return Dataset.from_dict({"input_ids": [ids for ids, _ in rows], "labels": [labels for _, labels in rows]})
 
 
 def _give_token_wrappers_a_bias(model: Any) -> None:
