@@ -145,6 +145,8 @@ def test_a_tiny_audit_trains_the_new_rows_saves_them_and_puts_them_back_identica
         (again,) = candidate_nll_bits(tuned, split.prefix_ids, [split.secret_ids])
     assert again == pytest.approx(audited["secret_nll_bits"], abs=1e-3)
     assert audited["secret_nll_bits"] < next(r for r in rows if r["canary_id"] == member["id"])["secret_nll_bits"] - 20
+    # below 4 x log2(1024) = 40 bits, the floor while the 1024 output rows stay alike: the tied output rows were trained
+    assert audited["secret_nll_bits"] < 20
     merged = tuned.merge_and_unload().get_input_embeddings().weight.detach()
     assert torch.equal(merged[:old], plain.get_input_embeddings().weight.detach()[:old])
     member_ids = tokenizer(member["secret"], add_special_tokens=False)["input_ids"]
