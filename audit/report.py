@@ -218,8 +218,9 @@ def format_table(report: AuditReport) -> str:
     return "\n".join(out)
 
 
-HEADLINE_ATTACKS = ("loss_diff", "min_k_pp_diff")
-"""The base-calibrated attacks whose TPR at 1% FPR the summary prints overall and per tier (the field's headline)."""
+HEADLINE_ATTACKS = ("loss_diff", "min_k_pp_diff", "ez_mia")
+"""The base-calibrated attacks whose TPR at 1% FPR the summary prints overall and per tier (the field's headline):
+the loss difference, Min-K%++ against the base (memaudit's headline) and EZ-MIA (Ilic et al. 2026) beside it."""
 
 
 def _rate(entry: MetricEntry) -> str:
