@@ -41,7 +41,8 @@ def design_row(report: dict, *, design: str, method: str) -> dict:
     """One table row from a run's ``report.json`` (a dict)."""
     m = report["metrics"]
     tiers = {t["repetitions"]: t for t in report["tiers"]}
-    row = {"design": design, "method": method, "space_bits": report["space_bits"],
+    row = {"design": design, "method": method, "run_id": report["run_id"], "git_revision": report.get("git_revision"),
+           "space_bits": report["space_bits"],
            "members": sum(t["n"] for r, t in tiers.items() if r > 0), "references": tiers[0]["n"],
            "tpr_at_1pct/loss_diff": _rate(m, "mia.tpr_at_1pct/loss_diff"),
            "tpr_at_1pct/loss_diff/rep_1": _rate(m, "mia.tpr_at_1pct/loss_diff/rep_1"),
