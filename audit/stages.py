@@ -406,8 +406,9 @@ def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: An
         plan.run_dir, truth, tokenizer, recipe, tracker=tracker, progress=progress)  # None unless scoring.every_steps
     new_ids = tokenizer.convert_tokens_to_ids(ctx.added_tokens) if ctx.added_tokens else None  # LoRA trains their rows
     trained = train_sft(model, tokenizer, truth.training_texts, section=recipe.training, seed=recipe.seed,
-                        trainable_token_ids=new_ids, secret_spans=truth.secret_spans, work_dir=plan.work_dir, weights_dir=plan.weights_dir,
-                        device=ctx.device, on_loss=on_loss, on_log=on_log, on_params=on_params, progress=progress, resume_from_checkpoint=plan.checkpoint,
+                        trainable_token_ids=new_ids, secret_spans=truth.secret_spans, work_dir=plan.work_dir,
+                        weights_dir=plan.weights_dir, device=ctx.device, on_loss=on_loss, on_log=on_log,
+                        on_params=on_params, progress=progress, resume_from_checkpoint=plan.checkpoint,
                         callbacks=[curve] if curve is not None else None)
     if not distributed.is_distributed():
         return trained
