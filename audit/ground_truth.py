@@ -97,8 +97,9 @@ def refuse_added_tokens(recipe: Recipe, where: str) -> None:
     """One line for a spec that adds tokens (``new_tokens``) where the run does not own the model's vocabulary: a set
     made for someone else's trainer would reach it as ordinary text pieces, not as the new tokens it was drawn from."""
     spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
-    if added_tokens(spec):
-        raise AuditError(f"{where}: canary spec {spec.name} adds {len(added_tokens(spec))} tokens to the model's "
+    tokens = added_tokens(spec)
+    if tokens:
+        raise AuditError(f"{where}: canary spec {spec.name} adds {len(tokens)} tokens to the model's "
                          "vocabulary, which only a run that trains the model can do",
                          fix="audit new-token canaries with `audit run` (it adds the tokens, trains and scores), or use "
                              "rare_tokens / bigram")

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,8 +87,9 @@ class RunContext:
         started = time.perf_counter()
         recipe = origin.recipe
         spec = load_spec(recipe.canaries.spec, recipe.canaries.params)  # a bad spec name fails before any model work
-        if recipe.training.dp is not None and added_tokens(spec):
-            raise AuditError(f"training.dp cannot train the {len(added_tokens(spec))} tokens canary spec {spec.name} adds: "
+        new_tokens = added_tokens(spec)
+        if recipe.training.dp is not None and new_tokens:
+            raise AuditError(f"training.dp cannot train the {len(new_tokens)} tokens canary spec {spec.name} adds: "
                              "Opacus computes no per-record gradient for PEFT's trainable-token rows",
                              fix="use canaries.spec=rare_tokens, bigram or dp_digits with training.dp")
         if resume_dir is None:  # where the run directory will be made, and the run directory of a resume
@@ -115,9 +117,9 @@ class RunContext:
         ctx.timings["resolve"] = time.perf_counter() - started
         return ctx
 
-    @property
+    @cached_property
     def added_tokens(self) -> list[str]:
-        """Tokens the canary spec adds to the vocabulary (``new_tokens``); [] for every other spec."""
+        """Tokens the canary spec adds to the vocabulary (``new_tokens``); [] for every other spec (read once)."""
         from audit.canaries import added_tokens, load_spec
 
         return added_tokens(load_spec(self.recipe.canaries.spec, self.recipe.canaries.params))

@@ -89,6 +89,8 @@ GeneratorFn = Callable[[dict[str, Any], int, SeededStream, GenerationContext, "s
 class CanaryGenerator:
     draw: GeneratorFn
     needs_model: Callable[[dict[str, Any]], bool] = lambda params: False
+    adds_tokens: Callable[[dict[str, Any]], list[str]] = lambda params: []
+    """Tokens the spec's params need added to the base model's vocabulary before anything is tokenized."""
 
 
 def split_template(template: str) -> tuple[str, str]:

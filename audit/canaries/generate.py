@@ -29,8 +29,8 @@ from audit.canaries.pii import pii_generator
 from audit.canaries.spec import CanarySpec
 from audit.canaries.templated import digits_generator, words_generator
 from audit.canaries.tokens import (
-    added_vocabulary,
     bigram_generator,
+    new_tokens_added,
     new_tokens_generator,
     rare_tokens_generator,
     tokens_need_model,
@@ -53,7 +53,7 @@ GENERATORS: dict[str, CanaryGenerator] = {
     "works": CanaryGenerator(works_generator, needs_model=works_need_model),
     "rare_tokens": CanaryGenerator(rare_tokens_generator, needs_model=tokens_need_model),
     "bigram": CanaryGenerator(bigram_generator, needs_model=tokens_need_model),
-    "new_tokens": CanaryGenerator(new_tokens_generator),
+    "new_tokens": CanaryGenerator(new_tokens_generator, adds_tokens=new_tokens_added),
 }
 
 
@@ -71,7 +71,7 @@ def spec_needs_model(spec: CanarySpec) -> bool:
 
 def added_tokens(spec: CanarySpec) -> list[str]:
     """Tokens the spec adds to the base model's vocabulary before anything is tokenized (``new_tokens``), else []."""
-    return added_vocabulary(spec.generator, spec.params)
+    return generator_of(spec).adds_tokens(spec.params)
 
 
 def canary_id(spec: str, version: int, draft: Draft, key: AuditKey | None = None) -> str:

@@ -28,7 +28,7 @@ Panda's third design, ``new_tokens`` (their ``new`` mode), is the strongest and 
   the vocabulary grows by ``pool`` rows and those rows must be trainable, which LoRA does not do by itself; the
   train stage adds PEFT ``trainable_token_indices`` for exactly the added ids (``pool`` x hidden trainable values,
   590k for 1024 tokens on SmolLM2-135M, beside LoRA's own 461k) and a full fine-tune trains them anyway. The
-  tokens are added wherever the run loads the base (:func:`added_vocabulary`, :func:`audit.models.extend_vocabulary`),
+  tokens are added wherever the run loads the base (:func:`new_tokens_added`, :func:`audit.models.extend_vocabulary`),
   so the base is scored, trained and reloaded with the same vocabulary. DP-SGD cannot train them (Opacus computes
   no per-record gradient for PEFT's trainable-token layer) and a set for someone else's trainer cannot carry them
   (``audit inject``): both are refused with one line.
@@ -76,17 +76,19 @@ def _require_tokenizer(ctx: GenerationContext, spec: str) -> Any:
     return ctx.tokenizer
 
 
-def _draw(words: list[str], params: RareTokensParams | BigramParams | NewTokensParams, n: int, rng: SeededStream, exclude: set[str],
-          tokenizer: Any, spec: str) -> Draw:
+def _draw(words: list[str], params: RareTokensParams | BigramParams | NewTokensParams, n: int, rng: SeededStream,
+          exclude: set[str], tokenizer: Any, spec: str, *, separator: str = " ") -> Draw:
+    """Secrets of ``params.length`` of ``words`` joined by ``separator``; with a tokenizer, each is checked to encode
+    (after the separator, the space a whole-word token carries) into exactly its drawn tokens."""
     if len(words) < 2:
         raise AuditError(f"canary spec {spec}: the tokenizer has {len(words)} whole-word tokens, too few for a secret",
                          fix="use another canary spec (digits, words) for this model")
-    space = SecretSpace(alphabet=words, length=params.length, separator="" if spec == "new_tokens" else " ")
+    space = SecretSpace(alphabet=words, length=params.length, separator=separator)
     draw = _templated(space, params, n, rng, exclude, default_template="Archive key: {secret}.")
     if tokenizer is None:
         return draw
     for d in draw.drafts:  # the secret must come back as exactly the drawn tokens, or the design is not what it says
-        ids = tokenizer(d.secret if spec == "new_tokens" else " " + d.secret, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(separator + d.secret, add_special_tokens=False)["input_ids"]
         if len(ids) != params.length:
             raise AuditError(f"canary spec {spec}: a secret of {params.length} vocabulary words tokenized into {len(ids)} "
                              "tokens", fix="report this tokenizer; use the digits or words spec meanwhile")
@@ -133,13 +135,11 @@ def new_tokens_generator(params: dict[str, Any], n: int, rng: SeededStream, ctx:
             raise AuditError(f"canary spec new_tokens: the tokenizer lacks the added token {missing[0]!r} "
                              f"({len(missing)} of {len(pool)} missing)",
                              fix="draw new-token canaries through `audit run`, which adds the tokens to the base model")
-    return _draw(pool, p, n, rng, exclude, tokenizer, "new_tokens")
+    return _draw(pool, p, n, rng, exclude, tokenizer, "new_tokens", separator="")
 
 
-def added_vocabulary(generator: str, params: dict[str, Any]) -> list[str]:
-    """The tokens a spec needs added to the base model's vocabulary: the ``new_tokens`` pool, else none."""
-    if generator != "new_tokens":
-        return []
+def new_tokens_added(params: dict[str, Any]) -> list[str]:
+    """The ``new_tokens`` pool: what the spec needs added to the base model's vocabulary."""
     return new_token_pool(NewTokensParams.model_validate(params).pool)
 
 
