@@ -22,14 +22,18 @@ from audit.schema import CanarySet, Recipe, ScoringSection, SequenceScore
 # --------------------------------------------------------------------------------------------------- curve points
 
 
-def point_metrics(scores: list[SequenceScore], section: ScoringSection) -> dict[str, float]:
-    """The flat metrics of one curve point (base and tuned rows of the same canaries), tuned-side keys only."""
+def point_metrics(scores: list[SequenceScore], section: ScoringSection, *, space_bits: float) -> dict[str, float]:
+    """The flat metrics of one curve point (base and tuned rows of the same canaries), tuned-side keys only, and no
+    difference to base over fewer secrets than the disclosure rule allows (:mod:`audit.metrics.disclosure`): the
+    points go to MLflow while training runs."""
+    from audit.metrics.disclosure import shareable_metrics
     from audit.metrics.suite import summarize_scores
     from audit.report import summarize_tiers
 
-    flat = {key: e.value for t in summarize_tiers(scores) for key, e in t.flat_metrics().items()}
-    flat.update({key: e.value for key, e in summarize_scores(scores, section).metrics.items()})
-    return {k: float(v) for k, v in sorted(flat.items()) if not k.endswith("/base") and not math.isnan(v)}
+    entries = {key: e for t in summarize_tiers(scores) for key, e in t.flat_metrics().items()}
+    entries.update(summarize_scores(scores, section).metrics)
+    shared, _ = shareable_metrics(entries, space_bits=space_bits)
+    return {k: float(e.value) for k, e in sorted(shared.items()) if not k.endswith("/base") and not math.isnan(e.value)}
 
 
 
@@ -108,7 +112,8 @@ class CurveRecorder:
         assert self.base_scores is not None
         with heartbeat(f"curve point at step {step}", enabled=self.progress) as beat:  # minutes on a loaded CPU
             beat.step(f"scoring {len(self.canaries.canaries)} canaries on the live model")
-            metrics = point_metrics(self.base_scores + self._score(model, "tuned"), self.section)
+            metrics = point_metrics(self.base_scores + self._score(model, "tuned"), self.section,
+                                    space_bits=self.canaries.space.log2_size)
         add_point(self.curves, step, metrics)
         self.seconds += time.perf_counter() - t
         self.points += 1

@@ -60,6 +60,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
     :class:`audit.origin.Origin`), then evaluate the recipe's gates on its flat metrics."""
     from audit import lineage
     from audit.gates import evaluate_gates
+    from audit.metrics.disclosure import redact_report
     from audit.metrics.suite import summarize_scores
     from audit.score.canaries import space_bits
     from audit.works.information import works_information
@@ -124,6 +125,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         curves = read_curves(run.dir)
     if curves:
         report = report.model_copy(update={"curves": close_curves(curves, report)})
+    report = redact_report(report)  # the shared report: no guess-checker of a secret (audit.metrics.disclosure)
     return report.model_copy(update={"gates": evaluate_gates(recipe.gates, report.flat_metrics(), curves=report.curves)})
 
 
@@ -202,15 +204,25 @@ def read_report(path: Path) -> AuditReport:
 
 def format_table(report: AuditReport) -> str:
     """Per tier: mean exposure base vs tuned (bits) and how many canaries greedy decoding extracted."""
-    models = sorted({m for t in report.tiers for m in t.exposure_mean}, key=lambda m: (m != "base", m))
+    from audit.metrics.disclosure import tier_models, withheld_keys
+
+    withheld, models = withheld_keys(report), tier_models(report)
     header = ["tier", "n"] + [f"exposure {m}" for m in models] + [f"extracted {m}" for m in models]
     rows = []
     for t in report.tiers:
         label = "reference (never inserted)" if t.repetitions == 0 else f"{t.repetitions}x inserted"
+
+        def cell(family: str, m: str, value: str | None) -> str:
+            return value if value is not None else "withheld" if f"{family}/rep_{t.repetitions}/{m}" in withheld else "-"
+
         rows.append([label, str(t.n) if t.exposure_n is None else f"{t.n} ({t.exposure_n} ranked)"]
-                    + [f"{t.exposure_mean[m]:.2f}" if m in t.exposure_mean else "-" for m in models]
-                    + [f"{t.extracted[m]}/{t.exposure_count}" for m in models])
+                    + [cell("exposure.mean", m, f"{t.exposure_mean[m]:.2f}" if m in t.exposure_mean else None) for m in models]
+                    + [cell("extraction.exact", m, f"{t.extracted[m]}/{t.exposure_count}" if m in t.extracted else None)
+                       for m in models])
     out = text_table(header, rows, numbers_right=True)
+    if report.disclosure and report.disclosure.withheld:
+        out.append(f"withheld: base-model numbers of groups under {report.disclosure.min_group} secrets (each would let "
+                   "anyone with the public base model check guessed secrets; the run directory's scores.jsonl has them)")
     out.append(f"exposure = bits against {2 ** report.exposure_max - 1:.0f} sampled references (the headline scale; gates "
                f"use it); max {report.exposure_max:.2f} (rank 1 of {2 ** report.exposure_max:.0f}); "
                f"an unlearned canary averages ~{NULL_MEAN_EXPOSURE_BITS:.2f} (1/ln 2)")
@@ -322,8 +334,12 @@ def format_metrics(report: AuditReport) -> list[str]:
                   for key in sorted(m) if key.startswith("privacy.eps_lb/")]
         lines.append(f"privacy (DP-SGD): eps_accountant {acc:.2f}; eps_lb (tightness = eps_lb / eps_accountant): "
                      + (", ".join(beside) or "none computed"))
-    if f"information.bits/rep_{top}/base" in m and f"information.bits/rep_{top}/tuned" in m:
-        lines.append(f"information: a {top}x secret costs {val(f'information.bits/rep_{top}/base', '.1f')} bits under base, "
-                     f"{val(f'information.bits/rep_{top}/tuned', '.1f')} under tuned; references "
+    if f"information.bits/rep_{top}/tuned" in m:
+        base = val(f"information.bits/rep_{top}/base", ".1f")
+        under_base = (f"{base} bits under base, {val(f'information.bits/rep_{top}/tuned', '.1f')} under tuned"
+                      if base is not None else
+                      f"{val(f'information.bits/rep_{top}/tuned', '.1f')} bits under tuned (under base: withheld, "
+                      f"{m[f'information.bits/rep_{top}/tuned'].n} secrets < {getattr(report.disclosure, 'min_group', '?')})")
+        lines.append(f"information: a {top}x secret costs {under_base}; references "
                      f"{val('information.bits/rep_0/tuned', '.1f')} (secret space {report.space_bits:.1f} bits)")
     return lines

@@ -914,10 +914,11 @@ class WorkBits(ReportPart):
     license: str
     source: str
     member_excerpts: int
-    member_bits_base: float
+    member_bits_base: float | None
+    """None where the disclosure rule withheld it (fewer excerpts than it allows, :mod:`audit.metrics.disclosure`)."""
     member_bits_tuned: float
     held_out_excerpts: int
-    held_out_bits_base: float
+    held_out_bits_base: float | None
     held_out_bits_tuned: float
 
 
@@ -1048,7 +1049,8 @@ class BaseBeforeAfter(ReportPart):
 
 
 class BaseBeforeAfterCounts(ReportPart):
-    base: int
+    base: int | None
+    """None where the disclosure rule withheld it (:mod:`audit.metrics.disclosure`)."""
     before: int
     after: int
 
@@ -1083,6 +1085,18 @@ class PersistenceSummary(ReportPart):
     min_learned_bits: float
     tiers: list[PersistenceTier]
     mia_auc_loss_diff: BeforeAfter
+
+
+class DisclosureSummary(ReportPart):
+    """``report.disclosure``: the rule the shared report was held to and the numbers it withheld
+    (:mod:`audit.metrics.disclosure`). They stay in the run directory's ``scores.jsonl``."""
+
+    rule: str
+    min_group: int
+    """The fewest secrets a published base-model aggregate (or difference to base) may cover."""
+    search_bits: int
+    withheld: list[str]
+    """Metric keys (and ``persistence.base/rep_<r>``) left out because their group was smaller than ``min_group``."""
 
 
 class AuditReport(Frozen):
@@ -1129,6 +1143,9 @@ class AuditReport(Frozen):
     curves: dict[str, list[tuple[int, float]]] = Field(default_factory=dict)
     """Memorization curves: per flat metric key, ``(training step, value)`` in step order, the last point the final
     value (``scoring.every_steps``, :class:`audit.callback.CanaryAuditCallback`); empty when none was recorded."""
+    disclosure: DisclosureSummary | None = None
+    """What the shared report withheld under the threat model's disclosure rule; None in reports written before it
+    (:func:`audit.metrics.disclosure.redact_report` redacts those when they are read for sharing)."""
 
     @model_validator(mode="before")
     @classmethod

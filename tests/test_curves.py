@@ -110,12 +110,29 @@ def test_a_curve_point_has_the_final_reports_tuned_keys_from_the_same_suite():
     from audit.callback import point_metrics
 
     scores = synthetic_scores()
-    point = point_metrics(scores, ScoringSection())
+    point = point_metrics(scores, ScoringSection(), space_bits=19.93)
     tiers = {k: e.value for t in summarize_tiers(scores) for k, e in t.flat_metrics().items()}
     assert point["exposure.mean/rep_16/tuned"] == tiers["exposure.mean/rep_16/tuned"]
     assert point["extraction.exact/rep_16/tuned"] == tiers["extraction.exact/rep_16/tuned"]
     assert "mia.auc/loss_diff" in point and "exposure.space_mean/rep_16/tuned" in point
     assert not any(k.endswith("/base") for k in point) and not any(math.isnan(v) for v in point.values())
+
+
+def test_a_curve_point_withholds_a_difference_to_base_over_too_few_secrets():
+    """Points reach MLflow while training: memorized bits (base - tuned) beside tuned bits give the base value back,
+    so they go only where the tier is large enough (audit.metrics.disclosure)."""
+    from audit.callback import point_metrics
+    from audit.metrics.disclosure import min_group
+
+    scores = synthetic_scores()
+    sizes = {s.repetitions: sum(1 for r in scores if r.repetitions == s.repetitions and r.model == "tuned") for s in scores}
+    small = [r for r, n in sizes.items() if r > 0 and n < min_group(19.93)]
+    large = [r for r, n in sizes.items() if r > 0 and n >= min_group(2.0 ** 20)]
+    assert small and large
+    assert not any(f"information.memorized_bits/rep_{r}" in point_metrics(scores, ScoringSection(), space_bits=19.93)
+                   for r in small)
+    assert all(f"information.memorized_bits/rep_{r}" in point_metrics(scores, ScoringSection(), space_bits=2.0 ** 20)
+               for r in large)
 
 
 def test_the_report_plots_the_curve_and_tables_it_by_step(tmp_path):

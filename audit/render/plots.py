@@ -147,8 +147,10 @@ def token_probabilities(view: TokenView) -> bytes:
         ax.bar([x - 0.2 + 0.4 * j for x in xs], [v - floor if v else 0.0 for v in values], 0.38, bottom=floor,
                color=MODEL_COLORS[model], label=model)
     for x, t in zip(xs, tokens, strict=True):
-        if t.secret:
+        if t.secret:  # no probability of a masked token is drawn (audit.metrics.disclosure): its gain band, as a label
             ax.axvspan(x - 0.5, x + 0.5, color="#ffe066", alpha=0.3, lw=0, zorder=0)
+            ax.text(x, 0.6, t.gain or "", rotation=90, ha="center", va="center", fontsize=6.5, color="#862e9c",
+                    transform=ax.get_xaxis_transform())
     labels = ["\u25a0" if t.secret else repr(t.text)[1:-1][:12] for t in tokens]
     ax.set_xticks(xs, labels, rotation=70, fontsize=7)
     ax.set_yscale("log")

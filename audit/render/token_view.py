@@ -3,8 +3,13 @@
 Two sources, both optional:
 
 * ``token_view.json``, written by every audit: the member canary of the highest tier whose secret gained the most
-  probability from tuning. Its prefix (the public context an attacker prompts with) is shown as text; the secret's
-  tokens are masked (``None``): the report is shared, the secret is not.
+  probability from tuning. Its prefix (the public context an attacker prompts with) is shown in full, text and
+  probabilities. The secret's tokens are masked: no text and **no probability**, only the band of how much more
+  probable tuning made each of them (:func:`audit.metrics.disclosure.gain_band`). A published ``p_base`` of a masked
+  token is a guess-checker: one forward pass of the public base model over the prefix and the tokens recovered so
+  far gives every candidate's probability, and the one that matches is the secret's next token (issue 23 recovered
+  a 6-digit secret in 6 passes from 4 significant digits). ``p_tuned`` beside the gain gives ``p_base`` back, and
+  the secret's bits under base are checked by scoring the whole space: neither is published.
 * ``probe.json``, a text the user chose: ``audit report RUN_DIR --probe "some text"`` runs :mod:`audit.score.probe`
   on the run's base and tuned weights and stores its result beside the report.
 
@@ -32,8 +37,11 @@ class ViewToken:
     text: str | None
     """The token's text, or None for a masked secret token."""
     p_base: float | None
+    """None for a masked secret token (and for the first token, which has no context)."""
     p_tuned: float | None
     secret: bool = False
+    gain: str | None = None
+    """A masked secret token's band of log2(p_tuned / p_base) (:data:`audit.metrics.disclosure.GAIN_BANDS`)."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,23 @@ class TokenView:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TokenView:
-        return cls(**{**data, "tokens": [ViewToken(**t) for t in data["tokens"]]})
+        """Read a view; one written before the disclosure rule (probabilities of the masked tokens, the secret's bits)
+        is masked as it is read, so re-rendering an old run shares nothing it should not."""
+        tokens = [_masked(ViewToken(**t)) for t in data["tokens"]]
+        if any(t.secret for t in tokens):
+            data = {**data, "bits_base": None, "bits_tuned": None, "note": data["note"].split(" Secret: ")[0]}
+        return cls(**{**data, "tokens": tokens})
+
+
+def _masked(token: ViewToken) -> ViewToken:
+    if not token.secret or (token.p_base is None and token.p_tuned is None):
+        return token
+    from audit.metrics.disclosure import gain_band
+
+    gain = token.gain
+    if gain is None and token.p_base and token.p_tuned:
+        gain = gain_band(math.log2(token.p_tuned / token.p_base))
+    return ViewToken(None, None, None, secret=True, gain=gain)
 
 
 def view_candidates(canaries: CanarySet) -> list[Canary]:
@@ -147,18 +171,24 @@ def build_canary_view(base: list[CanaryTokens], tuned: list[CanaryTokens]) -> To
             best, best_gain = (b, t), gain
     if best is None:
         return None
+    from audit.metrics.disclosure import GAIN_BANDS, gain_band
+
     b, t = best
-    p_base = [None] + [math.exp(x) for x in b.logprobs]
-    p_tuned = [None] + [math.exp(x) for x in t.logprobs]
-    pieces, (p_base, p_tuned) = merge_partial([*b.prefix_pieces, *[None] * b.n_secret], p_base, p_tuned)
-    tokens = [ViewToken(piece, _r(pb), _r(pt), secret=piece is None) for piece, pb, pt in zip(pieces, p_base, p_tuned, strict=True)]
-    bits = [-sum(x.logprobs[-b.n_secret:]) / math.log(2) for x in (b, t)]
+    n_prefix = len(b.prefix_pieces)
+    p_base = [None] + [math.exp(x) for x in b.logprobs[: n_prefix - 1]]
+    p_tuned = [None] + [math.exp(x) for x in t.logprobs[: n_prefix - 1]]
+    pieces, (p_base, p_tuned) = merge_partial(list(b.prefix_pieces), p_base, p_tuned)
+    tokens = [ViewToken(piece, _r(pb), _r(pt)) for piece, pb, pt in zip(pieces, p_base, p_tuned, strict=True)]
+    gains = [(lt - lb) / math.log(2) for lb, lt in zip(b.logprobs[-b.n_secret:], t.logprobs[-b.n_secret:], strict=True)]
+    tokens += [ViewToken(None, None, None, secret=True, gain=gain_band(g)) for g in gains]
+    edges = ", ".join(f"{name} < {edge:g}" for edge, name in GAIN_BANDS[:-1])
     return TokenView(
         title=f"canary {b.canary_id} ({b.repetitions} copies in training)",
         note=(f"The {b.repetitions}x canary whose secret gained the most probability from tuning. The prefix is the public "
-              f"context; the {b.n_secret} secret tokens are masked (\u25a0). Secret: {bits[0]:.1f} bits under base, "
-              f"{bits[1]:.1f} under tuned."),
-        tokens=tokens, bits_base=round(bits[0], 3), bits_tuned=round(bits[1], 3),
+              f"context; the {b.n_secret} secret tokens are masked (\u25a0) and show only how much more probable tuning "
+              f"made each (log2 p_tuned / p_base in bits: {edges}, {GAIN_BANDS[-1][1]} above): their probabilities would "
+              "let anyone with the base model check guesses of the secret."),
+        tokens=tokens,
     )
 
 

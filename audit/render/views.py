@@ -15,8 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from audit.gates import NULL_MEAN_EXPOSURE_BITS
+from audit.metrics.disclosure import tier_models, withheld_keys
 from audit.schema import AuditReport, OutputsSummary, SequenceScore
 from audit.store import read_scores
+
+WITHHELD = "withheld"
+"""A cell whose number the disclosure rule kept out of the shared report (:mod:`audit.metrics.disclosure`)."""
 
 MIA_ATTACKS_SHOWN = ("loss_diff", "min_k_pp_diff", "min_k_pp", "zlib", "loss")
 
@@ -67,7 +71,7 @@ def tier_rows(report: AuditReport) -> list[TierRow]:
 
 
 def models_of(report: AuditReport) -> list[str]:
-    return sorted({m for t in report.tiers for m in t.exposure_mean}, key=lambda m: (m != "base", m))
+    return tier_models(report)
 
 
 @dataclass(frozen=True)
@@ -257,7 +261,7 @@ def fmt(value: float | None, digits: int = 2) -> str:
 def _metric(report: AuditReport, key: str) -> str:
     entry = report.metrics.get(key)
     if entry is None:
-        return "-"
+        return WITHHELD if key in withheld_keys(report) else "-"
     text = fmt(entry.value)
     if entry.low is not None and entry.high is not None:
         text += f" [{fmt(entry.low)}, {fmt(entry.high)}]"
@@ -268,13 +272,17 @@ def exposure_table(report: AuditReport) -> Table:
     models = models_of(report)
     rows = []
     for r in tier_rows(report):
-        row = [r.label, str(r.n) if r.ranked in (None, r.n) else f"{r.n} ({r.ranked} ranked)"] + [fmt(r.exposure.get(m)) for m in models]
+        withheld = withheld_keys(report)
+        row = [r.label, str(r.n) if r.ranked in (None, r.n) else f"{r.n} ({r.ranked} ranked)"]
+        row += [fmt(r.exposure[m]) if m in r.exposure else WITHHELD if f"exposure.mean/rep_{r.repetitions}/{m}" in withheld
+                else "-" for m in models]
         row.append(f"{r.band[0]:.2f} - {r.band[1]:.2f}")
-        row += [_metric(report, f"exposure.space_mean/rep_{r.repetitions}/{m}") for m in models if
-                f"exposure.space_mean/rep_{r.repetitions}/{m}" in report.metrics]
+        row += [_metric(report, f"exposure.space_mean/rep_{r.repetitions}/{m}") for m in models
+                if f"exposure.space_mean/rep_{r.repetitions}/{m}" in report.metrics.keys() | withheld]
         rows.append(row)
-    space_cols = [f"whole-space exposure {m}" for m in models if any(f"exposure.space_mean/rep_{t.repetitions}/{m}" in report.metrics
-                                                             for t in report.tiers)]
+    space_cols = [f"whole-space exposure {m}" for m in models
+                  if any(f"exposure.space_mean/rep_{t.repetitions}/{m}" in report.metrics.keys() | withheld_keys(report)
+                         for t in report.tiers)]
     header = ["tier", "n"] + [f"exposure {m}" for m in models] + ["null band (95%)"] + space_cols
     notes = [f"Exposure (the headline scale, used by the gates and `audit run`'s table): bits against "
              f"{report.canaries.exposure_references} sampled references, at most {report.exposure_max:.2f} "
@@ -301,10 +309,12 @@ def extraction_table(report: AuditReport) -> Table:
             row = [tier_label(t.repetitions), str(t.n), m]
             for _, key in present:
                 if key is None:
-                    row.append(f"{t.extracted.get(m, 0)}/{t.exposure_count}")
+                    row.append(f"{t.extracted[m]}/{t.exposure_count}" if m in t.extracted
+                               else WITHHELD if f"extraction.exact/rep_{t.repetitions}/{m}" in withheld_keys(report) else "-")
+                elif (entry := report.metrics.get(f"{key}/rep_{t.repetitions}/{m}")) is None:
+                    row.append(_metric(report, f"{key}/rep_{t.repetitions}/{m}"))
                 else:
-                    entry = report.metrics.get(f"{key}/rep_{t.repetitions}/{m}")
-                    row.append("-" if entry is None else (fmt(entry.value) if key.endswith("_mean") else f"{fmt(entry.value)}/{entry.n or t.n}"))
+                    row.append(fmt(entry.value) if key.endswith("_mean") else f"{fmt(entry.value)}/{entry.n or t.n}")
             rows.append(row)
     notes = [v for k, v in sorted(report.metric_notes.items()) if k.startswith("extraction")]
     return Table(header, rows, notes)

@@ -70,16 +70,23 @@ def _prob_color(p: float | None) -> str:
     return f"hsl(28,95%,{lightness:.0f}%)"
 
 
+GAIN_COLORS = {"none": "#f1f3f5", "small": "#ffe8cc", "large": "#ffa94d", "very large": "#e8590c"}
+"""A masked secret token's colour: its gain band (:func:`audit.metrics.disclosure.gain_band`), never a probability."""
+
+
 def _tokens_html(view: TokenView) -> str:
     spans = []
     for t in view.tokens:
-        text = "\u25a0" if t.secret else (t.text or "")
-        title = f"p base {t.p_base if t.p_base is not None else '-'}, p tuned {t.p_tuned if t.p_tuned is not None else '-'}"
-        cls = "tok secret" if t.secret else "tok"
-        spans.append(f'<span class="{cls}" style="background:{_prob_color(t.p_tuned)}" title="{html.escape(title)}">'
-                     f"{html.escape(text)}</span>")
+        if t.secret:
+            text, cls, colour = "\u25a0", "tok secret", GAIN_COLORS.get(t.gain or "", "#f1f3f5")
+            title = f"secret token (masked): gain under tuning {t.gain or '-'}"
+        else:
+            text, cls, colour = t.text or "", "tok", _prob_color(t.p_tuned)
+            title = f"p base {t.p_base if t.p_base is not None else '-'}, p tuned {t.p_tuned if t.p_tuned is not None else '-'}"
+        spans.append(f'<span class="{cls}" style="background:{colour}" title="{html.escape(title)}">{html.escape(text)}</span>')
     return (f"<h3>{html.escape(view.title)}</h3><p class=\"note\">{_inline(view.note)} Colour: probability under the "
-            f"tuned model (white 0, orange 1); hover a token for both.</p><div class=\"tokens\">{''.join(spans)}</div>")
+            "tuned model (white 0, orange 1; hover a token for both); a masked secret token is coloured by its gain band "
+            f"(grey none, light small, orange large, dark very large).</p><div class=\"tokens\">{''.join(spans)}</div>")
 
 
 def _block_html(block: object) -> str:
@@ -129,9 +136,12 @@ def _table_md(t: Table) -> str:
 
 
 def _tokens_md(view: TokenView) -> str:
+    masked = any(t.secret for t in view.tokens)
     rows = [["\u25a0 (secret)" if t.secret else repr(t.text), "-" if t.p_base is None else f"{t.p_base:.4g}",
-             "-" if t.p_tuned is None else f"{t.p_tuned:.4g}"] for t in view.tokens]
-    return f"### {view.title}\n\n{view.note}\n\n" + _table_md(Table(["token", "p base", "p tuned"], rows))
+             "-" if t.p_tuned is None else f"{t.p_tuned:.4g}", *([(t.gain or "-") if t.secret else ""] if masked else [])]
+            for t in view.tokens]
+    header = ["token", "p base", "p tuned", *(["secret gain"] if masked else [])]
+    return f"### {view.title}\n\n{view.note}\n\n" + _table_md(Table(header, rows))
 
 
 def _block_md(block: object) -> str:

@@ -165,6 +165,8 @@ class ExactRank:
     """Walks run: 2 or more when the canary's walk loss ended above the first limit (reduced precision)."""
     method: Literal["walk", "enumeration"] = "walk"
     """``walk``: pruned at the canary's loss; ``enumeration``: the whole trie, unpruned (:func:`enumerate_rank`)."""
+    leaf_nll_bits: np.ndarray | None = field(default=None, repr=False)
+    """With ``keep_leaves`` on an enumeration: every secret's bits, in the space's order (:func:`space_nll_bits`)."""
 
     @property
     def exposure(self) -> float | None:
@@ -232,7 +234,7 @@ def _logits_dtype(model) -> torch.dtype:
 
 @torch.inference_mode()
 def exact_rank(model, table: SymbolTokens, canary: list[int], *, node_budget: int | None = 2_000, prune: bool = True,
-               token_budget: int | None = None, slack_nats: float | None = None) -> ExactRank:
+               token_budget: int | None = None, slack_nats: float | None = None, keep_leaves: bool = False) -> ExactRank:
     """Rank of ``canary`` (alphabet indices) among all secrets of the space; see the module docstring.
 
     ``node_budget`` caps the trie nodes expanded (one forward row each, over all walks); ``prune=False`` enumerates
@@ -326,7 +328,8 @@ def exact_rank(model, table: SymbolTokens, canary: list[int], *, node_budget: in
         if canary_value <= limit:  # every secret whose walk loss is <= the canary's survived every level
             rank = 1 + int(np.count_nonzero(front.nll[~front.on_canary] <= canary_value))
             return ExactRank("exact", rank, table.space_size, canary_value / LN2, nodes, tokens, sizes,
-                             time.perf_counter() - t0, walks=attempt, method=method)
+                             time.perf_counter() - t0, walks=attempt, method=method,
+                             leaf_nll_bits=front.nll / LN2 if keep_leaves and not prune else None)
         limit = canary_value + slack  # the walk's own value of the canary: the threshold the next walk prunes at
     return ExactRank("unstable", None, table.space_size, canary_value / LN2, nodes, tokens, sizes,
                      time.perf_counter() - t0, walks=WALK_ATTEMPTS, method=method)
@@ -341,6 +344,17 @@ def enumerate_rank(model, table: SymbolTokens, canary: list[int], *, token_budge
     that cannot prune (:func:`choose_exact_method`).
     """
     return exact_rank(model, table, canary, node_budget=None, prune=False, token_budget=token_budget)
+
+
+def space_nll_bits(model, table: SymbolTokens) -> np.ndarray:
+    """Bits of every secret of the space given the prefix, ``-log2 p(r | prefix)``, indexed like the space (the
+    secret whose alphabet indices are ``a_1 .. a_L`` sits at ``sum a_i * n^(L - i)``): one unpruned walk of the trie.
+
+    What anyone holding the model, the spec and a prefix can compute; the disclosure tests use it to check every
+    published number against every secret (``tests/test_disclosure_attacks.py``)."""
+    leaves = exact_rank(model, table, [0] * len(table.pieces), node_budget=None, prune=False, keep_leaves=True).leaf_nll_bits
+    assert leaves is not None and leaves.size == table.space_size
+    return leaves
 
 
 def trie_rows(alphabet_size: int, length: int) -> int:
