@@ -148,7 +148,15 @@ def training_set_rows(manifest: InjectionManifest, record_chars: list[int]) -> d
 PENDING_FILE = "tracking_pending.jsonl"
 """What could not be logged, one call per line, as data (ids, numbers, tags, paths in the run directory): replayed
 in order by :func:`replay_pending` (``audit sync RUN_DIR``, ``audit run --resume``). Holds what MLflow would hold,
-never a secret."""
+never a secret; the replay checks the whole file first and sends nothing if a line asks for more."""
+
+LOGGED_FILES = ("report.json", "report.html", "report.md", "manifest.json", "preflight.json", "works.json", "token_view.json")
+"""The run-directory files :meth:`Tracker.log_report` logs as artifacts (at the top of the run's artifacts)."""
+WEIGHT_FOLDERS = ("adapter", "model", "merged")
+LOGGED_FOLDERS = ("plots", *WEIGHT_FOLDERS)
+"""The run-directory folders :meth:`Tracker.log_report` can log, each under its own name. These two tuples are all
+that a replay of :data:`PENDING_FILE` may upload: the secrets (``canaries.jsonl``, ``outputs.jsonl``, ``train.jsonl``),
+the scores and the key stay local (README, "Secrets and the audit key")."""
 
 HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -484,14 +492,13 @@ class Tracker:
         self.set_tags({"canary_audit.tuned_fingerprint": report.training.weights_fingerprint,
                        "canary_audit.git_revision": report.git_revision or "unknown",
                        **({"canary_audit.verdict": "pass" if all(g.passed for g in report.gates) else "fail"} if report.gates else {})})
-        for name in ("report.json", "report.html", "report.md", "manifest.json", "preflight.json", "works.json",
-                     "token_view.json"):
+        for name in LOGGED_FILES:
             if (run_dir / name).is_file():
                 self.log_artifact(run_dir / name)
         if (run_dir / "plots").is_dir():
             self.log_artifacts(run_dir / "plots", "plots")
         skipped = []
-        for name in ("adapter", "model", "merged"):
+        for name in WEIGHT_FOLDERS:
             folder = run_dir / name
             if not folder.is_dir():
                 continue
@@ -638,12 +645,123 @@ class Replayed:
     run_id: str | None
 
 
+_RUN, _NAME_OR_NONE = {"run": str}, (str, type(None))
+_KEPT_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "create_parent": {"experiment": str, "run_name": str, "tags": dict}, "status": {**_RUN, "status": str},
+    "start_stage": {**_RUN, "stage": str, "tags": dict}, "log_batch": {**_RUN, "metrics": list, "params": list, "tags": list},
+    "log_artifact": {**_RUN, "path": str, "artifact_path": _NAME_OR_NONE},
+    "log_artifacts": {**_RUN, "path": str, "artifact_path": _NAME_OR_NONE},
+    "log_inputs": {**_RUN, "dataset": dict}, "terminate": {**_RUN, "status": str, "end_time": int}}
+"""Every call :class:`Tracker` keeps, with the fields :func:`replay_pending` reads from it and their JSON types (a
+``create_parent`` that names its ``run_id`` needs no other field; a ``log_batch`` may lack any of its lists)."""
+
+_BATCH_ROWS = {"metrics": 4, "params": 2, "tags": 2}
+"""A kept ``log_batch``: lists of [key, value, timestamp, step] and [key, value] rows."""
+_DATASET_FIELDS = {"name", "digest", "source_type", "source", "schema", "profile"}
+"""A kept ``log_inputs``: the fields of the ``mlflow.entities.Dataset`` it rebuilds."""
+
+
+def _resolved(path: Path) -> Path | None:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+
+
+def _artifact_problem(op: dict[str, Any], root: Path) -> str | None:
+    """Why a kept artifact call may not be replayed, or None. An appended ``log_artifact`` of ``canaries.jsonl`` (or
+    of ``../../etc/hostname``) made ``audit sync`` upload it (issue 23), so a replay uploads only what
+    :meth:`Tracker.log_report` logs (:data:`LOGGED_FILES`, :data:`LOGGED_FOLDERS`), each the run directory's own
+    file or folder: never a link, nor a folder holding a link that leads out of it."""
+    kind, name, dest = op["op"], op["path"], op["artifact_path"]
+    logged = name in LOGGED_FILES and dest is None if kind == "log_artifact" else name in LOGGED_FOLDERS and dest == name
+    if not logged or op["run"] != "parent":
+        where = (f" as {dest!r}" if dest is not None else "") + (f" to run {op['run']!r}" if op["run"] != "parent" else "")
+        return (f"asks to upload {name!r}{where}, which no audit logs (it logs {', '.join(LOGGED_FILES)} and the folders "
+                f"{', '.join(LOGGED_FOLDERS)}, each under its own name, to its parent run)")
+    local = root / name
+    if not os.path.lexists(local):
+        return None  # gone since (a removed merged/): the replay skips it
+    if _resolved(local) != root / name:
+        return f"asks to upload {name}, a link to {_resolved(local) or 'itself'} (the audit's own {name} is no link)"
+    if not (local.is_file() if kind == "log_artifact" else local.is_dir()):
+        return f"asks to upload {name}, which is not a {'file' if kind == 'log_artifact' else 'folder'}"
+    if kind == "log_artifacts":
+        for folder, dirs, files in os.walk(local):
+            for entry in (Path(folder, e) for e in (*dirs, *files)):
+                target = _resolved(entry)
+                if entry.is_symlink() and (target is None or not target.is_relative_to(root / name)):
+                    return f"asks to upload {name}/, where {entry.relative_to(root)} is a link to {target or 'itself'}"
+    return None
+
+
+def _call_problem(op: Any, root: Path) -> str | None:
+    """Why a line of :data:`PENDING_FILE` is not a call :class:`Tracker` keeps, or None."""
+    if not isinstance(op, dict):
+        return f"is a JSON {type(op).__name__}, not a kept call (an object with an op)"
+    kind = op.get("op")
+    if not isinstance(kind, str) or kind not in _KEPT_FIELDS:
+        return ("has no op" if kind is None else f"has an unknown op {kind!r}") + f" (known: {', '.join(_KEPT_FIELDS)})"
+    fields = {} if kind == "create_parent" and op.get("run_id") else _KEPT_FIELDS[kind]
+    optional = set(_BATCH_ROWS) if kind == "log_batch" else set()
+    missing = [field for field in fields if field not in op and field not in optional]
+    if missing:
+        return f"is a {kind} without {', '.join(missing)}"
+    wrong = [field for field, kinds in fields.items() if field in op and not isinstance(op[field], kinds)]
+    if wrong:
+        return f"is a {kind} whose {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} of the wrong JSON type"
+    if kind == "log_batch" and any(not isinstance(row, list) or len(row) != width
+                                   for field, width in _BATCH_ROWS.items() for row in op.get(field, [])):
+        return "is a log_batch whose rows are not [key, value, timestamp, step] metrics and [key, value] params and tags"
+    if kind == "log_inputs" and set(op["dataset"]) != _DATASET_FIELDS:
+        return f"is a log_inputs whose dataset has not the fields {', '.join(sorted(_DATASET_FIELDS))}"
+    return _artifact_problem(op, root) if kind in ("log_artifact", "log_artifacts") else None
+
+
+def _read_pending(path: Path, run_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The kept calls of ``path`` (each with its line), all checked before the first one is sent: a line that is
+    damaged, or is no call an audit makes, is an :class:`AuditError` naming its number, and the file stays as it is."""
+    import json
+
+    root = Path(run_dir).resolve()
+    raw = path.read_bytes().split(b"\n")
+    kept: list[tuple[str, dict[str, Any]]] = []
+    refused: list[tuple[int, str]] = []
+    for number, line in enumerate(raw, 1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+            op = json.loads(text)
+        except UnicodeDecodeError as exc:
+            refused.append((number, f"has a byte that is not UTF-8 (0x{line[exc.start]:02x} at column {exc.start + 1})"))
+            continue
+        except json.JSONDecodeError as exc:
+            cut = number == len(raw)  # no newline after it: its write was cut short (an audit killed mid-write)
+            refused.append((number, f"is {'cut short' if cut else 'not JSON'} ({exc.msg}, column {exc.colno})"))
+            continue
+        why = _call_problem(op, root)
+        if why is not None:
+            refused.append((number, why))
+        else:
+            kept.append((text, op))
+    if refused:
+        (number, why), numbers = refused[0], ", ".join(str(n) for n, _ in refused)
+        also = f"; {len(refused) - 1} more line(s) are refused too" if len(refused) > 1 else ""
+        raise AuditError(f"{path} line {number} {why}{also}; nothing was sent, the file is left as it is",
+                         fix=f"the audit writes no such line (a write cut short, or an edit): delete line(s) {numbers}, or "
+                             f"the whole file if you do not trust it, and run `audit sync {run_dir}` again")
+    return kept
+
+
 def replay_pending(run_dir: Path, uri: str, *, run_id: str | None) -> Replayed:
     """Send the calls kept in ``run_dir/tracking_pending.jsonl`` to ``uri``, in order; the file is removed after.
 
     Stage runs are found (or created) by name under the parent; a curve point already in the store (same key and
-    step: an attempt before a resume) is not sent twice. On a failure the calls not yet sent stay in the file and an
-    :class:`AuditError` says so. The caller holds the run directory's lock.
+    step: an attempt before a resume) is not sent twice. The whole file is checked first (:func:`_read_pending`): a
+    damaged line, or one asking for an upload the audit never makes, stops the replay before anything is sent. On a
+    failure the calls not yet sent stay in the file and an :class:`AuditError` says so. The caller holds the run
+    directory's lock.
     """
     import json
 
@@ -653,8 +771,8 @@ def replay_pending(run_dir: Path, uri: str, *, run_id: str | None) -> Replayed:
     path = Path(run_dir) / PENDING_FILE
     if not path.is_file():
         return Replayed(0, run_id)
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    ops = [json.loads(line) for line in lines]
+    kept = _read_pending(path, run_dir)
+    lines, ops = [text for text, _ in kept], [op for _, op in kept]
     _quiet_mlflow_logs()
     with _bounded_http():
         check_tracking_reachable(uri)
