@@ -76,6 +76,33 @@ def test_a_run_directory_in_use_cannot_be_opened_twice(tmp_path):
     open_run(tmp_path, resumed=True, progress=False).close()  # the lock goes with its holder
 
 
+@pytest.mark.parametrize("moment", ["locked", "run.json written"])
+def test_resuming_a_run_in_its_first_moments_says_it_is_in_use(moment, tmp_path, capsys):
+    """A live run takes its lock, then writes run.json, then (seconds later) recipe.yaml: a resume in between is
+    refused as in use, not as a run that "stopped before writing recipe.yaml" or is no run directory."""
+    from audit.resume import _lock
+
+    run = tmp_path / "runs" / "starting"
+    run.mkdir(parents=True)
+    if moment == "locked":
+        fd = _lock(run)
+        release = lambda: os.close(fd)  # noqa: E731
+    else:
+        live = open_run(run, resumed=False, progress=False)  # what `audit run` does first (audit.stages.open_run)
+        release = live.close
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    try:
+        assert main(["run", "--resume", str(run), "--no-tracking", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"run {run} is in use by another audit process" in err[0], err
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    finally:
+        release()
+    assert main(["run", "--resume", str(run), "--no-tracking", "--quiet"]) == 2  # the holder gone: the real reason
+    reason = "has no readable run.json" if moment == "locked" else "has no recipe.yaml (the run stopped before writing it)"
+    assert reason in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 
 
