@@ -71,10 +71,10 @@ def inject_canaries(
     from audit.keys import resolve_key
     from audit.models import resolve_model
     from audit.schema import Recipe
+    from audit.validate import check_new_output_dir
 
     out = Path(out).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise AuditError(f"output directory {out} is not empty", fix="give inject_canaries a new or empty out= directory")
+    check_new_output_dir(out, fix="give inject_canaries a new or empty out= directory in a folder you can write")
     records = _records_of(dataset)
     try:
         recipe = Recipe.model_validate({

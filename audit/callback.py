@@ -34,6 +34,7 @@ saved weights instead of measuring in the job.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, suppress
@@ -189,6 +190,9 @@ class CanaryAuditCallback(TrainerCallback):
                  on_epoch_end: bool = False, gates: str | Path | Sequence[Any] | None = None,
                  tracking: bool | None = None, tracking_uri: str | None = None, out_root: str | Path | None = None,
                  progress: bool = True, preflight: bool = True) -> None:
+        if not isinstance(ground_truth, str | os.PathLike) or not str(ground_truth):
+            raise AuditError(f"CanaryAuditCallback(ground_truth=) must be the ground-truth directory, got {ground_truth!r}",
+                             fix="pass ground_truth= the folder inject_canaries(out=...) or `audit inject --out` wrote")
         self.ground_truth = Path(ground_truth)
         self.points = MeasurePoints(every_steps, on_evaluate, on_epoch_end)
         self.extra_gates = _gate_specs(gates)

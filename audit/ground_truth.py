@@ -330,15 +330,11 @@ def inject_stage(recipe: Recipe, out_dir: Path, *, stream: bool = False, progres
     the output and manifest are the same as without it.
     """
     from audit.models import resolve_model
-    from audit.validate import check_writable_folder
+    from audit.validate import check_new_output_dir
 
     out_dir = Path(out_dir)
     refuse_added_tokens(recipe, "audit inject")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise AuditError(f"output directory {out_dir} is a file", fix="give a new or empty --out directory")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise AuditError(f"output directory {out_dir} is not empty", fix="give a new or empty --out directory")
-    check_writable_folder(out_dir, what="output directory", fix="give an --out directory in a folder you can write")
+    check_new_output_dir(out_dir, fix="give a new or empty --out directory in a folder you can write")
     resolved = resolve_model(recipe.model.source, revision=recipe.model.revision, progress=progress)
     fingerprint = resolved.provenance.get("weights_fingerprint", "")
     key = resolve_key(recipe.canaries.key_file)

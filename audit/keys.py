@@ -69,8 +69,11 @@ def resolve_key(key_file: str | Path | None = None, *, create: bool = True) -> A
     chosen = os.environ.get(KEY_FILE_ENV) or key_file
     if chosen:
         path = Path(chosen).expanduser()
+        where = f"${KEY_FILE_ENV}" if os.environ.get(KEY_FILE_ENV) else "canaries.key_file"
+        if path.is_dir():
+            raise AuditError(f"audit key file {path} ({where}) is a directory, not a key file",
+                             fix=f"point {where} at the key file itself, or make one with `audit key --new {path / 'key'}`")
         if not path.is_file():
-            where = f"${KEY_FILE_ENV}" if os.environ.get(KEY_FILE_ENV) else "canaries.key_file"
             raise AuditError(f"audit key file {path} ({where}) does not exist",
                              fix=f"create one with `audit key --new {path}`, or unset {where} to use your default key")
         return AuditKey(read_key_file(path), source=f"file:{path}")
@@ -83,17 +86,46 @@ def resolve_key(key_file: str | Path | None = None, *, create: bool = True) -> A
 
 
 def write_key_file(path: Path) -> Path:
-    """Create ``path`` holding a new random key (64 hex digits), 0600, its folder 0700; never overwrite a key."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Create ``path`` holding a new random key (64 hex digits), 0600, its folder 0700; never overwrite a key.
+
+    Atomic, because several processes may make the default key at once (parallel first audits, a test matrix): the
+    key is written whole to a private temporary file in the same folder, then hard-linked to ``path``. The link
+    either puts the complete file there or fails because a key is already there (another process linked its own
+    first), and then that key is the one used, so no process ever reads a half-written key or sees an error.
+    """
+    import tempfile
+
+    _make_key_folder(path.parent)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        if path.stat().st_size:  # another process made it first: use theirs
-            return path
-        raise
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(KEY_BYTES) + "\n")
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".key-", suffix=".tmp")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(KEY_BYTES) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                pass  # another process linked a whole key first: use theirs
+        finally:
+            os.unlink(temp)
+    except OSError as exc:
+        raise AuditError(f"cannot write the audit key file {path} ({exc.strerror or type(exc).__name__})",
+                         fix=f"make {path.parent} a folder you can write, or set ${KEY_FILE_ENV} to a key file") from None
     return path
+
+
+def _make_key_folder(folder: Path) -> None:
+    """``folder`` (0700 when made here); a file in its way is one line naming that file."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        raise AuditError(f"cannot make the audit key folder {folder}: {blocking} is a file, not a folder",
+                         fix=f"move {blocking} away, or set ${KEY_FILE_ENV} (or $XDG_CONFIG_HOME) elsewhere") from None
+    except OSError as exc:
+        raise AuditError(f"cannot make the audit key folder {folder} ({exc.strerror or type(exc).__name__})",
+                         fix=f"set ${KEY_FILE_ENV} (or $XDG_CONFIG_HOME) to a place you can write") from None
 
 
 def read_key_file(path: Path) -> bytes:

@@ -157,7 +157,24 @@ class RunHandle:
 
 
 def _lock(run_dir: Path) -> int:
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    return _hold(os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644), run_dir)
+
+
+def check_not_in_use(run_dir: Path) -> None:
+    """AuditError while a live process holds ``run_dir``'s lock (tried and let go at once).
+
+    A resume checks this before it reads anything: a run takes its lock first, then writes ``run.json`` and, seconds
+    later, ``recipe.yaml``, so a resume in a live run's first moments was told the run "stopped before writing
+    recipe.yaml". Opened read-only: a run directory you cannot write is refused later, with its own message.
+    """
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: no process ever held the lock (it is made before the lock is taken)
+        return
+    os.close(_hold(fd, run_dir))
+
+
+def _hold(fd: int, run_dir: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -207,6 +224,7 @@ def load_resumable(run_dir: str | Path) -> tuple[Path, Recipe, dict[str, Any]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AuditError(f"cannot resume {run_dir}: no such directory", fix="give a run directory, e.g. runs/<name>-<time>-<id>")
+    check_not_in_use(run_dir)  # first: a live run holds its lock before it writes run.json and recipe.yaml
     status = read_status(run_dir)
     if not (run_dir / RECIPE_FILE).is_file():
         raise AuditError(f"cannot resume {run_dir}: it has no {RECIPE_FILE} (the run stopped before writing it)",

@@ -403,7 +403,7 @@ def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: An
     if recipe.training.dp is not None:
         return train_dp(ctx, model, tokenizer, truth, plan, on_loss=on_loss, progress=progress)
     on_log = (lambda step, logs: tracker.log_stage_metrics(logs, step)) if tracker is not None else None
-    on_params = tracker.log_stage_params if tracker is not None else None
+    on_params = (lambda args: tracker.log_stage_params(plan.logged_arguments(args))) if tracker is not None else None
     curve = None if distributed.is_distributed() else run_curve_callback(
         plan.run_dir, truth, tokenizer, recipe, tracker=tracker, progress=progress)  # None unless scoring.every_steps
     new_ids = tokenizer.convert_tokens_to_ids(ctx.added_tokens) if ctx.added_tokens else None  # LoRA trains their rows

@@ -240,6 +240,16 @@ def check_writable_folder(folder: str | Path, *, what: str, fix: str) -> None:
     os.rmdir(probe)
 
 
+def check_new_output_dir(folder: Path, *, fix: str) -> None:
+    """AuditError unless ``folder`` is missing or an empty folder, and writable: what holds the secrets of a ground
+    truth is never mixed into other files, and a file given for it is named as a file (not as "not empty")."""
+    if folder.exists() and not folder.is_dir():
+        raise AuditError(f"output directory {folder} is a file, not a folder", fix=fix)
+    if folder.exists() and any(folder.iterdir()):
+        raise AuditError(f"output directory {folder} is not empty", fix=fix)
+    check_writable_folder(folder, what="output directory", fix=fix)
+
+
 OUTPUT_FIX = "set output.root= to a folder you can write (e.g. output.root=$HOME/runs), or run from a writable directory"
 
 

@@ -114,6 +114,19 @@ def test_bad_input_to_inject_canaries_is_one_line_and_writes_nothing(case, tmp_p
     assert (not out.exists()) or [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.parametrize("where", ["out", "its_parent"])
+def test_inject_canaries_names_a_file_given_for_out_as_a_file(where, tmp_path, notes):
+    from audit import inject_canaries
+
+    (tmp_path / "gt").write_text("keep me")
+    out = tmp_path / "gt" if where == "out" else tmp_path / "gt" / "sub"
+    with pytest.raises(AuditError, match=rf"output directory {out}( cannot be created: {tmp_path / 'gt'})? is a file, not a "
+                                         r"folder \(fix: give inject_canaries a new or empty out= directory") as err:
+        inject_canaries(notes, model="tiny-llama", out=out)
+    assert "\n" not in str(err.value) and "not empty" not in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["gt"] and (tmp_path / "gt").read_text() == "keep me"
+
+
 # --------------------------------------------------------------------------------------------------- trainer pre-flight
 
 
@@ -279,6 +292,16 @@ def test_bad_callback_arguments_are_one_line_errors_before_training(kwargs, mess
 
     with pytest.raises(AuditError, match=message) as err:
         CanaryAuditCallback(ground_truth="gt", **kwargs)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("ground_truth", [None, "", 3, ["gt"]])
+def test_a_ground_truth_that_is_no_path_is_one_line_naming_the_argument(ground_truth, in_tmp):
+    from audit.callback import CanaryAuditCallback
+
+    with pytest.raises(AuditError, match=r"CanaryAuditCallback\(ground_truth=\) must be the ground-truth directory, got .*"
+                                         r"\(fix: pass ground_truth= the folder inject_canaries\(out=...\)") as err:
+        CanaryAuditCallback(ground_truth=ground_truth)
     assert "\n" not in str(err.value)
 
 

@@ -54,6 +54,80 @@ def test_write_key_file_never_overwrites_a_key(home):
     assert path.read_text() == before
 
 
+_FIRST_USE = """
+import os, sys
+from audit.keys import resolve_key
+print("ready", flush=True)
+while not os.path.exists(sys.argv[1]):  # every process asks for the key at the same moment
+    pass
+print(resolve_key().id)
+"""
+
+
+def test_processes_making_the_default_key_at_once_all_get_the_same_whole_key(tmp_path):
+    """Parallel first audits on one machine: before the key was linked into place whole, some of 180 processes
+    raised FileExistsError or read a half-written key ("not 64 hex digits")."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    for round_ in range(5):
+        config, go = tmp_path / f"config{round_}", tmp_path / f"go{round_}"
+        env = {k: v for k, v in os.environ.items() if k not in (KEY_ENV, KEY_FILE_ENV)}
+        env.update(XDG_CONFIG_HOME=str(config), PYTHONPATH=str(repo))
+        procs = [subprocess.Popen([sys.executable, "-c", _FIRST_USE, str(go)], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(6)]
+        assert [p.stdout.readline() for p in procs] == ["ready\n"] * 6
+        go.touch()
+        results = [p.communicate(timeout=60) + (p.returncode,) for p in procs]
+        assert all(rc == 0 and not err for _, err, rc in results), [err for _, err, _ in results if err]
+        key = config / "canary-audit" / "key"
+        assert {out.strip() for out, _, _ in results} == {AuditKey(bytes.fromhex(key.read_text()), source="").id}
+        assert [p.name for p in key.parent.iterdir()] == ["key"]  # no temporary file left behind
+
+
+def test_a_key_linked_by_another_process_first_is_kept_and_the_temporary_file_removed(home, monkeypatch):
+    import os
+
+    from audit import keys
+
+    path = home / "config" / "canary-audit" / "key"
+    real_link = os.link
+
+    def another_process_first(src, dst):  # between this process's write and its link, another links its key
+        monkeypatch.setattr(keys.os, "link", real_link)
+        write_key_file(path)
+        theirs.append(path.read_text())
+        real_link(src, dst)
+
+    theirs: list[str] = []
+    monkeypatch.setattr(keys.os, "link", another_process_first)
+    assert resolve_key().secret.hex() == theirs[0].strip()
+    assert [p.name for p in path.parent.iterdir()] == ["key"] and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_file_where_the_key_folder_goes_is_one_line_naming_it(home):
+    (home / "config").mkdir()
+    (home / "config" / "canary-audit").write_text("not a folder")
+    with pytest.raises(AuditError, match=r"audit key folder .*canary-audit: .*canary-audit is a file, not a folder") as err:
+        resolve_key()
+    assert "\n" not in str(err.value) and "(fix: " in str(err.value)
+    assert (home / "config" / "canary-audit").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("where", ["env", "recipe"])
+def test_a_key_file_that_is_a_directory_is_named_as_one(home, monkeypatch, where):
+    folder = home / "keys"
+    folder.mkdir()
+    if where == "env":
+        monkeypatch.setenv(KEY_FILE_ENV, str(folder))
+    name = r"\$CANARY_AUDIT_KEY_FILE" if where == "env" else "canaries.key_file"
+    with pytest.raises(AuditError, match=rf"audit key file {folder} \({name}\) is a directory, not a key file") as err:
+        resolve_key(key_file=None if where == "env" else folder)
+    assert "\n" not in str(err.value) and "does not exist" not in str(err.value)
+
+
 def test_the_key_id_names_the_key_without_revealing_it():
     a, b = AuditKey(b"\x01" * 32, source="test"), AuditKey(b"\x02" * 32, source="test")
     assert a.id != b.id and len(a.id) == 16 and a.id == AuditKey(b"\x01" * 32, source="other").id

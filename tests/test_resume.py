@@ -76,6 +76,81 @@ def test_a_run_directory_in_use_cannot_be_opened_twice(tmp_path):
     open_run(tmp_path, resumed=True, progress=False).close()  # the lock goes with its holder
 
 
+@pytest.mark.parametrize("moment", ["locked", "run.json written"])
+def test_resuming_a_run_in_its_first_moments_says_it_is_in_use(moment, tmp_path, capsys):
+    """A live run takes its lock, then writes run.json, then (seconds later) recipe.yaml: a resume in between is
+    refused as in use, not as a run that "stopped before writing recipe.yaml" or is no run directory."""
+    from audit.resume import _lock
+
+    run = tmp_path / "runs" / "starting"
+    run.mkdir(parents=True)
+    if moment == "locked":
+        fd = _lock(run)
+        release = lambda: os.close(fd)  # noqa: E731
+    else:
+        live = open_run(run, resumed=False, progress=False)  # what `audit run` does first (audit.stages.open_run)
+        release = live.close
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    try:
+        assert main(["run", "--resume", str(run), "--no-tracking", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"run {run} is in use by another audit process" in err[0], err
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    finally:
+        release()
+    assert main(["run", "--resume", str(run), "--no-tracking", "--quiet"]) == 2  # the holder gone: the real reason
+    reason = "has no readable run.json" if moment == "locked" else "has no recipe.yaml (the run stopped before writing it)"
+    assert reason in capsys.readouterr().err
+
+
+def test_the_trainer_arguments_logged_on_a_resume_are_those_of_the_first_attempt(tmp_path, monkeypatch):
+    """MLflow refuses to change a logged param, and a resume reopens the train stage run: the first attempt's run
+    directory is relative (runs/<name>), a resume's is what --resume was given (here absolute, from elsewhere)."""
+    from transformers import TrainingArguments
+
+    from audit.train.types import TrainPlan
+
+    def logged(run_dir: Path) -> dict:
+        plan = TrainPlan(run_dir=run_dir, train=True)
+        arguments = TrainingArguments(output_dir=str(plan.work_dir), use_cpu=True, report_to="none").to_dict()
+        return plan.logged_arguments(arguments)
+
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    first = logged(Path("runs") / "x")
+    monkeypatch.chdir(tmp_path / "runs")
+    for resumed in (tmp_path / "runs" / "x", Path("x"), Path("../runs/x/")):
+        assert logged(resumed) == first
+    assert first["output_dir"] == "trainer" and first["learning_rate"] == TrainingArguments(output_dir="o").learning_rate
+    elsewhere = TrainPlan(run_dir=tmp_path / "runs" / "x", train=True).logged_arguments({"output_dir": "/elsewhere/t"})
+    assert elsewhere == {"output_dir": "/elsewhere/t"}  # not under the run directory: logged as it is
+
+
+def test_the_train_stage_logs_the_trainer_arguments_through_the_plan(tmp_path, monkeypatch):
+    """The wiring of the test above: what stages.train hands the tracker for the arguments train_sft reports."""
+    from types import SimpleNamespace
+
+    from audit import stages
+    from audit.train import sft
+    from audit.train.types import TrainPlan
+
+    logged: list[dict] = []
+    tracker = SimpleNamespace(log_metrics=None, log_stage_metrics=None, log_stage_params=logged.append)
+
+    def fake_train_sft(*args, work_dir, on_params, **kwargs):
+        on_params({"output_dir": str(work_dir), "seed": 0})
+        return "trained"
+
+    monkeypatch.setattr(sft, "train_sft", fake_train_sft)
+    ctx = SimpleNamespace(recipe=load_recipe("tiny/lora_cpu"), added_tokens=[], device=None)
+    truth = SimpleNamespace(training_texts=[], secret_spans=None)
+    monkeypatch.chdir(tmp_path)
+    for run_dir in (Path("runs/x"), tmp_path / "runs" / "x"):  # the first attempt, then `--resume /abs/runs/x`
+        plan = TrainPlan(run_dir=run_dir, train=True)
+        assert stages.train(ctx, None, None, None, truth, plan, tracker=tracker) == "trained"
+    assert logged == [{"output_dir": "trainer", "seed": 0}] * 2
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 
 

@@ -92,6 +92,23 @@ class TrainPlan:
     def weights_dir(self) -> Path:
         return self.run_dir / weights_dir_name(self.method)
 
+    def logged_arguments(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The Trainer's arguments as the train stage logs them to MLflow: ``output_dir`` relative to the run directory.
+
+        A resume reopens the same MLflow stage run, and MLflow refuses to change a logged param. The run directory is
+        ``runs/<name>`` (relative) on the first attempt and whatever ``--resume`` was given on a resume (absolute, or
+        relative to another working directory), so the raw ``output_dir`` differed and every resume that trained
+        printed a false warning; relative to the run directory it is ``trainer`` on every attempt.
+        """
+        out = arguments.get("output_dir")
+        if out is None:
+            return dict(arguments)
+        try:
+            inside = Path(out).resolve().relative_to(self.run_dir.resolve())
+        except ValueError:  # not under the run directory: nothing a resume would write differently
+            return dict(arguments)
+        return {**arguments, "output_dir": inside.as_posix()}
+
 
 def weights_dir_name(method: str) -> str:
     """``adapter`` for LoRA, ``model`` for a full fine-tune."""
