@@ -141,14 +141,46 @@ def _narrower(a: torch.dtype, b: torch.dtype) -> bool:
 
 
 @contextlib.contextmanager
-def in_scoring_precision(model, dtype: torch.dtype) -> Iterator[object]:
-    """Yield ``model`` with every floating parameter in ``dtype``; on exit each is back in its own dtype.
+def without_autocast_forward(model) -> Iterator[None]:
+    """Run the block with every forward that accelerate wrapped in autocast put back as it was; re-wrap on exit.
 
-    A no-op when the parameters are already in ``dtype`` (fp32 on CPU, and the mixed-precision CUDA default, which
-    keeps fp32 weights). An upcast (bf16 weights, fp32 LoRA adapter -> fp32) is exact, so it is done in place and
-    undone bit for bit: training afterwards starts from the same weights. A cast that could round works on a copy and
-    leaves ``model`` untouched. Buffers (rotary frequencies, kept in fp32 by transformers) are left as they are.
+    With native AMP on (``training.precision`` bf16-mixed / fp16-mixed / bf16 / fp16; on CPU too for bf16)
+    ``Accelerator.prepare_model``, which the Trainer calls, replaces ``model.forward`` with ``autocast(forward)`` and
+    keeps the original as ``model._original_forward``: such a model computes in bf16 whatever its parameters' dtype.
+    :func:`audit.train.sft.train_sft` drops the wrapper from the model it returns; a curve point scored during
+    training (:mod:`audit.curve_points`) meets it, and the Trainer's next step needs it back.
     """
+    wrapped = [(m, vars(m).pop("_original_forward"), vars(m)["forward"]) for m in model.modules()
+               if "_original_forward" in vars(m) and "forward" in vars(m)]
+    for m, original, _ in wrapped:
+        vars(m)["forward"] = original  # what accelerate's unwrap_model(keep_fp32_wrapper=False) puts back
+    try:
+        yield
+    finally:
+        for m, original, wrapper in wrapped:
+            vars(m)["forward"], vars(m)["_original_forward"] = wrapper, original
+
+
+@contextlib.contextmanager
+def in_scoring_precision(model, dtype: torch.dtype) -> Iterator[object]:
+    """Yield ``model`` with every floating parameter in ``dtype`` and its arithmetic in ``dtype``; on exit each
+    parameter is back in its own dtype.
+
+    No autocast reaches the block: neither one it is called under nor accelerate's autocast wrapper of a model a
+    Trainer prepared (:func:`without_autocast_forward`), which would compute fp32 weights in bf16 (on CPU
+    ``bf16-mixed`` training moved tuned secret bits by up to 0.025 against the same weights reloaded).
+    The cast is a no-op when the parameters are already in ``dtype`` (fp32 on CPU, and the mixed-precision CUDA
+    default, which keeps fp32 weights). An upcast (bf16 weights, fp32 LoRA adapter -> fp32) is exact, so it is done in
+    place and undone bit for bit: training afterwards starts from the same weights. A cast that could round works on
+    a copy and leaves ``model`` untouched. Buffers (rotary frequencies, kept in fp32 by transformers) are left as they are.
+    """
+    with without_autocast_forward(model), torch.autocast(device_of(model).type, enabled=False):
+        with _cast_parameters(model, dtype) as cast:
+            yield cast
+
+
+@contextlib.contextmanager
+def _cast_parameters(model, dtype: torch.dtype) -> Iterator[object]:
     params = [p for p in model.parameters() if p.is_floating_point()]
     if all(p.dtype == dtype for p in params):
         yield model

@@ -205,6 +205,10 @@ def train_sft(
     beat.stop()
     wall = time.perf_counter() - start
     trained = trainer.model
+    # With native AMP (bf16-mixed, on CPU too) accelerate's prepare replaced trained.forward (under DDP / FSDP the inner
+    # module's) with an autocast wrapper: scored as it is, the tuned model would compute in bf16 against an fp32 base,
+    # and not like its saved weights reloaded (a resume, the other ranks). unwrap_model puts the forward back in place.
+    trainer.accelerator.unwrap_model(trained, keep_fp32_wrapper=False)
     trained.eval()
     weights_dir.mkdir(parents=True, exist_ok=True)
     distributed = trainer.accelerator.num_processes > 1
