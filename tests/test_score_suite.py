@@ -121,8 +121,8 @@ def test_ez_mia_reads_the_whole_text_without_its_first_position():
     base = token_row("a", "base", 4, [-3.0] * 6)
     tuned = token_row("a", "tuned", 4, [-2.0, -4.0, -2.0, -3.5, -3.0, -3.0], top1=[True] + [False] * 9)
     got = attack_scores(tuned, base)
-    # secret shifts +1, -1, +1, -0.5, 0, 0 in the error zone (the prefix did not move): 2 up over 1.5 down
-    assert got["ez_mia"] == pytest.approx(2.0 / 1.5) and got["ez_mia_secret"] == pytest.approx(2.0 / 1.5)
+    # secret shifts +1, -1, +1, -0.5, 0, 0 in the error zone (the prefix did not move): 2 up, 1.5 down, (2 - 1.5) / 3.5
+    assert got["ez_mia"] == pytest.approx(0.5 / 3.5) and got["ez_mia_secret"] == pytest.approx(0.5 / 3.5)
     assert got["loss_text"] == pytest.approx(np.mean(PREFIX + [-2.0, -4.0, -2.0, -3.5, -3.0, -3.0]))
     assert got["loss_diff_text"] == pytest.approx(got["loss_text"] - np.mean(PREFIX + [-3.0] * 6))
     assert got["zlib_text"] == pytest.approx(got["loss_text"] / 31)
