@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from audit.cli import main
-from audit.report import read_report
+from audit.report import format_table, read_report
 from audit.store import read_scores
 
 
@@ -40,3 +40,6 @@ def test_ez_mia_ranks_verbatim_recall_as_membership(verbatim_run):
     m = report.metrics
     assert m["mia.auc/ez_mia/rep_16"].value >= 0.9  # the reference code: 0.00 (both members at 0, below all six)
     assert m["mia.auc/ez_mia"].value >= 0.9  # and the 1x/4x members with them
+    assert not any(k.startswith("mia.inverted/") for k in report.metric_notes)
+    assert "mia.degenerate/zlib" in report.metric_notes  # fixed-length digits: zlib repeats loss, and says so
+    assert "zlib degenerate (not a result" in format_table(report)
