@@ -235,6 +235,16 @@ HEADLINE_ATTACKS = ("loss_diff", "min_k_pp_diff", "ez_mia")
 the loss difference, Min-K%++ against the base (memaudit's headline) and EZ-MIA (Ilic et al. 2026) beside it."""
 
 
+def mia_flag(notes: dict[str, str], attack: str) -> str | None:
+    """How the summary prints an attack that :mod:`audit.metrics.suite` flagged in ``mia.inverted/<attack>`` (ranks
+    members below references where another attack separates them) or ``mia.degenerate/<attack>`` (repeats loss's
+    ordering): as not a result, naming the note; None for an attack whose numbers stand."""
+    for kind in ("inverted", "degenerate"):
+        if f"mia.{kind}/{attack}" in notes:
+            return f"{kind} (not a result: see metric note mia.{kind}/{attack})"
+    return None
+
+
 def _rate(entry: MetricEntry) -> str:
     interval = "" if entry.low is None or entry.high is None else f" [{entry.low:.2f}, {entry.high:.2f}]"
     return f"{entry.value:.2f}{interval}"
@@ -242,7 +252,8 @@ def _rate(entry: MetricEntry) -> str:
 
 def format_mia_headline(report: AuditReport) -> list[str]:
     """TPR at 1% FPR with its Clopper-Pearson interval for :data:`HEADLINE_ATTACKS`, overall and per tier, each with its
-    n (members) and the AUC beside it; nothing when the run had too few references for 1% FPR."""
+    n (members) and the AUC beside it (an attack the suite flagged: :func:`mia_flag`, no numbers); nothing when the run
+    had too few references for 1% FPR."""
     m = report.metrics
     tiers = sorted(t.repetitions for t in report.tiers if t.repetitions > 0)
     controls = next((t.n for t in report.tiers if t.repetitions == 0), None)
@@ -250,6 +261,9 @@ def format_mia_headline(report: AuditReport) -> list[str]:
     for attack in HEADLINE_ATTACKS:
         key = f"mia.tpr_at_1pct/{attack}"
         if key not in m:
+            continue
+        if flag := mia_flag(report.metric_notes, attack):
+            lines.append(f"  {attack}: {flag}")
             continue
         parts = [f"all n={m[key].n} {_rate(m[key])}" + (f" AUC {m[f'mia.auc/{attack}'].value:.2f}" if f"mia.auc/{attack}" in m else "")]
         for r in tiers:
@@ -308,7 +322,8 @@ def format_metrics(report: AuditReport) -> list[str]:
         lines.append(f"whole-space exposure (second scale: rank among all 2^{report.space_bits:.2f} secrets, not capped at "
                      f"{report.exposure_max:.2f}), tuned: {', '.join(parts)}; "
                      f"exact rank for {exact}/{n_members} members")
-    aucs = [f"{a} {val(f'mia.auc/{a}')}" for a in ("loss_diff", "min_k_pp", "min_k_pp_diff", "zlib", "loss") if f"mia.auc/{a}" in m]
+    aucs = [f"{a} {mia_flag(notes, a) or val(f'mia.auc/{a}')}" for a in ("loss_diff", "min_k_pp", "min_k_pp_diff", "zlib", "loss")
+            if f"mia.auc/{a}" in m]
     if aucs:
         tpr = (f"TPR at 1% FPR (loss_diff) {val('mia.tpr_at_1pct/loss_diff')} "
                f"[{m['mia.tpr_at_1pct/loss_diff'].low:.2f}, {m['mia.tpr_at_1pct/loss_diff'].high:.2f}]"

@@ -8,6 +8,7 @@ ranked, as recipes/smollm2/lora_cpu.yaml (the default) scores them.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -126,3 +127,50 @@ def test_the_evidence_lines_fit_a_terminal_line():
     report = make_report(rows())
     lines = format_mia_headline(report) + format_null_calibration(report)
     assert len(lines) == 4 and max(len(line) for line in lines) < 200
+
+
+def inverted_min_k_pp(scores: list[SequenceScore]) -> list[SequenceScore]:
+    """The rows with min_k_pp's sign turned for the members' tuned rows (tuned' = 2 base - tuned): min_k_pp_diff then
+    ranks the members the tuning lifted most as the least likely members, where loss_diff separates them."""
+    base = {s.canary_id: s.mia_min_k_pp for s in scores if s.model == "base"}
+    return [s.model_copy(update={"mia_min_k_pp": 2 * base[s.canary_id] - s.mia_min_k_pp})
+            if s.model == "tuned" and s.repetitions > 0 else s for s in scores]
+
+
+def test_summary_and_report_name_a_flagged_attack_instead_of_printing_its_numbers(tmp_path):
+    """zlib repeats loss on fixed-length secrets (mia.degenerate/zlib) and an inverted min_k_pp_diff
+    (mia.inverted/min_k_pp_diff): the console summary, the report's verdict and its MIA table say so, no number."""
+    from audit.render import render_report
+    from audit.render.views import mia_table
+    from audit.report import write_report
+    from audit.store import write_jsonl
+
+    scores = inverted_min_k_pp(rows())
+    report = make_report(scores)
+    m, notes = report.metrics, report.metric_notes
+    assert m["mia.auc/loss_diff/rep_16"].value == 1.0 and m["mia.auc/min_k_pp_diff/rep_16"].value == 0.0
+    assert "mia.inverted/min_k_pp_diff" in notes and "mia.degenerate/zlib" in notes
+    table = format_table(report)  # what `audit run` prints
+    auc_line = next(line for line in table.splitlines() if line.startswith("membership inference"))
+    assert "zlib degenerate (not a result: see metric note mia.degenerate/zlib)" in auc_line
+    assert "min_k_pp_diff inverted (not a result: see metric note mia.inverted/min_k_pp_diff)" in auc_line
+    assert re.search(r"loss_diff \d\.\d\d, ", auc_line) and not re.search(r"(zlib|min_k_pp_diff) \d", auc_line)
+    by_attack = {line.split(":")[0].strip(): line for line in format_mia_headline(report)[1:]}
+    assert by_attack["min_k_pp_diff"] == "  min_k_pp_diff: inverted (not a result: see metric note mia.inverted/min_k_pp_diff)"
+    assert "16x n=8 1.00" in by_attack["loss_diff"]  # the sound attack keeps its numbers
+    assert any("min_k_pp_diff: inverted (not a result" in f for f in verdict(report).findings)
+    rows_ = {r[0]: r for r in mia_table(report, []).rows}
+    assert rows_["zlib"][1:] == ["degenerate (not a result: see metric note mia.degenerate/zlib)", "-", "-"]
+    assert rows_["min_k_pp_diff"][1].startswith("inverted") and rows_["loss_diff"][1] == f"{m['mia.auc/loss_diff'].value:.2f}"
+    write_jsonl(tmp_path / "scores.jsonl", scores)
+    write_report(report, tmp_path / "report.json")
+    render_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "min_k_pp_diff: inverted (not a result: see metric note mia.inverted/min_k_pp_diff)" in md
+    assert "mia.inverted/min_k_pp_diff: inverted, not a result: AUC 0.00 on all members (24 members against 100" in md
+
+
+def test_a_sound_run_flags_nothing_but_the_zlib_repeat():
+    report = make_report(rows())
+    assert [k for k in report.metric_notes if k.startswith(("mia.inverted", "mia.degenerate"))] == ["mia.degenerate/zlib"]
+    assert all("not a result" not in line for line in format_mia_headline(report))

@@ -65,6 +65,17 @@ def test_scores_cover_every_canary_under_both_models(tiny_run):
     assert {(s["canary_id"], s["model"]) for s in scores} == {(c["id"], m) for c in canaries for m in ("base", "tuned")}
 
 
+def test_ez_mia_ranks_the_16x_canaries_as_members_where_loss_diff_separates_them(tiny_run):
+    """The 16x canaries' error zones hold only upward shifts here (tuning raised every token the model still gets
+    wrong); the reference code scored them 0, below every reference (AUC 0.00). See tests/test_ez_mia_canaries.py."""
+    _, run_dir = tiny_run
+    report = read_report(run_dir / "report.json")
+    m = report.metrics
+    assert m["mia.auc/loss_diff/rep_16"].value == 1.0
+    assert m["mia.auc/ez_mia/rep_16"].value >= 0.9
+    assert "mia.inverted/ez_mia" not in report.metric_notes
+
+
 def test_mlflow_run_holds_params_metrics_and_artifacts(tiny_run):
     from mlflow.tracking import MlflowClient
 

@@ -131,33 +131,93 @@ def test_large_fpr_allows_every_control():
 # ------------------------------------------------------------------------------- EZ-MIA, mimir's zlib, scopes
 
 
-def test_ez_mia_ratio_of_shifts_in_the_error_zone():
+def reference_ez_ratio(target, reference, top1, *, min_tokens: int = 2) -> float:
+    """The reference code's score (``error_zone_pos_neg_sum_ratio`` then ``np.nan_to_num``): P / N in the zone, 0 when
+    the zone has fewer than ``min_tokens`` positions or no negative shift. The oracle for the paper's setting."""
+    zone = (np.asarray(target, dtype=float) - np.asarray(reference, dtype=float))[~np.asarray(top1, dtype=bool)]
+    down = -zone[zone < 0].sum()
+    return 0.0 if zone.size < min_tokens or down == 0 else zone[zone > 0].sum() / down
+
+
+def test_ez_mia_is_the_sign_balance_of_the_shifts_in_the_error_zone():
     target = [-1.0, -2.0, -0.5, -3.0]
     reference = [-2.0, -1.5, -0.1, -4.0]
     top1 = [False, False, True, False]  # position 2 is predicted right: outside the error zone, whatever its shift
-    # error zone 0, 1, 3: shifts +1.0, -0.5, +1.0 -> 2.0 up over 0.5 down
-    assert ez_mia_score(target, reference, top1) == pytest.approx(4.0)
-    # the same shifts on a correctly predicted position do not count
-    assert ez_mia_score(target, reference, [True, False, True, False]) == pytest.approx(1.0 / 0.5)
-
-
-def test_ez_mia_zero_cases_follow_the_reference_code():
-    # fewer than min_tokens error positions, or no downward shift in the zone: 0 (mia/ez_score.py)
-    assert ez_mia_score([-1.0, -1.0], [-2.0, -2.0], [True, False]) == 0.0
-    assert ez_mia_score([-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0], [False, False, False]) == 0.0
-    assert ez_mia_score([-1.0, -3.0, -1.0], [-2.0, -2.0, -2.0], [False, False, False], min_tokens=4) == 0.0
-    assert ez_mia_score([], [], []) == 0.0  # a one-token text has nothing left after its first position
+    # error zone 0, 1, 3: shifts +1.0, -0.5, +1.0 -> P = 2.0 up, N = 0.5 down: (2 - 0.5) / (2 + 0.5); the paper's r = 4
+    assert ez_mia_score(target, reference, top1) == pytest.approx(0.6) == (4.0 - 1) / (4.0 + 1)
+    # the same shifts on a correctly predicted position do not count: -0.5, +1.0
+    assert ez_mia_score(target, reference, [True, False, True, False]) == pytest.approx(0.5 / 1.5)
     with pytest.raises(ValueError, match="one shape"):
         ez_mia_score([-1.0, -1.0], [-2.0], [False, False])
 
 
-def test_ez_mia_is_scale_free_and_grows_with_upward_shift():
+def test_ez_mia_orders_long_natural_texts_as_the_paper_does():
+    """The paper's setting: 128-token texts whose error zone always holds shifts of both signs. There the score is a
+    strictly increasing map of the paper's ratio, so every pair of texts, the AUC and the TPR at low FPR are the same."""
+    rng = np.random.default_rng(7)
+    n, length = 400, 128
+    member = rng.random(n) < 0.5
+    reference = rng.normal(-3.0, 1.0, size=(n, length))
+    shift = rng.normal(0.0, 0.5, size=(n, length)) + np.where(member, 0.08, 0.0)[:, None]  # members: slightly raised
+    top1 = rng.random((n, length)) < 0.4
+    ours = np.array([ez_mia_score(r + d, r, t) for r, d, t in zip(reference, shift, top1, strict=True)])
+    paper = np.array([reference_ez_ratio(r + d, r, t) for r, d, t in zip(reference, shift, top1, strict=True)])
+    assert all(((d[~t] > 0).any() and (d[~t] < 0).any()) for d, t in zip(shift, top1, strict=True))  # both signs
+    assert ordering_agreement(ours, paper) == 1.0
+    assert roc_auc(ours[member], ours[~member]) == roc_auc(paper[member], paper[~member]) > 0.6
+    assert (tpr_at_fpr(ours[member], ours[~member], 0.01).tpr == tpr_at_fpr(paper[member], paper[~member], 0.01).tpr)
+    np.testing.assert_allclose(ours, (paper - 1) / (paper + 1))
+
+
+def test_an_all_positive_error_zone_is_the_strongest_member_signal():
+    reference = np.array([-3.0, -2.0, -4.0, -1.0, -2.5])
+    top1 = np.array([True, False, False, True, False])
+    memorized = reference + [0.0, 0.2, 1.5, 0.0, 0.1]  # every token it still gets wrong was raised
+    mixed = reference + [0.0, 3.0, 3.0, 0.0, -0.01]  # far larger gains, but one wrong token fell
+    assert ez_mia_score(memorized, reference, top1) == 1.0 > ez_mia_score(mixed, reference, top1) > 0.99
+    # the reference code scores the memorized one 0, below a text tuning lowered almost everywhere
+    lowered = reference + [0.0, -1.0, -1.0, 0.0, 0.01]
+    assert reference_ez_ratio(memorized, reference, top1) == 0.0 < reference_ez_ratio(lowered, reference, top1)
+    assert ez_mia_score(lowered, reference, top1) < 0 < ez_mia_score(memorized, reference, top1)
+    assert ez_mia_score(reference - 0.5, reference, top1) == -1.0  # all-negative: the bottom, as in the paper
+
+
+def test_verbatim_recall_is_scored_by_the_whole_texts_balance_never_as_evidence_against():
+    reference = np.array([-6.0, -5.0, -7.0, -4.0])
+    right = np.ones(4, dtype=bool)
+    # only the tuned model recalls it: tuning raised every token, the top score (the reference code: 0, the bottom)
+    assert ez_mia_score(reference + [5.0, 4.0, 6.0, 3.5], reference, right) == 1.0
+    assert reference_ez_ratio(reference + [5.0, 4.0, 6.0, 3.5], reference, right) == 0.0
+    # the base recalled it too and tuning moved it both ways a little: near neutral, not the bottom
+    assert ez_mia_score(reference + [0.01, -0.01, 0.02, -0.02], reference, right) == pytest.approx(0.0)
+    # one wrong token is fewer than min_tokens: the whole text weighs in, that token included
+    one_wrong = [False, True, True, True]
+    assert ez_mia_score(reference + [-0.5, 1.0, 1.0, 0.5], reference, one_wrong) == pytest.approx(2.0 / 3.0)
+    assert ez_mia_score(reference + [-0.5, 1.0, 1.0, 0.5], reference, one_wrong, min_tokens=1) == -1.0
+    assert ez_mia_score(reference, reference, right) == 0.0 and ez_mia_score([], [], []) == 0.0  # nothing moved
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(-5, 5), st.booleans()), min_size=1, max_size=12), st.data())
+def test_ez_mia_is_monotone_in_every_shift(tokens, data):
+    """Raising the tuned model's log-prob of any token (its top-1 flag unchanged) never lowers the score."""
+    shift = np.array([d for d, _ in tokens])
+    top1 = np.array([t for _, t in tokens])
+    at = data.draw(st.integers(0, len(tokens) - 1))
+    more = shift.copy()
+    more[at] += data.draw(st.floats(0.001, 5))
+    reference = np.full(len(tokens), -4.0)
+    before, after = ez_mia_score(reference + shift, reference, top1), ez_mia_score(reference + more, reference, top1)
+    assert -1.0 <= before <= after + 1e-12 <= 1.0 + 1e-12
+
+
+def test_ez_mia_is_scale_free():
     reference = np.array([-3.0, -2.0, -4.0, -1.0])
     top1 = np.zeros(4, dtype=bool)
     base = ez_mia_score(reference + [0.5, -0.5, 0.5, -0.5], reference, top1)
     more = ez_mia_score(reference + [1.5, -0.5, 0.5, -0.5], reference, top1)
-    assert base == pytest.approx(1.0) and more == pytest.approx(2.0)
-    assert ez_mia_score(reference + 3 * np.array([0.5, -0.5, 0.5, -0.5]), reference, top1) == pytest.approx(base)
+    assert base == pytest.approx(0.0) and more == pytest.approx(1.0 / 3.0)
+    assert ez_mia_score(reference + 3 * np.array([1.5, -0.5, 0.5, -0.5]), reference, top1) == pytest.approx(more)
 
 
 def test_mimir_zlib_is_mean_loss_over_compressed_bytes():

@@ -121,8 +121,8 @@ def test_ez_mia_reads_the_whole_text_without_its_first_position():
     base = token_row("a", "base", 4, [-3.0] * 6)
     tuned = token_row("a", "tuned", 4, [-2.0, -4.0, -2.0, -3.5, -3.0, -3.0], top1=[True] + [False] * 9)
     got = attack_scores(tuned, base)
-    # secret shifts +1, -1, +1, -0.5, 0, 0 in the error zone (the prefix did not move): 2 up over 1.5 down
-    assert got["ez_mia"] == pytest.approx(2.0 / 1.5) and got["ez_mia_secret"] == pytest.approx(2.0 / 1.5)
+    # secret shifts +1, -1, +1, -0.5, 0, 0 in the error zone (the prefix did not move): 2 up, 1.5 down, (2 - 1.5) / 3.5
+    assert got["ez_mia"] == pytest.approx(0.5 / 3.5) and got["ez_mia_secret"] == pytest.approx(0.5 / 3.5)
     assert got["loss_text"] == pytest.approx(np.mean(PREFIX + [-2.0, -4.0, -2.0, -3.5, -3.0, -3.0]))
     assert got["loss_diff_text"] == pytest.approx(got["loss_text"] - np.mean(PREFIX + [-3.0] * 6))
     assert got["zlib_text"] == pytest.approx(got["loss_text"] / 31)
@@ -202,3 +202,59 @@ def test_token_view_fields_are_what_the_engine_stores():
     assert r.token_logprobs == [-1.2346, -2.0, -0.5] and "123456" not in r.model_dump_json()
     with pytest.raises(ValueError, match="3 scored tokens"):
         token_view_fields([-1.0, -2.0, -3.0], [True], None, None, prefix_tokens=1, text=text)
+
+
+# ------------------------------------------------- an attack far below chance where another separates: flagged
+
+
+def inverted_scores(*, per_tier: int = 8, n_refs: int = 20, seed: int = 0, drop_16x: float = 2.5) -> list[SequenceScore]:
+    """Fine-tuning lowers the 16x members' loss by ``drop_16x`` (loss_diff separates them) while min_k_pp reads the
+    opposite sign (tuning 'lowered' it by 2.5 for exactly those members); the 1x members barely moved, like the
+    references."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for tier, drop in ((1, 0.1), (16, drop_16x)):
+        for k in range(per_tier):
+            d = drop + rng.normal(0, 0.05)
+            mkpp = -2.5 + rng.normal(0, 0.05) if tier == 16 else rng.normal(0, 0.1)
+            out += [row(f"m{tier}{k}", "base", tier, loss=4.0, bits=20.0),
+                    row(f"m{tier}{k}", "tuned", tier, loss=4.0 - d, bits=10.0, mkpp=mkpp)]
+    for k in range(n_refs):
+        d = 0.1 + rng.normal(0, 0.05)
+        out += [row(f"r{k}", "base", 0, loss=4.0, bits=20.0), row(f"r{k}", "tuned", 0, loss=4.0 - d, bits=19.5,
+                                                                   mkpp=rng.normal(0, 0.1))]
+    return out
+
+
+def test_an_attack_inverted_where_another_separates_is_flagged_with_its_tier_and_p():
+    out = summarize_metrics(inverted_scores())
+    m, notes = out.metrics, out.notes
+    assert m["mia.auc/loss_diff/rep_16"].value == 1.0 and m["mia.auc/min_k_pp_diff/rep_16"].value == 0.0
+    note = notes["mia.inverted/min_k_pp_diff"]
+    assert note.startswith("inverted, not a result: AUC 0.00 on the 16x tier (8 members against 20 references; one-sided")
+    assert "where loss has 1.00" in note  # the first of the attacks that separate the tier
+    assert "1x tier" not in note and "all members" not in note  # no attack separates there: nothing to compare with
+    # the tuned-only score reads the same wrong sign; the loss family is sound
+    assert {k for k in notes if k.startswith("mia.inverted/")} == {"mia.inverted/min_k_pp", "mia.inverted/min_k_pp_diff"}
+    assert "mia.auc/min_k_pp_diff/rep_16" in m  # the metric keys stay: the note says how to read them
+
+
+def test_an_inversion_chance_explains_is_not_flagged():
+    """With 2 members and 6 references an attack without signal scores 1/12 with probability 2/28 = 0.07 > 0.05."""
+    chance = inverted_scores(per_tier=2, n_refs=6)
+    refs = sorted((r.mia_min_k_pp for r in chance if r.model == "tuned" and r.repetitions == 0))
+    members = [r for r in chance if r.model == "tuned" and r.repetitions == 16]
+    lifted = [r.model_copy(update={"mia_min_k_pp": (refs[0] + refs[1]) / 2}) if r is members[0] else r for r in chance]
+    out = summarize_metrics(lifted)
+    m, notes = out.metrics, out.notes
+    assert m["mia.auc/min_k_pp_diff/rep_16"].value == pytest.approx(1 / 12, abs=1e-6)
+    assert m["mia.auc/loss_diff/rep_16"].value == 1.0
+    assert "mia.inverted/min_k_pp_diff" not in notes
+    assert "p = 0.036" in summarize_metrics(chance).notes["mia.inverted/min_k_pp_diff"]  # AUC 0: 1/28
+
+
+def test_no_flag_where_no_attack_separates_the_tier():
+    out = summarize_metrics(inverted_scores(drop_16x=0.1))  # the 16x members moved as little as the references
+    assert out.metrics["mia.auc/min_k_pp_diff/rep_16"].value == 0.0
+    assert max(e.value for k, e in out.metrics.items() if k.startswith("mia.auc/") and k.endswith("/rep_16")) < 0.95
+    assert not any(k.startswith("mia.inverted/") for k in out.notes)

@@ -25,10 +25,14 @@ Attacks (one formula each; lp_t = log p(x_t | x_<t), n tokens):
 * EZ-MIA (Ilic, Stanojevic, Cvejoski 2026, "Powerful training-free membership inference against autoregressive
   language models", arXiv 2601.12104; reference code ``JetBrains-Research/ez-mia``, ``mia/ez_score.py``): in the
   *error zone* E = {t : argmax_v p_target(v | x_<t) != x_t}, with d_t = lp_target_t - lp_reference_t (the base model
-  is the reference), ``EZ = sum_{t in E} max(d_t, 0) / sum_{t in E} max(-d_t, 0)``: how much more fine-tuning raised
-  the true token where the model still gets it wrong than it lowered it. As in the reference code the score is 0
-  when E has fewer than ``min_tokens`` positions or no negative shift, so a sequence the tuned model predicts
-  perfectly (no error zone: verbatim recall) scores 0; EZ-MIA measures residual memorization, not recall.
+  is the reference), the paper's ratio ``r = P / N`` with ``P = sum_{t in E} max(d_t, 0)`` and
+  ``N = sum_{t in E} max(-d_t, 0)``: how much more fine-tuning raised the true token where the model still gets it
+  wrong than it lowered it. Reported as the sign balance ``(P - N) / (P + N) = (r - 1) / (r + 1)`` in [-1, 1], a
+  strictly increasing map of r, so wherever the zone has shifts of both signs every ordering (AUC, TPR at any FPR) is
+  the paper's. Deviation from the reference code, which returns 0 (the lowest ratio there is) when E has no negative
+  shift or fewer than ``min_tokens`` positions: an all-positive zone (r = infinity) scores 1, the top, and a zone of
+  fewer than ``min_tokens`` positions (verbatim or near-verbatim recall) scores the same balance over every scored
+  token (:func:`ez_mia_score` says why).
 
 Scope. Each attack reads either the **secret** span (memaudit and Panda et al. 2025 score only the planted span) or the
 whole canary **text** (Yeom et al., Carlini et al., Shi et al., Zhang et al., mimir and EZ-MIA score whole samples);
@@ -109,21 +113,42 @@ def zlib_bytes(text: str) -> int:
     return len(zlib.compress(text.encode("utf-8")))
 
 
+def _shift_balance(shift: np.ndarray) -> float:
+    """``(P - N) / (P + N)`` of the shifts (P the sum of the positive ones, N of the negative ones' sizes); 0 when
+    every shift is 0: nothing moved, no evidence either way."""
+    up, down = float(np.sum(shift[shift > 0])), float(np.sum(-shift[shift < 0]))
+    return 0.0 if up + down == 0.0 else (up - down) / (up + down)
+
+
 def ez_mia_score(logprobs_target: ArrayLike, logprobs_reference: ArrayLike, target_top1_correct: ArrayLike, *,
                  min_tokens: int = 2) -> float:
-    """EZ-MIA's error-zone score (module docstring): positive over negative log-prob shift where the target errs."""
-    lp_t = np.asarray(logprobs_target, dtype=np.float64).ravel()  # may be empty: no error zone, score 0
+    """EZ-MIA's error-zone score (module docstring) as the sign balance ``(P - N) / (P + N)`` in [-1, 1].
+
+    Why it deviates from the reference code (``mia/attack.py`` maps its non-finite ratios to 0 with
+    ``np.nan_to_num(posinf=0.0)``; ``error_zone_pos_neg_sum_ratio`` returns 0 for the cases below). On the paper's
+    128-token natural texts the zone always holds shifts of both signs and those zeros never occur. On a memorized
+    canary they are the rule: the tuned model has raised every token it still gets wrong (N = 0, r = infinity, the
+    strongest member signal there is) or gets every token right (verbatim recall, no zone), and the reference code
+    scores both 0, below every reference canary, so the attack ranked the most memorized canaries as the least likely
+    members (AUC 0.00 on the 16x tier of ``tiny/lora_cpu``). Here:
+
+    * an all-positive zone scores 1 and an all-negative one -1: the limits of ``(r - 1) / (r + 1)``;
+    * a zone of fewer than ``min_tokens`` positions is too small to weigh on its own (the paper's rule), so the same
+      balance is taken over every scored token: what fine-tuning did to the text the model now recalls, still against
+      the reference. A text only the tuned model recalls scores near 1 (tuning raised nearly every token), one the
+      base already recalled by whatever its small shifts say: verbatim recall is not evidence against membership,
+      and a canary whose all-positive zone empties as it is learned stays near the top (1, then the whole text's
+      balance): 0.98-1.00 for the 16x canaries of ``tiny/lora_cpu training.epochs=20``, references 0.20-0.60;
+    * the ordering of every sequence whose zone has shifts of both signs is the paper's (a strictly increasing map).
+    """
+    lp_t = np.asarray(logprobs_target, dtype=np.float64).ravel()  # may be empty: nothing scored, score 0
     lp_r = np.asarray(logprobs_reference, dtype=np.float64).ravel()
     hit = np.asarray(target_top1_correct, dtype=bool).ravel()
     if not lp_t.shape == lp_r.shape == hit.shape:
         raise ValueError(f"target {lp_t.shape}, reference {lp_r.shape} and top-1 flags {hit.shape} must have one shape")
-    shift = (lp_t - lp_r)[~hit]
-    if shift.size < min_tokens:
-        return 0.0
-    down = float(np.sum(-shift[shift < 0]))
-    if down == 0.0:
-        return 0.0
-    return float(np.sum(shift[shift > 0])) / down
+    shift = lp_t - lp_r
+    zone = shift[~hit]
+    return _shift_balance(zone if zone.size >= min_tokens else shift)
 
 
 def ordering_agreement(scores_a: ArrayLike, scores_b: ArrayLike) -> float:

@@ -34,9 +34,11 @@ Attacks (all oriented higher = member, see :mod:`audit.metrics.mia`): ``loss``, 
 on the tuned model, and the base-calibrated ``loss_diff``, ``loss_ratio``, ``min_k_pp_diff``, all on the secret's
 tokens (the keys they always had). Rows that carry the per-token view of the whole text (``token_logprobs``, ...)
 add ``<attack>_text`` (the whole canary text, the scope their papers define), ``ez_mia`` (whole text, as its paper)
-and ``ez_mia_secret``. ``notes["mia.scope/<attack>"]`` states each attack's scope and its paper's, and an attack
+and ``ez_mia_secret``. ``notes["mia.scope/<attack>"]`` states each attack's scope and its paper's, an attack
 whose ordering coincides with loss's on this spec (zlib on fixed-length secrets) is flagged in
-``notes["mia.degenerate/<attack>"]``.
+``notes["mia.degenerate/<attack>"]``, and one that ranks members below the references where another attack
+separates them (a sign error or a degenerate score: :data:`INVERTED_AUC`) in ``notes["mia.inverted/<attack>"]``. The
+summary and the report print a flagged attack as not a result; its metric keys stay.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import stats
 
 from audit.metrics.exposure import null_calibration
 from audit.metrics.extraction import is_np_extractable
@@ -84,6 +87,18 @@ TIER_TPR_ATTACKS = ("loss_diff", "min_k_pp_diff", "loss_diff_text", "min_k_pp_di
 """Base-calibrated attacks whose TPR at low FPR is also reported per tier (the MIA headline, issue 15)."""
 DEGENERATE_AGREEMENT = 0.99
 """An attack that orders at least this share of canary pairs as ``loss`` does adds nothing to it: flagged."""
+INVERTED_AUC = 0.2
+"""An attack at or below this AUC on a tier (or on all members) where another attack reaches :data:`SEPARATING_AUC`
+is flagged as inverted. A weak but sound attack sits near 0.5 there; one that ranks members below 80% of references
+while another attack separates them reads the evidence with the wrong sign (EZ-MIA's zeros on memorized canaries
+gave 0.00-0.21). Under the no-signal null the AUC has sd sqrt((n1 + n0 + 1) / (12 n1 n0)): 0.107 for the default
+audit's tiers (8 members, 100 references), so 0.2 is 2.8 sd below 0.5 there."""
+SEPARATING_AUC = 0.95
+"""A tier counts as separable when some attack reaches this AUC: the members differ from the references."""
+INVERTED_P = 0.05
+"""...and beyond chance at the tier's n (one-sided Mann-Whitney p <= 0.05): with 2 members and 6 references
+(``tiny/lora_cpu``) an attack without signal scores at most 0.17 with probability 0.14 (not flagged), 0.00 with
+probability 0.036 (flagged)."""
 NULL_ALPHA = 0.01
 """Level of the null-calibration test: a run is flagged biased at p < 0.01 (a 1% false alarm rate)."""
 
@@ -248,7 +263,33 @@ def _mia(out: SuiteResult, tuned: list[SequenceScore], base_by_id: dict[str, Seq
                     got = tpr_at_fpr(tier_members, controls, fpr, convention=convention)  # type: ignore[arg-type]
                     out.put(f"{key}/rep_{tier}", got.tpr, got.n_members, got.low, got.high)
     _scope_notes(out, per_attack)
+    _inversion_notes(out, per_attack)
     return dict(per_attack)
+
+
+def _inversion_notes(out: SuiteResult, per_attack: dict[str, tuple[list[float], list[bool], list[int]]]) -> None:
+    """Flag an attack whose AUC is far below 0.5 where another attack separates members from references."""
+    tiers = sorted({r for _, _, reps in per_attack.values() for r in reps if r > 0})
+    found: dict[str, list[str]] = defaultdict(list)
+    for suffix, label, tier in [("", "all members", None)] + [(f"/rep_{t}", f"the {t}x tier", t) for t in tiers]:
+        aucs = {a: out.metrics[f"mia.auc/{a}{suffix}"].value for a in sorted(per_attack) if f"mia.auc/{a}{suffix}" in out.metrics}
+        best = max(aucs, key=aucs.__getitem__, default=None)
+        if best is None or aucs[best] < SEPARATING_AUC:
+            continue
+        for attack, auc in aucs.items():
+            if auc > INVERTED_AUC:
+                continue
+            scores, member, reps = per_attack[attack]
+            members = [s for s, m, r in zip(scores, member, reps, strict=True) if m and tier in (None, r)]
+            controls = [s for s, m in zip(scores, member, strict=True) if not m]
+            p = float(stats.mannwhitneyu(members, controls, alternative="less").pvalue)
+            if p <= INVERTED_P:
+                found[attack].append(f"AUC {auc:.2f} on {label} ({len(members)} members against {len(controls)} "
+                                     f"references; one-sided Mann-Whitney p = {p:.2g}) where {best} has {aucs[best]:.2f}")
+    for attack, where in found.items():
+        out.notes[f"mia.inverted/{attack}"] = (
+            f"inverted, not a result: {'; '.join(where)}. {attack} ranks members below the references that another "
+            f"attack separates from them: a sign error or a degenerate score, not evidence of non-membership")
 
 
 def _scope_notes(out: SuiteResult, per_attack: dict[str, tuple[list[float], list[bool], list[int]]]) -> None:

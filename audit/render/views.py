@@ -321,10 +321,15 @@ def extraction_table(report: AuditReport) -> Table:
 
 
 def mia_table(report: AuditReport, curves: list[RocCurve]) -> Table:
+    from audit.report import mia_flag
+
     attacks = [a for a in MIA_ATTACKS_SHOWN if f"mia.auc/{a}" in report.metrics] or [c.attack for c in curves]
     from_curves = {c.attack: c for c in curves}
     rows = []
     for a in attacks:
+        if flag := mia_flag(report.metric_notes, a):  # inverted or a repeat of loss: named, not printed as a result
+            rows.append([a, flag, "-", "-"])
+            continue
         auc = _metric(report, f"mia.auc/{a}") if f"mia.auc/{a}" in report.metrics else fmt(from_curves[a].auc)
         rows.append([a, auc, _metric(report, f"mia.tpr_at_1pct/{a}"), _metric(report, f"mia.tpr_at_0.1pct/{a}")])
     notes = [f"{k}: {v}" for k, v in sorted(report.metric_notes.items()) if k.startswith(("mia", "privacy"))]
