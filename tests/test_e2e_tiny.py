@@ -47,8 +47,12 @@ def test_report_reads_back_and_shows_memorization(tiny_run):
     assert report.schema_version == 1 and report.metrics and report.gates
     tiers = {t.repetitions: t for t in report.tiers}
     assert set(tiers) == {0, 1, 4, 16}
-    # The 16-copy canaries are learned; the never-inserted references stay near the null.
-    assert tiers[16].exposure_mean["tuned"] > tiers[16].exposure_mean["base"] + 3
+    # The 16-copy canaries are learned; the never-inserted references stay near the null. Base exposure of a 2-canary
+    # tier is withheld from the shared report (audit.metrics.disclosure): the run directory's scores have it.
+    assert "base" not in tiers[16].exposure_mean and "exposure.mean/rep_16/base" in report.disclosure.withheld
+    rows = [json.loads(line) for line in (run_dir / "scores.jsonl").read_text().splitlines()]
+    base16 = [r["exposure"] for r in rows if r["repetitions"] == 16 and r["model"] == "base"]
+    assert tiers[16].exposure_mean["tuned"] > sum(base16) / len(base16) + 3
     assert tiers[16].exposure_mean["tuned"] > tiers[0].exposure_mean["tuned"] + 3
     assert report.model.kind == "builtin" and report.model.source == "tiny-llama"
     assert [n.kind for n in report.lineage] == ["base_weights", "data", "tuned_weights"]

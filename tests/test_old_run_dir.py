@@ -44,8 +44,12 @@ def test_an_old_run_dir_resumes_reusing_every_stage_and_reports_the_same_numbers
     after = read_report(old_run / "report.json")
     assert (old_run / "scores.jsonl").read_bytes() == scores
     steady = lambda r: {k: v for k, v in r.flat_metrics().items() if not k.startswith("time.")}  # noqa: E731
-    old_keys = steady(before)  # every number the old report had is unchanged; metrics added since come beside them
+    # every number the old report had is unchanged, or withheld now by the disclosure rule (listed in the report);
+    # metrics added since come beside them
+    withheld = set(after.disclosure.withheld)
+    old_keys = {k: v for k, v in steady(before).items() if k not in withheld}
     assert {k: steady(after).get(k) for k in old_keys} == old_keys
+    assert withheld and all(k not in steady(after) for k in withheld)
     assert after.training == before.training and after.lineage == before.lineage
     status = json.loads((old_run / "run.json").read_text())
     assert status["status"] == "complete" and status["schema_version"] == 1

@@ -21,7 +21,14 @@ from audit.cli import main
 from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.metrics.suite import summarize_metrics
 from audit.render import render_report
-from audit.render.token_view import TOKEN_VIEW_FILE, CanaryTokens, TokenView, build_canary_view, read_token_views
+from audit.render.token_view import (
+    TOKEN_VIEW_FILE,
+    CanaryTokens,
+    TokenView,
+    ViewToken,
+    build_canary_view,
+    read_token_views,
+)
 from audit.render.views import null_band, roc_curve, roc_curves, verdict
 from audit.report import read_report, summarize_tiers, write_report
 from audit.schema import (
@@ -188,9 +195,27 @@ def test_canary_view_masks_the_secret_and_picks_the_biggest_gain():
     assert [t.text for t in view.tokens] == ["y", " is", None, None]
     assert [t.secret for t in view.tokens] == [False, False, True, True]
     assert view.tokens[0].p_base is None  # the first token has no context
-    assert view.tokens[2].p_tuned == pytest.approx(math.exp(-0.1), rel=1e-3)
-    assert view.bits_tuned < view.bits_base
+    assert view.tokens[1].p_base == pytest.approx(math.exp(-1.0), rel=1e-3)  # the prefix is public: shown in full
+    # a masked token carries no probability (with the base model it would check guesses), only its gain's band:
+    # log2(p_tuned / p_base) = 4.9 / ln 2 = 7.1 bits
+    assert [(t.p_base, t.p_tuned, t.gain) for t in view.tokens[2:]] == [(None, None, "very large")] * 2
+    assert view.bits_base is None and view.bits_tuned is None
     assert TokenView.from_json(json.loads(json.dumps(view.to_json()))) == view
+
+
+def test_an_old_token_view_is_masked_as_it_is_read():
+    """token_view.json of a run before the disclosure rule printed p_base / p_tuned of the secret tokens and the
+    secret's bits: re-rendering such a run must not share them again."""
+    old = {"title": "canary b (16 copies in training)", "tokens": [
+        {"text": "y", "p_base": None, "p_tuned": None, "secret": False},
+        {"text": " is", "p_base": 0.3679, "p_tuned": 0.3679, "secret": False},
+        {"text": None, "p_base": 0.006738, "p_tuned": 0.9048, "secret": True}],
+        "note": "The 16x canary ... masked (x). Secret: 15.3 bits under base, 0.3 under tuned.", "bits_base": 15.3,
+        "bits_tuned": 0.3, "schema_version": 1}
+    view = TokenView.from_json(old)
+    assert view.tokens[2] == ViewToken(None, None, None, secret=True, gain="very large")
+    assert view.tokens[1].p_base == 0.3679 and view.bits_base is None and view.bits_tuned is None
+    assert "bits under base" not in view.note
 
 
 # ------------------------------------------------------------------------------------------------ rendering
