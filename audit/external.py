@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from audit.errors import AuditError
+from audit.errors import AuditError, check_readable
 from audit.schema import Recipe
 
 GROUND_TRUTH_FILES = ("recipe.yaml", "canaries.jsonl", "canaries.meta.json", "manifest.json")
@@ -55,6 +55,9 @@ def read_ground_truth_dir(path: str | Path) -> GroundTruthDir:
         raise AuditError(f"{gt} is not a ground-truth directory: {', '.join(missing)} missing",
                          fix="give the --out directory of `audit inject` (of this version), or a run directory")
     gt = gt.resolve()
+    for name in (*GROUND_TRUTH_FILES, "inject.json", "report.json"):  # what records the base's fingerprint, if there
+        if (gt / name).is_file():
+            check_readable(gt / name, fix=f"let this user read it (chmod u+r {gt / name}), or measure as its owner")
     try:
         manifest = InjectionManifest.model_validate_json((gt / "manifest.json").read_text(encoding="utf-8"))
     except ValueError:
@@ -127,12 +130,18 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def _check_adapter(path: Path) -> Path:
+    """A PEFT adapter folder whose files this process can read, with whole safetensors weights."""
+    from audit.models import check_safetensors_complete
+
     if not path.is_dir() or not (path / "adapter_config.json").is_file():
         raise AuditError(f"--adapter {path} is not a PEFT adapter directory (no adapter_config.json)",
                          fix="give the folder model.save_pretrained() wrote for the PEFT model")
     if not (path / "adapter_model.safetensors").is_file():
         raise AuditError(f"adapter {path} has no adapter_model.safetensors; pickle weights are refused",
                          fix="save the adapter with safe_serialization=True")
+    config = path / "adapter_config.json"
+    check_readable(config, fix=f"let this user read it (chmod u+r {config})")
+    check_safetensors_complete(path / "adapter_model.safetensors")
     return path.resolve()
 
 

@@ -126,14 +126,27 @@ def test_measure_refuses_the_base_itself_as_nothing_was_trained(gt, capsys, tiny
 
 
 def test_measure_refuses_an_adapter_that_was_never_trained(gt, capsys, tiny_model_dir):
+    _adapter(gt.parent / "fresh", tiny_model_dir, trained=False)
+    _refused(["gt", "--adapter", "fresh"], capsys, "every LoRA B matrix", root=gt.parent)
+
+
+def _adapter(out: Path, model_dir: Path, *, trained: bool = True, **lora) -> Path:
+    """A LoRA adapter (``q_proj`` unless ``lora`` says otherwise) for the model in ``model_dir``, saved to ``out``;
+    ``trained``: every B matrix non-zero, as after training (PEFT starts them at zero)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from audit.models import load_model_and_tokenizer
 
-    model, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
-    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(gt.parent / "fresh"))
-    _refused(["gt", "--adapter", "fresh"], capsys, "every LoRA B matrix", root=gt.parent)
+    model, _ = load_model_and_tokenizer(model_dir, dtype=torch.float32, device="cpu")
+    peft_model = get_peft_model(model, LoraConfig(r=2, **{"target_modules": ["q_proj"], **lora}))
+    if trained:
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name or "lora_embedding_B" in name:
+                    param.fill_(0.01)
+    peft_model.save_pretrained(str(out))
+    return out
 
 
 def _perturbed_copy(out: Path, *, added_token: str | None = None) -> Path:
@@ -159,6 +172,22 @@ def _perturbed_copy(out: Path, *, added_token: str | None = None) -> Path:
 def test_measure_refuses_a_model_whose_tokenizer_differs_from_the_base(gt, capsys):
     _perturbed_copy(gt.parent / "retokenized", added_token="<new-token>")
     _refused(["gt", "--model", "retokenized"], capsys, "tokenizer saved in", root=gt.parent)
+
+
+def test_measure_names_an_adapter_file_it_cannot_read(gt, capsys, tiny_model_dir, tmp_path_factory, unreadable):
+    adapter = _adapter(tmp_path_factory.mktemp("elsewhere") / "adapter", tiny_model_dir)  # outside the folder compared
+    weights = unreadable(adapter / "adapter_model.safetensors")
+    err = _refused(["gt", "--adapter", str(adapter)], capsys, f"cannot read {weights} (permission denied)", root=gt.parent)
+    assert "FileNotFoundError" not in err and "chmod u+r" in err
+
+
+@pytest.mark.parametrize("name", ["canaries.jsonl", "manifest.json"])
+def test_measure_names_a_ground_truth_file_it_cannot_read(name, injected, in_tmp, capsys, tmp_path_factory, unreadable):
+    truth = tmp_path_factory.mktemp("elsewhere") / "gt"  # outside the folder compared, which it could not read either
+    shutil.copytree(injected, truth)
+    unreadable(truth / name)
+    _refused([str(truth), "--model", "tiny-llama"], capsys, f"cannot read {truth.resolve() / name} (permission denied)",
+             root=in_tmp)
 
 
 def test_tokenizers_compare_by_vocabulary_and_merges_not_by_object(tmp_path, tiny_model_dir):
