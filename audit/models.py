@@ -432,6 +432,19 @@ def fingerprint_safetensors_dir(path: Path) -> str:
     return fingerprint_tensors(tensors)
 
 
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the ``*.safetensors`` files of a directory, read from their headers (no
+    tensor is loaded: milliseconds even for a large model)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                shapes[key] = tuple(int(d) for d in f.get_slice(key).get_shape())
+    return shapes
+
+
 NEW_ROW_JITTER = 1e-3
 """Added embedding rows are the mean row plus this many per-dimension standard deviations of seeded noise."""
 
