@@ -133,7 +133,8 @@ def _explain(exc: ValidationError, source: str) -> AuditError:
     given = err.get("input")
     shown = f" (got {given!r})" if not isinstance(given, dict) else ""
     msg = err["msg"].removeprefix("Value error, ")
-    return AuditError(f"{source}: '{key}': {msg}{shown}", fix="correct that value in the recipe or the override")
+    where = f"'{key}': " if key else ""  # a check across sections (Recipe's own validators) names its keys itself
+    return AuditError(f"{source}: {where}{msg}{shown}", fix="correct that value in the recipe or the override")
 
 
 def _valid_keys(model: type[BaseModel], path: list[str]) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -29,3 +30,17 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest choice, or an empty string."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def check_readable(path: str | Path, *, fix: str) -> None:
+    """One line naming ``path`` unless this process can open it for reading.
+
+    Tried, not read off the permission bits (root reads a mode-000 file; ACLs and mounts differ from the bits), and
+    before a library opens it: safetensors reports a file it may not read as ``FileNotFoundError``.
+    """
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        why = (exc.strerror or type(exc).__name__).lower()
+        raise AuditError(f"cannot read {path} ({why})", fix=fix) from None

@@ -2,7 +2,7 @@
 
 Pure checks with one-line errors, no run directory, no MLflow: :func:`read_ground_truth_dir` (the files, canaries
 against manifest), :func:`measure_recipe` (the recipe a measurement runs under), :func:`check_external_weights`
-(the tuned model given: safetensors, tokenizer, "nothing was trained"). It imports neither :mod:`audit.origin` nor
+(the tuned model given: safetensors, shapes, tokenizer, "nothing was trained"). It imports neither :mod:`audit.origin` nor
 :mod:`audit.pipeline`, so :func:`audit.origin.origin_for` can rebuild a measurement on resume without an import cycle.
 ``audit measure`` itself is :mod:`audit.measure`.
 """
@@ -10,12 +10,13 @@ against manifest), :func:`measure_recipe` (the recipe a measurement runs under),
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from audit.errors import AuditError
+from audit.errors import AuditError, check_readable
 from audit.schema import Recipe
 
 GROUND_TRUTH_FILES = ("recipe.yaml", "canaries.jsonl", "canaries.meta.json", "manifest.json")
@@ -55,6 +56,9 @@ def read_ground_truth_dir(path: str | Path) -> GroundTruthDir:
         raise AuditError(f"{gt} is not a ground-truth directory: {', '.join(missing)} missing",
                          fix="give the --out directory of `audit inject` (of this version), or a run directory")
     gt = gt.resolve()
+    for name in (*GROUND_TRUTH_FILES, "inject.json", "report.json"):  # what records the base's fingerprint, if there
+        if (gt / name).is_file():
+            check_readable(gt / name, fix=f"let this user read it (chmod u+r {gt / name}), or measure as its owner")
     try:
         manifest = InjectionManifest.model_validate_json((gt / "manifest.json").read_text(encoding="utf-8"))
     except ValueError:
@@ -127,13 +131,145 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def _check_adapter(path: Path) -> Path:
+    """A PEFT adapter folder whose files this process can read, with whole safetensors weights."""
+    from audit.models import check_safetensors_complete
+
     if not path.is_dir() or not (path / "adapter_config.json").is_file():
         raise AuditError(f"--adapter {path} is not a PEFT adapter directory (no adapter_config.json)",
                          fix="give the folder model.save_pretrained() wrote for the PEFT model")
     if not (path / "adapter_model.safetensors").is_file():
         raise AuditError(f"adapter {path} has no adapter_model.safetensors; pickle weights are refused",
                          fix="save the adapter with safe_serialization=True")
+    config = path / "adapter_config.json"
+    check_readable(config, fix=f"let this user read it (chmod u+r {config})")
+    check_safetensors_complete(path / "adapter_model.safetensors")
     return path.resolve()
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """``path`` (a config.json or adapter_config.json) as a dict; unreadable or not a JSON object is one line."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AuditError(f"{path} is unreadable ({str(exc).splitlines()[0]})", fix="give an unmodified model folder") from None
+    if not isinstance(data, dict):
+        raise AuditError(f"{path} is not a JSON object", fix="give an unmodified model folder")
+    return data
+
+
+TIED_OUTPUT = "lm_head"
+"""The output layer: a model that ties it to the input embeddings saves no tensor for it, so its absence on one side
+is no difference in shape."""
+PEFT_PREFIX = "base_model.model."
+PEFT_WRAPPERS = ("base_layer", "token_adapter")
+"""Parts PEFT adds to a module's name when it wraps it (LoRA on an embedding, trainable tokens); the module's own
+tensor is the name without them."""
+LORA_FACTORS = {"lora_A.weight": 1, "lora_B.weight": 0, "lora_embedding_A": 1, "lora_embedding_B": 0}
+"""The LoRA factor tensors PEFT saves, and which of their axes must equal the adapted layer's: ``A`` is
+``[r, inputs]``, ``B`` is ``[outputs, r]`` (an embedding's ``A`` is ``[r, rows]``, its ``B`` ``[dim, r]``)."""
+
+
+def _tied_output(tensor: str) -> bool:
+    return tensor.rsplit(".", 1)[0].split(".")[-1] == TIED_OUTPUT
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The base's embedding rows, and how many a canary spec adds (``new_tokens``): the run puts rows for them on the
+    base before the tuned weights (:func:`audit.models.extend_vocabulary`), so a tuned embedding may have up to that
+    many more."""
+
+    rows: int
+    added: int = 0
+
+    def same(self, found: int, expected: int) -> bool:
+        return found == expected or (expected == self.rows and expected < found <= expected + self.added)
+
+    def fits(self, found: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+        return len(found) == len(expected) and all(self.same(f, e) for f, e in zip(found, expected, strict=True))
+
+
+def vocabulary(recipe: Recipe, base: Path) -> Vocabulary:
+    """:class:`Vocabulary` of ``base`` (its config's ``vocab_size``) under the recipe's canary spec."""
+    from audit.canaries import added_tokens, load_spec
+
+    rows = _read_config(base / "config.json").get("vocab_size")
+    return Vocabulary(rows=rows if isinstance(rows, int) else -1,
+                      added=len(added_tokens(load_spec(recipe.canaries.spec, recipe.canaries.params))))
+
+
+def check_same_shape(tuned: Path, base: Path, *, tuned_name: str, base_name: str, vocab: Vocabulary) -> None:
+    """``tuned`` has the base's architecture (config ``model_type`` and ``architectures``) and every tensor of the
+    base under the same name with the same shape, read from the safetensors headers (nothing is loaded). A model of
+    another shape that happens to share the base's tokenizer would otherwise be scored and labelled its fine-tune."""
+    from audit.models import tensor_shapes
+
+    fix = (f"give weights fine-tuned from {base_name} (same architecture and tensor shapes), or pass --base with the "
+           "model they were fine-tuned from")
+    mine, theirs = _read_config(tuned / "config.json"), _read_config(base / "config.json")
+    kinds = [(c.get("model_type"), c.get("architectures")) for c in (mine, theirs)]
+    if kinds[0] != kinds[1]:
+        (m_type, m_arch), (b_type, b_arch) = kinds
+        raise AuditError(f"--model {tuned_name} is not a fine-tune of the base {base_name}: it is a {m_type} model "
+                         f"({', '.join(m_arch or ['?'])}), the base a {b_type} model ({', '.join(b_arch or ['?'])})", fix=fix)
+    found, expected = tensor_shapes(tuned), tensor_shapes(base)
+    for name in sorted(set(found) | set(expected)):
+        if name not in found and not _tied_output(name):
+            why = f"it has no tensor {name}, which the base has ({list(expected[name])})"
+        elif name not in expected and not _tied_output(name):
+            why = f"it has a tensor {name} ({list(found[name])}), which the base does not"
+        elif name in found and name in expected and not vocab.fits(found[name], expected[name]):
+            why = f"its tensor {name} is {list(found[name])}, the base's {list(expected[name])}"
+        else:
+            continue
+        raise AuditError(f"--model {tuned_name} is not a fine-tune of the base {base_name}: {why}", fix=fix)
+
+
+def check_adapter_fits(adapter: Path, below: Path, *, below_name: str, vocab: Vocabulary) -> None:
+    """Every tensor of the adapter fits the model it is put on (``below``), from the safetensors headers: each LoRA
+    factor matches the layer it adapts (inputs for ``A``, outputs for ``B``), each saved whole module (PEFT's
+    ``modules_to_save``, embedding base layers) matches the model's. Refused here, before the run directory: PEFT
+    finds it only when it loads the adapter, after the base was scored."""
+    from audit.models import tensor_shapes
+
+    config = _read_config(adapter / "adapter_config.json")
+    layers = tensor_shapes(below)
+    for key, shape in sorted(tensor_shapes(adapter).items()):
+        why = _misfit(key, shape, layers, below_name=below_name, vocab=vocab,
+                      fan_in_fan_out=bool(config.get("fan_in_fan_out")))
+        if why:
+            made_for = config.get("base_model_name_or_path") or "another model"
+            raise AuditError(f"--adapter {adapter} was made for {made_for}, not for {below_name}: {why}",
+                             fix=f"give an adapter trained on {below_name}, or pass --base (or --model) with the model it "
+                                 "was trained on")
+
+
+def _misfit(key: str, shape: tuple[int, ...], layers: dict[str, tuple[int, ...]], *, below_name: str, vocab: Vocabulary,
+            fan_in_fan_out: bool) -> str | None:
+    """Why the adapter tensor ``key`` does not fit ``below_name``, a model of tensors ``layers``, or None. Tensors of
+    other PEFT kinds (trainable tokens' deltas, DoRA magnitudes) are left to PEFT's load."""
+    name = key.removeprefix(PEFT_PREFIX)
+    factor = next((f for f in LORA_FACTORS if name.endswith(f".{f}")), None)
+    if factor is not None:
+        module = name.removesuffix(f".{factor}")
+        target = layers.get(f"{module}.weight")
+        if target is None:
+            return None if _tied_output(f"{module}.weight") else f"it adapts {module}, which {below_name} does not have"
+        if len(target) != 2 or len(shape) != 2:  # a convolution: PEFT checks it when it loads
+            return None
+        axis = LORA_FACTORS[factor]
+        # nn.Linear is [out, in]; an embedding [rows, dim] and GPT-2's Conv1D (fan_in_fan_out) [in, out]
+        flipped = factor.startswith("lora_embedding") or fan_in_fan_out
+        if vocab.same(shape[axis], target[1 - axis if flipped else axis]):
+            return None
+        return f"{key} is {list(shape)}, which does not fit {module}.weight {list(target)} of {below_name}"
+    if not name.endswith((".weight", ".bias")):
+        return None
+    plain = ".".join(part for part in name.split(".") if part not in PEFT_WRAPPERS)  # a whole module saved with it
+    target = layers.get(plain)
+    if target is None:
+        return None if _tied_output(plain) else f"it holds {plain}, which {below_name} does not have"
+    return None if vocab.fits(shape, target) else f"its {plain} is {list(shape)}, the one of {below_name} {list(target)}"
 
 
 def _adapter_is_untrained(path: Path) -> bool:
@@ -147,17 +283,9 @@ def _adapter_is_untrained(path: Path) -> bool:
 
 def _count_tensors(path: Path) -> int:
     """Number of values in the safetensors files of ``path`` (an adapter's trainable parameters), read from headers."""
-    from safetensors import safe_open
+    from audit.models import tensor_shapes
 
-    total = 0
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                n = 1
-                for d in f.get_slice(key).get_shape():
-                    n *= int(d)
-                total += n
-    return total
+    return sum(math.prod(shape) for shape in tensor_shapes(path).values())
 
 
 @dataclass(frozen=True)
@@ -194,8 +322,12 @@ def check_external_weights(gt: GroundTruthDir, recipe: Recipe, *, model: str | P
     details: dict[str, Any] = {"base": recipe.model.source, "base_fingerprint": base_fp}
     tokenizer_dirs: list[Path] = []
     model_fp = base_fp
+    below, below_name = base.path, recipe.model.source  # what an adapter goes on
+    vocab = vocabulary(recipe, base.path)
     if model is not None and (adapter is None or str(model) != recipe.model.source):
         tuned = resolve_model(str(model), progress=progress, **flags)
+        check_same_shape(tuned.path, base.path, tuned_name=str(model), base_name=recipe.model.source, vocab=vocab)
+        below, below_name = tuned.path, str(model)
         model_fp = tuned.provenance.get("weights_fingerprint") or fingerprint_safetensors_dir(tuned.path)
         layers.append(WeightsLayer("full", tuned.path))
         details.update(model=str(tuned.path) if tuned.kind == "local" else str(model), model_path=str(tuned.path),
@@ -204,6 +336,7 @@ def check_external_weights(gt: GroundTruthDir, recipe: Recipe, *, model: str | P
     trainable = 0
     if adapter is not None:
         adapter_dir = _check_adapter(Path(adapter).expanduser())
+        check_adapter_fits(adapter_dir, below, below_name=below_name, vocab=vocab)
         layers.append(WeightsLayer("lora", adapter_dir))
         details["adapter"] = str(adapter_dir)
         tokenizer_dirs.append(adapter_dir)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from audit.console import say
-from audit.errors import AuditError
+from audit.errors import AuditError, check_readable
 
 BUILTIN_MODELS = ("smollm2-135m", "tiny-llama")
 
@@ -160,8 +160,10 @@ def check_safetensors_complete(file: Path) -> None:
 
     The format is an 8-byte little-endian header length, a JSON header giving each tensor's byte range, then the
     data: the file must end exactly where the last range ends. A download or copy cut short fails this in
-    microseconds instead of deep inside ``from_pretrained`` after the run has started.
+    microseconds instead of deep inside ``from_pretrained`` after the run has started. A file this process may not
+    read is named as such (safetensors itself calls it ``FileNotFoundError``).
     """
+    check_readable(file, fix=f"let this user read it (chmod u+r {file}), or copy the model where it can be read")
     problem = safetensors_problem(file)
     if problem:
         raise AuditError(f"model weights {file} are damaged: {problem}",
@@ -428,6 +430,19 @@ def fingerprint_safetensors_dir(path: Path) -> str:
     if not tensors:
         raise AuditError(f"no safetensors weights in {path}", fix="save the model with safe_serialization=True")
     return fingerprint_tensors(tensors)
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the ``*.safetensors`` files of a directory, read from their headers (no
+    tensor is loaded: milliseconds even for a large model)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                shapes[key] = tuple(int(d) for d in f.get_slice(key).get_shape())
+    return shapes
 
 
 NEW_ROW_JITTER = 1e-3

@@ -68,6 +68,13 @@ exposure by ~16-64 insertions); 10^5 copies is a corpus made of canaries, and ``
 was once accepted silently and then trained for hours."""
 
 
+MAX_EXPOSURE_REFERENCES = 100_000
+"""The most candidate secrets each canary's exposure is ranked against (``scoring.exposure_references``). Each is a
+forward pass per ranked canary and model, while the sampled exposure is capped at log2(R + 1) bits (16.6 here) and
+the extrapolation and the exact walk reach further for nothing; ``exposure_references=10000000`` was once accepted
+with the words spec and then drew references silently for minutes, before days of scoring."""
+
+
 class CanarySection(Frozen):
     """Which canaries to plant; counts left empty fall back to the spec file's own."""
 
@@ -420,6 +427,21 @@ class Recipe(Frozen):
 
     def fingerprint(self) -> str:
         return sha256_json(self.model_dump(mode="json"))
+
+    @model_validator(mode="after")
+    def _exposure_references_bounded(self) -> Recipe:
+        refs = self.scoring.exposure_references
+        if refs <= MAX_EXPOSURE_REFERENCES:
+            return self
+        c = self.canaries
+        if c.tiers and c.members_per_tier and c.references:  # else the counts are the spec's, not known here
+            ranked = len(c.tiers) * c.members_per_tier + min(c.references, self.scoring.exposure_null_references or c.references)
+            cost = f"{refs:,} candidates x {ranked} ranked canaries x 2 models = {2 * refs * ranked:,} forward passes"
+        else:
+            cost = f"{refs:,} candidates x 2 models = {2 * refs:,} forward passes for each ranked canary"
+        raise ValueError(f"scoring.exposure_references={refs:,} is over the limit of {MAX_EXPOSURE_REFERENCES:,}: exposure "
+                         f"would score {cost}; set it to at most {MAX_EXPOSURE_REFERENCES:,} (255 by default, exposure "
+                         "up to 8 bits; scoring.exact_exposure ranks enumerable secrets against the whole space anyway)")
 
 
 # --------------------------------------------------------------------------------------------------- canaries

@@ -197,8 +197,10 @@ def open_run(ctx: RunContext, resume_dir: Path | None) -> Iterator[Run]:
             yield run
     except BaseException as exc:
         from audit.resume import disk_full, failure_status, save_failure
+        from audit.train.disk import write_error
 
-        full = disk_full(exc, run_dir)  # a full disk is one line, not the OSError's traceback
+        # a full disk is one line, not a traceback, also when torch or safetensors reported it while saving weights
+        full = disk_full(write_error(exc, run_dir) or exc, run_dir)
         save_failure(handle, {**failure_status(full or exc), **_tracking_status(tracker)})
         handle.close()
         if full is not None:

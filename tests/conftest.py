@@ -54,3 +54,34 @@ def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+@pytest.fixture
+def unreadable(monkeypatch):
+    """``unreadable(path)``: ``path`` can no longer be opened by this process. chmod 000, and, where the tests run
+    as root (whom mode bits do not stop), an ``open`` that refuses it as the kernel refuses anyone else
+    (PermissionError, errno 13). Only Python's ``open`` is guarded: the code under test must try the file itself
+    before a library (safetensors, in Rust) opens it."""
+    import builtins
+    import errno
+    import io
+    from pathlib import Path
+
+    blocked: set[str] = set()
+    real_open = builtins.open
+
+    def guarded_open(file, *args, **kwargs):
+        if isinstance(file, str | os.PathLike) and os.path.realpath(file) in blocked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    def block(path) -> Path:
+        path = Path(path)
+        path.chmod(0)
+        if os.geteuid() == 0:
+            blocked.add(os.path.realpath(path))
+            monkeypatch.setattr(builtins, "open", guarded_open)
+            monkeypatch.setattr(io, "open", guarded_open)
+        return path
+
+    return block

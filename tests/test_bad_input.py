@@ -70,7 +70,12 @@ CASES = {
     "checkpoint interval not whole": ([*RUN, "training.checkpoint_every=2.5"], "checkpoint_every must be a whole number of steps"),
     "gate without threshold in recipe": ([*RUN, "gates=[{metric: x}]"], "'gates.0': gate on 'x' needs a threshold"),
     "unknown canary spec": ([*RUN, "canaries.spec=digts"], "canary spec 'digts' not found. Did you mean 'digits'?"),
-    "more references than the space": ([*RUN, "scoring.exposure_references=2000000"], "cannot draw 2000000 distinct secrets"),
+    "more references than the space": ([*RUN, "canaries.params.length=4", "scoring.exposure_references=20000"],
+                                       "cannot draw 20000 distinct secrets"),
+    "references past the limit (once minutes of silence)": (
+        [*RUN, "canaries.spec=words", "scoring.exposure_references=10000000"],
+        "scoring.exposure_references=10,000,000 is over the limit of 100,000: exposure would score 10,000,000 candidates "
+        "x 12 ranked canaries x 2 models = 240,000,000 forward passes"),
     # corpora
     "missing corpus file": ([*RUN, "corpus.source=missing.jsonl"], "corpus file missing.jsonl does not exist"),
     "empty corpus": ([*RUN, "corpus.source=empty.jsonl"], "corpus 'empty.jsonl' is empty"),

@@ -342,6 +342,100 @@ def test_a_full_disk_outside_a_run_is_one_line(in_tmp, monkeypatch, capsys):
     assert not (in_tmp / "gt").exists()
 
 
+DEV_FULL = Path("/dev/full")
+"""Linux's device on which every write fails with ENOSPC: torch's writer fails there as on a full disk."""
+needs_dev_full = pytest.mark.skipif(not DEV_FULL.is_char_device(), reason="needs the /dev/full device (Linux)")
+"""Only the device: torch opens it and writes, and would make a regular file where there is none."""
+
+
+def _disk_nearly_full(monkeypatch, under: Path) -> None:
+    """``shutil.disk_usage`` reports no free space on the disk that holds ``under`` (elsewhere the real numbers)."""
+    import shutil
+
+    real = shutil.disk_usage
+
+    def usage(path):
+        found = real(path)
+        return found._replace(free=0) if Path(path).resolve().is_relative_to(under.resolve()) else found
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+
+
+def _torch_write_error():
+    import torch
+
+    try:
+        torch.save({"weights": torch.zeros(1000)}, str(DEV_FULL))
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("torch.save wrote to /dev/full")
+
+
+@needs_dev_full
+def test_torch_and_safetensors_write_failures_are_taken_for_the_full_disk_behind_them(tmp_path, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    from audit.errors import AuditError
+    from audit.train.disk import write_error
+
+    torch_error = _torch_write_error()
+    assert "inline_container.cc" in str(torch_error)  # torch's own words, no errno: "unexpected pos 704 vs 598"
+    assert write_error(torch_error, tmp_path) is None  # the disk has room: some other failure, keep the traceback
+    _disk_nearly_full(monkeypatch, tmp_path)
+    assert write_error(torch_error, tmp_path).errno == errno.ENOSPC
+    try:
+        raise ValueError("the Trainer gave up") from torch_error
+    except ValueError as wrapped:
+        assert write_error(wrapped, tmp_path).errno == errno.ENOSPC
+    rust = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")  # as on a full tmpfs
+    assert write_error(rust, tmp_path).errno == errno.ENOSPC
+    quota = SafetensorError("Error while serializing: I/O error: Disk quota exceeded (os error 122)")
+    assert write_error(quota, tmp_path).errno == errno.EDQUOT
+    assert write_error(RuntimeError("CUDA out of memory"), tmp_path) is None  # a bug or the GPU: not the disk
+    assert write_error(AuditError("already one line"), tmp_path) is None
+    assert write_error(KeyboardInterrupt(), tmp_path) is None
+    try:
+        try:
+            raise torch_error
+        except RuntimeError:
+            raise KeyError("handled, and replaced on purpose") from None
+    except KeyError as replaced:
+        assert write_error(replaced, tmp_path) is None
+
+
+@needs_dev_full
+def test_a_full_disk_during_a_trainer_checkpoint_is_one_line_and_the_run_resumes(in_tmp, monkeypatch, capsys):
+    """torch's checkpoint writer fails as on a full disk (it writes to /dev/full): the traceback it raised, ``RuntimeError:
+    [enforce fail at inline_container.cc:672]``, is one line naming the run directory; run.json says failed; once
+    there is space, the resume sets the half-written checkpoint aside and finishes."""
+    import torch
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt"):  # the Trainer's checkpoint, after its adapter weights
+            Path(f).write_bytes(b"PK\x03\x04")  # the part written before the disk filled
+            real_save(obj, str(DEV_FULL), *args, **kwargs)
+        return real_save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", save)
+        _disk_nearly_full(m, in_tmp)
+        assert main(["run", "tiny/lora_cpu", "--quiet", "--no-tracking", *SMALL]) == 2
+        (run_dir,) = (in_tmp / "runs").iterdir()
+        shown = run_dir.relative_to(in_tmp)
+        assert one_line_error(capsys) == (
+            f"error: no space left on the device (writing under {shown}) (fix: free space on the disk that holds {shown} "
+            f"(or raise the quota), then resume with `audit run --resume {shown}`)")
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["status"] == "failed" and status["error"].startswith("AuditError: no space left on the device")
+    assert list((run_dir / "trainer").glob("checkpoint-*/optimizer.pt")), "the failure did not come from the checkpoint"
+    assert main(["run", "--resume", str(run_dir), "--quiet", "--no-tracking"]) == 0
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
+
+
 @pytest.mark.slow
 def test_a_resume_from_another_folder_logs_to_the_tracking_store_run_json_recorded(tmp_path, monkeypatch, capsys):
     """The first attempt ran in a/ (its default store a/mlflow.db); the resume, started in b/, finishes that same

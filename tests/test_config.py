@@ -65,6 +65,22 @@ def test_wrong_type_names_the_key():
         load_recipe("tiny/lora_cpu", ["training.batch_size=many"])
 
 
+def test_exposure_references_are_bounded_and_the_refusal_states_the_cost():
+    from audit.config import validate_recipe
+    from audit.schema import MAX_EXPOSURE_REFERENCES
+
+    assert validate_recipe({"name": "x", "scoring": {"exposure_references": MAX_EXPOSURE_REFERENCES}})
+    with pytest.raises(AuditError) as info:  # the canary counts are the spec's: the cost per canary
+        validate_recipe({"name": "x", "scoring": {"exposure_references": MAX_EXPOSURE_REFERENCES + 1}}, source="r.yaml")
+    assert str(info.value).startswith("r.yaml: scoring.exposure_references=100,001 is over the limit of 100,000: exposure "
+                                      "would score 100,001 candidates x 2 models = 200,002 forward passes for each ranked "
+                                      "canary"), info.value
+    counted = {"tiers": [1, 4], "members_per_tier": 3, "references": 50}  # 6 members, 10 of the 50 references ranked
+    with pytest.raises(AuditError, match=r"200,000 candidates x 16 ranked canaries x 2 models = 6,400,000 forward"):
+        validate_recipe({"name": "x", "canaries": counted,
+                         "scoring": {"exposure_references": 200_000, "exposure_null_references": 10}})
+
+
 def test_missing_recipe_suggests_shipped_names():
     with pytest.raises(AuditError) as info:
         load_recipe("tiny/lora_cup")

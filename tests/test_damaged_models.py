@@ -61,3 +61,13 @@ def test_a_damaged_or_code_carrying_model_is_refused_before_the_run(damage, expe
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and expected in err, err
     assert not (in_tmp / "runs").exists()
+
+
+def test_model_weights_this_user_cannot_read_are_named_not_reported_missing(model_copy, in_tmp, capsys, unreadable):
+    """safetensors calls a file it may not open FileNotFoundError; the weights are tried before it opens them."""
+    weights = unreadable(_weights(model_copy("locked"))).relative_to(in_tmp)  # named as model.source gives it
+    assert main(["run", "tiny/lora_cpu", "--no-tracking", "model.source=locked"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: cannot read {weights} (permission denied) (fix: let this user read it (chmod u+r {weights}), "
+                   "or copy the model where it can be read)"), err
+    assert not (in_tmp / "runs").exists()

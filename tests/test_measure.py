@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 from audit.cli import main
+from audit.external import Vocabulary
+
+TINY_VOCAB = Vocabulary(rows=512)
+"""tiny-llama's embedding rows, under a canary spec that adds no token."""
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +130,45 @@ def test_measure_refuses_the_base_itself_as_nothing_was_trained(gt, capsys, tiny
 
 
 def test_measure_refuses_an_adapter_that_was_never_trained(gt, capsys, tiny_model_dir):
+    _adapter(gt.parent / "fresh", tiny_model_dir, trained=False)
+    _refused(["gt", "--adapter", "fresh"], capsys, "every LoRA B matrix", root=gt.parent)
+
+
+def _adapter(out: Path, model_dir: Path, *, trained: bool = True, **lora) -> Path:
+    """A LoRA adapter (``q_proj`` unless ``lora`` says otherwise) for the model in ``model_dir``, saved to ``out``;
+    ``trained``: every B matrix non-zero, as after training (PEFT starts them at zero)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from audit.models import load_model_and_tokenizer
 
-    model, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
-    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(gt.parent / "fresh"))
-    _refused(["gt", "--adapter", "fresh"], capsys, "every LoRA B matrix", root=gt.parent)
+    model, _ = load_model_and_tokenizer(model_dir, dtype=torch.float32, device="cpu")
+    peft_model = get_peft_model(model, LoraConfig(r=2, **{"target_modules": ["q_proj"], **lora}))
+    if trained:
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name or "lora_embedding_B" in name:
+                    param.fill_(0.01)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def _other_shape(out: Path, base_dir: Path, *, hidden_size: int = 32, layers: int = 2) -> Path:
+    """A Llama of another width or depth with the base's vocabulary and tokenizer files: the tokenizer check cannot
+    tell it from a fine-tune."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = json.loads((base_dir / "config.json").read_text())
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=config["vocab_size"], hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True, bos_token_id=config["bos_token_id"],
+        eos_token_id=config["eos_token_id"], pad_token_id=config["pad_token_id"]))
+    model.save_pretrained(str(out))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base_dir / name, out / name)
+    return out
 
 
 def _perturbed_copy(out: Path, *, added_token: str | None = None) -> Path:
@@ -159,6 +194,91 @@ def _perturbed_copy(out: Path, *, added_token: str | None = None) -> Path:
 def test_measure_refuses_a_model_whose_tokenizer_differs_from_the_base(gt, capsys):
     _perturbed_copy(gt.parent / "retokenized", added_token="<new-token>")
     _refused(["gt", "--model", "retokenized"], capsys, "tokenizer saved in", root=gt.parent)
+
+
+def test_measure_refuses_a_model_of_another_shape_that_shares_the_bases_tokenizer(gt, capsys, tiny_model_dir):
+    _other_shape(gt.parent / "narrow", tiny_model_dir)
+    _refused(["gt", "--model", "narrow"], capsys, "--model narrow is not a fine-tune of the base tiny-llama: its tensor "
+             "model.embed_tokens.weight is [512, 32], the base's [512, 64]", root=gt.parent)
+
+
+def test_a_model_of_another_architecture_or_depth_is_named_by_its_first_difference(tmp_path, tiny_model_dir):
+    from audit.errors import AuditError
+    from audit.external import check_same_shape
+
+    other = tmp_path / "mistral"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(AuditError, match=r"it is a mistral model \(MistralForCausalLM\), the base a llama model "
+                                         r"\(LlamaForCausalLM\)"):
+        check_same_shape(other, tiny_model_dir, tuned_name="mistral", base_name="tiny-llama", vocab=TINY_VOCAB)
+    deeper = _other_shape(tmp_path / "deeper", tiny_model_dir, hidden_size=64, layers=3)
+    with pytest.raises(AuditError, match=r"it has a tensor model.layers.2.input_layernorm.weight \(\[64\]\), which the "
+                                         "base does not") as info:
+        check_same_shape(deeper, tiny_model_dir, tuned_name="deeper", base_name="tiny-llama", vocab=TINY_VOCAB)
+    assert "fix: give weights fine-tuned from tiny-llama" in info.value.one_line()
+    check_same_shape(tiny_model_dir, tiny_model_dir, tuned_name="itself", base_name="tiny-llama", vocab=TINY_VOCAB)
+
+
+def test_measure_refuses_an_adapter_made_for_another_base_before_writing_anything(gt, capsys, tiny_model_dir):
+    narrow = _other_shape(gt.parent / "narrow", tiny_model_dir)
+    _adapter(gt.parent / "adapter", narrow)
+    err = _refused(["gt", "--adapter", "adapter"], capsys, f"--adapter {gt.parent / 'adapter'} was made for {narrow}, not "
+                   "for tiny-llama: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight is [2, 32], which does "
+                   "not fit model.layers.0.self_attn.q_proj.weight [64, 64] of tiny-llama", root=gt.parent)
+    assert "pass --base (or --model) with the model it was trained on" in err
+
+
+def test_an_adapter_for_this_base_fits_with_lora_on_embeddings_and_saved_modules(tmp_path, tiny_model_dir):
+    """What PEFT saves for LoRA on an embedding (its A spans the rows), a saved embedding base layer and
+    ``modules_to_save`` all fit the model they were made on, and not one of another width or depth."""
+    from audit.errors import AuditError
+    from audit.external import check_adapter_fits
+
+    adapter = _adapter(tmp_path / "adapter", tiny_model_dir, target_modules=["q_proj", "embed_tokens"], modules_to_save=["norm"])
+    check_adapter_fits(adapter, tiny_model_dir, below_name="tiny-llama", vocab=TINY_VOCAB)
+    narrow = _other_shape(tmp_path / "narrow", tiny_model_dir)
+    with pytest.raises(AuditError, match=r"its model.embed_tokens.weight is \[512, 64\], the one of narrow \[512, 32\]"):
+        check_adapter_fits(adapter, narrow, below_name="narrow", vocab=TINY_VOCAB)
+    deeper = _adapter(tmp_path / "deeper_adapter", _other_shape(tmp_path / "deeper", tiny_model_dir, hidden_size=64, layers=3))
+    with pytest.raises(AuditError, match="it adapts model.layers.2.self_attn.q_proj, which tiny-llama does not have"):
+        check_adapter_fits(deeper, tiny_model_dir, below_name="tiny-llama", vocab=TINY_VOCAB)
+
+
+def test_an_adapter_with_rows_for_the_tokens_a_canary_spec_adds_fits_when_the_spec_adds_them(tmp_path, tiny_model_dir):
+    """A run with new-token canaries (``new_tokens``) gives the base rows for them and trains them as PEFT trainable
+    tokens, whose saved embedding has those rows too: measuring that run again must not call it another model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from audit.errors import AuditError
+    from audit.external import check_adapter_fits
+    from audit.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
+    model.resize_token_embeddings(520, mean_resizing=False)
+    config = LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=list(range(512, 520)))
+    get_peft_model(model, config).save_pretrained(str(tmp_path / "adapter"))
+    check_adapter_fits(tmp_path / "adapter", tiny_model_dir, below_name="tiny-llama", vocab=Vocabulary(rows=512, added=8))
+    with pytest.raises(AuditError, match=r"its model.embed_tokens.weight is \[520, 64\], the one of tiny-llama \[512, 64\]"):
+        check_adapter_fits(tmp_path / "adapter", tiny_model_dir, below_name="tiny-llama", vocab=TINY_VOCAB)
+
+
+def test_measure_names_an_adapter_file_it_cannot_read(gt, capsys, tiny_model_dir, tmp_path_factory, unreadable):
+    adapter = _adapter(tmp_path_factory.mktemp("elsewhere") / "adapter", tiny_model_dir)  # outside the folder compared
+    weights = unreadable(adapter / "adapter_model.safetensors")
+    err = _refused(["gt", "--adapter", str(adapter)], capsys, f"cannot read {weights} (permission denied)", root=gt.parent)
+    assert "FileNotFoundError" not in err and "chmod u+r" in err
+
+
+@pytest.mark.parametrize("name", ["canaries.jsonl", "manifest.json"])
+def test_measure_names_a_ground_truth_file_it_cannot_read(name, injected, in_tmp, capsys, tmp_path_factory, unreadable):
+    truth = tmp_path_factory.mktemp("elsewhere") / "gt"  # outside the folder compared, which it could not read either
+    shutil.copytree(injected, truth)
+    unreadable(truth / name)
+    _refused([str(truth), "--model", "tiny-llama"], capsys, f"cannot read {truth.resolve() / name} (permission denied)",
+             root=in_tmp)
 
 
 def test_tokenizers_compare_by_vocabulary_and_merges_not_by_object(tmp_path, tiny_model_dir):
