@@ -156,7 +156,7 @@ WEIGHT_FOLDERS = ("adapter", "model", "merged")
 LOGGED_FOLDERS = ("plots", *WEIGHT_FOLDERS)
 """The run-directory folders :meth:`Tracker.log_report` can log, each under its own name. These two tuples are all
 that a replay of :data:`PENDING_FILE` may upload: the secrets (``canaries.jsonl``, ``outputs.jsonl``, ``train.jsonl``),
-the scores and the key stay local (README, "Secrets and the audit key")."""
+the scores and the key stay local (docs/threat-model.md)."""
 
 HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}

@@ -2,7 +2,7 @@
 
     python benchmarks/canary_designs.py                                      # 10 SmolLM2 audits, one at a time (~2 h on 2 cores)
     python benchmarks/canary_designs.py --from-runs lora:digits:RUN_DIR ...  # rows from finished run directories
-    python benchmarks/canary_designs.py --markdown benchmarks/canary_designs.json   # the README table
+    python benchmarks/canary_designs.py --markdown benchmarks/canary_designs.json   # the table in docs/metrics.md
 
 Every row is ``audit run smollm2/lora_cpu canaries.spec=DESIGN`` (the default audit: 8 canaries at each of 1/4/16
 copies and 100 never-inserted references, 120 notes records, 72 steps), and for ``full`` the same with
@@ -66,7 +66,7 @@ def _pct(rate: dict | None) -> str:
 
 
 def markdown_table(result: dict) -> str:
-    """The README table from a ``canary_designs.json``."""
+    """The docs table (docs/metrics.md, via benchmarks/tables.py) from a ``canary_designs.json``."""
     head = ["method", "design", "TPR@1%FPR loss_diff, all members", "TPR@1%FPR loss_diff, 1x", "AUC loss_diff",
             "TPR@1%FPR EZ-MIA", "exposure tuned 0x/1x/4x/16x", *[f"eps_lb {b}" for b in BOUNDS], "trainable params"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -83,7 +83,7 @@ def markdown_table(result: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--markdown", metavar="JSON", help="print the README table of an existing result and exit")
+    parser.add_argument("--markdown", metavar="JSON", help="print the docs table of an existing result and exit")
     parser.add_argument("--from-runs", nargs="+", metavar="METHOD:DESIGN:RUN_DIR",
                         help="build the rows from finished run directories instead of running the audits")
     parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=DESIGNS)

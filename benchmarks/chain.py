@@ -4,7 +4,7 @@
     python benchmarks/chain.py --from-runs LORA_RUN CLEAN_RUN FULL_RUN   # summarize runs made by those commands
 
 Writes ``benchmarks/chain.json``: the machine (with its load average: the 2 cores are shared), the commands, and per
-run the numbers README.md shows (exposure by tier, extraction, MIA AUC, epsilon lower bound, final loss, wall time),
+run the numbers docs/chain.md shows (exposure by tier, extraction, MIA AUC, epsilon lower bound, final loss, wall time),
 plus the persistence of the LoRA run's canaries through the further clean tune. Every number is read from the runs'
 report.json; nothing is typed in by hand.
 """

@@ -1,5 +1,5 @@
 """A plain ``transformers.Trainer`` full fine-tune that knows nothing of canary-audit: the "your own training" of the
-``audit inject`` -> your Trainer -> ``audit measure`` path (README, "Bring your own training").
+``audit inject`` -> your Trainer -> ``audit measure`` path (docs/own-training.md).
 
     python tests/external_trainer.py GROUND_TRUTH_DIR BASE_MODEL_DIR OUT_DIR [--epochs 10] [--lr 3e-3]
 

@@ -2,7 +2,7 @@
 
 Checks: the screenshot is not blank, the plots' colours are on it (so the base64 PNGs decoded), the DOM holds every
 plot, and Chromium logged no console message (the report has no script, so any message is an error). Skips only
-when Chromium is not installed; CI (.ci/run) installs it.
+when Chromium is not installed; CI installs it (.ci/browser), and fails where it could install it and could not.
 """
 
 from __future__ import annotations

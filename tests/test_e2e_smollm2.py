@@ -11,6 +11,7 @@ from audit.report import read_report
 
 
 @pytest.mark.slow
+@pytest.mark.smollm2
 def test_default_audit_reports_tpr_at_1pct_fpr_and_the_null_calibration(in_tmp, capsys):
     assert main(["run", "--quiet"]) == 0
     printed = capsys.readouterr().out

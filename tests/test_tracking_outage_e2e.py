@@ -108,7 +108,7 @@ def test_an_audit_outlives_its_tracking_server_and_audit_sync_replays_what_it_mi
         after_kill = time.monotonic() - killed_at
         assert audit.returncode == 0, err[-3000:]
         assert after_kill < 180, f"the audit took {after_kill:.0f} s after the server died"
-        print(f"\naudit finished {after_kill:.0f} s after the server was killed")  # README's number (pytest -s)
+        print(f"\naudit finished {after_kill:.0f} s after the server was killed")  # pytest -s prints it (docs/reliability.md)
         warnings = [line for line in err.splitlines() if "[audit] warning: MLflow" in line]  # the watchdog may quote it
         assert len(warnings) == 1 and f"audit sync runs/{run_dir.name}" in warnings[0], warnings
         assert "Traceback" not in err

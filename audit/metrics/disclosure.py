@@ -1,6 +1,6 @@
 """What a shared artifact may say about canary secrets: the disclosure rule of the threat model, in one place.
 
-The rule (README, "Secrets and the audit key"): **no shared artifact (report.json/html/md, token_view.json, plots,
+The rule (docs/threat-model.md): **no shared artifact (report.json/html/md, token_view.json, plots,
 MLflow params, metrics, tags and artifacts, printed output) holds a number that is a function of secrets and that
 someone holding only public inputs (the base model, the spec, the recipe with its seed, the prefixes, the key id)
 could compute for guessed secrets.** Such a number is a *guess-checker*: score every candidate secret under the
