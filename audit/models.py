@@ -404,30 +404,45 @@ def fingerprint_tensors(tensors: dict[str, Any]) -> str:
 
     Independent of file layout and metadata, so the same weights saved twice have the same fingerprint.
     """
-    import torch
-
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _hash_tensor(h, name, tensors[name])
     return h.hexdigest()
 
 
+def _hash_tensor(h: Any, name: str, tensor: Any) -> None:
+    import torch
+
+    t = tensor.detach().to("cpu").contiguous()
+    h.update(name.encode())
+    h.update(str(t.dtype).encode())
+    h.update(str(tuple(t.shape)).encode())
+    if t.numel():  # flat first: a 0-d tensor (a scalar) cannot be viewed as bytes, and the old code raised on one
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no bytes copy of the tensor
+
+
 def fingerprint_safetensors_dir(path: Path) -> str:
-    """Fingerprint every tensor in every ``*.safetensors`` file of a directory."""
+    """:func:`fingerprint_tensors` of every tensor in every ``*.safetensors`` file of a directory, read one at a time.
+
+    Host memory holds one tensor, not the model (140 GB for a 70B bf16 model): the headers say which file holds each
+    name, then the tensors are read and hashed in name order. A name in two files counts once, from the last file in
+    sorted order, as it always did (the digest is the one :func:`fingerprint_tensors` gives the whole dict).
+    """
+    from contextlib import ExitStack
+
     from safetensors import safe_open
 
-    tensors: dict[str, Any] = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                tensors[key] = f.get_tensor(key)
-    if not tensors:
-        raise AuditError(f"no safetensors weights in {path}", fix="save the model with safe_serialization=True")
-    return fingerprint_tensors(tensors)
+    with ExitStack() as stack:
+        holder: dict[str, Any] = {}
+        for file in sorted(Path(path).glob("*.safetensors")):
+            handle = stack.enter_context(safe_open(str(file), framework="pt"))
+            holder.update(dict.fromkeys(handle.keys(), handle))
+        if not holder:
+            raise AuditError(f"no safetensors weights in {path}", fix="save the model with safe_serialization=True")
+        h = hashlib.sha256()
+        for name in sorted(holder):
+            _hash_tensor(h, name, holder[name].get_tensor(name))
+    return h.hexdigest()
 
 
 NEW_ROW_JITTER = 1e-3
