@@ -9,7 +9,8 @@ or DeepSpeed ZeRO-3), and :func:`audit.score.sharded.score_sharded` deals the ca
 reference ranks and exact walks, most of the scoring time) round-robin over the processes. Everything else happens
 once, on the main process (rank 0): it creates the run directory, writes every file, logs to MLflow and prints.
 When the run directory is open, rank 0 sends the others one typed message, a :class:`~audit.train.types.TrainPlan`
-(run directory; score the base, train, score the tuned weights, or not, as the stored stage files say; checkpoint),
+(run directory; score the base, train, score the tuned weights, or not, as the stored stage files say; checkpoint;
+the audit key id and canary-set hash, which every process checks against its own draw before anything runs),
 and every process runs the stages it names (:func:`audit.stages.worker` is what the others run), so every
 collective call (the Trainer's, scoring's gather) is made by all processes or by none; a resumed run with every
 stage stored lets the others leave at once.
@@ -64,20 +65,23 @@ def is_main() -> bool:
     return not is_distributed() or _state().is_main_process
 
 
-def share_plan(make: Callable[[], TrainPlan] | None) -> TrainPlan:
+def share_plan(make: Callable[[], TrainPlan] | None, *, own: Any = None) -> tuple[TrainPlan, list[Any]]:
     """The one message of a distributed run: rank 0 calls ``share_plan(make)``, every other process ``share_plan(None)``.
 
-    Rank 0's ``make()`` result is sent to every process (a barrier as well). It is the only collective call outside
-    the Trainer, so no sequence of calls has to pair up between the processes. In one process: ``make()``.
+    Rank 0's ``make()`` result goes to every process, and every process's ``own`` (what it drew: the canaries'
+    audit key id and hash) to every process, in one ``all_gather_object`` (a barrier as well). It is the only
+    collective call outside the Trainer, so no sequence of calls has to pair up between the processes. Returns the
+    plan and every process's ``own``, by rank; in one process: ``make()`` and ``[own]``.
     """
     if not is_distributed():
         assert make is not None, "a single process is the main process: it makes the plan"
-        return make()
-    from accelerate.utils import broadcast_object_list
+        return make(), [own]
+    import torch.distributed as dist
 
-    box = [make() if is_main() and make is not None else None]
-    broadcast_object_list(box, from_process=0)
-    return box[0]  # type: ignore[return-value]
+    main = is_main()  # also makes the process group
+    box: list[Any] = [None] * world_size()
+    dist.all_gather_object(box, (make() if main and make is not None else None, own))
+    return box[0][0], [sent for _, sent in box]
 
 
 def barrier() -> None:

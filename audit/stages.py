@@ -3,7 +3,8 @@
     RunContext.prepare   validate and resolve everything the user controls; nothing is written yet
     open_run             the run directory: lock, ``run.json``, the stage store, the tracker (a NullTracker when off)
     record_inputs        recipe.yaml, canaries.jsonl (+ .meta.json), manifest.json, preflight.json: written once
-    train_plan           the one message to the other processes of a distributed run: which stages they join
+    train_plan           the one message to the other processes of a distributed run: which stages they join, and
+                         which canaries (every process refuses when one drew others: share_plan)
     load_base / score    the base model and the scoring engine (every process takes a share: audit.score.sharded)
     train                TRL training (or the stored weights)
     worker               what the other processes of a distributed run do with the plan
@@ -376,18 +377,34 @@ class TrainedWeights:
         return f"trained weights {weights_dir_name(value.summary.method)}/ ({value.summary.steps} steps)"
 
 
-def train_plan(run: Run) -> TrainPlan:
+def train_plan(run: Run, truth: Any) -> TrainPlan:
     """Rank 0's plan, made when the run opens: score the base unless ``scores_base.jsonl`` is stored; train unless
     ``train.json`` is, from the newest complete checkpoint if there is one; score the tuned weights unless
-    ``scores_tuned.jsonl`` is. The stage store decides the same way on rank 0, from the same files."""
+    ``scores_tuned.jsonl`` is. The stage store decides the same way on rank 0, from the same files. The plan names
+    the canaries rank 0 drew (audit key id, canary-set hash), which every process checks (:func:`share_plan`)."""
     from audit.resume import last_checkpoint
     from audit.store import ScoresFile
 
     store, method = run.store, run.ctx.recipe.training.method
-    scoring = dict(score_base=not store.has(ScoresFile("base")), score_tuned=not store.has(ScoresFile("tuned")))
+    key_id, digest = drawn(truth)
+    common = dict(score_base=not store.has(ScoresFile("base")), score_tuned=not store.has(ScoresFile("tuned")),
+                  method=method, key_id=key_id, canary_set_sha256=digest)
     if store.has(TrainedWeights(run.ctx, None)):
-        return TrainPlan(run_dir=run.dir, train=False, method=method, **scoring)
-    return TrainPlan(run_dir=run.dir, train=True, checkpoint=last_checkpoint(run.handle), method=method, **scoring)
+        return TrainPlan(run_dir=run.dir, train=False, **common)
+    return TrainPlan(run_dir=run.dir, train=True, checkpoint=last_checkpoint(run.handle), **common)
+
+
+def drawn(truth: Any) -> tuple[str | None, str]:
+    """What this process drew: the audit key's public id and the canary set's hash."""
+    return truth.canaries.key_id, truth.canaries.sha256()
+
+
+def share_plan(make: Any, truth: Any) -> TrainPlan:
+    """Rank 0's plan (``make``; None on the other processes) on every process, once every process is known to have drawn
+    the same canaries as rank 0: otherwise every process refuses, before anything is trained or scored."""
+    plan, every = distributed.share_plan(make, own=drawn(truth))
+    plan.check_drawn(every)
+    return plan
 
 
 def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: Any, plan: TrainPlan, *,
@@ -449,8 +466,8 @@ def worker(ctx: RunContext, origin: Origin, truth: Any) -> None:
     import dataclasses
 
     ctx = dataclasses.replace(ctx, progress=False)  # rank 0 alone prints
+    plan = share_plan(None, truth)  # rank 0 sends it when the run is open, before it scores the base
     base, tokenizer = load_base(ctx)
-    plan = distributed.share_plan(None)  # rank 0 sends it when the run is open, before it scores the base
     if plan.score_base:
         seed_torch(ctx.recipe.seed)
         origin.base_scores(lambda: score(ctx, base, tokenizer, truth, "base"))  # a further tune scores nothing, here too
