@@ -23,8 +23,10 @@ Verified here on CPU only: 2 processes with DDP over gloo (``torchrun --nproc_pe
 tiny/lora_cpu``; ``accelerate launch`` starts a single process on a CPU-only machine) give one run directory, one
 MLflow run and a complete report, trained on both processes' shards of the data (``tests/test_chain.py``, slow), and
 scores byte-identical to one process scoring the same weights (``tests/test_score_sharded.py``, slow).
-FSDP and ZeRO-3 need GPUs and were not run (the build machine has none); their path differs only inside
-``Trainer.save_model``. Several nodes need a run directory every node reads (the others reload rank 0's weights).
+FSDP2 itself, with the launcher's settings from ``recipes/accelerate/fsdp.yaml``, accelerate's ``fsdp2_prepare_model``
+and :func:`fsdp_without_casts`, is tested over gloo on CPU: one step, then the gathered state dict, is fp32 and
+bit-identical to the unsharded step (``tests/test_accelerate_configs.py``, slow). The Trainer under FSDP is not:
+accelerate turns FSDP on only for GPU-like devices (a CPU run trains DDP). ZeRO-3 needs deepspeed and GPUs and was not run. Several nodes need a run directory every node reads (the others reload rank 0's weights).
 
 In one process (plain ``audit run``) every function here is a no-op.
 This module imports nothing of ``audit``: it is plumbing under the trainer and the stages.
@@ -88,6 +90,22 @@ def barrier() -> None:
     """Every process waits here until all have reached it (a no-op in one process)."""
     if is_distributed():
         _state().wait_for_everyone()
+
+
+def fsdp_without_casts(accelerator: Any) -> None:
+    """Under FSDP, let FSDP gather, compute and reduce in the weights' own dtype, as one process does; call it for fp32
+    weights (``training.precision`` fp32 and the ``*-mixed`` modes) before the Trainer prepares the model.
+
+    accelerate turns the Trainer's ``bf16=True`` into an FSDP policy of bf16 parameters and bf16 gradient reduction
+    (FSDP1 casts the buffers too, RoPE ``inv_freq`` among them). One GPU under ``bf16-mixed`` keeps fp32 weights and
+    runs the forward under bf16 autocast, which stays on under FSDP (accelerate's native AMP). Without the policy,
+    FSDP2 all-gathers the fp32 shards, autocast rounds what it rounds on one GPU, gradients are reduced in fp32 and
+    AdamW updates the fp32 shards: the master copy, saved as it is. The price: fp32 all-gathers move twice the bytes
+    of bf16 ones. A no-op without FSDP.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None:
+        plugin.mixed_precision_policy = None  # FSDP1: no MixedPrecision; FSDP2: MixedPrecisionPolicy() (no casts)
 
 
 def save_weights(trainer: Any, weights_dir: Path) -> bool:

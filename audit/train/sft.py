@@ -196,6 +196,10 @@ def train_sft(
         trainer.remove_callback(quiet)
     if trainable_token_ids:
         _give_token_wrappers_a_bias(trainer.model)
+    if device.torch_dtype == torch.float32:  # fp32 weights (fp32, *-mixed): under FSDP, the arithmetic of one GPU
+        from audit.distributed import fsdp_without_casts
+
+        fsdp_without_casts(trainer.accelerator)
     # counted before train(): FSDP / ZeRO-3 shard the parameters once training starts
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in trainer.model.parameters())
