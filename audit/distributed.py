@@ -111,12 +111,50 @@ def fsdp_without_casts(accelerator: Any) -> None:
 def save_weights(trainer: Any, weights_dir: Path) -> bool:
     """Gather the trained weights from every process and write them on rank 0 as safetensors; True on rank 0.
 
-    ``Trainer.save_model`` knows how to gather FSDP (full state dict) and ZeRO-3 (16-bit gather) shards; it also
-    writes ``training_args.bin``, a pickle, which is removed: run directories hold safetensors only.
+    FSDP / DDP: ``Trainer.save_model`` gathers (FSDP2: the full state dict of the fp32 shards); it also writes
+    ``training_args.bin``, a pickle, which is removed: run directories hold safetensors only. DeepSpeed: the fp32 master
+    weights (:func:`zero_fp32_state_dict`), not what ``Trainer.save_model`` gathers, the bf16 working copy under bf16.
     """
-    trainer.save_model(str(weights_dir))
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        main = trainer.accelerator.is_main_process
+        state = zero_fp32_state_dict(trainer.model, main=main)  # collective: every process gathers
+        if main:
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(weights_dir), state_dict=state,
+                                                                             safe_serialization=True)
+    else:
+        trainer.save_model(str(weights_dir))
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:
         return False
     (weights_dir / "training_args.bin").unlink(missing_ok=True)
     return True
+
+
+def zero_fp32_state_dict(model: Any, *, main: bool) -> dict[str, Any] | None:
+    """The model's state dict with every trained parameter taken from DeepSpeed's fp32 master copy; on rank 0, on CPU.
+
+    With bf16 (or fp16) on, DeepSpeed trains a 16-bit working copy of the model and keeps the fp32 weights in the
+    optimizer, partitioned over the processes; ``zero3_save_16bit_model`` saves the working copy, so the tuned model
+    would be rounded to bf16 while the base was scored from fp32. ``safe_get_full_fp32_param`` assembles a trained
+    parameter's fp32 master (ZeRO 1, 2 and 3); a frozen one (a LoRA base) has none, and its working copy is gathered
+    as it is. Every process must call this (each gather is collective); the others get None. Host memory on rank 0:
+    the whole model in fp32, one parameter gathered at a time on the GPU.
+    """
+    from contextlib import nullcontext
+
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state: dict[str, Any] = {}
+    for name, param in model.named_parameters():
+        full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if full is None:
+            with deepspeed.zero.GatheredParameters([param]) if hasattr(param, "ds_id") else nullcontext():
+                full = param.data.detach().clone() if main else None
+        if main:
+            state[name] = full.to("cpu")
+    if not main:
+        return None
+    persistent = set(model.state_dict())  # buffers that are saved (RoPE inv_freq is not), never partitioned
+    state.update({name: buffer.detach().to("cpu") for name, buffer in model.named_buffers() if name in persistent})
+    return state

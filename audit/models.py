@@ -193,6 +193,23 @@ def safetensors_problem(file: Path) -> str | None:
     return problem
 
 
+SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                      "F8_E5M2": "float8_e5m2"}
+
+
+def weights_dtype(path: Path) -> str:
+    """The dtype of the floating-point tensors saved in a weights folder (``float32``, ``bfloat16``; several joined by
+    ``+``), read from the safetensors headers without loading a tensor: what ``train.json`` records as the precision the
+    tuned weights were saved in, so a model rounded on the way out (a 16-bit ZeRO-3 gather) shows."""
+    found: set[str] = set()
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with file.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        found |= {SAFETENSORS_FLOATS[v["dtype"]] for k, v in header.items()
+                  if k != "__metadata__" and v.get("dtype") in SAFETENSORS_FLOATS}
+    return "+".join(sorted(found)) or "none"
+
+
 def _convert_pickle_dir(source: str, path: Path, *, trust_remote_code: bool, progress: bool) -> ResolvedModel:
     """Convert an allowed pickle checkpoint once into a safetensors directory in the cache (keyed by file hashes)."""
     pickles = _pickle_files(path)

@@ -403,8 +403,9 @@ def provenance_table(report: AuditReport) -> Table:
     rows.append(["training data", str(report.recipe.get("corpus", {}).get("source", "")),
                  f"{report.canaries.spec} canaries, {report.canaries.placements} copies planted",
                  report.manifest_sha256])
-    rows.append(["tuned weights", f"{report.training.method} fine-tune, {report.training.steps} steps",
-                 report.training.weights_path, report.training.weights_fingerprint])
+    t = report.training
+    saved = f", trained in {t.precision}" + (f", saved in {t.weights_dtype}" if t.weights_dtype else "")
+    rows.append(["tuned weights", f"{t.method} fine-tune, {t.steps} steps{saved}", t.weights_path, t.weights_fingerprint])
     if report.training.merged_fingerprint:
         rows.append(["merged weights", "adapter merged into the base", report.training.merged_path or "",
                      report.training.merged_fingerprint])

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from audit.errors import AuditError
-from audit.models import fingerprint_safetensors_dir
+from audit.models import fingerprint_safetensors_dir, weights_dtype
 from audit.schema import TrainingSection, TrainSummary
 from audit.train.types import DeviceChoice, TrainResult
 
@@ -245,6 +245,7 @@ def train_sft(
         gradient_checkpointing=device.gradient_checkpointing,
         weights_path=str(weights_dir),
         weights_fingerprint=fingerprint_safetensors_dir(weights_dir),
+        weights_dtype=weights_dtype(weights_dir),
         merged_path=None if merged_dir is None else str(merged_dir),
         merged_fingerprint=merged_fp,
     )
