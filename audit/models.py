@@ -520,23 +520,39 @@ def extend_vocabulary(model: Any, tokenizer: Any, tokens: Sequence[str]) -> list
     return ids
 
 
-def load_model_and_tokenizer(path: Path, *, dtype: Any, device: str, trust_remote_code: bool = False,
-                             added_tokens: Sequence[str] = ()):
-    """Load a causal LM from safetensors only; the tokenizer gets a pad token if it has none.
+def load_causal_lm(path: Path, *, dtype: Any, device: str, trust_remote_code: bool = False) -> Any:
+    """A causal LM from safetensors, its tensors read straight onto ``device``, one at a time.
 
-    ``added_tokens``: tokens a canary spec adds to the vocabulary (:func:`audit.canaries.added_tokens`), given rows
-    by :func:`extend_vocabulary` before the model moves to ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    Loaded without a device and then moved, a model passes whole through host memory: every process of an ``accelerate
+    launch`` run holds one full copy at once (8 GPUs x 52 GB for a 13B fp32 model). A one-device ``device_map`` has
+    transformers put each tensor where it belongs as it is read; it adds no dispatch hooks, and the ``hf_device_map``
+    it leaves is dropped, because the Trainer and PEFT read that attribute as "split over devices" (the Trainer's
+    model parallelism, PEFT's re-dispatch of adapters loaded next to CPU weights)."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code, device_map={"": device})
+    vars(model).pop("hf_device_map", None)
+    return model
+
+
+def load_model_and_tokenizer(path: Path, *, dtype: Any, device: str, trust_remote_code: bool = False,
+                             added_tokens: Sequence[str] = ()):
+    """Load a causal LM from safetensors only (:func:`load_causal_lm`); the tokenizer gets a pad token if it has none.
+
+    ``added_tokens``: tokens a canary spec adds to the vocabulary (:func:`audit.canaries.added_tokens`), given rows
+    by :func:`extend_vocabulary` on the CPU before the model moves to ``device``: the rows' mean and spread are then
+    computed by the same arithmetic on every device, so the base a GPU run scores has the rows a CPU run's has."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
-    extend_vocabulary(model, tokenizer, added_tokens)
-    model = model.to(device)
+    model = load_causal_lm(path, dtype=dtype, device="cpu" if added_tokens else device, trust_remote_code=trust_remote_code)
+    if added_tokens:
+        extend_vocabulary(model, tokenizer, added_tokens)
+        model = model.to(device)
     model.eval()
     return model, tokenizer

@@ -433,11 +433,27 @@ def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: An
         return trained
     # a sharded model cannot run a forward pass on one process: every process (each scores a share) puts the weights
     # rank 0 saved (Trainer.save_model gathered them) on a fresh base, once rank 0 has written all of weights_dir
-    # (a full fine-tune's tokenizer is saved after the gather)
+    # (a full fine-tune's tokenizer is saved after the gather); a full fine-tune's weights replace the base, so no
+    # base is loaded for them, and what training left (the trainer, optimizer state) is freed first
     distributed.barrier()
+    summary, history = trained.summary, trained.loss_history
+    del trained
+    release_memory()
     layers = [*origin.layers, WeightsLayer(recipe.training.method, plan.weights_dir)]
-    model = load_tuned(load_base(ctx)[0], layers, device=ctx.device, trust_remote_code=recipe.model.trust_remote_code)
-    return TrainResult(model=model, summary=trained.summary, loss_history=trained.loss_history)
+    base = None if recipe.training.method == "full" else load_base(ctx)[0]
+    model = load_tuned(base, layers, device=ctx.device, trust_remote_code=recipe.model.trust_remote_code)
+    return TrainResult(model=model, summary=summary, loss_history=history)
+
+
+def release_memory() -> None:
+    """Collect what is no longer referenced (the Trainer keeps reference cycles) and hand cached GPU blocks back."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def train_dp(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, plan: TrainPlan, *, on_loss: Any = None,
