@@ -260,7 +260,16 @@ def _resolve_hub(repo_id: str, revision: str | None, *, allow_pickle: bool = Fal
     path = _check_local_dir(Path(local), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if allow_pickle and not any(path.glob("*.safetensors")):
         return _convert_pickle_dir(repo_id, path, trust_remote_code=trust_remote_code, progress=progress)
-    return ResolvedModel(source=repo_id, kind="hub", path=path, provenance={"repo_id": repo_id, "revision": revision})
+    return ResolvedModel(source=repo_id, kind="hub", path=path,
+                         provenance={"repo_id": repo_id, "revision": revision, "snapshot": snapshot_of(Path(local))})
+
+
+def snapshot_of(path: Path) -> str | None:
+    """The commit a Hugging Face cache folder holds (``.../snapshots/<commit>``), or None for any other folder.
+
+    What was resolved, recorded next to what was asked for (``model.revision``: a branch, a tag, a commit or None):
+    a branch moves, the commit does not. The weights fingerprint pins the tensors; this names where they came from."""
+    return path.name if path.parent.name == "snapshots" else None
 
 
 # --------------------------------------------------------------------------------------------------- builders

@@ -397,7 +397,7 @@ def works_table(report: AuditReport) -> Table:
 
 def provenance_table(report: AuditReport) -> Table:
     rows = [["base model", report.model.source, f"{report.model.kind}; {report.model.path}", report.model.fingerprint]]
-    for key in ("name", "revision", "license", "package", "version"):
+    for key in ("name", "revision", "snapshot", "license", "package", "version"):
         if report.model.provenance.get(key):
             rows.append([f"base model {key}", str(report.model.provenance[key]), "", ""])
     rows.append(["training data", str(report.recipe.get("corpus", {}).get("source", "")),
