@@ -26,7 +26,9 @@ scores byte-identical to one process scoring the same weights (``tests/test_scor
 FSDP2 itself, with the launcher's settings from ``recipes/accelerate/fsdp.yaml``, accelerate's ``fsdp2_prepare_model``
 and :func:`fsdp_without_casts`, is tested over gloo on CPU: one step, then the gathered state dict, is fp32 and
 bit-identical to the unsharded step (``tests/test_accelerate_configs.py``, slow). The Trainer under FSDP is not:
-accelerate turns FSDP on only for GPU-like devices (a CPU run trains DDP). ZeRO-3 needs deepspeed and GPUs and was not run. Several nodes need a run directory every node reads (the others reload rank 0's weights).
+accelerate turns FSDP on only for GPU-like devices (a CPU run trains DDP). ZeRO-3 needs deepspeed and GPUs and was
+not run. Several nodes need a run directory every node reads (the others reload rank 0's weights) and one audit key
+(``CANARY_AUDIT_KEY`` on every node: a node under another key draws other canaries, and every process refuses).
 
 In one process (plain ``audit run``) every function here is a no-op.
 This module imports nothing of ``audit``: it is plumbing under the trainer and the stages.

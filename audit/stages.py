@@ -98,6 +98,7 @@ class RunContext:
         else:
             check_writable_folder(resume_dir, what="run directory", fix="resume where the run directory is writable")
         device = choose_device(recipe.training)
+        check_whole_model_per_process()
         origin.check(device)
         use_tracking = recipe.tracking.enabled if tracking is None else tracking
         uri = resolve_tracking_uri(tracking_uri or recipe.tracking.uri)
@@ -141,6 +142,24 @@ class RunContext:
                                     device=self.device, progress=self.progress)
         self.timings["inject"] = time.perf_counter() - t
         return truth
+
+
+def check_whole_model_per_process() -> None:
+    """Refuse accelerate's ``fsdp_cpu_ram_efficient_loading`` in a distributed run, before anything is loaded.
+
+    With it on, transformers reads the weights on local rank 0 only and gives every other process empty (meta) tensors
+    for FSDP to fill at sharding time; but every process first scores a share of the base with its own whole model
+    (:mod:`audit.score.sharded`), and would score empty weights. The audit reads each model straight onto its GPU
+    instead (:func:`audit.models.load_causal_lm`), so host memory never holds it whole."""
+    import os
+
+    from audit.errors import AuditError
+
+    if distributed.is_distributed() and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").strip().lower() in {
+            "1", "true", "yes", "y", "on", "t"}:
+        raise AuditError("fsdp_cpu_ram_efficient_loading is on: every process but local rank 0 would load empty weights, "
+                         "and every process scores the base with its own whole copy of the model",
+                         fix="set fsdp_cpu_ram_efficient_loading: false in the accelerate config (recipes/accelerate/fsdp.yaml)")
 
 
 @dataclass

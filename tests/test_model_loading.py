@@ -36,7 +36,8 @@ def test_added_token_rows_are_made_on_the_cpu_whatever_the_device(tiny_model_dir
     seen = []
     real = models.load_causal_lm
     # where the loader is asked to put the tensors (read onto the CPU here whatever it is asked: no GPU on CI)
-    monkeypatch.setattr(models, "load_causal_lm", lambda path, device, **kw: seen.append(device) or real(path, device="cpu", **kw))
+    monkeypatch.setattr(models, "load_causal_lm",
+                        lambda path, device, **kw: seen.append(device) or real(path, device="cpu", **kw))
     moved = []
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **kw: moved.append(a) or self)
     load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cuda", added_tokens=["<zq1>", "<zq2>"])
@@ -89,3 +90,18 @@ def test_after_distributed_lora_training_the_adapter_goes_on_a_fresh_base(monkey
         str(tmp_path / "adapter"), safe_serialization=True)
     loads, model = _distributed_train(monkeypatch, tmp_path, tiny_model_dir, "lora")
     assert loads == ["base"] and type(model).__name__ == "PeftModelForCausalLM"
+
+
+def test_a_distributed_run_refuses_the_loading_that_leaves_other_processes_empty_weights(monkeypatch):
+    import pytest
+
+    from audit.errors import AuditError
+
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    stages.check_whole_model_per_process()  # one process holds the whole model anyway
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(AuditError, match="fsdp_cpu_ram_efficient_loading is on"):
+        stages.check_whole_model_per_process()
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # what recipes/accelerate/fsdp.yaml gives
+    stages.check_whole_model_per_process()

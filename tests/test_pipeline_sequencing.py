@@ -166,7 +166,8 @@ def test_rank_0_refuses_a_process_that_drew_other_canaries_before_writing_the_ca
     from audit.errors import AuditError
 
     real = distributed.share_plan
-    monkeypatch.setattr(distributed, "share_plan", lambda make, own: (real(make, own=own)[0], [own, ("0123456789abcdef", own[1])]))
+    monkeypatch.setattr(distributed, "share_plan",
+                        lambda make, own: (real(make, own=own)[0], [own, ("0123456789abcdef", own[1])]))
     with pytest.raises(AuditError, match="process 1 drew other canaries than rank 0: audit key 0123456789abcdef"):
         run_audit(fakes.recipe, tracking=False, progress=False)
     (run_dir,) = Path(fakes.recipe.output.root).iterdir()
