@@ -195,6 +195,23 @@ def safetensors_problem(file: Path) -> str | None:
     return problem
 
 
+SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                      "F8_E5M2": "float8_e5m2"}
+
+
+def weights_dtype(path: Path) -> str:
+    """The dtype of the floating-point tensors saved in a weights folder (``float32``, ``bfloat16``; several joined by
+    ``+``), read from the safetensors headers without loading a tensor: what ``train.json`` records as the precision the
+    tuned weights were saved in, so a model rounded on the way out (a 16-bit ZeRO-3 gather) shows."""
+    found: set[str] = set()
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with file.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        found |= {SAFETENSORS_FLOATS[v["dtype"]] for k, v in header.items()
+                  if k != "__metadata__" and v.get("dtype") in SAFETENSORS_FLOATS}
+    return "+".join(sorted(found)) or "none"
+
+
 def _convert_pickle_dir(source: str, path: Path, *, trust_remote_code: bool, progress: bool) -> ResolvedModel:
     """Convert an allowed pickle checkpoint once into a safetensors directory in the cache (keyed by file hashes)."""
     pickles = _pickle_files(path)
@@ -245,7 +262,16 @@ def _resolve_hub(repo_id: str, revision: str | None, *, allow_pickle: bool = Fal
     path = _check_local_dir(Path(local), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if allow_pickle and not any(path.glob("*.safetensors")):
         return _convert_pickle_dir(repo_id, path, trust_remote_code=trust_remote_code, progress=progress)
-    return ResolvedModel(source=repo_id, kind="hub", path=path, provenance={"repo_id": repo_id, "revision": revision})
+    return ResolvedModel(source=repo_id, kind="hub", path=path,
+                         provenance={"repo_id": repo_id, "revision": revision, "snapshot": snapshot_of(Path(local))})
+
+
+def snapshot_of(path: Path) -> str | None:
+    """The commit a Hugging Face cache folder holds (``.../snapshots/<commit>``), or None for any other folder.
+
+    What was resolved, recorded next to what was asked for (``model.revision``: a branch, a tag, a commit or None):
+    a branch moves, the commit does not. The weights fingerprint pins the tensors; this names where they came from."""
+    return path.name if path.parent.name == "snapshots" else None
 
 
 # --------------------------------------------------------------------------------------------------- builders
@@ -406,30 +432,45 @@ def fingerprint_tensors(tensors: dict[str, Any]) -> str:
 
     Independent of file layout and metadata, so the same weights saved twice have the same fingerprint.
     """
-    import torch
-
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _hash_tensor(h, name, tensors[name])
     return h.hexdigest()
 
 
+def _hash_tensor(h: Any, name: str, tensor: Any) -> None:
+    import torch
+
+    t = tensor.detach().to("cpu").contiguous()
+    h.update(name.encode())
+    h.update(str(t.dtype).encode())
+    h.update(str(tuple(t.shape)).encode())
+    if t.numel():  # flat first: a 0-d tensor (a scalar) cannot be viewed as bytes, and the old code raised on one
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no bytes copy of the tensor
+
+
 def fingerprint_safetensors_dir(path: Path) -> str:
-    """Fingerprint every tensor in every ``*.safetensors`` file of a directory."""
+    """:func:`fingerprint_tensors` of every tensor in every ``*.safetensors`` file of a directory, read one at a time.
+
+    Host memory holds one tensor, not the model (140 GB for a 70B bf16 model): the headers say which file holds each
+    name, then the tensors are read and hashed in name order. A name in two files counts once, from the last file in
+    sorted order, as it always did (the digest is the one :func:`fingerprint_tensors` gives the whole dict).
+    """
+    from contextlib import ExitStack
+
     from safetensors import safe_open
 
-    tensors: dict[str, Any] = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                tensors[key] = f.get_tensor(key)
-    if not tensors:
-        raise AuditError(f"no safetensors weights in {path}", fix="save the model with safe_serialization=True")
-    return fingerprint_tensors(tensors)
+    with ExitStack() as stack:
+        holder: dict[str, Any] = {}
+        for file in sorted(Path(path).glob("*.safetensors")):
+            handle = stack.enter_context(safe_open(str(file), framework="pt"))
+            holder.update(dict.fromkeys(handle.keys(), handle))
+        if not holder:
+            raise AuditError(f"no safetensors weights in {path}", fix="save the model with safe_serialization=True")
+        h = hashlib.sha256()
+        for name in sorted(holder):
+            _hash_tensor(h, name, holder[name].get_tensor(name))
+    return h.hexdigest()
 
 
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -503,23 +544,39 @@ def extend_vocabulary(model: Any, tokenizer: Any, tokens: Sequence[str]) -> list
     return ids
 
 
-def load_model_and_tokenizer(path: Path, *, dtype: Any, device: str, trust_remote_code: bool = False,
-                             added_tokens: Sequence[str] = ()):
-    """Load a causal LM from safetensors only; the tokenizer gets a pad token if it has none.
+def load_causal_lm(path: Path, *, dtype: Any, device: str, trust_remote_code: bool = False) -> Any:
+    """A causal LM from safetensors, its tensors read straight onto ``device``, one at a time.
 
-    ``added_tokens``: tokens a canary spec adds to the vocabulary (:func:`audit.canaries.added_tokens`), given rows
-    by :func:`extend_vocabulary` before the model moves to ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    Loaded without a device and then moved, a model passes whole through host memory: every process of an ``accelerate
+    launch`` run holds one full copy at once (8 GPUs x 52 GB for a 13B fp32 model). A one-device ``device_map`` has
+    transformers put each tensor where it belongs as it is read; it adds no dispatch hooks, and the ``hf_device_map``
+    it leaves is dropped, because the Trainer and PEFT read that attribute as "split over devices" (the Trainer's
+    model parallelism, PEFT's re-dispatch of adapters loaded next to CPU weights)."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code, device_map={"": device})
+    vars(model).pop("hf_device_map", None)
+    return model
+
+
+def load_model_and_tokenizer(path: Path, *, dtype: Any, device: str, trust_remote_code: bool = False,
+                             added_tokens: Sequence[str] = ()):
+    """Load a causal LM from safetensors only (:func:`load_causal_lm`); the tokenizer gets a pad token if it has none.
+
+    ``added_tokens``: tokens a canary spec adds to the vocabulary (:func:`audit.canaries.added_tokens`), given rows
+    by :func:`extend_vocabulary` on the CPU before the model moves to ``device``: the rows' mean and spread are then
+    computed by the same arithmetic on every device, so the base a GPU run scores has the rows a CPU run's has."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
-    extend_vocabulary(model, tokenizer, added_tokens)
-    model = model.to(device)
+    model = load_causal_lm(path, dtype=dtype, device="cpu" if added_tokens else device, trust_remote_code=trust_remote_code)
+    if added_tokens:
+        extend_vocabulary(model, tokenizer, added_tokens)
+        model = model.to(device)
     model.eval()
     return model, tokenizer

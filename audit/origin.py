@@ -371,6 +371,7 @@ class ExternalModel:
         import time
 
         from audit.console import say
+        from audit.models import weights_dtype
         from audit.schema import TrainSummary
         from audit.train.weights import load_tuned
 
@@ -381,7 +382,8 @@ class ExternalModel:
         summary = TrainSummary(method=self.method, steps=0, final_loss=None, wall_s=round(time.perf_counter() - t, 3),
                                trainable_params=self.trainable_params or total, total_params=total, device=ctx.device.device,
                                precision=ctx.device.precision, gradient_checkpointing=False,
-                               weights_path=str(self.tuned_layers[-1].path), weights_fingerprint=self.weights_fingerprint)
+                               weights_path=str(self.tuned_layers[-1].path), weights_fingerprint=self.weights_fingerprint,
+                               weights_dtype=weights_dtype(self.tuned_layers[-1].path))
         return TrainResult(model=model, summary=summary)
 
     def tuned_parents(self, base_node: LineageNode) -> list[LineageNode]:

@@ -90,8 +90,9 @@ def run_origin(
         stages.worker(ctx, origin, truth)
         return None
     with stages.open_run(ctx, resume_dir) as run:  # lock, run.json, tracker; failed or complete at the end
+        # the other processes join the stages the plan names; all refuse here if one drew other canaries than rank 0
+        plan = stages.share_plan(lambda: stages.train_plan(run, truth), truth)
         stages.record_inputs(run, truth)
-        plan = distributed.share_plan(lambda: stages.train_plan(run))  # the other processes join the stages it names
 
         # ---- base model, scored before training on the same inputs the tuned model will see
         with run.stage("score_base"):

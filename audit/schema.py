@@ -812,6 +812,9 @@ class TrainSummary(Frozen):
     gradient_checkpointing: bool
     weights_path: str
     weights_fingerprint: str
+    weights_dtype: str | None = None
+    """The dtype the weights were saved in (``float32``; ``+``-joined when mixed), from the safetensors headers: fp32
+    for fp32 and the ``*-mixed`` modes on any number of GPUs. None: a run from before this field."""
     merged_path: str | None = None
     """LoRA with ``training.save_merged``: the adapter merged into the base, as safetensors."""
     merged_fingerprint: str | None = None

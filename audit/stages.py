@@ -3,7 +3,8 @@
     RunContext.prepare   validate and resolve everything the user controls; nothing is written yet
     open_run             the run directory: lock, ``run.json``, the stage store, the tracker (a NullTracker when off)
     record_inputs        recipe.yaml, canaries.jsonl (+ .meta.json), manifest.json, preflight.json: written once
-    train_plan           the one message to the other processes of a distributed run: which stages they join
+    train_plan           the one message to the other processes of a distributed run: which stages they join, and
+                         which canaries (every process refuses when one drew others: share_plan)
     load_base / score    the base model and the scoring engine (every process takes a share: audit.score.sharded)
     train                TRL training (or the stored weights)
     worker               what the other processes of a distributed run do with the plan
@@ -97,6 +98,7 @@ class RunContext:
         else:
             check_writable_folder(resume_dir, what="run directory", fix="resume where the run directory is writable")
         device = choose_device(recipe.training)
+        check_whole_model_per_process()
         origin.check(device)
         use_tracking = recipe.tracking.enabled if tracking is None else tracking
         uri = resolve_tracking_uri(tracking_uri or recipe.tracking.uri)
@@ -140,6 +142,24 @@ class RunContext:
                                     device=self.device, progress=self.progress)
         self.timings["inject"] = time.perf_counter() - t
         return truth
+
+
+def check_whole_model_per_process() -> None:
+    """Refuse accelerate's ``fsdp_cpu_ram_efficient_loading`` in a distributed run, before anything is loaded.
+
+    With it on, transformers reads the weights on local rank 0 only and gives every other process empty (meta) tensors
+    for FSDP to fill at sharding time; but every process first scores a share of the base with its own whole model
+    (:mod:`audit.score.sharded`), and would score empty weights. The audit reads each model straight onto its GPU
+    instead (:func:`audit.models.load_causal_lm`), so host memory never holds it whole."""
+    import os
+
+    from audit.errors import AuditError
+
+    if distributed.is_distributed() and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").strip().lower() in {
+            "1", "true", "yes", "y", "on", "t"}:
+        raise AuditError("fsdp_cpu_ram_efficient_loading is on: every process but local rank 0 would load empty weights, "
+                         "and every process scores the base with its own whole copy of the model",
+                         fix="set fsdp_cpu_ram_efficient_loading: false in the accelerate config (recipes/accelerate/fsdp.yaml)")
 
 
 @dataclass
@@ -378,18 +398,34 @@ class TrainedWeights:
         return f"trained weights {weights_dir_name(value.summary.method)}/ ({value.summary.steps} steps)"
 
 
-def train_plan(run: Run) -> TrainPlan:
+def train_plan(run: Run, truth: Any) -> TrainPlan:
     """Rank 0's plan, made when the run opens: score the base unless ``scores_base.jsonl`` is stored; train unless
     ``train.json`` is, from the newest complete checkpoint if there is one; score the tuned weights unless
-    ``scores_tuned.jsonl`` is. The stage store decides the same way on rank 0, from the same files."""
+    ``scores_tuned.jsonl`` is. The stage store decides the same way on rank 0, from the same files. The plan names
+    the canaries rank 0 drew (audit key id, canary-set hash), which every process checks (:func:`share_plan`)."""
     from audit.resume import last_checkpoint
     from audit.store import ScoresFile
 
     store, method = run.store, run.ctx.recipe.training.method
-    scoring = dict(score_base=not store.has(ScoresFile("base")), score_tuned=not store.has(ScoresFile("tuned")))
+    key_id, digest = drawn(truth)
+    common = dict(score_base=not store.has(ScoresFile("base")), score_tuned=not store.has(ScoresFile("tuned")),
+                  method=method, key_id=key_id, canary_set_sha256=digest)
     if store.has(TrainedWeights(run.ctx, None)):
-        return TrainPlan(run_dir=run.dir, train=False, method=method, **scoring)
-    return TrainPlan(run_dir=run.dir, train=True, checkpoint=last_checkpoint(run.handle), method=method, **scoring)
+        return TrainPlan(run_dir=run.dir, train=False, **common)
+    return TrainPlan(run_dir=run.dir, train=True, checkpoint=last_checkpoint(run.handle), **common)
+
+
+def drawn(truth: Any) -> tuple[str | None, str]:
+    """What this process drew: the audit key's public id and the canary set's hash."""
+    return truth.canaries.key_id, truth.canaries.sha256()
+
+
+def share_plan(make: Any, truth: Any) -> TrainPlan:
+    """Rank 0's plan (``make``; None on the other processes) on every process, once every process is known to have drawn
+    the same canaries as rank 0: otherwise every process refuses, before anything is trained or scored."""
+    plan, every = distributed.share_plan(make, own=drawn(truth))
+    plan.check_drawn(every)
+    return plan
 
 
 def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: Any, plan: TrainPlan, *,
@@ -418,11 +454,27 @@ def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: An
         return trained
     # a sharded model cannot run a forward pass on one process: every process (each scores a share) puts the weights
     # rank 0 saved (Trainer.save_model gathered them) on a fresh base, once rank 0 has written all of weights_dir
-    # (a full fine-tune's tokenizer is saved after the gather)
+    # (a full fine-tune's tokenizer is saved after the gather); a full fine-tune's weights replace the base, so no
+    # base is loaded for them, and what training left (the trainer, optimizer state) is freed first
     distributed.barrier()
+    summary, history = trained.summary, trained.loss_history
+    del trained
+    release_memory()
     layers = [*origin.layers, WeightsLayer(recipe.training.method, plan.weights_dir)]
-    model = load_tuned(load_base(ctx)[0], layers, device=ctx.device, trust_remote_code=recipe.model.trust_remote_code)
-    return TrainResult(model=model, summary=trained.summary, loss_history=trained.loss_history)
+    base = None if recipe.training.method == "full" else load_base(ctx)[0]
+    model = load_tuned(base, layers, device=ctx.device, trust_remote_code=recipe.model.trust_remote_code)
+    return TrainResult(model=model, summary=summary, loss_history=history)
+
+
+def release_memory() -> None:
+    """Collect what is no longer referenced (the Trainer keeps reference cycles) and hand cached GPU blocks back."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def train_dp(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, plan: TrainPlan, *, on_loss: Any = None,
@@ -451,8 +503,8 @@ def worker(ctx: RunContext, origin: Origin, truth: Any) -> None:
     import dataclasses
 
     ctx = dataclasses.replace(ctx, progress=False)  # rank 0 alone prints
+    plan = share_plan(None, truth)  # rank 0 sends it when the run is open, before it scores the base
     base, tokenizer = load_base(ctx)
-    plan = distributed.share_plan(None)  # rank 0 sends it when the run is open, before it scores the base
     if plan.score_base:
         seed_torch(ctx.recipe.seed)
         origin.base_scores(lambda: score(ctx, base, tokenizer, truth, "base"))  # a further tune scores nothing, here too

@@ -73,3 +73,23 @@ def test_sha256_file_hashes_every_chunk_of_a_file_larger_than_one_read(tmp_path)
     (tmp_path / "b.bin").write_bytes(data[:-1] + b"!")
     assert sha256_file(tmp_path / "a.bin") == hashlib.sha256(data).hexdigest()
     assert sha256_file(tmp_path / "b.bin") != sha256_file(tmp_path / "a.bin")
+
+
+def test_a_hub_model_records_the_snapshot_it_resolved_to(monkeypatch, tmp_path, tiny_model_dir):
+    """Offline, from a Hugging Face cache: ``model.revision`` unset means the branch ``main`` points to, and report.json
+    must say which commit that was; a pinned commit resolves to itself."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someorg--tiny"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit, ignore=shutil.ignore_patterns("provenance.json"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for revision in (None, commit):
+        resolved = resolve_model("someorg/tiny", revision=revision, progress=False)
+        assert resolved.kind == "hub" and resolved.provenance == {"repo_id": "someorg/tiny", "revision": revision,
+                                                                   "snapshot": commit}

@@ -6,6 +6,7 @@ the run directory's lock and status, the NullTracker, the Origin and the TrainPl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,21 @@ def test_a_run_killed_in_any_stage_resumes_reusing_every_stage_before_it(fakes, 
         assert len(fakes.plans) == 1  # trained once; the resumed attempt's plan said: nothing to train
 
 
+def test_rank_0_refuses_a_process_that_drew_other_canaries_before_writing_the_canaries(fakes, monkeypatch):
+    """Rank 0 hears, with the plan, that process 1 drew under another key: the run fails in one line with nothing
+    but run.json written (no canaries, no manifest), and nothing was loaded, scored or trained."""
+    from audit.errors import AuditError
+
+    real = distributed.share_plan
+    monkeypatch.setattr(distributed, "share_plan",
+                        lambda make, own: (real(make, own=own)[0], [own, ("0123456789abcdef", own[1])]))
+    with pytest.raises(AuditError, match="process 1 drew other canaries than rank 0: audit key 0123456789abcdef"):
+        run_audit(fakes.recipe, tracking=False, progress=False)
+    (run_dir,) = Path(fakes.recipe.output.root).iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == [".run.lock", "run.json"] and _status(run_dir)["status"] == "failed"
+    assert fakes.calls == []
+
+
 def test_a_resumed_run_whose_stored_file_differs_stops_and_keeps_the_file(fakes):
     result = run_audit(fakes.recipe, tracking=False, progress=False)
     (result.run_dir / "manifest.json").write_text("{}\n")
@@ -193,10 +209,10 @@ def _as_worker(monkeypatch, plan) -> list:
     """This process is a worker of a distributed run that receives ``plan``: what it was sent, in order."""
     received: list = []
 
-    def share_plan(make):
+    def share_plan(make, own=None):
         assert make is None  # a worker never makes the plan
         received.append(plan)
-        return plan
+        return plan, [own, own]
 
     monkeypatch.setattr(distributed, "is_main", lambda: False)
     monkeypatch.setattr(distributed, "share_plan", share_plan)
@@ -228,7 +244,7 @@ def test_a_worker_of_a_run_resumed_with_every_stage_stored_leaves_at_once(fakes,
     fakes.plans.clear()
     sent: list = []
     real = distributed.share_plan
-    monkeypatch.setattr(distributed, "share_plan", lambda make: sent.append(real(make)) or sent[-1])
+    monkeypatch.setattr(distributed, "share_plan", lambda make, own: sent.append(real(make, own=own)[0]) or (sent[-1], [own]))
     run_audit(fakes.recipe, tracking=False, progress=False, resume_dir=result.run_dir)  # rank 0 resumes
     (plan,) = sent
     assert not (plan.score_base or plan.train or plan.score_tuned)  # all three stage files are stored
@@ -242,7 +258,7 @@ def test_a_worker_of_a_run_resumed_with_every_stage_stored_leaves_at_once(fakes,
 
 def test_a_worker_of_a_run_resumed_after_training_reloads_the_stored_weights_and_scores_them(fakes, monkeypatch):
     result = run_audit(fakes.recipe, tracking=False, progress=False)
-    plan = type(fakes.plans[0])(run_dir=result.run_dir, train=False, score_tuned=True)  # train.json stored, scores not
+    plan = dataclasses.replace(fakes.plans[0], train=False, score_base=False)  # train.json stored, scores not
     _as_worker(monkeypatch, plan)
     fakes.calls.clear()
     assert run_audit(fakes.recipe, tracking=False, progress=False) is None
@@ -259,7 +275,9 @@ def test_a_worker_of_a_further_tune_scores_no_base_as_its_origin_inherits_the_ba
             return _rows("base")  # inherited: score() is never called, on rank 0 or on a worker
 
     monkeypatch.setattr(origin_module, "origin_for", lambda r, **_: FakeFurtherTune(recipe=r))
-    plan = TrainPlan(run_dir=tmp_path / "runs" / "r", train=True, score_base=True, score_tuned=True)
+    key_id, digest = stages.drawn(TRUTH)
+    plan = TrainPlan(run_dir=tmp_path / "runs" / "r", train=True, score_base=True, score_tuned=True, key_id=key_id,
+                     canary_set_sha256=digest)
     _as_worker(monkeypatch, plan)
     assert run_audit(fakes.recipe, tracking=False, progress=False) is None
     assert fakes.calls == ["load_base", "train", "score_tuned"]

@@ -144,13 +144,14 @@ def _changed_share(path, precision, tmp_path):
     for k, v in trained.model.named_parameters():
         moved += int((v.detach().float() != start[k]).sum())
         total += v.numel()
-    return moved / total, {p.dtype for p in trained.model.parameters()}
+    return moved / total, {p.dtype for p in trained.model.parameters()}, trained.summary.weights_dtype
 
 
 def test_mixed_precision_keeps_the_updates_pure_bf16_rounds_away(tiny_model_dir, tmp_path):
-    mixed, mixed_dtypes = _changed_share(tiny_model_dir, "bf16-mixed", tmp_path)
-    pure, _ = _changed_share(tiny_model_dir, "bf16", tmp_path)
+    mixed, mixed_dtypes, mixed_saved = _changed_share(tiny_model_dir, "bf16-mixed", tmp_path)
+    pure, _, pure_saved = _changed_share(tiny_model_dir, "bf16", tmp_path)
     assert mixed_dtypes == {torch.float32}  # fp32 master weights; bf16 only inside autocast
+    assert (mixed_saved, pure_saved) == ("float32", "bfloat16")  # train.json says what the weights were saved in
     assert mixed > 0.9
     assert pure < mixed / 2  # AdamW steps of ~1e-5 vanish below bf16's spacing for most weights
 

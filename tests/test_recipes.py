@@ -76,10 +76,20 @@ def test_multigpu_recipe_runs_through_a_shipped_accelerate_config():
         assert path.read_text().startswith("# accelerate config")
         if config.distributed_type == "FSDP":
             assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # rank 0 writes whole safetensors
-            assert config.fsdp_config["fsdp_use_orig_params"] is True
+            assert config.fsdp_config["fsdp_version"] == 2  # fp32 shards as the master copy; FSDP1 kept buffers in bf16
         else:
             assert config.distributed_type == "DEEPSPEED"
-            assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_save_16bit_model"] is True
+            # the audit gathers the fp32 master weights itself; the 16-bit gather would save the bf16 working copy
+            assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_save_16bit_model"] is False
+
+
+def test_recipes_on_hub_models_pin_a_commit():
+    """A branch moves under a recipe: its expected times, memory and notes describe one snapshot, pinned by commit
+    (report.json records the snapshot resolved, ``model.provenance.snapshot``)."""
+    hub = [n for n in shipped_recipes() if HUB_ID.match(load_recipe(n).model.source)]
+    assert len(hub) >= 6
+    for name in hub:
+        assert re.fullmatch(r"[0-9a-f]{40}", load_recipe(name).model.revision or ""), name
 
 
 def test_clean_further_tune_recipes_plant_nothing():

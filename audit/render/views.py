@@ -397,14 +397,15 @@ def works_table(report: AuditReport) -> Table:
 
 def provenance_table(report: AuditReport) -> Table:
     rows = [["base model", report.model.source, f"{report.model.kind}; {report.model.path}", report.model.fingerprint]]
-    for key in ("name", "revision", "license", "package", "version"):
+    for key in ("name", "revision", "snapshot", "license", "package", "version"):
         if report.model.provenance.get(key):
             rows.append([f"base model {key}", str(report.model.provenance[key]), "", ""])
     rows.append(["training data", str(report.recipe.get("corpus", {}).get("source", "")),
                  f"{report.canaries.spec} canaries, {report.canaries.placements} copies planted",
                  report.manifest_sha256])
-    rows.append(["tuned weights", f"{report.training.method} fine-tune, {report.training.steps} steps",
-                 report.training.weights_path, report.training.weights_fingerprint])
+    t = report.training
+    saved = f", trained in {t.precision}" + (f", saved in {t.weights_dtype}" if t.weights_dtype else "")
+    rows.append(["tuned weights", f"{t.method} fine-tune, {t.steps} steps{saved}", t.weights_path, t.weights_fingerprint])
     if report.training.merged_fingerprint:
         rows.append(["merged weights", "adapter merged into the base", report.training.merged_path or "",
                      report.training.merged_fingerprint])

@@ -295,13 +295,14 @@ def train_dp_lora(
     eps = float(engine.get_epsilon(settings.delta))
     weights_dir.mkdir(parents=True, exist_ok=True)
     trained.save_pretrained(str(weights_dir), safe_serialization=True)
-    from audit.models import fingerprint_safetensors_dir
+    from audit.models import fingerprint_safetensors_dir, weights_dtype
 
     summary = TrainSummary(
         method="lora", steps=step, final_loss=history[-1][1] if history else None, wall_s=round(wall, 3),
         trainable_params=sum(p.numel() for p in trained.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in trained.parameters()), device=device, precision="fp32",
         gradient_checkpointing=False, weights_path=str(weights_dir), weights_fingerprint=fingerprint_safetensors_dir(weights_dir),
+        weights_dtype=weights_dtype(weights_dir),
     )
     result = DPTrainResult(model=trained, summary=summary, eps_accountant=eps, delta=settings.delta,
                          noise_multiplier=float(dp_optimizer.noise_multiplier), sample_rate=batch_size / n, steps=step,

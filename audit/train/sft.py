@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from audit.errors import AuditError
-from audit.models import fingerprint_safetensors_dir
+from audit.models import fingerprint_safetensors_dir, weights_dtype
 from audit.schema import TrainingSection, TrainSummary
 from audit.train.types import DeviceChoice, TrainResult
 
@@ -196,6 +196,10 @@ def train_sft(
         trainer.remove_callback(quiet)
     if trainable_token_ids:
         _give_token_wrappers_a_bias(trainer.model)
+    if device.torch_dtype == torch.float32:  # fp32 weights (fp32, *-mixed): under FSDP, the arithmetic of one GPU
+        from audit.distributed import fsdp_without_casts
+
+        fsdp_without_casts(trainer.accelerator)
     # counted before train(): FSDP / ZeRO-3 shard the parameters once training starts
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in trainer.model.parameters())
@@ -241,6 +245,7 @@ def train_sft(
         gradient_checkpointing=device.gradient_checkpointing,
         weights_path=str(weights_dir),
         weights_fingerprint=fingerprint_safetensors_dir(weights_dir),
+        weights_dtype=weights_dtype(weights_dir),
         merged_path=None if merged_dir is None else str(merged_dir),
         merged_fingerprint=merged_fp,
     )

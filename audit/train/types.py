@@ -7,10 +7,12 @@ trainer, and without an import cycle.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from audit.errors import AuditError
 from audit.schema import TrainSummary
 
 TRAINER_DIR = "trainer"
@@ -83,6 +85,28 @@ class TrainPlan:
     scores at all: a further tune inherits its parent's base scores, on every process alike)."""
     score_tuned: bool = False
     """The tuned scores are not stored: every process reloads the tuned weights and takes a share of scoring them."""
+    key_id: str | None = None
+    """The public id of the audit key rank 0 drew the canaries under (:mod:`audit.keys`; None: an unkeyed set)."""
+    canary_set_sha256: str = ""
+    """Rank 0's canary set (:meth:`audit.schema.CanarySet.sha256`): secrets, roles and ids, so the training data too."""
+
+    def check_drawn(self, drawn: Sequence[tuple[str | None, str]]) -> None:
+        """Refuse when a process drew other canaries than rank 0: ``drawn`` is every process's ``(key_id,
+        canary_set_sha256)``, by rank, and every process gets the same list, so every process refuses alike.
+
+        The audit key falls back to a per-user file, which each node of a multi-node run may create on its own: the
+        ranks would then train on different secrets and score canaries the others never saw, and nothing else notices.
+        """
+        for rank, (key_id, digest) in enumerate(drawn):
+            if (key_id, digest) == (self.key_id, self.canary_set_sha256):
+                continue
+            other_key = key_id != self.key_id
+            raise AuditError(
+                f"process {rank} drew other canaries than rank 0: audit key {key_id or 'none'} and canary set "
+                f"{digest[:12]} against rank 0's audit key {self.key_id or 'none'} and canary set {self.canary_set_sha256[:12]}",
+                fix="give every process the same audit key: the same CANARY_AUDIT_KEY on every node, or CANARY_AUDIT_KEY_FILE "
+                    "on a disk every node reads" if other_key else
+                    "run every process with the same recipe, overrides and canary-audit version")
 
     @property
     def work_dir(self) -> Path:

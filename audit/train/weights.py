@@ -20,10 +20,15 @@ def load_tuned(base: Any, layers: Sequence[WeightsLayer], *, device: DeviceChoic
     A LoRA layer is put on the model below it (``PeftModel.from_pretrained``); every adapter but the last is then
     merged in (``merge_and_unload``), so the next layer sees plain weights. ``keep_last_adapter=False`` merges the
     last one too (a further tune trains a fresh adapter on top); merges run in fp32 and the result is cast to the run's
-    load dtype (a no-op in fp32 and the mixed modes). A full layer replaces the model (safetensors).
-    ``base`` is consumed: merging rewrites its layers in place.
+    load dtype (a no-op in fp32 and the mixed modes). A full layer replaces the model (safetensors, read straight onto
+    the device): the layers below the last full one are not applied, and with a full layer first ``base`` may be None,
+    so no base is loaded only to be replaced. ``base`` is consumed: merging rewrites its layers in place.
     """
+    last_full = max((i for i, layer in enumerate(layers) if layer.method == "full"), default=None)
+    if last_full is not None:
+        layers = layers[last_full:]  # what a full layer replaces does not matter
     model = base
+    assert model is not None or layers[0].method == "full", "a LoRA layer needs the model below it"
     for i, layer in enumerate(layers):
         last = i == len(layers) - 1
         if layer.method == "lora":
@@ -38,9 +43,10 @@ def load_tuned(base: Any, layers: Sequence[WeightsLayer], *, device: DeviceChoic
                 merged = PeftModel.from_pretrained(model.to(torch.float32), str(layer.path)).merge_and_unload()
                 model = merged.to(device.torch_dtype)
         else:  # the model only: a model trained elsewhere may be saved without its tokenizer (audit measure)
-            from transformers import AutoModelForCausalLM
+            from audit.models import load_causal_lm
 
-            model = AutoModelForCausalLM.from_pretrained(str(layer.path), dtype=device.torch_dtype, use_safetensors=True,
-                                                         trust_remote_code=trust_remote_code).to(device.device)
+            model = base = None  # the model below is dropped (here at least) before the next one is read
+            model = load_causal_lm(layer.path, dtype=device.torch_dtype, device=device.device,
+                                   trust_remote_code=trust_remote_code)
     model.eval()
     return model
