@@ -503,19 +503,29 @@ def extend_vocabulary(model: Any, tokenizer: Any, tokens: Sequence[str]) -> list
     return ids
 
 
-def load_model_and_tokenizer(path: Path, *, dtype: Any, device: str, trust_remote_code: bool = False,
-                             added_tokens: Sequence[str] = ()):
-    """Load a causal LM from safetensors only; the tokenizer gets a pad token if it has none.
-
-    ``added_tokens``: tokens a canary spec adds to the vocabulary (:func:`audit.canaries.added_tokens`), given rows
-    by :func:`extend_vocabulary` before the model moves to ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: Path, *, trust_remote_code: bool = False, added_tokens: Sequence[str] = ()) -> Any:
+    """The model's tokenizer, with a pad token, and ``added_tokens`` added (a new-token canary spec's pool): the one
+    tokenizer loader (ground truth, scoring, ``audit measure`` and :func:`load_model_and_tokenizer` use it)."""
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    extend_tokenizer(tokenizer, added_tokens)
+    return tokenizer
+
+
+def load_model_and_tokenizer(path: Path, *, dtype: Any, device: str, trust_remote_code: bool = False,
+                             added_tokens: Sequence[str] = ()):
+    """Load a causal LM from safetensors only; the tokenizer gets a pad token if it has none.
+
+    ``added_tokens``: tokens a canary spec adds to the vocabulary (:func:`audit.canaries.added_tokens`), given rows
+    by :func:`extend_vocabulary` before the model moves to ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)  # extend_vocabulary adds the tokens and rows
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
