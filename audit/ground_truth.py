@@ -40,6 +40,7 @@ from audit.corpus import Corpus, load_corpus
 from audit.errors import AuditError
 from audit.inject import InjectionResult, inject
 from audit.keys import AuditKey, resolve_key
+from audit.models import load_tokenizer  # noqa: F401  (the one tokenizer loader; imported from here by callers)
 from audit.preflight import require_passed, run_preflight, secret_spans, training_texts
 from audit.schema import SCHEMA_VERSION, CanarySet, PreflightReport, Recipe, TrainingSection
 from audit.store import write_json, write_jsonl
@@ -76,21 +77,6 @@ class GroundTruth:
                               "canary_tokens_max": self.preflight.canary_tokens_max,
                               "record_tokens_max": self.preflight.record_tokens_max, "loss": self.preflight.loss},
                 "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()}}
-
-
-def load_tokenizer(path: Path, *, trust_remote_code: bool = False, added_tokens: Sequence[str] = ()) -> Any:
-    """The model's tokenizer, with a pad token, and ``added_tokens`` added (a new-token canary spec's pool)."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from audit.models import extend_tokenizer
-
-    hf_logging.set_verbosity_error()
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    extend_tokenizer(tokenizer, added_tokens)
-    return tokenizer
 
 
 def refuse_added_tokens(recipe: Recipe, where: str) -> None:
@@ -221,11 +207,16 @@ def ground_truth_files(truth: GroundTruth, *, dataset: bool = False) -> dict[str
     files: dict[str, Any] = {CANARIES_FILE: truth.canaries.canaries, CANARIES_META_FILE: canaries_meta(truth.canaries),
                              "manifest.json": truth.injection.manifest, "preflight.json": truth.preflight}
     if truth.canaries.works:
-        files["works.json"] = {"schema_version": SCHEMA_VERSION, "works": [w.model_dump(mode="json") for w in truth.canaries.works]}
+        files["works.json"] = works_file(truth.canaries)
     files.update(truth.extra_files)
     if dataset:
         files["train.jsonl"] = truth.injection.records
     return files
+
+
+def works_file(canaries: CanarySet) -> dict[str, Any]:
+    """``works.json``: the provenance of each sample work (no text), as a run and ``audit inject`` write it."""
+    return {"schema_version": SCHEMA_VERSION, "works": [w.model_dump(mode="json") for w in canaries.works]}
 
 
 def canaries_meta(canaries: CanarySet) -> dict[str, Any]:
@@ -508,7 +499,7 @@ def _inject_streaming(recipe: Recipe, out_dir: Path, *, model_path: Path, finger
     write_json(out_dir / "preflight.json", preflight)
     files = ["train.jsonl", CANARIES_FILE, CANARIES_META_FILE, "manifest.json", "preflight.json"]
     if canaries.works:
-        write_json(out_dir / "works.json", {"schema_version": SCHEMA_VERSION, "works": [w.model_dump(mode="json") for w in canaries.works]})
+        write_json(out_dir / "works.json", works_file(canaries))
         files.append("works.json")
     require_passed(preflight)
     return InjectStageResult(out_dir=out_dir, files=files, n_records=manifest.dataset_after.n_records,

@@ -22,17 +22,6 @@ def node(kind: str, label: str, fingerprint: str, parents: list[LineageNode] | N
     )
 
 
-def render_chain(nodes: list[LineageNode]) -> str:
-    """A one-line-per-node text drawing of the graph, parents first."""
-    by_id = {n.id: n for n in nodes}
-    lines = []
-    for n in nodes:
-        parents = ", ".join(by_id[p].label if p in by_id else p for p in n.parents)
-        arrow = f"  <- {parents}" if parents else ""
-        lines.append(f"[{n.kind}] {n.label} ({n.fingerprint[:12]}){arrow}")
-    return "\n".join(lines)
-
-
 def data_node(corpus_source: str, spec: str, manifest_sha256: str, *, n_records: int, planted: bool = True) -> LineageNode:
     """The fine-tuning data, fingerprinted by its injection manifest (dataset hashes before / after, placements)."""
     label = f"{corpus_source} + {spec} canaries" if planted else f"{corpus_source} (clean: no canaries planted)"

@@ -544,6 +544,20 @@ def extend_vocabulary(model: Any, tokenizer: Any, tokens: Sequence[str]) -> list
     return ids
 
 
+def load_tokenizer(path: Path, *, trust_remote_code: bool = False, added_tokens: Sequence[str] = ()) -> Any:
+    """The model's tokenizer, with a pad token, and ``added_tokens`` added (a new-token canary spec's pool): the one
+    tokenizer loader (ground truth, scoring, ``audit measure`` and :func:`load_model_and_tokenizer` use it)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    extend_tokenizer(tokenizer, added_tokens)
+    return tokenizer
+
+
 def load_causal_lm(path: Path, *, dtype: Any, device: str, trust_remote_code: bool = False) -> Any:
     """A causal LM from safetensors, its tensors read straight onto ``device``, one at a time.
 
@@ -569,11 +583,7 @@ def load_model_and_tokenizer(path: Path, *, dtype: Any, device: str, trust_remot
     ``added_tokens``: tokens a canary spec adds to the vocabulary (:func:`audit.canaries.added_tokens`), given rows
     by :func:`extend_vocabulary` on the CPU before the model moves to ``device``: the rows' mean and spread are then
     computed by the same arithmetic on every device, so the base a GPU run scores has the rows a CPU run's has."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)  # extend_vocabulary adds the tokens and rows
     model = load_causal_lm(path, dtype=dtype, device="cpu" if added_tokens else device, trust_remote_code=trust_remote_code)
     if added_tokens:
         extend_vocabulary(model, tokenizer, added_tokens)

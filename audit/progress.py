@@ -47,11 +47,6 @@ def note_output() -> None:
         _last_output = time.monotonic()
 
 
-def silence_s() -> float:
-    with _clock_lock:
-        return time.monotonic() - _last_output
-
-
 def _claim_silence(every_s: float) -> float | None:
     """The silence if it reached ``every_s``, resetting the clock (so only one thread speaks); else None."""
     global _last_output

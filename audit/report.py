@@ -189,11 +189,6 @@ def summarize_tiers(scores: list[SequenceScore]) -> list[TierSummary]:
     return tiers
 
 
-def tier_metrics(tiers: list[TierSummary]) -> dict[str, float]:
-    """Stable MLflow keys: ``exposure.mean/rep_16/tuned``, ``extraction.exact/rep_16/tuned`` (rep_0 = references)."""
-    return {key: entry.value for t in tiers for key, entry in t.flat_metrics().items()}
-
-
 def write_report(report: AuditReport, path: Path) -> None:
     atomic_write_text(path, report.model_dump_json(indent=2) + "\n")
 
@@ -212,8 +207,8 @@ def format_table(report: AuditReport) -> str:
     for t in report.tiers:
         label = "reference (never inserted)" if t.repetitions == 0 else f"{t.repetitions}x inserted"
 
-        def cell(family: str, m: str, value: str | None) -> str:
-            return value if value is not None else "withheld" if f"{family}/rep_{t.repetitions}/{m}" in withheld else "-"
+        def cell(family: str, m: str, value: str | None, reps: int = t.repetitions) -> str:
+            return value if value is not None else "withheld" if f"{family}/rep_{reps}/{m}" in withheld else "-"
 
         rows.append([label, str(t.n) if t.exposure_n is None else f"{t.n} ({t.exposure_n} ranked)"]
                     + [cell("exposure.mean", m, f"{t.exposure_mean[m]:.2f}" if m in t.exposure_mean else None) for m in models]

@@ -92,11 +92,6 @@ def metric_ranges(plan: Plan) -> dict[str, MetricRange]:
 RATE_FAMILIES = ("mia.auc", "mia.tpr_at_1pct", "mia.tpr_at_0.1pct", "extraction.from_fraction", "extraction.sampled_any")
 
 
-def _threshold(spec: GateSpec) -> str:
-    return "; ".join(p for p in (f">= {spec.min:g}" if spec.min is not None else "",
-                                 f"<= {spec.max:g}" if spec.max is not None else "") if p)
-
-
 def _outside(spec: GateSpec, key: str, r: MetricRange) -> str | None:
     if spec.min is not None and spec.min > r.high:
         return f"needs {key} >= {spec.min:g}, but {r.why}"

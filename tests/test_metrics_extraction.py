@@ -7,7 +7,7 @@ import math
 import pytest
 
 from audit.metrics import discoverable_match, extraction_probability, is_np_extractable, queries_needed
-from audit.metrics.extraction import edit_distance, longest_common_prefix, normalized_edit_distance, probability_from_logprob
+from audit.metrics.extraction import edit_distance, longest_common_prefix, normalized_edit_distance
 
 
 def test_prefix_and_edit_distance():
@@ -33,4 +33,3 @@ def test_probabilistic_extraction():
     assert queries_needed(0.1, 0.5) == math.ceil(math.log(0.5) / math.log(0.9)) == 7
     assert queries_needed(0.0, 0.5) == math.inf
     assert is_np_extractable(0.1, n=7, p=0.5) and not is_np_extractable(0.1, n=6, p=0.5)
-    assert probability_from_logprob(math.log(0.25)) == pytest.approx(0.25)

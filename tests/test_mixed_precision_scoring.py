@@ -20,9 +20,9 @@ import torch
 from transformers import TrainerCallback
 
 from audit.cli import main
+from audit.schema import TrainingSection
 from audit.score.engine import candidate_nll_bits, in_scoring_precision, split_tokens, split_tokens_many, torch_threads
 from audit.train import sft
-from audit.schema import TrainingSection
 from audit.train.types import DeviceChoice, WeightsLayer
 from audit.train.weights import load_tuned
 

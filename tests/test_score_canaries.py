@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from audit.canaries import generate_canaries, load_spec, reference_secrets
-from audit.schema import ScoringSection
-from audit.score.canaries import score_canaries, secret_logprob_check
+from audit.schema import ScoringSection, SequenceScore
+from audit.score.canaries import score_canaries
 from audit.score.engine import torch_threads
 
 
@@ -131,3 +132,10 @@ def test_references_outside_the_null_sample_get_the_teacher_forced_pass_only(tin
                       "sampled_n")
         assert {k: getattr(b, k) for k in unmeasured} == dict.fromkeys(unmeasured)
     assert secret_logprob_check(part) < 1e-3
+
+
+def secret_logprob_check(scores: list[SequenceScore]) -> float:
+    """Largest gap (bits) between the shared-prefix secret NLL and the teacher-forced one: a self-consistency check."""
+    gaps = [abs(s.secret_nll_bits - (s.mia_loss or 0.0) * s.secret_tokens / math.log(2)) for s in scores
+            if s.mia_loss is not None and s.rank is not None]  # an unranked row's bits are the teacher-forced ones
+    return float(np.max(gaps)) if gaps else 0.0

@@ -242,7 +242,7 @@ def test_an_attack_inverted_where_another_separates_is_flagged_with_its_tier_and
 def test_an_inversion_chance_explains_is_not_flagged():
     """With 2 members and 6 references an attack without signal scores 1/12 with probability 2/28 = 0.07 > 0.05."""
     chance = inverted_scores(per_tier=2, n_refs=6)
-    refs = sorted((r.mia_min_k_pp for r in chance if r.model == "tuned" and r.repetitions == 0))
+    refs = sorted(r.mia_min_k_pp for r in chance if r.model == "tuned" and r.repetitions == 0)
     members = [r for r in chance if r.model == "tuned" and r.repetitions == 16]
     lifted = [r.model_copy(update={"mia_min_k_pp": (refs[0] + refs[1]) / 2}) if r is members[0] else r for r in chance]
     out = summarize_metrics(lifted)

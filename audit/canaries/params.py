@@ -10,7 +10,7 @@ Every default a generator uses is a field default here, where ``audit canaries``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
@@ -20,13 +20,14 @@ from audit.errors import AuditError, did_you_mean
 RESERVED_DOMAINS = ("example.com", "example.org", "example.net", "mail.test", "post.example")
 """RFC 2606 example domains: a synthetic email can never reach a real mailbox."""
 
-PositiveInt = StrictInt
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+"""A strict integer of at least 1 (a bool or a float such as 4.0 is refused)."""
 
 
 class _Params(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    ngram: PositiveInt = Field(default=4, ge=1)
+    ngram: PositiveInt = Field(default=4)
     """Character n-gram length of the near-duplicate check between secrets."""
     max_jaccard: float = DEFAULT_MAX_JACCARD
     """Two secrets sharing more than this Jaccard share of their n-grams are near duplicates; the later is redrawn."""
@@ -36,12 +37,12 @@ class DigitsParams(_Params):
     """``digits``: ``length`` symbols of ``alphabet`` in a sentence template (Carlini et al. 2019)."""
 
     alphabet: str | list[str | int] = "0123456789"
-    length: PositiveInt = Field(default=6, ge=1)
+    length: PositiveInt = Field(default=6)
     separator: str = ""
     templates: list[str] | None = None
     """Sentence templates with ``{secret}`` (and ``{name}``); default ``My PIN is {secret}.``."""
     names: list[str] | None = None
-    ngram: PositiveInt = Field(default=3, ge=1)
+    ngram: PositiveInt = Field(default=3)
 
     @field_validator("alphabet")
     @classmethod
@@ -58,7 +59,7 @@ class WordsParams(_Params):
     """``words``: ``length`` words drawn uniformly from ``words`` (a passphrase)."""
 
     words: list[str] = Field(min_length=1)
-    length: PositiveInt = Field(default=5, ge=1)
+    length: PositiveInt = Field(default=5)
     templates: list[str] | None = None
     names: list[str] | None = None
 
@@ -93,11 +94,11 @@ class TrapsParams(_Params):
     batch: PositiveInt = Field(default=32, ge=1)
     max_rounds: PositiveInt = Field(default=20, ge=1)
     templates: list[str] = Field(default_factory=lambda: ["Archive record {tag}: {secret}"], min_length=1)
-    tag_length: PositiveInt = Field(default=5, ge=1)
+    tag_length: PositiveInt = Field(default=5)
     prompt: str = ""
     retokenize: bool = True
     """Drop samples whose text does not tokenize back to the sampled tokens (the paper's ``--retokenize``)."""
-    ngram: PositiveInt = Field(default=5, ge=1)
+    ngram: PositiveInt = Field(default=5)
 
     @field_validator("ppl_band")
     @classmethod
@@ -115,13 +116,13 @@ class WorksParams(_Params):
     prefix_tokens: PositiveInt = Field(default=16, ge=1)
     synthetic: dict[str, Any] = Field(default_factory=dict)
     """Settings of the ``synthetic`` source (works, tokens, temperature, prompt): see :mod:`audit.works`."""
-    ngram: PositiveInt = Field(default=5, ge=1)
+    ngram: PositiveInt = Field(default=5)
 
 
 class RareTokensParams(_Params):
     """``rare_tokens``: ``length`` tokens from the ``pool`` rarest whole-word tokens of the vocabulary (Panda et al. 2025)."""
 
-    length: PositiveInt = Field(default=4, ge=1)
+    length: PositiveInt = Field(default=4)
     pool: PositiveInt = Field(default=1024, ge=2)
     """How many of the highest-id (latest-merged) whole-word tokens the secrets draw from."""
     templates: list[str] | None = None
@@ -131,7 +132,7 @@ class RareTokensParams(_Params):
 class BigramParams(_Params):
     """``bigram``: ``length`` tokens drawn uniformly from every whole-word token (random vocabulary bigrams)."""
 
-    length: PositiveInt = Field(default=4, ge=1)
+    length: PositiveInt = Field(default=4)
     templates: list[str] | None = None
     names: list[str] | None = None
 
@@ -139,7 +140,7 @@ class BigramParams(_Params):
 class NewTokensParams(_Params):
     """``new_tokens``: ``length`` tokens from ``pool`` tokens added to the vocabulary (Panda et al. 2025, ``new``)."""
 
-    length: PositiveInt = Field(default=4, ge=1)
+    length: PositiveInt = Field(default=4)
     pool: PositiveInt = Field(default=1024, ge=2, le=100_000)
     """How many tokens are added (``<|c0000|>`` ..): the space is ``pool ** length``; each is an embedding row to train."""
     templates: list[str] | None = None

@@ -97,6 +97,3 @@ def is_np_extractable(p_z: float, *, n: int, p: float) -> bool:
     return extraction_probability(p_z, n) >= p
 
 
-def probability_from_logprob(total_logprob: float) -> float:
-    """``p_z = exp(sum_t log p_t)``, clipped to [0, 1]."""
-    return min(1.0, math.exp(min(total_logprob, 0.0)))

@@ -263,10 +263,3 @@ def _score_canaries(model, tokenizer, canaries, reference_secrets, *, label, sec
 
 def space_bits(canaries: CanarySet) -> float:
     return float(canaries.space.log2_size)
-
-
-def secret_logprob_check(scores: list[SequenceScore]) -> float:
-    """Largest gap (bits) between the shared-prefix secret NLL and the teacher-forced one: a self-consistency check."""
-    gaps = [abs(s.secret_nll_bits - (s.mia_loss or 0.0) * s.secret_tokens / math.log(2)) for s in scores
-            if s.mia_loss is not None and s.rank is not None]  # an unranked row's bits are the teacher-forced ones
-    return float(np.max(gaps)) if gaps else 0.0

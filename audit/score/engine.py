@@ -379,18 +379,6 @@ def score_token_sequences(
     return results  # type: ignore[return-value]
 
 
-def sequence_logprobs(model, tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int | None = None) -> list[list[float]]:
-    """Teacher-forced natural-log probabilities of tokens 2..n of each text (the first token has no context).
-
-    ``batch_size`` caps the rows per pass (through the token budget); results come back in input order.
-    """
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][: max_length or None] for t in texts]
-    width = max((len(e) for e in encoded), default=1)
-    scores = score_token_sequences(model, encoded, vocab_stats=False, token_budget=max(1, batch_size) * max(width, 1),
-                                   pad_token_id=pad_id_of(tokenizer))
-    return [s.logprobs.tolist() for s in scores]
-
-
 # --------------------------------------------------------------------------------------------- shared-prefix scoring
 
 
