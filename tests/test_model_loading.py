@@ -56,9 +56,9 @@ def test_a_full_layer_replaces_what_is_below_it_so_none_of_it_is_read(tiny_model
 
 def _distributed_train(monkeypatch, tmp_path, tiny_model_dir, method: str) -> tuple[list, object]:
     """``stages.train`` as a process of a distributed run sees it once its trainer has saved ``method`` weights."""
+    import audit.train.sft as sft
     from audit.origin import FreshBase
     from audit.schema import Recipe
-    import audit.train.sft as sft
 
     recipe = Recipe(name="t", model={"source": str(tiny_model_dir)}, training={"method": method}, tracking={"enabled": False})
     ctx = stages.RunContext(recipe=recipe, resolved=None, device=CPU, tracking=False, tracking_uri="", progress=False)

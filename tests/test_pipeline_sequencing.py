@@ -257,7 +257,7 @@ def test_a_worker_of_a_run_resumed_with_every_stage_stored_leaves_at_once(fakes,
 
 
 def test_a_worker_of_a_run_resumed_after_training_reloads_the_stored_weights_and_scores_them(fakes, monkeypatch):
-    result = run_audit(fakes.recipe, tracking=False, progress=False)
+    run_audit(fakes.recipe, tracking=False, progress=False)
     plan = dataclasses.replace(fakes.plans[0], train=False, score_base=False)  # train.json stored, scores not
     _as_worker(monkeypatch, plan)
     fakes.calls.clear()
