@@ -324,8 +324,8 @@ def format_metrics(report: AuditReport) -> list[str]:
                f"[{m['mia.tpr_at_1pct/loss_diff'].low:.2f}, {m['mia.tpr_at_1pct/loss_diff'].high:.2f}]"
                if "mia.tpr_at_1pct/loss_diff" in m else f"TPR at 1% FPR {notes.get('mia.tpr_at_1pct', 'not measured')}")
         headline = format_mia_headline(report)
-        lines.append(f"membership inference, members vs references, AUC: {', '.join(aucs)}" + ("" if headline else f"; {tpr}"))
-        lines.extend(headline)
+        lines.append(f"membership inference, members vs references, AUC: {', '.join(aucs)}")
+        lines.extend(headline or [f"  {tpr}"])
     lines.extend(format_null_calibration(report))
     ext = [f"greedy {int(sum(t.extracted.get('tuned', 0) for t in report.tiers if t.repetitions > 0))}/"
            f"{sum(t.n for t in report.tiers if t.repetitions > 0)} members"]

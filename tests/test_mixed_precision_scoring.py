@@ -80,9 +80,12 @@ def _prepared(path):
 
 @pytest.fixture
 def fresh_accelerate_state():
-    """The Accelerator below sets accelerate's process-wide state; the next Trainer must start from none."""
+    """The Accelerator below sets accelerate's process-wide state: it must start from none (an earlier test's Trainer
+    leaves its own behind in the same process), and the next Trainer must start from none too."""
     from accelerate.state import AcceleratorState, PartialState
 
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     PartialState._reset_state()

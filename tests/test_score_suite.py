@@ -240,7 +240,8 @@ def test_an_attack_inverted_where_another_separates_is_flagged_with_its_tier_and
 
 
 def test_an_inversion_chance_explains_is_not_flagged():
-    """With 2 members and 6 references an attack without signal scores 1/12 with probability 2/28 = 0.07 > 0.05."""
+    """With 2 members and 6 references an attack without signal scores 1/12 with probability 2/28 = 0.07, and 0 with
+    probability 1/28 = 0.036: neither is beyond chance once the ~20 attacks compared on the tier are paid for."""
     chance = inverted_scores(per_tier=2, n_refs=6)
     refs = sorted(r.mia_min_k_pp for r in chance if r.model == "tuned" and r.repetitions == 0)
     members = [r for r in chance if r.model == "tuned" and r.repetitions == 16]
@@ -250,7 +251,8 @@ def test_an_inversion_chance_explains_is_not_flagged():
     assert m["mia.auc/min_k_pp_diff/rep_16"].value == pytest.approx(1 / 12, abs=1e-6)
     assert m["mia.auc/loss_diff/rep_16"].value == 1.0
     assert "mia.inverted/min_k_pp_diff" not in notes
-    assert "p = 0.036" in summarize_metrics(chance).notes["mia.inverted/min_k_pp_diff"]  # AUC 0: 1/28
+    assert summarize_metrics(chance).metrics["mia.auc/min_k_pp_diff/rep_16"].value == 0.0
+    assert "mia.inverted/min_k_pp_diff" not in summarize_metrics(chance).notes  # AUC 0: p = 1/28 > 0.05 / m
 
 
 def test_no_flag_where_no_attack_separates_the_tier():

@@ -96,9 +96,12 @@ audit's tiers (8 members, 100 references), so 0.2 is 2.8 sd below 0.5 there."""
 SEPARATING_AUC = 0.95
 """A tier counts as separable when some attack reaches this AUC: the members differ from the references."""
 INVERTED_P = 0.05
-"""...and beyond chance at the tier's n (one-sided Mann-Whitney p <= 0.05): with 2 members and 6 references
-(``tiny/lora_cpu``) an attack without signal scores at most 0.17 with probability 0.14 (not flagged), 0.00 with
-probability 0.036 (flagged)."""
+"""...and both beyond chance at the group's n: the inverted attack's one-sided Mann-Whitney p (members below) and the
+separating attack's (members above) at most 0.05 / m, where m is the number of attacks compared on that group
+(Bonferroni: every attack of the group is a test, and the best of ~20 is picked). With 2 members and 6 references
+(``tiny/lora_cpu``) the smallest p there is, 1/28 = 0.036, is above 0.05 / 20: such a tier is never flagged, whatever
+its AUCs (with one epoch of training, chance alone put loss_diff at 0.00 and another attack at 1.00 on a tier). With 8
+members and 100 references an AUC of 0.00 has p ~ 6e-12, 0.20 about 2.5e-3."""
 NULL_ALPHA = 0.01
 """Level of the null-calibration test: a run is flagged biased at p < 0.01 (a 1% false alarm rate)."""
 
@@ -276,16 +279,24 @@ def _inversion_notes(out: SuiteResult, per_attack: dict[str, tuple[list[float], 
         best = max(aucs, key=aucs.__getitem__, default=None)
         if best is None or aucs[best] < SEPARATING_AUC:
             continue
-        for attack, auc in aucs.items():
-            if auc > INVERTED_AUC:
-                continue
+        level = INVERTED_P / len(aucs)  # Bonferroni over the attacks compared on this group
+
+        def p_value(attack: str, alternative: str, tier: int | None = tier) -> tuple[float, int, int]:
             scores, member, reps = per_attack[attack]
             members = [s for s, m, r in zip(scores, member, reps, strict=True) if m and tier in (None, r)]
             controls = [s for s, m in zip(scores, member, strict=True) if not m]
-            p = float(stats.mannwhitneyu(members, controls, alternative="less").pvalue)
-            if p <= INVERTED_P:
-                found[attack].append(f"AUC {auc:.2f} on {label} ({len(members)} members against {len(controls)} "
-                                     f"references; one-sided Mann-Whitney p = {p:.2g}) where {best} has {aucs[best]:.2f}")
+            return float(stats.mannwhitneyu(members, controls, alternative=alternative).pvalue), len(members), len(controls)
+
+        if p_value(best, "greater")[0] > level:  # the separation itself could be chance at this n
+            continue
+        for attack, auc in aucs.items():
+            if auc > INVERTED_AUC:
+                continue
+            p, n_members, n_controls = p_value(attack, "less")
+            if p <= level:
+                found[attack].append(f"AUC {auc:.2f} on {label} ({n_members} members against {n_controls} references; "
+                                     f"one-sided Mann-Whitney p = {p:.2g} <= {level:.2g}, Bonferroni over {len(aucs)} "
+                                     f"attacks) where {best} has {aucs[best]:.2f}")
     for attack, where in found.items():
         out.notes[f"mia.inverted/{attack}"] = (
             f"inverted, not a result: {'; '.join(where)}. {attack} ranks members below the references that another "
