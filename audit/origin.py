@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from audit.errors import AuditError
 from audit.keys import AuditKey, resolve_key
 from audit.schema import AuditReport, LineageNode, MetricEntry, Recipe, SequenceScore
+from audit.train import stage
 from audit.train.types import DeviceChoice, TrainResult, WeightsLayer
 
 
@@ -152,15 +153,11 @@ class FreshBase:
         return score()
 
     def train_artifact(self, ctx: Any, start: Any) -> Any:
-        from audit import stages
-
-        return stages.TrainedWeights(ctx, start)
+        return stage.TrainedWeights(ctx, start)
 
     def tuned_model(self, ctx: Any, start: Any, tokenizer: Any, truth: Any, plan: Any, *, tracker: Any = None,
                     progress: bool = False) -> TrainResult:
-        from audit import stages
-
-        return stages.train(ctx, self, start, tokenizer, truth, plan, tracker=tracker, progress=progress)
+        return stage.train(ctx, self.layers, start, tokenizer, truth, plan, tracker=tracker, progress=progress)
 
     def tuned_parents(self, base_node: LineageNode) -> list[LineageNode]:
         return [base_node]
@@ -228,15 +225,11 @@ class FurtherTune:
         return chain.inherited_scores(self.parent)  # base and parent weights as the parent runs measured them
 
     def train_artifact(self, ctx: Any, start: Any) -> Any:
-        from audit import stages
-
-        return stages.TrainedWeights(ctx, start)
+        return stage.TrainedWeights(ctx, start)
 
     def tuned_model(self, ctx: Any, start: Any, tokenizer: Any, truth: Any, plan: Any, *, tracker: Any = None,
                     progress: bool = False) -> TrainResult:
-        from audit import stages
-
-        return stages.train(ctx, self, start, tokenizer, truth, plan, tracker=tracker, progress=progress)
+        return stage.train(ctx, self.layers, start, tokenizer, truth, plan, tracker=tracker, progress=progress)
 
     def tuned_parents(self, base_node: LineageNode) -> list[LineageNode]:
         return [self.parent.tuned_node()]

@@ -18,7 +18,6 @@ Resume is not here: a stage's artifact (:class:`audit.store.ScoresFile`, :class:
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,14 +33,14 @@ from audit import distributed
 from audit.console import say
 from audit.models import ResolvedModel
 from audit.resume import RunHandle
-from audit.schema import AuditReport, Recipe, SequenceScore, TrainSummary
-from audit.store import StageStore, json_text, write_once
-from audit.train.types import TRAINER_DIR, DeviceChoice, TrainPlan, TrainResult, WeightsLayer, weights_dir_name
+from audit.schema import AuditReport, Recipe, SequenceScore
+from audit.store import StageStore, json_text
+from audit.train.stage import TRAIN_FILE, TrainedWeights, load_base  # noqa: F401  (re-exported: the stage the run opens with)
+from audit.train.types import DeviceChoice, TrainPlan
 
 if TYPE_CHECKING:  # annotations only: the origins import this module's stages lazily, so no cycle at import time
     from audit.origin import Origin
 
-TRAIN_FILE = "train.json"
 
 
 def new_run_dir(recipe: Recipe) -> Path:
@@ -300,16 +299,6 @@ def record_inputs(run: Run, truth: Any) -> None:
 # --------------------------------------------------------------------------------------------------- models
 
 
-def load_base(ctx: RunContext) -> tuple[Any, Any]:
-    """The pretrained weights and their tokenizer, on the run's device and precision, with the tokens the canary spec
-    adds (``new_tokens``: :func:`audit.models.extend_vocabulary`, the same rows every time the base is loaded)."""
-    from audit.models import load_model_and_tokenizer
-
-    say(ctx.progress, f"[audit] score base: loading {ctx.recipe.model.source} and its per-token view")
-    return load_model_and_tokenizer(ctx.resolved.path, dtype=ctx.device.torch_dtype, device=ctx.device.device,
-                                    trust_remote_code=ctx.recipe.model.trust_remote_code, added_tokens=ctx.added_tokens)
-
-
 def start_model(ctx: RunContext, origin: Origin, base: Any) -> Any:
     """What training starts from: ``base`` with the origin's saved weights merged in (none for a first tune)."""
     from audit.train.weights import load_tuned
@@ -359,45 +348,6 @@ def score(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -
 # --------------------------------------------------------------------------------------------------- train
 
 
-@dataclass(frozen=True)
-class TrainedWeights:
-    """The train stage's artifact: ``train.json`` plus the weights folder it records (fingerprint checked).
-
-    Read back, the weights are put on ``start`` (the model training began from) by :func:`audit.train.weights.load_tuned`.
-    """
-
-    ctx: RunContext
-    start: Any
-    name: str = TRAIN_FILE
-
-    def read(self, run_dir: Path) -> TrainResult | None:
-        from audit.errors import AuditError
-        from audit.models import fingerprint_safetensors_dir
-        from audit.train.weights import load_tuned
-
-        path = Path(run_dir) / TRAIN_FILE
-        if not path.is_file():
-            return None
-        summary = TrainSummary.model_validate_json(path.read_text(encoding="utf-8"))
-        weights_dir = Path(run_dir) / weights_dir_name(summary.method)
-        found = fingerprint_safetensors_dir(weights_dir) if weights_dir.is_dir() else None
-        if found != summary.weights_fingerprint:
-            raise AuditError(f"{weights_dir} does not hold the weights {TRAIN_FILE} recorded (fingerprint {str(found)[:12]} "
-                             f"!= {summary.weights_fingerprint[:12]})", fix="start a new run; this one was modified")
-        model = load_tuned(self.start, [WeightsLayer(summary.method, weights_dir)], device=self.ctx.device,
-                           trust_remote_code=self.ctx.recipe.model.trust_remote_code)
-        return TrainResult(model=model, summary=summary)
-
-    def write(self, run_dir: Path, value: TrainResult) -> None:
-        """Record the finished train stage, then drop the Trainer checkpoints it no longer needs (the weights are saved)."""
-        write_once(Path(run_dir) / TRAIN_FILE, json_text(value.summary))
-        shutil.rmtree(Path(run_dir) / TRAINER_DIR, ignore_errors=True)
-
-    def describe(self, value: TrainResult) -> str:
-        assert value.summary is not None
-        return f"trained weights {weights_dir_name(value.summary.method)}/ ({value.summary.steps} steps)"
-
-
 def train_plan(run: Run, truth: Any) -> TrainPlan:
     """Rank 0's plan, made when the run opens: score the base unless ``scores_base.jsonl`` is stored; train unless
     ``train.json`` is, from the newest complete checkpoint if there is one; score the tuned weights unless
@@ -426,72 +376,6 @@ def share_plan(make: Any, truth: Any) -> TrainPlan:
     plan, every = distributed.share_plan(make, own=drawn(truth))
     plan.check_drawn(every)
     return plan
-
-
-def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: Any, plan: TrainPlan, *,
-          tracker: Any = None, progress: bool = False) -> TrainResult:
-    """TRL training of ``model`` on the injected texts; with several processes, the saved weights reloaded on rank 0."""
-    from audit.curve_points import run_curve_callback  # scoring.every_steps: the memorization curve (off by default)
-    from audit.train.sft import train_sft
-    from audit.train.weights import load_tuned
-
-    recipe = ctx.recipe
-    # train.loss on the parent; every number the Trainer logs, and its arguments, on the train stage run
-    on_loss = (lambda step, loss: tracker.log_metrics({"train.loss": loss}, step=step)) if tracker is not None else None
-    if recipe.training.dp is not None:
-        return train_dp(ctx, model, tokenizer, truth, plan, on_loss=on_loss, progress=progress)
-    on_log = (lambda step, logs: tracker.log_stage_metrics(logs, step)) if tracker is not None else None
-    on_params = (lambda args: tracker.log_stage_params(plan.logged_arguments(args))) if tracker is not None else None
-    curve = None if distributed.is_distributed() else run_curve_callback(
-        plan.run_dir, truth, tokenizer, recipe, tracker=tracker, progress=progress)  # None unless scoring.every_steps
-    new_ids = tokenizer.convert_tokens_to_ids(ctx.added_tokens) if ctx.added_tokens else None  # LoRA trains their rows
-    trained = train_sft(model, tokenizer, truth.training_texts, section=recipe.training, seed=recipe.seed,
-                        trainable_token_ids=new_ids, secret_spans=truth.secret_spans, work_dir=plan.work_dir,
-                        weights_dir=plan.weights_dir, device=ctx.device, on_loss=on_loss, on_log=on_log,
-                        on_params=on_params, progress=progress, resume_from_checkpoint=plan.checkpoint,
-                        callbacks=[curve] if curve is not None else None)
-    if not distributed.is_distributed():
-        return trained
-    # a sharded model cannot run a forward pass on one process: every process (each scores a share) puts the weights
-    # rank 0 saved (Trainer.save_model gathered them) on a fresh base, once rank 0 has written all of weights_dir
-    # (a full fine-tune's tokenizer is saved after the gather); a full fine-tune's weights replace the base, so no
-    # base is loaded for them, and what training left (the trainer, optimizer state) is freed first
-    distributed.barrier()
-    summary, history = trained.summary, trained.loss_history
-    del trained
-    release_memory()
-    layers = [*origin.layers, WeightsLayer(recipe.training.method, plan.weights_dir)]
-    base = None if recipe.training.method == "full" else load_base(ctx)[0]
-    model = load_tuned(base, layers, device=ctx.device, trust_remote_code=recipe.model.trust_remote_code)
-    return TrainResult(model=model, summary=summary, loss_history=history)
-
-
-def release_memory() -> None:
-    """Collect what is no longer referenced (the Trainer keeps reference cycles) and hand cached GPU blocks back."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def train_dp(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, plan: TrainPlan, *, on_loss: Any = None,
-             progress: bool = False) -> TrainResult:
-    """DP-SGD on a LoRA adapter (``training.dp``, :mod:`audit.train.dp`); ``train.json`` records the accountant's eps."""
-    from audit.errors import AuditError
-    from audit.train.dp import train_dp_lora
-
-    if distributed.is_distributed():
-        raise AuditError("training.dp runs in one process (Opacus' Poisson sampling and accountant are per process here)",
-                         fix="run `audit run` without accelerate launch / torchrun")
-    section = ctx.recipe.training
-    result = train_dp_lora(model, tokenizer, truth.training_texts, settings=section.dp, lora=section.lora,
-                           epochs=section.epochs, batch_size=section.batch_size, learning_rate=section.learning_rate,
-                           max_length=section.max_length, seed=ctx.recipe.seed, weights_dir=plan.weights_dir,
-                           device=ctx.device.device, progress=progress, on_loss=on_loss)
-    return TrainResult(model=result.model, summary=result.summary, loss_history=result.loss_history)
 
 
 def worker(ctx: RunContext, origin: Origin, truth: Any) -> None:

@@ -170,8 +170,9 @@ def test_the_train_stage_hands_a_dp_recipe_to_dp_sgd_with_its_section_and_refuse
     """Sequencing only (the DP-SGD run itself is tests/test_train_dp.py and the slow soundness test)."""
     from types import SimpleNamespace
 
-    from audit import distributed, stages
+    from audit import distributed
     from audit.train import dp as dp_module
+    from audit.train import stage as train_stage
     from audit.train.types import DeviceChoice, TrainPlan
 
     recipe = load_recipe("tiny/dp_lora_cpu", ["training.dp.epsilon=2"])
@@ -188,7 +189,7 @@ def test_the_train_stage_hands_a_dp_recipe_to_dp_sgd_with_its_section_and_refuse
     plan = TrainPlan(run_dir=tmp_path, train=True)
     losses = []
     tracker = SimpleNamespace(log_metrics=lambda m, step: losses.append((step, m)))
-    result = stages.train(ctx, None, "model", "tok", truth, plan, tracker=tracker)
+    result = train_stage.train(ctx, (), "model", "tok", truth, plan, tracker=tracker)
     assert result.model == "tuned" and result.summary.dp == ACCOUNTING
     assert seen["settings"] is recipe.training.dp and seen["settings"].epsilon == 2.0 and seen["texts"] == ["a", "b"]
     assert seen["weights_dir"] == tmp_path / "adapter" and seen["batch_size"] == recipe.training.batch_size
@@ -196,5 +197,5 @@ def test_the_train_stage_hands_a_dp_recipe_to_dp_sgd_with_its_section_and_refuse
     assert losses == [(3, {"train.loss": 1.5})]
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     with pytest.raises(AuditError, match="training.dp runs in one process"):
-        stages.train(ctx, None, "model", "tok", truth, plan)
+        train_stage.train(ctx, (), "model", "tok", truth, plan)
 

@@ -208,7 +208,7 @@ def _independent_check(run_dir: Path, tiny_model_dir, method: str, tuned_rows: l
 @pytest.mark.parametrize("recipe, method", [("tiny/lora_cpu", "lora"), ("tiny/full_cpu", "full")])
 def test_bf16_mixed_tuned_scores_equal_a_resumed_runs_from_the_reloaded_weights(in_tmp, tiny_model_dir, recipe, method):
     """scores_tuned.jsonl of a bf16-mixed run, byte for byte, is what a resume computes from the saved weights (the
-    train stage read back: audit.stages.TrainedWeights), and what plain fp32 transformers give those weights."""
+    train stage read back: audit.train.stage.TrainedWeights), and what plain fp32 transformers give those weights."""
     args = ["run", recipe, "training.precision=bf16-mixed", "training.epochs=4", "scoring.exposure_references=31",
             "tracking.enabled=false", "--quiet"]
     assert main(args) == 0

@@ -6,6 +6,7 @@ import torch
 
 from audit import distributed, stages
 from audit.models import fingerprint_tensors, load_causal_lm, load_model_and_tokenizer
+from audit.train import stage as train_stage
 from audit.train.types import DeviceChoice, TrainPlan, TrainResult, WeightsLayer
 
 CPU = DeviceChoice("cpu", "fp32", False)
@@ -55,7 +56,7 @@ def test_a_full_layer_replaces_what_is_below_it_so_none_of_it_is_read(tiny_model
 
 
 def _distributed_train(monkeypatch, tmp_path, tiny_model_dir, method: str) -> tuple[list, object]:
-    """``stages.train`` as a process of a distributed run sees it once its trainer has saved ``method`` weights."""
+    """``train_stage.train`` as a process of a distributed run sees it once its trainer has saved ``method`` weights."""
     import audit.train.sft as sft
     from audit.origin import FreshBase
     from audit.schema import Recipe
@@ -67,10 +68,10 @@ def _distributed_train(monkeypatch, tmp_path, tiny_model_dir, method: str) -> tu
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     monkeypatch.setattr(distributed, "barrier", lambda: None)
     monkeypatch.setattr(sft, "train_sft", lambda *a, **kw: TrainResult(model="sharded", summary=None))
-    monkeypatch.setattr(stages, "load_base", lambda ctx: loads.append("base") or (load_causal_lm(
+    monkeypatch.setattr(train_stage, "load_base", lambda ctx: loads.append("base") or (load_causal_lm(
         tiny_model_dir, dtype=torch.float32, device="cpu"), None))
     truth = type("Truth", (), {"training_texts": [], "secret_spans": None})()
-    result = stages.train(ctx, FreshBase(recipe=recipe), "start", None, truth, plan)
+    result = train_stage.train(ctx, FreshBase(recipe=recipe).layers, "start", None, truth, plan)
     return loads, result.model
 
 

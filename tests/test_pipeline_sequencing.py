@@ -23,6 +23,7 @@ from audit.inject import inject
 from audit.models import ResolvedModel
 from audit.pipeline import run_audit
 from audit.schema import PreflightReport, Recipe, SequenceScore, TrainSummary
+from audit.train import stage as train_stage
 from audit.train.types import DeviceChoice, TrainPlan, TrainResult, WeightsLayer
 
 
@@ -76,7 +77,7 @@ def fakes(tmp_path, monkeypatch) -> Fakes:
         self.timings["inject"] = 0.0
         return TRUTH
 
-    def train(ctx, origin, model, tokenizer, truth, plan, **kwargs):
+    def train(ctx, layers, model, tokenizer, truth, plan, **kwargs):
         f.step("train")
         f.plans.append(plan)
         plan.weights_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,7 @@ def fakes(tmp_path, monkeypatch) -> Fakes:
     monkeypatch.setattr(stages, "write_token_view", lambda *a: None)
     monkeypatch.setattr(stages, "seed_torch", lambda seed: None)
     monkeypatch.setattr(stages, "score", score)
-    monkeypatch.setattr(stages, "train", train)
+    monkeypatch.setattr(train_stage, "train", train)
     monkeypatch.setattr(stages, "publish", lambda run, origin, report: (f.step("publish"), report)[1])  # returns what it wrote
     monkeypatch.setattr(report_module, "build_report", build_report)
     # the stored weights: the fingerprint train.json records, loaded by the one load_tuned

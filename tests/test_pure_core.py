@@ -56,6 +56,19 @@ def test_audit_has_no_import_cycle_even_through_function_level_imports():
     assert ic.cycles(graph) == []
 
 
+def test_the_origins_never_call_up_into_the_pipeline_and_training_knows_neither():
+    """The train stage lives below the origins (audit.train.stage): an origin imports no pipeline module, even inside
+    a function, and nothing under audit/train imports an origin or the pipeline (issue 24 item 3)."""
+    from pathlib import Path
+
+    graph = _import_cycles().import_graph(Path(__file__).resolve().parent.parent / "audit")
+    pipeline = {"audit.stages", "audit.pipeline", "audit.cli", "audit.api", "audit.callback", "audit.measure"}
+    assert graph["audit.origin"] & pipeline == set()
+    assert "audit.train.stage" in graph["audit.origin"]
+    for module in (m for m in graph if m.startswith("audit.train.")):
+        assert graph[module] & (pipeline | {"audit.origin"}) == set(), module
+
+
 def test_the_cycle_checker_finds_a_cycle_and_ignores_type_checking_imports(tmp_path):
     ic = _import_cycles()
     pkg = tmp_path / "audit"

@@ -127,11 +127,11 @@ def test_the_trainer_arguments_logged_on_a_resume_are_those_of_the_first_attempt
 
 
 def test_the_train_stage_logs_the_trainer_arguments_through_the_plan(tmp_path, monkeypatch):
-    """The wiring of the test above: what stages.train hands the tracker for the arguments train_sft reports."""
+    """The wiring of the test above: what train_stage.train hands the tracker for the arguments train_sft reports."""
     from types import SimpleNamespace
 
-    from audit import stages
     from audit.train import sft
+    from audit.train import stage as train_stage
     from audit.train.types import TrainPlan
 
     logged: list[dict] = []
@@ -147,7 +147,7 @@ def test_the_train_stage_logs_the_trainer_arguments_through_the_plan(tmp_path, m
     monkeypatch.chdir(tmp_path)
     for run_dir in (Path("runs/x"), tmp_path / "runs" / "x"):  # the first attempt, then `--resume /abs/runs/x`
         plan = TrainPlan(run_dir=run_dir, train=True)
-        assert stages.train(ctx, None, None, None, truth, plan, tracker=tracker) == "trained"
+        assert train_stage.train(ctx, (), None, None, truth, plan, tracker=tracker) == "trained"
     assert logged == [{"output_dir": "trainer", "seed": 0}] * 2
 
 
