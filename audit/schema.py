@@ -731,6 +731,30 @@ TOKEN_VIEW_FIELDS = ("token_logprobs", "token_top1", "token_vocab_mean", "token_
 """The optional per-token view of :class:`SequenceScore` (omitted from a row when absent)."""
 
 
+# --------------------------------------------------------------------------------------------------- whole works
+
+
+class WorkWindow(Frozen):
+    """One window of one whole work under one model: a row of ``works_scan.jsonl`` (:mod:`audit.score.works_scan`).
+
+    Ids and numbers only: the window's text is ``tokens[start : start + prefix + suffix]`` of the work the manifest's
+    ``work_subjects`` pins by sha256, tokenized as ``works_scan.meta.json`` says."""
+
+    work_id: str
+    model: str
+    start: int
+    """First token of the window in the work's tokenization."""
+    logp_z: float
+    """``ln p_z``: the natural log of the suffix's probability given the prefix (temperature 1)."""
+    p_z: float
+    """``exp(logp_z)`` (0.0 where it underflows; ``logp_z`` is exact)."""
+    greedy: bool
+    """Every suffix token is the argmax of its step: greedy decoding of the prefix reproduces the suffix."""
+    code_bits: float
+    """Bits of the tokens this window codes with the longest context (:func:`audit.metrics.whole_works.context_owner`)."""
+    code_tokens: int
+
+
 # --------------------------------------------------------------------------------------------------- lineage
 
 
