@@ -22,6 +22,7 @@ from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.schema import (
     AuditReport,
     CanariesSummary,
+    DisclosureSummary,
     DPAccounting,
     MetricEntry,
     ModelInfo,
@@ -55,9 +56,11 @@ def git_revision() -> str | None:
 
 
 def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScore], training: Any,
-                 outputs: Any = None, curves: dict[str, list[tuple[int, float]]] | None = None) -> AuditReport:
+                 outputs: Any = None, curves: dict[str, list[tuple[int, float]]] | None = None,
+                 works: Any = None) -> AuditReport:
     """Assemble ``report.json`` from the stages' results (``run``: :class:`audit.stages.Run`; ``origin``:
-    :class:`audit.origin.Origin`), then evaluate the recipe's gates on its flat metrics."""
+    :class:`audit.origin.Origin`; ``works``: :class:`audit.works.summary.WholeWorksResult` of the whole-work scan),
+    then evaluate the recipe's gates on its flat metrics."""
     from audit import lineage
     from audit.gates import evaluate_gates
     from audit.metrics.disclosure import redact_report
@@ -83,10 +86,10 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
     dp = training.dp  # a DP-SGD run: the bounds at the accountant's delta, so the two eps are comparable
     scoring = recipe.scoring if dp is None else recipe.scoring.model_copy(update={"privacy_delta": dp.delta})
     suite = summarize_scores(scores, scoring, inclusion=recipe.canaries.inclusion)  # every metric under its stable key (audit.metrics.suite)
-    works = works_information(canary_set, scores)
+    excerpts = works_information(canary_set, scores)
     persistence = origin.persistence(scores, suite.metrics)
-    metrics: dict[str, MetricEntry] = {**suite.metrics, **works.pop("metrics", {}), **(outputs.metrics if outputs else {}),
-                                       **(persistence.metrics or {})}
+    metrics: dict[str, MetricEntry] = {**suite.metrics, **excerpts.pop("metrics", {}), **(outputs.metrics if outputs else {}),
+                                       **(persistence.metrics or {}), **(works.metrics if works else {})}
     notes = dict(suite.notes)
     if dp is not None:
         dp_metrics, dp_notes = accountant_metrics(dp, metrics, inclusion=recipe.canaries.inclusion)
@@ -101,7 +104,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         seed=recipe.seed,
         model=ModelInfo(source=recipe.model.source, kind=resolved.kind, path=str(resolved.path),
                         fingerprint=ctx.base_fingerprint, provenance=resolved.provenance),
-        canaries=CanariesSummary.model_validate({**truth.summary(), "works_information": works}),
+        canaries=CanariesSummary.model_validate({**truth.summary(), "works_information": excerpts}),
         works=canary_set.works,
         manifest_sha256=injection.manifest.sha256(),
         training=training,
@@ -118,6 +121,9 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         outputs=OutputsSummary.model_validate(outputs.summary) if outputs else None,
         parent_run=origin.parent_run,
         persistence=None if persistence.summary is None else PersistenceSummary.model_validate(persistence.summary),
+        whole_works=works.summary if works else None,
+        # withheld whole-work keys (judged per group of works when made) join what redact_report withholds
+        disclosure=DisclosureSummary(rule="", min_group=0, search_bits=0, withheld=works.withheld) if works else None,
     )
     if curves is None:  # recorded while training (scoring.every_steps, audit.curves): the final values close each curve
         from audit.curves import read_curves

@@ -334,6 +334,59 @@ def score(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -
                              section=ctx.recipe.scoring, progress=ctx.progress, seed=ctx.recipe.seed)
 
 
+def scan_works(run: Run, model: Any, tokenizer: Any, truth: Any, label: str) -> list[Any]:
+    """The whole-work window scan under ``model`` (:mod:`audit.score.works_scan`), in ``scoring.precision``, kept as
+    ``works_scan_<label>.jsonl`` (reused on resume); [] when the recipe audits no whole works."""
+    if truth.works is None:
+        return []
+    from audit.store import WorksScanFile
+
+    def scan() -> list[Any]:
+        from audit.score.engine import in_scoring_precision, pad_id_of, scoring_dtype
+        from audit.score.works_scan import ScanSettings, engine_scorer
+        from audit.score.works_scan import scan_works as scan_windows
+
+        section = truth.works.section
+        inputs = truth.works.scan_inputs(tokenizer)
+        settings = ScanSettings(prefix=section.prefix_tokens, suffix=section.suffix_tokens, stride=section.stride)
+        say(run.ctx.progress, f"[audit] works: scanning {len(inputs)} whole works under {label} "
+                              f"({settings.prefix} + {settings.suffix}-token windows every {settings.stride})")
+        with in_scoring_precision(model, scoring_dtype(run.ctx.recipe.scoring.precision)) as scored:
+            return scan_windows(inputs, score=engine_scorer(scored, pad_token_id=pad_id_of(tokenizer)), model=label,
+                                settings=settings)
+
+    return run.store.get_or_run(WorksScanFile(label), scan)
+
+
+def summarize_works(run: Run, truth: Any, tokenizer: Any, rows: list[Any], training: TrainSummary) -> Any:
+    """``works_scan.jsonl`` (+ ``.meta.json``) and the report's whole-works section (:mod:`audit.works.summary`); None
+    without whole works."""
+    if truth.works is None:
+        return None
+    from audit.schema import SCHEMA_VERSION
+    from audit.store import write_json, write_jsonl
+    from audit.works.summary import SCAN_FILE, summarize_whole_works
+
+    scoring, section = run.ctx.recipe.scoring, truth.works.section
+    write_jsonl(run.dir / SCAN_FILE, rows)
+    write_json(run.dir / SCAN_FILE.replace(".jsonl", ".meta.json"), {
+        "schema_version": SCHEMA_VERSION, "rows": SCAN_FILE, "prefix_tokens": section.prefix_tokens,
+        "suffix_tokens": section.suffix_tokens, "stride": section.stride, "models": sorted({r.model for r in rows}),
+        "n_queries": scoring.np_extraction_queries, "p": scoring.np_extraction_probability,
+        "tokens": "tokenizer(text, add_special_tokens=False) of each work's audited text (manifest.json work_subjects: "
+                  "sha256, n_chars); a window is tokens[start : start + prefix_tokens + suffix_tokens], scored alone",
+        "works": [s.model_dump(mode="json", include={"work_id", "role", "kind", "n_tokens", "sha256"})
+                  for s in truth.works.subjects]})
+    ids = dict(truth.works.scan_inputs(tokenizer))
+
+    def passage_text(work_id: str, start: int, stop: int) -> str:
+        return tokenizer.decode(ids[work_id][start:stop])
+
+    return summarize_whole_works(truth.works, rows, n_queries=scoring.np_extraction_queries,
+                                 p=scoring.np_extraction_probability, trainable_params=training.trainable_params,
+                                 passage_text=passage_text, seed=run.ctx.recipe.seed)
+
+
 # --------------------------------------------------------------------------------------------------- train
 
 
