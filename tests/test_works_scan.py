@@ -80,3 +80,37 @@ def test_the_engine_scan_agrees_with_a_plain_transformers_loop(tiny_model):
     assert checked == 8
     total = sum(r.code_tokens for r in rows)
     assert total == 299
+
+
+def test_a_work_trained_twice_as_often_is_more_extractable(tiny_model_dir):
+    """Carlini et al. 2023: extraction grows with repetitions. Three random works of 48 tokens, one in every batch
+    twice, trained by a plain full fine-tune of tiny-llama; the scan must rank the doubled work first."""
+    import torch
+
+    from audit.models import load_model_and_tokenizer
+
+    from audit.score.engine import torch_threads
+
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
+    rng = np.random.default_rng(7)
+    works = {name: rng.integers(3, len(tokenizer), size=48).tolist() for name in ("twice", "once_a", "once_b")}
+    batch = torch.tensor([works["twice"], works["twice"], works["once_a"], works["once_b"]])
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    with torch_threads(1):  # a tiny model on a shared CPU: one thread is fastest
+        for _ in range(25):
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.eval()
+        rows = scan_works(list(works.items()), score=engine_scorer(model), model="tuned",
+                          settings=ScanSettings(prefix=8, suffix=8, stride=4))
+
+    def mean(name: str, field: str) -> float:
+        return float(np.mean([getattr(r, field) for r in rows if r.work_id == name]))
+
+    assert mean("twice", "logp_z") > max(mean("once_a", "logp_z"), mean("once_b", "logp_z")) + 1.0
+    assert mean("twice", "code_bits") < min(mean("once_a", "code_bits"), mean("once_b", "code_bits"))
+    assert mean("twice", "greedy") >= max(mean("once_a", "greedy"), mean("once_b", "greedy"))
