@@ -353,6 +353,10 @@ class WorksSection(Frozen):
     """Tokens of each window that must come back (Cooper et al. 2025: 50)."""
     stride: int = Field(default=50, ge=1)
     """Tokens between window starts: 1 scans every window; at most ``suffix_tokens`` (a larger stride skips tokens)."""
+    nv_min_block: int = Field(default=32, ge=1)
+    """Generated outputs (``outputs.samples`` > 0): a near-verbatim block counts from this many work tokens."""
+    nv_max_gap: int = Field(default=3, ge=0)
+    """Tokens an output or the work may skip inside one near-verbatim block (a changed, added or dropped word)."""
     max_tokens: int = Field(default=4096, ge=2)
     """A longer work is audited on its first ``max_tokens`` tokens (a 100,000-token book costs ~2,000 windows at
     stride 50: see ``benchmarks/works_scan.json``)."""
@@ -1158,10 +1162,21 @@ class OutputsWorksOverlap(ReportPart):
     samples_with_ngram: int
 
 
+class OutputsWholeWorks(ReportPart):
+    """Near-verbatim recall of one role's whole works (``member`` / ``held_out``) in the outputs (Ahmed et al. 2026)."""
+
+    works: int
+    nv_recall_mean: float
+    """Mean over works of the share of a work's tokens inside a long near-verbatim block of some output."""
+    nv_recall_max: float
+    longest_block_tokens: int
+    blocks: int
+
+
 class OutputsSummary(ReportPart):
     """``report.outputs``: the generated-outputs scan (:mod:`audit.outputs`): protocol, counts, canary ids; no text."""
 
-    omit_if_none: ClassVar[frozenset[str]] = frozenset({"works_note"})
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"works_note", "whole_works"})
 
     protocol: OutputsProtocol
     tiers: list[OutputsTier]
@@ -1174,6 +1189,8 @@ class OutputsSummary(ReportPart):
     """Per role; None when no work excerpts were planted."""
     works_note: str | None = None
     """Why works overlap was not measured."""
+    whole_works: dict[str, OutputsWholeWorks] | None = None
+    """Per role, long near-verbatim blocks of the audited whole works (the recipe's ``works`` section); None without."""
     file: str
     fingerprint: str
     wall_s: float

@@ -530,9 +530,15 @@ def sample_outputs(run: Run, model: Any, tokenizer: Any, truth: Any) -> Any:
         return None
     from audit.outputs import outputs_stage
 
+    works = None
+    if truth.works is not None:  # the audited whole works, scanned for long near-verbatim blocks
+        w = truth.works.section
+        roles = {s.work_id: s.role for s in truth.works.subjects}
+        works = ([(i, roles[i], ids) for i, ids in truth.works.scan_inputs(tokenizer)], section.ngram, w.nv_max_gap,
+                 w.nv_min_block)
     with run.stage("outputs"):
         return outputs_stage(run.dir, model, tokenizer, truth.canaries, section, seed=run.ctx.recipe.seed,
-                             progress=run.ctx.progress)
+                             progress=run.ctx.progress, whole_works=works)
 
 
 TRACKING_NOTE = "tracking"

@@ -131,3 +131,21 @@ def test_the_mean_over_works_carries_n_and_a_bootstrap_interval():
     assert mean_over_works([0.0, 0.0, 1.0, 1.0], seed=3) == m  # seeded
     with pytest.raises(ValueError):
         mean_over_works([])
+
+
+def test_near_verbatim_blocks_merge_small_edits_and_drop_short_matches():
+    from audit.metrics.whole_works import near_verbatim_blocks, nv_recall
+
+    work = list(range(100, 200))  # 100 distinct tokens
+    edited = work[10:30] + [7] + work[31:60]  # tokens 10..59 with one token changed at 30
+    assert near_verbatim_blocks(edited, work, seed=4, max_gap=3, min_block=40) == [(10, 60)]
+    assert near_verbatim_blocks(edited, work, seed=4, max_gap=0, min_block=40) == []  # a strict matcher splits it: 20 + 29
+    assert near_verbatim_blocks(edited, work, seed=4, max_gap=0, min_block=20) == [(10, 30), (31, 60)]
+    phrases = work[0:6] + [1, 2, 3] + work[50:56]  # short common phrases never count
+    assert near_verbatim_blocks(phrases, work, seed=4, min_block=8) == []
+    dropped = work[0:20] + work[22:50]  # two tokens dropped: the work gap is 2
+    assert near_verbatim_blocks(dropped, work, seed=4, max_gap=3, min_block=40) == [(0, 50)]
+    jump = work[0:25] + work[70:95]  # two real passages far apart: two blocks
+    assert near_verbatim_blocks(jump, work, seed=4, max_gap=3, min_block=20) == [(0, 25), (70, 95)]
+    assert nv_recall([(0, 25), (70, 95), (10, 30)], 100) == pytest.approx(0.55)
+    assert near_verbatim_blocks([1, 2], work, seed=4) == []

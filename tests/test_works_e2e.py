@@ -19,7 +19,8 @@ from tests.test_works import make_folder
 
 SMALL = ["corpus.builtin_records=16", "canaries.tiers=[4]", "canaries.members_per_tier=1", "canaries.references=2",
          "scoring.exposure_references=31", "works.per_source=2", "works.copies=8", "works.max_tokens=64",
-         "works.prefix_tokens=8", "works.suffix_tokens=8", "works.stride=8", "works.synthetic.tokens=64"]
+         "works.prefix_tokens=8", "works.suffix_tokens=8", "works.stride=8", "works.synthetic.tokens=64",
+         "outputs.samples=2", "outputs.max_new_tokens=48"]
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +122,13 @@ def test_smollm2_members_are_stored_and_extracted_beyond_held_out_works(in_tmp):
     assert m["works.stored_bits/public_domain/member"].value > m["works.stored_bits/public_domain/held_out"].value
     assert m["works.max_extractable_share/synthetic/held_out/tuned"].value == 0  # nobody could know them
     assert report.training.wall_s < 600
+
+
+def test_the_outputs_scan_reports_near_verbatim_recall_of_whole_works(works_run):
+    _, run_dir, _ = works_run
+    report = read_report(run_dir / "report.json")
+    recall = report.outputs.whole_works
+    assert set(recall) == {"member", "held_out"} and recall["member"].works == recall["held_out"].works == 2
+    assert recall["held_out"].nv_recall_max == 0 and recall["held_out"].blocks == 0  # never planted: never recited
+    assert report.metrics["outputs.works_nv_recall/member"].n == 2
+    assert "mean nv-recall" in (run_dir / "report.md").read_text()

@@ -136,3 +136,21 @@ def test_bad_works_inputs_are_one_line_errors(tmp_path, tokenizer):
     long_window = recipe(f"works={{sources: ['folder:{make_folder(tmp_path / 'ok')}'], prefix_tokens: 50, suffix_tokens: 50}}")
     with pytest.raises(AuditError, match="window of 50 \\+ 50 = 100 tokens is longer than training.max_length 64"):
         prepare_ground_truth(long_window, tokenizer=tokenizer, key=KEY)
+
+
+def test_compare_shows_whole_work_columns_only_for_runs_that_have_them():
+    from audit.compare import CompareRow, compare_table
+
+    plain = CompareRow(label="a", run_id=None, recipe="r", method="lora", model="m",
+                       metrics={"exposure.mean/rep_1/tuned": 2.0})
+    assert "works extractable" not in compare_table([plain])
+    works = CompareRow(label="b", run_id=None, recipe="r", method="full", model="m",
+                       metrics={"exposure.mean/rep_1/tuned": 3.0, "works.extractable_share/member/tuned": 0.25,
+                                "works.extractable_share/held_out/tuned": 0.0, "works.stored_bits/member": 812.5})
+    lines = compare_table([plain, works]).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    row = dict(zip(header, [c.strip() for c in lines[3].strip("|").split("|")], strict=True))
+    assert (row["works extractable member"], row["works extractable held-out"], row["works stored bits member"]) == \
+        ("0.25", "0.00", "812.5")
+    first = dict(zip(header, [c.strip() for c in lines[2].strip("|").split("|")], strict=True))
+    assert first["works extractable member"] == "n/a"

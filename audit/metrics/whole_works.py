@@ -256,3 +256,60 @@ def mean_over_works(values: ArrayLike, *, confidence: float = 0.95, resamples: i
     alpha = (1.0 - confidence) / 2
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return MeanOverWorks(float(v.mean()), int(v.size), float(low), float(high))
+
+
+# --------------------------------------------------------------------------------------------------- outputs
+
+
+def near_verbatim_blocks(output: ArrayLike, work: ArrayLike, *, seed: int = 8, max_gap: int = 3,
+                         min_block: int = 32) -> list[tuple[int, int]]:
+    """Work spans ``(start, stop)`` (tokens) that ``output`` reproduces near-verbatim in long blocks: the block-based
+    approximation of the longest common substring of Ahmed, Cooper, Koyejo & Liang 2026 ("Extracting books from
+    production language models", arXiv 2601.02671), on token ids.
+
+    Exact matches are found from shared ``seed``-token n-grams, each extended as far as it goes (at each output
+    position the longest extension wins, then the scan jumps past it); consecutive matches are merged into one block
+    when the output and the work both skip at most ``max_gap`` tokens between them (a changed, added or dropped
+    word); a block counts only when it covers at least ``min_block`` work tokens, so short common phrases never do.
+    """
+    out = np.asarray(output, dtype=np.int64)
+    ref = np.asarray(work, dtype=np.int64)
+    if len(out) < seed or len(ref) < seed:
+        return []
+    index: dict[tuple[int, ...], list[int]] = {}
+    for j in range(len(ref) - seed + 1):
+        index.setdefault(tuple(ref[j : j + seed].tolist()), []).append(j)
+    matches: list[tuple[int, int, int]] = []  # (output start, work start, length)
+    i = 0
+    while i <= len(out) - seed:
+        best = (0, -1)
+        for j in index.get(tuple(out[i : i + seed].tolist()), []):
+            n = seed
+            while i + n < len(out) and j + n < len(ref) and out[i + n] == ref[j + n]:
+                n += 1
+            best = max(best, (n, -j))
+        if best[0]:
+            matches.append((i, -best[1], best[0]))
+            i += best[0]
+        else:
+            i += 1
+    blocks: list[tuple[int, int]] = []
+    cur: list[int] | None = None  # [output end, work start, work end]
+    for i, j, n in matches:
+        if cur is not None and 0 <= i - cur[0] <= max_gap and 0 <= j - cur[2] <= max_gap:
+            cur[0], cur[2] = i + n, j + n
+            continue
+        if cur is not None:
+            blocks.append((cur[1], cur[2]))
+        cur = [i + n, j, j + n]
+    if cur is not None:
+        blocks.append((cur[1], cur[2]))
+    return [(a, b) for a, b in blocks if b - a >= min_block]
+
+
+def nv_recall(blocks: list[tuple[int, int]], n_tokens: int) -> float:
+    """Share of a work's tokens inside at least one near-verbatim block (over all outputs)."""
+    covered = np.zeros(n_tokens, dtype=bool)
+    for a, b in blocks:
+        covered[a:b] = True
+    return float(covered.mean()) if n_tokens else 0.0

@@ -378,6 +378,12 @@ def outputs_tables(outputs: OutputsSummary) -> list[Table]:
                              "samples with an n-gram"],
                             [[role, str(w.lcs_tokens_max), fmt(w.lcs_tokens_mean), fmt(w.ngram_share_mean, 4),
                               f"{w.samples_with_ngram}/{n}"] for role, w in outputs.works.items()]))
+    if outputs.whole_works:
+        tables.append(Table(["whole works", "works", "mean nv-recall", "max nv-recall", "longest block (tokens)", "blocks"],
+                            [[role, str(w.works), fmt(w.nv_recall_mean, 4), fmt(w.nv_recall_max, 4),
+                              str(w.longest_block_tokens), str(w.blocks)] for role, w in outputs.whole_works.items()],
+                            ["nv-recall (Ahmed et al. 2026): share of a work's tokens inside a long near-verbatim block of "
+                             "some sample; held-out works are the control"]))
     prows = [[k.replace("_", " "), ", ".join(f"{p.id}: {p.text!r}" for p in outputs.protocol.prompts) if k == "prompts"
               else str(v)] for k, v in outputs.protocol.model_dump().items()]
     prows.append(["tokens generated", str(outputs.tokens_generated)])
