@@ -180,7 +180,8 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
         t = time.perf_counter()
         works = plan_works(recipe, tokenizer=tokenizer, sampler=sampler, seed=seed, key=key, corpus=corpus,
                            carriers=canary_carriers(injection.manifest), progress=progress)
-        injection = plant_works(injection, works, canaries=canaries, seed=recipe.seed, key=key, text_column=c.text_column)
+        if recipe.canaries.inject:  # a clean further tune measures the works without planting them again
+            injection = plant_works(injection, works, canaries=canaries, seed=recipe.seed, key=key, text_column=c.text_column)
         timings["works"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -101,7 +101,7 @@ def run_origin(
             stages.seed_torch(ctx.recipe.seed)
             base_scores = run.store.get_or_run(ScoresFile("base"), lambda: origin.base_scores(
                 lambda: stages.score(ctx, base, tokenizer, truth, "base")))
-            works_base = stages.scan_works(run, base, tokenizer, truth, "base")  # [] unless the recipe audits works
+            works_base = stages.scan_works(run, base, tokenizer, truth, "base", origin=origin)  # [] without works
             start = stages.start_model(ctx, origin, base)  # a further tune starts from its parent's weights
 
         # ---- train (the other processes train alongside, as the plan says)

@@ -120,7 +120,8 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         metric_notes=notes,
         outputs=OutputsSummary.model_validate(outputs.summary) if outputs else None,
         parent_run=origin.parent_run,
-        persistence=None if persistence.summary is None else PersistenceSummary.model_validate(persistence.summary),
+        persistence=None if persistence.summary is None else PersistenceSummary.model_validate(
+            {**persistence.summary, "works": works.persistence if works else None}),
         whole_works=works.summary if works else None,
         # withheld whole-work keys (judged per group of works when made) join what redact_report withholds
         disclosure=DisclosureSummary(rule="", min_group=0, search_bits=0, withheld=works.withheld) if works else None,

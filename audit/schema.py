@@ -1231,8 +1231,22 @@ class BeforeAfter(ReportPart):
     after: float | None
 
 
+class WorksPersistenceRow(ReportPart):
+    """One role's whole works through a further tune: mean bits per work and extractable share, base / before / after."""
+
+    role: str
+    n: int
+    bits: BaseBeforeAfter
+    """Mean code length of a work; base (and the retained share) None where the disclosure rule withholds it."""
+    extractable_share: BaseBeforeAfter
+    retained_bits: float | None
+    """(base - after) / (base - before) of the mean bits; None when too little was stored or it is withheld."""
+
+
 class PersistenceSummary(ReportPart):
     """``report.persistence``: the parent's canaries before and after a further tune (:mod:`audit.chain`)."""
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"works"})
 
     parent_run: str
     origin_run: str
@@ -1242,6 +1256,8 @@ class PersistenceSummary(ReportPart):
     min_learned_bits: float
     tiers: list[PersistenceTier]
     mia_auc_loss_diff: BeforeAfter
+    works: list[WorksPersistenceRow] | None = None
+    """Whole works (the recipe's ``works`` section) before and after the further tune."""
 
 
 class WorkUnderModel(ReportPart):

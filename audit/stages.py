@@ -254,7 +254,12 @@ def record_inputs(run: Run, truth: Any) -> None:
     say(ctx.progress, f"[audit] {'resuming' if run.handle.resumed else 'run directory'} {run.dir}")
     say(ctx.progress, f"[audit] {len(canaries.members())} member canaries in tiers {sorted(set(c.repetitions for c in canaries.members()))}, "
                       f"{len(canaries.references())} references; {len(injection.records)} training records")
-    say(ctx.progress, f"[audit] pre-flight: all {preflight.placements_checked} canary copies reach the loss "
+    if truth.works is not None:
+        roles = [s.role for s in truth.works.subjects]
+        say(ctx.progress, f"[audit] whole works: {roles.count('member')} members ({len(injection.manifest.work_placements)} "
+                          f"copies planted), {roles.count('held_out')} held out")
+    copies = "canary and work copies" if truth.works is not None else "canary copies"
+    say(ctx.progress, f"[audit] pre-flight: all {preflight.placements_checked} {copies} reach the loss "
                       f"(canaries up to {preflight.canary_tokens_max} tokens, carriers up to "
                       f"{preflight.record_tokens_max}, max_length {preflight.max_length})")
     tracker = run.tracker
@@ -334,9 +339,10 @@ def score(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -
                              section=ctx.recipe.scoring, progress=ctx.progress, seed=ctx.recipe.seed)
 
 
-def scan_works(run: Run, model: Any, tokenizer: Any, truth: Any, label: str) -> list[Any]:
+def scan_works(run: Run, model: Any, tokenizer: Any, truth: Any, label: str, *, origin: Origin | None = None) -> list[Any]:
     """The whole-work window scan under ``model`` (:mod:`audit.score.works_scan`), in ``scoring.precision``, kept as
-    ``works_scan_<label>.jsonl`` (reused on resume); [] when the recipe audits no whole works."""
+    ``works_scan_<label>.jsonl`` (reused on resume); [] when the recipe audits no whole works. With ``origin``, the
+    rows that stand before training come from it (a further tune reuses the parent runs' base and tuned scans)."""
     if truth.works is None:
         return []
     from audit.store import WorksScanFile
@@ -355,7 +361,7 @@ def scan_works(run: Run, model: Any, tokenizer: Any, truth: Any, label: str) -> 
             return scan_windows(inputs, score=engine_scorer(scored, pad_token_id=pad_id_of(tokenizer)), model=label,
                                 settings=settings)
 
-    return run.store.get_or_run(WorksScanFile(label), scan)
+    return run.store.get_or_run(WorksScanFile(label), scan if origin is None else lambda: origin.base_works_scan(scan))
 
 
 def summarize_works(run: Run, truth: Any, tokenizer: Any, rows: list[Any], training: TrainSummary) -> Any:

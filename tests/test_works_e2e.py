@@ -20,7 +20,7 @@ from tests.test_works import make_folder
 SMALL = ["corpus.builtin_records=16", "canaries.tiers=[4]", "canaries.members_per_tier=1", "canaries.references=2",
          "scoring.exposure_references=31", "works.per_source=2", "works.copies=8", "works.max_tokens=64",
          "works.prefix_tokens=8", "works.suffix_tokens=8", "works.stride=8", "works.synthetic.tokens=64",
-         "outputs.samples=2", "outputs.max_new_tokens=48"]
+         "outputs.samples=2", "outputs.max_new_tokens=48", "scoring.every_steps=20"]
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,16 @@ def test_smollm2_members_are_stored_and_extracted_beyond_held_out_works(in_tmp):
     assert report.training.wall_s < 600
 
 
+def test_the_memorization_curve_follows_the_whole_works_during_training(works_run):
+    """scoring.every_steps: each live point scans the works too (tuned-side keys only); the final value closes it."""
+    _, run_dir, _ = works_run
+    report = read_report(run_dir / "report.json")
+    curve = report.curves["works.bits_per_byte/member/tuned"]
+    assert len(curve) >= 3 and curve[-1] == (report.training.steps, report.metrics["works.bits_per_byte/member/tuned"].value)
+    assert curve[0][1] > curve[-1][1]  # the member works get cheaper as training goes on
+    assert not [k for k in report.curves if k.startswith("works.") and not k.endswith("/tuned")]
+
+
 def test_the_outputs_scan_reports_near_verbatim_recall_of_whole_works(works_run):
     _, run_dir, _ = works_run
     report = read_report(run_dir / "report.json")
@@ -132,3 +142,41 @@ def test_the_outputs_scan_reports_near_verbatim_recall_of_whole_works(works_run)
     assert recall["held_out"].nv_recall_max == 0 and recall["held_out"].blocks == 0  # never planted: never recited
     assert report.metrics["outputs.works_nv_recall/member"].n == 2
     assert "mean nv-recall" in (run_dir / "report.md").read_text()
+
+
+def test_a_further_clean_tune_measures_the_same_works_and_what_survives(works_run, tmp_path, monkeypatch):
+    """audit chain: the parent's works (drawn again, checked against its manifest) are not planted again; base and
+    parent scans are reused; report.persistence gets works rows."""
+    _, parent, _ = works_run
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "tiny/clean_lora_cpu", f"parent={parent}", "--quiet", "--no-tracking", "--no-fail-on-gates",
+                 "training.epochs=1", "corpus.builtin_records=16"]) == 0
+    (child,) = (tmp_path / "runs").iterdir()
+    manifest = json.loads((child / "manifest.json").read_text())
+    assert "work_placements" not in manifest  # a clean tune: no work planted again
+    rows = [WorkWindow.model_validate_json(line) for line in (child / "works_scan.jsonl").read_text().splitlines()]
+    assert {r.model for r in rows} == {"base", "parent", "tuned"}
+    before = {(r.work_id, r.start): r.logp_z for r in rows if r.model == "parent"}
+    parent_tuned = [WorkWindow.model_validate_json(line) for line in (parent / "works_scan_tuned.jsonl").read_text().splitlines()]
+    assert before == {(r.work_id, r.start): r.logp_z for r in parent_tuned}  # reused, not measured again
+    report = read_report(child / "report.json")
+    works = {r.role: r for r in report.persistence.works}
+    assert works["member"].bits.before < works["held_out"].bits.before  # what the parent's tune stored
+    assert works["member"].bits.after is not None and "works.extractable_share/member/parent" in report.metrics
+
+
+def test_audit_measure_scans_the_works_of_a_ground_truth_directory(works_run, tmp_path, monkeypatch):
+    """`audit inject` with the same recipe writes the same works into the manifest; `audit measure` on the weights the
+    parent run trained scans them base and tuned."""
+    _, run_dir, folder = works_run
+    monkeypatch.chdir(tmp_path)
+    sources = f"works.sources=[synthetic, 'folder:{folder}']"
+    assert main(["inject", "tiny/works_cpu", "--out", "gt", *SMALL, sources]) == 0
+    gt = json.loads((tmp_path / "gt" / "manifest.json").read_text())
+    assert gt["work_subjects"] == json.loads((run_dir / "manifest.json").read_text())["work_subjects"]
+    assert main(["measure", "gt", "--model", str(run_dir / "model"), "--quiet", "--no-tracking", "--no-fail-on-gates"]) == 0
+    (measured,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    report = read_report(measured / "report.json")
+    assert report.whole_works is not None and len(report.whole_works.works) == 4
+    ours = read_report(run_dir / "report.json").metrics["works.bits_per_byte/member/tuned"].value
+    assert report.metrics["works.bits_per_byte/member/tuned"].value == pytest.approx(ours, abs=1e-3)

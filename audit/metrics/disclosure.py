@@ -40,7 +40,7 @@ SEARCH_BITS = 64
 BASE = "base"
 DIFFERENCE_FAMILIES = ("information.memorized_bits", "works.memorized_bits", "persistence.retained_bits",
                        "persistence.retained_exposure", "works.stored_bits", "works.stored_bits_total",
-                       "works.stored_bits_per_param")
+                       "works.stored_bits_per_param", "works.retained_bits")
 """Functions of the base value that give it back beside the tuned values published with them: base minus tuned, and
 a further tune's retained share (base - after) / (base - before)."""
 GAIN_BANDS = ((0.5, "none"), (2.0, "small"), (6.0, "large"), (math.inf, "very large"))
@@ -58,7 +58,7 @@ PUBLIC_TEXT_KIND = "public_domain"
 """The one kind of whole work whose text a shared report may quote."""
 WHOLE_WORK_FAMILIES = ("works.extractable_share", "works.extractable_token_share", "works.greedy_share",
                        "works.stored_bits", "works.stored_bits_total", "works.stored_bits_per_param", "works.bits_per_byte",
-                       "works.max_extractable_share", "works.longest_greedy_run", "works.subjects")
+                       "works.max_extractable_share", "works.longest_greedy_run", "works.subjects", "works.retained_bits")
 """Metric families of whole works (:mod:`audit.works.summary`): judged per group of works when they are made
 (:func:`works_group_shareable`), since their ``n`` counts works of mixed kinds, not secrets of the canary space."""
 

@@ -39,8 +39,10 @@ from audit.schema import (
     MetricEntry,
     WholeWorkRow,
     WholeWorksSummary,
+    BaseBeforeAfter,
     WorkMap,
     WorkPassage,
+    WorksPersistenceRow,
     WorkUnderModel,
     WorkWindow,
 )
@@ -55,11 +57,19 @@ PASSAGES = 3
 """Longest greedily reproduced passages listed per work."""
 
 
+PARENT = "parent"
+"""A further tune's ``before``: the parent run's tuned weights (:mod:`audit.chain`)."""
+MIN_STORED_BITS = 1.0
+"""A role whose first tune stored less than this (mean bits per work) gets no retained share."""
+
+
 @dataclass(frozen=True)
 class WholeWorksResult:
     metrics: dict[str, MetricEntry]
     summary: WholeWorksSummary
     withheld: list[str] = field(default_factory=list)
+    persistence: list[WorksPersistenceRow] | None = None
+    """A further tune's rows for ``report.persistence.works`` (None for a first tune)."""
 
 
 def _map(starts: np.ndarray, logp: np.ndarray) -> tuple[list[int], list[float]]:
@@ -134,7 +144,42 @@ def summarize_whole_works(plan: WorksPlan, rows: list[WorkWindow], *, n_queries:
         stored_bits_per_param=metrics["works.stored_bits_per_param/member"].value
         if "works.stored_bits_per_param/member" in metrics else None,
         morris_bits_per_param=MORRIS_BITS_PER_PARAM, file=SCAN_FILE, statement=_statement(table, metrics))
-    return WholeWorksResult(metrics=metrics, summary=summary, withheld=withheld)
+    rows = _persistence(plan, per, metrics, withheld) if PARENT in models else None
+    return WholeWorksResult(metrics=metrics, summary=summary, withheld=withheld, persistence=rows)
+
+
+def _persistence(plan: WorksPlan, per: dict[tuple[str, str], WorkUnderModel], metrics: dict[str, MetricEntry],
+                 withheld: list[str]) -> list[WorksPersistenceRow]:
+    """Per role, mean bits and extractable share under base / before (the parent) / after, and the retained share
+    ``(base - after) / (base - before)`` (as :func:`audit.chain.persistence` computes it for canaries)."""
+    rows = []
+    for role in ("member", "held_out"):
+        subjects = [s for s in plan.subjects if s.role == role]
+        if not subjects or not all((s.work_id, m) in per for s in subjects for m in (BASE, PARENT, TUNED)):
+            continue
+
+        def mean(model: str, name: str) -> float:
+            return round(float(np.mean([getattr(per[(s.work_id, model)], name) for s in subjects])), 6)
+
+        bits = {m: mean(m, "bits") for m in (BASE, PARENT, TUNED)}
+        share = {m: mean(m, "extractable_share") for m in (BASE, PARENT, TUNED)}
+        stored = bits[BASE] - bits[PARENT]
+        retained = round((bits[BASE] - bits[TUNED]) / stored, 6) if stored >= MIN_STORED_BITS else None
+        key = f"works.retained_bits/{role}"
+        shareable = works_group_shareable([s.kind for s in subjects], [per[(s.work_id, BASE)].bits for s in subjects])
+        if retained is not None:
+            if shareable:
+                metrics[key] = MetricEntry(value=retained, n=len(subjects))
+            else:
+                withheld.append(key)
+        rows.append(WorksPersistenceRow(
+            role=role, n=len(subjects),
+            bits=BaseBeforeAfter(base=bits[BASE] if shareable else None, before=bits[PARENT], after=bits[TUNED]),
+            extractable_share=BaseBeforeAfter(base=share[BASE] if shareable else None, before=share[PARENT],
+                                              after=share[TUNED]),
+            retained_bits=retained if shareable else None))
+    withheld.sort()
+    return rows
 
 
 def _runs(cover: np.ndarray) -> list[tuple[int, int]]:
