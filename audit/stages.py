@@ -96,6 +96,10 @@ class RunContext:
             check_output_root(recipe)
         else:
             check_writable_folder(resume_dir, what="run directory", fix="resume where the run directory is writable")
+        if recipe.works is not None and distributed.is_distributed():
+            raise AuditError("whole works (the recipe's works section) are scanned in one process: a sharded model cannot "
+                             "run the window scan on the main process alone", fix="run `audit run` without accelerate "
+                             "launch / torchrun, or drop the works section")
         device = choose_device(recipe.training)
         origin.check(device)
         use_tracking = recipe.tracking.enabled if tracking is None else tracking
