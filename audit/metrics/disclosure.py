@@ -164,7 +164,7 @@ def redact_report(report: AuditReport) -> AuditReport:
     canaries = report.canaries.model_copy(update={"works_information": works.model_copy(update={"by_work": rows})})
     whole = report.whole_works
     if whole is not None:
-        whole = whole.model_copy(update={"works": [_redact_whole_work(w) for w in whole.works]})
+        whole = whole.model_copy(update={"works": [shareable_work_row(w) for w in whole.works]})
     withheld_all = sorted(set(withheld) | set(report.disclosure.withheld if report.disclosure else ()))
     curves = {key: points for key, points in report.curves.items() if key not in withheld_all}
     disclosure = DisclosureSummary(min_group=k, search_bits=SEARCH_BITS, withheld=withheld_all,
@@ -173,7 +173,7 @@ def redact_report(report: AuditReport) -> AuditReport:
                                      "curves": curves, "disclosure": disclosure, "whole_works": whole})
 
 
-def _redact_whole_work(row: WholeWorkRow) -> WholeWorkRow:
+def shareable_work_row(row: WholeWorkRow) -> WholeWorkRow:
     """A work's row as it may be shared (idempotent): passage text for public-domain works only (a licensed or private
     work shows positions and lengths); a secret work without its base-model numbers, stored bits or base map."""
     passages = row.passages if row.kind == PUBLIC_TEXT_KIND else [p.model_copy(update={"text": None}) for p in row.passages]
