@@ -384,7 +384,8 @@ def summarize_works(run: Run, truth: Any, tokenizer: Any, rows: list[Any], train
         "suffix_tokens": section.suffix_tokens, "stride": section.stride, "models": sorted({r.model for r in rows}),
         "n_queries": scoring.np_extraction_queries, "p": scoring.np_extraction_probability,
         "tokens": "tokenizer(text, add_special_tokens=False) of each work's audited text (manifest.json work_subjects: "
-                  "sha256, n_chars); a window is tokens[start : start + prefix_tokens + suffix_tokens], scored alone",
+                  "sha256, n_chars; HMAC-SHA256 under the audit key for synthetic and corpus works); a window is "
+                  "tokens[start : start + prefix_tokens + suffix_tokens], scored alone",
         "works": [s.model_dump(mode="json", include={"work_id", "role", "kind", "n_tokens", "sha256"})
                   for s in truth.works.subjects]})
     ids = dict(truth.works.scan_inputs(tokenizer))

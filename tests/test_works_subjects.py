@@ -4,6 +4,8 @@ taken out, and the pre-flight over every planted chunk. Offline: folder works ma
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from audit.config import load_recipe
@@ -82,8 +84,6 @@ def test_the_role_draw_is_keyed_and_balanced_per_source(tmp_path, tokenizer):
     root = tmp_path / "many"
     root.mkdir()
     entries = []
-    import hashlib
-
     import yaml
 
     for k in range(6):
@@ -108,9 +108,12 @@ def test_corpus_records_stay_as_members_and_leave_as_held_out(tokenizer):
     truth = prepare_ground_truth(r, tokenizer=tokenizer, key=KEY)
     plan, records = truth.works, truth.injection.records
     texts = [rec["text"] for rec in records]
+    manifest = truth.injection.manifest.model_dump_json()
     for s in plan.subjects:
         original = corpus[s.corpus_record]["text"]
         assert s.kind == "corpus" and plan.texts[s.work_id] == original
+        plain = hashlib.sha256(original.encode()).hexdigest()  # would check a guessed record: keyed instead
+        assert plain[:16] not in manifest and s.sha256 == KEY.digest("works_subject", original)
         if s.role == "member":
             assert texts.count(original) >= 2  # kept in place plus one duplicate
         else:
@@ -122,8 +125,6 @@ def test_bad_works_inputs_are_one_line_errors(tmp_path, tokenizer):
     root = tmp_path / "short"
     make_folder(root)
     (root / "tiny.txt").write_text("Too short.")
-    import hashlib
-
     import yaml
 
     data = yaml.safe_load((root / "works.yaml").read_text())

@@ -21,7 +21,8 @@ A window that straddles two chunks was never trained as one sequence: keep ``max
 where it is (plus ``copies - 1`` duplicates), a held-out record is taken out of the training set.
 
 Everything is recorded in ``manifest.json``: ``subject_works`` (provenance), ``work_subjects`` (role, copies, the
-audited text's sha256 and length, its chunks) and ``work_placements`` (record of every copy). No text.
+audited text's sha256 and length, its chunks) and ``work_placements`` (record of every copy). No text; and for secret
+works (``synthetic``, ``corpus``) no plain hash either: their ids and digests are keyed (:func:`_named`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from audit.errors import AuditError
+from audit.metrics.disclosure import SECRET_WORK_KINDS
 from audit.rng import SeededStream
 from audit.schema import (
     Canary,
@@ -196,6 +198,7 @@ def plan_works(recipe: Recipe, *, tokenizer: Any, sampler: Any, seed: int, key: 
                              fix="add works to the source, lower works.prefix_tokens / suffix_tokens, or drop the source")
         members = len(chosen) // 2
         for i, (work, text, record) in enumerate(chosen):
+            work, digest = _named(work, text, key)
             if work.id in texts:
                 raise AuditError(f"works: '{work.provenance.title}' ({work.id}) is drawn twice (sources overlap)",
                                  fix="list each work in one source only")
@@ -203,11 +206,24 @@ def plan_works(recipe: Recipe, *, tokenizer: Any, sampler: Any, seed: int, key: 
             chunks = [] if role == "held_out" or record is not None else chunk_text(text, tokenizer, max_length=max_length)
             subjects.append(WorkSubject(work_id=work.id, source=source, kind=work.provenance.kind, role=role,
                                         copies=section.copies if role == "member" else 0, n_chars=len(text),
-                                        n_tokens=len(token_ids(text, tokenizer)), sha256=sha256_text(text), chunks=chunks,
+                                        n_tokens=len(token_ids(text, tokenizer)), sha256=digest, chunks=chunks,
                                         corpus_record=record))
             provenance.append(work.provenance)
             texts[work.id] = text
     return WorksPlan(section=section, subjects=subjects, provenance=provenance, texts=texts)
+
+
+def _named(work: Work, text: str, key: AuditKey | None) -> tuple[Work, str]:
+    """The work with the id it is audited under, and the digest of its audited text.
+
+    A plain hash of a secret text (a ``synthetic`` work, a ``corpus`` record) checks a guessed text: anyone could hash
+    candidate records and compare. Their id and digests are HMAC-SHA256 under the audit key instead, which only the key
+    holder can recompute (as the dataset digest after injection is keyed, :func:`audit.inject.fingerprint_records`)."""
+    if key is None or work.provenance.kind not in SECRET_WORK_KINDS:
+        return work, sha256_text(text)
+    whole = key.digest("works_subject", work.text)
+    provenance = work.provenance.model_copy(update={"id": whole[:16], "sha256": whole, "archive_sha256": None})
+    return Work(provenance=provenance, text=work.text), key.digest("works_subject", text)
 
 
 # --------------------------------------------------------------------------------------------------- planting
