@@ -356,6 +356,8 @@ def format_metrics(report: AuditReport) -> list[str]:
                   for key in sorted(m) if key.startswith("privacy.eps_lb/")]
         lines.append(f"privacy (DP-SGD): eps_accountant {acc:.2f}; eps_lb (tightness = eps_lb / eps_accountant): "
                      + (", ".join(beside) or "none computed"))
+    if report.whole_works is not None:
+        lines.append(format_whole_works(report))
     if f"information.bits/rep_{top}/tuned" in m:
         base = val(f"information.bits/rep_{top}/base", ".1f")
         under_base = (f"{base} bits under base, {val(f'information.bits/rep_{top}/tuned', '.1f')} under tuned"
@@ -365,3 +367,23 @@ def format_metrics(report: AuditReport) -> list[str]:
         lines.append(f"information: a {top}x secret costs {under_base}; references "
                      f"{val('information.bits/rep_0/tuned', '.1f')} (secret space {report.space_bits:.1f} bits)")
     return lines
+
+
+def format_whole_works(report: AuditReport) -> str:
+    """One line on the audited whole works (docs/works.md): tuned extractable share and stored bits, members against the
+    held-out control; ``withheld`` where the disclosure rule keeps a number out."""
+    m = report.metrics
+
+    def val(key: str, fmt: str) -> str:
+        if key in m:
+            return f"{format(m[key].value, fmt)} (n={m[key].n})"
+        return "withheld" if report.disclosure and key in report.disclosure.withheld else "-"
+
+    ww = report.whole_works
+    assert ww is not None
+    return (f"whole works ({ww.prefix_tokens} + {ww.suffix_tokens}-token windows every {ww.stride}), tuned: extractable "
+            f"share members {val('works.extractable_share/member/tuned', '.2f')}, held out "
+            f"{val('works.extractable_share/held_out/tuned', '.2f')}; worst member {val('works.max_extractable_share/member/tuned', '.2f')}; "
+            f"stored bits per work members {val('works.stored_bits/member', '.0f')}, held out "
+            f"{val('works.stored_bits/held_out', '.0f')}; {val('works.stored_bits_per_param/member', '.3g')} bits per trainable "
+            f"parameter (Morris et al.: ~{ww.morris_bits_per_param})")
