@@ -127,7 +127,8 @@ def inherit(recipe: Recipe, parent: ParentRun) -> Recipe:
     works = parent.recipe.works
     if works is not None and "corpus" in works.sources:
         raise AuditError(f"parent run {parent.run_dir} audits corpus records as whole works: a further tune trains on "
-                         "another corpus, so those records cannot be measured again", fix="chain a run without works source 'corpus'")
+                         "another corpus, so those records cannot be measured again",
+                         fix="chain a run without works source 'corpus'")
     return recipe.model_copy(update={"model": parent.recipe.model, "canaries": canaries, "scoring": parent.recipe.scoring,
                                      "works": works, "parent": str(parent.run_dir)})
 

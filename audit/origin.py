@@ -230,7 +230,8 @@ class FurtherTune:
             planted = json.loads((first.run_dir / "manifest.json").read_text(encoding="utf-8")).get("work_subjects")
             if [w.model_dump(mode="json") for w in truth.works.subjects] != planted:
                 raise AuditError(f"the whole works drawn again differ from those {first.run_dir}/manifest.json records",
-                                 fix="the works sources, the canary code or the base model changed; rerun the chain from its first run")
+                                 fix="the works sources, the canary code or the base model changed; "
+                                     "rerun the chain from its first run")
         return truth
 
     def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]:

@@ -383,7 +383,8 @@ def format_whole_works(report: AuditReport) -> str:
     assert ww is not None
     return (f"whole works ({ww.prefix_tokens} + {ww.suffix_tokens}-token windows every {ww.stride}), tuned: extractable "
             f"share members {val('works.extractable_share/member/tuned', '.2f')}, held out "
-            f"{val('works.extractable_share/held_out/tuned', '.2f')}; worst member {val('works.max_extractable_share/member/tuned', '.2f')}; "
+            f"{val('works.extractable_share/held_out/tuned', '.2f')}; "
+            f"worst member {val('works.max_extractable_share/member/tuned', '.2f')}; "
             f"stored bits per work members {val('works.stored_bits/member', '.0f')}, held out "
             f"{val('works.stored_bits/held_out', '.0f')}; {val('works.stored_bits_per_param/member', '.3g')} bits per trainable "
             f"parameter (Morris et al.: ~{ww.morris_bits_per_param})")

@@ -181,7 +181,9 @@ class WorksScanFile:
 
     def read(self, run_dir: Path) -> list[WorkWindow] | None:
         path = Path(run_dir) / self.name
-        return read_rows(path, WorkWindow, fix=f"delete {self.name} to scan again, or start a new run") if path.is_file() else None
+        if not path.is_file():
+            return None
+        return read_rows(path, WorkWindow, fix=f"delete {self.name} to scan again, or start a new run")
 
     def write(self, run_dir: Path, value: list[WorkWindow]) -> None:
         write_once(Path(run_dir) / self.name, jsonl_text(value))

@@ -34,8 +34,9 @@ def plan(kinds_roles):
 
 def rows(work_id, model, logp, greedy):
     """Windows at 0, 2, 4 of an 8-token work (prefix 2 + suffix 2; the last ends at token 8 via start 4)."""
-    return [WorkWindow(work_id=work_id, model=model, start=s, logp_z=lz, p_z=math.exp(lz), greedy=g, code_bits=8.0 if model == "base" else 2.0,
-                       code_tokens=3 if s == 0 else 2) for s, lz, g in zip((0, 2, 4), logp, greedy, strict=True)]
+    return [WorkWindow(work_id=work_id, model=model, start=s, logp_z=lz, p_z=math.exp(lz), greedy=g,
+                       code_bits=8.0 if model == "base" else 2.0, code_tokens=3 if s == 0 else 2)
+            for s, lz, g in zip((0, 2, 4), logp, greedy, strict=True)]
 
 
 def test_secret_works_lose_their_base_numbers_and_small_groups_their_aggregates():

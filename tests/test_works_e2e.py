@@ -106,7 +106,8 @@ def test_mlflow_gets_the_whole_work_metrics(works_run):
     report = read_report(run_dir / "report.json")
     client = MlflowClient(tracking_uri=report.tracking.uri)
     metrics = client.get_run(report.tracking.run_id).data.metrics
-    assert metrics["works.extractable_share/member/tuned"] == pytest.approx(report.metrics["works.extractable_share/member/tuned"].value)
+    key = "works.extractable_share/member/tuned"
+    assert metrics[key] == pytest.approx(report.metrics[key].value)
     assert "works.max_extractable_share/member/tuned" in metrics
     assert not [k for k in metrics if k.startswith("works.") and "synthetic" in k and k.endswith("/base")]
 

@@ -53,7 +53,8 @@ def test_works_are_drawn_per_source_planted_in_chunks_and_recorded(tmp_path, tok
     plan, manifest = truth.works, truth.injection.manifest
     assert [(s.source.split("/")[-1], s.role) for s in plan.subjects] == [("a", "member"), ("a", "held_out"),
                                                                           ("b", "member"), ("b", "held_out")]
-    assert manifest.work_subjects == plan.subjects and [w.id for w in manifest.subject_works] == [s.work_id for s in plan.subjects]
+    assert manifest.work_subjects == plan.subjects
+    assert [w.id for w in manifest.subject_works] == [s.work_id for s in plan.subjects]
     records = truth.injection.records
     for s in plan.subjects:
         text = plan.texts[s.work_id]
@@ -89,7 +90,8 @@ def test_the_role_draw_is_keyed_and_balanced_per_source(tmp_path, tokenizer):
     for k in range(6):
         text = _story(k, n=12)
         (root / f"s{k}.txt").write_text(text)
-        entries.append({"file": f"s{k}.txt", "title": f"S{k}", "license": "CC0-1.0", "sha256": hashlib.sha256(text.encode()).hexdigest()})
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        entries.append({"file": f"s{k}.txt", "title": f"S{k}", "license": "CC0-1.0", "sha256": digest})
     (root / "works.yaml").write_text(yaml.safe_dump({"works": entries}))
     r = recipe(f"works={{sources: ['folder:{root}'], per_source: 6, prefix_tokens: 8, suffix_tokens: 8, stride: 8}}")
     roles = {}

@@ -415,8 +415,9 @@ def whole_works_table(report: AuditReport) -> Table:
     rows = []
     for w in ww.works:
         tuned = w.models.get("tuned")
+        stored = WITHHELD if w.stored_bits is None and "base" in w.models else fmt(w.stored_bits, 1)
         rows.append([w.title[:40], w.kind, w.license[:40], w.role, str(w.copies), str(w.n_tokens),
-                     both(w, "bits_per_byte"), WITHHELD if w.stored_bits is None and "base" in w.models else fmt(w.stored_bits, 1),
+                     both(w, "bits_per_byte"), stored,
                      both(w, "extractable_share"), fmt(tuned.greedy_share) if tuned else "-",
                      str(tuned.longest_greedy_run) if tuned else "-"])
     notes = [f"windows of {ww.prefix_tokens} + {ww.suffix_tokens} tokens every {ww.stride}; (n, p)-extractable: "

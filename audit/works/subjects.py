@@ -306,7 +306,8 @@ def canary_carriers(manifest: InjectionManifest) -> set[int]:
 # --------------------------------------------------------------------------------------------------- pre-flight
 
 
-def works_preflight(injection: InjectionResult, plan: WorksPlan, tokenizer: Any, *, seed: int, options: dict[str, Any]) -> PreflightReport:
+def works_preflight(injection: InjectionResult, plan: WorksPlan, tokenizer: Any, *, seed: int,
+                    options: dict[str, Any]) -> PreflightReport:
     """The canary pre-flight (:func:`audit.preflight.run_preflight`) over every planted work copy: each chunk (and each
     ``corpus`` member record) as a canary with an empty prefix, found at offset 0 of the record the manifest names."""
     from audit.preflight import run_preflight

@@ -108,7 +108,8 @@ def summarize_whole_works(plan: WorksPlan, rows: list[WorkWindow], *, n_queries:
             per[(s.work_id, m)] = WorkUnderModel(
                 extractable_share=round(ex.extractable_share, 6), extractable_token_share=round(ex.extractable_token_share, 6),
                 greedy_share=round(ex.greedy_share, 6), longest_greedy_run=ex.longest_greedy_run, bits=round(code.bits, 3),
-                bits_per_byte=round(code.bits_per_byte, 6), ratio_raw=round(code.ratio_raw, 6), ratio_lzma=round(code.ratio_lzma, 6))
+                bits_per_byte=round(code.bits_per_byte, 6), ratio_raw=round(code.ratio_raw, 6),
+                ratio_lzma=round(code.ratio_lzma, 6))
             series[m] = _map(starts, logp)[1]
             if m == TUNED:
                 _, cover = token_cover(starts, greedy, prefix=section.prefix_tokens, suffix=section.suffix_tokens,
