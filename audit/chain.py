@@ -121,10 +121,16 @@ def load_parent(path: str | Path, *, _depth: int = 0) -> ParentRun:
 
 
 def inherit(recipe: Recipe, parent: ParentRun) -> Recipe:
-    """``recipe`` with the parent's model, canaries (keeping ``canaries.inject``) and scoring, and its absolute path."""
+    """``recipe`` with the parent's model, canaries (keeping ``canaries.inject``), scoring and whole works (planted only
+    when ``canaries.inject`` is), and its absolute path."""
     canaries = parent.recipe.canaries.model_copy(update={"inject": recipe.canaries.inject})
+    works = parent.recipe.works
+    if works is not None and "corpus" in works.sources:
+        raise AuditError(f"parent run {parent.run_dir} audits corpus records as whole works: a further tune trains on "
+                         "another corpus, so those records cannot be measured again",
+                         fix="chain a run without works source 'corpus'")
     return recipe.model_copy(update={"model": parent.recipe.model, "canaries": canaries, "scoring": parent.recipe.scoring,
-                                     "parent": str(parent.run_dir)})
+                                     "works": works, "parent": str(parent.run_dir)})
 
 
 def check_same_device(parent: ParentRun, *, device: str, precision: str) -> None:
@@ -148,6 +154,19 @@ def inherited_scores(parent: ParentRun) -> list[SequenceScore]:
     before = [r.model_copy(update={"model": PARENT_LABEL}) for r in read(parent.run_dir, "tuned")]
     if not base or len(base) != len(before):
         raise AuditError(f"parent run {parent.run_dir} lacks base or tuned scores for every canary",
+                         fix="choose a complete run made by `audit run` of this version")
+    return base + before
+
+
+def inherited_works_scan(parent: ParentRun) -> list[Any]:
+    """The whole-work window rows a further tune reuses: ``base`` from the chain's first run and the parent's ``tuned``
+    rows relabelled ``parent`` (both measured those very weights with the same windows)."""
+    from audit.store import WorksScanFile
+
+    base = [r for r in WorksScanFile("base").read(parent.origin.run_dir) or [] if r.model == "base"]
+    before = [r.model_copy(update={"model": PARENT_LABEL}) for r in WorksScanFile("tuned").read(parent.run_dir) or []]
+    if not base or len(base) != len(before):
+        raise AuditError(f"parent run {parent.run_dir} lacks the base or tuned whole-work scan",
                          fix="choose a complete run made by `audit run` of this version")
     return base + before
 

@@ -33,6 +33,10 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 STAGE_TAG = "canary_audit.stage"
 """Tag of the nested stage runs (audit.tracking.STAGE_TAG): not audits, so never compare rows."""
 MIA_KEY = "mia.auc/loss_diff"
+WORKS_COLUMNS = {"works extractable member": "works.extractable_share/member/{model}",
+                 "works extractable held-out": "works.extractable_share/held_out/{model}",
+                 "works stored bits member": "works.stored_bits/member"}
+"""Whole-work columns (``works`` recipe section), shown when a run has them."""
 EPS_KEY = "privacy.eps_lb"
 
 
@@ -191,9 +195,11 @@ def compare_table(rows: list[CompareRow], *, model: str = "tuned") -> str:
     members = [t for t in tiers if t > 0]
     top = max(members, default=None)
     space = top is not None and any(r.space_exposure(top, model) is not None for r in rows)
+    works = any(r.get(key.format(model=model)) is not None for r in rows for key in WORKS_COLUMNS.values())
     header = (["run", "data", "method", "model"] + [f"exposure {'refs' if t == 0 else f'{t}x'}" for t in tiers]
               + ([f"whole-space exposure {top}x"] if space else [])
-              + [f"extracted {t}x" for t in members] + ["MIA AUC", "eps LB", "final loss", "train s", "total s"])
+              + [f"extracted {t}x" for t in members] + ["MIA AUC", "eps LB"]
+              + (list(WORKS_COLUMNS) if works else []) + ["final loss", "train s", "total s"])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
         cells = [r.label + (" (report.json)" if r.source != "mlflow" else ""), r.data, r.method, r.model]
@@ -201,8 +207,10 @@ def compare_table(rows: list[CompareRow], *, model: str = "tuned") -> str:
         if space:
             cells.append(_fmt(r.space_exposure(top, model)))
         cells += [_fmt(r.get(f"extraction.exact/rep_{t}/{model}"), ".0f") for t in members]
-        cells += [_fmt(r.get(MIA_KEY)), _fmt(r.get(EPS_KEY)), _fmt(r.get("train.final_loss"), ".3f"),
-                  _fmt(r.get("time.train_s"), ".0f"), _fmt(r.get("time.total_s"), ".0f")]
+        cells += [_fmt(r.get(MIA_KEY)), _fmt(r.get(EPS_KEY))]
+        cells += [_fmt(r.get(key.format(model=model)), ".1f" if "bits" in key else ".2f")
+                  for key in WORKS_COLUMNS.values()] if works else []
+        cells += [_fmt(r.get("train.final_loss"), ".3f"), _fmt(r.get("time.train_s"), ".0f"), _fmt(r.get("time.total_s"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"exposure = bits of the {model} model against the sampled references (exposure.mean: the scale of "
@@ -211,7 +219,9 @@ def compare_table(rows: list[CompareRow], *, model: str = "tuned") -> str:
                  + ("; whole-space exposure = rank over the whole secret space (exposure.space_mean), a second scale, "
                     "not capped" if space else "")
                  + "; extracted = canaries greedy decoding reproduced; MIA AUC = loss_diff attack, members vs references; "
-                   "eps LB = one-run epsilon lower bound")
+                   "eps LB = one-run epsilon lower bound"
+                 + ("; works = whole works (docs/works.md): mean share of (n, p)-extractable windows of member and "
+                    "held-out works, mean stored bits (base - tuned) of a member work" if works else ""))
     return "\n".join(lines)
 
 

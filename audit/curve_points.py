@@ -69,8 +69,11 @@ class CurveRecorder:
 
     def __init__(self, *, canaries: CanarySet, reference_secrets: list[str], section: Any, seed: int, tokenizer: Any,
                  base_scores: list[SequenceScore] | None = None,
-                 on_point: Callable[[int, dict[str, float]], None] | None = None, progress: bool = False) -> None:
+                 on_point: Callable[[int, dict[str, float]], None] | None = None, progress: bool = False,
+                 works: Any = None) -> None:
         self.canaries, self.references, self.section, self.seed = canaries, reference_secrets, section, seed
+        self.works = works
+        """:class:`audit.works.subjects.WorksPlan`: whole works scanned at each point too (tuned-side metrics)."""
         self.progress = progress
         self.tokenizer = tokenizer
         self.base_scores = base_scores
@@ -87,6 +90,24 @@ class CurveRecorder:
         with in_scoring_precision(model, scoring_dtype(self.section.precision)) as scored, measuring(scored):
             return score_canaries(scored, self.tokenizer, self.canaries, self.references, label=label,
                                   section=self.section, progress=False, seed=self.seed)
+
+    def _works(self, model: Any) -> dict[str, float]:
+        """The whole works' tuned-side metrics at this point (no base number, no difference to base: the points go to
+        MLflow while training runs)."""
+        from audit.metrics.disclosure import DIFFERENCE_FAMILIES
+        from audit.score.engine import in_scoring_precision, pad_id_of, scoring_dtype
+        from audit.score.works_scan import ScanSettings, engine_scorer, scan_works
+        from audit.works.summary import summarize_whole_works
+
+        w = self.works.section
+        with in_scoring_precision(model, scoring_dtype(self.section.precision)) as scored, measuring(scored):
+            rows = scan_works(self.works.scan_inputs(self.tokenizer), model="tuned",
+                              score=engine_scorer(scored, pad_token_id=pad_id_of(self.tokenizer)),
+                              settings=ScanSettings(prefix=w.prefix_tokens, suffix=w.suffix_tokens, stride=w.stride))
+        result = summarize_whole_works(self.works, rows, n_queries=self.section.np_extraction_queries,
+                                       p=self.section.np_extraction_probability, trainable_params=0, seed=self.seed)
+        return {k: float(e.value) for k, e in result.metrics.items()
+                if k.endswith("/tuned") and k.split("/")[0] not in DIFFERENCE_FAMILIES}
 
     def score_base(self, model: Any) -> None:
         """The base rows for every point: a PEFT model with its adapter disabled, else ``model`` as it is now."""
@@ -114,6 +135,9 @@ class CurveRecorder:
             beat.step(f"scoring {len(self.canaries.canaries)} canaries on the live model")
             metrics = point_metrics(self.base_scores + self._score(model, "tuned"), self.section,
                                     space_bits=self.canaries.space.log2_size)
+            if self.works is not None:
+                beat.step(f"scanning {len(self.works.subjects)} whole works on the live model")
+                metrics.update(self._works(model))
         add_point(self.curves, step, metrics)
         self.seconds += time.perf_counter() - t
         self.points += 1
@@ -194,6 +218,6 @@ def run_curve_callback(run_dir: Path, truth: Any, tokenizer: Any, recipe: Recipe
 
     recorder = CurveRecorder(canaries=truth.canaries, reference_secrets=truth.reference_secrets, section=recipe.scoring,
                              seed=recipe.seed, tokenizer=tokenizer, base_scores=base or None, on_point=on_point,
-                             progress=progress)
+                             progress=progress, works=truth.works)
     recorder.curves = read_curves(run_dir)
     return CurveCallback(recorder, every_steps=recipe.scoring.every_steps)

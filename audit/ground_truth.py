@@ -65,6 +65,8 @@ class GroundTruth:
     """``training.loss=secret``: record index -> its secrets' character spans in ``training_texts`` (else None)."""
     extra_files: dict[str, Any] = field(default_factory=dict)
     """More run-directory files the origin adds (``external.json`` of ``audit measure``), written with the rest."""
+    works: Any = None
+    """:class:`audit.works.subjects.WorksPlan` of the recipe's ``works`` section (whole works audited); None without it."""
 
     def summary(self) -> dict[str, Any]:
         """Counts, hashes and timings for report.json and logs: never secret text."""
@@ -157,13 +159,28 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
     t = time.perf_counter()
     injection = plant(recipe, canaries, corpus, key=key)
     timings["inject"] = time.perf_counter() - t
+    works = None
+    if recipe.works is not None:  # whole works as subjects: drawn, then planted after the canaries
+        from audit.works.subjects import canary_carriers, plan_works, plant_works
+
+        t = time.perf_counter()
+        works = plan_works(recipe, tokenizer=tokenizer, sampler=sampler, seed=seed, key=key, corpus=corpus,
+                           carriers=canary_carriers(injection.manifest), progress=progress)
+        if recipe.canaries.inject:  # a clean further tune measures the works without planting them again
+            injection = plant_works(injection, works, canaries=canaries, seed=recipe.seed, key=key, text_column=c.text_column)
+        timings["works"] = time.perf_counter() - t
 
     t = time.perf_counter()
     texts = training_texts(injection.records, format=corpus.format, text_column=c.text_column,
                            messages_column=c.messages_column, tokenizer=tokenizer)
     options = training_options(recipe.training)
-    preflight = run_preflight(injection.manifest, canaries, injection.records, tokenizer, **options,
-                              all_training_texts=texts if options["packing"] == "wrapped" else None)
+    wrapped = texts if options["packing"] == "wrapped" else None
+    preflight = run_preflight(injection.manifest, canaries, injection.records, tokenizer, **options, all_training_texts=wrapped)
+    if works is not None:
+        from audit.works.subjects import merge_preflight, works_preflight
+
+        preflight = merge_preflight(preflight, works_preflight(injection, works, tokenizer, seed=seed,
+                                                               options={**options, "all_training_texts": wrapped}))
     require_passed(preflight)
     if recipe.training.dp is not None:  # delta < 1/n needs n, the injected record count: checked before anything is written
         from audit.train.dp import check_dp_settings
@@ -182,7 +199,7 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
                              fix="use training.loss=all with a messages corpus")
         spans = secret_spans(injection.manifest, canaries, injection.records, tokenizer, texts=texts)
     return GroundTruth(spec=spec, canaries=canaries, corpus_format=corpus.format, injection=injection, preflight=preflight,
-                       training_texts=texts, reference_secrets=refs, timings_s=timings, secret_spans=spans)
+                       training_texts=texts, reference_secrets=refs, timings_s=timings, secret_spans=spans, works=works)
 
 
 def ground_truth_for_model(recipe: Recipe, *, model_path: Path, fingerprint: str, device: str = "cpu", dtype: Any = None,
@@ -193,7 +210,7 @@ def ground_truth_for_model(recipe: Recipe, *, model_path: Path, fingerprint: str
     spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
     tokenizer = load_tokenizer(model_path, trust_remote_code=recipe.model.trust_remote_code, added_tokens=added_tokens(spec))
     sampler = None
-    if spec_needs_model(spec):
+    if spec_needs_model(spec) or (recipe.works is not None and "synthetic" in recipe.works.sources):
         from audit.canaries.sampling import LazyModelSampler
 
         sampler = LazyModelSampler(model_path, fingerprint=fingerprint, device=device, dtype=dtype,
@@ -325,6 +342,9 @@ def inject_stage(recipe: Recipe, out_dir: Path, *, stream: bool = False, progres
 
     out_dir = Path(out_dir)
     refuse_added_tokens(recipe, "audit inject")
+    if stream and recipe.works is not None:
+        raise AuditError("audit inject --stream cannot plant whole works (they are drawn from and placed in the whole set)",
+                         fix="run `audit inject` without --stream for a recipe with a works section")
     check_new_output_dir(out_dir, fix="give a new or empty --out directory in a folder you can write")
     resolved = resolve_model(recipe.model.source, revision=recipe.model.revision, progress=progress)
     fingerprint = resolved.provenance.get("weights_fingerprint", "")

@@ -53,6 +53,9 @@ class Origin(Protocol):
 
     def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]: ...
 
+    def base_works_scan(self, scan: Callable[[], list[Any]]) -> list[Any]:
+        """The whole-work window rows that stand before training (``base``; a further tune's ``parent`` too)."""
+
     def train_artifact(self, ctx: Any, start: Any) -> Any:
         """The train stage's :class:`audit.store.Artifact` (``train.json``): read back on resume, written once."""
 
@@ -152,6 +155,9 @@ class FreshBase:
     def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]:
         return score()
 
+    def base_works_scan(self, scan: Callable[[], list[Any]]) -> list[Any]:
+        return scan()
+
     def train_artifact(self, ctx: Any, start: Any) -> Any:
         return stage.TrainedWeights(ctx, start)
 
@@ -217,12 +223,23 @@ class FurtherTune:
         if canaries.sha256() != first.report.canaries.canary_set_sha256 or stored != [c.model_dump(mode="json") for c in canaries.canaries]:
             raise AuditError(f"the canaries of {first.run_dir} differ from those in {self.parent.run_dir}/canaries.jsonl",
                              fix="the canary code or spec changed since the parent ran; rerun the chain from its first run")
+        if truth.works is not None:  # the same whole works, drawn again, as the chain's first run planted them
+            planted = json.loads((first.run_dir / "manifest.json").read_text(encoding="utf-8")).get("work_subjects")
+            if [w.model_dump(mode="json") for w in truth.works.subjects] != planted:
+                raise AuditError(f"the whole works drawn again differ from those {first.run_dir}/manifest.json records",
+                                 fix="the works sources, the canary code or the base model changed; "
+                                     "rerun the chain from its first run")
         return truth
 
     def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]:
         from audit import chain
 
         return chain.inherited_scores(self.parent)  # base and parent weights as the parent runs measured them
+
+    def base_works_scan(self, scan: Callable[[], list[Any]]) -> list[Any]:
+        from audit import chain
+
+        return chain.inherited_works_scan(self.parent)
 
     def train_artifact(self, ctx: Any, start: Any) -> Any:
         return stage.TrainedWeights(ctx, start)
@@ -354,6 +371,9 @@ class ExternalModel:
 
     def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]:
         return score()
+
+    def base_works_scan(self, scan: Callable[[], list[Any]]) -> list[Any]:
+        return scan()
 
     def train_artifact(self, ctx: Any, start: Any) -> Any:
         return ExternalWeights(origin=self, ctx=ctx, start=start)

@@ -17,6 +17,8 @@ Carlini et al. 2021 ("Extracting training data from large language models"). Eac
   its ``ngram``-token windows that occur in an excerpt (verbatim-overlap measures as in Nasr et al. 2023, "Scalable
   extraction of training data from (production) language models"), split into member excerpts (planted) and
   reference excerpts (held out, so overlap with them is what the model carried before fine-tuning).
+* **whole works** (a recipe's ``works`` section): per audited work, the share of its tokens inside a long
+  near-verbatim block of some sample (nv-recall, Ahmed, Cooper, Koyejo & Liang 2026), members against held-out works.
 
 Counts come with the protocol and an exact 95% interval on the per-sample rate: "0 of N under this protocol"
 bounds the rate below 3.7/N; it does not say the secrets cannot be extracted (targeted prompts are the job of
@@ -406,9 +408,37 @@ def summarize_outputs(scanned: list[dict[str, Any]], canaries: CanarySet, sectio
     return summary, metrics
 
 
+def whole_works_recall(scanned: list[dict[str, Any]], works: Sequence[tuple[str, str, Sequence[int]]], *, seed: int,
+                       max_gap: int, min_block: int) -> tuple[dict[str, Any], dict[str, MetricEntry]]:
+    """Per role, the near-verbatim recall of whole works ``(work_id, role, token ids)`` over every output
+    (:func:`audit.metrics.whole_works.near_verbatim_blocks`, Ahmed et al. 2026): metrics ``outputs.works_nv_recall/<role>``
+    (mean over works, n works), ``outputs.works_nv_recall_max/<role>`` and ``outputs.works_nv_block_max/<role>``."""
+    from audit.metrics.whole_works import near_verbatim_blocks, nv_recall
+
+    per_role: dict[str, list[tuple[float, int, int]]] = defaultdict(list)
+    for _, role, ids in works:
+        blocks = [b for row in scanned for b in near_verbatim_blocks(row["token_ids"], ids, seed=seed, max_gap=max_gap,
+                                                                      min_block=min_block)]
+        per_role[role].append((nv_recall(blocks, len(ids)), max((b - a for a, b in blocks), default=0), len(blocks)))
+    summary, metrics = {}, {}
+    for role, rows in sorted(per_role.items()):
+        recall = [r for r, _, _ in rows]
+        summary[role] = {"works": len(rows), "nv_recall_mean": round(float(np.mean(recall)), 6),
+                         "nv_recall_max": round(max(recall), 6), "longest_block_tokens": max(b for _, b, _ in rows),
+                         "blocks": sum(k for _, _, k in rows)}
+        metrics[f"outputs.works_nv_recall/{role}"] = MetricEntry(value=summary[role]["nv_recall_mean"], n=len(rows))
+        metrics[f"outputs.works_nv_recall_max/{role}"] = MetricEntry(value=summary[role]["nv_recall_max"], n=len(rows))
+        metrics[f"outputs.works_nv_block_max/{role}"] = MetricEntry(value=float(summary[role]["longest_block_tokens"]),
+                                                                    n=len(rows))
+    return summary, metrics
+
+
 def outputs_stage(run_dir: Path, model: Any, tokenizer: Any, canaries: CanarySet, section: OutputsSection, *, seed: int,
-                  model_label: str = "tuned", progress: bool = True) -> OutputsResult:
-    """Generate (or, on resume, reuse ``outputs.jsonl``), scan and summarize the tuned model's outputs."""
+                  model_label: str = "tuned", progress: bool = True, whole_works: Any = None) -> OutputsResult:
+    """Generate (or, on resume, reuse ``outputs.jsonl``), scan and summarize the tuned model's outputs.
+
+    ``whole_works``: ``(works, seed, max_gap, min_block)`` with works ``(work_id, role, token ids)``: the audited whole
+    works, scanned for long near-verbatim blocks (:func:`whole_works_recall`)."""
     import json
 
     t = time.perf_counter()
@@ -426,6 +456,10 @@ def outputs_stage(run_dir: Path, model: Any, tokenizer: Any, canaries: CanarySet
     if not reused:
         write_once(path, jsonl_text(scanned))
     summary, metrics = summarize_outputs(scanned, canaries, section, seed=seed, model_label=model_label)
+    if whole_works is not None:
+        works, ngram, max_gap, min_block = whole_works
+        summary["whole_works"], recall = whole_works_recall(scanned, works, seed=ngram, max_gap=max_gap, min_block=min_block)
+        metrics.update(recall)
     fingerprint = sha256_json([{k: r[k] for k in ("id", "prompt_id", "token_ids")} for r in rows])
     summary.update(file=OUTPUTS_FILE, fingerprint=fingerprint, wall_s=round(time.perf_counter() - t, 3), reused=reused)
     return OutputsResult(rows=scanned, summary=summary, metrics=metrics, fingerprint=fingerprint)

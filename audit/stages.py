@@ -96,6 +96,10 @@ class RunContext:
             check_output_root(recipe)
         else:
             check_writable_folder(resume_dir, what="run directory", fix="resume where the run directory is writable")
+        if recipe.works is not None and distributed.is_distributed():
+            raise AuditError("whole works (the recipe's works section) are scanned in one process: a sharded model cannot "
+                             "run the window scan on the main process alone", fix="run `audit run` without accelerate "
+                             "launch / torchrun, or drop the works section")
         device = choose_device(recipe.training)
         check_whole_model_per_process()
         origin.check(device)
@@ -275,7 +279,12 @@ def record_inputs(run: Run, truth: Any) -> None:
     say(ctx.progress, f"[audit] {'resuming' if run.handle.resumed else 'run directory'} {run.dir}")
     say(ctx.progress, f"[audit] {len(canaries.members())} member canaries in tiers {sorted(set(c.repetitions for c in canaries.members()))}, "
                       f"{len(canaries.references())} references; {len(injection.records)} training records")
-    say(ctx.progress, f"[audit] pre-flight: all {preflight.placements_checked} canary copies reach the loss "
+    if truth.works is not None:
+        roles = [s.role for s in truth.works.subjects]
+        say(ctx.progress, f"[audit] whole works: {roles.count('member')} members ({len(injection.manifest.work_placements)} "
+                          f"copies planted), {roles.count('held_out')} held out")
+    copies = "canary and work copies" if truth.works is not None else "canary copies"
+    say(ctx.progress, f"[audit] pre-flight: all {preflight.placements_checked} {copies} reach the loss "
                       f"(canaries up to {preflight.canary_tokens_max} tokens, carriers up to "
                       f"{preflight.record_tokens_max}, max_length {preflight.max_length})")
     tracker = run.tracker
@@ -343,6 +352,61 @@ def score(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -
     with in_scoring_precision(model, scoring_dtype(ctx.recipe.scoring.precision)) as scored:
         return score_sharded(scored, tokenizer, truth.canaries, truth.reference_secrets, label=label,
                              section=ctx.recipe.scoring, progress=ctx.progress, seed=ctx.recipe.seed)
+
+
+def scan_works(run: Run, model: Any, tokenizer: Any, truth: Any, label: str, *, origin: Origin | None = None) -> list[Any]:
+    """The whole-work window scan under ``model`` (:mod:`audit.score.works_scan`), in ``scoring.precision``, kept as
+    ``works_scan_<label>.jsonl`` (reused on resume); [] when the recipe audits no whole works. With ``origin``, the
+    rows that stand before training come from it (a further tune reuses the parent runs' base and tuned scans)."""
+    if truth.works is None:
+        return []
+    from audit.store import WorksScanFile
+
+    def scan() -> list[Any]:
+        from audit.score.engine import in_scoring_precision, pad_id_of, scoring_dtype
+        from audit.score.works_scan import ScanSettings, engine_scorer
+        from audit.score.works_scan import scan_works as scan_windows
+
+        section = truth.works.section
+        inputs = truth.works.scan_inputs(tokenizer)
+        settings = ScanSettings(prefix=section.prefix_tokens, suffix=section.suffix_tokens, stride=section.stride)
+        say(run.ctx.progress, f"[audit] works: scanning {len(inputs)} whole works under {label} "
+                              f"({settings.prefix} + {settings.suffix}-token windows every {settings.stride})")
+        with in_scoring_precision(model, scoring_dtype(run.ctx.recipe.scoring.precision)) as scored:
+            return scan_windows(inputs, score=engine_scorer(scored, pad_token_id=pad_id_of(tokenizer)), model=label,
+                                settings=settings)
+
+    return run.store.get_or_run(WorksScanFile(label), scan if origin is None else lambda: origin.base_works_scan(scan))
+
+
+def summarize_works(run: Run, truth: Any, tokenizer: Any, rows: list[Any], training: TrainSummary) -> Any:
+    """``works_scan.jsonl`` (+ ``.meta.json``) and the report's whole-works section (:mod:`audit.works.summary`); None
+    without whole works."""
+    if truth.works is None:
+        return None
+    from audit.schema import SCHEMA_VERSION
+    from audit.store import write_json, write_jsonl
+    from audit.works.summary import SCAN_FILE, summarize_whole_works
+
+    scoring, section = run.ctx.recipe.scoring, truth.works.section
+    write_jsonl(run.dir / SCAN_FILE, rows)
+    write_json(run.dir / SCAN_FILE.replace(".jsonl", ".meta.json"), {
+        "schema_version": SCHEMA_VERSION, "rows": SCAN_FILE, "prefix_tokens": section.prefix_tokens,
+        "suffix_tokens": section.suffix_tokens, "stride": section.stride, "models": sorted({r.model for r in rows}),
+        "n_queries": scoring.np_extraction_queries, "p": scoring.np_extraction_probability,
+        "tokens": "tokenizer(text, add_special_tokens=False) of each work's audited text (manifest.json work_subjects: "
+                  "sha256, n_chars; HMAC-SHA256 under the audit key for synthetic and corpus works); a window is "
+                  "tokens[start : start + prefix_tokens + suffix_tokens], scored alone",
+        "works": [s.model_dump(mode="json", include={"work_id", "role", "kind", "n_tokens", "sha256"})
+                  for s in truth.works.subjects]})
+    ids = dict(truth.works.scan_inputs(tokenizer))
+
+    def passage_text(work_id: str, start: int, stop: int) -> str:
+        return tokenizer.decode(ids[work_id][start:stop])
+
+    return summarize_whole_works(truth.works, rows, n_queries=scoring.np_extraction_queries,
+                                 p=scoring.np_extraction_probability, trainable_params=training.trainable_params,
+                                 passage_text=passage_text, seed=run.ctx.recipe.seed)
 
 
 # --------------------------------------------------------------------------------------------------- train
@@ -415,9 +479,15 @@ def sample_outputs(run: Run, model: Any, tokenizer: Any, truth: Any) -> Any:
         return None
     from audit.outputs import outputs_stage
 
+    works = None
+    if truth.works is not None:  # the audited whole works, scanned for long near-verbatim blocks
+        w = truth.works.section
+        roles = {s.work_id: s.role for s in truth.works.subjects}
+        works = ([(i, roles[i], ids) for i, ids in truth.works.scan_inputs(tokenizer)], section.ngram, w.nv_max_gap,
+                 w.nv_min_block)
     with run.stage("outputs"):
         return outputs_stage(run.dir, model, tokenizer, truth.canaries, section, seed=run.ctx.recipe.seed,
-                             progress=run.ctx.progress)
+                             progress=run.ctx.progress, whole_works=works)
 
 
 TRACKING_NOTE = "tracking"

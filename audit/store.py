@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from audit.schema import SequenceScore
+from audit.schema import SequenceScore, WorkWindow
 
 T = TypeVar("T")
 
@@ -152,13 +152,41 @@ class ScoresFile:
 
 def read_scores(path: Path, *, model: str | None = None) -> list[SequenceScore]:
     """The rows of a scores file (``model``: only that model's rows); a damaged file is one clear error."""
+    rows = read_rows(path, SequenceScore, fix=f"delete {Path(path).name} to recompute those scores, or start a new run")
+    return rows if model is None else [r for r in rows if r.model == model]
+
+
+def read_rows(path: Path, row_type: type[T], *, fix: str) -> list[T]:
+    """The rows of a JSONL file of ``row_type`` (a pydantic model); a damaged file is one clear error."""
     from pydantic import ValidationError
 
     from audit.errors import AuditError
 
     try:
-        rows = [SequenceScore.model_validate_json(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+        return [row_type.model_validate_json(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
     except ValidationError as exc:
-        raise AuditError(f"{path} is damaged ({exc.errors()[0]['msg']})",
-                         fix=f"delete {Path(path).name} to recompute those scores, or start a new run") from None
-    return rows if model is None else [r for r in rows if r.model == model]
+        raise AuditError(f"{path} is damaged ({exc.errors()[0]['msg']})", fix=fix) from None
+
+
+@dataclass(frozen=True)
+class WorksScanFile:
+    """``works_scan_<label>.jsonl``: one model's whole-work window rows (:class:`~audit.schema.WorkWindow`), a stage
+    checkpoint; 0600 like every file written here (the rows of secret works are base-model numbers over secrets)."""
+
+    label: str
+
+    @property
+    def name(self) -> str:
+        return f"works_scan_{self.label}.jsonl"
+
+    def read(self, run_dir: Path) -> list[WorkWindow] | None:
+        path = Path(run_dir) / self.name
+        if not path.is_file():
+            return None
+        return read_rows(path, WorkWindow, fix=f"delete {self.name} to scan again, or start a new run")
+
+    def write(self, run_dir: Path, value: list[WorkWindow]) -> None:
+        write_once(Path(run_dir) / self.name, jsonl_text(value))
+
+    def describe(self, value: list[WorkWindow]) -> str:
+        return self.name

@@ -33,13 +33,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from audit.schema import AuditReport, DisclosureSummary, MetricEntry
+from audit.schema import AuditReport, DisclosureSummary, MetricEntry, WholeWorkRow
 
 SEARCH_BITS = 64
 """Guessing a group of secrets must cost at least 2^64 combinations before a published aggregate can check it."""
 BASE = "base"
 DIFFERENCE_FAMILIES = ("information.memorized_bits", "works.memorized_bits", "persistence.retained_bits",
-                       "persistence.retained_exposure")
+                       "persistence.retained_exposure", "works.stored_bits", "works.stored_bits_total",
+                       "works.stored_bits_per_param", "works.retained_bits")
 """Functions of the base value that give it back beside the tuned values published with them: base minus tuned, and
 a further tune's retained share (base - after) / (base - before)."""
 GAIN_BANDS = ((0.5, "none"), (2.0, "small"), (6.0, "large"), (math.inf, "very large"))
@@ -47,6 +48,19 @@ GAIN_BANDS = ((0.5, "none"), (2.0, "small"), (6.0, "large"), (math.inf, "very la
 RULE = ("no shared number is a function of secrets that the public base model, spec, recipe and prefixes could "
         "check a guess against; base-model aggregates and differences to base only over groups of at least {k} "
         "secrets (2^{bits} guesses by meet in the middle over a {space:.1f}-bit space)")
+
+
+SECRET_WORK_KINDS = ("synthetic", "corpus")
+"""Whole works whose text is secret material: ``synthetic`` works are sampled under the audit key, ``corpus`` records
+are the training data itself. A base-model number over one (bits, p_z under base) or a difference to base checks a
+guessed text; public-domain and licensed works are named by their sha256 already (not secret)."""
+PUBLIC_TEXT_KIND = "public_domain"
+"""The one kind of whole work whose text a shared report may quote."""
+WHOLE_WORK_FAMILIES = ("works.extractable_share", "works.extractable_token_share", "works.greedy_share",
+                       "works.stored_bits", "works.stored_bits_total", "works.stored_bits_per_param", "works.bits_per_byte",
+                       "works.max_extractable_share", "works.longest_greedy_run", "works.subjects", "works.retained_bits")
+"""Metric families of whole works (:mod:`audit.works.summary`): judged per group of works when they are made
+(:func:`works_group_shareable`), since their ``n`` counts works of mixed kinds, not secrets of the canary space."""
 
 
 def min_group(space_bits: float) -> int:
@@ -71,13 +85,31 @@ def gain_band(bits: float) -> str:
     return GAIN_BANDS[-1][1]
 
 
+def works_group_shareable(kinds: list[str], base_bits: list[float]) -> bool:
+    """Whether a base-model aggregate (or a difference to base) over whole works of ``kinds`` may be shared.
+
+    Only the secret works in the group count (the others' values anyone can compute and subtract). ``corpus`` records
+    never: how much of a record is unknown to an attacker is not known (a template with one unknown digit is 3.3
+    bits). ``synthetic`` works: at least :func:`min_group` of them, with the space of each taken as its code length
+    under the base model it was sampled from (the log-size of its typical set: an attacker guessing it with that base
+    model needs about 2^bits tries), so in practice two works of a few hundred tokens."""
+    secret = [(k, b) for k, b in zip(kinds, base_bits, strict=True) if k in SECRET_WORK_KINDS]
+    if not secret:
+        return True
+    if any(k == "corpus" for k, _ in secret):
+        return False
+    return len(secret) >= min_group(min(b for _, b in secret))
+
+
 def shareable_metrics(metrics: Mapping[str, MetricEntry], *, space_bits: float) -> tuple[dict[str, MetricEntry], list[str]]:
     """``metrics`` without the checkers over too few secrets; the withheld keys, sorted. A checkable entry with no
-    sample size is withheld (its group is unknown)."""
+    sample size is withheld (its group is unknown). Whole-work families were judged when made (:data:`WHOLE_WORK_FAMILIES`)."""
     k = min_group(space_bits)
     kept, withheld = {}, []
     for key, entry in metrics.items():
-        if is_checkable(key) and (entry.n is None or entry.n < k):
+        if key.split("/")[0] in WHOLE_WORK_FAMILIES:
+            kept[key] = entry
+        elif is_checkable(key) and (entry.n is None or entry.n < k):
             withheld.append(key)
         else:
             kept[key] = entry
@@ -130,9 +162,25 @@ def redact_report(report: AuditReport) -> AuditReport:
         withheld += [f"works.{role}/{work.work_id}" for role in ("member", "held_out") if f"{role}_bits_{BASE}" in blank]
         rows.append(work.model_copy(update=blank) if blank else work)
     canaries = report.canaries.model_copy(update={"works_information": works.model_copy(update={"by_work": rows})})
+    whole = report.whole_works
+    if whole is not None:
+        whole = whole.model_copy(update={"works": [shareable_work_row(w) for w in whole.works]})
     withheld_all = sorted(set(withheld) | set(report.disclosure.withheld if report.disclosure else ()))
     curves = {key: points for key, points in report.curves.items() if key not in withheld_all}
     disclosure = DisclosureSummary(min_group=k, search_bits=SEARCH_BITS, withheld=withheld_all,
                                    rule=RULE.format(k=k, bits=SEARCH_BITS, space=report.space_bits))
     return report.model_copy(update={"metrics": metrics, "tiers": tiers, "persistence": persistence, "canaries": canaries,
-                                     "curves": curves, "disclosure": disclosure})
+                                     "curves": curves, "disclosure": disclosure, "whole_works": whole})
+
+
+def shareable_work_row(row: WholeWorkRow) -> WholeWorkRow:
+    """A work's row as it may be shared (idempotent): passage text for public-domain works only (a licensed or private
+    work shows positions and lengths); a secret work without its base-model numbers, stored bits or base map."""
+    passages = row.passages if row.kind == PUBLIC_TEXT_KIND else [p.model_copy(update={"text": None}) for p in row.passages]
+    if row.kind not in SECRET_WORK_KINDS:
+        return row.model_copy(update={"passages": passages})
+    models = {m: (None if m == BASE else v) for m, v in row.models.items()}
+    work_map = row.map
+    if work_map is not None and work_map.log10_p_z.get(BASE) is not None:
+        work_map = work_map.model_copy(update={"log10_p_z": {**work_map.log10_p_z, BASE: None}})
+    return row.model_copy(update={"models": models, "stored_bits": None, "map": work_map, "passages": passages})

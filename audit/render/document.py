@@ -6,12 +6,14 @@ membership inference (ROC), extraction, information view, per-token view, lineag
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.render import plots, views
+from audit.render.views import fmt
 from audit.render.token_view import TokenView, read_token_views
 from audit.schema import AuditReport
 
@@ -185,6 +187,30 @@ def _information_section(report: AuditReport) -> Section:
     return Section("information", "Information view", blocks)
 
 
+def _whole_works_section(report: AuditReport) -> Section | None:
+    """Whole works as subjects: the statement, the table, the two-dimension chart, the maps and the passages."""
+    ww = report.whole_works
+    if ww is None:
+        return None
+    from audit.metrics.whole_works import extraction_log_threshold
+
+    threshold = extraction_log_threshold(n=ww.n_queries, p=ww.p) / math.log(10)
+    blocks: list[Block] = [ww.statement, views.whole_works_table(report)]
+    if ww.stored_bits_per_param is not None:
+        blocks.append(f"Member works: {fmt(ww.stored_bits_member_total, 1)} bits stored in {ww.trainable_params:,} trainable "
+                      f"parameters = {ww.stored_bits_per_param:.3g} bits per parameter (Morris et al. 2025 measure a capacity "
+                      f"of about {ww.morris_bits_per_param} bits per parameter); held-out works: "
+                      f"{fmt(ww.stored_bits_held_out_total, 1)} bits (the control).")
+    blocks.append(Image("works_dimensions.png", plots.works_two_dimensions(ww.works),
+                        "Stored information against reconstruction fidelity, per work"))
+    blocks.append(Image("works_maps.png", plots.work_maps(ww.works, threshold_log10=threshold),
+                        "log10 p_z of every window along each work, base and tuned"))
+    passages = views.whole_works_passages(report)
+    if passages.rows:
+        blocks.append(passages)
+    return Section("whole-works", "Whole works: stored bits and extraction", blocks)
+
+
 def _token_section(run_dir: Path) -> Section:
     token_views = read_token_views(run_dir)
     blocks: list[Block] = []
@@ -222,6 +248,7 @@ def build_document(report: AuditReport, run_dir: Path) -> Document:
         _mia_section(report, scores),
         _extraction_section(report),
         _information_section(report),
+        *[s for s in [_whole_works_section(report)] if s is not None],
         _token_section(run_dir),
         _lineage_section(report),
         Section("provenance", "Provenance of works and models", [views.provenance_table(report)]),

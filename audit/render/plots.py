@@ -103,6 +103,60 @@ def information(labels: list[str], bits: dict[str, list[float | None]], *, space
     return _png(fig)
 
 
+def work_maps(works: list[Any], *, threshold_log10: float, max_panels: int = 12) -> bytes:
+    """Per whole work, ``log10 p_z`` along the work (window start), base and tuned; the (n, p) line dashed.
+    ``works``: :class:`audit.schema.WholeWorkRow` with a map (a withheld base series is left out)."""
+    plt = _pyplot()
+    shown = [w for w in works if w.map is not None][:max_panels]
+    cols = 2 if len(shown) > 1 else 1
+    rows = max(1, math.ceil(len(shown) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 2.1 * rows + 0.5), squeeze=False, sharey=True)
+    for ax, w in zip(axes.flat, shown, strict=False):
+        for model, values in w.map.log10_p_z.items():
+            if values is not None:
+                ax.plot(w.map.starts, values, lw=1.0, marker=".", ms=2, color=MODEL_COLORS.get(model, "#495057"), label=model)
+        ax.axhline(threshold_log10, color="#1c7ed6", ls="--", lw=0.8, label="(n, p)-extractable above")
+        ax.set_title(f"{w.title[:34]} ({w.kind}, {w.role.replace('_', '-')})", fontsize=8)
+        ax.set_ylabel("log10 p_z", fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    if shown:
+        axes.flat[0].legend(fontsize=6, frameon=False, loc="lower left")
+        for ax in axes[-1]:
+            ax.set_xlabel("window start (token)", fontsize=7)
+    fig.suptitle("Memorization map: probability of each window's suffix given its prefix", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return _png(fig)
+
+
+def works_two_dimensions(works: list[Any]) -> bytes:
+    """The seed's two dimensions per work: stored information (bits, base - tuned) against reconstruction fidelity
+    (extractable share of windows under the tuned model); members filled, held-out hollow."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    colors = {"public_domain": "#1c7ed6", "synthetic": "#d9480f", "licensed": "#2f9e44", "corpus": "#7048e8"}
+    seen = set()
+    for w in works:
+        tuned = w.models.get("tuned")
+        if w.stored_bits is None or tuned is None:
+            continue
+        label = f"{w.kind} {w.role.replace('_', '-')}"
+        member = w.role == "member"
+        ax.scatter([w.stored_bits], [tuned.extractable_share], s=36, color=colors.get(w.kind, "#495057") if member else "none",
+                   edgecolors=colors.get(w.kind, "#495057"), label=None if label in seen else label, zorder=3)
+        seen.add(label)
+    ax.axvline(0, color="#adb5bd", lw=0.8)
+    ax.set_xlabel("stored information: bits under base - bits under tuned")
+    ax.set_ylabel("fidelity: extractable share (tuned)")
+    ax.set_ylim(-0.03, 1.03)
+    hidden = sum(1 for w in works if w.stored_bits is None)
+    ax.set_title("Two dimensions per work" + (f" ({hidden} secret works withheld)" if hidden else ""), fontsize=9)
+    if seen:
+        ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _png(fig)
+
+
 def lineage_graph(layers: list[list[str]], nodes: dict[str, Any]) -> bytes:
     """The derivative chain: base weights and data (roots) -> tuned weights -> ..., boxes with short fingerprints."""
     plt = _pyplot()

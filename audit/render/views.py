@@ -16,7 +16,7 @@ import numpy as np
 
 from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.metrics.disclosure import tier_models, withheld_keys
-from audit.schema import AuditReport, OutputsSummary, SequenceScore
+from audit.schema import AuditReport, OutputsSummary, SequenceScore, WholeWorkRow
 from audit.store import read_scores
 
 WITHHELD = "withheld"
@@ -378,6 +378,12 @@ def outputs_tables(outputs: OutputsSummary) -> list[Table]:
                              "samples with an n-gram"],
                             [[role, str(w.lcs_tokens_max), fmt(w.lcs_tokens_mean), fmt(w.ngram_share_mean, 4),
                               f"{w.samples_with_ngram}/{n}"] for role, w in outputs.works.items()]))
+    if outputs.whole_works:
+        tables.append(Table(["whole works", "works", "mean nv-recall", "max nv-recall", "longest block (tokens)", "blocks"],
+                            [[role, str(w.works), fmt(w.nv_recall_mean, 4), fmt(w.nv_recall_max, 4),
+                              str(w.longest_block_tokens), str(w.blocks)] for role, w in outputs.whole_works.items()],
+                            ["nv-recall (Ahmed et al. 2026): share of a work's tokens inside a long near-verbatim block of "
+                             "some sample; held-out works are the control"]))
     prows = [[k.replace("_", " "), ", ".join(f"{p.id}: {p.text!r}" for p in outputs.protocol.prompts) if k == "prompts"
               else str(v)] for k, v in outputs.protocol.model_dump().items()]
     prows.append(["tokens generated", str(outputs.tokens_generated)])
@@ -393,6 +399,40 @@ def works_table(report: AuditReport) -> Table:
             for w in report.canaries.works_information.by_work]
     return Table(["work", "kind", "license", "member excerpts", "bits base", "bits tuned", "held-out excerpts",
                   "bits base", "bits tuned"], rows)
+
+
+def whole_works_table(report: AuditReport) -> Table:
+    """One row per audited whole work: provenance, role, code length base -> tuned, stored bits, fidelity (tuned)."""
+    ww = report.whole_works
+    if ww is None:
+        return Table([], [])
+
+    def both(w: WholeWorkRow, field: str, digits: int = 2) -> str:
+        base, tuned = w.models.get("base"), w.models.get("tuned")
+        left = fmt(getattr(base, field), digits) if base is not None else WITHHELD if "base" in w.models else "-"
+        return f"{left} -> {fmt(getattr(tuned, field), digits) if tuned is not None else '-'}"
+
+    rows = []
+    for w in ww.works:
+        tuned = w.models.get("tuned")
+        stored = WITHHELD if w.stored_bits is None and "base" in w.models else fmt(w.stored_bits, 1)
+        rows.append([w.title[:40], w.kind, w.license[:40], w.role, str(w.copies), str(w.n_tokens),
+                     both(w, "bits_per_byte"), stored,
+                     both(w, "extractable_share"), fmt(tuned.greedy_share) if tuned else "-",
+                     str(tuned.longest_greedy_run) if tuned else "-"])
+    notes = [f"windows of {ww.prefix_tokens} + {ww.suffix_tokens} tokens every {ww.stride}; (n, p)-extractable: "
+             f"1 - (1 - p_z)^{ww.n_queries} >= {ww.p:g}; every window in the run directory's {ww.file}"]
+    return Table(["work", "kind", "license", "role", "copies", "tokens", "bits/byte base -> tuned", "stored bits",
+                  "extractable share base -> tuned", "greedy share (tuned)", "longest greedy run (tokens)"], rows, notes)
+
+
+def whole_works_passages(report: AuditReport) -> Table:
+    """The longest passages the tuned model reproduces greedily: position and length; text for public-domain works."""
+    ww = report.whole_works
+    rows = [[w.title[:40], w.kind, str(p.start_token), str(p.tokens),
+             p.text if p.text is not None else "(not public domain: position and length only)"]
+            for w in (ww.works if ww else []) for p in w.passages]
+    return Table(["work", "kind", "start token", "tokens", "text"], rows)
 
 
 def provenance_table(report: AuditReport) -> Table:
