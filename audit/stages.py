@@ -334,6 +334,14 @@ def score(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -
                              section=ctx.recipe.scoring, progress=ctx.progress, seed=ctx.recipe.seed)
 
 
+def calibrate(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -> Any:
+    """``model``'s scores' gap to the HF engine in fp32 on a few canaries (:mod:`audit.score.calibration`), or None
+    when the recipe scores with the reference itself or turns calibration off (``scoring.calibration_canaries``)."""
+    from audit.score.calibration import calibrate_hf
+
+    return calibrate_hf(model, tokenizer, truth.canaries, truth.reference_secrets, section=ctx.recipe.scoring, label=label)
+
+
 # --------------------------------------------------------------------------------------------------- train
 
 
