@@ -13,6 +13,7 @@ run directory is created, so a bad input leaves nothing behind. Each stage then 
       trainer/          Trainer checkpoints while training runs (removed once train.json is written)
       adapter/ | model/ the tuned weights (safetensors); train.json records them
       scores_tuned.jsonl tuned-model scores (stage checkpoint)
+      calibration_<model>.json with scoring.precision other than fp32: the scores' gap to the HF engine in fp32
       scores.jsonl      one row per canary and model (ids only)
       works_scan.jsonl  with a ``works`` section: one row per whole work, model and window (+ .meta.json; 0600)
       outputs.jsonl     sampled text of the tuned model and its scan (raw text that may hold secrets: run dir only)
@@ -82,7 +83,7 @@ def run_origin(
     trained elsewhere (:class:`~audit.origin.ExternalModel`, whose train stage loads the weights it was given)."""
     from audit import distributed, stages
     from audit.report import build_report
-    from audit.store import ScoresFile, write_jsonl
+    from audit.store import CalibrationFile, ScoresFile, write_jsonl
 
     ctx = stages.RunContext.prepare(origin, tracking_uri=tracking_uri, tracking=tracking, progress=progress,
                                     resume_dir=resume_dir)
@@ -103,6 +104,8 @@ def run_origin(
             base_scores = run.store.get_or_run(ScoresFile("base"), lambda: origin.base_scores(
                 lambda: stages.score(ctx, base, tokenizer, truth, "base")))
             works_base = stages.scan_works(run, base, tokenizer, truth, "base", origin=origin)  # [] without works
+            calibration = [run.store.get_or_run(CalibrationFile("base"),  # scoring.precision's error bar
+                                                lambda: stages.calibrate(ctx, base, tokenizer, truth, "base"))]
             start = stages.start_model(ctx, origin, base)  # a further tune starts from its parent's weights
 
         # ---- train (the other processes train alongside, as the plan says)
@@ -114,6 +117,8 @@ def run_origin(
         with run.stage("score_tuned"):
             tuned_scores = run.store.get_or_run(ScoresFile("tuned"), lambda: stages.score(ctx, tuned.model, tokenizer, truth, "tuned"))
             works_tuned = stages.scan_works(run, tuned.model, tokenizer, truth, "tuned")
+            calibration.append(run.store.get_or_run(CalibrationFile("tuned"),
+                                                     lambda: stages.calibrate(ctx, tuned.model, tokenizer, truth, "tuned")))
         scores = base_scores + tuned_scores
         write_jsonl(run.dir / "scores.jsonl", scores)
         stages.write_token_view(run.dir, view_base, stages.token_view(ctx, tuned.model, tokenizer, truth))
@@ -123,6 +128,6 @@ def run_origin(
         # ---- report
         with run.stage("report"):
             report = build_report(run=run, origin=origin, truth=truth, scores=scores, training=tuned.summary, outputs=outputs,
-                                  works=works)
+                                  works=works, calibration=[c for c in calibration if c is not None])
             report = stages.publish(run, origin, report)  # report.json/html/md, MLflow, the parent's children.jsonl
     return AuditResult(run_dir=run.dir, report=report)

@@ -21,6 +21,7 @@ from audit.console import text_table
 from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.schema import (
     AuditReport,
+    CalibrationSummary,
     CanariesSummary,
     DisclosureSummary,
     DPAccounting,
@@ -57,10 +58,11 @@ def git_revision() -> str | None:
 
 def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScore], training: Any,
                  outputs: Any = None, curves: dict[str, list[tuple[int, float]]] | None = None,
-                 works: Any = None) -> AuditReport:
+                 works: Any = None, calibration: list[CalibrationSummary] | None = None) -> AuditReport:
     """Assemble ``report.json`` from the stages' results (``run``: :class:`audit.stages.Run`; ``origin``:
     :class:`audit.origin.Origin`; ``works``: :class:`audit.works.summary.WholeWorksResult` of the whole-work scan),
-    then evaluate the recipe's gates on its flat metrics."""
+    then evaluate the recipe's gates on its flat metrics. ``calibration``: the scored models' gaps to the reference
+    engine (:mod:`audit.score.calibration`), when the recipe asked for them."""
     from audit import lineage
     from audit.gates import evaluate_gates
     from audit.metrics.disclosure import redact_report
@@ -90,6 +92,10 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
     persistence = origin.persistence(scores, suite.metrics)
     metrics: dict[str, MetricEntry] = {**suite.metrics, **excerpts.pop("metrics", {}), **(outputs.metrics if outputs else {}),
                                        **(persistence.metrics or {}), **(works.metrics if works else {})}
+    if calibration:
+        from audit.score.calibration import calibration_metrics
+
+        metrics.update(calibration_metrics(calibration))
     notes = dict(suite.notes)
     if dp is not None:
         dp_metrics, dp_notes = accountant_metrics(dp, metrics, inclusion=recipe.canaries.inclusion)
@@ -119,6 +125,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         metrics=metrics,
         metric_notes=notes,
         outputs=OutputsSummary.model_validate(outputs.summary) if outputs else None,
+        calibration=calibration or None,
         parent_run=origin.parent_run,
         persistence=None if persistence.summary is None else PersistenceSummary.model_validate(
             {**persistence.summary, "works": works.persistence if works else None}),

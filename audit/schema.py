@@ -295,6 +295,13 @@ class ScoringSection(Frozen):
     privacy_p_value: float = Field(default=0.05, gt=0.0, lt=1.0)
     privacy_guess_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
     """Share of canaries the one-run DP audit guesses on (half "in" from the top, half "out" from the bottom)."""
+    calibration_canaries: int | None = Field(default=None, ge=0)
+    """The backend's error bar (:mod:`audit.score.calibration`): this many canaries (members of the top tiers first)
+    are scored again by the reference, the HF engine in fp32, and the gap goes into ``report.calibration`` and the
+    ``calibration.*`` metrics a gate can hold. None: 8 when ``precision`` is not fp32, else 0 (the audit's scores are
+    the reference's own); 0: off."""
+    calibration_references: int = Field(default=63, ge=1)
+    """Reference secrets (the first of the run's ``exposure_references``) each calibration canary is ranked against."""
     every_steps: int = Field(default=0, ge=0)
     """Memorization curve: score the canaries on the live model every N optimizer steps during training and log
     the metrics per step (``report.curves``, MLflow step metrics; :mod:`audit.callback`). 0 (default) is off: each
@@ -1062,6 +1069,29 @@ class ReportPart(Frozen):
         return data
 
 
+class CalibrationSummary(ReportPart):
+    """``report.calibration``: one scored model's backend error bar (:mod:`audit.score.calibration`), the gap between
+    the scores the audit used (``backend``) and the reference engine's on the same canaries and references."""
+
+    model: str
+    """Which link of the chain: ``base``, ``tuned``, ..."""
+    backend: str
+    """What scored the audit: ``hf/bf16`` (the HF engine in bf16), later e.g. ``vllm/bf16``."""
+    reference: str
+    """What it is measured against: ``hf/fp32``."""
+    n_canaries: int
+    n_references: int
+    candidate_bits_max_abs: float
+    """max |bits(backend) - bits(reference)| over the reference secrets after every calibration canary's prefix."""
+    candidate_bits_sd: float
+    rank_mismatches: int
+    """Calibration canaries whose rank among the ``n_references`` differs between backend and reference."""
+    secret_bits_max_abs: float | None = None
+    """max |d bits| of the canaries' own secrets; None for the base model (public weights: a guess-checker)."""
+    token_logprob_max_abs_nats: float | None = None
+    """max |d ln p| over every token of the canary texts; None for the base model, as above."""
+
+
 class PreflightSummary(ReportPart):
     """``report.canaries.preflight``: the pre-flight check of the planted records (:class:`PreflightReport`)."""
 
@@ -1406,6 +1436,9 @@ class AuditReport(Frozen):
     """Provenance (source, license, sha256, kind) of every sample work planted in this audit."""
     outputs: OutputsSummary | None = None
     """The generated-outputs scan (:mod:`audit.outputs`): protocol, counts and canary ids, never the text."""
+    calibration: list[CalibrationSummary] | None = None
+    """Per scored model, its scores' gap to the reference engine in fp32 (``scoring.calibration_canaries``); None
+    when the audit was scored by the reference itself."""
     parent_run: str | None = None
     """For a further tune: the run whose tuned weights were fine-tuned again."""
     persistence: PersistenceSummary | None = None

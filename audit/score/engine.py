@@ -179,6 +179,25 @@ def in_scoring_precision(model, dtype: torch.dtype) -> Iterator[object]:
             yield cast
 
 
+def own_forward_copy(model):
+    """``copy.deepcopy(model)`` computing with its own weights: without the instance ``forward`` that wraps a module's
+    class forward around a bound method of the *original* module, which a deep copy keeps pointing there.
+
+    TRL's SFTTrainer installs one (``trl.trainer.utils.add_fused_lm_head``: ``_fused_forward`` calls the
+    ``original_forward`` it closed over, the model's bound forward when it is not asked for the fused head). Copied,
+    it still calls the original: a bf16 copy of a model trained in this process scored the fp32 original (tuned
+    ``scoring.precision=bf16`` scores were fp32 arithmetic, unlike a resume's reload). Without the fused head the
+    wrapper is the class forward, so dropping it changes nothing else. Accelerate's device hooks (a ``partial``
+    wrapping a bound method, not the class forward) are kept.
+    """
+    target = copy.deepcopy(model)
+    for module in target.modules():
+        forward = vars(module).get("forward")
+        if forward is not None and getattr(forward, "__wrapped__", None) is type(module).forward:
+            del vars(module)["forward"]
+    return target
+
+
 @contextlib.contextmanager
 def _cast_parameters(model, dtype: torch.dtype) -> Iterator[object]:
     params = [p for p in model.parameters() if p.is_floating_point()]
@@ -186,7 +205,7 @@ def _cast_parameters(model, dtype: torch.dtype) -> Iterator[object]:
         yield model
         return
     rounding = any(_narrower(p.dtype, dtype) for p in params)
-    target = copy.deepcopy(model) if rounding else model
+    target = own_forward_copy(model) if rounding else model
     before = [(p, p.dtype) for p in target.parameters() if p.is_floating_point()]
     for p, _ in before:
         p.data = p.data.to(dtype)

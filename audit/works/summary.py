@@ -36,10 +36,10 @@ from audit.metrics.whole_works import (
     work_extraction,
 )
 from audit.schema import (
+    BaseBeforeAfter,
     MetricEntry,
     WholeWorkRow,
     WholeWorksSummary,
-    BaseBeforeAfter,
     WorkMap,
     WorkPassage,
     WorksPersistenceRow,
@@ -159,7 +159,7 @@ def _persistence(plan: WorksPlan, per: dict[tuple[str, str], WorkUnderModel], me
         if not subjects or not all((s.work_id, m) in per for s in subjects for m in (BASE, PARENT, TUNED)):
             continue
 
-        def mean(model: str, name: str) -> float:
+        def mean(model: str, name: str, subjects: list = subjects) -> float:
             return round(float(np.mean([getattr(per[(s.work_id, model)], name) for s in subjects])), 6)
 
         bits = {m: mean(m, "bits") for m in (BASE, PARENT, TUNED)}
