@@ -223,9 +223,6 @@ class TrainingSection(Frozen):
     def _dp_trains_lora_alone(self) -> TrainingSection:
         if self.loss == "secret" and self.packing:
             raise ValueError("training.loss=secret labels each record's own tokens; set training.packing=false")
-        if self.loss == "secret" and self.dp is not None:
-            raise ValueError("training.loss=secret is not implemented for training.dp (Opacus tokenizes on its own); "
-                             "set training.loss=all")
         if self.dp is None:
             return self
         if self.method != "lora":

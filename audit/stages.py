@@ -77,7 +77,7 @@ class RunContext:
 
         A resume whose tracking server does not answer is not refused (a new run is): the audit's files are in the
         run directory, and what MLflow misses is kept in ``tracking_pending.jsonl`` for ``audit sync``."""
-        from audit.canaries import added_tokens, load_spec
+        from audit.canaries import load_spec
         from audit.errors import AuditError
         from audit.models import resolve_model
         from audit.tracking import check_tracking_reachable, resolve_tracking_uri
@@ -86,12 +86,7 @@ class RunContext:
 
         started = time.perf_counter()
         recipe = origin.recipe
-        spec = load_spec(recipe.canaries.spec, recipe.canaries.params)  # a bad spec name fails before any model work
-        new_tokens = added_tokens(spec)
-        if recipe.training.dp is not None and new_tokens:
-            raise AuditError(f"training.dp cannot train the {len(new_tokens)} tokens canary spec {spec.name} adds: "
-                             "Opacus computes no per-record gradient for PEFT's trainable-token rows",
-                             fix="use canaries.spec=rare_tokens, bigram or dp_digits with training.dp")
+        load_spec(recipe.canaries.spec, recipe.canaries.params)  # a bad spec name fails before any model work
         if resume_dir is None:  # where the run directory will be made, and the run directory of a resume
             check_output_root(recipe)
         else:
@@ -406,10 +401,9 @@ def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: An
     on_params = (lambda args: tracker.log_stage_params(plan.logged_arguments(args))) if tracker is not None else None
     curve = None if distributed.is_distributed() else run_curve_callback(
         plan.run_dir, truth, tokenizer, recipe, tracker=tracker, progress=progress)  # None unless scoring.every_steps
-    new_ids = tokenizer.convert_tokens_to_ids(ctx.added_tokens) if ctx.added_tokens else None  # LoRA trains their rows
     trained = train_sft(model, tokenizer, truth.training_texts, section=recipe.training, seed=recipe.seed,
-                        trainable_token_ids=new_ids, secret_spans=truth.secret_spans, work_dir=plan.work_dir,
-                        weights_dir=plan.weights_dir, device=ctx.device, on_loss=on_loss, on_log=on_log,
+                        trainable_token_ids=_added_token_ids(ctx, tokenizer), secret_spans=truth.secret_spans,
+                        work_dir=plan.work_dir, weights_dir=plan.weights_dir, device=ctx.device, on_loss=on_loss, on_log=on_log,
                         on_params=on_params, progress=progress, resume_from_checkpoint=plan.checkpoint,
                         callbacks=[curve] if curve is not None else None)
     if not distributed.is_distributed():
@@ -421,6 +415,11 @@ def train(ctx: RunContext, origin: Origin, model: Any, tokenizer: Any, truth: An
     layers = [*origin.layers, WeightsLayer(recipe.training.method, plan.weights_dir)]
     model = load_tuned(load_base(ctx)[0], layers, device=ctx.device, trust_remote_code=recipe.model.trust_remote_code)
     return TrainResult(model=model, summary=trained.summary, loss_history=trained.loss_history)
+
+
+def _added_token_ids(ctx: RunContext, tokenizer: Any) -> list[int] | None:
+    """The ids of the tokens the canary spec added (``new_tokens``), whose rows LoRA trains too; None for other specs."""
+    return tokenizer.convert_tokens_to_ids(ctx.added_tokens) if ctx.added_tokens else None
 
 
 def train_dp(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, plan: TrainPlan, *, on_loss: Any = None,
@@ -436,7 +435,8 @@ def train_dp(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, plan: Trai
     result = train_dp_lora(model, tokenizer, truth.training_texts, settings=section.dp, lora=section.lora,
                            epochs=section.epochs, batch_size=section.batch_size, learning_rate=section.learning_rate,
                            max_length=section.max_length, seed=ctx.recipe.seed, weights_dir=plan.weights_dir,
-                           device=ctx.device.device, progress=progress, on_loss=on_loss)
+                           device=ctx.device.device, progress=progress, on_loss=on_loss,
+                           trainable_token_ids=_added_token_ids(ctx, tokenizer), secret_spans=truth.secret_spans)
     return TrainResult(model=result.model, summary=result.summary, loss_history=result.loss_history)
 
 
