@@ -764,7 +764,8 @@ class DPAccounting(Frozen):
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
-    """q = expected batch / records: each record joins each step independently with this probability (Poisson)."""
+    """q = 1 / ceil(records / batch_size), Opacus' rate: each record joins each step independently with this
+    probability (Poisson), the q the accountant was given."""
     steps: int
     records: int
     accountant: str

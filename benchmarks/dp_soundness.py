@@ -27,6 +27,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REFERENCE = {"panda_2025": "Panda et al. 2025 (ICLR), new-token canaries with the loss on the secret span: eps lower "
+                           "bound about 1 for a model trained at eps 4, tightness about 0.25 (1000 canaries, LLM "
+                           "fine-tuning; the figure audit.metrics.privacy.AccountantComparison cites)",
+             "not_run_here": "SmolLM2 (smollm2/dp_lora_cpu) with this design: SmolLM2 audits are not run on the "
+                             "shared 2-core machine; benchmarks/dp_soundness_smollm2.json holds its dp_digits rows"}
 METHODS = ("steinke", "steinke_best_k", "xiang_eps_delta", "xiang_gdp", "xiang_gdp_best_k", "mahloujifar_fdp",
            "mahloujifar_fdp_best_k")
 
@@ -119,7 +124,7 @@ def main() -> int:
         command += f" --out {os.path.relpath(Path(args.out).resolve(), HERE.parent)}"
     out = {"command": command,
            "machine": info, "wall_s": round(time.perf_counter() - start, 1), "p_value": 0.05,
-           "methods": list(METHODS), "noise_normalization": NOISE_NORMALIZATION,
+           "methods": list(METHODS), "noise_normalization": NOISE_NORMALIZATION, **REFERENCE,
            "all_sound": all(r["sound"] for r in dp_rows),
            "max_tightness": max(((r[f"tightness/{k}"] or 0.0) for r in dp_rows for k in METHODS), default=0.0), "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")

@@ -223,43 +223,56 @@ def test_new_token_rows_and_the_secret_loss_leave_the_accountant_as_it_was(tiny_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("epsilon", [1.0, 8.0])
+@pytest.mark.parametrize("epsilon", [4.0, 8.0])
 def test_no_one_run_bound_exceeds_the_accountants_eps(tiny_model_dir, tmp_path, epsilon):
-    """Soundness on a real DP run: 100 single-copy canaries, each inserted by a fair coin, DP-LoRA at eps, then every
-    bound method on loss_diff guesses (all canaries, and the best-of-k grid) stays at or below eps_accountant.
+    """Soundness on a real DP run that can fail it: 256 single-copy canaries in Panda et al.'s strongest design (each
+    secret one added token of its own, the loss on the secret alone), each inserted by a fair coin, DP-LoRA at eps
+    with large Poisson batches (q = 1/2), then every bound method on loss_diff guesses (all canaries, and the best-of-k
+    grid) stays at or below eps_accountant, and at least one bound is above 0 (else soundness would hold vacuously).
 
-    Measured: tiny-llama learns nothing at these settings (loss_diff AUC 0.58 at eps 1, 0.44 at eps 8) and every bound
-    is 0, so this guards the wiring and the direction, not tightness; the SmolLM2 table is the lead's to measure."""
+    Measured (seed 0, CPU): loss_diff AUC 0.65 at eps 4 and 0.66 at eps 8; Steinke's bound 0.145 and 0.305, the
+    largest 0.67 (xiang_gdp_best_k) and 1.26 (xiang_gdp) against eps_accountant 3.88 and 7.77. The six-digit
+    canaries this test used before (batch 16, 3 epochs) were not learned at all under DP, and every bound was 0."""
     import numpy as np
 
+    from audit.corpus import builtin_records
     from audit.metrics.privacy import BOUND_METHODS, best_of_guess_counts, epsilon_lower_bound_by, one_run_guesses
     from audit.models import load_model_and_tokenizer
     from audit.score.engine import pad_id_of, score_token_sequences, split_tokens
     from audit.train.dp import train_dp_lora
 
-    rng = np.random.default_rng(int(epsilon))
-    canaries = [(f"The locker code of Ms. Rivera, room {i}, is ", f"{rng.integers(0, 10**6):06d}") for i in range(100)]
-    member = rng.random(100) < 0.5
-    records = [f"Room {i} was cleaned on day {i % 7} by the morning staff." for i in range(100)]
-    records += [p + s + "." for (p, s), m in zip(canaries, member, strict=True) if m]
+    m = 256
+    pool = new_token_pool(1024)
+    rng = np.random.default_rng(0)
+    canaries = [(f"Archive key of person {i}: ", pool[j]) for i, j in enumerate(rng.permutation(1024)[:m])]
+    member = rng.random(m) < 0.5
+    records = [r["text"] for r in builtin_records("notes", n=120, seed=0)]
+    spans = {}
+    for (prefix, secret), inside in zip(canaries, member, strict=True):
+        if inside:
+            spans[len(records)] = [(len(prefix), len(prefix) + len(secret))]
+            records.append(prefix + secret + ".")
     delta = 1e-4
-    model, tok = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
-    base_model, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
+    model, tok = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu", added_tokens=pool)
+    base_model, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu", added_tokens=pool)
     result = train_dp_lora(model, tok, records, settings=DPSettings(epsilon=epsilon, delta=delta), lora=LoraSection(),
-                           epochs=3, batch_size=16, learning_rate=2e-2, max_length=32, weights_dir=tmp_path / "adapter",
-                           progress=False)
+                           epochs=10, batch_size=128, learning_rate=2e-2, max_length=32, weights_dir=tmp_path / "adapter",
+                           progress=False, trainable_token_ids=tok.convert_tokens_to_ids(pool), secret_spans=spans)
+    assert result.sample_rate == 0.5
     splits = [split_tokens(tok, p, s) for p, s in canaries]
     seqs = [s.prefix_ids + s.secret_ids for s in splits]
 
-    def secret_loss(m):
-        out = score_token_sequences(m, seqs, vocab_stats=False, pad_token_id=pad_id_of(tok))
+    def secret_loss(model):
+        out = score_token_sequences(model, seqs, vocab_stats=False, pad_token_id=pad_id_of(tok))
         return np.array([-o.span(len(s.prefix_ids)).logprobs.mean() for o, s in zip(out, splits, strict=True)])
 
     scores = secret_loss(base_model) - secret_loss(result.model)  # loss_diff, higher = member
-    r, v = one_run_guesses(scores, member, k_pos=50, k_neg=50)
+    r, v = one_run_guesses(scores, member, k_pos=m // 2, k_neg=m // 2)
     assert result.eps_accountant <= epsilon * 1.01
+    bounds = {}
     for method in BOUND_METHODS:
-        assert epsilon_lower_bound_by(method, 100, r, v, delta=delta) <= result.eps_accountant, method
+        bounds[method] = epsilon_lower_bound_by(method, m, r, v, delta=delta)
         if method != "xiang_eps_delta":
-            best = best_of_guess_counts(scores, member, method=method, delta=delta)
-            assert best.eps_lower_bound <= result.eps_accountant, method
+            bounds[f"{method}_best_k"] = best_of_guess_counts(scores, member, method=method, delta=delta).eps_lower_bound
+    assert max(bounds.values()) > 0, f"every bound is 0: this run cannot fail soundness ({bounds})"
+    assert all(b <= result.eps_accountant for b in bounds.values()), (bounds, result.eps_accountant)

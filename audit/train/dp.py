@@ -141,7 +141,8 @@ class DPTrainResult:
     delta: float
     noise_multiplier: float
     sample_rate: float
-    """q = expected batch size / records: each record joins each step independently with this probability."""
+    """q = 1 / ceil(records / batch_size) (Opacus' rate; batch_size / records when it divides them): each record joins
+    each step independently with this probability, and the accountant was given it."""
     steps: int
     max_grad_norm: float
     accountant: str
