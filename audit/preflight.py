@@ -133,11 +133,16 @@ def secret_labels(text: str, spans: list[tuple[int, int]] | None, tokenizer: Any
     """``(input_ids, labels)`` of one record as TRL tokenizes it (EOS appended): labels are the ids, or, for a record
     with ``spans``, -100 on every token that overlaps none of them (the secret's tokens alone carry the loss)."""
     ids, offsets = _tokenize_like_trl(text, tokenizer)
+    return ids, labels_on_spans(ids, offsets, spans)
+
+
+def labels_on_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]] | None) -> list[int]:
+    """``ids`` with -100 on every token whose characters overlap none of ``spans`` (all ids when there are none):
+    the one labelling rule of ``training.loss=secret``, for TRL (:func:`secret_labels`) and DP-SGD alike."""
     if not spans:
-        return ids, list(ids)
-    labels = [t if b > a and any(a < end and b > start for start, end in spans) else -100
-              for t, (a, b) in zip(ids, offsets, strict=True)]
-    return ids, labels
+        return list(ids)
+    return [t if b > a and any(a < end and b > start for start, end in spans) else -100
+            for t, (a, b) in zip(ids, offsets, strict=True)]
 
 
 def run_preflight(

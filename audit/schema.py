@@ -230,9 +230,6 @@ class TrainingSection(Frozen):
     def _dp_trains_lora_alone(self) -> TrainingSection:
         if self.loss == "secret" and self.packing:
             raise ValueError("training.loss=secret labels each record's own tokens; set training.packing=false")
-        if self.loss == "secret" and self.dp is not None:
-            raise ValueError("training.loss=secret is not implemented for training.dp (Opacus tokenizes on its own); "
-                             "set training.loss=all")
         if self.dp is None:
             return self
         if self.method != "lora":
@@ -940,7 +937,8 @@ class DPAccounting(Frozen):
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
-    """q = expected batch / records: each record joins each step independently with this probability (Poisson)."""
+    """q = 1 / ceil(records / batch_size), Opacus' rate: each record joins each step independently with this
+    probability (Poisson), the q the accountant was given."""
     steps: int
     records: int
     accountant: str

@@ -77,7 +77,7 @@ class RunContext:
 
         A resume whose tracking server does not answer is not refused (a new run is): the audit's files are in the
         run directory, and what MLflow misses is kept in ``tracking_pending.jsonl`` for ``audit sync``."""
-        from audit.canaries import added_tokens, load_spec
+        from audit.canaries import load_spec
         from audit.errors import AuditError
         from audit.models import resolve_model
         from audit.tracking import check_tracking_reachable, resolve_tracking_uri
@@ -86,12 +86,7 @@ class RunContext:
 
         started = time.perf_counter()
         recipe = origin.recipe
-        spec = load_spec(recipe.canaries.spec, recipe.canaries.params)  # a bad spec name fails before any model work
-        new_tokens = added_tokens(spec)
-        if recipe.training.dp is not None and new_tokens:
-            raise AuditError(f"training.dp cannot train the {len(new_tokens)} tokens canary spec {spec.name} adds: "
-                             "Opacus computes no per-record gradient for PEFT's trainable-token rows",
-                             fix="use canaries.spec=rare_tokens, bigram or dp_digits with training.dp")
+        load_spec(recipe.canaries.spec, recipe.canaries.params)  # a bad spec name fails before any model work
         if resume_dir is None:  # where the run directory will be made, and the run directory of a resume
             check_output_root(recipe)
         else:

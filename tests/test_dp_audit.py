@@ -184,8 +184,8 @@ def test_the_train_stage_hands_a_dp_recipe_to_dp_sgd_with_its_section_and_refuse
         return SimpleNamespace(model="tuned", summary=summary, loss_history=[(1, 2.0)])
 
     monkeypatch.setattr(dp_module, "train_dp_lora", fake_train_dp_lora)
-    ctx = SimpleNamespace(recipe=recipe, device=DeviceChoice("cpu", "fp32", False))
-    truth = SimpleNamespace(training_texts=["a", "b"])
+    ctx = SimpleNamespace(recipe=recipe, device=DeviceChoice("cpu", "fp32", False), added_tokens=[])
+    truth = SimpleNamespace(training_texts=["a", "b"], secret_spans=None)
     plan = TrainPlan(run_dir=tmp_path, train=True)
     losses = []
     tracker = SimpleNamespace(log_metrics=lambda m, step: losses.append((step, m)))
@@ -193,6 +193,7 @@ def test_the_train_stage_hands_a_dp_recipe_to_dp_sgd_with_its_section_and_refuse
     assert result.model == "tuned" and result.summary.dp == ACCOUNTING
     assert seen["settings"] is recipe.training.dp and seen["settings"].epsilon == 2.0 and seen["texts"] == ["a", "b"]
     assert seen["weights_dir"] == tmp_path / "adapter" and seen["batch_size"] == recipe.training.batch_size
+    assert seen["trainable_token_ids"] is None and seen["secret_spans"] is None  # dp_digits: no added rows, all tokens
     seen["on_loss"](3, 1.5)
     assert losses == [(3, {"train.loss": 1.5})]
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)

@@ -81,7 +81,7 @@ def test_a_tokenizer_without_the_tokens_or_with_one_as_an_ordinary_word_is_refus
         extend_tokenizer(Clashing(), new_token_pool(2))
 
 
-def test_inject_and_dp_refuse_new_tokens_in_one_line_before_writing(in_tmp, capsys):
+def test_inject_refuses_new_tokens_in_one_line_before_writing(in_tmp, capsys):
     from audit.api import inject_canaries
 
     assert main(["inject", "tiny/lora_cpu", "canaries.spec=new_tokens", "--out", str(in_tmp / "planted")]) == 2
@@ -91,10 +91,6 @@ def test_inject_and_dp_refuse_new_tokens_in_one_line_before_writing(in_tmp, caps
     with pytest.raises(AuditError, match="inject_canaries: canary spec new_tokens adds"):
         inject_canaries([{"text": "a note"}] * 40, spec="new_tokens", model="tiny-llama", out=in_tmp / "api")
     assert not (in_tmp / "api").exists()
-    assert main(["run", "tiny/dp_lora_cpu", "canaries.spec=new_tokens", "--no-tracking", "--quiet"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "training.dp cannot train the 1024 tokens canary spec new_tokens adds" in err[0]
-    assert not (in_tmp / "runs").exists() or not any((in_tmp / "runs").iterdir())
 
 
 @pytest.mark.slow

@@ -29,9 +29,9 @@ Panda's third design, ``new_tokens`` (their ``new`` mode), is the strongest and 
   train stage adds PEFT ``trainable_token_indices`` for exactly the added ids (``pool`` x hidden trainable values,
   590k for 1024 tokens on SmolLM2-135M, beside LoRA's own 461k) and a full fine-tune trains them anyway. The
   tokens are added wherever the run loads the base (:func:`new_tokens_added`, :func:`audit.models.extend_vocabulary`),
-  so the base is scored, trained and reloaded with the same vocabulary. DP-SGD cannot train them (Opacus computes
-  no per-record gradient for PEFT's trainable-token layer) and a set for someone else's trainer cannot carry them
-  (``audit inject``): both are refused with one line.
+  so the base is scored, trained and reloaded with the same vocabulary. DP-SGD trains them too, with per-record
+  gradients for PEFT's trainable-token layer (:func:`audit.train.dp.token_rows_grad_sample`); a set for someone
+  else's trainer cannot carry them (``audit inject``): refused with one line.
 """
 
 from __future__ import annotations

@@ -104,9 +104,9 @@ def train(ctx: StageContext, layers: list[WeightsLayer] | tuple[WeightsLayer, ..
     on_params = (lambda args: tracker.log_stage_params(plan.logged_arguments(args))) if tracker is not None else None
     curve = None if distributed.is_distributed() else run_curve_callback(
         plan.run_dir, truth, tokenizer, recipe, tracker=tracker, progress=progress)  # None unless scoring.every_steps
-    new_ids = tokenizer.convert_tokens_to_ids(ctx.added_tokens) if ctx.added_tokens else None  # LoRA trains their rows
     trained = train_sft(model, tokenizer, truth.training_texts, section=recipe.training, seed=recipe.seed,
-                        trainable_token_ids=new_ids, secret_spans=truth.secret_spans, work_dir=plan.work_dir,
+                        trainable_token_ids=_added_token_ids(ctx, tokenizer), secret_spans=truth.secret_spans,
+                        work_dir=plan.work_dir,
                         weights_dir=plan.weights_dir, device=ctx.device, on_loss=on_loss, on_log=on_log,
                         on_params=on_params, progress=progress, resume_from_checkpoint=plan.checkpoint,
                         callbacks=[curve] if curve is not None else None)
@@ -137,6 +137,11 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _added_token_ids(ctx: StageContext, tokenizer: Any) -> list[int] | None:
+    """The ids of the tokens the canary spec added (``new_tokens``), whose rows LoRA trains too; None for other specs."""
+    return tokenizer.convert_tokens_to_ids(ctx.added_tokens) if ctx.added_tokens else None
+
+
 def train_dp(ctx: StageContext, model: Any, tokenizer: Any, truth: Any, plan: TrainPlan, *, on_loss: Any = None,
              progress: bool = False) -> TrainResult:
     """DP-SGD on a LoRA adapter (``training.dp``, :mod:`audit.train.dp`); ``train.json`` records the accountant's eps."""
@@ -150,5 +155,6 @@ def train_dp(ctx: StageContext, model: Any, tokenizer: Any, truth: Any, plan: Tr
     result = train_dp_lora(model, tokenizer, truth.training_texts, settings=section.dp, lora=section.lora,
                            epochs=section.epochs, batch_size=section.batch_size, learning_rate=section.learning_rate,
                            max_length=section.max_length, seed=ctx.recipe.seed, weights_dir=plan.weights_dir,
-                           device=ctx.device.device, progress=progress, on_loss=on_loss)
+                           device=ctx.device.device, progress=progress, on_loss=on_loss,
+                           trainable_token_ids=_added_token_ids(ctx, tokenizer), secret_spans=truth.secret_spans)
     return TrainResult(model=result.model, summary=result.summary, loss_history=result.loss_history)
