@@ -268,6 +268,7 @@ TABLES: dict[str, Table] = {
     "canary_designs": Table(("canary_designs.json",), designs_table),
     "dp_tiny": Table(("dp_soundness.json",), dp_table),
     "dp_smollm2": Table(("dp_soundness_smollm2.json",), dp_smollm2_table),
+    "dp_new_tokens": Table(("dp_soundness_new_tokens.json",), dp_table),
 }
 
 
