@@ -60,7 +60,10 @@ def test_audit_run_with_each_shipped_spec(spec, in_tmp):
         assert kinds == {"licensed", "synthetic"} and (run_dir / "works.json").is_file()
         assert manifest["works"] == report["works"] and len(manifest["excerpts"]) == len(canaries)
         info = report["metrics"]  # works.bits/* sit with every other metric (and reach gates and MLflow alike)
-        assert "works.memorized_bits/synthetic/member" in info and "works.bits/licensed/held_out/base" in info
+        # a group too small for the disclosure rule (audit.metrics.disclosure) is listed as withheld, not dropped
+        shared = set(info) | set(report["disclosure"]["withheld"])
+        assert "works.memorized_bits/synthetic/member" in shared and "works.bits/licensed/held_out/base" in shared
+        assert "works.bits/synthetic/member/tuned" in info
     # Confidentiality: the secrets are in canaries.jsonl and nowhere else. Short (6-digit) secrets are searched with
     # the end of their prefix, so a timestamp or a float that happens to contain the digits is not a false alarm.
     secrets = [c["secret"] if len(c["secret"]) >= 8 else c["prefix"][-8:] + c["secret"] for c in canaries]

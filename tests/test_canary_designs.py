@@ -86,6 +86,7 @@ def test_a_token_design_without_a_tokenizer_says_what_it_needs():
 def test_a_tiny_audit_runs_end_to_end_on_each_design(spec, in_tmp):
     from audit.config import load_recipe
     from audit.pipeline import run_audit
+    from audit.store import read_scores
 
     recipe = load_recipe("tiny/lora_cpu", [f"canaries.spec={spec}", "scoring.exact_exposure=false",
                                            "scoring.sampled_extraction_samples=0"])
@@ -93,5 +94,8 @@ def test_a_tiny_audit_runs_end_to_end_on_each_design(spec, in_tmp):
     report = result.report
     assert report.canaries.spec == spec and report.space_bits > 20
     top = {t.repetitions: t for t in report.tiers}[16]
-    assert top.exposure_mean["tuned"] > top.exposure_mean["base"]  # the 16-copy canaries are learned
+    # the 16-copy canaries are learned (their base exposure is withheld from the shared report: 2 canaries, below the
+    # disclosure rule's group; the run directory's scores have it)
+    base = [s.exposure for s in read_scores(result.run_dir / "scores.jsonl", model="base") if s.repetitions == 16]
+    assert "base" not in top.exposure_mean and top.exposure_mean["tuned"] > sum(base) / len(base)
     assert "privacy.eps_lb/steinke" in report.metrics and "mia.auc/loss_diff" in report.metrics
