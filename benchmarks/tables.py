@@ -32,6 +32,7 @@ sys.path.insert(0, str(HERE))  # the sibling scripts own their own table formats
 
 import canary_designs  # noqa: E402
 import dp_soundness  # noqa: E402
+import scale_memory  # noqa: E402
 
 BLOCK = re.compile(r"<!-- table: (?P<sources>[^>]*?) via benchmarks/tables\.py (?P<name>\w+) -->\n(?P<body>.*?)<!-- /table -->",
                    re.S)
@@ -269,6 +270,7 @@ TABLES: dict[str, Table] = {
     "dp_tiny": Table(("dp_soundness.json",), dp_table),
     "dp_smollm2": Table(("dp_soundness_smollm2.json",), dp_smollm2_table),
     "dp_new_tokens": Table(("dp_soundness_new_tokens.json",), dp_table),
+    "scale_memory": Table(("scale_memory.json",), scale_memory.table),  # computed, not measured: the JSON says so
 }
 
 

@@ -1,8 +1,10 @@
-"""docs/scale.md: its memory table is what benchmarks/scale_memory.py computes, and that computation counts the
-parameters transformers builds for the shapes shipped in benchmarks/configs/."""
+"""docs/scale.md: its memory table is rendered from benchmarks/scale_memory.json, that JSON is what
+benchmarks/scale_memory.py computes now, and that computation counts the parameters transformers builds for the shapes
+shipped in benchmarks/configs/."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -12,10 +14,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import scale_memory  # noqa: E402
+import tables  # noqa: E402
 
 
-def test_the_docs_table_is_the_scripts_output():
-    assert scale_memory.table() in (ROOT / "docs" / "scale.md").read_text()
+def test_the_json_holds_what_the_script_computes_now_and_says_it_is_not_measured():
+    """A formula or shape changed without rerunning ``scale_memory.py --json`` fails here."""
+    data = json.loads((ROOT / "benchmarks" / "scale_memory.json").read_text())
+    fresh = scale_memory.result([])
+    assert data["computed_not_measured"] is True and "not a measurement" in data["note"]
+    assert {k: data[k] for k in ("device", "constants", "formulas", "models")} == \
+        {k: fresh[k] for k in ("device", "constants", "formulas", "models")}
+
+
+def test_the_docs_table_is_rendered_from_the_json():
+    text = (ROOT / "docs" / "scale.md").read_text()
+    assert tables.marker("scale_memory") + "\n" + tables.generate("scale_memory") in text
+    assert "| Llama-3-70B | 70.55 B | 6,898 | 9.9 | 262.8 / 131.4 |" in tables.generate("scale_memory")
 
 
 @pytest.mark.parametrize("config", sorted(scale_memory.SHIPPED))
