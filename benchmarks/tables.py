@@ -257,6 +257,32 @@ def dp_smollm2_table(result: dict) -> str:
             f"{_load(result['machine']['load_average_at_write'][:1])} when the JSON was written.\n")
 
 
+def _min_s(seconds: float) -> str:
+    total = round(seconds)
+    return f"{total // 60} min {total % 60:02d} s"
+
+
+def works_tiny_table(works: dict) -> str:
+    """``tiny/works_cpu`` at seed 0, per work: base -> tuned ("withheld" where the shared report withholds a secret
+    work's base number or stored bits), then the run, its wall clock and the load the machine was under."""
+
+    def pair(d: dict) -> str:
+        return f"{'withheld' if d['base'] is None else format(d['base'], '.2f')} -> {d['tuned']:.2f}"
+
+    rows = [[w["title"], w["kind"].replace("_", " "), w["role"].replace("_", " "), pair(w["bits_per_byte"]),
+             "withheld" if w["stored_bits"] is None else f"{w['stored_bits']:.1f}", pair(w["extractable_share"]),
+             f"{w['greedy_share']:.2f}", w["longest_greedy_run"]] for w in works["whole_works"]["works"]]
+    head = ["work", "kind", "role", "bits/byte base -> tuned", "stored bits", "extractable share base -> tuned",
+            "greedy share", "longest greedy run"]
+    m, load = works["machine"], works.get("load_1min_during")
+    if works.get("wall_s") is not None:
+        when = f"{_min_s(works['wall_s'])} wall clock (stage times total {works['timings_s']['total']:.0f} s)"
+    else:
+        when = f"{_min_s(works['timings_s']['total'])} (the report's stage times; wall clock not recorded)"
+    during = f", 1-min load {load['min']:.1f}-{load['max']:.1f} during it (sampled every 10 s)" if load else ""
+    return (_table(head, rows) + f"\n\nRun `{works['run']}`: {when} on the shared {m['cpus']}-core {m['cpu']}{during}.\n")
+
+
 TABLES: dict[str, Table] = {
     "default": Table(("canary_designs.json", "default_audit.json"), default_result),
     "default_timing": Table(("default_audit.json",), default_timing),
@@ -271,6 +297,7 @@ TABLES: dict[str, Table] = {
     "dp_smollm2": Table(("dp_soundness_smollm2.json",), dp_smollm2_table),
     "dp_new_tokens": Table(("dp_soundness_new_tokens.json",), dp_table),
     "scale_memory": Table(("scale_memory.json",), scale_memory.table),  # computed, not measured: the JSON says so
+    "works_tiny": Table(("works_tiny.json",), works_tiny_table),
 }
 
 

@@ -46,6 +46,7 @@ NOT_MEASURED = (
     "1.44 bits", "1.38 bits",  # the null: E[log2 |R| - log2 rank] for a uniform rank (1/ln 2 as |R| grows; 64 candidates)
     "19.93 bits", "4 bits",  # log2 10^6 (6 digits) and log2 16: sizes of secret spaces, not results
     "300 s of steps", "limits add up to 300 s",  # GPU_CHECK_DEADLINE's default (benchmarks/gpu_check.sh; test_gpu_check.py)
+    "8 bits per byte", "3.6 bits per parameter",  # raw UTF-8's size by definition; Morris et al. 2025's published capacity
 )
 
 
