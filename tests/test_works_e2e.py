@@ -122,7 +122,6 @@ def test_smollm2_members_are_stored_and_extracted_beyond_held_out_works(in_tmp):
     assert m["works.extractable_share/member/tuned"].value > m["works.extractable_share/held_out/tuned"].value
     assert m["works.stored_bits/public_domain/member"].value > m["works.stored_bits/public_domain/held_out"].value
     assert m["works.max_extractable_share/synthetic/held_out/tuned"].value == 0  # nobody could know them
-    assert report.training.wall_s < 600
 
 
 def test_the_memorization_curve_follows_the_whole_works_during_training(works_run):
