@@ -144,6 +144,8 @@ def test_the_dp_summary_line_prints_each_bound_beside_the_accountant():
         tiers: list = []
         space_bits = 20.0
         exposure_max = 8.0
+        whole_works = None
+        disclosure = None
 
     lines = [line for line in format_metrics(Report()) if line.startswith("privacy (DP-SGD)")]
     assert lines == ["privacy (DP-SGD): eps_accountant 4.00; eps_lb (tightness = eps_lb / eps_accountant): "
