@@ -100,9 +100,12 @@ def test_the_audit_run_reads_back_over_rest(audited):
     assert tags["canary_audit.git_revision"] == (report["git_revision"] or "unknown")
     assert tags["canary_audit.version.trl"] == report["versions"]["trl"]
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-    for key in ("exposure.mean/rep_16/tuned", "exposure.mean/rep_0/base", "extraction.exact/rep_16/tuned",
+    for key in ("exposure.mean/rep_16/tuned", "exposure.mean/rep_0/tuned", "extraction.exact/rep_16/tuned",
                 "mia.auc/min_k_pp", "mia.auc/loss_diff", "time.train_s", "train.steps"):
         assert key in metrics, key
+    # tiny's tiers hold 2 canaries, under the disclosure rule's 7: their base numbers are withheld from MLflow too
+    withheld = set(report["disclosure"]["withheld"])
+    assert "exposure.mean/rep_0/base" in withheld and not withheld & set(metrics)
     assert metrics["exposure.mean/rep_16/tuned"] == pytest.approx(
         next(t["exposure_mean"]["tuned"] for t in report["tiers"] if t["repetitions"] == 16))
     history = rest_get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="train.loss")["metrics"]
