@@ -252,3 +252,32 @@ def test_a_run_killed_mid_training_resumes_to_the_same_result(tmp_path):
     clean_report = json.loads((clean_run / "report.json").read_text())
     assert report["training"]["weights_fingerprint"] == clean_report["training"]["weights_fingerprint"]
     assert (run_dir / "scores.jsonl").read_bytes() == (clean_run / "scores.jsonl").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_whole_works_run_killed_mid_training_reuses_its_base_scan_and_ends_as_an_uninterrupted_run(tmp_path):
+    """The works stage files are stage checkpoints like the canary scores: a resume reads ``works_scan_base.jsonl``
+    back untouched instead of scanning every window again, and the finished run equals one never interrupted."""
+    args = ["run", "tiny/works_cpu", "--quiet", "--no-tracking", "training.checkpoint_every=10"]
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    run_dir = _kill_after_first_checkpoint(killed, args)
+    scan = run_dir / "works_scan_base.jsonl"
+    assert scan.exists() and not (run_dir / "works_scan_tuned.jsonl").exists()
+    before = (scan.read_bytes(), scan.stat().st_mtime_ns)
+
+    resumed = subprocess.run(AUDIT + ["run", "--resume", str(run_dir)], cwd=killed, env=_env(),
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[audit] resume: reusing works_scan_base.jsonl" in resumed.stderr
+    assert "whole works under base" not in resumed.stderr and "whole works under tuned" in resumed.stderr
+    assert (scan.read_bytes(), scan.stat().st_mtime_ns) == before
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    subprocess.run(AUDIT + args, cwd=clean, env=_env(), check=True, capture_output=True, timeout=900)
+    (clean_run,) = (clean / "runs").iterdir()
+    for name in ("works_scan_base.jsonl", "works_scan_tuned.jsonl", "scores.jsonl"):
+        assert (run_dir / name).read_bytes() == (clean_run / name).read_bytes(), name
+    shared = json.loads((run_dir / "report.json").read_text())["whole_works"]
+    assert shared == json.loads((clean_run / "report.json").read_text())["whole_works"]
