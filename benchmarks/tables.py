@@ -263,7 +263,7 @@ def _min_s(seconds: float) -> str:
 
 
 def works_tiny_table(works: dict) -> str:
-    """``tiny/works_cpu`` at seed 0, per work: base -> tuned ("withheld" where the shared report withholds a secret
+    """A works recipe (``tiny/works_cpu``, ``smollm2/works_cpu``) at seed 0, per work: base -> tuned ("withheld" where the shared report withholds a secret
     work's base number or stored bits), then the run, its wall clock and the load the machine was under."""
 
     def pair(d: dict) -> str:

@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/works_tiny.py                  # runs the audit in a temp dir (minutes)
     python benchmarks/works_tiny.py --run-dir RUN_DIR                  # or reads a finished run of the same command
+    python benchmarks/works_tiny.py --recipe smollm2/works_cpu         # the same on SmolLM2 -> works_smollm2.json
     # -> benchmarks/works_tiny.json; then `python benchmarks/tables.py --write` regenerates the doc's table
 
 Runs ``audit run tiny/works_cpu --no-tracking`` under the test key (``CANARY_AUDIT_KEY`` = "5a" x 32, so the works
@@ -28,7 +29,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RECIPE = "tiny/works_cpu"
 TEST_KEY = "5a" * 32
-COMMAND = f'CANARY_AUDIT_KEY=5a5a...5a ("5a" x 32) audit run {RECIPE} --no-tracking  (seed 0: the recipe\'s)'
+
+
+def command(recipe: str) -> str:
+    return f'CANARY_AUDIT_KEY=5a5a...5a ("5a" x 32) audit run {recipe} --no-tracking  (seed 0: the recipe\'s)'
+
+
+def default_out(recipe: str) -> Path:
+    """``works_tiny.json`` for ``tiny/works_cpu``, ``works_smollm2.json`` for ``smollm2/works_cpu``."""
+    return HERE / f"works_{recipe.split('/')[0]}.json"
 
 
 def uptime() -> str:
@@ -42,7 +51,7 @@ def audit_executable() -> str:
     return str(beside) if beside.exists() else (shutil.which("audit") or "audit")
 
 
-def run_audit(workdir: Path) -> dict:
+def run_audit(workdir: Path, recipe: str) -> dict:
     """Run the audit in ``workdir``; its run directory, wall time and load averages (1-minute, every 10 s)."""
     env = {**os.environ, "CANARY_AUDIT_KEY": TEST_KEY, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -57,7 +66,7 @@ def run_audit(workdir: Path) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start = time.perf_counter()
-    proc = subprocess.run([audit_executable(), "run", RECIPE, "--no-tracking"], cwd=workdir, env=env,
+    proc = subprocess.run([audit_executable(), "run", recipe, "--no-tracking"], cwd=workdir, env=env,
                           capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     done.set()
@@ -112,8 +121,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", type=Path, help="read this finished run of the same command instead of running it")
     ap.add_argument("--note", default="", help="how the run was made (other jobs on the machine, ...)")
-    ap.add_argument("--out", type=Path, default=HERE / "works_tiny.json")
+    ap.add_argument("--recipe", default=RECIPE, help="a recipe with a works section (default %(default)s)")
+    ap.add_argument("--out", type=Path, default=None, help="default benchmarks/works_<model>.json")
     args = ap.parse_args()
+    args.out = args.out or default_out(args.recipe)
     if args.run_dir is not None:
         run = {"run_dir": args.run_dir, "wall_s": None, "uptime_before": None, "uptime_after": None,
                "note": "read from an existing run directory: wall time is the report's timings_s.total"}
@@ -121,11 +132,11 @@ def main() -> None:
         found = figures(args.run_dir)
     else:
         # kept, not deleted: a run of minutes can be read again with --run-dir
-        run = run_audit(Path(tempfile.mkdtemp(prefix="works_tiny-")))
+        run = run_audit(Path(tempfile.mkdtemp(prefix="works-")), args.recipe)
         print(f"run directory: {run['run_dir']}", file=sys.stderr)
         found = figures(run["run_dir"])
         out_run = {k: v for k, v in run.items() if k != "run_dir"}
-    out = {"benchmark": "works_tiny", "recipe": RECIPE, "command": COMMAND,
+    out = {"benchmark": args.out.stem, "recipe": args.recipe, "command": command(args.recipe),
            "machine": {**machine(), "load_average_at_write": [round(x, 2) for x in os.getloadavg()]},
            "note": args.note, **out_run, **found}
     args.out.write_text(json.dumps(out, indent=1) + "\n")
