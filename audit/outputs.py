@@ -39,11 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from audit.layout import LAYOUT
 from audit.metrics.stats import clopper_pearson
 from audit.schema import Canary, CanarySet, MetricEntry, OutputsSection, SecretSpace, sha256_json
 from audit.store import jsonl_text, write_once
 
-OUTPUTS_FILE = "outputs.jsonl"
 UNPROMPTED = "unprompted"
 
 
@@ -442,7 +442,7 @@ def outputs_stage(run_dir: Path, model: Any, tokenizer: Any, canaries: CanarySet
     import json
 
     t = time.perf_counter()
-    path = Path(run_dir) / OUTPUTS_FILE
+    path = Path(run_dir) / LAYOUT.outputs
     reused = path.is_file()
     if reused:
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
@@ -461,5 +461,5 @@ def outputs_stage(run_dir: Path, model: Any, tokenizer: Any, canaries: CanarySet
         summary["whole_works"], recall = whole_works_recall(scanned, works, seed=ngram, max_gap=max_gap, min_block=min_block)
         metrics.update(recall)
     fingerprint = sha256_json([{k: r[k] for k in ("id", "prompt_id", "token_ids")} for r in rows])
-    summary.update(file=OUTPUTS_FILE, fingerprint=fingerprint, wall_s=round(time.perf_counter() - t, 3), reused=reused)
+    summary.update(file=LAYOUT.outputs, fingerprint=fingerprint, wall_s=round(time.perf_counter() - t, 3), reused=reused)
     return OutputsResult(rows=scanned, summary=summary, metrics=metrics, fingerprint=fingerprint)
