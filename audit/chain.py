@@ -46,7 +46,7 @@ from pydantic import ValidationError
 
 from audit.console import text_table
 from audit.errors import AuditError
-from audit.layout import LAYOUT
+from audit.layout import LAYOUT, read_versioned_rows, versioned
 from audit.schema import AuditReport, BeforeAfter, LineageNode, MetricEntry, PersistenceTier, Recipe, SequenceScore, TrainSummary
 from audit.store import read_scores
 
@@ -277,10 +277,11 @@ def record_child(parent: ParentRun, *, run_dir: Path, tuned_node: LineageNode, m
     run that already recorded itself is not recorded twice)."""
     path = parent.run_dir / LAYOUT.children
     me = str(Path(run_dir).resolve())
-    if path.is_file() and any(json.loads(line).get("run_dir") == me for line in path.read_text(encoding="utf-8").splitlines() if line):
+    if path.is_file() and any(row.get("run_dir") == me for row in read_versioned_rows(path)):
         return
-    line = json.dumps({"run_dir": me, "node": tuned_node.id, "fingerprint": tuned_node.fingerprint,
-                       "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                       "persistence": {k: v.value for k, v in sorted(metrics.items())}}, sort_keys=True)
+    line = json.dumps(versioned(LAYOUT.children, {
+        "run_dir": me, "node": tuned_node.id, "fingerprint": tuned_node.fingerprint,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "persistence": {k: v.value for k, v in sorted(metrics.items())}}), sort_keys=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")

@@ -445,11 +445,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.probe:
         import json
 
+        from audit.layout import versioned
         from audit.score.probe import probe_text
         from audit.store import atomic_write_text
 
         result = probe_text(args.probe, adapter=str(run_dir))
-        atomic_write_text(run_dir / LAYOUT.probe, json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
+        probe = versioned(LAYOUT.probe, result.to_json())
+        atomic_write_text(run_dir / LAYOUT.probe, json.dumps(probe, indent=2, ensure_ascii=False) + "\n")
     rendered = render_report(run_dir, report)
     print(f"wrote {rendered.html} and {rendered.markdown} ({len(rendered.plots)} plots in {rendered.html.parent / 'plots'})")
     return 0

@@ -5,15 +5,23 @@ resume, ``audit report``, further tunes and MLflow replay all find their files h
 (:data:`LAYOUT`) and a version in one table (:data:`SCHEMA_VERSIONS`). Stdlib only: the core, the CLI and the pytest
 plugin import it for free.
 
-Versions: a file (or, for JSONL, each row) carries ``schema_version``. Files with version ``None`` carry none, each
-for the reason stated beside it.
+Versions: a file (or, for JSONL, each row) carries ``schema_version``. A file or row without the field was written
+before that file was versioned: it reads as version 0, which has the same fields as version 1 less the version
+itself. A version newer than this release knows is refused with one line (:func:`check_version`), never guessed at.
+Files with version ``None`` carry none, each for a stated reason (their bytes are fixed by the byte-identity promise,
+or they are data or text for people rather than records).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
+from typing import Any
+
+from audit.errors import AuditError
 
 SCHEMA_VERSION = 1
 """The version of the records in :mod:`audit.schema` (the report, manifest, train summary, canary set, ...): every
@@ -85,15 +93,44 @@ SCHEMA_VERSIONS: Mapping[str, int | None] = MappingProxyType({
     LAYOUT.works_scan: None,  # versioned by works_scan.meta.json beside it
     LAYOUT.works_scan_of("<label>"): None,  # a stage checkpoint, read back only by the run that wrote it
     LAYOUT.works_scan_meta: SCHEMA_VERSION,
-    LAYOUT.outputs: None,  # not versioned yet
-    LAYOUT.children: None,  # not versioned yet
+    LAYOUT.outputs: 1,
+    LAYOUT.children: 1,
     LAYOUT.curves: SCHEMA_VERSION,
     LAYOUT.token_view: SCHEMA_VERSION,
-    LAYOUT.probe: None,  # not versioned yet
+    LAYOUT.probe: 1,
     LAYOUT.report: SCHEMA_VERSION,
     LAYOUT.html: None,  # for people
     LAYOUT.markdown: None,  # for people
-    LAYOUT.pending: None,  # not versioned yet
+    LAYOUT.pending: 1,
 })
 """The schema version each file is written at now (None: carries none, for the reason beside it)."""
 
+
+def versioned(name: str, row: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` with the ``schema_version`` that ``name`` is written at now."""
+    version = SCHEMA_VERSIONS[name]
+    assert version is not None, f"{name} is not a versioned file"
+    return {**row, "schema_version": version}
+
+
+def check_version(path: Path, row: Mapping[str, Any]) -> int:
+    """The version of a file (or a JSONL row) of ``path``: 0 when it has none (written before the file was versioned);
+    one clear error when a newer canary-audit wrote it."""
+    known = SCHEMA_VERSIONS[Path(path).name]
+    assert known is not None, f"{path} is not a versioned file"
+    found = row.get("schema_version", 0)
+    if not isinstance(found, int) or isinstance(found, bool) or found < 0:
+        raise AuditError(f"{path} has schema_version {found!r}, which no canary-audit writes",
+                         fix=f"the file is damaged: delete {Path(path).name} or start a new run")
+    if found > known:
+        raise AuditError(f"{path} is schema_version {found}, newer than this canary-audit reads ({known})",
+                         fix="upgrade canary-audit (`pip install -U canary-audit`) to read it")
+    return found
+
+
+def read_versioned_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a versioned JSONL file, every one checked by :func:`check_version` (rows of version 0 included)."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    for row in rows:
+        check_version(path, row)
+    return rows

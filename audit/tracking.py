@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from audit.errors import AuditError
-from audit.layout import LAYOUT
+from audit.layout import LAYOUT, check_version, versioned
 
 if TYPE_CHECKING:
     from audit.schema import AuditReport, InjectionManifest, TrackingInfo
@@ -297,7 +297,7 @@ class Tracker:
         import json
 
         with open(self.pending_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(op, sort_keys=True, ensure_ascii=False) + "\n")
+            f.write(json.dumps(versioned(LAYOUT.pending, op), sort_keys=True, ensure_ascii=False) + "\n")
             f.flush()
 
     # ---- the parent run
@@ -737,6 +737,8 @@ def _read_pending(path: Path, run_dir: Path) -> list[tuple[str, dict[str, Any]]]
             cut = number == len(raw)  # no newline after it: its write was cut short (an audit killed mid-write)
             refused.append((number, f"is {'cut short' if cut else 'not JSON'} ({exc.msg}, column {exc.colno})"))
             continue
+        if isinstance(op, dict):
+            check_version(path, op)  # a newer canary-audit's line: refused whole, before anything is sent
         why = _call_problem(op, root)
         if why is not None:
             refused.append((number, why))
@@ -838,7 +840,7 @@ def replay_pending(run_dir: Path, uri: str, *, run_id: str | None) -> Replayed:
 
                 rest = lines[done:]
                 if run_id is None and ids["parent"] is not None:  # the parent exists now: the next replay must know it
-                    rest = [json.dumps({"op": "create_parent", "run_id": ids["parent"]}), *rest]
+                    rest = [json.dumps(versioned(LAYOUT.pending, {"op": "create_parent", "run_id": ids["parent"]})), *rest]
                 atomic_write_text(path, "".join(line + "\n" for line in rest))
                 raise AuditError(f"MLflow at {uri} failed while replaying call {done + 1} of {len(ops)} "
                                  f"({_short(exc)}); {len(ops) - done} calls stay in {path}",

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from audit.layout import LAYOUT
+from audit.layout import LAYOUT, check_version
 from audit.schema import SCHEMA_VERSION, Canary, CanarySet
 
 MAX_CANDIDATES = 8
@@ -214,7 +214,9 @@ def read_token_views(run_dir: Path) -> list[TokenView]:
     for name, parse in ((LAYOUT.token_view, TokenView.from_json), (LAYOUT.probe, probe_view)):
         path = Path(run_dir) / name
         if path.is_file():
-            views.append(parse(json.loads(path.read_text(encoding="utf-8"))))
+            data = json.loads(path.read_text(encoding="utf-8"))
+            check_version(path, data)
+            views.append(parse(data))
     return views
 
 
