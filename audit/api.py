@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from audit.errors import AuditError
+from audit.layout import LAYOUT
 
-RECIPE_FILE = "recipe.yaml"
-CORPUS_FILE = "corpus.jsonl"
 """The dataset as given (before injection; it holds no canary), the recipe's ``corpus.source``: so ``audit measure``
 draws the injection again from the recipe alone, as for ``audit inject``, and checks it reproduces manifest.json."""
 
@@ -82,7 +81,7 @@ def inject_canaries(
             "seed": seed,
             "model": {"source": model},
             "canaries": {"spec": spec, "tiers": list(tiers), "members_per_tier": members_per_tier, "references": references},
-            "corpus": {"source": str(out / CORPUS_FILE), "text_column": text_field,
+            "corpus": {"source": str(out / LAYOUT.corpus), "text_column": text_field,
                        "messages_column": messages_field, "placement": placement},
             "training": {"max_length": max_length},
             "scoring": {"exposure_references": exposure_references},
@@ -105,7 +104,7 @@ def inject_canaries(
 
     out.mkdir(parents=True, exist_ok=True)
     write_ground_truth(truth, out, dataset=True)
-    write_jsonl(out / CORPUS_FILE, records)
+    write_jsonl(out / LAYOUT.corpus, records)
     write_measure_record(recipe, out, resolved=resolved)  # recipe.yaml, inject.json, train_dataset/: what `audit measure` reads
     return InjectedDataset(dataset=_dataset_of(truth.injection.records), ground_truth=out)
 

@@ -56,6 +56,7 @@ from audit.curve_points import (  # noqa: F401  (re-exported: the callback's mea
 )
 from audit.curves import Curves
 from audit.errors import AuditError
+from audit.layout import LAYOUT
 from audit.schema import CanarySet, GateSpec, Recipe
 
 OUTPUT_SUBDIR = "canary-audit"
@@ -77,7 +78,6 @@ class LiveTruth:
 def load_live_truth(gt_dir: str | Path, tokenizer: Any) -> LiveTruth:
     """Read ``gt_dir`` (``inject_canaries`` / ``audit inject --out``) and draw the exposure references again (they are
     never stored: a function of the seed, the audit key and the canary set, :func:`audit.canaries.reference_secrets`)."""
-    from audit.api import RECIPE_FILE
     from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets
     from audit.config import read_yaml, validate_recipe
     from audit.ground_truth import read_canary_set
@@ -85,14 +85,14 @@ def load_live_truth(gt_dir: str | Path, tokenizer: Any) -> LiveTruth:
     from audit.schema import InjectionManifest
 
     gt = Path(gt_dir)
-    for name in (RECIPE_FILE, "canaries.jsonl", "canaries.meta.json", "manifest.json"):
+    for name in (LAYOUT.recipe, LAYOUT.canaries, LAYOUT.canaries_meta, LAYOUT.manifest):
         if not (gt / name).is_file():
             raise AuditError(f"ground truth {gt} has no {name}",
                              fix="give the directory inject_canaries(out=...) or `audit inject --out` wrote")
-    recipe = validate_recipe(read_yaml(gt / RECIPE_FILE), source=str(gt / RECIPE_FILE))
+    recipe = validate_recipe(read_yaml(gt / LAYOUT.recipe), source=str(gt / LAYOUT.recipe))
     canaries = read_canary_set(gt)
     assert canaries is not None  # canaries.meta.json exists
-    manifest = InjectionManifest.model_validate_json((gt / "manifest.json").read_text(encoding="utf-8"))
+    manifest = InjectionManifest.model_validate_json((gt / LAYOUT.manifest).read_text(encoding="utf-8"))
     if manifest.canary_set_sha256 != canaries.sha256():
         raise AuditError(f"{gt}/canaries.jsonl does not match its manifest (set hash {canaries.sha256()[:12]} != "
                          f"{manifest.canary_set_sha256[:12]})", fix="use the ground-truth directory unmodified")
@@ -283,7 +283,7 @@ class CanaryAuditCallback(TrainerCallback):
         report = finish_report(result.run_dir, report, curves=curves, extra_gates=self.extra_gates, tracker=self._tracker)
         if self.recorder is not None:
             self._say(f"[audit] curve: {self.recorder.points} points, {self.recorder.seconds:.1f} s of scoring during training")
-        self._say(f"[audit] report: {result.run_dir / 'report.html'}; gates: "
+        self._say(f"[audit] report: {result.run_dir / LAYOUT.html}; gates: "
                   f"{sum(not g.passed for g in report.gates)} failed of {len(report.gates)}")
         return type(result)(run_dir=result.run_dir, report=report)
 
@@ -322,7 +322,7 @@ def finish_report(run_dir: Path, report: Any, *, curves: Curves, extra_gates: li
     report = report.model_copy(update={"gates": gates})
     if tracker is not None:
         report = report.model_copy(update={"tracking": tracker.info()})
-    write_report(report, Path(run_dir) / "report.json")
+    write_report(report, Path(run_dir) / LAYOUT.report)
     render_report(Path(run_dir), report)
     if tracker is not None:
         tracker.log_report(report, Path(run_dir))  # the final audit at the curve's last step

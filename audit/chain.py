@@ -46,12 +46,12 @@ from pydantic import ValidationError
 
 from audit.console import text_table
 from audit.errors import AuditError
+from audit.layout import LAYOUT, read_versioned_rows, versioned
 from audit.schema import AuditReport, BeforeAfter, LineageNode, MetricEntry, PersistenceTier, Recipe, SequenceScore, TrainSummary
 from audit.store import read_scores
 
 MIN_LEARNED_BITS = 1.0
 """A tier whose first tune lowered the secret's cost by less than this (bits) gets no retention ratio."""
-CHILDREN_FILE = "children.jsonl"
 PARENT_LABEL = "parent"
 
 
@@ -97,19 +97,19 @@ def load_parent(path: str | Path, *, _depth: int = 0) -> ParentRun:
         raise AuditError(f"parent chain of {run_dir} is deeper than 16 runs or loops", fix="check the runs' recipe.yaml 'parent' keys")
     status = {}
     try:
-        status = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        status = json.loads((run_dir / LAYOUT.status).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         pass
-    if status.get("status") != "complete" or not (run_dir / "report.json").is_file():
+    if status.get("status") != "complete" or not (run_dir / LAYOUT.report).is_file():
         raise AuditError(f"parent run {run_dir} is not complete (status: {status.get('status', 'unknown')})",
                          fix=f"finish it first (`audit run --resume {path}`) or choose a complete run")
     try:
-        report = read_report(run_dir / "report.json")
-        train = TrainSummary.model_validate_json((run_dir / "train.json").read_text(encoding="utf-8"))
+        report = read_report(run_dir / LAYOUT.report)
+        train = TrainSummary.model_validate_json((run_dir / LAYOUT.train).read_text(encoding="utf-8"))
     except (OSError, ValidationError, ValueError) as exc:
         raise AuditError(f"parent run {run_dir} has an unreadable report.json or train.json ({type(exc).__name__})",
                          fix="choose a run made by `audit run` of this version") from None
-    recipe = validate_recipe(read_yaml(run_dir / "recipe.yaml"), source=str(run_dir / "recipe.yaml"))
+    recipe = validate_recipe(read_yaml(run_dir / LAYOUT.recipe), source=str(run_dir / LAYOUT.recipe))
     weights_dir = run_dir / Path(train.weights_path).name
     found = fingerprint_safetensors_dir(weights_dir) if weights_dir.is_dir() else None
     if found != train.weights_fingerprint:
@@ -147,8 +147,8 @@ def check_same_device(parent: ParentRun, *, device: str, precision: str) -> None
 def inherited_scores(parent: ParentRun) -> list[SequenceScore]:
     """``base`` rows from the chain's first run and the parent's ``tuned`` rows relabelled ``parent``."""
     def read(run_dir: Path, label: str) -> list[SequenceScore]:
-        path = run_dir / f"scores_{label}.jsonl"
-        return read_scores(path if path.is_file() else run_dir / "scores.jsonl", model=label)
+        path = run_dir / LAYOUT.scores_of(label)
+        return read_scores(path if path.is_file() else run_dir / LAYOUT.scores, model=label)
 
     base = read(parent.origin.run_dir, "base")
     before = [r.model_copy(update={"model": PARENT_LABEL}) for r in read(parent.run_dir, "tuned")]
@@ -275,12 +275,13 @@ def chain_lineage(parent: ParentRun, data_node: LineageNode, tuned_node: Lineage
 def record_child(parent: ParentRun, *, run_dir: Path, tuned_node: LineageNode, metrics: dict[str, MetricEntry]) -> None:
     """Append this further tune to the parent's ``children.jsonl`` (one line, appended in a single write; a resumed
     run that already recorded itself is not recorded twice)."""
-    path = parent.run_dir / CHILDREN_FILE
+    path = parent.run_dir / LAYOUT.children
     me = str(Path(run_dir).resolve())
-    if path.is_file() and any(json.loads(line).get("run_dir") == me for line in path.read_text(encoding="utf-8").splitlines() if line):
+    if path.is_file() and any(row.get("run_dir") == me for row in read_versioned_rows(path)):
         return
-    line = json.dumps({"run_dir": me, "node": tuned_node.id, "fingerprint": tuned_node.fingerprint,
-                       "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                       "persistence": {k: v.value for k, v in sorted(metrics.items())}}, sort_keys=True)
+    line = json.dumps(versioned(LAYOUT.children, {
+        "run_dir": me, "node": tuned_node.id, "fingerprint": tuned_node.fingerprint,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "persistence": {k: v.value for k, v in sorted(metrics.items())}}), sort_keys=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from audit.errors import EXIT_USAGE, AuditError
+from audit.layout import LAYOUT
 
 EXIT_GATE_FAILED = 1
 
@@ -170,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise AuditError("--resume continues a run with the recipe stored in it; a recipe or key=value overrides cannot change it",
                              fix=f"run `audit run --resume {args.resume}` alone, or start a new run")
         run_dir, recipe, status = load_resumable(args.resume)
-        if status.get("status") == "complete" and (run_dir / "report.json").is_file():
+        if status.get("status") == "complete" and (run_dir / LAYOUT.report).is_file():
             from audit.gates import read_report_or_run
 
             print(f"run {run_dir} is already complete; nothing to resume")
@@ -233,10 +234,9 @@ def _print_result(result) -> None:
 
         print("\ngates (check again with `audit gate RUN_DIR`; exit 1 when one fails):")
         print(format_gate_table(report.gates))
-    from audit.render import HTML_FILE
 
     print(f"\nrun directory: {result.run_dir}")
-    print(f"report: {result.run_dir / HTML_FILE} (open it in a browser; regenerate with `audit report {result.run_dir}`)")
+    print(f"report: {result.run_dir / LAYOUT.html} (open it in a browser; regenerate with `audit report {result.run_dir}`)")
     if "tracking" in report.metric_notes:  # MLflow missed part of the run (audit.stages.tracking_note)
         print(f"MLflow: {report.metric_notes['tracking']}")
     elif report.tracking is not None:
@@ -445,12 +445,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.probe:
         import json
 
-        from audit.render.token_view import PROBE_FILE
+        from audit.layout import versioned
         from audit.score.probe import probe_text
         from audit.store import atomic_write_text
 
         result = probe_text(args.probe, adapter=str(run_dir))
-        atomic_write_text(run_dir / PROBE_FILE, json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
+        probe = versioned(LAYOUT.probe, result.to_json())
+        atomic_write_text(run_dir / LAYOUT.probe, json.dumps(probe, indent=2, ensure_ascii=False) + "\n")
     rendered = render_report(run_dir, report)
     print(f"wrote {rendered.html} and {rendered.markdown} ({len(rendered.plots)} plots in {rendered.html.parent / 'plots'})")
     return 0

@@ -28,6 +28,7 @@ from typing import Any
 
 from audit.errors import AuditError, did_you_mean
 from audit.gates import NULL_MEAN_EXPOSURE_BITS
+from audit.layout import LAYOUT
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 STAGE_TAG = "canary_audit.stage"
@@ -105,7 +106,7 @@ def _row_from_report(report: Any, run_dir: Path) -> CompareRow:
     for key, value in report.timings_s.items():
         metrics.setdefault(f"time.{key}_s", value)
     return CompareRow(label=run_dir.name, run_id=None, recipe=report.recipe.get("name", "?"), method=report.training.method,
-                      model=report.model.source, metrics=metrics, source="report.json",
+                      model=report.model.source, metrics=metrics, source=LAYOUT.report,
                       data=_data_label((report.recipe.get("corpus") or {}).get("source"), report.canaries.spec))
 
 

@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from audit.layout import LAYOUT
 from audit.schema import SCHEMA_VERSION
 
-CURVES_FILE = "curves.json"
 Curves = dict[str, list[tuple[int, float]]]
 
 
@@ -35,14 +35,14 @@ def add_point(curves: Curves, step: int, metrics: dict[str, float]) -> None:
 def write_curves(run_dir: Path, curves: Curves) -> None:
     from audit.store import atomic_write_text
 
-    atomic_write_text(Path(run_dir) / CURVES_FILE, json.dumps(
+    atomic_write_text(Path(run_dir) / LAYOUT.curves, json.dumps(
         {"schema_version": SCHEMA_VERSION, "curves": {k: [list(p) for p in v] for k, v in sorted(curves.items())}},
         indent=1) + "\n")
 
 
 def read_curves(run_dir: Path) -> Curves:
     """The curves ``audit run`` recorded in ``run_dir`` (empty when it recorded none)."""
-    path = Path(run_dir) / CURVES_FILE
+    path = Path(run_dir) / LAYOUT.curves
     if not path.is_file():
         return {}
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from audit.errors import AuditError, check_readable
+from audit.layout import LAYOUT
 from audit.schema import Recipe
 
-GROUND_TRUTH_FILES = ("recipe.yaml", "canaries.jsonl", "canaries.meta.json", "manifest.json")
+GROUND_TRUTH_FILES = (LAYOUT.recipe, LAYOUT.canaries, LAYOUT.canaries_meta, LAYOUT.manifest)
 MEASURE_SECTIONS = ("name", "description", "scoring", "gates", "tracking", "output", "outputs", "expected")
 """Recipe sections ``key=value`` overrides may change: how the model is measured and reported. The others (model,
 canaries, corpus, seed, training) shaped the ground truth; the base is changed with ``--base``."""
@@ -56,11 +57,11 @@ def read_ground_truth_dir(path: str | Path) -> GroundTruthDir:
         raise AuditError(f"{gt} is not a ground-truth directory: {', '.join(missing)} missing",
                          fix="give the --out directory of `audit inject` (of this version), or a run directory")
     gt = gt.resolve()
-    for name in (*GROUND_TRUTH_FILES, "inject.json", "report.json"):  # what records the base's fingerprint, if there
+    for name in (*GROUND_TRUTH_FILES, LAYOUT.inject, LAYOUT.report):  # what records the base's fingerprint, if there
         if (gt / name).is_file():
             check_readable(gt / name, fix=f"let this user read it (chmod u+r {gt / name}), or measure as its owner")
     try:
-        manifest = InjectionManifest.model_validate_json((gt / "manifest.json").read_text(encoding="utf-8"))
+        manifest = InjectionManifest.model_validate_json((gt / LAYOUT.manifest).read_text(encoding="utf-8"))
     except ValueError:
         raise AuditError(f"{gt}/manifest.json is not an injection manifest", fix="use an unmodified ground-truth directory") from None
     canaries = read_canary_set(gt)
@@ -68,16 +69,16 @@ def read_ground_truth_dir(path: str | Path) -> GroundTruthDir:
         found = "none" if canaries is None else canaries.sha256()[:12]
         raise AuditError(f"the canaries in {gt}/canaries.jsonl do not match its manifest.json (canary-set hash {found} != "
                          f"{manifest.canary_set_sha256[:12]})", fix="use an unmodified ground-truth directory")
-    recipe = validate_recipe(read_yaml(gt / "recipe.yaml"), source=str(gt / "recipe.yaml"))
+    recipe = validate_recipe(read_yaml(gt / LAYOUT.recipe), source=str(gt / LAYOUT.recipe))
     if recipe.parent:
         raise AuditError(f"{gt} is a further tune of {recipe.parent}: its canaries were planted in the chain's first run",
                          fix="measure against the chain's first run directory")
     base_source, base_fp = recipe.model.source, None
-    inject = _read_json(gt / "inject.json")
+    inject = _read_json(gt / LAYOUT.inject)
     if inject:
         base_source = inject.get("base", {}).get("source", base_source)
         base_fp = inject.get("base", {}).get("fingerprint")
-    elif (report := _read_json(gt / "report.json")):
+    elif (report := _read_json(gt / LAYOUT.report)):
         base_fp = report.get("model", {}).get("fingerprint")
     return GroundTruthDir(path=gt, recipe=recipe, base_source=base_source, base_fingerprint=base_fp,
                           manifest_sha256=manifest.sha256(), canaries=canaries)

@@ -49,9 +49,9 @@ from pydantic import ValidationError
 
 from audit.console import text_table
 from audit.errors import AuditError, did_you_mean
+from audit.layout import LAYOUT
 from audit.schema import SCHEMA_VERSION, AuditReport, GateResult, GateSpec, MetricEntry
 
-REPORT_FILE = "report.json"
 NULL_MEAN_EXPOSURE_BITS = 1 / math.log(2)
 """Mean exposure of a canary the model never saw: its rank among the references is uniform, so its exposure in nats
 is ~Exp(1), whose mean is 1 nat = 1/ln 2 = 1.44 bits (the limit of :func:`audit.metrics.null_exposure_mean` as the
@@ -332,12 +332,12 @@ def load_gate_specs(path: str | Path) -> list[GateSpec]:
 def read_report_or_run(path: str | Path) -> AuditReport:
     """``report.json`` itself or a run directory holding one; a clear error for anything else."""
     path = Path(path)
-    file = path / REPORT_FILE if path.is_dir() else path
+    file = path / LAYOUT.report if path.is_dir() else path
     if not file.is_file():
         if path.is_dir():
             status = _run_status(path)
             why = f" (run status: {status}; resume it with `audit run --resume {path}`)" if status else ""
-            raise AuditError(f"{path} has no {REPORT_FILE}{why}", fix="give a finished run directory or its report.json")
+            raise AuditError(f"{path} has no {LAYOUT.report}{why}", fix="give a finished run directory or its report.json")
         raise AuditError(f"report {path} does not exist", fix="give a run directory (runs/<name>) or a report.json")
     try:
         text = file.read_text(encoding="utf-8")
@@ -365,7 +365,7 @@ def _schema_version_of(text: str) -> object | None:
 
 def _run_status(run_dir: Path) -> str | None:
     try:
-        return str(json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("status"))
+        return str(json.loads((run_dir / LAYOUT.status).read_text(encoding="utf-8")).get("status"))
     except (OSError, ValueError, AttributeError):
         return None
 

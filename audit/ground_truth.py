@@ -40,13 +40,11 @@ from audit.corpus import Corpus, load_corpus
 from audit.errors import AuditError
 from audit.inject import InjectionResult, inject
 from audit.keys import AuditKey, resolve_key
+from audit.layout import LAYOUT
 from audit.models import load_tokenizer  # noqa: F401  (the one tokenizer loader; imported from here by callers)
 from audit.preflight import require_passed, run_preflight, secret_spans, training_texts
 from audit.schema import SCHEMA_VERSION, CanarySet, PreflightReport, Recipe, TrainingSection
 from audit.store import write_json, write_jsonl
-
-CANARIES_FILE = "canaries.jsonl"
-CANARIES_META_FILE = "canaries.meta.json"
 
 
 @dataclass(frozen=True)
@@ -221,13 +219,13 @@ def ground_truth_for_model(recipe: Recipe, *, model_path: Path, fingerprint: str
 
 def ground_truth_files(truth: GroundTruth, *, dataset: bool = False) -> dict[str, Any]:
     """Run-directory file name -> object (``.jsonl``: a list of rows)."""
-    files: dict[str, Any] = {CANARIES_FILE: truth.canaries.canaries, CANARIES_META_FILE: canaries_meta(truth.canaries),
-                             "manifest.json": truth.injection.manifest, "preflight.json": truth.preflight}
+    files: dict[str, Any] = {LAYOUT.canaries: truth.canaries.canaries, LAYOUT.canaries_meta: canaries_meta(truth.canaries),
+                             LAYOUT.manifest: truth.injection.manifest, LAYOUT.preflight: truth.preflight}
     if truth.canaries.works:
-        files["works.json"] = works_file(truth.canaries)
+        files[LAYOUT.works] = works_file(truth.canaries)
     files.update(truth.extra_files)
     if dataset:
-        files["train.jsonl"] = truth.injection.records
+        files[LAYOUT.train_records] = truth.injection.records
     return files
 
 
@@ -240,7 +238,7 @@ def canaries_meta(canaries: CanarySet) -> dict[str, Any]:
     """``canaries.meta.json``: everything of the :class:`CanarySet` but its rows (which stay, unchanged, in
     ``canaries.jsonl``), so the set can be read back whole: schema_version, spec, seed, space, works, excerpts, hash."""
     meta = canaries.model_dump(mode="json", exclude={"canaries"})
-    return {**meta, "canaries_file": CANARIES_FILE, "n_canaries": len(canaries.canaries), "canary_set_sha256": canaries.sha256()}
+    return {**meta, "canaries_file": LAYOUT.canaries, "n_canaries": len(canaries.canaries), "canary_set_sha256": canaries.sha256()}
 
 
 def read_canary_set(run_dir: Path) -> CanarySet | None:
@@ -250,7 +248,7 @@ def read_canary_set(run_dir: Path) -> CanarySet | None:
 
     from audit.schema import Canary
 
-    meta_path, rows_path = Path(run_dir) / CANARIES_META_FILE, Path(run_dir) / CANARIES_FILE
+    meta_path, rows_path = Path(run_dir) / LAYOUT.canaries_meta, Path(run_dir) / LAYOUT.canaries
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -393,13 +391,6 @@ def _removed_on_failure(out_dir: Path) -> Iterator[None]:
         raise
 
 
-INJECT_FILE = "inject.json"
-"""What ``audit measure`` needs besides the canaries and manifest: the base (source, fingerprint), spec, seed, key id,
-how the exposure references are drawn again, and the injected set's files."""
-DATASET_DIR = "train_dataset"
-"""``train.jsonl`` again as a saved ``datasets`` directory (``datasets.load_from_disk``): it holds the secrets too."""
-
-
 def write_measure_record(recipe: Recipe, out_dir: Path, *, resolved: Any) -> list[str]:
     """``recipe.yaml`` (the resolved recipe), ``inject.json`` and ``train_dataset/`` beside what ``audit inject`` wrote.
 
@@ -415,29 +406,29 @@ def write_measure_record(recipe: Recipe, out_dir: Path, *, resolved: Any) -> lis
     from audit.store import atomic_write_text
 
     out_dir = Path(out_dir)
-    manifest = InjectionManifest.model_validate_json((out_dir / "manifest.json").read_text(encoding="utf-8"))
-    meta = json.loads((out_dir / CANARIES_META_FILE).read_text(encoding="utf-8"))
+    manifest = InjectionManifest.model_validate_json((out_dir / LAYOUT.manifest).read_text(encoding="utf-8"))
+    meta = json.loads((out_dir / LAYOUT.canaries_meta).read_text(encoding="utf-8"))
     fingerprint = resolved.provenance.get("weights_fingerprint") or fingerprint_safetensors_dir(resolved.path)
-    atomic_write_text(out_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    atomic_write_text(out_dir / LAYOUT.recipe, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     c = recipe.corpus
     record = {
         "schema_version": SCHEMA_VERSION,
         "base": {"source": recipe.model.source, "revision": recipe.model.revision, "kind": resolved.kind,
                  "fingerprint": fingerprint},
-        "recipe": "recipe.yaml",
+        "recipe": LAYOUT.recipe,
         "spec": manifest.spec, "spec_version": manifest.spec_version, "seed": recipe.seed, "key_id": meta.get("key_id"),
         "canary_set_sha256": manifest.canary_set_sha256, "manifest_sha256": manifest.sha256(),
         "references": {"n": recipe.scoring.exposure_references,
                        "drawn": "again by `audit measure`, from spec, seed and audit key, as `audit run` draws them"},
-        "dataset": {"jsonl": "train.jsonl", "datasets_dir": DATASET_DIR, "format": manifest.format,
+        "dataset": {"jsonl": LAYOUT.train_records, "datasets_dir": LAYOUT.train_dataset, "format": manifest.format,
                     "text_column": c.text_column, "messages_column": c.messages_column,
                     "n_records": manifest.dataset_after.n_records},
         "training": {"max_length": recipe.training.max_length, "packing": recipe.training.packing,
                      "loss": "on every token (the pre-flight checked that every canary copy fits in max_length)"},
     }
-    write_json(out_dir / INJECT_FILE, record)
-    save_dataset_dir(out_dir / "train.jsonl", out_dir / DATASET_DIR)
-    return ["recipe.yaml", INJECT_FILE, f"{DATASET_DIR}/"]
+    write_json(out_dir / LAYOUT.inject, record)
+    save_dataset_dir(out_dir / LAYOUT.train_records, out_dir / LAYOUT.train_dataset)
+    return [LAYOUT.recipe, LAYOUT.inject, f"{LAYOUT.train_dataset}/"]
 
 
 def save_dataset_dir(jsonl: Path, out: Path) -> None:
@@ -504,7 +495,7 @@ def _inject_streaming(recipe: Recipe, out_dir: Path, *, model_path: Path, finger
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for record in injector.run(records()):
                 f.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_dir / "train.jsonl")
+        os.replace(tmp, out_dir / LAYOUT.train_records)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -513,14 +504,14 @@ def _inject_streaming(recipe: Recipe, out_dir: Path, *, model_path: Path, finger
     t = time.perf_counter()
     preflight = run_preflight(manifest, canaries, injector.carriers, tokenizer, **training_options(recipe.training))
     timings["preflight"] = time.perf_counter() - t
-    write_jsonl(out_dir / CANARIES_FILE, canaries.canaries)
-    write_json(out_dir / CANARIES_META_FILE, canaries_meta(canaries))
-    write_json(out_dir / "manifest.json", manifest)
-    write_json(out_dir / "preflight.json", preflight)
-    files = ["train.jsonl", CANARIES_FILE, CANARIES_META_FILE, "manifest.json", "preflight.json"]
+    write_jsonl(out_dir / LAYOUT.canaries, canaries.canaries)
+    write_json(out_dir / LAYOUT.canaries_meta, canaries_meta(canaries))
+    write_json(out_dir / LAYOUT.manifest, manifest)
+    write_json(out_dir / LAYOUT.preflight, preflight)
+    files = [LAYOUT.train_records, LAYOUT.canaries, LAYOUT.canaries_meta, LAYOUT.manifest, LAYOUT.preflight]
     if canaries.works:
-        write_json(out_dir / "works.json", works_file(canaries))
-        files.append("works.json")
+        write_json(out_dir / LAYOUT.works, works_file(canaries))
+        files.append(LAYOUT.works)
     require_passed(preflight)
     return InjectStageResult(out_dir=out_dir, files=files, n_records=manifest.dataset_after.n_records,
                              placements=len(manifest.placements), preflight=preflight, timings_s=timings)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from audit.errors import AuditError
 from audit.keys import AuditKey, resolve_key
+from audit.layout import LAYOUT
 from audit.schema import AuditReport, LineageNode, MetricEntry, Recipe, SequenceScore
 from audit.train import stage
 from audit.train.types import DeviceChoice, TrainResult, WeightsLayer
@@ -77,7 +78,7 @@ class Origin(Protocol):
 def origin_for(recipe: Recipe, *, resume_dir: Any = None) -> Origin:
     """:class:`FurtherTune` of ``recipe.parent`` when it names one (checked now), else :class:`FreshBase`; either with
     its audit key (:func:`run_key`), checked against the run being resumed and the parent before anything is written."""
-    if resume_dir is not None and (Path(resume_dir) / EXTERNAL_FILE).is_file():  # an `audit measure` run
+    if resume_dir is not None and (Path(resume_dir) / LAYOUT.external).is_file():  # an `audit measure` run
         return resume_external(recipe, Path(resume_dir))
     if recipe.parent:
         from audit import chain
@@ -89,10 +90,6 @@ def origin_for(recipe: Recipe, *, resume_dir: Any = None) -> Origin:
         return FurtherTune(recipe=inherited, parent=parent, key=key)
     return FreshBase(recipe=recipe, key=run_key(recipe, expected=_resumed(resume_dir)))
 
-
-EXTERNAL_FILE = "external.json"
-"""In the run directory of ``audit measure``: what was measured (:meth:`ExternalModel.record_file`); a resume reads it."""
-
 KEY_ID_FIELD = "key_id"
 
 
@@ -100,14 +97,14 @@ def recorded_key_id(run_dir: Any) -> str | None:
     """The audit key id a run directory was made under (run.json, else canaries.meta.json); ``"unkeyed"`` for a run
     written before the key existed (canaries.jsonl without any key id); None when it recorded nothing yet."""
     run_dir = Path(run_dir)
-    for name in ("run.json", "canaries.meta.json"):
+    for name in (LAYOUT.status, LAYOUT.canaries_meta):
         try:
             found = json.loads((run_dir / name).read_text(encoding="utf-8")).get(KEY_ID_FIELD)
         except (OSError, ValueError, AttributeError):
             continue
         if found:
             return str(found)
-    return UNKEYED if (run_dir / "canaries.jsonl").is_file() else None
+    return UNKEYED if (run_dir / LAYOUT.canaries).is_file() else None
 
 
 UNKEYED = "unkeyed"
@@ -219,12 +216,12 @@ class FurtherTune:
                                        dtype=device.torch_dtype, progress=progress,
                                        canaries=read_canary_set(first.run_dir), canary_seed=first.recipe.seed, key=self.key)
         canaries = truth.canaries
-        stored = [json.loads(line) for line in (self.parent.run_dir / "canaries.jsonl").read_text(encoding="utf-8").splitlines() if line]
+        stored = [json.loads(line) for line in (self.parent.run_dir / LAYOUT.canaries).read_text(encoding="utf-8").splitlines() if line]
         if canaries.sha256() != first.report.canaries.canary_set_sha256 or stored != [c.model_dump(mode="json") for c in canaries.canaries]:
             raise AuditError(f"the canaries of {first.run_dir} differ from those in {self.parent.run_dir}/canaries.jsonl",
                              fix="the canary code or spec changed since the parent ran; rerun the chain from its first run")
         if truth.works is not None:  # the same whole works, drawn again, as the chain's first run planted them
-            planted = json.loads((first.run_dir / "manifest.json").read_text(encoding="utf-8")).get("work_subjects")
+            planted = json.loads((first.run_dir / LAYOUT.manifest).read_text(encoding="utf-8")).get("work_subjects")
             if [w.model_dump(mode="json") for w in truth.works.subjects] != planted:
                 raise AuditError(f"the whole works drawn again differ from those {first.run_dir}/manifest.json records",
                                  fix="the works sources, the canary code or the base model changed; "
@@ -299,10 +296,10 @@ def resume_external(recipe: Recipe, run_dir: Path) -> ExternalModel:
     from audit.external import read_ground_truth_dir
 
     try:
-        record = json.loads((run_dir / EXTERNAL_FILE).read_text(encoding="utf-8"))
+        record = json.loads((run_dir / LAYOUT.external).read_text(encoding="utf-8"))
         gt = read_ground_truth_dir(record["ground_truth_dir"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise AuditError(f"{run_dir}/{EXTERNAL_FILE} is damaged", fix="start a new `audit measure`") from None
+        raise AuditError(f"{run_dir}/{LAYOUT.external} is damaged", fix="start a new `audit measure`") from None
     origin = external_model(gt, recipe, model=record.get("model"), adapter=record.get("adapter"), base_given=True)
     if origin.weights_fingerprint != record.get("weights_fingerprint"):
         raise AuditError(f"the weights {run_dir} measured changed since (fingerprint {origin.weights_fingerprint[:12]} != "
@@ -355,7 +352,7 @@ class ExternalModel:
                              f"(manifest hash {found[:12]} != {self.manifest_sha256[:12]})",
                              fix="the corpus, the canary code or the base's tokenizer changed since `audit inject`; measure "
                                  "with the same version and corpus, or inject again and retrain")
-        return dataclasses.replace(truth, extra_files={EXTERNAL_FILE: self.record_file()})
+        return dataclasses.replace(truth, extra_files={LAYOUT.external: self.record_file()})
 
     def record_file(self) -> dict[str, Any]:
         """``external.json``: what this run measured (no secret); :func:`resume_external` reads it back."""
@@ -427,7 +424,7 @@ class ExternalWeights:
     origin: ExternalModel
     ctx: Any
     start: Any
-    name: str = "train.json"
+    name: str = LAYOUT.train
 
     def read(self, run_dir: Path) -> TrainResult | None:
         from audit.schema import TrainSummary

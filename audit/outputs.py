@@ -39,11 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from audit.layout import LAYOUT, read_versioned_rows, versioned
 from audit.metrics.stats import clopper_pearson
 from audit.schema import Canary, CanarySet, MetricEntry, OutputsSection, SecretSpace, sha256_json
 from audit.store import jsonl_text, write_once
 
-OUTPUTS_FILE = "outputs.jsonl"
 UNPROMPTED = "unprompted"
 
 
@@ -439,14 +439,11 @@ def outputs_stage(run_dir: Path, model: Any, tokenizer: Any, canaries: CanarySet
 
     ``whole_works``: ``(works, seed, max_gap, min_block)`` with works ``(work_id, role, token ids)``: the audited whole
     works, scanned for long near-verbatim blocks (:func:`whole_works_recall`)."""
-    import json
-
     t = time.perf_counter()
-    path = Path(run_dir) / OUTPUTS_FILE
+    path = Path(run_dir) / LAYOUT.outputs
     reused = path.is_file()
     if reused:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-        rows = [{k: r[k] for k in ("id", "prompt_id", "token_ids", "text")} for r in rows]
+        rows = [{k: r[k] for k in ("id", "prompt_id", "token_ids", "text")} for r in read_versioned_rows(path)]
     else:
         if progress:
             total = section.samples * len(prompts_of(section))
@@ -454,12 +451,12 @@ def outputs_stage(run_dir: Path, model: Any, tokenizer: Any, canaries: CanarySet
         rows = generate_samples(model, tokenizer, section, seed=seed, progress=progress)
     scanned = scan_samples(rows, canaries, tokenizer, section)
     if not reused:
-        write_once(path, jsonl_text(scanned))
+        write_once(path, jsonl_text(versioned(LAYOUT.outputs, r) for r in scanned))
     summary, metrics = summarize_outputs(scanned, canaries, section, seed=seed, model_label=model_label)
     if whole_works is not None:
         works, ngram, max_gap, min_block = whole_works
         summary["whole_works"], recall = whole_works_recall(scanned, works, seed=ngram, max_gap=max_gap, min_block=min_block)
         metrics.update(recall)
     fingerprint = sha256_json([{k: r[k] for k in ("id", "prompt_id", "token_ids")} for r in rows])
-    summary.update(file=OUTPUTS_FILE, fingerprint=fingerprint, wall_s=round(time.perf_counter() - t, 3), reused=reused)
+    summary.update(file=LAYOUT.outputs, fingerprint=fingerprint, wall_s=round(time.perf_counter() - t, 3), reused=reused)
     return OutputsResult(rows=scanned, summary=summary, metrics=metrics, fingerprint=fingerprint)

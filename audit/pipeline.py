@@ -1,7 +1,8 @@
 """The one place that sequences the stages: canaries -> inject -> train -> score -> report.
 
 Everything the user can get wrong (recipe, model, corpus, canary spec, tracking server) is checked *before* the
-run directory is created, so a bad input leaves nothing behind. Each stage then writes its file:
+run directory is created, so a bad input leaves nothing behind. Each stage then writes its file (names and
+schema versions: :mod:`audit.layout`):
 
     runs/<name>-<time>-<id>/
       run.json          status (running / failed / complete), timings, error, schema_version
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from audit.layout import LAYOUT
 from audit.schema import AuditReport, Recipe
 
 if TYPE_CHECKING:
@@ -120,7 +122,7 @@ def run_origin(
             calibration.append(run.store.get_or_run(CalibrationFile("tuned"),
                                                      lambda: stages.calibrate(ctx, tuned.model, tokenizer, truth, "tuned")))
         scores = base_scores + tuned_scores
-        write_jsonl(run.dir / "scores.jsonl", scores)
+        write_jsonl(run.dir / LAYOUT.scores, scores)
         stages.write_token_view(run.dir, view_base, stages.token_view(ctx, tuned.model, tokenizer, truth))
         outputs = stages.sample_outputs(run, tuned.model, tokenizer, truth)  # None unless outputs.samples > 0
         works = stages.summarize_works(run, truth, tokenizer, works_base + works_tuned, tuned.summary)  # works_scan.jsonl

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from audit.layout import LAYOUT
+
 if TYPE_CHECKING:
     from audit.schema import AuditReport, GateResult, GateSpec
 
@@ -73,7 +75,7 @@ def _run_once(config: pytest.Config, recipe_name: str) -> AuditReport:
     key = f"{_CACHE_PREFIX}/{fingerprint}"
     cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
     cached = None if config.getoption("audit_fresh") or cache is None else cache.get(key, None)
-    if cached and (Path(cached) / "report.json").is_file():
+    if cached and (Path(cached) / LAYOUT.report).is_file():
         report = read_report_or_run(cached)
         if audit_fingerprint(report.recipe) == fingerprint:
             config.stash[_ORIGIN] = f"reused cached run {cached} (recipe fingerprint {fingerprint[:12]})"

@@ -19,6 +19,7 @@ from typing import Any
 
 from audit.console import text_table
 from audit.gates import NULL_MEAN_EXPOSURE_BITS
+from audit.layout import LAYOUT
 from audit.schema import (
     AuditReport,
     CalibrationSummary,
@@ -83,7 +84,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
     nodes += lineage.derived_nodes(
         tuned_node, merged_fingerprint=training.merged_fingerprint, merged_path="merged",
         outputs_fingerprint=outputs.fingerprint if outputs else None,
-        outputs_details={"file": "outputs.jsonl", "samples": outputs.summary["protocol"]["samples"],
+        outputs_details={"file": LAYOUT.outputs, "samples": outputs.summary["protocol"]["samples"],
                          "samples_with_member_secret": outputs.summary["samples_with_member_secret"]} if outputs else None)
     dp = training.dp  # a DP-SGD run: the bounds at the accountant's delta, so the two eps are comparable
     scoring = recipe.scoring if dp is None else recipe.scoring.model_copy(update={"privacy_delta": dp.delta})

@@ -42,13 +42,10 @@ from typing import Any
 
 from audit.console import say
 from audit.errors import AuditError
+from audit.layout import LAYOUT
 from audit.schema import SCHEMA_VERSION, Recipe
 from audit.store import StageStore, write_json
 from audit.train.types import TRAINER_DIR
-
-STATUS_FILE = "run.json"
-RECIPE_FILE = "recipe.yaml"
-LOCK_FILE = ".run.lock"
 
 
 def _now() -> str:
@@ -85,7 +82,7 @@ def disk_full(exc: BaseException, where: Path) -> AuditError | None:
     what = f"writing {exc.filename}" if exc.filename else f"writing under {where}"
     return AuditError(f"{DISK_ERRNOS[exc.errno]} ({what})",
                       fix=f"free space on the disk that holds {where} (or raise the quota), then resume with "
-                          f"`audit run --resume {where}`" if (where / STATUS_FILE).is_file() else
+                          f"`audit run --resume {where}`" if (where / LAYOUT.status).is_file() else
                           f"free space on the disk that holds {where} (or raise the quota), or choose another folder")
 
 
@@ -101,13 +98,13 @@ def save_failure(handle: RunHandle, fields: dict[str, Any]) -> None:
     from audit.store import json_text
 
     try:
-        with open(handle.run_dir / STATUS_FILE, "r+", encoding="utf-8") as f:
+        with open(handle.run_dir / LAYOUT.status, "r+", encoding="utf-8") as f:
             text = json_text(handle.status)
             f.seek(0)
             f.truncate()
             f.write(text)
     except OSError as exc:
-        say(True, f"[audit] warning: could not mark {handle.run_dir / STATUS_FILE} failed ({exc.strerror})")
+        say(True, f"[audit] warning: could not mark {handle.run_dir / LAYOUT.status} failed ({exc.strerror})")
 
 
 def failure_status(exc: BaseException) -> dict[str, Any]:
@@ -137,7 +134,7 @@ class RunHandle:
 
     def save_status(self, **updates: Any) -> None:
         self.status.update(updates)
-        write_json(self.run_dir / STATUS_FILE, self.status)
+        write_json(self.run_dir / LAYOUT.status, self.status)
 
     def note_reuse(self, what: str) -> None:
         self.reused.append(what)
@@ -157,7 +154,7 @@ class RunHandle:
 
 
 def _lock(run_dir: Path) -> int:
-    return _hold(os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644), run_dir)
+    return _hold(os.open(run_dir / LAYOUT.lock, os.O_RDWR | os.O_CREAT, 0o644), run_dir)
 
 
 def check_not_in_use(run_dir: Path) -> None:
@@ -168,7 +165,7 @@ def check_not_in_use(run_dir: Path) -> None:
     recipe.yaml". Opened read-only: a run directory you cannot write is refused later, with its own message.
     """
     try:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+        fd = os.open(run_dir / LAYOUT.lock, os.O_RDONLY)
     except OSError:  # no lock file: no process ever held the lock (it is made before the lock is taken)
         return
     os.close(_hold(fd, run_dir))
@@ -208,12 +205,12 @@ def open_run(run_dir: Path, *, resumed: bool, progress: bool = True) -> RunHandl
 
 def read_status(run_dir: Path) -> dict[str, Any]:
     try:
-        status = json.loads((run_dir / STATUS_FILE).read_text(encoding="utf-8"))
+        status = json.loads((run_dir / LAYOUT.status).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise AuditError(f"{run_dir} has no readable {STATUS_FILE}: it is not a canary-audit run directory",
+        raise AuditError(f"{run_dir} has no readable {LAYOUT.status}: it is not a canary-audit run directory",
                          fix="give a directory made by `audit run` (runs/<name>-<time>-<id>)") from None
     if not isinstance(status, dict):
-        raise AuditError(f"{run_dir / STATUS_FILE} is not a run status", fix="give a directory made by `audit run`")
+        raise AuditError(f"{run_dir / LAYOUT.status} is not a run status", fix="give a directory made by `audit run`")
     return status
 
 
@@ -226,10 +223,10 @@ def load_resumable(run_dir: str | Path) -> tuple[Path, Recipe, dict[str, Any]]:
         raise AuditError(f"cannot resume {run_dir}: no such directory", fix="give a run directory, e.g. runs/<name>-<time>-<id>")
     check_not_in_use(run_dir)  # first: a live run holds its lock before it writes run.json and recipe.yaml
     status = read_status(run_dir)
-    if not (run_dir / RECIPE_FILE).is_file():
-        raise AuditError(f"cannot resume {run_dir}: it has no {RECIPE_FILE} (the run stopped before writing it)",
+    if not (run_dir / LAYOUT.recipe).is_file():
+        raise AuditError(f"cannot resume {run_dir}: it has no {LAYOUT.recipe} (the run stopped before writing it)",
                          fix="start a new run with `audit run RECIPE`")
-    recipe = validate_recipe(read_yaml(run_dir / RECIPE_FILE), source=str(run_dir / RECIPE_FILE))
+    recipe = validate_recipe(read_yaml(run_dir / LAYOUT.recipe), source=str(run_dir / LAYOUT.recipe))
     return run_dir, recipe, status
 
 
@@ -311,7 +308,7 @@ def sync_run(run_dir: str | Path, *, tracking_uri: str | None = None) -> str:
     The tracking URI is the one ``run.json`` recorded (``tracking_uri``) unless ``tracking_uri`` is given. The run
     directory is locked meanwhile, so a sync never races the audit that is still writing the file.
     """
-    from audit.tracking import PENDING_FILE, replay_pending
+    from audit.tracking import replay_pending
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -320,16 +317,16 @@ def sync_run(run_dir: str | Path, *, tracking_uri: str | None = None) -> str:
     fd = _lock(run_dir)
     try:
         status = read_status(run_dir)
-        if not (run_dir / PENDING_FILE).is_file():
-            return f"nothing to sync: {run_dir} has no {PENDING_FILE} (MLflow has all of it)"
+        if not (run_dir / LAYOUT.pending).is_file():
+            return f"nothing to sync: {run_dir} has no {LAYOUT.pending} (MLflow has all of it)"
         uri = tracking_uri or status.get("tracking_uri")
         if not uri:
-            raise AuditError(f"{run_dir / STATUS_FILE} does not say where the run was tracked",
+            raise AuditError(f"{run_dir / LAYOUT.status} does not say where the run was tracked",
                              fix=f"pass --tracking-uri URI to `audit sync {run_dir}`")
         done = replay_pending(run_dir, uri, run_id=status.get("mlflow_run_id"))
         status.update(tracking="synced", synced_at=_now(), tracking_uri=uri,
                       **({"mlflow_run_id": done.run_id} if done.run_id else {}))
-        write_json(run_dir / STATUS_FILE, status)
+        write_json(run_dir / LAYOUT.status, status)
         return f"replayed {done.calls} calls into MLflow run {done.run_id} at {uri}"
     finally:
         os.close(fd)

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_serializer, model_validator
 
-SCHEMA_VERSION = 1
+from audit.layout import SCHEMA_VERSION
 
 
 class Frozen(BaseModel):

@@ -31,11 +31,12 @@ import yaml
 
 from audit import distributed
 from audit.console import say
+from audit.layout import LAYOUT
 from audit.models import ResolvedModel
 from audit.resume import RunHandle
 from audit.schema import AuditReport, Recipe, SequenceScore, TrainSummary
 from audit.store import StageStore, json_text
-from audit.train.stage import TRAIN_FILE, TrainedWeights, load_base  # noqa: F401  (re-exported: the stage the run opens with)
+from audit.train.stage import TrainedWeights, load_base  # noqa: F401  (re-exported: the stage the run opens with)
 from audit.train.types import DeviceChoice, TrainPlan
 
 if TYPE_CHECKING:  # annotations only: the origins import this module's stages lazily, so no cycle at import time
@@ -195,7 +196,7 @@ def open_run(ctx: RunContext, resume_dir: Path | None) -> Iterator[Run]:
     and experiment (what ``audit sync`` needs) and, at the end, whether tracking was incomplete.
     """
     from audit.resume import open_run as open_run_dir
-    from audit.tracking import PENDING_FILE, open_tracker
+    from audit.tracking import open_tracker
 
     run_dir = new_run_dir(ctx.recipe) if resume_dir is None else Path(resume_dir)
     handle = open_run_dir(run_dir, resumed=resume_dir is not None, progress=ctx.progress)
@@ -207,7 +208,7 @@ def open_run(ctx: RunContext, resume_dir: Path | None) -> Iterator[Run]:
                 replay_kept_calls(handle, ctx.tracking_uri, progress=ctx.progress)
         say(ctx.progress and ctx.tracking, f"[audit] MLflow: opening the run in {ctx.tracking_uri}")  # seconds on a cold store
         with open_tracker(ctx.tracking, ctx.tracking_uri, ctx.recipe.tracking.experiment, ctx.recipe.name,
-                          run_id=handle.status.get("mlflow_run_id"), pending=run_dir / PENDING_FILE,
+                          run_id=handle.status.get("mlflow_run_id"), pending=run_dir / LAYOUT.pending,
                           progress=ctx.progress) as tracker:
             run = Run(ctx=ctx, handle=handle, tracker=tracker)
             if tracker.run_id is not None:
@@ -239,14 +240,14 @@ def _tracking_status(tracker: Any) -> dict[str, Any]:
 def replay_kept_calls(handle: RunHandle, uri: str, *, progress: bool = True) -> None:
     """Replay ``tracking_pending.jsonl`` into ``uri`` (``audit sync``, and a resume before it reopens the run)."""
     from audit.errors import AuditError
-    from audit.tracking import PENDING_FILE, replay_pending
+    from audit.tracking import replay_pending
 
-    if not (handle.run_dir / PENDING_FILE).is_file():
+    if not (handle.run_dir / LAYOUT.pending).is_file():
         return
     try:
         done = replay_pending(handle.run_dir, uri, run_id=handle.status.get("mlflow_run_id"))
     except AuditError as exc:
-        say(True, f"[audit] warning: could not replay {PENDING_FILE} yet ({exc.problem}); it is kept")
+        say(True, f"[audit] warning: could not replay {LAYOUT.pending} yet ({exc.problem}); it is kept")
         return
     handle.save_status(**({"mlflow_run_id": done.run_id} if done.run_id else {}))
     say(progress, f"[audit] MLflow: replayed {done.calls} calls an earlier attempt could not log")
@@ -260,12 +261,12 @@ def record_inputs(run: Run, truth: Any) -> None:
     from audit.tracking import flatten
 
     ctx, recipe, store = run.ctx, run.ctx.recipe, run.store
-    if run.handle.resumed and (run.dir / "recipe.yaml").is_file():
+    if run.handle.resumed and (run.dir / LAYOUT.recipe).is_file():
         # the recipe was read from this file, so it is the same recipe; its text may differ only by keys a newer version
         # added with their defaults (e.g. scoring.precision), and the file keeps what the first attempt wrote
-        store.keep("recipe.yaml")
+        store.keep(LAYOUT.recipe)
     else:
-        store.put("recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        store.put(LAYOUT.recipe, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     for name, obj in ground_truth_files(truth).items():
         store.put(name, jsonl_text(obj) if name.endswith(".jsonl") else json_text(obj))
     canaries, injection, preflight = truth.canaries, truth.injection, truth.preflight
@@ -381,12 +382,12 @@ def summarize_works(run: Run, truth: Any, tokenizer: Any, rows: list[Any], train
         return None
     from audit.schema import SCHEMA_VERSION
     from audit.store import write_json, write_jsonl
-    from audit.works.summary import SCAN_FILE, summarize_whole_works
+    from audit.works.summary import summarize_whole_works
 
     scoring, section = run.ctx.recipe.scoring, truth.works.section
-    write_jsonl(run.dir / SCAN_FILE, rows)
-    write_json(run.dir / SCAN_FILE.replace(".jsonl", ".meta.json"), {
-        "schema_version": SCHEMA_VERSION, "rows": SCAN_FILE, "prefix_tokens": section.prefix_tokens,
+    write_jsonl(run.dir / LAYOUT.works_scan, rows)
+    write_json(run.dir / LAYOUT.works_scan_meta, {
+        "schema_version": SCHEMA_VERSION, "rows": LAYOUT.works_scan, "prefix_tokens": section.prefix_tokens,
         "suffix_tokens": section.suffix_tokens, "stride": section.stride, "models": sorted({r.model for r in rows}),
         "n_queries": scoring.np_extraction_queries, "p": scoring.np_extraction_probability,
         "tokens": "tokenizer(text, add_special_tokens=False) of each work's audited text (manifest.json work_subjects: "
@@ -498,9 +499,7 @@ TRACKING_NOTE = "tracking"
 
 
 def tracking_note(run_dir: Path) -> str:
-    from audit.tracking import PENDING_FILE
-
-    return (f"tracking incomplete: MLflow stopped answering during the run; what it missed is kept in {PENDING_FILE} "
+    return (f"tracking incomplete: MLflow stopped answering during the run; what it missed is kept in {LAYOUT.pending} "
             f"(replay with `audit sync {run_dir}`)")
 
 
@@ -517,13 +516,13 @@ def publish(run: Run, origin: Origin, report: AuditReport) -> AuditReport:
 
     if run.tracker.incomplete:
         report = noted(report)
-    write_report(report, run.dir / "report.json")
+    write_report(report, run.dir / LAYOUT.report)
     render_report(run.dir, report)  # report.html, report.md, plots/ (audit.render)
     # with scoring.every_steps the final audit is each curve's last point: log_report puts it at the last step
     run.tracker.log_report(report, run.dir, log_full_weights=run.ctx.recipe.tracking.log_full_weights)
     run.tracker.set_tags(origin.tags())
     if run.tracker.incomplete and TRACKING_NOTE not in report.metric_notes:  # the server went away during the logging
         report = noted(report)
-        write_report(report, run.dir / "report.json")
+        write_report(report, run.dir / LAYOUT.report)
     origin.record(report, run.dir)
     return report

@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
+from audit.layout import LAYOUT
 from audit.schema import CalibrationSummary, SequenceScore, WorkWindow
 
 T = TypeVar("T")
@@ -137,7 +138,7 @@ class ScoresFile:
 
     @property
     def name(self) -> str:
-        return f"scores_{self.label}.jsonl"
+        return LAYOUT.scores_of(self.label)
 
     def read(self, run_dir: Path) -> list[SequenceScore] | None:
         path = Path(run_dir) / self.name
@@ -159,7 +160,7 @@ class CalibrationFile:
 
     @property
     def name(self) -> str:
-        return f"calibration_{self.label}.json"
+        return LAYOUT.calibration_of(self.label)
 
     def read(self, run_dir: Path) -> CalibrationSummary | None:
         path = Path(run_dir) / self.name
@@ -200,7 +201,7 @@ class WorksScanFile:
 
     @property
     def name(self) -> str:
-        return f"works_scan_{self.label}.jsonl"
+        return LAYOUT.works_scan_of(self.label)
 
     def read(self, run_dir: Path) -> list[WorkWindow] | None:
         path = Path(run_dir) / self.name

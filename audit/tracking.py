@@ -28,7 +28,7 @@ loop, so a tracking server that dies mid-run froze training for 16.5 minutes of 
 
 A server that dies: HTTP retries are bounded (:data:`HTTP_BOUNDS`: seconds, not minutes); the first call that
 fails prints one warning line and switches the tracker offline; every later call is kept, as data, in the run
-directory's ``tracking_pending.jsonl`` (:data:`PENDING_FILE`); the audit goes on and exits as it would have.
+directory's ``tracking_pending.jsonl`` (``LAYOUT.pending``); the audit goes on and exits as it would have.
 ``run.json`` and ``report.json`` (``metric_notes["tracking"]``) say tracking was incomplete; ``audit sync
 RUN_DIR`` (or ``audit run --resume``) replays the file (:func:`replay_pending`). On a resumed run the stage runs
 are reused by name and a curve point already logged at a step is not logged again.
@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from audit.errors import AuditError
+from audit.layout import LAYOUT, check_version, versioned
 
 if TYPE_CHECKING:
     from audit.schema import AuditReport, InjectionManifest, TrackingInfo
@@ -145,17 +146,13 @@ def training_set_rows(manifest: InjectionManifest, record_chars: list[int]) -> d
 
 # --------------------------------------------------------------------------------------------------- resilience
 
-PENDING_FILE = "tracking_pending.jsonl"
-"""What could not be logged, one call per line, as data (ids, numbers, tags, paths in the run directory): replayed
-in order by :func:`replay_pending` (``audit sync RUN_DIR``, ``audit run --resume``). Holds what MLflow would hold,
-never a secret; the replay checks the whole file first and sends nothing if a line asks for more."""
-
-LOGGED_FILES = ("report.json", "report.html", "report.md", "manifest.json", "preflight.json", "works.json", "token_view.json")
+LOGGED_FILES = (LAYOUT.report, LAYOUT.html, LAYOUT.markdown, LAYOUT.manifest, LAYOUT.preflight, LAYOUT.works,
+                LAYOUT.token_view)
 """The run-directory files :meth:`Tracker.log_report` logs as artifacts (at the top of the run's artifacts)."""
 WEIGHT_FOLDERS = ("adapter", "model", "merged")
 LOGGED_FOLDERS = ("plots", *WEIGHT_FOLDERS)
 """The run-directory folders :meth:`Tracker.log_report` can log, each under its own name. These two tuples are all
-that a replay of :data:`PENDING_FILE` may upload: the secrets (``canaries.jsonl``, ``outputs.jsonl``, ``train.jsonl``),
+that a replay of ``tracking_pending.jsonl`` may upload: the secrets (``canaries.jsonl``, ``outputs.jsonl``, ``train.jsonl``),
 the scores and the key stay local (docs/threat-model.md)."""
 
 HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -227,7 +224,7 @@ class Tracker:
 
     Tracking never costs the audit: every call goes through :meth:`_send`; the first one that fails (server gone,
     store locked) prints one warning line and switches the tracker offline, and from then on each call is kept in
-    ``tracking_pending.jsonl`` (:data:`PENDING_FILE`) instead of sent. Runs are named in that file by role
+    ``tracking_pending.jsonl`` (``LAYOUT.pending``) instead of sent. Runs are named in that file by role
     (``parent`` or a stage name), so stage runs opened while offline are created when it is replayed.
     """
 
@@ -300,7 +297,7 @@ class Tracker:
         import json
 
         with open(self.pending_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(op, sort_keys=True, ensure_ascii=False) + "\n")
+            f.write(json.dumps(versioned(LAYOUT.pending, op), sort_keys=True, ensure_ascii=False) + "\n")
             f.flush()
 
     # ---- the parent run
@@ -696,7 +693,7 @@ def _artifact_problem(op: dict[str, Any], root: Path) -> str | None:
 
 
 def _call_problem(op: Any, root: Path) -> str | None:
-    """Why a line of :data:`PENDING_FILE` is not a call :class:`Tracker` keeps, or None."""
+    """Why a line of ``tracking_pending.jsonl`` is not a call :class:`Tracker` keeps, or None."""
     if not isinstance(op, dict):
         return f"is a JSON {type(op).__name__}, not a kept call (an object with an op)"
     kind = op.get("op")
@@ -740,6 +737,8 @@ def _read_pending(path: Path, run_dir: Path) -> list[tuple[str, dict[str, Any]]]
             cut = number == len(raw)  # no newline after it: its write was cut short (an audit killed mid-write)
             refused.append((number, f"is {'cut short' if cut else 'not JSON'} ({exc.msg}, column {exc.colno})"))
             continue
+        if isinstance(op, dict):
+            check_version(path, op)  # a newer canary-audit's line: refused whole, before anything is sent
         why = _call_problem(op, root)
         if why is not None:
             refused.append((number, why))
@@ -768,7 +767,7 @@ def replay_pending(run_dir: Path, uri: str, *, run_id: str | None) -> Replayed:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    path = Path(run_dir) / PENDING_FILE
+    path = Path(run_dir) / LAYOUT.pending
     if not path.is_file():
         return Replayed(0, run_id)
     kept = _read_pending(path, run_dir)
@@ -841,7 +840,7 @@ def replay_pending(run_dir: Path, uri: str, *, run_id: str | None) -> Replayed:
 
                 rest = lines[done:]
                 if run_id is None and ids["parent"] is not None:  # the parent exists now: the next replay must know it
-                    rest = [json.dumps({"op": "create_parent", "run_id": ids["parent"]}), *rest]
+                    rest = [json.dumps(versioned(LAYOUT.pending, {"op": "create_parent", "run_id": ids["parent"]})), *rest]
                 atomic_write_text(path, "".join(line + "\n" for line in rest))
                 raise AuditError(f"MLflow at {uri} failed while replaying call {done + 1} of {len(ops)} "
                                  f"({_short(exc)}); {len(ops) - done} calls stay in {path}",

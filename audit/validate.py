@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from audit.errors import AuditError
+from audit.layout import LAYOUT
 from audit.schema import GateSpec, Recipe
 
 CORPUS_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -402,7 +403,7 @@ def validate_only(recipe: Recipe, *, check_sources: bool = True) -> list[str]:
             check_lora_targets(recipe, local)
         except AuditError as exc:
             problems.append((exc.problem, exc.fix))
-    if recipe.parent and not (Path(recipe.parent) / "report.json").is_file():
+    if recipe.parent and not (Path(recipe.parent) / LAYOUT.report).is_file():
         problems.append((f"parent {recipe.parent} is not a finished run directory (no report.json)",
                          "set parent= to a run directory that `audit run` completed"))
     gate_errors, gate_notes = gate_problems(list(recipe.gates), plan)

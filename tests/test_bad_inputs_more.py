@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from audit.cli import main
+from audit.layout import LAYOUT
 
 RUN = ["run", "tiny/lora_cpu", "--no-tracking"]
 
@@ -207,7 +208,7 @@ def test_a_real_token_view_of_a_non_ascii_canary_shows_its_characters(tmp_path, 
     from test_report_render import make_run_dir
 
     from audit.render import render_report
-    from audit.render.token_view import TOKEN_VIEW_FILE, canary_token_logprobs, read_token_views, write_token_view
+    from audit.render.token_view import canary_token_logprobs, read_token_views, write_token_view
     from audit.schema import Canary
 
     model, tokenizer = tiny_model
@@ -221,7 +222,7 @@ def test_a_real_token_view_of_a_non_ascii_canary_shows_its_characters(tmp_path, 
     shown = "".join(t.text for t in view.tokens if not t.secret)
     assert shown.startswith(NON_ASCII) and canary.prefix.startswith(shown)
     assert sum(t.secret for t in view.tokens) == base[0].n_secret
-    for path in (run_dir / TOKEN_VIEW_FILE, rendered.html, rendered.markdown):
+    for path in (run_dir / LAYOUT.token_view, rendered.html, rendered.markdown):
         text = path.read_text(encoding="utf-8")
         assert "\ufffd" not in text and "quixotic" not in text, path
     assert "中" in rendered.html.read_text(encoding="utf-8") and "🙂" in rendered.markdown.read_text(encoding="utf-8")
@@ -460,7 +461,6 @@ def test_a_resume_from_another_folder_logs_to_the_tracking_store_run_json_record
 def test_a_resume_whose_tracking_server_is_down_finishes_with_one_warning_and_keeps_the_calls(tmp_path, monkeypatch, capsys):
     import socket
 
-    from audit.tracking import PENDING_FILE
 
     run_dir = _run_failed_on_a_full_disk(tmp_path, monkeypatch, capsys)
     with socket.socket() as s:  # a port nothing listens on: the server recorded in run.json is down
@@ -475,7 +475,7 @@ def test_a_resume_whose_tracking_server_is_down_finishes_with_one_warning_and_ke
     assert "error:" not in err and "Traceback" not in err
     status = json.loads((run_dir / "run.json").read_text())
     assert status["status"] == "complete" and status["tracking"] == "incomplete" and status["tracking_uri"] == dead
-    kept = [json.loads(line) for line in (run_dir / PENDING_FILE).read_text().splitlines()]
+    kept = [json.loads(line) for line in (run_dir / LAYOUT.pending).read_text().splitlines()]
     logged = {metric[0] for op in kept if op["op"] == "log_batch" for metric in op.get("metrics", [])}
     assert {"train.loss", "exposure.mean/rep_1/tuned"} <= logged, sorted(logged)[:20]
     report = json.loads((run_dir / "report.json").read_text())

@@ -12,6 +12,7 @@ import pytest
 
 from audit.cli import main
 from audit.external import Vocabulary
+from audit.layout import LAYOUT
 
 TINY_VOCAB = Vocabulary(rows=512)
 """tiny-llama's embedding rows, under a canary spec that adds no token."""
@@ -319,7 +320,7 @@ def test_measure_refuses_a_gate_no_run_can_pass(gt, capsys, tmp_path):
 
 def test_a_measurement_is_rebuilt_from_its_external_json_wherever_the_resume_starts(gt, monkeypatch):
     from audit.external import measure_recipe, read_ground_truth_dir
-    from audit.origin import EXTERNAL_FILE, external_model, origin_for
+    from audit.origin import external_model, origin_for
 
     _perturbed_copy(gt.parent / "tuned")
     truth_dir = read_ground_truth_dir("gt")
@@ -327,7 +328,7 @@ def test_a_measurement_is_rebuilt_from_its_external_json_wherever_the_resume_sta
     origin = external_model(truth_dir, recipe, model="tuned", adapter=None, base_given=False)  # relative to the cwd
     run_dir = gt.parent / "runs" / "measured"
     run_dir.mkdir(parents=True)
-    (run_dir / EXTERNAL_FILE).write_text(json.dumps(origin.record_file()))
+    (run_dir / LAYOUT.external).write_text(json.dumps(origin.record_file()))
     (gt.parent / "elsewhere").mkdir()
     monkeypatch.chdir(gt.parent / "elsewhere")  # `audit run --resume` from another folder
     again = origin_for(recipe, resume_dir=run_dir)

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from audit.layout import LAYOUT
 from audit.outputs import (
-    OUTPUTS_FILE,
     WorksIndex,
     approximate_match_distance,
     longest_common_substring,
@@ -190,7 +190,7 @@ def test_outputs_stage_on_tiny_llama_is_seeded_and_keeps_text_in_the_run_dir(tin
     c = outputs_stage(tmp_path / "c", model, tokenizer, cs, section, seed=6, progress=False)
     assert len(a.rows) == 3 * len(prompts_of(section)) == 6
     assert a.fingerprint == b.fingerprint != c.fingerprint
-    assert (tmp_path / "a" / OUTPUTS_FILE).read_text() == (tmp_path / "b" / OUTPUTS_FILE).read_text()
+    assert (tmp_path / "a" / LAYOUT.outputs).read_text() == (tmp_path / "b" / LAYOUT.outputs).read_text()
     assert all(len(r["token_ids"]) <= 12 and tokenizer.eos_token_id not in r["token_ids"] for r in a.rows)
     assert {r["prompt_id"] for r in a.rows} == {"unprompted", "p1"}
     assert "text" in a.rows[0] and all("text" not in json.dumps(t) for t in a.summary["tiers"])

@@ -19,10 +19,10 @@ import pytest
 
 from audit.cli import main
 from audit.gates import NULL_MEAN_EXPOSURE_BITS
+from audit.layout import LAYOUT
 from audit.metrics.suite import summarize_metrics
 from audit.render import render_report
 from audit.render.token_view import (
-    TOKEN_VIEW_FILE,
     CanaryTokens,
     TokenView,
     ViewToken,
@@ -107,7 +107,7 @@ def make_run_dir(path: Path, *, gates: list[GateResult] | None = None, token_vie
         base = [CanaryTokens("c1600", 16, ["My", " PIN", " is"], 2, [-3.0, -2.0, -9.0, -8.0])]
         tuned = [CanaryTokens("c1600", 16, ["My", " PIN", " is"], 2, [-2.5, -1.0, -0.2, -0.1])]
         view = build_canary_view(base, tuned)
-        (path / TOKEN_VIEW_FILE).write_text(json.dumps(view.to_json()))
+        (path / LAYOUT.token_view).write_text(json.dumps(view.to_json()))
     return path, report
 
 
@@ -348,7 +348,7 @@ def test_a_real_token_view_never_shows_the_secret(tmp_path, tiny_model):
     run_dir, _ = make_run_dir(tmp_path / "run", token_view=False)
     write_token_view(run_dir, base, base)
     rendered = render_report(run_dir)
-    for path in (run_dir / TOKEN_VIEW_FILE, rendered.html, rendered.markdown):
+    for path in (run_dir / LAYOUT.token_view, rendered.html, rendered.markdown):
         text = path.read_text()
         assert "quixotic" not in text and "zebra" not in text, path
     (view,) = read_token_views(run_dir)

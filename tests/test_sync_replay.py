@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from audit.cli import main
-from audit.tracking import PARENT_RUN_TAG, PENDING_FILE, tracked_run
+from audit.layout import LAYOUT
+from audit.tracking import PARENT_RUN_TAG, tracked_run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_7f52ba4_tiny_lora"
 OUTSIDE_MARK = b"outside-the-run-directory 4f1c"
@@ -40,7 +41,7 @@ def offline_run(tmp_path_factory) -> Path:
     shutil.copytree(FIXTURE, run_dir)
     (run_dir / "run.json").write_text(json.dumps({"status": "complete", "tracking": "incomplete"}) + "\n")
     manifest = InjectionManifest.model_validate_json((run_dir / "manifest.json").read_text())
-    with tracked_run(_dead_url(), "canary-audit", "tiny/lora_cpu", pending=run_dir / PENDING_FILE) as tracker:
+    with tracked_run(_dead_url(), "canary-audit", "tiny/lora_cpu", pending=run_dir / LAYOUT.pending) as tracker:
         tracker.set_tags({"canary_audit.note": "a\u2028b"})  # a line separator inside a value is not a new line
         with tracker.stage("inject"):
             tracker.log_training_dataset(manifest, [80] * manifest.dataset_after.n_records, name="train")
@@ -83,7 +84,7 @@ def test_the_audits_own_kept_calls_replay_whole_and_no_secret_goes_with_them(run
 
     store = _store(in_tmp)
     assert main(["sync", str(run_dir), "--tracking-uri", store]) == 0, capsys.readouterr().err
-    assert "replayed" in capsys.readouterr().out and not (run_dir / PENDING_FILE).exists()
+    assert "replayed" in capsys.readouterr().out and not (run_dir / LAYOUT.pending).exists()
     client = MlflowClient(tracking_uri=store)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     (run,) = [r for r in runs if PARENT_RUN_TAG not in r.data.tags]
@@ -126,7 +127,7 @@ def test_a_line_asking_for_what_the_audit_never_logs_is_refused_by_number_with_n
         (run_dir / link).parent.mkdir(exist_ok=True)
         target = run_dir / "canaries.jsonl" if case == "symlink_to_secrets" else in_tmp / "outside" / "key"
         (run_dir / link).symlink_to(target)
-    pending = run_dir / PENDING_FILE
+    pending = run_dir / LAYOUT.pending
     kept = pending.read_bytes().count(b"\n")
     pending.write_bytes(pending.read_bytes() + json.dumps(line).encode() + b"\n")
     before = pending.read_bytes()
@@ -154,7 +155,7 @@ MALFORMED = {  # name -> (bytes, where: "end" appended, "middle" inserted after 
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_a_damaged_pending_file_is_one_error_line_naming_the_line_and_stays_byte_identical(run_dir, in_tmp, capsys, case):
     bad, where = MALFORMED[case]
-    pending = run_dir / PENDING_FILE
+    pending = run_dir / LAYOUT.pending
     first, rest = pending.read_bytes().split(b"\n", 1)
     pending.write_bytes(first + b"\n" + bad + rest if where == "middle" else first + b"\n" + rest + bad)
     number = 2 if where == "middle" else pending.read_bytes().count(b"\n") + 1

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from audit.cli import main
-from audit.tracking import PARENT_RUN_TAG, PENDING_FILE, STAGE_TAG, replay_pending, tracked_run
+from audit.layout import LAYOUT
+from audit.tracking import PARENT_RUN_TAG, STAGE_TAG, replay_pending, tracked_run
 
 
 def _dead_url() -> str:
@@ -65,20 +66,20 @@ def test_a_dead_server_costs_seconds_warns_once_and_every_call_is_kept_for_repla
     run_dir = in_tmp / "run"
     run_dir.mkdir()
     started = time.monotonic()
-    with tracked_run(_dead_url(), "canary-audit", "tiny/lora_cpu", pending=run_dir / PENDING_FILE) as tracker:
+    with tracked_run(_dead_url(), "canary-audit", "tiny/lora_cpu", pending=run_dir / LAYOUT.pending) as tracker:
         _a_small_audit(tracker, run_dir)
     took = time.monotonic() - started
     assert took < 20, f"a refused connection held the audit {took:.1f} s"  # 7 retries at backoff 2 held it minutes
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("[audit] warning: MLflow at http://127.0.0.1:") and "audit sync" in err[0]
     assert tracker.incomplete and tracker.run_id is None and tracker.info() is None
-    ops = [json.loads(line) for line in (run_dir / PENDING_FILE).read_text().splitlines()]
+    ops = [json.loads(line) for line in (run_dir / LAYOUT.pending).read_text().splitlines()]
     assert ops[0]["op"] == "create_parent" and ops[-1] == {**ops[-1], "op": "terminate", "run": "parent", "status": "FINISHED"}
     assert len(ops) == tracker.kept
 
     store = f"sqlite:///{in_tmp / 'mlflow.db'}"  # the server's replacement: every kept call replays into it
     done = replay_pending(run_dir, store, run_id=None)
-    assert done.calls == len(ops) and not (run_dir / PENDING_FILE).exists()
+    assert done.calls == len(ops) and not (run_dir / LAYOUT.pending).exists()
     client = MlflowClient(tracking_uri=store)
     parent = client.get_run(done.run_id)
     assert parent.info.status == "FINISHED" and parent.info.run_name == "tiny/lora_cpu"
@@ -103,7 +104,7 @@ def test_a_store_that_goes_away_mid_run_loses_nothing_and_replays_without_duplic
     run_dir = in_tmp / "run"
     run_dir.mkdir()
     store = f"sqlite:///{in_tmp / 'mlflow.db'}"
-    with tracked_run(store, "canary-audit", "x", pending=run_dir / PENDING_FILE) as tracker:
+    with tracked_run(store, "canary-audit", "x", pending=run_dir / LAYOUT.pending) as tracker:
         tracker.log_params({"seed": 0})
         tracker.begin_stage("train")
         tracker.log_metrics({"train.loss": 5.0}, step=1)
@@ -130,14 +131,14 @@ def test_a_store_that_goes_away_mid_run_loses_nothing_and_replays_without_duplic
 def test_a_replay_that_fails_keeps_the_calls_not_sent(in_tmp):
     run_dir = in_tmp / "run"
     run_dir.mkdir()
-    with tracked_run(_dead_url(), "canary-audit", "x", pending=run_dir / PENDING_FILE) as tracker:
+    with tracked_run(_dead_url(), "canary-audit", "x", pending=run_dir / LAYOUT.pending) as tracker:
         tracker.log_params({"seed": 0})
-    before = (run_dir / PENDING_FILE).read_text()
+    before = (run_dir / LAYOUT.pending).read_text()
     from audit.errors import AuditError
 
     with pytest.raises(AuditError, match="unreachable"):
         replay_pending(run_dir, _dead_url(), run_id=None)
-    assert (run_dir / PENDING_FILE).read_text() == before
+    assert (run_dir / LAYOUT.pending).read_text() == before
 
 
 def test_a_resumed_run_reuses_its_stage_runs_and_logs_no_curve_step_twice(in_tmp):
@@ -200,13 +201,13 @@ def test_sigterm_leaves_the_run_failed_with_the_signal_and_its_mlflow_runs_kille
     assert status["status"] == "failed" and status["signal"] == "SIGTERM" and "SIGTERM" in status["error"]
     assert status["tracking"] == "incomplete" and status["tracking_uri"].startswith("http://127.0.0.1:")
     assert RunInterrupted(signal.SIGTERM).exit_code == 143
-    kept = [json.loads(line) for line in (run.dir / PENDING_FILE).read_text().splitlines()]
+    kept = [json.loads(line) for line in (run.dir / LAYOUT.pending).read_text().splitlines()]
     assert [op for op in kept if op["op"] == "terminate"] == [
         {**kept[-2], "run": "train", "status": "KILLED"}, {**kept[-1], "run": "parent", "status": "KILLED"}]
 
     store = f"sqlite:///{in_tmp / 'mlflow.db'}"
     with open_run(_context(store, in_tmp), run.dir) as again:
-        assert not (run.dir / PENDING_FILE).exists()  # replayed before the run reopened
+        assert not (run.dir / LAYOUT.pending).exists()  # replayed before the run reopened
         with again.tracker.stage("train"):
             again.tracker.log_metrics({"train.loss": 4.0}, step=1)  # the resumed trainer logs step 1 again
             again.tracker.log_metrics({"train.loss": 3.0}, step=2)
@@ -229,7 +230,7 @@ def test_audit_sync_replays_a_run_dir_and_says_so(in_tmp, capsys):
     capsys.readouterr()
     assert main(["sync", str(run.dir)]) == 2  # the server is still away: one line, the calls stay
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "(fix: " in err[0] and (run.dir / PENDING_FILE).is_file()
+    assert len(err) == 1 and err[0].startswith("error: ") and "(fix: " in err[0] and (run.dir / LAYOUT.pending).is_file()
 
     store = f"sqlite:///{in_tmp / 'mlflow.db'}"
     assert main(["sync", str(run.dir), "--tracking-uri", store]) == 0

@@ -6,7 +6,8 @@ import pytest
 
 from audit.canaries import generate_canaries, load_spec
 from audit.errors import AuditError
-from audit.ground_truth import CANARIES_FILE, CANARIES_META_FILE, canaries_meta, read_canary_set
+from audit.ground_truth import canaries_meta, read_canary_set
+from audit.layout import LAYOUT
 from audit.store import write_json, write_jsonl
 from audit.train.types import DeviceChoice, WeightsLayer
 
@@ -61,12 +62,12 @@ def test_load_tuned_puts_an_adapter_back_and_merges_it_only_when_asked(tiny_mode
 def test_a_canary_set_reads_back_whole_from_its_rows_and_sidecar(tmp_path):
     canaries = generate_canaries(load_spec("words"), seed=3)
     assert read_canary_set(tmp_path) is None  # a run dir written before the sidecar: nothing to read
-    write_jsonl(tmp_path / CANARIES_FILE, canaries.canaries)
+    write_jsonl(tmp_path / LAYOUT.canaries, canaries.canaries)
     meta = canaries_meta(canaries)
-    write_json(tmp_path / CANARIES_META_FILE, meta)
+    write_json(tmp_path / LAYOUT.canaries_meta, meta)
     assert read_canary_set(tmp_path) == canaries
-    assert not any(c.secret in (tmp_path / CANARIES_META_FILE).read_text() for c in canaries.canaries)
-    rows = (tmp_path / CANARIES_FILE).read_text().splitlines()
-    (tmp_path / CANARIES_FILE).write_text("\n".join(rows[1:]) + "\n")  # a row lost
+    assert not any(c.secret in (tmp_path / LAYOUT.canaries_meta).read_text() for c in canaries.canaries)
+    rows = (tmp_path / LAYOUT.canaries).read_text().splitlines()
+    (tmp_path / LAYOUT.canaries).write_text("\n".join(rows[1:]) + "\n")  # a row lost
     with pytest.raises(AuditError, match="does not match"):
         read_canary_set(tmp_path)

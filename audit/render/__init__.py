@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from audit.layout import LAYOUT
 from audit.schema import AuditReport
 
-HTML_FILE = "report.html"
-MARKDOWN_FILE = "report.md"
 PLOTS_DIR = "plots"
 
 
@@ -36,7 +35,7 @@ def render_report(run_dir: Path, report: AuditReport | None = None) -> RenderedR
 
     run_dir = Path(run_dir)
     if report is None:
-        report = read_report(run_dir / "report.json")
+        report = read_report(run_dir / LAYOUT.report)
     doc = build_document(redact_report(report), run_dir)  # a report from before the disclosure rule is held to it too
     plots_dir = run_dir / PLOTS_DIR
     plots_dir.mkdir(exist_ok=True)
@@ -50,11 +49,11 @@ def render_report(run_dir: Path, report: AuditReport | None = None) -> RenderedR
     for stale in plots_dir.glob("*.png"):  # a re-render with fewer views leaves no orphan plot behind
         if stale not in written:
             stale.unlink()
-    atomic_write_text(run_dir / HTML_FILE, to_html(doc))
-    atomic_write_text(run_dir / MARKDOWN_FILE, to_markdown(doc))
-    for path in (run_dir / HTML_FILE, run_dir / MARKDOWN_FILE, *written):
+    atomic_write_text(run_dir / LAYOUT.html, to_html(doc))
+    atomic_write_text(run_dir / LAYOUT.markdown, to_markdown(doc))
+    for path in (run_dir / LAYOUT.html, run_dir / LAYOUT.markdown, *written):
         _shareable(path)
-    return RenderedReport(run_dir / HTML_FILE, run_dir / MARKDOWN_FILE, written)
+    return RenderedReport(run_dir / LAYOUT.html, run_dir / LAYOUT.markdown, written)
 
 
 SHARED_MODE = 0o644

@@ -25,10 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from audit.layout import LAYOUT, check_version
 from audit.schema import SCHEMA_VERSION, Canary, CanarySet
 
-TOKEN_VIEW_FILE = "token_view.json"
-PROBE_FILE = "probe.json"
 MAX_CANDIDATES = 8
 
 
@@ -212,10 +211,12 @@ def probe_view(data: dict[str, Any]) -> TokenView:
 def read_token_views(run_dir: Path) -> list[TokenView]:
     """The views present in a run directory (none is fine: the section then says so)."""
     views = []
-    for name, parse in ((TOKEN_VIEW_FILE, TokenView.from_json), (PROBE_FILE, probe_view)):
+    for name, parse in ((LAYOUT.token_view, TokenView.from_json), (LAYOUT.probe, probe_view)):
         path = Path(run_dir) / name
         if path.is_file():
-            views.append(parse(json.loads(path.read_text(encoding="utf-8"))))
+            data = json.loads(path.read_text(encoding="utf-8"))
+            check_version(path, data)
+            views.append(parse(data))
     return views
 
 
@@ -225,5 +226,5 @@ def write_token_view(run_dir: Path, base: list[CanaryTokens], tuned: list[Canary
 
     view = build_canary_view(base, tuned)
     if view is not None:
-        atomic_write_text(Path(run_dir) / TOKEN_VIEW_FILE, json.dumps(view.to_json(), indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(Path(run_dir) / LAYOUT.token_view, json.dumps(view.to_json(), indent=2, ensure_ascii=False) + "\n")
     return view

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from audit.gates import NULL_MEAN_EXPOSURE_BITS
+from audit.layout import LAYOUT
 from audit.metrics.disclosure import tier_models, withheld_keys
 from audit.schema import AuditReport, OutputsSummary, SequenceScore, WholeWorkRow
 from audit.store import read_scores
@@ -164,7 +165,7 @@ def verdict(report: AuditReport) -> Verdict:
 
 def run_scores(run_dir: Path) -> list[SequenceScore]:
     """The run's ``scores.jsonl`` rows (:func:`audit.store.read_scores`), or none when the run has no such file."""
-    path = Path(run_dir) / "scores.jsonl"
+    path = Path(run_dir) / LAYOUT.scores
     return read_scores(path) if path.is_file() else []
 
 

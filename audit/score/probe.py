@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from audit.errors import AuditError
+from audit.layout import LAYOUT
 from audit.metrics.information import utf8_bits
 
 CLASSIC_TEXT = "Colorless green ideas sleep furiously"
@@ -68,7 +69,7 @@ def resolve_tuned(path: str) -> TunedWeights:
                          fix="give a run directory (runs/<id>), a PEFT adapter directory or a model directory")
     base = None
     added: tuple[str, ...] = ()
-    recipe_file = p / "recipe.yaml"
+    recipe_file = p / LAYOUT.recipe
     if recipe_file.is_file():
         import yaml
 

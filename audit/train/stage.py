@@ -18,12 +18,11 @@ from typing import Any, Protocol
 
 from audit import distributed
 from audit.console import say
+from audit.layout import LAYOUT
 from audit.models import ResolvedModel
 from audit.schema import Recipe, TrainSummary
 from audit.store import json_text, write_once
 from audit.train.types import TRAINER_DIR, DeviceChoice, TrainPlan, TrainResult, WeightsLayer, weights_dir_name
-
-TRAIN_FILE = "train.json"
 
 
 class StageContext(Protocol):
@@ -57,21 +56,21 @@ class TrainedWeights:
 
     ctx: StageContext
     start: Any
-    name: str = TRAIN_FILE
+    name: str = LAYOUT.train
 
     def read(self, run_dir: Path) -> TrainResult | None:
         from audit.errors import AuditError
         from audit.models import fingerprint_safetensors_dir
         from audit.train.weights import load_tuned
 
-        path = Path(run_dir) / TRAIN_FILE
+        path = Path(run_dir) / LAYOUT.train
         if not path.is_file():
             return None
         summary = TrainSummary.model_validate_json(path.read_text(encoding="utf-8"))
         weights_dir = Path(run_dir) / weights_dir_name(summary.method)
         found = fingerprint_safetensors_dir(weights_dir) if weights_dir.is_dir() else None
         if found != summary.weights_fingerprint:
-            raise AuditError(f"{weights_dir} does not hold the weights {TRAIN_FILE} recorded (fingerprint {str(found)[:12]} "
+            raise AuditError(f"{weights_dir} does not hold the weights {LAYOUT.train} recorded (fingerprint {str(found)[:12]} "
                              f"!= {summary.weights_fingerprint[:12]})", fix="start a new run; this one was modified")
         model = load_tuned(self.start, [WeightsLayer(summary.method, weights_dir)], device=self.ctx.device,
                            trust_remote_code=self.ctx.recipe.model.trust_remote_code)
@@ -79,7 +78,7 @@ class TrainedWeights:
 
     def write(self, run_dir: Path, value: TrainResult) -> None:
         """Record the finished train stage, then drop the Trainer checkpoints it no longer needs (the weights are saved)."""
-        write_once(Path(run_dir) / TRAIN_FILE, json_text(value.summary))
+        write_once(Path(run_dir) / LAYOUT.train, json_text(value.summary))
         shutil.rmtree(Path(run_dir) / TRAINER_DIR, ignore_errors=True)
 
     def describe(self, value: TrainResult) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from audit.layout import LAYOUT
 from audit.metrics.disclosure import BASE, PUBLIC_TEXT_KIND, SECRET_WORK_KINDS, works_group_shareable
 from audit.metrics.whole_works import (
     MORRIS_BITS_PER_PARAM,
@@ -49,7 +50,6 @@ from audit.schema import (
 from audit.works.subjects import WorksPlan
 
 TUNED = "tuned"
-SCAN_FILE = "works_scan.jsonl"
 MAP_POINTS = 1000
 """Windows a report's map keeps per work and model (the highest p_z of each bucket beyond that; the run directory's
 ``works_scan.jsonl`` has every window)."""
@@ -144,7 +144,7 @@ def summarize_whole_works(plan: WorksPlan, rows: list[WorkWindow], *, n_queries:
         trainable_params=trainable_params,
         stored_bits_per_param=metrics["works.stored_bits_per_param/member"].value
         if "works.stored_bits_per_param/member" in metrics else None,
-        morris_bits_per_param=MORRIS_BITS_PER_PARAM, file=SCAN_FILE, statement=_statement(table, metrics))
+        morris_bits_per_param=MORRIS_BITS_PER_PARAM, file=LAYOUT.works_scan, statement=_statement(table, metrics))
     rows = _persistence(plan, per, metrics, withheld) if PARENT in models else None
     return WholeWorksResult(metrics=metrics, summary=summary, withheld=withheld, persistence=rows)
 
