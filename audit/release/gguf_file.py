@@ -23,6 +23,7 @@ of llama.cpp's ``smollm`` pre-tokenizer restored when the file names it (transfo
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,3 +383,55 @@ def _most_common(values: list[str]) -> str:
     from collections import Counter
 
     return Counter(values).most_common(1)[0][0] if values else "f32"
+
+
+def is_gguf_path(path: str | Path) -> bool:
+    """A file (not a model directory) named ``*.gguf`` or starting with the GGUF magic: what ``--model`` reads as GGUF."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return False
+    if p.suffix.lower() == ".gguf":
+        return True
+    with p.open("rb") as f:
+        return f.read(4) == MAGIC
+
+
+def fp32_model_dir(path: str | Path, *, check: Any = None, progress: bool = False) -> Any:
+    """A :class:`audit.models.ResolvedModel` of the GGUF file ``path`` read back (:func:`read_gguf`) and saved as a plain
+    fp32 safetensors directory with its metadata's tokenizer, cached by the file's sha256, so ``audit measure`` checks
+    and loads it like any fine-tune (and a resume finds it). ``check(dir)`` runs on the new directory before it enters
+    the cache (the shape check against the base): a refused file leaves nothing there. Every refusal is one line."""
+    import shutil
+    import tempfile
+
+    from audit.console import say
+    from audit.models import ResolvedModel, cache_dir, fingerprint_safetensors_dir, sha256_file
+
+    open_gguf(path)  # not GGUF, truncated, another architecture or type: refused before anything is read or written
+    p = Path(path).expanduser().resolve()
+    sha = sha256_file(p)
+    final = cache_dir() / "models" / f"gguf-{sha[:16]}"
+    if not (final / "provenance.json").is_file():
+        say(progress, f"[model] reading {p.name}: dequantizing its tensors into fp32 (cached by sha256 {sha[:12]})")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".gguf-", dir=final.parent))
+        try:
+            back = read_gguf(p)
+            back.model.save_pretrained(staging, safe_serialization=True)
+            back.tokenizer.save_pretrained(staging)
+            if check is not None:
+                check(staging)
+            provenance = {"gguf_file": str(p), "gguf_sha256": sha, "gguf_type": back.qtype, "gguf_pre": back.pre,
+                          "weights_fingerprint": fingerprint_safetensors_dir(staging)}
+            (staging / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+            try:
+                staging.rename(final)
+            except OSError:  # another process cached the same file first
+                if not (final / "provenance.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    elif check is not None:
+        check(final)
+    provenance = json.loads((final / "provenance.json").read_text(encoding="utf-8"))
+    return ResolvedModel(source=str(p), kind="local", path=final, provenance={**provenance, "gguf_file": str(p)})
