@@ -13,14 +13,7 @@ from pathlib import Path
 import pytest
 
 from audit.cli import main
-from tests.test_measure import _other_shape, _perturbed_copy, _refused
-
-
-@pytest.fixture(scope="module")
-def injected(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("inject") / "gt"
-    assert main(["inject", "tiny/lora_cpu", "--out", str(out)]) == 0
-    return out
+from tests.test_measure import _other_shape, _perturbed_copy, _refused, injected  # noqa: F401 - a fixture, reused
 
 
 @pytest.fixture
