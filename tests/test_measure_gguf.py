@@ -17,7 +17,7 @@ from tests.test_measure import _other_shape, _perturbed_copy, _refused, injected
 
 
 @pytest.fixture
-def gt(injected, in_tmp, monkeypatch) -> Path:
+def gt(injected, in_tmp, monkeypatch) -> Path:  # noqa: F811 - the imported fixture
     monkeypatch.setenv("CANARY_AUDIT_CACHE", str(in_tmp.parent / "cache"))  # the GGUF's fp32 copies, kept out of ~/.cache
     path = in_tmp / "gt"
     shutil.copytree(injected, path)
