@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from audit.errors import AuditError
+from audit.schema import GGUF_TYPES
 
-SUPPORTED_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+SUPPORTED_TYPES = GGUF_TYPES
 """GGUF types written and read here: those ``gguf.quants`` quantizes in numpy (gguf 0.19), most precise first."""
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
 """``general.file_type`` (llama.cpp's ``LlamaFileType``) of a file whose 2-D weights are of each type."""
