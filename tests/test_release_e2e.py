@@ -93,3 +93,13 @@ def test_release_numbers_follow_the_disclosure_rule_of_tuned_numbers(release_run
     # a release's own numbers need its weights, like the tuned model's: shared
     assert "information.bits/rep_16/release:q4_0" in report.metrics
     assert not any(k.endswith("release:q4_0") for k in withheld if not k.startswith("information.memorized_bits"))
+
+
+def test_the_report_has_a_release_section_with_a_table_per_format_and_the_plot(release_run):
+    run_dir, _ = release_run
+    md = (run_dir / "report.md").read_text()
+    section = md.split("## Releases: what is shipped", 1)[1].split("\n## ", 1)[0]
+    assert "plots/release_by_format.png" in section and (run_dir / "plots" / "release_by_format.png").is_file()
+    for label, what in (("release:merged", "merged into the base"), ("release:q8_0", "GGUF Q8_0"), ("release:q4_0", "GGUF Q4_0")):
+        assert f"{label}: " in section and what in section, label
+    assert section.count("| tier | n | exposure | exposure - tuned |") == 3
