@@ -97,7 +97,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
                                        **(persistence.metrics or {}), **(works.metrics if works else {})}
     release = None
     if releases:
-        from audit.release.stage import release_metrics, release_nodes, release_summary
+        from audit.release.summary import release_metrics, release_nodes, release_summary
 
         tuned_rows = [s for s in scores if s.model == "tuned"]
         metrics.update(release_metrics(releases, [s for s in scores if s.model == "base"], tuned_rows, scoring,
