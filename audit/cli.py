@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     mea.add_argument("overrides", nargs="*", metavar="key=value",
                      help="override how it is measured: scoring.*, gates, tracking.*, output.*, outputs.*")
     mea.add_argument("--model", default=None, metavar="PATH_OR_SOURCE",
-                     help="the tuned model (a full fine-tune or merged model directory); with --adapter, the model the "
-                          "adapter goes on (default: the base)")
+                     help="the tuned model (a full fine-tune or merged model directory, or a llama GGUF file: a "
+                          "release, dequantized into fp32); with --adapter, the model the adapter goes on (default: the base)")
     mea.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT adapter directory (safetensors)")
     mea.add_argument("--base", default=None, metavar="SOURCE", help="the pretrained model (default: the one `audit inject` recorded)")
     mea.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")

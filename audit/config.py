@@ -10,7 +10,7 @@ Errors name the key and the fix: an unknown key gets the closest valid one ("Did
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -141,6 +141,8 @@ def _valid_keys(model: type[BaseModel], path: list[str]) -> list[str]:
     for part in path:
         field = model.model_fields.get(part)
         annotation = getattr(field, "annotation", None)
+        # an optional section (``works``, ``release``: X | None) names its keys like a required one
+        annotation = next((a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation

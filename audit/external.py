@@ -303,11 +303,13 @@ class CheckedWeights:
 
 def check_external_weights(gt: GroundTruthDir, recipe: Recipe, *, model: str | Path | None, adapter: str | Path | None,
                            base_given: bool, progress: bool = False) -> CheckedWeights:
-    """Resolve and check the tuned model given (nothing is loaded but tokenizers, nothing is written): safetensors
-    only, the base unchanged since the ground truth was made (unless ``base_given``), a tokenizer equal to the base's,
-    weights that differ from the base's."""
+    """Resolve and check the tuned model given (nothing is loaded but tokenizers, nothing is written but the cached
+    fp32 copy of a GGUF file, :func:`audit.release.gguf_file.fp32_model_dir`): safetensors or GGUF only, the base
+    unchanged since the ground truth was made (unless ``base_given``), a tokenizer equal to the base's (a GGUF file's
+    from its metadata), weights that differ from the base's."""
     from audit.ground_truth import load_tokenizer
     from audit.models import fingerprint_safetensors_dir, resolve_model
+    from audit.release.gguf_file import fp32_model_dir, is_gguf_path
     from audit.train.types import WeightsLayer
 
     flags = dict(allow_pickle=recipe.model.allow_pickle, trust_remote_code=recipe.model.trust_remote_code)
@@ -326,12 +328,21 @@ def check_external_weights(gt: GroundTruthDir, recipe: Recipe, *, model: str | P
     below, below_name = base.path, recipe.model.source  # what an adapter goes on
     vocab = vocabulary(recipe, base.path)
     if model is not None and (adapter is None or str(model) != recipe.model.source):
-        tuned = resolve_model(str(model), progress=progress, **flags)
-        check_same_shape(tuned.path, base.path, tuned_name=str(model), base_name=recipe.model.source, vocab=vocab)
+        def same_shape(path: Path) -> None:
+            check_same_shape(path, base.path, tuned_name=str(model), base_name=recipe.model.source, vocab=vocab)
+
+        if is_gguf_path(model):  # a release (llama.cpp's format): dequantized into fp32 once, cached by its sha256
+            tuned = fp32_model_dir(model, check=same_shape, progress=progress)
+            details.update(gguf_file=tuned.provenance["gguf_file"], gguf_sha256=tuned.provenance["gguf_sha256"],
+                           gguf_type=tuned.provenance["gguf_type"])
+        else:
+            tuned = resolve_model(str(model), progress=progress, **flags)
+            same_shape(tuned.path)
         below, below_name = tuned.path, str(model)
         model_fp = tuned.provenance.get("weights_fingerprint") or fingerprint_safetensors_dir(tuned.path)
         layers.append(WeightsLayer("full", tuned.path))
-        details.update(model=str(tuned.path) if tuned.kind == "local" else str(model), model_path=str(tuned.path),
+        source = tuned.provenance.get("gguf_file") or (str(tuned.path) if tuned.kind == "local" else str(model))
+        details.update(model=source, model_path=str(tuned.path),
                        model_fingerprint=model_fp)  # a local path absolute: a resume may start from another folder
         tokenizer_dirs.append(tuned.path)
     trainable = 0

@@ -3,6 +3,7 @@
     audit inject tiny/lora_cpu --out gt                        # canaries + injected set (gt/train.jsonl, gt/train_dataset/)
     python my_trainer.py gt/train_dataset out/                 # your own training, anywhere
     audit measure gt --model out/                              # a full fine-tune (or merged weights)
+    audit measure gt --model model.q4_0.gguf                   # a release in llama.cpp's format (dequantized to fp32)
     audit measure gt --adapter out/adapter                     # a PEFT adapter on the base inject recorded
     audit measure runs/<run> --adapter runs/<run>/adapter      # measure an audit run's weights again
 

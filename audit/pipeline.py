@@ -19,6 +19,7 @@ schema versions: :mod:`audit.layout`):
       works_scan.jsonl  with a ``works`` section: one row per whole work, model and window (+ .meta.json; 0600)
       outputs.jsonl     sampled text of the tuned model and its scan (raw text that may hold secrets: run dir only)
       merged/           with training.save_merged: the LoRA adapter folded into the base, as safetensors
+      release/          with a release section: merged/ and model.<type>.gguf, each scored (release_<type>.json)
       children.jsonl    one line per further tune of this run (`audit run RECIPE parent=RUN_DIR`, audit.chain)
       token_view.json   per-token probabilities of the most-learned top-tier canary (secret tokens masked)
       report.json       the audit report
@@ -121,6 +122,12 @@ def run_origin(
             works_tuned = stages.scan_works(run, tuned.model, tokenizer, truth, "tuned")
             calibration.append(run.store.get_or_run(CalibrationFile("tuned"),
                                                      lambda: stages.calibrate(ctx, tuned.model, tokenizer, truth, "tuned")))
+        releases = []  # ---- releases (the recipe's release section): made from the tuned weights, read back, scored alike
+        if ctx.recipe.release is not None and ctx.recipe.release.labels:
+            from audit.release.stage import make_releases
+
+            with run.stage("release"):
+                releases = make_releases(run, tuned, tokenizer, truth)
         scores = base_scores + tuned_scores
         write_jsonl(run.dir / LAYOUT.scores, scores)
         stages.write_token_view(run.dir, view_base, stages.token_view(ctx, tuned.model, tokenizer, truth))
@@ -130,6 +137,6 @@ def run_origin(
         # ---- report
         with run.stage("report"):
             report = build_report(run=run, origin=origin, truth=truth, scores=scores, training=tuned.summary, outputs=outputs,
-                                  works=works, calibration=[c for c in calibration if c is not None])
+                                  works=works, calibration=[c for c in calibration if c is not None], releases=releases)
             report = stages.publish(run, origin, report)  # report.json/html/md, MLflow, the parent's children.jsonl
     return AuditResult(run_dir=run.dir, report=report)

@@ -59,11 +59,14 @@ def git_revision() -> str | None:
 
 def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScore], training: Any,
                  outputs: Any = None, curves: dict[str, list[tuple[int, float]]] | None = None,
-                 works: Any = None, calibration: list[CalibrationSummary] | None = None) -> AuditReport:
+                 works: Any = None, calibration: list[CalibrationSummary] | None = None,
+                 releases: list[Any] | None = None) -> AuditReport:
     """Assemble ``report.json`` from the stages' results (``run``: :class:`audit.stages.Run`; ``origin``:
     :class:`audit.origin.Origin`; ``works``: :class:`audit.works.summary.WholeWorksResult` of the whole-work scan),
     then evaluate the recipe's gates on its flat metrics. ``calibration``: the scored models' gaps to the reference
-    engine (:mod:`audit.score.calibration`), when the recipe asked for them."""
+    engine (:mod:`audit.score.calibration`), when the recipe asked for them. ``releases``: the recipe's releases made
+    and scored (:class:`audit.release.stage.Release`): their tiers, metrics under their labels, lineage nodes and
+    ``report.release``."""
     from audit import lineage
     from audit.gates import evaluate_gates
     from audit.metrics.disclosure import redact_report
@@ -93,6 +96,15 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
     persistence = origin.persistence(scores, suite.metrics)
     metrics: dict[str, MetricEntry] = {**suite.metrics, **excerpts.pop("metrics", {}), **(outputs.metrics if outputs else {}),
                                        **(persistence.metrics or {}), **(works.metrics if works else {})}
+    release = None
+    if releases:
+        from audit.release.summary import release_metrics, release_nodes, release_summary
+
+        tuned_rows = [s for s in scores if s.model == "tuned"]
+        metrics.update(release_metrics(releases, [s for s in scores if s.model == "base"], tuned_rows, scoring,
+                                       inclusion=recipe.canaries.inclusion))
+        nodes += release_nodes(releases, tuned_node)
+        release = release_summary(releases, tuned_rows, tuned_path=training.weights_path)
     if calibration:
         from audit.score.calibration import calibration_metrics
 
@@ -117,7 +129,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         training=training,
         space_bits=round(space_bits(canary_set), 6),
         exposure_max=round(math.log2(len(truth.reference_secrets) + 1), 6),
-        tiers=summarize_tiers(scores),
+        tiers=summarize_tiers(scores + [s for r in releases or [] for s in r.scores]),
         lineage=nodes,
         timings_s={k: round(v, 3) for k, v in ctx.timings.items()},
         versions=package_versions(),
@@ -133,6 +145,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         whole_works=works.summary if works else None,
         # withheld whole-work keys (judged per group of works when made) join what redact_report withholds
         disclosure=DisclosureSummary(rule="", min_group=0, search_bits=0, withheld=works.withheld) if works else None,
+        release=release,
     )
     if curves is None:  # recorded while training (scoring.every_steps, audit.curves): the final values close each curve
         from audit.curves import read_curves

@@ -456,6 +456,42 @@ class GateSpec(Frozen):
         return None
 
 
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+"""GGUF types a release may take: those the ``gguf`` package quantizes in numpy (gguf 0.19), most precise first
+(:mod:`audit.release.gguf_file`). K-quants and i-quants need llama.cpp's ``llama-quantize``."""
+
+
+class ReleaseSection(Frozen):
+    """What a team ships from the tuned weights, each measured like them (:mod:`audit.release`): a link of the
+    derivative chain after the tuned weights."""
+
+    merged: bool = False
+    """The LoRA adapter folded into the base (safetensors): a LoRA run only, since a full fine-tune is its own merge."""
+    gguf: list[str] = Field(default_factory=list)
+    """GGUF files (llama.cpp's format) of the merged weights, one per type of :data:`GGUF_TYPES`."""
+
+    @field_validator("gguf", mode="before")
+    @classmethod
+    def _known_types(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            return value
+        types = [str(v).strip().lower() for v in value]
+        for given, t in zip(value, types, strict=True):
+            if t not in GGUF_TYPES:
+                raise ValueError(f"GGUF type '{given}' is not supported: use one of {', '.join(GGUF_TYPES)} "
+                                 "(K-quants need llama.cpp's llama-quantize)")
+        if len(set(types)) != len(types):
+            raise ValueError(f"a GGUF type is listed twice ({', '.join(types)})")
+        return types
+
+    @property
+    def labels(self) -> list[str]:
+        """The model labels of the releases (``release:merged``, ``release:q4_0``): their scores, metrics and gates."""
+        return (["release:merged"] if self.merged else []) + [f"release:{t}" for t in self.gguf]
+
+
 class Recipe(Frozen):
     """A declarative audit plan: one YAML file in ``recipes/``, validated once by :mod:`audit.config`."""
 
@@ -482,14 +518,24 @@ class Recipe(Frozen):
     """Release gates evaluated at the end of the run and by ``audit gate`` (see :mod:`audit.gates`)."""
     works: WorksSection | None = None
     """Whole works as audit subjects (:class:`WorksSection`); None (the default): none."""
+    release: ReleaseSection | None = None
+    """Releases made from the tuned weights and measured like them (:class:`ReleaseSection`); None (the default): none."""
 
     @model_serializer(mode="wrap")
     def _omit_unset_works(self, handler: Any) -> Any:
-        # recipe.yaml and the fingerprint of a recipe without works read as before the section existed
+        # recipe.yaml and the fingerprint of a recipe without works (or releases) read as before the section existed
         data = handler(self)
-        if isinstance(data, dict) and data.get("works") is None:
-            data.pop("works", None)
+        for key in ("works", "release"):
+            if isinstance(data, dict) and data.get(key) is None:
+                data.pop(key, None)
         return data
+
+    @model_validator(mode="after")
+    def _merged_release_needs_lora(self) -> Recipe:
+        if self.release is not None and self.release.merged and self.training.method != "lora":
+            raise ValueError(f"'release.merged': a {self.training.method} fine-tune is its own merged model; set "
+                             "release.merged: false (or training.method: lora)")
+        return self
 
     def fingerprint(self) -> str:
         return sha256_json(self.model_dump(mode="json"))
@@ -906,7 +952,7 @@ class WorkWindow(Frozen):
 
 class LineageNode(Frozen):
     id: str
-    kind: Literal["base_weights", "data", "tuned_weights", "outputs"]
+    kind: Literal["base_weights", "data", "tuned_weights", "outputs", "release"]
     label: str
     fingerprint: str
     parents: list[str] = Field(default_factory=list)
@@ -1401,6 +1447,53 @@ class DisclosureSummary(ReportPart):
     """Metric keys (and ``persistence.base/rep_<r>``) left out because their group was smaller than ``min_group``."""
 
 
+class ReleaseTier(Frozen):
+    """One repetition tier under one release, beside the tuned model (``rep_0``: the references)."""
+
+    repetitions: int
+    n: int
+    exposure_mean: float | None = None
+    """Mean exposure against the sampled references (the headline scale), as in the tier table."""
+    exposure_space_mean: float | None = None
+    """Mean exposure over the whole secret space (``exposure.space_mean``)."""
+    extracted: int = 0
+    """Canaries greedy decoding reproduced."""
+    bits: float | None = None
+    """Mean -log2 p(secret | prefix) under the release (``information.bits``)."""
+    bits_drift: float | None = None
+    """Mean of ``bits_release - bits_tuned`` per canary: above 0, the release forgot some of what tuning stored."""
+    exposure_drift: float | None = None
+    """Mean of ``exposure_release - exposure_tuned`` per canary (sampled scale)."""
+    rank_changes: int = 0
+    """Canaries whose rank among the references differs from the tuned model's."""
+
+
+class ReleaseRow(Frozen):
+    """One release: what was shipped (kind, quantization, file, fingerprint, size) and how it scored, per tier."""
+
+    label: str
+    """The model label of its scores and metric keys (``release:q4_0``): gates name it (``exposure.mean/rep_16/release:q4_0``)."""
+    kind: Literal["merged", "gguf"]
+    quantization: str
+    """``fp32`` for the merged safetensors; the GGUF type otherwise (``q8_0``, ``q4_0``, ...)."""
+    path: str
+    """Relative to the run directory (``release/model.q4_0.gguf``, ``merged``)."""
+    fingerprint: str
+    """sha256 of the GGUF file; the safetensors fingerprint of the merged model."""
+    bytes: int
+    seconds: float
+    """Wall time to write it, read it back and score it."""
+    tiers: list[ReleaseTier] = Field(default_factory=list)
+
+
+class ReleaseSummary(Frozen):
+    """The releases of a run (:mod:`audit.release`), each measured with the tuned model's protocol and canaries."""
+
+    tuned_bytes: int | None = None
+    """Size of the tuned weights as saved (the adapter's for LoRA), for the file-size column."""
+    releases: list[ReleaseRow] = Field(default_factory=list)
+
+
 class AuditReport(Frozen):
     """``report.json``: the product of an audit. Reads back into the same object."""
 
@@ -1453,6 +1546,15 @@ class AuditReport(Frozen):
     (:func:`audit.metrics.disclosure.redact_report` redacts those when they are read for sharing)."""
     whole_works: WholeWorksSummary | None = None
     """Whole works audited as subjects (the recipe's ``works`` section); None without it."""
+    release: ReleaseSummary | None = None
+    """The releases made from the tuned weights and measured like them (the recipe's ``release`` section)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_no_release(self, handler: Any) -> Any:
+        data = handler(self)  # a report without releases reads byte for byte as before the field existed
+        if isinstance(data, dict) and data.get("release", 0) is None:
+            del data["release"]
+        return data
 
     @model_validator(mode="before")
     @classmethod

@@ -64,6 +64,8 @@ class Plan:
     exposure_references: int
     space_bits: float | None
     """log2 of the secret space, when the pool can be drawn without the model."""
+    models: tuple[str, ...] = ("base", "tuned")
+    """The model labels a run reports per tier: base, tuned and the recipe's releases (``release:q4_0``)."""
 
     @property
     def exposure_max(self) -> float:
@@ -79,7 +81,7 @@ def metric_ranges(plan: Plan) -> dict[str, MetricRange]:
     refs = plan.exposure_references
     for tier in [0, *plan.tiers]:
         n = plan.n(tier)
-        for model in ("base", "tuned"):
+        for model in plan.models:
             out[f"exposure.mean/rep_{tier}/{model}"] = MetricRange(
                 0.0, plan.exposure_max, f"with {refs} sampled references (scoring.exposure_references) exposure is at "
                                         f"most log2({refs + 1}) = {plan.exposure_max:.2f} bits", n)
@@ -359,7 +361,7 @@ def _plan(recipe: Recipe) -> tuple[Plan, list[str]]:
                 f"spec {spec.name} v{spec.version}")
     plan = Plan(tiers=sorted(c.tiers or spec.tiers), members_per_tier=c.members_per_tier or spec.members_per_tier,
                 references=c.references or spec.references, exposure_references=recipe.scoring.exposure_references,
-                space_bits=space_bits)
+                space_bits=space_bits, models=("base", "tuned", *(recipe.release.labels if recipe.release else ())))
     return plan, [note]
 
 

@@ -283,6 +283,26 @@ def works_tiny_table(works: dict) -> str:
     return (_table(head, rows) + f"\n\nRun `{works['run']}`: {when} on the shared {m['cpus']}-core {m['cpu']}{during}.\n")
 
 
+def release_table(release: dict) -> str:
+    """The tuned weights and each release side by side: exposure per tier, greedy extraction, bits at the top tier and
+    their drift from the tuned model, file size and time."""
+    tiers = sorted(release["formats"][0]["tiers"], key=lambda k: int(k.split("_")[1]))
+    members = [k for k in tiers if k != "rep_0"]
+    top = members[-1] if members else tiers[-1]
+    rows = []
+    for f in release["formats"]:
+        t = f["tiers"]
+        exposure = [f"{t[k]['exposure']:.2f}" if t[k]["exposure"] is not None else "-" for k in members + ["rep_0"]]
+        extracted = f"{sum(t[k]['extracted'] or 0 for k in members)}/{sum(t[k]['n'] for k in members)}"
+        drift = t[top].get("bits_drift")
+        rows.append([f["label"], f["quantization"], f"{f['bytes'] / 1e6:.2f}" if f["bytes"] else "-", *exposure, extracted,
+                     f"{t[top]['bits']:.2f}", "-" if drift is None else f"{drift:+.3f}", f"{f['seconds']:.1f}"])
+    head = ["format", "type", "MB", *[f"exposure {k.split('_')[1]}x" for k in members], "exposure refs",
+            "extracted (members)", f"bits {top.split('_')[1]}x", f"bits - tuned {top.split('_')[1]}x", "s"]
+    return (_table(head, rows) + f"\n\n{release['model']}, recipe `{release['recipe']}`, run `{release['run']}`; "
+            f"1-min load {_load(release['machine']['load_average_at_start'][:1])} at the start.\n")
+
+
 TABLES: dict[str, Table] = {
     "default": Table(("canary_designs.json", "default_audit.json"), default_result),
     "default_timing": Table(("default_audit.json",), default_timing),
@@ -298,6 +318,7 @@ TABLES: dict[str, Table] = {
     "dp_new_tokens": Table(("dp_soundness_new_tokens.json",), dp_table),
     "scale_memory": Table(("scale_memory.json",), scale_memory.table),  # computed, not measured: the JSON says so
     "works_tiny": Table(("works_tiny.json",), works_tiny_table),
+    "release": Table(("release.json",), release_table),
 }
 
 

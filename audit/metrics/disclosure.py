@@ -124,7 +124,7 @@ def tier_models(report: AuditReport) -> list[str]:
     """The model labels of the tier table, base first: those with numbers and those whose numbers were withheld."""
     shown = {m for t in report.tiers for m in t.exposure_mean}
     shown |= {k.rsplit("/", 1)[1] for k in withheld_keys(report) if k.startswith("exposure.mean/")}
-    return sorted(shown, key=lambda m: (m != BASE, m))
+    return sorted(shown, key=lambda m: (m != BASE, m.startswith("release:"), m))  # base, tuned, then releases
 
 
 def redact_report(report: AuditReport) -> AuditReport:

@@ -429,9 +429,11 @@ def _privacy_methods(out: SuiteResult, scores: list[float], member: list[bool], 
             f"p={best.level:.3g} (Bonferroni for p={p_value:g}): {found}")
 
 
-def summarize_scores(scores: list[SequenceScore], section: ScoringSection, *, inclusion: str = "split") -> SuiteResult:
-    """:func:`summarize_metrics` with the knobs of a recipe's ``scoring`` section (``inclusion``: ``canaries.inclusion``)."""
-    return summarize_metrics(scores, fpr_convention=section.mia_fpr_convention, np_queries=section.np_extraction_queries,
+def summarize_scores(scores: list[SequenceScore], section: ScoringSection, *, inclusion: str = "split",
+                     tuned_label: str = "tuned") -> SuiteResult:
+    """:func:`summarize_metrics` with the knobs of a recipe's ``scoring`` section (``inclusion``: ``canaries.inclusion``;
+    ``tuned_label``: the model measured against the base, a release's label for :mod:`audit.release`)."""
+    return summarize_metrics(scores, tuned_label=tuned_label, fpr_convention=section.mia_fpr_convention, np_queries=section.np_extraction_queries,
                              np_probability=section.np_extraction_probability, privacy_delta=section.privacy_delta,
                              privacy_p_value=section.privacy_p_value, privacy_guess_fraction=section.privacy_guess_fraction,
                              mia_k=section.mia_k, inclusion=inclusion)

@@ -211,6 +211,29 @@ def _whole_works_section(report: AuditReport) -> Section | None:
     return Section("whole-works", "Whole works: stored bits and extraction", blocks)
 
 
+def _release_section(report: AuditReport) -> Section | None:
+    """The releases (``report.release``): a plot of exposure and bits by format and a table per release."""
+    if report.release is None or not report.release.releases:
+        return None
+    formats = ["tuned", *[r.label for r in report.release.releases]]
+    tiers = report.tiers
+    m = report.flat_metrics()
+
+    def values(family: str) -> dict[str, list[float | None]]:
+        return {views.tier_label(t.repetitions): [m[f"{family}/rep_{t.repetitions}/{f}"].value
+                                                   if f"{family}/rep_{t.repetitions}/{f}" in m else None for f in formats]
+                for t in tiers}
+
+    png = plots.release_by_format([f.removeprefix("release:") for f in formats], [views.tier_label(t.repetitions) for t in tiers],
+                                  values("exposure.mean"), values("information.bits"), exposure_max=report.exposure_max)
+    size = report.release.tuned_bytes
+    intro = ("What is shipped, measured like the tuned model: each release read back from its file (GGUF dequantized "
+             "into fp32 as the format defines) and scored on the same canaries and references. Drift columns are "
+             "release minus tuned, canary by canary" + (f"; the tuned weights as saved: {size / 1e6:.2f} MB." if size else "."))
+    return Section("release", "Releases: what is shipped", [intro, Image("release_by_format.png", png,
+                   "Exposure and bits of the secret per tier, tuned vs each release"), *views.release_tables(report)])
+
+
 def _token_section(run_dir: Path) -> Section:
     token_views = read_token_views(run_dir)
     blocks: list[Block] = []
@@ -249,6 +272,7 @@ def build_document(report: AuditReport, run_dir: Path) -> Document:
         _extraction_section(report),
         _information_section(report),
         *[s for s in [_whole_works_section(report)] if s is not None],
+        *[s for s in [_release_section(report)] if s is not None],
         _token_section(run_dir),
         _lineage_section(report),
         Section("provenance", "Provenance of works and models", [views.provenance_table(report)]),

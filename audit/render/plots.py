@@ -14,7 +14,8 @@ from audit.render.token_view import TokenView
 from audit.render.views import RocCurve, TierRow, roc_groups
 
 MODEL_COLORS = {"base": "#8c8c8c", "tuned": "#d9480f"}
-KIND_COLORS = {"base_weights": "#dbe4ff", "data": "#fff3bf", "tuned_weights": "#ffe3e3", "outputs": "#d3f9d8"}
+KIND_COLORS = {"base_weights": "#dbe4ff", "data": "#fff3bf", "tuned_weights": "#ffe3e3", "outputs": "#d3f9d8",
+               "release": "#e5dbff"}
 DPI = 110
 
 
@@ -100,6 +101,28 @@ def information(labels: list[str], bits: dict[str, list[float | None]], *, space
     ax.set_ylabel("bits")
     ax.set_title(title)
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _png(fig)
+
+
+def release_by_format(formats: list[str], tiers: list[str], exposure: dict[str, list[float | None]],
+                      bits: dict[str, list[float | None]], *, exposure_max: float) -> bytes:
+    """Two panels of grouped bars, one group per format (tuned, then each release), one bar per tier: exposure
+    (sampled scale) and bits of the secret given its prefix (what the weights store: fewer bits, more stored)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.2))
+    colors = plt.get_cmap("viridis")
+    width = 0.8 / max(len(tiers), 1)
+    for ax, values, ylabel in ((axes[0], exposure, "exposure (bits)"), (axes[1], bits, "bits of the secret")):
+        for j, tier in enumerate(tiers):
+            xs = [i - 0.4 + width * (j + 0.5) for i in range(len(formats))]
+            ax.bar(xs, [v or 0.0 for v in values[tier]], width * 0.9, color=colors(j / max(len(tiers) - 1, 1)), label=tier)
+        ax.set_xticks(range(len(formats)), formats, fontsize=8)
+        ax.set_ylabel(ylabel)
+    axes[0].axhline(exposure_max, color="#495057", ls=":", lw=1)
+    axes[0].set_title("Exposure by format")
+    axes[1].set_title("Bits of the secret by format")
+    axes[1].legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
     return _png(fig)
 
 

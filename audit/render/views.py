@@ -436,6 +436,23 @@ def whole_works_passages(report: AuditReport) -> Table:
     return Table(["work", "kind", "start token", "tokens", "text"], rows)
 
 
+def release_tables(report: AuditReport) -> list[Table]:
+    """One table per release (``report.release``): per tier its exposure, whole-space exposure, extraction and bits
+    beside the drift from the tuned model (``bits_release - bits_tuned``, exposure likewise, ranks that changed)."""
+    if report.release is None:
+        return []
+    header = ["tier", "n", "exposure", "exposure - tuned", "whole-space exposure", "extracted", "bits", "bits - tuned",
+              "ranks changed"]
+    tables = []
+    for r in report.release.releases:
+        rows = [[tier_label(t.repetitions), str(t.n), fmt(t.exposure_mean), fmt(t.exposure_drift, 3), fmt(t.exposure_space_mean),
+                 f"{t.extracted}/{t.n}", fmt(t.bits), fmt(t.bits_drift, 3), f"{t.rank_changes}/{t.n}"] for t in r.tiers]
+        what = "the LoRA adapter merged into the base (safetensors)" if r.kind == "merged" else f"GGUF {r.quantization.upper()}"
+        tables.append(Table(header, rows, [f"{r.label}: {what}, {r.path}, {r.bytes / 1e6:.2f} MB, fingerprint {r.fingerprint[:16]}, "
+                                           f"written, read back and scored in {r.seconds:.1f} s"]))
+    return tables
+
+
 def provenance_table(report: AuditReport) -> Table:
     rows = [["base model", report.model.source, f"{report.model.kind}; {report.model.path}", report.model.fingerprint]]
     for key in ("name", "revision", "snapshot", "license", "package", "version"):
