@@ -69,6 +69,12 @@ class RunLayout:
     def works_scan_of(self, label: str) -> str:
         return f"works_scan_{label}.jsonl"
 
+    release_dir: str = "releases"  # the recipe's releases: releases/merged/ and releases/model.<type>.gguf
+
+    def release_of(self, label: str) -> str:
+        """``release_<format>.json`` for the model label ``release:<format>``: the release's file and scores."""
+        return f"release_{label.removeprefix('release:')}.json"
+
 
 LAYOUT = RunLayout()
 
@@ -102,13 +108,27 @@ SCHEMA_VERSIONS: Mapping[str, int | None] = MappingProxyType({
     LAYOUT.html: None,  # for people
     LAYOUT.markdown: None,  # for people
     LAYOUT.pending: 1,
+    LAYOUT.release_dir: None,  # a folder: the release files themselves (safetensors, GGUF) are the formats' own
+    LAYOUT.release_of("<label>"): 1,
 })
 """The schema version each file is written at now (None: carries none, for the reason beside it)."""
 
 
+def entry_of(name: str) -> str:
+    """The :data:`SCHEMA_VERSIONS` entry of a file name: itself, or the per-model template it was made from
+    (``release_q4_0.json`` -> ``release_<label>.json``)."""
+    if name in SCHEMA_VERSIONS:
+        return name
+    for make in (LAYOUT.scores_of, LAYOUT.calibration_of, LAYOUT.works_scan_of, LAYOUT.release_of):
+        before, after = make("<label>").split("<label>")
+        if name.startswith(before) and name.endswith(after):
+            return make("<label>")
+    return name
+
+
 def versioned(name: str, row: Mapping[str, Any]) -> dict[str, Any]:
     """``row`` with the ``schema_version`` that ``name`` is written at now."""
-    version = SCHEMA_VERSIONS[name]
+    version = SCHEMA_VERSIONS[entry_of(name)]
     assert version is not None, f"{name} is not a versioned file"
     return {**row, "schema_version": version}
 
@@ -116,7 +136,7 @@ def versioned(name: str, row: Mapping[str, Any]) -> dict[str, Any]:
 def check_version(path: Path, row: Mapping[str, Any]) -> int:
     """The version of a file (or a JSONL row) of ``path``: 0 when it has none (written before the file was versioned);
     one clear error when a newer canary-audit wrote it."""
-    known = SCHEMA_VERSIONS[Path(path).name]
+    known = SCHEMA_VERSIONS[entry_of(Path(path).name)]
     assert known is not None, f"{path} is not a versioned file"
     found = row.get("schema_version", 0)
     if not isinstance(found, int) or isinstance(found, bool) or found < 0:

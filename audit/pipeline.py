@@ -19,7 +19,7 @@ schema versions: :mod:`audit.layout`):
       works_scan.jsonl  with a ``works`` section: one row per whole work, model and window (+ .meta.json; 0600)
       outputs.jsonl     sampled text of the tuned model and its scan (raw text that may hold secrets: run dir only)
       merged/           with training.save_merged: the LoRA adapter folded into the base, as safetensors
-      release/          with a release section: merged/ and model.<type>.gguf, each scored (release_<type>.json)
+      releases/         with a release section: merged/ and model.<type>.gguf, each scored (release_<type>.json)
       children.jsonl    one line per further tune of this run (`audit run RECIPE parent=RUN_DIR`, audit.chain)
       token_view.json   per-token probabilities of the most-learned top-tier canary (secret tokens masked)
       report.json       the audit report

@@ -1477,7 +1477,7 @@ class ReleaseRow(Frozen):
     quantization: str
     """``fp32`` for the merged safetensors; the GGUF type otherwise (``q8_0``, ``q4_0``, ...)."""
     path: str
-    """Relative to the run directory (``release/model.q4_0.gguf``, ``merged``)."""
+    """Relative to the run directory (``releases/model.q4_0.gguf``, ``merged``)."""
     fingerprint: str
     """sha256 of the GGUF file; the safetensors fingerprint of the merged model."""
     bytes: int

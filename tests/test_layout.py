@@ -44,7 +44,8 @@ def test_no_run_directory_file_name_is_spelled_outside_the_layout():
 
 def test_every_file_of_the_layout_has_a_version_decision():
     names = {getattr(LAYOUT, f.name) for f in dataclasses.fields(RunLayout)}
-    per_model = {LAYOUT.scores_of("<label>"), LAYOUT.calibration_of("<label>"), LAYOUT.works_scan_of("<label>")}
+    per_model = {LAYOUT.scores_of("<label>"), LAYOUT.calibration_of("<label>"), LAYOUT.works_scan_of("<label>"),
+                 LAYOUT.release_of("<label>")}
     assert set(SCHEMA_VERSIONS) == names | per_model
     for name in (LAYOUT.children, LAYOUT.outputs, LAYOUT.pending, LAYOUT.probe, LAYOUT.report, LAYOUT.status):
         assert isinstance(SCHEMA_VERSIONS[name], int) and SCHEMA_VERSIONS[name] >= 1, name
@@ -172,3 +173,19 @@ def test_probe_files_old_and_newer(tmp_path):
     (tmp_path / LAYOUT.probe).write_text(json.dumps({**probe, "schema_version": NEWER}))
     with pytest.raises(AuditError, match="upgrade canary-audit"):
         read_token_views(tmp_path)
+
+
+def test_a_release_checkpoint_is_versioned_and_a_newer_one_is_refused(tmp_path):
+    from audit.release.stage import Release, ReleaseArtifact
+
+    artifact = ReleaseArtifact("release:q4_0")
+    assert artifact.name == "release_q4_0.json"
+    release = Release(label="release:q4_0", kind="gguf", quantization="q4_0", path="releases/model.q4_0.gguf",
+                      fingerprint="ab" * 32, bytes=10, seconds=1.0)
+    artifact.write(tmp_path, release)
+    assert json.loads((tmp_path / artifact.name).read_text())["schema_version"] == 1
+    assert artifact.read(tmp_path) == release
+    data = json.loads((tmp_path / artifact.name).read_text())
+    (tmp_path / artifact.name).write_text(json.dumps({**data, "schema_version": 99}))
+    with pytest.raises(AuditError, match="release_q4_0.json is schema_version 99, newer"):
+        artifact.read(tmp_path)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from audit.cli import main
+from audit.layout import LAYOUT
 from audit.models import fingerprint_safetensors_dir, sha256_file
 from audit.report import read_report
 from audit.store import read_scores
@@ -39,9 +40,9 @@ def test_each_release_is_a_lineage_node_of_the_tuned_weights_fingerprinted_by_it
     assert sorted(nodes) == ["release:merged", "release:q4_0", "release:q8_0"]
     assert all(n.parents == [tuned.id] for n in nodes.values())
     for q in ("q8_0", "q4_0"):
-        path = run_dir / "release" / f"model.{q}.gguf"
+        path = run_dir / LAYOUT.release_dir / f"model.{q}.gguf"
         assert nodes[f"release:{q}"].fingerprint == sha256_file(path) and nodes[f"release:{q}"].details["quantization"] == q
-    assert nodes["release:merged"].fingerprint == fingerprint_safetensors_dir(run_dir / "release" / "merged")
+    assert nodes["release:merged"].fingerprint == fingerprint_safetensors_dir(run_dir / LAYOUT.release_dir / "merged")
     rows = {r.label: r for r in report.release.releases}
     assert rows["release:q4_0"].bytes < rows["release:q8_0"].bytes < rows["release:merged"].bytes
     assert all(len(r.tiers) == len(report.tiers) for r in rows.values())

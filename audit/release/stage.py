@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from audit.layout import LAYOUT, check_version, versioned
 from audit.schema import SequenceScore
-
-RELEASE_DIR = "release"
-"""Where a run's releases are written: ``release/merged/`` and ``release/model.<type>.gguf``."""
 
 
 @dataclass(frozen=True)
@@ -45,19 +43,21 @@ class ReleaseArtifact:
 
     @property
     def name(self) -> str:
-        return f"release_{self.label.removeprefix('release:')}.json"
+        return LAYOUT.release_of(self.label)
 
     def read(self, run_dir: Path) -> Release | None:
         path = Path(run_dir) / self.name
         if not path.is_file():
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
+        check_version(path, data)
+        data.pop("schema_version", None)
         return Release(**{**data, "scores": [SequenceScore.model_validate(s) for s in data["scores"]]})
 
     def write(self, run_dir: Path, value: Release) -> None:
         from audit.store import write_once
 
-        data = {**value.__dict__, "scores": [s.model_dump(mode="json") for s in value.scores]}
+        data = versioned(self.name, {**value.__dict__, "scores": [s.model_dump(mode="json") for s in value.scores]})
         write_once(Path(run_dir) / self.name, json.dumps(data, sort_keys=True) + "\n")
 
     def describe(self, value: Release) -> str:
@@ -92,7 +92,7 @@ def make_release(ctx: Any, run_dir: Path, label: str, merged: Any, tokenizer: An
     started = time.perf_counter()
     if fmt == "merged":
         if merged_dir is None:  # training.save_merged did not write it: written here, as it would have
-            merged_dir = run_dir / RELEASE_DIR / "merged"
+            merged_dir = run_dir / LAYOUT.release_dir / "merged"
             merged.save_pretrained(str(merged_dir), safe_serialization=True)
             tokenizer.save_pretrained(str(merged_dir))
         import torch
@@ -101,7 +101,7 @@ def make_release(ctx: Any, run_dir: Path, label: str, merged: Any, tokenizer: An
         path, kind, quantization = merged_dir, "merged", "fp32"
         fingerprint, size = fingerprint_safetensors_dir(merged_dir), _dir_bytes(merged_dir)
     else:
-        info = write_gguf(merged, tokenizer, run_dir / RELEASE_DIR / f"model.{fmt}.gguf", fmt,
+        info = write_gguf(merged, tokenizer, run_dir / LAYOUT.release_dir / f"model.{fmt}.gguf", fmt,
                           name=f"{ctx.recipe.name} ({fmt})")
         model = read_gguf(info.path).model.to(ctx.device.device)
         path, kind, quantization, fingerprint, size = info.path, "gguf", fmt, info.sha256, info.bytes
