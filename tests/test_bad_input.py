@@ -130,11 +130,11 @@ def test_bad_input_is_one_line_and_exit_2(case, inputs, capsys):
 
 def test_gate_file_errors(inputs, capsys):
     """Bad gates files, checked against a report that does exist."""
-    from test_gates import make_report
+    from helpers import tier_report
 
     run = inputs / "gated"
     run.mkdir()
-    (run / "report.json").write_text(make_report({1: (2, 1.0, 0)}).model_dump_json())
+    (run / "report.json").write_text(tier_report({1: (2, 1.0, 0)}).model_dump_json())
     future = inputs / "future.json"  # a report from a later version
     future.write_text(json.dumps({**json.loads((run / "report.json").read_text()), "schema_version": 2, "new_field": 1}))
     (inputs / "empty_gates.yaml").write_text("[]\n")

@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_gates import make_report
-from test_report_render import make_run_dir, synthetic_scores
+from helpers import make_run_dir, synthetic_scores, tier_report
 
 from audit.curves import add_point, read_curves, write_curves
 from audit.errors import AuditError
@@ -20,7 +19,7 @@ CURVE = {KEY: [(25, 1.2), (50, 3.9), (75, 6.5), (100, 5.8)]}
 
 
 def report_with_curve(final_exposure: float = 5.8, steps: int = 100):
-    report = make_report({0: (6, 1.4, 0), 16: (2, final_exposure, 1)})
+    report = tier_report({0: (6, 1.4, 0), 16: (2, final_exposure, 1)})
     return report.model_copy(update={"training": report.training.model_copy(update={"steps": steps}), "curves": CURVE})
 
 

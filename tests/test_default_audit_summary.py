@@ -11,12 +11,12 @@ import math
 import re
 
 import numpy as np
+from helpers import make_report
 
 from audit.gates import evaluate_gates, report_metrics
 from audit.render.views import exposure_table, tier_rows, verdict
 from audit.report import format_mia_headline, format_null_calibration, format_table, summarize_tiers
 from audit.schema import GateSpec, SequenceScore, TierSummary
-from tests.test_report_render import make_report
 
 
 def rows(seed: int = 0, *, ranked_refs: int = 32, refs: int = 100, per_tier: int = 8, bias: float = 0.0) -> list[SequenceScore]:

@@ -322,7 +322,7 @@ def test_a_further_tune_uses_its_parents_key_and_refuses_another(old_run):
 def test_every_generator_draws_per_key(name):
     """Same spec, seed and key: the same set byte for byte; another key: other secrets, ids and references.
     (traps: a fake sampler whose text follows the sampling seed, which the keyed stream draws.)"""
-    from test_canaries import FakeSampler
+    from helpers import FakeSampler
 
     from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets
 

@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from test_gates import make_report
+from helpers import tier_report
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "test_audit_gates.py"
@@ -46,7 +46,7 @@ RECIPE_GATES = [{"name": "single-copy secrets stay near the null", "metric": "ex
 
 def write_run(path: Path, tiers) -> Path:
     path.mkdir(parents=True)
-    (path / "report.json").write_text(make_report(tiers, gates=RECIPE_GATES, run_id=path.name).model_dump_json())
+    (path / "report.json").write_text(tier_report(tiers, gates=RECIPE_GATES, run_id=path.name).model_dump_json())
     return path
 
 

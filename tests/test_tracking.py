@@ -192,7 +192,7 @@ def test_training_set_is_a_schema_only_dataset_input_with_the_manifest_digest(st
 
 
 def test_report_metric_dict_has_every_stable_key():
-    from test_report_render import FAILING, make_report, synthetic_scores
+    from helpers import FAILING, make_report, synthetic_scores
 
     report = make_report(synthetic_scores(), gates=FAILING)
     flat = report_metric_dict(report)
