@@ -53,8 +53,9 @@ def synthetic_scores(seed: int = 0, *, tiers=(0, 1, 4, 16), per_tier=None) -> li
                 loss = max(0.05, base_loss - (gain * 0.6 if model == "tuned" else 0.0))
                 rank = max(1, int(rng.integers(1, 257) / (2 ** gain)))
                 rows.append(SequenceScore(
-                    canary_id=cid, model=model, repetitions=reps, secret_tokens=6, secret_nll_bits=round(6 * loss / math.log(2), 4),
-                    rank=rank, n_references=255, exposure=round(8 - math.log2(rank), 4), extracted=model == "tuned" and reps == 16 and i == 0,
+                    canary_id=cid, model=model, repetitions=reps, secret_tokens=6,
+                    secret_nll_bits=round(6 * loss / math.log(2), 4), rank=rank, n_references=255,
+                    exposure=round(8 - math.log2(rank), 4), extracted=model == "tuned" and reps == 16 and i == 0,
                     mia_loss=round(loss, 4), mia_min_k=round(-loss * 1.1, 4), mia_min_k_pp=round(-loss / 3, 4),
                     mia_zlib=round(-loss / 12, 4), exposure_method="sampled", exposure_space=round(8 - math.log2(rank), 4),
                     secret_utf8_bits=48,
@@ -141,7 +142,8 @@ def score_row(cid: str, model: str, reps: int, *, loss: float, bits: float, mkpp
     return SequenceScore(canary_id=cid, model=model, repetitions=reps, secret_tokens=6, secret_nll_bits=bits, rank=1,
                          n_references=255, exposure=8.0, extracted=extracted, exposure_method="sampled", exposure_space=10.0,
                          exposure_space_low=5.0, exposure_space_high=19.9, mia_loss=loss, mia_min_k=-loss, mia_min_k_pp=mkpp,
-                         mia_zlib=-loss / 10, extraction_lcp_tokens=6 if extracted else 0, extraction_ned=0.0 if extracted else 1.0,
+                         mia_zlib=-loss / 10, extraction_lcp_tokens=6 if extracted else 0,
+                         extraction_ned=0.0 if extracted else 1.0,
                          extracted_from_fraction=extracted, sampled_matches=sampled, sampled_n=4, secret_utf8_bits=48)
 
 
@@ -255,7 +257,8 @@ def kill_after_first_checkpoint(cwd: Path, args: list[str]) -> Path:
             break
         time.sleep(0.02)
     _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed (rc {proc.returncode}): {err.decode()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL, \
+        f"the run ended before it could be killed (rc {proc.returncode}): {err.decode()[-2000:]}"
     (run_dir,) = (cwd / "runs").iterdir()
     return run_dir
 

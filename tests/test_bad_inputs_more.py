@@ -263,7 +263,8 @@ def test_a_damaged_newest_checkpoint_is_set_aside_with_one_line_and_the_older_on
     finally:
         handle.close()
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[0].startswith(f"[audit] resume: checkpoint-20 is damaged ({damage}") and "moved to damaged-checkpoint-20-" in lines[0]
+    assert lines[0].startswith(f"[audit] resume: checkpoint-20 is damaged ({damage}")
+    assert "moved to damaged-checkpoint-20-" in lines[0]
     assert lines[1] == "[audit] resume: reusing training checkpoint checkpoint-10 (step 10) instead"
     assert sorted(p.name.split("-20-")[0] for p in (run_dir / "trainer").iterdir()) == ["checkpoint-10", "damaged-checkpoint"]
 

@@ -90,7 +90,8 @@ def test_inject_canaries_plants_chat_records_in_assistant_turns(tmp_path):
     train, gt = inject_canaries(chats, model="tiny-llama", out=tmp_path / "gt", tiers=(2,), members_per_tier=1, references=2)
     canary = json.loads((gt / "canaries.jsonl").read_text().splitlines()[0])
     planted = [r for r in train.to_list() if any(canary["secret"] in m["content"] for m in r["messages"])]
-    assert len(planted) == 2 and all(m["role"] == "assistant" for r in planted for m in r["messages"] if canary["secret"] in m["content"])
+    assert len(planted) == 2
+    assert all(m["role"] == "assistant" for r in planted for m in r["messages"] if canary["secret"] in m["content"])
 
 
 @pytest.mark.parametrize("case", ["not_a_dataset", "missing_column", "not_empty_out", "bad_tiers"])

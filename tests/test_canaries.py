@@ -41,8 +41,8 @@ def test_same_spec_and_seed_give_byte_identical_canaries_jsonl(name, tmp_path):
 def test_pool_has_the_designed_roles_unique_ids_and_no_near_duplicates(name):
     spec = load_spec(name)
     canaries = generate_canaries(spec, seed=3)
-    assert sorted(c.repetitions for c in canaries.canaries) == sorted([t for t in spec.tiers for _ in range(spec.members_per_tier)]
-                                                                       + [0] * spec.references)
+    designed = [t for t in spec.tiers for _ in range(spec.members_per_tier)] + [0] * spec.references
+    assert sorted(c.repetitions for c in canaries.canaries) == sorted(designed)
     assert len({c.id for c in canaries.canaries}) == len(canaries.canaries)
     assert len({c.prefix for c in canaries.canaries}) == len(canaries.canaries), "each prefix is unique"
     assert near_duplicate_pairs([c.secret for c in canaries.canaries], ngram=3, max_jaccard=0.6) == []

@@ -163,7 +163,8 @@ def _files(tokenizer, key, recipe=None):
     from audit.ground_truth import ground_truth_files, prepare_ground_truth
 
     truth = prepare_ground_truth(recipe or load_recipe("tiny/lora_cpu"), tokenizer=tokenizer, key=key)
-    text = {name: jsonl_text(obj) if name.endswith(".jsonl") else json_text(obj) for name, obj in ground_truth_files(truth).items()}
+    text = {name: jsonl_text(obj) if name.endswith(".jsonl") else json_text(obj)
+            for name, obj in ground_truth_files(truth).items()}
     return truth, text
 
 

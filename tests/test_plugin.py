@@ -145,7 +145,8 @@ def test_example_gate_passes_on_the_shipped_tiny_recipe_and_reuses_the_run(suite
 @pytest.mark.slow
 def test_example_gate_fails_with_a_readable_table_on_a_recipe_that_memorizes(suite):
     """tiny/full_cpu memorizes even the single-copy canaries (exposure at the 8-bit cap)."""
-    result = run_pytest(suite, EXAMPLE.name, "--audit-recipe", "tiny/full_cpu", "--audit-set", "tracking.enabled=false", "-p", "no:cacheprovider")
+    result = run_pytest(suite, EXAMPLE.name, "--audit-recipe", "tiny/full_cpu", "--audit-set", "tracking.enabled=false",
+                        "-p", "no:cacheprovider")
     out = result.stdout
     assert result.returncode == 1, out[-3000:] + result.stderr[-3000:]
     table = failure_table(out)

@@ -107,8 +107,10 @@ def test_verdict_comes_from_the_gates_and_says_what_the_numbers_show():
 
 
 def test_canary_view_masks_the_secret_and_picks_the_biggest_gain():
-    base = [CanaryTokens("a", 16, ["x", " is"], 2, [-1.0, -5.0, -5.0]), CanaryTokens("b", 16, ["y", " is"], 2, [-1.0, -5.0, -5.0])]
-    tuned = [CanaryTokens("a", 16, ["x", " is"], 2, [-1.0, -4.0, -4.0]), CanaryTokens("b", 16, ["y", " is"], 2, [-1.0, -0.1, -0.1])]
+    base = [CanaryTokens("a", 16, ["x", " is"], 2, [-1.0, -5.0, -5.0]),
+            CanaryTokens("b", 16, ["y", " is"], 2, [-1.0, -5.0, -5.0])]
+    tuned = [CanaryTokens("a", 16, ["x", " is"], 2, [-1.0, -4.0, -4.0]),
+             CanaryTokens("b", 16, ["y", " is"], 2, [-1.0, -0.1, -0.1])]
     view = build_canary_view(base, tuned)
     assert view is not None and "canary b" in view.title
     assert [t.text for t in view.tokens] == ["y", " is", None, None]

@@ -121,7 +121,8 @@ def test_pypi_sources_download_verify_and_read(source, n_works, min_chars, first
     assert len(works) == n_works and works[0].provenance.title == first_title
     assert sum(w.provenance.n_chars for w in works) > min_chars
     p = works[0].provenance
-    assert p.kind == "public_domain" and "Public domain" in p.license and p.package and p.version and len(p.archive_sha256 or "") == 64
+    assert p.kind == "public_domain" and "Public domain" in p.license and p.package and p.version
+    assert len(p.archive_sha256 or "") == 64
     assert "**" not in works[0].text
 
 
@@ -130,7 +131,8 @@ def test_works_information_separates_kinds_and_roles_with_hand_made_scores():
     from audit.works.information import works_information
 
     def work(i, kind):
-        return WorkProvenance(id=f"w{i}", title=f"Work {i}", kind=kind, license="CC0-1.0", source="test", sha256="0" * 64, n_chars=9)
+        return WorkProvenance(id=f"w{i}", title=f"Work {i}", kind=kind, license="CC0-1.0", source="test", sha256="0" * 64,
+                              n_chars=9)
 
     canaries = CanarySet(spec="works", spec_version=1, seed=0, space=SecretSpace(kind="sampled", bits=10.0),
                          works=[work(1, "public_domain"), work(2, "synthetic")],
@@ -146,6 +148,7 @@ def test_works_information_separates_kinds_and_roles_with_hand_made_scores():
     assert m["works.memorized_bits/public_domain/member"] == 15.0 and m["works.memorized_bits/public_domain/held_out"] == 1.0
     assert m["works.memorized_bits/synthetic/member"] == 70.0 and m["works.bits/synthetic/held_out/base"] == 84.0
     assert m["works.n/synthetic/member"] == 1.0
-    assert [(w["title"], w["member_bits_tuned"], w["held_out_excerpts"]) for w in info["by_work"]] == [("Work 1", 5.0, 1), ("Work 2", 10.0, 1)]
+    by_work = [(w["title"], w["member_bits_tuned"], w["held_out_excerpts"]) for w in info["by_work"]]
+    assert by_work == [("Work 1", 5.0, 1), ("Work 2", 10.0, 1)]
     digits = CanarySet(spec="digits", spec_version=1, seed=0, space=SecretSpace(alphabet=["0"], length=1), canaries=[])
     assert works_information(digits, scores) == {}
