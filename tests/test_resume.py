@@ -236,12 +236,12 @@ def test_a_whole_works_run_killed_mid_training_reuses_its_base_scan_and_ends_as_
     args = ["run", "tiny/works_cpu", "--quiet", "--no-tracking", "training.checkpoint_every=10"]
     killed = tmp_path / "killed"
     killed.mkdir()
-    run_dir = _kill_after_first_checkpoint(killed, args)
+    run_dir = kill_after_first_checkpoint(killed, args)
     scan = run_dir / "works_scan_base.jsonl"
     assert scan.exists() and not (run_dir / "works_scan_tuned.jsonl").exists()
     before = (scan.read_bytes(), scan.stat().st_mtime_ns)
 
-    resumed = subprocess.run(AUDIT + ["run", "--resume", str(run_dir)], cwd=killed, env=_env(),
+    resumed = subprocess.run(AUDIT + ["run", "--resume", str(run_dir)], cwd=killed, env=audit_env(),
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "[audit] resume: reusing works_scan_base.jsonl" in resumed.stderr
@@ -250,7 +250,7 @@ def test_a_whole_works_run_killed_mid_training_reuses_its_base_scan_and_ends_as_
 
     clean = tmp_path / "clean"
     clean.mkdir()
-    subprocess.run(AUDIT + args, cwd=clean, env=_env(), check=True, capture_output=True, timeout=900)
+    subprocess.run(AUDIT + args, cwd=clean, env=audit_env(), check=True, capture_output=True, timeout=900)
     (clean_run,) = (clean / "runs").iterdir()
     for name in ("works_scan_base.jsonl", "works_scan_tuned.jsonl", "scores.jsonl"):
         assert (run_dir / name).read_bytes() == (clean_run / name).read_bytes(), name
