@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -65,7 +70,6 @@ def unreadable(monkeypatch):
     import builtins
     import errno
     import io
-    from pathlib import Path
 
     blocked: set[str] = set()
     real_open = builtins.open
@@ -85,3 +89,53 @@ def unreadable(monkeypatch):
         return path
 
     return block
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """What one ``audit run tiny/lora_cpu`` left: its working directory (``mlflow.db``, ``mlartifacts/``), its run
+    directory, and what it printed."""
+
+    work: Path
+    run_dir: Path
+    stdout: str
+    stderr: str
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Iterator[TinyRun]:
+    """One ``audit run tiny/lora_cpu`` with the recipe's own settings and the default MLflow store (``mlflow.db`` in
+    its working directory), done once per session and shared by every test that only reads what it wrote (report,
+    scores, plots, the MLflow run, the printed output). It runs as a user runs it, in a subprocess, so everything it
+    prints is captured.
+
+    Read only: a test that changes anything in the run directory copies it first (``shutil.copytree``). The run
+    directory is fingerprinted after the run and checked at the end of the session; a changed or added file fails
+    there, naming it."""
+    from helpers import AUDIT, audit_env
+
+    work = tmp_path_factory.mktemp("tiny-run")
+    done = subprocess.run([*AUDIT, "run", "tiny/lora_cpu"], cwd=work, env=audit_env(), capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (work / "runs").iterdir()
+    before = _digests(run_dir)
+    yield TinyRun(work=work, run_dir=run_dir, stdout=done.stdout, stderr=done.stderr)
+    after = _digests(run_dir)
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, f"a test wrote into the shared tiny run (copy it with shutil.copytree first): {changed}"
+
+
+@pytest.fixture(scope="module")
+def injected(tmp_path_factory) -> Path:
+    """``audit inject tiny/lora_cpu --out gt``, once; tests copy it."""
+    from audit.cli import main as cli_main
+
+    out = tmp_path_factory.mktemp("inject") / "gt"
+    assert cli_main(["inject", "tiny/lora_cpu", "--out", str(out)]) == 0
+    return out

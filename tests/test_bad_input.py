@@ -64,10 +64,12 @@ CASES = {
                                                           "param 'alphabet': the alphabet needs at least two distinct symbols"),
     "infinite epochs": ([*RUN, "training.epochs=.inf"], "'training.epochs': Input should be a finite number"),
     "negative seed": ([*RUN, "seed=-1"], "'seed': Input should be greater than or equal to 0"),
-    "seed beyond numpy's range": ([*RUN, "seed=99999999999999999999999"], "'seed': Input should be less than or equal to 4294967295"),
+    "seed beyond numpy's range": ([*RUN, "seed=99999999999999999999999"],
+                                  "'seed': Input should be less than or equal to 4294967295"),
     "NaN gate threshold (once passed)": ([*RUN, "gates=[{metric: exposure.mean/rep_1/tuned, max: .nan}]"],
                                          "'gates.0.max': Input should be a finite number"),
-    "checkpoint interval not whole": ([*RUN, "training.checkpoint_every=2.5"], "checkpoint_every must be a whole number of steps"),
+    "checkpoint interval not whole": ([*RUN, "training.checkpoint_every=2.5"],
+                                      "checkpoint_every must be a whole number of steps"),
     "gate without threshold in recipe": ([*RUN, "gates=[{metric: x}]"], "'gates.0': gate on 'x' needs a threshold"),
     "unknown canary spec": ([*RUN, "canaries.spec=digts"], "canary spec 'digts' not found. Did you mean 'digits'?"),
     "more references than the space": ([*RUN, "canaries.params.length=4", "scoring.exposure_references=20000"],
@@ -80,7 +82,8 @@ CASES = {
     "missing corpus file": ([*RUN, "corpus.source=missing.jsonl"], "corpus file missing.jsonl does not exist"),
     "empty corpus": ([*RUN, "corpus.source=empty.jsonl"], "corpus 'empty.jsonl' is empty"),
     "corpus with a header and no rows": ([*RUN, "corpus.source=header_only.csv"], "corpus 'header_only.csv' is empty"),
-    "corpus without the named column": ([*RUN, "corpus.source=body.jsonl"], "has neither a text column 'text' nor a messages column"),
+    "corpus without the named column": ([*RUN, "corpus.source=body.jsonl"],
+                                        "has neither a text column 'text' nor a messages column"),
     "corpus column that is not text": ([*RUN, "corpus.source=numbers.jsonl"], "corpus 'numbers.jsonl'"),
     "corpus file of an unknown type": ([*RUN, "corpus.source=corpus.txt"], "unsupported extension '.txt'"),
     "canaries longer than max_length": ([*RUN, "training.max_length=8"], "would not reach the loss (truncated"),
@@ -110,7 +113,8 @@ CASES = {
     "resume: no such directory": (["run", "--resume", "runs/nothing"], "cannot resume runs/nothing: no such directory"),
     "resume: not a run directory": (["run", "--resume", "notarun"], "notarun has no readable run.json"),
     "resume: run stopped before its recipe": (["run", "--resume", "runs_elsewhere/killed"], "it has no recipe.yaml"),
-    "resume with overrides": (["run", "--resume", "runs_elsewhere/killed", "seed=1"], "--resume continues a run with the recipe stored in it"),
+    "resume with overrides": (["run", "--resume", "runs_elsewhere/killed", "seed=1"],
+                              "--resume continues a run with the recipe stored in it"),
 }
 
 
@@ -130,11 +134,11 @@ def test_bad_input_is_one_line_and_exit_2(case, inputs, capsys):
 
 def test_gate_file_errors(inputs, capsys):
     """Bad gates files, checked against a report that does exist."""
-    from test_gates import make_report
+    from helpers import tier_report
 
     run = inputs / "gated"
     run.mkdir()
-    (run / "report.json").write_text(make_report({1: (2, 1.0, 0)}).model_dump_json())
+    (run / "report.json").write_text(tier_report({1: (2, 1.0, 0)}).model_dump_json())
     future = inputs / "future.json"  # a report from a later version
     future.write_text(json.dumps({**json.loads((run / "report.json").read_text()), "schema_version": 2, "new_field": 1}))
     (inputs / "empty_gates.yaml").write_text("[]\n")

@@ -205,7 +205,7 @@ def test_merge_partial_multiplies_a_characters_byte_probabilities_and_never_merg
 def test_a_real_token_view_of_a_non_ascii_canary_shows_its_characters(tmp_path, tiny_model):
     """tiny-llama scores a canary whose prefix holds é, 中 and an emoji: token_view.json, the HTML and the Markdown
     show them whole (no U+FFFD), the secret stays masked."""
-    from test_report_render import make_run_dir
+    from helpers import make_run_dir
 
     from audit.render import render_report
     from audit.render.token_view import canary_token_logprobs, read_token_views, write_token_view
@@ -264,7 +264,8 @@ def test_a_damaged_newest_checkpoint_is_set_aside_with_one_line_and_the_older_on
     finally:
         handle.close()
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[0].startswith(f"[audit] resume: checkpoint-20 is damaged ({damage}") and "moved to damaged-checkpoint-20-" in lines[0]
+    assert lines[0].startswith(f"[audit] resume: checkpoint-20 is damaged ({damage}")
+    assert "moved to damaged-checkpoint-20-" in lines[0]
     assert lines[1] == "[audit] resume: reusing training checkpoint checkpoint-10 (step 10) instead"
     assert sorted(p.name.split("-20-")[0] for p in (run_dir / "trainer").iterdir()) == ["checkpoint-10", "damaged-checkpoint"]
 
@@ -493,13 +494,13 @@ def test_a_killed_run_whose_checkpoint_was_then_truncated_resumes_by_training_ag
     says so in one line, sets it aside, trains from step 0 and finishes (no traceback from safetensors)."""
     import subprocess
 
-    from test_resume import AUDIT, _env, _kill_after_first_checkpoint
+    from helpers import AUDIT, audit_env, kill_after_first_checkpoint
 
-    run_dir = _kill_after_first_checkpoint(tmp_path, ["run", "tiny/lora_cpu", "--quiet", "--no-tracking",
+    run_dir = kill_after_first_checkpoint(tmp_path, ["run", "tiny/lora_cpu", "--quiet", "--no-tracking",
                                                       "training.checkpoint_every=10"])
     (checkpoint,) = (run_dir / "trainer").glob("checkpoint-*")
     _truncate(checkpoint / "adapter_model.safetensors", keep=1000)
-    resumed = subprocess.run(AUDIT + ["run", "--resume", str(run_dir), "--no-tracking"], cwd=tmp_path, env=_env(),
+    resumed = subprocess.run(AUDIT + ["run", "--resume", str(run_dir), "--no-tracking"], cwd=tmp_path, env=audit_env(),
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     said = [line for line in resumed.stderr.splitlines() if line.startswith(f"[audit] resume: {checkpoint.name}")]

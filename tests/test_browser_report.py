@@ -47,7 +47,7 @@ def screenshot(page: Path, work: Path, *, size: str = "1100,2600") -> tuple[np.n
 
 
 def test_report_renders_with_its_plots_in_headless_chromium(tmp_path):
-    from test_report_render import FAILING, make_run_dir
+    from helpers import FAILING, make_run_dir
 
     run_dir, _ = make_run_dir(tmp_path / "run", gates=FAILING)
     rendered = render_report(run_dir)
@@ -129,7 +129,7 @@ RECIPE_GATES = [  # tiny/lora_cpu's gates as an audit reports them: long names a
 
 def test_at_800_px_no_word_breaks_inside_a_header_or_a_pass_fail_cell(tmp_path):
     """(The CSS before this test, overflow-wrap:anywhere, broke the headers "value", "threshold" and "result" here.)"""
-    from test_report_render import make_run_dir
+    from helpers import make_run_dir
 
     run_dir, _ = make_run_dir(tmp_path / "run", gates=RECIPE_GATES)
     broken, checked, width = broken_words(render_report(run_dir).html, tmp_path / "chromium")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import short_sft
 
 from audit.errors import AuditError
 
@@ -89,7 +90,8 @@ def test_inject_canaries_plants_chat_records_in_assistant_turns(tmp_path):
     train, gt = inject_canaries(chats, model="tiny-llama", out=tmp_path / "gt", tiers=(2,), members_per_tier=1, references=2)
     canary = json.loads((gt / "canaries.jsonl").read_text().splitlines()[0])
     planted = [r for r in train.to_list() if any(canary["secret"] in m["content"] for m in r["messages"])]
-    assert len(planted) == 2 and all(m["role"] == "assistant" for r in planted for m in r["messages"] if canary["secret"] in m["content"])
+    assert len(planted) == 2
+    assert all(m["role"] == "assistant" for r in planted for m in r["messages"] if canary["secret"] in m["content"])
 
 
 @pytest.mark.parametrize("case", ["not_a_dataset", "missing_column", "not_empty_out", "bad_tiers"])
@@ -248,25 +250,6 @@ def test_a_curve_point_leaves_the_model_in_train_mode_with_weights_and_rng_untou
     assert metrics["exposure.mean/rep_4/tuned"] == pytest.approx(sum(base_rep4) / len(base_rep4), abs=1e-4)
 
 
-def _short_sft(train, tokenizer, out, callbacks, *, max_steps: int = 6):
-    import torch
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
-    from audit.models import load_model_and_tokenizer, resolve_model
-
-    torch.manual_seed(0)
-    model, _ = load_model_and_tokenizer(resolve_model("tiny-llama", progress=False).path, dtype=torch.float32, device="cpu")
-    args = SFTConfig(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=2e-2,
-                     max_length=64, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
-                     disable_tqdm=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=callbacks,
-                         peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
-                                                task_type="CAUSAL_LM"))
-    trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
-
-
 @pytest.mark.slow  # two short trainings with three curve points (~10 s idle; minutes on a loaded 2-core machine)
 def test_measuring_during_training_leaves_the_training_itself_unchanged(injected, tokenizer, tmp_path):
     """Dropout on (0.1) and shuffled batches: a point that drew from the global RNG would change the later losses."""
@@ -275,8 +258,8 @@ def test_measuring_during_training_leaves_the_training_itself_unchanged(injected
     live = load_live_truth(injected.ground_truth, tokenizer)
     recorder = CurveRecorder(canaries=live.canaries, reference_secrets=live.reference_secrets, section=live.recipe.scoring,
                              seed=0, tokenizer=tokenizer)
-    plain = _short_sft(injected.dataset, tokenizer, tmp_path / "a", [])
-    measured = _short_sft(injected.dataset, tokenizer, tmp_path / "b", [CurveCallback(recorder, every_steps=2)])
+    plain = short_sft(injected.dataset, tokenizer, tmp_path / "a", [])
+    measured = short_sft(injected.dataset, tokenizer, tmp_path / "b", [CurveCallback(recorder, every_steps=2)])
     assert measured == plain and len(plain) == 6
     assert [s for s, _ in recorder.curves["exposure.mean/rep_4/tuned"]] == [2, 4]  # not 6: the final audit measures it
     assert len(recorder.base_scores) == len(live.canaries.canaries)  # the base: the adapter disabled, scored once

@@ -78,8 +78,8 @@ def test_the_example_trains_tiny_llama_and_ends_with_16_copy_canaries_exposed_an
 def test_the_callback_run_nests_under_the_users_active_mlflow_run_never_beside_it(in_tmp, monkeypatch):
     import mlflow
     from datasets import Dataset
+    from helpers import short_sft
     from mlflow.tracking import MlflowClient
-    from test_callback import _short_sft
 
     from audit import CanaryAuditCallback, inject_canaries
     from audit.corpus import builtin_records
@@ -93,7 +93,7 @@ def test_the_callback_run_nests_under_the_users_active_mlflow_run_never_beside_i
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the user's MLflow setup; the audit finds the same store
     callback = CanaryAuditCallback(ground_truth=gt, every_steps=2, progress=False)
     with mlflow.start_run(run_name="users-own-run") as users:
-        _short_sft(train, tokenizer, in_tmp / "out", [callback], max_steps=4)
+        short_sft(train, tokenizer, in_tmp / "out", [callback], max_steps=4)
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     top_level = {r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags}

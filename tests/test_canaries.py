@@ -7,33 +7,15 @@ import math
 import re
 
 import pytest
+from helpers import FakeSampler
 
 from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets, shipped_specs, spec_needs_model
-from audit.canaries.base import Sample
 from audit.canaries.pii import luhn_valid
 from audit.canaries.uniqueness import SecretScanner, UniquePool, check_secrets_absent, near_duplicate_pairs
 from audit.errors import AuditError
 from audit.store import write_jsonl
 
 OFFLINE_SPECS = ["digits", "words", "pii"]
-
-
-class FakeSampler:
-    """Deterministic stand-in for the base model: text and perplexity are functions of (seed, index)."""
-
-    fingerprint = "fake-sampler"
-
-    def __init__(self, perplexities=(5.0, 50.0, 500.0)):
-        self.perplexities = perplexities
-
-    def sample(self, prompt, *, n, max_new_tokens, temperature, seed):
-        out = []
-        for i in range(n):
-            words = [f"w{(seed * 7919 + i * 104729 + k * 31) % 99991}" for k in range(max_new_tokens)]
-            ppl = self.perplexities[(seed + i) % len(self.perplexities)]
-            out.append(Sample(text=" " + " ".join(words), token_ids=list(range(max_new_tokens)),
-                              nll_bits=max_new_tokens * math.log2(ppl), clean=True))
-        return out
 
 
 def test_every_shipped_spec_loads_and_says_whether_it_needs_the_model():
@@ -59,8 +41,8 @@ def test_same_spec_and_seed_give_byte_identical_canaries_jsonl(name, tmp_path):
 def test_pool_has_the_designed_roles_unique_ids_and_no_near_duplicates(name):
     spec = load_spec(name)
     canaries = generate_canaries(spec, seed=3)
-    assert sorted(c.repetitions for c in canaries.canaries) == sorted([t for t in spec.tiers for _ in range(spec.members_per_tier)]
-                                                                       + [0] * spec.references)
+    designed = [t for t in spec.tiers for _ in range(spec.members_per_tier)] + [0] * spec.references
+    assert sorted(c.repetitions for c in canaries.canaries) == sorted(designed)
     assert len({c.id for c in canaries.canaries}) == len(canaries.canaries)
     assert len({c.prefix for c in canaries.canaries}) == len(canaries.canaries), "each prefix is unique"
     assert near_duplicate_pairs([c.secret for c in canaries.canaries], ngram=3, max_jaccard=0.6) == []

@@ -130,7 +130,8 @@ def test_further_tune_measures_the_parents_canaries_on_clean_data(chain_runs):
     assert manifest["placements"] == [] and manifest["canary_set_sha256"] == parent.canaries.canary_set_sha256
     assert manifest["dataset_before"] == manifest["dataset_after"]
     # base and parent rows are the parent run's own measurements, reused; the further tune's are new
-    parent_rows = {(r["canary_id"], r["model"]): r for r in map(json.loads, (parent_dir / "scores.jsonl").read_text().splitlines())}
+    parent_rows = {(r["canary_id"], r["model"]): r
+                   for r in map(json.loads, (parent_dir / "scores.jsonl").read_text().splitlines())}
     child_rows = [json.loads(line) for line in (child_dir / "scores.jsonl").read_text().splitlines()]
     assert {r["model"] for r in child_rows} == {"base", PARENT_LABEL, "tuned"}
     for r in child_rows:
@@ -175,7 +176,7 @@ def test_compare_reads_both_chain_runs_from_mlflow(chain_runs, tmp_path, capsys)
     plot = tmp_path / "cmp.png"
     assert main(["compare", str(parent_dir), str(child_dir), "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith(f"| {parent_dir.name}") or line.startswith(f"| {child_dir.name}")]
+    rows = [line for line in out.splitlines() if line.startswith((f"| {parent_dir.name}", f"| {child_dir.name}"))]
     assert len(rows) == 2 and "(report.json)" not in out
     assert f"{child.metrics['exposure.space_mean/rep_16/tuned'].value:.2f}" in rows[1]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -202,7 +203,8 @@ def test_two_processes_train_together_and_rank_0_alone_writes(tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "audit.cli", "run", "tiny/lora_cpu", "--quiet",
-                           "--no-fail-on-gates", "training.epochs=2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+                           "--no-fail-on-gates", "training.epochs=2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and proc.stdout.count("run directory:") == 1

@@ -60,7 +60,7 @@ def test_stray_flag_is_a_usage_error(capsys):
 
 def _fake_audit(monkeypatch, tmp_path, gates):
     """`run_audit` replaced by a finished report (tests/test_report_render.py): only the CLI's exit logic runs."""
-    from test_report_render import make_run_dir
+    from helpers import make_run_dir
 
     import audit.pipeline
     from audit.pipeline import AuditResult
@@ -71,7 +71,7 @@ def _fake_audit(monkeypatch, tmp_path, gates):
 
 
 def test_run_exits_1_when_a_gate_fails_and_0_with_no_fail_on_gates(monkeypatch, tmp_path, capsys):
-    from test_report_render import FAILING
+    from helpers import FAILING
 
     _fake_audit(monkeypatch, tmp_path, FAILING)
     assert main(["run", "tiny/lora_cpu", "--quiet", "--no-tracking"]) == 1
@@ -83,7 +83,7 @@ def test_run_exits_1_when_a_gate_fails_and_0_with_no_fail_on_gates(monkeypatch, 
 
 
 def test_run_exits_0_when_every_gate_passes_and_names_the_html_report(monkeypatch, tmp_path, capsys):
-    from test_report_render import PASSING
+    from helpers import PASSING
 
     run_dir = _fake_audit(monkeypatch, tmp_path, PASSING)
     assert main(["run", "tiny/lora_cpu", "--quiet", "--no-tracking"]) == 0

@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_gates import make_report
-from test_report_render import make_run_dir, synthetic_scores
+from helpers import make_run_dir, synthetic_scores, tier_report
 
 from audit.curves import add_point, read_curves, write_curves
 from audit.errors import AuditError
@@ -20,7 +19,7 @@ CURVE = {KEY: [(25, 1.2), (50, 3.9), (75, 6.5), (100, 5.8)]}
 
 
 def report_with_curve(final_exposure: float = 5.8, steps: int = 100):
-    report = make_report({0: (6, 1.4, 0), 16: (2, final_exposure, 1)})
+    report = tier_report({0: (6, 1.4, 0), 16: (2, final_exposure, 1)})
     return report.model_copy(update={"training": report.training.model_copy(update={"steps": steps}), "curves": CURVE})
 
 
@@ -140,7 +139,8 @@ def test_the_report_plots_the_curve_and_tables_it_by_step(tmp_path):
 
     run_dir, report = make_run_dir(tmp_path / "run")
     curves = {KEY: [(25, 1.2), (50, 3.9), (100, 6.5)], "exposure.mean/rep_1/tuned": [(25, 1.0), (50, 1.3), (100, 1.5)],
-              "mia.auc/loss_diff": [(25, 0.55), (50, 0.7), (100, 0.9)], "extraction.exact/rep_16/tuned": [(25, 0), (50, 0), (100, 1)]}
+              "mia.auc/loss_diff": [(25, 0.55), (50, 0.7), (100, 0.9)],
+              "extraction.exact/rep_16/tuned": [(25, 0), (50, 0), (100, 1)]}
     write_report(report.model_copy(update={"curves": curves}), run_dir / "report.json")
     rendered = render_report(run_dir)
     html, md = rendered.html.read_text(), rendered.markdown.read_text()
@@ -171,7 +171,8 @@ def test_validate_does_not_range_check_the_step_bounds_of_a_first_crossing_gate(
     from audit.config import load_recipe
     from audit.validate import check_gates
 
-    recipe = load_recipe("tiny/lora_cpu", ["gates=[{metric: exposure.mean/rep_16/tuned, of: first_step_above, threshold: 5, min: 40}]"])
+    recipe = load_recipe("tiny/lora_cpu",
+                         ["gates=[{metric: exposure.mean/rep_16/tuned, of: first_step_above, threshold: 5, min: 40}]"])
     check_gates(recipe)  # min 40 is a step: exposure itself never exceeds 8 bits here, and that must not refuse it
     too_high = load_recipe("tiny/lora_cpu", ["gates=[{metric: exposure.mean/rep_16/tuned, of: max, min: 40}]"])
     with pytest.raises(AuditError, match="no run can pass"):

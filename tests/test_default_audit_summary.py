@@ -11,12 +11,12 @@ import math
 import re
 
 import numpy as np
+from helpers import make_report
 
 from audit.gates import evaluate_gates, report_metrics
 from audit.render.views import exposure_table, tier_rows, verdict
 from audit.report import format_mia_headline, format_null_calibration, format_table, summarize_tiers
 from audit.schema import GateSpec, SequenceScore, TierSummary
-from tests.test_report_render import make_report
 
 
 def rows(seed: int = 0, *, ranked_refs: int = 32, refs: int = 100, per_tier: int = 8, bias: float = 0.0) -> list[SequenceScore]:
@@ -69,7 +69,8 @@ def test_summary_prints_tpr_at_1pct_per_tier_with_intervals_and_the_null_calibra
     for attack, line in by_attack.items():
         overall = m[f"mia.tpr_at_1pct/{attack}"]
         assert overall.n == 24 and overall.low <= overall.value <= overall.high
-        assert f"all n=24 {overall.value:.2f} [{overall.low:.2f}, {overall.high:.2f}] AUC {m[f'mia.auc/{attack}'].value:.2f}" in line
+        auc = m[f"mia.auc/{attack}"].value
+        assert f"all n=24 {overall.value:.2f} [{overall.low:.2f}, {overall.high:.2f}] AUC {auc:.2f}" in line
         for r in (1, 4, 16):
             tier = m[f"mia.tpr_at_1pct/{attack}/rep_{r}"]
             assert f"{r}x n=8 {tier.value:.2f} [{tier.low:.2f}, {tier.high:.2f}]" in line
@@ -94,7 +95,8 @@ def test_a_biased_null_is_printed_and_fails_the_recipe_gate():
     results = evaluate_gates([GateSpec(name="null holds", metric="exposure.null_biased", max=0)], flat)
     assert {r.metric for r in results} == {"exposure.null_biased/base", "exposure.null_biased/tuned"}
     assert all(r.status == "fail" for r in results)
-    unbiased = evaluate_gates([GateSpec(name="null holds", metric="exposure.null_biased", max=0)], report_metrics(make_report(rows())))
+    unbiased = evaluate_gates([GateSpec(name="null holds", metric="exposure.null_biased", max=0)],
+                              report_metrics(make_report(rows())))
     assert all(r.status == "pass" for r in unbiased)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from helpers import make_report, synthetic_scores
 
 from audit.metrics.disclosure import (
     gain_band,
@@ -17,7 +18,6 @@ from audit.metrics.disclosure import (
     shareable_metrics,
 )
 from audit.schema import MetricEntry
-from tests.test_report_render import make_report, synthetic_scores
 
 DIGITS_BITS = math.log2(10**6)
 

@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
+import shutil
 import subprocess
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import AUDIT, audit_env
 
 NUMBER = re.compile(r"(?<![\w.])-?(?:\d+\.\d+|\.\d+)(?:[eE][-+]?\d+)?|(?<![\w.])-?\d+[eE][-+]?\d+")
 DATA_URI = re.compile(r"data:image/png;base64,[A-Za-z0-9+/=]+")
@@ -88,20 +88,15 @@ class Published:
 
 
 @pytest.fixture(scope="module")
-def audited(tmp_path_factory):
-    """One tiny audit logging to a real MLflow store, as a user would run it; its printed output kept."""
-    work = tmp_path_factory.mktemp("disclosure")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_TRACKING_URI": uri}
-    audit = str(Path(sys.executable).parent / "audit")
-    run = subprocess.run([audit, "run", "tiny/lora_cpu", "--no-fail-on-gates"], cwd=work, env=env, capture_output=True,
-                         timeout=1800)
-    assert run.returncode == 0, run.stderr.decode()[-3000:]
-    (run_dir,) = (work / "runs").iterdir()
-    rendered = subprocess.run([audit, "report", str(run_dir)], cwd=work, env=env, capture_output=True)
+def audited(tiny_run, tmp_path_factory):
+    """The session's tiny audit (tests/conftest.py: run as a user runs it, logging to a real MLflow store), rendered
+    again by `audit report` in a copy of its run directory; everything both printed."""
+    run_dir = tmp_path_factory.mktemp("disclosure") / tiny_run.run_dir.name
+    shutil.copytree(tiny_run.run_dir, run_dir)  # `audit report` rewrites the report files: never in the shared run
+    rendered = subprocess.run([*AUDIT, "report", str(run_dir)], cwd=run_dir.parent, env=audit_env(), capture_output=True)
     assert rendered.returncode == 0, rendered.stderr.decode()[-2000:]
-    printed = (run.stdout + run.stderr + rendered.stdout + rendered.stderr).decode("utf-8", "replace")
-    return run_dir, printed, uri
+    printed = tiny_run.stdout + tiny_run.stderr + (rendered.stdout + rendered.stderr).decode("utf-8", "replace")
+    return run_dir, printed, json.loads((run_dir / "report.json").read_text())["tracking"]["uri"]
 
 
 def _png_text(path: Path) -> str:

@@ -3,35 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import pytest
 
 from audit.cli import main
 from audit.report import read_report
 from audit.schema import AuditReport
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    import os
-
-    work = tmp_path_factory.mktemp("e2e")
-    old = Path.cwd()
-    os.chdir(work)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        code = main(["run", "tiny/lora_cpu", "--quiet"])
-    finally:
-        os.chdir(old)
-    assert code == 0
-    runs = sorted((work / "runs").iterdir())
-    assert len(runs) == 1
-    return work, runs[0]
-
-
 def test_run_directory_has_every_stage_file(tiny_run):
-    _, run_dir = tiny_run
+    run_dir = tiny_run.run_dir
     for name in ("run.json", "recipe.yaml", "canaries.jsonl", "manifest.json", "scores.jsonl", "report.json"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
@@ -39,7 +18,7 @@ def test_run_directory_has_every_stage_file(tiny_run):
 
 
 def test_report_reads_back_and_shows_memorization(tiny_run):
-    _, run_dir = tiny_run
+    run_dir = tiny_run.run_dir
     text = (run_dir / "report.json").read_text()
     report = read_report(run_dir / "report.json")
     assert text == report.model_dump_json(indent=2) + "\n"  # the file is the object's own dump: nothing lost reading it
@@ -63,7 +42,7 @@ def test_report_reads_back_and_shows_memorization(tiny_run):
 
 
 def test_scores_cover_every_canary_under_both_models(tiny_run):
-    _, run_dir = tiny_run
+    run_dir = tiny_run.run_dir
     canaries = [json.loads(line) for line in (run_dir / "canaries.jsonl").read_text().splitlines()]
     scores = [json.loads(line) for line in (run_dir / "scores.jsonl").read_text().splitlines()]
     assert {(s["canary_id"], s["model"]) for s in scores} == {(c["id"], m) for c in canaries for m in ("base", "tuned")}
@@ -72,7 +51,7 @@ def test_scores_cover_every_canary_under_both_models(tiny_run):
 def test_ez_mia_ranks_the_16x_canaries_as_members_where_loss_diff_separates_them(tiny_run):
     """The 16x canaries' error zones hold only upward shifts here (tuning raised every token the model still gets
     wrong); the reference code scored them 0, below every reference (AUC 0.00). See tests/test_ez_mia_canaries.py."""
-    _, run_dir = tiny_run
+    run_dir = tiny_run.run_dir
     report = read_report(run_dir / "report.json")
     m = report.metrics
     assert m["mia.auc/loss_diff/rep_16"].value == 1.0
@@ -83,7 +62,7 @@ def test_ez_mia_ranks_the_16x_canaries_as_members_where_loss_diff_separates_them
 def test_mlflow_run_holds_params_metrics_and_artifacts(tiny_run):
     from mlflow.tracking import MlflowClient
 
-    work, run_dir = tiny_run
+    work, run_dir = tiny_run.work, tiny_run.run_dir
     report = read_report(run_dir / "report.json")
     assert report.tracking is not None
     assert report.tracking.uri == f"sqlite:///{(work / 'mlflow.db').resolve()}"
@@ -97,15 +76,12 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(tiny_run):
     assert "report.json" in artifacts
 
 
-def test_same_recipe_and_seed_give_identical_canaries_and_manifest(tiny_run, tmp_path, monkeypatch):
-    """Determinism: a second run writes byte-identical canaries.jsonl and manifest.json."""
-    _, first = tiny_run
-    monkeypatch.chdir(tmp_path)
-    # one epoch is too little for the recipe's positive-control gate (exit 1): the files are under test, not the gates
-    assert main(["run", "tiny/lora_cpu", "--quiet", "--no-tracking", "--no-fail-on-gates", "training.epochs=1"]) == 0
-    (second,) = (tmp_path / "runs").iterdir()
-    assert (second / "canaries.jsonl").read_bytes() == (first / "canaries.jsonl").read_bytes()
-    assert (second / "manifest.json").read_bytes() == (first / "manifest.json").read_bytes()
+def test_same_recipe_and_seed_give_identical_canaries_and_manifest(tiny_run, in_tmp):
+    """Determinism: `audit inject` of the same recipe, seed and key, in another directory and process, writes
+    byte-identical canaries.jsonl and manifest.json to the run's. No training: these files come before it."""
+    assert main(["inject", "tiny/lora_cpu", "--out", "gt"]) == 0
+    for name in ("canaries.jsonl", "manifest.json"):
+        assert (in_tmp / "gt" / name).read_bytes() == (tiny_run.run_dir / name).read_bytes(), name
 
 
 def test_packing_reaches_the_trainer_and_the_preflight(in_tmp):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import token_scores
 from scipy import stats
-from test_score_suite import token_scores
 
 from audit.metrics.privacy import (
     BOUND_METHODS,

@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+from helpers import tier_report
 
 from audit.cli import main
 from audit.config import load_recipe, shipped_recipes
@@ -20,14 +21,8 @@ from audit.gates import (
     report_metrics,
 )
 from audit.schema import (
-    AuditReport,
-    CanariesSummary,
     GateSpec,
     MetricEntry,
-    ModelInfo,
-    PreflightSummary,
-    TierSummary,
-    TrainSummary,
 )
 
 
@@ -36,30 +31,7 @@ def metric(value: float, n: int | None = None) -> MetricEntry:
     return MetricEntry(value=value, n=n)
 
 
-def make_report(tiers: dict[int, tuple[int, float, int]], *, gates: list[dict] | None = None, run_id: str = "r1") -> AuditReport:
-    """A hand-made report: ``{repetitions: (n, tuned exposure mean, tuned extracted)}``; base stays at the null."""
-    return AuditReport(
-        run_id=run_id, created_at="2026-01-01T00:00:00+00:00", recipe={"name": "hand", "gates": gates or []},
-        recipe_fingerprint="0" * 64, seed=0,
-        model=ModelInfo(source="tiny-llama", kind="builtin", path="/nowhere", fingerprint="f" * 64),
-        canaries=CanariesSummary(spec="digits", spec_version=1, members=6, references=6, tiers=[1, 4, 16],
-                                 canary_set_sha256="d" * 64, space="product", space_bits=19.932, works=0,
-                                 exposure_references=255, corpus_format="text", placement="new_record", placements=42,
-                                 preflight=PreflightSummary(passed=True, checked=42, canary_tokens_max=46,
-                                                            record_tokens_max=48, loss="all tokens (language modeling)"),
-                                 timings_s={}),
-        manifest_sha256="m" * 64,
-        training=TrainSummary(method="lora", steps=1, final_loss=1.0, wall_s=1.0, trainable_params=1, total_params=2,
-                              device="cpu", precision="fp32", gradient_checkpointing=False, weights_path="adapter",
-                              weights_fingerprint="w" * 64),
-        space_bits=19.93, exposure_max=8.0,
-        tiers=[TierSummary(repetitions=r, n=n, exposure_mean={"base": 1.44, "tuned": e}, extracted={"base": 0, "tuned": x})
-               for r, (n, e, x) in sorted(tiers.items())],
-        lineage=[], timings_s={}, versions={},
-    )
-
-
-METRICS = report_metrics(make_report({0: (6, 1.5, 0), 1: (2, 2.0, 0), 4: (2, 5.5, 1), 16: (2, 8.0, 2)}))
+METRICS = report_metrics(tier_report({0: (6, 1.5, 0), 1: (2, 2.0, 0), 4: (2, 5.5, 1), 16: (2, 8.0, 2)}))
 
 
 def gate(**kw) -> GateSpec:
@@ -79,7 +51,7 @@ def test_gates_see_every_metric_the_report_exposes():
     """Metrics added by other stages (membership inference, privacy bounds) are gateable by their keys, with n."""
     from audit.schema import MetricEntry
 
-    report = make_report({1: (2, 2.0, 0)}).model_copy(update={"metrics": {
+    report = tier_report({1: (2, 2.0, 0)}).model_copy(update={"metrics": {
         "mia.auc/loss_diff": MetricEntry(value=0.71, n=14, low=0.5, high=0.9), "privacy.eps_lb": MetricEntry(value=0.3)}})
     metrics = report_metrics(report)
     assert metrics["mia.auc/loss_diff"] == MetricEntry(value=0.71, n=14, low=0.5, high=0.9)  # interval kept
@@ -94,7 +66,7 @@ def test_gates_mlflow_and_compare_flatten_a_report_the_same_way():
     from audit.schema import MetricEntry
     from audit.tracking import report_metric_dict
 
-    report = make_report({1: (2, 2.0, 0)}).model_copy(update={
+    report = tier_report({1: (2, 2.0, 0)}).model_copy(update={
         "metrics": {"works.bits/synthetic/member/tuned": MetricEntry(value=12.5, n=4)}, "timings_s": {"train": 3.0}})
     metrics = report_metrics(report)
     assert report_metric_dict(report) == {key: entry.value for key, entry in metrics.items()}
@@ -250,7 +222,8 @@ def report_dir(tmp_path):
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
     gates = [{"name": "single copies near the null", "metric": "exposure.mean/rep_1/tuned", "max": 4.8}]
-    (run / "report.json").write_text(make_report({0: (6, 1.5, 0), 1: (2, 2.0, 0), 16: (2, 8.0, 2)}, gates=gates).model_dump_json())
+    report = tier_report({0: (6, 1.5, 0), 1: (2, 2.0, 0), 16: (2, 8.0, 2)}, gates=gates)
+    (run / "report.json").write_text(report.model_dump_json())
     return run
 
 
@@ -274,7 +247,7 @@ def test_audit_gate_exits_1_on_failure_and_writes_junit(report_dir, tmp_path, ca
 def test_audit_gate_with_a_baseline(report_dir, tmp_path, capsys):
     base = tmp_path / "base"
     base.mkdir()
-    (base / "report.json").write_text(make_report({1: (2, 1.0, 0), 16: (2, 8.0, 0)}, run_id="base").model_dump_json())
+    (base / "report.json").write_text(tier_report({1: (2, 1.0, 0), 16: (2, 8.0, 0)}, run_id="base").model_dump_json())
     gates = tmp_path / "g.yaml"
     gates.write_text("- {metric: exposure.mean/rep_1/tuned, tolerance: 0.5, worse: higher}\n"
                      "- {metric: exposure.mean/rep_16/tuned, tolerance: 0.5, worse: higher}\n")

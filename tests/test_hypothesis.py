@@ -55,8 +55,8 @@ def test_parse_override_splits_the_key_and_types_the_value(keys, value):
 
 
 @SETTINGS
-@given(key=st.one_of(real_keys, st.text(max_size=30)), value=st.one_of(yaml_values.map(lambda v: yaml.safe_dump(v).split("\n...")[0].strip()),
-                                                                      st.text(max_size=30)))
+@given(key=st.one_of(real_keys, st.text(max_size=30)),
+       value=st.one_of(yaml_values.map(lambda v: yaml.safe_dump(v).split("\n...")[0].strip()), st.text(max_size=30)))
 def test_any_override_validates_or_gives_a_one_line_audit_error(key, value):
     try:
         recipe = load_recipe(BASE, [f"{key}={value}"])
@@ -93,7 +93,8 @@ def test_any_recipe_mapping_validates_or_gives_an_audit_error(data):
 def test_valid_values_survive_the_recipe_yaml_round_trip(epochs, lr, seed, batch, tiers, every):
     """What `audit run` writes to recipe.yaml reads back as the same recipe (resume depends on it)."""
     recipe = load_recipe(BASE, [f"training.epochs={epochs!r}", f"training.learning_rate={lr!r}", f"seed={seed}",
-                                f"training.batch_size={batch}", f"canaries.tiers={tiers}", f"training.checkpoint_every={every!r}"])
+                                f"training.batch_size={batch}", f"canaries.tiers={tiers}",
+                                f"training.checkpoint_every={every!r}"])
     assert (recipe.training.epochs, recipe.training.learning_rate, recipe.seed) == (epochs, lr, seed)
     assert recipe.training.batch_size == batch and recipe.canaries.tiers == tiers
     text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -163,7 +163,8 @@ def _files(tokenizer, key, recipe=None):
     from audit.ground_truth import ground_truth_files, prepare_ground_truth
 
     truth = prepare_ground_truth(recipe or load_recipe("tiny/lora_cpu"), tokenizer=tokenizer, key=key)
-    text = {name: jsonl_text(obj) if name.endswith(".jsonl") else json_text(obj) for name, obj in ground_truth_files(truth).items()}
+    text = {name: jsonl_text(obj) if name.endswith(".jsonl") else json_text(obj)
+            for name, obj in ground_truth_files(truth).items()}
     return truth, text
 
 
@@ -322,7 +323,7 @@ def test_a_further_tune_uses_its_parents_key_and_refuses_another(old_run):
 def test_every_generator_draws_per_key(name):
     """Same spec, seed and key: the same set byte for byte; another key: other secrets, ids and references.
     (traps: a fake sampler whose text follows the sampling seed, which the keyed stream draws.)"""
-    from test_canaries import FakeSampler
+    from helpers import FakeSampler
 
     from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets
 

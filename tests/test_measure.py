@@ -9,8 +9,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from helpers import measure_refused, other_shape_model, perturbed_copy
 
-from audit.cli import main
 from audit.external import Vocabulary
 from audit.layout import LAYOUT
 
@@ -18,36 +18,11 @@ TINY_VOCAB = Vocabulary(rows=512)
 """tiny-llama's embedding rows, under a canary spec that adds no token."""
 
 
-@pytest.fixture(scope="module")
-def injected(tmp_path_factory) -> Path:
-    """``audit inject tiny/lora_cpu --out gt``, once; tests copy it."""
-    out = tmp_path_factory.mktemp("inject") / "gt"
-    assert main(["inject", "tiny/lora_cpu", "--out", str(out)]) == 0
-    return out
-
-
 @pytest.fixture
 def gt(injected, in_tmp) -> Path:
     path = in_tmp / "gt"
     shutil.copytree(injected, path)
     return path
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _refused(argv: list[str], capsys, match: str, *, root: Path) -> str:
-    """``audit measure ...`` exits 2 with one ``error:`` line naming ``match`` and leaves ``root`` as it was."""
-    before = _files(root)
-    code = main(["measure", *argv, "--no-tracking", "--quiet"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "(fix: " in err, err
-    assert match in err, err
-    assert _files(root) == before, "a refused measurement wrote something"
-    assert not (root / "runs").exists() and not (root / "mlflow.db").exists()
-    return err
 
 
 # --------------------------------------------------------------------------------------------------- what inject records
@@ -93,46 +68,46 @@ def test_inject_saves_the_injected_set_as_a_private_datasets_directory(injected)
 
 def test_measure_refuses_a_directory_that_is_not_ground_truth(in_tmp, capsys):
     (in_tmp / "empty").mkdir()
-    _refused(["empty", "--model", "tiny-llama"], capsys, "manifest.json", root=in_tmp)
-    _refused(["nowhere", "--model", "tiny-llama"], capsys, "does not exist", root=in_tmp)
+    measure_refused(["empty", "--model", "tiny-llama"], capsys, "manifest.json", root=in_tmp)
+    measure_refused(["nowhere", "--model", "tiny-llama"], capsys, "does not exist", root=in_tmp)
 
 
 def test_measure_refuses_a_ground_truth_missing_its_manifest(gt, capsys):
     (gt / "manifest.json").unlink()
-    _refused(["gt", "--model", "tiny-llama"], capsys, "manifest.json missing", root=gt.parent)
+    measure_refused(["gt", "--model", "tiny-llama"], capsys, "manifest.json missing", root=gt.parent)
 
 
 def test_measure_refuses_canaries_edited_after_injection(gt, capsys):
     rows = [json.loads(line) for line in (gt / "canaries.jsonl").read_text().splitlines()]
     rows[0]["secret"] = "000000" if rows[0]["secret"] != "000000" else "111111"
     (gt / "canaries.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    _refused(["gt", "--model", "tiny-llama"], capsys, "canaries.jsonl was edited", root=gt.parent)
+    measure_refused(["gt", "--model", "tiny-llama"], capsys, "canaries.jsonl was edited", root=gt.parent)
 
 
 def test_measure_refuses_canaries_that_do_not_match_the_manifest(gt, capsys):
     manifest = json.loads((gt / "manifest.json").read_text())
     manifest["canary_set_sha256"] = "0" * 64
     (gt / "manifest.json").write_text(json.dumps(manifest))
-    _refused(["gt", "--model", "tiny-llama"], capsys, "do not match its manifest.json", root=gt.parent)
+    measure_refused(["gt", "--model", "tiny-llama"], capsys, "do not match its manifest.json", root=gt.parent)
 
 
 def test_measure_refuses_a_ground_truth_whose_injection_no_longer_reproduces_its_manifest(gt, capsys, tmp_path):
-    tuned = _perturbed_copy(tmp_path / "tuned")
+    tuned = perturbed_copy(tmp_path / "tuned")
     recipe = (gt / "recipe.yaml").read_text()
     (gt / "recipe.yaml").write_text(recipe.replace("builtin_records: 120", "builtin_records: 100"))
-    _refused(["gt", "--model", str(tuned)], capsys, "differs from its manifest.json", root=gt.parent)
+    measure_refused(["gt", "--model", str(tuned)], capsys, "differs from its manifest.json", root=gt.parent)
 
 
 def test_measure_refuses_the_base_itself_as_nothing_was_trained(gt, capsys, tiny_model_dir):
-    _refused(["gt", "--model", "tiny-llama"], capsys, "nothing was trained", root=gt.parent)
+    measure_refused(["gt", "--model", "tiny-llama"], capsys, "nothing was trained", root=gt.parent)
     copy = gt.parent / "copy_of_base"
     shutil.copytree(tiny_model_dir, copy)  # the same weights under another name
-    _refused(["gt", "--model", "copy_of_base"], capsys, "nothing was trained", root=gt.parent)
+    measure_refused(["gt", "--model", "copy_of_base"], capsys, "nothing was trained", root=gt.parent)
 
 
 def test_measure_refuses_an_adapter_that_was_never_trained(gt, capsys, tiny_model_dir):
     _adapter(gt.parent / "fresh", tiny_model_dir, trained=False)
-    _refused(["gt", "--adapter", "fresh"], capsys, "every LoRA B matrix", root=gt.parent)
+    measure_refused(["gt", "--adapter", "fresh"], capsys, "every LoRA B matrix", root=gt.parent)
 
 
 def _adapter(out: Path, model_dir: Path, *, trained: bool = True, **lora) -> Path:
@@ -154,52 +129,14 @@ def _adapter(out: Path, model_dir: Path, *, trained: bool = True, **lora) -> Pat
     return out
 
 
-def _other_shape(out: Path, base_dir: Path, *, hidden_size: int = 32, layers: int = 2) -> Path:
-    """A Llama of another width or depth with the base's vocabulary and tokenizer files: the tokenizer check cannot
-    tell it from a fine-tune."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = json.loads((base_dir / "config.json").read_text())
-    torch.manual_seed(1)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=config["vocab_size"], hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True, bos_token_id=config["bos_token_id"],
-        eos_token_id=config["eos_token_id"], pad_token_id=config["pad_token_id"]))
-    model.save_pretrained(str(out))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(base_dir / name, out / name)
-    return out
-
-
-def _perturbed_copy(out: Path, *, added_token: str | None = None) -> Path:
-    """tiny-llama's files with one weight changed (so it counts as trained) and, optionally, a token added."""
-    from safetensors.torch import load_file, save_file
-
-    from audit.ground_truth import load_tokenizer
-    from audit.models import resolve_model
-
-    base = resolve_model("tiny-llama", progress=False).path
-    shutil.copytree(base, out)
-    tensors = load_file(str(out / "model.safetensors"))
-    name = sorted(tensors)[0]
-    tensors[name] = tensors[name] + 1e-3
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    if added_token:
-        tokenizer = load_tokenizer(out)
-        tokenizer.add_tokens([added_token])
-        tokenizer.save_pretrained(str(out))
-    return out
-
-
 def test_measure_refuses_a_model_whose_tokenizer_differs_from_the_base(gt, capsys):
-    _perturbed_copy(gt.parent / "retokenized", added_token="<new-token>")
-    _refused(["gt", "--model", "retokenized"], capsys, "tokenizer saved in", root=gt.parent)
+    perturbed_copy(gt.parent / "retokenized", added_token="<new-token>")
+    measure_refused(["gt", "--model", "retokenized"], capsys, "tokenizer saved in", root=gt.parent)
 
 
 def test_measure_refuses_a_model_of_another_shape_that_shares_the_bases_tokenizer(gt, capsys, tiny_model_dir):
-    _other_shape(gt.parent / "narrow", tiny_model_dir)
-    _refused(["gt", "--model", "narrow"], capsys, "--model narrow is not a fine-tune of the base tiny-llama: its tensor "
+    other_shape_model(gt.parent / "narrow", tiny_model_dir)
+    measure_refused(["gt", "--model", "narrow"], capsys, "--model narrow is not a fine-tune of the base tiny-llama: its tensor "
              "model.embed_tokens.weight is [512, 32], the base's [512, 64]", root=gt.parent)
 
 
@@ -214,7 +151,7 @@ def test_a_model_of_another_architecture_or_depth_is_named_by_its_first_differen
     with pytest.raises(AuditError, match=r"it is a mistral model \(MistralForCausalLM\), the base a llama model "
                                          r"\(LlamaForCausalLM\)"):
         check_same_shape(other, tiny_model_dir, tuned_name="mistral", base_name="tiny-llama", vocab=TINY_VOCAB)
-    deeper = _other_shape(tmp_path / "deeper", tiny_model_dir, hidden_size=64, layers=3)
+    deeper = other_shape_model(tmp_path / "deeper", tiny_model_dir, hidden_size=64, layers=3)
     with pytest.raises(AuditError, match=r"it has a tensor model.layers.2.input_layernorm.weight \(\[64\]\), which the "
                                          "base does not") as info:
         check_same_shape(deeper, tiny_model_dir, tuned_name="deeper", base_name="tiny-llama", vocab=TINY_VOCAB)
@@ -223,9 +160,9 @@ def test_a_model_of_another_architecture_or_depth_is_named_by_its_first_differen
 
 
 def test_measure_refuses_an_adapter_made_for_another_base_before_writing_anything(gt, capsys, tiny_model_dir):
-    narrow = _other_shape(gt.parent / "narrow", tiny_model_dir)
+    narrow = other_shape_model(gt.parent / "narrow", tiny_model_dir)
     _adapter(gt.parent / "adapter", narrow)
-    err = _refused(["gt", "--adapter", "adapter"], capsys, f"--adapter {gt.parent / 'adapter'} was made for {narrow}, not "
+    err = measure_refused(["gt", "--adapter", "adapter"], capsys, f"--adapter {gt.parent / 'adapter'} was made for {narrow}, not "
                    "for tiny-llama: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight is [2, 32], which does "
                    "not fit model.layers.0.self_attn.q_proj.weight [64, 64] of tiny-llama", root=gt.parent)
     assert "pass --base (or --model) with the model it was trained on" in err
@@ -239,10 +176,10 @@ def test_an_adapter_for_this_base_fits_with_lora_on_embeddings_and_saved_modules
 
     adapter = _adapter(tmp_path / "adapter", tiny_model_dir, target_modules=["q_proj", "embed_tokens"], modules_to_save=["norm"])
     check_adapter_fits(adapter, tiny_model_dir, below_name="tiny-llama", vocab=TINY_VOCAB)
-    narrow = _other_shape(tmp_path / "narrow", tiny_model_dir)
+    narrow = other_shape_model(tmp_path / "narrow", tiny_model_dir)
     with pytest.raises(AuditError, match=r"its model.embed_tokens.weight is \[512, 64\], the one of narrow \[512, 32\]"):
         check_adapter_fits(adapter, narrow, below_name="narrow", vocab=TINY_VOCAB)
-    deeper = _adapter(tmp_path / "deeper_adapter", _other_shape(tmp_path / "deeper", tiny_model_dir, hidden_size=64, layers=3))
+    deeper = _adapter(tmp_path / "deeper_adapter", other_shape_model(tmp_path / "deeper", tiny_model_dir, hidden_size=64, layers=3))
     with pytest.raises(AuditError, match="it adapts model.layers.2.self_attn.q_proj, which tiny-llama does not have"):
         check_adapter_fits(deeper, tiny_model_dir, below_name="tiny-llama", vocab=TINY_VOCAB)
 
@@ -269,7 +206,7 @@ def test_an_adapter_with_rows_for_the_tokens_a_canary_spec_adds_fits_when_the_sp
 def test_measure_names_an_adapter_file_it_cannot_read(gt, capsys, tiny_model_dir, tmp_path_factory, unreadable):
     adapter = _adapter(tmp_path_factory.mktemp("elsewhere") / "adapter", tiny_model_dir)  # outside the folder compared
     weights = unreadable(adapter / "adapter_model.safetensors")
-    err = _refused(["gt", "--adapter", str(adapter)], capsys, f"cannot read {weights} (permission denied)", root=gt.parent)
+    err = measure_refused(["gt", "--adapter", str(adapter)], capsys, f"cannot read {weights} (permission denied)", root=gt.parent)
     assert "FileNotFoundError" not in err and "chmod u+r" in err
 
 
@@ -278,7 +215,7 @@ def test_measure_names_a_ground_truth_file_it_cannot_read(name, injected, in_tmp
     truth = tmp_path_factory.mktemp("elsewhere") / "gt"  # outside the folder compared, which it could not read either
     shutil.copytree(injected, truth)
     unreadable(truth / name)
-    _refused([str(truth), "--model", "tiny-llama"], capsys, f"cannot read {truth.resolve() / name} (permission denied)",
+    measure_refused([str(truth), "--model", "tiny-llama"], capsys, f"cannot read {truth.resolve() / name} (permission denied)",
              root=in_tmp)
 
 
@@ -293,28 +230,28 @@ def test_tokenizers_compare_by_vocabulary_and_merges_not_by_object(tmp_path, tin
 
 
 def test_measure_refuses_another_audit_key_than_the_ground_truths(gt, capsys, monkeypatch, tmp_path):
-    tuned = _perturbed_copy(tmp_path / "tuned")
+    tuned = perturbed_copy(tmp_path / "tuned")
     monkeypatch.setenv("CANARY_AUDIT_KEY", "6b" * 32)
-    _refused(["gt", "--model", str(tuned)], capsys, "was made with audit key", root=gt.parent)
+    measure_refused(["gt", "--model", str(tuned)], capsys, "was made with audit key", root=gt.parent)
 
 
 def test_measure_refuses_overrides_of_what_shaped_the_ground_truth(gt, capsys, tmp_path):
-    tuned = _perturbed_copy(tmp_path / "tuned")
-    err = _refused(["gt", "--model", str(tuned), "canaries.tiers=[1,2]"], capsys, "shaped the ground truth", root=gt.parent)
+    tuned = perturbed_copy(tmp_path / "tuned")
+    err = measure_refused(["gt", "--model", str(tuned), "canaries.tiers=[1,2]"], capsys, "shaped the ground truth", root=gt.parent)
     assert "inject again" in err
-    err = _refused(["gt", "--model", str(tuned), "model.source=smollm2-135m"], capsys, "shaped the ground truth", root=gt.parent)
+    err = measure_refused(["gt", "--model", str(tuned), "model.source=smollm2-135m"], capsys, "shaped the ground truth", root=gt.parent)
     assert "--base" in err
 
 
 def test_measure_refuses_no_tuned_model_and_a_missing_adapter(gt, capsys):
-    _refused(["gt"], capsys, "no tuned model given", root=gt.parent)
-    _refused(["gt", "--adapter", "nowhere"], capsys, "not a PEFT adapter directory", root=gt.parent)
+    measure_refused(["gt"], capsys, "no tuned model given", root=gt.parent)
+    measure_refused(["gt", "--adapter", "nowhere"], capsys, "not a PEFT adapter directory", root=gt.parent)
 
 
 def test_measure_refuses_a_gate_no_run_can_pass(gt, capsys, tmp_path):
-    tuned = _perturbed_copy(tmp_path / "tuned")
+    tuned = perturbed_copy(tmp_path / "tuned")
     (gt.parent / "gates.yaml").write_text("")
-    _refused(["gt", "--model", str(tuned), "gates=[{metric: exposure.mean/rep_16/tuned, min: 99}]"], capsys,
+    measure_refused(["gt", "--model", str(tuned), "gates=[{metric: exposure.mean/rep_16/tuned, min: 99}]"], capsys,
              "exposure.mean/rep_16/tuned", root=gt.parent)
 
 
@@ -322,7 +259,7 @@ def test_a_measurement_is_rebuilt_from_its_external_json_wherever_the_resume_sta
     from audit.external import measure_recipe, read_ground_truth_dir
     from audit.origin import external_model, origin_for
 
-    _perturbed_copy(gt.parent / "tuned")
+    perturbed_copy(gt.parent / "tuned")
     truth_dir = read_ground_truth_dir("gt")
     recipe = measure_recipe(truth_dir)
     origin = external_model(truth_dir, recipe, model="tuned", adapter=None, base_given=False)  # relative to the cwd

@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import measure_refused, other_shape_model, perturbed_copy
 
 from audit.cli import main
-from tests.test_measure import _other_shape, _perturbed_copy, _refused, injected  # noqa: F401 - a fixture, reused
 
 
 @pytest.fixture
@@ -33,13 +33,13 @@ def _gguf(model_dir: Path, out: Path, qtype: str) -> Path:
 
 def test_measure_refuses_a_file_that_is_not_gguf(gt, capsys):
     (gt.parent / "model.gguf").write_bytes(b"PK\x03\x04 not a gguf file")
-    _refused(["gt", "--model", "model.gguf"], capsys, "model.gguf is not a GGUF file", root=gt.parent)
+    measure_refused(["gt", "--model", "model.gguf"], capsys, "model.gguf is not a GGUF file", root=gt.parent)
 
 
 def test_measure_refuses_a_truncated_gguf(gt, capsys, tiny_model_dir, tmp_path):
     whole = _gguf(tiny_model_dir, tmp_path / "whole.gguf", "f32").read_bytes()
     (gt.parent / "cut.gguf").write_bytes(whole[: len(whole) * 2 // 3])
-    _refused(["gt", "--model", "cut.gguf"], capsys, "cut.gguf is truncated", root=gt.parent)
+    measure_refused(["gt", "--model", "cut.gguf"], capsys, "cut.gguf is truncated", root=gt.parent)
 
 
 def test_measure_refuses_a_gguf_of_a_type_it_cannot_dequantize(gt, capsys):
@@ -53,12 +53,12 @@ def test_measure_refuses_a_gguf_of_a_type_it_cannot_dequantize(gt, capsys):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    _refused(["gt", "--model", "ternary.gguf"], capsys, "TQ2_0, which this reader does not dequantize", root=gt.parent)
+    measure_refused(["gt", "--model", "ternary.gguf"], capsys, "TQ2_0, which this reader does not dequantize", root=gt.parent)
 
 
 def test_measure_refuses_a_gguf_of_another_shape_and_caches_nothing(gt, capsys, tiny_model_dir, tmp_path):
-    _gguf(_other_shape(tmp_path / "narrow", tiny_model_dir), gt.parent / "narrow.gguf", "f32")
-    _refused(["gt", "--model", "narrow.gguf"], capsys, "--model narrow.gguf is not a fine-tune of the base tiny-llama: its "
+    _gguf(other_shape_model(tmp_path / "narrow", tiny_model_dir), gt.parent / "narrow.gguf", "f32")
+    measure_refused(["gt", "--model", "narrow.gguf"], capsys, "--model narrow.gguf is not a fine-tune of the base tiny-llama: its "
              "tensor model.embed_tokens.weight is [512, 32], the base's [512, 64]", root=gt.parent)
     assert not [p for p in (gt.parent.parent / "cache" / "models").glob("*") if p.name.startswith("gguf")]
 
@@ -67,7 +67,7 @@ def test_measure_reads_a_gguf_release_like_a_fine_tune(gt, tmp_path):
     from audit.models import sha256_file
     from audit.report import read_report
 
-    tuned = _perturbed_copy(tmp_path / "tuned")
+    tuned = perturbed_copy(tmp_path / "tuned")
     path = _gguf(tuned, gt.parent / "tuned.q8_0.gguf", "q8_0")
     assert main(["measure", "gt", "--model", "tuned.q8_0.gguf", "--no-tracking", "--quiet", "--no-fail-on-gates"]) == 0
     (run_dir,) = (gt.parent / "runs").glob("*-measure-*")

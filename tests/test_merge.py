@@ -23,7 +23,8 @@ def tuned_with_merged(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("merge")
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
     canaries = generate_canaries(load_spec("digits"), seed=0, tiers=[8], members_per_tier=2, references=2)
-    texts = [c.text for c in canaries.members() for _ in range(c.repetitions)] + [f"note {i} about the weather" for i in range(16)]
+    texts = [c.text for c in canaries.members() for _ in range(c.repetitions)]
+    texts += [f"note {i} about the weather" for i in range(16)]
     section = TrainingSection(method="lora", epochs=4, learning_rate=2e-2, batch_size=8, save_merged=True, checkpoint_every=0)
     trained = train_sft(model, tokenizer, texts, section=section, seed=0, work_dir=out / "trainer", weights_dir=out / "adapter",
                         device=choose_device(section), progress=False)
@@ -47,7 +48,8 @@ def test_adapter_and_merged_weights_give_the_same_scores(tuned_with_merged):
     base, _ = load_model_and_tokenizer(base_dir, dtype=torch.float32, device="cpu")
     refs = reference_secrets(load_spec("digits"), canaries, n=31, seed=0)
     section = ScoringSection(exposure_references=31, exact_exposure=False, sampled_extraction_samples=2)
-    with_adapter = score_canaries(trained.model, tokenizer, canaries, refs, label="tuned", section=section, progress=False, seed=0)
+    with_adapter = score_canaries(trained.model, tokenizer, canaries, refs, label="tuned", section=section, progress=False,
+                                  seed=0)
     with_merged = score_canaries(merged, tokenizer, canaries, refs, label="tuned", section=section, progress=False, seed=0)
     untuned = score_canaries(base, tokenizer, canaries, refs, label="base", section=section, progress=False, seed=0)
     moved = max(abs(a.secret_nll_bits - b.secret_nll_bits) for a, b in zip(with_adapter, untuned, strict=True))

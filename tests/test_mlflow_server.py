@@ -73,7 +73,8 @@ def audited(server, tmp_path_factory):
     work = tmp_path_factory.mktemp("audit-against-server")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    out = subprocess.run([sys.executable, "-m", "audit.cli", "run", "tiny/lora_cpu", "--tracking-uri", url, "--no-fail-on-gates", *FAST],
+    out = subprocess.run([sys.executable, "-m", "audit.cli", "run", "tiny/lora_cpu", "--tracking-uri", url, "--no-fail-on-gates",
+                          *FAST],
                          cwd=work, env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = (work / "runs").iterdir()
@@ -92,7 +93,8 @@ def test_the_audit_run_reads_back_over_rest(audited):
     run = rest_get(url, "/api/2.0/mlflow/runs/get", run_id=run_id)["run"]
     assert run["info"]["status"] == "FINISHED"
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert params["training.method"] == "lora" and params["model.source"] == "tiny-llama" and float(params["training.epochs"]) == 3
+    assert params["training.method"] == "lora" and params["model.source"] == "tiny-llama"
+    assert float(params["training.epochs"]) == 3
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert tags["canary_audit.base_fingerprint"] == report["model"]["fingerprint"]
     assert tags["canary_audit.tuned_fingerprint"] == report["training"]["weights_fingerprint"]

@@ -25,7 +25,8 @@ def test_tiny_llama_build_is_reproducible(tmp_path, monkeypatch, tiny_model_dir)
     monkeypatch.setenv("CANARY_AUDIT_CACHE", str(tmp_path / "cache"))
     fresh = resolve_model("tiny-llama", progress=False)
     assert fresh.path != tiny_model_dir
-    assert fresh.provenance["weights_fingerprint"] == json.loads((tiny_model_dir / "provenance.json").read_text())["weights_fingerprint"]
+    stored = json.loads((tiny_model_dir / "provenance.json").read_text())
+    assert fresh.provenance["weights_fingerprint"] == stored["weights_fingerprint"]
 
 
 def test_tiny_tokenizer_splits_digits(tiny_model):

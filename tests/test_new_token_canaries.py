@@ -96,8 +96,8 @@ def test_inject_refuses_new_tokens_in_one_line_before_writing(in_tmp, capsys):
 @pytest.mark.slow
 def test_a_tiny_audit_trains_the_new_rows_saves_them_and_puts_them_back_identically(in_tmp):
     """Three epochs of tiny/lora_cpu on new-token canaries, the loss on the secrets alone (``training.loss=secret``,
-    Panda et al.'s labels; one run for both, to keep the slow tier short): the 16-copy secrets are learned far above the references,
-    train.json counts LoRA's parameters plus one trainable row per added token, and the saved adapter on a freshly
+    Panda et al.'s labels; one run for both, to keep the slow tier short): the 16-copy secrets are learned far above the
+    references, train.json counts LoRA's parameters plus one trainable row per added token, and the saved adapter on a freshly
     extended base scores a member exactly as the audit did, with every row of the original vocabulary unchanged."""
     import torch
 

@@ -1,7 +1,8 @@
 """run_audit's sequencing with fake stages: no model, no torch work, a real run directory and a real stage store.
 
 The fakes replace only what computes (model loads, scoring, training, the report's numbers); the StageStore,
-the run directory's lock and status, the NullTracker, the Origin and the TrainPlan hand-over (which stages a worker joins) are the real ones.
+the run directory's lock and status, the NullTracker, the Origin and the TrainPlan hand-over (which stages a worker joins)
+are the real ones.
 """
 
 from __future__ import annotations

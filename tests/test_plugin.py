@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from test_gates import make_report
+from helpers import tier_report
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "test_audit_gates.py"
@@ -46,7 +46,7 @@ RECIPE_GATES = [{"name": "single-copy secrets stay near the null", "metric": "ex
 
 def write_run(path: Path, tiers) -> Path:
     path.mkdir(parents=True)
-    (path / "report.json").write_text(make_report(tiers, gates=RECIPE_GATES, run_id=path.name).model_dump_json())
+    (path / "report.json").write_text(tier_report(tiers, gates=RECIPE_GATES, run_id=path.name).model_dump_json())
     return path
 
 
@@ -145,7 +145,8 @@ def test_example_gate_passes_on_the_shipped_tiny_recipe_and_reuses_the_run(suite
 @pytest.mark.slow
 def test_example_gate_fails_with_a_readable_table_on_a_recipe_that_memorizes(suite):
     """tiny/full_cpu memorizes even the single-copy canaries (exposure at the 8-bit cap)."""
-    result = run_pytest(suite, EXAMPLE.name, "--audit-recipe", "tiny/full_cpu", "--audit-set", "tracking.enabled=false", "-p", "no:cacheprovider")
+    result = run_pytest(suite, EXAMPLE.name, "--audit-recipe", "tiny/full_cpu", "--audit-set", "tracking.enabled=false",
+                        "-p", "no:cacheprovider")
     out = result.stdout
     assert result.returncode == 1, out[-3000:] + result.stderr[-3000:]
     table = failure_table(out)

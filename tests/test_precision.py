@@ -129,7 +129,8 @@ def test_fp16_full_fine_tuning_is_refused_before_it_crashes(monkeypatch):
 
 
 def _changed_share(path, precision, tmp_path):
-    """Full fine-tune of tiny-llama for 4 steps at lr 1e-5 (the GPU full recipes' rate) in ``precision``: share of weights that moved."""
+    """Full fine-tune of tiny-llama for 4 steps at lr 1e-5 (the GPU full recipes' rate) in ``precision``: share of weights
+    that moved."""
     from audit.models import load_model_and_tokenizer
 
     device = DeviceChoice("cpu", precision, False)

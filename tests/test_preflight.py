@@ -70,7 +70,8 @@ def test_a_canary_in_the_prompt_is_loss_masked_under_completion_only_loss(tokeni
     manifest = InjectionManifest(seed=0, spec="digits", canary_set_sha256=canaries.sha256(), text_column="text",
                                  corpus_source="", dataset_before={"n_records": 1, "sha256": ""},
                                  dataset_after={"n_records": 1, "sha256": ""},
-                                 placements=[Placement(canary_id=canary.id, copy_index=0, record_index=0, offset=0, column="prompt")])
+                                 placements=[Placement(canary_id=canary.id, copy_index=0, record_index=0, offset=0,
+                                                       column="prompt")])
     report = run_preflight(manifest, canaries, [record], tokenizer, max_length=256, completion_only_loss=True)
     assert _checks(report) == {"loss_masked"}
 

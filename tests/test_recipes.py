@@ -36,7 +36,8 @@ def test_the_shipped_set():
 def test_header_names_command_override_time_and_memory(name):
     head = header(name)
     run = next((line for line in head if line.startswith("# Run:")), "")
-    assert re.search(rf"(audit run|-m audit\.cli run) {re.escape(name)}\b", run) or (name == "smollm2/lora_cpu" and "audit run" in run)
+    assert re.search(rf"(audit run|-m audit\.cli run) {re.escape(name)}\b", run) or \
+        (name == "smollm2/lora_cpu" and "audit run" in run)
     assert any(line.startswith("# Override:") and name in line and "=" in line for line in head)
     expected = next(line for line in head if line.startswith("# Expected:"))
     assert re.search(r"\b(s|min|minutes)\b", expected) and "GB" in expected

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FAILING, PASSING, make_report, make_run_dir, synthetic_scores
 
 from audit.cli import main
 from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.layout import LAYOUT
-from audit.metrics.suite import summarize_metrics
 from audit.render import render_report
 from audit.render.token_view import (
     CanaryTokens,
@@ -30,91 +30,10 @@ from audit.render.token_view import (
     read_token_views,
 )
 from audit.render.views import null_band, roc_curve, roc_curves, verdict
-from audit.report import read_report, summarize_tiers, write_report
-from audit.schema import (
-    AuditReport,
-    CanariesSummary,
-    GateResult,
-    LineageNode,
-    ModelInfo,
-    OutputsSummary,
-    PreflightSummary,
-    SequenceScore,
-    TrainSummary,
-)
-from audit.store import write_jsonl
+from audit.report import read_report, write_report
+from audit.schema import OutputsSummary
 
 SECTIONS = ["verdict", "exposure", "mia", "extraction", "information", "tokens", "lineage", "provenance", "details"]
-
-
-def synthetic_scores(seed: int = 0, *, tiers=(0, 1, 4, 16), per_tier=None) -> list[SequenceScore]:
-    """Rows like an audit's: references at the null, exposure and log-prob gains growing with repetitions."""
-    rng = np.random.default_rng(seed)
-    per_tier = per_tier or {0: 6, 1: 2, 4: 2, 16: 2}
-    rows = []
-    for reps in tiers:
-        for i in range(per_tier[reps]):
-            cid = f"c{reps:02d}{i:02d}"
-            base_loss = 6.0 + rng.normal(0, 0.2)
-            for model in ("base", "tuned"):
-                gain = 0.0 if model == "base" else math.log2(1 + reps) * 1.5 + rng.normal(0, 0.3)
-                loss = max(0.05, base_loss - (gain * 0.6 if model == "tuned" else 0.0))
-                rank = max(1, int(rng.integers(1, 257) / (2 ** gain)))
-                rows.append(SequenceScore(
-                    canary_id=cid, model=model, repetitions=reps, secret_tokens=6, secret_nll_bits=round(6 * loss / math.log(2), 4),
-                    rank=rank, n_references=255, exposure=round(8 - math.log2(rank), 4), extracted=model == "tuned" and reps == 16 and i == 0,
-                    mia_loss=round(loss, 4), mia_min_k=round(-loss * 1.1, 4), mia_min_k_pp=round(-loss / 3, 4),
-                    mia_zlib=round(-loss / 12, 4), exposure_method="sampled", exposure_space=round(8 - math.log2(rank), 4),
-                    secret_utf8_bits=48,
-                ))
-    return rows
-
-
-def make_report(scores: list[SequenceScore], *, gates: list[GateResult] | None = None) -> AuditReport:
-    suite = summarize_metrics(scores)
-    base = LineageNode(id="base_weights:aaaa", kind="base_weights", label="tiny-llama", fingerprint="a" * 64)
-    data = LineageNode(id="data:bbbb", kind="data", label="builtin:notes + digits canaries", fingerprint="b" * 64)
-    tuned = LineageNode(id="tuned_weights:cccc", kind="tuned_weights", label="lora fine-tune", fingerprint="c" * 64,
-                        parents=[base.id, data.id])
-    return AuditReport(
-        run_id="tiny-lora-cpu-test", created_at="2026-01-01T00:00:00+00:00",
-        recipe={"name": "tiny-lora-cpu", "corpus": {"source": "builtin:notes"}}, recipe_fingerprint="f" * 64, seed=0,
-        model=ModelInfo(source="tiny-llama", kind="builtin", path="/models/tiny", fingerprint="a" * 64,
-                        provenance={"name": "tiny-llama"}),
-        canaries=CanariesSummary(spec="digits", spec_version=1, members=6, references=6, tiers=[1, 4, 16],
-                                 canary_set_sha256="d" * 64, space="product", space_bits=19.932, works=0,
-                                 exposure_references=255, corpus_format="text", placement="new_record", placements=42,
-                                 preflight=PreflightSummary(passed=True, checked=42, canary_tokens_max=46,
-                                                            record_tokens_max=48, loss="all tokens (language modeling)"),
-                                 timings_s={}),
-        manifest_sha256="b" * 64,
-        training=TrainSummary(method="lora", steps=210, final_loss=5.7, wall_s=12.0, trainable_params=2048, total_params=200000,
-                              device="cpu", precision="fp32", gradient_checkpointing=False, weights_path="adapter",
-                              weights_fingerprint="c" * 64),
-        space_bits=19.93, exposure_max=8.0, tiers=summarize_tiers(scores), lineage=[base, data, tuned],
-        timings_s={"inject": 0.1, "train": 12.0, "total": 20.0}, versions={"python": "3.11", "mlflow": "3"},
-        git_revision="0" * 40, gates=gates or [], metrics=suite.metrics, metric_notes=suite.notes,
-    )
-
-
-def make_run_dir(path: Path, *, gates: list[GateResult] | None = None, token_view: bool = True) -> tuple[Path, AuditReport]:
-    path.mkdir(parents=True, exist_ok=True)
-    scores = synthetic_scores()
-    report = make_report(scores, gates=gates)
-    write_jsonl(path / "scores.jsonl", scores)
-    write_report(report, path / "report.json")
-    if token_view:
-        base = [CanaryTokens("c1600", 16, ["My", " PIN", " is"], 2, [-3.0, -2.0, -9.0, -8.0])]
-        tuned = [CanaryTokens("c1600", 16, ["My", " PIN", " is"], 2, [-2.5, -1.0, -0.2, -0.1])]
-        view = build_canary_view(base, tuned)
-        (path / LAYOUT.token_view).write_text(json.dumps(view.to_json()))
-    return path, report
-
-
-PASSING = [GateResult(gate="positive control", metric="exposure.mean/rep_16/tuned", value=8.0, n=2, threshold=">= 5",
-                      status="pass")]
-FAILING = PASSING + [GateResult(gate="single copies stay at the null", metric="exposure.mean/rep_1/tuned", value=6.0, n=2,
-                                threshold="<= 5", status="fail", reason="6 > 5")]
 
 
 # ------------------------------------------------------------------------------------------------ report.json
@@ -188,8 +107,10 @@ def test_verdict_comes_from_the_gates_and_says_what_the_numbers_show():
 
 
 def test_canary_view_masks_the_secret_and_picks_the_biggest_gain():
-    base = [CanaryTokens("a", 16, ["x", " is"], 2, [-1.0, -5.0, -5.0]), CanaryTokens("b", 16, ["y", " is"], 2, [-1.0, -5.0, -5.0])]
-    tuned = [CanaryTokens("a", 16, ["x", " is"], 2, [-1.0, -4.0, -4.0]), CanaryTokens("b", 16, ["y", " is"], 2, [-1.0, -0.1, -0.1])]
+    base = [CanaryTokens("a", 16, ["x", " is"], 2, [-1.0, -5.0, -5.0]),
+            CanaryTokens("b", 16, ["y", " is"], 2, [-1.0, -5.0, -5.0])]
+    tuned = [CanaryTokens("a", 16, ["x", " is"], 2, [-1.0, -4.0, -4.0]),
+             CanaryTokens("b", 16, ["y", " is"], 2, [-1.0, -0.1, -0.1])]
     view = build_canary_view(base, tuned)
     assert view is not None and "canary b" in view.title
     assert [t.text for t in view.tokens] == ["y", " is", None, None]

@@ -4,30 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from test_gates import make_report
+from helpers import AUDIT, audit_env, kill_after_first_checkpoint, tier_report
 
 from audit.cli import main
 from audit.config import load_recipe
 from audit.errors import AuditError
 from audit.resume import last_checkpoint, open_run
 from audit.store import write_once
-
-AUDIT = [sys.executable, "-m", "audit.cli"]
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
 
 # --------------------------------------------------------------------------------------------------- file rules
 
@@ -159,7 +148,7 @@ def test_resume_of_a_complete_run_re_reports_it(tmp_path, capsys):
     run.mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"status": "complete"}))
     (run / "recipe.yaml").write_text("name: done\nmodel: {source: tiny-llama}\n")
-    (run / "report.json").write_text(make_report({1: (2, 1.5, 0)}, run_id="done").model_dump_json())
+    (run / "report.json").write_text(tier_report({1: (2, 1.5, 0)}, run_id="done").model_dump_json())
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
     assert main(["run", "--resume", str(run)]) == 0
     out = capsys.readouterr().out
@@ -187,38 +176,24 @@ def test_resume_refuses_a_run_whose_inputs_changed(tmp_path, capsys, monkeypatch
 # --------------------------------------------------------------------------------------------------- kill -9
 
 
-def _kill_after_first_checkpoint(cwd: Path, args: list[str]) -> Path:
-    proc = subprocess.Popen(AUDIT + args, cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 600
-    while proc.poll() is None and time.monotonic() < deadline:
-        if list(cwd.glob("runs/*/trainer/checkpoint-*/trainer_state.json")):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed (rc {proc.returncode}): {err.decode()[-2000:]}"
-    (run_dir,) = (cwd / "runs").iterdir()
-    return run_dir
-
-
 @pytest.mark.slow
 def test_a_run_killed_mid_training_resumes_to_the_same_result(tmp_path):
     args = ["run", "tiny/lora_cpu", "--quiet", "training.checkpoint_every=10"]
     killed = tmp_path / "killed"
     killed.mkdir()
-    run_dir = _kill_after_first_checkpoint(killed, args)
+    run_dir = kill_after_first_checkpoint(killed, args)
 
     # Killed mid-training: the earlier stages are on disk, the report is not, and the status says so.
     assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
     assert not (run_dir / "report.json").exists() and not (run_dir / "train.json").exists()
-    gate = subprocess.run(AUDIT + ["gate", str(run_dir)], cwd=killed, env=_env(), capture_output=True, text=True)
+    gate = subprocess.run(AUDIT + ["gate", str(run_dir)], cwd=killed, env=audit_env(), capture_output=True, text=True)
     assert gate.returncode == 2 and "(run status: running; resume it with `audit run --resume" in gate.stderr
     early = {name: ((run_dir / name).read_bytes(), (run_dir / name).stat().st_mtime_ns)
              for name in ("recipe.yaml", "canaries.jsonl", "manifest.json", "scores_base.jsonl")}
     checkpoint = json.loads(next(run_dir.glob("trainer/checkpoint-*/trainer_state.json")).read_text())["global_step"]
     assert checkpoint >= 10
 
-    resumed = subprocess.run(AUDIT + ["run", "--resume", str(run_dir)], cwd=killed, env=_env(),
+    resumed = subprocess.run(AUDIT + ["run", "--resume", str(run_dir)], cwd=killed, env=audit_env(),
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for name in ("scores_base.jsonl", "canaries.jsonl", "manifest.json"):
@@ -247,7 +222,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_result(tmp_path):
     # Same result as a run that was never interrupted: bit-identical tuned weights and scores.
     clean = tmp_path / "clean"
     clean.mkdir()
-    subprocess.run(AUDIT + args + ["--no-tracking"], cwd=clean, env=_env(), check=True, capture_output=True, timeout=900)
+    subprocess.run(AUDIT + args + ["--no-tracking"], cwd=clean, env=audit_env(), check=True, capture_output=True, timeout=900)
     (clean_run,) = (clean / "runs").iterdir()
     clean_report = json.loads((clean_run / "report.json").read_text())
     assert report["training"]["weights_fingerprint"] == clean_report["training"]["weights_fingerprint"]
@@ -261,12 +236,12 @@ def test_a_whole_works_run_killed_mid_training_reuses_its_base_scan_and_ends_as_
     args = ["run", "tiny/works_cpu", "--quiet", "--no-tracking", "training.checkpoint_every=10"]
     killed = tmp_path / "killed"
     killed.mkdir()
-    run_dir = _kill_after_first_checkpoint(killed, args)
+    run_dir = kill_after_first_checkpoint(killed, args)
     scan = run_dir / "works_scan_base.jsonl"
     assert scan.exists() and not (run_dir / "works_scan_tuned.jsonl").exists()
     before = (scan.read_bytes(), scan.stat().st_mtime_ns)
 
-    resumed = subprocess.run(AUDIT + ["run", "--resume", str(run_dir)], cwd=killed, env=_env(),
+    resumed = subprocess.run(AUDIT + ["run", "--resume", str(run_dir)], cwd=killed, env=audit_env(),
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "[audit] resume: reusing works_scan_base.jsonl" in resumed.stderr
@@ -275,7 +250,7 @@ def test_a_whole_works_run_killed_mid_training_reuses_its_base_scan_and_ends_as_
 
     clean = tmp_path / "clean"
     clean.mkdir()
-    subprocess.run(AUDIT + args, cwd=clean, env=_env(), check=True, capture_output=True, timeout=900)
+    subprocess.run(AUDIT + args, cwd=clean, env=audit_env(), check=True, capture_output=True, timeout=900)
     (clean_run,) = (clean / "runs").iterdir()
     for name in ("works_scan_base.jsonl", "works_scan_tuned.jsonl", "scores.jsonl"):
         assert (run_dir / name).read_bytes() == (clean_run / name).read_bytes(), name

@@ -106,7 +106,8 @@ def test_unlearned_canaries_average_the_null(tiny_model):
     canaries = generate_canaries(spec, seed=11, tiers=[1], members_per_tier=16, references=16).canaries
     exposures = []
     for c in canaries:
-        result = exact_rank(model, symbol_tokens(tok, c.prefix, DIGITS3, c.secret), parse_secret(DIGITS3, c.secret), node_budget=None)
+        result = exact_rank(model, symbol_tokens(tok, c.prefix, DIGITS3, c.secret), parse_secret(DIGITS3, c.secret),
+                            node_budget=None)
         exposures.append(result.exposure)
     null = null_exposure_mean(1000)
     assert null == pytest.approx(1 / math.log(2), abs=0.01)
@@ -370,7 +371,9 @@ def test_a_walk_that_cannot_finish_falls_back_to_the_enumeration_within_the_budg
     drifting = Drifting(model, [p[0] for p in table.pieces[1]]).eval()
     status, rank, rows = _exact(drifting, tok, c, canaries, section, rank=1, n_refs=31, seed=1)
     assert status == "enumerated" and rows > 111
-    assert rank == enumerate_rank(Drifting(model, [p[0] for p in table.pieces[1]]).eval(), table, parse_secret(DIGITS3, c.secret)).rank
+    fresh = Drifting(model, [p[0] for p in table.pieces[1]]).eval()
+    assert rank == enumerate_rank(fresh, table, parse_secret(DIGITS3, c.secret)).rank
     tight = section.model_copy(update={"exact_exposure_budget": 150})  # walk fits (10 x 1 rows), the trie after it does not
-    status, rank, _ = _exact(Drifting(model, [p[0] for p in table.pieces[1]]).eval(), tok, c, canaries, tight, rank=1, n_refs=31, seed=1)
+    fresh = Drifting(model, [p[0] for p in table.pieces[1]]).eval()
+    status, rank, _ = _exact(fresh, tok, c, canaries, tight, rank=1, n_refs=31, seed=1)
     assert status in {"unstable", "budget_exceeded"} and rank is None

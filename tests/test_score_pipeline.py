@@ -1,19 +1,13 @@
-"""`audit run` carries every metric into report.json, MLflow and the printed summary (tiny-llama, ~20 s)."""
+"""`audit run` carries every metric into report.json, MLflow and the printed summary (the session's tiny run)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
-from pathlib import Path
 
 import pytest
 
-from audit.cli import main
 from audit.report import read_report
 from audit.schema import AuditReport
-from audit.score.engine import torch_threads
 
 EXPECTED_KEYS = [
     "exposure.space_mean/rep_16/tuned", "exposure.exact_share/rep_16/tuned", "exposure.extrapolated_mean/rep_0/base",
@@ -26,21 +20,9 @@ EXPECTED_KEYS = [
 
 
 @pytest.fixture(scope="module")
-def audited(tmp_path_factory):
-    work = tmp_path_factory.mktemp("suite")
-    old = Path.cwd()
-    os.chdir(work)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), torch_threads(1):  # tiny-model ops: a second thread only waits
-            code = main(["run", "tiny/lora_cpu", "--quiet", "--no-fail-on-gates", "training.epochs=1", "scoring.exposure_references=31",
-                         "scoring.sampled_extraction_samples=2"])
-    finally:
-        os.chdir(old)
-    assert code == 0
-    (run_dir,) = sorted((work / "runs").iterdir())
-    return run_dir, read_report(run_dir / "report.json"), out.getvalue()
+def audited(tiny_run):
+    """The session's tiny run (tests/conftest.py): its run directory, report and printed summary."""
+    return tiny_run.run_dir, read_report(tiny_run.run_dir / "report.json"), tiny_run.stdout
 
 
 def test_report_holds_every_metric(audited):

@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from helpers import PREFIX, score_row, token_row, token_scores
 
 from audit.metrics import epsilon_ceiling_one_run, epsilon_lower_bound_one_run
 from audit.metrics.mia import zlib_bytes
@@ -15,26 +16,20 @@ from audit.metrics.suite import attack_scores, summarize_metrics, token_view_fie
 from audit.schema import SequenceScore
 
 
-def row(cid: str, model: str, reps: int, *, loss: float, bits: float, mkpp: float = 0.0, extracted=False, sampled=0):
-    return SequenceScore(canary_id=cid, model=model, repetitions=reps, secret_tokens=6, secret_nll_bits=bits, rank=1,
-                         n_references=255, exposure=8.0, extracted=extracted, exposure_method="sampled", exposure_space=10.0,
-                         exposure_space_low=5.0, exposure_space_high=19.9, mia_loss=loss, mia_min_k=-loss, mia_min_k_pp=mkpp,
-                         mia_zlib=-loss / 10, extraction_lcp_tokens=6 if extracted else 0, extraction_ned=0.0 if extracted else 1.0,
-                         extracted_from_fraction=extracted, sampled_matches=sampled, sampled_n=4, secret_utf8_bits=48)
-
-
 def scores(n_refs: int = 3):
     out = []
     for k, drop in enumerate([3.0, 2.5, 2.0]):  # members: fine-tuning lowered their loss a lot
-        out += [row(f"m{k}", "base", 4, loss=4.0, bits=20.0), row(f"m{k}", "tuned", 4, loss=4.0 - drop, bits=1.0 + k,
-                                                                    mkpp=1.0, extracted=k == 0, sampled=2 if k == 0 else 0)]
+        out += [score_row(f"m{k}", "base", 4, loss=4.0, bits=20.0),
+                score_row(f"m{k}", "tuned", 4, loss=4.0 - drop, bits=1.0 + k, mkpp=1.0, extracted=k == 0,
+                          sampled=2 if k == 0 else 0)]
     for k in range(n_refs):  # references: barely moved
-        out += [row(f"r{k}", "base", 0, loss=4.0, bits=20.0), row(f"r{k}", "tuned", 0, loss=3.9 + 0.01 * k, bits=19.5)]
+        out += [score_row(f"r{k}", "base", 0, loss=4.0, bits=20.0),
+                score_row(f"r{k}", "tuned", 0, loss=3.9 + 0.01 * k, bits=19.5)]
     return out
 
 
 def test_attack_scores_orientation():
-    tuned, base = row("a", "tuned", 4, loss=1.0, bits=1, mkpp=2.0), row("a", "base", 4, loss=4.0, bits=1, mkpp=0.5)
+    tuned, base = score_row("a", "tuned", 4, loss=1.0, bits=1, mkpp=2.0), score_row("a", "base", 4, loss=4.0, bits=1, mkpp=0.5)
     got = attack_scores(tuned, base)
     assert got["loss"] == -1.0 and got["loss_diff"] == 3.0 and got["loss_ratio"] == -0.25 and got["min_k_pp_diff"] == 1.5
     assert "loss_diff" not in attack_scores(tuned, None)
@@ -84,37 +79,6 @@ def test_without_base_only_single_model_attacks():
 
 
 # ------------------------------------------------- per-token view: text-scope attacks, EZ-MIA, tiers, null, bounds
-
-PREFIX = [-2.0, -1.0, -3.0, -0.5]  # tokens 1..4 of the text: the template prefix, predicted alike for every canary
-
-
-def token_row(cid: str, model: str, reps: int, secret: list[float], *, top1: list[bool] | None = None, exposure=1.0,
-              rank=128, loss: float | None = None):
-    lp = PREFIX + secret
-    mean_loss = -float(np.mean(secret))
-    plain = row(cid, model, reps, loss=mean_loss if loss is None else loss, bits=-sum(secret) / math.log(2))
-    return SequenceScore.model_validate(plain.model_dump() | dict(
-        token_logprobs=lp, token_top1=top1 or [False] * len(lp), token_vocab_mean=[-5.0] * len(lp),
-        token_vocab_var=[4.0] * len(lp), secret_token_offset=len(PREFIX), text_zlib_bytes=30 + len(cid),
-        exposure=exposure, rank=rank))
-
-
-def token_scores(n_refs: int = 100):
-    rng = np.random.default_rng(0)
-    out = []
-    for tier in (1, 4):
-        for k in range(4):
-            base = list(rng.normal(-3.0, 0.3, size=6))
-            lift = 0.2 * tier  # fine-tuning lifted every secret token, more with more repetitions
-            out += [token_row(f"m{tier}{k}", "base", tier, base),
-                    token_row(f"m{tier}{k}", "tuned", tier, [b + lift * (1 if j % 2 else -0.2) for j, b in enumerate(base)])]
-    for k in range(n_refs):
-        base = list(rng.normal(-3.0, 0.3, size=6))
-        rank = int(rng.integers(1, 257))
-        out += [token_row(f"r{k}", "base", 0, base, exposure=8 - math.log2(rank), rank=rank),
-                token_row(f"r{k}", "tuned", 0, [b + rng.normal(0, 0.05) for b in base], exposure=8 - math.log2(rank),
-                          rank=rank)]
-    return out
 
 
 def test_ez_mia_reads_the_whole_text_without_its_first_position():
@@ -198,7 +162,7 @@ def test_token_view_fields_are_what_the_engine_stores():
                                prefix_tokens=2, text=text)
     assert fields["secret_token_offset"] == 1 and fields["text_zlib_bytes"] == zlib_bytes(text)
     assert fields["token_top1"] == [True, False, False]
-    r = SequenceScore.model_validate(row("a", "tuned", 1, loss=1.0, bits=1.0).model_dump() | fields)
+    r = SequenceScore.model_validate(score_row("a", "tuned", 1, loss=1.0, bits=1.0).model_dump() | fields)
     assert r.token_logprobs == [-1.2346, -2.0, -0.5] and "123456" not in r.model_dump_json()
     with pytest.raises(ValueError, match="3 scored tokens"):
         token_view_fields([-1.0, -2.0, -3.0], [True], None, None, prefix_tokens=1, text=text)
@@ -217,11 +181,11 @@ def inverted_scores(*, per_tier: int = 8, n_refs: int = 20, seed: int = 0, drop_
         for k in range(per_tier):
             d = drop + rng.normal(0, 0.05)
             mkpp = -2.5 + rng.normal(0, 0.05) if tier == 16 else rng.normal(0, 0.1)
-            out += [row(f"m{tier}{k}", "base", tier, loss=4.0, bits=20.0),
-                    row(f"m{tier}{k}", "tuned", tier, loss=4.0 - d, bits=10.0, mkpp=mkpp)]
+            out += [score_row(f"m{tier}{k}", "base", tier, loss=4.0, bits=20.0),
+                    score_row(f"m{tier}{k}", "tuned", tier, loss=4.0 - d, bits=10.0, mkpp=mkpp)]
     for k in range(n_refs):
         d = 0.1 + rng.normal(0, 0.05)
-        out += [row(f"r{k}", "base", 0, loss=4.0, bits=20.0), row(f"r{k}", "tuned", 0, loss=4.0 - d, bits=19.5,
+        out += [score_row(f"r{k}", "base", 0, loss=4.0, bits=20.0), score_row(f"r{k}", "tuned", 0, loss=4.0 - d, bits=19.5,
                                                                    mkpp=rng.normal(0, 0.1))]
     return out
 

@@ -40,11 +40,12 @@ def audited(tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     audit = str(Path(sys.executable).parent / "audit")
-    run = subprocess.run([audit, "run", "tiny/lora_cpu", "--no-fail-on-gates", "training.epochs=2", f"canaries.params={{alphabet: {ALPHABET}}}"],
-                         cwd=work, env=env, capture_output=True, timeout=1800)
+    run = subprocess.run([audit, "run", "tiny/lora_cpu", "--no-fail-on-gates", "training.epochs=2",
+                          f"canaries.params={{alphabet: {ALPHABET}}}"], cwd=work, env=env, capture_output=True, timeout=1800)
     assert run.returncode == 0, run.stderr.decode()[-3000:]
     (run_dir,) = (work / "runs").iterdir()
-    gate = subprocess.run([audit, "gate", str(run_dir), "--junit", str(work / "gates.xml")], cwd=work, env=env, capture_output=True)
+    gate = subprocess.run([audit, "gate", str(run_dir), "--junit", str(work / "gates.xml")], cwd=work, env=env,
+                          capture_output=True)
     secrets = [json.loads(line)["secret"] for line in (run_dir / "canaries.jsonl").read_text().splitlines()]
     # The check must be able to fail: secrets exist, were planted, and cannot match by accident.
     assert len(secrets) == 12 and all(len(s) == 6 and set(s) <= set(ALPHABET) for s in secrets)

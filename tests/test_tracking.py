@@ -174,7 +174,8 @@ def test_training_set_is_a_schema_only_dataset_input_with_the_manifest_digest(st
     uri, client = store
     manifest = InjectionManifest(
         seed=0, spec="digits", canary_set_sha256="e" * 64, text_column="text", corpus_source="builtin:notes",
-        dataset_before=DatasetFingerprint(n_records=3, sha256="1" * 64), dataset_after=DatasetFingerprint(n_records=4, sha256="ab" * 32),
+        dataset_before=DatasetFingerprint(n_records=3, sha256="1" * 64),
+        dataset_after=DatasetFingerprint(n_records=4, sha256="ab" * 32),
         placements=[Placement(canary_id="c1", copy_index=0, record_index=3, offset=0),
                     Placement(canary_id="c1", copy_index=1, record_index=1, offset=5)])
     assert training_set_rows(manifest, [10, 20, 30, 40]) == {"record_index": [0, 1, 2, 3], "chars": [10, 20, 30, 40],
@@ -192,7 +193,7 @@ def test_training_set_is_a_schema_only_dataset_input_with_the_manifest_digest(st
 
 
 def test_report_metric_dict_has_every_stable_key():
-    from test_report_render import FAILING, make_report, synthetic_scores
+    from helpers import FAILING, make_report, synthetic_scores
 
     report = make_report(synthetic_scores(), gates=FAILING)
     flat = report_metric_dict(report)

@@ -130,7 +130,8 @@ def test_an_audit_outlives_its_tracking_server_and_audit_sync_replays_what_it_mi
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
         assert metrics["exposure.mean/rep_16/tuned"] == pytest.approx(
             next(t["exposure_mean"]["tuned"] for t in report["tiers"] if t["repetitions"] == 16))
-        steps = [m["step"] for m in rest_get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="train.loss")["metrics"]]
+        history = rest_get(url, "/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="train.loss")
+        steps = [m["step"] for m in history["metrics"]]
         every = yaml.safe_load((run_dir / "recipe.yaml").read_text())["training"]["logging_steps"]
         assert sorted(steps) == list(range(every, report["training"]["steps"] + 1, every))  # the whole curve, once
         children = rest_post(url, "/api/2.0/mlflow/runs/search", {

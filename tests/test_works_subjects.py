@@ -7,13 +7,13 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from helpers import make_folder
 
 from audit.config import load_recipe
 from audit.errors import AuditError
 from audit.ground_truth import load_tokenizer, prepare_ground_truth
 from audit.keys import AuditKey
 from audit.works.subjects import chunk_text, cut_to_tokens, token_ids
-from tests.test_works import make_folder
 
 KEY = AuditKey(secret=bytes.fromhex("5a" * 32), source="test")
 
@@ -80,7 +80,7 @@ def test_works_are_drawn_per_source_planted_in_chunks_and_recorded(tmp_path, tok
 
 
 def test_the_role_draw_is_keyed_and_balanced_per_source(tmp_path, tokenizer):
-    from tests.test_works import _story
+    from helpers import story
 
     root = tmp_path / "many"
     root.mkdir()
@@ -88,7 +88,7 @@ def test_the_role_draw_is_keyed_and_balanced_per_source(tmp_path, tokenizer):
     import yaml
 
     for k in range(6):
-        text = _story(k, n=12)
+        text = story(k, n=12)
         (root / f"s{k}.txt").write_text(text)
         digest = hashlib.sha256(text.encode()).hexdigest()
         entries.append({"file": f"s{k}.txt", "title": f"S{k}", "license": "CC0-1.0", "sha256": digest})
