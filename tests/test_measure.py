@@ -179,7 +179,8 @@ def test_an_adapter_for_this_base_fits_with_lora_on_embeddings_and_saved_modules
     narrow = other_shape_model(tmp_path / "narrow", tiny_model_dir)
     with pytest.raises(AuditError, match=r"its model.embed_tokens.weight is \[512, 64\], the one of narrow \[512, 32\]"):
         check_adapter_fits(adapter, narrow, below_name="narrow", vocab=TINY_VOCAB)
-    deeper = _adapter(tmp_path / "deeper_adapter", other_shape_model(tmp_path / "deeper", tiny_model_dir, hidden_size=64, layers=3))
+    deeper_model = other_shape_model(tmp_path / "deeper", tiny_model_dir, hidden_size=64, layers=3)
+    deeper = _adapter(tmp_path / "deeper_adapter", deeper_model)
     with pytest.raises(AuditError, match="it adapts model.layers.2.self_attn.q_proj, which tiny-llama does not have"):
         check_adapter_fits(deeper, tiny_model_dir, below_name="tiny-llama", vocab=TINY_VOCAB)
 
@@ -237,9 +238,11 @@ def test_measure_refuses_another_audit_key_than_the_ground_truths(gt, capsys, mo
 
 def test_measure_refuses_overrides_of_what_shaped_the_ground_truth(gt, capsys, tmp_path):
     tuned = perturbed_copy(tmp_path / "tuned")
-    err = measure_refused(["gt", "--model", str(tuned), "canaries.tiers=[1,2]"], capsys, "shaped the ground truth", root=gt.parent)
+    err = measure_refused(["gt", "--model", str(tuned), "canaries.tiers=[1,2]"], capsys, "shaped the ground truth",
+                          root=gt.parent)
     assert "inject again" in err
-    err = measure_refused(["gt", "--model", str(tuned), "model.source=smollm2-135m"], capsys, "shaped the ground truth", root=gt.parent)
+    err = measure_refused(["gt", "--model", str(tuned), "model.source=smollm2-135m"], capsys, "shaped the ground truth",
+                          root=gt.parent)
     assert "--base" in err
 
 

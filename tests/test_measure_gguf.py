@@ -58,8 +58,9 @@ def test_measure_refuses_a_gguf_of_a_type_it_cannot_dequantize(gt, capsys):
 
 def test_measure_refuses_a_gguf_of_another_shape_and_caches_nothing(gt, capsys, tiny_model_dir, tmp_path):
     _gguf(other_shape_model(tmp_path / "narrow", tiny_model_dir), gt.parent / "narrow.gguf", "f32")
-    measure_refused(["gt", "--model", "narrow.gguf"], capsys, "--model narrow.gguf is not a fine-tune of the base tiny-llama: its "
-             "tensor model.embed_tokens.weight is [512, 32], the base's [512, 64]", root=gt.parent)
+    measure_refused(["gt", "--model", "narrow.gguf"], capsys,
+                    "--model narrow.gguf is not a fine-tune of the base tiny-llama: its "
+                    "tensor model.embed_tokens.weight is [512, 32], the base's [512, 64]", root=gt.parent)
     assert not [p for p in (gt.parent.parent / "cache" / "models").glob("*") if p.name.startswith("gguf")]
 
 

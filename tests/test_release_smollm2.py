@@ -30,7 +30,8 @@ def test_smollm2_releases_keep_the_16_copy_canaries_and_the_merged_model_agrees(
     rows = {r.label: r for r in report.release.releases}
     assert list(rows) == ["release:merged", "release:q8_0", "release:q4_0"]
     assert rows["release:q4_0"].bytes < rows["release:q8_0"].bytes < rows["release:merged"].bytes
-    tuned = {json.loads(line)["canary_id"]: json.loads(line) for line in (run_dir / "scores_tuned.jsonl").read_text().splitlines()}
+    rows = (run_dir / "scores_tuned.jsonl").read_text().splitlines()
+    tuned = {json.loads(line)["canary_id"]: json.loads(line) for line in rows}
     for row in json.loads((run_dir / "release_merged.json").read_text())["scores"]:
         assert row["secret_nll_bits"] == pytest.approx(tuned[row["canary_id"]]["secret_nll_bits"], abs=1e-4)
     # Q8_0 rounds each weight by at most half a step of max|w| / 127: what 16 copies stored survives it
