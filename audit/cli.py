@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run directories, MLflow run ids or experiment names")
     cmp_.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the run's own, or ./mlflow.db)")
     cmp_.add_argument("--plot", default="compare.png", metavar="FILE", help="PNG to write (default: compare.png)")
-    cmp_.add_argument("--model", default="tuned", help="which model's numbers to compare (default: tuned)")
+    cmp_.add_argument("--model", default="tuned", help="which model's numbers to compare (default: tuned, with each run's "
+                                                       "releases as rows of their own)")
 
     syn = sub.add_parser("sync", help="replay into MLflow what a run could not log while its tracking server was away")
     syn.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a tracking_pending.jsonl")
@@ -428,7 +429,7 @@ def cmd_chain(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from audit.compare import compare_plot, compare_table, resolve_rows
 
-    rows = resolve_rows(args.targets, tracking_uri=args.tracking_uri)
+    rows = resolve_rows(args.targets, tracking_uri=args.tracking_uri, releases=args.model == "tuned")
     print(compare_table(rows, model=args.model))
     path = compare_plot(rows, Path(args.plot), model=args.model)
     print(f"\nplot: {path}")

@@ -122,3 +122,16 @@ def test_chain_release_ends_the_lineage_with_the_release_of_the_last_tune(chain_
     last = out.rstrip().splitlines()[-1]
     assert re.fullmatch(rf"chain: \S*{parent_dir.name} -> \S*{child_dir.name} -> {Q4} \(releases/model\.q4_0\.gguf\)", last), last
 
+
+def test_compare_shows_the_release_as_a_row_read_from_mlflow(chain_with_release, tmp_path, capsys):
+    _, (parent_dir, child_dir), (_, child) = chain_with_release
+    assert main(["compare", str(parent_dir), str(child_dir), "--plot", str(tmp_path / "c.png")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]  # header and rows
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {cells[0]: dict(zip(header, cells, strict=True))
+            for line in lines[1:] if (cells := [c.strip() for c in line.strip("|").split("|")])}
+    assert list(rows) == [parent_dir.name, child_dir.name, f"{child_dir.name} {Q4}"]
+    q4 = rows[f"{child_dir.name} {Q4}"]
+    assert q4["exposure 16x"] == f"{child.flat_metrics()[f'exposure.mean/rep_16/{Q4}'].value:.2f}"
+    assert q4["MIA AUC"] == f"{child.metrics[f'mia.auc/loss_diff/{Q4}'].value:.2f}"
+    assert q4["final loss"] == "n/a" and rows[child_dir.name]["final loss"] != "n/a"
