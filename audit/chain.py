@@ -47,7 +47,17 @@ from pydantic import ValidationError
 from audit.console import text_table
 from audit.errors import AuditError
 from audit.layout import LAYOUT, read_versioned_rows, versioned
-from audit.schema import AuditReport, BeforeAfter, LineageNode, MetricEntry, PersistenceTier, Recipe, SequenceScore, TrainSummary
+from audit.schema import (
+    GGUF_TYPES,
+    AuditReport,
+    BeforeAfter,
+    LineageNode,
+    MetricEntry,
+    PersistenceTier,
+    Recipe,
+    SequenceScore,
+    TrainSummary,
+)
 from audit.store import read_scores
 
 MIN_LEARNED_BITS = 1.0
@@ -141,6 +151,24 @@ def check_same_device(parent: ParentRun, *, device: str, precision: str) -> None
                          fix=f"run the further tune where the parent ran, or set training.precision={parent.train.precision}")
 
 
+def release_overrides(value: str, last: Recipe) -> list[str]:
+    """``audit chain --release q4_0,merged``: the ``release.*`` overrides that add those releases to the chain's last
+    link, kept beside the ones its recipe already asks for, so the chain ends tuned -> ... -> release nodes (made and
+    measured by the release stage, :mod:`audit.release.stage`). An unknown format is one line naming the supported ones."""
+    asked = [v.strip().lower() for v in value.split(",") if v.strip()]
+    supported = ("merged", *GGUF_TYPES)
+    unknown = [v for v in asked if v not in supported]
+    if unknown or not asked:
+        problem = f"unknown release format {', '.join(unknown)}" if unknown else "no format given"
+        raise AuditError(f"--release {value!r}: {problem}",
+                         fix=f"give one or more of {', '.join(supported)}, comma-separated (e.g. --release q4_0,merged; "
+                             "K-quants need llama.cpp's llama-quantize)")
+    have = last.release
+    gguf = list(dict.fromkeys([*(have.gguf if have else []), *(v for v in asked if v != "merged")]))
+    merged = "merged" in asked or bool(have and have.merged)
+    return [f"release.merged={str(merged).lower()}", f"release.gguf=[{','.join(gguf)}]"]
+
+
 # --------------------------------------------------------------------------------------------------- scores
 
 
@@ -224,7 +252,14 @@ def persistence(scores: list[SequenceScore], *, base: str = "base", before: str 
 
 def persistence_summary(scores: list[SequenceScore], parent: ParentRun, *, mia_after: float | None,
                         inject: bool) -> tuple[dict[str, Any], dict[str, MetricEntry]]:
+    """``report.persistence`` and its metrics. Releases of this tune (rows labelled ``release:<format>``, the chain's
+    last links) get the same tiers with the release as "after", under ``by_release`` and keys ending in their label
+    (``persistence.retained_bits/rep_16/release:q4_0``): what is shipped still holds that much of the parent's canaries."""
     tiers, metrics = persistence(scores)
+    releases = {}
+    for label in sorted({s.model for s in scores if s.model.startswith("release:")}):
+        releases[label], kept = persistence(scores, after=label)
+        metrics.update({f"{key}/{label}": entry for key, entry in kept.items()})
     mia_key = "mia.auc/loss_diff"
     before = parent.report.metrics.get(mia_key)
     summary = {
@@ -236,13 +271,16 @@ def persistence_summary(scores: list[SequenceScore], parent: ParentRun, *, mia_a
         "min_learned_bits": MIN_LEARNED_BITS,
         "tiers": tiers,
         "mia_auc_loss_diff": {"before": None if before is None else before.value, "after": mia_after},
+        "by_release": releases or None,
     }
     return summary, metrics
 
 
-def format_persistence(tiers: list[PersistenceTier], mia_auc_loss_diff: BeforeAfter) -> str:
+def format_persistence(tiers: list[PersistenceTier], mia_auc_loss_diff: BeforeAfter,
+                       by_release: dict[str, list[PersistenceTier]] | None = None) -> str:
     """A small table (``report.persistence``'s tiers and MIA AUC): per tier, bits and whole-space exposure
-    before/after, extraction, retained shares."""
+    before/after, extraction, retained shares; then the same rows for each release of the further tune (``by_release``,
+    "after" = the release), so the chain's table ends with what is shipped."""
     header = ["tier", "n", "bits base", "bits before", "bits after", "exposure before", "exposure after",
               "extracted before", "extracted after", "retained bits", "retained exposure"]
     rows = []
@@ -250,15 +288,17 @@ def format_persistence(tiers: list[PersistenceTier], mia_auc_loss_diff: BeforeAf
     def f(x: Any, fmt: str = ".2f") -> str:
         return "-" if x is None else format(x, fmt)
 
-    for t in tiers:
-        rows.append(["references" if t.repetitions == 0 else f"{t.repetitions}x", str(t.n),
-                     f(t.bits.base, ".1f"), f(t.bits.before, ".1f"), f(t.bits.after, ".1f"),
-                     f(t.exposure_space.before), f(t.exposure_space.after),
-                     f"{t.extracted.before}/{t.n}", f"{t.extracted.after}/{t.n}",
-                     f(t.retained_bits), f(t.retained_exposure)])
+    for after, rows_of in [("", tiers), *[(f" {label}", t) for label, t in (by_release or {}).items()]]:
+        for t in rows_of:
+            rows.append([("references" if t.repetitions == 0 else f"{t.repetitions}x") + after, str(t.n),
+                         f(t.bits.base, ".1f"), f(t.bits.before, ".1f"), f(t.bits.after, ".1f"),
+                         f(t.exposure_space.before), f(t.exposure_space.after),
+                         f"{t.extracted.before}/{t.n}", f"{t.extracted.after}/{t.n}",
+                         f(t.retained_bits), f(t.retained_exposure)])
     lines = text_table(header, rows, numbers_right=True)
-    lines.append(f"bits = mean -log2 p(secret | prefix); exposure over the whole space; before = the parent's tuned weights; "
-                 f"MIA AUC (loss_diff) before {f(mia_auc_loss_diff.before)}, after {f(mia_auc_loss_diff.after)}")
+    lines.append("bits = mean -log2 p(secret | prefix); exposure over the whole space; before = the parent's tuned weights"
+                 + ("; after = the further tune, or the release a row names" if by_release else "")
+                 + f"; MIA AUC (loss_diff) before {f(mia_auc_loss_diff.before)}, after {f(mia_auc_loss_diff.after)}")
     return "\n".join(lines)
 
 

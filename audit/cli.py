@@ -12,7 +12,7 @@
     audit inject tiny/lora_cpu --out planted/ [--stream]  # canaries + injection + pre-flight as a standalone stage
     audit measure planted/ --model OUT_DIR [--adapter DIR] [--base SOURCE] [key=value]  # audit a model trained elsewhere
     audit run smollm2/clean_lora_cpu parent=runs/<run>   # fine-tune that run's tuned weights again, measure what survives
-    audit chain [RECIPE] [--then RECIPE] [key=value]     # base -> tune -> outputs -> further clean tune, one command
+    audit chain [RECIPE] [--then RECIPE] [--release q4_0] [key=value]  # base -> tune -> outputs -> further clean tune
     audit compare RUN_OR_EXPERIMENT ... [--plot FILE]    # side-by-side table + PNG of several runs, read from MLflow
     audit probe "Colorless green ideas" [--model SOURCE] [--adapter RUN_DIR]  # per-token p under base and tuned
     audit report runs/<run> [--probe "some text"]        # regenerate report.html/report.md (no rescoring)
@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(chn)
     chn.add_argument("--then", default=None, metavar="RECIPE",
                      help="the further tune (default: clean_lora_cpu beside RECIPE, e.g. smollm2/clean_lora_cpu)")
+    chn.add_argument("--release", default=None, metavar="FMT[,FMT]",
+                     help="end the chain with releases of its last tune, each made and measured like it: merged and/or "
+                          "GGUF types, e.g. --release merged,q4_0 (an unknown type is refused, naming the supported ones)")
     chn.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
     chn.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     chn.add_argument("--quiet", action="store_true", help="no progress output, only the final tables")
@@ -129,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run directories, MLflow run ids or experiment names")
     cmp_.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the run's own, or ./mlflow.db)")
     cmp_.add_argument("--plot", default="compare.png", metavar="FILE", help="PNG to write (default: compare.png)")
-    cmp_.add_argument("--model", default="tuned", help="which model's numbers to compare (default: tuned)")
+    cmp_.add_argument("--model", default="tuned", help="which model's numbers to compare (default: tuned, with each run's "
+                                                       "releases as rows of their own)")
 
     syn = sub.add_parser("sync", help="replay into MLflow what a run could not log while its tracking server was away")
     syn.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with a tracking_pending.jsonl")
@@ -228,7 +232,7 @@ def _print_result(result) -> None:
         from audit.chain import format_persistence
 
         print(f"\npersistence of the parent's canaries (parent {report.parent_run}):")
-        print(format_persistence(report.persistence.tiers, report.persistence.mia_auc_loss_diff))
+        print(format_persistence(report.persistence.tiers, report.persistence.mia_auc_loss_diff, report.persistence.by_release))
     if report.gates:
         from audit.gates import format_gate_table
 
@@ -401,7 +405,12 @@ def cmd_chain(args: argparse.Namespace) -> int:
             raise AuditError(f"no further-tune recipe given and no {beside.name} beside {recipe_name or DEFAULT_RECIPE}",
                              fix="pass --then RECIPE, e.g. --then smollm2/clean_lora_cpu")
         then = str(beside)
-    load_recipe(then, overrides)  # a bad second recipe fails before the first run starts
+    then_overrides = list(overrides)
+    if args.release is not None:  # the chain ends with the releases of its last tune
+        from audit.chain import release_overrides
+
+        then_overrides += release_overrides(args.release, load_recipe(then, overrides))
+    load_recipe(then, then_overrides)  # a bad second recipe (or release) fails before the first run starts
     if first.parent is None:
         from audit.validate import check_gates
 
@@ -409,17 +418,18 @@ def cmd_chain(args: argparse.Namespace) -> int:
     tracking = False if args.no_tracking else None
     parent = run_audit(first, tracking_uri=args.tracking_uri, tracking=tracking, progress=not args.quiet)
     _print_result(parent)
-    child = run_audit(load_recipe(then, [*overrides, f"parent={parent.run_dir}"]), tracking_uri=args.tracking_uri,
+    child = run_audit(load_recipe(then, [*then_overrides, f"parent={parent.run_dir}"]), tracking_uri=args.tracking_uri,
                       tracking=tracking, progress=not args.quiet)
     _print_result(child)
-    print(f"\nchain: {parent.run_dir} -> {child.run_dir}")
+    shipped = child.report.release.releases if child.report.release else []
+    print(f"\nchain: {parent.run_dir} -> {child.run_dir}" + "".join(f" -> {r.label} ({r.path})" for r in shipped))
     return _gate_exit(args, [r.report for r in (parent, child) if r is not None])
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from audit.compare import compare_plot, compare_table, resolve_rows
 
-    rows = resolve_rows(args.targets, tracking_uri=args.tracking_uri)
+    rows = resolve_rows(args.targets, tracking_uri=args.tracking_uri, releases=args.model == "tuned")
     print(compare_table(rows, model=args.model))
     path = compare_plot(rows, Path(args.plot), model=args.model)
     print(f"\nplot: {path}")

@@ -9,6 +9,10 @@ bits against the sampled references, ``exposure.mean``, the scale of the per-tie
 top tier's whole-space exposure in its own labelled column (``exposure.space_mean``: rank over the whole secret
 space, not capped at log2(references + 1)), how many canaries greedy decoding extracted per tier,
 membership-inference AUC (``loss_diff``), the one-run epsilon lower bound, the final train loss and the wall time.
+A run with releases (the recipe's ``release`` section, ``audit chain --release``) gets one more row per release,
+``<run> release:q4_0``, whose columns are the release's numbers under the tuned model's keys
+(``exposure.mean/rep_16/release:q4_0`` in the ``exposure 16x`` column, ``mia.auc/loss_diff/release:q4_0`` in ``MIA AUC``);
+what a release has no number of (training loss, wall time) is ``n/a``.
 
 An experiment name lists the audits in it, one row each; the nested stage runs (inject, score_base, train, ...) are
 not audits and are left out. Rows are named so that two runs of one recipe differ: the run directory's name, or the
@@ -31,6 +35,8 @@ from audit.gates import NULL_MEAN_EXPOSURE_BITS
 from audit.layout import LAYOUT
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+RELEASE_LABEL = re.compile(r"/(release:[a-z0-9_]+)$")
+"""The model label a release's metric keys end in (:mod:`audit.release`)."""
 STAGE_TAG = "canary_audit.stage"
 """Tag of the nested stage runs (audit.tracking.STAGE_TAG): not audits, so never compare rows."""
 MIA_KEY = "mia.auc/loss_diff"
@@ -110,6 +116,21 @@ def _row_from_report(report: Any, run_dir: Path) -> CompareRow:
                       data=_data_label((report.recipe.get("corpus") or {}).get("source"), report.canaries.spec))
 
 
+def release_rows(row: CompareRow) -> list[CompareRow]:
+    """One row per release of ``row``'s run: each tuned-model key (``.../tuned``, or a key with no model such as
+    ``mia.auc/loss_diff``) filled from the release's key of the same name (``.../release:q4_0``,
+    ``mia.auc/loss_diff/release:q4_0``), so the table's columns read the release where they read the tuned model."""
+    labels = sorted({m.group(1) for key in row.metrics if (m := RELEASE_LABEL.search(key))})
+    tuned = [key for key in row.metrics if not RELEASE_LABEL.search(key) and not key.endswith("/base")]
+    out = []
+    for label in labels:
+        own = {key: row.metrics[theirs] for key in tuned
+               if (theirs := key.removesuffix("/tuned") + f"/{label}") in row.metrics}
+        out.append(CompareRow(label=f"{row.label} {label}", run_id=row.run_id, recipe=row.recipe, method=row.method,
+                              model=row.model, metrics=own, source=row.source, data=row.data))
+    return out
+
+
 def check_store_exists(uri: str, *, where: str = "") -> None:
     """A sqlite store must exist: MLflow would otherwise create an empty ``mlflow.db`` and report nothing in it."""
     if uri.startswith("sqlite:///"):
@@ -120,8 +141,9 @@ def check_store_exists(uri: str, *, where: str = "") -> None:
                                  "sqlite:///PATH/mlflow.db (or give run directories)")
 
 
-def resolve_rows(targets: list[str], *, tracking_uri: str | None = None) -> list[CompareRow]:
-    """Each target is a run directory (or its report.json), an MLflow run id, or an experiment name."""
+def resolve_rows(targets: list[str], *, tracking_uri: str | None = None, releases: bool = True) -> list[CompareRow]:
+    """Each target is a run directory (or its report.json), an MLflow run id, or an experiment name; ``releases``:
+    each run followed by its releases' rows (:func:`release_rows`)."""
     from audit.tracking import resolve_tracking_uri
 
     if not targets:
@@ -138,7 +160,7 @@ def resolve_rows(targets: list[str], *, tracking_uri: str | None = None) -> list
         else:
             check_store_exists(default_uri, where=f" (and '{target}' is not a run directory)")
             rows.extend(_rows_from_experiment(target, default_uri))
-    return rows
+    return [r for row in rows for r in [row, *(release_rows(row) if releases else [])]]
 
 
 def _row_from_path(path: Path, tracking_uri: str | None) -> CompareRow:

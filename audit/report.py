@@ -93,7 +93,8 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
     scoring = recipe.scoring if dp is None else recipe.scoring.model_copy(update={"privacy_delta": dp.delta})
     suite = summarize_scores(scores, scoring, inclusion=recipe.canaries.inclusion)  # every metric under its stable key (audit.metrics.suite)
     excerpts = works_information(canary_set, scores)
-    persistence = origin.persistence(scores, suite.metrics)
+    release_scores = [s for r in releases or [] for s in r.scores]
+    persistence = origin.persistence(scores + release_scores, suite.metrics)  # a further tune's releases: theirs too
     metrics: dict[str, MetricEntry] = {**suite.metrics, **excerpts.pop("metrics", {}), **(outputs.metrics if outputs else {}),
                                        **(persistence.metrics or {}), **(works.metrics if works else {})}
     release = None
@@ -129,7 +130,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         training=training,
         space_bits=round(space_bits(canary_set), 6),
         exposure_max=round(math.log2(len(truth.reference_secrets) + 1), 6),
-        tiers=summarize_tiers(scores + [s for r in releases or [] for s in r.scores]),
+        tiers=summarize_tiers(scores + release_scores),
         lineage=nodes,
         timings_s={k: round(v, 3) for k, v in ctx.timings.items()},
         versions=package_versions(),

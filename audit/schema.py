@@ -1345,7 +1345,7 @@ class WorksPersistenceRow(ReportPart):
 class PersistenceSummary(ReportPart):
     """``report.persistence``: the parent's canaries before and after a further tune (:mod:`audit.chain`)."""
 
-    omit_if_none: ClassVar[frozenset[str]] = frozenset({"works"})
+    omit_if_none: ClassVar[frozenset[str]] = frozenset({"works", "by_release"})
 
     parent_run: str
     origin_run: str
@@ -1357,6 +1357,8 @@ class PersistenceSummary(ReportPart):
     mia_auc_loss_diff: BeforeAfter
     works: list[WorksPersistenceRow] | None = None
     """Whole works (the recipe's ``works`` section) before and after the further tune."""
+    by_release: dict[str, list[PersistenceTier]] | None = None
+    """Per release of the further tune (``release:q4_0``): the same tiers with the release as "after"."""
 
 
 class WorkUnderModel(ReportPart):

@@ -161,3 +161,31 @@ def test_all_zero_panels_start_at_zero():
     limits = {ax.get_title(): ax.get_ylim() for ax in fig.axes}
     assert limits["canaries extracted (greedy)"] == (0.0, 1.0) and limits["epsilon lower bound"] == (0.0, 1.0)
     assert all(low == 0.0 for low, _ in limits.values())
+
+
+def test_a_release_is_a_row_of_its_own_read_from_its_labelled_metrics(in_tmp, capsys):
+    """`audit compare` of a run with a GGUF release (metrics under ``release:q4_0``): one more row, whose columns
+    are the release's numbers; what a release has no number of (loss, time) is n/a."""
+    import mlflow
+
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("cmp-release", artifact_location=(in_tmp / "art").as_uri())
+    q4 = {"exposure.mean/rep_0/release:q4_0": 1.4, "exposure.mean/rep_1/release:q4_0": 1.1,
+          "exposure.mean/rep_16/release:q4_0": 6.5, "extraction.exact/rep_16/release:q4_0": 1.0,
+          "mia.auc/loss_diff/release:q4_0": 0.71, "release.bits_drift/rep_16/release:q4_0": 0.6}
+    with mlflow.start_run(experiment_id=exp, run_name="tiny-release-cpu"):
+        mlflow.log_params({"training.method": "lora", "model.source": "tiny-llama"})
+        mlflow.log_metrics({**LORA, "exposure.mean/rep_16/base": 1.2, **q4})
+    rows = resolve_rows(["cmp-release"], tracking_uri=uri)
+    assert [r.label.split()[-1] for r in rows][1] == "release:q4_0" and len(rows) == 2
+    release = rows[1]
+    assert release.exposure(16) == 6.5 and release.get("mia.auc/loss_diff") == 0.71 and release.tiers() == [0, 1, 16]
+    assert release.exposure(16, "base") is None and release.get("train.final_loss") is None  # not the release's numbers
+    table = compare_table(rows)
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    cells = dict(zip(header, [c.strip() for c in table.splitlines()[3].strip("|").split("|")], strict=True))
+    assert cells["run"].endswith("release:q4_0") and cells["exposure 16x"] == "6.50" and cells["extracted 16x"] == "1"
+    assert cells["MIA AUC"] == "0.71" and cells["final loss"] == "n/a" and cells["exposure 1x"] == "1.10"
+    assert main(["compare", "cmp-release", "--tracking-uri", uri, "--model", "base", "--plot", str(in_tmp / "b.png")]) == 0
+    assert "release:q4_0" not in capsys.readouterr().out  # the base model has no releases: one row per run

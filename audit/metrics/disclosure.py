@@ -144,16 +144,21 @@ def redact_report(report: AuditReport) -> AuditReport:
         tiers.append(tier)
     persistence = report.persistence
     if persistence is not None:
-        rows = []
-        for row in persistence.tiers:
-            if row.n < k and row.bits.base is not None:
-                blank = {f: getattr(row, f).model_copy(update={BASE: None})
-                         for f in ("bits", "exposure_space", "exposure_sampled", "extracted")}
-                blank.update(retained_bits=None, retained_exposure=None)
-                row = row.model_copy(update=blank)
-                withheld.append(f"persistence.base/rep_{row.repetitions}")
-            rows.append(row)
-        persistence = persistence.model_copy(update={"tiers": rows})
+        def shareable_tiers(rows: list, suffix: str = "") -> list:
+            out = []
+            for row in rows:
+                if row.n < k and row.bits.base is not None:
+                    blank = {f: getattr(row, f).model_copy(update={BASE: None})
+                             for f in ("bits", "exposure_space", "exposure_sampled", "extracted")}
+                    blank.update(retained_bits=None, retained_exposure=None)
+                    row = row.model_copy(update=blank)
+                    withheld.append(f"persistence.base/rep_{row.repetitions}{suffix}")
+                out.append(row)
+            return out
+
+        releases = {label: shareable_tiers(rows, f"/{label}") for label, rows in (persistence.by_release or {}).items()}
+        persistence = persistence.model_copy(update={"tiers": shareable_tiers(persistence.tiers),
+                                                     "by_release": releases or persistence.by_release})
     works = report.canaries.works_information
     rows = []
     for work in works.by_work:
