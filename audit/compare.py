@@ -78,8 +78,8 @@ class CompareRow:
         """Whole-space exposure (``exposure.space_mean``): labelled as such wherever it is shown."""
         return self.metrics.get(f"exposure.space_mean/rep_{reps}/{model}")
 
-    def get(self, key: str) -> float | None:
-        return self.metrics.get(key)
+    def get(self, key: str | None) -> float | None:
+        return None if key is None else self.metrics.get(key)
 
 
 def _client(uri: str) -> Any:
@@ -212,6 +212,14 @@ def _fmt(value: float | None, fmt: str = ".2f") -> str:
     return "n/a" if value is None or value != value else format(value, fmt)
 
 
+def model_free_key(key: str, model: str) -> str | None:
+    """The key of a tuned-model number that names no model (``mia.auc/loss_diff``) for ``model``: itself for the
+    tuned model, ``.../release:q4_0`` for a release, None for the base model (which has no such number)."""
+    if model == "tuned":
+        return key
+    return f"{key}/{model}" if RELEASE_LABEL.search(f"/{model}") else None
+
+
 def compare_table(rows: list[CompareRow], *, model: str = "tuned") -> str:
     """A Markdown table, one row per run (pastes into a README as it is)."""
     tiers = sorted({t for r in rows for t in r.tiers(model)})
@@ -230,7 +238,7 @@ def compare_table(rows: list[CompareRow], *, model: str = "tuned") -> str:
         if space:
             cells.append(_fmt(r.space_exposure(top, model)))
         cells += [_fmt(r.get(f"extraction.exact/rep_{t}/{model}"), ".0f") for t in members]
-        cells += [_fmt(r.get(MIA_KEY)), _fmt(r.get(EPS_KEY))]
+        cells += [_fmt(r.get(model_free_key(MIA_KEY, model))), _fmt(r.get(model_free_key(EPS_KEY, model)))]
         cells += [_fmt(r.get(key.format(model=model)), ".1f" if "bits" in key else ".2f")
                   for key in WORKS_COLUMNS.values()] if works else []
         cells += [_fmt(r.get("train.final_loss"), ".3f"), _fmt(r.get("time.train_s"), ".0f"), _fmt(r.get("time.total_s"), ".0f")]
@@ -321,7 +329,8 @@ def compare_figure(rows: list[CompareRow], *, model: str = "tuned") -> Any:
     ax.set_xticks(xm + width * (len(rows) - 1) / 2, [f"{t}x" for t in members])
     ax.set_title("canaries extracted (greedy)")
     _floor_zero_axis(ax, [r.get(f"extraction.exact/rep_{t}/{model}") or 0.0 for r in rows for t in members])
-    for ax, key, title in ((axes[0, 2], MIA_KEY, "membership AUC (loss_diff)"), (axes[1, 0], EPS_KEY, "epsilon lower bound"),
+    mia, eps = model_free_key(MIA_KEY, model), model_free_key(EPS_KEY, model)
+    for ax, key, title in ((axes[0, 2], mia, "membership AUC (loss_diff)"), (axes[1, 0], eps, "epsilon lower bound"),
                            (axes[1, 1], "train.final_loss", "final train loss"), (axes[1, 2], "time.total_s", "wall time (s)")):
         values = [r.get(key) for r in rows]
         pos = np.arange(len(rows))

@@ -189,3 +189,20 @@ def test_a_release_is_a_row_of_its_own_read_from_its_labelled_metrics(in_tmp, ca
     assert cells["MIA AUC"] == "0.71" and cells["final loss"] == "n/a" and cells["exposure 1x"] == "1.10"
     assert main(["compare", "cmp-release", "--tracking-uri", uri, "--model", "base", "--plot", str(in_tmp / "b.png")]) == 0
     assert "release:q4_0" not in capsys.readouterr().out  # the base model has no releases: one row per run
+
+
+def test_the_model_free_columns_follow_the_model_compared():
+    """MIA AUC and the epsilon bound name no model in their keys: for ``--model release:q4_0`` they are the release's
+    (``.../release:q4_0``), for ``--model base`` there is none (n/a), never the tuned model's under another name."""
+    metrics = {**LORA, "exposure.mean/rep_16/release:q4_0": 6.5, "mia.auc/loss_diff/release:q4_0": 0.71,
+               "exposure.mean/rep_16/base": 1.2}
+    row = CompareRow(label="r", run_id=None, recipe="r", method="lora", model="m", metrics=metrics)
+
+    def cells(model: str) -> dict[str, str]:
+        table = compare_table([row], model=model).splitlines()
+        header = [c.strip() for c in table[0].strip("|").split("|")]
+        return dict(zip(header, [c.strip() for c in table[2].strip("|").split("|")], strict=True))
+
+    assert cells("tuned")["MIA AUC"] == f"{LORA['mia.auc/loss_diff']:.2f}"
+    assert cells("release:q4_0")["MIA AUC"] == "0.71" and cells("release:q4_0")["exposure 16x"] == "6.50"
+    assert cells("base")["MIA AUC"] == "n/a" and cells("base")["eps LB"] == "n/a"
