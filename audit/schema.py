@@ -256,6 +256,10 @@ class TrainingSection(Frozen):
 
 
 class ScoringSection(Frozen):
+    backend: str = "hf"
+    """The engine that scores every model (:data:`audit.score.backend.BACKENDS`): ``hf``, today's batched transformers
+    engine; ``loop``, a deliberately naive reference (one sequence at a time, no cache, no batching: slow, for
+    checking an engine). Recorded per scored model in ``report.scored_by``."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """The dtype the model is scored in, on every device and whatever ``training.precision`` is: in bf16 the logits
     are rounded before any upcast (candidate bits moved by up to 0.46 bits on CPU-bf16 SmolLM2, and the exact walk's

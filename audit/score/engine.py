@@ -25,7 +25,6 @@ import contextlib
 import copy
 import functools
 import inspect
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -33,7 +32,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-LN2 = math.log(2.0)
+from audit.score.backend import LN2, TokenScores  # noqa: F401  (they live with the protocol; imported from here too)
+
 DEFAULT_CPU_TOKEN_BUDGET = 1024
 """Tokens per forward pass on CPU: past ~500 tokens the GEMMs are at full speed, and the logits stay < 0.5 GB."""
 VOCAB_CHUNK_BYTES = 64 << 20
@@ -323,36 +323,6 @@ def vocab_reductions(logits: torch.Tensor, targets: torch.Tensor, *, with_stats:
             mu_out.append(mu)
     return Reductions(torch.cat(lp_out), torch.cat(top_out) if with_top1 else None,
                       torch.cat(mu_out) if with_stats else None, torch.cat(var_out) if with_stats else None)
-
-
-@dataclass(frozen=True)
-class TokenScores:
-    """Teacher-forced scores of tokens 1..n-1 of one sequence (token 0 has no context and is not scored).
-
-    ``logprobs[j]`` is ``ln p(token_ids[j + 1] | token_ids[: j + 1])``; ``vocab_mean``/``vocab_var`` are the mean and
-    variance of ``ln p(v)`` over the vocabulary at that step (None when not requested); ``top1[j]`` is whether
-    ``token_ids[j + 1]`` is the model's most likely token at that step.
-    """
-
-    token_ids: list[int]
-    logprobs: np.ndarray
-    vocab_mean: np.ndarray | None = None
-    vocab_var: np.ndarray | None = None
-    top1: np.ndarray | None = None
-
-    def span(self, start: int, stop: int | None = None) -> TokenScores:
-        """Scores of tokens ``token_ids[start:stop]`` (``start >= 1``), keeping ``token_ids`` whole."""
-        if start < 1:
-            raise ValueError("token 0 has no context; spans start at 1")
-        a, b = start - 1, (len(self.token_ids) if stop is None else stop) - 1
-        return TokenScores(self.token_ids, self.logprobs[a:b],
-                           None if self.vocab_mean is None else self.vocab_mean[a:b],
-                           None if self.vocab_var is None else self.vocab_var[a:b],
-                           None if self.top1 is None else self.top1[a:b])
-
-    @property
-    def bits(self) -> float:
-        return -float(np.sum(self.logprobs)) / LN2
 
 
 @torch.inference_mode()
