@@ -1071,6 +1071,18 @@ class ReportPart(Frozen):
         return data
 
 
+class ScoredBy(ReportPart):
+    """``report.scored_by``: which engine and precision scored one model (``scoring.backend``, ``scoring.precision``;
+    :mod:`audit.score.backend`)."""
+
+    model: str
+    """Which link of the chain: ``base``, ``tuned``, ..."""
+    backend: str
+    """The engine: ``hf`` (today's batched transformers engine), ``loop`` (the naive reference), later e.g. ``vllm``."""
+    precision: str
+    """The dtype the logits were computed in: ``fp32``, ``bf16``, ``fp16``."""
+
+
 class CalibrationSummary(ReportPart):
     """``report.calibration``: one scored model's backend error bar (:mod:`audit.score.calibration`), the gap between
     the scores the audit used (``backend``) and the reference engine's on the same canaries and references."""
@@ -1438,6 +1450,10 @@ class AuditReport(Frozen):
     """Provenance (source, license, sha256, kind) of every sample work planted in this audit."""
     outputs: OutputsSummary | None = None
     """The generated-outputs scan (:mod:`audit.outputs`): protocol, counts and canary ids, never the text."""
+    scored_by: list[ScoredBy] = Field(default_factory=list)
+    """Per model this run scored, the engine and precision (a further tune's inherited base and parent rows are listed
+    in the parent runs' reports); empty in reports written before the scoring backends (the HF engine scored them, in
+    ``recipe.scoring.precision``)."""
     calibration: list[CalibrationSummary] | None = None
     """Per scored model, its scores' gap to the reference engine in fp32 (``scoring.calibration_canaries``); None
     when the audit was scored by the reference itself."""
