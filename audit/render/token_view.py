@@ -149,8 +149,8 @@ def merge_partial(pieces: list[str | None], *probs: list[float | None]) -> tuple
 def canary_token_logprobs(scorer: Any, tokenizer: Any, canaries: list[Canary]) -> list[CanaryTokens]:
     """Teacher-forced log-probs of each canary's prefix + secret, one request to the scoring backend (``scorer``: a
     :class:`~audit.score.backend.ScoringBackend`, or a transformers model scored by today's engine)."""
-    from audit.score.backend import as_backend
     from audit.score.engine import split_tokens
+    from audit.score.hf_backend import as_backend
 
     splits = [split_tokens(tokenizer, c.prefix, c.secret) for c in canaries]
     scored = as_backend(scorer, tokenizer).token_logprobs([s.prefix_ids + s.secret_ids for s in splits])

@@ -142,13 +142,3 @@ def open_backend(name: str, model: Any, tokenizer: Any, *, precision: str, batch
     with getattr(importlib.import_module(module), function)(model, tokenizer, precision=precision,
                                                             batch_size=batch_size) as backend:
         yield backend
-
-
-def as_backend(scorer: Any, tokenizer: Any = None, *, batch_size: int = 64, token_budget: int | None = None) -> ScoringBackend:
-    """``scorer`` itself when it is a :class:`ScoringBackend`; a transformers model as it is (its own dtype) wrapped in
-    today's engine, for the callers that still hand over a model."""
-    if isinstance(scorer, ScoringBackend):
-        return scorer
-    from audit.score.hf_backend import HFBackend
-
-    return HFBackend(scorer, tokenizer, batch_size=batch_size, token_budget=token_budget)

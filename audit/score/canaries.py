@@ -31,8 +31,9 @@ from audit.metrics.information import utf8_bits
 from audit.metrics.mia import mean_loss, min_k_plus_plus_score, min_k_score, zlib_ratio_score
 from audit.metrics.suite import token_view_fields
 from audit.schema import Canary, CanarySet, ScoringSection, SequenceScore
-from audit.score.backend import ScoringBackend, as_backend
+from audit.score.backend import ScoringBackend
 from audit.score.engine import SplitTokens, split_tokens, split_tokens_many
+from audit.score.hf_backend import as_backend
 
 
 def _text_tokens(tokenizer, canary: Canary, split: SplitTokens) -> list[int]:

@@ -52,8 +52,9 @@ import numpy as np
 
 from audit.rng import SeededStream
 from audit.schema import SecretSpace
-from audit.score.backend import LN2, as_backend
+from audit.score.backend import LN2
 from audit.score.engine import split_tokens, split_tokens_many
+from audit.score.hf_backend import as_backend
 
 SLACK_NATS = {"fp32": 1e-3, "fp64": 1e-3, "bf16": 0.1, "fp16": 0.02}
 """Default pruning slack by the backend's precision (the dtype of the logits): a few times the batch-to-batch rounding of a secret's loss

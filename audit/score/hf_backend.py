@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from audit.score.backend import TokenScores
+from audit.score.backend import ScoringBackend, TokenScores
 from audit.score.engine import (
     candidate_nll_bits,
     continuation_logprobs,
@@ -75,6 +75,14 @@ class HFBackend:
                                                           batch_size=self.batch_size)]
         return sampled_continuations(self.model, self.tokenizer, rows, num_samples=samples, max_new_tokens=max_new_tokens,
                                      seed=seed, temperature=temperature, batch_size=self.batch_size)
+
+
+def as_backend(scorer: Any, tokenizer: Any = None, *, batch_size: int = 64, token_budget: int | None = None) -> ScoringBackend:
+    """``scorer`` itself when it is a :class:`~audit.score.backend.ScoringBackend`; a transformers model as it is (its
+    own dtype) wrapped in this engine, for the callers that still hand over a model."""
+    if isinstance(scorer, ScoringBackend):
+        return scorer
+    return HFBackend(scorer, tokenizer, batch_size=batch_size, token_budget=token_budget)
 
 
 @contextlib.contextmanager

@@ -95,7 +95,7 @@ def resolve_tuned(path: str) -> TunedWeights:
 
 
 def _token_probs(model, ids: list[int]) -> list[float | None]:
-    from audit.score.backend import as_backend
+    from audit.score.hf_backend import as_backend
 
     scores = as_backend(model).token_logprobs([ids])[0]
     return [None] + [math.exp(lp) for lp in scores.logprobs.tolist()]
