@@ -112,14 +112,18 @@ def _run(tmp: Path, *overrides: str) -> Path:
 def test_the_whole_tiny_audit_scored_by_the_loop_gives_the_same_scores_and_ranks(tmp_path):
     from audit.report import read_report
 
-    hf_run = _run(tmp_path / "hf")
-    loop_run = _run(tmp_path / "loop", "scoring.backend=loop")
+    # fewer references and a smaller walk budget than the recipe's, no sampled extraction (not compared, below): the
+    # loop runs one pass per candidate and per trie node; the walk is compared in full above
+    trim = ("scoring.exposure_references=63", "scoring.exact_exposure_budget=300", "scoring.sampled_extraction_samples=0")
+    hf_run = _run(tmp_path / "hf", *trim)
+    loop_run = _run(tmp_path / "loop", *trim, "scoring.backend=loop", "scoring.calibration_canaries=2")
     assert (loop_run / "canaries.jsonl").read_bytes() == (hf_run / "canaries.jsonl").read_bytes()
     rows = {}
     for run in (hf_run, loop_run):
         rows[run] = {(r["model"], r["canary_id"]): r for r in map(json.loads, (run / "scores.jsonl").read_text().splitlines())}
     hf, loop = rows[hf_run], rows[loop_run]
     assert hf.keys() == loop.keys() and len(hf) == 24
+    assert any(r["exact_status"] == "budget_exceeded" for r in hf.values())  # the walk ran, as far as its budget
     for key, a in hf.items():
         b = loop[key]
         assert {f: a[f] for f in EXACT} == {f: b[f] for f in EXACT}, key
@@ -127,6 +131,13 @@ def test_the_whole_tiny_audit_scored_by_the_loop_gives_the_same_scores_and_ranks
             assert (a[f] is None) == (b[f] is None) and (a[f] is None or abs(a[f] - b[f]) <= BITS_TOL), (key, f)
         for f in ("token_logprobs", "token_vocab_mean", "token_vocab_var"):
             np.testing.assert_allclose(a[f], b[f], atol=BITS_TOL)
-    by = {r: [(s.model, s.backend, s.precision) for s in read_report(r / "report.json").scored_by] for r in (hf_run, loop_run)}
+    reports = {r: read_report(r / "report.json") for r in (hf_run, loop_run)}
+    by = {r: [(s.model, s.backend, s.precision) for s in report.scored_by] for r, report in reports.items()}
     assert by[hf_run] == [("base", "hf", "fp32"), ("tuned", "hf", "fp32")]
     assert by[loop_run] == [("base", "loop", "fp32"), ("tuned", "loop", "fp32")]
+    assert reports[hf_run].calibration is None  # the HF engine in fp32 is the reference itself
+    calibration = {c.model: c for c in reports[loop_run].calibration}  # the loop's error bar against it
+    assert sorted(calibration) == ["base", "tuned"]
+    for c in calibration.values():
+        assert (c.backend, c.reference, c.n_canaries, c.rank_mismatches) == ("loop/fp32", "hf/fp32", 2, 0)
+        assert c.candidate_bits_max_abs <= BITS_TOL

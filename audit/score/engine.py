@@ -1,5 +1,7 @@
 """The scoring engine: token log-probabilities, full-vocabulary statistics and continuations, batched.
 
+The audit reaches it through the scoring protocol (:mod:`audit.score.backend`), as :class:`audit.score.hf_backend.HFBackend`.
+
 Entry points, each serving many metrics from one pass:
 
 * :func:`score_token_sequences` runs one teacher-forced pass per sequence (sorted by length, padded per batch, batch
