@@ -489,6 +489,7 @@ def sample_outputs(run: Run, model: Any, tokenizer: Any, truth: Any) -> Any:
     if section.samples <= 0:
         return None
     from audit.outputs import outputs_stage
+    from audit.score.backend import open_backend
 
     works = None
     if truth.works is not None:  # the audited whole works, scanned for long near-verbatim blocks
@@ -496,8 +497,10 @@ def sample_outputs(run: Run, model: Any, tokenizer: Any, truth: Any) -> Any:
         roles = {s.work_id: s.role for s in truth.works.subjects}
         works = ([(i, roles[i], ids) for i, ids in truth.works.scan_inputs(tokenizer)], section.ngram, w.nv_max_gap,
                  w.nv_min_block)
-    with run.stage("outputs"):
-        return outputs_stage(run.dir, model, tokenizer, truth.canaries, section, seed=run.ctx.recipe.seed,
+    scoring = run.ctx.recipe.scoring  # the recipe's engine, sampling the model in the dtype it was tuned in
+    with run.stage("outputs"), open_backend(scoring.backend, model, tokenizer, precision=None,
+                                            batch_size=scoring.batch_size) as backend:
+        return outputs_stage(run.dir, backend, tokenizer, truth.canaries, section, seed=run.ctx.recipe.seed,
                              progress=run.ctx.progress, whole_works=works)
 
 

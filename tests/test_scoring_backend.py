@@ -24,7 +24,7 @@ BITS_TOL = 1e-4
 @pytest.fixture(scope="module")
 def both(tiny_model):
     model, tok = tiny_model
-    return HFBackend(model, tok, batch_size=4), LoopBackend(model, "fp32"), tok
+    return HFBackend(model, tok, batch_size=4), LoopBackend(model, "fp32", tok), tok
 
 
 def test_both_engines_are_backends_and_name_themselves(both):
@@ -56,6 +56,18 @@ def test_candidate_bits_agree_and_greedy_continuations_are_the_same_tokens(both)
     sampled = loop.generate(prefixes, max_new_tokens=4, samples=3, seed=1)
     assert [[len(x) for x in per] for per in sampled] == [[4, 4, 4]] * 3
     assert sampled == loop.generate(prefixes, max_new_tokens=4, samples=3, seed=1)  # seeded
+
+
+def test_free_samples_at_top_k_1_are_the_greedy_text_in_both_engines(both):
+    """The outputs stage's request: one text per prompt, cut before end-of-text; at top-k 1 there is nothing to draw."""
+    hf, loop, tok = both
+    prompts = [tok("Note:", add_special_tokens=False)["input_ids"], [tok.bos_token_id or tok.eos_token_id]] * 2
+    ask = dict(max_new_tokens=7, temperature=1.0, top_k=1, top_p=1.0, seed=3, batch_size=3)
+    got = loop.sample_until_end(prompts, **ask)
+    assert got == hf.sample_until_end(prompts, **ask)
+    assert all(len(x) <= 7 and tok.eos_token_id not in x for x in got)
+    drawn = dict(ask, top_k=0, top_p=0.9)
+    assert loop.sample_until_end(prompts, **drawn) == loop.sample_until_end(prompts, **drawn)  # seeded
 
 
 @pytest.mark.parametrize(("space", "prefix", "secrets"), [

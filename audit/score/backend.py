@@ -9,7 +9,8 @@ In the spirit of lm-evaluation-harness's ``loglikelihood`` / ``generate_until``,
   (the sampled rank against the reference secrets, calibration);
 * :meth:`ScoringBackend.prefix_walk`: log-probabilities of chosen next pieces after a shared prefix, one level of a
   trie at a time (what the exact walk's levels ask, :mod:`audit.score.exposure_search`);
-* :meth:`ScoringBackend.generate`: greedy or sampled continuations (discoverable and sampled extraction).
+* :meth:`ScoringBackend.generate`: greedy or sampled continuations of a fixed length (discoverable and sampled
+  extraction), and :meth:`ScoringBackend.sample_until_end`: free text until end-of-text (the generated-outputs stage).
 
 ``name`` and ``precision`` say who scored (``report.json``'s ``scored_by``). The callers (canary scoring, the exact
 walk, calibration, the whole-work scan, curves) use nothing else, so a second engine (vLLM, a GGUF reader) is a new
@@ -26,7 +27,7 @@ import contextlib
 import difflib
 import importlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -115,13 +116,22 @@ class ScoringBackend(Protocol):
         top-k, no top-p) from a private random stream seeded with ``seed``."""
         ...
 
+    def sample_until_end(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, top_k: int,
+                         top_p: float, seed: int, batch_size: int,
+                         on_progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        """One sampled text per prompt (repeat a prompt for more): new token ids, at most ``max_new_tokens``, cut before
+        the first end-of-text, from a private random stream seeded with ``seed`` (``top_k`` 0 and ``top_p`` 1: off).
+        ``batch_size``: prompts decoded together, where the engine batches; ``on_progress(tokens, texts)``: told as
+        decoding moves (the generated-outputs stage's progress bar)."""
+        ...
+
 
 BACKENDS: dict[str, str] = {
     "hf": "audit.score.hf_backend:open_hf",
     "loop": "audit.score.loop_backend:open_loop",
 }
-"""``scoring.backend`` -> ``module:function`` opening it: ``function(model, tokenizer, *, precision, batch_size)`` is
-a context manager yielding a :class:`ScoringBackend` (imported on use: no engine loads before it is asked for)."""
+"""``scoring.backend`` -> ``module:function`` opening it: ``function(model, tokenizer, *, precision, batch_size)``
+(``precision`` None: the model's own dtype) is a context manager yielding a :class:`ScoringBackend` (imported on use: no engine loads before it is asked for)."""
 
 
 def check_backend(name: str) -> str:
@@ -136,8 +146,8 @@ def check_backend(name: str) -> str:
 
 
 @contextlib.contextmanager
-def open_backend(name: str, model: Any, tokenizer: Any, *, precision: str, batch_size: int) -> Iterator[ScoringBackend]:
-    """The backend ``name`` scoring ``model`` in ``precision`` for the block."""
+def open_backend(name: str, model: Any, tokenizer: Any, *, precision: str | None, batch_size: int) -> Iterator[ScoringBackend]:
+    """The backend ``name`` scoring ``model`` in ``precision`` for the block (None: in the dtype the model is in)."""
     module, _, function = BACKENDS[check_backend(name)].partition(":")
     with getattr(importlib.import_module(module), function)(model, tokenizer, precision=precision,
                                                             batch_size=batch_size) as backend:

@@ -27,7 +27,7 @@ import contextlib
 import copy
 import functools
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -598,4 +598,46 @@ def sampled_continuations(
             )
             for row, (i, k) in enumerate((i, k) for i in idx for k in range(num_samples)):
                 out[i][k] = generated[row, ids.shape[1] :].tolist()
+    return out
+
+
+@torch.inference_mode()
+def free_samples(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_k: int,
+                 top_p: float, seed: int, batch_size: int,
+                 on_progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """One sampled text per prompt (repeat a prompt for more), ``batch_size`` prompts per ``generate`` call
+    (left-padded), each stopped at and cut before the tokenizer's end-of-text, from a private RNG seeded with
+    ``seed``. ``on_progress(tokens, texts)``: told at every decoding step (tokens counted as if no text ended early)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    device = device_of(model)
+    pad = pad_id_of(tokenizer)
+    eos = tokenizer.eos_token_id
+    out: list[list[int]] = []
+    tokens = 0
+
+    class _CountTokens(StoppingCriteria):  # progress only: it never stops anything
+        def __call__(self, input_ids, scores, **kwargs):
+            nonlocal tokens
+            tokens += int(input_ids.shape[0])
+            if on_progress is not None:
+                on_progress(tokens, len(out))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    ticks = StoppingCriteriaList([_CountTokens()])
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            ids, mask = _left_padded(chunk, pad, device)
+            generated = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
+                max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, num_beams=1, stopping_criteria=ticks,
+            )
+            for row in range(len(chunk)):
+                new = generated[row, ids.shape[1] :].tolist()
+                out.append(new[: new.index(eos)] if eos is not None and eos in new else new)
+            tokens = (start + len(chunk)) * max_new_tokens  # a batch that ended early at end-of-text
+            if on_progress is not None:
+                on_progress(tokens, len(out))
     return out

@@ -9,7 +9,7 @@ parent's cache; pieces of several tokens run as whole rows after the prefix's ca
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from audit.score.engine import (
     continuation_logprobs,
     default_token_budget,
     device_of,
+    free_samples,
     greedy_continuations,
     in_scoring_precision,
     output_cache,
@@ -76,6 +77,12 @@ class HFBackend:
         return sampled_continuations(self.model, self.tokenizer, rows, num_samples=samples, max_new_tokens=max_new_tokens,
                                      seed=seed, temperature=temperature, batch_size=self.batch_size)
 
+    def sample_until_end(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, top_k: int,
+                         top_p: float, seed: int, batch_size: int,
+                         on_progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        return free_samples(self.model, self.tokenizer, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size,
+                            on_progress=on_progress)
 
 def as_backend(scorer: Any, tokenizer: Any = None, *, batch_size: int = 64, token_budget: int | None = None) -> ScoringBackend:
     """``scorer`` itself when it is a :class:`~audit.score.backend.ScoringBackend`; a transformers model as it is (its
@@ -86,8 +93,12 @@ def as_backend(scorer: Any, tokenizer: Any = None, *, batch_size: int = 64, toke
 
 
 @contextlib.contextmanager
-def open_hf(model: Any, tokenizer: Any, *, precision: str, batch_size: int) -> Iterator[HFBackend]:
-    """``model`` cast to ``precision`` for the block (:func:`~audit.score.engine.in_scoring_precision`), as a backend."""
+def open_hf(model: Any, tokenizer: Any, *, precision: str | None, batch_size: int) -> Iterator[HFBackend]:
+    """``model`` cast to ``precision`` for the block (:func:`~audit.score.engine.in_scoring_precision`; None: as it
+    is), as a backend."""
+    if precision is None:
+        yield HFBackend(model, tokenizer, batch_size=batch_size)
+        return
     with in_scoring_precision(model, scoring_dtype(precision)) as scored:
         yield HFBackend(scored, tokenizer, batch_size=batch_size)
 

@@ -10,7 +10,7 @@ for an engine, not for audits.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,8 +26,8 @@ class LoopBackend:
 
     name = "loop"
 
-    def __init__(self, model: Any, precision: str) -> None:
-        self.model, self.precision = model, precision
+    def __init__(self, model: Any, precision: str, tokenizer: Any = None) -> None:
+        self.model, self.precision, self.tokenizer = model, precision, tokenizer
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
@@ -92,6 +92,32 @@ class LoopBackend:
             out.append(per)
         return out
 
+    @torch.inference_mode()
+    def sample_until_end(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, top_k: int,
+                         top_p: float, seed: int, batch_size: int,
+                         on_progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        rng = torch.Generator(device="cpu").manual_seed(seed)
+        eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
+        out = []
+        for prompt in prompts:
+            ids = list(prompt)
+            for _ in range(max_new_tokens):
+                probs = torch.softmax(self._logprobs(ids)[-1].float().cpu() / temperature, dim=-1)
+                order = torch.argsort(probs, descending=True)
+                keep = torch.cumsum(probs[order], 0) - probs[order] < top_p  # the nucleus: mass before each < top_p
+                if top_k > 0:
+                    keep[top_k:] = False
+                kept = torch.zeros_like(probs)
+                kept[order[keep]] = probs[order[keep]]
+                token = int(torch.multinomial(kept, 1, generator=rng))
+                if token == eos:
+                    break
+                ids.append(token)
+            out.append(ids[len(prompt):])
+            if on_progress is not None:
+                on_progress(len(out) * max_new_tokens, len(out))
+        return out
+
 
 class LoopWalk:
     """Every path and piece of every level scored from scratch: one pass over ``prefix + path + piece`` each."""
@@ -116,14 +142,16 @@ class LoopWalk:
 
 
 @contextlib.contextmanager
-def open_loop(model: Any, tokenizer: Any, *, precision: str, batch_size: int) -> Iterator[LoopBackend]:
-    """``model`` in ``precision`` (a copy when that differs from its own dtype: the caller's weights stay as they
-    were) as a :class:`LoopBackend`; ``tokenizer`` and ``batch_size`` are not needed (nothing is padded or batched)."""
-    dtype = DTYPES[precision]
+def open_loop(model: Any, tokenizer: Any, *, precision: str | None, batch_size: int) -> Iterator[LoopBackend]:
+    """``model`` in ``precision`` (None: its own dtype; a copy when that differs: the caller's weights stay as they
+    were) as a :class:`LoopBackend`; ``batch_size`` is not needed (nothing is batched)."""
+    own = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    dtype = own if precision is None else DTYPES[precision]
+    name = next((k for k, v in DTYPES.items() if v == dtype), str(dtype))
     params = [p for p in model.parameters() if p.is_floating_point()]
     if all(p.dtype == dtype for p in params):
-        yield LoopBackend(model, precision)
+        yield LoopBackend(model, name, tokenizer)
         return
     import copy
 
-    yield LoopBackend(copy.deepcopy(model).to(dtype), precision)
+    yield LoopBackend(copy.deepcopy(model).to(dtype), name, tokenizer)
