@@ -9,9 +9,10 @@ exactly the set of secrets at least as likely as the canary, so
     rank = 1 + |{ r != canary : Px(r) <= Px(canary) }|        (the paper's convention, ties against the canary)
 
 is exact, and the work grows with the canary's rank (and the near-misses along the way), not with |R|. Carlini et
-al. 2019 (§4.2) use the same monotonicity for their shortest-path search. Here each level's frontier runs as batches
-after the prefix's shared key/value cache; when every symbol is one token, a node costs one new position, because
-its path's keys/values are kept from its parent (only for parents with surviving children) instead of recomputed.
+al. 2019 (§4.2) use the same monotonicity for their shortest-path search. Each level asks the scoring backend's
+:class:`~audit.score.backend.PrefixWalk` for the kept paths' pieces; the HF engine runs a level's frontier as batches
+after the prefix's shared key/value cache, and when every symbol is one token a node costs one new position, because
+its path's keys/values are kept from its parent instead of recomputed (:mod:`audit.score.hf_backend`).
 
 Requirements, checked before walking (:func:`symbol_tokens`):
 
