@@ -249,7 +249,8 @@ def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     return [start]
 
 
-def generate_samples(scorer: Any, tokenizer: Any, section: OutputsSection, *, seed: int, progress: bool = False) -> list[dict[str, Any]]:
+def generate_samples(scorer: Any, tokenizer: Any, section: OutputsSection, *, seed: int,
+                     progress: bool = False) -> list[dict[str, Any]]:
     """``section.samples`` samples per prompt, in a fixed order, from a private RNG seeded with ``seed``, through the
     scoring protocol (``scorer``: a :class:`~audit.score.backend.ScoringBackend`, or a transformers model sampled by
     today's engine in its own dtype).

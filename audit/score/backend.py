@@ -131,7 +131,8 @@ BACKENDS: dict[str, str] = {
     "loop": "audit.score.loop_backend:open_loop",
 }
 """``scoring.backend`` -> ``module:function`` opening it: ``function(model, tokenizer, *, precision, batch_size)``
-(``precision`` None: the model's own dtype) is a context manager yielding a :class:`ScoringBackend` (imported on use: no engine loads before it is asked for)."""
+(``precision`` None: the model's own dtype) is a context manager yielding a :class:`ScoringBackend` (imported on use:
+no engine loads before it is asked for)."""
 
 
 def check_backend(name: str) -> str:

@@ -43,8 +43,8 @@ def _text_tokens(tokenizer, canary: Canary, split: SplitTokens) -> list[int]:
     return full if full[: len(head)] == head else head
 
 
-def _exact(backend: ScoringBackend, tokenizer, canary: Canary, canaries: CanarySet, section: ScoringSection, rank: int, n_refs: int,
-           seed: int, bits: list[float] | None = None) -> tuple[str, int | None, int | None]:
+def _exact(backend: ScoringBackend, tokenizer, canary: Canary, canaries: CanarySet, section: ScoringSection, rank: int,
+           n_refs: int, seed: int, bits: list[float] | None = None) -> tuple[str, int | None, int | None]:
     """(status, exact rank, nodes scored) for one canary; see :mod:`audit.score.exposure_search`.
 
     The pruned walk or the whole trie, whichever is expected to cost less within ``scoring.exact_exposure_budget``
@@ -172,12 +172,13 @@ def score_canaries(
     from audit.progress import heartbeat
 
     with heartbeat(f"score {label}", enabled=progress) as beat:
-        return _score_canaries(as_backend(scorer, tokenizer, batch_size=section.batch_size), tokenizer, canaries, reference_secrets, label=label, section=section,
-                               progress=progress, seed=seed, beat=beat, tqdm=tqdm, exposure_rows=exposure_rows)
+        return _score_canaries(as_backend(scorer, tokenizer, batch_size=section.batch_size), tokenizer, canaries,
+                               reference_secrets, label=label, section=section, progress=progress, seed=seed, beat=beat,
+                               tqdm=tqdm, exposure_rows=exposure_rows)
 
 
-def _score_canaries(backend: ScoringBackend, tokenizer, canaries, reference_secrets, *, label, section, progress, seed, beat, tqdm,
-                    exposure_rows):
+def _score_canaries(backend: ScoringBackend, tokenizer, canaries, reference_secrets, *, label, section, progress, seed, beat,
+                    tqdm, exposure_rows):
     items = canaries.canaries
     beat.step(f"one teacher-forced pass over {len(items)} canary texts")
     splits = [split_tokens(tokenizer, c.prefix, c.secret) for c in items]

@@ -58,9 +58,9 @@ from audit.score.engine import split_tokens, split_tokens_many
 from audit.score.hf_backend import as_backend
 
 SLACK_NATS = {"fp32": 1e-3, "fp64": 1e-3, "bf16": 0.1, "fp16": 0.02}
-"""Default pruning slack by the backend's precision (the dtype of the logits): a few times the batch-to-batch rounding of a secret's loss
-(fp32: ~1e-6 nats per token; bf16 logits are spaced 0.0625-0.125 nats at |logit| 8-32). Too small costs a second
-walk, never a wrong rank."""
+"""Default pruning slack by the backend's precision (the dtype of the logits): a few times the batch-to-batch rounding
+of a secret's loss (fp32: ~1e-6 nats per token; bf16 logits are spaced 0.0625-0.125 nats at |logit| 8-32). Too small
+costs a second walk, never a wrong rank."""
 WALK_ATTEMPTS = 3
 
 
