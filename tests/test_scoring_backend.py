@@ -100,7 +100,11 @@ def test_an_unknown_backend_is_refused_with_a_suggestion():
 EXACT = ("rank", "n_references", "exposure", "exact_status", "exact_rank", "exact_nodes", "exposure_method", "extracted",
          "extraction_lcp_tokens", "extracted_from_fraction", "secret_tokens", "token_top1")
 CLOSE = ("secret_nll_bits", "text_bits", "mia_loss", "mia_min_k", "mia_min_k_pp", "mia_zlib", "exposure_space",
-         "exposure_space_low", "exposure_space_high", "exposure_extrapolated")
+         "exposure_space_low", "exposure_space_high")
+FITTED_TOL = 1e-2
+"""``exposure_extrapolated`` is not a score but a skew-normal maximum-likelihood fit to the references' bits, read far
+in its tail: scipy's optimizer stops at its own tolerance (~1e-4 in the parameters), and 1e-6-bit input differences
+moved an 18.7-bit extrapolation by 1.3e-3 bits. It is held to 1e-2 bits."""
 """Sampled extraction (``sampled_matches``) is left out: the loop draws its samples one at a time from its own
 stream, so its samples are others than the batched engine's, by design (each is a fair draw)."""
 
@@ -141,6 +145,8 @@ def test_the_whole_tiny_audit_scored_by_the_loop_gives_the_same_scores_and_ranks
         assert {f: a[f] for f in EXACT} == {f: b[f] for f in EXACT}, key
         for f in CLOSE:
             assert (a[f] is None) == (b[f] is None) and (a[f] is None or abs(a[f] - b[f]) <= BITS_TOL), (key, f)
+        fitted = a["exposure_extrapolated"], b["exposure_extrapolated"]
+        assert fitted == (None, None) or abs(fitted[0] - fitted[1]) <= FITTED_TOL, key
         for f in ("token_logprobs", "token_vocab_mean", "token_vocab_var"):
             np.testing.assert_allclose(a[f], b[f], atol=BITS_TOL)
     reports = {r: read_report(r / "report.json") for r in (hf_run, loop_run)}
