@@ -39,8 +39,10 @@ def point_metrics(scores: list[SequenceScore], section: ScoringSection, *, space
 
 @contextmanager
 def measuring(model: Any):
-    """``model`` in eval mode under inference_mode with every RNG state saved: training after a point runs exactly
-    as it would have without it (dropout, data order); train mode is restored."""
+    """``model`` in eval mode with every RNG state saved: training after a point runs exactly as it would have without
+    it (dropout, data order); train mode is restored. Eval mode is set before the scoring backend casts the model (a
+    rounding cast scores a copy, which keeps the mode it was copied in), and outside inference_mode (an in-place upcast
+    under it would leave inference tensors in the trained weights); the engine runs its passes under inference_mode."""
     import random
 
     import numpy as np
@@ -52,8 +54,7 @@ def measuring(model: Any):
     with torch.random.fork_rng(devices=devices):
         model.eval()
         try:
-            with torch.inference_mode():
-                yield model
+            yield model
         finally:
             random.setstate(py)
             np.random.set_state(np_state)
@@ -82,27 +83,30 @@ class CurveRecorder:
         self.seconds = 0.0
         self.points = 0
 
+    def _backend(self, model: Any) -> Any:
+        """``model`` as the recipe scores it (``scoring.backend`` in ``scoring.precision``), for a ``with`` block."""
+        from audit.score.backend import open_backend
+
+        return open_backend(self.section.backend, model, self.tokenizer, precision=self.section.precision,
+                            batch_size=self.section.batch_size)
+
     def _score(self, model: Any, label: str) -> list[SequenceScore]:
         from audit.score.canaries import score_canaries
-        from audit.score.engine import in_scoring_precision, scoring_dtype
 
-        # the cast first: an in-place upcast under inference_mode would leave inference tensors in the trained weights
-        with in_scoring_precision(model, scoring_dtype(self.section.precision)) as scored, measuring(scored):
-            return score_canaries(scored, self.tokenizer, self.canaries, self.references, label=label,
+        with measuring(model), self._backend(model) as backend:
+            return score_canaries(backend, self.tokenizer, self.canaries, self.references, label=label,
                                   section=self.section, progress=False, seed=self.seed)
 
     def _works(self, model: Any) -> dict[str, float]:
         """The whole works' tuned-side metrics at this point (no base number, no difference to base: the points go to
         MLflow while training runs)."""
         from audit.metrics.disclosure import DIFFERENCE_FAMILIES
-        from audit.score.engine import in_scoring_precision, pad_id_of, scoring_dtype
-        from audit.score.works_scan import ScanSettings, engine_scorer, scan_works
+        from audit.score.works_scan import ScanSettings, backend_scorer, scan_works
         from audit.works.summary import summarize_whole_works
 
         w = self.works.section
-        with in_scoring_precision(model, scoring_dtype(self.section.precision)) as scored, measuring(scored):
-            rows = scan_works(self.works.scan_inputs(self.tokenizer), model="tuned",
-                              score=engine_scorer(scored, pad_token_id=pad_id_of(self.tokenizer)),
+        with measuring(model), self._backend(model) as backend:
+            rows = scan_works(self.works.scan_inputs(self.tokenizer), model="tuned", score=backend_scorer(backend),
                               settings=ScanSettings(prefix=w.prefix_tokens, suffix=w.suffix_tokens, stride=w.stride))
         result = summarize_whole_works(self.works, rows, n_queries=self.section.np_extraction_queries,
                                        p=self.section.np_extraction_probability, trainable_params=0, seed=self.seed)

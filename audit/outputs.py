@@ -249,60 +249,33 @@ def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     return [start]
 
 
-def generate_samples(model: Any, tokenizer: Any, section: OutputsSection, *, seed: int, progress: bool = False) -> list[dict[str, Any]]:
-    """``section.samples`` samples per prompt, in a fixed order, from a private RNG seeded with ``seed``.
+def generate_samples(scorer: Any, tokenizer: Any, section: OutputsSection, *, seed: int,
+                     progress: bool = False) -> list[dict[str, Any]]:
+    """``section.samples`` samples per prompt, in a fixed order, from a private RNG seeded with ``seed``, through the
+    scoring protocol (``scorer``: a :class:`~audit.score.backend.ScoringBackend`, or a transformers model sampled by
+    today's engine in its own dtype).
 
     Rows: ``id``, ``prompt_id``, ``token_ids`` (new tokens, cut at the first end-of-text), ``text`` (decoded).
     """
-    import torch
-
-    from audit.score.engine import device_of, pad_id_of
-
-    device = device_of(model)
-    pad = pad_id_of(tokenizer)
-    eos = tokenizer.eos_token_id
-    jobs = [(p, prompt_ids(tokenizer, p)) for p in prompts_of(section) for _ in range(section.samples)]
-    rows: list[dict[str, Any]] = []
-    devices = [device] if device.type == "cuda" else []
     from tqdm.auto import tqdm
-    from transformers import StoppingCriteria, StoppingCriteriaList
 
+    from audit.score.hf_backend import as_backend
+
+    jobs = [(p, prompt_ids(tokenizer, p)) for p in prompts_of(section) for _ in range(section.samples)]
     # Token-level progress: a batch of samples is one long generate() call (196 s for 32 samples of SmolLM2 on a
-    # loaded machine), so the bar counts generated tokens, moved by a stopping criterion that never stops anything.
+    # loaded machine), so the bar counts generated tokens as the backend reports them.
     bar = tqdm(total=len(jobs) * section.max_new_tokens, desc="outputs", unit="tok", leave=False, disable=not progress)
 
-    class _CountTokens(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            bar.update(int(input_ids.shape[0]))
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    def moved(tokens: int, samples: int) -> None:
+        bar.update(tokens - bar.n)
+        bar.set_postfix(samples=f"{samples}/{len(jobs)}")
 
-    ticks = StoppingCriteriaList([_CountTokens()])
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
-        torch.manual_seed(seed)
-        for start in range(0, len(jobs), section.batch_size):
-            chunk = jobs[start : start + section.batch_size]
-            width = max(len(ids) for _, ids in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, (_, ids) in enumerate(chunk):  # left padding: every prompt ends in the last column
-                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                mask[row, width - len(ids) :] = 1
-            generated = model.generate(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                temperature=section.temperature, top_p=section.top_p, top_k=section.top_k,
-                max_new_tokens=section.max_new_tokens, pad_token_id=pad, eos_token_id=eos, num_beams=1,
-                stopping_criteria=ticks,
-            )
-            for row, (prompt, _) in enumerate(chunk):
-                new = generated[row, width:].tolist()
-                if eos is not None and eos in new:
-                    new = new[: new.index(eos)]
-                rows.append({"id": f"s{len(rows):05d}", "prompt_id": prompt.id, "token_ids": new,
-                             "text": tokenizer.decode(new, skip_special_tokens=True)})
-            bar.update((start + len(chunk)) * section.max_new_tokens - bar.n)  # a batch that ended early at end-of-text
-            bar.set_postfix(samples=f"{len(rows)}/{len(jobs)}")
+    texts = as_backend(scorer, tokenizer).sample_until_end(
+        [ids for _, ids in jobs], max_new_tokens=section.max_new_tokens, temperature=section.temperature,
+        top_k=section.top_k, top_p=section.top_p, seed=seed, batch_size=section.batch_size, on_progress=moved)
     bar.close()
-    return rows
+    return [{"id": f"s{k:05d}", "prompt_id": prompt.id, "token_ids": new, "text": tokenizer.decode(new, skip_special_tokens=True)}
+            for k, ((prompt, _), new) in enumerate(zip(jobs, texts, strict=True))]
 
 
 # --------------------------------------------------------------------------------------------------- the stage
@@ -433,7 +406,7 @@ def whole_works_recall(scanned: list[dict[str, Any]], works: Sequence[tuple[str,
     return summary, metrics
 
 
-def outputs_stage(run_dir: Path, model: Any, tokenizer: Any, canaries: CanarySet, section: OutputsSection, *, seed: int,
+def outputs_stage(run_dir: Path, scorer: Any, tokenizer: Any, canaries: CanarySet, section: OutputsSection, *, seed: int,
                   model_label: str = "tuned", progress: bool = True, whole_works: Any = None) -> OutputsResult:
     """Generate (or, on resume, reuse ``outputs.jsonl``), scan and summarize the tuned model's outputs.
 
@@ -448,7 +421,7 @@ def outputs_stage(run_dir: Path, model: Any, tokenizer: Any, canaries: CanarySet
         if progress:
             total = section.samples * len(prompts_of(section))
             print(f"[audit] outputs: sampling {total} texts from the {model_label} model", file=sys.stderr, flush=True)
-        rows = generate_samples(model, tokenizer, section, seed=seed, progress=progress)
+        rows = generate_samples(scorer, tokenizer, section, seed=seed, progress=progress)
     scanned = scan_samples(rows, canaries, tokenizer, section)
     if not reused:
         write_once(path, jsonl_text(versioned(LAYOUT.outputs, r) for r in scanned))

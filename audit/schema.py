@@ -256,6 +256,10 @@ class TrainingSection(Frozen):
 
 
 class ScoringSection(Frozen):
+    backend: str = "hf"
+    """The engine that scores every model (:data:`audit.score.backend.BACKENDS`): ``hf``, today's batched transformers
+    engine; ``loop``, a deliberately naive reference (one sequence at a time, no cache, no batching: slow, for
+    checking an engine). Recorded per scored model in ``report.scored_by``."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """The dtype the model is scored in, on every device and whatever ``training.precision`` is: in bf16 the logits
     are rounded before any upcast (candidate bits moved by up to 0.46 bits on CPU-bf16 SmolLM2, and the exact walk's
@@ -1113,6 +1117,18 @@ class ReportPart(Frozen):
         return data
 
 
+class ScoredBy(ReportPart):
+    """``report.scored_by``: which engine and precision scored one model (``scoring.backend``, ``scoring.precision``;
+    :mod:`audit.score.backend`)."""
+
+    model: str
+    """Which link of the chain: ``base``, ``tuned``, ..."""
+    backend: str
+    """The engine: ``hf`` (today's batched transformers engine), ``loop`` (the naive reference), later e.g. ``vllm``."""
+    precision: str
+    """The dtype the logits were computed in: ``fp32``, ``bf16``, ``fp16``."""
+
+
 class CalibrationSummary(ReportPart):
     """``report.calibration``: one scored model's backend error bar (:mod:`audit.score.calibration`), the gap between
     the scores the audit used (``backend``) and the reference engine's on the same canaries and references."""
@@ -1529,6 +1545,10 @@ class AuditReport(Frozen):
     """Provenance (source, license, sha256, kind) of every sample work planted in this audit."""
     outputs: OutputsSummary | None = None
     """The generated-outputs scan (:mod:`audit.outputs`): protocol, counts and canary ids, never the text."""
+    scored_by: list[ScoredBy] = Field(default_factory=list)
+    """Per model this run scored, the engine and precision (a further tune's inherited base and parent rows are listed
+    in the parent runs' reports); empty in reports written before the scoring backends (the HF engine scored them, in
+    ``recipe.scoring.precision``)."""
     calibration: list[CalibrationSummary] | None = None
     """Per scored model, its scores' gap to the reference engine in fp32 (``scoring.calibration_canaries``); None
     when the audit was scored by the reference itself."""

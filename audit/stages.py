@@ -81,6 +81,7 @@ class RunContext:
         from audit.canaries import load_spec
         from audit.errors import AuditError
         from audit.models import resolve_model
+        from audit.score.backend import check_backend
         from audit.tracking import check_tracking_reachable, resolve_tracking_uri
         from audit.train.sft import choose_device
         from audit.validate import check_lora_targets, check_output_root, check_sqlite_store, check_writable_folder
@@ -88,6 +89,7 @@ class RunContext:
         started = time.perf_counter()
         recipe = origin.recipe
         load_spec(recipe.canaries.spec, recipe.canaries.params)  # a bad spec name fails before any model work
+        check_backend(recipe.scoring.backend)  # so does a scoring backend that does not exist
         if resume_dir is None:  # where the run directory will be made, and the run directory of a resume
             check_output_root(recipe)
         else:
@@ -320,13 +322,21 @@ def seed_torch(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def token_view(ctx: RunContext, model: Any, tokenizer: Any, truth: Any) -> Any:
-    """Per-token probabilities of the view's canaries (:mod:`audit.render.token_view`), in ``scoring.precision``."""
-    from audit.render.token_view import canary_token_logprobs, view_candidates
-    from audit.score.engine import in_scoring_precision, scoring_dtype
+def scoring_backend(ctx: RunContext, model: Any, tokenizer: Any) -> Any:
+    """``model`` as the recipe scores it: ``scoring.backend`` in ``scoring.precision`` (a context manager yielding a
+    :class:`~audit.score.backend.ScoringBackend`)."""
+    from audit.score.backend import open_backend
 
-    with in_scoring_precision(model, scoring_dtype(ctx.recipe.scoring.precision)) as scored:
-        return canary_token_logprobs(scored, tokenizer, view_candidates(truth.canaries))
+    section = ctx.recipe.scoring
+    return open_backend(section.backend, model, tokenizer, precision=section.precision, batch_size=section.batch_size)
+
+
+def token_view(ctx: RunContext, model: Any, tokenizer: Any, truth: Any) -> Any:
+    """Per-token probabilities of the view's canaries (:mod:`audit.render.token_view`), as the recipe scores."""
+    from audit.render.token_view import canary_token_logprobs, view_candidates
+
+    with scoring_backend(ctx, model, tokenizer) as backend:
+        return canary_token_logprobs(backend, tokenizer, view_candidates(truth.canaries))
 
 
 def write_token_view(run_dir: Path, base_view: Any, tuned_view: Any) -> None:
@@ -342,11 +352,10 @@ def score(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -
     work (:func:`audit.score.sharded.score_sharded`); rank 0 gets the scores, the others None. In one process it is
     :func:`audit.score.canaries.score_canaries`.
     """
-    from audit.score.engine import in_scoring_precision, scoring_dtype
     from audit.score.sharded import score_sharded
 
-    with in_scoring_precision(model, scoring_dtype(ctx.recipe.scoring.precision)) as scored:
-        return score_sharded(scored, tokenizer, truth.canaries, truth.reference_secrets, label=label,
+    with scoring_backend(ctx, model, tokenizer) as backend:
+        return score_sharded(backend, tokenizer, truth.canaries, truth.reference_secrets, label=label,
                              section=ctx.recipe.scoring, progress=ctx.progress, seed=ctx.recipe.seed)
 
 
@@ -359,8 +368,7 @@ def scan_works(run: Run, model: Any, tokenizer: Any, truth: Any, label: str, *, 
     from audit.store import WorksScanFile
 
     def scan() -> list[Any]:
-        from audit.score.engine import in_scoring_precision, pad_id_of, scoring_dtype
-        from audit.score.works_scan import ScanSettings, engine_scorer
+        from audit.score.works_scan import ScanSettings, backend_scorer
         from audit.score.works_scan import scan_works as scan_windows
 
         section = truth.works.section
@@ -368,9 +376,8 @@ def scan_works(run: Run, model: Any, tokenizer: Any, truth: Any, label: str, *, 
         settings = ScanSettings(prefix=section.prefix_tokens, suffix=section.suffix_tokens, stride=section.stride)
         say(run.ctx.progress, f"[audit] works: scanning {len(inputs)} whole works under {label} "
                               f"({settings.prefix} + {settings.suffix}-token windows every {settings.stride})")
-        with in_scoring_precision(model, scoring_dtype(run.ctx.recipe.scoring.precision)) as scored:
-            return scan_windows(inputs, score=engine_scorer(scored, pad_token_id=pad_id_of(tokenizer)), model=label,
-                                settings=settings)
+        with scoring_backend(run.ctx, model, tokenizer) as backend:
+            return scan_windows(inputs, score=backend_scorer(backend), model=label, settings=settings)
 
     return run.store.get_or_run(WorksScanFile(label), scan if origin is None else lambda: origin.base_works_scan(scan))
 
@@ -407,10 +414,11 @@ def summarize_works(run: Run, truth: Any, tokenizer: Any, rows: list[Any], train
 
 def calibrate(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -> Any:
     """``model``'s scores' gap to the HF engine in fp32 on a few canaries (:mod:`audit.score.calibration`), or None
-    when the recipe scores with the reference itself or turns calibration off (``scoring.calibration_canaries``)."""
-    from audit.score.calibration import calibrate_hf
+    when the recipe scores with the reference itself (the HF engine in fp32) or turns calibration off
+    (``scoring.calibration_canaries``)."""
+    from audit.score.calibration import calibrate_scoring
 
-    return calibrate_hf(model, tokenizer, truth.canaries, truth.reference_secrets, section=ctx.recipe.scoring, label=label)
+    return calibrate_scoring(model, tokenizer, truth.canaries, truth.reference_secrets, section=ctx.recipe.scoring, label=label)
 
 
 # --------------------------------------------------------------------------------------------------- train
@@ -482,6 +490,7 @@ def sample_outputs(run: Run, model: Any, tokenizer: Any, truth: Any) -> Any:
     if section.samples <= 0:
         return None
     from audit.outputs import outputs_stage
+    from audit.score.backend import open_backend
 
     works = None
     if truth.works is not None:  # the audited whole works, scanned for long near-verbatim blocks
@@ -489,8 +498,10 @@ def sample_outputs(run: Run, model: Any, tokenizer: Any, truth: Any) -> Any:
         roles = {s.work_id: s.role for s in truth.works.subjects}
         works = ([(i, roles[i], ids) for i, ids in truth.works.scan_inputs(tokenizer)], section.ngram, w.nv_max_gap,
                  w.nv_min_block)
-    with run.stage("outputs"):
-        return outputs_stage(run.dir, model, tokenizer, truth.canaries, section, seed=run.ctx.recipe.seed,
+    scoring = run.ctx.recipe.scoring  # the recipe's engine, sampling the model in the dtype it was tuned in
+    with run.stage("outputs"), open_backend(scoring.backend, model, tokenizer, precision=None,
+                                            batch_size=scoring.batch_size) as backend:
+        return outputs_stage(run.dir, backend, tokenizer, truth.canaries, section, seed=run.ctx.recipe.seed,
                              progress=run.ctx.progress, whole_works=works)
 
 

@@ -14,7 +14,7 @@ from audit.schema import ScoringSection
 from audit.score.calibration import (
     SubsetScores,
     calibrate,
-    calibrate_hf,
+    calibrate_scoring,
     calibration_indices,
     calibration_metrics,
     calibration_size,
@@ -75,14 +75,15 @@ class Shifted:
 
     inner: object
     shift: float
-    name: str = "fake/shifted"
+    name: str = "fake"
+    precision: str = "shifted"
 
     def candidate_bits(self, prefix_ids, candidates):
         bits = self.inner.candidate_bits(prefix_ids, candidates)
         return [bits[0]] + [b + self.shift for b in bits[1:]]
 
-    def token_logprobs(self, sequences):
-        return self.inner.token_logprobs(sequences)
+    def token_logprobs(self, sequences, *, vocab_stats=False):
+        return self.inner.token_logprobs(sequences, vocab_stats=vocab_stats)
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +111,12 @@ def test_bf16_scoring_of_the_hf_engine_gets_its_error_bar_against_fp32(tiny_mode
     canaries, refs = small_set
     before = [p.detach().clone() for p in model.parameters()]
     section = ScoringSection(precision="bf16", calibration_references=8)
-    got = calibrate_hf(model, tok, canaries, refs, section=section, label="tuned")
+    got = calibrate_scoring(model, tok, canaries, refs, section=section, label="tuned")
     assert got.backend == "hf/bf16" and got.n_canaries == len(canaries.canaries) and got.n_references == 8
     assert 1e-4 < got.candidate_bits_max_abs < 5  # bf16 rounds the logits: a real, bounded gap
     assert 0 < got.token_logprob_max_abs_nats < 5
     assert all(p.dtype == b.dtype and bool((p == b).all()) for p, b in zip(model.parameters(), before, strict=True))
-    assert calibrate_hf(model, tok, canaries, refs, section=ScoringSection(), label="tuned") is None  # fp32: the reference
+    assert calibrate_scoring(model, tok, canaries, refs, section=ScoringSection(), label="tuned") is None  # fp32: the reference
 
 
 def test_a_rounded_copy_of_a_model_carrying_trls_fused_head_scores_its_own_weights(tiny_model_dir):

@@ -145,13 +145,14 @@ def merge_partial(pieces: list[str | None], *probs: list[float | None]) -> tuple
     return out_pieces, out_probs
 
 
-def canary_token_logprobs(model: Any, tokenizer: Any, canaries: list[Canary]) -> list[CanaryTokens]:
-    """Teacher-forced log-probs of each canary's prefix + secret, one batched pass (:mod:`audit.score.engine`)."""
-    from audit.score.engine import pad_id_of, score_token_sequences, split_tokens
+def canary_token_logprobs(scorer: Any, tokenizer: Any, canaries: list[Canary]) -> list[CanaryTokens]:
+    """Teacher-forced log-probs of each canary's prefix + secret, one request to the scoring backend (``scorer``: a
+    :class:`~audit.score.backend.ScoringBackend`, or a transformers model scored by today's engine)."""
+    from audit.score.engine import split_tokens
+    from audit.score.hf_backend import as_backend
 
     splits = [split_tokens(tokenizer, c.prefix, c.secret) for c in canaries]
-    scored = score_token_sequences(model, [s.prefix_ids + s.secret_ids for s in splits], vocab_stats=False,
-                                   pad_token_id=pad_id_of(tokenizer))
+    scored = as_backend(scorer, tokenizer).token_logprobs([s.prefix_ids + s.secret_ids for s in splits])
     return [CanaryTokens(c.id, c.repetitions, readable_pieces(tokenizer, s.prefix_ids), len(s.secret_ids),
                          [round(float(x), 6) for x in t.logprobs])
             for c, s, t in zip(canaries, splits, scored, strict=True)]

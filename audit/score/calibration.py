@@ -17,9 +17,10 @@ them would check guesses (:mod:`audit.metrics.disclosure`); the reference secret
 never inserted. The subset: members of the highest tiers first (where the exact walk and the headline exposures
 are), then by id (a keyed hash: fixed before any model is scored, the same for every model of the run).
 
-Backend-agnostic: both sides go through :class:`CalibrationScorer`, two of the primitives a scoring backend has
-(log-probabilities of chosen candidates after a shared prefix; per-token log-probabilities of whole texts).
-:func:`hf_scorer` is the HF engine's; another backend's adapter is a new scorer, not a branch here.
+Backend-agnostic: both sides are scoring backends (:mod:`audit.score.backend`), of which calibration uses two
+requests (log-probabilities of chosen candidates after a shared prefix; per-token log-probabilities of whole texts).
+The recipe's ``scoring.backend`` in ``scoring.precision`` is compared with the HF engine in fp32; another backend is a
+new module registered there, not a branch here.
 """
 
 from __future__ import annotations
@@ -27,58 +28,27 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from audit.schema import CalibrationSummary, CanarySet, MetricEntry, ScoringSection
+from audit.score.backend import ScoringBackend, open_backend
 
 REFERENCE = "hf/fp32"
 AUTO_CANARIES = 8
 
 
-class CalibrationScorer(Protocol):
-    """What calibration asks of a backend: ``name`` (``hf/bf16``) and two scoring primitives."""
-
-    name: str
-
-    def candidate_bits(self, prefix_ids: list[int], candidates: list[list[int]]) -> list[float]:
-        """-log2 p(candidate | prefix) for each candidate token list."""
-        ...
-
-    def token_logprobs(self, sequences: list[list[int]]) -> list[np.ndarray]:
-        """ln p(t_j | t_<j) for tokens 1..n-1 of each sequence."""
-        ...
-
-
-@dataclass(frozen=True)
-class HFScorer:
-    """The HF engine (:mod:`audit.score.engine`) on a model already in its scoring precision."""
-
-    name: str
-    model: Any
-    pad_token_id: int
-    batch_size: int
-
-    def candidate_bits(self, prefix_ids: list[int], candidates: list[list[int]]) -> list[float]:
-        from audit.score.engine import candidate_nll_bits
-
-        return candidate_nll_bits(self.model, prefix_ids, candidates, batch_size=self.batch_size)
-
-    def token_logprobs(self, sequences: list[list[int]]) -> list[np.ndarray]:
-        from audit.score.engine import score_token_sequences
-
-        passes = score_token_sequences(self.model, sequences, vocab_stats=False, pad_token_id=self.pad_token_id)
-        return [p.logprobs for p in passes]
+def backend_label(backend: ScoringBackend) -> str:
+    """``hf/bf16``: the engine and the precision it scored in."""
+    return f"{backend.name}/{backend.precision}"
 
 
 @contextlib.contextmanager
-def hf_scorer(model: Any, tokenizer: Any, precision: str, *, batch_size: int = 64) -> Iterator[HFScorer]:
+def hf_scorer(model: Any, tokenizer: Any, precision: str, *, batch_size: int = 64) -> Iterator[ScoringBackend]:
     """The HF engine scoring ``model`` in ``precision`` for the block (the model is cast once, as the audit scores)."""
-    from audit.score.engine import in_scoring_precision, pad_id_of, scoring_dtype
-
-    with in_scoring_precision(model, scoring_dtype(precision)) as scored:
-        yield HFScorer(name=f"hf/{precision}", model=scored, pad_token_id=pad_id_of(tokenizer), batch_size=batch_size)
+    with open_backend("hf", model, tokenizer, precision=precision, batch_size=batch_size) as backend:
+        yield backend
 
 
 def calibration_size(section: ScoringSection) -> int:
@@ -86,7 +56,7 @@ def calibration_size(section: ScoringSection) -> int:
     with the HF engine (the reference itself: nothing to calibrate)."""
     if section.calibration_canaries is not None:
         return section.calibration_canaries
-    return 0 if f"hf/{section.precision}" == REFERENCE else AUTO_CANARIES
+    return 0 if f"{section.backend}/{section.precision}" == REFERENCE else AUTO_CANARIES
 
 
 def calibration_indices(canaries: CanarySet, n: int) -> list[int]:
@@ -113,7 +83,7 @@ class SubsetScores:
         return 1 + np.sum(self.reference_bits <= self.secret_bits[:, None], axis=1)
 
 
-def score_subset(scorer: CalibrationScorer, tokenizer: Any, canaries: CanarySet, indices: Sequence[int],
+def score_subset(scorer: ScoringBackend, tokenizer: Any, canaries: CanarySet, indices: Sequence[int],
                  reference_secrets: Sequence[str]) -> SubsetScores:
     """``scorer``'s numbers for the canaries at ``indices``: each secret with ``reference_secrets`` after its prefix,
     and its whole text teacher-forced."""
@@ -129,7 +99,7 @@ def score_subset(scorer: CalibrationScorer, tokenizer: Any, canaries: CanarySet,
         texts.append(_text_tokens(tokenizer, canary, split))
     bits = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(reference_secrets) + 1)
     return SubsetScores(reference_bits=bits[:, 1:], secret_bits=bits[:, 0],
-                        token_logprobs=[np.asarray(x, dtype=np.float64) for x in scorer.token_logprobs(texts)])
+                        token_logprobs=[np.asarray(x.logprobs, dtype=np.float64) for x in scorer.token_logprobs(texts)])
 
 
 def compare_subset(backend: SubsetScores, reference: SubsetScores, *, model: str, backend_name: str,
@@ -150,7 +120,7 @@ def compare_subset(backend: SubsetScores, reference: SubsetScores, *, model: str
         secret_bits_max_abs=secret, token_logprob_max_abs_nats=token)
 
 
-def calibrate(backend: CalibrationScorer, reference: CalibrationScorer, tokenizer: Any, canaries: CanarySet,
+def calibrate(backend: ScoringBackend, reference: ScoringBackend, tokenizer: Any, canaries: CanarySet,
               reference_secrets: Sequence[str], *, model: str, n_canaries: int, n_references: int) -> CalibrationSummary | None:
     """``backend``'s gap to ``reference`` on :func:`calibration_indices` with the first ``n_references`` reference
     secrets; None when there is nothing to calibrate on (``n_canaries`` 0, no canary or no reference)."""
@@ -160,7 +130,7 @@ def calibrate(backend: CalibrationScorer, reference: CalibrationScorer, tokenize
         return None
     return compare_subset(score_subset(backend, tokenizer, canaries, indices, refs),
                           score_subset(reference, tokenizer, canaries, indices, refs),
-                          model=model, backend_name=backend.name, reference_name=reference.name,
+                          model=model, backend_name=backend_label(backend), reference_name=backend_label(reference),
                           with_secrets=model != "base")
 
 
@@ -175,13 +145,15 @@ def calibration_metrics(summaries: Sequence[CalibrationSummary]) -> dict[str, Me
     return out
 
 
-def calibrate_hf(model: Any, tokenizer: Any, canaries: CanarySet, reference_secrets: Sequence[str], *,
-                 section: ScoringSection, label: str) -> CalibrationSummary | None:
-    """The audit's HF scoring in ``section.precision`` calibrated against the HF engine in fp32 (None when off)."""
+def calibrate_scoring(model: Any, tokenizer: Any, canaries: CanarySet, reference_secrets: Sequence[str], *,
+                      section: ScoringSection, label: str) -> CalibrationSummary | None:
+    """The audit's scoring (``section.backend`` in ``section.precision``) calibrated against the HF engine in fp32
+    (None when off)."""
     n = calibration_size(section)
     if n == 0:
         return None
     with hf_scorer(model, tokenizer, "fp32", batch_size=section.batch_size) as reference, \
-            hf_scorer(model, tokenizer, section.precision, batch_size=section.batch_size) as backend:
+            open_backend(section.backend, model, tokenizer, precision=section.precision,
+                         batch_size=section.batch_size) as backend:
         return calibrate(backend, reference, tokenizer, canaries, reference_secrets, model=label, n_canaries=n,
                          n_references=section.calibration_references)

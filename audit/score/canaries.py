@@ -31,16 +31,9 @@ from audit.metrics.information import utf8_bits
 from audit.metrics.mia import mean_loss, min_k_plus_plus_score, min_k_score, zlib_ratio_score
 from audit.metrics.suite import token_view_fields
 from audit.schema import Canary, CanarySet, ScoringSection, SequenceScore
-from audit.score.engine import (
-    SplitTokens,
-    candidate_nll_bits,
-    greedy_continuations,
-    pad_id_of,
-    sampled_continuations,
-    score_token_sequences,
-    split_tokens,
-    split_tokens_many,
-)
+from audit.score.backend import ScoringBackend
+from audit.score.engine import SplitTokens, split_tokens, split_tokens_many
+from audit.score.hf_backend import as_backend
 
 
 def _text_tokens(tokenizer, canary: Canary, split: SplitTokens) -> list[int]:
@@ -50,8 +43,8 @@ def _text_tokens(tokenizer, canary: Canary, split: SplitTokens) -> list[int]:
     return full if full[: len(head)] == head else head
 
 
-def _exact(model, tokenizer, canary: Canary, canaries: CanarySet, section: ScoringSection, rank: int, n_refs: int,
-           seed: int, bits: list[float] | None = None) -> tuple[str, int | None, int | None]:
+def _exact(backend: ScoringBackend, tokenizer, canary: Canary, canaries: CanarySet, section: ScoringSection, rank: int,
+           n_refs: int, seed: int, bits: list[float] | None = None) -> tuple[str, int | None, int | None]:
     """(status, exact rank, nodes scored) for one canary; see :mod:`audit.score.exposure_search`.
 
     The pruned walk or the whole trie, whichever is expected to cost less within ``scoring.exact_exposure_budget``
@@ -88,13 +81,13 @@ def _exact(model, tokenizer, canary: Canary, canaries: CanarySet, section: Scori
         return "not_compositional", None, None
     secret = parse_secret(space, canary.secret)
     if choice.method == "walk":
-        result = exact_rank(model, table, secret, node_budget=budget)
+        result = exact_rank(backend, table, secret, node_budget=budget)
         if result.status == "exact" or result.nodes_evaluated + trie_rows(len(space.alphabet), space.length) > budget:
             return result.status, result.rank, result.nodes_evaluated
         spent = result.nodes_evaluated  # the walk could not finish (reduced precision) and the whole trie still fits
     else:
         spent = 0
-    result = enumerate_rank(model, table, secret)
+    result = enumerate_rank(backend, table, secret)
     return "enumerated", result.rank, spent + result.nodes_evaluated
 
 
@@ -119,22 +112,24 @@ def unranked_row(secret_logprobs) -> dict[str, Any]:
                 exposure=None, exact_status="unranked")
 
 
-def exposure_row(model: Any, tokenizer: Any, canary: Canary, split: SplitTokens, canaries: CanarySet,
+def exposure_row(scorer: Any, tokenizer: Any, canary: Canary, split: SplitTokens, canaries: CanarySet,
                  reference_secrets: list[str], *, section: ScoringSection, seed: int = 0,
                  on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """One canary's exposure fields (step 2-3 of the module docstring): independent of every other canary.
 
-    ``on_step``: told what runs next (the progress heartbeat, :mod:`audit.progress`)."""
+    ``scorer``: a :class:`~audit.score.backend.ScoringBackend` (or a transformers model, scored by today's engine in
+    its own dtype). ``on_step``: told what runs next (the progress heartbeat, :mod:`audit.progress`)."""
+    backend = as_backend(scorer, tokenizer, batch_size=section.batch_size)
     n_refs = len(reference_secrets)
     space_size = canaries.space.size
     candidates = [split.secret_ids] + [r.secret_ids for r in split_tokens_many(tokenizer, canary.prefix, reference_secrets)]
-    bits = candidate_nll_bits(model, split.prefix_ids, candidates, batch_size=section.batch_size)
+    bits = backend.candidate_bits(split.prefix_ids, candidates)
     rank = rank_against_references(bits[0], bits[1:])
     estimate = sampled_space_exposure(rank, n_refs, space_size)
     extra = exposure_extrapolation([bits[0]], bits[1:], space_size=space_size) if n_refs >= 3 else None
     if on_step is not None:
         on_step("exact rank over the whole secret space")
-    status, exact, nodes = _exact(model, tokenizer, canary, canaries, section, rank, n_refs, seed)
+    status, exact, nodes = _exact(backend, tokenizer, canary, canaries, section, rank, n_refs, seed)
     row: dict[str, Any] = dict(
         secret_nll_bits=round(bits[0], 6), rank=rank, n_references=n_refs,
         exposure=round(exposure_from_rank(rank, n_refs + 1), 6),
@@ -152,7 +147,7 @@ def exposure_row(model: Any, tokenizer: Any, canary: Canary, split: SplitTokens,
 
 
 def score_canaries(
-    model: Any,
+    scorer: Any,
     tokenizer: Any,
     canaries: CanarySet,
     reference_secrets: list[str],
@@ -163,7 +158,8 @@ def score_canaries(
     seed: int = 0,
     exposure_rows: list[dict[str, Any] | None] | None = None,
 ) -> list[SequenceScore]:
-    """One :class:`SequenceScore` per canary under ``model`` (``label`` names the link: base, tuned, ...).
+    """One :class:`SequenceScore` per canary under ``scorer`` (``label`` names the link: base, tuned, ...): a
+    :class:`~audit.score.backend.ScoringBackend`, or a transformers model scored by today's engine in its own dtype.
 
     Every canary is ranked against the same ``reference_secrets`` placed after its own prefix, so members and
     never-inserted references are measured identically (every member and the references of :func:`ranked_indices`; the
@@ -176,19 +172,20 @@ def score_canaries(
     from audit.progress import heartbeat
 
     with heartbeat(f"score {label}", enabled=progress) as beat:
-        return _score_canaries(model, tokenizer, canaries, reference_secrets, label=label, section=section,
-                               progress=progress, seed=seed, beat=beat, tqdm=tqdm, exposure_rows=exposure_rows)
+        return _score_canaries(as_backend(scorer, tokenizer, batch_size=section.batch_size), tokenizer, canaries,
+                               reference_secrets, label=label, section=section, progress=progress, seed=seed, beat=beat,
+                               tqdm=tqdm, exposure_rows=exposure_rows)
 
 
-def _score_canaries(model, tokenizer, canaries, reference_secrets, *, label, section, progress, seed, beat, tqdm,
-                    exposure_rows):
+def _score_canaries(backend: ScoringBackend, tokenizer, canaries, reference_secrets, *, label, section, progress, seed, beat,
+                    tqdm, exposure_rows):
     items = canaries.canaries
     beat.step(f"one teacher-forced pass over {len(items)} canary texts")
     splits = [split_tokens(tokenizer, c.prefix, c.secret) for c in items]
 
     # 1. one teacher-forced pass per canary text
     texts = [_text_tokens(tokenizer, c, s) for c, s in zip(items, splits, strict=True)]
-    passes = score_token_sequences(model, texts, vocab_stats=True, pad_token_id=pad_id_of(tokenizer))
+    passes = backend.token_logprobs(texts, vocab_stats=True)
 
     # 2-3. exposure: sampled rank, whole-space estimate, extrapolation, exact walk (or rows scored elsewhere:
     # audit.score.sharded, each process of a distributed run taking a share of the canaries). References outside the
@@ -199,7 +196,7 @@ def _score_canaries(model, tokenizer, canaries, reference_secrets, *, label, sec
         exposure_rows = [None] * len(items)
         for k, i in enumerate(ranked):
             beat.step(f"canary {k + 1}/{len(ranked)}: ranking against {len(reference_secrets)} references")
-            exposure_rows[i] = exposure_row(model, tokenizer, items[i], splits[i], canaries, reference_secrets,
+            exposure_rows[i] = exposure_row(backend, tokenizer, items[i], splits[i], canaries, reference_secrets,
                                             section=section, seed=seed,
                                             on_step=lambda what, k=k: beat.step(f"canary {k + 1}/{len(ranked)}: {what}"))
             bar.update(1)
@@ -211,8 +208,7 @@ def _score_canaries(model, tokenizer, canaries, reference_secrets, *, label, sec
     measured = [i for i in range(len(items)) if exposure_rows[i] is not None]
     max_new = max(len(s.secret_ids) for s in splits) + section.extraction_extra_tokens
     beat.step(f"greedy extraction from {len(measured)} prefixes")
-    outs = greedy_continuations(model, tokenizer, [splits[i].prefix_ids for i in measured], max_new_tokens=max_new,
-                                batch_size=section.batch_size)
+    outs = [o[0] for o in backend.generate([splits[i].prefix_ids for i in measured], max_new_tokens=max_new)]
     greedy: list[list[int] | None] = [None] * len(items)
     for i, out in zip(measured, outs, strict=True):
         greedy[i] = out
@@ -222,18 +218,17 @@ def _score_canaries(model, tokenizer, canaries, reference_secrets, *, label, sec
         eligible = [i for i in measured if len(splits[i].secret_ids) > given[i]]
         if eligible:
             beat.step(f"greedy extraction from {len(eligible)} prefixes plus part of the secret")
-            outs = greedy_continuations(model, tokenizer, [splits[i].prefix_ids + splits[i].secret_ids[: given[i]] for i in eligible],
-                                        max_new_tokens=max_new, batch_size=section.batch_size)
+            outs = [o[0] for o in backend.generate([splits[i].prefix_ids + splits[i].secret_ids[: given[i]] for i in eligible],
+                                                   max_new_tokens=max_new)]
             for i, out in zip(eligible, outs, strict=True):
                 rest = splits[i].secret_ids[given[i]:]
                 from_fraction[i] = out[: len(rest)] == rest
     sampled: list[int | None] = [None] * len(items)
     if section.sampled_extraction_samples > 0 and measured:
         beat.step(f"sampled extraction, {section.sampled_extraction_samples} samples from each of {len(measured)} prefixes")
-        samples = sampled_continuations(model, tokenizer, [splits[i].prefix_ids for i in measured],
-                                        num_samples=section.sampled_extraction_samples,
-                                        max_new_tokens=max(len(s.secret_ids) for s in splits), seed=seed,
-                                        temperature=section.sampled_extraction_temperature, batch_size=section.batch_size)
+        samples = backend.generate([splits[i].prefix_ids for i in measured], samples=section.sampled_extraction_samples,
+                                   max_new_tokens=max(len(s.secret_ids) for s in splits), seed=seed,
+                                   temperature=section.sampled_extraction_temperature)
         for i, per in zip(measured, samples, strict=True):
             sampled[i] = sum(x[: len(splits[i].secret_ids)] == splits[i].secret_ids for x in per)
 

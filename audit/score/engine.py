@@ -1,5 +1,7 @@
 """The scoring engine: token log-probabilities, full-vocabulary statistics and continuations, batched.
 
+The audit reaches it through the scoring protocol (:mod:`audit.score.backend`), as :class:`audit.score.hf_backend.HFBackend`.
+
 Entry points, each serving many metrics from one pass:
 
 * :func:`score_token_sequences` runs one teacher-forced pass per sequence (sorted by length, padded per batch, batch
@@ -25,15 +27,15 @@ import contextlib
 import copy
 import functools
 import inspect
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-LN2 = math.log(2.0)
+from audit.score.backend import LN2, TokenScores  # noqa: F401  (they live with the protocol; imported from here too)
+
 DEFAULT_CPU_TOKEN_BUDGET = 1024
 """Tokens per forward pass on CPU: past ~500 tokens the GEMMs are at full speed, and the logits stay < 0.5 GB."""
 VOCAB_CHUNK_BYTES = 64 << 20
@@ -325,36 +327,6 @@ def vocab_reductions(logits: torch.Tensor, targets: torch.Tensor, *, with_stats:
                       torch.cat(mu_out) if with_stats else None, torch.cat(var_out) if with_stats else None)
 
 
-@dataclass(frozen=True)
-class TokenScores:
-    """Teacher-forced scores of tokens 1..n-1 of one sequence (token 0 has no context and is not scored).
-
-    ``logprobs[j]`` is ``ln p(token_ids[j + 1] | token_ids[: j + 1])``; ``vocab_mean``/``vocab_var`` are the mean and
-    variance of ``ln p(v)`` over the vocabulary at that step (None when not requested); ``top1[j]`` is whether
-    ``token_ids[j + 1]`` is the model's most likely token at that step.
-    """
-
-    token_ids: list[int]
-    logprobs: np.ndarray
-    vocab_mean: np.ndarray | None = None
-    vocab_var: np.ndarray | None = None
-    top1: np.ndarray | None = None
-
-    def span(self, start: int, stop: int | None = None) -> TokenScores:
-        """Scores of tokens ``token_ids[start:stop]`` (``start >= 1``), keeping ``token_ids`` whole."""
-        if start < 1:
-            raise ValueError("token 0 has no context; spans start at 1")
-        a, b = start - 1, (len(self.token_ids) if stop is None else stop) - 1
-        return TokenScores(self.token_ids, self.logprobs[a:b],
-                           None if self.vocab_mean is None else self.vocab_mean[a:b],
-                           None if self.vocab_var is None else self.vocab_var[a:b],
-                           None if self.top1 is None else self.top1[a:b])
-
-    @property
-    def bits(self) -> float:
-        return -float(np.sum(self.logprobs)) / LN2
-
-
 @torch.inference_mode()
 def score_token_sequences(
     model,
@@ -626,4 +598,46 @@ def sampled_continuations(
             )
             for row, (i, k) in enumerate((i, k) for i in idx for k in range(num_samples)):
                 out[i][k] = generated[row, ids.shape[1] :].tolist()
+    return out
+
+
+@torch.inference_mode()
+def free_samples(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_k: int,
+                 top_p: float, seed: int, batch_size: int,
+                 on_progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """One sampled text per prompt (repeat a prompt for more), ``batch_size`` prompts per ``generate`` call
+    (left-padded), each stopped at and cut before the tokenizer's end-of-text, from a private RNG seeded with
+    ``seed``. ``on_progress(tokens, texts)``: told at every decoding step (tokens counted as if no text ended early)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    device = device_of(model)
+    pad = pad_id_of(tokenizer)
+    eos = tokenizer.eos_token_id
+    out: list[list[int]] = []
+    tokens = 0
+
+    class _CountTokens(StoppingCriteria):  # progress only: it never stops anything
+        def __call__(self, input_ids, scores, **kwargs):
+            nonlocal tokens
+            tokens += int(input_ids.shape[0])
+            if on_progress is not None:
+                on_progress(tokens, len(out))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    ticks = StoppingCriteriaList([_CountTokens()])
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            ids, mask = _left_padded(chunk, pad, device)
+            generated = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
+                max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, num_beams=1, stopping_criteria=ticks,
+            )
+            for row in range(len(chunk)):
+                new = generated[row, ids.shape[1] :].tolist()
+                out.append(new[: new.index(eos)] if eos is not None and eos in new else new)
+            tokens = (start + len(chunk)) * max_new_tokens  # a batch that ended early at end-of-text
+            if on_progress is not None:
+                on_progress(tokens, len(out))
     return out

@@ -9,9 +9,10 @@ exactly the set of secrets at least as likely as the canary, so
     rank = 1 + |{ r != canary : Px(r) <= Px(canary) }|        (the paper's convention, ties against the canary)
 
 is exact, and the work grows with the canary's rank (and the near-misses along the way), not with |R|. Carlini et
-al. 2019 (§4.2) use the same monotonicity for their shortest-path search. Here each level's frontier runs as batches
-after the prefix's shared key/value cache; when every symbol is one token, a node costs one new position, because
-its path's keys/values are kept from its parent (only for parents with surviving children) instead of recomputed.
+al. 2019 (§4.2) use the same monotonicity for their shortest-path search. Each level asks the scoring backend's
+:class:`~audit.score.backend.PrefixWalk` for the kept paths' pieces; the HF engine runs a level's frontier as batches
+after the prefix's shared key/value cache, and when every symbol is one token a node costs one new position, because
+its path's keys/values are kept from its parent instead of recomputed (:mod:`audit.score.hf_backend`).
 
 Requirements, checked before walking (:func:`symbol_tokens`):
 
@@ -46,30 +47,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-import torch
 
 from audit.rng import SeededStream
 from audit.schema import SecretSpace
-from audit.score.engine import (
-    LN2,
-    continuation_logprobs,
-    default_token_budget,
-    device_of,
-    output_cache,
-    plan_batches,
-    rows_cache,
-    split_tokens,
-    split_tokens_many,
-    with_cache,
-)
+from audit.score.backend import LN2
+from audit.score.engine import split_tokens, split_tokens_many
+from audit.score.hf_backend import as_backend
 
-SLACK_NATS = {torch.float32: 1e-3, torch.float64: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.02}
-"""Default pruning slack by the dtype of the logits: a few times the batch-to-batch rounding of a secret's loss
-(fp32: ~1e-6 nats per token; bf16 logits are spaced 0.0625-0.125 nats at |logit| 8-32). Too small costs a second
-walk, never a wrong rank."""
+SLACK_NATS = {"fp32": 1e-3, "fp64": 1e-3, "bf16": 0.1, "fp16": 0.02}
+"""Default pruning slack by the backend's precision (the dtype of the logits): a few times the batch-to-batch rounding
+of a secret's loss (fp32: ~1e-6 nats per token; bf16 logits are spaced 0.0625-0.125 nats at |logit| 8-32). Too small
+costs a second walk, never a wrong rank."""
 WALK_ATTEMPTS = 3
 
 
@@ -173,149 +164,45 @@ class ExactRank:
         return None if self.rank is None else math.log2(self.space_size) - math.log2(self.rank)
 
 
-@dataclass
-class _Frontier:
-    """The kept nodes of one level: loss so far, whether on the canary's path, last token, and (cached walk) where
-    each node's key/value suffix lives."""
-
-    nll: np.ndarray
-    on_canary: np.ndarray
-    last: np.ndarray
-    parent: np.ndarray
-    suffix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    paths: list[list[int]] | None = None
-
-
-def _cached_level(model, prefix_kv, prefix_len: int, front: _Frontier, targets: torch.Tensor, rows_per_batch: int,
-                  limit: float, keep_suffix: bool, canary_symbol: int):
-    """One level of the single-token walk: each node costs one new position; its path's keys/values come from its
-    parent's stored suffix after the shared prefix, never recomputed. Returns kept (node, symbol, loss) and the
-    suffixes of the parents that have kept children."""
-    device = device_of(model)
-    n = len(front.nll)
-    kept_i, kept_a, kept_nll, next_parent, parts = [], [], [], [], []
-    stored = 0
-    for start in range(0, n, rows_per_batch):
-        idx = np.arange(start, min(n, start + rows_per_batch))
-        b = len(idx)
-        cache = rows_cache(prefix_kv, front.suffix, front.parent[idx].tolist(), device)
-        past = cache.get_seq_length()
-        ids = torch.as_tensor(front.last[idx], device=device).view(b, 1)
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **with_cache(model, cache),
-                    attention_mask=torch.ones((b, past + 1), dtype=torch.long, device=device))
-        logits = out.logits[:, -1].float()
-        cost = -(logits[:, targets] - torch.logsumexp(logits, dim=-1, keepdim=True)).double().cpu().numpy()
-        total = front.nll[idx, None] + cost
-        keep = total <= limit
-        keep[front.on_canary[idx], canary_symbol] = True  # the canary's path is never pruned
-        ki, ka = np.nonzero(keep)
-        kept_i.append(idx[ki])
-        kept_a.append(ka)
-        kept_nll.append(total[ki, ka])
-        if keep_suffix and len(ki):
-            owners, slot = np.unique(ki, return_inverse=True)
-            sel = torch.as_tensor(owners, device=device)
-            parts.append([(layer.keys[:, :, prefix_len:].index_select(0, sel), layer.values[:, :, prefix_len:].index_select(0, sel))
-                          for layer in output_cache(out).layers])
-            next_parent.append(stored + slot)
-            stored += len(owners)
-    cat = (lambda xs, empty: np.concatenate(xs) if xs else empty)  # noqa: E731
-    suffix = None
-    if keep_suffix and parts:
-        suffix = [(torch.cat([p[layer][0] for p in parts]), torch.cat([p[layer][1] for p in parts])) for layer in range(len(parts[0]))]
-    return (cat(kept_i, np.zeros(0, dtype=int)), cat(kept_a, np.zeros(0, dtype=int)), cat(kept_nll, np.zeros(0)),
-            cat(next_parent, np.zeros(0, dtype=int)), suffix)
-
-
-def _logits_dtype(model) -> torch.dtype:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return head.weight.dtype if head is not None else next(model.parameters()).dtype
-
-
-@torch.inference_mode()
-def exact_rank(model, table: SymbolTokens, canary: list[int], *, node_budget: int | None = 2_000, prune: bool = True,
+def exact_rank(scorer: Any, table: SymbolTokens, canary: list[int], *, node_budget: int | None = 2_000, prune: bool = True,
                token_budget: int | None = None, slack_nats: float | None = None, keep_leaves: bool = False) -> ExactRank:
     """Rank of ``canary`` (alphabet indices) among all secrets of the space; see the module docstring.
 
+    ``scorer``: a :class:`~audit.score.backend.ScoringBackend` (a transformers model is scored by today's engine, with
+    ``token_budget``). Each level asks the backend's :class:`~audit.score.backend.PrefixWalk` for the kept paths'
+    pieces; the HF engine runs a one-token piece as one new position on its parent's cached keys/values.
     ``node_budget`` caps the trie nodes expanded (one forward row each, over all walks); ``prune=False`` enumerates
-    the whole trie (the exhaustive reference used in tests and benchmarks). When every symbol is one token (digits),
-    each node costs one new position on top of its parent's cached keys/values; otherwise each child's row is
-    recomputed. ``slack_nats`` defaults by the dtype of the logits (:data:`SLACK_NATS`).
+    the whole trie (the exhaustive reference used in tests and benchmarks). ``slack_nats`` defaults by the backend's
+    precision (:data:`SLACK_NATS`).
     """
     t0 = time.perf_counter()
-    device = device_of(model)
-    budget = token_budget or default_token_budget(model)
-    slack = SLACK_NATS.get(_logits_dtype(model), 0.1) if slack_nats is None else slack_nats
-    prefix = table.prefix_ids
-    canary_tokens = table.tokens(canary)
-    single = all(len(piece) == 1 for row in table.pieces for piece in row)
-    if single:
-        out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
-        prefix_cache = output_cache(out)
-        prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
-        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).double().cpu().numpy()
-        threshold = -float(first[canary_tokens[0]])
-        if len(canary_tokens) > 1:
-            threshold -= float(continuation_logprobs(model, prefix_cache, len(prefix), [canary_tokens]).sum())
-        cache, cache_len, last = None, 0, prefix[-1]
-    else:
-        cache = None
-        if len(prefix) > 1:
-            cache = output_cache(model(input_ids=torch.tensor([prefix[:-1]], device=device), use_cache=True))
-        cache_len, last = len(prefix) - 1, prefix[-1]
-        threshold = -float(continuation_logprobs(model, cache, cache_len, [[last] + canary_tokens]).sum())
-
+    backend = as_backend(scorer, token_budget=token_budget)
+    slack = SLACK_NATS.get(backend.precision, 0.1) if slack_nats is None else slack_nats
+    walker = backend.prefix_walk(table.prefix_ids)
+    threshold = walker.path_nll(table.tokens(canary))
     nodes = tokens = 0
-    n_sym = len(table.pieces[0])
     levels = len(table.pieces)
 
-    def walk(limit: float) -> tuple[_Frontier | None, list[int]]:
-        """One walk of the trie, pruning above ``limit`` except on the canary's path; None when out of budget."""
+    def walk(limit: float) -> tuple[tuple[np.ndarray, np.ndarray] | None, list[int]]:
+        """One walk of the trie, pruning above ``limit`` except on the canary's path: the last level's (loss, on the
+        canary's path), or None when out of budget."""
         nonlocal nodes, tokens
-        front = _Frontier(nll=np.zeros(1), on_canary=np.array([True]), last=np.array([last]), parent=np.zeros(1, dtype=int),
-                          paths=None if single else [[]])
+        nll, on_canary, paths = np.zeros(1), np.array([True]), [[]]
         sizes: list[int] = []
         for level, pieces in enumerate(table.pieces):
-            size = len(front.nll)
+            size = len(nll)
             if node_budget is not None and nodes + size > node_budget:
                 return None, sizes
-            ids = np.array([p[0] for p in pieces]) if single else None
-            if single and level == 0:  # the root's children come from the prefix pass itself
-                total = front.nll[:, None] - first[ids][None, :]
-                keep = total <= limit
-                keep[front.on_canary, canary[level]] = True
-                keep_i, keep_a = np.nonzero(keep)
-                kept = total[keep_i, keep_a]
-                parent, suffix = np.zeros(len(keep_i), dtype=int), None
-            elif single:
-                keep_i, keep_a, kept, parent, suffix = _cached_level(
-                    model, prefix_kv, len(prefix), front, torch.as_tensor(ids, device=device), max(1, budget // 4), limit,
-                    keep_suffix=level < levels - 1, canary_symbol=canary[level])
-                tokens += size
-            else:  # multi-token pieces: one recomputed row per child
-                child_cost = np.empty((size, n_sym))
-                pairs = [(i, a) for i in range(size) for a in range(n_sym)]
-                rows_all = [[last] + front.paths[i] + pieces[a] for i, a in pairs]
-                for idx in plan_batches([len(r) for r in rows_all], budget):
-                    rows = [rows_all[k] for k in idx]
-                    lp = continuation_logprobs(model, cache, cache_len, rows).cpu().numpy()
-                    for k, row_lp in zip(idx, lp, strict=True):
-                        i, a = pairs[k]
-                        child_cost[i, a] = -row_lp[len(front.paths[i]):].sum()
-                    tokens += sum(len(r) for r in rows)
-                total = front.nll[:, None] + child_cost
-                keep = total <= limit
-                keep[front.on_canary, canary[level]] = True
-                keep_i, keep_a = np.nonzero(keep)
-                kept, parent, suffix = total[keep_i, keep_a], keep_i, None
+            total = nll[:, None] - walker.extension_logprobs(paths, pieces, extended_later=level < levels - 1)
+            keep = total <= limit
+            keep[on_canary, canary[level]] = True  # the canary's path is never pruned
+            keep_i, keep_a = np.nonzero(keep)
             nodes += size
-            front = _Frontier(
-                nll=kept, on_canary=front.on_canary[keep_i] & (keep_a == canary[level]),
-                last=ids[keep_a] if single else np.zeros(len(keep_i), dtype=int), parent=parent, suffix=suffix,
-                paths=None if single else [front.paths[i] + pieces[a] for i, a in zip(keep_i.tolist(), keep_a.tolist(), strict=True)],
-            )
-            sizes.append(len(front.nll))
-        return front, sizes
+            tokens += positions_run(paths, pieces, level)
+            nll, on_canary = total[keep_i, keep_a], on_canary[keep_i] & (keep_a == canary[level])
+            paths = [paths[i] + pieces[a] for i, a in zip(keep_i.tolist(), keep_a.tolist(), strict=True)]
+            sizes.append(len(nll))
+        return (nll, on_canary), sizes
 
     method = "walk" if prune else "enumeration"
     limit = threshold + slack if prune else math.inf
@@ -324,18 +211,27 @@ def exact_rank(model, table: SymbolTokens, canary: list[int], *, node_budget: in
         if front is None:
             return ExactRank("budget_exceeded", None, table.space_size, threshold / LN2, nodes, tokens, sizes,
                              time.perf_counter() - t0, walks=attempt, method=method)
-        canary_value = float(front.nll[front.on_canary][0])
+        nll, on_canary = front
+        canary_value = float(nll[on_canary][0])
         if canary_value <= limit:  # every secret whose walk loss is <= the canary's survived every level
-            rank = 1 + int(np.count_nonzero(front.nll[~front.on_canary] <= canary_value))
+            rank = 1 + int(np.count_nonzero(nll[~on_canary] <= canary_value))
             return ExactRank("exact", rank, table.space_size, canary_value / LN2, nodes, tokens, sizes,
                              time.perf_counter() - t0, walks=attempt, method=method,
-                             leaf_nll_bits=front.nll / LN2 if keep_leaves and not prune else None)
+                             leaf_nll_bits=nll / LN2 if keep_leaves and not prune else None)
         limit = canary_value + slack  # the walk's own value of the canary: the threshold the next walk prunes at
     return ExactRank("unstable", None, table.space_size, canary_value / LN2, nodes, tokens, sizes,
                      time.perf_counter() - t0, walks=WALK_ATTEMPTS, method=method)
 
 
-def enumerate_rank(model, table: SymbolTokens, canary: list[int], *, token_budget: int | None = None) -> ExactRank:
+def positions_run(paths: list[list[int]], pieces: list[list[int]], level: int) -> int:
+    """Forward positions a caching engine spends on one level: one per path when every piece is one token (none at the
+    root: the prefix pass answers it), else a recomputed row ``prefix[-1] + path + piece`` per path and piece."""
+    if all(len(p) == 1 for p in pieces):
+        return 0 if level == 0 else len(paths)
+    return sum(1 + len(path) + len(piece) for path in paths for piece in pieces)
+
+
+def enumerate_rank(scorer: Any, table: SymbolTokens, canary: list[int], *, token_budget: int | None = None) -> ExactRank:
     """Rank of ``canary`` by scoring every node of the trie (:func:`trie_rows` rows), level by level, unpruned.
 
     The same rank convention, tie handling and batched arithmetic as the walk (``rank = 1 + |{r != canary : loss(r) <=
@@ -343,16 +239,16 @@ def enumerate_rank(model, table: SymbolTokens, canary: list[int], *, token_budge
     pass and its status is always ``exact``. Its cost is fixed by the space, not by the rank: the choice for a canary
     that cannot prune (:func:`choose_exact_method`).
     """
-    return exact_rank(model, table, canary, node_budget=None, prune=False, token_budget=token_budget)
+    return exact_rank(scorer, table, canary, node_budget=None, prune=False, token_budget=token_budget)
 
 
-def space_nll_bits(model, table: SymbolTokens) -> np.ndarray:
+def space_nll_bits(scorer: Any, table: SymbolTokens) -> np.ndarray:
     """Bits of every secret of the space given the prefix, ``-log2 p(r | prefix)``, indexed like the space (the
     secret whose alphabet indices are ``a_1 .. a_L`` sits at ``sum a_i * n^(L - i)``): one unpruned walk of the trie.
 
     What anyone holding the model, the spec and a prefix can compute; the disclosure tests use it to check every
     published number against every secret (``tests/test_disclosure_attacks.py``)."""
-    leaves = exact_rank(model, table, [0] * len(table.pieces), node_budget=None, prune=False, keep_leaves=True).leaf_nll_bits
+    leaves = exact_rank(scorer, table, [0] * len(table.pieces), node_budget=None, prune=False, keep_leaves=True).leaf_nll_bits
     assert leaves is not None and leaves.size == table.space_size
     return leaves
 

@@ -96,9 +96,9 @@ def resolve_tuned(path: str) -> TunedWeights:
 
 
 def _token_probs(model, ids: list[int]) -> list[float | None]:
-    from audit.score.engine import score_token_sequences
+    from audit.score.hf_backend import as_backend
 
-    scores = score_token_sequences(model, [ids], vocab_stats=False)[0]
+    scores = as_backend(model).token_logprobs([ids])[0]
     return [None] + [math.exp(lp) for lp in scores.logprobs.tolist()]
 
 

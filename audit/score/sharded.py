@@ -42,7 +42,7 @@ def _world() -> tuple[int, int]:
 
 
 def score_sharded(
-    model: Any,
+    scorer: Any,
     tokenizer: Any,
     canaries: CanarySet,
     reference_secrets: list[str],
@@ -54,15 +54,15 @@ def score_sharded(
 ) -> list[SequenceScore] | None:
     """:func:`~audit.score.canaries.score_canaries` with the exposure work split over every process.
 
-    Every process must call it, each with its own copy of ``model`` on its own device. Returns the scores on rank 0
-    and None on the others.
+    Every process must call it, each with its own scoring backend (or transformers model) on its own device. Returns
+    the scores on rank 0 and None on the others.
     """
     from audit.score.canaries import exposure_row, ranked_indices, score_canaries
     from audit.score.engine import split_tokens
 
     rank, world = _world()
     if world == 1:
-        return score_canaries(model, tokenizer, canaries, reference_secrets, label=label, section=section,
+        return score_canaries(scorer, tokenizer, canaries, reference_secrets, label=label, section=section,
                               progress=progress, seed=seed)
     import torch.distributed as dist
     from tqdm.auto import tqdm
@@ -79,7 +79,7 @@ def score_sharded(
                    disable=not shown)
         for k, i in enumerate(share):
             beat.step(f"canary {k + 1}/{len(share)} of rank 0's share: ranking against {len(reference_secrets)} references")
-            mine[i] = exposure_row(model, tokenizer, items[i], split_tokens(tokenizer, items[i].prefix, items[i].secret),
+            mine[i] = exposure_row(scorer, tokenizer, items[i], split_tokens(tokenizer, items[i].prefix, items[i].secret),
                                    canaries, reference_secrets, section=section, seed=seed,
                                    on_step=lambda what, k=k: beat.step(f"canary {k + 1}/{len(share)} of rank 0's share: {what}"))
             bar.update(1)
@@ -93,5 +93,5 @@ def score_sharded(
     rows = {i: row for part in gathered for i, row in (part or {}).items()}
     if sorted(rows) != ranked:
         raise RuntimeError(f"sharded scoring returned {len(rows)} exposure rows for {len(ranked)} ranked canaries")
-    return score_canaries(model, tokenizer, canaries, reference_secrets, label=label, section=section, progress=progress,
+    return score_canaries(scorer, tokenizer, canaries, reference_secrets, label=label, section=section, progress=progress,
                           seed=seed, exposure_rows=[rows.get(i) for i in range(len(items))])

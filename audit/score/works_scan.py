@@ -1,10 +1,10 @@
 """The whole-work window scan: every ``prefix + suffix`` window of each work, scored teacher-forced, batched.
 
 What the scan needs from a model is one thing, a :data:`TokenScorer`: for given token sequences, the per-token
-log-probability of each next token and whether it is the argmax. :func:`engine_scorer` is today's batched HF engine
-(:func:`audit.score.engine.score_token_sequences` without the vocabulary statistics: the vocabulary is reduced on the
-device and only the chosen token's log-probability and the argmax flag come back, never the logits of a whole work).
-Another engine (vLLM, a GGUF reader) is a new scorer, not a change here.
+log-probability of each next token and whether it is the argmax. :func:`backend_scorer` asks any scoring backend
+(:mod:`audit.score.backend`) for it, without the vocabulary statistics (today's HF engine reduces the vocabulary on the
+device: only the chosen token's log-probability and the argmax flag come back, never the logits of a whole work).
+Another engine (vLLM, a GGUF reader) is a new backend, not a change here.
 
 Windows all have the same length, so a batch carries no padding. Each window is scored alone (no context before its
 start), as Cooper et al. 2025 define p_z; :mod:`audit.metrics.whole_works` turns the per-token numbers into ``ln p_z``,
@@ -22,6 +22,7 @@ import numpy as np
 
 from audit.metrics.whole_works import code_bits_per_window, suffix_greedy, suffix_logp_z, window_starts
 from audit.schema import WorkWindow
+from audit.score.backend import ScoringBackend
 
 TokenScorer = Callable[[list[list[int]]], list[tuple[np.ndarray, np.ndarray]]]
 """Token sequences -> per sequence ``(logprobs, top1)``: ``logprobs[j] = ln p(seq[j + 1] | seq[: j + 1])`` and
@@ -30,15 +31,20 @@ WINDOWS_PER_CALL = 512
 """Windows handed to the scorer at once (it batches them by its own token budget): bounds the host memory of one call."""
 
 
-def engine_scorer(model, *, pad_token_id: int = 0, token_budget: int | None = None) -> TokenScorer:
-    """The :data:`TokenScorer` of a transformers model through :func:`audit.score.engine.score_token_sequences`."""
-    from audit.score.engine import score_token_sequences
+def backend_scorer(backend: ScoringBackend) -> TokenScorer:
+    """The :data:`TokenScorer` of a scoring backend: its per-token log-probabilities and argmax flags."""
 
     def score(sequences: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        out = score_token_sequences(model, sequences, vocab_stats=False, token_budget=token_budget, pad_token_id=pad_token_id)
-        return [(s.logprobs, s.top1) for s in out]
+        return [(s.logprobs, s.top1) for s in backend.token_logprobs(sequences, vocab_stats=False)]
 
     return score
+
+
+def engine_scorer(model, *, pad_token_id: int = 0, token_budget: int | None = None) -> TokenScorer:
+    """The :data:`TokenScorer` of a transformers model as it is, through today's engine (:func:`backend_scorer`)."""
+    from audit.score.hf_backend import HFBackend
+
+    return backend_scorer(HFBackend(model, pad_token_id=pad_token_id, token_budget=token_budget))
 
 
 @dataclass(frozen=True)
