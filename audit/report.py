@@ -142,7 +142,8 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         outputs=OutputsSummary.model_validate(outputs.summary) if outputs else None,
         # the models this run scored (a further tune's base and parent rows are the parent runs', in their reports)
         scored_by=[ScoredBy(model=m, backend=recipe.scoring.backend, precision=recipe.scoring.precision)
-                   for m in dict.fromkeys(s.model for s in scores) if origin.parent_run is None or m == "tuned"],
+                   for m in dict.fromkeys(s.model for s in scores + release_scores)
+                   if origin.parent_run is None or m == "tuned" or m.startswith("release:")],
         calibration=calibration or None,
         parent_run=origin.parent_run,
         persistence=None if persistence.summary is None else PersistenceSummary.model_validate(

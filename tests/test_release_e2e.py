@@ -76,6 +76,9 @@ def test_releases_are_measured_by_the_tuned_models_protocol_under_their_labels(r
     assert flat["release.rank_changes/rep_0/release:merged"].value == 0
     # quantizing moved the scores (the releases are not the tuned model scored again)
     assert flat["release.bits_drift/rep_0/release:q4_0"].value != 0
+    # report.json says which engine and precision scored each release, as for base and tuned
+    assert [(s.model, s.backend, s.precision) for s in report.scored_by] == [
+        (m, "hf", "fp32") for m in ("base", "tuned", "release:merged", "release:q8_0", "release:q4_0")]
 
 
 def test_gates_can_name_a_release(release_run):
