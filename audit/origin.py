@@ -18,14 +18,24 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from audit.errors import AuditError
 from audit.keys import AuditKey, resolve_key
 from audit.layout import LAYOUT
 from audit.schema import AuditReport, LineageNode, MetricEntry, Recipe, SequenceScore
 from audit.train import stage
-from audit.train.types import DeviceChoice, TrainResult, WeightsLayer
+from audit.train.types import DeviceChoice, TrainPlan, TrainResult, WeightsLayer
+
+if TYPE_CHECKING:  # annotations only (the pipeline's types; none is imported at run time from here)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from audit.chain import ParentRun
+    from audit.external import GroundTruthDir
+    from audit.ground_truth import GroundTruth
+    from audit.schema import WorkWindow
+    from audit.tracking import RunTracker
+    from audit.train.stage import StageContext
 
 
 @dataclass(frozen=True)
@@ -50,17 +60,18 @@ class Origin(Protocol):
 
     def check(self, device: DeviceChoice) -> None: ...
 
-    def ground_truth(self, *, model_path: Any, fingerprint: str, device: DeviceChoice, progress: bool) -> Any: ...
+    def ground_truth(self, *, model_path: Path, fingerprint: str, device: DeviceChoice, progress: bool) -> GroundTruth: ...
 
     def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]: ...
 
-    def base_works_scan(self, scan: Callable[[], list[Any]]) -> list[Any]:
+    def base_works_scan(self, scan: Callable[[], list[WorkWindow]]) -> list[WorkWindow]:
         """The whole-work window rows that stand before training (``base``; a further tune's ``parent`` too)."""
 
-    def train_artifact(self, ctx: Any, start: Any) -> Any:
+    def train_artifact(self, ctx: StageContext, start: PreTrainedModel) -> stage.TrainedWeights | ExternalWeights:
         """The train stage's :class:`audit.store.Artifact` (``train.json``): read back on resume, written once."""
 
-    def tuned_model(self, ctx: Any, start: Any, tokenizer: Any, truth: Any, plan: Any, *, tracker: Any = None,
+    def tuned_model(self, ctx: StageContext, start: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth,
+                    plan: TrainPlan, *, tracker: RunTracker | None = None,
                     progress: bool = False) -> TrainResult:
         """The train stage: fine-tune ``start`` (a first or further tune), or load what someone else trained."""
 
@@ -72,10 +83,10 @@ class Origin(Protocol):
 
     def tags(self) -> dict[str, str]: ...
 
-    def record(self, report: AuditReport, run_dir: Any) -> None: ...
+    def record(self, report: AuditReport, run_dir: Path) -> None: ...
 
 
-def origin_for(recipe: Recipe, *, resume_dir: Any = None) -> Origin:
+def origin_for(recipe: Recipe, *, resume_dir: Path | str | None = None) -> Origin:
     """:class:`FurtherTune` of ``recipe.parent`` when it names one (checked now), else :class:`FreshBase`; either with
     its audit key (:func:`run_key`), checked against the run being resumed and the parent before anything is written."""
     if resume_dir is not None and (Path(resume_dir) / LAYOUT.external).is_file():  # an `audit measure` run
@@ -93,7 +104,7 @@ def origin_for(recipe: Recipe, *, resume_dir: Any = None) -> Origin:
 KEY_ID_FIELD = "key_id"
 
 
-def recorded_key_id(run_dir: Any) -> str | None:
+def recorded_key_id(run_dir: Path | str) -> str | None:
     """The audit key id a run directory was made under (run.json, else canaries.meta.json); ``"unkeyed"`` for a run
     written before the key existed (canaries.jsonl without any key id); None when it recorded nothing yet."""
     run_dir = Path(run_dir)
@@ -110,7 +121,7 @@ def recorded_key_id(run_dir: Any) -> str | None:
 UNKEYED = "unkeyed"
 
 
-def _resumed(resume_dir: Any) -> list[tuple[str, str | None]]:
+def _resumed(resume_dir: Path | str | None) -> list[tuple[str, str | None]]:
     return [] if resume_dir is None else [(f"run {resume_dir}", recorded_key_id(resume_dir))]
 
 
@@ -143,7 +154,7 @@ class FreshBase:
     def check(self, device: DeviceChoice) -> None:
         pass
 
-    def ground_truth(self, *, model_path: Any, fingerprint: str, device: DeviceChoice, progress: bool) -> Any:
+    def ground_truth(self, *, model_path: Path, fingerprint: str, device: DeviceChoice, progress: bool) -> GroundTruth:
         from audit.ground_truth import ground_truth_for_model
 
         return ground_truth_for_model(self.recipe, model_path=model_path, fingerprint=fingerprint, device=device.device,
@@ -152,13 +163,14 @@ class FreshBase:
     def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]:
         return score()
 
-    def base_works_scan(self, scan: Callable[[], list[Any]]) -> list[Any]:
+    def base_works_scan(self, scan: Callable[[], list[WorkWindow]]) -> list[WorkWindow]:
         return scan()
 
-    def train_artifact(self, ctx: Any, start: Any) -> Any:
+    def train_artifact(self, ctx: StageContext, start: PreTrainedModel) -> stage.TrainedWeights | ExternalWeights:
         return stage.TrainedWeights(ctx, start)
 
-    def tuned_model(self, ctx: Any, start: Any, tokenizer: Any, truth: Any, plan: Any, *, tracker: Any = None,
+    def tuned_model(self, ctx: StageContext, start: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth,
+                    plan: TrainPlan, *, tracker: RunTracker | None = None,
                     progress: bool = False) -> TrainResult:
         return stage.train(ctx, self.layers, start, tokenizer, truth, plan, tracker=tracker, progress=progress)
 
@@ -174,7 +186,7 @@ class FreshBase:
     def tags(self) -> dict[str, str]:
         return {}
 
-    def record(self, report: AuditReport, run_dir: Any) -> None:
+    def record(self, report: AuditReport, run_dir: Path) -> None:
         pass
 
 
@@ -183,7 +195,7 @@ class FurtherTune:
     """A further tune of an earlier run (:mod:`audit.chain`): its canaries, its scores, its weights as the start."""
 
     recipe: Recipe
-    parent: Any
+    parent: ParentRun
     """The :class:`audit.chain.ParentRun`."""
     key: AuditKey | None = None
     """The chain's first run's key (checked by :func:`run_key`)."""
@@ -202,7 +214,7 @@ class FurtherTune:
 
         chain.check_same_device(self.parent, device=device.device, precision=device.precision)
 
-    def ground_truth(self, *, model_path: Any, fingerprint: str, device: DeviceChoice, progress: bool) -> Any:
+    def ground_truth(self, *, model_path: Path, fingerprint: str, device: DeviceChoice, progress: bool) -> GroundTruth:
         """The parent's canaries and reference secrets, this recipe's corpus, the canaries planted only if asked.
 
         The canary set is read from the chain's first run (``canaries.jsonl`` + ``canaries.meta.json``), or, for a
@@ -233,15 +245,16 @@ class FurtherTune:
 
         return chain.inherited_scores(self.parent)  # base and parent weights as the parent runs measured them
 
-    def base_works_scan(self, scan: Callable[[], list[Any]]) -> list[Any]:
+    def base_works_scan(self, scan: Callable[[], list[WorkWindow]]) -> list[WorkWindow]:
         from audit import chain
 
         return chain.inherited_works_scan(self.parent)
 
-    def train_artifact(self, ctx: Any, start: Any) -> Any:
+    def train_artifact(self, ctx: StageContext, start: PreTrainedModel) -> stage.TrainedWeights | ExternalWeights:
         return stage.TrainedWeights(ctx, start)
 
-    def tuned_model(self, ctx: Any, start: Any, tokenizer: Any, truth: Any, plan: Any, *, tracker: Any = None,
+    def tuned_model(self, ctx: StageContext, start: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth,
+                    plan: TrainPlan, *, tracker: RunTracker | None = None,
                     progress: bool = False) -> TrainResult:
         return stage.train(ctx, self.layers, start, tokenizer, truth, plan, tracker=tracker, progress=progress)
 
@@ -266,7 +279,7 @@ class FurtherTune:
         tracking = self.parent.report.tracking
         return {"canary_audit.parent_mlflow_run": tracking.run_id} if tracking is not None else {}
 
-    def record(self, report: AuditReport, run_dir: Any) -> None:
+    def record(self, report: AuditReport, run_dir: Path) -> None:
         """One line in the parent's ``children.jsonl``: this tune's weights node and its persistence metrics."""
         from audit import chain
 
@@ -275,7 +288,8 @@ class FurtherTune:
         chain.record_child(self.parent, run_dir=run_dir, tuned_node=tuned[-1], metrics=kept)
 
 
-def external_model(gt: Any, recipe: Recipe, *, model: Any, adapter: Any, base_given: bool, progress: bool = False) -> ExternalModel:
+def external_model(gt: GroundTruthDir, recipe: Recipe, *, model: str | None, adapter: str | None, base_given: bool,
+                   progress: bool = False) -> ExternalModel:
     """:class:`ExternalModel` for the weights given, measured on the ground truth ``gt``
     (:class:`audit.external.GroundTruthDir`): its audit key (the one the ground truth recorded), its secrets checked
     against their keyed ids, the weights checked (:func:`audit.external.check_external_weights`). Nothing is written."""
@@ -336,7 +350,7 @@ class ExternalModel:
     def check(self, device: DeviceChoice) -> None:
         pass
 
-    def ground_truth(self, *, model_path: Any, fingerprint: str, device: DeviceChoice, progress: bool) -> Any:
+    def ground_truth(self, *, model_path: Path, fingerprint: str, device: DeviceChoice, progress: bool) -> GroundTruth:
         """The ground-truth directory's canaries (checked against its manifest) with the corpus, injection, pre-flight and
         exposure references drawn again as ``audit inject`` drew them; the injection must reproduce its ``manifest.json``."""
         import dataclasses
@@ -369,13 +383,14 @@ class ExternalModel:
     def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]:
         return score()
 
-    def base_works_scan(self, scan: Callable[[], list[Any]]) -> list[Any]:
+    def base_works_scan(self, scan: Callable[[], list[WorkWindow]]) -> list[WorkWindow]:
         return scan()
 
-    def train_artifact(self, ctx: Any, start: Any) -> Any:
+    def train_artifact(self, ctx: StageContext, start: PreTrainedModel) -> stage.TrainedWeights | ExternalWeights:
         return ExternalWeights(origin=self, ctx=ctx, start=start)
 
-    def tuned_model(self, ctx: Any, start: Any, tokenizer: Any, truth: Any, plan: Any, *, tracker: Any = None,
+    def tuned_model(self, ctx: StageContext, start: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth,
+                    plan: TrainPlan, *, tracker: RunTracker | None = None,
                     progress: bool = False) -> TrainResult:
         """The weights someone else trained, put on ``start`` (the base) by the one :func:`~audit.train.weights.load_tuned`."""
         import time
@@ -412,7 +427,7 @@ class ExternalModel:
     def tags(self) -> dict[str, str]:
         return {"canary_audit.training": "external", "canary_audit.ground_truth": str(self.ground_truth_dir)}
 
-    def record(self, report: AuditReport, run_dir: Any) -> None:
+    def record(self, report: AuditReport, run_dir: Path) -> None:
         pass
 
 
@@ -422,8 +437,8 @@ class ExternalWeights:
     (a resumed ``audit measure``), the weights must still have the fingerprint recorded, and are loaded again."""
 
     origin: ExternalModel
-    ctx: Any
-    start: Any
+    ctx: StageContext
+    start: PreTrainedModel
     name: str = LAYOUT.train
 
     def read(self, run_dir: Path) -> TrainResult | None:

@@ -19,13 +19,13 @@ Resume is not here: a stage's artifact (:class:`audit.store.ScoresFile`, :class:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -40,7 +40,18 @@ from audit.train.stage import TrainedWeights, load_base  # noqa: F401  (re-expor
 from audit.train.types import DeviceChoice, TrainPlan
 
 if TYPE_CHECKING:  # annotations only: the origins import this module's stages lazily, so no cycle at import time
+    from contextlib import AbstractContextManager
+
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from audit.ground_truth import GroundTruth
     from audit.origin import Origin
+    from audit.outputs import OutputsResult
+    from audit.render.token_view import CanaryTokens
+    from audit.schema import CalibrationSummary, WorkWindow
+    from audit.score.backend import ScoringBackend
+    from audit.tracking import RunTracker
+    from audit.works.summary import WholeWorksResult
 
 
 
@@ -136,7 +147,7 @@ class RunContext:
             fp = fingerprint_safetensors_dir(self.resolved.path)
         return fp
 
-    def ground_truth(self, origin: Origin) -> Any:
+    def ground_truth(self, origin: Origin) -> GroundTruth:
         """Canaries + inject + pre-flight (:mod:`audit.ground_truth`), timed as the ``inject`` stage."""
         t = time.perf_counter()
         truth = origin.ground_truth(model_path=self.resolved.path, fingerprint=self.resolved.provenance.get("weights_fingerprint", ""),
@@ -169,7 +180,7 @@ class Run:
 
     ctx: RunContext
     handle: RunHandle
-    tracker: Any
+    tracker: RunTracker
     """:class:`audit.tracking.Tracker`, or :class:`audit.tracking.NullTracker` when tracking is off."""
 
     @property
@@ -232,7 +243,7 @@ def open_run(ctx: RunContext, resume_dir: Path | None) -> Iterator[Run]:
     handle.close()
 
 
-def _tracking_status(tracker: Any) -> dict[str, Any]:
+def _tracking_status(tracker: RunTracker | None) -> dict[str, str]:
     if tracker is None or tracker.run_id is None and not tracker.incomplete:
         return {}
     return {"tracking": "incomplete" if tracker.incomplete else "complete",
@@ -255,7 +266,7 @@ def replay_kept_calls(handle: RunHandle, uri: str, *, progress: bool = True) -> 
     say(progress, f"[audit] MLflow: replayed {done.calls} calls an earlier attempt could not log")
 
 
-def record_inputs(run: Run, truth: Any) -> None:
+def record_inputs(run: Run, truth: GroundTruth) -> None:
     """The deterministic stage files (written once; on resume checked byte for byte), progress lines, MLflow params."""
     from audit.ground_truth import ground_truth_files
     from audit.report import git_revision, package_versions
@@ -306,7 +317,7 @@ def record_inputs(run: Run, truth: Any) -> None:
 # --------------------------------------------------------------------------------------------------- models
 
 
-def start_model(ctx: RunContext, origin: Origin, base: Any) -> Any:
+def start_model(ctx: RunContext, origin: Origin, base: PreTrainedModel) -> PreTrainedModel:
     """What training starts from: ``base`` with the origin's saved weights merged in (none for a first tune)."""
     from audit.train.weights import load_tuned
 
@@ -322,7 +333,7 @@ def seed_torch(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def scoring_backend(ctx: RunContext, model: Any, tokenizer: Any) -> Any:
+def scoring_backend(ctx: RunContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> AbstractContextManager[ScoringBackend]:
     """``model`` as the recipe scores it: ``scoring.backend`` in ``scoring.precision`` (a context manager yielding a
     :class:`~audit.score.backend.ScoringBackend`)."""
     from audit.score.backend import open_backend
@@ -331,7 +342,7 @@ def scoring_backend(ctx: RunContext, model: Any, tokenizer: Any) -> Any:
     return open_backend(section.backend, model, tokenizer, precision=section.precision, batch_size=section.batch_size)
 
 
-def token_view(ctx: RunContext, model: Any, tokenizer: Any, truth: Any) -> Any:
+def token_view(ctx: RunContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth) -> list[CanaryTokens]:
     """Per-token probabilities of the view's canaries (:mod:`audit.render.token_view`), as the recipe scores."""
     from audit.render.token_view import canary_token_logprobs, view_candidates
 
@@ -339,13 +350,13 @@ def token_view(ctx: RunContext, model: Any, tokenizer: Any, truth: Any) -> Any:
         return canary_token_logprobs(backend, tokenizer, view_candidates(truth.canaries))
 
 
-def write_token_view(run_dir: Path, base_view: Any, tuned_view: Any) -> None:
+def write_token_view(run_dir: Path, base_view: list[CanaryTokens], tuned_view: list[CanaryTokens]) -> None:
     from audit.render import token_view as views
 
     views.write_token_view(run_dir, base_view, tuned_view)
 
 
-def score(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -> list[SequenceScore] | None:
+def score(ctx: RunContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth, label: str) -> list[SequenceScore] | None:
     """The canaries' scores under ``model``, computed in ``scoring.precision`` (fp32 by default, whatever training used).
 
     In a distributed run every process calls it with its own copy of the model and takes a share of the exposure
@@ -359,7 +370,8 @@ def score(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -
                              section=ctx.recipe.scoring, progress=ctx.progress, seed=ctx.recipe.seed)
 
 
-def scan_works(run: Run, model: Any, tokenizer: Any, truth: Any, label: str, *, origin: Origin | None = None) -> list[Any]:
+def scan_works(run: Run, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth, label: str, *,
+               origin: Origin | None = None) -> list[WorkWindow]:
     """The whole-work window scan under ``model`` (:mod:`audit.score.works_scan`), in ``scoring.precision``, kept as
     ``works_scan_<label>.jsonl`` (reused on resume); [] when the recipe audits no whole works. With ``origin``, the
     rows that stand before training come from it (a further tune reuses the parent runs' base and tuned scans)."""
@@ -367,7 +379,7 @@ def scan_works(run: Run, model: Any, tokenizer: Any, truth: Any, label: str, *, 
         return []
     from audit.store import WorksScanFile
 
-    def scan() -> list[Any]:
+    def scan() -> list[WorkWindow]:
         from audit.score.works_scan import ScanSettings, backend_scorer
         from audit.score.works_scan import scan_works as scan_windows
 
@@ -382,7 +394,8 @@ def scan_works(run: Run, model: Any, tokenizer: Any, truth: Any, label: str, *, 
     return run.store.get_or_run(WorksScanFile(label), scan if origin is None else lambda: origin.base_works_scan(scan))
 
 
-def summarize_works(run: Run, truth: Any, tokenizer: Any, rows: list[Any], training: TrainSummary) -> Any:
+def summarize_works(run: Run, truth: GroundTruth, tokenizer: PreTrainedTokenizerBase, rows: list[WorkWindow],
+                    training: TrainSummary) -> WholeWorksResult | None:
     """``works_scan.jsonl`` (+ ``.meta.json``) and the report's whole-works section (:mod:`audit.works.summary`); None
     without whole works."""
     if truth.works is None:
@@ -412,7 +425,7 @@ def summarize_works(run: Run, truth: Any, tokenizer: Any, rows: list[Any], train
                                  passage_text=passage_text, seed=run.ctx.recipe.seed)
 
 
-def calibrate(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: str) -> Any:
+def calibrate(ctx: RunContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth, label: str) -> CalibrationSummary | None:
     """``model``'s scores' gap to the HF engine in fp32 on a few canaries (:mod:`audit.score.calibration`), or None
     when the recipe scores with the reference itself (the HF engine in fp32) or turns calibration off
     (``scoring.calibration_canaries``)."""
@@ -424,7 +437,7 @@ def calibrate(ctx: RunContext, model: Any, tokenizer: Any, truth: Any, label: st
 # --------------------------------------------------------------------------------------------------- train
 
 
-def train_plan(run: Run, truth: Any) -> TrainPlan:
+def train_plan(run: Run, truth: GroundTruth) -> TrainPlan:
     """Rank 0's plan, made when the run opens: score the base unless ``scores_base.jsonl`` is stored; train unless
     ``train.json`` is, from the newest complete checkpoint if there is one; score the tuned weights unless
     ``scores_tuned.jsonl`` is. The stage store decides the same way on rank 0, from the same files. The plan names
@@ -441,12 +454,12 @@ def train_plan(run: Run, truth: Any) -> TrainPlan:
     return TrainPlan(run_dir=run.dir, train=True, checkpoint=last_checkpoint(run.handle), **common)
 
 
-def drawn(truth: Any) -> tuple[str | None, str]:
+def drawn(truth: GroundTruth) -> tuple[str | None, str]:
     """What this process drew: the audit key's public id and the canary set's hash."""
     return truth.canaries.key_id, truth.canaries.sha256()
 
 
-def share_plan(make: Any, truth: Any) -> TrainPlan:
+def share_plan(make: Callable[[], TrainPlan], truth: GroundTruth) -> TrainPlan:
     """Rank 0's plan (``make``; None on the other processes) on every process, once every process is known to have drawn
     the same canaries as rank 0: otherwise every process refuses, before anything is trained or scored."""
     plan, every = distributed.share_plan(make, own=drawn(truth))
@@ -454,7 +467,7 @@ def share_plan(make: Any, truth: Any) -> TrainPlan:
     return plan
 
 
-def worker(ctx: RunContext, origin: Origin, truth: Any) -> None:
+def worker(ctx: RunContext, origin: Origin, truth: GroundTruth) -> None:
     """A non-main process of ``accelerate launch`` / ``torchrun``: the stages rank 0's plan says, on its own model copy.
 
     The same steps as rank 0 in the same order (base scoring, the start model, training, the tuned weights reloaded,
@@ -484,7 +497,7 @@ def worker(ctx: RunContext, origin: Origin, truth: Any) -> None:
 # --------------------------------------------------------------------------------------------------- outputs, report
 
 
-def sample_outputs(run: Run, model: Any, tokenizer: Any, truth: Any) -> Any:
+def sample_outputs(run: Run, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth) -> OutputsResult | None:
     """What the tuned model writes, scanned for secrets and works (:mod:`audit.outputs`); None when off."""
     section = run.ctx.recipe.outputs
     if section.samples <= 0:

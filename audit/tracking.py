@@ -51,10 +51,10 @@ import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from audit.errors import AuditError
 from audit.layout import LAYOUT, check_version, versioned
@@ -520,6 +520,35 @@ def find_stage_run(client: Any, experiment_id: str | None, parent_run_id: str | 
     found = client.search_runs([experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' and tags.`{STAGE_TAG}` = '{name}'",
                                order_by=["attributes.start_time DESC"], max_results=1)
     return found[0].info.run_id if found else None
+
+
+class RunTracker(Protocol):
+    """What the pipeline logs through: :class:`Tracker` (MLflow) or :class:`NullTracker` (tracking off), the same calls."""
+
+    @property
+    def run_id(self) -> str | None: ...
+
+    @property
+    def incomplete(self) -> bool: ...
+
+    def log_params(self, params: dict[str, Any], *, run_id: str | None = None, run: str = "parent") -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, *, run_id: str | None = None,
+                    run: str = "parent") -> None: ...
+
+    def set_tags(self, tags: Mapping[str, str], *, run_id: str | None = None, run: str = "parent") -> None: ...
+
+    def stage(self, name: str, *, elapsed_s: float = 0.0) -> AbstractContextManager[None]: ...
+
+    def log_stage_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+
+    def log_stage_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_training_dataset(self, manifest: InjectionManifest, record_chars: list[int], *, name: str) -> None: ...
+
+    def log_report(self, report: AuditReport, run_dir: Path, *, log_full_weights: bool = False) -> None: ...
+
+    def info(self) -> TrackingInfo | None: ...
 
 
 class NullTracker:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
 def _torch_loaded_after(code: str) -> str:
@@ -81,3 +82,18 @@ def test_the_cycle_checker_finds_a_cycle_and_ignores_type_checking_imports(tmp_p
     (pkg / "lone.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from audit import loner\n")
     (pkg / "loner.py").write_text("import audit.lone\n")
     assert ic.cycles(ic.import_graph(pkg)) == [["audit.distributed", "audit.resume", "audit.train.sft"]]
+
+
+def test_the_pipeline_layer_names_its_types():
+    """Issue 24's typed seams: the origins and the stages name the ground truth, the run context, the train plan, the
+    tracker (:class:`audit.tracking.RunTracker`) and the scorer, so ``Any`` is left for JSON payloads only (<= 10)."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "audit"
+    uses = []
+    for name in ("origin.py", "stages.py", "pipeline.py"):
+        tree = ast.parse((root / name).read_text(encoding="utf-8"))
+        annotations = [n.annotation for n in ast.walk(tree) if isinstance(n, (ast.arg, ast.AnnAssign)) and n.annotation]
+        annotations += [n.returns for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.returns]
+        uses += [f"{name}:{a.lineno}" for a in annotations for n in ast.walk(a) if isinstance(n, ast.Name) and n.id == "Any"]
+    assert len(uses) <= 10, uses
