@@ -333,7 +333,8 @@ def seed_torch(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def scoring_backend(ctx: RunContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> AbstractContextManager[ScoringBackend]:
+def scoring_backend(ctx: RunContext, model: PreTrainedModel,
+                    tokenizer: PreTrainedTokenizerBase) -> AbstractContextManager[ScoringBackend]:
     """``model`` as the recipe scores it: ``scoring.backend`` in ``scoring.precision`` (a context manager yielding a
     :class:`~audit.score.backend.ScoringBackend`)."""
     from audit.score.backend import open_backend
@@ -342,7 +343,8 @@ def scoring_backend(ctx: RunContext, model: PreTrainedModel, tokenizer: PreTrain
     return open_backend(section.backend, model, tokenizer, precision=section.precision, batch_size=section.batch_size)
 
 
-def token_view(ctx: RunContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth) -> list[CanaryTokens]:
+def token_view(ctx: RunContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+               truth: GroundTruth) -> list[CanaryTokens]:
     """Per-token probabilities of the view's canaries (:mod:`audit.render.token_view`), as the recipe scores."""
     from audit.render.token_view import canary_token_logprobs, view_candidates
 
@@ -356,7 +358,8 @@ def write_token_view(run_dir: Path, base_view: list[CanaryTokens], tuned_view: l
     views.write_token_view(run_dir, base_view, tuned_view)
 
 
-def score(ctx: RunContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth, label: str) -> list[SequenceScore] | None:
+def score(ctx: RunContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth,
+          label: str) -> list[SequenceScore] | None:
     """The canaries' scores under ``model``, computed in ``scoring.precision`` (fp32 by default, whatever training used).
 
     In a distributed run every process calls it with its own copy of the model and takes a share of the exposure
@@ -425,7 +428,8 @@ def summarize_works(run: Run, truth: GroundTruth, tokenizer: PreTrainedTokenizer
                                  passage_text=passage_text, seed=run.ctx.recipe.seed)
 
 
-def calibrate(ctx: RunContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth, label: str) -> CalibrationSummary | None:
+def calibrate(ctx: RunContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth,
+              label: str) -> CalibrationSummary | None:
     """``model``'s scores' gap to the HF engine in fp32 on a few canaries (:mod:`audit.score.calibration`), or None
     when the recipe scores with the reference itself (the HF engine in fp32) or turns calibration off
     (``scoring.calibration_canaries``)."""
@@ -497,7 +501,8 @@ def worker(ctx: RunContext, origin: Origin, truth: GroundTruth) -> None:
 # --------------------------------------------------------------------------------------------------- outputs, report
 
 
-def sample_outputs(run: Run, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth) -> OutputsResult | None:
+def sample_outputs(run: Run, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   truth: GroundTruth) -> OutputsResult | None:
     """What the tuned model writes, scanned for secrets and works (:mod:`audit.outputs`); None when off."""
     section = run.ctx.recipe.outputs
     if section.samples <= 0:
