@@ -46,6 +46,11 @@ def run_summary(run_dir: Path) -> dict:
         "exposure_space_tuned": {f"rep_{k}": m.get(f"exposure.space_mean/rep_{k}/tuned") for k in sorted(tiers)},
         "extracted_greedy_tuned": {f"rep_{k}": f"{t.extracted.get('tuned')}/{t.n}" for k, t in sorted(tiers.items())},
         "mia_auc_loss_diff": m.get("mia.auc/loss_diff"), "privacy_eps_lb": m.get("privacy.eps_lb"),
+        # every attack's AUC per tier (members of the tier vs all references), and the attacks the report flags as
+        # inverted (``mia.inverted/<attack>`` notes: far below 0.5 where another attack separates)
+        "mia_auc_by_tier": {attack: {f"rep_{k}": m.get(f"mia.auc/{attack}/rep_{k}") for k in sorted(tiers) if k}
+                            for attack in ("loss_diff", "min_k_pp", "ez_mia", "ez_mia_secret", "zlib")},
+        "mia_inverted": sorted(k.split("/", 1)[1] for k in r.metric_notes if k.startswith("mia.inverted/")),
         "outputs": None if r.outputs is None else {"statement": r.outputs.statement,
                                                     "samples_with_member_secret": r.outputs.samples_with_member_secret},
         "persistence": None if r.persistence is None else r.persistence.model_dump(mode="json"),
