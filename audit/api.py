@@ -8,8 +8,9 @@
 
 :func:`inject_canaries` is ``audit inject`` on a dataset in memory: the same canary generator, injection and
 pre-flight (:func:`audit.ground_truth.prepare_ground_truth`), and the same ground-truth directory
-(canaries.jsonl, canaries.meta.json, manifest.json, preflight.json, train.jsonl) plus recipe.yaml, inject.json and train_dataset/ (:func:`audit.ground_truth.write_measure_record`)
-and the dataset as given (corpus.jsonl, the recipe's corpus source), so ``audit measure`` and :class:`audit.callback.CanaryAuditCallback` read it.
+(canaries.jsonl, canaries.meta.json, manifest.json, preflight.json, train.jsonl) plus recipe.yaml, inject.json and
+train_dataset/ (:func:`audit.ground_truth.write_measure_record`) and the dataset as given (corpus.jsonl, the recipe's
+corpus source), so ``audit measure`` and :class:`audit.callback.CanaryAuditCallback` read it.
 """
 
 from __future__ import annotations

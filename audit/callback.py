@@ -211,7 +211,8 @@ class CanaryAuditCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs):
         tokenizer = processing_class
         if tokenizer is None or not hasattr(tokenizer, "decode"):
-            raise AuditError("CanaryAuditCallback needs the trainer's tokenizer", fix="pass processing_class=tokenizer to the Trainer")
+            raise AuditError("CanaryAuditCallback needs the trainer's tokenizer",
+                             fix="pass processing_class=tokenizer to the Trainer")
         self.truth = load_live_truth(self.ground_truth, tokenizer)
         if self.check_preflight:
             self.preflight_copies = _preflight_on(train_dataloader, tokenizer, self.truth.canaries)
@@ -336,7 +337,8 @@ def _gate_specs(gates: str | Path | Sequence[Any] | None) -> list[GateSpec]:
         return []
     if isinstance(gates, str | Path):
         return load_gate_specs(gates)
-    return parse_gate_specs([g.model_dump() if isinstance(g, GateSpec) else g for g in gates], source="CanaryAuditCallback(gates=)")
+    return parse_gate_specs([g.model_dump() if isinstance(g, GateSpec) else g for g in gates],
+                            source="CanaryAuditCallback(gates=)")
 
 
 def _preflight_on(loader: Any, tokenizer: Any, canaries: CanarySet) -> dict[str, int]:

@@ -104,7 +104,8 @@ def load_parent(path: str | Path, *, _depth: int = 0) -> ParentRun:
     if not run_dir.is_dir():
         raise AuditError(f"parent run {path} is not a directory", fix="set parent= to a run directory made by `audit run`")
     if _depth > 16:
-        raise AuditError(f"parent chain of {run_dir} is deeper than 16 runs or loops", fix="check the runs' recipe.yaml 'parent' keys")
+        raise AuditError(f"parent chain of {run_dir} is deeper than 16 runs or loops",
+                         fix="check the runs' recipe.yaml 'parent' keys")
     status = {}
     try:
         status = json.loads((run_dir / LAYOUT.status).read_text(encoding="utf-8"))
@@ -234,7 +235,8 @@ def persistence(scores: list[SequenceScore], *, base: str = "base", before: str 
         space = {k: _mean(by[m], lambda r: r.exposure_space if r.exposure_space is not None else r.exposure)
                  for k, m in (("base", base), ("before", before), ("after", after))}
         sampled = {k: _mean(by[m], lambda r: r.exposure) for k, m in (("base", base), ("before", before), ("after", after))}
-        extracted = {k: sum(r.extracted is True for r in by[m]) for k, m in (("base", base), ("before", before), ("after", after))}
+        extracted = {k: sum(r.extracted is True for r in by[m])
+                     for k, m in (("base", base), ("before", before), ("after", after))}
         learned = None if bits["base"] is None or bits["before"] is None else bits["base"] - bits["before"]
         kept = None if bits["base"] is None or bits["after"] is None else bits["base"] - bits["after"]
         gained = None if space["base"] is None or space["before"] is None else space["before"] - space["base"]

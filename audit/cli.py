@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the tuned model (a full fine-tune or merged model directory, or a llama GGUF file: a "
                           "release, dequantized into fp32); with --adapter, the model the adapter goes on (default: the base)")
     mea.add_argument("--adapter", default=None, metavar="DIR", help="a PEFT adapter directory (safetensors)")
-    mea.add_argument("--base", default=None, metavar="SOURCE", help="the pretrained model (default: the one `audit inject` recorded)")
+    mea.add_argument("--base", default=None, metavar="SOURCE",
+                     help="the pretrained model (default: the one `audit inject` recorded)")
     mea.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db)")
     mea.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     mea.add_argument("--quiet", action="store_true", help="no progress output, only the final table")
@@ -172,7 +173,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from audit.resume import load_resumable
 
         if recipe_name or overrides:
-            raise AuditError("--resume continues a run with the recipe stored in it; a recipe or key=value overrides cannot change it",
+            raise AuditError("--resume continues a run with the recipe stored in it; "
+                             "a recipe or key=value overrides cannot change it",
                              fix=f"run `audit run --resume {args.resume}` alone, or start a new run")
         run_dir, recipe, status = load_resumable(args.resume)
         if status.get("status") == "complete" and (run_dir / LAYOUT.report).is_file():
@@ -294,7 +296,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
         where = f"gates file {args.gates} lists no gates" if args.gates else \
             f"the recipe of {report.run_id} has no 'gates:' section and no --gates was given"
         raise AuditError(f"no gates to check: {where}", fix="pass --gates FILE or add a gates: section to the recipe")
-    if args.junit:  # checked before anything is printed: a path that cannot be written is a usage error (2), not a failed gate (1)
+    # checked before anything is printed: a path that cannot be written is a usage error (2), not a failed gate (1)
+    if args.junit:
         junit = Path(args.junit)
         try:
             junit.parent.mkdir(parents=True, exist_ok=True)
@@ -467,9 +470,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"report": cmd_report, "run": cmd_run, "validate": cmd_validate, "ls": cmd_ls, "gate": cmd_gate, "canaries": cmd_canaries,
-            "key": cmd_key,
-            "inject": cmd_inject, "measure": cmd_measure, "chain": cmd_chain, "compare": cmd_compare, "probe": cmd_probe, "sync": cmd_sync}
+COMMANDS = {"report": cmd_report, "run": cmd_run, "validate": cmd_validate, "ls": cmd_ls, "gate": cmd_gate,
+            "canaries": cmd_canaries, "key": cmd_key, "inject": cmd_inject, "measure": cmd_measure, "chain": cmd_chain,
+            "compare": cmd_compare, "probe": cmd_probe, "sync": cmd_sync}
 
 
 WATCHED_COMMANDS = {"run", "chain", "inject", "measure"}

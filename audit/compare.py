@@ -196,9 +196,11 @@ def _rows_from_experiment(name: str, uri: str) -> list[CompareRow]:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
-        raise AuditError(f"'{name}' is not a run directory, an MLflow run id or an experiment in {uri}." + did_you_mean(name, names),
+        raise AuditError(f"'{name}' is not a run directory, an MLflow run id or an experiment in {uri}."
+                         + did_you_mean(name, names),
                          fix=f"experiments there: {', '.join(names) or 'none'}")
-    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"])
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"])
     audits = [r for r in runs if STAGE_TAG not in r.data.tags]  # nested stage runs are parts of an audit, not audits
     if not audits:
         raise AuditError(f"experiment '{name}' has no finished audit runs", fix="run an audit first")
@@ -336,7 +338,8 @@ def compare_figure(rows: list[CompareRow], *, model: str = "tuned") -> Any:
         pos = np.arange(len(rows))
         ax.bar(pos, [v if v is not None else 0.0 for v in values], color=[f"C{i}" for i in range(len(rows))])
         for p, v in zip(pos, values, strict=True):
-            ax.text(p, v if v is not None and v == v else 0.0, "n/a" if v is None else f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+            ax.text(p, v if v is not None and v == v else 0.0, "n/a" if v is None else f"{v:.3g}",
+                    ha="center", va="bottom", fontsize=8)
         ax.set_xticks(pos, plot_labels([r.label for r in rows]), fontsize=7)
         ax.set_title(title)
         if key != MIA_KEY:

@@ -87,11 +87,13 @@ def resolve_format(record: dict[str, Any], *, format: str, text_column: str, mes
             return "messages"
         raise AuditError(
             f"corpus '{source}' has neither a text column '{text_column}' nor a messages column '{messages_column}'."
-            + did_you_mean(text_column, keys), fix=f"set corpus.text_column or corpus.messages_column to one of: {', '.join(keys)}")
+            + did_you_mean(text_column, keys),
+            fix=f"set corpus.text_column or corpus.messages_column to one of: {', '.join(keys)}")
     column = text_column if format == "text" else messages_column
     if column not in record:
         raise AuditError(f"corpus '{source}' has no column '{column}'." + did_you_mean(column, keys),
-                         fix=f"set corpus.{'text_column' if format == 'text' else 'messages_column'} to one of: {', '.join(keys)}")
+                         fix=f"set corpus.{'text_column' if format == 'text' else 'messages_column'} "
+                             f"to one of: {', '.join(keys)}")
     return format  # type: ignore[return-value]
 
 
@@ -136,9 +138,11 @@ def check_texts(records: list[dict[str, Any]], *, format: CorpusFormat, text_col
     if empty == len(records):
         column = text_column if format == "text" else messages_column
         raise AuditError(f"corpus '{source}': all {len(records)} records are empty (column '{column}')",
-                         fix=f"check corpus.{'text_column' if format == 'text' else 'messages_column'} (is it the column that holds the text?)")
+                         fix=f"check corpus.{'text_column' if format == 'text' else 'messages_column'} "
+                             "(is it the column that holds the text?)")
     if empty:
-        (warn or _warn)(f"corpus '{source}': {empty} of {len(records)} records are empty (each trains as a lone end-of-text token)")
+        (warn or _warn)(f"corpus '{source}': {empty} of {len(records)} records are empty "
+                        "(each trains as a lone end-of-text token)")
     return empty
 
 
@@ -213,7 +217,8 @@ def check_utf8(path: Path, *, chunk: int = 1 << 20) -> None:
             except UnicodeDecodeError as exc:
                 at = offset + exc.start
                 line += block[: exc.start].count(b"\n")
-                raise AuditError(f"corpus file {path} is not valid UTF-8: byte 0x{block[exc.start]:02x} at offset {at} (line {line})",
+                raise AuditError(f"corpus file {path} is not valid UTF-8: "
+                                 f"byte 0x{block[exc.start]:02x} at offset {at} (line {line})",
                                  fix="re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8), or fix that record") from None
             offset += len(block)
             line += block.count(b"\n")

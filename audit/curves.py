@@ -1,7 +1,8 @@
 """Memorization curves: the audit's metrics at training steps, not only at the end. Pure (standard library).
 
 A point is one scoring pass of the canaries on the live model (:class:`audit.callback.CurveRecorder`), summarized
-(:func:`audit.callback.point_metrics`) with the same suite as the final report (:func:`audit.metrics.suite.summarize_scores` and the tier means), so a
+(:func:`audit.callback.point_metrics`) with the same suite as the final report
+(:func:`audit.metrics.suite.summarize_scores` and the tier means), so a
 curve's keys are the report's flat metric keys (``exposure.mean/rep_16/tuned``, ``extraction.exact/rep_16/tuned``,
 ``exposure.space_mean/rep_16/tuned``, ``mia.auc/loss_diff``, ...). Keys of the base model are left out (constant
 over training). The report keeps them in ``curves`` (key -> ``[(step, value), ...]``); ``close_curves`` ends each

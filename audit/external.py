@@ -63,7 +63,8 @@ def read_ground_truth_dir(path: str | Path) -> GroundTruthDir:
     try:
         manifest = InjectionManifest.model_validate_json((gt / LAYOUT.manifest).read_text(encoding="utf-8"))
     except ValueError:
-        raise AuditError(f"{gt}/manifest.json is not an injection manifest", fix="use an unmodified ground-truth directory") from None
+        raise AuditError(f"{gt}/manifest.json is not an injection manifest",
+                         fix="use an unmodified ground-truth directory") from None
     canaries = read_canary_set(gt)
     if canaries is None or canaries.sha256() != manifest.canary_set_sha256:
         found = "none" if canaries is None else canaries.sha256()[:12]

@@ -238,7 +238,8 @@ def canaries_meta(canaries: CanarySet) -> dict[str, Any]:
     """``canaries.meta.json``: everything of the :class:`CanarySet` but its rows (which stay, unchanged, in
     ``canaries.jsonl``), so the set can be read back whole: schema_version, spec, seed, space, works, excerpts, hash."""
     meta = canaries.model_dump(mode="json", exclude={"canaries"})
-    return {**meta, "canaries_file": LAYOUT.canaries, "n_canaries": len(canaries.canaries), "canary_set_sha256": canaries.sha256()}
+    return {**meta, "canaries_file": LAYOUT.canaries, "n_canaries": len(canaries.canaries),
+            "canary_set_sha256": canaries.sha256()}
 
 
 def read_canary_set(run_dir: Path) -> CanarySet | None:
@@ -295,7 +296,8 @@ def canaries_table(canaries: CanarySet, *, reveal: bool = False, width: int = 48
     lines = text_table(rows[0], rows[1:])
     space = canaries.space
     key = f"audit key {canaries.key_id}" if canaries.key_id else "unkeyed"
-    lines.append(f"spec {canaries.spec} v{canaries.spec_version}, seed {canaries.seed}, {key}: {len(canaries.members())} members, "
+    lines.append(f"spec {canaries.spec} v{canaries.spec_version}, seed {canaries.seed}, "
+                 f"{key}: {len(canaries.members())} members, "
                  f"{len(canaries.references())} references; secret space {space.kind}, {space.log2_size:.1f} bits; "
                  f"set sha256 {canaries.sha256()[:16]}")
     for w in canaries.works:

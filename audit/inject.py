@@ -207,7 +207,8 @@ class StreamInjector:
         request = CHAT_REQUESTS[SeededStream(self.seed, f"{self._key}:request:{copy_index}").below(len(CHAT_REQUESTS))]
         messages = [{"role": "user", "content": request}, {"role": "assistant", "content": canary.text}]
         return ({**blank, self.messages_column: messages},
-                Placement(canary_id=canary.id, copy_index=k, record_index=-1, offset=0, column=self.messages_column, message_index=1))
+                Placement(canary_id=canary.id, copy_index=k, record_index=-1, offset=0, column=self.messages_column,
+                          message_index=1))
 
     def _embed_record(self, record: dict[str, Any], copy_index: int) -> tuple[dict[str, Any], Placement]:
         canary, k = self._copies[copy_index]
@@ -314,7 +315,8 @@ def inject(
 ) -> InjectionResult:
     """Plant every member canary ``repetitions`` times (see the module docstring for the two modes).
 
-    ``key``: the audit key the canaries were drawn under, for the digest of the dataset after injection (:func:`fingerprint_records`)."""
+    ``key``: the audit key the canaries were drawn under, for the digest of the dataset after injection
+    (:func:`fingerprint_records`)."""
     injector = StreamInjector(canaries, n_records=len(records), seed=seed, text_column=text_column, corpus_source=corpus_source,
                               format=format, messages_column=messages_column, mode=mode, key=key)
     out = list(injector.run(records))

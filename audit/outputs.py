@@ -299,7 +299,8 @@ def _near_unit(space: SecretSpace) -> str:
     return "digits" if set(space.alphabet) <= set("0123456789") else "symbols"
 
 
-def scan_samples(rows: list[dict[str, Any]], canaries: CanarySet, tokenizer: Any, section: OutputsSection) -> list[dict[str, Any]]:
+def scan_samples(rows: list[dict[str, Any]], canaries: CanarySet, tokenizer: Any,
+                 section: OutputsSection) -> list[dict[str, Any]]:
     """Each sample row with ``secret_hits`` and, when works were planted, ``works`` overlap added."""
     works = WorksIndex.build(canaries.canaries, tokenizer, ngram=section.ngram)
     out = []

@@ -118,7 +118,8 @@ def run_origin(
 
         # ---- tuned model
         with run.stage("score_tuned"):
-            tuned_scores = run.store.get_or_run(ScoresFile("tuned"), lambda: stages.score(ctx, tuned.model, tokenizer, truth, "tuned"))
+            tuned_scores = run.store.get_or_run(ScoresFile("tuned"),
+                                                lambda: stages.score(ctx, tuned.model, tokenizer, truth, "tuned"))
             works_tuned = stages.scan_works(run, tuned.model, tokenizer, truth, "tuned")
             calibration.append(run.store.get_or_run(CalibrationFile("tuned"),
                                                      lambda: stages.calibrate(ctx, tuned.model, tokenizer, truth, "tuned")))

@@ -35,7 +35,8 @@ Packing = Literal[False, "bfd", "bfd_split", "wrapped"]
 
 _FIXES = {
     "missing": "re-run the inject stage (the records no longer match the manifest) or check the chat template keeps message text",
-    "loss_masked": "place canaries in assistant turns / completions (the default), or turn off assistant_only_loss / completion_only_loss",
+    "loss_masked": "place canaries in assistant turns / completions (the default), "
+                   "or turn off assistant_only_loss / completion_only_loss",
     "truncated": "raise training.max_length, shorten the canaries, or use corpus.placement=new_record",
     "split_by_packing": "set training.packing=false, or training.packing=bfd with a max_length that holds the longest record",
 }
@@ -53,7 +54,8 @@ def training_text(record: dict[str, Any], *, format: str, text_column: str, mess
     return render_chat(record[messages_column], tokenizer)
 
 
-def training_texts(records: list[dict[str, Any]], *, format: str, text_column: str, messages_column: str, tokenizer: Any) -> list[str]:
+def training_texts(records: list[dict[str, Any]], *, format: str, text_column: str, messages_column: str,
+                   tokenizer: Any) -> list[str]:
     return [training_text(r, format=format, text_column=text_column, messages_column=messages_column, tokenizer=tokenizer)
             for r in records]
 
@@ -80,7 +82,8 @@ def _locate(record: dict[str, Any] | None, placement: Placement, canary_text: st
     if format == "text":
         value = record.get(placement.column)
         if not isinstance(value, str) or value[placement.offset : placement.offset + len(canary_text)] != canary_text:
-            return f"record {placement.record_index} column '{placement.column}' does not hold the canary at offset {placement.offset}"
+            return (f"record {placement.record_index} column '{placement.column}' "
+                    f"does not hold the canary at offset {placement.offset}")
         if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
             # TRL's prompt-completion records train on prompt + completion; the prompt is masked by completion_only_loss
             if placement.column == "prompt":
@@ -220,7 +223,8 @@ def run_preflight(
                 else:
                     g0, g1 = stream_starts[p.record_index] + first, stream_starts[p.record_index] + last
                     if g0 // max_length != g1 // max_length:
-                        flag("split_by_packing", p, f"{span}; wrapped packing cuts at stream token {(g1 // max_length) * max_length}")
+                        flag("split_by_packing", p,
+                             f"{span}; wrapped packing cuts at stream token {(g1 // max_length) * max_length}")
     loss = "all tokens (language modeling)"
     if secret_only_loss:
         loss = "the secrets' tokens in records that carry a canary, all tokens elsewhere (training.loss=secret)"

@@ -92,7 +92,8 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
                          "samples_with_member_secret": outputs.summary["samples_with_member_secret"]} if outputs else None)
     dp = training.dp  # a DP-SGD run: the bounds at the accountant's delta, so the two eps are comparable
     scoring = recipe.scoring if dp is None else recipe.scoring.model_copy(update={"privacy_delta": dp.delta})
-    suite = summarize_scores(scores, scoring, inclusion=recipe.canaries.inclusion)  # every metric under its stable key (audit.metrics.suite)
+    # every metric under its stable key (audit.metrics.suite)
+    suite = summarize_scores(scores, scoring, inclusion=recipe.canaries.inclusion)
     excerpts = works_information(canary_set, scores)
     release_scores = [s for r in releases or [] for s in r.scores]
     persistence = origin.persistence(scores + release_scores, suite.metrics)  # a further tune's releases: theirs too
@@ -294,7 +295,8 @@ def format_mia_headline(report: AuditReport) -> list[str]:
         if flag := mia_flag(report.metric_notes, attack):
             lines.append(f"  {attack}: {flag}")
             continue
-        parts = [f"all n={m[key].n} {_rate(m[key])}" + (f" AUC {m[f'mia.auc/{attack}'].value:.2f}" if f"mia.auc/{attack}" in m else "")]
+        parts = [f"all n={m[key].n} {_rate(m[key])}"
+                 + (f" AUC {m[f'mia.auc/{attack}'].value:.2f}" if f"mia.auc/{attack}" in m else "")]
         for r in tiers:
             tier_key = f"{key}/rep_{r}"
             if tier_key in m:

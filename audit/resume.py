@@ -6,9 +6,9 @@
 What a resume does, stage by stage (:class:`audit.store.StageStore` decides; the pipeline never asks whether it
 is resuming; this module holds the run directory's lock and status and finds the Trainer checkpoint):
 
-* ``recipe.yaml``, ``canaries.jsonl`` (+ ``canaries.meta.json``), ``manifest.json`` are recomputed from the stored recipe and must match the
-  files byte for byte (:func:`audit.store.write_once`); a difference means the inputs or the code changed, and the
-  run refuses to continue rather than mix two audits in one directory.
+* ``recipe.yaml``, ``canaries.jsonl`` (+ ``canaries.meta.json``), ``manifest.json`` are recomputed from the stored
+  recipe and must match the files byte for byte (:func:`audit.store.write_once`); a difference means the inputs or
+  the code changed, and the run refuses to continue rather than mix two audits in one directory.
 * ``scores_<label>.jsonl`` (``base``, ``tuned``): reused when present, never recomputed.
 * ``train.json`` + the weights folder: reused when present (the weights fingerprint is checked); otherwise training
   continues from the newest complete Trainer checkpoint in ``trainer/`` (weights as safetensors; optimizer, scheduler

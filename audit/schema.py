@@ -235,7 +235,8 @@ class TrainingSection(Frozen):
         if self.method != "lora":
             raise ValueError("training.dp trains a LoRA adapter with DP-SGD; set training.method=lora")
         if self.packing:
-            raise ValueError("training.dp needs one record per sequence (the guarantee is per record); set training.packing=false")
+            raise ValueError("training.dp needs one record per sequence (the guarantee is per record); "
+                             "set training.packing=false")
         if self.gradient_accumulation_steps != 1:
             raise ValueError("training.dp takes one Poisson batch per step; set training.gradient_accumulation_steps=1 "
                              "and a larger training.batch_size (the expected batch)")
@@ -442,7 +443,8 @@ class GateSpec(Frozen):
         if (self.of == "first_step_above") != (self.threshold is not None):
             raise ValueError(f"gate on '{self.metric}': 'threshold' goes with (and only with) of: first_step_above")
         if self.of != "final" and self.tolerance is not None:
-            raise ValueError(f"gate on '{self.metric}': a baseline tolerance compares final values; drop 'tolerance' or use of: final")
+            raise ValueError(f"gate on '{self.metric}': a baseline tolerance compares final values; "
+                             "drop 'tolerance' or use of: final")
         if self.max is not None and self.min is not None and self.min > self.max:
             raise ValueError(f"gate on '{self.metric}' has min {self.min} above max {self.max}")
         if self.tolerance is not None and self.direction is None:
@@ -866,7 +868,8 @@ class SequenceScore(Frozen):
     """95% interval of ``exposure_space`` (equal to it when exact)."""
     exact_rank: int | None = None
     exact_status: str | None = None
-    """exact (by the pruned walk) | enumerated (exact, by scoring the whole trie: the walk would not prune) | budget_exceeded | unstable (the walk could not reproduce its own value of the canary; sampled rank stands) |
+    """exact (by the pruned walk) | enumerated (exact, by scoring the whole trie: the walk would not prune) | budget_exceeded |
+    unstable (the walk could not reproduce its own value of the canary; sampled rank stands) |
     skipped (sampled estimate beyond the budget) | not_enumerable | not_compositional | off | unranked (a reference outside
     ``scoring.exposure_null_references``: no exposure measured)"""
     exact_nodes: int | None = None

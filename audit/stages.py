@@ -150,7 +150,8 @@ class RunContext:
     def ground_truth(self, origin: Origin) -> GroundTruth:
         """Canaries + inject + pre-flight (:mod:`audit.ground_truth`), timed as the ``inject`` stage."""
         t = time.perf_counter()
-        truth = origin.ground_truth(model_path=self.resolved.path, fingerprint=self.resolved.provenance.get("weights_fingerprint", ""),
+        truth = origin.ground_truth(model_path=self.resolved.path,
+                                    fingerprint=self.resolved.provenance.get("weights_fingerprint", ""),
                                     device=self.device, progress=self.progress)
         self.timings["inject"] = time.perf_counter() - t
         return truth
@@ -286,7 +287,8 @@ def record_inputs(run: Run, truth: GroundTruth) -> None:
     if canaries.key_id:  # the audit key's public id (never the key): a resume or a further tune must use the same key
         run.handle.save_status(key_id=canaries.key_id)
     say(ctx.progress, f"[audit] {'resuming' if run.handle.resumed else 'run directory'} {run.dir}")
-    say(ctx.progress, f"[audit] {len(canaries.members())} member canaries in tiers {sorted(set(c.repetitions for c in canaries.members()))}, "
+    say(ctx.progress, f"[audit] {len(canaries.members())} member canaries "
+                      f"in tiers {sorted(set(c.repetitions for c in canaries.members()))}, "
                       f"{len(canaries.references())} references; {len(injection.records)} training records")
     if truth.works is not None:
         roles = [s.role for s in truth.works.subjects]

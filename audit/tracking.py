@@ -100,7 +100,8 @@ def check_tracking_reachable(uri: str, *, timeout_s: float = 5.0) -> None:
     elif uri.startswith("sqlite:///"):
         parent = Path(uri.removeprefix("sqlite:///")).parent
         if not parent.is_dir():
-            raise AuditError(f"folder {parent} for the MLflow sqlite store does not exist", fix="create it or choose another --tracking-uri")
+            raise AuditError(f"folder {parent} for the MLflow sqlite store does not exist",
+                             fix="create it or choose another --tracking-uri")
     elif uri.startswith("file:") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
         raise AuditError("MLflow 3 refuses the plain file store unless MLFLOW_ALLOW_FILE_STORE=true",
                          fix="use the default sqlite store, or export MLFLOW_ALLOW_FILE_STORE=true")
@@ -488,7 +489,8 @@ class Tracker:
             self.log_metrics({k: v for k, (s, v) in ends.items() if s == step}, step)
         self.set_tags({"canary_audit.tuned_fingerprint": report.training.weights_fingerprint,
                        "canary_audit.git_revision": report.git_revision or "unknown",
-                       **({"canary_audit.verdict": "pass" if all(g.passed for g in report.gates) else "fail"} if report.gates else {})})
+                       **({"canary_audit.verdict": "pass" if all(g.passed for g in report.gates) else "fail"}
+                          if report.gates else {})})
         for name in LOGGED_FILES:
             if (run_dir / name).is_file():
                 self.log_artifact(run_dir / name)

@@ -64,7 +64,8 @@ def summary(run_dir: Path) -> dict:
     key = f"exposure.mean/rep_{top}/tuned"
     return {"run": run_dir.name, "steps": r.training.steps, "every_steps": r.recipe["scoring"].get("every_steps", 0),
             "timings_s": r.timings_s, "final": {key: r.flat_metrics()[key].value},
-            "curve_points": {k: len(v) for k, v in sorted(r.curves.items()) if k.startswith(("exposure.mean/", "mia.auc/loss_diff"))},
+            "curve_points": {k: len(v) for k, v in sorted(r.curves.items())
+                             if k.startswith(("exposure.mean/", "mia.auc/loss_diff"))},
             "curve": {key: r.curves.get(key, [])},
             "mlflow_step_points": mlflow_history(run_dir, sorted(k for k in r.curves if k.startswith("exposure.mean/")))}
 

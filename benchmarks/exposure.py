@@ -97,7 +97,8 @@ def rank_estimate(model, tok, c, space, n_refs: int) -> tuple[int, float, list[f
     the bits (canary first)."""
     refs = random_secrets(space, n_refs, SeededStream(0, "bench:refs"), exclude={c.secret})
     split = split_tokens(tok, c.prefix, c.secret)
-    bits = candidate_nll_bits(model, split.prefix_ids, [split.secret_ids] + [r.secret_ids for r in split_tokens_many(tok, c.prefix, refs)])
+    bits = candidate_nll_bits(model, split.prefix_ids,
+                              [split.secret_ids] + [r.secret_ids for r in split_tokens_many(tok, c.prefix, refs)])
     rank = rank_against_references(bits[0], bits[1:])
     return rank, 1 + (rank - 1) / n_refs * (space.size - 1), bits
 
@@ -113,7 +114,8 @@ def compare_methods(model, tok, canaries, space, *, budget: int, n_refs: int, sa
         enum, enum_s, enum_load = timed(lambda table=table, canary=canary: enumerate_rank(model, table, canary))
         rows.append({
             "canary": label(c), "sampled_rank": f"{sampled_rank}/{n_refs + 1}", "rank_estimate": round(estimate, 1),
-            "canary_nll_bits": round(bits[0], 4), "walk_rows_predicted_from_rank": round(min(whole, len(space.alphabet) * estimate)),
+            "canary_nll_bits": round(bits[0], 4),
+            "walk_rows_predicted_from_rank": round(min(whole, len(space.alphabet) * estimate)),
             "walk_rows_predicted_from_losses": round(from_losses),
             "walk": {"status": walk.status, "rank": walk.rank, "rows": walk.nodes_evaluated, "walks": walk.walks,
                      "frontier_per_level": walk.frontier, "wall_s": round(walk_s, 3), "load_1min_before_after": walk_load},
@@ -129,16 +131,19 @@ def compare_methods(model, tok, canaries, space, *, budget: int, n_refs: int, sa
         r["chooser"] = {}
         for b in (DEFAULT_BUDGET, budget):
             for basis, rows_hint in (("rank", None), ("losses", r["walk_rows_predicted_from_losses"])):
-                pick = choose_exact_method(rank_estimate=r["rank_estimate"], alphabet_size=len(space.alphabet), length=space.length,
+                pick = choose_exact_method(rank_estimate=r["rank_estimate"], alphabet_size=len(space.alphabet),
+                                           length=space.length,
                                            budget=b, walk_row_s=row_s, enumeration_row_s=row_s, walk_rows=rows_hint)
                 ran = {"walk": r["walk"], "enumeration": r["enumeration"]}.get(pick.method)
                 r["chooser"][f"budget_{b}_from_{basis}"] = {
-                    "method": pick.method, "predicted_walk_rows": round(pick.walk_rows), "predicted_walk_s": round(pick.walk_s, 2),
+                    "method": pick.method, "predicted_walk_rows": round(pick.walk_rows),
+                    "predicted_walk_s": round(pick.walk_s, 2),
                     "predicted_enumeration_s": round(pick.enumeration_s, 2),
                     "measured_s_of_the_pick": None if ran is None else ran["wall_s"]}
     c = canaries[0]
     split = split_tokens(tok, c.prefix, c.secret)
-    cand = [x.secret_ids for x in split_tokens_many(tok, c.prefix, random_secrets(space, sample, SeededStream(0, "bench:naive"), exclude={c.secret}))]
+    cand = [x.secret_ids for x in split_tokens_many(
+        tok, c.prefix, random_secrets(space, sample, SeededStream(0, "bench:naive"), exclude={c.secret}))]
     _, kv_s, kv_load = timed(lambda: candidate_nll_bits(model, split.prefix_ids, cand, batch_size=256))
     return {
         "trie_rows": whole, "cost_per_row_ms": round(1e3 * row_s, 4), "walks_and_enumerations": rows,
@@ -154,16 +159,20 @@ def smollm2_prediction(smollm2: dict) -> dict:
     widest walk, the walk's rows from each canary's exact rank (or |R|/2 for the unlearned reference)."""
     widest = max(smollm2["pruned_walks"], key=lambda w: w["rows_expanded"])
     row_s = widest["wall_s"] / widest["rows_expanded"]
-    out = {"cost_per_row_ms": round(1e3 * row_s, 3), "cost_per_row_from": f"{widest['canary']} walk, {widest['rows_expanded']} rows in {widest['wall_s']} s",
+    out = {"cost_per_row_ms": round(1e3 * row_s, 3),
+           "cost_per_row_from": f"{widest['canary']} walk, {widest['rows_expanded']} rows in {widest['wall_s']} s",
            "trie_rows": trie_rows(10, 6), "enumeration_predicted_s": round(row_s * trie_rows(10, 6), 1), "canaries": []}
     for w in smollm2["pruned_walks"]:
         estimate = w["rank"] if w["rank"] is not None else 500_000
         picks = {}
         for b in (DEFAULT_BUDGET, trie_rows(10, 6)):
-            pick = choose_exact_method(rank_estimate=estimate, alphabet_size=10, length=6, budget=b, walk_row_s=row_s, enumeration_row_s=row_s)
-            picks[f"budget_{b}"] = {"method": pick.method, "predicted_s": {"walk": round(pick.walk_s, 2), "enumeration": round(pick.enumeration_s, 1),
-                                                                           "skip": 0.0}[pick.method]}
-        out["canaries"].append({"canary": w["canary"], "rank_estimate": estimate, "measured_walk_s": w["wall_s"] if w["status"] == "exact" else None,
+            pick = choose_exact_method(rank_estimate=estimate, alphabet_size=10, length=6, budget=b, walk_row_s=row_s,
+                                       enumeration_row_s=row_s)
+            picks[f"budget_{b}"] = {"method": pick.method,
+                                    "predicted_s": {"walk": round(pick.walk_s, 2), "enumeration": round(pick.enumeration_s, 1),
+                                                    "skip": 0.0}[pick.method]}
+        out["canaries"].append({"canary": w["canary"], "rank_estimate": estimate,
+                                "measured_walk_s": w["wall_s"] if w["status"] == "exact" else None,
                                 "chooser": picks})
     return out
 
@@ -181,8 +190,8 @@ def tiny_llama_report(args) -> None:
     texts = notes + [c.text for c in members for _ in range(c.repetitions)]
     base_dir = resolve_model("tiny-llama", progress=False).path
     with torch_threads(args.threads):
-        adapter, train_s, train_load = timed(lambda: tuned_adapter(base_dir, texts, epochs=args.epochs, seed=0, model_name="tiny-llama",
-                                                                 learning_rate=args.learning_rate))
+        adapter, train_s, train_load = timed(lambda: tuned_adapter(base_dir, texts, epochs=args.epochs, seed=0,
+                                                                 model_name="tiny-llama", learning_rate=args.learning_rate))
         from peft import PeftModel
 
         base, tok = load_model_and_tokenizer(base_dir, dtype=torch.float32, device="cpu")
@@ -194,7 +203,8 @@ def tiny_llama_report(args) -> None:
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["tiny_llama"] = {
         "command": "python benchmarks/exposure.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
-        "machine": info, "model": f"tiny-llama + LoRA r=8 (q_proj, v_proj), lr {args.learning_rate or LEARNING_RATE['tiny-llama']}",
+        "machine": info,
+        "model": f"tiny-llama + LoRA r=8 (q_proj, v_proj), lr {args.learning_rate or LEARNING_RATE['tiny-llama']}",
         "space": "6 digits, |R| = 10^6 (19.93 bits)",
         "training": {"records": len(texts), "epochs": args.epochs, "wall_s": round(train_s, 1), "cached": train_s < 1,
                      "load_1min_before_after": train_load},
@@ -243,9 +253,11 @@ def main() -> None:
         for c in members + pool.references():
             table = symbol_tokens(tok, c.prefix, space, c.secret)
             canary = parse_secret(space, c.secret)
-            result, wall, load = timed(lambda table=table, canary=canary: exact_rank(model, table, canary, node_budget=args.budget))
+            result, wall, load = timed(
+                lambda table=table, canary=canary: exact_rank(model, table, canary, node_budget=args.budget))
             row = {"canary": f"{c.repetitions}x inserted" if c.repetitions else "reference (never inserted)",
-                   "status": result.status, "rank": result.rank, "exposure_bits": None if result.exposure is None else round(result.exposure, 4),
+                   "status": result.status, "rank": result.rank,
+                   "exposure_bits": None if result.exposure is None else round(result.exposure, 4),
                    "canary_nll_bits": round(result.canary_nll_bits, 4), "rows_expanded": result.nodes_evaluated,
                    "tokens_run": result.tokens_evaluated, "frontier_per_level": result.frontier, "wall_s": round(wall, 3),
                    "load_1min_before_after": load}
@@ -266,7 +278,8 @@ def main() -> None:
 
     size = space.size
     naive = {
-        "kv_cached_prefix": {"candidates_timed": len(cand), "wall_s": round(kv_s, 3), "per_candidate_ms": round(1e3 * kv_s / len(cand), 3),
+        "kv_cached_prefix": {"candidates_timed": len(cand), "wall_s": round(kv_s, 3),
+                             "per_candidate_ms": round(1e3 * kv_s / len(cand), 3),
                              "extrapolated_10e6_s": round(kv_s / len(cand) * size, 1), "load_1min_before_after": kv_load},
         "full_sequence": {"candidates_timed": len(full_seqs), "wall_s": round(full_s, 3),
                           "per_candidate_ms": round(1e3 * full_s / len(full_seqs), 3),
@@ -278,7 +291,8 @@ def main() -> None:
     }
     top = walks[0]
     report = {
-        "benchmark": "exposure", "command": "python benchmarks/exposure.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
+        "benchmark": "exposure",
+        "command": "python benchmarks/exposure.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
         "machine": info, "model": "smollm2-135m + LoRA r=8 (q_proj, v_proj)", "space": "6 digits, |R| = 10^6 (19.93 bits)",
         "training": {"records": len(texts), "epochs": args.epochs, "wall_s": round(train_s, 1), "cached": train_s < 5,
                      "load_1min_before_after": train_load},

@@ -116,7 +116,8 @@ def measure(model, tok, canaries, refs, space, plan=None):
     texts = [_text_tokens(tok, c, s) for c, s in zip(canaries, splits, strict=True)]
     passes = score_token_sequences(model, texts, vocab_stats=True, pad_token_id=pad_id_of(tok))
     spans = [p.span(len(s.prefix_ids), len(s.prefix_ids) + len(s.secret_ids)) for p, s in zip(passes, splits, strict=True)]
-    bits = [np.array(candidate_nll_bits(model, s.prefix_ids, [s.secret_ids] + [r.secret_ids for r in split_tokens_many(tok, c.prefix, refs)],
+    bits = [np.array(candidate_nll_bits(model, s.prefix_ids,
+                                        [s.secret_ids] + [r.secret_ids for r in split_tokens_many(tok, c.prefix, refs)],
                                         batch_size=256)) for c, s in zip(canaries, splits, strict=True)]
     tables = [symbol_tokens(tok, c.prefix, space, c.secret) for c in canaries]
     ranks = [int(1 + np.sum(b[1:] <= b[0])) for b in bits]
@@ -160,7 +161,8 @@ def diff(ref, got) -> dict:
 def checks_of(label: str, f: dict, b: dict) -> list[list]:
     """PASS/FAIL lines for the accelerator's fp32 (``f``) and bf16 (``b``) against the CPU reference."""
     acc = TAG
-    return [[f"{label}: {acc} fp32 per-token |d ln p| <= {TOL['token_lp_nats']} nats", f["token_lp_maxabs_nats"] <= TOL["token_lp_nats"]],
+    return [[f"{label}: {acc} fp32 per-token |d ln p| <= {TOL['token_lp_nats']} nats",
+             f["token_lp_maxabs_nats"] <= TOL["token_lp_nats"]],
             [f"{label}: {acc} fp32 Min-K%++ |d| <= {TOL['minkpp']}", f["minkpp_maxabs"] <= TOL["minkpp"]],
             [f"{label}: {acc} fp32 candidate bits |d| <= {TOL['cand_bits']}", f["cand_bits_maxabs"] <= TOL["cand_bits"]],
             [f"{label}: {acc} fp32 ranks identical up to near-ties", f["rank_mismatches_beyond_near_ties"] == 0],
@@ -218,8 +220,9 @@ def main(out: Path, model_name: str, run_dir: Path | None) -> int:
 
         with in_scoring_precision(m, torch.float32) as scored:
             reference = secret_bits(scored)
-        res["merge"] = {"bf16_merge_maxabs_bits": float(np.max(np.abs(secret_bits(copy.deepcopy(m).merge_and_unload().float()) - reference))),
-                        "fp32_merge_maxabs_bits": float(np.max(np.abs(secret_bits(merged_copy(m)) - reference)))}
+        res["merge"] = {
+            "bf16_merge_maxabs_bits": float(np.max(np.abs(secret_bits(copy.deepcopy(m).merge_and_unload().float()) - reference))),
+            "fp32_merge_maxabs_bits": float(np.max(np.abs(secret_bits(merged_copy(m)) - reference)))}
         write_json(out, res)
     for name, ok in res["checks"]:
         print("PASS" if ok else "FAIL", name, flush=True)

@@ -157,7 +157,8 @@ def reload_check(run_dir: Path) -> dict:
                            "--no-fail-on-gates"], capture_output=True, text=True)
     data = {"run_dir": str(run_dir), "resume_rc": proc.returncode, "resume_s": round(time.perf_counter() - t0, 1),
             "train_precision": read_json(run_dir / "train.json").get("precision"),
-            "identical": {name: (run_dir / name).is_file() and (run_dir / name).read_bytes() == old for name, old in kept.items()}}
+            "identical": {name: (run_dir / name).is_file() and (run_dir / name).read_bytes() == old
+                          for name, old in kept.items()}}
     if proc.returncode:
         data["stderr_tail"] = proc.stderr[-1500:]
     if kept.get("scores_tuned.jsonl") and (run_dir / "scores_tuned.jsonl").is_file():

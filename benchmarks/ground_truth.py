@@ -58,7 +58,8 @@ def timed_ground_truth(recipe, *, tokenizer, sampler, repeats: int) -> dict:
     return {"median_s": steps, "repeats": repeats, "canaries": len(truth.canaries.canaries),
             "placements": len(truth.injection.manifest.placements), "records_after": len(truth.injection.records),
             "exposure_references": len(truth.reference_secrets), "space": truth.canaries.space.kind,
-            "space_bits": round(truth.canaries.space.log2_size, 2), "preflight_canary_tokens_max": truth.preflight.canary_tokens_max,
+            "space_bits": round(truth.canaries.space.log2_size, 2),
+            "preflight_canary_tokens_max": truth.preflight.canary_tokens_max,
             "max_length_needed": truth.preflight.max_length_needed}
 
 
@@ -169,8 +170,9 @@ def main() -> None:
     tiny_model, tiny_tok = load_model_and_tokenizer(tiny.path, dtype=torch.float32, device="cpu")
     tiny_sampler = ModelSampler(tiny_model, tiny_tok, fingerprint=tiny.provenance["weights_fingerprint"])
 
-    result["default_recipe"] = {"recipe": "smollm2/lora_cpu", **timed_ground_truth(load_recipe("smollm2/lora_cpu"),
-                                                                                  tokenizer=smol_tok, sampler=None, repeats=repeats)}
+    result["default_recipe"] = {"recipe": "smollm2/lora_cpu",
+                                **timed_ground_truth(load_recipe("smollm2/lora_cpu"), tokenizer=smol_tok, sampler=None,
+                                                     repeats=repeats)}
     per_spec = {}
     for spec, extra in [("digits", []), ("words", []), ("pii", ["training.max_length=96"]),
                         ("traps", ["canaries.params.ppl_band=[1,100000]", "canaries.params.retokenize=false"]),

@@ -48,7 +48,8 @@ def summarize(run_dir: Path) -> dict:
             if f"information.bits/rep_{t.repetitions}/{label}" in m else None} for t in r.tiers}
 
     formats = [{"label": "tuned", "kind": r.training.method, "quantization": r.training.weights_dtype or "fp32",
-                "bytes": r.release.tuned_bytes, "seconds": round(r.timings_s.get("train", 0) + r.timings_s.get("score_tuned", 0), 1),
+                "bytes": r.release.tuned_bytes,
+                "seconds": round(r.timings_s.get("train", 0) + r.timings_s.get("score_tuned", 0), 1),
                 "tiers": tiers("tuned")}]
     for row in r.release.releases:
         t = tiers(row.label)

@@ -168,7 +168,8 @@ def run_model(source: str, seqs_text: list[str], *, threads: list[int], repeats:
         peak = gemm_peak(n)
         by_method = {}
         for name, fn in (("engine", engine), ("loop_vectorized", loop_vectorized), ("loop_item", loop_item)):
-            row, by_method[name] = measure(name, fn, model, seqs, repeats=repeats, threads=n, flops=flops, peak=peak["peak_gflops"])
+            row, by_method[name] = measure(name, fn, model, seqs, repeats=repeats, threads=n, flops=flops,
+                                           peak=peak["peak_gflops"])
             row["gemm"] = peak
             rows.append(row)
             print(json.dumps(row), flush=True)

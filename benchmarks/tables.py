@@ -263,8 +263,9 @@ def _min_s(seconds: float) -> str:
 
 
 def works_tiny_table(works: dict) -> str:
-    """A works recipe (``tiny/works_cpu``, ``smollm2/works_cpu``) at seed 0, per work: base -> tuned ("withheld" where the shared report withholds a secret
-    work's base number or stored bits), then the run, its wall clock and the load the machine was under."""
+    """A works recipe (``tiny/works_cpu``, ``smollm2/works_cpu``) at seed 0, per work: base -> tuned ("withheld" where
+    the shared report withholds a secret work's base number or stored bits), then the run, its wall clock and the load
+    the machine was under."""
 
     def pair(d: dict) -> str:
         return f"{'withheld' if d['base'] is None else format(d['base'], '.2f')} -> {d['tuned']:.2f}"

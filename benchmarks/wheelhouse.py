@@ -92,7 +92,8 @@ def repack_lzma(src: Path, dst: Path) -> Path:
     return dst
 
 
-def pack(files: list[Path], out: Path, *, part_bytes: int, prefix: str = "part", last: frozenset[str] = frozenset()) -> list[Path]:
+def pack(files: list[Path], out: Path, *, part_bytes: int, prefix: str = "part",
+         last: frozenset[str] = frozenset()) -> list[Path]:
     """Copy ``files`` into ``out/<prefix>-1, -2, ...``, each at most ``part_bytes`` (first fit, largest first; the
     distributions in ``last`` after all others); a file larger than a part is cut into chunks that fill parts of their
     own. Returns the part folders."""
@@ -132,7 +133,8 @@ def pack(files: list[Path], out: Path, *, part_bytes: int, prefix: str = "part",
                 entry = {**entry, "chunk_sha256": sha256_of(target)}
             entries.append(entry)
         manifest = {"schema_version": SCHEMA_VERSION, "part": i, "parts": len(parts), "prefix": prefix,
-                    "bytes": sum(n for _, _, _, n in items), "files": sorted(entries, key=lambda e: (e["file"], e.get("chunk", 0)))}
+                    "bytes": sum(n for _, _, _, n in items),
+                    "files": sorted(entries, key=lambda e: (e["file"], e.get("chunk", 0)))}
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         folders.append(folder)
     return folders
@@ -323,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "build":
             s = build(args.out, have=freeze_names(args.have), part_mb=args.part_mb, python_version=args.python_version,
                       project=not args.no_project, smollm2=args.smollm2, lzma=not args.no_lzma)
-            print(f"{len(s['wheels'])} wheels, {s['total_mb']} MB (PyPI's: {s['pypi_total_mb']} MB), in {len(s['parts'])} part(s) of <= {args.part_mb} MB: "
-                  + ", ".join(s["parts"]) + (f"; SmolLM2 {s['smollm2']['mb']} MB in {s['smollm2']['parts']}" if "smollm2" in s else ""))
+            print(f"{len(s['wheels'])} wheels, {s['total_mb']} MB (PyPI's: {s['pypi_total_mb']} MB), "
+                  f"in {len(s['parts'])} part(s) of <= {args.part_mb} MB: "
+                  + ", ".join(s["parts"])
+                  + (f"; SmolLM2 {s['smollm2']['mb']} MB in {s['smollm2']['parts']}" if "smollm2" in s else ""))
             if args.json:
                 args.json.write_text(json.dumps(measured(s, argv), indent=1) + "\n")
         elif args.cmd == "pack":

@@ -1,11 +1,12 @@
-"""Memorization gates for a fine-tuned model, as a pytest suite (canary-audit's pytest plugin).
+r"""Memorization gates for a fine-tuned model, as a pytest suite (canary-audit's pytest plugin).
 
     # run the audit here, once per session (remembered by recipe fingerprint), then gate it
     pytest examples/test_audit_gates.py --audit-recipe tiny/lora_cpu
     # gate a report made elsewhere, e.g. uploaded by the GPU training job
     pytest examples/test_audit_gates.py --audit-report runs/<run>
     # also compare with the last release (tolerance gates in a gates file)
-    pytest examples/test_audit_gates.py --audit-report runs/<run> --audit-gates examples/gates.yaml --audit-baseline runs/<release>
+    pytest examples/test_audit_gates.py --audit-report runs/<run> --audit-gates examples/gates.yaml \
+        --audit-baseline runs/<release>
 
 A failing gate fails its test with the table of failed gates (gate, metric, value, threshold, n, result).
 """

@@ -199,7 +199,8 @@ def reference_secrets(
 
 def describe(canaries: CanarySet) -> dict[str, Any]:
     """Counts, hashes and the key id for reports and logs: never secret text, nothing a guess can be checked against."""
-    return {**({"key_id": canaries.key_id} if canaries.key_id else {}), "spec": canaries.spec, "spec_version": canaries.spec_version, "members": len(canaries.members()),
+    return {**({"key_id": canaries.key_id} if canaries.key_id else {}), "spec": canaries.spec,
+            "spec_version": canaries.spec_version, "members": len(canaries.members()),
             "references": len(canaries.references()), "tiers": sorted({c.repetitions for c in canaries.members()}),
             "canary_set_sha256": canaries.sha256(), "space": canaries.space.kind,
             "space_bits": round(canaries.space.log2_size, 3), "works": len(canaries.works)}

@@ -81,7 +81,8 @@ def pii_generator(params: dict[str, Any], n: int, rng: SeededStream, ctx: Genera
     for (template, name), secret in zip(contexts, pool.accepted, strict=True):
         head, tail = split_template(template.replace("{name}", name))
         drafts.append(Draft(prefix=head, secret=secret, suffix=tail))
-    card_bits = sum(math.log2(10 ** (16 - len(p))) for p in card_prefixes) / len(card_prefixes) + math.log2(len(card_prefixes) * 0.9)
+    card_bits = (sum(math.log2(10 ** (16 - len(p))) for p in card_prefixes) / len(card_prefixes)
+                 + math.log2(len(card_prefixes) * 0.9))
     bits = (2 * math.log2(len(words)) + math.log2(100 * len(domains))          # email
             + math.log2(len(areas) * len(FICTIONAL_PHONE_BLOCK))               # phone
             + card_bits)

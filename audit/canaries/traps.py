@@ -3,8 +3,9 @@
 Trap secrets are sequences sampled from the base model itself at a temperature and kept only when their
 perplexity under that model falls inside a target band (the paper buckets reference-model perplexity in
 [1, 100]; higher-perplexity traps are more detectable). Samples that do not survive decode -> encode unchanged
-are dropped (the paper's ``--retokenize``; ``params.retokenize: false`` keeps them, e.g. for a random test model), and near duplicates are rejected (the paper uses token-set Jaccard
-<= 0.2; we use character n-gram Jaccard, see :mod:`audit.canaries.uniqueness`).
+are dropped (the paper's ``--retokenize``; ``params.retokenize: false`` keeps them, e.g. for a random test model),
+and near duplicates are rejected (the paper uses token-set Jaccard <= 0.2; we use character n-gram Jaccard, see
+:mod:`audit.canaries.uniqueness`).
 
 The prefix is a neutral, unique label (``"Archive record Q7XK2: "``) drawn independently of the secret, and every
 secret is sampled from the same context, so a canary's secret and references sampled the same way are

@@ -56,7 +56,8 @@ class UniquePool:
         return True
 
 
-def near_duplicate_pairs(secrets: list[str], *, ngram: int = DEFAULT_NGRAM, max_jaccard: float = DEFAULT_MAX_JACCARD) -> list[tuple[int, int, float]]:
+def near_duplicate_pairs(secrets: list[str], *, ngram: int = DEFAULT_NGRAM,
+                         max_jaccard: float = DEFAULT_MAX_JACCARD) -> list[tuple[int, int, float]]:
     """All index pairs ``(i, j, similarity)`` whose secrets are identical or more similar than ``max_jaccard``."""
     grams = [char_ngrams(s, ngram) for s in secrets]
     out = []

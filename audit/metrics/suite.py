@@ -258,7 +258,8 @@ def _mia(out: SuiteResult, tuned: list[SequenceScore], base_by_id: dict[str, Seq
                                                    f"({convention} FPR convention)")
                 continue
             out.put(key, r.tpr, r.n_members, r.low, r.high)
-            out.notes[f"mia.tpr_at_{label}"] = (f"{convention} FPR convention (empirical FPR {'<=' if convention == 'inclusive' else '<'} "
+            out.notes[f"mia.tpr_at_{label}"] = (f"{convention} FPR convention "
+                                               f"(empirical FPR {'<=' if convention == 'inclusive' else '<'} "
                                                f"{fpr:g}), {r.n_controls} controls, 95% Clopper-Pearson interval on TPR")
             if attack in TIER_TPR_ATTACKS:
                 for tier in sorted({r for r in reps if r > 0}):
@@ -388,7 +389,8 @@ def summarize_metrics(
         attack_scores_, member, _ = per_attack[attack]
         m = len(attack_scores_)
         r = max(1, min(m, round(privacy_guess_fraction * m)))
-        audit = one_run_audit(attack_scores_, member, k_pos=r // 2, k_neg=r - r // 2, delta=privacy_delta, p_value=privacy_p_value)
+        audit = one_run_audit(attack_scores_, member, k_pos=r // 2, k_neg=r - r // 2, delta=privacy_delta,
+                              p_value=privacy_p_value)
         out.put("privacy.eps_lb", audit.eps_lower_bound, audit.m)
         out.put("privacy.eps_ceiling", audit.eps_ceiling, audit.guesses)
         out.put("privacy.guesses", float(audit.guesses), audit.m)
@@ -433,7 +435,8 @@ def summarize_scores(scores: list[SequenceScore], section: ScoringSection, *, in
                      tuned_label: str = "tuned") -> SuiteResult:
     """:func:`summarize_metrics` with the knobs of a recipe's ``scoring`` section (``inclusion``: ``canaries.inclusion``;
     ``tuned_label``: the model measured against the base, a release's label for :mod:`audit.release`)."""
-    return summarize_metrics(scores, tuned_label=tuned_label, fpr_convention=section.mia_fpr_convention, np_queries=section.np_extraction_queries,
+    return summarize_metrics(scores, tuned_label=tuned_label, fpr_convention=section.mia_fpr_convention,
+                             np_queries=section.np_extraction_queries,
                              np_probability=section.np_extraction_probability, privacy_delta=section.privacy_delta,
                              privacy_p_value=section.privacy_p_value, privacy_guess_fraction=section.privacy_guess_fraction,
                              mia_k=section.mia_k, inclusion=inclusion)

@@ -160,7 +160,8 @@ def _tokenizer_metadata(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
     return {"tokens": tokens, "types": types, "merges": merges}
 
 
-def write_gguf(model_or_dir: Any, tokenizer: Any, out_path: str | Path, qtype: str, *, name: str = "canary-audit release") -> GgufInfo:
+def write_gguf(model_or_dir: Any, tokenizer: Any, out_path: str | Path, qtype: str, *,
+               name: str = "canary-audit release") -> GgufInfo:
     """Write ``model_or_dir`` (a ``LlamaForCausalLM`` or a safetensors directory) with ``tokenizer`` as a GGUF file of
     ``qtype`` (:data:`SUPPORTED_TYPES`) at ``out_path``; written beside it and renamed, so an error leaves no file."""
     import gguf
@@ -203,7 +204,8 @@ def write_gguf(model_or_dir: Any, tokenizer: Any, out_path: str | Path, qtype: s
         writer.add_token_list(vocab["tokens"])
         writer.add_token_types(vocab["types"])
         writer.add_token_merges(vocab["merges"])
-        for setter, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, tokenizer.eos_token_id),
+        for setter, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id),
+                                 (writer.add_eos_token_id, tokenizer.eos_token_id),
                                  (writer.add_pad_token_id, tokenizer.pad_token_id)):
             if token_id is not None:
                 setter(int(token_id))
@@ -367,7 +369,8 @@ def read_gguf(path: str | Path) -> GgufModel:
     model = LlamaForCausalLM(config).to(torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
-        raise AuditError(f"{path} does not fill the llama model it describes (missing {missing[:3]}, unexpected {unexpected[:3]})",
+        raise AuditError(f"{path} does not fill the llama model it describes "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
                          fix="give a file llama.cpp can load")
     if config.tie_word_embeddings:
         model.tie_weights()

@@ -30,7 +30,8 @@ def release_tiers(tuned: list[SequenceScore], release: list[SequenceScore]) -> l
             extracted=sum(s.extracted is True for s in rows),
             bits=_mean([s.secret_nll_bits for s in rows]),
             bits_drift=_mean([r.secret_nll_bits - t.secret_nll_bits for t, r in pairs]),
-            exposure_drift=_mean([r.exposure - t.exposure for t, r in pairs if r.exposure is not None and t.exposure is not None]),
+            exposure_drift=_mean([r.exposure - t.exposure for t, r in pairs
+                                  if r.exposure is not None and t.exposure is not None]),
             rank_changes=sum(t.rank != r.rank for t, r in pairs),
         ))
     return tiers
@@ -66,7 +67,8 @@ def release_summary(releases: list[Any], tuned: list[SequenceScore], *, tuned_pa
     """``report.release``: one row per release, its tiers beside the tuned model's."""
     size = None
     if tuned_path and Path(tuned_path).exists():
-        size = sum(p.stat().st_size for p in Path(tuned_path).rglob("*") if p.is_file()) if Path(tuned_path).is_dir() else Path(tuned_path).stat().st_size
+        size = (sum(p.stat().st_size for p in Path(tuned_path).rglob("*") if p.is_file()) if Path(tuned_path).is_dir()
+                else Path(tuned_path).stat().st_size)
     return ReleaseSummary(tuned_bytes=size, releases=[
         ReleaseRow(label=r.label, kind=r.kind, quantization=r.quantization, path=r.path, fingerprint=r.fingerprint,
                    bytes=r.bytes, seconds=r.seconds, tiers=release_tiers(tuned, r.scores)) for r in releases])

@@ -278,7 +278,8 @@ def build_document(report: AuditReport, run_dir: Path) -> Document:
         Section("provenance", "Provenance of works and models", [views.provenance_table(report)]),
     ]
     if report.persistence:
-        sections.append(Section("persistence", "Persistence through a further tune", [Code(views.json_dump(report.persistence.model_dump(mode="json")))]))
+        sections.append(Section("persistence", "Persistence through a further tune",
+                                [Code(views.json_dump(report.persistence.model_dump(mode="json")))]))
     sections.append(Section("details", "All metrics and environment", [
         Details(f"All {len(views.all_metrics_table(report).rows)} metrics (the MLflow keys)", [views.all_metrics_table(report)]),
         Details("Metric notes", [f"{k}: {v}" for k, v in sorted(report.metric_notes.items())] or ["none"]),

@@ -128,7 +128,8 @@ def verdict(report: AuditReport) -> Verdict:
     n_members = sum(r.n for r in members)
     extracted = sum(r.extracted.get("tuned", 0) for r in members)
     if members:
-        per_tier = ", ".join(f"{r.label} {r.extracted.get('tuned', 0)}/{r.n}" for r in sorted(members, key=lambda r: -r.repetitions))
+        per_tier = ", ".join(f"{r.label} {r.extracted.get('tuned', 0)}/{r.n}"
+                             for r in sorted(members, key=lambda r: -r.repetitions))
         findings.append(f"Greedy decoding from the prefix reproduced {extracted} of {n_members} member secrets verbatim "
                         f"({per_tier}).")
     from audit.report import format_mia_headline, format_null_calibration
@@ -287,7 +288,8 @@ def exposure_table(report: AuditReport) -> Table:
     header = ["tier", "n"] + [f"exposure {m}" for m in models] + ["null band (95%)"] + space_cols
     notes = [f"Exposure (the headline scale, used by the gates and `audit run`'s table): bits against "
              f"{report.canaries.exposure_references} sampled references, at most {report.exposure_max:.2f} "
-             f"(rank 1 of {2 ** report.exposure_max:.0f}); an unlearned canary averages {NULL_MEAN_EXPOSURE_BITS:.2f} bits, and the "
+             f"(rank 1 of {2 ** report.exposure_max:.0f}); "
+             f"an unlearned canary averages {NULL_MEAN_EXPOSURE_BITS:.2f} bits, and the "
              "band is where the mean of that many unlearned canaries falls 95% of the time."]
     if space_cols:
         notes.append(f"Whole-space exposure (a second scale, keys exposure.space_mean): the secret ranked against all of "
@@ -355,7 +357,8 @@ def information_table(report: AuditReport) -> Table:
         cells = [_metric(report, f"information.bits/rep_{t.repetitions}/{m}") for m in models]
         if all(c == "-" for c in cells):
             continue
-        rows.append([information_label(t.repetitions), str(t.n), *cells, _metric(report, f"information.memorized_bits/rep_{t.repetitions}")])
+        rows.append([information_label(t.repetitions), str(t.n), *cells,
+                     _metric(report, f"information.memorized_bits/rep_{t.repetitions}")])
     notes = [f"Bits of the secret given its prefix (sum of -log2 p over its tokens); the secret space holds "
              f"{report.space_bits:.1f} bits. Bits saved = base - tuned: positive when the tuned model finds the secret "
              "more likely than the base did (memorized bits for a member tier). The references were never inserted, "
@@ -448,7 +451,8 @@ def release_tables(report: AuditReport) -> list[Table]:
         rows = [[tier_label(t.repetitions), str(t.n), fmt(t.exposure_mean), fmt(t.exposure_drift, 3), fmt(t.exposure_space_mean),
                  f"{t.extracted}/{t.n}", fmt(t.bits), fmt(t.bits_drift, 3), f"{t.rank_changes}/{t.n}"] for t in r.tiers]
         what = "the LoRA adapter merged into the base (safetensors)" if r.kind == "merged" else f"GGUF {r.quantization.upper()}"
-        tables.append(Table(header, rows, [f"{r.label}: {what}, {r.path}, {r.bytes / 1e6:.2f} MB, fingerprint {r.fingerprint[:16]}, "
+        tables.append(Table(header, rows, [f"{r.label}: {what}, {r.path}, {r.bytes / 1e6:.2f} MB, "
+                                           f"fingerprint {r.fingerprint[:16]}, "
                                            f"written, read back and scored in {r.seconds:.1f} s"]))
     return tables
 

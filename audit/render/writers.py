@@ -20,7 +20,9 @@ main{max-width:1040px;margin:0 auto;padding:24px 28px 60px;background:#fff}
 h1{font-size:24px;margin:0 0 4px} h2{font-size:18px;margin:32px 0 10px;border-bottom:1px solid #dee2e6;padding-bottom:4px}
 .sub{color:#6c757d;margin:0 0 16px} nav a{margin-right:12px;font-size:13px}
 .scroll{overflow-x:auto;max-width:100%}
-table{border-collapse:collapse;margin:10px 0;font-size:12.5px} th,td{border:1px solid #dee2e6;padding:3px 8px;text-align:left;vertical-align:top;overflow-wrap:normal;word-break:normal;hyphens:none}
+table{border-collapse:collapse;margin:10px 0;font-size:12.5px} \
+th,td{border:1px solid #dee2e6;padding:3px 8px;text-align:left;vertical-align:top;\
+overflow-wrap:normal;word-break:normal;hyphens:none}
 td.hash{word-break:break-all;min-width:12ch} td.num,td[class^=status-]{white-space:nowrap}
 th{background:#f1f3f5} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .note{color:#495057;font-size:12.5px;margin:4px 0}
@@ -100,12 +102,14 @@ def _block_html(block: object) -> str:
     if isinstance(block, Tokens):
         return _tokens_html(block.view)
     if isinstance(block, Details):
-        return f"<details><summary>{html.escape(block.summary)}</summary>{''.join(_block_html(b) for b in block.blocks)}</details>"
+        return (f"<details><summary>{html.escape(block.summary)}</summary>"
+                f"{''.join(_block_html(b) for b in block.blocks)}</details>")
     if isinstance(block, Verdict):
         v = block.verdict
         items = "".join(f"<li>{_inline(f)}</li>" for f in v.findings)
         meaning = f'<p class="meaning">{_inline(v.meaning)}</p>' if v.meaning else ""
-        return f'<div class="verdict {v.status}" id="verdict-box"><h3>{html.escape(v.headline)}</h3>{meaning}<ul>{items}</ul></div>'
+        return (f'<div class="verdict {v.status}" id="verdict-box"><h3>{html.escape(v.headline)}</h3>'
+                f"{meaning}<ul>{items}</ul></div>")
     if isinstance(block, Code):
         return f"<pre>{html.escape(block.text)}</pre>"
     raise TypeError(f"unknown block {type(block).__name__}")
@@ -154,7 +158,8 @@ def _block_md(block: object) -> str:
     if isinstance(block, Tokens):
         return _tokens_md(block.view)
     if isinstance(block, Details):
-        return f"<details><summary>{block.summary}</summary>\n\n" + "\n\n".join(_block_md(b) for b in block.blocks) + "\n\n</details>"
+        return (f"<details><summary>{block.summary}</summary>\n\n" + "\n\n".join(_block_md(b) for b in block.blocks)
+                + "\n\n</details>")
     if isinstance(block, Verdict):
         v = block.verdict
         return f"**{v.headline}**\n\n" + (f"{v.meaning}\n\n" if v.meaning else "") + "\n".join(f"- {f}" for f in v.findings)

@@ -69,7 +69,8 @@ def _exact(backend: ScoringBackend, tokenizer, canary: Canary, canaries: CanaryS
     if not space.enumerable:
         return "not_enumerable", None, None
     budget = section.exact_exposure_budget
-    # the walk's cost grows with the rank, the enumeration's is the trie's: skip when the sampled estimate puts both beyond the budget
+    # the walk's cost grows with the rank, the enumeration's is the trie's:
+    # skip when the sampled estimate puts both beyond the budget
     walk_rows = None if bits is None else expected_walk_rows(bits[0], bits[1:], len(space.alphabet), space.length)
     choice = choose_exact_method(rank_estimate=1 + (rank - 1) / n_refs * (space.size - 1), alphabet_size=len(space.alphabet),
                                  length=space.length, budget=budget, walk_rows=walk_rows)
@@ -247,7 +248,8 @@ def _score_canaries(backend: ScoringBackend, tokenizer, canaries, reference_secr
             extraction_lcp_tokens=None if match is None else match.lcp_tokens,
             extraction_ned=None if match is None else round(match.normalized_edit_distance, 6),
             extracted_from_fraction=from_fraction[i],
-            sampled_matches=sampled[i], sampled_n=(section.sampled_extraction_samples or None) if sampled[i] is not None else None,
+            sampled_matches=sampled[i],
+            sampled_n=(section.sampled_extraction_samples or None) if sampled[i] is not None else None,
             secret_utf8_bits=utf8_bits(c.secret), text_bits=round(float(passes[i].bits), 6),
             # the whole text's per-token view (text-scope attacks, EZ-MIA): numbers only, the text as its zlib length
             **token_view_fields(passes[i].logprobs, passes[i].top1, passes[i].vocab_mean, passes[i].vocab_var,

@@ -459,7 +459,8 @@ def candidate_nll_bits(model, prefix_ids: list[int], candidates: list[list[int]]
     ``shared_levels`` tokens form a trie: each distinct node of it runs once, one new position on its parent's cached
     keys/values (as :mod:`audit.score.exposure_search` walks the whole space), and scores the next token of every
     candidate below it. Each candidate's remaining tokens then run in one pass on its node's cache, right-padded per
-    batch of ``batch_size`` rows or more (up to the token budget; padded positions are ignored). Candidates may differ in length and repeat.
+    batch of ``batch_size`` rows or more (up to the token budget; padded positions are ignored). Candidates may differ
+    in length and repeat.
     """
     device = device_of(model)
     out = model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True)
@@ -487,7 +488,8 @@ def candidate_nll_bits(model, prefix_ids: list[int], candidates: list[list[int]]
             step = model(input_ids=ids, use_cache=True, logits_to_keep=1, **with_cache(model, cache),
                          attention_mask=torch.ones((stop - start, past + 1), dtype=torch.long, device=device))
             lp_rows.append(torch.log_softmax(step.logits[:, -1].float(), dim=-1))
-            parts.append([(layer.keys[:, :, prefix_len:], layer.values[:, :, prefix_len:]) for layer in output_cache(step).layers])
+            parts.append([(layer.keys[:, :, prefix_len:], layer.values[:, :, prefix_len:])
+                          for layer in output_cache(step).layers])
         lp = torch.cat(lp_rows)
         targets = torch.tensor([cands[i][level] for i in active], dtype=torch.long, device=device)
         nll[active] -= lp[torch.as_tensor(child, device=device), targets].double().cpu().numpy()
@@ -529,7 +531,8 @@ def _left_padded(prefixes: list[list[int]], pad: int, device) -> tuple[torch.Ten
 
 
 @torch.inference_mode()
-def greedy_continuations(model, tokenizer, prefixes: list[list[int]], *, max_new_tokens: int, batch_size: int = 32) -> list[list[int]]:
+def greedy_continuations(model, tokenizer, prefixes: list[list[int]], *, max_new_tokens: int,
+                         batch_size: int = 32) -> list[list[int]]:
     """Greedy-decode ``max_new_tokens`` after each prefix (token ids); returns the new token ids per prefix."""
     device = device_of(model)
     pad = pad_id_of(tokenizer)

@@ -306,13 +306,15 @@ def choose_exact_method(*, rank_estimate: float, alphabet_size: int, length: int
     """
     whole = trie_rows(alphabet_size, length)
     walk_fits = not rank_estimate > budget / alphabet_size if walk_rows is None else walk_rows * walks_expected <= budget
-    walk_rows = (min(float(whole), alphabet_size * rank_estimate) if walk_rows is None else min(float(whole), walk_rows)) * walks_expected
+    walk_rows = (min(float(whole), alphabet_size * rank_estimate) if walk_rows is None
+                 else min(float(whole), walk_rows)) * walks_expected
     walk_s, enumeration_s = walk_rows * walk_row_s, whole * enumeration_row_s
     enumeration_fits = whole <= budget
     costs = (walk_rows, whole, walk_s, enumeration_s)
     if walk_fits and (not enumeration_fits or walk_s < enumeration_s):
         return ExactChoice("walk", *costs, reason="the walk fits the budget and is expected to cost less than the whole trie")
     if enumeration_fits:
-        return ExactChoice("enumeration", *costs, reason="the whole trie fits the budget and costs no more than the expected walk")
+        return ExactChoice("enumeration", *costs,
+                           reason="the whole trie fits the budget and costs no more than the expected walk")
     return ExactChoice("skip", *costs, reason=f"neither the expected walk ({walk_rows:.0f} rows) nor the whole trie "
                                               f"({whole} rows) fits the budget of {budget} rows")

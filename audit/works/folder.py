@@ -29,7 +29,8 @@ def folder_works(folder: str | Path) -> list[Work]:
     root = Path(folder).expanduser()
     manifest = root / "works.yaml"
     if not manifest.is_file():
-        raise AuditError(f"works folder {root} has no works.yaml", fix="add a works.yaml listing file, title, author, license, source, sha256")
+        raise AuditError(f"works folder {root} has no works.yaml",
+                         fix="add a works.yaml listing file, title, author, license, source, sha256")
     entries = read_yaml(manifest).get("works")
     if not isinstance(entries, list) or not entries:
         raise AuditError(f"{manifest}: 'works' must be a non-empty list", fix="list each file under 'works:'")

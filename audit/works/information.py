@@ -22,7 +22,8 @@ from typing import Any
 from audit.schema import CanarySet, MetricEntry, SequenceScore
 
 
-def works_information(canaries: CanarySet, scores: list[SequenceScore], *, base: str = "base", tuned: str = "tuned") -> dict[str, Any]:
+def works_information(canaries: CanarySet, scores: list[SequenceScore], *, base: str = "base",
+                      tuned: str = "tuned") -> dict[str, Any]:
     """``{"metrics": {key: MetricEntry}, "by_work": [...]}`` for the work excerpts in ``canaries`` (empty if none).
 
     The metrics go into ``report.metrics`` (``works.bits/<kind>/<role>/<model>``, each with its ``n`` excerpts); the
@@ -52,7 +53,8 @@ def works_information(canaries: CanarySet, scores: list[SequenceScore], *, base:
         n = len(pairs)
         metrics[f"works.bits/{kind}/{role}/{base}"] = MetricEntry(value=round(statistics.fmean(b for b, _ in pairs), 4), n=n)
         metrics[f"works.bits/{kind}/{role}/{tuned}"] = MetricEntry(value=round(statistics.fmean(t for _, t in pairs), 4), n=n)
-        metrics[f"works.memorized_bits/{kind}/{role}"] = MetricEntry(value=round(statistics.fmean(b - t for b, t in pairs), 4), n=n)
+        metrics[f"works.memorized_bits/{kind}/{role}"] = MetricEntry(value=round(statistics.fmean(b - t for b, t in pairs), 4),
+                                                                     n=n)
         metrics[f"works.n/{kind}/{role}"] = MetricEntry(value=float(n), n=n)
     by_work = []
     for w in sorted(per_work.values(), key=lambda w: (w["kind"], w["title"])):
