@@ -246,7 +246,7 @@ def open_gguf(path: str | Path) -> Any:
     import gguf
 
     p = Path(path).expanduser()
-    fix = "give a GGUF file as llama.cpp's convert_hf_to_gguf.py or `audit release` writes it"
+    fix = "give a GGUF file as llama.cpp's convert_hf_to_gguf.py or a recipe's `release` section writes it"
     if not p.is_file():
         raise AuditError(f"GGUF file {path} does not exist", fix=fix)
     with p.open("rb") as f:
@@ -270,7 +270,7 @@ def open_gguf(path: str | Path) -> Any:
     bad = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type.name.lower() not in SUPPORTED_TYPES})
     if bad:
         raise AuditError(f"{path} holds tensors of type {', '.join(bad)}, which this reader does not dequantize",
-                         fix=f"measure a file of {', '.join(SUPPORTED_TYPES)} (write one with `audit release`)")
+                         fix=f"measure a file of {', '.join(SUPPORTED_TYPES)} (a recipe's `release: {gguf: [...]}` writes one)")
     return reader
 
 
