@@ -503,7 +503,7 @@ def sample_outputs(run: Run, model: PreTrainedModel, tokenizer: PreTrainedTokeni
     scoring = run.ctx.recipe.scoring  # the recipe's engine, sampling the model in the dtype it was tuned in
     with run.stage("outputs"), open_backend(scoring.backend, model, tokenizer, precision=None,
                                             batch_size=scoring.batch_size) as backend:
-        return outputs_stage(run.dir, backend, tokenizer, truth.canaries, section, seed=run.ctx.recipe.seed,
+        return outputs_stage(run.store, backend, tokenizer, truth.canaries, section, seed=run.ctx.recipe.seed,
                              progress=run.ctx.progress, whole_works=works)
 
 
