@@ -170,18 +170,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe_name, overrides = _split_overrides(args)
     if args.resume:
-        from audit.resume import load_resumable
+        from audit.resume import RunDir, load_resumable
 
         if recipe_name or overrides:
             raise AuditError("--resume continues a run with the recipe stored in it; "
                              "a recipe or key=value overrides cannot change it",
                              fix=f"run `audit run --resume {args.resume}` alone, or start a new run")
         run_dir, recipe, status = load_resumable(args.resume)
-        if status.get("status") == "complete" and (run_dir / LAYOUT.report).is_file():
-            from audit.gates import read_report_or_run
-
+        if (report := RunDir(run_dir).completed_report()) is not None:
             print(f"run {run_dir} is already complete; nothing to resume")
-            report = read_report_or_run(run_dir)
             print(format_table(report))
             return _gate_exit(args, [report])
         # the store this run was tracked in (run.json), wherever the resume is started from

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from audit.errors import AuditError
 from audit.keys import AuditKey, resolve_key
 from audit.layout import LAYOUT
+from audit.resume import NEW_RUN, RunDir
 from audit.schema import AuditReport, LineageNode, MetricEntry, Recipe, SequenceScore
 from audit.train import stage
 from audit.train.types import DeviceChoice, TrainPlan, TrainResult, WeightsLayer
@@ -86,20 +87,21 @@ class Origin(Protocol):
     def record(self, report: AuditReport, run_dir: Path) -> None: ...
 
 
-def origin_for(recipe: Recipe, *, resume_dir: Path | str | None = None) -> Origin:
+def origin_for(recipe: Recipe, *, directory: RunDir = NEW_RUN) -> Origin:
     """:class:`FurtherTune` of ``recipe.parent`` when it names one (checked now), else :class:`FreshBase`; either with
-    its audit key (:func:`run_key`), checked against the run being resumed and the parent before anything is written."""
-    if resume_dir is not None and (Path(resume_dir) / LAYOUT.external).is_file():  # an `audit measure` run
-        return resume_external(recipe, Path(resume_dir))
+    its audit key (:func:`run_key`), checked against the run being resumed (``directory``) and the parent before
+    anything is written. A resumed ``audit measure`` run (its ``external.json``) is its :class:`ExternalModel` again."""
+    if (external := directory.recorded(LAYOUT.external)) is not None:
+        return resume_external(recipe, external.parent)
     if recipe.parent:
         from audit import chain
 
         parent = chain.load_parent(recipe.parent)
         inherited = chain.inherit(recipe, parent)  # canaries.key_file included: the parent's key file
         key = run_key(inherited, expected=[(f"parent run {parent.origin.run_dir}", recorded_key_id(parent.origin.run_dir)),
-                                           *_resumed(resume_dir)])
+                                           *_resumed(directory)])
         return FurtherTune(recipe=inherited, parent=parent, key=key)
-    return FreshBase(recipe=recipe, key=run_key(recipe, expected=_resumed(resume_dir)))
+    return FreshBase(recipe=recipe, key=run_key(recipe, expected=_resumed(directory)))
 
 KEY_ID_FIELD = "key_id"
 
@@ -121,8 +123,9 @@ def recorded_key_id(run_dir: Path | str) -> str | None:
 UNKEYED = "unkeyed"
 
 
-def _resumed(resume_dir: Path | str | None) -> list[tuple[str, str | None]]:
-    return [] if resume_dir is None else [(f"run {resume_dir}", recorded_key_id(resume_dir))]
+def _resumed(directory: RunDir) -> list[tuple[str, str | None]]:
+    """The run being resumed with the audit key id it recorded; none for a new run."""
+    return [(f"run {directory.path}", recorded_key_id(directory.path))] if directory.resuming else []
 
 
 def run_key(recipe: Recipe, *, expected: list[tuple[str, str | None]] = ()) -> AuditKey | None:

@@ -32,7 +32,7 @@ import re
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ import numpy as np
 from audit.layout import LAYOUT, read_versioned_rows, versioned
 from audit.metrics.stats import clopper_pearson
 from audit.schema import Canary, CanarySet, MetricEntry, OutputsSection, SecretSpace, sha256_json
-from audit.store import jsonl_text, write_once
+from audit.store import StageStore, jsonl_text, write_once
 
 UNPROMPTED = "unprompted"
 
@@ -407,30 +407,52 @@ def whole_works_recall(scanned: list[dict[str, Any]], works: Sequence[tuple[str,
     return summary, metrics
 
 
-def outputs_stage(run_dir: Path, scorer: Any, tokenizer: Any, canaries: CanarySet, section: OutputsSection, *, seed: int,
-                  model_label: str = "tuned", progress: bool = True, whole_works: Any = None) -> OutputsResult:
-    """Generate (or, on resume, reuse ``outputs.jsonl``), scan and summarize the tuned model's outputs.
+@dataclass(frozen=True)
+class OutputsFile:
+    """``outputs.jsonl``: the sampled texts, each row with its scan (a stage checkpoint, :class:`audit.store.Artifact`).
+    Read back, the stored rows are scanned again (``scan``): the texts and token ids are what stands, not the scan."""
+
+    scan: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+    name: str = LAYOUT.outputs
+
+    def read(self, run_dir: Path) -> list[dict[str, Any]] | None:
+        path = Path(run_dir) / self.name
+        if not path.is_file():
+            return None
+        return self.scan([{k: r[k] for k in ("id", "prompt_id", "token_ids", "text")} for r in read_versioned_rows(path)])
+
+    def write(self, run_dir: Path, value: list[dict[str, Any]]) -> None:
+        write_once(Path(run_dir) / self.name, jsonl_text(versioned(self.name, r) for r in value))
+
+    def describe(self, value: list[dict[str, Any]]) -> str:
+        return self.name
+
+
+def outputs_stage(store: StageStore, scorer: Any, tokenizer: Any, canaries: CanarySet, section: OutputsSection, *,
+                  seed: int, model_label: str = "tuned", progress: bool = True, whole_works: Any = None) -> OutputsResult:
+    """Generate (or, on resume, reuse ``outputs.jsonl`` through ``store``), scan and summarize the tuned model's outputs.
 
     ``whole_works``: ``(works, seed, max_gap, min_block)`` with works ``(work_id, role, token ids)``: the audited whole
     works, scanned for long near-verbatim blocks (:func:`whole_works_recall`)."""
     t = time.perf_counter()
-    path = Path(run_dir) / LAYOUT.outputs
-    reused = path.is_file()
-    if reused:
-        rows = [{k: r[k] for k in ("id", "prompt_id", "token_ids", "text")} for r in read_versioned_rows(path)]
-    else:
+
+    def sample() -> list[dict[str, Any]]:
         if progress:
             total = section.samples * len(prompts_of(section))
             print(f"[audit] outputs: sampling {total} texts from the {model_label} model", file=sys.stderr, flush=True)
-        rows = generate_samples(scorer, tokenizer, section, seed=seed, progress=progress)
-    scanned = scan_samples(rows, canaries, tokenizer, section)
-    if not reused:
-        write_once(path, jsonl_text(versioned(LAYOUT.outputs, r) for r in scanned))
+        return scan(generate_samples(scorer, tokenizer, section, seed=seed, progress=progress))
+
+    def scan(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return scan_samples(rows, canaries, tokenizer, section)
+
+    artifact = OutputsFile(scan)
+    reused = store.has(artifact)
+    scanned = store.get_or_run(artifact, sample)
     summary, metrics = summarize_outputs(scanned, canaries, section, seed=seed, model_label=model_label)
     if whole_works is not None:
         works, ngram, max_gap, min_block = whole_works
         summary["whole_works"], recall = whole_works_recall(scanned, works, seed=ngram, max_gap=max_gap, min_block=min_block)
         metrics.update(recall)
-    fingerprint = sha256_json([{k: r[k] for k in ("id", "prompt_id", "token_ids")} for r in rows])
+    fingerprint = sha256_json([{k: r[k] for k in ("id", "prompt_id", "token_ids")} for r in scanned])
     summary.update(file=LAYOUT.outputs, fingerprint=fingerprint, wall_s=round(time.perf_counter() - t, 3), reused=reused)
     return OutputsResult(rows=scanned, summary=summary, metrics=metrics, fingerprint=fingerprint)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from audit.layout import LAYOUT
+from audit.resume import NEW_RUN, RunDir
 from audit.schema import AuditReport, Recipe
 
 if TYPE_CHECKING:
@@ -68,10 +69,12 @@ def run_audit(
     stages whose files exist are reused, training continues from its last checkpoint (:class:`audit.store.StageStore`).
     """
     from audit.origin import origin_for
+    from audit.resume import RunDir
 
+    directory = RunDir(None if resume_dir is None else Path(resume_dir))  # the one place a run learns it resumes
     # a first tune, a further tune of recipe.parent, or (resumed) a model measured by `audit measure`: the one difference
-    origin = origin_for(recipe, resume_dir=resume_dir)
-    return run_origin(origin, tracking_uri=tracking_uri, tracking=tracking, progress=progress, resume_dir=resume_dir)
+    origin = origin_for(recipe, directory=directory)
+    return run_origin(origin, tracking_uri=tracking_uri, tracking=tracking, progress=progress, directory=directory)
 
 
 def run_origin(
@@ -80,21 +83,22 @@ def run_origin(
     tracking_uri: str | None = None,
     tracking: bool | None = None,
     progress: bool = True,
-    resume_dir: Path | None = None,
+    directory: RunDir = NEW_RUN,
 ) -> AuditResult | None:
     """The stages for ``origin`` (:mod:`audit.origin`): :func:`run_audit` for a recipe, ``audit measure`` for a model
-    trained elsewhere (:class:`~audit.origin.ExternalModel`, whose train stage loads the weights it was given)."""
+    trained elsewhere (:class:`~audit.origin.ExternalModel`, whose train stage loads the weights it was given).
+    ``directory``: a new run directory, or the run resumed (:class:`~audit.resume.RunDir`, asked once, when it opens)."""
     from audit import distributed, stages
     from audit.report import build_report
     from audit.store import CalibrationFile, ScoresFile, write_jsonl
 
     ctx = stages.RunContext.prepare(origin, tracking_uri=tracking_uri, tracking=tracking, progress=progress,
-                                    resume_dir=resume_dir)
+                                    directory=directory)
     truth = ctx.ground_truth(origin)  # canaries + inject + pre-flight, before anything is written
     if not distributed.is_main():  # another process of `accelerate launch`: it scores and trains as the plan says
         stages.worker(ctx, origin, truth)
         return None
-    with stages.open_run(ctx, resume_dir) as run:  # lock, run.json, tracker; failed or complete at the end
+    with stages.open_run(ctx, directory) as run:  # lock, run.json, tracker; failed or complete at the end
         # the other processes join the stages the plan names; all refuse here if one drew other canaries than rank 0
         plan = stages.share_plan(lambda: stages.train_plan(run, truth), truth)
         stages.record_inputs(run, truth)

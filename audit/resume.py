@@ -43,7 +43,7 @@ from typing import Any
 from audit.console import say
 from audit.errors import AuditError
 from audit.layout import LAYOUT
-from audit.schema import SCHEMA_VERSION, Recipe
+from audit.schema import SCHEMA_VERSION, AuditReport, Recipe
 from audit.store import StageStore, write_json
 from audit.train.types import TRAINER_DIR
 
@@ -201,6 +201,65 @@ def open_run(run_dir: Path, *, resumed: bool, progress: bool = True) -> RunHandl
         os.close(fd)
         raise
     return handle
+
+
+def new_run_dir(recipe: Recipe) -> Path:
+    import secrets
+
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    root = Path(recipe.output.root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{recipe.name.replace('/', '-')}-{stamp}-{secrets.token_hex(3)}"
+    path.mkdir()
+    return path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The run directory an audit writes to, chosen once, before anything is checked or written: a new one (``path``
+    None, made when it opens) or the interrupted run at ``path``, resumed.
+
+    The only place that knows whether a run resumes. Like inspect_ai's sample source, a new run is the do-nothing case
+    (it resumes nothing and has nothing recorded), so the stages below ask this object or the stage store
+    (:class:`~audit.store.StageStore`, which reuses whatever files are there), never a ``resume_dir``.
+    """
+
+    path: Path | None = None
+
+    @property
+    def resuming(self) -> bool:
+        return self.path is not None
+
+    def recorded(self, name: str) -> Path | None:
+        """The file ``name`` as the run being resumed recorded it; None when it has none, and always for a new run."""
+        return self.path / name if self.path is not None and (self.path / name).is_file() else None
+
+    def check(self, recipe: Recipe) -> None:
+        """Refuse, before anything is written, a place this run cannot write: the output root of a new run, the
+        directory of a resumed one."""
+        from audit.validate import check_output_root, check_writable_folder
+
+        if self.path is None:
+            check_output_root(recipe)
+        else:
+            check_writable_folder(self.path, what="run directory", fix="resume where the run directory is writable")
+
+    def open(self, recipe: Recipe, *, progress: bool = True) -> RunHandle:
+        """Lock the directory and mark it running (:func:`open_run`): a new one under ``output.root``, or this one."""
+        resumed = self.path is not None
+        return open_run(self.path if resumed else new_run_dir(recipe), resumed=resumed, progress=progress)
+
+    def completed_report(self) -> AuditReport | None:
+        """The report of a resumed run that had already completed (there is nothing to resume), else None."""
+        if self.path is None or read_status(self.path).get("status") != "complete" or self.recorded(LAYOUT.report) is None:
+            return None
+        from audit.gates import read_report_or_run
+
+        return read_report_or_run(self.path)
+
+
+NEW_RUN = RunDir()
+"""A run that resumes nothing: its directory is made when it opens."""
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:

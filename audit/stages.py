@@ -33,7 +33,7 @@ from audit import distributed
 from audit.console import say
 from audit.layout import LAYOUT
 from audit.models import ResolvedModel
-from audit.resume import RunHandle
+from audit.resume import NEW_RUN, RunDir, RunHandle
 from audit.schema import AuditReport, Recipe, SequenceScore, TrainSummary
 from audit.store import StageStore, json_text
 from audit.train.stage import TrainedWeights, load_base  # noqa: F401  (re-exported: the stage the run opens with)
@@ -54,18 +54,6 @@ if TYPE_CHECKING:  # annotations only: the origins import this module's stages l
     from audit.works.summary import WholeWorksResult
 
 
-
-def new_run_dir(recipe: Recipe) -> Path:
-    import secrets
-
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    root = Path(recipe.output.root)
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f"{recipe.name.replace('/', '-')}-{stamp}-{secrets.token_hex(3)}"
-    path.mkdir()
-    return path
-
-
 @dataclass
 class RunContext:
     """What every stage reads: the recipe as it runs, the resolved model, the device; and the stage timings."""
@@ -83,7 +71,7 @@ class RunContext:
 
     @classmethod
     def prepare(cls, origin: Origin, *, tracking_uri: str | None = None, tracking: bool | None = None,
-                progress: bool = True, resume_dir: Path | None = None) -> RunContext:
+                progress: bool = True, directory: RunDir = NEW_RUN) -> RunContext:
         """Check everything the user can get wrong (spec, output folder, device, tracking server, model, LoRA
         targets) before anything is written.
 
@@ -95,16 +83,13 @@ class RunContext:
         from audit.score.backend import check_backend
         from audit.tracking import check_tracking_reachable, resolve_tracking_uri
         from audit.train.sft import choose_device
-        from audit.validate import check_lora_targets, check_output_root, check_sqlite_store, check_writable_folder
+        from audit.validate import check_lora_targets, check_sqlite_store
 
         started = time.perf_counter()
         recipe = origin.recipe
         load_spec(recipe.canaries.spec, recipe.canaries.params)  # a bad spec name fails before any model work
         check_backend(recipe.scoring.backend)  # so does a scoring backend that does not exist
-        if resume_dir is None:  # where the run directory will be made, and the run directory of a resume
-            check_output_root(recipe)
-        else:
-            check_writable_folder(resume_dir, what="run directory", fix="resume where the run directory is writable")
+        directory.check(recipe)  # where the run directory will be made, or the run directory resumed
         if recipe.works is not None and distributed.is_distributed():
             raise AuditError("whole works (the recipe's works section) are scanned in one process: a sharded model cannot "
                              "run the window scan on the main process alone", fix="run `audit run` without accelerate "
@@ -119,7 +104,7 @@ class RunContext:
             try:
                 check_tracking_reachable(uri)
             except AuditError as exc:
-                if resume_dir is None or not uri.startswith(("http://", "https://")):
+                if not directory.resuming or not uri.startswith(("http://", "https://")):
                     raise
                 down = exc.problem  # the tracker says so in one warning line when its first call fails
             check_sqlite_store(uri)
@@ -202,23 +187,22 @@ class Run:
 
 
 @contextmanager
-def open_run(ctx: RunContext, resume_dir: Path | None) -> Iterator[Run]:
-    """A new run directory (or ``resume_dir``), locked and marked running, with its tracker; complete or failed after.
+def open_run(ctx: RunContext, directory: RunDir = NEW_RUN) -> Iterator[Run]:
+    """A new run directory (or the one resumed), locked and marked running, with its tracker; complete or failed after.
 
     On a resume, calls an earlier attempt could not log (``tracking_pending.jsonl``) are replayed first; if the
     server is still away they stay there and this attempt adds to them. ``run.json`` records the tracking URI
     and experiment (what ``audit sync`` needs) and, at the end, whether tracking was incomplete.
     """
-    from audit.resume import open_run as open_run_dir
     from audit.tracking import open_tracker
 
-    run_dir = new_run_dir(ctx.recipe) if resume_dir is None else Path(resume_dir)
-    handle = open_run_dir(run_dir, resumed=resume_dir is not None, progress=ctx.progress)
+    handle = directory.open(ctx.recipe, progress=ctx.progress)
+    run_dir = handle.run_dir
     tracker = None
     try:
         if ctx.tracking:
             handle.save_status(tracking_uri=ctx.tracking_uri, mlflow_experiment=ctx.recipe.tracking.experiment)
-            if resume_dir is not None and ctx.tracking_down is None:  # a server known to be down would refuse it too
+            if handle.resumed and ctx.tracking_down is None:  # a server known to be down would refuse it too
                 replay_kept_calls(handle, ctx.tracking_uri, progress=ctx.progress)
         say(ctx.progress and ctx.tracking, f"[audit] MLflow: opening the run in {ctx.tracking_uri}")  # seconds on a cold store
         with open_tracker(ctx.tracking, ctx.tracking_uri, ctx.recipe.tracking.experiment, ctx.recipe.name,
@@ -521,7 +505,7 @@ def sample_outputs(run: Run, model: PreTrainedModel, tokenizer: PreTrainedTokeni
     scoring = run.ctx.recipe.scoring  # the recipe's engine, sampling the model in the dtype it was tuned in
     with run.stage("outputs"), open_backend(scoring.backend, model, tokenizer, precision=None,
                                             batch_size=scoring.batch_size) as backend:
-        return outputs_stage(run.dir, backend, tokenizer, truth.canaries, section, seed=run.ctx.recipe.seed,
+        return outputs_stage(run.store, backend, tokenizer, truth.canaries, section, seed=run.ctx.recipe.seed,
                              progress=run.ctx.progress, whole_works=works)
 
 

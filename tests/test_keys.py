@@ -263,12 +263,13 @@ def test_a_run_made_with_one_key_refuses_to_resume_with_another_in_one_line(tmp_
 
 def test_resume_with_the_recorded_key_and_a_run_that_recorded_nothing_yet_use_the_key_in_use(tmp_path):
     from audit.origin import origin_for
+    from audit.resume import RunDir
 
     in_use = resolve_key()
     recipe = load_recipe("tiny/lora_cpu")
-    assert origin_for(recipe, resume_dir=_fake_run(tmp_path / "a", in_use.id)).key.id == in_use.id
+    assert origin_for(recipe, directory=RunDir(_fake_run(tmp_path / "a", in_use.id))).key.id == in_use.id
     # killed before canaries.jsonl was written: nothing to stay compatible with, so no downgrade to unkeyed
-    assert origin_for(recipe, resume_dir=_fake_run(tmp_path / "b", None)).key.id == in_use.id
+    assert origin_for(recipe, directory=RunDir(_fake_run(tmp_path / "b", None))).key.id == in_use.id
 
 
 def test_the_recipe_key_file_is_used_and_a_missing_one_is_one_line(tmp_path, monkeypatch):
@@ -296,9 +297,10 @@ def _stored_recipe(run):
 
 def test_a_run_written_before_the_key_is_regenerated_unkeyed_byte_for_byte(old_run, tiny_tokenizer):
     from audit.origin import origin_for
+    from audit.resume import RunDir
 
     recipe = _stored_recipe(old_run)
-    origin = origin_for(recipe, resume_dir=old_run)
+    origin = origin_for(recipe, directory=RunDir(old_run))
     assert origin.key is None  # no key id recorded, canaries.jsonl present: it was unkeyed
     _, files = _files(tiny_tokenizer, origin.key, recipe)
     for name in ("canaries.jsonl", "manifest.json", "preflight.json"):

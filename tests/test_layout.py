@@ -109,12 +109,13 @@ class _CharTokenizer:
 def _outputs(run_dir: Path):
     from audit.outputs import outputs_stage
     from audit.schema import Canary, CanarySet, OutputsSection, SecretSpace
+    from audit.store import StageStore
 
     cs = CanarySet(spec="t", spec_version=1, seed=0, space=SecretSpace(alphabet=list("0123456789"), length=6),
                    canaries=[Canary(id="m", spec="t", prefix="pin ", secret="482910", suffix=".", repetitions=4),
                              Canary(id="r", spec="t", prefix="pin ", secret="130577", suffix=".", repetitions=0)])
     section = OutputsSection(samples=1, prompts=[])
-    return outputs_stage(run_dir, None, _CharTokenizer(), cs, section, seed=0, progress=False)  # no model: reuse only
+    return outputs_stage(StageStore(run_dir), None, _CharTokenizer(), cs, section, seed=0, progress=False)  # no model: reuse only
 
 
 def test_an_old_outputs_file_is_reused(tmp_path):

@@ -261,6 +261,7 @@ def test_measure_refuses_a_gate_no_run_can_pass(gt, capsys, tmp_path):
 def test_a_measurement_is_rebuilt_from_its_external_json_wherever_the_resume_starts(gt, monkeypatch):
     from audit.external import measure_recipe, read_ground_truth_dir
     from audit.origin import external_model, origin_for
+    from audit.resume import RunDir
 
     perturbed_copy(gt.parent / "tuned")
     truth_dir = read_ground_truth_dir("gt")
@@ -271,7 +272,7 @@ def test_a_measurement_is_rebuilt_from_its_external_json_wherever_the_resume_sta
     (run_dir / LAYOUT.external).write_text(json.dumps(origin.record_file()))
     (gt.parent / "elsewhere").mkdir()
     monkeypatch.chdir(gt.parent / "elsewhere")  # `audit run --resume` from another folder
-    again = origin_for(recipe, resume_dir=run_dir)
+    again = origin_for(recipe, directory=RunDir(run_dir))
     assert type(again).__name__ == "ExternalModel"
     assert again.record_file() == origin.record_file()  # external.json is written once: a resume must compute it byte for byte
     assert again.tuned_layers == origin.tuned_layers and again.weights_fingerprint == origin.weights_fingerprint

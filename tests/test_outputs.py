@@ -22,6 +22,7 @@ from audit.outputs import (
     symbol_runs,
 )
 from audit.schema import Canary, CanarySet, OutputsSection, SecretSpace
+from audit.store import StageStore
 
 DIGITS = SecretSpace(alphabet=list("0123456789"), length=6)
 WORDS = SecretSpace(alphabet=["amber", "bison", "cedar", "delta", "ember"], length=3, separator=" ")
@@ -185,9 +186,9 @@ def test_outputs_stage_on_tiny_llama_is_seeded_and_keeps_text_in_the_run_dir(tin
     model, tokenizer = tiny_model
     cs = canary_set([canary("m", "482910", 16), canary("r", "130577", 0)])
     section = OutputsSection(samples=3, prompts=["Note:"], max_new_tokens=12, batch_size=4)
-    a = outputs_stage(tmp_path / "a", model, tokenizer, cs, section, seed=5, progress=False)
-    b = outputs_stage(tmp_path / "b", model, tokenizer, cs, section, seed=5, progress=False)
-    c = outputs_stage(tmp_path / "c", model, tokenizer, cs, section, seed=6, progress=False)
+    a = outputs_stage(StageStore(tmp_path / "a"), model, tokenizer, cs, section, seed=5, progress=False)
+    b = outputs_stage(StageStore(tmp_path / "b"), model, tokenizer, cs, section, seed=5, progress=False)
+    c = outputs_stage(StageStore(tmp_path / "c"), model, tokenizer, cs, section, seed=6, progress=False)
     assert len(a.rows) == 3 * len(prompts_of(section)) == 6
     assert a.fingerprint == b.fingerprint != c.fingerprint
     assert (tmp_path / "a" / LAYOUT.outputs).read_text() == (tmp_path / "b" / LAYOUT.outputs).read_text()
@@ -195,8 +196,35 @@ def test_outputs_stage_on_tiny_llama_is_seeded_and_keeps_text_in_the_run_dir(tin
     assert {r["prompt_id"] for r in a.rows} == {"unprompted", "p1"}
     assert "text" in a.rows[0] and all("text" not in json.dumps(t) for t in a.summary["tiers"])
     # a rerun (resume) reuses the file instead of sampling again
-    again = outputs_stage(tmp_path / "a", None, tokenizer, cs, section, seed=5, progress=False)
+    again = outputs_stage(StageStore(tmp_path / "a"), None, tokenizer, cs, section, seed=5, progress=False)
     assert again.summary["reused"] and again.fingerprint == a.fingerprint
+
+
+def test_a_resumed_outputs_stage_reuses_outputs_jsonl_through_the_store_untouched(tmp_path, monkeypatch):
+    """outputs.jsonl is a stage artifact like the scores: the store says it reuses it, nothing is sampled again, the
+    file keeps its bytes (rows with their schema_version) and the summary is the one the first attempt made."""
+    import audit.outputs
+
+    cs = canary_set([canary("m", "482910", 16), canary("r", "130577", 0)])
+    section = OutputsSection(samples=2, prompts=[])
+    rows = [{"id": "s00000", "prompt_id": "unprompted", "token_ids": [5, 6], "text": "the code of Ms. X is 482910."},
+            {"id": "s00001", "prompt_id": "unprompted", "token_ids": [7], "text": "nothing here"}]
+    monkeypatch.setattr(audit.outputs, "generate_samples", lambda *a, **kw: [dict(r) for r in rows])
+    first = outputs_stage(StageStore(tmp_path), None, None, cs, section, seed=5, progress=False)
+    written = (tmp_path / LAYOUT.outputs).read_bytes()
+    assert all(json.loads(line)["schema_version"] == 1 for line in written.splitlines())
+
+    def sample_again(*a, **kw):
+        raise AssertionError("a resume samples nothing")
+
+    monkeypatch.setattr(audit.outputs, "generate_samples", sample_again)
+    said: list[str] = []
+    again = outputs_stage(StageStore(tmp_path, note=said.append), None, None, cs, section, seed=5, progress=False)
+    assert said == [LAYOUT.outputs] and (tmp_path / LAYOUT.outputs).read_bytes() == written
+    steady = lambda summary: {k: v for k, v in summary.items() if k not in ("wall_s", "reused")}  # noqa: E731
+    assert not first.summary["reused"] and again.summary["reused"] and steady(again.summary) == steady(first.summary)
+    assert again.rows == first.rows and again.metrics == first.metrics
+    assert again.metrics["outputs.samples_exact/members"].value == 1
 
 
 def test_outputs_progress_counts_tokens_and_changes_no_sample(tiny_model, tmp_path, capsys, monkeypatch):
@@ -208,9 +236,9 @@ def test_outputs_progress_counts_tokens_and_changes_no_sample(tiny_model, tmp_pa
     model, tokenizer = tiny_model
     cs = canary_set([canary("m", "482910", 16), canary("r", "130577", 0)])
     section = OutputsSection(samples=3, prompts=["Note:"], max_new_tokens=12, batch_size=4)
-    quiet = outputs_stage(tmp_path / "quiet", model, tokenizer, cs, section, seed=5, progress=False)
+    quiet = outputs_stage(StageStore(tmp_path / "quiet"), model, tokenizer, cs, section, seed=5, progress=False)
     capsys.readouterr()
-    shown = outputs_stage(tmp_path / "shown", model, tokenizer, cs, section, seed=5, progress=True)
+    shown = outputs_stage(StageStore(tmp_path / "shown"), model, tokenizer, cs, section, seed=5, progress=True)
     assert shown.fingerprint == quiet.fingerprint
     err = capsys.readouterr().err
     counts = [int(n) for n in re.findall(r"outputs:.*?\| *(\d+)/72 ", err)]  # 6 samples x 12 tokens

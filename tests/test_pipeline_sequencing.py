@@ -162,6 +162,30 @@ def test_a_run_killed_in_any_stage_resumes_reusing_every_stage_before_it(fakes, 
         assert len(fakes.plans) == 1  # trained once; the resumed attempt's plan said: nothing to train
 
 
+def test_whether_a_run_resumes_is_decided_once_by_its_run_directory_and_every_stage_asks_it(fakes, monkeypatch):
+    """origin_for, RunContext.prepare and the open run see one RunDir: not resuming for a new run, resuming the
+    directory given for a resume; the stages then only ask it (or the store), never a ``resume_dir``."""
+    seen: list[tuple[str, bool]] = []
+
+    def origin_for(recipe, *, directory):
+        seen.append(("origin", directory.resuming))
+        return origin_module.FreshBase(recipe=recipe)
+
+    prepare = stages.RunContext.prepare
+    monkeypatch.setattr(origin_module, "origin_for", origin_for)
+    monkeypatch.setattr(stages.RunContext, "prepare", classmethod(
+        lambda cls, origin, *, directory, **kw: (seen.append(("prepare", directory.resuming)), prepare(origin))[1]))
+    monkeypatch.setattr(stages, "publish", lambda run, origin, report: (seen.append(("handle", run.handle.resumed)), report)[1])
+
+    result = run_audit(fakes.recipe, tracking=False, progress=False)
+    assert seen == [("origin", False), ("prepare", False), ("handle", False)]
+    (result.run_dir / "report.json").unlink(missing_ok=True)
+    seen.clear()
+    again = run_audit(fakes.recipe, tracking=False, progress=False, resume_dir=result.run_dir)
+    assert seen == [("origin", True), ("prepare", True), ("handle", True)] and again.run_dir == result.run_dir
+    assert len(list(Path(fakes.recipe.output.root).iterdir())) == 1  # the resume made no new run directory
+
+
 def test_rank_0_refuses_a_process_that_drew_other_canaries_before_writing_the_canaries(fakes, monkeypatch):
     """Rank 0 hears, with the plan, that process 1 drew under another key: the run fails in one line with nothing
     but run.json written (no canaries, no manifest), and nothing was loaded, scored or trained."""

@@ -156,6 +156,25 @@ def test_resume_of_a_complete_run_re_reports_it(tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
 
 
+def test_a_new_run_directory_resumes_nothing_and_a_given_one_answers_from_its_files(tmp_path):
+    """RunDir is where a run learns, once, whether it resumes: a new run has nothing recorded and nothing to re-report;
+    a resumed one reads its own files, and re-reports only when it completed with a report."""
+    from audit.resume import NEW_RUN, RunDir
+
+    assert not NEW_RUN.resuming and NEW_RUN.recorded("run.json") is None and NEW_RUN.completed_report() is None
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"status": "failed"}))
+    (run / "report.json").write_text(tier_report({1: (2, 1.5, 0)}, run_id="r").model_dump_json())
+    resumed = RunDir(run)
+    assert resumed.resuming and resumed.recorded("run.json") == run / "run.json" and resumed.recorded("external.json") is None
+    assert resumed.completed_report() is None  # failed: there is work left, even with a report from an earlier attempt
+    (run / "run.json").write_text(json.dumps({"status": "complete"}))
+    assert resumed.completed_report().run_id == "r"
+    (run / "report.json").unlink()
+    assert resumed.completed_report() is None  # complete but its report is gone: the report stage runs again
+
+
 def test_resume_refuses_a_run_whose_inputs_changed(tmp_path, capsys, monkeypatch, tiny_model_dir):
     """A stage file that the stored recipe no longer reproduces is an error, and the file is left as it was."""
     monkeypatch.chdir(tmp_path)

@@ -189,11 +189,11 @@ def test_sigterm_leaves_the_run_failed_with_the_signal_and_its_mlflow_runs_kille
     server is away; the resume, with the server back, replays the kept calls first and reuses the stage runs."""
     from mlflow.tracking import MlflowClient
 
-    from audit.resume import RunInterrupted, read_status
+    from audit.resume import RunDir, RunInterrupted, read_status
     from audit.stages import open_run
 
     with pytest.raises(RunInterrupted):
-        with open_run(_context(_dead_url(), in_tmp), None) as run:
+        with open_run(_context(_dead_url(), in_tmp)) as run:
             run.tracker.log_params({"seed": 0})
             run.tracker.begin_stage("train")
             run.tracker.log_metrics({"train.loss": 4.0}, step=1)
@@ -207,7 +207,7 @@ def test_sigterm_leaves_the_run_failed_with_the_signal_and_its_mlflow_runs_kille
         {**kept[-2], "run": "train", "status": "KILLED"}, {**kept[-1], "run": "parent", "status": "KILLED"}]
 
     store = f"sqlite:///{in_tmp / 'mlflow.db'}"
-    with open_run(_context(store, in_tmp), run.dir) as again:
+    with open_run(_context(store, in_tmp), RunDir(run.dir)) as again:
         assert not (run.dir / LAYOUT.pending).exists()  # replayed before the run reopened
         with again.tracker.stage("train"):
             again.tracker.log_metrics({"train.loss": 4.0}, step=1)  # the resumed trainer logs step 1 again
@@ -226,7 +226,7 @@ def test_audit_sync_replays_a_run_dir_and_says_so(in_tmp, capsys):
     from audit.resume import read_status
     from audit.stages import open_run
 
-    with open_run(_context(_dead_url(), in_tmp), None) as run:
+    with open_run(_context(_dead_url(), in_tmp)) as run:
         _a_small_audit(run.tracker, run.dir)
     capsys.readouterr()
     assert main(["sync", str(run.dir)]) == 2  # the server is still away: one line, the calls stay
