@@ -1,7 +1,11 @@
-"""The shipped comparison: LoRA vs full fine-tuning of SmolLM2 on this CPU, and the default chain's persistence.
+"""The default chain's persistence, and the shipped comparison: LoRA vs full fine-tuning of SmolLM2 on this CPU.
 
-    python benchmarks/chain.py                    # runs `audit chain` then `audit run smollm2/full_cpu`, one at a time
-    python benchmarks/chain.py --from-runs LORA_RUN CLEAN_RUN FULL_RUN   # summarize runs made by those commands
+    python benchmarks/chain.py    # runs `audit chain`, `audit run smollm2/quick_cpu`, `audit run smollm2/full_cpu`, in turn
+    python benchmarks/chain.py --from-runs LORA_RUN CLEAN_RUN QUICK_RUN FULL_RUN   # summarize runs made by those commands
+    python benchmarks/chain.py --from-runs LORA_RUN CLEAN_RUN --comparison-from OLD.json   # the comparison kept, dated
+
+The LoRA-vs-full comparison is `smollm2/quick_cpu` against `smollm2/full_cpu`: the same corpus, canaries and epochs,
+only the method differs (the default `smollm2/lora_cpu` plants 124 canaries in another corpus size).
 
 Writes ``benchmarks/chain.json``: the machine (with its load average: the 2 cores are shared), the commands, and per
 run the numbers docs/chain.md shows (exposure by tier, extraction, MIA AUC, epsilon lower bound, final loss, wall time),
@@ -21,7 +25,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-COMMANDS = ["audit chain", "audit run smollm2/full_cpu"]
+COMMANDS = ["audit chain", "audit run smollm2/quick_cpu", "audit run smollm2/full_cpu"]
 
 
 def machine() -> dict:
@@ -59,12 +63,24 @@ def run_summary(run_dir: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--from-runs", nargs=3, metavar=("LORA_RUN", "CLEAN_RUN", "FULL_RUN"), default=None)
+    parser.add_argument("--from-runs", nargs="+", metavar="RUN", default=None,
+                        help="LORA_RUN CLEAN_RUN [QUICK_RUN FULL_RUN]: summarize finished runs instead of running")
+    parser.add_argument("--comparison-from", default=None, metavar="JSON",
+                        help="an earlier chain.json whose LoRA-vs-full runs are kept, marked dated, with its machine")
     parser.add_argument("--out", default=str(HERE / "chain.json"))
+    parser.add_argument("--note", default="", help="how the runs were made (the load they shared the machine with, ...)")
+    parser.add_argument("--load-during", nargs=2, type=float, metavar=("MIN", "MAX"), default=None,
+                        help="the 1-minute load range `uptime` showed while the runs ran (for runs summarized later)")
     args = parser.parse_args()
     info = machine()
+    if args.note:
+        info["note"] += "; " + args.note
+    if args.load_during:
+        info["load_1min_during"] = {"min": args.load_during[0], "max": args.load_during[1], "how": "uptime, read by hand"}
     if args.from_runs:
-        lora, clean, full = (Path(p) for p in args.from_runs)
+        if len(args.from_runs) != (2 if args.comparison_from else 4):
+            parser.error("--from-runs takes LORA_RUN CLEAN_RUN QUICK_RUN FULL_RUN (or the first two with --comparison-from)")
+        lora, clean, *compared = (Path(p) for p in args.from_runs)
     else:
         audit = str(Path(sys.executable).parent / "audit")
         root = Path("runs")
@@ -76,9 +92,17 @@ def main() -> int:
             subprocess.run([audit, *cmd.split()[1:], "--quiet"], check=True)
             print(f"{cmd}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
             runs.append(sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime))
-        (lora, clean), (full,) = runs
+        (lora, clean), *compared = runs
     out = {"benchmark": "chain", "machine": info, "commands": COMMANDS,
-           "lora": run_summary(lora), "clean_further_tune": run_summary(clean), "full": run_summary(full)}
+           "lora": run_summary(lora), "clean_further_tune": run_summary(clean)}
+    if args.comparison_from:  # runs of an earlier day, kept as they were measured, with that day's machine and load
+        old = json.loads(Path(args.comparison_from).read_text())
+        quick = old.get("quick", old["lora"])  # before this script ran quick_cpu, its LoRA run had quick_cpu's canaries
+        out["comparison"] = {"dated": f"runs {quick['run']} and {old['full']['run']}, kept from an earlier chain.json",
+                             "machine": old["machine"]}
+        out |= {"quick": quick, "full": old["full"]}
+    else:
+        out |= {"quick": run_summary(compared[0]), "full": run_summary(compared[1])}
     Path(args.out).write_text(json.dumps(out, indent=2, sort_keys=False) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -111,11 +111,15 @@ def recipe_times(default: dict, chain: dict, dp: dict, dp_smollm2: dict) -> str:
     rows = [["`smollm2/lora_cpu`", f"{default['median_s']['total']:.0f} s (median of {len(default['runs'])} runs)",
              ", ".join(f"`{r['run']}`" for r in default["runs"]), _load(default["load_average_during_runs"]),
              "`benchmarks/default_audit.json`"]]
-    chain_load = _load(chain["machine"]["load_average_at_start"][:1])
-    for recipe, key in (("smollm2/quick_cpu", "lora"), ("smollm2/clean_lora_cpu", "clean_further_tune"),
+    compared = chain.get("comparison", {})
+    for recipe, key in (("smollm2/clean_lora_cpu", "clean_further_tune"), ("smollm2/quick_cpu", "quick"),
                         ("smollm2/full_cpu", "full")):
-        run = chain[key]
-        rows.append([f"`{recipe}`", f"{run['total_s']:.0f} s", f"`{run['run']}` (dated: before the audit key)", chain_load,
+        run, dated = chain[key], key != "clean_further_tune" and "dated" in compared
+        during = chain["machine"].get("load_1min_during")
+        load = (_load(compared["machine"]["load_average_at_start"][:1]) if dated
+                else f"{during['min']:.0f}-{during['max']:.0f} during" if during
+                else _load(chain["machine"]["load_average_at_start"][:1]))
+        rows.append([f"`{recipe}`", f"{run['total_s']:.0f} s", f"`{run['run']}`" + (" (dated)" if dated else ""), load,
                      "`benchmarks/chain.json`"])
     rows.append(["`tiny/dp_lora_cpu`", f"{dp['wall_s'] / len(dp['rows']):.0f} s a run ({len(dp['rows'])} runs in "
                  f"{dp['wall_s']:.1f} s)", "`" + dp["command"] + "`", _load(dp["machine"]["load_average_at_start"][:1]),
@@ -220,15 +224,18 @@ def chain_table(chain: dict) -> str:
     head = ["tier", "n", "bits base", "bits before", "bits after", "exposure before", "exposure after", "extracted before",
             "extracted after", "retained bits", "retained exposure"]
     lora, clean = chain["lora"], chain["clean_further_tune"]
+    during = chain["machine"].get("load_1min_during")
+    load = (f"1-min load {during['min']:.0f}-{during['max']:.0f} during them (a shared machine: not a benchmark)" if during
+            else f"1-min load {_load(chain['machine']['load_average_at_start'][:1])} at the start")
     return (_table(head, rows) + f"\n\nBoth runs: {lora['total_s'] + clean['total_s']:.1f} s ({lora['total_s']:.1f} s + "
-            f"{clean['total_s']:.1f} s; `{lora['run']}`, `{clean['run']}`), 1-min load "
-            f"{_load(chain['machine']['load_average_at_start'][:1])} at the start.\n")
+            f"{clean['total_s']:.1f} s; `{lora['run']}`, `{clean['run']}`), {load}.\n")
 
 
 def compare_table(chain: dict) -> str:
-    """LoRA against full fine-tuning on the same data and canaries (whole-space exposure)."""
+    """LoRA (``smollm2/quick_cpu``) against full fine-tuning (``smollm2/full_cpu``) on the same data and canaries
+    (whole-space exposure)."""
     rows = []
-    for key in ("lora", "full"):
+    for key in ("quick", "full"):
         r = chain[key]
         params = r["trainable_params"] / 1e6
         rows.append([f"`{r['run']}`", r["method"], f"{params:.2f} M" if params < 1 else f"{params:.1f} M",
@@ -237,7 +244,9 @@ def compare_table(chain: dict) -> str:
                      f"{r['privacy_eps_lb']:.2f}", f"{r['final_train_loss']:.3f}", f"{r['train_s']:.1f}", f"{r['total_s']:.1f}"])
     head = ["run", "method", "trainable params", *[f"whole-space exposure {t}" for t in ("refs", "1x", "4x", "16x")],
             *[f"extracted {t}" for t in ("1x", "4x", "16x")], "MIA AUC", "eps LB", "final loss", "train s", "total s"]
-    return _table(head, rows) + f"\n\n1-min load {_load(chain['machine']['load_average_at_start'][:1])} at the start.\n"
+    machine = chain.get("comparison", {}).get("machine", chain["machine"])
+    dated = f" Dated: {chain['comparison']['dated']}." if "comparison" in chain else ""
+    return _table(head, rows) + f"\n\n1-min load {_load(machine['load_average_at_start'][:1])} at the start.{dated}\n"
 
 
 def designs_table(designs: dict) -> str:
