@@ -270,7 +270,8 @@ def open_gguf(path: str | Path) -> Any:
     bad = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type.name.lower() not in SUPPORTED_TYPES})
     if bad:
         raise AuditError(f"{path} holds tensors of type {', '.join(bad)}, which this reader does not dequantize",
-                         fix=f"measure a file of {', '.join(SUPPORTED_TYPES)} (a recipe's `release: {gguf: [...]}` writes one)")
+                         fix=f"measure a file of {', '.join(SUPPORTED_TYPES)} "
+                             "(a recipe's `release: {gguf: [...]}` section writes one)")
     return reader
 
 
