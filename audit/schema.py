@@ -16,6 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_valid
 from audit.layout import SCHEMA_VERSION
 
 
+def _without_none(data: Any, key: str) -> Any:
+    """A serialized model without ``key`` when it is None: a field added later leaves older reports' bytes as they were."""
+    if isinstance(data, dict) and data.get(key, 0) is None:
+        del data[key]
+    return data
+
+
 class Frozen(BaseModel):
     """Immutable, strict about unknown fields, and serialised with stable key order."""
 
@@ -1049,10 +1056,7 @@ class TierSummary(Frozen):
 
     @model_serializer(mode="wrap")
     def _omit_unset_exposure_n(self, handler: Any) -> Any:
-        data = handler(self)  # a report whose every canary was ranked reads as before the field existed
-        if isinstance(data, dict) and data.get("exposure_n", 0) is None:
-            del data["exposure_n"]
-        return data
+        return _without_none(handler(self), "exposure_n")  # every canary ranked: reads as before the field existed
 
     @property
     def exposure_count(self) -> int:
@@ -1576,10 +1580,7 @@ class AuditReport(Frozen):
 
     @model_serializer(mode="wrap")
     def _omit_no_release(self, handler: Any) -> Any:
-        data = handler(self)  # a report without releases reads byte for byte as before the field existed
-        if isinstance(data, dict) and data.get("release", 0) is None:
-            del data["release"]
-        return data
+        return _without_none(handler(self), "release")  # no releases: reads byte for byte as before the field existed
 
     @model_validator(mode="before")
     @classmethod
