@@ -502,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 quiet_libraries(transformers=args.command != "report" or bool(getattr(args, "probe", None)))
             return COMMANDS[args.command](args)
     except AuditError as exc:
-        print(f"error: {exc.one_line()}", file=sys.stderr)
+        _error_line(exc.one_line())
         return EXIT_USAGE
     except OSError as exc:  # a full disk outside a run (audit inject, audit report): one line too; anything else is a bug
         from audit.resume import disk_full
@@ -510,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         full = disk_full(exc, Path.cwd())
         if full is None:
             raise
-        print(f"error: {full.one_line()}", file=sys.stderr)
+        _error_line(full.one_line())
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
         from audit.resume import RunInterrupted
@@ -520,6 +520,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code if isinstance(exc, RunInterrupted) else 130
     finally:
         _restore_signals(previous)
+
+
+def _error_line(problem: str) -> None:
+    """``error: <problem>`` and its newline in one write: ``print`` makes two, and the processes of a torchrun share
+    stderr, so two ranks' refusals ran together on one line."""
+    sys.stderr.write(f"error: {problem}\n")
+    sys.stderr.flush()
 
 
 def _stop_on_signals() -> dict:

@@ -94,6 +94,22 @@ def barrier() -> None:
         _state().wait_for_everyone()
 
 
+def finish() -> None:
+    """Destroy this process's process group while the interpreter is still whole; every process calls it last.
+
+    A process that exits with a gloo group alive aborts in interpreter finalization ("terminate called without an
+    active exception", SIGABRT; pytorch/pytorch#190489): gloo's worker threads still hold work whose tensors need the
+    GIL. torchrun then stops the other processes, so a run that finished fails. Nothing collective happens here:
+    rank 1 may leave while rank 0 still writes the report. A no-op in one process or before the group exists.
+    """
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def fsdp_without_casts(accelerator: Any) -> None:
     """Under FSDP, let FSDP gather, compute and reduce in the weights' own dtype, as one process does; call it for fp32
     weights (``training.precision`` fp32 and the ``*-mixed`` modes) before the Trainer prepares the model.

@@ -88,6 +88,16 @@ def run_origin(
     """The stages for ``origin`` (:mod:`audit.origin`): :func:`run_audit` for a recipe, ``audit measure`` for a model
     trained elsewhere (:class:`~audit.origin.ExternalModel`, whose train stage loads the weights it was given).
     ``directory``: a new run directory, or the run resumed (:class:`~audit.resume.RunDir`, asked once, when it opens)."""
+    from audit import distributed
+
+    try:
+        return _run_stages(origin, tracking_uri=tracking_uri, tracking=tracking, progress=progress, directory=directory)
+    finally:
+        distributed.finish()  # every process, rank 0 after its report: a live gloo group aborts the exit
+
+
+def _run_stages(origin: Origin, *, tracking_uri: str | None, tracking: bool | None, progress: bool,
+                directory: RunDir) -> AuditResult | None:
     from audit import distributed, stages
     from audit.report import build_report
     from audit.store import CalibrationFile, ScoresFile, write_jsonl
