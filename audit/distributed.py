@@ -10,10 +10,12 @@ reference ranks and exact walks, most of the scoring time) round-robin over the 
 once, on the main process (rank 0): it creates the run directory, writes every file, logs to MLflow and prints.
 When the run directory is open, rank 0 sends the others one typed message, a :class:`~audit.train.types.TrainPlan`
 (run directory; score the base, train, score the tuned weights, or not, as the stored stage files say; checkpoint;
-the audit key id and canary-set hash, which every process checks against its own draw before anything runs),
-and every process runs the stages it names (:func:`audit.stages.worker` is what the others run), so every
-collective call (the Trainer's, scoring's gather) is made by all processes or by none; a resumed run with every
-stage stored lets the others leave at once.
+the audit key id and canary-set hash, which every process checks against its own draw before anything runs).
+Every process runs the same :func:`audit.pipeline.run_origin`; on the others the stage store is a view of that plan
+(:class:`audit.store.PlanView`: it runs a stage exactly when rank 0 does, and writes nothing), the tracker a
+NullTracker, and nothing is printed, so every collective call (the Trainer's, scoring's gather) is made by all
+processes or by none; a resumed run with every stage stored lets the others leave at once (they load the model
+training starts from, run no stage and reach the guard that ends them).
 After training, ``Trainer.save_model`` gathers the weights from all processes and rank 0 writes them as ordinary
 safetensors; once rank 0 has written everything (:func:`barrier`), every process reloads the saved weights as a
 single-device model for scoring, since a sharded model cannot run a forward pass on one process alone. Rank 0 alone

@@ -72,7 +72,7 @@ class Origin(Protocol):
         """The train stage's :class:`audit.store.Artifact` (``train.json``): read back on resume, written once."""
 
     def tuned_model(self, ctx: StageContext, start: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth,
-                    plan: TrainPlan, *, tracker: RunTracker | None = None,
+                    plan: TrainPlan, *, tracker: RunTracker,
                     progress: bool = False) -> TrainResult:
         """The train stage: fine-tune ``start`` (a first or further tune), or load what someone else trained."""
 
@@ -173,7 +173,7 @@ class FreshBase:
         return stage.TrainedWeights(ctx, start)
 
     def tuned_model(self, ctx: StageContext, start: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth,
-                    plan: TrainPlan, *, tracker: RunTracker | None = None,
+                    plan: TrainPlan, *, tracker: RunTracker,
                     progress: bool = False) -> TrainResult:
         return stage.train(ctx, self.layers, start, tokenizer, truth, plan, tracker=tracker, progress=progress)
 
@@ -259,7 +259,7 @@ class FurtherTune:
         return stage.TrainedWeights(ctx, start)
 
     def tuned_model(self, ctx: StageContext, start: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth,
-                    plan: TrainPlan, *, tracker: RunTracker | None = None,
+                    plan: TrainPlan, *, tracker: RunTracker,
                     progress: bool = False) -> TrainResult:
         return stage.train(ctx, self.layers, start, tokenizer, truth, plan, tracker=tracker, progress=progress)
 
@@ -395,7 +395,7 @@ class ExternalModel:
         return ExternalWeights(origin=self, ctx=ctx, start=start)
 
     def tuned_model(self, ctx: StageContext, start: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth,
-                    plan: TrainPlan, *, tracker: RunTracker | None = None,
+                    plan: TrainPlan, *, tracker: RunTracker,
                     progress: bool = False) -> TrainResult:
         """The weights someone else trained, put on ``start`` (the base) by the one :func:`~audit.train.weights.load_tuned`."""
         import time

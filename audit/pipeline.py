@@ -29,10 +29,12 @@ How: the stages (:mod:`audit.stages`) run over a :class:`~audit.store.StageStore
 whose file exists is reused, else it runs and its file is written once); an :class:`~audit.origin.Origin` carries
 everything a further tune (:mod:`audit.chain`) or a model trained elsewhere (:mod:`audit.measure`) does
 differently, the train stage included (``origin.tuned_model``: trains, or loads what someone else trained); tracking off is a
-:class:`~audit.tracking.NullTracker`; the processes of ``accelerate launch`` exchange one
-:class:`~audit.train.types.TrainPlan`, sent before the base is scored (every process scores a share of the canaries,
-:mod:`audit.score.sharded`). The base is scored before the start model is built, since a further tune merges its
-parent's weights into those very layers.
+:class:`~audit.tracking.NullTracker`. Every process of ``accelerate launch`` / ``torchrun`` runs this one sequence: rank 0
+sends the others one :class:`~audit.train.types.TrainPlan` when its run opens, and their stage store is a view of it
+(:class:`~audit.store.PlanView`: it runs base scoring, training and tuned scoring when rank 0 does, so every process
+scores a share of the canaries, :mod:`audit.score.sharded`, and writes nothing), with a NullTracker and no printing;
+after tuned scoring one guard ends them, as lm-evaluation-harness guards its post-processing by rank. The base is
+scored before the start model is built, since a further tune merges its parent's weights into those very layers.
 """
 
 from __future__ import annotations
@@ -100,23 +102,22 @@ def _run_stages(origin: Origin, *, tracking_uri: str | None, tracking: bool | No
                 directory: RunDir) -> AuditResult | None:
     from audit import distributed, stages
     from audit.report import build_report
-    from audit.store import CalibrationFile, ScoresFile, write_jsonl
+    from audit.store import CalibrationFile, InMemory, ScoresFile, write_jsonl
 
     ctx = stages.RunContext.prepare(origin, tracking_uri=tracking_uri, tracking=tracking, progress=progress,
                                     directory=directory)
     truth = ctx.ground_truth(origin)  # canaries + inject + pre-flight, before anything is written
-    if not distributed.is_main():  # another process of `accelerate launch`: it scores and trains as the plan says
-        stages.worker(ctx, origin, truth)
-        return None
-    with stages.open_run(ctx, directory) as run:  # lock, run.json, tracker; failed or complete at the end
-        # the other processes join the stages the plan names; all refuse here if one drew other canaries than rank 0
-        plan = stages.share_plan(lambda: stages.train_plan(run, truth), truth)
-        stages.record_inputs(run, truth)
+    # lock, run.json, tracker; failed or complete at the end. Rank 0's plan goes to the other processes of a distributed
+    # run, for which this is a view of rank 0's run: its store runs what the plan says, writes, logs and prints nothing
+    with stages.open_run(ctx, directory, truth) as run:
+        ctx = run.ctx  # progress off on the other processes
+        stages.record_inputs(run, truth)  # writes, logs and prints nothing on the other processes
 
         # ---- base model, scored before training on the same inputs the tuned model will see
         with run.stage("score_base"):
             base, tokenizer = stages.load_base(ctx)
-            view_base = stages.token_view(ctx, base, tokenizer, truth)  # per-token probabilities, untuned
+            view_base = run.store.get_or_run(InMemory("token view of the base"),  # per-token probabilities, untuned
+                                             lambda: stages.token_view(ctx, base, tokenizer, truth))
             stages.seed_torch(ctx.recipe.seed)
             base_scores = run.store.get_or_run(ScoresFile("base"), lambda: origin.base_scores(
                 lambda: stages.score(ctx, base, tokenizer, truth, "base")))
@@ -125,15 +126,17 @@ def _run_stages(origin: Origin, *, tracking_uri: str | None, tracking: bool | No
                                                 lambda: stages.calibrate(ctx, base, tokenizer, truth, "base"))]
             start = stages.start_model(ctx, origin, base)  # a further tune starts from its parent's weights
 
-        # ---- train (the other processes train alongside, as the plan says)
+        # ---- train (every process, as the plan says)
         with run.stage("train"):
             tuned = run.store.get_or_run(origin.train_artifact(ctx, start), lambda: origin.tuned_model(
-                ctx, start, tokenizer, truth, plan, tracker=run.tracker, progress=progress))  # trains, or loads
+                ctx, start, tokenizer, truth, run.plan, tracker=run.tracker, progress=ctx.progress))  # trains, or loads
 
         # ---- tuned model
         with run.stage("score_tuned"):
             tuned_scores = run.store.get_or_run(ScoresFile("tuned"),
                                                 lambda: stages.score(ctx, tuned.model, tokenizer, truth, "tuned"))
+            if not distributed.is_main():  # the other processes' part ends with tuned scoring: the rest is rank 0's
+                return None
             works_tuned = stages.scan_works(run, tuned.model, tokenizer, truth, "tuned")
             calibration.append(run.store.get_or_run(CalibrationFile("tuned"),
                                                      lambda: stages.calibrate(ctx, tuned.model, tokenizer, truth, "tuned")))

@@ -1,13 +1,13 @@
 """The stages :func:`audit.pipeline.run_audit` sequences, and the context they share.
 
     RunContext.prepare   validate and resolve everything the user controls; nothing is written yet
-    open_run             the run directory: lock, ``run.json``, the stage store, the tracker (a NullTracker when off)
+    open_run             the run directory: lock, ``run.json``, the stage store, the tracker (a NullTracker when off),
+                         and rank 0's plan shared; on the other processes of a distributed run a view of rank 0's run
     record_inputs        recipe.yaml, canaries.jsonl (+ .meta.json), manifest.json, preflight.json: written once
     train_plan           the one message to the other processes of a distributed run: which stages they join, and
                          which canaries (every process refuses when one drew others: share_plan)
     load_base / score    the base model and the scoring engine (every process takes a share: audit.score.sharded)
     train                TRL training (or the stored weights)
-    worker               what the other processes of a distributed run do with the plan
     sample_outputs       the generated-outputs scan (off unless ``outputs.samples`` > 0)
     publish              report.json/html/md, MLflow, and what the origin records back in its parent
 
@@ -18,6 +18,7 @@ Resume is not here: a stage's artifact (:class:`audit.store.ScoresFile`, :class:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,7 +36,7 @@ from audit.layout import LAYOUT
 from audit.models import ResolvedModel
 from audit.resume import NEW_RUN, RunDir, RunHandle
 from audit.schema import AuditReport, Recipe, SequenceScore, TrainSummary
-from audit.store import StageStore, json_text
+from audit.store import PlanView, StageStore, json_text
 from audit.train.stage import TrainedWeights, load_base  # noqa: F401  (re-exported: the stage the run opens with)
 from audit.train.types import DeviceChoice, TrainPlan
 
@@ -160,21 +161,37 @@ def check_whole_model_per_process() -> None:
                          fix="set fsdp_cpu_ram_efficient_loading: false in the accelerate config (recipes/accelerate/fsdp.yaml)")
 
 
+@dataclass(frozen=True)
+class RankView:
+    """Rank 0's run directory as the other processes of a distributed run hold it: where it is, whether it resumes,
+    and rank 0's decisions (:class:`~audit.store.PlanView`). No lock and no ``run.json``: rank 0 keeps those."""
+
+    run_dir: Path
+    resumed: bool
+    store: PlanView
+
+    def save_status(self, **updates: object) -> None:
+        pass
+
+
 @dataclass
 class Run:
-    """An open run directory: its handle (lock, status), its stage store and its tracker."""
+    """An open run directory: its handle (lock, status), its stage store, its tracker and the plan every process got."""
 
     ctx: RunContext
-    handle: RunHandle
+    handle: RunHandle | RankView
+    """:class:`audit.resume.RunHandle` on rank 0; :class:`RankView` on the other processes of a distributed run."""
     tracker: RunTracker
-    """:class:`audit.tracking.Tracker`, or :class:`audit.tracking.NullTracker` when tracking is off."""
+    """:class:`audit.tracking.Tracker`, or :class:`audit.tracking.NullTracker` when tracking is off (and on the others)."""
+    plan: TrainPlan
+    """Rank 0's :func:`train_plan`, the one message of a distributed run (:func:`share_plan`)."""
 
     @property
     def dir(self) -> Path:
         return self.handle.run_dir
 
     @property
-    def store(self) -> StageStore:
+    def store(self) -> StageStore | PlanView:
         return self.handle.store
 
     @contextmanager
@@ -187,18 +204,29 @@ class Run:
 
 
 @contextmanager
-def open_run(ctx: RunContext, directory: RunDir = NEW_RUN) -> Iterator[Run]:
-    """A new run directory (or the one resumed), locked and marked running, with its tracker; complete or failed after.
+def open_run(ctx: RunContext, directory: RunDir, truth: GroundTruth) -> Iterator[Run]:
+    """A new run directory (or the one resumed), locked and marked running, with its tracker and the plan rank 0 sent
+    every process (:func:`share_plan`, which refuses when a process drew other canaries); complete or failed after.
 
     On a resume, calls an earlier attempt could not log (``tracking_pending.jsonl``) are replayed first; if the
     server is still away they stay there and this attempt adds to them. ``run.json`` records the tracking URI
     and experiment (what ``audit sync`` needs) and, at the end, whether tracking was incomplete.
-    """
-    from audit.tracking import open_tracker
 
+    On the other processes of ``accelerate launch`` / ``torchrun`` it is a view of rank 0's run: the plan received, a
+    store that runs what the plan says (:class:`~audit.store.PlanView`), a NullTracker and no printing; it makes,
+    locks and writes nothing, so every process runs the same stages (:func:`audit.pipeline.run_origin`).
+    """
+    from audit.tracking import NullTracker, open_tracker
+
+    if not distributed.is_main():
+        plan = share_plan(None, truth)  # rank 0 sends it once its run is open, before it scores the base
+        yield Run(ctx=dataclasses.replace(ctx, progress=False), handle=RankView(plan.run_dir, directory.resuming,
+                                                                                PlanView(plan)),
+                  tracker=NullTracker(), plan=plan)  # rank 0 alone prints, writes and logs
+        return
     handle = directory.open(ctx.recipe, progress=ctx.progress)
     run_dir = handle.run_dir
-    tracker = None
+    tracker: RunTracker = NullTracker()
     try:
         if ctx.tracking:
             handle.save_status(tracking_uri=ctx.tracking_uri, mlflow_experiment=ctx.recipe.tracking.experiment)
@@ -208,10 +236,11 @@ def open_run(ctx: RunContext, directory: RunDir = NEW_RUN) -> Iterator[Run]:
         with open_tracker(ctx.tracking, ctx.tracking_uri, ctx.recipe.tracking.experiment, ctx.recipe.name,
                           run_id=handle.status.get("mlflow_run_id"), pending=run_dir / LAYOUT.pending,
                           progress=ctx.progress) as tracker:
-            run = Run(ctx=ctx, handle=handle, tracker=tracker)
             if tracker.run_id is not None:
                 handle.save_status(mlflow_run_id=tracker.run_id)
-            yield run
+            # the other processes join the stages the plan names; all refuse here if one drew other canaries than rank 0
+            plan = share_plan(lambda: train_plan(ctx, handle, truth), truth)
+            yield Run(ctx=ctx, handle=handle, tracker=tracker, plan=plan)
     except BaseException as exc:
         from audit.resume import disk_full, failure_status, save_failure
         from audit.train.disk import write_error
@@ -228,8 +257,8 @@ def open_run(ctx: RunContext, directory: RunDir = NEW_RUN) -> Iterator[Run]:
     handle.close()
 
 
-def _tracking_status(tracker: RunTracker | None) -> dict[str, str]:
-    if tracker is None or tracker.run_id is None and not tracker.incomplete:
+def _tracking_status(tracker: RunTracker) -> dict[str, str]:
+    if tracker.run_id is None and not tracker.incomplete:
         return {}
     return {"tracking": "incomplete" if tracker.incomplete else "complete",
             **({"mlflow_run_id": tracker.run_id} if tracker.run_id else {})}
@@ -427,21 +456,22 @@ def calibrate(ctx: RunContext, model: PreTrainedModel, tokenizer: PreTrainedToke
 # --------------------------------------------------------------------------------------------------- train
 
 
-def train_plan(run: Run, truth: GroundTruth) -> TrainPlan:
+def train_plan(ctx: RunContext, handle: RunHandle, truth: GroundTruth) -> TrainPlan:
     """Rank 0's plan, made when the run opens: score the base unless ``scores_base.jsonl`` is stored; train unless
     ``train.json`` is, from the newest complete checkpoint if there is one; score the tuned weights unless
-    ``scores_tuned.jsonl`` is. The stage store decides the same way on rank 0, from the same files. The plan names
-    the canaries rank 0 drew (audit key id, canary-set hash), which every process checks (:func:`share_plan`)."""
+    ``scores_tuned.jsonl`` is. The stage store decides the same way on rank 0, from the same files; the other
+    processes' store is this plan (:class:`~audit.store.PlanView`). The plan names the canaries rank 0 drew (audit
+    key id, canary-set hash), which every process checks (:func:`share_plan`)."""
     from audit.resume import last_checkpoint
     from audit.store import ScoresFile
 
-    store, method = run.store, run.ctx.recipe.training.method
+    store, method = handle.store, ctx.recipe.training.method
     key_id, digest = drawn(truth)
     common = dict(score_base=not store.has(ScoresFile("base")), score_tuned=not store.has(ScoresFile("tuned")),
                   method=method, key_id=key_id, canary_set_sha256=digest)
-    if store.has(TrainedWeights(run.ctx, None)):
-        return TrainPlan(run_dir=run.dir, train=False, **common)
-    return TrainPlan(run_dir=run.dir, train=True, checkpoint=last_checkpoint(run.handle), **common)
+    if store.has(TrainedWeights(ctx, None)):
+        return TrainPlan(run_dir=handle.run_dir, train=False, **common)
+    return TrainPlan(run_dir=handle.run_dir, train=True, checkpoint=last_checkpoint(handle), **common)
 
 
 def drawn(truth: GroundTruth) -> tuple[str | None, str]:
@@ -449,39 +479,12 @@ def drawn(truth: GroundTruth) -> tuple[str | None, str]:
     return truth.canaries.key_id, truth.canaries.sha256()
 
 
-def share_plan(make: Callable[[], TrainPlan], truth: GroundTruth) -> TrainPlan:
+def share_plan(make: Callable[[], TrainPlan] | None, truth: GroundTruth) -> TrainPlan:
     """Rank 0's plan (``make``; None on the other processes) on every process, once every process is known to have drawn
     the same canaries as rank 0: otherwise every process refuses, before anything is trained or scored."""
     plan, every = distributed.share_plan(make, own=drawn(truth))
     plan.check_drawn(every)
     return plan
-
-
-def worker(ctx: RunContext, origin: Origin, truth: GroundTruth) -> None:
-    """A non-main process of ``accelerate launch`` / ``torchrun``: the stages rank 0's plan says, on its own model copy.
-
-    The same steps as rank 0 in the same order (base scoring, the start model, training, the tuned weights reloaded,
-    tuned scoring), each only when the plan says rank 0 runs it; no file, log line or report: rank 0 writes those.
-    """
-    import dataclasses
-
-    ctx = dataclasses.replace(ctx, progress=False)  # rank 0 alone prints
-    plan = share_plan(None, truth)  # rank 0 sends it when the run is open, before it scores the base
-    base, tokenizer = load_base(ctx)
-    if plan.score_base:
-        seed_torch(ctx.recipe.seed)
-        origin.base_scores(lambda: score(ctx, base, tokenizer, truth, "base"))  # a further tune scores nothing, here too
-    if not (plan.train or plan.score_tuned):
-        return
-    start = start_model(ctx, origin, base)
-    if plan.train:
-        tuned = origin.tuned_model(ctx, start, tokenizer, truth, plan).model
-    else:  # trained before a resume: the weights train.json records, put back as rank 0 puts them back
-        stored = origin.train_artifact(ctx, start).read(plan.run_dir)
-        assert stored is not None, "the plan said train.json is stored"
-        tuned = stored.model
-    if plan.score_tuned:
-        score(ctx, tuned, tokenizer, truth, "tuned")
 
 
 # --------------------------------------------------------------------------------------------------- outputs, report

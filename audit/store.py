@@ -1,7 +1,9 @@
 """The run directory as a store: writes that never leave a half-written file, and the stage store that owns resume.
 
 Writes go to a temporary name, then rename. :class:`StageStore` reuses a stage whose artifact is on disk and runs
-(then writes once) a stage whose artifact is not: the one place resume is decided.
+(then writes once) a stage whose artifact is not: the one place resume is decided. On the other processes of a
+distributed run the store is :class:`PlanView`, rank 0's decisions as its plan sent them: the one place it is decided
+what those processes run.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
 from audit.layout import LAYOUT
 from audit.schema import CalibrationSummary, SequenceScore, WorkWindow
+
+if TYPE_CHECKING:
+    from audit.train.types import TrainPlan
 
 T = TypeVar("T")
 
@@ -128,6 +133,60 @@ class StageStore:
         """Write a deterministic file, or check that the stored one holds exactly ``text`` (see :func:`write_once`)."""
         if not write_once(self.run_dir / name, text):
             self._reuse(name)
+
+
+class PlanView:
+    """The stage store on the other processes of ``accelerate launch`` / ``torchrun``: rank 0's decisions, no directory.
+
+    Rank 0 answers "have I got this?" for the stages every process joins when its run opens, and sends the answers
+    once, in its :class:`~audit.train.types.TrainPlan`. Here :meth:`get_or_run` runs a stage exactly when rank 0 runs
+    it (``scores_base.jsonl``, ``train.json``, ``scores_tuned.jsonl`` not stored), so every collective call inside (the
+    Trainer's, scoring's gather) is made by every process or by none; it reads rank 0's stored tuned weights back when
+    only their scoring is left (rank 0 had them before it sent the plan, so they are whole); everything else is rank
+    0's alone (token views, calibration, whole-work scans) or needs nothing here, and is None without running.
+    It writes nothing: rank 0 writes every file.
+    """
+
+    def __init__(self, plan: TrainPlan) -> None:
+        self.run_dir = plan.run_dir
+        self._runs = {LAYOUT.scores_of("base"): plan.score_base, LAYOUT.train: plan.train,
+                      LAYOUT.scores_of("tuned"): plan.score_tuned}
+        self._reads = {LAYOUT.train} if plan.score_tuned and not plan.train else set()
+
+    def get_or_run(self, artifact: Artifact[T], run: Callable[[], T]) -> T | None:
+        if self._runs.get(artifact.name, False):
+            return run()
+        if artifact.name in self._reads:
+            return artifact.read(self.run_dir)
+        return None
+
+    def has(self, artifact: Artifact[Any]) -> bool:
+        """Rank 0's answer for the stages its plan names; True for any other (rank 0's alone: nothing to run here)."""
+        return not self._runs.get(artifact.name, False)
+
+    def keep(self, name: str) -> None:
+        pass
+
+    def put(self, name: str, text: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """A stage result that is no file of its own, e.g. the base model's token view, held until ``token_view.json`` is
+    written with the tuned one: computed on every attempt by rank 0, and never on the other processes (what
+    :class:`PlanView` does with any stage its plan does not name)."""
+
+    name: str
+
+    def read(self, run_dir: Path) -> None:
+        return None
+
+    def write(self, run_dir: Path, value: object) -> None:
+        pass
+
+    def describe(self, value: object) -> str:
+        return self.name
 
 
 @dataclass(frozen=True)

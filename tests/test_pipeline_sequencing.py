@@ -2,7 +2,8 @@
 
 The fakes replace only what computes (model loads, scoring, training, the report's numbers); the StageStore,
 the run directory's lock and status, the NullTracker, the Origin and the TrainPlan hand-over (which stages a worker joins)
-are the real ones.
+are the real ones. A worker (a process other than rank 0 of a distributed run) runs the same ``run_origin``; its store
+is a view of rank 0's plan.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from audit.corpus import builtin_records
 from audit.ground_truth import GroundTruth
 from audit.inject import inject
 from audit.models import ResolvedModel
-from audit.pipeline import run_audit
+from audit.pipeline import run_audit, run_origin
 from audit.schema import PreflightReport, Recipe, SequenceScore, TrainSummary
 from audit.train import stage as train_stage
 from audit.train.types import DeviceChoice, TrainPlan, TrainResult, WeightsLayer
@@ -40,6 +41,9 @@ class Fakes:
     fail_at: str | None = None
     plans: list = field(default_factory=list)
     loaded: list = field(default_factory=list)
+    trackers: list = field(default_factory=list)
+    main_only: list[str] = field(default_factory=list)
+    """What rank 0 alone computes and that writes no stage file of its own (token views, calibration)."""
 
     def step(self, name: str) -> None:
         if name == self.fail_at:
@@ -72,7 +76,8 @@ def fakes(tmp_path, monkeypatch) -> Fakes:
     def prepare(origin, **kwargs):
         return stages.RunContext(recipe=origin.recipe, resolved=ResolvedModel(source="fake", kind="local", path=tmp_path,
                                                                               provenance={"weights_fingerprint": "b" * 64}),
-                                 device=DeviceChoice("cpu", "fp32", False), tracking=False, tracking_uri="", progress=False)
+                                 device=DeviceChoice("cpu", "fp32", False), tracking=False, tracking_uri="",
+                                 progress=kwargs.get("progress", False))
 
     def ground_truth(self, origin):
         self.timings["inject"] = 0.0
@@ -81,6 +86,7 @@ def fakes(tmp_path, monkeypatch) -> Fakes:
     def train(ctx, layers, model, tokenizer, truth, plan, **kwargs):
         f.step("train")
         f.plans.append(plan)
+        f.trackers.append(kwargs["tracker"])
         plan.weights_dir.mkdir(parents=True, exist_ok=True)
         summary = TrainSummary(method="lora", steps=3, final_loss=1.0, wall_s=0.1, trainable_params=1, total_params=2,
                                device="cpu", precision="fp32", gradient_checkpointing=False,
@@ -99,7 +105,8 @@ def fakes(tmp_path, monkeypatch) -> Fakes:
     monkeypatch.setattr(stages.RunContext, "prepare", classmethod(lambda cls, origin, **kw: prepare(origin, **kw)))
     monkeypatch.setattr(stages.RunContext, "ground_truth", ground_truth)
     monkeypatch.setattr(stages, "load_base", lambda ctx: (f.calls.append("load_base") or "base-model", "tokenizer"))
-    monkeypatch.setattr(stages, "token_view", lambda ctx, model, tok, truth: None)
+    monkeypatch.setattr(stages, "token_view", lambda ctx, model, tok, truth: f.main_only.append("token_view"))
+    monkeypatch.setattr(stages, "calibrate", lambda ctx, model, tok, truth, label: f.main_only.append(f"calibrate_{label}"))
     monkeypatch.setattr(stages, "write_token_view", lambda *a: None)
     monkeypatch.setattr(stages, "seed_torch", lambda seed: None)
     monkeypatch.setattr(stages, "score", score)
@@ -245,17 +252,29 @@ def _as_worker(monkeypatch, plan) -> list:
     return received
 
 
-def test_a_worker_process_scores_and_trains_as_the_plan_rank_0_sends_says_and_writes_nothing(fakes, monkeypatch):
+def _worker_run(recipe: Recipe, *, progress: bool = False):
+    """What `audit run` does on a worker: the one ``run_origin`` every process runs, for the same origin."""
+    return run_origin(origin_module.origin_for(recipe), tracking=False, progress=progress)
+
+
+def test_a_worker_process_scores_and_trains_as_the_plan_rank_0_sends_says_and_writes_nothing(fakes, monkeypatch, capsys):
     result = run_audit(fakes.recipe, tracking=False, progress=False)  # rank 0: its plan is the one message
     (sent,) = fakes.plans
     assert sent.score_base and sent.train and sent.score_tuned  # a fresh run: every stage to run, on every process
+    assert fakes.main_only == ["token_view", "calibrate_base", "calibrate_tuned", "token_view"]
+    assert [type(t).__name__ for t in fakes.trackers] == ["NullTracker"]  # tracking off: a NullTracker, never None
     files = sorted(p.name for p in result.run_dir.iterdir())
     received = _as_worker(monkeypatch, sent)
     fakes.calls.clear()
-    assert run_audit(fakes.recipe, tracking=False, progress=False) is None
+    fakes.main_only.clear()
+    capsys.readouterr()
+    assert _worker_run(fakes.recipe, progress=True) is None
     # the same stages as rank 0 up to tuned scoring, in its order; no report, no publish
     assert received == [sent] and fakes.calls == ["load_base", "score_base", "train", "score_tuned"]
+    assert fakes.main_only == []  # token views and calibration are rank 0's alone
     assert fakes.plans[-1] is sent and fakes.plans[-1].run_dir == result.run_dir
+    assert [type(t).__name__ for t in fakes.trackers] == ["NullTracker", "NullTracker"]  # the worker logs nothing
+    assert capsys.readouterr().out == ""  # and prints nothing, though asked for progress: rank 0 alone prints
     assert sorted(p.name for p in result.run_dir.iterdir()) == files  # rank 0 alone writes
     assert len(list(Path(fakes.recipe.output.root).iterdir())) == 1  # and no run directory of its own
 
@@ -278,8 +297,10 @@ def test_a_worker_of_a_run_resumed_with_every_stage_stored_leaves_at_once(fakes,
 
     _as_worker(monkeypatch, plan)
     fakes.calls.clear()
-    assert run_audit(fakes.recipe, tracking=False, progress=False) is None
-    assert fakes.calls == ["load_base"]
+    fakes.loaded.clear()
+    fakes.main_only.clear()
+    assert _worker_run(fakes.recipe) is None
+    assert fakes.calls == ["load_base"] and fakes.loaded == [] and fakes.main_only == []  # no stored weights read back
 
 
 def test_a_worker_of_a_run_resumed_after_training_reloads_the_stored_weights_and_scores_them(fakes, monkeypatch):
@@ -287,7 +308,7 @@ def test_a_worker_of_a_run_resumed_after_training_reloads_the_stored_weights_and
     plan = dataclasses.replace(fakes.plans[0], train=False, score_base=False)  # train.json stored, scores not
     _as_worker(monkeypatch, plan)
     fakes.calls.clear()
-    assert run_audit(fakes.recipe, tracking=False, progress=False) is None
+    assert _worker_run(fakes.recipe) is None
     assert fakes.calls == ["load_base", "score_tuned"]
     assert fakes.loaded == [("base-model", [("lora", "adapter")], True)]  # the stored adapter, as rank 0 puts it back
 
@@ -305,5 +326,5 @@ def test_a_worker_of_a_further_tune_scores_no_base_as_its_origin_inherits_the_ba
     plan = TrainPlan(run_dir=tmp_path / "runs" / "r", train=True, score_base=True, score_tuned=True, key_id=key_id,
                      canary_set_sha256=digest)
     _as_worker(monkeypatch, plan)
-    assert run_audit(fakes.recipe, tracking=False, progress=False) is None
+    assert _worker_run(fakes.recipe) is None
     assert fakes.calls == ["load_base", "train", "score_tuned"]

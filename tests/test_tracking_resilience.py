@@ -184,16 +184,25 @@ def _context(uri: str, tmp: Path):
                       tracking_uri=uri, progress=False)
 
 
+def _drawn():
+    """What open_run needs of the ground truth: the canaries, whose key id and hash go out with the plan."""
+    from types import SimpleNamespace
+
+    from audit.canaries import generate_canaries, load_spec
+
+    return SimpleNamespace(canaries=generate_canaries(load_spec("digits"), seed=0))
+
+
 def test_sigterm_leaves_the_run_failed_with_the_signal_and_its_mlflow_runs_killed_and_a_resume_replays(in_tmp):
     """open_run as the pipeline uses it: SIGTERM (the CLI's handler raises RunInterrupted) mid-training while the
     server is away; the resume, with the server back, replays the kept calls first and reuses the stage runs."""
     from mlflow.tracking import MlflowClient
 
-    from audit.resume import RunDir, RunInterrupted, read_status
+    from audit.resume import NEW_RUN, RunDir, RunInterrupted, read_status
     from audit.stages import open_run
 
     with pytest.raises(RunInterrupted):
-        with open_run(_context(_dead_url(), in_tmp)) as run:
+        with open_run(_context(_dead_url(), in_tmp), NEW_RUN, _drawn()) as run:
             run.tracker.log_params({"seed": 0})
             run.tracker.begin_stage("train")
             run.tracker.log_metrics({"train.loss": 4.0}, step=1)
@@ -207,7 +216,7 @@ def test_sigterm_leaves_the_run_failed_with_the_signal_and_its_mlflow_runs_kille
         {**kept[-2], "run": "train", "status": "KILLED"}, {**kept[-1], "run": "parent", "status": "KILLED"}]
 
     store = f"sqlite:///{in_tmp / 'mlflow.db'}"
-    with open_run(_context(store, in_tmp), RunDir(run.dir)) as again:
+    with open_run(_context(store, in_tmp), RunDir(run.dir), _drawn()) as again:
         assert not (run.dir / LAYOUT.pending).exists()  # replayed before the run reopened
         with again.tracker.stage("train"):
             again.tracker.log_metrics({"train.loss": 4.0}, step=1)  # the resumed trainer logs step 1 again
@@ -223,10 +232,10 @@ def test_sigterm_leaves_the_run_failed_with_the_signal_and_its_mlflow_runs_kille
 def test_audit_sync_replays_a_run_dir_and_says_so(in_tmp, capsys):
     from mlflow.tracking import MlflowClient
 
-    from audit.resume import read_status
+    from audit.resume import NEW_RUN, read_status
     from audit.stages import open_run
 
-    with open_run(_context(_dead_url(), in_tmp)) as run:
+    with open_run(_context(_dead_url(), in_tmp), NEW_RUN, _drawn()) as run:
         _a_small_audit(run.tracker, run.dir)
     capsys.readouterr()
     assert main(["sync", str(run.dir)]) == 2  # the server is still away: one line, the calls stay

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from audit import distributed
 from audit.console import say
@@ -23,6 +23,9 @@ from audit.models import ResolvedModel
 from audit.schema import Recipe, TrainSummary
 from audit.store import json_text, write_once
 from audit.train.types import TRAINER_DIR, DeviceChoice, TrainPlan, TrainResult, WeightsLayer, weights_dir_name
+
+if TYPE_CHECKING:
+    from audit.tracking import RunTracker
 
 
 class StageContext(Protocol):
@@ -87,27 +90,30 @@ class TrainedWeights:
 
 
 def train(ctx: StageContext, layers: list[WeightsLayer] | tuple[WeightsLayer, ...], model: Any, tokenizer: Any, truth: Any,
-          plan: TrainPlan, *, tracker: Any = None, progress: bool = False) -> TrainResult:
+          plan: TrainPlan, *, tracker: RunTracker, progress: bool = False) -> TrainResult:
     """TRL training of ``model`` on the injected texts; with several processes, the saved weights are reloaded (on
-    the base with ``layers``, the weights training started from, below them)."""
+    the base with ``layers``, the weights training started from, below them). ``tracker``: a
+    :class:`~audit.tracking.NullTracker` when tracking is off, and on every process but rank 0."""
     from audit.curve_points import run_curve_callback  # scoring.every_steps: the memorization curve (off by default)
     from audit.train.sft import train_sft
     from audit.train.weights import load_tuned
 
     recipe = ctx.recipe
-    # train.loss on the parent; every number the Trainer logs, and its arguments, on the train stage run
-    on_loss = (lambda step, loss: tracker.log_metrics({"train.loss": loss}, step=step)) if tracker is not None else None
+
+    def on_loss(step: int, loss: float) -> None:  # train.loss on the parent run
+        tracker.log_metrics({"train.loss": loss}, step=step)
+
     if recipe.training.dp is not None:
         return train_dp(ctx, model, tokenizer, truth, plan, on_loss=on_loss, progress=progress)
-    on_log = (lambda step, logs: tracker.log_stage_metrics(logs, step)) if tracker is not None else None
-    on_params = (lambda args: tracker.log_stage_params(plan.logged_arguments(args))) if tracker is not None else None
     curve = None if distributed.is_distributed() else run_curve_callback(
         plan.run_dir, truth, tokenizer, recipe, tracker=tracker, progress=progress)  # None unless scoring.every_steps
     trained = train_sft(model, tokenizer, truth.training_texts, section=recipe.training, seed=recipe.seed,
                         trainable_token_ids=_added_token_ids(ctx, tokenizer), secret_spans=truth.secret_spans,
                         work_dir=plan.work_dir,
-                        weights_dir=plan.weights_dir, device=ctx.device, on_loss=on_loss, on_log=on_log,
-                        on_params=on_params, progress=progress, resume_from_checkpoint=plan.checkpoint,
+                        weights_dir=plan.weights_dir, device=ctx.device, on_loss=on_loss,
+                        on_log=lambda step, logs: tracker.log_stage_metrics(logs, step),  # every number, on the stage run
+                        on_params=lambda args: tracker.log_stage_params(plan.logged_arguments(args)), progress=progress,
+                        resume_from_checkpoint=plan.checkpoint,
                         callbacks=[curve] if curve is not None else None)
     if not distributed.is_distributed():
         return trained

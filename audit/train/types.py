@@ -69,7 +69,8 @@ class TrainPlan:
 
     Rank 0 decides from what the run directory holds when the run opens (before the base is scored): a stored
     ``scores_base.jsonl`` / ``train.json`` / ``scores_tuned.jsonl`` means that stage is not run again, so the others
-    skip it too. The others wait for this plan and act on it; every collective call after it (the Trainer's,
+    skip it too. The others wait for this plan and act on it (their stage store is a view of it,
+    :class:`audit.store.PlanView`); every collective call after it (the Trainer's,
     :func:`audit.score.sharded.score_sharded`'s) sits in a stage both sides run or both skip, so the two sides cannot
     drift apart, and a resumed run with everything stored lets the others leave at once.
     """
