@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -275,3 +276,36 @@ def test_a_whole_works_run_killed_mid_training_reuses_its_base_scan_and_ends_as_
         assert (run_dir / name).read_bytes() == (clean_run / name).read_bytes(), name
     shared = json.loads((run_dir / "report.json").read_text())["whole_works"]
     assert shared == json.loads((clean_run / "report.json").read_text())["whole_works"]
+
+
+# --------------------------------------------------------------------------------------------------- torchrun
+
+
+@pytest.mark.slow  # ~1.5 min on the shared 2-core machine: a one-process tiny audit, then a two-process resume
+def test_a_torchrun_resume_with_every_stage_stored_runs_no_stage_on_any_process(tmp_path):
+    """Every process of a distributed resume runs the one run_origin; rank 0's plan says nothing is left to score or
+    train, so no process enters a collective call (one waiting in a scoring gather that rank 0 never enters would hang
+    the run past the timeout) and rank 1 leaves at the guard while rank 0 alone writes the report and prints."""
+    args = ["--no-tracking", "--no-fail-on-gates"]
+    first = subprocess.run(AUDIT + ["run", "tiny/lora_cpu", "--quiet", *args], cwd=tmp_path, env=audit_env(),
+                           capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    stored = {name: (run_dir / name).read_bytes() for name in ("scores_base.jsonl", "train.json", "scores_tuned.jsonl",
+                                                              "scores.jsonl")}
+    status = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**status, "status": "failed"}))  # stopped while it reported
+    (run_dir / "report.json").unlink()
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    resumed = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "audit.cli", "run", "--resume", str(run_dir),
+                              *args], cwd=tmp_path, env={**audit_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "terminate called" not in resumed.stderr
+    for what in ("scores_base.jsonl", "trained weights adapter/", "scores_tuned.jsonl"):
+        assert resumed.stderr.count(f"[audit] resume: reusing {what}") == 1, what  # rank 0 alone prints
+    assert resumed.stdout.count("run directory:") == 1
+    assert {name: (run_dir / name).read_bytes() for name in stored} == stored
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "complete" and (run_dir / "report.json").is_file()
+    assert list(tmp_path.joinpath("runs").iterdir()) == [run_dir]
