@@ -55,6 +55,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (``RANK``; 0 in one process), read without making a process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_distributed() -> bool:
     return world_size() > 1
 

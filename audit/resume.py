@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from audit import distributed
 from audit.console import say
 from audit.errors import AuditError
 from audit.layout import LAYOUT
@@ -280,7 +281,8 @@ def load_resumable(run_dir: str | Path) -> tuple[Path, Recipe, dict[str, Any]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AuditError(f"cannot resume {run_dir}: no such directory", fix="give a run directory, e.g. runs/<name>-<time>-<id>")
-    check_not_in_use(run_dir)  # first: a live run holds its lock before it writes run.json and recipe.yaml
+    if distributed.launched_rank() == 0:  # the others of a torchrun resume may start after rank 0 took the lock
+        check_not_in_use(run_dir)  # first: a live run holds its lock before it writes run.json and recipe.yaml
     status = read_status(run_dir)
     if not (run_dir / LAYOUT.recipe).is_file():
         raise AuditError(f"cannot resume {run_dir}: it has no {LAYOUT.recipe} (the run stopped before writing it)",

@@ -66,6 +66,23 @@ def test_a_run_directory_in_use_cannot_be_opened_twice(tmp_path):
     open_run(tmp_path, resumed=True, progress=False).close()  # the lock goes with its holder
 
 
+def test_only_rank_0_of_a_torchrun_resume_checks_the_lock(tmp_path, monkeypatch):
+    """Rank 0 takes the run's lock as it opens the run; a slower rank 1 reading the run directory after that must not
+    refuse it as "in use" (rank 0 would then wait for it in the plan message)."""
+    from audit.resume import load_resumable
+
+    live = open_run(tmp_path, resumed=False, progress=False)
+    try:
+        (tmp_path / "recipe.yaml").write_text((Path(__file__).parent.parent / "recipes" / "tiny" / "lora_cpu.yaml").read_text())
+        monkeypatch.setenv("RANK", "1")
+        assert load_resumable(tmp_path)[0] == tmp_path
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(AuditError, match="in use by another audit process"):
+            load_resumable(tmp_path)
+    finally:
+        live.close()
+
+
 @pytest.mark.parametrize("moment", ["locked", "run.json written"])
 def test_resuming_a_run_in_its_first_moments_says_it_is_in_use(moment, tmp_path, capsys):
     """A live run takes its lock, then writes run.json, then (seconds later) recipe.yaml: a resume in between is
