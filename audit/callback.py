@@ -38,9 +38,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, suppress
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
@@ -57,60 +56,12 @@ from audit.curve_points import (  # noqa: F401  (re-exported: the callback's mea
 from audit.curves import Curves
 from audit.errors import AuditError
 from audit.layout import LAYOUT
-from audit.schema import CanarySet, GateSpec, Recipe
+from audit.schema import CanarySet, GateSpec
+
+if TYPE_CHECKING:
+    from audit.external import GroundTruthDir
 
 OUTPUT_SUBDIR = "canary-audit"
-
-
-# --------------------------------------------------------------------------------------------------- ground truth
-
-
-@dataclass(frozen=True)
-class LiveTruth:
-    """What scoring a live model needs from a ground-truth directory: the canaries, the exposure references, the recipe."""
-
-    recipe: Recipe
-    canaries: CanarySet
-    reference_secrets: list[str]
-    manifest: Any
-
-
-def load_live_truth(gt_dir: str | Path, tokenizer: Any) -> LiveTruth:
-    """Read ``gt_dir`` (``inject_canaries`` / ``audit inject --out``) and draw the exposure references again (they are
-    never stored: a function of the seed, the audit key and the canary set, :func:`audit.canaries.reference_secrets`)."""
-    from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets
-    from audit.config import read_yaml, validate_recipe
-    from audit.ground_truth import read_canary_set
-    from audit.keys import resolve_key
-    from audit.schema import InjectionManifest
-
-    gt = Path(gt_dir)
-    for name in (LAYOUT.recipe, LAYOUT.canaries, LAYOUT.canaries_meta, LAYOUT.manifest):
-        if not (gt / name).is_file():
-            raise AuditError(f"ground truth {gt} has no {name}",
-                             fix="give the directory inject_canaries(out=...) or `audit inject --out` wrote")
-    recipe = validate_recipe(read_yaml(gt / LAYOUT.recipe), source=str(gt / LAYOUT.recipe))
-    canaries = read_canary_set(gt)
-    assert canaries is not None  # canaries.meta.json exists
-    manifest = InjectionManifest.model_validate_json((gt / LAYOUT.manifest).read_text(encoding="utf-8"))
-    if manifest.canary_set_sha256 != canaries.sha256():
-        raise AuditError(f"{gt}/canaries.jsonl does not match its manifest (set hash {canaries.sha256()[:12]} != "
-                         f"{manifest.canary_set_sha256[:12]})", fix="use the ground-truth directory unmodified")
-    key = resolve_key(recipe.canaries.key_file)
-    if canaries.key_id and canaries.key_id != key.id:
-        raise AuditError(f"{gt} was made with audit key {canaries.key_id}, but the key in use ({key.source}) is {key.id}",
-                         fix=f"point $CANARY_AUDIT_KEY_FILE at the key file with id {canaries.key_id}")
-    spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
-    context = GenerationContext(tokenizer=tokenizer)
-    if not canaries.space.enumerable:  # a sampled space's references follow the canary draw in the same context
-        drawn = generate_canaries(spec, seed=canaries.seed, tiers=recipe.canaries.tiers,
-                                  members_per_tier=recipe.canaries.members_per_tier, references=recipe.canaries.references,
-                                  context=context, key=key)
-        if drawn.sha256() != canaries.sha256():
-            raise AuditError(f"the canaries of {gt} cannot be drawn again (spec {spec.name}, seed {canaries.seed})",
-                             fix="measure with `audit measure` from the canary-audit version that injected them")
-    refs = reference_secrets(spec, canaries, n=recipe.scoring.exposure_references, seed=canaries.seed, context=context, key=key)
-    return LiveTruth(recipe=recipe, canaries=canaries, reference_secrets=refs, manifest=manifest)
 
 
 # --------------------------------------------------------------------------------------------------- pre-flight
@@ -199,7 +150,7 @@ class CanaryAuditCallback(TrainerCallback):
         self.tracking, self.tracking_uri, self.out_root = tracking, tracking_uri, out_root
         self.progress, self.check_preflight = progress, preflight
         self.recorder: CurveRecorder | None = None
-        self.truth: LiveTruth | None = None
+        self.truth: GroundTruthDir | None = None
         self.result: Any = None
         self.preflight_copies: dict[str, int] = {}
         self._tracker: Any = None
@@ -213,12 +164,16 @@ class CanaryAuditCallback(TrainerCallback):
         if tokenizer is None or not hasattr(tokenizer, "decode"):
             raise AuditError("CanaryAuditCallback needs the trainer's tokenizer",
                              fix="pass processing_class=tokenizer to the Trainer")
-        self.truth = load_live_truth(self.ground_truth, tokenizer)
+        from audit.external import exposure_references, read_ground_truth_dir
+        from audit.origin import ground_truth_key
+
+        truth = self.truth = read_ground_truth_dir(self.ground_truth)  # the one reader, as `audit measure` reads it
+        assert truth.canaries is not None, "read without chain_run: canaries.meta.json is there"
+        key = ground_truth_key(truth)
         if self.check_preflight:
-            self.preflight_copies = _preflight_on(train_dataloader, tokenizer, self.truth.canaries)
+            self.preflight_copies = _preflight_on(train_dataloader, tokenizer, truth.canaries)
         if not state.is_world_process_zero:
             return
-        truth = self.truth
         self._say(f"[audit] pre-flight (trainer): every planted copy of {len(truth.canaries.members())} member canaries "
                   "reaches the loss" if self.check_preflight else "[audit] pre-flight (trainer) skipped")
         self._open_tracking(truth)
@@ -228,7 +183,8 @@ class CanaryAuditCallback(TrainerCallback):
             self._say("[audit] warning: parameters are sharded (FSDP / ZeRO-3): no live curve points; the final audit "
                       "runs after training with `audit measure` (command printed at the end)")
         if self._live:
-            self.recorder = CurveRecorder(canaries=truth.canaries, reference_secrets=truth.reference_secrets,
+            self.recorder = CurveRecorder(canaries=truth.canaries,
+                                          reference_secrets=exposure_references(truth, tokenizer=tokenizer, key=key),
                                           section=truth.recipe.scoring, seed=truth.recipe.seed, tokenizer=tokenizer,
                                           on_point=self._log_point, progress=self.progress)
             self.recorder.score_base(model)
@@ -290,7 +246,7 @@ class CanaryAuditCallback(TrainerCallback):
 
     # ---- tracking
 
-    def _open_tracking(self, truth: LiveTruth) -> None:
+    def _open_tracking(self, truth: GroundTruthDir) -> None:
         from audit.tracking import check_tracking_reachable, open_tracker, resolve_tracking_uri
 
         enabled = truth.recipe.tracking.enabled if self.tracking is None else self.tracking

@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # annotations only (the pipeline's types; none is imported at
     from audit.chain import ParentRun
     from audit.external import GroundTruthDir
     from audit.ground_truth import GroundTruth
-    from audit.schema import WorkWindow
+    from audit.schema import CanarySet, WorkWindow
     from audit.tracking import RunTracker
     from audit.train.stage import StageContext
 
@@ -220,25 +220,27 @@ class FurtherTune:
     def ground_truth(self, *, model_path: Path, fingerprint: str, device: DeviceChoice, progress: bool) -> GroundTruth:
         """The parent's canaries and reference secrets, this recipe's corpus, the canaries planted only if asked.
 
-        The canary set is read from the chain's first run (``canaries.jsonl`` + ``canaries.meta.json``), or, for a
-        run written before the sidecar existed, regenerated from its recipe and seed; either way it must match the
-        parent's ``canaries.jsonl`` row for row and the first run's recorded set hash.
+        The chain's first run and the parent are read as ground truth (:func:`audit.external.read_ground_truth_dir`).
+        The canary set is the first run's (``canaries.jsonl`` + ``canaries.meta.json``), or, for a run written before
+        the sidecar existed, regenerated from its recipe and seed; either way it must match the parent's
+        ``canaries.jsonl`` row for row and the first run's recorded set hash.
         """
-        from audit.ground_truth import ground_truth_for_model, read_canary_set
+        from audit.external import read_ground_truth_dir
+        from audit.ground_truth import ground_truth_for_model
 
         first = self.parent.origin
+        first_gt = read_ground_truth_dir(first.run_dir, chain_run=True)
+        parent_gt = first_gt if self.parent is first else read_ground_truth_dir(self.parent.run_dir, chain_run=True)
         truth = ground_truth_for_model(self.recipe, model_path=model_path, fingerprint=fingerprint, device=device.device,
                                        dtype=device.torch_dtype, progress=progress,
-                                       canaries=read_canary_set(first.run_dir), canary_seed=first.recipe.seed, key=self.key)
+                                       canaries=first_gt.canaries, canary_seed=first.recipe.seed, key=self.key)
         canaries = truth.canaries
-        stored = [json.loads(line)
-                  for line in (self.parent.run_dir / LAYOUT.canaries).read_text(encoding="utf-8").splitlines() if line]
         if (canaries.sha256() != first.report.canaries.canary_set_sha256
-                or stored != [c.model_dump(mode="json") for c in canaries.canaries]):
+                or parent_gt.rows != [c.model_dump(mode="json") for c in canaries.canaries]):
             raise AuditError(f"the canaries of {first.run_dir} differ from those in {self.parent.run_dir}/canaries.jsonl",
                              fix="the canary code or spec changed since the parent ran; rerun the chain from its first run")
         if truth.works is not None:  # the same whole works, drawn again, as the chain's first run planted them
-            planted = json.loads((first.run_dir / LAYOUT.manifest).read_text(encoding="utf-8")).get("work_subjects")
+            planted = first_gt.manifest.model_dump(mode="json").get("work_subjects")
             if [w.model_dump(mode="json") for w in truth.works.subjects] != planted:
                 raise AuditError(f"the whole works drawn again differ from those {first.run_dir}/manifest.json records",
                                  fix="the works sources, the canary code or the base model changed; "
@@ -298,15 +300,26 @@ def external_model(gt: GroundTruthDir, recipe: Recipe, *, model: str | None, ada
     """:class:`ExternalModel` for the weights given, measured on the ground truth ``gt``
     (:class:`audit.external.GroundTruthDir`): its audit key (the one the ground truth recorded), its secrets checked
     against their keyed ids, the weights checked (:func:`audit.external.check_external_weights`). Nothing is written."""
-    from audit.canaries.generate import check_ids
     from audit.external import check_external_weights
 
-    key = run_key(recipe, expected=[(f"ground-truth directory {gt.path}", recorded_key_id(gt.path))])
-    check_ids(gt.canaries, key)  # every secret the one its keyed id was made from (the set hash leaves secrets out)
+    key = ground_truth_key(gt)
     weights = check_external_weights(gt, recipe, model=model, adapter=adapter, base_given=base_given, progress=progress)
+    assert gt.canaries is not None, "read without chain_run: canaries.meta.json is there"
     return ExternalModel(recipe=recipe, ground_truth_dir=gt.path, tuned_layers=weights.layers,
-                         weights_fingerprint=weights.fingerprint, manifest_sha256=gt.manifest_sha256, key=key,
-                         details=weights.details, trainable_params=weights.trainable_params)
+                         weights_fingerprint=weights.fingerprint, manifest_sha256=gt.manifest_sha256, canaries=gt.canaries,
+                         key=key, details=weights.details, trainable_params=weights.trainable_params)
+
+
+def ground_truth_key(gt: GroundTruthDir) -> AuditKey | None:
+    """The audit key ``gt`` was made with: the key in use, which must have the id the directory recorded (None for a
+    directory written before the key existed), and every stored secret the one its keyed id was made from (the set
+    hash leaves secrets out)."""
+    from audit.canaries.generate import check_ids
+
+    key = run_key(gt.recipe, expected=[(f"ground-truth directory {gt.path}", recorded_key_id(gt.path))])
+    assert gt.canaries is not None, "read without chain_run: canaries.meta.json is there"
+    check_ids(gt.canaries, key)
+    return key
 
 
 def resume_external(recipe: Recipe, run_dir: Path) -> ExternalModel:
@@ -344,6 +357,8 @@ class ExternalModel:
     """The tuned weights' fingerprint: the adapter's for a PEFT adapter, else the model's (as ``audit run`` records)."""
     manifest_sha256: str
     """The ground-truth directory's ``manifest.json``: the injected set the model is said to be trained on."""
+    canaries: CanarySet
+    """The ground-truth directory's canary set, as :func:`audit.external.read_ground_truth_dir` read it."""
     key: AuditKey | None = None
     details: dict[str, Any] = field(default_factory=dict)
     """What ``external.json`` and the lineage record: the sources given, the model and tokenizer fingerprints."""
@@ -360,11 +375,10 @@ class ExternalModel:
         exposure references drawn again as ``audit inject`` drew them; the injection must reproduce its ``manifest.json``."""
         import dataclasses
 
-        from audit.ground_truth import ground_truth_for_model, read_canary_set
+        from audit.ground_truth import ground_truth_for_model
 
         truth = ground_truth_for_model(self.recipe, model_path=model_path, fingerprint=fingerprint, device=device.device,
-                                       dtype=device.torch_dtype, progress=progress,
-                                       canaries=read_canary_set(self.ground_truth_dir), key=self.key)
+                                       dtype=device.torch_dtype, progress=progress, canaries=self.canaries, key=self.key)
         found = truth.injection.manifest.sha256()
         if found != self.manifest_sha256:
             raise AuditError(f"the injection drawn again from {self.ground_truth_dir}/recipe.yaml differs from its manifest.json "
@@ -469,3 +483,4 @@ class ExternalWeights:
 
     def describe(self, value: TrainResult) -> str:
         return f"external weights {self.origin.tuned_layers[-1].path}"
+
