@@ -16,10 +16,12 @@ each point      (``every_steps=N``, ``on_evaluate=True``, ``on_epoch_end=True``)
                 (eval mode, no grad, RNG state restored, train mode back), summarized by the report's suite and
                 logged as MLflow step metrics (``step=state.global_step``) under the report's keys.
 on_train_end    the weights saved beside the Trainer's output (``<output_dir>/canary-audit/adapter`` or ``model``),
-                then :func:`audit.measure.measure_run`: the run directory, report.json/html and gates exactly as
-                ``audit measure gt --adapter ...`` writes them, plus the curve (``report.curves``, a plot in the
-                report) and the callback's ``gates`` (which may read the curve: ``of: max | first_step_above``).
-                ``callback.result`` is the :class:`audit.pipeline.AuditResult`.
+                then the final audit, the training as one more origin (:class:`audit.origin.LiveTraining`) that
+                :func:`audit.pipeline.run_origin` runs: the run directory, report.json/html and gates as
+                ``audit measure gt --adapter ...`` writes them, with the trainer's steps and final loss, the curve
+                (``report.curves``, a plot in the report) and the callback's ``gates`` (which may read the curve:
+                ``of: max | first_step_above``) in the one report built. ``callback.result`` is the
+                :class:`audit.pipeline.AuditResult`.
 
 MLflow: the callback's run is nested under the run your own ``MLflowCallback`` (``report_to="mlflow"``) opened when
 one is active, in the same store; with none, it is a run of the project's default tracking (``$MLFLOW_TRACKING_URI``,
@@ -53,7 +55,6 @@ from audit.curve_points import (  # noqa: F401  (re-exported: the callback's mea
     sharded_parameters,
     top_exposure,
 )
-from audit.curves import Curves
 from audit.errors import AuditError
 from audit.layout import LAYOUT
 from audit.schema import CanarySet, GateSpec
@@ -228,21 +229,24 @@ class CanaryAuditCallback(TrainerCallback):
         self._stack.close()
 
     def _final_audit(self, weights: dict[str, Path], state: Any) -> Any:
-        from audit.measure import measure_run
-        from audit.report import close_curves
+        """The saved weights measured as ``audit measure`` measures them, with what the trainer knows: one run of the
+        pipeline (:class:`audit.origin.LiveTraining`), one report built, gated, written and rendered."""
+        from audit.measure import measured_model
+        from audit.origin import LiveTraining
+        from audit.pipeline import run_origin
 
-        result = measure_run(self.ground_truth, tracking=False, progress=self.progress, out_root=self.out_root, **weights)
-        report = result.report
+        assert self.truth is not None, "on_train_begin read the ground truth"
         losses = [h["loss"] for h in state.log_history if "loss" in h]
-        report = report.model_copy(update={"training": report.training.model_copy(update={
-            "steps": int(state.global_step), "final_loss": float(losses[-1]) if losses else report.training.final_loss})})
-        curves = close_curves(self.recorder.curves, report) if self.recorder is not None and self.recorder.curves else {}
-        report = finish_report(result.run_dir, report, curves=curves, extra_gates=self.extra_gates, tracker=self._tracker)
+        origin = LiveTraining(measured=measured_model(self.truth, out_root=self.out_root, progress=self.progress, **weights),
+                              steps=int(state.global_step), final_loss=float(losses[-1]) if losses else None,
+                              curves=self.recorder.curves if self.recorder is not None else {},
+                              gates=tuple(self.extra_gates), tracker=self._tracker)
+        result = run_origin(origin, tracking=False, progress=self.progress)  # the callback's own MLflow run: origin.tracker
         if self.recorder is not None:
             self._say(f"[audit] curve: {self.recorder.points} points, {self.recorder.seconds:.1f} s of scoring during training")
         self._say(f"[audit] report: {result.run_dir / LAYOUT.html}; gates: "
-                  f"{sum(not g.passed for g in report.gates)} failed of {len(report.gates)}")
-        return type(result)(run_dir=result.run_dir, report=report)
+                  f"{sum(not g.passed for g in result.report.gates)} failed of {len(result.report.gates)}")
+        return result
 
     # ---- tracking
 
@@ -266,24 +270,6 @@ class CanaryAuditCallback(TrainerCallback):
     def _say(self, line: str) -> None:
         if self.progress:
             print(line, file=sys.stderr, flush=True)
-
-
-def finish_report(run_dir: Path, report: Any, *, curves: Curves, extra_gates: list[GateSpec], tracker: Any = None) -> Any:
-    """The measured report with the curve and the callback's gates, written and rendered again; logged to ``tracker``."""
-    from audit.gates import evaluate_gates, recipe_gates
-    from audit.render import render_report
-    from audit.report import write_report
-
-    report = report.model_copy(update={"curves": curves, "gates": []})
-    gates = evaluate_gates([*recipe_gates(report), *extra_gates], report.flat_metrics(), curves=curves)
-    report = report.model_copy(update={"gates": gates})
-    if tracker is not None:
-        report = report.model_copy(update={"tracking": tracker.info()})
-    write_report(report, Path(run_dir) / LAYOUT.report)
-    render_report(Path(run_dir), report)
-    if tracker is not None:
-        tracker.log_report(report, Path(run_dir))  # the final audit at the curve's last step
-    return report
 
 
 def _gate_specs(gates: str | Path | Sequence[Any] | None) -> list[GateSpec]:

@@ -3,13 +3,17 @@
     audit run tiny/lora_cpu                                  # FreshBase: fine-tune the pretrained weights
     audit run tiny/clean_lora_cpu parent=runs/<that run>     # FurtherTune: fine-tune that run's tuned weights again
     audit measure gt/ --model out/                           # ExternalModel: load what someone else trained
+    Trainer(..., callbacks=[CanaryAuditCallback("gt")])      # LiveTraining: what it saved, with the trainer's facts
 
 Every difference between a first tune and a further tune (:mod:`audit.chain`) lives here: which canaries are
 measured (drawn now, or the parent's), which base scores stand (measured now, or the parent's, which measured those
 very weights), which weights training starts from (the base, or the parent's chain merged in), which audit key the
 secrets derive from (the one in use, or the parent's), how the lineage graph grows, the persistence metrics, and what
 is recorded back in the parent. A model trained elsewhere (:mod:`audit.measure`) is the third class,
-:class:`ExternalModel`: its train stage loads the weights it was given instead of training.
+:class:`ExternalModel`: its train stage loads the weights it was given instead of training. Training that ran live
+under the Trainer callback (:mod:`audit.callback`) is the fourth, :class:`LiveTraining`: the weights it saved measured
+as an :class:`ExternalModel`, with the trainer's steps and loss, the curve, the callback's gates and MLflow run
+(:class:`ReportInputs`), so the report is built once.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from audit.errors import AuditError
 from audit.keys import AuditKey, resolve_key
 from audit.layout import LAYOUT
 from audit.resume import NEW_RUN, RunDir
-from audit.schema import AuditReport, LineageNode, MetricEntry, Recipe, SequenceScore
+from audit.schema import AuditReport, GateSpec, LineageNode, MetricEntry, Recipe, SequenceScore, TrackingInfo
 from audit.train import stage
 from audit.train.types import DeviceChoice, TrainPlan, TrainResult, WeightsLayer
 
@@ -32,6 +36,7 @@ if TYPE_CHECKING:  # annotations only (the pipeline's types; none is imported at
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from audit.chain import ParentRun
+    from audit.curves import Curves
     from audit.external import GroundTruthDir
     from audit.ground_truth import GroundTruth
     from audit.schema import CanarySet, WorkWindow
@@ -47,6 +52,19 @@ class Persistence:
     metrics: dict[str, MetricEntry] | None = None
 
 
+@dataclass(frozen=True)
+class ReportInputs:
+    """What :func:`audit.report.build_report` takes from an origin beside the stages' results: all empty but for training
+    that ran live (:class:`LiveTraining`), whose curve, gates and MLflow run the callback brings."""
+
+    curves: Curves | None = None
+    """The memorization curves measured while training; None: those ``audit run`` kept in ``curves.json``."""
+    gates: tuple[GateSpec, ...] = ()
+    """Gates evaluated with the recipe's (the callback's ``gates=``; they may read the curves)."""
+    tracking: TrackingInfo | None = None
+    """The MLflow run the report belongs to when the pipeline itself does not track (the callback's own run)."""
+
+
 class Origin(Protocol):
     recipe: Recipe
     """The recipe as this origin runs it (a further tune's inherits its parent's model, canaries and scoring)."""
@@ -58,6 +76,8 @@ class Origin(Protocol):
     """The run whose tuned weights this tune starts from (``report.parent_run``)."""
     key: AuditKey | None
     """The audit key the canaries derive from (:func:`run_key`); None for a run written before the key existed."""
+    report_inputs: ReportInputs
+    """What the report takes from the origin beside the stages' results (:func:`audit.report.build_report`)."""
 
     def check(self, device: DeviceChoice) -> None: ...
 
@@ -153,6 +173,7 @@ class FreshBase:
     layers: tuple[WeightsLayer, ...] = ()
     further: bool = False
     parent_run: str | None = None
+    report_inputs = ReportInputs()
 
     def check(self, device: DeviceChoice) -> None:
         pass
@@ -203,6 +224,7 @@ class FurtherTune:
     key: AuditKey | None = None
     """The chain's first run's key (checked by :func:`run_key`)."""
     further: bool = True
+    report_inputs = ReportInputs()
 
     @property
     def parent_run(self) -> str:
@@ -366,6 +388,7 @@ class ExternalModel:
     layers: tuple[WeightsLayer, ...] = ()
     further: bool = False
     parent_run: str | None = None
+    report_inputs = ReportInputs()
 
     def check(self, device: DeviceChoice) -> None:
         pass
@@ -484,3 +507,82 @@ class ExternalWeights:
     def describe(self, value: TrainResult) -> str:
         return f"external weights {self.origin.tuned_layers[-1].path}"
 
+
+@dataclass(frozen=True)
+class LiveTraining:
+    """Training that ran in this process (:class:`audit.callback.CanaryAuditCallback`): the weights it saved, measured
+    as ``audit measure`` measures them (``measured``: the canaries, base, loading and lineage of that
+    :class:`ExternalModel`), with what only the trainer knows: its steps and last logged loss (in ``train.json`` and
+    ``report.training``), the curve measured while it trained, the callback's gates and its MLflow run. The pipeline
+    builds the report once from these (:func:`audit.report.build_report`); the saved weights are scored, not the live
+    model, so the numbers are what a later ``audit measure`` of those weights gives and the trainer's model is left as
+    training left it."""
+
+    measured: ExternalModel
+    steps: int
+    final_loss: float | None
+    curves: Curves
+    """Key -> ``[(step, value), ...]`` measured during training (:class:`audit.curve_points.CurveRecorder`)."""
+    gates: tuple[GateSpec, ...] = ()
+    tracker: RunTracker | None = None
+    """The callback's MLflow run (curve points logged as training went): the report goes there too, once written."""
+    layers = ()  # the saved weights go on the base, as an ExternalModel's do; never a further tune
+    further = False
+    parent_run = None
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.measured.recipe
+
+    @property
+    def key(self) -> AuditKey | None:
+        return self.measured.key
+
+    @property
+    def report_inputs(self) -> ReportInputs:
+        return ReportInputs(curves=self.curves, gates=self.gates,
+                            tracking=self.tracker.info() if self.tracker is not None else None)
+
+    def check(self, device: DeviceChoice) -> None:
+        self.measured.check(device)
+
+    def ground_truth(self, *, model_path: Path, fingerprint: str, device: DeviceChoice, progress: bool) -> GroundTruth:
+        return self.measured.ground_truth(model_path=model_path, fingerprint=fingerprint, device=device, progress=progress)
+
+    def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]:
+        return self.measured.base_scores(score)
+
+    def base_works_scan(self, scan: Callable[[], list[WorkWindow]]) -> list[WorkWindow]:
+        return self.measured.base_works_scan(scan)
+
+    def train_artifact(self, ctx: StageContext, start: PreTrainedModel) -> stage.TrainedWeights | ExternalWeights:
+        return self.measured.train_artifact(ctx, start)
+
+    def tuned_model(self, ctx: StageContext, start: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth,
+                    plan: TrainPlan, *, tracker: RunTracker | None = None,
+                    progress: bool = False) -> TrainResult:
+        """The saved weights loaded as ``audit measure`` loads them, summarized with the trainer's steps and loss."""
+        import dataclasses
+
+        loaded = self.measured.tuned_model(ctx, start, tokenizer, truth, plan, tracker=tracker, progress=progress)
+        assert loaded.summary is not None, "the callback audits on the main process only"
+        return dataclasses.replace(loaded, summary=loaded.summary.model_copy(
+            update={"steps": self.steps, "final_loss": self.final_loss}))
+
+    def tuned_parents(self, base_node: LineageNode) -> list[LineageNode]:
+        return self.measured.tuned_parents(base_node)
+
+    def lineage(self, base_node: LineageNode, data_node: LineageNode, tuned_node: LineageNode) -> list[LineageNode]:
+        return self.measured.lineage(base_node, data_node, tuned_node)
+
+    def persistence(self, scores: list[SequenceScore], metrics: dict[str, MetricEntry]) -> Persistence:
+        return self.measured.persistence(scores, metrics)
+
+    def tags(self) -> dict[str, str]:
+        return self.measured.tags()
+
+    def record(self, report: AuditReport, run_dir: Path) -> None:
+        """The report, as written, into the callback's MLflow run (the final audit at the curve's last step)."""
+        self.measured.record(report, run_dir)
+        if self.tracker is not None:
+            self.tracker.log_report(report, run_dir)

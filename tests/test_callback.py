@@ -251,6 +251,7 @@ def test_one_function_reads_a_ground_truth_directory_for_measure_the_callback_an
     import audit.callback
 
     assert not hasattr(audit.callback, "load_live_truth") and not hasattr(audit.callback, "LiveTruth")
+    assert not hasattr(audit.callback, "finish_report")  # the report is built once, never patched after
     package = Path(audit.__file__).parent
     readers = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
                      if "read_canary_set(" in p.read_text() or "(LAYOUT.manifest).read_text" in p.read_text()
