@@ -16,10 +16,12 @@ each point      (``every_steps=N``, ``on_evaluate=True``, ``on_epoch_end=True``)
                 (eval mode, no grad, RNG state restored, train mode back), summarized by the report's suite and
                 logged as MLflow step metrics (``step=state.global_step``) under the report's keys.
 on_train_end    the weights saved beside the Trainer's output (``<output_dir>/canary-audit/adapter`` or ``model``),
-                then :func:`audit.measure.measure_run`: the run directory, report.json/html and gates exactly as
-                ``audit measure gt --adapter ...`` writes them, plus the curve (``report.curves``, a plot in the
-                report) and the callback's ``gates`` (which may read the curve: ``of: max | first_step_above``).
-                ``callback.result`` is the :class:`audit.pipeline.AuditResult`.
+                then the final audit, the training as one more origin (:class:`audit.origin.LiveTraining`) that
+                :func:`audit.pipeline.run_origin` runs: the run directory, report.json/html and gates as
+                ``audit measure gt --adapter ...`` writes them, with the trainer's steps and final loss, the curve
+                (``report.curves``, a plot in the report) and the callback's ``gates`` (which may read the curve:
+                ``of: max | first_step_above``) in the one report built. ``callback.result`` is the
+                :class:`audit.pipeline.AuditResult`.
 
 MLflow: the callback's run is nested under the run your own ``MLflowCallback`` (``report_to="mlflow"``) opened when
 one is active, in the same store; with none, it is a run of the project's default tracking (``$MLFLOW_TRACKING_URI``,
@@ -38,9 +40,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, suppress
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
@@ -54,63 +55,14 @@ from audit.curve_points import (  # noqa: F401  (re-exported: the callback's mea
     sharded_parameters,
     top_exposure,
 )
-from audit.curves import Curves
 from audit.errors import AuditError
 from audit.layout import LAYOUT
-from audit.schema import CanarySet, GateSpec, Recipe
+from audit.schema import CanarySet, GateSpec
+
+if TYPE_CHECKING:
+    from audit.external import GroundTruthDir
 
 OUTPUT_SUBDIR = "canary-audit"
-
-
-# --------------------------------------------------------------------------------------------------- ground truth
-
-
-@dataclass(frozen=True)
-class LiveTruth:
-    """What scoring a live model needs from a ground-truth directory: the canaries, the exposure references, the recipe."""
-
-    recipe: Recipe
-    canaries: CanarySet
-    reference_secrets: list[str]
-    manifest: Any
-
-
-def load_live_truth(gt_dir: str | Path, tokenizer: Any) -> LiveTruth:
-    """Read ``gt_dir`` (``inject_canaries`` / ``audit inject --out``) and draw the exposure references again (they are
-    never stored: a function of the seed, the audit key and the canary set, :func:`audit.canaries.reference_secrets`)."""
-    from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets
-    from audit.config import read_yaml, validate_recipe
-    from audit.ground_truth import read_canary_set
-    from audit.keys import resolve_key
-    from audit.schema import InjectionManifest
-
-    gt = Path(gt_dir)
-    for name in (LAYOUT.recipe, LAYOUT.canaries, LAYOUT.canaries_meta, LAYOUT.manifest):
-        if not (gt / name).is_file():
-            raise AuditError(f"ground truth {gt} has no {name}",
-                             fix="give the directory inject_canaries(out=...) or `audit inject --out` wrote")
-    recipe = validate_recipe(read_yaml(gt / LAYOUT.recipe), source=str(gt / LAYOUT.recipe))
-    canaries = read_canary_set(gt)
-    assert canaries is not None  # canaries.meta.json exists
-    manifest = InjectionManifest.model_validate_json((gt / LAYOUT.manifest).read_text(encoding="utf-8"))
-    if manifest.canary_set_sha256 != canaries.sha256():
-        raise AuditError(f"{gt}/canaries.jsonl does not match its manifest (set hash {canaries.sha256()[:12]} != "
-                         f"{manifest.canary_set_sha256[:12]})", fix="use the ground-truth directory unmodified")
-    key = resolve_key(recipe.canaries.key_file)
-    if canaries.key_id and canaries.key_id != key.id:
-        raise AuditError(f"{gt} was made with audit key {canaries.key_id}, but the key in use ({key.source}) is {key.id}",
-                         fix=f"point $CANARY_AUDIT_KEY_FILE at the key file with id {canaries.key_id}")
-    spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
-    context = GenerationContext(tokenizer=tokenizer)
-    if not canaries.space.enumerable:  # a sampled space's references follow the canary draw in the same context
-        drawn = generate_canaries(spec, seed=canaries.seed, tiers=recipe.canaries.tiers,
-                                  members_per_tier=recipe.canaries.members_per_tier, references=recipe.canaries.references,
-                                  context=context, key=key)
-        if drawn.sha256() != canaries.sha256():
-            raise AuditError(f"the canaries of {gt} cannot be drawn again (spec {spec.name}, seed {canaries.seed})",
-                             fix="measure with `audit measure` from the canary-audit version that injected them")
-    refs = reference_secrets(spec, canaries, n=recipe.scoring.exposure_references, seed=canaries.seed, context=context, key=key)
-    return LiveTruth(recipe=recipe, canaries=canaries, reference_secrets=refs, manifest=manifest)
 
 
 # --------------------------------------------------------------------------------------------------- pre-flight
@@ -199,7 +151,7 @@ class CanaryAuditCallback(TrainerCallback):
         self.tracking, self.tracking_uri, self.out_root = tracking, tracking_uri, out_root
         self.progress, self.check_preflight = progress, preflight
         self.recorder: CurveRecorder | None = None
-        self.truth: LiveTruth | None = None
+        self.truth: GroundTruthDir | None = None
         self.result: Any = None
         self.preflight_copies: dict[str, int] = {}
         self._tracker: Any = None
@@ -213,12 +165,16 @@ class CanaryAuditCallback(TrainerCallback):
         if tokenizer is None or not hasattr(tokenizer, "decode"):
             raise AuditError("CanaryAuditCallback needs the trainer's tokenizer",
                              fix="pass processing_class=tokenizer to the Trainer")
-        self.truth = load_live_truth(self.ground_truth, tokenizer)
+        from audit.external import exposure_references, read_ground_truth_dir
+        from audit.origin import ground_truth_key
+
+        truth = self.truth = read_ground_truth_dir(self.ground_truth)  # the one reader, as `audit measure` reads it
+        assert truth.canaries is not None, "read without chain_run: canaries.meta.json is there"
+        key = ground_truth_key(truth)
         if self.check_preflight:
-            self.preflight_copies = _preflight_on(train_dataloader, tokenizer, self.truth.canaries)
+            self.preflight_copies = _preflight_on(train_dataloader, tokenizer, truth.canaries)
         if not state.is_world_process_zero:
             return
-        truth = self.truth
         self._say(f"[audit] pre-flight (trainer): every planted copy of {len(truth.canaries.members())} member canaries "
                   "reaches the loss" if self.check_preflight else "[audit] pre-flight (trainer) skipped")
         self._open_tracking(truth)
@@ -228,7 +184,8 @@ class CanaryAuditCallback(TrainerCallback):
             self._say("[audit] warning: parameters are sharded (FSDP / ZeRO-3): no live curve points; the final audit "
                       "runs after training with `audit measure` (command printed at the end)")
         if self._live:
-            self.recorder = CurveRecorder(canaries=truth.canaries, reference_secrets=truth.reference_secrets,
+            self.recorder = CurveRecorder(canaries=truth.canaries,
+                                          reference_secrets=exposure_references(truth, tokenizer=tokenizer, key=key),
                                           section=truth.recipe.scoring, seed=truth.recipe.seed, tokenizer=tokenizer,
                                           on_point=self._log_point, progress=self.progress)
             self.recorder.score_base(model)
@@ -272,25 +229,28 @@ class CanaryAuditCallback(TrainerCallback):
         self._stack.close()
 
     def _final_audit(self, weights: dict[str, Path], state: Any) -> Any:
-        from audit.measure import measure_run
-        from audit.report import close_curves
+        """The saved weights measured as ``audit measure`` measures them, with what the trainer knows: one run of the
+        pipeline (:class:`audit.origin.LiveTraining`), one report built, gated, written and rendered."""
+        from audit.measure import measured_model
+        from audit.origin import LiveTraining
+        from audit.pipeline import run_origin
 
-        result = measure_run(self.ground_truth, tracking=False, progress=self.progress, out_root=self.out_root, **weights)
-        report = result.report
+        assert self.truth is not None, "on_train_begin read the ground truth"
         losses = [h["loss"] for h in state.log_history if "loss" in h]
-        report = report.model_copy(update={"training": report.training.model_copy(update={
-            "steps": int(state.global_step), "final_loss": float(losses[-1]) if losses else report.training.final_loss})})
-        curves = close_curves(self.recorder.curves, report) if self.recorder is not None and self.recorder.curves else {}
-        report = finish_report(result.run_dir, report, curves=curves, extra_gates=self.extra_gates, tracker=self._tracker)
+        origin = LiveTraining(measured=measured_model(self.truth, out_root=self.out_root, progress=self.progress, **weights),
+                              steps=int(state.global_step), final_loss=float(losses[-1]) if losses else None,
+                              curves=self.recorder.curves if self.recorder is not None else {},
+                              gates=tuple(self.extra_gates), tracker=self._tracker)
+        result = run_origin(origin, tracking=False, progress=self.progress)  # the callback's own MLflow run: origin.tracker
         if self.recorder is not None:
             self._say(f"[audit] curve: {self.recorder.points} points, {self.recorder.seconds:.1f} s of scoring during training")
         self._say(f"[audit] report: {result.run_dir / LAYOUT.html}; gates: "
-                  f"{sum(not g.passed for g in report.gates)} failed of {len(report.gates)}")
-        return type(result)(run_dir=result.run_dir, report=report)
+                  f"{sum(not g.passed for g in result.report.gates)} failed of {len(result.report.gates)}")
+        return result
 
     # ---- tracking
 
-    def _open_tracking(self, truth: LiveTruth) -> None:
+    def _open_tracking(self, truth: GroundTruthDir) -> None:
         from audit.tracking import check_tracking_reachable, open_tracker, resolve_tracking_uri
 
         enabled = truth.recipe.tracking.enabled if self.tracking is None else self.tracking
@@ -310,24 +270,6 @@ class CanaryAuditCallback(TrainerCallback):
     def _say(self, line: str) -> None:
         if self.progress:
             print(line, file=sys.stderr, flush=True)
-
-
-def finish_report(run_dir: Path, report: Any, *, curves: Curves, extra_gates: list[GateSpec], tracker: Any = None) -> Any:
-    """The measured report with the curve and the callback's gates, written and rendered again; logged to ``tracker``."""
-    from audit.gates import evaluate_gates, recipe_gates
-    from audit.render import render_report
-    from audit.report import write_report
-
-    report = report.model_copy(update={"curves": curves, "gates": []})
-    gates = evaluate_gates([*recipe_gates(report), *extra_gates], report.flat_metrics(), curves=curves)
-    report = report.model_copy(update={"gates": gates})
-    if tracker is not None:
-        report = report.model_copy(update={"tracking": tracker.info()})
-    write_report(report, Path(run_dir) / LAYOUT.report)
-    render_report(Path(run_dir), report)
-    if tracker is not None:
-        tracker.log_report(report, Path(run_dir))  # the final audit at the curve's last step
-    return report
 
 
 def _gate_specs(gates: str | Path | Sequence[Any] | None) -> list[GateSpec]:

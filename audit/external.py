@@ -1,7 +1,8 @@
-"""Reading a ground-truth directory and checking a model trained elsewhere, for :class:`audit.origin.ExternalModel`.
+"""Reading a ground-truth directory, and checking a model trained elsewhere, for :class:`audit.origin.ExternalModel`.
 
 Pure checks with one-line errors, no run directory, no MLflow: :func:`read_ground_truth_dir` (the files, canaries
-against manifest), :func:`measure_recipe` (the recipe a measurement runs under), :func:`check_external_weights`
+against manifest: the one reader of a ground-truth directory, for ``audit measure``, the Trainer callback and a further
+tune's parent runs), :func:`measure_recipe` (the recipe a measurement runs under), :func:`check_external_weights`
 (the tuned model given: safetensors, shapes, tokenizer, "nothing was trained"). It imports neither :mod:`audit.origin` nor
 :mod:`audit.pipeline`, so :func:`audit.origin.origin_for` can rebuild a measurement on resume without an import cycle.
 ``audit measure`` itself is :mod:`audit.measure`.
@@ -14,11 +15,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from audit.errors import AuditError, check_readable
 from audit.layout import LAYOUT
-from audit.schema import Recipe
+from audit.schema import CanarySet, InjectionManifest, Recipe
+
+if TYPE_CHECKING:
+    from audit.keys import AuditKey
 
 GROUND_TRUTH_FILES = (LAYOUT.recipe, LAYOUT.canaries, LAYOUT.canaries_meta, LAYOUT.manifest)
 MEASURE_SECTIONS = ("name", "description", "scoring", "gates", "tracking", "output", "outputs", "expected")
@@ -29,33 +33,47 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 @dataclass(frozen=True)
 class GroundTruthDir:
-    """A ground-truth directory, read and checked: its recipe, the base it records, its key id and manifest hash."""
+    """A ground-truth directory, read and checked: its recipe, manifest and canaries, the base it records."""
 
     path: Path
     recipe: Recipe
     base_source: str
     base_fingerprint: str | None
     """The base's weights fingerprint when the directory was made (None when it did not record one)."""
-    manifest_sha256: str
-    canaries: Any
-    """The :class:`~audit.schema.CanarySet` of ``canaries.jsonl`` + ``canaries.meta.json`` (matches the manifest)."""
+    manifest: InjectionManifest
+    canaries: CanarySet | None
+    """The set of ``canaries.jsonl`` + ``canaries.meta.json`` (matches the manifest); None only for a chain's run
+    written before ``canaries.meta.json`` existed (``chain_run=True``), whose set can only be drawn again."""
+    rows: list[dict[str, Any]]
+    """``canaries.jsonl`` as stored, one JSON object a row (what a further tune's canaries must equal, row for row)."""
+
+    @property
+    def manifest_sha256(self) -> str:
+        return self.manifest.sha256()
 
 
-def read_ground_truth_dir(path: str | Path) -> GroundTruthDir:
-    """Read ``path`` (``audit inject`` output or a run directory); missing files, canaries that do not match the
-    manifest, or a further tune's run (measure against its chain's first run) are one-line errors."""
+GROUND_TRUTH_FIX = ("give the directory `audit inject --out` or inject_canaries(out=...) wrote (of this version), or a run "
+                    "directory")
+
+
+def read_ground_truth_dir(path: str | Path, *, chain_run: bool = False) -> GroundTruthDir:
+    """Read ``path`` (``audit inject`` / ``inject_canaries`` output, or a run directory): the one reader of a
+    ground-truth directory, for ``audit measure``, the Trainer callback and a further tune's parent runs.
+
+    Missing files and canaries that do not match the manifest are one-line errors, and so, unless ``chain_run``, is a
+    further tune's run (measure against its chain's first run, where the canaries were planted). ``chain_run``: a run
+    of a chain read by a further tune, which may be a further tune itself, or written before ``canaries.meta.json``
+    existed (then ``canaries`` is None, and the set is drawn again from the recipe)."""
     from audit.config import read_yaml, validate_recipe
     from audit.ground_truth import read_canary_set
-    from audit.schema import InjectionManifest
 
     gt = Path(path).expanduser()
     if not gt.is_dir():
-        raise AuditError(f"ground-truth directory {path} does not exist or is not a directory",
-                         fix="give the --out directory of `audit inject`, or a run directory")
-    missing = [name for name in GROUND_TRUTH_FILES if not (gt / name).is_file()]
+        raise AuditError(f"ground-truth directory {path} does not exist or is not a directory", fix=GROUND_TRUTH_FIX)
+    required = [name for name in GROUND_TRUTH_FILES if not (chain_run and name == LAYOUT.canaries_meta)]
+    missing = [name for name in required if not (gt / name).is_file()]
     if missing:
-        raise AuditError(f"{gt} is not a ground-truth directory: {', '.join(missing)} missing",
-                         fix="give the --out directory of `audit inject` (of this version), or a run directory")
+        raise AuditError(f"{gt} is not a ground-truth directory: {', '.join(missing)} missing", fix=GROUND_TRUTH_FIX)
     gt = gt.resolve()
     for name in (*GROUND_TRUTH_FILES, LAYOUT.inject, LAYOUT.report):  # what records the base's fingerprint, if there
         if (gt / name).is_file():
@@ -66,12 +84,13 @@ def read_ground_truth_dir(path: str | Path) -> GroundTruthDir:
         raise AuditError(f"{gt}/manifest.json is not an injection manifest",
                          fix="use an unmodified ground-truth directory") from None
     canaries = read_canary_set(gt)
-    if canaries is None or canaries.sha256() != manifest.canary_set_sha256:
+    if (canaries is None and not chain_run) or (canaries is not None and canaries.sha256() != manifest.canary_set_sha256):
         found = "none" if canaries is None else canaries.sha256()[:12]
         raise AuditError(f"the canaries in {gt}/canaries.jsonl do not match its manifest.json (canary-set hash {found} != "
                          f"{manifest.canary_set_sha256[:12]})", fix="use an unmodified ground-truth directory")
+    rows = [json.loads(line) for line in (gt / LAYOUT.canaries).read_text(encoding="utf-8").splitlines() if line]
     recipe = validate_recipe(read_yaml(gt / LAYOUT.recipe), source=str(gt / LAYOUT.recipe))
-    if recipe.parent:
+    if recipe.parent and not chain_run:
         raise AuditError(f"{gt} is a further tune of {recipe.parent}: its canaries were planted in the chain's first run",
                          fix="measure against the chain's first run directory")
     base_source, base_fp = recipe.model.source, None
@@ -81,8 +100,26 @@ def read_ground_truth_dir(path: str | Path) -> GroundTruthDir:
         base_fp = inject.get("base", {}).get("fingerprint")
     elif (report := _read_json(gt / LAYOUT.report)):
         base_fp = report.get("model", {}).get("fingerprint")
-    return GroundTruthDir(path=gt, recipe=recipe, base_source=base_source, base_fingerprint=base_fp,
-                          manifest_sha256=manifest.sha256(), canaries=canaries)
+    return GroundTruthDir(path=gt, recipe=recipe, base_source=base_source, base_fingerprint=base_fp, manifest=manifest,
+                          canaries=canaries, rows=rows)
+
+
+def exposure_references(gt: GroundTruthDir, *, tokenizer: Any, key: AuditKey | None) -> list[str]:
+    """The exposure references of ``gt``'s canaries, drawn again with ``tokenizer`` before any run directory exists (the
+    Trainer callback scores a live model with them). They are never stored: a function of the seed, the audit key and
+    the canary set (:func:`audit.canaries.reference_secrets`), drawn as :func:`audit.ground_truth.prepare_ground_truth`
+    draws them, so a curve point ranks against the references the final audit ranks against."""
+    from audit.canaries import GenerationContext, load_spec, reference_secrets
+    from audit.ground_truth import draw_canaries
+
+    recipe, canaries = gt.recipe, gt.canaries
+    assert canaries is not None, "read without chain_run: canaries.meta.json is there"
+    spec = load_spec(recipe.canaries.spec, recipe.canaries.params)
+    context = GenerationContext(tokenizer=tokenizer)
+    if not canaries.space.enumerable:  # a sampled space's references follow the canary draw in the same context
+        draw_canaries(recipe, spec, context=context, seed=canaries.seed, key=key, stored=canaries)
+    return reference_secrets(spec, canaries, n=recipe.scoring.exposure_references, seed=canaries.seed, context=context,
+                             key=key)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

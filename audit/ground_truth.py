@@ -134,17 +134,7 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
     if canaries is not None:
         check_ids(canaries, key)  # a stored set: drawn under this key, every secret the one its id was made from
     if canaries is None or not canaries.space.enumerable:
-        # A sampled space's reference draw depends on the canary draw before it in the same context (the works
-        # generator keeps the canaries' spans out of the references), so a given sampled set is drawn again here
-        # and must come out the same; a product space's references do not depend on it.
-        drawn = generate_canaries(spec, seed=seed, tiers=recipe.canaries.tiers,
-                                  members_per_tier=recipe.canaries.members_per_tier,
-                                  references=recipe.canaries.references, context=ctx, key=key,
-                                  inclusion=recipe.canaries.inclusion)
-        if canaries is not None and drawn.sha256() != canaries.sha256():
-            raise AuditError(f"the canaries drawn again for spec {spec.name} (seed {seed}) differ from the stored set",
-                             fix="the canary code, spec or base model changed since the set was drawn; rerun from its first run")
-        canaries = drawn
+        canaries = draw_canaries(recipe, spec, context=ctx, seed=seed, key=key, stored=canaries)
     timings["canaries"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -198,6 +188,22 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
         spans = secret_spans(injection.manifest, canaries, injection.records, tokenizer, texts=texts)
     return GroundTruth(spec=spec, canaries=canaries, corpus_format=corpus.format, injection=injection, preflight=preflight,
                        training_texts=texts, reference_secrets=refs, timings_s=timings, secret_spans=spans, works=works)
+
+
+def draw_canaries(recipe: Recipe, spec: CanarySpec, *, context: GenerationContext, seed: int, key: AuditKey | None,
+                  stored: CanarySet | None = None) -> CanarySet:
+    """The recipe's canary set drawn in ``context``; with ``stored``, drawn again and required to be that set.
+
+    A sampled space's reference draw depends on the canary draw before it in the same context (the works generator
+    keeps the canaries' spans out of the references), so a given sampled set is drawn again before its references
+    and must come out the same; a product space's references do not depend on it."""
+    drawn = generate_canaries(spec, seed=seed, tiers=recipe.canaries.tiers, members_per_tier=recipe.canaries.members_per_tier,
+                              references=recipe.canaries.references, context=context, key=key,
+                              inclusion=recipe.canaries.inclusion)
+    if stored is not None and drawn.sha256() != stored.sha256():
+        raise AuditError(f"the canaries drawn again for spec {spec.name} (seed {seed}) differ from the stored set",
+                         fix="the canary code, spec or base model changed since the set was drawn; rerun from its first run")
+    return drawn
 
 
 def ground_truth_for_model(recipe: Recipe, *, model_path: Path, fingerprint: str, device: str = "cpu", dtype: Any = None,

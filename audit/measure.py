@@ -25,7 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from audit.external import GroundTruthDir
+    from audit.origin import ExternalModel
 
 
 def measure_run(
@@ -49,13 +53,25 @@ def measure_run(
     (default the recipe's ``output.root``). Returns an :class:`audit.pipeline.AuditResult`; bad input raises
     :class:`audit.errors.AuditError` before anything is written.
     """
-    from audit.external import measure_recipe, read_ground_truth_dir
-    from audit.origin import external_model
+    from audit.external import read_ground_truth_dir
     from audit.pipeline import run_origin
+
+    origin = measured_model(read_ground_truth_dir(ground_truth_dir), model=model, adapter=adapter, base=base,
+                            overrides=overrides, out_root=out_root, progress=progress)
+    return run_origin(origin, tracking_uri=tracking_uri, tracking=tracking, progress=progress)
+
+
+def measured_model(gt: GroundTruthDir, *, model: str | Path | None = None, adapter: str | Path | None = None,
+                   base: str | None = None, overrides: Sequence[str] = (), out_root: str | Path | None = None,
+                   progress: bool = True) -> ExternalModel:
+    """The :class:`~audit.origin.ExternalModel` for the weights given on the ground truth ``gt``, under the recipe a
+    measurement runs (:func:`audit.external.measure_recipe`), every check done and nothing written: what ``audit
+    measure`` runs, and what the Trainer callback measures the weights it saved with
+    (:class:`~audit.origin.LiveTraining`)."""
+    from audit.external import measure_recipe
+    from audit.origin import external_model
     from audit.validate import check_gates
 
-    gt = read_ground_truth_dir(ground_truth_dir)
     recipe = measure_recipe(gt, base=base, adapter=adapter, overrides=overrides, out_root=out_root)
     check_gates(recipe)  # a gate no run can pass would fail after all the scoring: refused now
-    origin = external_model(gt, recipe, model=model, adapter=adapter, base_given=base is not None, progress=progress)
-    return run_origin(origin, tracking_uri=tracking_uri, tracking=tracking, progress=progress)
+    return external_model(gt, recipe, model=model, adapter=adapter, base_given=base is not None, progress=progress)

@@ -3,13 +3,17 @@
     audit run tiny/lora_cpu                                  # FreshBase: fine-tune the pretrained weights
     audit run tiny/clean_lora_cpu parent=runs/<that run>     # FurtherTune: fine-tune that run's tuned weights again
     audit measure gt/ --model out/                           # ExternalModel: load what someone else trained
+    Trainer(..., callbacks=[CanaryAuditCallback("gt")])      # LiveTraining: what it saved, with the trainer's facts
 
 Every difference between a first tune and a further tune (:mod:`audit.chain`) lives here: which canaries are
 measured (drawn now, or the parent's), which base scores stand (measured now, or the parent's, which measured those
 very weights), which weights training starts from (the base, or the parent's chain merged in), which audit key the
 secrets derive from (the one in use, or the parent's), how the lineage graph grows, the persistence metrics, and what
 is recorded back in the parent. A model trained elsewhere (:mod:`audit.measure`) is the third class,
-:class:`ExternalModel`: its train stage loads the weights it was given instead of training.
+:class:`ExternalModel`: its train stage loads the weights it was given instead of training. Training that ran live
+under the Trainer callback (:mod:`audit.callback`) is the fourth, :class:`LiveTraining`: the weights it saved measured
+as an :class:`ExternalModel`, with the trainer's steps and loss, the curve, the callback's gates and MLflow run
+(:class:`ReportInputs`), so the report is built once.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from audit.errors import AuditError
 from audit.keys import AuditKey, resolve_key
 from audit.layout import LAYOUT
 from audit.resume import NEW_RUN, RunDir
-from audit.schema import AuditReport, LineageNode, MetricEntry, Recipe, SequenceScore
+from audit.schema import AuditReport, GateSpec, LineageNode, MetricEntry, Recipe, SequenceScore, TrackingInfo
 from audit.train import stage
 from audit.train.types import DeviceChoice, TrainPlan, TrainResult, WeightsLayer
 
@@ -32,9 +36,10 @@ if TYPE_CHECKING:  # annotations only (the pipeline's types; none is imported at
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from audit.chain import ParentRun
+    from audit.curves import Curves
     from audit.external import GroundTruthDir
     from audit.ground_truth import GroundTruth
-    from audit.schema import WorkWindow
+    from audit.schema import CanarySet, WorkWindow
     from audit.tracking import RunTracker
     from audit.train.stage import StageContext
 
@@ -45,6 +50,19 @@ class Persistence:
 
     summary: dict[str, Any] | None = None
     metrics: dict[str, MetricEntry] | None = None
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """What :func:`audit.report.build_report` takes from an origin beside the stages' results: all empty but for training
+    that ran live (:class:`LiveTraining`), whose curve, gates and MLflow run the callback brings."""
+
+    curves: Curves | None = None
+    """The memorization curves measured while training; None: those ``audit run`` kept in ``curves.json``."""
+    gates: tuple[GateSpec, ...] = ()
+    """Gates evaluated with the recipe's (the callback's ``gates=``; they may read the curves)."""
+    tracking: TrackingInfo | None = None
+    """The MLflow run the report belongs to when the pipeline itself does not track (the callback's own run)."""
 
 
 class Origin(Protocol):
@@ -58,6 +76,8 @@ class Origin(Protocol):
     """The run whose tuned weights this tune starts from (``report.parent_run``)."""
     key: AuditKey | None
     """The audit key the canaries derive from (:func:`run_key`); None for a run written before the key existed."""
+    report_inputs: ReportInputs
+    """What the report takes from the origin beside the stages' results (:func:`audit.report.build_report`)."""
 
     def check(self, device: DeviceChoice) -> None: ...
 
@@ -153,6 +173,7 @@ class FreshBase:
     layers: tuple[WeightsLayer, ...] = ()
     further: bool = False
     parent_run: str | None = None
+    report_inputs = ReportInputs()
 
     def check(self, device: DeviceChoice) -> None:
         pass
@@ -203,6 +224,7 @@ class FurtherTune:
     key: AuditKey | None = None
     """The chain's first run's key (checked by :func:`run_key`)."""
     further: bool = True
+    report_inputs = ReportInputs()
 
     @property
     def parent_run(self) -> str:
@@ -220,25 +242,27 @@ class FurtherTune:
     def ground_truth(self, *, model_path: Path, fingerprint: str, device: DeviceChoice, progress: bool) -> GroundTruth:
         """The parent's canaries and reference secrets, this recipe's corpus, the canaries planted only if asked.
 
-        The canary set is read from the chain's first run (``canaries.jsonl`` + ``canaries.meta.json``), or, for a
-        run written before the sidecar existed, regenerated from its recipe and seed; either way it must match the
-        parent's ``canaries.jsonl`` row for row and the first run's recorded set hash.
+        The chain's first run and the parent are read as ground truth (:func:`audit.external.read_ground_truth_dir`).
+        The canary set is the first run's (``canaries.jsonl`` + ``canaries.meta.json``), or, for a run written before
+        the sidecar existed, regenerated from its recipe and seed; either way it must match the parent's
+        ``canaries.jsonl`` row for row and the first run's recorded set hash.
         """
-        from audit.ground_truth import ground_truth_for_model, read_canary_set
+        from audit.external import read_ground_truth_dir
+        from audit.ground_truth import ground_truth_for_model
 
         first = self.parent.origin
+        first_gt = read_ground_truth_dir(first.run_dir, chain_run=True)
+        parent_gt = first_gt if self.parent is first else read_ground_truth_dir(self.parent.run_dir, chain_run=True)
         truth = ground_truth_for_model(self.recipe, model_path=model_path, fingerprint=fingerprint, device=device.device,
                                        dtype=device.torch_dtype, progress=progress,
-                                       canaries=read_canary_set(first.run_dir), canary_seed=first.recipe.seed, key=self.key)
+                                       canaries=first_gt.canaries, canary_seed=first.recipe.seed, key=self.key)
         canaries = truth.canaries
-        stored = [json.loads(line)
-                  for line in (self.parent.run_dir / LAYOUT.canaries).read_text(encoding="utf-8").splitlines() if line]
         if (canaries.sha256() != first.report.canaries.canary_set_sha256
-                or stored != [c.model_dump(mode="json") for c in canaries.canaries]):
+                or parent_gt.rows != [c.model_dump(mode="json") for c in canaries.canaries]):
             raise AuditError(f"the canaries of {first.run_dir} differ from those in {self.parent.run_dir}/canaries.jsonl",
                              fix="the canary code or spec changed since the parent ran; rerun the chain from its first run")
         if truth.works is not None:  # the same whole works, drawn again, as the chain's first run planted them
-            planted = json.loads((first.run_dir / LAYOUT.manifest).read_text(encoding="utf-8")).get("work_subjects")
+            planted = first_gt.manifest.model_dump(mode="json").get("work_subjects")
             if [w.model_dump(mode="json") for w in truth.works.subjects] != planted:
                 raise AuditError(f"the whole works drawn again differ from those {first.run_dir}/manifest.json records",
                                  fix="the works sources, the canary code or the base model changed; "
@@ -298,15 +322,26 @@ def external_model(gt: GroundTruthDir, recipe: Recipe, *, model: str | None, ada
     """:class:`ExternalModel` for the weights given, measured on the ground truth ``gt``
     (:class:`audit.external.GroundTruthDir`): its audit key (the one the ground truth recorded), its secrets checked
     against their keyed ids, the weights checked (:func:`audit.external.check_external_weights`). Nothing is written."""
-    from audit.canaries.generate import check_ids
     from audit.external import check_external_weights
 
-    key = run_key(recipe, expected=[(f"ground-truth directory {gt.path}", recorded_key_id(gt.path))])
-    check_ids(gt.canaries, key)  # every secret the one its keyed id was made from (the set hash leaves secrets out)
+    key = ground_truth_key(gt)
     weights = check_external_weights(gt, recipe, model=model, adapter=adapter, base_given=base_given, progress=progress)
+    assert gt.canaries is not None, "read without chain_run: canaries.meta.json is there"
     return ExternalModel(recipe=recipe, ground_truth_dir=gt.path, tuned_layers=weights.layers,
-                         weights_fingerprint=weights.fingerprint, manifest_sha256=gt.manifest_sha256, key=key,
-                         details=weights.details, trainable_params=weights.trainable_params)
+                         weights_fingerprint=weights.fingerprint, manifest_sha256=gt.manifest_sha256, canaries=gt.canaries,
+                         key=key, details=weights.details, trainable_params=weights.trainable_params)
+
+
+def ground_truth_key(gt: GroundTruthDir) -> AuditKey | None:
+    """The audit key ``gt`` was made with: the key in use, which must have the id the directory recorded (None for a
+    directory written before the key existed), and every stored secret the one its keyed id was made from (the set
+    hash leaves secrets out)."""
+    from audit.canaries.generate import check_ids
+
+    key = run_key(gt.recipe, expected=[(f"ground-truth directory {gt.path}", recorded_key_id(gt.path))])
+    assert gt.canaries is not None, "read without chain_run: canaries.meta.json is there"
+    check_ids(gt.canaries, key)
+    return key
 
 
 def resume_external(recipe: Recipe, run_dir: Path) -> ExternalModel:
@@ -344,6 +379,8 @@ class ExternalModel:
     """The tuned weights' fingerprint: the adapter's for a PEFT adapter, else the model's (as ``audit run`` records)."""
     manifest_sha256: str
     """The ground-truth directory's ``manifest.json``: the injected set the model is said to be trained on."""
+    canaries: CanarySet
+    """The ground-truth directory's canary set, as :func:`audit.external.read_ground_truth_dir` read it."""
     key: AuditKey | None = None
     details: dict[str, Any] = field(default_factory=dict)
     """What ``external.json`` and the lineage record: the sources given, the model and tokenizer fingerprints."""
@@ -351,6 +388,7 @@ class ExternalModel:
     layers: tuple[WeightsLayer, ...] = ()
     further: bool = False
     parent_run: str | None = None
+    report_inputs = ReportInputs()
 
     def check(self, device: DeviceChoice) -> None:
         pass
@@ -360,11 +398,10 @@ class ExternalModel:
         exposure references drawn again as ``audit inject`` drew them; the injection must reproduce its ``manifest.json``."""
         import dataclasses
 
-        from audit.ground_truth import ground_truth_for_model, read_canary_set
+        from audit.ground_truth import ground_truth_for_model
 
         truth = ground_truth_for_model(self.recipe, model_path=model_path, fingerprint=fingerprint, device=device.device,
-                                       dtype=device.torch_dtype, progress=progress,
-                                       canaries=read_canary_set(self.ground_truth_dir), key=self.key)
+                                       dtype=device.torch_dtype, progress=progress, canaries=self.canaries, key=self.key)
         found = truth.injection.manifest.sha256()
         if found != self.manifest_sha256:
             raise AuditError(f"the injection drawn again from {self.ground_truth_dir}/recipe.yaml differs from its manifest.json "
@@ -469,3 +506,83 @@ class ExternalWeights:
 
     def describe(self, value: TrainResult) -> str:
         return f"external weights {self.origin.tuned_layers[-1].path}"
+
+
+@dataclass(frozen=True)
+class LiveTraining:
+    """Training that ran in this process (:class:`audit.callback.CanaryAuditCallback`): the weights it saved, measured
+    as ``audit measure`` measures them (``measured``: the canaries, base, loading and lineage of that
+    :class:`ExternalModel`), with what only the trainer knows: its steps and last logged loss (in ``train.json`` and
+    ``report.training``), the curve measured while it trained, the callback's gates and its MLflow run. The pipeline
+    builds the report once from these (:func:`audit.report.build_report`); the saved weights are scored, not the live
+    model, so the numbers are what a later ``audit measure`` of those weights gives and the trainer's model is left as
+    training left it."""
+
+    measured: ExternalModel
+    steps: int
+    final_loss: float | None
+    curves: Curves
+    """Key -> ``[(step, value), ...]`` measured during training (:class:`audit.curve_points.CurveRecorder`)."""
+    gates: tuple[GateSpec, ...] = ()
+    tracker: RunTracker | None = None
+    """The callback's MLflow run (curve points logged as training went): the report goes there too, once written."""
+    layers = ()  # the saved weights go on the base, as an ExternalModel's do; never a further tune
+    further = False
+    parent_run = None
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.measured.recipe
+
+    @property
+    def key(self) -> AuditKey | None:
+        return self.measured.key
+
+    @property
+    def report_inputs(self) -> ReportInputs:
+        return ReportInputs(curves=self.curves, gates=self.gates,
+                            tracking=self.tracker.info() if self.tracker is not None else None)
+
+    def check(self, device: DeviceChoice) -> None:
+        self.measured.check(device)
+
+    def ground_truth(self, *, model_path: Path, fingerprint: str, device: DeviceChoice, progress: bool) -> GroundTruth:
+        return self.measured.ground_truth(model_path=model_path, fingerprint=fingerprint, device=device, progress=progress)
+
+    def base_scores(self, score: Callable[[], list[SequenceScore]]) -> list[SequenceScore]:
+        return self.measured.base_scores(score)
+
+    def base_works_scan(self, scan: Callable[[], list[WorkWindow]]) -> list[WorkWindow]:
+        return self.measured.base_works_scan(scan)
+
+    def train_artifact(self, ctx: StageContext, start: PreTrainedModel) -> stage.TrainedWeights | ExternalWeights:
+        return self.measured.train_artifact(ctx, start)
+
+    def tuned_model(self, ctx: StageContext, start: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth,
+                    plan: TrainPlan, *, tracker: RunTracker | None = None,
+                    progress: bool = False) -> TrainResult:
+        """The saved weights loaded as ``audit measure`` loads them, summarized with the trainer's steps and loss."""
+        import dataclasses
+
+        loaded = self.measured.tuned_model(ctx, start, tokenizer, truth, plan, tracker=tracker, progress=progress)
+        assert loaded.summary is not None, "the callback audits on the main process only"
+        return dataclasses.replace(loaded, summary=loaded.summary.model_copy(
+            update={"steps": self.steps, "final_loss": self.final_loss}))
+
+    def tuned_parents(self, base_node: LineageNode) -> list[LineageNode]:
+        return self.measured.tuned_parents(base_node)
+
+    def lineage(self, base_node: LineageNode, data_node: LineageNode, tuned_node: LineageNode) -> list[LineageNode]:
+        return self.measured.lineage(base_node, data_node, tuned_node)
+
+    def persistence(self, scores: list[SequenceScore], metrics: dict[str, MetricEntry]) -> Persistence:
+        return self.measured.persistence(scores, metrics)
+
+    def tags(self) -> dict[str, str]:
+        return self.measured.tags()
+
+    def record(self, report: AuditReport, run_dir: Path) -> None:
+        """The report, as written, into the callback's MLflow run (the final audit at the curve's last step)."""
+        self.measured.record(report, run_dir)
+        if self.tracker is not None:
+            self.tracker.log_report(report, run_dir)

@@ -59,15 +59,15 @@ def git_revision() -> str | None:
 
 
 def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScore], training: Any,
-                 outputs: Any = None, curves: dict[str, list[tuple[int, float]]] | None = None,
-                 works: Any = None, calibration: list[CalibrationSummary] | None = None,
+                 outputs: Any = None, works: Any = None, calibration: list[CalibrationSummary] | None = None,
                  releases: list[Any] | None = None) -> AuditReport:
     """Assemble ``report.json`` from the stages' results (``run``: :class:`audit.stages.Run`; ``origin``:
     :class:`audit.origin.Origin`; ``works``: :class:`audit.works.summary.WholeWorksResult` of the whole-work scan),
-    then evaluate the recipe's gates on its flat metrics. ``calibration``: the scored models' gaps to the reference
+    then evaluate the recipe's gates on its flat metrics, once. ``calibration``: the scored models' gaps to the reference
     engine (:mod:`audit.score.calibration`), when the recipe asked for them. ``releases``: the recipe's releases made
     and scored (:class:`audit.release.stage.Release`): their tiers, metrics under their labels, lineage nodes and
-    ``report.release``."""
+    ``report.release``. What the origin adds (``origin.report_inputs``: the Trainer callback's curve, its gates and
+    its MLflow run) goes in here too, so nothing patches the report afterwards."""
     from audit import lineage
     from audit.gates import evaluate_gates
     from audit.metrics.disclosure import redact_report
@@ -76,6 +76,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
     from audit.works.information import works_information
 
     ctx = run.ctx
+    given = origin.report_inputs  # :class:`audit.origin.ReportInputs`
     recipe, resolved, canary_set, injection = ctx.recipe, ctx.resolved, truth.canaries, truth.injection
     base_node = lineage.node("base_weights", resolved.provenance.get("name", recipe.model.source), ctx.base_fingerprint,
                              source=recipe.model.source)
@@ -137,7 +138,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         timings_s={k: round(v, 3) for k, v in ctx.timings.items()},
         versions=package_versions(),
         git_revision=git_revision(),
-        tracking=run.tracker.info(),
+        tracking=run.tracker.info() or given.tracking,
         metrics=metrics,
         metric_notes=notes,
         outputs=OutputsSummary.model_validate(outputs.summary) if outputs else None,
@@ -154,6 +155,7 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
         disclosure=DisclosureSummary(rule="", min_group=0, search_bits=0, withheld=works.withheld) if works else None,
         release=release,
     )
+    curves = given.curves
     if curves is None:  # recorded while training (scoring.every_steps, audit.curves): the final values close each curve
         from audit.curves import read_curves
 
@@ -161,7 +163,8 @@ def build_report(*, run: Any, origin: Any, truth: Any, scores: list[SequenceScor
     if curves:
         report = report.model_copy(update={"curves": close_curves(curves, report)})
     report = redact_report(report)  # the shared report: no guess-checker of a secret (audit.metrics.disclosure)
-    return report.model_copy(update={"gates": evaluate_gates(recipe.gates, report.flat_metrics(), curves=report.curves)})
+    gates = evaluate_gates([*recipe.gates, *given.gates], report.flat_metrics(), curves=report.curves)
+    return report.model_copy(update={"gates": gates})
 
 
 def close_curves(curves: dict[str, list[tuple[int, float]]], report: AuditReport, *,

@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from helpers import short_sft
 
 from audit.errors import AuditError
+from audit.schema import CanarySet, Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,45 +197,79 @@ def test_trainer_preflight_refuses_a_dataset_without_the_canaries(notes, injecte
         trainer_preflight(dataset, collate, tokenizer, read_canary_set(injected.ground_truth))
 
 
-# --------------------------------------------------------------------------------------------------- live truth, points
+# --------------------------------------------------------------------------------------------------- ground truth, points
 
 
-def test_live_truth_draws_the_exposure_references_audit_run_draws(injected, tokenizer):
-    from audit.callback import load_live_truth
+@dataclass(frozen=True)
+class Live:
+    """What the callback scores a live model with: the ground truth as read, and its exposure references."""
+
+    canaries: CanarySet
+    reference_secrets: list[str]
+    recipe: Recipe
+
+
+def live_truth(gt_dir: Path, tokenizer) -> Live:
+    """The ground truth as the callback reads it at train begin (the one reader) and the references it draws."""
+    from audit.external import exposure_references, read_ground_truth_dir
+    from audit.origin import ground_truth_key
+
+    gt = read_ground_truth_dir(gt_dir)
+    return Live(canaries=gt.canaries, reference_secrets=exposure_references(gt, tokenizer=tokenizer, key=ground_truth_key(gt)),
+                recipe=gt.recipe)
+
+
+def test_the_callback_draws_the_exposure_references_audit_run_draws(injected, tokenizer):
     from audit.config import read_yaml, validate_recipe
     from audit.ground_truth import prepare_ground_truth
     from audit.keys import resolve_key
 
-    live = load_live_truth(injected.ground_truth, tokenizer)
+    live = live_truth(injected.ground_truth, tokenizer)
     recipe = validate_recipe(read_yaml(injected.ground_truth / "recipe.yaml"))
     full = prepare_ground_truth(recipe, tokenizer=tokenizer, key=resolve_key())
     assert live.reference_secrets == full.reference_secrets and len(live.reference_secrets) == 15
 
 
-def test_live_truth_refuses_canaries_that_do_not_match_the_manifest(injected, tokenizer, tmp_path):
+def test_the_ground_truth_reader_refuses_canaries_that_do_not_match_the_manifest(injected, tmp_path):
     import shutil
 
-    from audit.callback import load_live_truth
+    from audit.external import read_ground_truth_dir
 
     gt = tmp_path / "gt"
     shutil.copytree(injected.ground_truth, gt)
     manifest = json.loads((gt / "manifest.json").read_text())
     manifest["canary_set_sha256"] = "0" * 64
     (gt / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(AuditError, match="does not match its manifest"):
-        load_live_truth(gt, tokenizer)
+    with pytest.raises(AuditError, match="do not match its manifest"):
+        read_ground_truth_dir(gt)
+
+
+def test_one_function_reads_a_ground_truth_directory_for_measure_the_callback_and_a_further_tune():
+    """``audit.external.read_ground_truth_dir`` is the one reader: the callback's own reader is gone, and no other
+    module of the package reads canaries.jsonl, canaries.meta.json or manifest.json of a directory it did not write."""
+    import audit
+    import audit.callback
+
+    assert not hasattr(audit.callback, "load_live_truth") and not hasattr(audit.callback, "LiveTruth")
+    assert not hasattr(audit.callback, "finish_report")  # the report is built once, never patched after
+    package = Path(audit.__file__).parent
+    readers = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                     if "read_canary_set(" in p.read_text() or "(LAYOUT.manifest).read_text" in p.read_text()
+                     or "/ LAYOUT.canaries).read_text" in p.read_text())
+    # ground_truth.py defines read_canary_set (the reader's part) and reads back the manifest `audit inject` just wrote
+    assert readers == ["external.py", "ground_truth.py"]
 
 
 def test_a_curve_point_leaves_the_model_in_train_mode_with_weights_and_rng_untouched(injected, tokenizer):
     import torch
 
-    from audit.callback import CurveRecorder, load_live_truth
+    from audit.callback import CurveRecorder
     from audit.models import load_model_and_tokenizer, resolve_model
 
     model, _ = load_model_and_tokenizer(resolve_model("tiny-llama", progress=False).path, dtype=torch.float32, device="cpu")
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    live = load_live_truth(injected.ground_truth, tokenizer)
+    live = live_truth(injected.ground_truth, tokenizer)
     seen = []
     recorder = CurveRecorder(canaries=live.canaries, reference_secrets=live.reference_secrets, section=live.recipe.scoring,
                              seed=0, tokenizer=tokenizer, on_point=lambda step, m: seen.append(step))
@@ -253,9 +289,9 @@ def test_a_curve_point_leaves_the_model_in_train_mode_with_weights_and_rng_untou
 @pytest.mark.slow  # two short trainings with three curve points (~10 s idle; minutes on a loaded 2-core machine)
 def test_measuring_during_training_leaves_the_training_itself_unchanged(injected, tokenizer, tmp_path):
     """Dropout on (0.1) and shuffled batches: a point that drew from the global RNG would change the later losses."""
-    from audit.callback import CurveCallback, CurveRecorder, load_live_truth
+    from audit.callback import CurveCallback, CurveRecorder
 
-    live = load_live_truth(injected.ground_truth, tokenizer)
+    live = live_truth(injected.ground_truth, tokenizer)
     recorder = CurveRecorder(canaries=live.canaries, reference_secrets=live.reference_secrets, section=live.recipe.scoring,
                              seed=0, tokenizer=tokenizer)
     plain = short_sft(injected.dataset, tokenizer, tmp_path / "a", [])
@@ -288,9 +324,12 @@ def test_a_ground_truth_that_is_no_path_is_one_line_naming_the_argument(ground_t
     assert "\n" not in str(err.value)
 
 
-def test_a_directory_that_is_not_a_ground_truth_is_named_with_the_missing_file(tmp_path, tokenizer):
-    from audit.callback import load_live_truth
+def test_a_directory_that_is_not_a_ground_truth_is_named_with_the_missing_files(tmp_path):
+    from audit.external import read_ground_truth_dir
 
     (tmp_path / "gt").mkdir()
-    with pytest.raises(AuditError, match=r"ground truth .*gt has no recipe.yaml \(fix: give the directory inject_canaries"):
-        load_live_truth(tmp_path / "gt", tokenizer)
+    (tmp_path / "gt" / "recipe.yaml").write_text("name: x\n")
+    with pytest.raises(AuditError, match=r"gt is not a ground-truth directory: canaries.jsonl, canaries.meta.json, "
+                                         r"manifest.json missing \(fix: give the directory `audit inject --out` or "
+                                         r"inject_canaries\(out=...\) wrote"):
+        read_ground_truth_dir(tmp_path / "gt")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 needs_measure = pytest.mark.skipif(importlib.util.find_spec("audit.measure") is None,
-                                   reason="the final audit runs audit.measure.measure_run (issue 13, `audit measure`)")
+                                   reason="the final audit measures the saved weights as `audit measure` does (issue 13)")
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -76,11 +76,14 @@ def test_the_example_trains_tiny_llama_and_ends_with_16_copy_canaries_exposed_an
 @pytest.mark.slow
 @needs_measure
 def test_the_callback_run_nests_under_the_users_active_mlflow_run_never_beside_it(in_tmp, monkeypatch):
+    """Its final audit builds one report: gates evaluated once, report.json written once, nothing patched after."""
     import mlflow
     from datasets import Dataset
     from helpers import short_sft
     from mlflow.tracking import MlflowClient
 
+    import audit.gates
+    import audit.report
     from audit import CanaryAuditCallback, inject_canaries
     from audit.corpus import builtin_records
     from audit.ground_truth import load_tokenizer
@@ -92,8 +95,15 @@ def test_the_callback_run_nests_under_the_users_active_mlflow_run_never_beside_i
     uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the user's MLflow setup; the audit finds the same store
     callback = CanaryAuditCallback(ground_truth=gt, every_steps=2, progress=False)
+    calls = []
+    real_write, real_gates = audit.report.write_report, audit.gates.evaluate_gates
+    monkeypatch.setattr(audit.report, "write_report", lambda *a, **k: (calls.append("write"), real_write(*a, **k))[1])
+    monkeypatch.setattr(audit.gates, "evaluate_gates", lambda *a, **k: (calls.append("gates"), real_gates(*a, **k))[1])
     with mlflow.start_run(run_name="users-own-run") as users:
-        short_sft(train, tokenizer, in_tmp / "out", [callback], max_steps=4)
+        losses = short_sft(train, tokenizer, in_tmp / "out", [callback], max_steps=4)
+    assert calls == ["gates", "write"]
+    training = callback.result.report.training
+    assert (training.steps, training.final_loss) == (4, pytest.approx(losses[-1]))
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     top_level = {r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags}

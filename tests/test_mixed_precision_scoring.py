@@ -184,7 +184,8 @@ def _independent_check(run_dir: Path, tiny_model_dir, method: str, tuned_rows: l
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from audit.callback import load_live_truth
+    from audit.external import exposure_references, read_ground_truth_dir
+    from audit.origin import ground_truth_key
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     if method == "lora":
@@ -192,14 +193,15 @@ def _independent_check(run_dir: Path, tiny_model_dir, method: str, tuned_rows: l
     else:
         model = AutoModelForCausalLM.from_pretrained(str(run_dir / "model"))
     model.eval()
-    truth = load_live_truth(run_dir, tok)
+    truth = read_ground_truth_dir(run_dir)  # the run directory read as ground truth, as `audit measure` reads it
+    references = exposure_references(truth, tokenizer=tok, key=ground_truth_key(truth))
     canaries = {c.id: c for c in truth.canaries.canaries}
     ranked = [r for r in tuned_rows if r["rank"] is not None]
     assert ranked
     for row in tuned_rows:
         canary = canaries[row["canary_id"]]
         bits, *refs = _plain_secret_bits(model, tok, canary.prefix,
-                                         [canary.secret, *(truth.reference_secrets if row["rank"] is not None else [])])
+                                         [canary.secret, *(references if row["rank"] is not None else [])])
         assert abs(bits - row["secret_nll_bits"]) < 1e-3, row["canary_id"]
         if row["rank"] is not None:
             assert 1 + sum(r <= bits for r in refs) == row["rank"], row["canary_id"]

@@ -61,6 +61,7 @@ def _truth() -> GroundTruth:
 
 
 TRUTH = _truth()
+REAL_BUILD_REPORT, REAL_PUBLISH = report_module.build_report, stages.publish
 
 
 def _rows(label: str) -> list[SequenceScore]:
@@ -145,6 +146,59 @@ def test_a_fresh_run_runs_every_stage_once_in_order_with_tracking_off(fakes):
     assert plan.run_dir == run_dir and plan.train and plan.checkpoint is None and plan.weights_dir == run_dir / "adapter"
     assert result.report == {"scores": 2 * len(TRUTH.canaries.canaries), "origin": "FreshBase"}
     assert fakes.loaded == []  # freshly trained weights are used as they are, not reloaded
+
+
+def test_live_training_is_one_origin_whose_report_is_built_gated_and_written_once(fakes, monkeypatch):
+    """The Trainer callback's final audit (:class:`audit.origin.LiveTraining`): the trainer's steps and loss in
+    train.json and the report, its curve closed at the last step, its gates beside the recipe's, evaluated once on
+    that curve, report.json written once, and the report logged to the callback's MLflow run; nothing patched after."""
+    import audit.gates
+    from audit.origin import LiveTraining, ReportInputs
+    from audit.pipeline import run_origin
+    from audit.schema import GateSpec, TrackingInfo
+
+    monkeypatch.setattr(report_module, "build_report", REAL_BUILD_REPORT)
+    monkeypatch.setattr(stages, "publish", REAL_PUBLISH)
+    monkeypatch.setattr("audit.render.render_report", lambda run_dir, report: fakes.calls.append("render"))
+    counted = {"write_report": 0, "evaluate_gates": 0}
+
+    def count(name, real):
+        def call(*args, **kwargs):
+            counted[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(report_module, "write_report", count("write_report", report_module.write_report))
+    monkeypatch.setattr(audit.gates, "evaluate_gates", count("evaluate_gates", audit.gates.evaluate_gates))
+
+    class CallbackRun:  # the callback's MLflow run, opened at train begin
+        def __init__(self):
+            self.logged = []
+
+        def info(self):
+            return TrackingInfo(uri="sqlite:///m.db", experiment_id="1", run_id="cb", ui_command="mlflow ui")
+
+        def log_report(self, report, run_dir, **kwargs):
+            self.logged.append((report.gates, run_dir))
+
+    key = f"exposure.mean/rep_{TRUTH.canaries.members()[0].repetitions}/tuned"
+    tracker = CallbackRun()
+    origin = LiveTraining(measured=origin_module.FreshBase(recipe=fakes.recipe), steps=7, final_loss=0.25,
+                          curves={key: [(2, 1.5), (4, 30.0)]}, tracker=tracker,
+                          gates=(GateSpec(metric=key, of="max", max=10.0),))
+    assert origin_module.FreshBase(recipe=fakes.recipe).report_inputs == ReportInputs()
+    result = run_origin(origin, tracking=False, progress=False)
+    report = result.report
+    assert fakes.calls == ["load_base", "score_base", "train", "score_tuned", "render"]
+    assert counted == {"write_report": 1, "evaluate_gates": 1}
+    assert (report.training.steps, report.training.final_loss) == (7, 0.25)
+    stored = TrainSummary.model_validate_json((result.run_dir / "train.json").read_text())
+    assert (stored.steps, stored.final_loss) == (7, 0.25)  # train.json says what the report says
+    assert report.curves[key] == [(2, 1.5), (4, 30.0), (7, report.flat_metrics()[key].value)]
+    (gate,) = [g for g in report.gates if g.metric == key]
+    assert gate.status == "fail" and gate.value == 30.0  # the max over the curve, not the final value
+    assert report.tracking.run_id == "cb" and tracker.logged == [(report.gates, result.run_dir)]
+    assert report_module.read_report(result.run_dir / "report.json") == report
 
 
 @pytest.mark.parametrize("killed_in", ["score_base", "train", "score_tuned", "report"])
