@@ -231,6 +231,7 @@ class CanaryAuditCallback(TrainerCallback):
     def _final_audit(self, weights: dict[str, Path], state: Any) -> Any:
         """The saved weights measured as ``audit measure`` measures them, with what the trainer knows: one run of the
         pipeline (:class:`audit.origin.LiveTraining`), one report built, gated, written and rendered."""
+        from audit import distributed
         from audit.measure import measured_model
         from audit.origin import LiveTraining
         from audit.pipeline import run_origin
@@ -241,7 +242,8 @@ class CanaryAuditCallback(TrainerCallback):
                               steps=int(state.global_step), final_loss=float(losses[-1]) if losses else None,
                               curves=self.recorder.curves if self.recorder is not None else {},
                               gates=tuple(self.extra_gates), tracker=self._tracker)
-        result = run_origin(origin, tracking=False, progress=self.progress)  # the callback's own MLflow run: origin.tracker
+        with distributed.alone():  # rank 0 by itself after a DDP training: the other ranks are not in this pipeline
+            result = run_origin(origin, tracking=False, progress=self.progress)  # the callback's MLflow run: origin.tracker
         if self.recorder is not None:
             self._say(f"[audit] curve: {self.recorder.points} points, {self.recorder.seconds:.1f} s of scoring during training")
         self._say(f"[audit] report: {result.run_dir / LAYOUT.html}; gates: "

@@ -39,7 +39,8 @@ This module imports nothing of ``audit``: it is plumbing under the trainer and t
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,8 +61,28 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+_ALONE = False
+"""Set by :func:`alone`: this process runs the pipeline by itself although the launcher started several."""
+
+
 def is_distributed() -> bool:
-    return world_size() > 1
+    return world_size() > 1 and not _ALONE
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Inside, this process is a run of its own: no plan message, no sharded scoring, no process group destroyed.
+
+    For the Trainer callback's final audit, which rank 0 runs by itself after a DDP training: the other ranks are
+    not in the pipeline, so a collective call would wait for them until the timeout, and :func:`finish` would destroy
+    the process group the Trainer still owns.
+    """
+    global _ALONE
+    before, _ALONE = _ALONE, True
+    try:
+        yield
+    finally:
+        _ALONE = before
 
 
 def _state() -> Any:

@@ -559,7 +559,7 @@ class LiveTraining:
         return self.measured.train_artifact(ctx, start)
 
     def tuned_model(self, ctx: StageContext, start: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, truth: GroundTruth,
-                    plan: TrainPlan, *, tracker: RunTracker | None = None,
+                    plan: TrainPlan, *, tracker: RunTracker,
                     progress: bool = False) -> TrainResult:
         """The saved weights loaded as ``audit measure`` loads them, summarized with the trainer's steps and loss."""
         import dataclasses

@@ -382,3 +382,54 @@ def test_a_worker_of_a_further_tune_scores_no_base_as_its_origin_inherits_the_ba
     _as_worker(monkeypatch, plan)
     assert _worker_run(fakes.recipe) is None
     assert fakes.calls == ["load_base", "train", "score_tuned"]
+
+
+def _no_collectives(monkeypatch):
+    """torch.distributed calls that must not happen: each raises."""
+    import torch.distributed as dist
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a collective call or a process-group teardown inside distributed.alone()")
+
+    for name in ("all_gather_object", "barrier", "destroy_process_group"):
+        monkeypatch.setattr(dist, name, refuse)
+
+
+def test_a_pipeline_run_alone_under_a_launch_of_two_makes_no_collective_call_and_keeps_the_group(fakes, monkeypatch):
+    """The callback's final audit runs on rank 0 by itself after a DDP training (WORLD_SIZE=2): inside
+    ``distributed.alone()`` it is a one-process run; the plan message and ``finish()`` would wait for ranks that are
+    not in it, or destroy the process group the Trainer still owns."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    _no_collectives(monkeypatch)
+    assert distributed.is_distributed()
+    with distributed.alone():
+        assert not distributed.is_distributed() and distributed.is_main()
+        result = run_audit(fakes.recipe, tracking=False, progress=False)
+    assert result is not None and fakes.calls[:4] == ["load_base", "score_base", "train", "score_tuned"]
+    assert distributed.is_distributed()  # the launch is several processes again after it
+
+
+def test_the_callbacks_final_audit_runs_alone(monkeypatch, tmp_path):
+    """Under DDP only rank 0 reaches on_train_end: its pipeline run is inside ``distributed.alone()``."""
+    import audit.measure
+    import audit.origin
+    import audit.pipeline
+    from audit.callback import CanaryAuditCallback
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    seen = []
+
+    class Done:
+        run_dir = tmp_path
+        report = type("R", (), {"gates": []})()
+
+    monkeypatch.setattr(audit.measure, "measured_model", lambda truth, **kwargs: None)
+    monkeypatch.setattr(audit.origin, "LiveTraining", lambda **kwargs: "live")
+    monkeypatch.setattr(audit.pipeline, "run_origin",
+                        lambda origin, **kwargs: seen.append((origin, distributed.is_distributed())) or Done())
+    callback = object.__new__(CanaryAuditCallback)
+    callback.__dict__.update(truth=TRUTH, out_root=tmp_path, progress=False, recorder=None, extra_gates=[], _tracker=None)
+    state = type("State", (), {"global_step": 4, "log_history": [{"loss": 1.0}]})()
+    assert callback._final_audit({}, state) is not None
+    assert seen == [("live", False)]
