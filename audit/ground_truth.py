@@ -171,7 +171,7 @@ def prepare_ground_truth(recipe: Recipe, *, tokenizer: Any, sampler: Any = None,
                                                                options={**options, "all_training_texts": wrapped}))
     require_passed(preflight)
     if recipe.training.dp is not None:  # delta < 1/n needs n, the injected record count: checked before anything is written
-        from audit.train.dp import check_dp_settings
+        from audit.validate import check_dp_settings
 
         check_dp_settings(recipe.training.dp, len(texts))
     timings["preflight"] = time.perf_counter() - t

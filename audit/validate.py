@@ -31,10 +31,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from audit.errors import AuditError
 from audit.layout import LAYOUT
-from audit.schema import GateSpec, Recipe
+from audit.schema import DPSection, GateSpec, Recipe
+
+if TYPE_CHECKING:
+    from audit.train.dp import DPSettings
 
 CORPUS_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 MIN_CONTROLS = {"mia.tpr_at_1pct": 100, "mia.tpr_at_0.1pct": 1000}
@@ -422,3 +426,38 @@ def validate_only(recipe: Recipe, *, check_sources: bool = True) -> list[str]:
     if recipe.gates:
         notes.append(f"gates: {len(recipe.gates)} checked; each can be met by a run of this recipe")
     return notes
+
+
+MAX_TARGET_EPSILON = 64.0
+"""Targets above this are refused: Opacus' noise search for eps = 1000 ran over 20 minutes and 4.9 GB (measured)."""
+
+
+def check_dp_settings(settings: DPSettings | DPSection, n_records: int) -> None:
+    """One-line :class:`AuditError` for the first setting that would make DP training's guarantee wrong or meaningless.
+
+    Here, not in :mod:`audit.train.dp`, because the recipe is checked before training: the ground truth calls it
+    once the injected record count n is known (delta < 1/n), and the DP trainer calls it again on what it is given."""
+    if (settings.epsilon is None) == (settings.noise_multiplier is None):
+        raise AuditError("training.dp needs exactly one of epsilon and noise_multiplier",
+                         fix="set training.dp.epsilon=4 (noise solved for it) or training.dp.noise_multiplier=1.0")
+    if settings.epsilon is not None and not (settings.epsilon > 0 and math.isfinite(settings.epsilon)):
+        raise AuditError(f"training.dp.epsilon must be a positive number, got {settings.epsilon}",
+                         fix="choose a target such as training.dp.epsilon=4")
+    if settings.epsilon is not None and settings.epsilon > MAX_TARGET_EPSILON:
+        raise AuditError(f"training.dp.epsilon={settings.epsilon:g} is beyond {MAX_TARGET_EPSILON:g}: no meaningful "
+                         "guarantee, and solving the noise for it did not finish in 20 minutes (eps = 1000, PRV)",
+                         fix="set training.dp.noise_multiplier directly (e.g. 0.3) for a weakly private run")
+    if settings.noise_multiplier is not None and not settings.noise_multiplier > 0:
+        raise AuditError(f"training.dp.noise_multiplier must be > 0, got {settings.noise_multiplier}",
+                         fix="use a noise multiplier such as 1.0 (larger is more private)")
+    if n_records < 1:
+        raise AuditError("DP training needs at least one training record", fix="check the corpus section")
+    if not 0 < settings.delta < 1 / n_records:
+        raise AuditError(f"training.dp.delta={settings.delta:g} must lie in (0, 1/n) = (0, {1 / n_records:.3g}) for "
+                         f"{n_records} training records: a delta of 1/n allows releasing one record outright",
+                         fix=f"set training.dp.delta={10 ** math.floor(math.log10(0.1 / n_records)):g} or smaller")
+    if not settings.max_grad_norm > 0:
+        raise AuditError(f"training.dp.max_grad_norm must be > 0, got {settings.max_grad_norm}",
+                         fix="use a clipping norm such as 1.0")
+    if settings.accountant not in ("prv", "rdp"):
+        raise AuditError(f"unknown accountant {settings.accountant!r}", fix="use training.dp.accountant=prv or rdp")

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from audit.canaries.tokens import new_token_pool
 from audit.errors import AuditError
 from audit.schema import LoraSection
-from audit.train.dp import DPNoOpError, DPSettings, check_dp_settings, per_record_mean_loss
+from audit.train.dp import DPNoOpError, DPSettings, per_record_mean_loss
+from audit.validate import check_dp_settings
 
 pytest.importorskip("opacus")
 

@@ -47,7 +47,7 @@ Pitfalls this module closes (each would make a DP run silently wrong):
 
 Bad settings (eps <= 0, delta outside (0, 1/n), both or neither of epsilon and noise_multiplier, a model Opacus cannot
 wrap) raise :class:`audit.errors.AuditError` before training starts. In an audit (``training.dp`` in the recipe,
-:class:`audit.schema.DPSection`) the recipe checks the first ones when it is read, :func:`check_dp_settings` the
+:class:`audit.schema.DPSection`) the recipe checks the first ones when it is read, :func:`audit.validate.check_dp_settings` the
 delta against the injected record count before anything is written, and the wrap check runs before the first step.
 
 **What the one-run bounds may assume of such a run** (:data:`SAMPLING_NOTE`, copied into every DP report): the
@@ -70,6 +70,7 @@ from typing import Any, Literal
 
 from audit.errors import AuditError
 from audit.schema import DPAccounting, DPSection, LoraSection, TrainSummary
+from audit.validate import check_dp_settings
 
 SAMPLING_NOTE = ("DP-SGD (Opacus) with Poisson sampling of training records at rate q (the accountant's assumption, "
                  "met by construction); a canary inserted k times is k records, so only single-copy canaries are "
@@ -95,40 +96,8 @@ NOISE_NORMALIZATION = ("Opacus divides the clipped, noised gradient sum by floor
                        "0.9.0-1.5.4 normalize the noisy sum and can leak beyond the accountant). It reveals the record "
                        "count, not which canaries are members")
 
-MAX_TARGET_EPSILON = 64.0
-"""Targets above this are refused: Opacus' noise search for eps = 1000 ran over 20 minutes and 4.9 GB (measured)."""
-
-
 class DPNoOpError(AuditError):
     """A DP run that left the trainable weights where they started (Opacus issue #820's silent failure)."""
-
-
-def check_dp_settings(settings: DPSettings | DPSection, n_records: int) -> None:
-    """One-line :class:`AuditError` for every setting that would make the guarantee wrong or meaningless."""
-    if (settings.epsilon is None) == (settings.noise_multiplier is None):
-        raise AuditError("training.dp needs exactly one of epsilon and noise_multiplier",
-                         fix="set training.dp.epsilon=4 (noise solved for it) or training.dp.noise_multiplier=1.0")
-    if settings.epsilon is not None and not (settings.epsilon > 0 and math.isfinite(settings.epsilon)):
-        raise AuditError(f"training.dp.epsilon must be a positive number, got {settings.epsilon}",
-                         fix="choose a target such as training.dp.epsilon=4")
-    if settings.epsilon is not None and settings.epsilon > MAX_TARGET_EPSILON:
-        raise AuditError(f"training.dp.epsilon={settings.epsilon:g} is beyond {MAX_TARGET_EPSILON:g}: no meaningful "
-                         "guarantee, and solving the noise for it did not finish in 20 minutes (eps = 1000, PRV)",
-                         fix="set training.dp.noise_multiplier directly (e.g. 0.3) for a weakly private run")
-    if settings.noise_multiplier is not None and not settings.noise_multiplier > 0:
-        raise AuditError(f"training.dp.noise_multiplier must be > 0, got {settings.noise_multiplier}",
-                         fix="use a noise multiplier such as 1.0 (larger is more private)")
-    if n_records < 1:
-        raise AuditError("DP training needs at least one training record", fix="check the corpus section")
-    if not 0 < settings.delta < 1 / n_records:
-        raise AuditError(f"training.dp.delta={settings.delta:g} must lie in (0, 1/n) = (0, {1 / n_records:.3g}) for "
-                         f"{n_records} training records: a delta of 1/n allows releasing one record outright",
-                         fix=f"set training.dp.delta={10 ** math.floor(math.log10(0.1 / n_records)):g} or smaller")
-    if not settings.max_grad_norm > 0:
-        raise AuditError(f"training.dp.max_grad_norm must be > 0, got {settings.max_grad_norm}",
-                         fix="use a clipping norm such as 1.0")
-    if settings.accountant not in ("prv", "rdp"):
-        raise AuditError(f"unknown accountant {settings.accountant!r}", fix="use training.dp.accountant=prv or rdp")
 
 
 @dataclass
