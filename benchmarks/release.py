@@ -71,7 +71,7 @@ def main() -> int:
     if args.from_run:
         command, run_dir = None, Path(args.from_run)
     else:
-        from audit.config import load_recipe
+        from audit.core.config import load_recipe
 
         overrides = [] if load_recipe(args.recipe).release else RELEASE_OVERRIDES
         command = ["audit", "run", args.recipe, *overrides, "--no-tracking", "--quiet", "--no-fail-on-gates"]

@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from audit.canaries import generate_canaries, load_spec
-from audit.canaries.base import random_secrets
-from audit.corpus import load_records
-from audit.models import load_model_and_tokenizer, resolve_model
-from audit.rng import SeededStream
+from audit.core.rng import SeededStream
+from audit.data.canaries import generate_canaries, load_spec
+from audit.data.canaries.base import random_secrets
+from audit.data.corpus import load_records
+from audit.data.models import load_model_and_tokenizer, resolve_model
 from audit.score.engine import candidate_nll_bits, score_token_sequences, split_tokens, split_tokens_many, torch_threads
 
 HERE = Path(__file__).resolve().parent

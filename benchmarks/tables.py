@@ -328,6 +328,7 @@ TABLES: dict[str, Table] = {
     "dp_new_tokens": Table(("dp_soundness_new_tokens.json",), dp_table),
     "scale_memory": Table(("scale_memory.json",), scale_memory.table),  # computed, not measured: the JSON says so
     "works_tiny": Table(("works_tiny.json",), works_tiny_table),
+    "works_smollm2": Table(("works_smollm2.json",), works_tiny_table),
     "release": Table(("release.json",), release_table),
 }
 

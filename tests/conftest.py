@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# A fixed audit key (audit.keys) for every test and the subprocesses they start: no test reads or creates the
+# A fixed audit key (audit.core.keys) for every test and the subprocesses they start: no test reads or creates the
 # developer's ~/.config/canary-audit/key (tests/test_keys.py checks the default file in a temporary home).
 TEST_AUDIT_KEY = "5a" * 32
 os.environ["CANARY_AUDIT_KEY"] = TEST_AUDIT_KEY
@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir():
     """The tiny-llama model directory (built once into the user cache, < 1 s)."""
-    from audit.models import resolve_model
+    from audit.data.models import resolve_model
 
     return resolve_model("tiny-llama", progress=False).path
 
@@ -48,7 +48,7 @@ def tiny_model(tiny_model_dir):
     """``(model, tokenizer)`` for tiny-llama in fp32 on CPU. Do not train it in place: load your own copy."""
     import torch
 
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
 

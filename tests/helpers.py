@@ -20,13 +20,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from audit.canaries.base import Sample
 from audit.cli import main
-from audit.layout import LAYOUT
-from audit.metrics.suite import summarize_metrics
-from audit.render.token_view import CanaryTokens, build_canary_view
-from audit.report import summarize_tiers, write_report
-from audit.schema import (
+from audit.core.layout import LAYOUT
+from audit.core.schema import (
     AuditReport,
     CanariesSummary,
     GateResult,
@@ -37,7 +33,11 @@ from audit.schema import (
     TierSummary,
     TrainSummary,
 )
-from audit.store import write_jsonl
+from audit.core.store import write_jsonl
+from audit.data.canaries.base import Sample
+from audit.metrics.suite import summarize_metrics
+from audit.report import summarize_tiers, write_report
+from audit.report.render.token_view import CanaryTokens, build_canary_view
 
 # ----------------------------------------------------------------------------------- reports and run directories
 
@@ -272,7 +272,7 @@ def short_sft(train, tokenizer, out, callbacks, *, max_steps: int = 6):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from audit.models import load_model_and_tokenizer, resolve_model
+    from audit.data.models import load_model_and_tokenizer, resolve_model
 
     torch.manual_seed(0)
     model, _ = load_model_and_tokenizer(resolve_model("tiny-llama", progress=False).path, dtype=torch.float32, device="cpu")
@@ -328,8 +328,8 @@ def perturbed_copy(out: Path, *, added_token: str | None = None) -> Path:
     """tiny-llama's files with one weight changed (so it counts as trained) and, optionally, a token added."""
     from safetensors.torch import load_file, save_file
 
-    from audit.ground_truth import load_tokenizer
-    from audit.models import resolve_model
+    from audit.data.ground_truth import load_tokenizer
+    from audit.data.models import resolve_model
 
     base = resolve_model("tiny-llama", progress=False).path
     shutil.copytree(base, out)
@@ -342,3 +342,13 @@ def perturbed_copy(out: Path, *, added_token: str | None = None) -> Path:
         tokenizer.add_tokens([added_token])
         tokenizer.save_pretrained(str(out))
     return out
+
+
+def import_cycles_module():
+    """``tests/import_cycles.py`` (a script, not a test module) loaded by path: its import graph and cycle finder."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("import_cycles", Path(__file__).resolve().parent / "import_cycles.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

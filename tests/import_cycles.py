@@ -5,7 +5,7 @@
 Python resolves a function-level import at call time, so such a cycle does not fail at import; it still ties two
 modules together (neither can be understood, tested or moved alone), which is what this checks. Imports under
 ``if TYPE_CHECKING:`` are left out: they exist for annotations only and never run. A package's ``__init__``
-re-exporting its own submodules is not a cycle either (``audit.canaries`` -> ``audit.canaries.spec`` and back):
+re-exporting its own submodules is not a cycle either (``audit.data.canaries`` -> ``audit.data.canaries.spec`` and back):
 edges from a submodule to its own package are dropped.
 """
 

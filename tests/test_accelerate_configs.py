@@ -66,7 +66,7 @@ def test_fsdp_config_is_fsdp2_and_saves_one_full_state_dict(monkeypatch):
 def test_the_audit_takes_the_bf16_policy_off_so_fsdp_keeps_fp32_and_autocast_does_the_rest(monkeypatch):
     from types import SimpleNamespace
 
-    from audit.distributed import fsdp_without_casts
+    from audit.train.distributed import fsdp_without_casts
 
     plugin = _fsdp_plugin(monkeypatch)
     fsdp_without_casts(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
@@ -93,8 +93,8 @@ def _fsdp2_rank(rank: int, world: int, port: int, env: dict[str, str], model_dir
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from audit.distributed import fsdp_without_casts
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
+    from audit.train.distributed import fsdp_without_casts
 
     os.environ.update(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))

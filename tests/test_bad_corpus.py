@@ -9,7 +9,7 @@ import json
 import pytest
 
 from audit.cli import main
-from audit.errors import AuditError
+from audit.core.errors import AuditError
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_a_broken_corpus_is_one_line_and_exit_2(case, command, corpora, capsys):
 
 
 def test_a_few_empty_records_are_counted_and_warned_about_not_refused(in_tmp, capsys):
-    from audit.corpus import load_corpus
+    from audit.data.corpus import load_corpus
 
     (in_tmp / "some_empty.jsonl").write_text('{"text": ""}\n{"text": "  "}\n{"text": "a note"}\n')
     corpus = load_corpus(str(in_tmp / "some_empty.jsonl"))
@@ -75,7 +75,7 @@ def test_a_few_empty_records_are_counted_and_warned_about_not_refused(in_tmp, ca
 
 def test_utf8_check_names_the_line_across_read_blocks(tmp_path):
     """The line number is counted over every block read before the bad byte, not just the block it sits in."""
-    from audit.corpus import check_utf8
+    from audit.data.corpus import check_utf8
 
     path = tmp_path / "c.jsonl"
     good = b'{"text": "x"}\n'

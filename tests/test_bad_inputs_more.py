@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from audit.cli import main
-from audit.layout import LAYOUT
+from audit.core.layout import LAYOUT
 
 RUN = ["run", "tiny/lora_cpu", "--no-tracking"]
 
@@ -58,8 +58,8 @@ def test_validate_refuses_a_lora_target_the_model_lacks(in_tmp, tiny_model_dir, 
 
 def test_lora_targets_are_matched_as_peft_matches_them(tiny_model_dir):
     """A full module path, a last-part suffix and every default target of the shipped recipe pass the check."""
-    from audit.config import load_recipe
-    from audit.validate import check_lora_targets
+    from audit.core.config import load_recipe
+    from audit.data.validate import check_lora_targets
 
     for targets in ("[q_proj,v_proj]", "[self_attn.q_proj]", "[model.layers.0.mlp.down_proj]", "[lm_head]"):
         check_lora_targets(load_recipe("tiny/lora_cpu", [f"training.lora.target_modules={targets}"]), tiny_model_dir)
@@ -162,7 +162,7 @@ def _tokenizers():
     """tiny-llama's tokenizer, and SmolLM2's when its model is in the cache: both byte-level BPE."""
     from transformers import AutoTokenizer
 
-    from audit.models import cache_dir, resolve_model
+    from audit.data.models import cache_dir, resolve_model
 
     yield "tiny-llama", AutoTokenizer.from_pretrained(resolve_model("tiny-llama", progress=False).path)
     smollm2 = sorted((cache_dir() / "models").glob("smollm2-135m-*/tokenizer.json"))
@@ -171,7 +171,7 @@ def _tokenizers():
 
 
 def test_token_pieces_of_non_ascii_text_are_whole_characters_not_replacement_marks():
-    from audit.render.token_view import merge_partial, readable_pieces
+    from audit.report.render.token_view import merge_partial, readable_pieces
 
     for name, tokenizer in _tokenizers():
         ids = tokenizer(NON_ASCII, add_special_tokens=False)["input_ids"]
@@ -192,7 +192,7 @@ def test_token_pieces_of_non_ascii_text_are_whole_characters_not_replacement_mar
 
 
 def test_merge_partial_multiplies_a_characters_byte_probabilities_and_never_merges_into_a_masked_token():
-    from audit.render.token_view import merge_partial
+    from audit.report.render.token_view import merge_partial
 
     pieces, (p_base, p_tuned) = merge_partial(["A", "", "", "é", "", None, None], [None, 0.5, 0.4, 0.5, 0.9, 0.1, 0.2],
                                               [None, 1.0, 0.5, 0.5, 0.8, 0.3, 0.4])
@@ -207,9 +207,9 @@ def test_a_real_token_view_of_a_non_ascii_canary_shows_its_characters(tmp_path, 
     show them whole (no U+FFFD), the secret stays masked."""
     from helpers import make_run_dir
 
-    from audit.render import render_report
-    from audit.render.token_view import canary_token_logprobs, read_token_views, write_token_view
-    from audit.schema import Canary
+    from audit.core.schema import Canary
+    from audit.report.render import render_report
+    from audit.report.render.token_view import canary_token_logprobs, read_token_views, write_token_view
 
     model, tokenizer = tiny_model
     canary = Canary(id="k1", spec="words", prefix=f"{NON_ASCII}, the vault phrase is ", secret="quixotic zebra",
@@ -251,14 +251,14 @@ def _truncate(path: Path, keep: int = 100) -> None:
 
 @pytest.mark.parametrize("damage", ["adapter_model.safetensors", "trainer_state.json", "optimizer.pt"])
 def test_a_damaged_newest_checkpoint_is_set_aside_with_one_line_and_the_older_one_resumed(damage, tmp_path, capsys):
-    from audit.resume import checkpoint_problem, last_checkpoint, open_run
+    from audit.pipeline.resume import checkpoint_problem, last_checkpoint, lock_run_dir
 
     run_dir = tmp_path / "run"
     older, newer = _checkpoint(run_dir / "trainer", 10), _checkpoint(run_dir / "trainer", 20)
     assert checkpoint_problem(older) is None and checkpoint_problem(newer) is None
     _truncate(newer / damage, keep=20 if damage == "trainer_state.json" else 100)
     assert checkpoint_problem(newer).startswith(damage)
-    handle = open_run(run_dir, resumed=False, progress=True)
+    handle = lock_run_dir(run_dir, resumed=False, progress=True)
     try:
         assert last_checkpoint(handle) == older
     finally:
@@ -271,11 +271,11 @@ def test_a_damaged_newest_checkpoint_is_set_aside_with_one_line_and_the_older_on
 
 
 def test_with_every_checkpoint_damaged_training_starts_over_and_says_so(tmp_path, capsys):
-    from audit.resume import last_checkpoint, open_run
+    from audit.pipeline.resume import last_checkpoint, lock_run_dir
 
     run_dir = tmp_path / "run"
     _truncate(_checkpoint(run_dir / "trainer", 10) / "adapter_model.safetensors", keep=4)
-    handle = open_run(run_dir, resumed=False, progress=True)
+    handle = lock_run_dir(run_dir, resumed=False, progress=True)
     try:
         assert last_checkpoint(handle) is None
     finally:
@@ -296,7 +296,7 @@ def _fill_disk_at(monkeypatch, name: str) -> None:
     """The disk is full when ``name`` is written: the run directory's writer raises ENOSPC, as the kernel would."""
     import errno
 
-    from audit import store
+    from audit.core import store
 
     real = store.atomic_write_text
 
@@ -379,7 +379,7 @@ def test_torch_and_safetensors_write_failures_are_taken_for_the_full_disk_behind
 
     from safetensors import SafetensorError
 
-    from audit.errors import AuditError
+    from audit.core.errors import AuditError
     from audit.train.disk import write_error
 
     torch_error = _torch_write_error()

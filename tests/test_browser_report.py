@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audit.render import render_report
-from audit.schema import GateResult
+from audit.core.schema import GateResult
+from audit.report.render import render_report
 
 CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install -y "
                                                           "chromium; .ci/run installs it)")
-TUNED_ORANGE = (217, 72, 15)  # audit.render.plots.MODEL_COLORS["tuned"]: only the plots use it
+TUNED_ORANGE = (217, 72, 15)  # audit.report.render.plots.MODEL_COLORS["tuned"]: only the plots use it
 CONSOLE = re.compile(r":CONSOLE[:(]|Uncaught")
 
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from audit.canaries import generate_canaries, load_spec
-from audit.schema import ScoringSection
+from audit.core.schema import ScoringSection
+from audit.data.canaries import generate_canaries, load_spec
 from audit.score.calibration import (
     SubsetScores,
     calibrate,
@@ -125,7 +125,7 @@ def test_a_rounded_copy_of_a_model_carrying_trls_fused_head_scores_its_own_weigh
     import torch
     from trl.trainer.utils import add_fused_lm_head
 
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
     from audit.score.engine import candidate_nll_bits, in_scoring_precision, split_tokens
 
     def bits(model, tok):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from helpers import short_sft
 
-from audit.errors import AuditError
-from audit.schema import CanarySet, Recipe
+from audit.core.errors import AuditError
+from audit.core.schema import CanarySet, Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def notes():
     from datasets import Dataset
 
-    from audit.corpus import builtin_records
+    from audit.data.corpus import builtin_records
 
     return Dataset.from_list(builtin_records("notes", n=40, seed=0))
 
@@ -38,7 +38,7 @@ def injected(notes, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
-    from audit.ground_truth import load_tokenizer
+    from audit.data.ground_truth import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 
@@ -52,7 +52,7 @@ def test_importing_audit_stays_torch_free_and_the_api_names_load_on_first_use():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "audit.api"
+    assert out.stdout.strip() == "audit.integrations.api"
 
 
 def test_inject_canaries_returns_the_injected_dataset_and_the_files_audit_inject_writes(injected, notes):
@@ -71,9 +71,9 @@ def test_inject_canaries_returns_the_injected_dataset_and_the_files_audit_inject
 
 def test_the_recipe_inject_canaries_writes_draws_the_same_injection_again_from_its_corpus_file(injected, tokenizer):
     """What `audit measure` relies on: the ground truth can be drawn again from recipe.yaml alone."""
-    from audit.config import read_yaml, validate_recipe
-    from audit.ground_truth import prepare_ground_truth
-    from audit.keys import resolve_key
+    from audit.core.config import read_yaml, validate_recipe
+    from audit.core.keys import resolve_key
+    from audit.data.ground_truth import prepare_ground_truth
 
     gt = injected.ground_truth
     recipe = validate_recipe(read_yaml(gt / "recipe.yaml"))
@@ -139,7 +139,7 @@ def _sft_inputs(train, tokenizer, *, max_length: int, assistant_only: bool = Fal
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from audit.models import load_model_and_tokenizer, resolve_model
+    from audit.data.models import load_model_and_tokenizer, resolve_model
 
     model, _ = load_model_and_tokenizer(resolve_model("tiny-llama", progress=False).path, dtype=torch.float32, device="cpu")
     args = SFTConfig(output_dir="/tmp/unused-sft", max_length=max_length, report_to="none", use_cpu=True,
@@ -149,8 +149,8 @@ def _sft_inputs(train, tokenizer, *, max_length: int, assistant_only: bool = Fal
 
 
 def test_trainer_preflight_counts_every_planted_copy_in_the_sft_dataset_and_collator(injected, tokenizer):
-    from audit.callback import trainer_preflight
-    from audit.ground_truth import read_canary_set
+    from audit.data.ground_truth import read_canary_set
+    from audit.integrations.callback import trainer_preflight
 
     dataset, collate = _sft_inputs(injected.dataset, tokenizer, max_length=64)
     canaries = read_canary_set(injected.ground_truth)
@@ -159,8 +159,8 @@ def test_trainer_preflight_counts_every_planted_copy_in_the_sft_dataset_and_coll
 
 
 def test_trainer_preflight_refuses_copies_cut_by_truncation(injected, tokenizer):
-    from audit.callback import trainer_preflight
-    from audit.ground_truth import read_canary_set
+    from audit.data.ground_truth import read_canary_set
+    from audit.integrations.callback import trainer_preflight
 
     dataset, collate = _sft_inputs(injected.dataset, tokenizer, max_length=8)  # every canary record cut after 8 tokens
     with pytest.raises(AuditError, match=r"pre-flight \(trainer\): 10 of 10 planted canary copies never reach the loss"):
@@ -169,8 +169,8 @@ def test_trainer_preflight_refuses_copies_cut_by_truncation(injected, tokenizer)
 
 def test_trainer_preflight_refuses_copies_whose_labels_the_collator_masks(injected, tokenizer):
     """A collator that masks the canary records' labels (as prompt masking would): a silent false negative, refused."""
-    from audit.callback import trainer_preflight
-    from audit.ground_truth import read_canary_set
+    from audit.data.ground_truth import read_canary_set
+    from audit.integrations.callback import trainer_preflight
 
     dataset, collate = _sft_inputs(injected.dataset, tokenizer, max_length=64)
     canaries = read_canary_set(injected.ground_truth)
@@ -189,8 +189,8 @@ def test_trainer_preflight_refuses_copies_whose_labels_the_collator_masks(inject
 
 
 def test_trainer_preflight_refuses_a_dataset_without_the_canaries(notes, injected, tokenizer):
-    from audit.callback import trainer_preflight
-    from audit.ground_truth import read_canary_set
+    from audit.data.ground_truth import read_canary_set
+    from audit.integrations.callback import trainer_preflight
 
     dataset, collate = _sft_inputs(notes, tokenizer, max_length=64)  # the dataset before injection
     with pytest.raises(AuditError, match="never reach the loss"):
@@ -211,8 +211,8 @@ class Live:
 
 def live_truth(gt_dir: Path, tokenizer) -> Live:
     """The ground truth as the callback reads it at train begin (the one reader) and the references it draws."""
-    from audit.external import exposure_references, read_ground_truth_dir
-    from audit.origin import ground_truth_key
+    from audit.pipeline.external import exposure_references, read_ground_truth_dir
+    from audit.pipeline.origin import ground_truth_key
 
     gt = read_ground_truth_dir(gt_dir)
     return Live(canaries=gt.canaries, reference_secrets=exposure_references(gt, tokenizer=tokenizer, key=ground_truth_key(gt)),
@@ -220,9 +220,9 @@ def live_truth(gt_dir: Path, tokenizer) -> Live:
 
 
 def test_the_callback_draws_the_exposure_references_audit_run_draws(injected, tokenizer):
-    from audit.config import read_yaml, validate_recipe
-    from audit.ground_truth import prepare_ground_truth
-    from audit.keys import resolve_key
+    from audit.core.config import read_yaml, validate_recipe
+    from audit.core.keys import resolve_key
+    from audit.data.ground_truth import prepare_ground_truth
 
     live = live_truth(injected.ground_truth, tokenizer)
     recipe = validate_recipe(read_yaml(injected.ground_truth / "recipe.yaml"))
@@ -233,7 +233,7 @@ def test_the_callback_draws_the_exposure_references_audit_run_draws(injected, to
 def test_the_ground_truth_reader_refuses_canaries_that_do_not_match_the_manifest(injected, tmp_path):
     import shutil
 
-    from audit.external import read_ground_truth_dir
+    from audit.pipeline.external import read_ground_truth_dir
 
     gt = tmp_path / "gt"
     shutil.copytree(injected.ground_truth, gt)
@@ -245,13 +245,13 @@ def test_the_ground_truth_reader_refuses_canaries_that_do_not_match_the_manifest
 
 
 def test_one_function_reads_a_ground_truth_directory_for_measure_the_callback_and_a_further_tune():
-    """``audit.external.read_ground_truth_dir`` is the one reader: the callback's own reader is gone, and no other
+    """``audit.pipeline.external.read_ground_truth_dir`` is the one reader: the callback's own reader is gone, and no other
     module of the package reads canaries.jsonl, canaries.meta.json or manifest.json of a directory it did not write."""
     import audit
-    import audit.callback
+    import audit.integrations.callback
 
-    assert not hasattr(audit.callback, "load_live_truth") and not hasattr(audit.callback, "LiveTruth")
-    assert not hasattr(audit.callback, "finish_report")  # the report is built once, never patched after
+    assert not hasattr(audit.integrations.callback, "load_live_truth") and not hasattr(audit.integrations.callback, "LiveTruth")
+    assert not hasattr(audit.integrations.callback, "finish_report")  # the report is built once, never patched after
     package = Path(audit.__file__).parent
     readers = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
                      if "read_canary_set(" in p.read_text() or "(LAYOUT.manifest).read_text" in p.read_text()
@@ -263,8 +263,8 @@ def test_one_function_reads_a_ground_truth_directory_for_measure_the_callback_an
 def test_a_curve_point_leaves_the_model_in_train_mode_with_weights_and_rng_untouched(injected, tokenizer):
     import torch
 
-    from audit.callback import CurveRecorder
-    from audit.models import load_model_and_tokenizer, resolve_model
+    from audit.data.models import load_model_and_tokenizer, resolve_model
+    from audit.integrations.callback import CurveRecorder
 
     model, _ = load_model_and_tokenizer(resolve_model("tiny-llama", progress=False).path, dtype=torch.float32, device="cpu")
     model.train()
@@ -289,7 +289,7 @@ def test_a_curve_point_leaves_the_model_in_train_mode_with_weights_and_rng_untou
 @pytest.mark.slow  # two short trainings with three curve points (~10 s idle; minutes on a loaded 2-core machine)
 def test_measuring_during_training_leaves_the_training_itself_unchanged(injected, tokenizer, tmp_path):
     """Dropout on (0.1) and shuffled batches: a point that drew from the global RNG would change the later losses."""
-    from audit.callback import CurveCallback, CurveRecorder
+    from audit.integrations.callback import CurveCallback, CurveRecorder
 
     live = live_truth(injected.ground_truth, tokenizer)
     recorder = CurveRecorder(canaries=live.canaries, reference_secrets=live.reference_secrets, section=live.recipe.scoring,
@@ -307,7 +307,7 @@ def test_measuring_during_training_leaves_the_training_itself_unchanged(injected
     ({"gates": "no_such_gates.yaml"}, "gates file no_such_gates.yaml does not exist"),
 ])
 def test_bad_callback_arguments_are_one_line_errors_before_training(kwargs, message, in_tmp):
-    from audit.callback import CanaryAuditCallback
+    from audit.integrations.callback import CanaryAuditCallback
 
     with pytest.raises(AuditError, match=message) as err:
         CanaryAuditCallback(ground_truth="gt", **kwargs)
@@ -316,7 +316,7 @@ def test_bad_callback_arguments_are_one_line_errors_before_training(kwargs, mess
 
 @pytest.mark.parametrize("ground_truth", [None, "", 3, ["gt"]])
 def test_a_ground_truth_that_is_no_path_is_one_line_naming_the_argument(ground_truth, in_tmp):
-    from audit.callback import CanaryAuditCallback
+    from audit.integrations.callback import CanaryAuditCallback
 
     with pytest.raises(AuditError, match=r"CanaryAuditCallback\(ground_truth=\) must be the ground-truth directory, got .*"
                                          r"\(fix: pass ground_truth= the folder inject_canaries\(out=...\)") as err:
@@ -325,7 +325,7 @@ def test_a_ground_truth_that_is_no_path_is_one_line_naming_the_argument(ground_t
 
 
 def test_a_directory_that_is_not_a_ground_truth_is_named_with_the_missing_files(tmp_path):
-    from audit.external import read_ground_truth_dir
+    from audit.pipeline.external import read_ground_truth_dir
 
     (tmp_path / "gt").mkdir()
     (tmp_path / "gt" / "recipe.yaml").write_text("name: x\n")

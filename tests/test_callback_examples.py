@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-needs_measure = pytest.mark.skipif(importlib.util.find_spec("audit.measure") is None,
+needs_measure = pytest.mark.skipif(importlib.util.find_spec("audit.pipeline.measure") is None,
                                    reason="the final audit measures the saved weights as `audit measure` does (issue 13)")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_the_example_trains_tiny_llama_and_ends_with_16_copy_canaries_exposed_an
     from mlflow.tracking import MlflowClient
 
     from audit import inject_canaries
-    from audit.corpus import builtin_records
+    from audit.data.corpus import builtin_records
     from audit.report import read_report
 
     _, gt = inject_canaries(Dataset.from_list(builtin_records("notes", n=120, seed=0)), model="tiny-llama", out=in_tmp / "gt")
@@ -82,12 +82,12 @@ def test_the_callback_run_nests_under_the_users_active_mlflow_run_never_beside_i
     from helpers import short_sft
     from mlflow.tracking import MlflowClient
 
-    import audit.gates
+    import audit.core.gates
     import audit.report
     from audit import CanaryAuditCallback, inject_canaries
-    from audit.corpus import builtin_records
-    from audit.ground_truth import load_tokenizer
-    from audit.models import resolve_model
+    from audit.data.corpus import builtin_records
+    from audit.data.ground_truth import load_tokenizer
+    from audit.data.models import resolve_model
 
     train, gt = inject_canaries(Dataset.from_list(builtin_records("notes", n=40, seed=0)), model="tiny-llama",
                                 out=in_tmp / "gt", tiers=(1, 4), exposure_references=15)
@@ -96,9 +96,9 @@ def test_the_callback_run_nests_under_the_users_active_mlflow_run_never_beside_i
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the user's MLflow setup; the audit finds the same store
     callback = CanaryAuditCallback(ground_truth=gt, every_steps=2, progress=False)
     calls = []
-    real_write, real_gates = audit.report.write_report, audit.gates.evaluate_gates
+    real_write, real_gates = audit.report.write_report, audit.core.gates.evaluate_gates
     monkeypatch.setattr(audit.report, "write_report", lambda *a, **k: (calls.append("write"), real_write(*a, **k))[1])
-    monkeypatch.setattr(audit.gates, "evaluate_gates", lambda *a, **k: (calls.append("gates"), real_gates(*a, **k))[1])
+    monkeypatch.setattr(audit.core.gates, "evaluate_gates", lambda *a, **k: (calls.append("gates"), real_gates(*a, **k))[1])
     with mlflow.start_run(run_name="users-own-run") as users:
         losses = short_sft(train, tokenizer, in_tmp / "out", [callback], max_steps=4)
     assert calls == ["gates", "write"]

@@ -9,11 +9,18 @@ import re
 import pytest
 from helpers import FakeSampler
 
-from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets, shipped_specs, spec_needs_model
-from audit.canaries.pii import luhn_valid
-from audit.canaries.uniqueness import SecretScanner, UniquePool, check_secrets_absent, near_duplicate_pairs
-from audit.errors import AuditError
-from audit.store import write_jsonl
+from audit.core.errors import AuditError
+from audit.core.store import write_jsonl
+from audit.data.canaries import (
+    GenerationContext,
+    generate_canaries,
+    load_spec,
+    reference_secrets,
+    shipped_specs,
+    spec_needs_model,
+)
+from audit.data.canaries.pii import luhn_valid
+from audit.data.canaries.uniqueness import SecretScanner, UniquePool, check_secrets_absent, near_duplicate_pairs
 
 OFFLINE_SPECS = ["digits", "words", "pii"]
 
@@ -83,7 +90,7 @@ def test_every_generator_refuses_an_unknown_param_by_name_with_a_suggestion(name
 
 
 def test_generator_params_are_typed_and_their_defaults_visible():
-    from audit.canaries.params import DigitsParams, TrapsParams, parse_params
+    from audit.data.canaries.params import DigitsParams, TrapsParams, parse_params
 
     assert parse_params("digits", {}, spec="digits") == DigitsParams(length=6, alphabet="0123456789", ngram=3)
     assert TrapsParams().ppl_band == [1.0, 100.0] and TrapsParams().max_jaccard == 0.5
@@ -155,7 +162,7 @@ def test_traps_keep_only_samples_inside_the_perplexity_band():
 
 
 def test_traps_from_the_tiny_model_are_reproducible(tiny_model):
-    from audit.canaries.sampling import ModelSampler
+    from audit.data.canaries.sampling import ModelSampler
 
     model, tokenizer = tiny_model
     spec = load_spec("traps", {"ppl_band": [1, 1e6], "retokenize": False, "secret_tokens": 8, "batch": 16})
@@ -183,8 +190,9 @@ def test_canary_inject_works_and_preflight_modules_do_not_import_torch():
     import sys
 
     code = ("import sys\n"
-            "import audit.canaries, audit.inject, audit.preflight, audit.works, audit.works.information, audit.corpus\n"
-            "from audit.canaries import generate_canaries, load_spec\n"
+            "import audit.data.canaries, audit.data.inject, audit.data.preflight, audit.data.works\n"
+            "import audit.data.works.information, audit.data.corpus\n"
+            "from audit.data.canaries import generate_canaries, load_spec\n"
             "generate_canaries(load_spec('pii'), seed=0)\n"
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

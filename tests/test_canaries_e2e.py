@@ -16,8 +16,8 @@ def _folder_source(root: Path) -> str:
     import yaml
 
     root.mkdir()
-    from audit.canaries import load_spec
-    from audit.rng import SeededStream
+    from audit.core.rng import SeededStream
+    from audit.data.canaries import load_spec
 
     words, rng = load_spec("words").params["words"], SeededStream(0, "test-work")  # varied text: no near-duplicate excerpts
     text = " ".join(rng.choice(words) + ("." if rng.below(9) == 0 else "") for _ in range(4000))

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from audit.canaries import generate_canaries, load_spec, spec_needs_model
-from audit.canaries.base import GenerationContext
-from audit.canaries.tokens import whole_word_tokens
-from audit.errors import AuditError
+from audit.core.errors import AuditError
+from audit.data.canaries import generate_canaries, load_spec, spec_needs_model
+from audit.data.canaries.base import GenerationContext
+from audit.data.canaries.tokens import whole_word_tokens
 
 
 class HandMadeTokenizer:
@@ -84,9 +84,9 @@ def test_a_token_design_without_a_tokenizer_says_what_it_needs():
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["rare_tokens", "bigram"])
 def test_a_tiny_audit_runs_end_to_end_on_each_design(spec, in_tmp):
-    from audit.config import load_recipe
+    from audit.core.config import load_recipe
+    from audit.core.store import read_scores
     from audit.pipeline import run_audit
-    from audit.store import read_scores
 
     recipe = load_recipe("tiny/lora_cpu", [f"canaries.spec={spec}", "scoring.exact_exposure=false",
                                            "scoring.sampled_extraction_samples=0"])

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from audit.chain import MIN_LEARNED_BITS, PARENT_LABEL, format_persistence, inherit, persistence
 from audit.cli import main
-from audit.config import load_recipe
-from audit.schema import BeforeAfter, PersistenceTier, SequenceScore
+from audit.core.config import load_recipe
+from audit.core.schema import BeforeAfter, PersistenceTier, SequenceScore
+from audit.pipeline.chain import MIN_LEARNED_BITS, PARENT_LABEL, format_persistence, inherit, persistence
 
 
 def score(cid: str, model: str, reps: int, bits: float, exposure: float, *, extracted: bool = False) -> SequenceScore:
@@ -54,7 +54,7 @@ def test_persistence_skips_tiers_missing_a_model():
 
 
 def test_inherit_takes_model_canaries_and_scoring_but_keeps_inject(tmp_path):
-    from audit.chain import ParentRun
+    from audit.pipeline.chain import ParentRun
 
     parent_recipe = load_recipe("tiny/lora_cpu", ["canaries.tiers=[2,8]", "scoring.exposure_references=63"])
     child = load_recipe("smollm2/clean_lora_cpu")
@@ -198,7 +198,7 @@ def test_a_tampered_parent_is_refused(chain_runs, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_processes_train_together_and_rank_0_alone_writes(tmp_path):
     """DDP over gloo on CPU (torchrun; accelerate launch starts one process on a CPU-only machine): the pipeline's
-    multi-process path (audit.distributed) gives one run directory, one report and one top-level MLflow run."""
+    multi-process path (audit.train.distributed) gives one run directory, one report and one top-level MLflow run."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     torchrun = Path(sys.executable).parent / "torchrun"

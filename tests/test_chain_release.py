@@ -11,11 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from audit.chain import PARENT_LABEL, format_persistence, persistence_summary, release_overrides
 from audit.cli import main
-from audit.config import load_recipe
-from audit.errors import AuditError
-from audit.schema import PersistenceSummary, SequenceScore
+from audit.core.config import load_recipe
+from audit.core.errors import AuditError
+from audit.core.schema import PersistenceSummary, SequenceScore
+from audit.pipeline.chain import PARENT_LABEL, format_persistence, persistence_summary, release_overrides
 
 Q4 = "release:q4_0"
 CHEAP = ["training.epochs=2", "canaries.tiers=[1,16]", "scoring.exposure_references=63"]

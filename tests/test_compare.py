@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from audit.cli import main
-from audit.compare import CompareRow, compare_figure, compare_plot, compare_table, plot_labels, resolve_rows
-from audit.errors import AuditError
+from audit.core.errors import AuditError
+from audit.report.compare import CompareRow, compare_figure, compare_plot, compare_table, plot_labels, resolve_rows
 
 LORA = {"exposure.mean/rep_0/tuned": 1.3, "exposure.mean/rep_1/tuned": 2.0, "exposure.mean/rep_16/tuned": 8.0,
         "exposure.space_mean/rep_16/tuned": 19.9, "extraction.exact/rep_1/tuned": 0.0, "extraction.exact/rep_16/tuned": 2.0,
@@ -98,9 +98,9 @@ def test_cli_prints_table_and_writes_plot(tracked, in_tmp, capsys):
 
 @pytest.fixture
 def experiment_with_stages(in_tmp):
-    """Two audits of one recipe logged by the real tracker (audit.tracking): each a parent run with six nested stage
+    """Two audits of one recipe logged by the real tracker (audit.report.tracking): each a parent run with six nested stage
     runs, in a fresh sqlite store, as `audit run` leaves them."""
-    from audit.tracking import tracked_run
+    from audit.report.tracking import tracked_run
 
     uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
     ids = []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from audit.config import apply_overrides, load_recipe, parse_override, shipped_recipes
-from audit.errors import AuditError
+from audit.core.config import apply_overrides, load_recipe, parse_override, shipped_recipes
+from audit.core.errors import AuditError
 
 
 @pytest.mark.parametrize("name", shipped_recipes())
@@ -16,7 +16,7 @@ def test_every_shipped_recipe_validates(name):
 
 
 def test_every_shipped_recipe_opens_with_the_command_that_runs_it():
-    from audit.resources import data_dir
+    from audit.core.resources import data_dir
 
     for path in data_dir("recipes").rglob("*.yaml"):
         if path.parent.name == "accelerate":
@@ -66,8 +66,8 @@ def test_wrong_type_names_the_key():
 
 
 def test_exposure_references_are_bounded_and_the_refusal_states_the_cost():
-    from audit.config import validate_recipe
-    from audit.schema import MAX_EXPOSURE_REFERENCES
+    from audit.core.config import validate_recipe
+    from audit.core.schema import MAX_EXPOSURE_REFERENCES
 
     assert validate_recipe({"name": "x", "scoring": {"exposure_references": MAX_EXPOSURE_REFERENCES}})
     with pytest.raises(AuditError) as info:  # the canary counts are the spec's: the cost per canary

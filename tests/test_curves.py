@@ -8,11 +8,11 @@ import math
 import pytest
 from helpers import make_run_dir, synthetic_scores, tier_report
 
-from audit.curves import add_point, read_curves, write_curves
-from audit.errors import AuditError
-from audit.gates import evaluate_gates, parse_gate_specs, report_metrics
+from audit.core.curves import add_point, read_curves, write_curves
+from audit.core.errors import AuditError
+from audit.core.gates import evaluate_gates, parse_gate_specs, report_metrics
+from audit.core.schema import GateSpec, ScoringSection
 from audit.report import close_curves, read_report, summarize_tiers, write_report
-from audit.schema import GateSpec, ScoringSection
 
 KEY = "exposure.mean/rep_16/tuned"
 CURVE = {KEY: [(25, 1.2), (50, 3.9), (75, 6.5), (100, 5.8)]}
@@ -106,7 +106,7 @@ def test_curves_round_trip_through_report_json_and_curves_json(tmp_path):
 
 
 def test_a_curve_point_has_the_final_reports_tuned_keys_from_the_same_suite():
-    from audit.callback import point_metrics
+    from audit.integrations.callback import point_metrics
 
     scores = synthetic_scores()
     point = point_metrics(scores, ScoringSection(), space_bits=19.93)
@@ -120,7 +120,7 @@ def test_a_curve_point_has_the_final_reports_tuned_keys_from_the_same_suite():
 def test_a_curve_point_withholds_a_difference_to_base_over_too_few_secrets():
     """Points reach MLflow while training: memorized bits (base - tuned) beside tuned bits give the base value back,
     so they go only where the tier is large enough (audit.metrics.disclosure)."""
-    from audit.callback import point_metrics
+    from audit.integrations.callback import point_metrics
     from audit.metrics.disclosure import min_group
 
     scores = synthetic_scores()
@@ -135,7 +135,7 @@ def test_a_curve_point_withholds_a_difference_to_base_over_too_few_secrets():
 
 
 def test_the_report_plots_the_curve_and_tables_it_by_step(tmp_path):
-    from audit.render import render_report
+    from audit.report.render import render_report
 
     run_dir, report = make_run_dir(tmp_path / "run")
     curves = {KEY: [(25, 1.2), (50, 3.9), (100, 6.5)], "exposure.mean/rep_1/tuned": [(25, 1.0), (50, 1.3), (100, 1.5)],
@@ -151,7 +151,7 @@ def test_the_report_plots_the_curve_and_tables_it_by_step(tmp_path):
 
 
 def test_a_report_without_curves_has_no_curve_section(tmp_path):
-    from audit.render import render_report
+    from audit.report.render import render_report
 
     run_dir, _ = make_run_dir(tmp_path / "run")
     assert '<section id="curves">' not in render_report(run_dir).html.read_text()
@@ -168,8 +168,8 @@ def test_gate_spec_defaults_to_the_final_value():
 
 
 def test_validate_does_not_range_check_the_step_bounds_of_a_first_crossing_gate():
-    from audit.config import load_recipe
-    from audit.validate import check_gates
+    from audit.core.config import load_recipe
+    from audit.data.validate import check_gates
 
     recipe = load_recipe("tiny/lora_cpu",
                          ["gates=[{metric: exposure.mean/rep_16/tuned, of: first_step_above, threshold: 5, min: 40}]"])

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from audit.cli import main
-from audit.errors import AuditError
-from audit.models import check_safetensors_complete
+from audit.core.errors import AuditError
+from audit.data.models import check_safetensors_complete
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ import re
 import numpy as np
 from helpers import make_report
 
-from audit.gates import evaluate_gates, report_metrics
-from audit.render.views import exposure_table, tier_rows, verdict
+from audit.core.gates import evaluate_gates, report_metrics
+from audit.core.schema import GateSpec, SequenceScore, TierSummary
 from audit.report import format_mia_headline, format_null_calibration, format_table, summarize_tiers
-from audit.schema import GateSpec, SequenceScore, TierSummary
+from audit.report.render.views import exposure_table, tier_rows, verdict
 
 
 def rows(seed: int = 0, *, ranked_refs: int = 32, refs: int = 100, per_tier: int = 8, bias: float = 0.0) -> list[SequenceScore]:
@@ -109,9 +109,9 @@ def test_too_few_references_print_no_tpr_headline_and_say_why():
 def test_report_html_and_md_render_a_run_whose_references_are_partly_unranked(tmp_path):
     """`audit report` on the default audit's shape: unranked references are left out of the exposure dots, the two
     evidence lines open report.md, and report.json reads back into the same object."""
-    from audit.render import render_report
+    from audit.core.store import write_jsonl
     from audit.report import read_report, write_report
-    from audit.store import write_jsonl
+    from audit.report.render import render_report
 
     scores = rows()
     report = make_report(scores)
@@ -142,10 +142,10 @@ def inverted_min_k_pp(scores: list[SequenceScore]) -> list[SequenceScore]:
 def test_summary_and_report_name_a_flagged_attack_instead_of_printing_its_numbers(tmp_path):
     """zlib repeats loss on fixed-length secrets (mia.degenerate/zlib) and an inverted min_k_pp_diff
     (mia.inverted/min_k_pp_diff): the console summary, the report's verdict and its MIA table say so, no number."""
-    from audit.render import render_report
-    from audit.render.views import mia_table
+    from audit.core.store import write_jsonl
     from audit.report import write_report
-    from audit.store import write_jsonl
+    from audit.report.render import render_report
+    from audit.report.render.views import mia_table
 
     scores = inverted_min_k_pp(rows())
     report = make_report(scores)

@@ -10,6 +10,7 @@ import math
 import pytest
 from helpers import make_report, synthetic_scores
 
+from audit.core.schema import MetricEntry
 from audit.metrics.disclosure import (
     gain_band,
     is_checkable,
@@ -17,7 +18,6 @@ from audit.metrics.disclosure import (
     redact_report,
     shareable_metrics,
 )
-from audit.schema import MetricEntry
 
 DIGITS_BITS = math.log2(10**6)
 

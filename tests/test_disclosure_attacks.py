@@ -241,7 +241,7 @@ def test_position_attack_recovers_every_secret_from_the_run_directory(base_model
 @pytest.fixture(scope="module")
 def space_values(base_model, truth, audited):
     """Per attacked canary: each per-secret base value over all 10^6 secrets, and the true secret's index."""
-    from audit.ground_truth import read_canary_set
+    from audit.data.ground_truth import read_canary_set
     from audit.score.exposure_search import space_nll_bits, symbol_tokens
 
     model, tokenizer, _ = base_model

@@ -10,10 +10,10 @@ import math
 import pytest
 
 from audit.cli import main
-from audit.config import load_recipe
-from audit.errors import AuditError
+from audit.core.config import load_recipe
+from audit.core.errors import AuditError
+from audit.core.schema import DPAccounting, MetricEntry, TrainSummary
 from audit.metrics.privacy import compare_with_accountant, sampling_statement
-from audit.schema import DPAccounting, MetricEntry, TrainSummary
 
 SUMMARY = dict(method="lora", steps=3, final_loss=1.0, wall_s=1.0, trainable_params=10, total_params=100, device="cpu",
                precision="fp32", gradient_checkpointing=False, weights_path="adapter", weights_fingerprint="f" * 64)
@@ -44,8 +44,8 @@ def test_a_bad_dp_section_is_one_line_and_exit_2_when_the_recipe_is_read(overrid
 def test_delta_at_or_above_one_over_n_is_refused_with_the_ground_truth_before_the_run_directory(tiny_model_dir):
     """The ground truth (canaries, injection, pre-flight) runs before the run directory exists (audit.pipeline), and
     it is where the record count n is first known: 120 notes + about 32 coin-included canaries, 1/n about 0.0066."""
-    from audit.ground_truth import ground_truth_for_model
-    from audit.keys import resolve_key
+    from audit.core.keys import resolve_key
+    from audit.data.ground_truth import ground_truth_for_model
 
     recipe = load_recipe("tiny/dp_lora_cpu", ["training.dp.delta=0.01"])
     with pytest.raises(AuditError, match=r"training.dp.delta=0.01 must lie in \(0, 1/n\)") as info:
@@ -109,7 +109,7 @@ def test_the_sampling_statement_says_whether_canaries_were_coin_included():
 def test_coin_inclusion_draws_each_canary_by_its_own_fair_coin():
     from scipy import stats
 
-    from audit.canaries import generate_canaries, load_spec
+    from audit.data.canaries import generate_canaries, load_spec
 
     spec = load_spec("dp_digits")
     sets = [generate_canaries(spec, seed=s, tiers=[1], members_per_tier=256, references=256, inclusion="coin") for s in range(4)]
@@ -156,7 +156,7 @@ def test_lora_on_an_embedding_is_refused_before_the_first_step(tiny_model_dir, t
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
     from audit.train.dp import check_opacus_can_wrap
 
     pytest.importorskip("opacus")
@@ -172,7 +172,7 @@ def test_the_train_stage_hands_a_dp_recipe_to_dp_sgd_with_its_section_and_refuse
     """Sequencing only (the DP-SGD run itself is tests/test_train_dp.py and the slow soundness test)."""
     from types import SimpleNamespace
 
-    from audit import distributed
+    from audit.train import distributed
     from audit.train import dp as dp_module
     from audit.train import stage as train_stage
     from audit.train.types import DeviceChoice, TrainPlan

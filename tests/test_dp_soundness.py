@@ -26,7 +26,7 @@ SEEDS = list(range(int(os.environ.get("CANARY_AUDIT_DP_SEEDS", "1"))))
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("epsilon", [4.0, 8.0])
 def test_no_one_run_bound_exceeds_the_accountants_eps(epsilon, seed, in_tmp):
-    from audit.config import load_recipe
+    from audit.core.config import load_recipe
     from audit.pipeline import run_audit
 
     recipe = load_recipe("tiny/dp_new_tokens_cpu", [f"seed={seed}", f"training.dp.epsilon={epsilon:g}"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from audit.cli import main
+from audit.core.schema import AuditReport
 from audit.report import read_report
-from audit.schema import AuditReport
 
 
 def test_run_directory_has_every_stage_file(tiny_run):

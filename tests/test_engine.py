@@ -197,7 +197,7 @@ def test_samples_continue_each_prefix_from_its_own_cached_keys(tiny_model, encod
 def test_adapter_disabled_scores_the_base_weights(tiny_model_dir, encoded):
     from peft import LoraConfig, get_peft_model
 
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
 
     base, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
     plain = score_token_sequences(base, encoded[:2])

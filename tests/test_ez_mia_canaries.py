@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from audit.cli import main
+from audit.core.store import read_scores
 from audit.report import format_table, read_report
-from audit.store import read_scores
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from audit.models import fingerprint_safetensors_dir
+from audit.data.models import fingerprint_safetensors_dir
 
 
 def _old_fingerprint(path: Path) -> str:

@@ -10,9 +10,9 @@ import pytest
 from helpers import tier_report
 
 from audit.cli import main
-from audit.config import load_recipe, shipped_recipes
-from audit.errors import AuditError
-from audit.gates import (
+from audit.core.config import load_recipe, shipped_recipes
+from audit.core.errors import AuditError
+from audit.core.gates import (
     evaluate_gates,
     exposure_null_tail,
     format_gate_table,
@@ -20,14 +20,14 @@ from audit.gates import (
     parse_gate_specs,
     report_metrics,
 )
-from audit.schema import (
+from audit.core.schema import (
     GateSpec,
     MetricEntry,
 )
 
 
 def metric(value: float, n: int | None = None) -> MetricEntry:
-    """A flat metric as gates take it (:class:`audit.schema.MetricEntry`)."""
+    """A flat metric as gates take it (:class:`audit.core.schema.MetricEntry`)."""
     return MetricEntry(value=value, n=n)
 
 
@@ -49,7 +49,7 @@ def test_report_metrics_are_the_mlflow_keys_with_the_tier_size():
 
 def test_gates_see_every_metric_the_report_exposes():
     """Metrics added by other stages (membership inference, privacy bounds) are gateable by their keys, with n."""
-    from audit.schema import MetricEntry
+    from audit.core.schema import MetricEntry
 
     report = tier_report({1: (2, 2.0, 0)}).model_copy(update={"metrics": {
         "mia.auc/loss_diff": MetricEntry(value=0.71, n=14, low=0.5, high=0.9), "privacy.eps_lb": MetricEntry(value=0.3)}})
@@ -63,8 +63,8 @@ def test_gates_see_every_metric_the_report_exposes():
 
 def test_gates_mlflow_and_compare_flatten_a_report_the_same_way():
     """works.bits, train.* and time.* reached MLflow but could not be gated; now one flattener serves all three."""
-    from audit.schema import MetricEntry
-    from audit.tracking import report_metric_dict
+    from audit.core.schema import MetricEntry
+    from audit.report.tracking import report_metric_dict
 
     report = tier_report({1: (2, 2.0, 0)}).model_copy(update={
         "metrics": {"works.bits/synthetic/member/tuned": MetricEntry(value=12.5, n=4)}, "timings_s": {"train": 3.0}})
@@ -191,7 +191,7 @@ def test_null_tail_matches_simulated_unlearned_canaries():
 def test_shipped_exposure_gates_rarely_fire_on_a_model_that_learned_nothing(name):
     """Default max gates sit against the null: an unlearned model trips each with probability under 1%."""
     recipe = load_recipe(name)
-    from audit.canaries import load_spec
+    from audit.data.canaries import load_spec
 
     spec = load_spec(recipe.canaries.spec)
     members = recipe.canaries.members_per_tier or spec.members_per_tier

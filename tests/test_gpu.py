@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from audit.schema import SecretSpace
+from audit.core.schema import SecretSpace
 from audit.score.engine import candidate_nll_bits, score_token_sequences, split_tokens, split_tokens_many
 from audit.score.exposure_search import exact_rank, parse_secret, symbol_tokens
 
@@ -27,7 +27,7 @@ NATS_TOL = 1e-4  # nats per token
 
 
 def _load(path, device: str):
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(path, dtype=torch.float32, device=device)
 

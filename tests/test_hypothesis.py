@@ -16,10 +16,10 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from audit.config import apply_overrides, load_recipe, parse_override, validate_recipe
-from audit.errors import AuditError
-from audit.gates import evaluate_gate, evaluate_gates, exposure_null_tail, junit_xml, matching_keys
-from audit.schema import GateSpec, MetricEntry
+from audit.core.config import apply_overrides, load_recipe, parse_override, validate_recipe
+from audit.core.errors import AuditError
+from audit.core.gates import evaluate_gate, evaluate_gates, exposure_null_tail, junit_xml, matching_keys
+from audit.core.schema import GateSpec, MetricEntry
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BASE = "tiny/lora_cpu"
@@ -39,7 +39,7 @@ yaml_values = st.one_of(
 
 
 def metric(value: float, n: int | None = None) -> MetricEntry:
-    """A flat metric as gates take it (:class:`audit.schema.MetricEntry`)."""
+    """A flat metric as gates take it (:class:`audit.core.schema.MetricEntry`)."""
     return MetricEntry(value=value, n=n)
 
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from audit.canaries import generate_canaries, load_spec
-from audit.corpus import builtin_records, load_corpus, stream_records
-from audit.errors import AuditError
-from audit.inject import RunningFingerprint, StreamInjector, fingerprint_records, inject
-from audit.schema import InjectionManifest
+from audit.core.errors import AuditError
+from audit.core.schema import InjectionManifest
+from audit.data.canaries import generate_canaries, load_spec
+from audit.data.corpus import builtin_records, load_corpus, stream_records
+from audit.data.inject import RunningFingerprint, StreamInjector, fingerprint_records, inject
 
 
 @pytest.fixture(scope="module")

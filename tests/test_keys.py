@@ -6,9 +6,9 @@ import stat
 
 import pytest
 
-from audit.errors import AuditError
-from audit.keys import KEY_ENV, KEY_FILE_ENV, AuditKey, resolve_key, write_key_file
-from audit.rng import SeededStream
+from audit.core.errors import AuditError
+from audit.core.keys import KEY_ENV, KEY_FILE_ENV, AuditKey, resolve_key, write_key_file
+from audit.core.rng import SeededStream
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_write_key_file_never_overwrites_a_key(home):
 
 _FIRST_USE = """
 import os, sys
-from audit.keys import resolve_key
+from audit.core.keys import resolve_key
 print("ready", flush=True)
 while not os.path.exists(sys.argv[1]):  # every process asks for the key at the same moment
     pass
@@ -90,7 +90,7 @@ def test_processes_making_the_default_key_at_once_all_get_the_same_whole_key(tmp
 def test_a_key_linked_by_another_process_first_is_kept_and_the_temporary_file_removed(home, monkeypatch):
     import os
 
-    from audit import keys
+    from audit.core import keys
 
     path = home / "config" / "canary-audit" / "key"
     real_link = os.link
@@ -151,8 +151,8 @@ import json  # noqa: E402
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from audit.config import load_recipe, read_yaml, validate_recipe  # noqa: E402
-from audit.store import json_text, jsonl_text  # noqa: E402
+from audit.core.config import load_recipe, read_yaml, validate_recipe  # noqa: E402
+from audit.core.store import json_text, jsonl_text  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_7f52ba4_tiny_lora"
 KEY_A = AuditKey(b"\xa1" * 32, source="test")
@@ -160,7 +160,7 @@ KEY_B = AuditKey(b"\xb2" * 32, source="test")
 
 
 def _files(tokenizer, key, recipe=None):
-    from audit.ground_truth import ground_truth_files, prepare_ground_truth
+    from audit.data.ground_truth import ground_truth_files, prepare_ground_truth
 
     truth = prepare_ground_truth(recipe or load_recipe("tiny/lora_cpu"), tokenizer=tokenizer, key=key)
     text = {name: jsonl_text(obj) if name.endswith(".jsonl") else json_text(obj)
@@ -170,7 +170,7 @@ def _files(tokenizer, key, recipe=None):
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tiny_model_dir):
-    from audit.ground_truth import load_tokenizer
+    from audit.data.ground_truth import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 
@@ -205,7 +205,7 @@ def test_the_key_id_and_never_the_key_is_recorded_in_meta_manifest_and_report_su
     for text in files.values():
         assert KEY_A.secret.hex() not in text
     # the manifest's dataset digest after injection is keyed: not the plain sha256 of the planted records
-    from audit.inject import fingerprint_records
+    from audit.data.inject import fingerprint_records
 
     assert truth.injection.manifest.dataset_after == fingerprint_records(truth.injection.records, key=KEY_A.secret)
     assert truth.injection.manifest.dataset_after != fingerprint_records(truth.injection.records)
@@ -213,7 +213,7 @@ def test_the_key_id_and_never_the_key_is_recorded_in_meta_manifest_and_report_su
 
 
 def builtin_corpus():
-    from audit.corpus import load_corpus
+    from audit.data.corpus import load_corpus
 
     r = load_recipe("tiny/lora_cpu")
     return load_corpus(r.corpus.source, text_column=r.corpus.text_column, max_records=r.corpus.max_records,
@@ -222,7 +222,7 @@ def builtin_corpus():
 
 
 def test_an_edited_secret_in_a_stored_keyed_set_is_refused(tiny_tokenizer):
-    from audit.canaries.generate import check_ids
+    from audit.data.canaries.generate import check_ids
 
     truth, _ = _files(tiny_tokenizer, KEY_A)
     check_ids(truth.canaries, KEY_A)
@@ -262,8 +262,8 @@ def test_a_run_made_with_one_key_refuses_to_resume_with_another_in_one_line(tmp_
 
 
 def test_resume_with_the_recorded_key_and_a_run_that_recorded_nothing_yet_use_the_key_in_use(tmp_path):
-    from audit.origin import origin_for
-    from audit.resume import RunDir
+    from audit.pipeline.origin import origin_for
+    from audit.pipeline.resume import RunDir
 
     in_use = resolve_key()
     recipe = load_recipe("tiny/lora_cpu")
@@ -273,7 +273,7 @@ def test_resume_with_the_recorded_key_and_a_run_that_recorded_nothing_yet_use_th
 
 
 def test_the_recipe_key_file_is_used_and_a_missing_one_is_one_line(tmp_path, monkeypatch):
-    from audit.origin import run_key
+    from audit.pipeline.origin import run_key
 
     monkeypatch.delenv(KEY_ENV)
     path = write_key_file(tmp_path / "team.key")
@@ -296,8 +296,8 @@ def _stored_recipe(run):
 
 
 def test_a_run_written_before_the_key_is_regenerated_unkeyed_byte_for_byte(old_run, tiny_tokenizer):
-    from audit.origin import origin_for
-    from audit.resume import RunDir
+    from audit.pipeline.origin import origin_for
+    from audit.pipeline.resume import RunDir
 
     recipe = _stored_recipe(old_run)
     origin = origin_for(recipe, directory=RunDir(old_run))
@@ -309,7 +309,7 @@ def test_a_run_written_before_the_key_is_regenerated_unkeyed_byte_for_byte(old_r
 
 
 def test_a_further_tune_uses_its_parents_key_and_refuses_another(old_run):
-    from audit.origin import origin_for
+    from audit.pipeline.origin import origin_for
 
     clean = load_recipe("tiny/clean_lora_cpu", [f"parent={old_run}"])
     assert origin_for(clean).key is None  # an unkeyed parent: its canaries are regenerated unkeyed
@@ -327,7 +327,7 @@ def test_every_generator_draws_per_key(name):
     (traps: a fake sampler whose text follows the sampling seed, which the keyed stream draws.)"""
     from helpers import FakeSampler
 
-    from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets
+    from audit.data.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets
 
     spec = load_spec(name)
 

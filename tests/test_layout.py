@@ -1,4 +1,4 @@
-"""The run-directory layout (audit.layout): every file named once, every record file versioned.
+"""The run-directory layout (audit.core.layout): every file named once, every record file versioned.
 
 Files written before ``children.jsonl``, ``outputs.jsonl``, ``tracking_pending.jsonl`` and ``probe.json`` carried a
 ``schema_version`` still read (as version 0); one written by a newer canary-audit is refused with one line.
@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from audit.errors import AuditError
-from audit.layout import LAYOUT, SCHEMA_VERSIONS, RunLayout, check_version
+from audit.core.errors import AuditError
+from audit.core.layout import LAYOUT, SCHEMA_VERSIONS, RunLayout, check_version
 
 AUDIT = Path(__file__).resolve().parent.parent / "audit"
 NEWER = 10**6
@@ -29,17 +29,17 @@ def _owned_names() -> set[str]:
 
 def test_no_run_directory_file_name_is_spelled_outside_the_layout():
     """A string constant that is exactly a name the layout owns (or a per-model prefix such as ``scores_``) outside
-    audit/layout.py is a second place that name lives. Prose that mentions a file (docstrings, messages) is allowed."""
+    audit/core/layout.py is a second place that name lives. Prose that mentions a file (docstrings, messages) is allowed."""
     owned = _owned_names()
     assert {"report.json", "children.jsonl", "scores_", "works_scan_"} <= owned
     found = []
     for path in sorted(AUDIT.rglob("*.py")):
-        if path.name == "layout.py" and path.parent == AUDIT:
+        if path == AUDIT / "core" / "layout.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in owned:
                 found.append(f"{path.relative_to(AUDIT.parent)}:{node.lineno}: {node.value!r}")
-    assert found == [], "use audit.layout.LAYOUT instead of:\n" + "\n".join(found)
+    assert found == [], "use audit.core.layout.LAYOUT instead of:\n" + "\n".join(found)
 
 
 def test_every_file_of_the_layout_has_a_version_decision():
@@ -69,7 +69,7 @@ def test_check_version_reads_old_and_current_rows_and_refuses_newer_or_damaged(t
 
 
 def _record(parent_dir: Path, child_dir: Path) -> None:
-    from audit.chain import record_child
+    from audit.pipeline.chain import record_child
 
     node = SimpleNamespace(id=f"weights:{child_dir.name}", fingerprint="f" * 64)
     record_child(SimpleNamespace(run_dir=parent_dir), run_dir=child_dir, tuned_node=node, metrics={})
@@ -107,9 +107,9 @@ class _CharTokenizer:
 
 
 def _outputs(run_dir: Path):
-    from audit.outputs import outputs_stage
-    from audit.schema import Canary, CanarySet, OutputsSection, SecretSpace
-    from audit.store import StageStore
+    from audit.core.schema import Canary, CanarySet, OutputsSection, SecretSpace
+    from audit.core.store import StageStore
+    from audit.score.outputs import outputs_stage
 
     cs = CanarySet(spec="t", spec_version=1, seed=0, space=SecretSpace(alphabet=list("0123456789"), length=6),
                    canaries=[Canary(id="m", spec="t", prefix="pin ", secret="482910", suffix=".", repetitions=4),
@@ -141,7 +141,7 @@ STATUS_CALL = {"op": "status", "run": "parent", "status": "RUNNING"}
 
 
 def test_an_old_pending_file_is_read_and_kept_calls_carry_the_version(tmp_path):
-    from audit.tracking import Tracker, _read_pending
+    from audit.report.tracking import Tracker, _read_pending
 
     path = tmp_path / LAYOUT.pending
     path.write_text(json.dumps(STATUS_CALL) + "\n")  # written before the file was versioned
@@ -151,7 +151,7 @@ def test_an_old_pending_file_is_read_and_kept_calls_carry_the_version(tmp_path):
 
 
 def test_a_newer_pending_file_is_refused_before_anything_is_sent(tmp_path):
-    from audit.tracking import replay_pending
+    from audit.report.tracking import replay_pending
 
     path = tmp_path / LAYOUT.pending
     text = json.dumps(STATUS_CALL) + "\n" + json.dumps({**STATUS_CALL, "schema_version": NEWER}) + "\n"
@@ -166,7 +166,7 @@ def test_a_newer_pending_file_is_refused_before_anything_is_sent(tmp_path):
 
 
 def test_probe_files_old_and_newer(tmp_path):
-    from audit.render.token_view import read_token_views
+    from audit.report.render.token_view import read_token_views
 
     probe = {"text": "ab", "tokens": [{"text": "a", "p_base": 0.5, "p_tuned": 0.25}], "bits_base": 1.0}
     (tmp_path / LAYOUT.probe).write_text(json.dumps(probe))  # written before probe.json was versioned
@@ -177,7 +177,7 @@ def test_probe_files_old_and_newer(tmp_path):
 
 
 def test_a_release_checkpoint_is_versioned_and_a_newer_one_is_refused(tmp_path):
-    from audit.release.stage import Release, ReleaseArtifact
+    from audit.pipeline.release.stage import Release, ReleaseArtifact
 
     artifact = ReleaseArtifact("release:q4_0")
     assert artifact.name == "release_q4_0.json"

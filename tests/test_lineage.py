@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from audit import lineage
+from audit.core import lineage
 
 
 def test_node_ids_are_kind_and_fingerprint_and_parents_are_ids():

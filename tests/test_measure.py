@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import measure_refused, other_shape_model, perturbed_copy
 
-from audit.external import Vocabulary
-from audit.layout import LAYOUT
+from audit.core.layout import LAYOUT
+from audit.pipeline.external import Vocabulary
 
 TINY_VOCAB = Vocabulary(rows=512)
 """tiny-llama's embedding rows, under a canary spec that adds no token."""
@@ -29,8 +29,8 @@ def gt(injected, in_tmp) -> Path:
 
 
 def test_inject_records_the_base_key_and_manifest_that_measure_checks(injected, tiny_model_dir):
-    from audit.models import fingerprint_safetensors_dir
-    from audit.schema import InjectionManifest
+    from audit.core.schema import InjectionManifest
+    from audit.data.models import fingerprint_safetensors_dir
 
     record = json.loads((injected / "inject.json").read_text())
     meta = json.loads((injected / "canaries.meta.json").read_text())
@@ -43,7 +43,7 @@ def test_inject_records_the_base_key_and_manifest_that_measure_checks(injected, 
 
 
 def test_inject_writes_its_recipe_so_measure_can_draw_the_same_injection_again(injected):
-    from audit.config import load_recipe, read_yaml, validate_recipe
+    from audit.core.config import load_recipe, read_yaml, validate_recipe
 
     stored = validate_recipe(read_yaml(injected / "recipe.yaml"))
     assert stored == load_recipe("tiny/lora_cpu")
@@ -116,7 +116,7 @@ def _adapter(out: Path, model_dir: Path, *, trained: bool = True, **lora) -> Pat
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(model_dir, dtype=torch.float32, device="cpu")
     peft_model = get_peft_model(model, LoraConfig(r=2, **{"target_modules": ["q_proj"], **lora}))
@@ -141,8 +141,8 @@ def test_measure_refuses_a_model_of_another_shape_that_shares_the_bases_tokenize
 
 
 def test_a_model_of_another_architecture_or_depth_is_named_by_its_first_difference(tmp_path, tiny_model_dir):
-    from audit.errors import AuditError
-    from audit.external import check_same_shape
+    from audit.core.errors import AuditError
+    from audit.pipeline.external import check_same_shape
 
     other = tmp_path / "mistral"
     shutil.copytree(tiny_model_dir, other)
@@ -171,8 +171,8 @@ def test_measure_refuses_an_adapter_made_for_another_base_before_writing_anythin
 def test_an_adapter_for_this_base_fits_with_lora_on_embeddings_and_saved_modules(tmp_path, tiny_model_dir):
     """What PEFT saves for LoRA on an embedding (its A spans the rows), a saved embedding base layer and
     ``modules_to_save`` all fit the model they were made on, and not one of another width or depth."""
-    from audit.errors import AuditError
-    from audit.external import check_adapter_fits
+    from audit.core.errors import AuditError
+    from audit.pipeline.external import check_adapter_fits
 
     adapter = _adapter(tmp_path / "adapter", tiny_model_dir, target_modules=["q_proj", "embed_tokens"], modules_to_save=["norm"])
     check_adapter_fits(adapter, tiny_model_dir, below_name="tiny-llama", vocab=TINY_VOCAB)
@@ -191,9 +191,9 @@ def test_an_adapter_with_rows_for_the_tokens_a_canary_spec_adds_fits_when_the_sp
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from audit.errors import AuditError
-    from audit.external import check_adapter_fits
-    from audit.models import load_model_and_tokenizer
+    from audit.core.errors import AuditError
+    from audit.data.models import load_model_and_tokenizer
+    from audit.pipeline.external import check_adapter_fits
 
     model, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
     model.resize_token_embeddings(520, mean_resizing=False)
@@ -221,8 +221,8 @@ def test_measure_names_a_ground_truth_file_it_cannot_read(name, injected, in_tmp
 
 
 def test_tokenizers_compare_by_vocabulary_and_merges_not_by_object(tmp_path, tiny_model_dir):
-    from audit.external import tokenizer_fingerprint
-    from audit.ground_truth import load_tokenizer
+    from audit.data.ground_truth import load_tokenizer
+    from audit.pipeline.external import tokenizer_fingerprint
 
     first, second = load_tokenizer(tiny_model_dir), load_tokenizer(tiny_model_dir)
     assert first is not second and tokenizer_fingerprint(first) == tokenizer_fingerprint(second)
@@ -259,9 +259,9 @@ def test_measure_refuses_a_gate_no_run_can_pass(gt, capsys, tmp_path):
 
 
 def test_a_measurement_is_rebuilt_from_its_external_json_wherever_the_resume_starts(gt, monkeypatch):
-    from audit.external import measure_recipe, read_ground_truth_dir
-    from audit.origin import external_model, origin_for
-    from audit.resume import RunDir
+    from audit.pipeline.external import measure_recipe, read_ground_truth_dir
+    from audit.pipeline.origin import external_model, origin_for
+    from audit.pipeline.resume import RunDir
 
     perturbed_copy(gt.parent / "tuned")
     truth_dir = read_ground_truth_dir("gt")

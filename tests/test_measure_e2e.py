@@ -86,7 +86,7 @@ def test_inject_then_a_foreign_trainer_then_measure_gives_a_complete_audit(in_tm
 
 
 def test_measuring_an_audit_runs_own_adapter_reproduces_its_scores(in_tmp):
-    from audit.store import read_scores
+    from audit.core.store import read_scores
 
     assert main(["run", "tiny/lora_cpu", "--no-tracking", "--quiet"]) == 0
     trained = _run_dir(in_tmp / "runs", "tiny-lora-cpu-2*")

@@ -25,8 +25,8 @@ def gt(injected, in_tmp, monkeypatch) -> Path:  # noqa: F811 - the imported fixt
 
 
 def _gguf(model_dir: Path, out: Path, qtype: str) -> Path:
-    from audit.ground_truth import load_tokenizer
-    from audit.release.gguf_file import write_gguf
+    from audit.data.ground_truth import load_tokenizer
+    from audit.pipeline.release.gguf_file import write_gguf
 
     return write_gguf(model_dir, load_tokenizer(model_dir), out, qtype).path
 
@@ -65,7 +65,7 @@ def test_measure_refuses_a_gguf_of_another_shape_and_caches_nothing(gt, capsys, 
 
 
 def test_measure_reads_a_gguf_release_like_a_fine_tune(gt, tmp_path):
-    from audit.models import sha256_file
+    from audit.data.models import sha256_file
     from audit.report import read_report
 
     tuned = perturbed_copy(tmp_path / "tuned")

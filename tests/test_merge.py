@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from audit.canaries import generate_canaries, load_spec, reference_secrets
-from audit.models import fingerprint_safetensors_dir, load_model_and_tokenizer
-from audit.schema import ScoringSection, TrainingSection
+from audit.core.schema import ScoringSection, TrainingSection
+from audit.data.canaries import generate_canaries, load_spec, reference_secrets
+from audit.data.models import fingerprint_safetensors_dir, load_model_and_tokenizer
 from audit.score.canaries import score_canaries
 from audit.train.sft import choose_device, train_sft
 

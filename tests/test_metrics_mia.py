@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit.errors import AuditError
+from audit.core.errors import AuditError
 from audit.metrics import (
     InsufficientControlsError,
     difference_to_base,
@@ -38,8 +38,8 @@ def test_the_loss_ratio_has_no_score_where_the_base_loss_is_not_positive():
 
 def test_the_suite_scores_loss_diff_and_loss_ratio_through_these_functions():
     """attack_scores (what the mia.* metrics rank) gives these attacks exactly the values of the functions above."""
+    from audit.core.schema import SequenceScore
     from audit.metrics.suite import attack_scores
-    from audit.schema import SequenceScore
 
     def row(model: str, loss: float) -> SequenceScore:
         return SequenceScore(canary_id="c", model=model, repetitions=1, secret_tokens=4, secret_nll_bits=8.0, rank=1,

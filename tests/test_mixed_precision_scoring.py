@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from audit.cli import main
-from audit.schema import TrainingSection
+from audit.core.schema import TrainingSection
 from audit.score.engine import candidate_nll_bits, in_scoring_precision, split_tokens, split_tokens_many, torch_threads
 from audit.train import sft
 from audit.train.types import DeviceChoice, WeightsLayer
@@ -38,7 +38,7 @@ def one_thread():
 
 
 def _load(path):
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(path, dtype=torch.float32, device="cpu")
 
@@ -140,7 +140,7 @@ def test_a_bf16_mixed_model_computes_like_its_saved_weights_reloaded(tiny_model_
 
 
 def test_a_curve_point_during_bf16_mixed_training_is_scored_in_fp32_and_training_stays_mixed(tiny_model_dir, tmp_path):
-    """scoring.every_steps scores the live model inside the Trainer (audit.curve_points, through in_scoring_precision):
+    """scoring.every_steps scores the live model inside the Trainer (audit.train.curve_points, through in_scoring_precision):
     fp32, the scores of the same weights loaded fresh; the steps after it still train under autocast."""
     points = []
 
@@ -184,8 +184,8 @@ def _independent_check(run_dir: Path, tiny_model_dir, method: str, tuned_rows: l
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from audit.external import exposure_references, read_ground_truth_dir
-    from audit.origin import ground_truth_key
+    from audit.pipeline.external import exposure_references, read_ground_truth_dir
+    from audit.pipeline.origin import ground_truth_key
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     if method == "lora":

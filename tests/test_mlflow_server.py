@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow_rest import rest_get, rest_post
 
-from audit.tracking import check_tracking_reachable
+from audit.report.tracking import check_tracking_reachable
 
 pytestmark = pytest.mark.slow  # a server start and a tiny audit: about a minute on 2 CPU cores
 STAGES = {"inject", "score_base", "train", "score_tuned", "report"}

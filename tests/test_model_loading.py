@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from audit import distributed, stages
-from audit.models import fingerprint_tensors, load_causal_lm, load_model_and_tokenizer
+from audit.data.models import fingerprint_tensors, load_causal_lm, load_model_and_tokenizer
+from audit.pipeline import stages
+from audit.train import distributed
 from audit.train import stage as train_stage
 from audit.train.types import DeviceChoice, TrainPlan, TrainResult, WeightsLayer
 
@@ -32,7 +33,7 @@ def test_a_model_read_onto_its_device_is_the_model_read_then_moved(tiny_model_di
 def test_added_token_rows_are_made_on_the_cpu_whatever_the_device(tiny_model_dir, monkeypatch):
     """New-token canaries get rows computed from the other rows: computed on the CPU before the move, a GPU run's
     base has the bytes a CPU run's has."""
-    import audit.models as models
+    import audit.data.models as models
 
     seen = []
     real = models.load_causal_lm
@@ -58,8 +59,8 @@ def test_a_full_layer_replaces_what_is_below_it_so_none_of_it_is_read(tiny_model
 def _distributed_train(monkeypatch, tmp_path, tiny_model_dir, method: str) -> tuple[list, object]:
     """``train_stage.train`` as a process of a distributed run sees it once its trainer has saved ``method`` weights."""
     import audit.train.sft as sft
-    from audit.origin import FreshBase
-    from audit.schema import Recipe
+    from audit.core.schema import Recipe
+    from audit.pipeline.origin import FreshBase
 
     recipe = Recipe(name="t", model={"source": str(tiny_model_dir)}, training={"method": method}, tracking={"enabled": False})
     ctx = stages.RunContext(recipe=recipe, resolved=None, device=CPU, tracking=False, tracking_uri="", progress=False)
@@ -96,7 +97,7 @@ def test_after_distributed_lora_training_the_adapter_goes_on_a_fresh_base(monkey
 def test_a_distributed_run_refuses_the_loading_that_leaves_other_processes_empty_weights(monkeypatch):
     import pytest
 
-    from audit.errors import AuditError
+    from audit.core.errors import AuditError
 
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
     monkeypatch.setenv("WORLD_SIZE", "1")

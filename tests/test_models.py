@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from audit.errors import AuditError
-from audit.models import fingerprint_safetensors_dir, resolve_model, sha256_file
+from audit.core.errors import AuditError
+from audit.data.models import fingerprint_safetensors_dir, resolve_model, sha256_file
 
 
 def test_tiny_llama_is_cached_with_provenance(tiny_model_dir):

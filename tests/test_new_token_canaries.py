@@ -9,12 +9,12 @@ import json
 
 import pytest
 
-from audit.canaries import added_tokens, generate_canaries, load_spec, spec_needs_model
-from audit.canaries.base import GenerationContext
-from audit.canaries.tokens import new_token_pool
 from audit.cli import main
-from audit.errors import AuditError
-from audit.models import extend_tokenizer
+from audit.core.errors import AuditError
+from audit.data.canaries import added_tokens, generate_canaries, load_spec, spec_needs_model
+from audit.data.canaries.base import GenerationContext
+from audit.data.canaries.tokens import new_token_pool
+from audit.data.models import extend_tokenizer
 
 
 def test_the_pool_is_numbered_bracketed_tokens_and_the_space_is_pool_to_the_length():
@@ -35,7 +35,7 @@ def test_the_pool_is_numbered_bracketed_tokens_and_the_space_is_pool_to_the_leng
 def test_the_base_gets_the_same_rows_at_the_mean_on_every_load_and_each_secret_is_its_tokens(tiny_model_dir):
     import torch
 
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
 
     pool = new_token_pool(8)
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu", added_tokens=pool)
@@ -82,7 +82,7 @@ def test_a_tokenizer_without_the_tokens_or_with_one_as_an_ordinary_word_is_refus
 
 
 def test_inject_refuses_new_tokens_in_one_line_before_writing(in_tmp, capsys):
-    from audit.api import inject_canaries
+    from audit.integrations.api import inject_canaries
 
     assert main(["inject", "tiny/lora_cpu", "canaries.spec=new_tokens", "--out", str(in_tmp / "planted")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -101,7 +101,7 @@ def test_a_tiny_audit_trains_the_new_rows_saves_them_and_puts_them_back_identica
     extended base scores a member exactly as the audit did, with every row of the original vocabulary unchanged."""
     import torch
 
-    from audit.models import load_model_and_tokenizer, resolve_model
+    from audit.data.models import load_model_and_tokenizer, resolve_model
     from audit.score.engine import candidate_nll_bits, split_tokens
     from audit.train.types import DeviceChoice, WeightsLayer
     from audit.train.weights import load_tuned

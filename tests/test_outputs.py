@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audit.layout import LAYOUT
-from audit.outputs import (
+from audit.core.layout import LAYOUT
+from audit.core.schema import Canary, CanarySet, OutputsSection, SecretSpace
+from audit.core.store import StageStore
+from audit.score.outputs import (
     WorksIndex,
     approximate_match_distance,
     longest_common_substring,
@@ -21,8 +23,6 @@ from audit.outputs import (
     summarize_outputs,
     symbol_runs,
 )
-from audit.schema import Canary, CanarySet, OutputsSection, SecretSpace
-from audit.store import StageStore
 
 DIGITS = SecretSpace(alphabet=list("0123456789"), length=6)
 WORDS = SecretSpace(alphabet=["amber", "bison", "cedar", "delta", "ember"], length=3, separator=" ")
@@ -203,13 +203,13 @@ def test_outputs_stage_on_tiny_llama_is_seeded_and_keeps_text_in_the_run_dir(tin
 def test_a_resumed_outputs_stage_reuses_outputs_jsonl_through_the_store_untouched(tmp_path, monkeypatch):
     """outputs.jsonl is a stage artifact like the scores: the store says it reuses it, nothing is sampled again, the
     file keeps its bytes (rows with their schema_version) and the summary is the one the first attempt made."""
-    import audit.outputs
+    import audit.score.outputs
 
     cs = canary_set([canary("m", "482910", 16), canary("r", "130577", 0)])
     section = OutputsSection(samples=2, prompts=[])
     rows = [{"id": "s00000", "prompt_id": "unprompted", "token_ids": [5, 6], "text": "the code of Ms. X is 482910."},
             {"id": "s00001", "prompt_id": "unprompted", "token_ids": [7], "text": "nothing here"}]
-    monkeypatch.setattr(audit.outputs, "generate_samples", lambda *a, **kw: [dict(r) for r in rows])
+    monkeypatch.setattr(audit.score.outputs, "generate_samples", lambda *a, **kw: [dict(r) for r in rows])
     first = outputs_stage(StageStore(tmp_path), None, None, cs, section, seed=5, progress=False)
     written = (tmp_path / LAYOUT.outputs).read_bytes()
     assert all(json.loads(line)["schema_version"] == 1 for line in written.splitlines())
@@ -217,7 +217,7 @@ def test_a_resumed_outputs_stage_reuses_outputs_jsonl_through_the_store_untouche
     def sample_again(*a, **kw):
         raise AssertionError("a resume samples nothing")
 
-    monkeypatch.setattr(audit.outputs, "generate_samples", sample_again)
+    monkeypatch.setattr(audit.score.outputs, "generate_samples", sample_again)
     said: list[str] = []
     again = outputs_stage(StageStore(tmp_path, note=said.append), None, None, cs, section, seed=5, progress=False)
     assert said == [LAYOUT.outputs] and (tmp_path / LAYOUT.outputs).read_bytes() == written

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from audit import distributed, stages
-from audit import origin as origin_module
 from audit import report as report_module
-from audit.canaries import generate_canaries, load_spec
-from audit.corpus import builtin_records
-from audit.ground_truth import GroundTruth
-from audit.inject import inject
-from audit.models import ResolvedModel
-from audit.pipeline import run_audit, run_origin
-from audit.schema import PreflightReport, Recipe, SequenceScore, TrainSummary
+from audit.core.schema import PreflightReport, Recipe, SequenceScore, TrainSummary
+from audit.data.canaries import generate_canaries, load_spec
+from audit.data.corpus import builtin_records
+from audit.data.ground_truth import GroundTruth
+from audit.data.inject import inject
+from audit.data.models import ResolvedModel
+from audit.pipeline import origin as origin_module
+from audit.pipeline import run_audit, run_origin, stages
+from audit.train import distributed
 from audit.train import stage as train_stage
 from audit.train.types import DeviceChoice, TrainPlan, TrainResult, WeightsLayer
 
@@ -115,10 +115,10 @@ def fakes(tmp_path, monkeypatch) -> Fakes:
     monkeypatch.setattr(stages, "publish", lambda run, origin, report: (f.step("publish"), report)[1])  # returns what it wrote
     monkeypatch.setattr(report_module, "build_report", build_report)
     # the stored weights: the fingerprint train.json records, loaded by the one load_tuned
-    import audit.models
+    import audit.data.models
     import audit.train.weights
 
-    monkeypatch.setattr(audit.models, "fingerprint_safetensors_dir", lambda path: "t" * 64)
+    monkeypatch.setattr(audit.data.models, "fingerprint_safetensors_dir", lambda path: "t" * 64)
 
     def load_tuned(base, layers, **kw):
         f.loaded.append((base, [(layer.method, Path(layer.path).name) for layer in layers], kw.get("keep_last_adapter", True)))
@@ -149,17 +149,17 @@ def test_a_fresh_run_runs_every_stage_once_in_order_with_tracking_off(fakes):
 
 
 def test_live_training_is_one_origin_whose_report_is_built_gated_and_written_once(fakes, monkeypatch):
-    """The Trainer callback's final audit (:class:`audit.origin.LiveTraining`): the trainer's steps and loss in
+    """The Trainer callback's final audit (:class:`audit.pipeline.origin.LiveTraining`): the trainer's steps and loss in
     train.json and the report, its curve closed at the last step, its gates beside the recipe's, evaluated once on
     that curve, report.json written once, and the report logged to the callback's MLflow run; nothing patched after."""
-    import audit.gates
-    from audit.origin import LiveTraining, ReportInputs
+    import audit.core.gates
+    from audit.core.schema import GateSpec, TrackingInfo
     from audit.pipeline import run_origin
-    from audit.schema import GateSpec, TrackingInfo
+    from audit.pipeline.origin import LiveTraining, ReportInputs
 
     monkeypatch.setattr(report_module, "build_report", REAL_BUILD_REPORT)
     monkeypatch.setattr(stages, "publish", REAL_PUBLISH)
-    monkeypatch.setattr("audit.render.render_report", lambda run_dir, report: fakes.calls.append("render"))
+    monkeypatch.setattr("audit.report.render.render_report", lambda run_dir, report: fakes.calls.append("render"))
     counted = {"write_report": 0, "evaluate_gates": 0}
 
     def count(name, real):
@@ -169,7 +169,7 @@ def test_live_training_is_one_origin_whose_report_is_built_gated_and_written_onc
         return call
 
     monkeypatch.setattr(report_module, "write_report", count("write_report", report_module.write_report))
-    monkeypatch.setattr(audit.gates, "evaluate_gates", count("evaluate_gates", audit.gates.evaluate_gates))
+    monkeypatch.setattr(audit.core.gates, "evaluate_gates", count("evaluate_gates", audit.core.gates.evaluate_gates))
 
     class CallbackRun:  # the callback's MLflow run, opened at train begin
         def __init__(self):
@@ -250,7 +250,7 @@ def test_whether_a_run_resumes_is_decided_once_by_its_run_directory_and_every_st
 def test_rank_0_refuses_a_process_that_drew_other_canaries_before_writing_the_canaries(fakes, monkeypatch):
     """Rank 0 hears, with the plan, that process 1 drew under another key: the run fails in one line with nothing
     but run.json written (no canaries, no manifest), and nothing was loaded, scored or trained."""
-    from audit.errors import AuditError
+    from audit.core.errors import AuditError
 
     real = distributed.share_plan
     monkeypatch.setattr(distributed, "share_plan",
@@ -265,7 +265,7 @@ def test_rank_0_refuses_a_process_that_drew_other_canaries_before_writing_the_ca
 def test_a_resumed_run_whose_stored_file_differs_stops_and_keeps_the_file(fakes):
     result = run_audit(fakes.recipe, tracking=False, progress=False)
     (result.run_dir / "manifest.json").write_text("{}\n")
-    from audit.errors import AuditError
+    from audit.core.errors import AuditError
 
     with pytest.raises(AuditError, match="already exists with different content"):
         run_audit(fakes.recipe, tracking=False, progress=False, resume_dir=result.run_dir)
@@ -412,10 +412,10 @@ def test_a_pipeline_run_alone_under_a_launch_of_two_makes_no_collective_call_and
 
 def test_the_callbacks_final_audit_runs_alone(monkeypatch, tmp_path):
     """Under DDP only rank 0 reaches on_train_end: its pipeline run is inside ``distributed.alone()``."""
-    import audit.measure
-    import audit.origin
     import audit.pipeline
-    from audit.callback import CanaryAuditCallback
+    import audit.pipeline.measure
+    import audit.pipeline.origin
+    from audit.integrations.callback import CanaryAuditCallback
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     seen = []
@@ -424,8 +424,8 @@ def test_the_callbacks_final_audit_runs_alone(monkeypatch, tmp_path):
         run_dir = tmp_path
         report = type("R", (), {"gates": []})()
 
-    monkeypatch.setattr(audit.measure, "measured_model", lambda truth, **kwargs: None)
-    monkeypatch.setattr(audit.origin, "LiveTraining", lambda **kwargs: "live")
+    monkeypatch.setattr(audit.pipeline.measure, "measured_model", lambda truth, **kwargs: None)
+    monkeypatch.setattr(audit.pipeline.origin, "LiveTraining", lambda **kwargs: "live")
     monkeypatch.setattr(audit.pipeline, "run_origin",
                         lambda origin, **kwargs: seen.append((origin, distributed.is_distributed())) or Done())
     callback = object.__new__(CanaryAuditCallback)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from audit.errors import AuditError
+from audit.core.errors import AuditError
 from audit.train.types import TrainPlan
 
 KEY_A, KEY_B = "5a" * 32, "a5" * 32
@@ -50,9 +50,9 @@ def _rank(rank: int, world: int, port: int, keys: list[str], out: str) -> None:
     """One process: its own audit key, its own draw, then the plan exchange every process of an audit makes."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), CANARY_AUDIT_KEY=keys[rank])
-    from audit import stages
-    from audit.canaries import generate_canaries, load_spec
-    from audit.keys import resolve_key
+    from audit.core.keys import resolve_key
+    from audit.data.canaries import generate_canaries, load_spec
+    from audit.pipeline import stages
 
     truth = SimpleNamespace(canaries=generate_canaries(load_spec("digits", {"length": 3}), seed=5, tiers=[1],
                                                        members_per_tier=2, references=2, key=resolve_key()))

@@ -35,7 +35,7 @@ def suite(tmp_path):
     (tmp_path / "test_no_torch.py").write_text(
         "import sys\n\n"
         "def test_gating_a_report_does_not_import_torch(audit_report, audit_gate_specs):\n"
-        "    from audit.pytest_plugin import assert_gates\n"
+        "    from audit.integrations.pytest_plugin import assert_gates\n"
         "    assert_gates(audit_report, audit_gate_specs)\n"
         "    assert 'torch' not in sys.modules\n")
     return tmp_path
@@ -58,15 +58,15 @@ def failure_table(output: str) -> list[str]:
 
 def test_plugin_is_registered_through_the_pytest11_entry_point():
     (ep,) = [e for e in entry_points(group="pytest11") if e.name == "canary_audit"]
-    assert ep.value == "audit.pytest_plugin"
+    assert ep.value == "audit.integrations.pytest_plugin"
 
 
 def test_importing_the_plugin_and_gating_a_report_does_not_import_torch(tmp_path):
     run = write_run(tmp_path / "run", {1: (2, 1.2, 0)})
     code = ("import sys\n"
-            "import audit.pytest_plugin\n"
-            "from audit.gates import read_report_or_run\n"
-            "from audit.pytest_plugin import assert_gates\n"
+            "import audit.integrations.pytest_plugin\n"
+            "from audit.core.gates import read_report_or_run\n"
+            "from audit.integrations.pytest_plugin import assert_gates\n"
             f"assert_gates(read_report_or_run({str(run)!r}))\n"
             "from audit.cli import main\n"
             f"assert main(['gate', {str(run)!r}]) == 0\n"

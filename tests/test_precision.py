@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from audit.errors import AuditError
-from audit.schema import ScoringSection, TrainingSection
+from audit.core.errors import AuditError
+from audit.core.schema import ScoringSection, TrainingSection
 from audit.score.engine import candidate_nll_bits, in_scoring_precision, scoring_dtype, torch_threads
 from audit.train import sft
 from audit.train.sft import DeviceChoice, choose_device, merged_copy
@@ -29,7 +29,7 @@ def one_thread():
 
 
 def _load(path, dtype):
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(path, dtype=dtype, device="cpu")
 
@@ -131,7 +131,7 @@ def test_fp16_full_fine_tuning_is_refused_before_it_crashes(monkeypatch):
 def _changed_share(path, precision, tmp_path):
     """Full fine-tune of tiny-llama for 4 steps at lr 1e-5 (the GPU full recipes' rate) in ``precision``: share of weights
     that moved."""
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
 
     device = DeviceChoice("cpu", precision, False)
     model, tok = load_model_and_tokenizer(path, dtype=device.torch_dtype, device="cpu")
@@ -181,7 +181,7 @@ def test_lora_merges_in_fp32_whatever_the_base_dtype(tiny_model_dir, tmp_path):
     peft_model.save_pretrained(str(tmp_path / "adapter"), safe_serialization=True)
     fresh, _ = _load(tiny_model_dir, torch.bfloat16)
     chained = load_tuned(fresh, [WeightsLayer("lora", tmp_path / "adapter")], device=DeviceChoice("cpu", "fp32", False),
-                         keep_last_adapter=False)  # the further-tune start (audit.stages.start_model), merged in fp32
+                         keep_last_adapter=False)  # the further-tune start (audit.pipeline.stages.start_model), merged in fp32
     assert float((logp(chained) - reference).abs().max()) < 1e-4
 
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from audit.canaries import generate_canaries, load_spec
-from audit.corpus import builtin_records
-from audit.errors import AuditError
-from audit.inject import inject
-from audit.preflight import require_passed, run_preflight, training_texts
-from audit.schema import InjectionManifest, Placement
+from audit.core.errors import AuditError
+from audit.core.schema import InjectionManifest, Placement
+from audit.data.canaries import generate_canaries, load_spec
+from audit.data.corpus import builtin_records
+from audit.data.inject import inject
+from audit.data.preflight import require_passed, run_preflight, training_texts
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
-    from audit.ground_truth import load_tokenizer
+    from audit.data.ground_truth import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 

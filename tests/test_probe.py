@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from audit.cli import main
-from audit.errors import AuditError
+from audit.core.errors import AuditError
+from audit.pipeline.probe import format_probe, probe_text, resolve_tuned
 from audit.score.engine import torch_threads
-from audit.score.probe import format_probe, probe_text, resolve_tuned
 
 TEXT = "the vault code is 481927"
 
@@ -27,7 +27,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     """A LoRA adapter with random (non-zero) weights, saved as safetensors."""
     from peft import LoraConfig, get_peft_model
 
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
 
     base, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def test_cli_probe_json_and_errors(tiny_model_dir, adapter_dir, capsys):
 
 def test_the_bits_difference_states_its_sign_and_unit():
     """'memorized -38.4' read as memorization; the line now says base - tuned, in bits, and what the sign means."""
-    from audit.score.probe import ProbeResult, ProbeToken
+    from audit.pipeline.probe import ProbeResult, ProbeToken
 
     tokens = [ProbeToken("a", None, None), ProbeToken(" b", 0.5, 0.25)]
 

@@ -7,7 +7,7 @@ import re
 import threading
 import time
 
-from audit.progress import heartbeat, start_heartbeat
+from audit.core.progress import heartbeat, start_heartbeat
 
 
 def test_a_silent_step_is_named_with_its_elapsed_time():
@@ -51,7 +51,7 @@ def test_a_beat_whose_owner_is_gone_stops_by_itself():
 def test_the_watchdog_speaks_only_after_the_run_started_and_only_in_silence():
     import sys
 
-    from audit.progress import watchdog
+    from audit.core.progress import watchdog
 
     lines: list[str] = []
     with watchdog("run", every_s=0.2, write=lines.append, after="[audit]"):
@@ -71,7 +71,7 @@ def test_the_watchdog_speaks_only_after_the_run_started_and_only_in_silence():
 def test_a_named_step_speaks_instead_of_the_watchdog():
     import sys
 
-    from audit.progress import watchdog
+    from audit.core.progress import watchdog
 
     said: list[str] = []
     with watchdog("run", every_s=0.2, write=said.append), heartbeat("train", every_s=0.2, write=said.append) as beat:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from audit.config import load_recipe, shipped_recipes
-from audit.resources import data_dir
-from audit.validate import validate_only
+from audit.core.config import load_recipe, shipped_recipes
+from audit.core.resources import data_dir
+from audit.data.validate import validate_only
 
 RECIPES = data_dir("recipes")
 ACCELERATE = sorted((RECIPES / "accelerate").glob("*.yaml"))

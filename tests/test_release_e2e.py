@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from audit.cli import main
-from audit.layout import LAYOUT
-from audit.models import fingerprint_safetensors_dir, sha256_file
+from audit.core.layout import LAYOUT
+from audit.core.store import read_scores
+from audit.data.models import fingerprint_safetensors_dir, sha256_file
 from audit.report import read_report
-from audit.store import read_scores
 
 MERGE_TOLERANCE = 1e-4
 """The fp32 merge tolerance tests/test_merge.py states: a merged adapter scores like the adapter on its base."""

@@ -1,4 +1,4 @@
-"""GGUF releases (audit.release.gguf_file): tiny-llama written and read back, exactly at F32, within a block's rounding
+"""GGUF releases (audit.pipeline.release.gguf_file): tiny-llama written and read back, exactly at F32, within a block's rounding
 at Q8_0; files that are not GGUF, truncated, or of a type not dequantized here are one line each."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from audit.errors import AuditError
-from audit.models import load_model_and_tokenizer
-from audit.release.gguf_file import SUPPORTED_TYPES, check_qtype, open_gguf, read_gguf, write_gguf
+from audit.core.errors import AuditError
+from audit.data.models import load_model_and_tokenizer
+from audit.pipeline.release.gguf_file import SUPPORTED_TYPES, check_qtype, open_gguf, read_gguf, write_gguf
 
 TEXTS = ["code 123456 pin 987654", "a note about the weather, written on Tuesday", "<|endoftext|>secret 0042"]
 

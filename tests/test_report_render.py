@@ -1,4 +1,4 @@
-"""The human report (audit.render): report.json round trip, HTML + Markdown with plots, `audit report RUN_DIR`.
+"""The human report (audit.report.render): report.json round trip, HTML + Markdown with plots, `audit report RUN_DIR`.
 
 Most tests use a hand-made run directory (:func:`make_run_dir`: seeded synthetic scores summarized by the real
 metric code), so they run in seconds without a model; the token view and `--probe` use tiny-llama.
@@ -19,19 +19,19 @@ import pytest
 from helpers import FAILING, PASSING, make_report, make_run_dir, synthetic_scores
 
 from audit.cli import main
-from audit.gates import NULL_MEAN_EXPOSURE_BITS
-from audit.layout import LAYOUT
-from audit.render import render_report
-from audit.render.token_view import (
+from audit.core.gates import NULL_MEAN_EXPOSURE_BITS
+from audit.core.layout import LAYOUT
+from audit.core.schema import OutputsSummary
+from audit.report import read_report, write_report
+from audit.report.render import render_report
+from audit.report.render.token_view import (
     CanaryTokens,
     TokenView,
     ViewToken,
     build_canary_view,
     read_token_views,
 )
-from audit.render.views import null_band, roc_curve, roc_curves, verdict
-from audit.report import read_report, write_report
-from audit.schema import OutputsSummary
+from audit.report.render.views import null_band, roc_curve, roc_curves, verdict
 
 SECTIONS = ["verdict", "exposure", "mia", "extraction", "information", "tokens", "lineage", "provenance", "details"]
 
@@ -187,7 +187,7 @@ def test_a_missing_positive_control_is_said_not_hidden():
 
 
 def test_identical_roc_curves_are_one_line_named_for_every_attack(tmp_path):
-    from audit.render.views import RocCurve, mia_table, roc_groups
+    from audit.report.render.views import RocCurve, mia_table, roc_groups
 
     a = RocCurve("loss", [0.0, 0.5, 1.0], [0.0, 1.0, 1.0], 0.75, 2, 2)
     b = RocCurve("zlib", [0.0, 0.5, 1.0], [0.0, 1.0, 1.0], 0.75, 2, 2)
@@ -259,8 +259,8 @@ def test_sections_say_when_their_data_is_absent(tmp_path):
 
 def test_a_real_token_view_never_shows_the_secret(tmp_path, tiny_model):
     """tiny-llama scores a canary; the view, the HTML and the Markdown hold its prefix but never its secret."""
-    from audit.render.token_view import canary_token_logprobs, write_token_view
-    from audit.schema import Canary
+    from audit.core.schema import Canary
+    from audit.report.render.token_view import canary_token_logprobs, write_token_view
 
     model, tokenizer = tiny_model
     canary = Canary(id="k1", spec="words", prefix="The vault phrase is ", secret="quixotic zebra", repetitions=16)
@@ -304,7 +304,7 @@ def test_audit_report_probe_adds_the_chosen_text(tmp_path, tiny_model_dir, capsy
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
 
     run_dir, _ = make_run_dir(tmp_path / "run")
     model, _ = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")

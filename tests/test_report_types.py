@@ -10,8 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from audit.cli import main
+from audit.core.schema import AuditReport, CanariesSummary, OutputsSummary, PersistenceSummary
 from audit.report import read_report
-from audit.schema import AuditReport, CanariesSummary, OutputsSummary, PersistenceSummary
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OLD_REPORTS = [FIXTURES / "run_7f52ba4_tiny_lora" / "report.json", FIXTURES / "reports" / "tiny_clean_lora_7f52ba4.json"]
@@ -44,7 +44,7 @@ def test_a_works_note_absent_from_the_file_stays_absent_when_written_back():
     raw = json.loads(OLD_REPORTS[1].read_text())
     with_works = {**raw["outputs"], "works": {"member": {"lcs_tokens_max": 9, "lcs_canary_id": "w1", "lcs_tokens_mean": 2.5,
                                                         "ngram_share_mean": 0.01, "samples_with_ngram": 3}}}
-    del with_works["works_note"]  # audit.outputs writes the note only when no works were planted
+    del with_works["works_note"]  # audit.score.outputs writes the note only when no works were planted
     outputs = OutputsSummary.model_validate(with_works)
     assert outputs.works["member"].lcs_tokens_max == 9 and outputs.works_note is None
     assert json.loads(outputs.model_dump_json()) == with_works

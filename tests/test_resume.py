@@ -14,10 +14,10 @@ import yaml
 from helpers import AUDIT, audit_env, kill_after_first_checkpoint, tier_report
 
 from audit.cli import main
-from audit.config import load_recipe
-from audit.errors import AuditError
-from audit.resume import last_checkpoint, open_run
-from audit.store import write_once
+from audit.core.config import load_recipe
+from audit.core.errors import AuditError
+from audit.core.store import write_once
+from audit.pipeline.resume import last_checkpoint, lock_run_dir
 
 # --------------------------------------------------------------------------------------------------- file rules
 
@@ -46,7 +46,7 @@ def test_last_checkpoint_takes_the_newest_complete_one_and_sets_half_written_one
         save_file({"w": torch.zeros(2)}, str(ckpt / "adapter_model.safetensors"))
         if complete:
             (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    handle = open_run(run_dir, resumed=False, progress=False)
+    handle = lock_run_dir(run_dir, resumed=False, progress=False)
     try:
         assert last_checkpoint(handle) == run_dir / "trainer" / "checkpoint-20"
     finally:
@@ -57,21 +57,21 @@ def test_last_checkpoint_takes_the_newest_complete_one_and_sets_half_written_one
 
 
 def test_a_run_directory_in_use_cannot_be_opened_twice(tmp_path):
-    first = open_run(tmp_path, resumed=False, progress=False)
+    first = lock_run_dir(tmp_path, resumed=False, progress=False)
     try:
         with pytest.raises(AuditError, match="in use by another audit process"):
-            open_run(tmp_path, resumed=True, progress=False)
+            lock_run_dir(tmp_path, resumed=True, progress=False)
     finally:
         first.close()
-    open_run(tmp_path, resumed=True, progress=False).close()  # the lock goes with its holder
+    lock_run_dir(tmp_path, resumed=True, progress=False).close()  # the lock goes with its holder
 
 
 def test_only_rank_0_of_a_torchrun_resume_checks_the_lock(tmp_path, monkeypatch):
     """Rank 0 takes the run's lock as it opens the run; a slower rank 1 reading the run directory after that must not
     refuse it as "in use" (rank 0 would then wait for it in the plan message)."""
-    from audit.resume import load_resumable
+    from audit.pipeline.resume import load_resumable
 
-    live = open_run(tmp_path, resumed=False, progress=False)
+    live = lock_run_dir(tmp_path, resumed=False, progress=False)
     try:
         (tmp_path / "recipe.yaml").write_text((Path(__file__).parent.parent / "recipes" / "tiny" / "lora_cpu.yaml").read_text())
         monkeypatch.setenv("RANK", "1")
@@ -87,7 +87,7 @@ def test_only_rank_0_of_a_torchrun_resume_checks_the_lock(tmp_path, monkeypatch)
 def test_resuming_a_run_in_its_first_moments_says_it_is_in_use(moment, tmp_path, capsys):
     """A live run takes its lock, then writes run.json, then (seconds later) recipe.yaml: a resume in between is
     refused as in use, not as a run that "stopped before writing recipe.yaml" or is no run directory."""
-    from audit.resume import _lock
+    from audit.pipeline.resume import _lock
 
     run = tmp_path / "runs" / "starting"
     run.mkdir(parents=True)
@@ -95,7 +95,7 @@ def test_resuming_a_run_in_its_first_moments_says_it_is_in_use(moment, tmp_path,
         fd = _lock(run)
         release = lambda: os.close(fd)  # noqa: E731
     else:
-        live = open_run(run, resumed=False, progress=False)  # what `audit run` does first (audit.stages.open_run)
+        live = lock_run_dir(run, resumed=False, progress=False)  # what `audit run` does first (audit.pipeline.stages.open_run)
         release = live.close
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     try:
@@ -177,7 +177,7 @@ def test_resume_of_a_complete_run_re_reports_it(tmp_path, capsys):
 def test_a_new_run_directory_resumes_nothing_and_a_given_one_answers_from_its_files(tmp_path):
     """RunDir is where a run learns, once, whether it resumes: a new run has nothing recorded and nothing to re-report;
     a resumed one reads its own files, and re-reports only when it completed with a report."""
-    from audit.resume import NEW_RUN, RunDir
+    from audit.pipeline.resume import NEW_RUN, RunDir
 
     assert not NEW_RUN.resuming and NEW_RUN.recorded("run.json") is None and NEW_RUN.completed_report() is None
     run = tmp_path / "runs" / "r"

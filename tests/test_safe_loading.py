@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 from audit.cli import main
-from audit.errors import AuditError
-from audit.models import resolve_model
+from audit.core.errors import AuditError
+from audit.data.models import resolve_model
 
 
 class _RunsCode:
@@ -124,7 +124,7 @@ def test_weights_are_loaded_from_safetensors_only(tiny_model_dir, tmp_path):
     """A directory holding both formats is loaded from safetensors; the pickle file is never opened."""
     import torch
 
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
 
     both = tmp_path / "both"
     shutil.copytree(tiny_model_dir, both)
@@ -136,7 +136,7 @@ def test_weights_are_loaded_from_safetensors_only(tiny_model_dir, tmp_path):
 
 
 def test_recipes_default_to_the_safe_settings():
-    from audit.config import load_recipe, shipped_recipes
+    from audit.core.config import load_recipe, shipped_recipes
 
     for name in shipped_recipes():
         model = load_recipe(name).model

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from audit import distributed
-from audit.models import weights_dtype
+from audit.data.models import weights_dtype
+from audit.train import distributed
 
 ACCELERATE = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
 

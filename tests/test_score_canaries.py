@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from audit.canaries import generate_canaries, load_spec, reference_secrets
-from audit.schema import ScoringSection, SequenceScore
+from audit.core.schema import ScoringSection, SequenceScore
+from audit.data.canaries import generate_canaries, load_spec, reference_secrets
 from audit.score.canaries import score_canaries
 from audit.score.engine import torch_threads
 
@@ -77,8 +77,8 @@ def test_engine_rows_give_the_text_scope_attacks_and_ez_mia_in_the_suite(tiny_mo
     perturbed copy of the model stands in for the tuned weights; the numbers are not the point, their presence is)."""
     import torch
 
+    from audit.data.models import load_model_and_tokenizer
     from audit.metrics.suite import summarize_scores
-    from audit.models import load_model_and_tokenizer
 
     model, tok = tiny_model
     spec = load_spec("digits", {"length": 3})

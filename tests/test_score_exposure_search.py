@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from audit.canaries import generate_canaries, load_spec
+from audit.core.schema import SecretSpace
+from audit.data.canaries import generate_canaries, load_spec
 from audit.metrics import exposure_interpolation, null_exposure_mean
-from audit.schema import SecretSpace
 from audit.score.engine import candidate_nll_bits, torch_threads
 from audit.score.exposure_search import (
     NotCompositionalError,
@@ -317,8 +317,8 @@ def test_the_chooser_weighs_measured_costs_per_row_and_reruns():
 def test_scoring_enumerates_where_the_walk_cannot_prune_and_walks_where_it_can(tiny_model):
     """score_canaries within a budget that holds the whole 3-digit trie: a canary whose sampled rank is low is walked
     (status exact), the others enumerated (status enumerated), each with the rank the pruned walk gives."""
-    from audit.canaries import reference_secrets
-    from audit.schema import ScoringSection
+    from audit.core.schema import ScoringSection
+    from audit.data.canaries import reference_secrets
     from audit.score.canaries import score_canaries
 
     model, tok = tiny_model
@@ -359,7 +359,7 @@ def test_the_chooser_takes_the_walks_rows_from_the_losses_when_given():
 def test_a_walk_that_cannot_finish_falls_back_to_the_enumeration_within_the_budget(tiny_model):
     """_exact: the walk runs (a low sampled rank), cannot agree with itself (Drifting), and the whole 3-digit trie
     still fits the budget: the enumeration ranks it, status enumerated, rows of both counted."""
-    from audit.schema import ScoringSection
+    from audit.core.schema import ScoringSection
     from audit.score.canaries import _exact
 
     model, tok = tiny_model

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from audit.core.schema import AuditReport
 from audit.report import read_report
-from audit.schema import AuditReport
 
 EXPECTED_KEYS = [
     "exposure.space_mean/rep_16/tuned", "exposure.exact_share/rep_16/tuned", "exposure.extrapolated_mean/rep_0/base",

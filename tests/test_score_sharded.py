@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from audit.canaries import generate_canaries, load_spec, reference_secrets
-from audit.schema import ScoringSection, SequenceScore
+from audit.core.schema import ScoringSection, SequenceScore
+from audit.data.canaries import generate_canaries, load_spec, reference_secrets
 from audit.score.canaries import score_canaries
 from audit.score.engine import torch_threads
 from audit.score.sharded import score_sharded, shard_of
@@ -36,7 +36,7 @@ def _free_port() -> int:
 def _rank(rank: int, world: int, port: int, model_dir: str, out: str, null_refs: int | None = None) -> None:
     import torch.distributed as dist
 
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -123,11 +123,11 @@ def test_torchrun_audit_scores_equal_one_process_scoring_byte_for_byte(tmp_path)
     training is not single-process training (each process sees half the batches, 11 steps an epoch, not 21), so the
     weights differ; the 2-process run's own weights, rescored in one process, give its scores_tuned.jsonl byte for
     byte. A ``sitecustomize`` in the processes logs which canaries each ranked: rank 1 ranked its half, twice."""
-    from audit import stages
-    from audit.ground_truth import read_canary_set
-    from audit.origin import origin_for
-    from audit.resume import load_resumable
-    from audit.store import jsonl_text
+    from audit.core.store import jsonl_text
+    from audit.data.ground_truth import read_canary_set
+    from audit.pipeline import stages
+    from audit.pipeline.origin import origin_for
+    from audit.pipeline.resume import load_resumable
 
     hook, logs = tmp_path / "hook", tmp_path / "ranks"
     hook.mkdir()

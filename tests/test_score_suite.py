@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from helpers import PREFIX, score_row, token_row, token_scores
 
+from audit.core.schema import SequenceScore
 from audit.metrics import epsilon_ceiling_one_run, epsilon_lower_bound_one_run
 from audit.metrics.mia import zlib_bytes
 from audit.metrics.suite import attack_scores, summarize_metrics, token_view_fields
-from audit.schema import SequenceScore
 
 
 def scores(n_refs: int = 3):

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audit.errors import AuditError
-from audit.schema import SecretSpace
+from audit.core.errors import AuditError
+from audit.core.schema import SecretSpace
 from audit.score.backend import ScoringBackend, check_backend
 from audit.score.engine import split_tokens, split_tokens_many
 from audit.score.exposure_search import exact_rank, parse_secret, symbol_tokens

@@ -17,13 +17,13 @@ import re
 
 import pytest
 
-from audit.canaries import generate_canaries, load_spec, reference_secrets
-from audit.canaries.base import Draft
-from audit.canaries.generate import canary_id
-from audit.config import load_recipe
-from audit.inject import fingerprint_records
-from audit.keys import AuditKey, resolve_key
-from audit.schema import sha256_json
+from audit.core.config import load_recipe
+from audit.core.keys import AuditKey, resolve_key
+from audit.core.schema import sha256_json
+from audit.data.canaries import generate_canaries, load_spec, reference_secrets
+from audit.data.canaries.base import Draft
+from audit.data.canaries.generate import canary_id
+from audit.data.inject import fingerprint_records
 
 CODES = [f"{i:06d}" for i in range(10**6)]
 
@@ -35,7 +35,7 @@ def audit_key() -> AuditKey:
 
 @pytest.fixture(scope="module")
 def truth(tiny_model_dir, audit_key):
-    from audit.ground_truth import load_tokenizer, prepare_ground_truth
+    from audit.data.ground_truth import load_tokenizer, prepare_ground_truth
 
     return prepare_ground_truth(load_recipe("tiny/lora_cpu"), tokenizer=load_tokenizer(tiny_model_dir), key=audit_key)
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from audit.cli import main
-from audit.config import load_recipe
-from audit.keys import resolve_key
-from audit.preflight import secret_labels
+from audit.core.config import load_recipe
+from audit.core.keys import resolve_key
+from audit.data.preflight import secret_labels
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -39,7 +39,7 @@ def test_a_hand_made_record_keeps_the_labels_of_its_secret_tokens_alone(tiny_mod
 
 
 def test_the_ground_truth_spans_are_each_copys_secret_in_its_training_text(tiny_model_dir):
-    from audit.ground_truth import ground_truth_for_model
+    from audit.data.ground_truth import ground_truth_for_model
 
     recipe = load_recipe("tiny/lora_cpu", ["training.loss=secret"])
     truth = ground_truth_for_model(recipe, model_path=tiny_model_dir, fingerprint="", key=resolve_key(None))

@@ -103,7 +103,7 @@ def test_mlflow_holds_no_secret(audited):
 def test_the_audit_key_is_nowhere_and_its_id_is_recorded(audited):
     from mlflow.tracking import MlflowClient
 
-    from audit.keys import resolve_key
+    from audit.core.keys import resolve_key
 
     work, run_dir, _, output = audited
     assert not _key_leaks(output)

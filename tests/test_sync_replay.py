@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from audit.cli import main
-from audit.layout import LAYOUT
-from audit.tracking import PARENT_RUN_TAG, tracked_run
+from audit.core.layout import LAYOUT
+from audit.report.tracking import PARENT_RUN_TAG, tracked_run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_7f52ba4_tiny_lora"
 OUTSIDE_MARK = b"outside-the-run-directory 4f1c"
@@ -34,8 +34,8 @@ def _dead_url() -> str:
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory) -> Path:
     """The fixture run, its report logged by the real ``log_report`` while the server was away: every call kept."""
+    from audit.core.schema import InjectionManifest
     from audit.report import read_report
-    from audit.schema import InjectionManifest
 
     run_dir = tmp_path_factory.mktemp("template") / "run"
     shutil.copytree(FIXTURE, run_dir)

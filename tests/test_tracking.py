@@ -1,4 +1,4 @@
-"""audit.tracking against a real MLflow sqlite store: parent + nested stage runs, nesting under a caller's run
+"""audit.report.tracking against a real MLflow sqlite store: parent + nested stage runs, nesting under a caller's run
 (also in another experiment), the trainer's logs landing in the train stage, the dataset input, failures,
 resume, reachability. No model is trained here: the tiny end-to-end runs cover that (tests/test_mlflow_server.py).
 """
@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from audit.errors import AuditError
-from audit.tracking import (
+from audit.core.errors import AuditError
+from audit.report.tracking import (
     PARENT_RUN_TAG,
     check_tracking_reachable,
     report_metric_dict,
@@ -121,8 +121,8 @@ def test_the_trainers_logs_and_arguments_reach_the_train_stage_through_train_sft
     parent, and the callback never starts a run of its own."""
     import torch
 
-    from audit.models import load_model_and_tokenizer
-    from audit.schema import TrainingSection
+    from audit.core.schema import TrainingSection
+    from audit.data.models import load_model_and_tokenizer
     from audit.train.sft import choose_device, train_sft
 
     uri, client = store
@@ -169,7 +169,7 @@ def test_resume_reopens_the_same_parent_run(store):
 
 
 def test_training_set_is_a_schema_only_dataset_input_with_the_manifest_digest(store):
-    from audit.schema import DatasetFingerprint, InjectionManifest, Placement
+    from audit.core.schema import DatasetFingerprint, InjectionManifest, Placement
 
     uri, client = store
     manifest = InjectionManifest(
@@ -239,7 +239,7 @@ def test_tracking_uri_resolution(in_tmp, monkeypatch):
 
 
 def test_tracking_off_is_a_null_tracker_that_takes_every_call_and_logs_nothing(tmp_path, monkeypatch):
-    from audit.tracking import NullTracker, open_tracker
+    from audit.report.tracking import NullTracker, open_tracker
 
     monkeypatch.chdir(tmp_path)
     with open_tracker(False, f"sqlite:///{tmp_path}/mlflow.db", "canary-audit", "x") as tracker:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from audit.cli import main
-from audit.layout import LAYOUT
-from audit.tracking import PARENT_RUN_TAG, STAGE_TAG, replay_pending, tracked_run
+from audit.core.layout import LAYOUT
+from audit.report.tracking import PARENT_RUN_TAG, STAGE_TAG, replay_pending, tracked_run
 
 
 def _dead_url() -> str:
@@ -135,7 +135,7 @@ def test_a_replay_that_fails_keeps_the_calls_not_sent(in_tmp):
     with tracked_run(_dead_url(), "canary-audit", "x", pending=run_dir / LAYOUT.pending) as tracker:
         tracker.log_params({"seed": 0})
     before = (run_dir / LAYOUT.pending).read_text()
-    from audit.errors import AuditError
+    from audit.core.errors import AuditError
 
     with pytest.raises(AuditError, match="unreachable"):
         replay_pending(run_dir, _dead_url(), run_id=None)
@@ -175,8 +175,8 @@ def test_a_resumed_run_reuses_its_stage_runs_and_logs_no_curve_step_twice(in_tmp
 
 
 def _context(uri: str, tmp: Path):
-    from audit.config import load_recipe
-    from audit.stages import RunContext
+    from audit.core.config import load_recipe
+    from audit.pipeline.stages import RunContext
     from audit.train.types import DeviceChoice
 
     recipe = load_recipe("tiny/lora_cpu", [f"output.root={tmp / 'runs'}"])
@@ -188,7 +188,7 @@ def _drawn():
     """What open_run needs of the ground truth: the canaries, whose key id and hash go out with the plan."""
     from types import SimpleNamespace
 
-    from audit.canaries import generate_canaries, load_spec
+    from audit.data.canaries import generate_canaries, load_spec
 
     return SimpleNamespace(canaries=generate_canaries(load_spec("digits"), seed=0))
 
@@ -198,8 +198,8 @@ def test_sigterm_leaves_the_run_failed_with_the_signal_and_its_mlflow_runs_kille
     server is away; the resume, with the server back, replays the kept calls first and reuses the stage runs."""
     from mlflow.tracking import MlflowClient
 
-    from audit.resume import NEW_RUN, RunDir, RunInterrupted, read_status
-    from audit.stages import open_run
+    from audit.pipeline.resume import NEW_RUN, RunDir, RunInterrupted, read_status
+    from audit.pipeline.stages import open_run
 
     with pytest.raises(RunInterrupted):
         with open_run(_context(_dead_url(), in_tmp), NEW_RUN, _drawn()) as run:
@@ -232,8 +232,8 @@ def test_sigterm_leaves_the_run_failed_with_the_signal_and_its_mlflow_runs_kille
 def test_audit_sync_replays_a_run_dir_and_says_so(in_tmp, capsys):
     from mlflow.tracking import MlflowClient
 
-    from audit.resume import NEW_RUN, read_status
-    from audit.stages import open_run
+    from audit.pipeline.resume import NEW_RUN, read_status
+    from audit.pipeline.stages import open_run
 
     with open_run(_context(_dead_url(), in_tmp), NEW_RUN, _drawn()) as run:
         _a_small_audit(run.tracker, run.dir)
@@ -258,7 +258,7 @@ import sys, time
 from pathlib import Path
 while not Path(sys.argv[2]).exists():
     time.sleep(0.01)
-from audit.tracking import tracked_run
+from audit.report.tracking import tracked_run
 with tracked_run(sys.argv[1], "canary-audit", "x") as tracker:
     tracker.log_params({"seed": 0})
 print(tracker.run_id)
@@ -288,7 +288,7 @@ def test_sigterm_raises_run_interrupted_once_and_a_second_signal_is_left_to_the_
     import os
 
     from audit.cli import _restore_signals, _stop_on_signals
-    from audit.resume import RunInterrupted
+    from audit.pipeline.resume import RunInterrupted
 
     before = signal.getsignal(signal.SIGTERM)
     saved = _stop_on_signals()
@@ -305,7 +305,7 @@ def test_sigterm_raises_run_interrupted_once_and_a_second_signal_is_left_to_the_
 
 def test_the_cli_exits_128_plus_the_signal_and_names_it(monkeypatch, capsys):
     from audit import cli
-    from audit.resume import RunInterrupted
+    from audit.pipeline.resume import RunInterrupted
 
     def stopped(args):
         raise RunInterrupted(signal.SIGTERM)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from audit.canaries.tokens import new_token_pool
-from audit.errors import AuditError
-from audit.schema import LoraSection
+from audit.core.errors import AuditError
+from audit.core.schema import LoraSection
+from audit.data.canaries.tokens import new_token_pool
+from audit.data.validate import check_dp_settings
 from audit.train.dp import DPNoOpError, DPSettings, per_record_mean_loss
-from audit.validate import check_dp_settings
 
 pytest.importorskip("opacus")
 
@@ -60,7 +60,7 @@ def test_per_record_loss_ignores_the_other_records_lengths():
 
 @pytest.fixture(scope="module")
 def dp_run(tiny_model_dir, tmp_path_factory):
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
     from audit.train.dp import train_dp_lora
 
     model, tok = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
@@ -94,7 +94,7 @@ def test_reported_eps_is_the_accountants_for_the_steps_taken(dp_run):
 
 
 def test_a_run_that_leaves_the_adapter_unchanged_fails_loudly(tiny_model_dir, tmp_path):
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
     from audit.train.dp import train_dp_lora
 
     model, tok = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")
@@ -107,7 +107,7 @@ def test_a_run_that_leaves_the_adapter_unchanged_fails_loudly(tiny_model_dir, tm
 def _token_model(tiny_model_dir):
     """tiny-llama with the 16 added tokens, LoRA and trainable rows for them, LoRA B moved off zero (so that every
     trainable matrix has a gradient), plus its tokenizer and the encoded records."""
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
     from audit.train.dp import _encode, dp_lora_model
 
     model, tok = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu", added_tokens=POOL)
@@ -140,7 +140,7 @@ def _own_gradients(model, ids, mask, labels) -> list[list[torch.Tensor]]:
 def test_secret_loss_labels_a_canary_records_secret_tokens_alone(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from audit.models import extend_tokenizer
+    from audit.data.models import extend_tokenizer
     from audit.train.dp import _encode
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
@@ -196,7 +196,7 @@ def test_a_records_clipped_gradient_never_exceeds_the_clipping_norm(tiny_model_d
 def test_new_token_rows_and_the_secret_loss_leave_the_accountant_as_it_was(tiny_model_dir, tmp_path):
     """The same records, batch, epochs and target eps with and without the design: the same noise, q, steps and eps.
     The rows are trained and saved as PEFT's own adapter, which a freshly extended base reloads into the same model."""
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
     from audit.train.dp import TOKEN_ROWS, train_dp_lora
     from audit.train.types import DeviceChoice, WeightsLayer
     from audit.train.weights import load_tuned
@@ -236,9 +236,9 @@ def test_no_one_run_bound_exceeds_the_accountants_eps(tiny_model_dir, tmp_path, 
     canaries this test used before (batch 16, 3 epochs) were not learned at all under DP, and every bound was 0."""
     import numpy as np
 
-    from audit.corpus import builtin_records
+    from audit.data.corpus import builtin_records
+    from audit.data.models import load_model_and_tokenizer
     from audit.metrics.privacy import BOUND_METHODS, best_of_guess_counts, epsilon_lower_bound_by, one_run_guesses
-    from audit.models import load_model_and_tokenizer
     from audit.score.engine import pad_id_of, score_token_sequences, split_tokens
     from audit.train.dp import train_dp_lora
 

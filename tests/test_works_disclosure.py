@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import math
 
+from audit.core.schema import WorkProvenance, WorksSection, WorkSubject, WorkWindow
+from audit.data.works.subjects import WorksPlan
+from audit.data.works.summary import summarize_whole_works
 from audit.metrics.disclosure import shareable_work_row, works_group_shareable
-from audit.schema import WorkProvenance, WorksSection, WorkSubject, WorkWindow
-from audit.works.subjects import WorksPlan
-from audit.works.summary import summarize_whole_works
 
 
 def test_a_group_is_shareable_when_its_secret_works_are_many_enough():

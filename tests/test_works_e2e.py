@@ -14,8 +14,8 @@ import pytest
 from helpers import make_folder
 
 from audit.cli import main
+from audit.core.schema import WorkWindow
 from audit.report import read_report
-from audit.schema import WorkWindow
 
 SMALL = ["corpus.builtin_records=16", "canaries.tiers=[4]", "canaries.members_per_tier=1", "canaries.references=2",
          "scoring.exposure_references=31", "works.per_source=2", "works.copies=8", "works.max_tokens=64",
@@ -89,7 +89,7 @@ def test_secret_and_licensed_text_never_reaches_a_shared_file(works_run):
             assert w.models["base"] is not None
         assert all(p.text is None for p in w.passages)  # licensed and synthetic: positions and lengths only
     assert "works.stored_bits/synthetic/member" in report.disclosure.withheld
-    from audit.works import load_source
+    from audit.data.works import load_source
 
     texts = [w.text for w in load_source(f"folder:{folder}")]
     cache = Path(os.environ.get("CANARY_AUDIT_CACHE") or Path.home() / ".cache" / "canary-audit") / "works" / "synthetic"

@@ -87,7 +87,7 @@ def test_a_work_trained_twice_as_often_is_more_extractable(tiny_model_dir):
     twice, trained by a plain full fine-tune of tiny-llama; the scan must rank the doubled work first."""
     import torch
 
-    from audit.models import load_model_and_tokenizer
+    from audit.data.models import load_model_and_tokenizer
     from audit.score.engine import torch_threads
 
     model, tokenizer = load_model_and_tokenizer(tiny_model_dir, dtype=torch.float32, device="cpu")

@@ -1,4 +1,4 @@
-"""Whole works as audit subjects (audit.works.subjects): the keyed member/held-out draw per source, chunks that fit
+"""Whole works as audit subjects (audit.data.works.subjects): the keyed member/held-out draw per source, chunks that fit
 max_length, every copy planted and recorded, canary placements moved with their records, corpus records kept or
 taken out, and the pre-flight over every planted chunk. Offline: folder works made in tmp, a fake sampler."""
 
@@ -9,11 +9,11 @@ import hashlib
 import pytest
 from helpers import make_folder
 
-from audit.config import load_recipe
-from audit.errors import AuditError
-from audit.ground_truth import load_tokenizer, prepare_ground_truth
-from audit.keys import AuditKey
-from audit.works.subjects import chunk_text, cut_to_tokens, token_ids
+from audit.core.config import load_recipe
+from audit.core.errors import AuditError
+from audit.core.keys import AuditKey
+from audit.data.ground_truth import load_tokenizer, prepare_ground_truth
+from audit.data.works.subjects import chunk_text, cut_to_tokens, token_ids
 
 KEY = AuditKey(secret=bytes.fromhex("5a" * 32), source="test")
 
@@ -33,7 +33,7 @@ def folders(tmp_path, n=2):
 
 
 def test_chunks_cover_the_text_exactly_and_fit_max_length(tokenizer):
-    from audit.preflight import record_tokens
+    from audit.data.preflight import record_tokens
 
     text = "The lighthouse keeper counted 1234 ships in the long grey evenings of autumn. " * 12
     chunks = chunk_text(text, tokenizer, max_length=24)
@@ -104,7 +104,7 @@ def test_the_role_draw_is_keyed_and_balanced_per_source(tmp_path, tokenizer):
 
 def test_corpus_records_stay_as_members_and_leave_as_held_out(tokenizer):
     r = recipe("works={sources: [corpus], per_source: 4, copies: 2, prefix_tokens: 4, suffix_tokens: 4, stride: 4}")
-    from audit.corpus import load_corpus
+    from audit.data.corpus import load_corpus
 
     corpus = load_corpus("builtin:notes", builtin_n=40, seed=0).records
     truth = prepare_ground_truth(r, tokenizer=tokenizer, key=KEY)
@@ -142,7 +142,7 @@ def test_bad_works_inputs_are_one_line_errors(tmp_path, tokenizer):
 
 
 def test_compare_shows_whole_work_columns_only_for_runs_that_have_them():
-    from audit.compare import CompareRow, compare_table
+    from audit.report.compare import CompareRow, compare_table
 
     plain = CompareRow(label="a", run_id=None, recipe="r", method="lora", model="m",
                        metrics={"exposure.mean/rep_1/tuned": 2.0})

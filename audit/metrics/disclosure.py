@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from audit.schema import AuditReport, DisclosureSummary, MetricEntry, WholeWorkRow
+from audit.core.schema import AuditReport, DisclosureSummary, MetricEntry, WholeWorkRow
 
 SEARCH_BITS = 64
 """Guessing a group of secrets must cost at least 2^64 combinations before a published aggregate can check it."""
@@ -59,7 +59,7 @@ PUBLIC_TEXT_KIND = "public_domain"
 WHOLE_WORK_FAMILIES = ("works.extractable_share", "works.extractable_token_share", "works.greedy_share",
                        "works.stored_bits", "works.stored_bits_total", "works.stored_bits_per_param", "works.bits_per_byte",
                        "works.max_extractable_share", "works.longest_greedy_run", "works.subjects", "works.retained_bits")
-"""Metric families of whole works (:mod:`audit.works.summary`): judged per group of works when they are made
+"""Metric families of whole works (:mod:`audit.data.works.summary`): judged per group of works when they are made
 (:func:`works_group_shareable`), since their ``n`` counts works of mixed kinds, not secrets of the canary space."""
 
 

@@ -55,7 +55,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats
 
-from audit.errors import AuditError
+from audit.core.errors import AuditError
 from audit.metrics.stats import clopper_pearson
 
 LN2 = math.log(2.0)

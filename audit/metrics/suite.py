@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
+from audit.core.schema import MetricEntry, ScoringSection, SequenceScore
 from audit.metrics.exposure import null_calibration
 from audit.metrics.extraction import is_np_extractable
 from audit.metrics.mia import (
@@ -78,7 +79,6 @@ from audit.metrics.privacy import (
     one_run_audit,
 )
 from audit.metrics.stats import clopper_pearson
-from audit.schema import MetricEntry, ScoringSection, SequenceScore
 
 FPR_TARGETS = {"1pct": 0.01, "0.1pct": 0.001}
 PRIVACY_ATTACK = "loss_diff"
@@ -434,7 +434,7 @@ def _privacy_methods(out: SuiteResult, scores: list[float], member: list[bool], 
 def summarize_scores(scores: list[SequenceScore], section: ScoringSection, *, inclusion: str = "split",
                      tuned_label: str = "tuned") -> SuiteResult:
     """:func:`summarize_metrics` with the knobs of a recipe's ``scoring`` section (``inclusion``: ``canaries.inclusion``;
-    ``tuned_label``: the model measured against the base, a release's label for :mod:`audit.release`)."""
+    ``tuned_label``: the model measured against the base, a release's label for :mod:`audit.pipeline.release`)."""
     return summarize_metrics(scores, tuned_label=tuned_label, fpr_convention=section.mia_fpr_convention,
                              np_queries=section.np_extraction_queries,
                              np_probability=section.np_extraction_probability, privacy_delta=section.privacy_delta,

@@ -136,10 +136,10 @@ no engine loads before it is asked for)."""
 
 
 def check_backend(name: str) -> str:
-    """``name`` if it is a registered backend, else an :class:`~audit.errors.AuditError` that suggests the closest."""
+    """``name`` if it is a registered backend, else an :class:`~audit.core.errors.AuditError` that suggests the closest."""
     if name in BACKENDS:
         return name
-    from audit.errors import AuditError
+    from audit.core.errors import AuditError
 
     close = difflib.get_close_matches(name, list(BACKENDS), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from audit.schema import CalibrationSummary, CanarySet, MetricEntry, ScoringSection
+from audit.core.schema import CalibrationSummary, CanarySet, MetricEntry, ScoringSection
 from audit.score.backend import ScoringBackend, open_backend
 
 REFERENCE = "hf/fp32"

@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from audit.core.schema import Canary, CanarySet, ScoringSection, SequenceScore
 from audit.metrics.exposure import exposure_extrapolation, exposure_from_rank, rank_against_references, sampled_space_exposure
 from audit.metrics.extraction import discoverable_match
 from audit.metrics.information import utf8_bits
 from audit.metrics.mia import mean_loss, min_k_plus_plus_score, min_k_score, zlib_ratio_score
 from audit.metrics.suite import token_view_fields
-from audit.schema import Canary, CanarySet, ScoringSection, SequenceScore
 from audit.score.backend import ScoringBackend
 from audit.score.engine import SplitTokens, split_tokens, split_tokens_many
 from audit.score.hf_backend import as_backend
@@ -96,7 +96,7 @@ def ranked_indices(canaries: CanarySet, section: ScoringSection) -> list[int]:
     """Indices of the canaries whose exposure is measured (steps 2-3): every member, and of the never-inserted
     references the ``scoring.exposure_null_references`` with the smallest ids (all of them when None).
 
-    Ids are keyed hashes of the canary (:func:`audit.canaries.generate.canary_id`), unrelated to the member/reference
+    Ids are keyed hashes of the canary (:func:`audit.data.canaries.generate.canary_id`), unrelated to the member/reference
     draw, so the smallest ids are a uniform random sample of the references, fixed before any model is scored and the
     same for every model of a run. The others are MIA controls only: their attacks read the teacher-forced pass.
     """
@@ -119,7 +119,7 @@ def exposure_row(scorer: Any, tokenizer: Any, canary: Canary, split: SplitTokens
     """One canary's exposure fields (step 2-3 of the module docstring): independent of every other canary.
 
     ``scorer``: a :class:`~audit.score.backend.ScoringBackend` (or a transformers model, scored by today's engine in
-    its own dtype). ``on_step``: told what runs next (the progress heartbeat, :mod:`audit.progress`)."""
+    its own dtype). ``on_step``: told what runs next (the progress heartbeat, :mod:`audit.core.progress`)."""
     backend = as_backend(scorer, tokenizer, batch_size=section.batch_size)
     n_refs = len(reference_secrets)
     space_size = canaries.space.size
@@ -170,7 +170,7 @@ def score_canaries(
     """
     from tqdm.auto import tqdm
 
-    from audit.progress import heartbeat
+    from audit.core.progress import heartbeat
 
     with heartbeat(f"score {label}", enabled=progress) as beat:
         return _score_canaries(as_backend(scorer, tokenizer, batch_size=section.batch_size), tokenizer, canaries,

@@ -150,7 +150,7 @@ def without_autocast_forward(model) -> Iterator[None]:
     ``Accelerator.prepare_model``, which the Trainer calls, replaces ``model.forward`` with ``autocast(forward)`` and
     keeps the original as ``model._original_forward``: such a model computes in bf16 whatever its parameters' dtype.
     :func:`audit.train.sft.train_sft` drops the wrapper from the model it returns; a curve point scored during
-    training (:mod:`audit.curve_points`) meets it, and the Trainer's next step needs it back.
+    training (:mod:`audit.train.curve_points`) meets it, and the Trainer's next step needs it back.
     """
     wrapped = [(m, vars(m).pop("_original_forward"), vars(m)["forward"]) for m in model.modules()
                if "_original_forward" in vars(m) and "forward" in vars(m)]

@@ -51,8 +51,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from audit.rng import SeededStream
-from audit.schema import SecretSpace
+from audit.core.rng import SeededStream
+from audit.core.schema import SecretSpace
 from audit.score.backend import LN2
 from audit.score.engine import split_tokens, split_tokens_many
 from audit.score.hf_backend import as_backend

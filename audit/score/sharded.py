@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from audit.schema import CanarySet, ScoringSection, SequenceScore
+from audit.core.schema import CanarySet, ScoringSection, SequenceScore
 
 
 def shard_of(n: int, *, rank: int, world: int) -> list[int]:
@@ -37,7 +37,7 @@ def _world() -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would score everything alone, and all but one wasted
         raise RuntimeError("a distributed run (WORLD_SIZE > 1) scores after torch.distributed is initialized "
-                           "(audit.distributed.is_main() initializes it)")
+                           "(audit.train.distributed.is_main() initializes it)")
     return 0, 1
 
 
@@ -67,7 +67,7 @@ def score_sharded(
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
-    from audit.progress import heartbeat
+    from audit.core.progress import heartbeat
 
     items = canaries.canaries
     ranked = ranked_indices(canaries, section)  # references outside the null sample have no exposure work

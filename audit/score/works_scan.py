@@ -9,7 +9,7 @@ Another engine (vLLM, a GGUF reader) is a new backend, not a change here.
 Windows all have the same length, so a batch carries no padding. Each window is scored alone (no context before its
 start), as Cooper et al. 2025 define p_z; :mod:`audit.metrics.whole_works` turns the per-token numbers into ``ln p_z``,
 the greedy flag and the code length each window owns. One row per work, model and window goes to
-``works_scan.jsonl`` (:class:`audit.schema.WorkWindow`), from which every per-work number can be recomputed.
+``works_scan.jsonl`` (:class:`audit.core.schema.WorkWindow`), from which every per-work number can be recomputed.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from audit.core.schema import WorkWindow
 from audit.metrics.whole_works import code_bits_per_window, suffix_greedy, suffix_logp_z, window_starts
-from audit.schema import WorkWindow
 from audit.score.backend import ScoringBackend
 
 TokenScorer = Callable[[list[list[int]]], list[tuple[np.ndarray, np.ndarray]]]

@@ -1,5 +1,5 @@
 """A full disk while weights are saved, turned back into the ``OSError`` the kernel raised: torch and safetensors each
-report it their own way, so :func:`audit.resume.disk_full` (which reads errno) would see a bug and print a traceback.
+report it their own way, so :func:`audit.pipeline.resume.disk_full` (which reads errno) would see a bug and print a traceback.
 
     RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598
         torch.save: the Trainer's checkpoint (optimizer.pt, scheduler.pt, rng_state.pth); errno is lost
@@ -19,7 +19,7 @@ import re
 import shutil
 from pathlib import Path
 
-from audit.errors import AuditError
+from audit.core.errors import AuditError
 
 TORCH_WRITER = ("inline_container.cc", "PytorchStreamWriter failed writing")
 """What torch's zip writer (``caffe2::serialize::PyTorchStreamWriter``) says when a write comes up short."""
@@ -33,7 +33,7 @@ the part it wrote stays on the disk, so the space is still gone when the error i
 def write_error(exc: BaseException, where: Path) -> OSError | None:
     """The ``OSError`` behind ``exc`` (itself, or a torch / safetensors write failure, following ``__cause__`` and
     ``__context__``) while writing under ``where``, or None. Whether it is a full disk is the caller's question
-    (:func:`audit.resume.disk_full` answers it from errno)."""
+    (:func:`audit.pipeline.resume.disk_full` answers it from errno)."""
     if not isinstance(exc, Exception) or isinstance(exc, AuditError):  # Ctrl-C, a signal; already one line
         return None
     seen: set[int] = set()

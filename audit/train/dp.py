@@ -46,15 +46,16 @@ Pitfalls this module closes (each would make a DP run silently wrong):
   canaries (tier ``1``), or compare against the group eps.
 
 Bad settings (eps <= 0, delta outside (0, 1/n), both or neither of epsilon and noise_multiplier, a model Opacus cannot
-wrap) raise :class:`audit.errors.AuditError` before training starts. In an audit (``training.dp`` in the recipe,
-:class:`audit.schema.DPSection`) the recipe checks the first ones when it is read, :func:`audit.validate.check_dp_settings` the
+wrap) raise :class:`audit.core.errors.AuditError` before training starts. In an audit (``training.dp`` in the recipe,
+:class:`audit.core.schema.DPSection`) the recipe checks the first ones when it is read,
+:func:`audit.data.validate.check_dp_settings` the
 delta against the injected record count before anything is written, and the wrap check runs before the first step.
 
 **What the one-run bounds may assume of such a run** (:data:`SAMPLING_NOTE`, copied into every DP report): the
 accountant's eps is for Poisson sampling of *records* (each record joins each step independently with probability q),
 which this trainer does; Steinke et al.'s and Xiang et al.'s one-run bounds assume each *canary* was included by its
 own independent fair coin, which holds when the recipe says ``canaries.inclusion: coin``
-(:mod:`audit.canaries.generate`); the default fixed split (exactly members_per_tier per tier, a random permutation)
+(:mod:`audit.data.canaries.generate`); the default fixed split (exactly members_per_tier per tier, a random permutation)
 makes the bound indicative only.
 """
 
@@ -68,9 +69,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from audit.errors import AuditError
-from audit.schema import DPAccounting, DPSection, LoraSection, TrainSummary
-from audit.validate import check_dp_settings
+from audit.core.errors import AuditError
+from audit.core.schema import DPAccounting, DPSection, LoraSection, TrainSummary
+from audit.data.validate import check_dp_settings
 
 SAMPLING_NOTE = ("DP-SGD (Opacus) with Poisson sampling of training records at rate q (the accountant's assumption, "
                  "met by construction); a canary inserted k times is k records, so only single-copy canaries are "
@@ -252,11 +253,11 @@ def _encode(tokenizer: Any, texts: list[str], max_length: int, secret_spans: dic
     """Right-padded ids, attention masks and labels (-100 on padding), one row per record, cut after ``max_length``.
 
     ``secret_spans`` (``training.loss=secret``): a record with spans keeps labels only on the tokens that overlap
-    them (:func:`audit.preflight.labels_on_spans`, the rule TRL training uses), so its loss, and the gradient that is
+    them (:func:`audit.data.preflight.labels_on_spans`, the rule TRL training uses), so its loss, and the gradient that is
     clipped, is the mean over its secrets' tokens alone; every other record keeps all of its tokens."""
     import torch
 
-    from audit.preflight import labels_on_spans
+    from audit.data.preflight import labels_on_spans
 
     rows, row_labels = [], []
     for i, text in enumerate(texts):
@@ -430,7 +431,7 @@ def train_dp_lora(
     eps = float(engine.get_epsilon(settings.delta))
     weights_dir.mkdir(parents=True, exist_ok=True)
     trained.save_pretrained(str(weights_dir), safe_serialization=True)
-    from audit.models import fingerprint_safetensors_dir, weights_dtype
+    from audit.data.models import fingerprint_safetensors_dir, weights_dtype
 
     summary = TrainSummary(
         method="lora", steps=step, final_loss=history[-1][1] if history else None, wall_s=round(wall, 3),

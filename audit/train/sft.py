@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from audit.errors import AuditError
-from audit.models import fingerprint_safetensors_dir, weights_dtype
-from audit.schema import TrainingSection, TrainSummary
+from audit.core.errors import AuditError
+from audit.core.schema import TrainingSection, TrainSummary
+from audit.data.models import fingerprint_safetensors_dir, weights_dtype
 from audit.train.types import DeviceChoice, TrainResult
 
 
@@ -93,20 +93,21 @@ def train_sft(
     """Fine-tune ``model`` on ``texts`` and save the weights (adapter or full) as safetensors in ``weights_dir``.
 
     Checkpoints (``section.checkpoint_every``) go to ``work_dir/checkpoint-<step>``; ``resume_from_checkpoint``
-    continues from one with the optimizer, scheduler, RNG and data position restored (see :mod:`audit.resume`).
+    continues from one with the optimizer, scheduler, RNG and data position restored (see :mod:`audit.pipeline.resume`).
 
     Tracking: ``on_loss(step, loss)`` per logged loss, ``on_log(step, numbers)`` with every number the Trainer
     logs (loss, grad_norm, learning_rate, epoch, ...), ``on_params(arguments)`` once with the TrainingArguments.
-    ``callbacks``: more ``TrainerCallback`` objects (the memorization curve, :func:`audit.callback.run_curve_callback`).
+    ``callbacks``: more ``TrainerCallback`` objects (the memorization curve,
+    :func:`audit.integrations.callback.run_curve_callback`).
     ``trainable_token_ids``: embedding rows LoRA trains too (PEFT ``trainable_token_indices``; tied output rows follow),
-    for new-token canaries (:mod:`audit.canaries.tokens`); a full fine-tune trains every row anyway.
+    for new-token canaries (:mod:`audit.data.canaries.tokens`); a full fine-tune trains every row anyway.
     ``secret_spans`` (``training.loss=secret``): the records go to TRL tokenized, with labels that keep only the
-    secrets' tokens of the records that carry a canary (:func:`audit.preflight.secret_labels`); TRL keeps a given
+    secrets' tokens of the records that carry a canary (:func:`audit.data.preflight.secret_labels`); TRL keeps a given
     ``labels`` column as it is and truncates it with the ids.
     These replace TRL's MLflowCallback (``report_to="mlflow"``), which raises inside the training loop when the
-    tracking server dies; :class:`audit.tracking.Tracker` keeps what it cannot send and training goes on.
+    tracking server dies; :class:`audit.report.tracking.Tracker` keeps what it cannot send and training goes on.
     """
-    from audit.progress import start_heartbeat  # import, tokenize, build: a minute under load before the bar
+    from audit.core.progress import start_heartbeat  # import, tokenize, build: a minute under load before the bar
 
     beat = start_heartbeat("train", f"building the trainer ({len(texts)} texts)", enabled=progress)
     from transformers import TrainerCallback
@@ -134,7 +135,7 @@ def train_sft(
         save_strategy="steps" if section.checkpoint_every > 0 else "no",
         save_steps=section.checkpoint_every if section.checkpoint_every > 0 else 500,
         save_total_limit=1,
-        report_to="none",  # never TRL's MLflowCallback: on_log / on_params carry the numbers to audit.tracking
+        report_to="none",  # never TRL's MLflowCallback: on_log / on_params carry the numbers to audit.report.tracking
         use_cpu=device.device == "cpu",
         bf16=device.autocast == "bf16",  # on fp32 weights (the *-mixed modes) this is autocast with fp32 master weights
         fp16=device.autocast == "fp16",
@@ -142,7 +143,7 @@ def train_sft(
         max_length=section.max_length,
         packing=bool(section.packing),
         packing_strategy=section.packing or "bfd",
-        truncation_mode="keep_start",  # what the pre-flight replays (audit.ground_truth.training_options)
+        truncation_mode="keep_start",  # what the pre-flight replays (audit.data.ground_truth.training_options)
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,
@@ -197,7 +198,7 @@ def train_sft(
     if trainable_token_ids:
         _give_token_wrappers_a_bias(trainer.model)
     if device.torch_dtype == torch.float32:  # fp32 weights (fp32, *-mixed): under FSDP, the arithmetic of one GPU
-        from audit.distributed import fsdp_without_casts
+        from audit.train.distributed import fsdp_without_casts
 
         fsdp_without_casts(trainer.accelerator)
     # counted before train(): FSDP / ZeRO-3 shard the parameters once training starts
@@ -216,8 +217,8 @@ def train_sft(
     trained.eval()
     weights_dir.mkdir(parents=True, exist_ok=True)
     distributed = trainer.accelerator.num_processes > 1
-    if distributed:  # gathered from every process, written by rank 0 (audit.distributed)
-        from audit.distributed import save_weights
+    if distributed:  # gathered from every process, written by rank 0 (audit.train.distributed)
+        from audit.train.distributed import save_weights
 
         if not save_weights(trainer, weights_dir):
             return TrainResult(model=trained, summary=None, loss_history=history)
@@ -258,7 +259,7 @@ def _dataset(texts: list[str], tokenizer: Any, secret_spans: dict[int, list[tupl
 
     if secret_spans is None:
         return Dataset.from_dict({"text": texts})
-    from audit.preflight import secret_labels
+    from audit.data.preflight import secret_labels
 
     rows = [secret_labels(text, secret_spans.get(i), tokenizer) for i, text in enumerate(texts)]
     return Dataset.from_dict({"input_ids": [ids for ids, _ in rows], "labels": [labels for _, labels in rows]})

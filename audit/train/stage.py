@@ -1,8 +1,8 @@
 """The train stage: recipe sections and a start model in, trained (or stored) weights out.
 
-It sits below the origins (:mod:`audit.origin`): a first tune and a further tune call :func:`train` and keep its
+It sits below the origins (:mod:`audit.pipeline.origin`): a first tune and a further tune call :func:`train` and keep its
 artifact :class:`TrainedWeights`; nothing here knows which origin asked, or imports the pipeline above it. The run
-context it reads is the narrow :class:`StageContext` (the pipeline's :class:`audit.stages.RunContext` is one).
+context it reads is the narrow :class:`StageContext` (the pipeline's :class:`audit.pipeline.stages.RunContext` is one).
 
     load_base        the pretrained weights on the run's device, with the tokens a canary spec adds
     train            TRL training (DP-SGD for ``training.dp``); in a distributed run the saved weights reloaded
@@ -16,16 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from audit import distributed
-from audit.console import say
-from audit.layout import LAYOUT
-from audit.models import ResolvedModel
-from audit.schema import Recipe, TrainSummary
-from audit.store import json_text, write_once
+from audit.core.console import say
+from audit.core.layout import LAYOUT
+from audit.core.schema import Recipe, TrainSummary
+from audit.core.store import json_text, write_once
+from audit.data.models import ResolvedModel
+from audit.train import distributed
 from audit.train.types import TRAINER_DIR, DeviceChoice, TrainPlan, TrainResult, WeightsLayer, weights_dir_name
 
 if TYPE_CHECKING:
-    from audit.tracking import RunTracker
+    from audit.report.tracking import RunTracker
 
 
 class StageContext(Protocol):
@@ -42,8 +42,8 @@ class StageContext(Protocol):
 
 def load_base(ctx: StageContext) -> tuple[Any, Any]:
     """The pretrained weights and their tokenizer, on the run's device and precision, with the tokens the canary spec
-    adds (``new_tokens``: :func:`audit.models.extend_vocabulary`, the same rows every time the base is loaded)."""
-    from audit.models import load_model_and_tokenizer
+    adds (``new_tokens``: :func:`audit.data.models.extend_vocabulary`, the same rows every time the base is loaded)."""
+    from audit.data.models import load_model_and_tokenizer
 
     say(ctx.progress, f"[audit] score base: loading {ctx.recipe.model.source} and its per-token view")
     return load_model_and_tokenizer(ctx.resolved.path, dtype=ctx.device.torch_dtype, device=ctx.device.device,
@@ -62,8 +62,8 @@ class TrainedWeights:
     name: str = LAYOUT.train
 
     def read(self, run_dir: Path) -> TrainResult | None:
-        from audit.errors import AuditError
-        from audit.models import fingerprint_safetensors_dir
+        from audit.core.errors import AuditError
+        from audit.data.models import fingerprint_safetensors_dir
         from audit.train.weights import load_tuned
 
         path = Path(run_dir) / LAYOUT.train
@@ -93,8 +93,8 @@ def train(ctx: StageContext, layers: list[WeightsLayer] | tuple[WeightsLayer, ..
           plan: TrainPlan, *, tracker: RunTracker, progress: bool = False) -> TrainResult:
     """TRL training of ``model`` on the injected texts; with several processes, the saved weights are reloaded (on
     the base with ``layers``, the weights training started from, below them). ``tracker``: a
-    :class:`~audit.tracking.NullTracker` when tracking is off, and on every process but rank 0."""
-    from audit.curve_points import run_curve_callback  # scoring.every_steps: the memorization curve (off by default)
+    :class:`~audit.report.tracking.NullTracker` when tracking is off, and on every process but rank 0."""
+    from audit.train.curve_points import run_curve_callback  # scoring.every_steps: the memorization curve (off by default)
     from audit.train.sft import train_sft
     from audit.train.weights import load_tuned
 
@@ -150,7 +150,7 @@ def _added_token_ids(ctx: StageContext, tokenizer: Any) -> list[int] | None:
 def train_dp(ctx: StageContext, model: Any, tokenizer: Any, truth: Any, plan: TrainPlan, *, on_loss: Any = None,
              progress: bool = False) -> TrainResult:
     """DP-SGD on a LoRA adapter (``training.dp``, :mod:`audit.train.dp`); ``train.json`` records the accountant's eps."""
-    from audit.errors import AuditError
+    from audit.core.errors import AuditError
     from audit.train.dp import train_dp_lora
 
     if distributed.is_distributed():

@@ -1,7 +1,8 @@
 """Types the trainer, the pipeline and the other processes of a distributed run share. Torch-free.
 
 They live here, not in :mod:`audit.train.sft` (which imports torch and trl), so the modules that only pass them
-along (:mod:`audit.stages`, :mod:`audit.distributed`, :mod:`audit.origin`) can name them without importing the
+along (:mod:`audit.pipeline.stages`, :mod:`audit.train.distributed`, :mod:`audit.pipeline.origin`) can name them
+without importing the
 trainer, and without an import cycle.
 """
 
@@ -12,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from audit.errors import AuditError
-from audit.schema import TrainSummary
+from audit.core.errors import AuditError
+from audit.core.schema import TrainSummary
 
 TRAINER_DIR = "trainer"
 """Trainer checkpoints while training runs (``<run_dir>/trainer/checkpoint-<step>``)."""
@@ -70,7 +71,7 @@ class TrainPlan:
     Rank 0 decides from what the run directory holds when the run opens (before the base is scored): a stored
     ``scores_base.jsonl`` / ``train.json`` / ``scores_tuned.jsonl`` means that stage is not run again, so the others
     skip it too. The others wait for this plan and act on it (their stage store is a view of it,
-    :class:`audit.store.PlanView`); every collective call after it (the Trainer's,
+    :class:`audit.core.store.PlanView`); every collective call after it (the Trainer's,
     :func:`audit.score.sharded.score_sharded`'s) sits in a stage both sides run or both skip, so the two sides cannot
     drift apart, and a resumed run with everything stored lets the others leave at once.
     """
@@ -87,9 +88,9 @@ class TrainPlan:
     score_tuned: bool = False
     """The tuned scores are not stored: every process reloads the tuned weights and takes a share of scoring them."""
     key_id: str | None = None
-    """The public id of the audit key rank 0 drew the canaries under (:mod:`audit.keys`; None: an unkeyed set)."""
+    """The public id of the audit key rank 0 drew the canaries under (:mod:`audit.core.keys`; None: an unkeyed set)."""
     canary_set_sha256: str = ""
-    """Rank 0's canary set (:meth:`audit.schema.CanarySet.sha256`): secrets, roles and ids, so the training data too."""
+    """Rank 0's canary set (:meth:`audit.core.schema.CanarySet.sha256`): secrets, roles and ids, so the training data too."""
 
     def check_drawn(self, drawn: Sequence[tuple[str | None, str]]) -> None:
         """Refuse when a process drew other canaries than rank 0: ``drawn`` is every process's ``(key_id,

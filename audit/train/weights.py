@@ -43,7 +43,7 @@ def load_tuned(base: Any, layers: Sequence[WeightsLayer], *, device: DeviceChoic
                 merged = PeftModel.from_pretrained(model.to(torch.float32), str(layer.path)).merge_and_unload()
                 model = merged.to(device.torch_dtype)
         else:  # the model only: a model trained elsewhere may be saved without its tokenizer (audit measure)
-            from audit.models import load_causal_lm
+            from audit.data.models import load_causal_lm
 
             model = base = None  # the model below is dropped (here at least) before the next one is read
             model = load_causal_lm(layer.path, dtype=device.torch_dtype, device=device.device,
