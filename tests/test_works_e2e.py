@@ -114,7 +114,7 @@ def test_mlflow_gets_the_whole_work_metrics(works_run):
 
 @pytest.mark.slow
 def test_smollm2_members_are_stored_and_extracted_beyond_held_out_works(in_tmp):
-    """The issue's measured claim on `smollm2/works_cpu` (slow tier; not run on the machine that added it)."""
+    """The issue's measured claim on `smollm2/works_cpu` (slow tier; the measured run: benchmarks/works_smollm2.json)."""
     assert main(["run", "smollm2/works_cpu", "--quiet", "--no-tracking", "--no-fail-on-gates"]) == 0
     (run_dir,) = (in_tmp / "runs").iterdir()
     report = read_report(run_dir / "report.json")
