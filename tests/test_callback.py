@@ -257,7 +257,7 @@ def test_one_function_reads_a_ground_truth_directory_for_measure_the_callback_an
                      if "read_canary_set(" in p.read_text() or "(LAYOUT.manifest).read_text" in p.read_text()
                      or "/ LAYOUT.canaries).read_text" in p.read_text())
     # ground_truth.py defines read_canary_set (the reader's part) and reads back the manifest `audit inject` just wrote
-    assert readers == ["external.py", "ground_truth.py"]
+    assert readers == ["data/ground_truth.py", "pipeline/external.py"]
 
 
 def test_a_curve_point_leaves_the_model_in_train_mode_with_weights_and_rng_untouched(injected, tokenizer):

@@ -200,5 +200,5 @@ def test_the_train_stage_hands_a_dp_recipe_to_dp_sgd_with_its_section_and_refuse
     assert losses == [(3, {"train.loss": 1.5})]
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     with pytest.raises(AuditError, match="training.dp runs in one process"):
-        train_stage.train(ctx, (), "model", "tok", truth, plan)
+        train_stage.train(ctx, (), "model", "tok", truth, plan, tracker=tracker)
 

@@ -61,6 +61,7 @@ def _distributed_train(monkeypatch, tmp_path, tiny_model_dir, method: str) -> tu
     import audit.train.sft as sft
     from audit.core.schema import Recipe
     from audit.pipeline.origin import FreshBase
+    from audit.report.tracking import NullTracker
 
     recipe = Recipe(name="t", model={"source": str(tiny_model_dir)}, training={"method": method}, tracking={"enabled": False})
     ctx = stages.RunContext(recipe=recipe, resolved=None, device=CPU, tracking=False, tracking_uri="", progress=False)
@@ -72,7 +73,7 @@ def _distributed_train(monkeypatch, tmp_path, tiny_model_dir, method: str) -> tu
     monkeypatch.setattr(train_stage, "load_base", lambda ctx: loads.append("base") or (load_causal_lm(
         tiny_model_dir, dtype=torch.float32, device="cpu"), None))
     truth = type("Truth", (), {"training_texts": [], "secret_spans": None})()
-    result = train_stage.train(ctx, FreshBase(recipe=recipe).layers, "start", None, truth, plan)
+    result = train_stage.train(ctx, FreshBase(recipe=recipe).layers, "start", None, truth, plan, tracker=NullTracker())
     return loads, result.model
 
 
