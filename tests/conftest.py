@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +23,77 @@ TEST_AUDIT_KEY = "5a" * 32
 os.environ["CANARY_AUDIT_KEY"] = TEST_AUDIT_KEY
 os.environ.pop("CANARY_AUDIT_KEY_FILE", None)
 
+# CI runs two pytest-xdist workers on two cores (README command (b): `-n 2 --dist loadfile`). Each worker, and every
+# process a test starts, then runs one intra-op thread, and a test marked `smollm2` takes the machine alone (see
+# pytest_runtest_protocol below): an OpenMP thread that waits for a core another process holds makes every barrier
+# wait (SmolLM2 scoring ran ~30x slower on a loaded 2-core machine, audit.score.engine.torch_threads).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):  # the xdist controller
+        config.machine_lock_dir = tempfile.mkdtemp(prefix="canary-audit-pytest-")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist, on the controller: tell each worker where the session's lock files are."""
+    node.workerinput["machine_lock_dir"] = node.config.machine_lock_dir
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "machine_lock_dir", None):
+        shutil.rmtree(config.machine_lock_dir, ignore_errors=True)
+
+
+@contextmanager
+def _machine_lock(config, *, exclusive: bool) -> Iterator[None]:
+    """Every test holds ``machine.lock`` shared, a `smollm2` test exclusively. ``gate.lock`` gives the exclusive
+    request priority: a waiting `smollm2` test holds the gate, so the other worker starts no new test; once that
+    worker's current test ends, the `smollm2` test has the machine (without the gate, a worker that starts its next
+    test microseconds after the last one could keep a shared flock forever)."""
+    folder = Path(config.workerinput["machine_lock_dir"])
+    with open(folder / "gate.lock", "a") as gate, open(folder / "machine.lock", "a") as machine:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(machine, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            if not exclusive:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(machine, fcntl.LOCK_UN)
+            if exclusive:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _all_cores() -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under xdist: a `smollm2` test runs alone with every core; the others run side by side, one thread each. The
+    lock spans the item's whole protocol, so module and session fixtures set up or torn down for it are inside."""
+    if not hasattr(item.config, "workerinput"):  # not an xdist worker (a pytest a test starts inherits the env)
+        yield
+        return
+    exclusive = item.get_closest_marker("smollm2") is not None
+    with _machine_lock(item.config, exclusive=exclusive), (_all_cores() if exclusive else nullcontext()):
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

@@ -241,6 +241,9 @@ def make_folder(root, *, license_: str | None = "CC-BY-4.0", tamper: bool = Fals
 
 
 AUDIT = [sys.executable, "-m", "audit.cli"]
+# two processes over gloo; --standalone picks a free rendezvous port, so two of them at once (CI's two xdist workers)
+# never meet on torchrun's default 29500
+TORCHRUN_2 = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
 
 
 def audit_env() -> dict[str, str]:

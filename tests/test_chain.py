@@ -7,10 +7,10 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import TORCHRUN_2
 
 from audit.cli import main
 from audit.core.config import load_recipe
@@ -201,8 +201,7 @@ def test_two_processes_train_together_and_rank_0_alone_writes(tmp_path):
     multi-process path (audit.train.distributed) gives one run directory, one report and one top-level MLflow run."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    torchrun = Path(sys.executable).parent / "torchrun"
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "audit.cli", "run", "tiny/lora_cpu", "--quiet",
+    proc = subprocess.run([*TORCHRUN_2, "-m", "audit.cli", "run", "tiny/lora_cpu", "--quiet",
                            "--no-fail-on-gates", "training.epochs=2"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import TORCHRUN_2
 
 from audit.core.errors import AuditError
 from audit.train.types import TrainPlan
@@ -97,13 +98,12 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.slow  # ~1 min on the shared 2-core machine: two processes import torch and draw the tiny audit's canaries
 def test_torchrun_with_a_different_key_per_process_refuses_before_training(tmp_path):
     import subprocess
-    import sys
 
     launcher = tmp_path / "rank_key.py"
     launcher.write_text(RANK_KEY_LAUNCHER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RANK_KEYS": f"{KEY_A},{KEY_B}",
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(launcher), "run",
+    proc = subprocess.run([*TORCHRUN_2, str(launcher), "run",
                            "tiny/lora_cpu", "--quiet", "--no-tracking"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode != 0

@@ -1,4 +1,4 @@
-"""Releases of a SmolLM2 LoRA audit (slow: `smollm2/quick_cpu` on 120 notes, 6 member canaries and 6 references,
+"""Releases of a SmolLM2 LoRA audit (slow: `smollm2/quick_cpu` on 48 notes, 6 member canaries and 6 references,
 plus three releases scored): the merged model agrees with the adapter, Q8_0 keeps what tuning stored, every release is measured.
 The default audit's 124 canaries scored three more times would add minutes to CI and nothing to these checks;
 `benchmarks/release.py` measures the default."""
@@ -14,7 +14,7 @@ import pytest
 from audit.cli import main
 from audit.report import read_report
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.smollm2]
 
 
 def test_smollm2_releases_keep_the_16_copy_canaries_and_the_merged_model_agrees(tmp_path):
@@ -23,7 +23,7 @@ def test_smollm2_releases_keep_the_16_copy_canaries_and_the_merged_model_agrees(
     try:
         # fewer notes, no sampled outputs and 63 references: the releases are what is tested, in CI's time budget
         code = main(["run", "smollm2/quick_cpu", "release.merged=true", "release.gguf=[q8_0,q4_0]", "outputs.samples=0",
-                     "corpus.builtin_records=120", "scoring.exposure_references=63", "--quiet", "--no-tracking",
+                     "corpus.builtin_records=48", "scoring.exposure_references=63", "--quiet", "--no-tracking",
                      "--no-fail-on-gates"])
     finally:
         os.chdir(old)

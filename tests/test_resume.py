@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import AUDIT, audit_env, kill_after_first_checkpoint, tier_report
+from helpers import AUDIT, TORCHRUN_2, audit_env, kill_after_first_checkpoint, tier_report
 
 from audit.cli import main
 from audit.core.config import load_recipe
@@ -314,8 +313,7 @@ def test_a_torchrun_resume_with_every_stage_stored_runs_no_stage_on_any_process(
     (run_dir / "run.json").write_text(json.dumps({**status, "status": "failed"}))  # stopped while it reported
     (run_dir / "report.json").unlink()
 
-    torchrun = Path(sys.executable).parent / "torchrun"
-    resumed = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "audit.cli", "run", "--resume", str(run_dir),
+    resumed = subprocess.run([*TORCHRUN_2, "-m", "audit.cli", "run", "--resume", str(run_dir),
                               *args], cwd=tmp_path, env={**audit_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TORCHRUN_2
 
 from audit.core.schema import ScoringSection, SequenceScore
 from audit.data.canaries import generate_canaries, load_spec, reference_secrets
@@ -139,7 +140,7 @@ def test_torchrun_audit_scores_equal_one_process_scoring_byte_for_byte(tmp_path)
     bin_dir = Path(sys.executable).parent
     args = ["run", "tiny/lora_cpu", "--quiet", "--no-tracking", "--no-fail-on-gates"]
     runs = {}
-    for name, command in (("two", [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "-m", "audit.cli", *args]),
+    for name, command in (("two", [*TORCHRUN_2, "-m", "audit.cli", *args]),
                           ("one", [str(bin_dir / "audit"), *args])):
         work = tmp_path / name
         work.mkdir()
