@@ -14,6 +14,12 @@ spec, the recipe and the prefixes. Two attacks try to turn that into secrets (is
 
 Each attack must recover nothing from the shared material and must succeed on the run directory's
 ``scores.jsonl``/``scores_base.jsonl`` (secret material, 0600): the control that keeps the attack honest.
+
+The run's own clock is left out of what the attacks read: the timings it records (``timings_s``, ``wall_s``, the
+``time.*_s`` metrics and each MLflow stage run's ``time_s``) and tqdm's rates in the printed progress. No guessed
+secret computes them, and they change from run to run: with a few dozen of them printed to the millisecond, a CI
+run put a stage time (the ``report`` stage's ``time_s`` = 1.321) within half a millisecond of a secret's base
+exposure (1.3214, rank 400,155 of 10^6), where 10^-3 bits of exposure holds fewer than 2^-10 of the secrets.
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ NOISE = 2e-6
 """(b) reads a number to at least this relative tolerance: the trie walk's fp32 sums and the engine's teacher-forced
 ones differ by up to ~1e-5 nats on ~50 bits (batch order), finer than the 6 decimals scores_base.jsonl prints."""
 DIGITS = [str(d) for d in range(10)]
+CLOCK_RATE = re.compile(r"\d+(?:\.\d+)?(?:s/(?:it|step|canary|tok)|(?:it|step|canary|tok)/s)")
+"""tqdm's rates in the printed progress (``65.11step/s``, ``1.10s/canary``): the clock, not the model."""
+CLOCK_KEYS = ("timings_s", "wall_s")
+"""Where report.json keeps the run's wall-clock seconds (a dict of stage times, or one number)."""
 
 
 WINDOW = 4
@@ -64,6 +74,14 @@ def _numbers(text: str) -> tuple[list[float], list[float]]:
     return values, half
 
 
+def _not_clock(values: np.ndarray, half: np.ndarray, clock: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The numbers that no wall-clock value explains at their printed precision."""
+    if clock is None or not clock.size or not values.size:
+        return values, half
+    keep = ~np.any(np.abs(values[:, None] - clock[None, :]) <= half[:, None], axis=1)
+    return values[keep], half[keep]
+
+
 @dataclass(frozen=True)
 class Published:
     """Every number a reader gets: per source (a file, an MLflow artifact, a JSON line) in document order, and all
@@ -74,8 +92,10 @@ class Published:
     half: np.ndarray
 
     @classmethod
-    def of(cls, texts: list[str]) -> Published:
-        sources = [tuple(np.asarray(x, dtype=np.float64) for x in _numbers(t)) for t in texts]
+    def of(cls, texts: list[str], clock: np.ndarray | None = None) -> Published:
+        """``clock``: the run's wall-clock values; a number that one of them explains at its printed precision is
+        left out (the report's tables print the timings report.json records)."""
+        sources = [_not_clock(*(np.asarray(x, dtype=np.float64) for x in _numbers(t)), clock) for t in texts]
         sources = [s for s in sources if s[0].size]
         values = np.concatenate([v for v, _ in sources]) if sources else np.zeros(0)
         half = np.concatenate([h for _, h in sources]) if sources else np.zeros(0)
@@ -96,7 +116,7 @@ def audited(tiny_run, tmp_path_factory):
     rendered = subprocess.run([*AUDIT, "report", str(run_dir)], cwd=run_dir.parent, env=audit_env(), capture_output=True)
     assert rendered.returncode == 0, rendered.stderr.decode()[-2000:]
     printed = tiny_run.stdout + tiny_run.stderr + (rendered.stdout + rendered.stderr).decode("utf-8", "replace")
-    return run_dir, printed, json.loads((run_dir / "report.json").read_text())["tracking"]["uri"]
+    return run_dir, CLOCK_RATE.sub("", printed), json.loads((run_dir / "report.json").read_text())["tracking"]["uri"]
 
 
 def _png_text(path: Path) -> str:
@@ -114,6 +134,28 @@ def _png_text(path: Path) -> str:
     return "\n".join(out)
 
 
+def _is_clock_metric(key: str) -> bool:
+    """A stage run's ``time_s`` and the parent's ``time.<stage>_s``: wall-clock seconds (audit.report.tracking)."""
+    return key == "time_s" or (key.startswith("time.") and key.endswith("_s"))
+
+
+def _clock_values(node) -> list[float]:
+    """Every value report.json keeps under :data:`CLOCK_KEYS`, at any depth."""
+    if isinstance(node, list):
+        return [v for item in node for v in _clock_values(item)]
+    if not isinstance(node, dict):
+        return []
+    out: list[float] = []
+    for key, value in node.items():
+        if key in CLOCK_KEYS and isinstance(value, dict):
+            out += [float(v) for v in value.values() if isinstance(v, int | float)]
+        elif key in CLOCK_KEYS and isinstance(value, int | float):
+            out.append(float(value))
+        else:
+            out += _clock_values(value)
+    return out
+
+
 def _mlflow_text(uri: str, dest: Path) -> str:
     """Everything the MLflow store holds for the audit's runs: params, tags, every metric's whole history, and the
     text artifacts (report.json/html/md, token_view.json, manifest, ...) downloaded as a reader would."""
@@ -126,7 +168,7 @@ def _mlflow_text(uri: str, dest: Path) -> str:
     assert runs, "the audit logged no MLflow run: the attack would read nothing"
     for run in runs:
         parts.append(json.dumps({"params": run.data.params, "tags": run.data.tags}))
-        for key in run.data.metrics:
+        for key in [k for k in run.data.metrics if not _is_clock_metric(k)]:
             parts.append(" ".join(repr(m.value) for m in client.get_metric_history(run.info.run_id, key)))
         stack = [None]
         while stack:
@@ -148,7 +190,9 @@ def shared_numbers(audited, tmp_path_factory) -> Published:
     for name in ("report.json", "report.html", "report.md", "token_view.json"):
         texts.append((run_dir / name).read_text(encoding="utf-8"))
     texts += [_png_text(p) for p in sorted((run_dir / "plots").glob("*.png"))]
-    published = Published.of(texts)
+    clock = np.asarray(_clock_values(json.loads((run_dir / "report.json").read_text())), dtype=np.float64)
+    assert clock.size >= 6  # the stage timings are found (else the filter would silently do nothing)
+    published = Published.of(texts, clock=clock)
     assert published.values.size > 100  # the reader has real material to work with
     return published
 
@@ -307,3 +351,16 @@ def test_the_old_token_view_fails_both_attacks(base_model, truth, space_values, 
     assert recovered(position_attack(base_model, canary, published), canary["secret"])
     index, forms = space_values[shown]
     assert "bits" in scalar_attack(index, forms, published)
+
+
+def test_the_clock_filter_drops_timings_and_rates_and_keeps_every_other_number():
+    """What the attacks leave out is the run's clock and nothing else: timings matched at their printed precision
+    (report.md rounds 1.954 to 1.95), tqdm's rates, the time metrics; a loss or an exposure beside them stays."""
+    report = {"timings_s": {"report": 1.321, "total": 13.371}, "training": {"wall_s": 1.954, "final_loss": 1.3214},
+              "canaries": {"timings_s": {"inject": 0.002}}, "metrics": {"exposure.mean/rep_1/tuned": {"value": 1.325}}}
+    clock = np.asarray(_clock_values(report))
+    assert sorted(clock) == [0.002, 1.321, 1.954, 13.371]
+    text = CLOCK_RATE.sub("", "report 1.321 s, train 1.95 s; loss 1.3214, exposure 1.325 [00:03, 65.11step/s, 1.10s/canary]")
+    published = Published.of([text], clock=clock)
+    assert published.values.tolist() == [1.3214, 1.325]
+    assert _is_clock_metric("time_s") and _is_clock_metric("time.train_s") and not _is_clock_metric("exposure.time")
