@@ -26,7 +26,7 @@ os.environ.pop("CANARY_AUDIT_KEY_FILE", None)
 # CI runs two pytest-xdist workers on two cores (README command (b): `-n 2 --dist loadfile`). Each worker, and every
 # process a test starts, then runs one intra-op thread, and a test marked `smollm2` takes the machine alone (see
 # pytest_runtest_protocol below): an OpenMP thread that waits for a core another process holds makes every barrier
-# wait (SmolLM2 scoring ran ~30x slower on a loaded 2-core machine, audit.score.engine.torch_threads).
+# wait (audit.score.engine.torch_threads: 60x slower, measured on a loaded 2-core machine).
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if XDIST_WORKER:
     os.environ["OMP_NUM_THREADS"] = "1"
