@@ -72,18 +72,6 @@ def _machine_lock(config, *, exclusive: bool) -> Iterator[None]:
                 fcntl.flock(gate, fcntl.LOCK_UN)
 
 
-@contextmanager
-def _all_cores() -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Under xdist: a `smollm2` test runs alone with every core; the others run side by side, one thread each. The
@@ -92,7 +80,10 @@ def pytest_runtest_protocol(item, nextitem):
         yield
         return
     exclusive = item.get_closest_marker("smollm2") is not None
-    with _machine_lock(item.config, exclusive=exclusive), (_all_cores() if exclusive else nullcontext()):
+    if exclusive:
+        from audit.score.engine import torch_threads
+
+    with _machine_lock(item.config, exclusive=exclusive), (torch_threads(os.cpu_count() or 1) if exclusive else nullcontext()):
         yield
 
 

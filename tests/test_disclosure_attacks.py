@@ -76,7 +76,7 @@ def _numbers(text: str) -> tuple[list[float], list[float]]:
 
 def _not_clock(values: np.ndarray, half: np.ndarray, clock: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """The numbers that no wall-clock value explains at their printed precision."""
-    if clock is None or not clock.size or not values.size:
+    if clock is None:
         return values, half
     keep = ~np.any(np.abs(values[:, None] - clock[None, :]) <= half[:, None], axis=1)
     return values[keep], half[keep]
@@ -147,10 +147,8 @@ def _clock_values(node) -> list[float]:
         return []
     out: list[float] = []
     for key, value in node.items():
-        if key in CLOCK_KEYS and isinstance(value, dict):
-            out += [float(v) for v in value.values() if isinstance(v, int | float)]
-        elif key in CLOCK_KEYS and isinstance(value, int | float):
-            out.append(float(value))
+        if key in CLOCK_KEYS:
+            out += [float(v) for v in (value.values() if isinstance(value, dict) else [value]) if isinstance(v, int | float)]
         else:
             out += _clock_values(value)
     return out
