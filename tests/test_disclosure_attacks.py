@@ -16,10 +16,13 @@ Each attack must recover nothing from the shared material and must succeed on th
 ``scores.jsonl``/``scores_base.jsonl`` (secret material, 0600): the control that keeps the attack honest.
 
 The run's own clock is left out of what the attacks read: the timings it records (``timings_s``, ``wall_s``, the
-``time.*_s`` metrics and each MLflow stage run's ``time_s``) and tqdm's rates in the printed progress. No guessed
-secret computes them, and they change from run to run: with a few dozen of them printed to the millisecond, a CI
-run put a stage time (the ``report`` stage's ``time_s`` = 1.321) within half a millisecond of a secret's base
-exposure (1.3214, rank 400,155 of 10^6), where 10^-3 bits of exposure holds fewer than 2^-10 of the secrets.
+``time.*_s`` metrics and each MLflow stage run's ``time_s``), the Trainer's own (``train_runtime``,
+``train_samples_per_second``, ``train_steps_per_second``, which the ``train`` stage run receives like every number
+the Trainer logs) and tqdm's rates in the printed progress. No guessed secret computes them, and they change from run
+to run: with a few dozen of them printed to the millisecond, CI runs put a stage time (the ``report`` stage's
+``time_s`` = 1.321) within half a millisecond of a secret's base exposure (1.3214, rank 400,155 of 10^6), where
+10^-3 bits of exposure holds fewer than 2^-10 of the secrets, and a loaded machine's ``train_steps_per_second``
+(56.076 unloaded, 3 decimals) on another secret's base bits (53.0339, where 10^-3 bits holds ~230 of 10^6).
 """
 
 from __future__ import annotations
@@ -135,8 +138,9 @@ def _png_text(path: Path) -> str:
 
 
 def _is_clock_metric(key: str) -> bool:
-    """A stage run's ``time_s`` and the parent's ``time.<stage>_s``: wall-clock seconds (audit.report.tracking)."""
-    return key == "time_s" or (key.startswith("time.") and key.endswith("_s"))
+    """A stage run's ``time_s`` and the parent's ``time.<stage>_s`` (audit.report.tracking), and the Trainer's
+    ``train_runtime`` and ``*_per_second`` rates on the train stage run: wall-clock seconds and what divides by them."""
+    return key == "time_s" or (key.startswith("time.") and key.endswith("_s")) or key.endswith(("_runtime", "_per_second"))
 
 
 def _clock_values(node) -> list[float]:
@@ -362,3 +366,5 @@ def test_the_clock_filter_drops_timings_and_rates_and_keeps_every_other_number()
     published = Published.of([text], clock=clock)
     assert published.values.tolist() == [1.3214, 1.325]
     assert _is_clock_metric("time_s") and _is_clock_metric("time.train_s") and not _is_clock_metric("exposure.time")
+    assert _is_clock_metric("train_runtime") and _is_clock_metric("train_steps_per_second")
+    assert _is_clock_metric("train_samples_per_second") and not _is_clock_metric("train_loss")
