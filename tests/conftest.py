@@ -34,14 +34,12 @@ if XDIST_WORKER:
 import pytest  # noqa: E402
 
 
-def pytest_configure(config):
-    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):  # the xdist controller
-        config.machine_lock_dir = tempfile.mkdtemp(prefix="canary-audit-pytest-")
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
-    """xdist, on the controller: tell each worker where the session's lock files are."""
+    """xdist, on the controller, for each worker it starts (``-n``, ``--tx``, a restarted one): tell it where the
+    session's lock files are, one folder for every worker, made for the first."""
+    if not hasattr(node.config, "machine_lock_dir"):
+        node.config.machine_lock_dir = tempfile.mkdtemp(prefix="canary-audit-pytest-")
     node.workerinput["machine_lock_dir"] = node.config.machine_lock_dir
 
 
